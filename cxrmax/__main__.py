@@ -1,0 +1,3 @@
+from cxrmax.cli import main
+
+main()

@@ -1,0 +1,48 @@
+"""The `cxrmax` command line. Thin: each area registers its commands from its own module here;
+commands parse options, call library functions and render with rich. Heavy imports (torch,
+transformers) happen inside commands, so `cxrmax --help` stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+from cxrmax import __version__
+from cxrmax.cli import (
+    demo_cmd,
+    generate_cmd,
+    label_cmd,
+    leaderboard_cmd,
+    mimic_cmd,
+    preferences_cmd,
+    train_cmd,
+)
+
+app = typer.Typer(
+    name="cxrmax",
+    help="Multi-source reasoning alignment for chest X-rays: generate trajectories, build drift-aware "
+    "preferences, train with APO (Autonomous Preference Optimization), score on the leaderboard.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"cxrmax {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+for _module in (mimic_cmd, generate_cmd, label_cmd, preferences_cmd, train_cmd, leaderboard_cmd, demo_cmd):
+    _module.register(app)
+
+
+def main() -> None:
+    app()
