@@ -2,3 +2,21 @@
 tiny models) so the suite stays fast."""
 
 from __future__ import annotations
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_path(tmp_path_factory):
+    """A tiny Qwen2-VL (model + processor) saved to disk once per session (cxrmax.tinyvlm)."""
+    from cxrmax.tinyvlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_path(tmp_path_factory):
+    """A tiny text-only Qwen2 causal LM with the same tokenizer, saved once per session."""
+    from cxrmax.tinyvlm import build_tiny_vlm
+
+    return build_tiny_vlm(tmp_path_factory.mktemp("tiny-lm"), seed=0, text_only=True)
