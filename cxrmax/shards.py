@@ -108,3 +108,72 @@ SFT_SCHEMA = pa.schema(
 def labels_to_struct(labels: dict[str, float | int | None]) -> dict[str, float | None]:
     """Normalise a name->label mapping to the LABELS_TYPE struct value (missing names -> None)."""
     return {name: (None if labels.get(name) is None else float(labels[name])) for name in OBSERVATIONS}
+
+
+# --- drift annotations (issue 5, build-preferences): OUT/annotations/{trajectories,samples}.arrow ---
+#: Laterality per observation as a struct of strings ("left" | "right" | "bilateral" | null).
+LATERALITY_TYPE = pa.struct([pa.field(name, pa.string()) for name in OBSERVATIONS])
+_OBS_LIST = pa.list_(pa.string())
+
+#: One source trajectory, labelled and compared with the ground truth ("gt_*") and with its
+#: sample's consensus ("cons_*"). `drift` is the drift from the consensus used to rank negatives.
+DRIFT_TRAJECTORY_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32()),
+        pa.field("split", pa.string()),
+        pa.field("n_chars", pa.int32()),
+        pa.field("n_steps", pa.int32()),
+        pa.field("refusal", pa.bool_()),
+        pa.field("hedging", pa.bool_()),
+        pa.field("labeler_error", pa.string()),
+        pa.field("labels", LABELS_TYPE),  # the labeler's reading of the trajectory
+        pa.field("laterality", LATERALITY_TYPE),
+        pa.field("gt_precision", pa.float32()),
+        pa.field("gt_recall", pa.float32()),
+        pa.field("gt_f1", pa.float32()),
+        pa.field("gt_side_agreement", pa.float32()),
+        pa.field("gt_side_compared", pa.int32()),
+        pa.field("gt_hallucinated", _OBS_LIST),
+        pa.field("gt_omitted", _OBS_LIST),
+        pa.field("gt_side_errors", _OBS_LIST),
+        pa.field("cons_precision", pa.float32()),
+        pa.field("cons_recall", pa.float32()),
+        pa.field("cons_f1", pa.float32()),
+        pa.field("cons_side_agreement", pa.float32()),
+        pa.field("cons_hallucinated", _OBS_LIST),
+        pa.field("cons_omitted", _OBS_LIST),
+        pa.field("cons_side_errors", _OBS_LIST),
+        pa.field("similarity", pa.float32()),  # token-overlap F1 with the report (null without one)
+        pa.field("drift", pa.float32()),  # drift from the consensus, [0, 1]
+        pa.field("negative_rank", pa.int32()),  # 0 = first (most drifting) negative; null = not used
+    ]
+)
+
+#: One sample: votes and entropy per observation (lists in OBSERVATIONS order), the pairwise
+#: source disagreement matrix (rows/columns in `models` order), conflicts, the step-wise drift.
+DRIFT_SAMPLE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("models", pa.list_(pa.string())),
+        pa.field("n_sources", pa.int32()),
+        pa.field("refusals", pa.list_(pa.string())),
+        pa.field("vote_positive", pa.list_(pa.int16())),
+        pa.field("vote_uncertain", pa.list_(pa.int16())),
+        pa.field("vote_negative", pa.list_(pa.int16())),
+        pa.field("vote_absent", pa.list_(pa.int16())),
+        pa.field("vote_entropy", pa.list_(pa.float32())),  # bits, over the four states
+        pa.field("disagreement", pa.list_(pa.list_(pa.float32()))),
+        pa.field("laterality_conflicts", _OBS_LIST),
+        pa.field("drift_profile", pa.list_(pa.float32())),  # JS(P_j || P_{j+delta}), j = 0..bins-delta
+        pa.field("dispersion_profile", pa.list_(pa.float32())),  # across-stream entropy after bin j
+        pa.field("drift_score", pa.float32()),
+        pa.field("consensus_labels", LABELS_TYPE),
+        pa.field("consensus_laterality", LATERALITY_TYPE),
+        pa.field("consensus_side_conflicts", _OBS_LIST),
+        pa.field("consensus_flagged", pa.bool_()),
+        pa.field("n_negatives", pa.int32()),
+    ]
+)
