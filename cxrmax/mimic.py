@@ -1,0 +1,1189 @@
+"""Reader for the MIMIC-CXR releases: MIMIC-CXR-JPG 2.0.0/2.1.0 and the MIMIC-CXR DICOM layout.
+
+What it reads (gzipped or plain CSVs at the root, found by name):
+
+* ``mimic-cxr-2.0.0-metadata.csv``  one row per image (dicom_id, subject_id, study_id, ViewPosition,
+  Rows, Columns, StudyDate, StudyTime, ...)
+* ``mimic-cxr-2.0.0-split.csv``     dicom_id, study_id, subject_id, split (train | validate | test)
+* ``mimic-cxr-2.0.0-chexpert.csv`` / ``mimic-cxr-2.0.0-negbio.csv``  one row per study: subject_id,
+  study_id and the 14 observations coded 1 / 0 / -1 / blank (kept as float32 1.0 / 0.0 / -1.0 / null)
+* ``mimic-cxr-2.1.0-test-set-labeled.csv`` (2.1.0) radiologist labels of the test studies: no
+  subject_id, "Airspace Opacity" for "Lung Opacity" (names are mapped through
+  `pathologies.canonical_name`, never by position)
+* ``cxr-record-list.csv`` (DICOM release; marks the DICOM layout)
+* reports ``files/pXX/pSUBJECT/sSTUDY.txt`` (under the root, or under ``reports_root``)
+* images ``files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg`` (or ``.dcm``)
+
+Everything tabular stays columnar: CSVs are read with `pyarrow.csv`, validated with `pyarrow.compute`
+and joined with Arrow joins; selecting from the full 377,110-image metadata opens no image and reads
+only the reports of the selected studies.
+
+Bad input raises `cxrmax.errors.InputError` naming the file, row (1-based data row) and field; with
+``lenient=True`` the offending row is skipped instead and counted in `MimicCXR.skipped`.
+
+Selection rules (`MimicCXR.select`):
+
+* ``views``: ViewPosition values (case-insensitive), or the groups ``frontal`` (PA, AP) and
+  ``lateral`` (LATERAL, LL).
+* ``require_positive``: the study has at least one of the 13 findings (not "No Finding") labelled 1
+  in the chosen label source.
+* ``one_per_study``: one image per study, preferring PA, then AP, then other views, then the lowest
+  dicom_id.
+* ``k`` with ``seed``: the k studies with the smallest splitmix64 hash of (study_id, seed): the same
+  sample on every machine and for any row order, and the sample for a smaller k is a subset of the
+  sample for a larger k.
+* ``shard=(i, n)``: studies whose splitmix64 hash of study_id is i modulo n, applied after sampling,
+  so the n shards partition the selection exactly and every image of a study lands in one shard.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import gzip
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from cxrmax.errors import InputError, where
+from cxrmax.pathologies import FINDINGS, MS_CXR_T_FINDINGS, OBSERVATIONS, canonical_name, is_observation
+from cxrmax.shards import LABELS_TYPE, SELECTION_SCHEMA
+
+__all__ = [
+    "SPLITS",
+    "FRONTAL_VIEWS",
+    "LATERAL_VIEWS",
+    "LABEL_SOURCES",
+    "ReportSections",
+    "MimicCXR",
+    "parse_report",
+    "parse_shard",
+    "read_ms_cxr_t",
+    "read_selection",
+    "write_selection",
+    "read_subject_ids",
+    "detect_layout",
+    "report_relpath",
+    "image_relpath",
+]
+
+SPLITS: tuple[str, ...] = ("train", "validate", "test")
+FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")
+LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL")
+LABEL_SOURCES: dict[str, str] = {
+    "chexpert": "mimic-cxr-2.0.0-chexpert.csv",
+    "negbio": "mimic-cxr-2.0.0-negbio.csv",
+    "test-set-labeled": "mimic-cxr-2.1.0-test-set-labeled.csv",
+}
+METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
+SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
+RECORD_LIST_CSV = "cxr-record-list.csv"
+_SPLIT_ALIASES = {"val": "validate", "valid": "validate", "validation": "validate", "dev": "validate"}
+_VIEW_RANK = {"PA": 0, "AP": 1}
+_LABEL_PATTERN = r"^\s*-?[01](\.0*)?\s*$"
+_INT_PATTERN = r"^\s*\d+\s*$"
+_FLOAT_PATTERN = r"^\s*-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths and layout
+# --------------------------------------------------------------------------------------------------
+
+
+def report_relpath(subject_id: int, study_id: int) -> str:
+    """Relative path of a study's report: ``files/pXX/pSUBJECT/sSTUDY.txt``."""
+    return f"files/p{str(subject_id)[:2]}/p{subject_id}/s{study_id}.txt"
+
+
+def image_relpath(subject_id: int, study_id: int, dicom_id: str, extension: str = ".jpg") -> str:
+    """Relative path of an image: ``files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg``."""
+    return f"files/p{str(subject_id)[:2]}/p{subject_id}/s{study_id}/{dicom_id}{extension}"
+
+
+def _find_csv(root: Path, name: str) -> Path | None:
+    """The gzipped or plain CSV called `name` (``x.csv``) under root, or None."""
+    for candidate in (root / f"{name}.gz", root / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """ "jpg" (MIMIC-CXR-JPG) or "dicom" (MIMIC-CXR): the DICOM release has cxr-record-list.csv(.gz);
+    otherwise the first image file found under files/ decides. Stops at the first image: cheap on
+    the full release. Raises InputError for a root with neither CSVs nor images."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"{where(root)}: MIMIC-CXR root is not a directory")
+    if _find_csv(root, RECORD_LIST_CSV) is not None:
+        return "dicom"
+    files = root / "files"
+    if files.is_dir():
+        stack = [files]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.is_dir():
+                    stack.append(Path(entry.path))
+                elif entry.name.endswith(".dcm"):
+                    return "dicom"
+                elif entry.name.endswith((".jpg", ".jpeg")):
+                    return "jpg"
+    if _find_csv(root, METADATA_CSV) is not None:
+        return "jpg"
+    raise InputError(
+        f"{where(root)}: not a MIMIC-CXR root: no {METADATA_CSV}(.gz), no {RECORD_LIST_CSV}(.gz) and no "
+        "images under files/"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# CSV reading and columnar validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(2) == b"\x1f\x8b"
+
+
+def _read_header(path: Path) -> list[str]:
+    opener = gzip.open if _is_gzip(path) else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:  # type: ignore[operator]
+            first = handle.readline()
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise InputError(f"{where(path)}: cannot read the CSV header: {exc}") from None
+    if not first.strip():
+        raise InputError(f"{where(path, row=0)}: empty file (no CSV header)")
+    return [name.strip() for name in next(csv.reader([first]))]
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> pa.Table:
+    """Read `columns` of a CSV as nullable strings (validation and typing happen columnar after)."""
+    compression = "gzip" if _is_gzip(path) else None
+    try:
+        with pa.input_stream(str(path), compression=compression) as stream:
+            return pacsv.read_csv(
+                stream,
+                read_options=pacsv.ReadOptions(block_size=1 << 24),
+                convert_options=pacsv.ConvertOptions(
+                    column_types={name: pa.string() for name in columns},
+                    include_columns=list(columns),
+                    strings_can_be_null=True,
+                    null_values=[""],
+                    quoted_strings_can_be_null=True,
+                ),
+            )
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        raise InputError(f"{where(path)}: cannot parse CSV: {exc}") from None
+
+
+def _check_columns(path: Path, header: list[str], required: Iterable[str]) -> None:
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise InputError(
+            f"{where(path, field=missing[0])}: missing column (missing: {', '.join(missing)}; header: {', '.join(header)})"
+        )
+
+
+def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
+    values = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+    hits = np.flatnonzero(values)
+    return int(hits[0]) if hits.size else None
+
+
+@dataclass
+class _Validator:
+    """Collects bad rows of one CSV: raises on the first in strict mode, marks them in lenient mode."""
+
+    path: Path
+    table: pa.Table
+    lenient: bool
+    skipped: Counter
+    bad: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bad = np.zeros(self.table.num_rows, dtype=bool)
+
+    def flag(self, mask: pa.Array | pa.ChunkedArray, field_name: str, problem: str, reason: str) -> None:
+        values = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+        if not values.any():
+            return
+        first = int(np.flatnonzero(values)[0])
+        if not self.lenient:
+            value = (
+                self.table.column(field_name)[first].as_py()
+                if field_name in self.table.column_names
+                else None
+            )
+            raise InputError(
+                f"{where(self.path, row=first + 1, field=field_name)}: {problem} (value {value!r})"
+            )
+        fresh = values & ~self.bad
+        self.skipped[f"{self.path.name}: {reason}"] += int(fresh.sum())
+        self.bad |= values
+
+    def integer(self, name: str, required: bool = True) -> pa.ChunkedArray:
+        column = self.table.column(name)
+        valid = pc.match_substring_regex(column, _INT_PATTERN)
+        if required:
+            self.flag(pc.invert(pc.fill_null(valid, False)), name, "not a positive integer id", f"bad {name}")
+        else:
+            self.flag(pc.invert(pc.fill_null(valid, True)), name, "not an integer", f"bad {name}")
+        cleaned = pc.if_else(pc.fill_null(valid, False), pc.utf8_trim_whitespace(column), None)
+        return pc.cast(cleaned, pa.int64())
+
+    def number(self, name: str) -> pa.ChunkedArray:
+        column = self.table.column(name)
+        valid = pc.match_substring_regex(column, _FLOAT_PATTERN)
+        self.flag(pc.invert(pc.fill_null(valid, True)), name, "not a number", f"bad {name}")
+        cleaned = pc.if_else(pc.fill_null(valid, False), pc.utf8_trim_whitespace(column), None)
+        return pc.cast(cleaned, pa.float64())
+
+    def label(self, name: str) -> pa.ChunkedArray:
+        column = self.table.column(name)
+        valid = pc.match_substring_regex(column, _LABEL_PATTERN)
+        self.flag(
+            pc.invert(pc.fill_null(valid, True)),
+            name,
+            "label value is not one of 1, 0, -1 or blank",
+            "label value outside 1/0/-1/blank",
+        )
+        cleaned = pc.if_else(pc.fill_null(valid, False), pc.utf8_trim_whitespace(column), None)
+        return pc.cast(cleaned, pa.float32())
+
+    def text(self, name: str, required: bool = True) -> pa.ChunkedArray:
+        column = pc.utf8_trim_whitespace(self.table.column(name))
+        if required:
+            self.flag(
+                pc.invert(pc.fill_null(pc.greater(pc.utf8_length(column), 0), False)),
+                name,
+                "empty",
+                f"empty {name}",
+            )
+        return column
+
+    def duplicates(self, columns: pa.Table, field_name: str, what: str) -> None:
+        """Flag rows whose key (all columns of `columns`) already appeared above."""
+        keys = columns.append_column("_i", pa.array(np.arange(columns.num_rows)))
+        firsts = keys.group_by(columns.column_names, use_threads=False).aggregate([("_i", "min")])
+        is_first = np.zeros(columns.num_rows, dtype=bool)
+        is_first[firsts.column("_i_min").to_numpy()] = True
+        nulls = np.zeros(columns.num_rows, dtype=bool)
+        for name in columns.column_names:
+            nulls |= np.asarray(columns.column(name).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        self.flag(pa.array(~is_first & ~nulls), field_name, f"duplicate {what}", f"duplicate {what}")
+
+    def keep(self) -> np.ndarray:
+        return ~self.bad
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportSections:
+    """The parts of a free-text report that label extraction and generation need."""
+
+    findings: str | None = None
+    impression: str | None = None
+    last_paragraph: str | None = None
+    addenda: tuple[str, ...] = ()
+    sections: dict[str, str] = field(default_factory=dict)
+
+    def best(self) -> str | None:
+        """The single text to use: impression > findings > last paragraph (None when all are empty)."""
+        return self.impression or self.findings or self.last_paragraph
+
+
+_SEPARATOR = re.compile(r"^[ \t]*_{10,}[ \t]*$", re.M)
+_HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&()'-]{1,48}?)[ \t]*:(?![0-9])", re.M)
+_BLANK_LINES = re.compile(r"\n[ \t]*\n")
+_LIST_ITEM = re.compile(r"^\d{1,2}[.)]\s")
+_CLINICAL = {"FINDINGS": "findings", "IMPRESSION": "impression"}
+_IMPRESSION_LIKE = {
+    "IMPRESSIONS",
+    "CONCLUSION",
+    "CONCLUSIONS",
+    "FINDINGS AND IMPRESSION",
+    "FINDINGS IMPRESSION",
+}
+
+
+def _section_name(header: str) -> str | None:
+    """Map a header to "findings", "impression", another lower-case name, or None (not a header)."""
+    key = re.sub(r"[^A-Z ]+", "", header.upper()).strip()
+    key = re.sub(r"\s+", " ", key)
+    if not key:
+        return None
+    if key in _IMPRESSION_LIKE:
+        return "impression"
+    for canonical, name in _CLINICAL.items():
+        if key == canonical or difflib.SequenceMatcher(None, key, canonical).ratio() >= 0.8:
+            return name
+    if header.strip().upper() != header.strip():
+        return None  # other sections are upper-case in the release; "Dr. ___ was told:" is text
+    return key.lower()
+
+
+def _normalize(text: str) -> str | None:
+    """Unwrap hard-wrapped lines; keep paragraph breaks and numbered items on their own lines."""
+    paragraphs = []
+    for paragraph in _BLANK_LINES.split(text):
+        lines: list[str] = []
+        for raw in paragraph.splitlines():
+            line = " ".join(raw.split())
+            if not line:
+                continue
+            if lines and not _LIST_ITEM.match(line):
+                lines[-1] = f"{lines[-1]} {line}"
+            else:
+                lines.append(line)
+        if lines:
+            paragraphs.append("\n".join(lines))
+    joined = "\n".join(paragraphs).strip()
+    return joined or None
+
+
+def parse_report(text: str) -> ReportSections:
+    """Split a MIMIC-CXR free-text report into findings, impression, last paragraph and addenda.
+
+    Handles addenda on top of the report (split off by a line of underscores), missing sections,
+    misspelled headers ("IMPRESSON:", "FINDING:", "FINDNGS:"), content on the header line, and
+    "FINDINGS AND IMPRESSION:" / "CONCLUSION:" (read as the impression). PHI placeholders (___) are
+    kept. The last paragraph is that of the final report, without a leading header."""
+    text = (text or "").replace("\r\n", "\n").replace("\r", "\n")
+    chunks = [chunk for chunk in _SEPARATOR.split(text) if chunk.strip()]
+    if not chunks:
+        return ReportSections()
+    main_index = len(chunks) - 1
+    for index in range(len(chunks) - 1, -1, -1):
+        if "FINAL REPORT" in chunks[index].upper():
+            main_index = index
+            break
+    main = chunks[main_index]
+    addenda = tuple(
+        n
+        for n in (
+            _normalize(re.sub(r"^\s*FINAL ADDENDUM\s*$", "", c, flags=re.M))
+            for i, c in enumerate(chunks)
+            if i != main_index
+        )
+        if n
+    )
+    main = re.sub(r"^[ \t]*FINAL REPORT[ \t]*$", "", main, flags=re.M)
+
+    headers = []
+    for match in _HEADER.finditer(main):
+        name = _section_name(match.group(1))
+        if name is not None:
+            headers.append((match.start(), match.end(), name))
+    sections: dict[str, str] = {}
+    for index, (_start, end, name) in enumerate(headers):
+        stop = headers[index + 1][0] if index + 1 < len(headers) else len(main)
+        body = _normalize(main[end:stop])
+        if body:
+            sections[name] = f"{sections[name]}\n{body}" if name in sections else body
+
+    last_paragraph = None
+    for paragraph in reversed(_BLANK_LINES.split(main)):
+        stripped = paragraph.strip()
+        if not stripped:
+            continue
+        match = _HEADER.match(paragraph)
+        if match and _section_name(match.group(1)) is not None:
+            stripped = paragraph[match.end() :].strip()
+            if not stripped:
+                continue
+        last_paragraph = _normalize(stripped)
+        break
+    return ReportSections(
+        findings=sections.get("findings"),
+        impression=sections.get("impression"),
+        last_paragraph=last_paragraph,
+        addenda=addenda,
+        sections=sections,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Hashing, sharding, subject lists
+# --------------------------------------------------------------------------------------------------
+
+
+def _mix64(values: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on uint64: a fixed, platform-independent hash of integer ids."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _seeded_hash(ids: np.ndarray, seed: int) -> np.ndarray:
+    salt = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+    return _mix64(ids.astype(np.uint64) ^ salt)
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """Parse ``"i/N"`` (0 <= i < N) or a tuple into (i, N)."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", shard)
+        if not match:
+            raise InputError(f"shard {shard!r} is not of the form i/N (for example 0/4)")
+        shard = (int(match.group(1)), int(match.group(2)))
+    index, count = int(shard[0]), int(shard[1])
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"shard {index}/{count}: need 0 <= i < N")
+    return index, count
+
+
+def read_subject_ids(path: str | os.PathLike) -> set[int]:
+    """Subject ids from a file: a CSV with a subject_id column (e.g. the MS-CXR-T CSV), or one id
+    per line (blank lines and lines starting with # ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{where(path)}: subject list not found")
+    header = _read_header(path)
+    if "subject_id" in header:
+        table = _read_csv(path, ["subject_id"])
+        column = table.column("subject_id")
+        valid = pc.fill_null(pc.match_substring_regex(column, _INT_PATTERN), False)
+        bad = _first_true(pc.invert(valid))
+        if bad is not None:
+            raise InputError(
+                f"{where(path, row=bad + 1, field='subject_id')}: not an integer id ({column[bad].as_py()!r})"
+            )
+        return set(pc.cast(pc.utf8_trim_whitespace(column), pa.int64()).to_pylist())
+    ids: set[int] = set()
+    opener = gzip.open if _is_gzip(path) else open
+    with opener(path, "rt") as handle:  # type: ignore[operator]
+        for number, line in enumerate(handle, start=1):
+            value = line.strip()
+            if not value or value.startswith("#"):
+                continue
+            value = value.lstrip("p")  # accept folder names like p10000032
+            if not value.isdigit():
+                raise InputError(f"{where(path, row=number)}: not a subject id ({line.strip()!r})")
+            ids.add(int(value))
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------
+# The reader
+# --------------------------------------------------------------------------------------------------
+
+
+class MimicCXR:
+    """A MIMIC-CXR(-JPG) root. CSVs are read lazily on first use and kept as Arrow tables.
+
+    >>> mimic = MimicCXR("/data/mimic-cxr-jpg/2.1.0")            # doctest: +SKIP
+    >>> table = mimic.select(splits=["train"], views=["frontal"], k=1000, seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        lenient: bool = False,
+        *,
+        reports_root: str | os.PathLike | None = None,
+        layout: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.lenient = lenient
+        self.reports_root = Path(reports_root) if reports_root is not None else self.root
+        self.layout = layout or detect_layout(self.root)
+        if self.layout not in ("jpg", "dicom"):
+            raise InputError(f"unknown layout {self.layout!r}; expected jpg or dicom")
+        self.image_extension = ".dcm" if self.layout == "dicom" else ".jpg"
+        self.version = "2.1.0" if _find_csv(self.root, LABEL_SOURCES["test-set-labeled"]) else "2.0.0"
+        #: Lenient-mode skips: "<file>: <reason>" -> rows skipped.
+        self.skipped: Counter = Counter()
+        self._images: pa.Table | None = None
+        self._labels: dict[str, pa.Table] = {}
+
+    def __repr__(self) -> str:
+        return f"MimicCXR({str(self.root)!r}, layout={self.layout!r}, version={self.version!r})"
+
+    def _require_csv(self, name: str) -> Path:
+        path = _find_csv(self.root, name)
+        if path is None:
+            raise InputError(f"{where(self.root / name)}: missing (looked for {name}.gz and {name})")
+        return path
+
+    # ---- images ------------------------------------------------------------------------------
+
+    def images(self) -> pa.Table:
+        """One row per image: dicom_id, subject_id, study_id, split, view, study_date, study_time,
+        rows, columns, image_path (relative to the root). Metadata joined with the split CSV; ids
+        that disagree between the two are errors (or counted skips when lenient)."""
+        if self._images is None:
+            self._images = self._load_images()
+        return self._images
+
+    def _load_images(self) -> pa.Table:
+        meta_path = self._require_csv(METADATA_CSV)
+        header = _read_header(meta_path)
+        needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
+        _check_columns(meta_path, header, needed)
+        optional = [c for c in ("StudyDate", "StudyTime", "Rows", "Columns") if c in header]
+        raw = _read_csv(meta_path, needed + optional)
+        if raw.num_rows == 0:
+            raise InputError(f"{where(meta_path)}: no data rows")
+        check = _Validator(meta_path, raw, self.lenient, self.skipped)
+        dicom_id = check.text("dicom_id")
+        subject_id = check.integer("subject_id")
+        study_id = check.integer("study_id")
+        view = pc.utf8_upper(pc.utf8_trim_whitespace(raw.column("ViewPosition")))
+        nulls = pa.nulls(raw.num_rows)
+        study_date = (
+            check.integer("StudyDate", required=False) if "StudyDate" in optional else nulls.cast(pa.int64())
+        )
+        study_time = check.number("StudyTime") if "StudyTime" in optional else nulls.cast(pa.float64())
+        rows = check.integer("Rows", required=False) if "Rows" in optional else nulls.cast(pa.int64())
+        columns = (
+            check.integer("Columns", required=False) if "Columns" in optional else nulls.cast(pa.int64())
+        )
+        check.duplicates(pa.table({"dicom_id": dicom_id}), "dicom_id", "dicom_id")
+        meta = pa.table(
+            {
+                "dicom_id": dicom_id,
+                "subject_id": subject_id,
+                "study_id": study_id,
+                "view": view,
+                "study_date": study_date,
+                "study_time": study_time,
+                "rows": rows,
+                "columns": columns,
+                "_meta_row": pa.array(np.arange(1, raw.num_rows + 1)),
+            }
+        ).filter(pa.array(check.keep()))
+        # A study belongs to one subject.
+        per_study = meta.group_by("study_id").aggregate(
+            [("subject_id", "count_distinct"), ("_meta_row", "max")]
+        )
+        conflict = per_study.filter(pc.greater(per_study.column("subject_id_count_distinct"), 1))
+        if conflict.num_rows:
+            bad_study = conflict.column("study_id")[0].as_py()
+            bad_rows = meta.filter(pc.equal(meta.column("study_id"), bad_study))
+            if not self.lenient:
+                raise InputError(
+                    f"{where(meta_path, row=bad_rows.column('_meta_row')[1].as_py(), field='subject_id')}: "
+                    f"study {bad_study} appears with subjects {sorted(set(bad_rows.column('subject_id').to_pylist()))}"
+                )
+            dropped = pc.is_in(meta.column("study_id"), conflict.column("study_id"))
+            self.skipped[f"{meta_path.name}: study with several subjects"] += int(pc.sum(dropped).as_py())
+            meta = meta.filter(pc.invert(dropped))
+
+        split_path = self._require_csv(SPLIT_CSV)
+        split_header = _read_header(split_path)
+        _check_columns(split_path, split_header, ["dicom_id", "study_id", "subject_id", "split"])
+        raw_split = _read_csv(split_path, ["dicom_id", "study_id", "subject_id", "split"])
+        check = _Validator(split_path, raw_split, self.lenient, self.skipped)
+        split_values = pc.utf8_lower(check.text("split"))
+        check.flag(
+            pc.invert(pc.is_in(split_values, pa.array(SPLITS))),
+            "split",
+            f"split is not one of {', '.join(SPLITS)}",
+            "unknown split",
+        )
+        split_dicom = check.text("dicom_id")
+        check.duplicates(pa.table({"dicom_id": split_dicom}), "dicom_id", "dicom_id")
+        split = pa.table(
+            {
+                "dicom_id": split_dicom,
+                "split_study_id": check.integer("study_id"),
+                "split_subject_id": check.integer("subject_id"),
+                "split": split_values,
+                "_split_row": pa.array(np.arange(1, raw_split.num_rows + 1)),
+            }
+        ).filter(pa.array(check.keep()))
+
+        joined = meta.join(split, keys="dicom_id", join_type="full outer", use_threads=True)
+        no_meta = pc.is_null(joined.column("_meta_row"))
+        no_split = pc.is_null(joined.column("_split_row"))
+        disagree_study = pc.fill_null(
+            pc.not_equal(joined.column("study_id"), joined.column("split_study_id")), False
+        )
+        disagree_subject = pc.fill_null(
+            pc.not_equal(joined.column("subject_id"), joined.column("split_subject_id")), False
+        )
+        problems = [
+            (
+                no_meta,
+                split_path,
+                "_split_row",
+                "dicom_id",
+                f"image not listed in {meta_path.name}",
+                "image not in metadata",
+            ),
+            (
+                no_split,
+                meta_path,
+                "_meta_row",
+                "dicom_id",
+                f"image has no row in {split_path.name}",
+                "image without split",
+            ),
+            (
+                disagree_study,
+                split_path,
+                "_split_row",
+                "study_id",
+                f"study_id disagrees with {meta_path.name}",
+                "ids disagree",
+            ),
+            (
+                disagree_subject,
+                split_path,
+                "_split_row",
+                "subject_id",
+                f"subject_id disagrees with {meta_path.name}",
+                "ids disagree",
+            ),
+        ]
+        drop = np.zeros(joined.num_rows, dtype=bool)
+        for mask, path, row_column, field_name, problem, reason in problems:
+            values = np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+            if not values.any():
+                continue
+            first = int(np.flatnonzero(values)[0])
+            if not self.lenient:
+                row = joined.column(row_column)[first].as_py()
+                raise InputError(
+                    f"{where(path, row=row, field=field_name)}: {problem} (dicom_id {joined.column('dicom_id')[first].as_py()})"
+                )
+            self.skipped[f"{path.name}: {reason}"] += int((values & ~drop).sum())
+            drop |= values
+        joined = joined.filter(pa.array(~drop))
+        joined = joined.sort_by(
+            [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
+        )
+        path_column = pc.binary_join_element_wise(
+            "files/p",
+            pc.utf8_slice_codeunits(pc.cast(joined.column("subject_id"), pa.string()), 0, 2),
+            "/p",
+            pc.cast(joined.column("subject_id"), pa.string()),
+            "/s",
+            pc.cast(joined.column("study_id"), pa.string()),
+            "/",
+            joined.column("dicom_id"),
+            self.image_extension,
+            "",
+        )
+        return pa.table(
+            {
+                "dicom_id": joined.column("dicom_id"),
+                "subject_id": joined.column("subject_id"),
+                "study_id": joined.column("study_id"),
+                "split": joined.column("split"),
+                "view": joined.column("view"),
+                "study_date": joined.column("study_date"),
+                "study_time": joined.column("study_time"),
+                "rows": joined.column("rows"),
+                "columns": joined.column("columns"),
+                "image_path": path_column,
+            }
+        )
+
+    def studies(self) -> pa.Table:
+        """One row per study: study_id, subject_id, split, n_images (sorted by subject, study)."""
+        images = self.images()
+        table = images.group_by(["study_id", "subject_id", "split"]).aggregate([("dicom_id", "count")])
+        table = table.rename_columns(["study_id", "subject_id", "split", "n_images"])
+        return table.sort_by([("subject_id", "ascending"), ("study_id", "ascending")])
+
+    # ---- labels ------------------------------------------------------------------------------
+
+    def study_labels(self, splits: Iterable[str] | None = None, source: str = "chexpert") -> pa.Table:
+        """Study-level labels: study_id, subject_id, split and one float32 column per observation
+        (1.0 / 0.0 / -1.0, null = blank). `source`: "chexpert", "negbio" or "test-set-labeled"
+        (2.1.0 radiologist labels; subject_id and split filled in from the metadata). Only studies
+        with a label row are returned."""
+        if source not in LABEL_SOURCES:
+            raise InputError(f"unknown label source {source!r}; expected one of {', '.join(LABEL_SOURCES)}")
+        if source not in self._labels:
+            self._labels[source] = self._load_labels(source)
+        table = self._labels[source]
+        if splits is not None:
+            table = table.filter(pc.is_in(table.column("split"), pa.array(_normalize_splits(splits))))
+        return table
+
+    def _load_labels(self, source: str) -> pa.Table:
+        path = self._require_csv(LABEL_SOURCES[source])
+        header = _read_header(path)
+        needs_subject = source != "test-set-labeled"
+        _check_columns(path, header, ["subject_id", "study_id"] if needs_subject else ["study_id"])
+        label_columns: dict[str, str] = {}  # canonical -> header spelling
+        for name in header:
+            if name in ("subject_id", "study_id") or name == "":
+                continue
+            if not is_observation(name):
+                raise InputError(
+                    f"{where(path, field=name)}: unknown label column (expected the 14 observations)"
+                )
+            canonical = canonical_name(name)
+            if canonical in label_columns:
+                raise InputError(f"{where(path, field=name)}: observation {canonical!r} appears twice")
+            label_columns[canonical] = name
+        missing = [o for o in OBSERVATIONS if o not in label_columns]
+        if missing:
+            raise InputError(
+                f"{where(path, field=missing[0])}: missing label column (missing: {', '.join(missing)})"
+            )
+        id_columns = ["subject_id", "study_id"] if needs_subject else ["study_id"]
+        raw = _read_csv(path, id_columns + list(label_columns.values()))
+        check = _Validator(path, raw, self.lenient, self.skipped)
+        study_id = check.integer("study_id")
+        data: dict[str, pa.ChunkedArray | pa.Array] = {"study_id": study_id}
+        if needs_subject:
+            data["label_subject_id"] = check.integer("subject_id")
+        for canonical in OBSERVATIONS:
+            data[canonical] = check.label(label_columns[canonical])
+        check.duplicates(pa.table({"study_id": study_id}), "study_id", "study_id")
+        data["_row"] = pa.array(np.arange(1, raw.num_rows + 1))
+        labels = pa.table(data).filter(pa.array(check.keep()))
+
+        studies = self.studies().select(["study_id", "subject_id", "split"])
+        joined = labels.join(studies, keys="study_id", join_type="left outer")
+        unknown = pc.is_null(joined.column("subject_id"))
+        problems = [(unknown, "study_id", f"study not in {METADATA_CSV}", "study not in metadata")]
+        if needs_subject:
+            disagree = pc.fill_null(
+                pc.not_equal(joined.column("subject_id"), joined.column("label_subject_id")), False
+            )
+            problems.append(
+                (disagree, "subject_id", f"subject_id disagrees with {METADATA_CSV}", "ids disagree")
+            )
+        drop = np.zeros(joined.num_rows, dtype=bool)
+        for mask, field_name, problem, reason in problems:
+            values = np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool)
+            if not values.any():
+                continue
+            first = int(np.flatnonzero(values)[0])
+            if not self.lenient:
+                raise InputError(
+                    f"{where(path, row=joined.column('_row')[first].as_py(), field=field_name)}: {problem} "
+                    f"(study_id {joined.column('study_id')[first].as_py()})"
+                )
+            self.skipped[f"{path.name}: {reason}"] += int((values & ~drop).sum())
+            drop |= values
+        joined = joined.filter(pa.array(~drop)).sort_by(
+            [("subject_id", "ascending"), ("study_id", "ascending")]
+        )
+        return joined.select(["study_id", "subject_id", "split", *OBSERVATIONS])
+
+    # ---- reports -----------------------------------------------------------------------------
+
+    def report_path(self, subject_id: int, study_id: int) -> Path:
+        """Where the report of a study lives (under `reports_root`)."""
+        return self.reports_root / report_relpath(subject_id, study_id)
+
+    def report_text(self, subject_id: int, study_id: int) -> str | None:
+        """The raw report text, or None when the file does not exist."""
+        path = self.report_path(subject_id, study_id)
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise InputError(f"{where(path)}: cannot read report: {exc}") from None
+
+    def report(self, subject_id: int, study_id: int) -> ReportSections | None:
+        """The parsed report of a study, or None when it has no report file."""
+        text = self.report_text(subject_id, study_id)
+        return None if text is None else parse_report(text)
+
+    # ---- selection ---------------------------------------------------------------------------
+
+    def select(
+        self,
+        splits: Iterable[str] | None = None,
+        views: Iterable[str] | None = None,
+        require_positive: bool = False,
+        k: int | None = None,
+        seed: int = 0,
+        shard: str | tuple[int, int] | None = None,
+        exclude_subjects: Iterable[int] | str | os.PathLike | None = None,
+        one_per_study: bool = True,
+        *,
+        source: str = "chexpert",
+        with_reports: bool = True,
+        check_files: bool = True,
+    ) -> pa.Table:
+        """Select images (see the module docstring for the rules) as a table with
+        `shards.SELECTION_SCHEMA`, sorted by subject, study, dicom_id. Opens no image: with
+        `check_files` it only checks that the selected images exist (a missing one is an error,
+        or a counted skip when lenient); with `with_reports` it reads the selected studies' reports."""
+        table = self.images()
+        if splits is not None:
+            table = table.filter(pc.is_in(table.column("split"), pa.array(_normalize_splits(splits))))
+        if views is not None:
+            wanted = _normalize_views(views)
+            table = table.filter(pc.is_in(table.column("view"), pa.array(sorted(wanted), pa.string())))
+        if exclude_subjects is not None:
+            if isinstance(exclude_subjects, (str, os.PathLike)):
+                exclude_subjects = read_subject_ids(exclude_subjects)
+            excluded = pa.array(sorted({int(s) for s in exclude_subjects}), pa.int64())
+            table = table.filter(pc.invert(pc.is_in(table.column("subject_id"), excluded)))
+        if require_positive:
+            labels = self.study_labels(source=source)
+            positive = np.zeros(labels.num_rows, dtype=bool)
+            for name in FINDINGS:
+                positive |= np.asarray(
+                    pc.fill_null(pc.equal(labels.column(name), 1.0), False).to_numpy(), dtype=bool
+                )
+            table = table.filter(
+                pc.is_in(table.column("study_id"), labels.column("study_id").filter(pa.array(positive)))
+            )
+        if one_per_study and table.num_rows:
+            rank = pc.fill_null(
+                pc.if_else(
+                    pc.equal(table.column("view"), "PA"),
+                    0,
+                    pc.if_else(pc.equal(table.column("view"), "AP"), 1, 2),
+                ),
+                3,
+            )
+            table = table.append_column("_rank", rank).sort_by(
+                [("study_id", "ascending"), ("_rank", "ascending"), ("dicom_id", "ascending")]
+            )
+            study = table.column("study_id").to_numpy()
+            first = np.ones(len(study), dtype=bool)
+            first[1:] = study[1:] != study[:-1]
+            table = table.filter(pa.array(first)).drop_columns(["_rank"])
+        study_ids = table.column("study_id").to_numpy()
+        if k is not None:
+            if k < 0:
+                raise InputError(f"k must be >= 0, got {k}")
+            key = _seeded_hash(study_ids, seed)
+            # Ties (several images of one study) are broken by dicom_id, so row order never matters.
+            dicom_rank = np.empty(table.num_rows, dtype=np.int64)
+            dicom_rank[pc.sort_indices(table, [("dicom_id", "ascending")]).to_numpy()] = np.arange(
+                table.num_rows
+            )
+            chosen = np.lexsort((dicom_rank, key))[:k]
+            mask = np.zeros(table.num_rows, dtype=bool)
+            mask[chosen] = True
+            table = table.filter(pa.array(mask))
+            study_ids = table.column("study_id").to_numpy()
+        parsed_shard = parse_shard(shard)
+        if parsed_shard is not None:
+            index, count = parsed_shard
+            in_shard = (_mix64(study_ids) % np.uint64(count)) == np.uint64(index)
+            table = table.filter(pa.array(in_shard))
+        table = table.sort_by(
+            [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
+        )
+        if check_files:
+            table = self._check_images_exist(table)
+        return self._attach(table, source=source, with_reports=with_reports)
+
+    def _check_images_exist(self, table: pa.Table) -> pa.Table:
+        paths = table.column("image_path").to_pylist()
+        present = np.array([(self.root / p).is_file() for p in paths], dtype=bool)
+        if present.all():
+            return table
+        first = int(np.flatnonzero(~present)[0])
+        if not self.lenient:
+            raise InputError(
+                f"{where(self.root / paths[first])}: image listed in {METADATA_CSV} (dicom_id "
+                f"{table.column('dicom_id')[first].as_py()}) but absent"
+            )
+        self.skipped["images: listed but absent"] += int((~present).sum())
+        return table.filter(pa.array(present))
+
+    def _attach(self, table: pa.Table, source: str, with_reports: bool) -> pa.Table:
+        """Add the labels struct and report sections; cast to SELECTION_SCHEMA."""
+        try:
+            labels = self.study_labels(source=source)
+        except InputError:
+            if _find_csv(self.root, LABEL_SOURCES[source]) is not None:
+                raise
+            labels = None  # a release without this label file: labels stay null
+        if labels is not None and table.num_rows:
+            label_part = labels.select(["study_id", *OBSERVATIONS])
+            order_column = pa.array(np.arange(table.num_rows))
+            joined = (
+                table.select(["study_id"])
+                .append_column("_order", order_column)
+                .join(label_part, keys="study_id", join_type="left outer")
+                .sort_by("_order")
+            )
+            struct = pa.StructArray.from_arrays(
+                [joined.column(name).combine_chunks().cast(pa.float32()) for name in OBSERVATIONS],
+                fields=list(LABELS_TYPE),
+            )
+        else:
+            struct = pa.nulls(table.num_rows, LABELS_TYPE)
+        findings: list[str | None] = []
+        impressions: list[str | None] = []
+        last: list[str | None] = []
+        if with_reports:
+            cache: dict[int, ReportSections | None] = {}
+            missing = 0
+            for subject_id, study_id in zip(
+                table.column("subject_id").to_pylist(), table.column("study_id").to_pylist(), strict=True
+            ):
+                if study_id not in cache:
+                    cache[study_id] = self.report(subject_id, study_id)
+                    missing += cache[study_id] is None
+                sections = cache[study_id]
+                findings.append(sections.findings if sections else None)
+                impressions.append(sections.impression if sections else None)
+                last.append(sections.last_paragraph if sections else None)
+            if missing:
+                self.skipped["reports: missing (sections left null)"] += missing
+        else:
+            findings = impressions = last = [None] * table.num_rows
+        return pa.table(
+            {
+                "sample_id": table.column("dicom_id"),
+                "dicom_id": table.column("dicom_id"),
+                "subject_id": table.column("subject_id"),
+                "study_id": table.column("study_id"),
+                "split": table.column("split"),
+                "view": table.column("view"),
+                "image_path": table.column("image_path"),
+                "study_date": table.column("study_date"),
+                "study_time": table.column("study_time"),
+                "labels": struct,
+                "findings": pa.array(findings, pa.string()),
+                "impression": pa.array(impressions, pa.string()),
+                "last_paragraph": pa.array(last, pa.string()),
+            },
+            schema=SELECTION_SCHEMA,
+        )
+
+    # ---- summary -----------------------------------------------------------------------------
+
+    def summary(self, reports: bool = True, source: str = "chexpert") -> dict:
+        """Counts for `cxrmax mimic summary`: studies/images/subjects per split, images per split and
+        view, label prevalence (1/0/-1/blank and studies without a label row), report coverage."""
+        images = self.images()
+        studies = self.studies()
+        result: dict = {"root": str(self.root), "layout": self.layout, "version": self.version}
+        per_split = {}
+        for split in SPLITS:
+            part = images.filter(pc.equal(images.column("split"), split))
+            per_split[split] = {
+                "images": part.num_rows,
+                "studies": pc.count_distinct(part.column("study_id")).as_py() if part.num_rows else 0,
+                "subjects": pc.count_distinct(part.column("subject_id")).as_py() if part.num_rows else 0,
+            }
+        result["splits"] = per_split
+        views = images.group_by(["split", "view"]).aggregate([("dicom_id", "count")])
+        result["views"] = {
+            (row["split"], row["view"] or ""): row["dicom_id_count"] for row in views.to_pylist()
+        }
+        try:
+            labels = self.study_labels(source=source)
+        except InputError:
+            if _find_csv(self.root, LABEL_SOURCES[source]) is not None:
+                raise
+            labels = None
+        if labels is not None:
+            prevalence = {}
+            for name in OBSERVATIONS:
+                column = labels.column(name)
+                prevalence[name] = {
+                    "1": int(pc.sum(pc.equal(column, 1.0)).as_py() or 0),
+                    "0": int(pc.sum(pc.equal(column, 0.0)).as_py() or 0),
+                    "-1": int(pc.sum(pc.equal(column, -1.0)).as_py() or 0),
+                    "blank": int(column.null_count),
+                }
+            result["labels"] = {
+                "source": source,
+                "studies_with_labels": labels.num_rows,
+                "studies_without_labels": studies.num_rows - labels.num_rows,
+                "prevalence": prevalence,
+            }
+        if reports:
+            coverage = Counter()
+            for subject_id, study_id in zip(
+                studies.column("subject_id").to_pylist(), studies.column("study_id").to_pylist(), strict=True
+            ):
+                sections = self.report(subject_id, study_id)
+                if sections is None:
+                    coverage["missing"] += 1
+                    continue
+                coverage["reports"] += 1
+                coverage["findings"] += sections.findings is not None
+                coverage["impression"] += sections.impression is not None
+                coverage["both"] += sections.findings is not None and sections.impression is not None
+                coverage["last_paragraph_only"] += sections.findings is None and sections.impression is None
+                coverage["addenda"] += bool(sections.addenda)
+            result["reports"] = {
+                "studies": studies.num_rows,
+                **{
+                    k: coverage[k]
+                    for k in (
+                        "reports",
+                        "findings",
+                        "impression",
+                        "both",
+                        "last_paragraph_only",
+                        "addenda",
+                        "missing",
+                    )
+                },
+            }
+        result["skipped"] = dict(self.skipped)
+        return result
+
+
+def _normalize_splits(splits: Iterable[str]) -> list[str]:
+    if isinstance(splits, str):
+        splits = [splits]
+    result = []
+    for split in splits:
+        value = _SPLIT_ALIASES.get(split.strip().lower(), split.strip().lower())
+        if value not in SPLITS:
+            raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        result.append(value)
+    return result
+
+
+def _normalize_views(views: Iterable[str]) -> set[str]:
+    if isinstance(views, str):
+        views = [views]
+    wanted: set[str] = set()
+    for view in views:
+        value = view.strip().upper()
+        if value == "FRONTAL":
+            wanted.update(FRONTAL_VIEWS)
+        elif value in ("LATERAL", "LATERALS"):
+            wanted.update(LATERAL_VIEWS)
+        elif value:
+            wanted.add(value)
+    return wanted
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection manifests
+# --------------------------------------------------------------------------------------------------
+
+
+def write_selection(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write a selection manifest atomically: Parquet for ``.parquet``, Arrow IPC for ``.arrow`` /
+    ``.feather``. The table is cast to `shards.SELECTION_SCHEMA` first."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".parquet", ".arrow", ".feather"):
+        raise InputError(f"{where(path)}: selection manifests end in .parquet, .arrow or .feather")
+    table = _conform(table, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pq.write_table(table, tmp)
+        else:
+            import pyarrow.feather as feather
+
+            feather.write_feather(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_selection(path: str | os.PathLike) -> pa.Table:
+    """Read a selection manifest written by `write_selection` (or any Parquet/Arrow file with the
+    SELECTION_SCHEMA columns) as a table with exactly SELECTION_SCHEMA."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{where(path)}: selection manifest not found")
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+        else:
+            import pyarrow.feather as feather
+
+            table = feather.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{where(path)}: not a readable Parquet/Arrow file: {exc}") from None
+    return _conform(table, path)
+
+
+def _conform(table: pa.Table, path: Path) -> pa.Table:
+    missing = [f.name for f in SELECTION_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise InputError(
+            f"{where(path, field=missing[0])}: selection is missing columns {', '.join(missing)}"
+        )
+    table = table.select([f.name for f in SELECTION_SCHEMA])
+    try:
+        return table.cast(SELECTION_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
+        raise InputError(f"{where(path)}: selection does not match SELECTION_SCHEMA: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# MS-CXR-T
+# --------------------------------------------------------------------------------------------------
+
+_PROGRESSION = ("improving", "stable", "worsening")
+_QUALITY = ("one_expert", "multiple_experts", "disagreement")
+
+
+def read_ms_cxr_t(path: str | os.PathLike) -> pa.Table:
+    """Read the MS-CXR-T temporal image classification CSV: dicom_id, previous_dicom_id, study_id,
+    previous_study_id, subject_id (int64) and per finding ``<f>_progression`` (improving | stable |
+    worsening | null) and ``<f>_label_quality`` (one_expert | multiple_experts | disagreement | null).
+    Column names and values are case-normalised; anything else is an InputError naming row and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{where(path)}: MS-CXR-T CSV not found")
+    header = _read_header(path)
+    lowered = {name.strip().lower(): name for name in header}
+    ids = ["dicom_id", "previous_dicom_id", "study_id", "previous_study_id", "subject_id"]
+    finding_columns = [f"{f}_{kind}" for f in MS_CXR_T_FINDINGS for kind in ("progression", "label_quality")]
+    missing = [name for name in ids + finding_columns if name not in lowered]
+    if missing:
+        raise InputError(f"{where(path, field=missing[0])}: missing column (missing: {', '.join(missing)})")
+    raw = _read_csv(path, [lowered[name] for name in ids + finding_columns])
+    raw = raw.rename_columns([name.strip().lower() for name in raw.column_names])
+    check = _Validator(path, raw, lenient=False, skipped=Counter())
+    data: dict[str, pa.ChunkedArray] = {
+        "dicom_id": check.text("dicom_id"),
+        "previous_dicom_id": check.text("previous_dicom_id"),
+        "study_id": check.integer("study_id"),
+        "previous_study_id": check.integer("previous_study_id"),
+        "subject_id": check.integer("subject_id"),
+    }
+    for name in finding_columns:
+        values = pc.utf8_lower(pc.utf8_trim_whitespace(raw.column(name)))
+        values = pc.if_else(pc.equal(values, ""), None, values)
+        allowed = _PROGRESSION if name.endswith("_progression") else _QUALITY
+        check.flag(
+            pc.invert(pc.fill_null(pc.is_in(values, pa.array(allowed)), True)),
+            name,
+            f"value is not one of {', '.join(allowed)} or empty",
+            "bad value",
+        )
+        data[name] = values
+    return pa.table(data)
