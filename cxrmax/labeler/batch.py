@@ -1,0 +1,101 @@
+"""Label many texts into one Arrow table, in-process for small batches and across cores for big ones."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Iterable, Sequence
+
+import pyarrow as pa
+
+from cxrmax.labeler.core import label_codes
+from cxrmax.pathologies import OBSERVATIONS
+
+#: Batches smaller than this are labelled in-process (starting workers costs more than it saves).
+PARALLEL_THRESHOLD = 2000
+_CHUNK = 500
+
+
+def laterality_column(name: str) -> str:
+    """Name of the laterality column of an observation, e.g. "Pleural Effusion laterality"."""
+    return f"{name} laterality"
+
+
+#: The schema of `label_texts` tables.
+LABEL_TABLE_SCHEMA = pa.schema(
+    [pa.field(name, pa.int8()) for name in OBSERVATIONS]
+    + [pa.field(laterality_column(name), pa.string()) for name in OBSERVATIONS]
+    + [
+        pa.field("refusal", pa.bool_()),
+        pa.field("hedging", pa.bool_()),
+        pa.field("n_steps", pa.int32()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+def _label_chunk(texts: Sequence[object]) -> list[tuple]:
+    out = []
+    for text in texts:
+        try:
+            out.append(label_codes(text))
+        except Exception as exc:  # never lose a batch to one text; the row says what went wrong
+            n = len(OBSERVATIONS)
+            out.append(
+                ([None] * n, [None] * n, False, False, 0, f"labeler error: {type(exc).__name__}: {exc}")
+            )
+    return out
+
+
+def default_processes() -> int:
+    """Cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _rows_to_table(rows: list[tuple]) -> pa.Table:
+    n = len(OBSERVATIONS)
+    values: list[list] = [[] for _ in range(n)]
+    sides: list[list] = [[] for _ in range(n)]
+    refusal, hedging, n_steps, errors = [], [], [], []
+    for codes, lats, ref, hed, steps, error in rows:
+        for k in range(n):
+            values[k].append(codes[k])
+            sides[k].append(lats[k])
+        refusal.append(ref)
+        hedging.append(hed)
+        n_steps.append(steps)
+        errors.append(error)
+    arrays = (
+        [pa.array(v, pa.int8()) for v in values]
+        + [pa.array(s, pa.string()) for s in sides]
+        + [pa.array(refusal, pa.bool_()), pa.array(hedging, pa.bool_()), pa.array(n_steps, pa.int32())]
+        + [pa.array(errors, pa.string())]
+    )
+    return pa.Table.from_arrays(arrays, schema=LABEL_TABLE_SCHEMA)
+
+
+def label_texts(texts: Iterable[object], processes: int | None = None) -> pa.Table:
+    """Label every text; one row per text, in input order, with LABEL_TABLE_SCHEMA columns:
+    int8 per observation (1/0/-1/null), "<observation> laterality" strings, `refusal`, `hedging`,
+    `n_steps`, `error` (null when fine). None, bytes or junk rows get nulls and an error, never
+    an exception. Deterministic regardless of `processes` (None = all usable cores; batches under
+    PARALLEL_THRESHOLD texts run in-process).
+    """
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        texts = texts.to_pylist()
+    elif not isinstance(texts, Sequence) or isinstance(texts, (str, bytes)):
+        texts = [texts] if isinstance(texts, (str, bytes)) else list(texts)
+    workers = default_processes() if processes is None else max(1, int(processes))
+    if workers == 1 or len(texts) < PARALLEL_THRESHOLD:
+        return _rows_to_table(_label_chunk(texts))
+    chunks = [texts[i : i + _CHUNK] for i in range(0, len(texts), _CHUNK)]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    rows: list[tuple] = []
+    with context.Pool(workers) as pool:
+        for part in pool.imap(_label_chunk, chunks):
+            rows.extend(part)
+    return _rows_to_table(rows)

@@ -1,0 +1,141 @@
+"""One precompiled regex that finds every phrase of every concern in a single pass over a text.
+
+All literal phrases (mentions, cues, laterality, refusal, hedging, ignored phrases) are compiled
+into one character trie, emitted as a regex, so the scan costs one C-level pass per text instead of
+a Python loop per phrase. The few flexible statements ("heart size is mildly enlarged") are extra
+named alternatives tried first at each word start. A match is looked up by its normalised key
+(lower case, without spaces and hyphens) to get its kind and payload.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from cxrmax.labeler import cues, phrases
+
+# Token kinds.
+MENTION = 0
+STATEMENT = 1
+CUE = 2
+PSEUDO = 3
+TERM = 4
+LAT = 5
+REFUSAL = 6
+HEDGE = 7
+NORMAL_STUDY = 8
+IGNORE = 9
+SEMI = 10
+
+# Cue role bits.
+NEG_PRE = 1
+NEG_POST = 2
+UNC_PRE = 4
+UNC_POST = 8
+WEAK = 16
+
+_KEY_STRIP = re.compile(r"[\s\-]+")
+
+
+def phrase_key(text: str) -> str:
+    """Normalised lookup key of a phrase or a matched span."""
+    return _KEY_STRIP.sub("", text.lower().replace("\u2019", "'"))
+
+
+def _trie_regex(words: Iterable[str]) -> str:
+    """Regex matching any of `words` (longest first at each position), built from a character trie."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = True
+
+    def emit(node: dict) -> str:
+        terminal = "" in node
+        branches = []
+        for char in sorted(k for k in node if k):
+            if char == " ":
+                atom = r"[\s\-]+"
+            elif char == "-":
+                atom = r"[\s\-]?"
+            else:
+                atom = re.escape(char)
+            branches.append(atom + emit(node[char]))
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        return f"(?:{body})?" if terminal else body
+
+    return emit(trie)
+
+
+class Lexicon:
+    """The compiled scanner plus the key -> (kind, payload) table."""
+
+    def __init__(self) -> None:
+        table: dict[str, tuple[int, object]] = {}
+        spellings: list[str] = []
+
+        def add(phrase: str, kind: int, payload: object) -> None:
+            for spelling in phrases.expand(phrase):
+                spelling = spelling.lower()
+                key = phrase_key(spelling)
+                old = table.get(key)
+                if old is not None and old != (kind, payload):
+                    if kind == CUE and old[0] == CUE:
+                        # One phrase with several cue roles ("resolved": before or after a mention).
+                        table[key] = (CUE, (old[1][0] | payload[0], spelling))  # type: ignore[index]
+                        continue
+                    if kind == MENTION and old[0] == MENTION:
+                        merged = tuple(dict.fromkeys(old[1] + payload))  # type: ignore[operator]
+                        table[key] = (MENTION, merged)
+                        continue
+                    # First definition wins (mentions are added before cues on purpose).
+                    continue
+                table[key] = (kind, payload)
+                spellings.append(spelling)
+
+        for observation, words in phrases.MENTIONS.items():
+            for word in words:
+                add(word, MENTION, (observation,))
+        add("hydropneumothorax", MENTION, ("Pneumothorax", "Pleural Effusion"))
+        add("hydropneumothoraces", MENTION, ("Pneumothorax", "Pleural Effusion"))
+        for word in phrases.IGNORED:
+            add(word, IGNORE, None)
+        for word in phrases.NORMAL_STUDY:
+            add(word, NORMAL_STUDY, None)
+        for word in cues.REFUSAL:
+            add(word, REFUSAL, None)
+        for word in cues.HEDGING:
+            add(word, HEDGE, None)
+        for word in cues.PSEUDO:
+            add(word, PSEUDO, None)
+        for group, role in (
+            (cues.NEG_PRE, NEG_PRE),
+            (cues.NEG_POST, NEG_POST),
+            (cues.UNC_PRE, UNC_PRE),
+            (cues.UNC_POST, UNC_POST),
+        ):
+            for word in group:
+                bits = role | (WEAK if word in cues.WEAK_UNCERTAIN and role == UNC_PRE else 0)
+                add(word, CUE, (bits, word))
+        for word in cues.TERMINATORS:
+            add(word, TERM, None)
+        for word, side in cues.LATERALITY.items():
+            add(word, LAT, side)
+        self.table = table
+
+        flex_parts = []
+        self.flex: list[dict[str, str]] = []
+        for index, (pattern, effects) in enumerate(phrases.FLEX_STATEMENTS):
+            flex_parts.append(f"(?P<f{index}>{pattern})")
+            self.flex.append(effects)
+        trie = _trie_regex(sorted(set(spellings)))
+        # Flexible statements first (they are longer and more specific), then the trie, then ";".
+        self.pattern = re.compile(
+            r"\b(?:" + "|".join(flex_parts) + r")\b|\b(?P<t>" + trie + r")(?![\w'])|(?P<s>;)"
+        )
+
+
+LEXICON = Lexicon()

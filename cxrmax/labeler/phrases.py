@@ -1,0 +1,527 @@
+"""Mention phrases per observation, written for both radiology reports and chatbot-style answers.
+
+Phrases are literal word sequences, matched case-insensitively on word boundaries. Inside a phrase a
+space matches any run of spaces/hyphens/newlines and a hyphen matches an optional space or hyphen, so
+"air-space disease" also finds "airspace disease" and "air space disease". A trailing "(s)" or "(es)"
+adds the plural. The longest phrase wins at a position, which is how "pericardial effusion" (ignored)
+beats "effusion" and "left ventricular enlargement" (Cardiomegaly) beats "left".
+
+Mapping choices (documented, used by the evaluation set):
+
+- "air-space disease", "airspace opacity", "infiltrate", "density", "haziness" -> Lung Opacity only
+  (Consolidation needs the word consolidation / consolidative / air bronchograms).
+- "volume loss", "collapse", "atelectatic" -> Atelectasis.
+- "nodule", "mass", "granuloma", "neoplasm", "metastases" -> Lung Lesion.
+- "vascular congestion", "cephalization", "Kerley B lines", "CHF" -> Edema.
+- "enlarged cardiomediastinal silhouette", "widened mediastinum" -> Enlarged Cardiomediastinum.
+- "hydropneumothorax" -> Pneumothorax and Pleural Effusion.
+- tubes, lines, catheters, pacers and their leads, sternotomy wires, valves, stents -> Support Devices.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: Literal mention phrases per observation ("No Finding" is derived, see core.py).
+MENTIONS: dict[str, tuple[str, ...]] = {
+    "Atelectasis": (
+        "atelectasis",
+        "atelectases",
+        "atelectatic",
+        "atelectatic change(s)",
+        "volume loss",
+        "loss of volume",
+        "collapse",
+        "collapsed lobe",
+        "lobar collapse",
+        "lobe collapse",
+        "segmental collapse",
+        "subsegmental collapse",
+        "plate-like atelectasis",
+        "platelike atelectasis",
+    ),
+    "Cardiomegaly": (
+        "cardiomegaly",
+        "cardiac enlargement",
+        "cardiac silhouette enlargement",
+        "enlarged heart",
+        "enlargement of the heart",
+        "enlarged cardiac silhouette",
+        "enlargement of the cardiac silhouette",
+        "enlarged heart size",
+        "enlarged cardiac size",
+        "enlarged cardiac shadow",
+        "increased heart size",
+        "increased cardiac size",
+        "large heart",
+        "large cardiac silhouette",
+        "prominent heart",
+        "prominent cardiac silhouette",
+        "heart enlargement",
+        "left ventricular enlargement",
+        "right ventricular enlargement",
+        "biventricular enlargement",
+        "ventricular enlargement",
+        "cardiomegalic",
+        "globular heart",
+    ),
+    "Consolidation": (
+        "consolidation(s)",
+        "consolidative",
+        "consolidated",
+        "consolidative opacity",
+        "consolidative opacities",
+        "air bronchogram(s)",
+    ),
+    "Edema": (
+        "edema",
+        "oedema",
+        "pulmonary edema",
+        "interstitial edema",
+        "alveolar edema",
+        "vascular congestion",
+        "pulmonary vascular congestion",
+        "pulmonary venous congestion",
+        "venous congestion",
+        "pulmonary congestion",
+        "cephalization",
+        "vascular redistribution",
+        "kerley b line(s)",
+        "kerley line(s)",
+        "chf",
+        "congestive heart failure",
+        "fluid overload",
+        "volume overload",
+        "perihilar haziness",
+        "bat wing",
+        "batwing",
+        "peribronchial cuffing",
+    ),
+    "Enlarged Cardiomediastinum": (
+        "enlarged cardiomediastinum",
+        "enlarged cardiomediastinal silhouette",
+        "enlargement of the cardiomediastinal silhouette",
+        "cardiomediastinal enlargement",
+        "widened mediastinum",
+        "widening of the mediastinum",
+        "mediastinal widening",
+        "mediastinal enlargement",
+        "enlarged mediastinum",
+        "widened cardiomediastinal silhouette",
+        "prominent mediastinum",
+        "widened superior mediastinum",
+    ),
+    "Fracture": (
+        "fracture(s)",
+        "fractured",
+        "rib fracture(s)",
+        "compression fracture(s)",
+        "compression deformity",
+        "compression deformities",
+        "broken rib(s)",
+        "fracture deformity",
+    ),
+    "Lung Lesion": (
+        "nodule(s)",
+        "nodular opacity",
+        "nodular opacities",
+        "nodular density",
+        "nodular densities",
+        "mass(es)",
+        "lung mass(es)",
+        "pulmonary mass(es)",
+        "lesion(s)",
+        "lung lesion(s)",
+        "pulmonary lesion(s)",
+        "cavitary lesion(s)",
+        "neoplasm(s)",
+        "tumor(s)",
+        "tumour(s)",
+        "carcinoma",
+        "malignancy",
+        "metastasis",
+        "metastases",
+        "metastatic disease",
+        "granuloma(s)",
+        "cavitation",
+        "cavitary",
+        "cavity",
+    ),
+    "Lung Opacity": (
+        "opacity",
+        "opacities",
+        "opacification(s)",
+        "opacified",
+        "airspace opacity",
+        "airspace opacities",
+        "air-space opacity",
+        "air-space opacities",
+        "air-space disease",
+        "airspace disease",
+        "air-space process",
+        "airspace process",
+        "infiltrate(s)",
+        "infiltration",
+        "infiltrative",
+        "density",
+        "densities",
+        "increased density",
+        "haziness",
+        "hazy opacity",
+        "hazy opacities",
+        "ground-glass",
+        "ground glass opacity",
+        "ground glass opacities",
+        "reticular opacities",
+        "reticulonodular opacities",
+        "interstitial opacities",
+        "interstitial markings",
+        "increased interstitial markings",
+        "increased lung markings",
+        "increased markings",
+        "patchy opacity",
+        "patchy opacities",
+        "shadowing",
+        "airspace shadowing",
+        "scarring",
+        "fibrosis",
+        "fibrotic changes",
+    ),
+    "Pleural Effusion": (
+        "effusion(s)",
+        "pleural effusion(s)",
+        "pleural fluid",
+        "fluid in the pleural space",
+        "hydrothorax",
+        "blunting of the costophrenic angle(s)",
+        "blunting of the left costophrenic angle",
+        "blunting of the right costophrenic angle",
+        "blunting of both costophrenic angles",
+        "blunting of the costophrenic sulcus",
+        "blunting of the costophrenic sulci",
+        "blunted costophrenic angle(s)",
+        "blunted costophrenic sulcus",
+        "costophrenic angle blunting",
+        "costophrenic blunting",
+        "blunting",
+        "meniscus sign",
+        "layering fluid",
+        "pleural collection",
+        "hemothorax",
+        "empyema",
+        "fluid layering",
+    ),
+    "Pleural Other": (
+        "pleural thickening",
+        "thickening of the pleura",
+        "pleural plaque(s)",
+        "pleural scarring",
+        "pleural calcification(s)",
+        "calcified pleural plaque(s)",
+        "fibrothorax",
+        "pleural-parenchymal scarring",
+        "apical pleural thickening",
+        "apical cap",
+        "pleural based mass",
+        "mesothelioma",
+    ),
+    "Pneumonia": (
+        "pneumonia(s)",
+        "pneumonic",
+        "bronchopneumonia",
+        "pneumonitis",
+        "infection",
+        "infectious process",
+        "infectious etiology",
+        "infectious consolidation",
+        "lung infection",
+        "pulmonary infection",
+        "aspiration",
+        "aspiration pneumonia",
+        "lobar pneumonia",
+        "multifocal pneumonia",
+    ),
+    "Pneumothorax": (
+        "pneumothorax",
+        "pneumothoraces",
+        "pneumothoraxes",
+        "ptx",
+        "apical pneumothorax",
+        "tension pneumothorax",
+        "visceral pleural line",
+        "pleural line",
+        "deep sulcus sign",
+        "collapsed lung",
+        "air in the pleural space",
+    ),
+    "Support Devices": (
+        "tube(s)",
+        "et tube",
+        "ett",
+        "endotracheal tube",
+        "endotracheal tubes",
+        "tracheostomy",
+        "tracheostomy tube",
+        "trach",
+        "trach tube",
+        "ng tube",
+        "nasogastric tube",
+        "og tube",
+        "orogastric tube",
+        "feeding tube",
+        "dobhoff",
+        "dobhoff tube",
+        "enteric tube",
+        "gastric tube",
+        "chest tube(s)",
+        "thoracostomy tube",
+        "pigtail catheter",
+        "pleural catheter",
+        "catheter(s)",
+        "central line(s)",
+        "central venous line",
+        "central venous catheter",
+        "cvc",
+        "picc",
+        "picc line",
+        "picc lines",
+        "ij line",
+        "internal jugular line",
+        "subclavian line",
+        "arterial line",
+        "hickman line",
+        "dialysis catheter",
+        "hemodialysis catheter",
+        "swan-ganz",
+        "swan-ganz catheter",
+        "pulmonary artery catheter",
+        "port",
+        "port-a-cath",
+        "portacath",
+        "mediport",
+        "pacemaker(s)",
+        "pacer(s)",
+        "pacer lead(s)",
+        "pacemaker lead(s)",
+        "pacing lead(s)",
+        "pacing wire(s)",
+        "lead(s)",
+        "icd",
+        "aicd",
+        "defibrillator",
+        "cardiac device",
+        "cardiac devices",
+        "loop recorder",
+        "sternotomy wire(s)",
+        "sternal wire(s)",
+        "median sternotomy wire(s)",
+        "stent(s)",
+        "valve replacement",
+        "prosthetic valve",
+        "mechanical valve",
+        "lvad",
+        "iabp",
+        "intra-aortic balloon pump",
+        "balloon pump",
+        "drain(s)",
+        "monitoring device(s)",
+        "support device(s)",
+        "lines and tubes",
+        "tubes and lines",
+        "medical device(s)",
+        "vp shunt",
+        "surgical clips",
+        "ecg leads",
+        "ekg leads",
+        "monitoring leads",
+        "electrode(s)",
+    ),
+}
+
+#: Phrases that must not count as mentions although they contain a mention word; matching them
+#: (longest match wins) hides the shorter mention inside.
+IGNORED: tuple[str, ...] = (
+    "pericardial effusion(s)",
+    "joint effusion(s)",
+    "pericardial fluid",
+    "mass effect",
+    "soft tissue density",
+    "soft tissue densities",
+    "bone density",
+    "bone mass",
+    "body mass",
+    "lead to",
+    "leads to",
+    "leading to",
+    "port of entry",
+    "rule out infection",
+    "support the diagnosis",
+    "supports the diagnosis",
+    "supporting the diagnosis",
+    "chest tube placement",
+    "mediastinal lymph node(s)",
+    "portable",
+    "report",
+    "reported",
+    "left ventricle",
+    "right ventricle",
+    "left atrium",
+    "right atrium",
+    "left atrial",
+    "right atrial",
+    "left ventricular",
+    "right ventricular",
+    "right heart",
+    "left heart",
+    "left-sided heart",
+    "right-sided heart",
+    "right internal jugular",
+    "left internal jugular",
+    "right ij",
+    "left ij",
+    "right subclavian",
+    "left subclavian",
+    "right upper quadrant",
+    "left upper quadrant",
+    "right arm",
+    "left arm",
+    "right-sided pacemaker",
+    "left-sided pacemaker",
+    "right chest wall",
+    "left chest wall",
+    "right hand",
+    "left hand",
+    "on the other hand",
+    "right answer",
+    "right away",
+)
+
+#: Phrases that by themselves say the whole study is normal (count as a statement for "No Finding").
+NORMAL_STUDY: tuple[str, ...] = (
+    "no acute cardiopulmonary process",
+    "no acute cardiopulmonary abnormality",
+    "no acute cardiopulmonary abnormalities",
+    "no acute cardiopulmonary disease",
+    "no acute cardiopulmonary findings",
+    "no acute cardiopulmonary pathology",
+    "no acute intrathoracic process",
+    "no acute intrathoracic abnormality",
+    "no acute process",
+    "no acute abnormality",
+    "no acute findings",
+    "no acute disease",
+    "no acute pulmonary process",
+    "no acute pulmonary disease",
+    "no acute chest disease",
+    "no active disease",
+    "no active lung disease",
+    "no evidence of acute cardiopulmonary process",
+    "no evidence of acute disease",
+    "normal chest",
+    "normal chest radiograph",
+    "normal chest x-ray",
+    "normal chest xray",
+    "normal radiograph",
+    "normal study",
+    "normal examination",
+    "unremarkable chest radiograph",
+    "unremarkable study",
+    "no finding",
+    "no findings",
+    "no abnormality",
+    "no abnormalities",
+    "no radiographic abnormality",
+    "no significant abnormality",
+    "within normal limits",
+)
+
+#: Observations that "the lungs are clear" declares negative (the opacity family).
+OPACITY_FAMILY: tuple[str, ...] = ("Lung Opacity", "Consolidation", "Pneumonia", "Atelectasis", "Edema")
+
+# Flexible statements that a literal list cannot express (verbs and adverbs between the words).
+# Each is (regex on lower-cased text, {observation: status}); status "mention" means the statement is
+# an ordinary mention (cues around it apply), otherwise the status is what the statement says.
+_HEART = r"(?:heart(?:\s+size)?|cardiac\s+(?:silhouette|size|contours?|shadow)(?:\s+size)?|size\s+of\s+the\s+heart)"
+_CMS = r"(?:cardio-?mediastinal\s+(?:silhouette|contours?|shadow)s?)"
+_MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?))"
+_BE = r"(?:is|are|was|were|appears?|remains?|seems?|looks?|being)"
+_ADV = (
+    r"(?:(?:mildly|moderately|markedly|severely|slightly|significantly|substantially|massively|minimally|"
+    r"likely|probably|possibly|again|still|now|grossly|somewhat|borderline|top|at\s+least)\s+)"
+)
+_NORMAL = (
+    r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|unremarkable|stable\s+and\s+normal|"
+    r"top(?:\s+|-)normal|upper\s+limits?\s+of\s+normal|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
+    r"unchanged\s+and\s+normal|preserved)"
+)
+
+FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
+    # heart size normal / enlarged
+    (rf"{_HEART}\s+(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
+    (rf"normal(?:\s+|-)(?:sized?\s+)?{_HEART}", {"Cardiomegaly": "negative"}),
+    (
+        r"no\s+(?:\w+\s+)?(?:enlargement\s+of\s+the\s+heart|cardiac\s+enlargement)",
+        {"Cardiomegaly": "negative"},
+    ),
+    (
+        rf"{_HEART}\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|increased|large|prominent)",
+        {"Cardiomegaly": "mention"},
+    ),
+    (
+        r"cardiothoracic\s+ratio\s+(?:of\s+)?(?:is\s+)?(?:greater\s+than|more\s+than|over|above|exceeds|exceeding|>)\s*"
+        r"(?:0?\.5|50\s*%)",
+        {"Cardiomegaly": "mention"},
+    ),
+    # cardiomediastinal silhouette / mediastinum
+    (
+        rf"{_CMS}\s+(?:{_BE}\s+)?{_NORMAL}",
+        {"Cardiomegaly": "negative", "Enlarged Cardiomediastinum": "negative"},
+    ),
+    (rf"normal\s+{_CMS}", {"Cardiomegaly": "negative", "Enlarged Cardiomediastinum": "negative"}),
+    (
+        rf"{_CMS}\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|widened|increased|prominent)",
+        {"Enlarged Cardiomediastinum": "mention"},
+    ),
+    (rf"{_MED}\s+(?:{_BE}\s+)?{_NORMAL}", {"Enlarged Cardiomediastinum": "negative"}),
+    (rf"normal\s+{_MED}", {"Enlarged Cardiomediastinum": "negative"}),
+    (
+        rf"mediastinum\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:widened|enlarged|wide|prominent)",
+        {"Enlarged Cardiomediastinum": "mention"},
+    ),
+    # costophrenic angles sharp -> no effusion
+    (
+        r"(?:costophrenic|cp)\s+(?:angles?|sulci|sulcus|recess(?:es)?)\s+(?:" + _BE + r"\s+)?(?:\w+ly\s+)?"
+        r"(?:sharp(?:ly\s+defined)?|clear|preserved|well[\s-]defined|normal|crisp|free)",
+        {"Pleural Effusion": "negative"},
+    ),
+    (
+        r"(?:sharp|clear|preserved|normal|crisp)\s+(?:costophrenic|cp)\s+(?:angles?|sulci|sulcus)",
+        {"Pleural Effusion": "negative"},
+    ),
+    # lungs clear -> opacity family negative
+    (
+        r"(?:both\s+)?lungs?(?:\s+fields?|\s+parenchyma)?\s+(?:"
+        + _BE
+        + r"\s+)(?:\w+\s+(?:and\s+)?){0,3}?clear\b",
+        dict.fromkeys(OPACITY_FAMILY, "negative"),
+    ),
+    (r"clear\s+lungs?(?:\s+fields?)?", dict.fromkeys(OPACITY_FAMILY, "negative")),
+    (
+        r"(?:both\s+)?lungs?\s+(?:"
+        + _BE
+        + r"\s+)?(?:\w+\s+and\s+)?(?:clear|free)\s+of\s+(?:focal\s+|acute\s+)?"
+        r"(?:consolidation|opacit(?:y|ies)|infiltrates?|disease|pathology|abnormalit(?:y|ies))",
+        dict.fromkeys(OPACITY_FAMILY, "negative"),
+    ),
+)
+
+_PLURAL = re.compile(r"\((e?s)\)$")
+
+
+def expand(phrase: str) -> list[str]:
+    """Expand the "(s)"/"(es)" plural notation of a phrase into its spellings."""
+    match = _PLURAL.search(phrase)
+    if match is None:
+        return [phrase]
+    stem = phrase[: match.start()]
+    return [stem, stem + match.group(1)]

@@ -1,0 +1,155 @@
+"""Split a report or a chatbot answer into reasoning steps.
+
+A step is a sentence, a bullet item, a numbered item or a heading line. Headings ("## Findings",
+"**Evidence:**", "FINDINGS:") are steps of kind "heading" and also the context (`heading`) of the
+steps under them. Hard-wrapped report lines are joined: a newline only ends a step when the line
+before it ends a sentence, the next line starts a bullet/number/heading, or a blank line follows.
+Offsets are character offsets into the original text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LINE = re.compile(r"[^\n]*\n?")
+_MD_HEADING = re.compile(r"[ \t]*#{1,6}[ \t]+(?P<h>.*?)[ \t#]*$")
+_BOLD_HEADING = re.compile(
+    r"[ \t]*(?:[-*+][ \t]+)?(?:\*\*|__)(?P<h>[^*_\n]{1,80}?)(?::[ \t]*)?(?:\*\*|__):?[ \t]*$"
+)
+_COLON_HEADING = re.compile(r"[ \t]*(?P<h>[A-Za-z][A-Za-z0-9 ,/&()'-]{0,60}):[ \t]*$")
+_INLINE_SECTION = re.compile(r"[ \t]*(?:\*\*)?(?P<h>[A-Z][A-Z /&-]{2,40}):(?:\*\*)?[ \t]+\S")
+_BULLET = re.compile(r"[ \t]*(?:[-*+\u2022\u25cf\u25e6\u2013]|\(?\d{1,2}[.)]|\(?[a-hA-H][.)])[ \t]+")
+_SENTENCE_END = re.compile(r"[.!?][\"')\]*]*\s+")
+_ABBREVIATIONS = frozenset(
+    {
+        "e.g",
+        "i.e",
+        "dr",
+        "vs",
+        "approx",
+        "etc",
+        "cf",
+        "fig",
+        "st",
+        "mr",
+        "mrs",
+        "ms",
+        "no",
+        "nos",
+        "al",
+        "incl",
+        "resp",
+    }
+)
+_ENDS_SENTENCE = re.compile(r"[.!?:][\"')\]*]*[ \t]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One step's place in the text: [start, end) offsets, kind and the heading it sits under."""
+
+    start: int
+    end: int
+    kind: str  # "sentence" | "bullet" | "numbered" | "heading"
+    heading: str | None
+
+
+def _heading_text(line: str) -> str | None:
+    for pattern in (_MD_HEADING, _BOLD_HEADING, _COLON_HEADING):
+        match = pattern.match(line)
+        if match:
+            text = match.group("h").strip().strip("*_").strip()
+            # A colon line with many words is a sentence introducing a list, still a heading-like lead.
+            if pattern is _COLON_HEADING and len(text.split()) > 8:
+                return None
+            return text or None
+    return None
+
+
+def _split_sentences(
+    text: str, start: int, end: int, kind: str, heading: str | None, out: list[Segment]
+) -> None:
+    """Append the sentences of text[start:end] (first one keeps `kind`, later ones are sentences)."""
+    first_kind = kind
+    cursor = start
+    for match in _SENTENCE_END.finditer(text, start, end):
+        cut = match.end()
+        if cut >= end:
+            break
+        # "e.g. pneumonia", "Dr. X", "vs. atelectasis": not a sentence end.
+        word_start = text.rfind(" ", cursor, match.start()) + 1
+        word = text[max(word_start, cursor) : match.start()].lower().lstrip("(*")
+        if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
+            continue
+        piece_end = match.start() + 1
+        if piece_end > cursor and text[cursor:piece_end].strip():
+            out.append(Segment(cursor, piece_end, first_kind, heading))
+            first_kind = "sentence"
+        cursor = cut
+    stripped_end = end
+    while stripped_end > cursor and text[stripped_end - 1].isspace():
+        stripped_end -= 1
+    if stripped_end > cursor:
+        out.append(Segment(cursor, stripped_end, first_kind, heading))
+
+
+def split_steps(text: str) -> list[Segment]:
+    """Split `text` into steps (see module docstring). Never raises on any str."""
+    segments: list[Segment] = []
+    heading: str | None = None
+    block_start = -1
+    block_kind = "sentence"
+    block_heading: str | None = None
+    prev_line_ends_sentence = True
+
+    def flush(block_end: int) -> None:
+        nonlocal block_start
+        if block_start >= 0:
+            _split_sentences(text, block_start, block_end, block_kind, block_heading, segments)
+        block_start = -1
+
+    position = 0
+    length = len(text)
+    while position < length:
+        newline = text.find("\n", position)
+        line_end = length if newline < 0 else newline
+        next_position = line_end + 1
+        line = text[position:line_end]
+        if not line.strip():
+            flush(position)
+            prev_line_ends_sentence = True
+            position = next_position
+            continue
+        head = _heading_text(line) if len(line) <= 120 else None
+        if head is not None:
+            flush(position)
+            lead = len(line) - len(line.lstrip())
+            segments.append(Segment(position + lead, position + len(line.rstrip()), "heading", heading))
+            heading = head
+            prev_line_ends_sentence = True
+            position = next_position
+            continue
+        bullet = _BULLET.match(line)
+        if bullet is not None:
+            flush(position)
+            marker = bullet.group(0).strip()
+            block_kind = (
+                "numbered" if marker[:1].isdigit() or marker[:1] == "(" or marker[:1].isalpha() else "bullet"
+            )
+            block_start = position + bullet.end()
+            block_heading = heading
+        else:
+            section = _INLINE_SECTION.match(line)
+            if section is not None:
+                flush(position)
+                heading = section.group("h").strip()
+            if block_start < 0 or prev_line_ends_sentence or section is not None:
+                flush(position)
+                block_start = position + (len(line) - len(line.lstrip()))
+                block_kind = "sentence"
+                block_heading = heading
+        prev_line_ends_sentence = bool(_ENDS_SENTENCE.search(line))
+        position = next_position
+    flush(length)
+    return segments
