@@ -20,3 +20,20 @@ def tiny_lm_path(tmp_path_factory):
     from cxrmax.tinyvlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-lm"), seed=0, text_only=True)
+
+
+@pytest.fixture(scope="session")
+def mini_mimic(tmp_path_factory):
+    """A mini MIMIC-CXR-JPG (40 studies, seed 0; cxrmax.fixtures.make_mini_mimic), built once per
+    session. Treat it as read-only: copy it before corrupting anything."""
+    from cxrmax.fixtures import make_mini_mimic
+
+    return make_mini_mimic(tmp_path_factory.mktemp("mini-mimic") / "mimic", studies=40, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mini_mimic_dicom(tmp_path_factory):
+    """A mini MIMIC-CXR in the DICOM layout (12 studies, seed 1; some films MONOCHROME1), read-only."""
+    from cxrmax.fixtures import make_mini_mimic
+
+    return make_mini_mimic(tmp_path_factory.mktemp("mini-mimic-dicom") / "mimic", studies=12, seed=1, dicom=True)

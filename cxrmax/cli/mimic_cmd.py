@@ -1,9 +1,219 @@
-"""CLI commands for the mimic area (registered on the root app by cxrmax.cli)."""
+"""CLI commands for MIMIC-CXR: `cxrmax fixtures mimic`, `cxrmax mimic summary`, `cxrmax mimic select`.
+
+The `fixtures` group is created here; other areas may add their own fixture commands to
+`fixtures_app` (imported from this module) instead of registering a second "fixtures" group."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from cxrmax.cli.common import console, user_errors
+
+mimic_app = typer.Typer(
+    name="mimic",
+    help="Read MIMIC-CXR(-JPG) releases: summarise a root, select images into a manifest.",
+    no_args_is_help=True,
+)
+fixtures_app = typer.Typer(
+    name="fixtures",
+    help="Make small data sets with the exact layout of the real ones (for tests and demos).",
+    no_args_is_help=True,
+)
+
+
+@fixtures_app.command("mimic")
+def fixtures_mimic(
+    out: Path = typer.Argument(..., help="Folder to write the mini MIMIC-CXR into."),
+    studies: int = typer.Option(40, "--studies", "-n", min=3, help="Number of studies (>= 3)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same data set."),
+    dicom: bool = typer.Option(
+        False, "--dicom", help="DICOM layout (.dcm films, some MONOCHROME1) instead of JPGs."
+    ),
+    version: str = typer.Option(
+        "2.0.0", "--version", help="2.0.0, or 2.1.0 to add the radiologist test-set labels."
+    ),
+    plain_csv: bool = typer.Option(False, "--plain-csv", help="Write plain .csv instead of .csv.gz."),
+    large_images: int = typer.Option(
+        2, "--large-images", min=0, help="How many films get real MIMIC size (~2,500x3,000)."
+    ),
+) -> None:
+    """Write a mini MIMIC-CXR: CSVs, reports written from the labels, synthetic chest films, MS-CXR-T CSV.
+
+    Example: [bold]cxrmax fixtures mimic mini-mimic --studies 40 --seed 0[/]
+    """
+    from cxrmax.fixtures import make_mini_mimic
+
+    with user_errors():
+        try:
+            root = make_mini_mimic(
+                out,
+                studies=studies,
+                seed=seed,
+                dicom=dicom,
+                version=version,
+                gz=not plain_csv,
+                large_images=large_images,
+            )
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        console.print(
+            f"wrote a mini MIMIC-CXR ({studies} studies, seed {seed}, {'DICOM' if dicom else 'JPG'}) to {root}"
+        )
+
+
+@mimic_app.command("summary")
+def mimic_summary(
+    root: Path = typer.Argument(..., help="MIMIC-CXR(-JPG) root (the folder with files/ and the CSVs)."),
+    source: str = typer.Option(
+        "chexpert", "--labels", help="Label source: chexpert, negbio or test-set-labeled."
+    ),
+    reports: bool = typer.Option(
+        True, "--reports/--no-reports", help="Parse every report for section coverage."
+    ),
+    lenient: bool = typer.Option(False, "--lenient", help="Skip bad rows (counted) instead of failing."),
+) -> None:
+    """Studies and images per split and view, label prevalence (1/0/-1/blank), report section coverage.
+
+    Example: [bold]cxrmax mimic summary mini-mimic[/]
+    """
+    from rich.table import Table
+
+    from cxrmax.mimic import SPLITS, MimicCXR
+
+    with user_errors():
+        mimic = MimicCXR(root, lenient=lenient)
+        with console.status("reading CSVs and reports"):
+            summary = mimic.summary(reports=reports, source=source)
+        console.print(
+            f"[bold]{root}[/]: MIMIC-CXR {summary['layout'].upper()} layout, version {summary['version']}"
+        )
+
+        splits = Table(title="Splits")
+        for column in ("split", "subjects", "studies", "images"):
+            splits.add_column(column, justify="right" if column != "split" else "left")
+        for split in SPLITS:
+            counts = summary["splits"][split]
+            splits.add_row(split, str(counts["subjects"]), str(counts["studies"]), str(counts["images"]))
+        console.print(splits)
+
+        views = sorted({view for _split, view in summary["views"]}, key=lambda v: (v == "", v))
+        view_table = Table(title="Images per split and view")
+        view_table.add_column("view")
+        for split in SPLITS:
+            view_table.add_column(split, justify="right")
+        for view in views:
+            view_table.add_row(view or "(empty)", *(str(summary["views"].get((s, view), 0)) for s in SPLITS))
+        console.print(view_table)
+
+        if "labels" in summary:
+            labels = summary["labels"]
+            label_table = Table(
+                title=f"Label prevalence ({labels['source']}; {labels['studies_with_labels']} studies with a label row, "
+                f"{labels['studies_without_labels']} without)"
+            )
+            for column in ("observation", "1", "0", "-1", "blank"):
+                label_table.add_column(column, justify="right" if column != "observation" else "left")
+            for name, counts in labels["prevalence"].items():
+                label_table.add_row(name, *(str(counts[key]) for key in ("1", "0", "-1", "blank")))
+            console.print(label_table)
+
+        if "reports" in summary:
+            cover = summary["reports"]
+            report_table = Table(title="Report sections")
+            report_table.add_column("reports with")
+            report_table.add_column("studies", justify="right")
+            report_table.add_column("share", justify="right")
+            for key in (
+                "reports",
+                "findings",
+                "impression",
+                "both",
+                "last_paragraph_only",
+                "addenda",
+                "missing",
+            ):
+                share = cover[key] / cover["studies"] if cover["studies"] else 0.0
+                report_table.add_row(key.replace("_", " "), str(cover[key]), f"{share:.1%}")
+            console.print(report_table)
+        _print_skipped(summary["skipped"])
+
+
+@mimic_app.command("select")
+def mimic_select(
+    root: Path = typer.Argument(..., help="MIMIC-CXR(-JPG) root."),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet, .arrow or .feather)."),
+    split: list[str] = typer.Option(
+        None, "--split", help="train, validate or test (repeatable; default all)."
+    ),
+    view: list[str] = typer.Option(
+        None, "--view", help="PA, AP, LATERAL, LL, frontal or lateral (repeatable)."
+    ),
+    require_positive: bool = typer.Option(
+        False, "--require-positive", help="Only studies with at least one finding labelled 1."
+    ),
+    k: int = typer.Option(None, "--k", min=0, help="Deterministic sample of k studies (after the filters)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample."),
+    shard: str = typer.Option(
+        None, "--shard", help="i/N: keep shard i of N (shards partition the selection)."
+    ),
+    exclude_subjects: Path = typer.Option(
+        None,
+        "--exclude-subjects",
+        help="File of subject ids to leave out: one per line, or a CSV with subject_id (e.g. the MS-CXR-T CSV).",
+    ),
+    all_images: bool = typer.Option(False, "--all-images", help="Every matching image, not one per study."),
+    source: str = typer.Option(
+        "chexpert", "--labels", help="Label source: chexpert, negbio or test-set-labeled."
+    ),
+    reports: bool = typer.Option(True, "--reports/--no-reports", help="Attach report sections."),
+    lenient: bool = typer.Option(
+        False, "--lenient", help="Skip bad rows and absent images (counted) instead of failing."
+    ),
+) -> None:
+    """Select images into a manifest (shards.SELECTION_SCHEMA) that `cxrmax generate` reads.
+
+    Example: [bold]cxrmax mimic select mini-mimic --split train --view frontal --require-positive --k 20 --seed 0
+    --exclude-subjects mini-mimic/MS_CXR_T_temporal_image_classification_v1.0.0.csv --out sel.parquet[/]
+    """
+    from cxrmax.mimic import MimicCXR, parse_shard, write_selection
+
+    with user_errors():
+        mimic = MimicCXR(root, lenient=lenient)
+        with console.status("selecting"):
+            table = mimic.select(
+                splits=split or None,
+                views=view or None,
+                require_positive=require_positive,
+                k=k,
+                seed=seed,
+                shard=parse_shard(shard),
+                exclude_subjects=exclude_subjects,
+                one_per_study=not all_images,
+                source=source,
+                with_reports=reports,
+            )
+            write_selection(table, out)
+        studies = len(set(table.column("study_id").to_pylist()))
+        console.print(f"selected {table.num_rows} images from {studies} studies -> {out}")
+        _print_skipped(dict(mimic.skipped))
+
+
+def _print_skipped(skipped: dict) -> None:
+    if not skipped:
+        return
+    from rich.table import Table
+
+    table = Table(title="Skipped (--lenient)")
+    table.add_column("reason")
+    table.add_column("rows", justify="right")
+    for reason, count in sorted(skipped.items()):
+        table.add_row(reason, str(count))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.add_typer(mimic_app, name="mimic")
+    app.add_typer(fixtures_app, name="fixtures")
