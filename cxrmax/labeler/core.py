@@ -149,22 +149,32 @@ def _lowered(text: str) -> str:
 
 def _scan(low: str) -> list[tuple[int, int, int, object]]:
     """All tokens of the text in order: (start, end, kind, payload)."""
-    table = mt.LEXICON.table
-    flex = mt.LEXICON.flex
+    lexicon = mt.LEXICON
+    table = lexicon.table
+    flex = lexicon.flex
+    flex_match = lexicon.flex_pattern.match
+    prefixes = mt.FLEX_PREFIXES
+    trigger = mt.TRIGGER
     tokens: list[tuple[int, int, int, object]] = []
     append = tokens.append
-    for match in mt.LEXICON.pattern.finditer(low):
-        group = match.lastgroup
+    covered = -1  # end of the last flexible statement: tokens inside it are dropped
+    for match in lexicon.pattern.finditer(low):
         start, end = match.span()
-        if group == "t":
-            entry = table.get(match.group().translate(_DROP_SPACES))
-            if entry is None:  # cannot happen: every trie word is in the table
-                continue
-            append((start, end, entry[0], entry[1]))
-        elif group == "s":
+        if start < covered:
+            continue
+        if match.lastgroup == "s":
             append((start, end, mt.SEMI, None))
-        else:
-            append((start, end, mt.STATEMENT, flex[int(group[1:])]))
+            continue
+        if low.startswith(prefixes, start):
+            statement = flex_match(low, start)
+            if statement is not None:
+                covered = statement.end()
+                append((start, covered, mt.STATEMENT, flex[int(statement.lastgroup[1:])]))
+                continue
+        entry = table.get(match.group().translate(_DROP_SPACES))
+        if entry is None or entry[0] == trigger:
+            continue
+        append((start, end, entry[0], entry[1]))
     return tokens
 
 

@@ -26,6 +26,51 @@ HEDGE = 7
 NORMAL_STUDY = 8
 IGNORE = 9
 SEMI = 10
+TRIGGER = 11  # a word that may start a flexible statement and means nothing by itself
+
+#: Words that may start a flexible statement (phrases.FLEX_STATEMENTS); the trie finds them and the
+#: flexible regex is then tried only at their positions, which keeps the scan a single trie pass.
+FLEX_TRIGGERS: tuple[str, ...] = (
+    "heart",
+    "cardiac",
+    "size",
+    "cardiothoracic",
+    "cardiomediastinal",
+    "cardio-mediastinal",
+    "mediastinum",
+    "mediastinal",
+    "hila",
+    "hilum",
+    "hilar",
+    "costophrenic",
+    "cp",
+    "sharp",
+    "clear",
+    "crisp",
+    "preserved",
+    "normal",
+    "both",
+    "lung",
+    "lungs",
+)
+FLEX_PREFIXES: tuple[str, ...] = (
+    "heart",
+    "cardi",
+    "size",
+    "medias",
+    "hil",
+    "costo",
+    "cp",
+    "sharp",
+    "clear",
+    "crisp",
+    "preserved",
+    "normal",
+    "both",
+    "lung",
+    "no ",
+    "no\n",
+)
 
 # Cue role bits.
 NEG_PRE = 1
@@ -124,6 +169,8 @@ class Lexicon:
             add(word, TERM, None)
         for word, side in cues.LATERALITY.items():
             add(word, LAT, side)
+        for word in FLEX_TRIGGERS:
+            add(word, TRIGGER, None)
         self.table = table
 
         flex_parts = []
@@ -132,10 +179,9 @@ class Lexicon:
             flex_parts.append(f"(?P<f{index}>{pattern})")
             self.flex.append(effects)
         trie = _trie_regex(sorted(set(spellings)))
-        # Flexible statements first (they are longer and more specific), then the trie, then ";".
-        self.pattern = re.compile(
-            r"\b(?:" + "|".join(flex_parts) + r")\b|\b(?P<t>" + trie + r")(?![\w'])|(?P<s>;)"
-        )
+        self.pattern = re.compile(r"\b(?P<t>" + trie + r")(?![\w'])|(?P<s>;)")
+        #: Tried (anchored) at trigger positions only; it wins over the trie tokens it covers.
+        self.flex_pattern = re.compile(r"(?:" + "|".join(flex_parts) + r")\b")
 
 
 LEXICON = Lexicon()
