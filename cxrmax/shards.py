@@ -64,6 +64,8 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),
         pa.field("attempts", pa.int32()),
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),
+        pa.field("endpoint", pa.string()),  # the base URL (or in-process backend) that answered
+        pa.field("image_max_edge", pa.int32()),  # client-side downscale limit of the image sent (pixels)
     ]
 )
 
