@@ -250,12 +250,19 @@ def max_entropy_bits(n_sources: np.ndarray) -> np.ndarray:
     return np.log2(np.clip(n_sources, 1, N_STATES)).astype(np.float64)
 
 
-def pairwise_disagreement(states: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(G, K, K) fraction of the 14 observations on which two sources' states differ (NaN where
-    either source is missing; 0 on the diagonal)."""
-    diff = (states[:, :, None, :] != states[:, None, :, :]).mean(axis=-1)
+def pairwise_disagreement(
+    states: np.ndarray, valid: np.ndarray, sides: np.ndarray | None = None
+) -> np.ndarray:
+    """(G, K, K) fraction of the 14 observations on which two sources disagree: different states,
+    or (with `sides`) both claim it with different specific sides. NaN where either source is
+    missing; 0 on the diagonal."""
+    diff = states[:, :, None, :] != states[:, None, :, :]
+    if sides is not None:
+        sided = claimed(states) & (sides > 0)
+        both = sided[:, :, None, :] & sided[:, None, :, :]
+        diff |= both & (sides[:, :, None, :] != sides[:, None, :, :])
     mask = valid[:, :, None] & valid[:, None, :]
-    return np.where(mask, diff, np.nan)
+    return np.where(mask, diff.mean(axis=-1), np.nan)
 
 
 def laterality_conflicts(states: np.ndarray, sides: np.ndarray, valid: np.ndarray) -> np.ndarray:

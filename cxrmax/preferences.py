@@ -579,7 +579,7 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     # Per-sample annotations.
     votes = D.vote_counts(states_p, valid)
     vote_entropy = D.entropy(votes).astype(np.float32)
-    disagreement = D.pairwise_disagreement(states_p, valid).astype(np.float32)
+    disagreement = D.pairwise_disagreement(states_p, valid, sides_p).astype(np.float32)
     lat_conflicts = D.laterality_conflicts(states_p, sides_p, valid)
     cumulative = D.cumulative_step_states(lab.step_states, lab.step_offsets, options.step_bins)
     cumulative_p, _ = D.pad_groups(cumulative, offsets)

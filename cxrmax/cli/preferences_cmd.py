@@ -1,9 +1,226 @@
-"""CLI commands for the preferences area (registered on the root app by cxrmax.cli)."""
+"""CLI commands for the preferences area (registered on the root app by cxrmax.cli):
+`cxrmax build-preferences` and `cxrmax drift-report`."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
+
+from cxrmax.cli.common import console, user_errors
+
+
+def _build_preferences(
+    trajectories: list[str] = typer.Argument(
+        ...,
+        help="Trajectory inputs: generate's OUT (or OUT/trajectories, OUT/trajectories/<model>), Arrow/Parquet/"
+        "JSONL files, a `datasets` directory, or a Hugging Face Hub data set id.",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Output folder (preferences/, sft/, annotations/, exports/)."
+    ),
+    mimic_root: Path | None = typer.Option(
+        None,
+        "--mimic-root",
+        help="MIMIC-CXR root: fills missing labels/splits, reports for similarity, image paths.",
+    ),
+    ms_cxr_t: Path | None = typer.Option(
+        None, "--ms-cxr-t", help="MS-CXR-T CSV: its subjects are removed from train."
+    ),
+    consensus: str = typer.Option(
+        "vote", "--consensus", help="vote (offline, deterministic) or model (in-context)."
+    ),
+    min_sources: int = typer.Option(2, "--min-sources", help="Skip (and report) samples with fewer sources."),
+    drop_non_drifting: bool = typer.Option(
+        False, "--drop-non-drifting", help="Drop negatives with zero drift."
+    ),
+    max_negatives: int | None = typer.Option(
+        None, "--max-negatives", help="Keep at most N most drifting negatives."
+    ),
+    exclude_refusals_from_sft: bool = typer.Option(
+        False, "--exclude-refusals-from-sft", help="Keep refusing trajectories out of the SFT set."
+    ),
+    lenient: bool = typer.Option(
+        False, "--lenient", help="Skip (and count) duplicate keys and mismatched ids."
+    ),
+    export_parquet: Path | None = typer.Option(
+        None, "--export-parquet", help="Also write a Parquet copy + card here."
+    ),
+    push_to_hub: str | None = typer.Option(
+        None, "--push-to-hub", help="Publish as Parquet to this Hub data set."
+    ),
+    public: bool = typer.Option(False, "--public", help="With --push-to-hub: make the repository public."),
+    step_bins: int = typer.Option(
+        10, "--step-bins", help="Relative step bins of the step-wise drift profile."
+    ),
+    delta: int = typer.Option(1, "--delta", help="Bin distance Delta in JS(P_j || P_j+Delta)."),
+    processes: int | None = typer.Option(
+        None, "--processes", "-j", help="Worker processes (default: all cores)."
+    ),
+    no_card: bool = typer.Option(False, "--no-card", help="Do not render README.md and figures."),
+    consensus_backend: str = typer.Option(
+        "openai",
+        "--consensus-backend",
+        help="--consensus model: generate backend (openai | transformers | vllm).",
+    ),
+    consensus_model: str | None = typer.Option(
+        None, "--consensus-model", help="--consensus model: served model id or local model directory."
+    ),
+    base_url: list[str] = typer.Option(
+        [], "--base-url", help="--consensus model: server URL(s) (repeatable)."
+    ),
+    consensus_prompt: Path | None = typer.Option(
+        None,
+        "--consensus-prompt",
+        help="--consensus model: prompt template (default pipelines/prompts/consensus.txt).",
+    ),
+) -> None:
+    """Build APO preferences: drift annotations, consensus positives, ranked negatives, SFT rows.
+
+    Examples:
+
+      cxrmax build-preferences runs/cxrmax --out runs/cxrmax --mimic-root /data/mimic-cxr-jpg
+
+      cxrmax build-preferences a.parquet b.parquet --out prefs --max-negatives 4 --drop-non-drifting
+
+      cxrmax build-preferences runs/cxrmax --out runs/cxrmax --consensus model --consensus-model student \\
+        --base-url http://127.0.0.1:8000/v1
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cxrmax.preferences import BuildOptions, build_preferences
+
+    with user_errors():
+        backend = None
+        if consensus == "model":
+            backend = {
+                "backend": consensus_backend,
+                "model": consensus_model,
+                "base_urls": list(base_url),
+                "prompt_path": consensus_prompt,
+                "image_root": mimic_root,
+            }
+        options = BuildOptions(
+            min_sources=min_sources,
+            consensus=consensus,
+            drop_non_drifting=drop_non_drifting,
+            max_negatives=max_negatives,
+            exclude_refusals_from_sft=exclude_refusals_from_sft,
+            lenient=lenient,
+            mimic_root=mimic_root,
+            ms_cxr_t=ms_cxr_t,
+            step_bins=step_bins,
+            delta=delta,
+            processes=processes,
+            export_parquet=export_parquet,
+            push_to_hub=push_to_hub,
+            public=public,
+            card=not no_card,
+            model_backend=backend,
+        )
+        with Progress(
+            TextColumn("[bold]build-preferences"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("samples"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("samples", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            summary = build_preferences(trajectories, out, options, progress=progress)
+        counts = summary.counts
+        console.print(
+            f"[green]done[/] in {summary.seconds:.1f}s: {counts.get('samples', 0)} samples, "
+            f"{counts.get('trajectories', 0)} trajectories from {len(summary.models)} models -> "
+            f"{counts.get('preference_rows', 0)} preference rows ({counts.get('negatives', 0)} negatives), "
+            f"{counts.get('sft_rows', 0)} SFT rows"
+        )
+        skipped = {
+            "samples with fewer than --min-sources sources": summary.skipped_few_sources,
+            "empty texts": summary.load["empty_texts"],
+            "duplicate keys (lenient)": summary.load["duplicates_skipped"],
+            "samples with mismatched ids (lenient)": summary.load["conflicting_samples_skipped"],
+            "MS-CXR-T train rows removed": summary.ms_cxr_t_excluded_rows,
+            "rows without a split (put in train)": summary.split_unknown_rows,
+            "samples without negatives": counts.get("samples_without_negatives", 0),
+            "labeler errors": counts.get("labeler_errors", 0),
+            "consensus flagged": counts.get("consensus_flagged", 0),
+        }
+        for label, value in skipped.items():
+            if value:
+                console.print(f"  {label}: {value}")
+        if summary.skipped_few_sources_examples:
+            console.print(f"  e.g. skipped: {', '.join(summary.skipped_few_sources_examples[:5])}")
+        for path, columns in summary.load["ignored_columns"].items():
+            console.print(f"  [yellow]ignored columns[/] in {path}: {', '.join(columns)}")
+        console.print(
+            f"outputs: {out}/preferences, {out}/sft, {out}/annotations, {out}/exports, {out}/README.md"
+        )
+
+
+def _drift_report(
+    out: Path = typer.Argument(..., help="A build-preferences output folder."),
+    figures: Path | None = typer.Option(
+        None, "--figures", help="Where to write the PNG figures (default OUT/figures)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON instead of a table."),
+) -> None:
+    """Per-model drift table (precision, recall, similarity to the report, refusal rate, laterality
+    error rate, mean drift score) and figures, from a build-preferences output.
+
+    Example: cxrmax drift-report runs/cxrmax
+    """
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from cxrmax.datacard import drift_statistics, write_figures
+
+    with user_errors():
+        stats = drift_statistics(out)
+        paths = write_figures(stats, figures or out / "figures")
+        if as_json:
+            console.print_json(json.dumps(asdict(stats), default=str))
+            return
+        table = Table(
+            title=f"Drift per source model ({stats.samples} samples; precision/recall vs {stats.reference})"
+        )
+        columns = (
+            ("trajectories", "n", "{:d}"),
+            ("precision", "precision", "{:.3f}"),
+            ("recall", "recall", "{:.3f}"),
+            ("similarity", "similarity", "{:.3f}"),
+            ("refusal_rate", "refusal", "{:.3f}"),
+            ("laterality_error_rate", "side err", "{:.3f}"),
+            ("mean_drift", "drift", "{:.3f}"),
+        )
+        table.add_column("model")
+        for _, header, _ in columns:
+            table.add_column(header, justify="right")
+        for model in stats.models:
+            row = stats.per_model[model]
+            cells = []
+            for name, _, fmt in columns:
+                value = row[name]
+                cells.append("n/a" if isinstance(value, float) and value != value else fmt.format(value))
+            table.add_row(model, *cells)
+        console.print(table)
+        console.print(
+            f"sample drift score: {', '.join(f'{k} {v:.3f}' for k, v in stats.drift_score_quantiles.items())}; "
+            f"laterality conflicts in {stats.laterality_conflict_samples} samples; refusals in "
+            f"{stats.refusal_samples}; consensus flagged {stats.consensus_flagged}"
+        )
+        for path in paths.values():
+            console.print(f"figure: {path}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.command("build-preferences")(_build_preferences)
+    app.command("drift-report")(_drift_report)
