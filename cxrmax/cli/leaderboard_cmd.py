@@ -1,9 +1,313 @@
-"""CLI commands for the leaderboard area (registered on the root app by cxrmax.cli)."""
+"""CLI commands for the leaderboard area (registered on the root app by cxrmax.cli):
+`cxrmax leaderboard score | submit | show | export | tasks`."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from cxrmax.cli.common import console, user_errors
+
+leaderboard_app = typer.Typer(
+    name="leaderboard",
+    help="Score model outputs locally and keep a persistent leaderboard beside the published results.\n\n"
+    "Examples:\n\n"
+    "  cxrmax leaderboard score preds.csv --task mimic-cxr-labels --references /data/mimic-cxr-jpg\n\n"
+    "  cxrmax leaderboard submit reports.json --task mimic-cxr-report --references /data/mimic-cxr --name my-model\n\n"
+    "  cxrmax leaderboard show --task ms-cxr-t\n\n"
+    "  cxrmax leaderboard export --format html -o board.html",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+)
+
+_UNCERTAIN_HELP = "Uncertain-label policy: positive (default, CheXbert-F1 convention), negative or ignore."
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _parse_model_info(values: list[str] | None) -> dict[str, Any]:
+    from cxrmax.errors import InputError
+
+    info: dict[str, Any] = {}
+    for value in values or []:
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                loaded = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"--model-info: invalid JSON: {exc}") from None
+            if not isinstance(loaded, dict):
+                raise InputError("--model-info: JSON must be an object")
+            info.update(loaded)
+        elif "=" in text:
+            key, _, val = text.partition("=")
+            info[key.strip()] = val.strip()
+        else:
+            raise InputError(f"--model-info: {value!r} is neither KEY=VALUE nor a JSON object")
+    return info
+
+
+def _run_score(
+    submission: Path,
+    task: str,
+    references: Path | None,
+    uncertain: str,
+    require_complete: bool,
+    lenient: bool,
+    bootstrap: int,
+    seed: int,
+    section: str | None,
+    processes: int | None,
+) -> Any:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from cxrmax.errors import CxrmaxError
+    from cxrmax.leaderboard import get_task, score
+
+    task_def = get_task(task)
+    if references is None and task_def.kind != "rationale":
+        raise CxrmaxError(
+            f"--references is required for task {task_def.name} (a MIMIC-CXR root or a reference file)"
+        )
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]scoring[/] {task.fields[rows]} rows"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        bar = progress.add_task("score", total=None, rows=0)
+
+        def advance(n: int) -> None:
+            progress.update(bar, rows=progress.tasks[0].fields["rows"] + n)
+
+        return score(
+            submission,
+            task_def,
+            references,
+            uncertain=uncertain,
+            require_complete=require_complete,
+            lenient=lenient,
+            n_boot=bootstrap,
+            seed=seed,
+            section=section,
+            processes=processes,
+            progress=advance,
+        )
+
+
+@leaderboard_app.command("score")
+def score_cmd(
+    submission: Path = typer.Argument(
+        ...,
+        help="Submission file (.csv/.tsv/.jsonl/.json/.parquet) or a trajectories folder (cxr-max-rationale).",
+    ),
+    task: str = typer.Option(
+        ...,
+        "--task",
+        "-t",
+        help="Task name: mimic-cxr-labels, mimic-cxr-report, ms-cxr-t, cxr-max-rationale.",
+    ),
+    references: Path = typer.Option(
+        None, "--references", "-r", help="MIMIC-CXR root folder, or a prepared reference file."
+    ),
+    uncertain: str = typer.Option("positive", "--uncertain", help=_UNCERTAIN_HELP),
+    require_complete: bool = typer.Option(
+        False, "--require-complete", help="Fail when any reference study is missing."
+    ),
+    lenient: bool = typer.Option(
+        False, "--lenient", help="Skip (and count) rows with unknown study ids; ignore unknown columns."
+    ),
+    bootstrap: int = typer.Option(
+        1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs (0 turns them off)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    section: str = typer.Option(
+        None, "--section", help="Report task: findings | impression | best (default: the task's)."
+    ),
+    processes: int = typer.Option(None, "--processes", help="Labeler processes for free text."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the full result as JSON here."),
+) -> None:
+    """Score a submission and print the result (rich tables; --json for the machine-readable form).
+
+    Example: cxrmax leaderboard score preds.parquet -t mimic-cxr-labels -r /data/mimic-cxr-jpg --uncertain ignore
+    """
+    with user_errors():
+        from cxrmax.leaderboard.render import render_score
+        from cxrmax.leaderboard.scoring import dumps
+
+        result = _run_score(
+            submission,
+            task,
+            references,
+            uncertain,
+            require_complete,
+            lenient,
+            bootstrap,
+            seed,
+            section,
+            processes,
+        )
+        render_score(result, console)
+        if json_out:
+            _write_atomic(json_out, dumps(result))
+            console.print(f"wrote {json_out}")
+
+
+@leaderboard_app.command("submit")
+def submit_cmd(
+    submission: Path = typer.Argument(..., help="Submission file or trajectories folder."),
+    task: str = typer.Option(..., "--task", "-t", help="Task name."),
+    name: str = typer.Option(..., "--name", "-n", help="Entry name shown on the board."),
+    references: Path = typer.Option(
+        None, "--references", "-r", help="MIMIC-CXR root folder, or a prepared reference file."
+    ),
+    model_info: list[str] = typer.Option(
+        None, "--model-info", help="KEY=VALUE or a JSON object; repeatable."
+    ),
+    store: Path = typer.Option(
+        None,
+        "--store",
+        help="Leaderboard SQLite file (default $CXRMAX_LEADERBOARD or ~/.cxrmax/leaderboard.sqlite).",
+    ),
+    uncertain: str = typer.Option("positive", "--uncertain", help=_UNCERTAIN_HELP),
+    require_complete: bool = typer.Option(
+        False, "--require-complete", help="Fail when any reference study is missing."
+    ),
+    lenient: bool = typer.Option(False, "--lenient", help="Skip (and count) rows with unknown study ids."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    section: str = typer.Option(None, "--section", help="Report task: findings | impression | best."),
+    processes: int = typer.Option(None, "--processes", help="Labeler processes for free text."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the full result as JSON here."),
+) -> None:
+    """Score a submission and store it on the board (one transaction; the same file twice is refused).
+
+    Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
+    """
+    with user_errors():
+        from cxrmax.leaderboard.render import render_score
+        from cxrmax.leaderboard.scoring import dumps, file_sha256
+        from cxrmax.leaderboard.store import Board, DuplicateSubmission
+        from cxrmax.leaderboard.tasks import get_task
+
+        info = _parse_model_info(model_info)
+        with Board(store) as board:
+            if submission.is_file():
+                # Refuse a resubmission before spending time on scoring it.
+                existing = board.find(get_task(task).name, file_sha256(submission))
+                if existing is not None:
+                    raise DuplicateSubmission(
+                        f"this submission is already on the {existing.task} board as entry {existing.id} {existing.name!r} ({existing.created_at})"
+                    )
+            result = _run_score(
+                submission,
+                task,
+                references,
+                uncertain,
+                require_complete,
+                lenient,
+                bootstrap,
+                seed,
+                section,
+                processes,
+            )
+            render_score(result, console)
+            entry_id = board.submit(result, name, info)
+        if json_out:
+            _write_atomic(json_out, dumps(result))
+        console.print(
+            f"[green]stored[/] entry {entry_id} {name!r} on {result.task} v{result.task_version} in {board.path}"
+        )
+
+
+@leaderboard_app.command("show")
+def show_cmd(
+    task: list[str] = typer.Option(None, "--task", "-t", help="Task(s) to show (default: all)."),
+    store: Path = typer.Option(None, "--store", help="Leaderboard SQLite file."),
+) -> None:
+    """Rank the board's entries beside the published reference rows ("published, not re-scored").
+
+    Example: cxrmax leaderboard show --task ms-cxr-t
+    """
+    with user_errors():
+        from cxrmax.leaderboard.render import render_board
+        from cxrmax.leaderboard.store import Board
+        from cxrmax.leaderboard.tasks import list_tasks
+
+        with Board(store) as board:
+            for name in task or sorted(list_tasks()):
+                render_board(board, name, console)
+
+
+@leaderboard_app.command("export")
+def export_cmd(
+    format: str = typer.Option(
+        "md", "--format", "-f", help="md | csv | html (one static page, sortable tables)."
+    ),
+    output: Path = typer.Option(None, "--output", "-o", help="Write here (default: print)."),
+    task: list[str] = typer.Option(None, "--task", "-t", help="Task(s) to export (default: all)."),
+    store: Path = typer.Option(None, "--store", help="Leaderboard SQLite file."),
+    push_to_hub: str = typer.Option(
+        None,
+        "--push-to-hub",
+        help="Also publish the board as a Hub data set REPO (needs network and a token).",
+    ),
+    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create a private repo."),
+    token: str = typer.Option(
+        None, "--token", envvar="HF_TOKEN", help="Hub token (default: the logged-in one)."
+    ),
+) -> None:
+    """Export the board as Markdown, CSV or a static HTML page; optionally push it to the Hub.
+
+    Example: cxrmax leaderboard export --format html -o board.html --push-to-hub me/cxrmax-board
+    """
+    with user_errors():
+        from cxrmax.errors import CxrmaxError
+        from cxrmax.leaderboard.render import export_board
+        from cxrmax.leaderboard.store import Board
+
+        if format not in ("md", "csv", "html"):
+            raise CxrmaxError(f"--format {format!r}: use md, csv or html")
+        with Board(store) as board:
+            text = export_board(board, format, task or None)
+            if output:
+                _write_atomic(output, text)
+                console.print(f"wrote {output}")
+            else:
+                console.out(text, highlight=False)
+            if push_to_hub:
+                from cxrmax.leaderboard.hub import push_to_hub as push
+
+                url = push(board, push_to_hub, task or None, token=token, private=private)
+                console.print(f"[green]pushed[/] {url}")
+
+
+@leaderboard_app.command("tasks")
+def tasks_cmd() -> None:
+    """List the task definitions (name, version, kind, ranking metric)."""
+    with user_errors():
+        from rich.table import Table
+
+        from cxrmax.leaderboard.tasks import list_tasks
+
+        table = Table(title="leaderboard tasks")
+        for column in ("name", "version", "kind", "primary metric", "description"):
+            table.add_column(column)
+        for task in list_tasks().values():
+            table.add_row(task.name, task.version, task.kind, task.primary_metric, task.description)
+        console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.add_typer(leaderboard_app, name="leaderboard")

@@ -1,0 +1,9 @@
+"""The cxrmax leaderboard: versioned tasks, validated streaming submissions, label / report /
+MS-CXR-T / rationale metrics, a persistent SQLite board with the published reference rows."""
+
+from __future__ import annotations
+
+from cxrmax.leaderboard.scoring import ScoreResult, score
+from cxrmax.leaderboard.tasks import Task, get_task, list_tasks, published_rows
+
+__all__ = ["ScoreResult", "Task", "get_task", "list_tasks", "published_rows", "score"]

@@ -1,0 +1,770 @@
+"""Score one submission against a task's references: `score(submission, task, references_root)`.
+
+References come from a MIMIC-CXR root (engineer A's `cxrmax.mimic`) or from a prepared reference
+file (Parquet/CSV/JSONL with study_id and the needed columns), which is also how the benchmarks and
+offline users pass references. The submission is streamed batch by batch: every row is mapped to a
+reference slot at once (unknown and duplicate study ids are caught there), and only per-study
+numbers are kept, never the submission's texts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxrmax.errors import CxrmaxError, InputError, where
+from cxrmax.leaderboard import metrics, submissions, textmetrics
+from cxrmax.leaderboard.progression import classify_progression
+from cxrmax.leaderboard.tasks import Task, get_task
+from cxrmax.pathologies import (
+    MS_CXR_T_FINDINGS,
+    OBSERVATIONS,
+    PROGRESSION_CLASSES,
+    canonical_name,
+    is_observation,
+)
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class ScoreResult:
+    """Scores of one submission on one task, with everything needed to reproduce and rank them."""
+
+    task: str
+    task_version: str
+    kind: str
+    submission: str
+    sha256: str
+    format: str
+    uncertain: str
+    input_kind: str  # labels | probabilities | text | answers
+    n_rows: int
+    n_references: int
+    n_scored: int
+    missing: int
+    skipped_unknown: int
+    primary_metric: str
+    headline: dict[str, float | None]
+    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    per_observation: list[dict[str, Any]] = field(default_factory=list)
+    per_finding: list[dict[str, Any]] = field(default_factory=list)
+    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    n_boot: int = 0
+    scored_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @property
+    def coverage(self) -> float:
+        """Fraction of reference studies the submission covers."""
+        return self.n_scored / self.n_references if self.n_references else 0.0
+
+    @property
+    def primary_value(self) -> float | None:
+        """Value of the task's ranking metric."""
+        return self.headline.get(self.primary_metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (NaN written as null)."""
+        data = asdict(self)
+        data["coverage"] = self.coverage
+        data["ci"] = {k: list(v) for k, v in self.ci.items()}
+        return _clean(data)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        return _clean(value.item())
+    return value
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# References
+
+
+def _mimic(root: Path) -> Any:
+    try:
+        from cxrmax.mimic import MimicCXR
+    except ImportError as exc:
+        raise CxrmaxError(f"reading references from a MIMIC-CXR root needs cxrmax.mimic: {exc}") from None
+    return MimicCXR(root)
+
+
+def _read_table(path: Path) -> Any:
+    """A small reference file (Parquet, CSV(.gz), JSONL) as a pyarrow Table."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    name = path.name.lower()
+    try:
+        if name.endswith((".parquet", ".pq")):
+            return pq.read_table(path)
+        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+            return pajson.read_json(path)
+        if name.endswith((".csv", ".csv.gz")):
+            return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{where(path)}: cannot read references: {exc}") from None
+    raise InputError(
+        f"{where(path)}: references must be a MIMIC-CXR root folder or a .parquet/.csv/.jsonl file"
+    )
+
+
+def _float_column(table: Any, name: str) -> np.ndarray:
+    import pyarrow.compute as pc
+
+    column = table.column(name)
+    if column.type == "string" or str(column.type) in ("string", "large_string"):
+        column = pc.cast(pc.if_else(pc.equal(column, ""), None, column), "float64")
+    return column.cast("float64").fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def _study_ids(table: Any, path: Path) -> np.ndarray:
+    if "study_id" not in table.column_names:
+        raise InputError(f"{where(path, field='study_id')}: references have no study_id column")
+    column = table.column("study_id")
+    if column.null_count:
+        raise InputError(f"{where(path, field='study_id')}: references have blank study ids")
+    return submissions.parse_study_ids(column.combine_chunks(), np.arange(1, len(column) + 1), path)
+
+
+@dataclass
+class LabelReferences:
+    """Ground-truth labels aligned to study ids: labels (n, 14) float32 with NaN for blank."""
+
+    study_ids: np.ndarray
+    labels: np.ndarray
+    description: str
+    subject_ids: np.ndarray | None = None
+
+
+def load_label_references(task: Task, root: str | Path) -> LabelReferences:
+    """Labels of the task's split from a MIMIC-CXR root (chexpert CSV or 2.1.0 test set), or from a
+    prepared file with study_id and the 14 observation columns."""
+    root = Path(root)
+    if root.is_file():
+        table = _read_table(root)
+        description = f"{root.name}"
+    elif root.is_dir():
+        splits = None if task.split == "all" else [task.split]
+        table = _mimic(root).study_labels(splits=splits, source=task.reference_source)
+        description = f"MIMIC-CXR {task.reference_source} labels, split {task.split}"
+    else:
+        raise InputError(f"{where(root)}: references not found")
+    names = {}
+    for column in table.column_names:
+        if is_observation(column):
+            names[canonical_name(column)] = column
+    missing = [o for o in OBSERVATIONS if o not in names]
+    if missing:
+        raise InputError(
+            f"{where(root, field=missing[0])}: references lack observation columns {', '.join(missing)}"
+        )
+    labels = np.column_stack([_float_column(table, names[o]) for o in OBSERVATIONS]).astype(np.float32)
+    subject = None
+    if "subject_id" in table.column_names:
+        subject = table.column("subject_id").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return LabelReferences(_study_ids(table, root), labels, description, subject)
+
+
+@dataclass
+class TextReferences:
+    """Reference report sections aligned to study ids (studies with an empty section are dropped)."""
+
+    study_ids: np.ndarray
+    texts: list[str]
+    description: str
+    dropped: int = 0
+
+
+def _pick_section(section: str, findings: Any, impression: Any, last: Any, report: Any) -> str | None:
+    def ok(text: Any) -> str | None:
+        return text if isinstance(text, str) and text.strip() else None
+
+    if section == "findings":
+        return ok(findings) or None
+    if section == "impression":
+        return ok(impression) or None
+    if section == "report":
+        return ok(report)
+    return ok(impression) or ok(findings) or ok(last) or ok(report)
+
+
+def load_text_references(task: Task, root: str | Path, section: str | None = None) -> TextReferences:
+    """Reference report text per study: ``section`` findings | impression | best | report."""
+    section = section or task.reference_section
+    if section not in ("findings", "impression", "best", "report"):
+        raise CxrmaxError(f"unknown report section {section!r}; use findings, impression, best or report")
+    root = Path(root)
+    if root.is_file():
+        table = _read_table(root)
+        ids = _study_ids(table, root)
+
+        def col(name: str) -> list[Any]:
+            return table.column(name).to_pylist() if name in table.column_names else [None] * len(ids)
+
+        report_col = next((c for c in ("report", "text") if c in table.column_names), None)
+        rows = zip(
+            col("findings"),
+            col("impression"),
+            col("last_paragraph"),
+            col(report_col) if report_col else col("report"),
+            strict=True,
+        )
+        description = f"{root.name} ({section})"
+    elif root.is_dir():
+        mimic = _mimic(root)
+        splits = None if task.split == "all" else [task.split]
+        selection = mimic.select(splits=splits, one_per_study=True)
+        ids = selection.column("study_id").to_numpy().astype(np.int64)
+        subjects = selection.column("subject_id").to_numpy().astype(np.int64)
+        findings = selection.column("findings").to_pylist()
+        impression = selection.column("impression").to_pylist()
+        last = selection.column("last_paragraph").to_pylist()
+        if all(f is None for f in findings) and all(i is None for i in impression):
+            parsed = [mimic.report(int(s), int(t)) for s, t in zip(subjects, ids, strict=True)]
+            findings = [p.findings if p else None for p in parsed]
+            impression = [p.impression if p else None for p in parsed]
+            last = [p.last_paragraph if p else None for p in parsed]
+        rows = zip(findings, impression, last, [None] * len(ids), strict=True)
+        description = f"MIMIC-CXR reports ({section}), split {task.split}"
+    else:
+        raise InputError(f"{where(root)}: references not found")
+    keep_ids, texts, dropped = [], [], 0
+    for study_id, (f, i, last_paragraph, report) in zip(ids, rows, strict=True):
+        text = _pick_section(section, f, i, last_paragraph, report)
+        if text is None:
+            dropped += 1
+            continue
+        keep_ids.append(int(study_id))
+        texts.append(text)
+    return TextReferences(np.asarray(keep_ids, dtype=np.int64), texts, description, dropped)
+
+
+@dataclass
+class ProgressionReferences:
+    """MS-CXR-T ground truth: per finding an array of class index (0..2) or -1 where not annotated."""
+
+    study_ids: np.ndarray
+    classes: dict[str, np.ndarray]
+    description: str
+
+
+def load_progression_references(task: Task, root: str | Path) -> ProgressionReferences:
+    """MS-CXR-T labels from ``root/<reference_file>`` or a given CSV, via `cxrmax.mimic.read_ms_cxr_t`."""
+    root = Path(root)
+    path = root / (task.reference_file or "") if root.is_dir() else root
+    if not path.is_file():
+        raise InputError(f"{where(path)}: MS-CXR-T file not found")
+    try:
+        from cxrmax.mimic import read_ms_cxr_t
+    except ImportError as exc:
+        raise CxrmaxError(f"reading MS-CXR-T needs cxrmax.mimic.read_ms_cxr_t: {exc}") from None
+    table = read_ms_cxr_t(path)
+    ids = _study_ids(table, path)
+    classes = {}
+    lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
+    for prefix in MS_CXR_T_FINDINGS:
+        column = f"{prefix}_progression"
+        if column not in table.column_names:
+            raise InputError(f"{where(path, field=column)}: column missing in MS-CXR-T file")
+        values = table.column(column).to_pylist()
+        classes[prefix] = np.asarray(
+            [lookup.get(str(v).strip().lower(), -1) if v is not None else -1 for v in values], dtype=np.int8
+        )
+    # MS-CXR-T pairs a current with a previous image: one row per current study.
+    return ProgressionReferences(ids, classes, f"{path.name}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The scorer
+
+
+def _label_texts(texts: Sequence[str | None], processes: int | None) -> np.ndarray:
+    """Label free texts with engineer B's labeler: (n, 14) float32, NaN for not mentioned."""
+    try:
+        from cxrmax.labeler import label_texts
+    except ImportError as exc:
+        raise CxrmaxError(f"labelling free text needs cxrmax.labeler: {exc}") from None
+    if not texts:
+        return np.zeros((0, len(OBSERVATIONS)), dtype=np.float32)
+    table = label_texts(list(texts), processes=processes)
+    return np.column_stack(
+        [
+            table.column(o).cast("float32").fill_null(np.nan).to_numpy(zero_copy_only=False)
+            for o in OBSERVATIONS
+        ]
+    ).astype(np.float32)
+
+
+@dataclass
+class _Stream:
+    """Common streaming state: resolves columns and maps rows to reference slots."""
+
+    path: Path
+    kind: str
+    index: submissions.StudyIndex
+    lenient: bool
+    plan: submissions.ColumnPlan | None = None
+    n_rows: int = 0
+    skipped_unknown: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def batches(self, batch_rows: int, progress: Progress | None) -> Any:
+        for batch in submissions.iter_batches(self.path, batch_rows):
+            columns = list(batch.columns)
+            first_row = int(batch.rows[0])
+            if self.plan is None:
+                self.plan = submissions.plan_columns(
+                    columns, self.kind, self.path, row=None, lenient=self.lenient
+                )
+                if self.plan.key is None:
+                    raise InputError(
+                        f"{where(self.path, field='study_id')}: no study_id column (found: {', '.join(columns)})"
+                    )
+                if self.plan.ignored:
+                    self.notes.append(f"ignored columns: {', '.join(self.plan.ignored)}")
+            else:
+                known = set(self.plan.observations) | set(self.plan.progression) | set(self.plan.ignored)
+                known |= {c for c in (self.plan.key, self.plan.text, self.plan.model) if c}
+                new = [c for c in columns if c not in known]
+                if new:
+                    extra = submissions.plan_columns(
+                        new, self.kind, self.path, row=first_row, lenient=self.lenient
+                    )
+                    if extra.key or extra.text or extra.model or extra.observations or extra.progression:
+                        raise InputError(
+                            f"{where(self.path, row=first_row, field=new[0])}: column appears only from this row on"
+                        )
+                    self.plan.ignored.extend(extra.ignored)
+            ids = submissions.parse_study_ids(
+                batch.columns[self.plan.key], batch.rows, self.path, self.plan.key
+            )
+            slots = self.index.lookup(ids)
+            unknown = slots < 0
+            if unknown.any():
+                if not self.lenient:
+                    i = int(np.nonzero(unknown)[0][0])
+                    raise InputError(
+                        f"{where(self.path, row=int(batch.rows[i]), field=self.plan.key)}: study_id {int(ids[i])} is not in the references "
+                        f"({int(unknown.sum())} such rows in this batch; --lenient skips them)"
+                    )
+                self.skipped_unknown += int(unknown.sum())
+            keep = np.nonzero(~unknown)[0]
+            self.index.claim(slots[keep], batch.rows[keep], ids[keep], self.path, self.plan.key)
+            self.n_rows += len(batch)
+            if progress:
+                progress(len(batch))
+            yield batch, keep, slots[keep]
+
+
+def _coverage(
+    index: submissions.StudyIndex, ids: np.ndarray, require_complete: bool, path: Path
+) -> tuple[np.ndarray, int]:
+    covered = index.covered
+    missing = int((~covered).sum())
+    if missing and require_complete:
+        sample = ", ".join(str(int(s)) for s in ids[~covered][:5])
+        raise InputError(
+            f"{where(path)}: {missing} of {len(ids)} reference studies missing (e.g. {sample}); --require-complete is set"
+        )
+    return covered, missing
+
+
+def _select(values: Any, keep: np.ndarray) -> Any:
+    if hasattr(values, "take"):
+        return values.take(keep)
+    return [values[i] for i in keep]
+
+
+def score(
+    submission_path: str | Path,
+    task: str | Task,
+    references_root: str | Path,
+    *,
+    uncertain: str = "positive",
+    require_complete: bool = False,
+    lenient: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    section: str | None = None,
+    processes: int | None = None,
+    batch_rows: int = submissions.BATCH_ROWS,
+    progress: Progress | None = None,
+) -> ScoreResult:
+    """Validate and score a submission file for ``task`` against references under ``references_root``.
+
+    Raises `cxrmax.errors.InputError` naming the file, row and field for bad input; missing studies
+    only reduce coverage unless ``require_complete``."""
+    task = get_task(task)
+    metrics.check_policy(uncertain)
+    path = Path(submission_path)
+    if task.kind == "rationale":
+        from cxrmax.leaderboard.rationale import score_rationales
+
+        return score_rationales(
+            path,
+            task,
+            references_root,
+            uncertain=uncertain,
+            n_boot=n_boot,
+            seed=seed,
+            processes=processes,
+            lenient=lenient,
+            progress=progress,
+        )
+    if path.is_dir():
+        raise InputError(f"{where(path)}: a {task.kind} submission is a file (.csv, .jsonl, .json, .parquet)")
+    fmt = submissions.detect_format(path)
+    if task.kind == "labels":
+        result = _score_labels(
+            path,
+            task,
+            references_root,
+            uncertain,
+            require_complete,
+            lenient,
+            n_boot,
+            seed,
+            processes,
+            batch_rows,
+            progress,
+        )
+    elif task.kind == "report":
+        result = _score_reports(
+            path,
+            task,
+            references_root,
+            uncertain,
+            require_complete,
+            lenient,
+            n_boot,
+            seed,
+            section,
+            processes,
+            batch_rows,
+            progress,
+        )
+    else:
+        result = _score_progression(
+            path, task, references_root, require_complete, lenient, n_boot, seed, batch_rows, progress
+        )
+    result.format = fmt
+    result.sha256 = file_sha256(path)
+    return result
+
+
+def _base(
+    task: Task,
+    path: Path,
+    uncertain: str,
+    input_kind: str,
+    stream: _Stream,
+    n_ref: int,
+    n_scored: int,
+    missing: int,
+) -> dict[str, Any]:
+    return dict(
+        task=task.name,
+        task_version=task.version,
+        kind=task.kind,
+        submission=str(path),
+        sha256="",
+        format="",
+        uncertain=uncertain,
+        input_kind=input_kind,
+        n_rows=stream.n_rows,
+        n_references=n_ref,
+        n_scored=n_scored,
+        missing=missing,
+        skipped_unknown=stream.skipped_unknown,
+        primary_metric=task.primary_metric,
+    )
+
+
+def _score_labels(
+    path, task, root, uncertain, require_complete, lenient, n_boot, seed, processes, batch_rows, progress
+) -> ScoreResult:
+    refs = load_label_references(task, root)
+    index = submissions.StudyIndex(refs.study_ids)
+    stream = _Stream(path, "labels", index, lenient)
+    predicted = np.full(refs.labels.shape, np.nan, dtype=np.float32)
+    mode = None
+    for batch, keep, slots in stream.batches(batch_rows, progress):
+        plan = stream.plan
+        if mode is None:
+            if plan.observations:
+                mode = "values"
+                missing_obs = [o for o in OBSERVATIONS if o not in plan.observations.values()]
+                if missing_obs and not lenient:
+                    raise InputError(
+                        f"{where(path, field=missing_obs[0])}: observation column missing ({', '.join(missing_obs)}); "
+                        "every observation needs a column (blank cells are fine; --lenient treats missing columns as blank)"
+                    )
+                if missing_obs:
+                    stream.notes.append(
+                        f"observation columns missing, counted as blank: {', '.join(missing_obs)}"
+                    )
+                if plan.text:
+                    stream.notes.append(f"text column {plan.text!r} ignored: observation columns given")
+            elif plan.text:
+                mode = "text"
+            else:
+                raise InputError(f"{where(path)}: {submissions._expected('labels')}")
+        if mode == "values":
+            for column, obs in plan.observations.items():
+                values = submissions.parse_label_column(batch.columns[column], batch.rows, path, column)
+                predicted[slots, OBSERVATIONS.index(obs)] = values[keep]
+        else:
+            texts = submissions.text_values(
+                _select(batch.columns[plan.text], keep), batch.rows[keep], path, plan.text
+            )
+            predicted[slots] = _label_texts(texts, processes)
+    covered, missing = _coverage(index, refs.study_ids, require_complete, path)
+    ref = refs.labels[covered]
+    pred = predicted[covered]
+    is_score = None
+    input_kind = "text" if mode == "text" else "labels"
+    if mode == "values":
+        finite = ~np.isnan(pred)
+        fractional = finite & (pred != -1) & (pred != 0) & (pred != 1)
+        is_score = fractional.any(axis=0)
+        if is_score.any():
+            input_kind = "probabilities"
+            rows_of = index.first_row[covered]
+            for j in np.nonzero(is_score)[0]:
+                column = next(c for c, o in plan.observations.items() if o == OBSERVATIONS[j])
+                bad = np.nonzero((pred[:, j] == -1) | np.isnan(pred[:, j]))[0]
+                if bad.size:
+                    what = "-1" if pred[bad[0], j] == -1 else "blank"
+                    raise InputError(
+                        f"{where(path, row=int(rows_of[bad[0]]), field=column)}: {what} in a probability column "
+                        "(the column holds values strictly between 0 and 1, so every row needs a probability)"
+                    )
+    scores = metrics.score_labels(ref, pred, uncertain, is_score=is_score, n_boot=n_boot, seed=seed)
+    result = ScoreResult(
+        **_base(task, path, uncertain, input_kind, stream, len(refs.study_ids), int(covered.sum()), missing),
+        headline=scores.headline,
+        ci=scores.ci,
+        per_observation=scores.per_observation,
+        n_boot=n_boot,
+    )
+    result.extra["references"] = refs.description
+    result.notes = stream.notes
+    if input_kind == "probabilities":
+        result.notes.append(
+            "probabilities thresholded at 0.5 for accuracy/precision/recall/F1; AUROC from the scores"
+        )
+    return result
+
+
+def _score_reports(
+    path,
+    task,
+    root,
+    uncertain,
+    require_complete,
+    lenient,
+    n_boot,
+    seed,
+    section,
+    processes,
+    batch_rows,
+    progress,
+) -> ScoreResult:
+    refs = load_text_references(task, root, section)
+    if not refs.texts:
+        raise InputError(
+            f"{where(root)}: no reference reports with a {section or task.reference_section} section"
+        )
+    corpus = textmetrics.ReferenceCorpus(refs.texts)
+    index = submissions.StudyIndex(refs.study_ids)
+    stream = _Stream(path, "report", index, lenient)
+    stats = np.zeros((len(refs.texts), len(textmetrics.STAT_COLUMNS)), dtype=np.float64)
+    predicted = np.full((len(refs.texts), len(OBSERVATIONS)), np.nan, dtype=np.float32)
+    want_meteor = textmetrics.wordnet_available()
+    meteor = np.full(len(refs.texts), np.nan)
+    for batch, keep, slots in stream.batches(batch_rows, progress):
+        if stream.plan.text is None:
+            raise InputError(f"{where(path)}: {submissions._expected('report')}")
+        texts = submissions.text_values(
+            _select(batch.columns[stream.plan.text], keep), batch.rows[keep], path, stream.plan.text
+        )
+        stats[slots] = corpus.score_batch(slots, texts)
+        predicted[slots] = _label_texts(texts, processes)
+        if want_meteor:
+            meteor[slots] = textmetrics.meteor_scores(texts, [refs.texts[s] for s in slots])
+    covered, missing = _coverage(index, refs.study_ids, require_complete, path)
+    sums = stats[covered].sum(0)
+    headline: dict[str, float | None] = {k: float(v) for k, v in textmetrics.text_summary(sums).items()}
+    notes = list(stream.notes)
+    if want_meteor:
+        headline["meteor"] = float(np.nanmean(meteor[covered])) if covered.any() else 0.0
+    else:
+        headline["meteor"] = None
+        notes.append(textmetrics.METEOR_MISSING)
+    reference_labels = _label_texts([refs.texts[i] for i in np.nonzero(covered)[0]], processes)
+    ce = metrics.score_labels(reference_labels, predicted[covered], uncertain, n_boot=0, prefix="ce_")
+    headline.update(ce.headline)
+    # Bootstrap the text metrics and clinical-efficacy F1 together from one statistics matrix.
+    ce_stats = metrics.confusion_stats(reference_labels, predicted[covered], uncertain).reshape(
+        int(covered.sum()), -1
+    )
+    joint = np.concatenate([stats[covered], ce_stats.astype(np.float64)], axis=1)
+    n_text = stats.shape[1]
+
+    def statistic(s: np.ndarray) -> dict[str, np.ndarray]:
+        out = textmetrics.text_summary(s[:, :n_text])
+        counts = s[:, n_text:].reshape(len(s), len(OBSERVATIONS), 4)
+        out.update({"ce_" + k: v for k, v in metrics.label_summary(counts).items()})
+        return out
+
+    ci = metrics.bootstrap_ci(joint, statistic, n_boot=n_boot, seed=seed)
+    result = ScoreResult(
+        **_base(task, path, uncertain, "text", stream, len(refs.study_ids), int(covered.sum()), missing),
+        headline=headline,
+        ci={
+            k: v
+            for k, v in ci.items()
+            if k in task.headline or k in ("bleu_1", "bleu_4", "rouge_l", "cider_d")
+        },
+        per_observation=ce.per_observation,
+        n_boot=n_boot,
+        notes=notes,
+    )
+    result.extra["references"] = refs.description
+    result.extra["reference_section"] = section or task.reference_section
+    result.extra["references_without_section"] = refs.dropped
+    result.notes.append("clinical efficacy (ce_*): cxrmax labeler on generated vs reference text")
+    return result
+
+
+def _score_progression(
+    path, task, root, require_complete, lenient, n_boot, seed, batch_rows, progress
+) -> ScoreResult:
+    refs = load_progression_references(task, root)
+    index = submissions.StudyIndex(refs.study_ids)
+    stream = _Stream(path, "ms-cxr-t", index, lenient)
+    findings = list(MS_CXR_T_FINDINGS)
+    answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable
+    lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
+    input_kind = None
+    unreadable = 0
+    for batch, keep, slots in stream.batches(batch_rows, progress):
+        plan = stream.plan
+        if not plan.progression and not plan.text:
+            raise InputError(f"{where(path)}: {submissions._expected('ms-cxr-t')}")
+        rows = batch.rows[keep]
+        if plan.progression:
+            input_kind = input_kind or "answers"
+            for column, prefix in plan.progression.items():
+                values = submissions.text_values(_select(batch.columns[column], keep), rows, path, column)
+                j = findings.index(prefix)
+                for k, value in enumerate(values):
+                    label = classify_progression(value, None) if value and value.strip() else None
+                    answers[slots[k], j] = lookup[label] if label else -1
+                    unreadable += bool(value and value.strip() and label is None)
+        else:
+            input_kind = input_kind or "text"
+            values = submissions.text_values(_select(batch.columns[plan.text], keep), rows, path, plan.text)
+            for k, value in enumerate(values):
+                for j, prefix in enumerate(findings):
+                    if refs.classes[prefix][slots[k]] < 0:
+                        continue
+                    label = classify_progression(value, prefix)
+                    answers[slots[k], j] = lookup[label] if label else -1
+    covered, missing = _coverage(index, refs.study_ids, require_complete, path)
+    per_finding = []
+    stats_columns = []
+    headline: dict[str, float | None] = {}
+    for j, prefix in enumerate(findings):
+        truth = refs.classes[prefix]
+        annotated = covered & (truth >= 0)
+        correct = annotated & (answers[:, j] == truth)
+        n = int(annotated.sum())
+        acc = float(correct.sum() / n) if n else None
+        headline[prefix] = acc
+        confusion = {
+            f"{PROGRESSION_CLASSES[t]}->{PROGRESSION_CLASSES[p] if p >= 0 else 'none'}": int(
+                (annotated & (truth == t) & (answers[:, j] == p)).sum()
+            )
+            for t in range(3)
+            for p in (-1, 0, 1, 2)
+        }
+        per_finding.append(
+            {
+                "finding": prefix,
+                "n": n,
+                "accuracy": acc,
+                "confusion": {k: v for k, v in confusion.items() if v},
+            }
+        )
+        stats_columns += [correct.astype(np.float64), annotated.astype(np.float64)]
+    valid = [v for v in headline.values() if v is not None]
+    headline["avg"] = float(np.mean(valid)) if valid else None
+    stats = np.column_stack(stats_columns)[covered]
+
+    def statistic(s: np.ndarray) -> dict[str, np.ndarray]:
+        accs = np.divide(
+            s[:, 0::2], s[:, 1::2], out=np.full((len(s), len(findings)), np.nan), where=s[:, 1::2] > 0
+        )
+        out = {prefix: accs[:, j] for j, prefix in enumerate(findings)}
+        out["avg"] = np.nanmean(accs, axis=1)
+        return out
+
+    ci = metrics.bootstrap_ci(stats, statistic, n_boot=n_boot, seed=seed)
+    result = ScoreResult(
+        **_base(
+            task,
+            path,
+            "n/a",
+            input_kind or "answers",
+            stream,
+            len(refs.study_ids),
+            int(covered.sum()),
+            missing,
+        ),
+        headline=headline,
+        ci=ci,
+        per_finding=per_finding,
+        n_boot=n_boot,
+        notes=stream.notes,
+    )
+    result.extra["references"] = refs.description
+    if unreadable:
+        result.notes.append(
+            f"{unreadable} answers could not be read as improving/stable/worsening (scored as wrong)"
+        )
+    result.notes.append("avg = mean of the per-finding top-1 accuracies (the paper's Avg column)")
+    return result
+
+
+def dumps(result: ScoreResult) -> str:
+    """The result as pretty JSON."""
+    return json.dumps(result.to_dict(), indent=2)
