@@ -1,0 +1,570 @@
+"""Backends behind one interface: ``await backend.complete(prompt, image_jpeg, sampling) -> Completion``.
+
+- ``openai``: any OpenAI-compatible chat server (``vllm serve``, the test server, ...) over HTTP. Several
+  base URLs spread the requests (the least busy server gets the next one). Uses httpx directly with one
+  connection pool per server and no hidden retries: the orchestrator owns retries, backoff and timeouts,
+  and errors are classified into the kinds it understands.
+- ``transformers``: a model loaded in-process (CPU or one GPU); generation runs in a worker thread.
+- ``vllm``: vLLM's offline engine in-process, imported only when chosen.
+
+Errors are raised as :class:`BackendError` with a ``kind`` (rate_limit, server, timeout, connection,
+auth, not_found, client, malformed, image), an HTTP ``status`` when there is one, and ``retryable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cxrmax.errors import CxrmaxError
+
+RETRYABLE_KINDS = {"rate_limit", "server", "timeout", "connection", "malformed"}
+
+
+@dataclass(slots=True)
+class Sampling:
+    """Sampling parameters of one request (``seed`` is the per-request seed)."""
+
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """One answer."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    endpoint: str | None = None
+
+
+class BackendError(Exception):
+    """A failed request, classified for the retry policy."""
+
+    def __init__(
+        self,
+        kind: str,
+        message: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+        endpoint: str | None = None,
+    ):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.endpoint = endpoint
+
+    @property
+    def retryable(self) -> bool:
+        return self.kind in RETRYABLE_KINDS
+
+    @property
+    def signature(self) -> tuple[str, int | None]:
+        return (self.kind, self.status)
+
+    def __str__(self) -> str:
+        status = f" {self.status}" if self.status else ""
+        where = f" from {self.endpoint}" if self.endpoint else ""
+        return f"{self.kind}{status}{where}: {self.message}"
+
+
+def classify_status(status: int) -> str:
+    if status == 429:
+        return "rate_limit"
+    if status >= 500:
+        return "server"
+    if status in (401, 403):
+        return "auth"
+    if status == 404:
+        return "not_found"
+    return "client"
+
+
+def image_data_url(jpeg: bytes) -> str:
+    try:
+        from cxrmax.images import to_data_url
+    except ImportError:  # pragma: no cover - cxrmax.images is part of the package
+        return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+    return to_data_url(jpeg)
+
+
+def chat_messages(prompt: str, image_url: str | None) -> list[dict[str, Any]]:
+    """OpenAI chat messages: one user turn with the image first, then the prompt text."""
+    content: list[dict[str, Any]] = []
+    if image_url is not None:
+        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    content.append({"type": "text", "text": prompt})
+    return [{"role": "user", "content": content}]
+
+
+class Backend(ABC):
+    """What the orchestrator needs from a way of running a model."""
+
+    kind: str = ""
+    #: the id the server/engine knows the model by (recorded as served_model)
+    served_model: str = ""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Check that the backend can serve the model (reachable, right model); raise CxrmaxError if not."""
+
+    @abstractmethod
+    async def complete(self, prompt: str, image_jpeg: bytes | None, sampling: Sampling) -> Completion:
+        """One answer to ``prompt`` about the image; raises BackendError."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, threads, models."""
+
+    def endpoints(self) -> list[str]:
+        return [self.kind]
+
+
+# --------------------------------------------------------------------------- openai-compatible HTTP
+class _Endpoint:
+    __slots__ = ("base_url", "client", "in_flight", "sent")
+
+    def __init__(self, base_url: str, client: Any):
+        self.base_url = base_url
+        self.client = client
+        self.in_flight = 0
+        self.sent = 0
+
+
+class OpenAIBackend(Backend):
+    """Any OpenAI-compatible /v1/chat/completions server; requests spread over ``base_urls``."""
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        base_urls: list[str],
+        api_key: str | None = None,
+        timeout: float = 600.0,
+        max_connections: int = 256,
+        candidates: list[str] | None = None,
+    ):
+        import httpx
+
+        if not base_urls:
+            raise CxrmaxError(
+                "the openai backend needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)"
+            )
+        self.served_model = model
+        #: other ids the model may be served under (the roster name when the HF id is not listed)
+        self.candidates = [c for c in (candidates or []) if c != model]
+        key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self.timeout = timeout
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._endpoints = [
+            _Endpoint(
+                url.rstrip("/"),
+                httpx.AsyncClient(
+                    base_url=url.rstrip("/"),
+                    headers=headers,
+                    timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                    limits=limits,
+                ),
+            )
+            for url in base_urls
+        ]
+        self._next = 0
+
+    def endpoints(self) -> list[str]:
+        return [e.base_url for e in self._endpoints]
+
+    def sent_per_endpoint(self) -> dict[str, int]:
+        return {e.base_url: e.sent for e in self._endpoints}
+
+    async def start(self) -> None:
+        """GET /models on every server: unreachable servers and a model they do not serve fail here, once,
+        with a message that says what to fix."""
+        import httpx
+
+        chosen: str | None = None
+        for endpoint in self._endpoints:
+            try:
+                response = await endpoint.client.get("/models", timeout=min(self.timeout, 15.0))
+            except httpx.HTTPError as exc:
+                raise CxrmaxError(
+                    f"cannot reach the model server at {endpoint.base_url} ({type(exc).__name__}: {exc or 'no answer'}). "
+                    "Is `vllm serve` running there? (`cxrmax models serve-command NAME` prints the command; the URL "
+                    "usually ends in /v1)"
+                ) from None
+            if response.status_code in (401, 403):
+                raise CxrmaxError(
+                    f"the server at {endpoint.base_url} refused the API key (HTTP {response.status_code}); set "
+                    "OPENAI_API_KEY or --api-key to the key it was started with"
+                )
+            if response.status_code == 404:
+                continue  # a server without /models: nothing to check, requests will tell
+            if response.status_code >= 400:
+                raise CxrmaxError(
+                    f"the server at {endpoint.base_url} answered GET /models with HTTP {response.status_code}: "
+                    f"{response.text[:300]}"
+                )
+            try:
+                served = [m["id"] for m in response.json().get("data", [])]
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if self.served_model in served:
+                name = self.served_model
+            else:
+                name = next((c for c in self.candidates if c in served), None)
+            if name is None:
+                raise CxrmaxError(
+                    f"the server at {endpoint.base_url} does not serve model {self.served_model!r}; it serves "
+                    f"{', '.join(map(repr, served)) or 'nothing'}. Pass one of those to --model, or start the server "
+                    "with the right model (or --served-model-name)"
+                )
+            if chosen is not None and name != chosen:
+                raise CxrmaxError(
+                    f"the servers serve the model under different ids ({chosen!r} and {name!r})"
+                )
+            chosen = name
+        if chosen:
+            self.served_model = chosen
+
+    def _pick(self) -> _Endpoint:
+        endpoints = self._endpoints
+        if len(endpoints) == 1:
+            return endpoints[0]
+        # Least busy server; ties broken round-robin so idle servers share the work evenly.
+        n = len(endpoints)
+        start = self._next
+        self._next = (start + 1) % n
+        best = endpoints[start]
+        for i in range(1, n):
+            candidate = endpoints[(start + i) % n]
+            if candidate.in_flight < best.in_flight:
+                best = candidate
+        return best
+
+    async def complete(self, prompt: str, image_jpeg: bytes | None, sampling: Sampling) -> Completion:
+        import httpx
+
+        body: dict[str, Any] = {
+            "model": self.served_model,
+            "messages": chat_messages(prompt, image_data_url(image_jpeg) if image_jpeg is not None else None),
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+        }
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        endpoint = self._pick()
+        endpoint.in_flight += 1
+        endpoint.sent += 1
+        try:
+            response = await endpoint.client.post("/chat/completions", content=json.dumps(body).encode())
+        except httpx.TimeoutException as exc:
+            kind = "connection" if isinstance(exc, httpx.ConnectTimeout) else "timeout"
+            raise BackendError(
+                kind, f"{type(exc).__name__} after {self.timeout:g}s", endpoint=endpoint.base_url
+            ) from None
+        except httpx.HTTPError as exc:
+            raise BackendError(
+                "connection", f"{type(exc).__name__}: {exc}", endpoint=endpoint.base_url
+            ) from None
+        finally:
+            endpoint.in_flight -= 1
+        return _parse_chat_response(response, endpoint.base_url)
+
+    async def close(self) -> None:
+        for endpoint in self._endpoints:
+            await endpoint.client.aclose()
+
+
+def _error_message(response: Any) -> str:
+    try:
+        data = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict):
+            return str(error.get("message") or error)[:500]
+        if isinstance(data.get("message"), str):
+            return data["message"][:500]
+        return str(error)[:500]
+    return str(data)[:500]
+
+
+def _parse_chat_response(response: Any, endpoint: str) -> Completion:
+    status = response.status_code
+    if status >= 400:
+        retry_after = None
+        header = response.headers.get("retry-after")
+        if header:
+            try:
+                retry_after = float(header)
+            except ValueError:
+                retry_after = None
+        raise BackendError(classify_status(status), _error_message(response), status, retry_after, endpoint)
+    try:
+        data = json.loads(response.content)
+        choice = data["choices"][0]
+        message = choice.get("message") or {}
+        text = message.get("content")
+        if text is None:
+            # Reasoning models may put everything in reasoning_content; keep it rather than nothing.
+            text = message.get("reasoning_content") or ""
+        usage = data.get("usage") or {}
+        return Completion(
+            text=text,
+            finish_reason=choice.get("finish_reason"),
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            endpoint=endpoint,
+        )
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        snippet = response.content[:200].decode("utf-8", "replace")
+        raise BackendError(
+            "malformed", f"unreadable response ({type(exc).__name__}): {snippet!r}", status, endpoint=endpoint
+        ) from None
+
+
+# --------------------------------------------------------------------------- transformers in-process
+def _decode_image(data: bytes) -> Any:
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+class TransformersEngine:
+    """A VLM (or text-only LM) loaded with transformers, generating one request at a time under a lock.
+
+    Shared by the ``transformers`` backend and the OpenAI-compatible test server."""
+
+    def __init__(self, model_path: str | Path, device: str | None = None, dtype: str | None = None):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+        from cxrmax import tinyvlm
+
+        self.path = str(model_path)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        config = AutoConfig.from_pretrained(self.path)
+        self.is_vlm = hasattr(config, "vision_config")
+        kwargs: dict[str, Any] = {}
+        if dtype:
+            kwargs["dtype"] = getattr(torch, dtype)
+        if self.is_vlm:
+            self.model = AutoModelForImageTextToText.from_pretrained(self.path, **kwargs)
+            if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+                # AutoProcessor needs torchvision for these; the video-less subclass does not.
+                self.processor = tinyvlm.processor_class().from_pretrained(self.path)
+            else:
+                self.processor = AutoProcessor.from_pretrained(self.path)
+            self.tokenizer = self.processor.tokenizer
+        else:
+            from transformers import AutoTokenizer
+
+            self.model = AutoModelForCausalLM.from_pretrained(self.path, **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.processor = self.tokenizer
+        self.model.to(self.device)
+        self.model.eval()
+        self._lock = threading.Lock()
+
+    def generate(
+        self, messages: list[dict[str, Any]], images: list[Any], sampling: Sampling, n: int = 1
+    ) -> list[Completion]:
+        """Generate ``n`` answers to chat ``messages`` (HF format: image parts are {"type": "image"})."""
+        import torch
+
+        if not self.is_vlm:
+            images = []
+            messages = [
+                {
+                    "role": m["role"],
+                    "content": m["content"]
+                    if isinstance(m["content"], str)
+                    else "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text"),
+                }
+                for m in messages
+            ]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        if self.is_vlm:
+            inputs = self.processor(text=[text], images=images or None, return_tensors="pt")
+        else:
+            inputs = self.tokenizer([text], return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        prompt_len = int(inputs["input_ids"].shape[1])
+        do_sample = sampling.temperature > 0
+        gen_kwargs: dict[str, Any] = {
+            "max_new_tokens": max(1, sampling.max_tokens),
+            "do_sample": do_sample,
+            "num_return_sequences": n,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if do_sample:
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        with self._lock, torch.no_grad():
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            output = self.model.generate(**inputs, **gen_kwargs)
+        completions = []
+        for row in output[:, prompt_len:].tolist():
+            # Count up to and including the first end token; the rest is padding.
+            length, stopped = len(row), False
+            for i, token in enumerate(row):
+                if token in eos_ids:
+                    length, stopped = i + 1, True
+                    break
+            answer = self.tokenizer.decode(row[:length], skip_special_tokens=True)
+            completions.append(
+                Completion(
+                    text=answer,
+                    finish_reason="stop" if stopped else "length",
+                    prompt_tokens=prompt_len,
+                    completion_tokens=length,
+                    endpoint="transformers",
+                )
+            )
+        return completions
+
+
+class TransformersBackend(Backend):
+    """Runs a local model in-process (``--model`` is a folder or a Hub id already in the local cache)."""
+
+    kind = "transformers"
+
+    def __init__(self, model_path: str | Path, served_model: str | None = None, device: str | None = None):
+        self.model_path = str(model_path)
+        self.served_model = served_model or self.model_path
+        self._device = device
+        self.engine: TransformersEngine | None = None
+
+    async def start(self) -> None:
+        try:
+            self.engine = await asyncio.to_thread(TransformersEngine, self.model_path, self._device)
+        except OSError as exc:
+            raise CxrmaxError(
+                f"cannot load {self.model_path!r} with transformers: {exc}. Give a local model folder (or a Hub id "
+                "already downloaded), or serve the model and use --backend openai --base-url URL"
+            ) from None
+
+    async def complete(self, prompt: str, image_jpeg: bytes | None, sampling: Sampling) -> Completion:
+        assert self.engine is not None, "start() first"
+        images = [_decode_image(image_jpeg)] if image_jpeg is not None else []
+        content: list[dict[str, Any]] = [{"type": "image"} for _ in images] + [
+            {"type": "text", "text": prompt}
+        ]
+        messages = [{"role": "user", "content": content}]
+        try:
+            result = await asyncio.to_thread(self.engine.generate, messages, images, sampling, 1)
+        except (ValueError, RuntimeError) as exc:
+            raise BackendError("client", f"generation failed: {exc}", endpoint="transformers") from None
+        return result[0]
+
+    async def close(self) -> None:
+        self.engine = None
+
+
+# --------------------------------------------------------------------------- vllm in-process
+VLLM_MISSING = (
+    "the vllm backend needs the `vllm` package, which is not installed here (it is CUDA-only and pins its own "
+    "torch). Either install it in a separate GPU environment, or run `vllm serve MODEL` "
+    "(see `cxrmax models serve-command NAME`) and use --backend openai --base-url http://HOST:PORT/v1"
+)
+
+
+class VLLMBackend(Backend):
+    """vLLM's offline engine in-process; requests are submitted from worker threads."""
+
+    kind = "vllm"
+
+    def __init__(self, model: str, engine_args: dict[str, Any] | None = None):
+        self.served_model = model
+        self.engine_args = dict(engine_args or {})
+        self.llm: Any = None
+
+    async def start(self) -> None:
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise CxrmaxError(VLLM_MISSING) from None
+        from vllm import LLM
+
+        self.llm = await asyncio.to_thread(LLM, model=self.served_model, **self.engine_args)
+
+    async def complete(self, prompt: str, image_jpeg: bytes | None, sampling: Sampling) -> Completion:
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=sampling.seed,
+        )
+        messages = chat_messages(prompt, image_data_url(image_jpeg) if image_jpeg is not None else None)
+        try:
+            outputs = await asyncio.to_thread(self.llm.chat, messages, params, use_tqdm=False)
+        except ValueError as exc:
+            raise BackendError("client", str(exc), endpoint="vllm") from None
+        out = outputs[0]
+        choice = out.outputs[0]
+        return Completion(
+            text=choice.text,
+            finish_reason=choice.finish_reason,
+            prompt_tokens=len(out.prompt_token_ids or []),
+            completion_tokens=len(choice.token_ids),
+            endpoint="vllm",
+        )
+
+
+def vllm_engine_args(serve: dict[str, Any]) -> dict[str, Any]:
+    """Roster `serve` settings -> vllm.LLM keyword arguments."""
+    names = (
+        "tensor_parallel_size",
+        "max_model_len",
+        "max_num_seqs",
+        "limit_mm_per_prompt",
+        "mm_processor_kwargs",
+        "trust_remote_code",
+        "gpu_memory_utilization",
+    )
+    return {k: serve[k] for k in names if k in serve}
+
+
+def make_backend(
+    kind: str,
+    model: str,
+    *,
+    base_urls: list[str] | None = None,
+    api_key: str | None = None,
+    timeout: float = 600.0,
+    max_connections: int = 256,
+    model_path: str | Path | None = None,
+    candidates: list[str] | None = None,
+    engine_args: dict[str, Any] | None = None,
+    device: str | None = None,
+) -> Backend:
+    """Build a backend: ``openai`` (needs ``base_urls``), ``transformers`` (``model_path`` or ``model``
+    as a folder / cached Hub id) or ``vllm``. Call ``await backend.start()`` before use."""
+    if kind == "openai":
+        return OpenAIBackend(model, base_urls or [], api_key, timeout, max_connections, candidates)
+    if kind == "transformers":
+        return TransformersBackend(model_path or model, served_model=model, device=device)
+    if kind == "vllm":
+        return VLLMBackend(str(model_path or model), engine_args)
+    raise CxrmaxError(f"unknown backend {kind!r}: use openai, transformers or vllm")

@@ -1,0 +1,653 @@
+"""The generation loop: stream the selection, skip what is done, send the rest with bounded concurrency,
+retry what is transient, store every answer exactly once.
+
+Data flow::
+
+    selection (Parquet/Arrow, read in record batches)
+      -> plan: one request per (row, sample index) in this --shard, key = store.request_key(...)
+      -> skip keys already in committed shards (and permanent failures unless --retry-failed)
+      -> bounded asyncio.Queue (2 x concurrency) <- one producer task
+      -> `concurrency` worker tasks: image (ImageCache, thread pool) -> rate limiter -> backend
+         -> retry with exponential backoff and full jitter on 429 / 5xx / timeouts / connection errors
+      -> TrajectoryStore.append (journal line now, Arrow shard every rows_per_shard answers)
+
+Memory stays flat in the number of requests: the queue and the shard buffer are bounded, rows are read
+batch by batch, and done keys are a sorted array of 16-byte digests.
+
+Fail fast: until the first success, identical non-transient errors (wrong model, auth, bad request,
+unreachable server, missing images) are counted; after ``fail_fast_after`` of them and no success the run
+stops with one message that says what to fix. Those failures are not written to the ledger, so a fixed
+rerun does them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cxrmax.errors import CxrmaxError, InputError, where
+from cxrmax.generate.backends import (
+    Backend,
+    BackendError,
+    Completion,
+    Sampling,
+    make_backend,
+    vllm_engine_args,
+)
+from cxrmax.generate.progress import NullProgress, ProgressReporter, RunStats
+from cxrmax.generate.prompts import PromptTemplate, prompt_hash
+from cxrmax.generate.ratelimit import RateLimiter
+from cxrmax.generate.roster import ModelSpec
+from cxrmax.generate.store import (
+    FailureRecord,
+    TrajectoryStore,
+    key_digest,
+    request_key,
+    request_seed,
+    shard_tag,
+)
+
+#: Selection columns generate reads (the report texts are not needed and not read).
+SELECTION_COLUMNS = [
+    "sample_id",
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "split",
+    "view",
+    "image_path",
+    "labels",
+]
+
+#: Errors that can end a run early when every first request fails with them.
+FAIL_FAST_KINDS = {"connection", "auth", "not_found", "client", "malformed", "image"}
+
+FAIL_FAST_HINTS = {
+    "connection": "is the model server running and reachable at --base-url?",
+    "auth": "check the API key (OPENAI_API_KEY or --api-key).",
+    "not_found": "is --model the id the server serves (GET /v1/models lists it)? Is the base URL right (it usually ends in /v1)?",
+    "client": "the server rejected the request; check --max-tokens against the server's --max-model-len and the model's image limits.",
+    "malformed": "the server's answers are not OpenAI chat completions; is --base-url an OpenAI-compatible /v1 endpoint?",
+    "image": "are --mimic-root and the selection's image_path right?",
+}
+
+
+class GenerationAborted(CxrmaxError):
+    """The run stopped early because its first requests all failed the same way."""
+
+
+@dataclass
+class GenerateOptions:
+    """Everything one `cxrmax generate` run needs (the CLI builds this; Python callers may too)."""
+
+    model: ModelSpec
+    selection: Path
+    mimic_root: Path
+    out: Path
+    prompt: PromptTemplate
+    backend: str = "openai"
+    base_urls: list[str] = field(default_factory=list)
+    api_key: str | None = None
+    model_path: str | None = None  # transformers backend: a local folder (default: the model id)
+    samples: int = 1
+    seed: int = 0
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    concurrency: int = 64
+    rpm: float | None = None
+    tpm: float | None = None
+    timeout: float = 600.0
+    shard: tuple[int, int] | None = None
+    retry_failed: bool = False
+    retry_length: bool = False
+    image_max_edge: int = 1024
+    image_max_pixels: int | None = None
+    image_cache: Path | None = None  # default OUT/cache/images
+    max_attempts: int = 6
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    fail_fast_after: int = 5
+    rows_per_shard: int = 2000
+    batch_rows: int = 1024
+    allow_external_endpoint: bool = False
+
+    def sampling_key(self) -> dict[str, Any]:
+        """The sampling parameters that enter the request key (and the `sampling` column)."""
+        defaults = self.model.sampling
+        return {
+            "temperature": float(
+                self.temperature if self.temperature is not None else defaults.get("temperature", 0.7)
+            ),
+            "top_p": float(self.top_p if self.top_p is not None else defaults.get("top_p", 1.0)),
+            "max_tokens": int(
+                self.max_tokens if self.max_tokens is not None else defaults.get("max_tokens", 1024)
+            ),
+            "seed": int(self.seed),
+        }
+
+    @property
+    def model_dir(self) -> Path:
+        return self.out / "trajectories" / self.model.dir_name
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'i/N' (0 <= i < N) -> (i, N); None stays None."""
+    if text is None or text == "":
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise InputError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise InputError(f"--shard {text}: need 0 <= i < N")
+    return (index, count)
+
+
+def shard_of(sample_id: str, count: int) -> int:
+    """Deterministic partition of samples over ``count`` shards (all samples of an image stay together)."""
+    return int.from_bytes(hashlib.sha256(sample_id.encode("utf-8")).digest()[:8], "big") % count
+
+
+def iter_selection(path: Path, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
+    """Stream the needed columns of a selection manifest (Parquet or Arrow/Feather) batch by batch."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{where(path)}: selection file not found (make one with `cxrmax mimic select`)")
+    try:
+        if path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            handle = pq.ParquetFile(path)
+            names = handle.schema_arrow.names
+            _check_columns(path, names)
+            yield from handle.iter_batches(batch_size=batch_rows, columns=SELECTION_COLUMNS)
+            return
+        with pa.memory_map(str(path)) as source:
+            try:
+                reader: Any = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_stream(source)
+                batches = iter(reader)
+            _check_columns(path, reader.schema.names)
+            for batch in batches:
+                batch = batch.select(SELECTION_COLUMNS)
+                for offset in range(0, batch.num_rows, batch_rows):
+                    yield batch.slice(offset, batch_rows)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{where(path)}: not a readable Parquet/Arrow selection: {exc}") from None
+
+
+def _check_columns(path: Path, names: list[str]) -> None:
+    missing = [c for c in SELECTION_COLUMNS if c not in names]
+    if missing:
+        raise InputError(f"{where(path, field=missing[0])}: the selection lacks columns {', '.join(missing)}")
+
+
+@dataclass(slots=True)
+class PlannedRequest:
+    key: str
+    digest: bytes
+    row: dict[str, Any]
+    prompt: str
+    prompt_hash: str
+    sample_index: int
+    seed: int
+    row_number: int
+
+
+def plan_requests(options: GenerateOptions) -> Iterator[PlannedRequest]:
+    """Every request of this run (this shard), in selection order, before skipping done ones."""
+    sampling = options.sampling_key()
+    template = options.prompt
+    model = options.model.name
+    shard = options.shard
+    row_number = 0
+    for batch in iter_selection(options.selection, options.batch_rows):
+        for row in batch.to_pylist():
+            row_number += 1
+            sample_id = row.get("sample_id")
+            if not sample_id:
+                raise InputError(f"{where(options.selection, row_number, 'sample_id')}: empty sample_id")
+            if shard is not None and shard_of(sample_id, shard[1]) != shard[0]:
+                continue
+            if not row.get("image_path"):
+                raise InputError(f"{where(options.selection, row_number, 'image_path')}: empty image_path")
+            text = template.render(row)
+            phash = prompt_hash(text)
+            for index in range(options.samples):
+                key = request_key(sample_id, model, phash, sampling, index)
+                yield PlannedRequest(
+                    key,
+                    key_digest(key),
+                    row,
+                    text,
+                    phash,
+                    index,
+                    request_seed(options.seed, sample_id, index),
+                    row_number,
+                )
+
+
+def _check_duplicates(options: GenerateOptions) -> np.ndarray:
+    """All key digests of the run (16 bytes each); a duplicated sample_id in the selection is an error."""
+    buffer = bytearray()
+    rows: list[int] = []
+    for planned in plan_requests(options):
+        buffer += planned.digest
+        if planned.sample_index == 0:
+            rows.append(planned.row_number)
+    digests = np.frombuffer(bytes(buffer), dtype="S16")
+    unique, first_index, counts = np.unique(digests, return_index=True, return_counts=True)
+    if len(unique) != len(digests):
+        duplicate = unique[counts > 1][0]
+        positions = np.nonzero(digests == duplicate)[0]
+        row = rows[positions[1] // options.samples] if options.samples else None
+        raise InputError(
+            f"{where(options.selection, row, 'sample_id')}: duplicate sample_id in the selection "
+            "(each sample must appear once; requests are keyed by sample_id)"
+        )
+    return digests
+
+
+class Orchestrator:
+    """Runs one model over a selection (use :func:`run_generate` unless you need the pieces)."""
+
+    def __init__(self, options: GenerateOptions, backend: Backend, progress: ProgressReporter | None = None):
+        self.options = options
+        self.backend = backend
+        self.progress = progress or NullProgress()
+        self.stats = RunStats()
+        self.sampling_key = options.sampling_key()
+        self.sampling_json = json.dumps(self.sampling_key, sort_keys=True)
+        self.limiter = RateLimiter(options.rpm, options.tpm)
+        self.store: TrajectoryStore | None = None
+        self._images: Any = None
+        self._image_pool: ThreadPoolExecutor | None = None
+        self._image_lru: OrderedDict[str, bytes] = OrderedDict()
+        self._succeeded = False
+        self._early_failures: list[tuple[PlannedRequest, BackendError, int]] = []
+        self._early_errors: list[BackendError] = []
+        self._abort: GenerationAborted | None = None
+        self._image_tokens = (options.image_max_edge // 28) ** 2
+
+    # ------------------------------------------------------------------ entry point
+    async def run(self) -> RunStats:
+        options = self.options
+        from cxrmax.images import ImageCache
+
+        self._images = ImageCache(
+            options.image_cache or options.out / "cache" / "images",
+            max_edge=options.image_max_edge,
+            max_pixels=options.image_max_pixels,
+        )
+        self._image_pool = ThreadPoolExecutor(
+            max_workers=min(8, (os.cpu_count() or 2) * 2), thread_name_prefix="images"
+        )
+        store = TrajectoryStore(options.model_dir, options.shard, rows_per_shard=options.rows_per_shard)
+        self.store = store
+        store.open()
+        try:
+            self.stats.recovered = store.recovered_rows
+            run_digests = _check_duplicates(options)
+            if options.retry_length:
+                self._drop_length_rows(run_digests)
+            self._count(run_digests)
+            self._write_manifest(len(run_digests))
+            if self.stats.total:
+                await self.backend.start()
+                self._write_manifest(len(run_digests))  # now with the served id the backend found
+            self.progress.start(self.stats, options.model.name)
+            self.stats.started = time.monotonic()
+            if self.stats.total:
+                await self._run_queue()
+        finally:
+            self.stats.finished = time.monotonic()
+            try:
+                self._flush_early_failures(final=True)
+                store.close()
+            finally:
+                self._image_pool.shutdown(wait=False, cancel_futures=True)
+                self.progress.stop(self.stats)
+                await self.backend.close()
+        if self._abort is not None:
+            raise self._abort
+        return self.stats
+
+    def _count(self, run_digests: np.ndarray) -> None:
+        store = self.store
+        assert store is not None
+        for digest in run_digests.tolist():
+            if store.is_done(digest):
+                self.stats.already_done += 1
+            elif not self.options.retry_failed and digest in store.failed_permanent:
+                self.stats.skipped_failed += 1
+            else:
+                self.stats.total += 1
+
+    def _drop_length_rows(self, run_digests: np.ndarray) -> None:
+        """--retry-length: remove this run's truncated answers so that they are requested again."""
+        store = self.store
+        assert store is not None
+        run_keys = set(run_digests.tolist())  # numpy strips trailing NUL bytes; compare stripped
+
+        def predicate(table: pa.Table) -> pa.Array:
+            length = pc.fill_null(pc.equal(table["finish_reason"], "length"), False)
+            keys = [bytes.fromhex(k[:32]).rstrip(b"\0") in run_keys for k in table["request_key"].to_pylist()]
+            return pc.and_(length, pa.array(keys, pa.bool_()))
+
+        for row in store.remove_rows(predicate):
+            store.record_failure(
+                FailureRecord(
+                    row["request_key"],
+                    row["sample_id"],
+                    row["sample_index"] or 0,
+                    "length",
+                    None,
+                    "answer cut at max_tokens; removed for --retry-length",
+                    0,
+                    True,
+                )
+            )
+
+    def _write_manifest(self, n_keys: int) -> None:
+        """OUT/trajectories/<model>/run-<tag>.json: what this run was asked to do (read by `status`)."""
+        options = self.options
+        manifest = {
+            "model": options.model.name,
+            "served_model": self.backend.served_model,
+            "backend": self.backend.kind,
+            "endpoints": self.backend.endpoints(),
+            "selection": str(Path(options.selection).resolve()),
+            "mimic_root": str(Path(options.mimic_root).resolve()),
+            "prompt_id": options.prompt.id,
+            "prompt_body": options.prompt.body,
+            "prompt_empty_labels": options.prompt.empty_labels,
+            "sampling": self.sampling_key,
+            "samples": options.samples,
+            "shard": list(options.shard) if options.shard else None,
+            "requests": n_keys,
+            "image_max_edge": options.image_max_edge,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        path = options.model_dir / f"run-{shard_tag(options.shard)}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ queue
+    async def _run_queue(self) -> None:
+        concurrency = max(1, self.options.concurrency)
+        if self.backend.kind in ("transformers", "vllm"):
+            concurrency = min(concurrency, 4)  # in-process engines serialise; more tasks only queue
+        queue: asyncio.Queue[PlannedRequest | None] = asyncio.Queue(maxsize=2 * concurrency)
+        producer = asyncio.create_task(self._produce(queue, concurrency))
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(concurrency)]
+        ticker = asyncio.create_task(self._tick())
+        tasks = [producer, *workers]
+        try:
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()
+        finally:
+            for task in [*tasks, ticker]:
+                task.cancel()
+            await asyncio.gather(*tasks, ticker, return_exceptions=True)
+
+    async def _produce(self, queue: asyncio.Queue, n_workers: int) -> None:
+        store = self.store
+        assert store is not None
+        retry_failed = self.options.retry_failed
+        for planned in plan_requests(self.options):
+            if store.is_done(planned.digest):
+                continue
+            if not retry_failed and planned.digest in store.failed_permanent:
+                continue
+            await queue.put(planned)
+        for _ in range(n_workers):
+            await queue.put(None)
+
+    async def _tick(self) -> None:
+        while True:
+            self.progress.update(self.stats)
+            await asyncio.sleep(0.25)
+
+    async def _worker(self, queue: asyncio.Queue) -> None:
+        while True:
+            planned = await queue.get()
+            if planned is None:
+                return
+            await self._process(planned)
+
+    # ------------------------------------------------------------------ one request
+    async def _image(self, relative: str) -> bytes:
+        cached = self._image_lru.get(relative)
+        if cached is not None:
+            self._image_lru.move_to_end(relative)
+            return cached
+        path = Path(relative)
+        if not path.is_absolute():
+            path = self.options.mimic_root / relative
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(self._image_pool, self._images.jpeg, path)
+        self._image_lru[relative] = data
+        if len(self._image_lru) > 16:
+            self._image_lru.popitem(last=False)
+        return data
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        options = self.options
+        ceiling = min(options.backoff_max, options.backoff_base * (2 ** (attempt - 1)))
+        delay = random.uniform(0, ceiling)  # full jitter: spreads retries of many clients apart
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, options.backoff_max))
+        return delay
+
+    async def _process(self, planned: PlannedRequest) -> None:
+        options = self.options
+        sampling = Sampling(
+            self.sampling_key["temperature"],
+            self.sampling_key["top_p"],
+            self.sampling_key["max_tokens"],
+            planned.seed,
+        )
+        try:
+            image = await self._image(planned.row["image_path"])
+        except (CxrmaxError, OSError, ValueError) as exc:
+            self._failed(planned, BackendError("image", str(exc)), 0)
+            return
+        estimate = len(planned.prompt) // 4 + self._image_tokens + sampling.max_tokens
+        attempt = 0
+        while True:
+            attempt += 1
+            if self.limiter.active:
+                await self.limiter.acquire(estimate)
+            started = time.perf_counter()
+            try:
+                completion = await self.backend.complete(planned.prompt, image, sampling)
+            except BackendError as error:
+                self.stats.errors[error.kind] += 1
+                if not self._succeeded:
+                    self._early_error(error)
+                if error.retryable and attempt < options.max_attempts:
+                    self.stats.retries += 1
+                    await asyncio.sleep(self._backoff(attempt, error.retry_after))
+                    continue
+                self._failed(planned, error, attempt)
+                return
+            latency = time.perf_counter() - started
+            self._succeeded_once()
+            self._store(planned, completion, latency, attempt)
+            if self.limiter.active:
+                self.limiter.settle(
+                    estimate, (completion.prompt_tokens or 0) + (completion.completion_tokens or 0)
+                )
+            return
+
+    def _store(self, planned: PlannedRequest, completion: Completion, latency: float, attempts: int) -> None:
+        row = planned.row
+        self.store.append(
+            {
+                "request_key": planned.key,
+                "sample_id": row["sample_id"],
+                "dicom_id": row.get("dicom_id"),
+                "subject_id": row.get("subject_id"),
+                "study_id": row.get("study_id"),
+                "split": row.get("split"),
+                "view": row.get("view"),
+                "image_path": row.get("image_path"),
+                "labels": row.get("labels"),
+                "model": self.options.model.name,
+                "served_model": self.backend.served_model,
+                "backend": self.backend.kind,
+                "prompt_id": self.options.prompt.id,
+                "prompt_hash": planned.prompt_hash,
+                "prompt": planned.prompt,
+                "sample_index": planned.sample_index,
+                "text": completion.text,
+                "finish_reason": completion.finish_reason,
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "latency_s": round(latency, 4),
+                "sampling": self.sampling_json,
+                "seed": planned.seed,
+                "attempts": attempts,
+                "created_at": int(time.time() * 1000),
+                "endpoint": completion.endpoint,
+                "image_max_edge": self.options.image_max_edge,
+            }
+        )
+        stats = self.stats
+        stats.done += 1
+        stats.prompt_tokens += completion.prompt_tokens or 0
+        stats.completion_tokens += completion.completion_tokens or 0
+        if completion.finish_reason == "length":
+            stats.length += 1
+
+    # ------------------------------------------------------------------ failures and fail-fast
+    def _succeeded_once(self) -> None:
+        if not self._succeeded:
+            self._succeeded = True
+            self._flush_early_failures(final=False)
+
+    def _failed(self, planned: PlannedRequest, error: BackendError, attempts: int) -> None:
+        self.stats.failed += 1
+        if error.kind == "image":
+            self.stats.errors["image"] += 1
+            if not self._succeeded:
+                self._early_error(error)
+        if not self._succeeded:
+            self._early_failures.append((planned, error, attempts))
+            return
+        self._record(planned, error, attempts)
+
+    def _record(self, planned: PlannedRequest, error: BackendError, attempts: int) -> None:
+        self.store.record_failure(
+            FailureRecord(
+                planned.key,
+                planned.row["sample_id"],
+                planned.sample_index,
+                error.kind,
+                error.status,
+                str(error),
+                attempts,
+                error.retryable,
+            )
+        )
+
+    def _early_error(self, error: BackendError) -> None:
+        """Count an error seen before any success; abort when the first ones all have the same cause."""
+        errors = self._early_errors
+        threshold = min(self.options.fail_fast_after, max(1, self.stats.total))
+        if len(errors) >= threshold or self._abort is not None:
+            return  # only the first errors decide
+        errors.append(error)
+        if len(errors) < threshold:
+            return
+        kinds = {(e.kind, e.status) for e in errors}
+        kind, _ = next(iter(kinds))
+        if len(kinds) != 1 or kind not in FAIL_FAST_KINDS:
+            return
+        self._abort = GenerationAborted(
+            f"stopping: the first {len(errors)} requests all failed the same way ({error}). "
+            f"{FAIL_FAST_HINTS.get(kind, '')} Nothing was recorded for them; answers already stored are kept, "
+            "and rerunning the same command continues where this one stopped."
+        )
+        raise self._abort
+
+    def _flush_early_failures(self, final: bool) -> None:
+        """Write the failures held back while no request had succeeded (unless the run aborted)."""
+        if self._abort is None and self.store is not None and self.store.ledger is not None:
+            for planned, error, attempts in self._early_failures:
+                self._record(planned, error, attempts)
+        self._early_failures = []
+
+
+def build_backend(options: GenerateOptions) -> Backend:
+    """The backend the options ask for (the CLI's --backend / --base-url)."""
+    spec = options.model
+    if options.backend == "openai":
+        from cxrmax.generate.governance import check_endpoints
+
+        check_endpoints(options.base_urls, options.allow_external_endpoint)
+        return make_backend(
+            "openai",
+            spec.hf_id,
+            base_urls=options.base_urls,
+            api_key=options.api_key,
+            timeout=options.timeout,
+            max_connections=max(16, options.concurrency),
+            candidates=[spec.name],
+        )
+    if options.backend == "transformers":
+        return make_backend("transformers", spec.name, model_path=options.model_path or spec.hf_id)
+    if options.backend == "vllm":
+        return make_backend("vllm", spec.hf_id, engine_args=vllm_engine_args(spec.serve))
+    raise CxrmaxError(f"unknown backend {options.backend!r}: use openai, transformers or vllm")
+
+
+async def generate_async(
+    options: GenerateOptions, backend: Backend | None = None, progress: ProgressReporter | None = None
+) -> RunStats:
+    """Run one model over the selection (see the module docstring); returns the run's counters."""
+    if options.samples < 1:
+        raise InputError("--samples must be at least 1")
+    backend = backend or build_backend(options)
+    return await Orchestrator(options, backend, progress).run()
+
+
+def generate(
+    options: GenerateOptions, backend: Backend | None = None, progress: ProgressReporter | None = None
+) -> RunStats:
+    """Synchronous :func:`generate_async`."""
+    return asyncio.run(generate_async(options, backend, progress))
+
+
+__all__ = [
+    "GenerateOptions",
+    "GenerationAborted",
+    "Orchestrator",
+    "generate",
+    "generate_async",
+    "iter_selection",
+    "parse_shard",
+    "plan_requests",
+    "shard_of",
+]
