@@ -42,13 +42,13 @@ def _default_mask(rejected: torch.Tensor, rejected_mask: torch.Tensor | None) ->
     if rejected_mask is None:
         return torch.ones_like(rejected, dtype=torch.bool)
     if rejected_mask.shape != rejected.shape:
-        raise ValueError(f"rejected_mask shape {tuple(rejected_mask.shape)} != rejected {tuple(rejected.shape)}")
+        raise ValueError(
+            f"rejected_mask shape {tuple(rejected_mask.shape)} != rejected {tuple(rejected.shape)}"
+        )
     return rejected_mask.to(torch.bool)
 
 
-def implicit_rewards(
-    policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float
-) -> torch.Tensor:
+def implicit_rewards(policy_logps: torch.Tensor, reference_logps: torch.Tensor, beta: float) -> torch.Tensor:
     """r = beta * (policy log-prob - reference log-prob), in float32 (float64 stays float64)."""
     return beta * (_as_float(policy_logps) - _as_float(reference_logps))
 

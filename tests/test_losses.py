@@ -96,7 +96,9 @@ def test_apo_loss_gradients_through_logps_match_finite_differences():
     for loss_type in ("plackett-luce", "pairwise", "listwise"):
 
         def f(c, r, loss_type=loss_type):
-            return apo_loss(c, r, rc, rr, beta=0.5, loss_type=loss_type, nll_alpha=0.3, chosen_token_counts=counts).loss
+            return apo_loss(
+                c, r, rc, rr, beta=0.5, loss_type=loss_type, nll_alpha=0.3, chosen_token_counts=counts
+            ).loss
 
         assert torch.autograd.gradcheck(f, (pc, pr), eps=1e-6, atol=1e-6)
 
@@ -115,7 +117,9 @@ def test_stable_for_huge_rewards_and_float32_under_bf16():
 def test_pairwise_sum_is_n_times_mean_and_pl_bounds():
     chosen, rejected = _rewards()
     n = rejected.shape[1]
-    assert torch.allclose(pairwise_loss(chosen, rejected, reduction="sum"), n * pairwise_loss(chosen, rejected))
+    assert torch.allclose(
+        pairwise_loss(chosen, rejected, reduction="sum"), n * pairwise_loss(chosen, rejected)
+    )
     # PL >= each pairwise term's max (more competitors) and <= the sum of pairwise terms (union bound).
     pl = plackett_luce_loss(chosen, rejected)
     pairs = -F.logsigmoid(chosen[:, None] - rejected)
@@ -127,7 +131,9 @@ def test_reward_metrics_definitions():
     pc = torch.tensor([0.0, 0.0])
     rc = torch.tensor([-10.0, -10.0])  # chosen reward = beta * 10 = 1
     pr = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    rr = torch.tensor([[-5.0, -20.0, 99.0], [-5.0, -12.0, -20.0]])  # rewards 0.5, 2.0, (masked) / 0.5, 1.2, 2.0
+    rr = torch.tensor(
+        [[-5.0, -20.0, 99.0], [-5.0, -12.0, -20.0]]
+    )  # rewards 0.5, 2.0, (masked) / 0.5, 1.2, 2.0
     mask = torch.tensor([[True, True, False], [True, True, True]])
     out = apo_loss(pc, pr, rc, rr, mask, beta=0.1)
     m = reward_metrics(out, pc, pr)

@@ -1,0 +1,105 @@
+"""Trainer callbacks: a rich progress bar with the latest metrics, and a JSONL log of every record."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    return value
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append every log record (step, epoch, time, metrics) as one JSON line to ``path``.
+
+    Appending keeps earlier records across resumes; each line is flushed so nothing is lost on a crash."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: D401 - HF callback signature
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time()}
+        record.update({k: _plain(v) for k, v in logs.items()})
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+#: Metrics shown next to the progress bar, in order, when present.
+_SHOWN = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "rewards/margins_max",
+    "learning_rate",
+    "eval_loss",
+)
+
+
+class RichProgressCallback(TrainerCallback):
+    """A rich progress bar (steps, elapsed, ETA) with the latest loss and reward metrics in its description.
+
+    Replaces transformers' tqdm bar and printer so the CLI looks like the rest of cxrmax."""
+
+    def __init__(self, console: Any | None = None, description: str = "training") -> None:
+        self.console = console
+        self.description = description
+        self._progress = None
+        self._task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=self.console,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task(self.description, total=state.max_steps, metrics="")
+        self._progress.update(self._task, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._progress.update(self._task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._progress is None or not logs:
+            return
+        shown = []
+        for key in _SHOWN:
+            if key in logs and isinstance(logs[key], (int, float)):
+                shown.append(f"{key.split('/')[-1]}={logs[key]:.4g}")
+        if shown:
+            self._progress.update(self._task, metrics=" ".join(shown))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._progress is not None:
+            self._progress.update(self._task, completed=state.global_step)
+            self._progress.stop()
+            self._progress = None

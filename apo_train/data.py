@@ -1,0 +1,487 @@
+"""Training data for APO: read preferences/ and sft/, tokenize with the model's chat template, collate.
+
+Inputs are the datasets build-preferences saves (``datasets.DatasetDict.save_to_disk``) with
+``cxrmax.shards.PREFERENCE_SCHEMA`` (one positive + a list of negatives per row) or ``SFT_SCHEMA``
+(one completion per row). Images are referenced by ``image_path`` relative to the MIMIC-CXR root and
+loaded through ``cxrmax.images.preprocess`` (the same downscaling generate uses), then handed to the
+model's processor.
+
+Tokenization happens once, up front, with ``datasets.map`` (written to Arrow, memory flat in the
+number of rows): the user turn (image + prompt) is rendered with the chat template and encoded with
+the processor *once per sample*; each completion is the text the chat template appends for the
+assistant turn (its end-of-turn tokens included). The loss only ever sees completion tokens.
+
+Truncation policy (``max_length`` counts prompt + image tokens + completion):
+  * the prompt and the image tokens are never cut; a sample whose prompt leaves fewer than
+    ``min_completion_tokens`` is dropped (counted as ``dropped_prompt_too_long``);
+  * completions are cut from the end to fit (counted per completion as ``truncated_chosen`` /
+    ``truncated_rejected``);
+  * empty or missing negatives are removed (``empty_rejected``); a sample left without negatives is
+    dropped (``dropped_no_rejected``); a missing positive/prompt is an InputError (``lenient``: dropped,
+    counted as ``dropped_invalid``).
+
+Collation puts a sample's positive and all of its negatives in the same batch as separate rows of one
+padded tensor: the positive is ONE row per sample (not one per negative, as a pairwise split would do),
+followed by its negatives; ``chosen_index`` / ``rejected_index`` map rows back to samples.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cxrmax.errors import InputError, where
+
+IGNORE_INDEX = -100
+
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "image_path")
+SFT_COLUMNS = ("prompt", "completion", "image_path")
+
+
+# --------------------------------------------------------------------------------------------- reading
+def load_split(path: str | os.PathLike, split: str = "train", required: Sequence[str] = ()) -> Any:
+    """Load one split of a dataset saved with ``save_to_disk`` (a DatasetDict dir or a Dataset dir).
+
+    Raises InputError naming the directory, split or missing column."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{where(path)}: no such dataset directory")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # datasets raises FileNotFoundError / ValueError for non-datasets dirs
+        raise InputError(f"{where(path)}: not a dataset saved with save_to_disk ({exc})") from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise InputError(f"{where(path)}: no split {split!r} (have {sorted(loaded)})")
+        loaded = loaded[split]
+    for column in required:
+        if column not in loaded.column_names:
+            raise InputError(f"{where(path, field=column)}: missing column (have {loaded.column_names})")
+    return loaded
+
+
+# ------------------------------------------------------------------------------------------- encoding
+class ChatEncoder:
+    """Encodes a user turn (optional image + prompt text) and assistant completions for one model.
+
+    ``processor`` is a VLM processor (with ``image_processor`` and ``tokenizer``) or a plain tokenizer
+    (text-only model: images are ignored). ``image_root`` is the MIMIC-CXR root that ``image_path`` is
+    relative to; ``max_edge`` / ``max_pixels`` are handed to ``cxrmax.images.preprocess``.
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        image_root: str | os.PathLike | None = None,
+        max_edge: int = 1024,
+        max_pixels: int | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        self.processor = processor
+        self.is_vlm = hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")
+        self.tokenizer = processor.tokenizer if self.is_vlm else processor
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.max_edge = max_edge
+        self.max_pixels = max_pixels
+        self.system_prompt = system_prompt
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token")
+        self._template_owner = processor if hasattr(processor, "apply_chat_template") else self.tokenizer
+
+    @property
+    def uses_images(self) -> bool:
+        return self.is_vlm and self.image_root is not None
+
+    def _messages(self, prompt: str, with_image: bool) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = []
+        if self.system_prompt:
+            messages.append({"role": "system", "content": [{"type": "text", "text": self.system_prompt}]})
+        content: list[dict[str, Any]] = [{"type": "image"}] if with_image else []
+        content.append({"type": "text", "text": prompt})
+        if not self.is_vlm:  # text tokenizers' templates expect plain strings
+            messages = [{"role": m["role"], "content": m["content"][-1]["text"]} for m in messages]
+            return messages + [{"role": "user", "content": prompt}]
+        return messages + [{"role": "user", "content": content}]
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        return (
+            self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+            if not self.is_vlm
+            else self._template_owner.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        )
+
+    def load_image(self, image_path: str, row: int | None = None) -> Any:
+        """The preprocessed image (RGB PIL) for a path relative to ``image_root``."""
+        from cxrmax.images import preprocess
+
+        if self.image_root is None:
+            raise InputError("image_root (the MIMIC-CXR root) is needed to load images")
+        full = self.image_root / image_path
+        if not full.is_file():
+            raise InputError(f"{where(full, row, 'image_path')}: image not found")
+        return preprocess(full, max_edge=self.max_edge, max_pixels=self.max_pixels).convert("RGB")
+
+    def vision_inputs(self, image: Any) -> dict[str, torch.Tensor]:
+        """pixel_values / image_grid_thw (etc.) for one image, exactly as the processor makes them."""
+        out = self.processor.image_processor(images=[image], return_tensors="pt")
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+    def encode_prompt(self, prompt: str, image: Any | None) -> list[int]:
+        """Token ids of the chat-formatted user turn + assistant header (image tokens expanded)."""
+        text = self._render(self._messages(prompt, image is not None), add_generation_prompt=True)
+        if image is not None:
+            out = self.processor(text=[text], images=[image], return_tensors="pt")
+            return out["input_ids"][0].tolist()
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def completion_text(self, prompt: str, completion: str) -> str:
+        """What the chat template appends for an assistant turn holding ``completion``.
+
+        Rendered from the template itself (so end-of-turn tokens are right for any model); falls back
+        to completion + eos when the template's prompt is not a prefix of the full conversation."""
+        user = self._messages(prompt, with_image=False)
+        assistant = (
+            {"role": "assistant", "content": [{"type": "text", "text": completion}]}
+            if self.is_vlm
+            else {"role": "assistant", "content": completion}
+        )
+        head = self._render(user, add_generation_prompt=True)
+        full = self._render([*user, assistant], add_generation_prompt=False)
+        if full.startswith(head) and completion in full[len(head) :]:
+            return full[len(head) :]
+        return completion + (self.tokenizer.eos_token or "")
+
+    def encode_completion(self, prompt: str, completion: str) -> list[int]:
+        return self.tokenizer(self.completion_text(prompt, completion), add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------ truncation stats
+@dataclass
+class TruncationStats:
+    """What tokenization kept, cut and dropped (reported before training starts)."""
+
+    samples_in: int = 0
+    samples_kept: int = 0
+    dropped_prompt_too_long: int = 0
+    dropped_no_rejected: int = 0
+    dropped_invalid: int = 0
+    truncated_chosen: int = 0
+    truncated_rejected: int = 0
+    empty_rejected: int = 0
+    rejected_kept: int = 0
+    max_prompt_tokens: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _truncate(ids: list[int], budget: int) -> tuple[list[int], bool]:
+    if len(ids) > budget:
+        return ids[:budget], True
+    return ids, False
+
+
+def _order_negatives(rejected: list[str | None], drift: list[float | None] | None) -> list[int]:
+    """Ranking order for negatives, best (least drifting) first.
+
+    build-preferences stores negatives most-drifting first; the listwise loss wants the ranking
+    positive > least drifting > ... > most drifting. With drift scores we sort by them (stable), else
+    we reverse the stored order. Plackett-Luce and pairwise losses do not depend on this order."""
+    idx = list(range(len(rejected)))
+    if drift is not None and len(drift) == len(rejected) and all(d is not None for d in drift):
+        return sorted(idx, key=lambda i: drift[i])
+    return idx[::-1]
+
+
+def tokenize_preferences(
+    dataset: Any,
+    encoder: ChatEncoder,
+    max_length: int = 4096,
+    max_negatives: int | None = None,
+    min_completion_tokens: int = 1,
+    lenient: bool = False,
+    num_proc: int | None = None,
+    source: str | os.PathLike = "preferences",
+) -> tuple[Any, TruncationStats]:
+    """Tokenize PREFERENCE_SCHEMA rows into prompt/chosen/rejected ids (see the module's truncation policy).
+
+    ``max_negatives`` keeps the K most drifting negatives of each sample. Returns the tokenized dataset
+    (rows dropped by the policy removed; columns ``sample_id``, ``image_path``, ``prompt_input_ids``,
+    ``chosen_input_ids``, ``rejected_input_ids``) and the counts."""
+
+    def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
+        result = {
+            "prompt_input_ids": [],
+            "chosen_input_ids": [],
+            "rejected_input_ids": [],
+            "drop_reason": None,
+            "n_truncated_chosen": 0,
+            "n_truncated_rejected": 0,
+            "n_empty_rejected": 0,
+        }
+        prompt, chosen = row.get("prompt"), row.get("chosen")
+        for name, value in (("prompt", prompt), ("chosen", chosen)):
+            if not isinstance(value, str) or not value.strip():
+                if not lenient:
+                    raise InputError(f"{where(source, index + 1, name)}: missing or empty")
+                result["drop_reason"] = "invalid"
+                return result
+        image = None
+        if encoder.uses_images:
+            image_path = row.get("image_path")
+            if not image_path:
+                if not lenient:
+                    raise InputError(f"{where(source, index + 1, 'image_path')}: missing")
+                result["drop_reason"] = "invalid"
+                return result
+            image = encoder.load_image(image_path, index + 1)
+        prompt_ids = encoder.encode_prompt(prompt, image)
+        budget = max_length - len(prompt_ids)
+        result["prompt_input_ids"] = prompt_ids
+        if budget < min_completion_tokens:
+            result["drop_reason"] = "prompt_too_long"
+            return result
+        raw_rejected = list(row.get("rejected") or [])
+        order = _order_negatives(raw_rejected, row.get("rejected_drift"))
+        kept = [i for i in order if isinstance(raw_rejected[i], str) and raw_rejected[i].strip()]
+        result["n_empty_rejected"] = len(raw_rejected) - len(kept)
+        if max_negatives is not None and len(kept) > max_negatives:
+            # The most drifting ones are the last in ranking order.
+            kept = kept[len(kept) - max_negatives :]
+        if not kept:
+            result["drop_reason"] = "no_rejected"
+            return result
+        chosen_ids, cut = _truncate(encoder.encode_completion(prompt, chosen), budget)
+        result["chosen_input_ids"] = chosen_ids
+        result["n_truncated_chosen"] = int(cut)
+        rejected_ids = []
+        for i in kept:
+            ids, cut = _truncate(encoder.encode_completion(prompt, raw_rejected[i]), budget)
+            rejected_ids.append(ids)
+            result["n_truncated_rejected"] += int(cut)
+        result["rejected_input_ids"] = rejected_ids
+        return result
+
+    return _run_map(dataset, encode, num_proc, kind="preferences")
+
+
+def tokenize_sft(
+    dataset: Any,
+    encoder: ChatEncoder,
+    max_length: int = 2304,
+    min_completion_tokens: int = 1,
+    lenient: bool = False,
+    num_proc: int | None = None,
+    source: str | os.PathLike = "sft",
+) -> tuple[Any, TruncationStats]:
+    """Tokenize SFT_SCHEMA rows into ``prompt_input_ids`` + ``completion_input_ids`` (same policy)."""
+
+    def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
+        result = {
+            "prompt_input_ids": [],
+            "completion_input_ids": [],
+            "drop_reason": None,
+            "n_truncated_chosen": 0,
+        }
+        prompt, completion = row.get("prompt"), row.get("completion")
+        for name, value in (("prompt", prompt), ("completion", completion)):
+            if not isinstance(value, str) or not value.strip():
+                if not lenient:
+                    raise InputError(f"{where(source, index + 1, name)}: missing or empty")
+                result["drop_reason"] = "invalid"
+                return result
+        image = None
+        if encoder.uses_images:
+            image_path = row.get("image_path")
+            if not image_path:
+                if not lenient:
+                    raise InputError(f"{where(source, index + 1, 'image_path')}: missing")
+                result["drop_reason"] = "invalid"
+                return result
+            image = encoder.load_image(image_path, index + 1)
+        prompt_ids = encoder.encode_prompt(prompt, image)
+        result["prompt_input_ids"] = prompt_ids
+        budget = max_length - len(prompt_ids)
+        if budget < min_completion_tokens:
+            result["drop_reason"] = "prompt_too_long"
+            return result
+        ids, cut = _truncate(encoder.encode_completion(prompt, completion), budget)
+        result["completion_input_ids"] = ids
+        result["n_truncated_chosen"] = int(cut)
+        return result
+
+    return _run_map(dataset, encode, num_proc, kind="sft")
+
+
+def _run_map(dataset: Any, encode: Any, num_proc: int | None, kind: str) -> tuple[Any, TruncationStats]:
+    keep = {"sample_id", "image_path"}
+    remove = [c for c in dataset.column_names if c not in keep]
+    mapped = dataset.map(
+        encode,
+        with_indices=True,
+        remove_columns=remove,
+        num_proc=num_proc,
+        desc=f"tokenizing {kind}",
+    )
+    stats = TruncationStats(samples_in=len(mapped))
+    # Counting reads only small scalar columns (Arrow), never the token lists.
+    reasons = mapped["drop_reason"]
+    stats.dropped_prompt_too_long = sum(r == "prompt_too_long" for r in reasons)
+    stats.dropped_no_rejected = sum(r == "no_rejected" for r in reasons)
+    stats.dropped_invalid = sum(r == "invalid" for r in reasons)
+    stats.truncated_chosen = int(sum(mapped["n_truncated_chosen"]))
+    if "n_truncated_rejected" in mapped.column_names:
+        stats.truncated_rejected = int(sum(mapped["n_truncated_rejected"]))
+        stats.empty_rejected = int(sum(mapped["n_empty_rejected"]))
+    kept = mapped.filter(lambda r: r is None, input_columns="drop_reason", desc="dropping")
+    stats.samples_kept = len(kept)
+    if "rejected_input_ids" in kept.column_names and len(kept):
+        stats.rejected_kept = int(
+            sum(
+                len(x)
+                for x in kept.select_columns(["rejected_input_ids"])
+                .with_format("arrow")["rejected_input_ids"]
+                .to_pylist()
+            )
+        )
+    if len(kept):
+        stats.max_prompt_tokens = max(len(x) for x in kept["prompt_input_ids"])
+    drop = [c for c in kept.column_names if c.startswith("n_") or c == "drop_reason"]
+    return kept.remove_columns(drop), stats
+
+
+# ------------------------------------------------------------------------------------------ collation
+def _pad_rows(rows: list[list[int]], value: int, multiple_of: int | None) -> torch.Tensor:
+    length = max(len(r) for r in rows)
+    if multiple_of:
+        length = -(-length // multiple_of) * multiple_of
+    out = torch.full((len(rows), length), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+class _VisionMixin:
+    encoder: ChatEncoder
+
+    def _vision(self, image_path: str | None, copies: int) -> dict[str, torch.Tensor]:
+        """Vision tensors for ``copies`` rows sharing one image (processed once, repeated)."""
+        if not self.encoder.uses_images or not image_path:
+            return {}
+        vision = self.encoder.vision_inputs(self.encoder.load_image(image_path))
+        return {k: torch.cat([v] * copies, dim=0) for k, v in vision.items()}
+
+
+def _merge_vision(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
+
+
+@dataclass
+class APOCollator(_VisionMixin):
+    """Collate tokenized preference samples: per sample one positive row followed by its negatives.
+
+    Output: ``input_ids``, ``attention_mask``, ``labels`` (IGNORE_INDEX outside completions) of shape
+    [rows, length] (right padding); ``chosen_index`` [B] and ``rejected_index`` [B, Nmax] (row numbers,
+    -1 = no such negative); ``rejected_mask`` [B, Nmax]; ``prompt_lengths`` [rows]; vision tensors when
+    the model has images (one image per row, in row order); ``ref_chosen_logps`` / ``ref_rejected_logps``
+    when the features carry precomputed reference log-probs; ``sample_index`` when present."""
+
+    encoder: ChatEncoder
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows: list[list[int]] = []
+        labels: list[list[int]] = []
+        prompt_lengths: list[int] = []
+        chosen_index: list[int] = []
+        rejected_index: list[list[int]] = []
+        vision_parts = []
+        for f in features:
+            prompt = list(f["prompt_input_ids"])
+            completions = [f["chosen_input_ids"], *f["rejected_input_ids"]]
+            chosen_index.append(len(rows))
+            rejected_index.append(list(range(len(rows) + 1, len(rows) + len(completions))))
+            for completion in completions:
+                rows.append(prompt + list(completion))
+                labels.append([IGNORE_INDEX] * len(prompt) + list(completion))
+                prompt_lengths.append(len(prompt))
+            vision_parts.append(self._vision(f.get("image_path"), len(completions)))
+        n_max = max(len(r) for r in rejected_index)
+        rejected_tensor = torch.full((len(features), n_max), -1, dtype=torch.long)
+        for i, r in enumerate(rejected_index):
+            rejected_tensor[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        input_ids = _pad_rows(rows, self.encoder.pad_token_id, self.pad_to_multiple_of)
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": _pad_rows([[1] * len(r) for r in rows], 0, self.pad_to_multiple_of),
+            "labels": _pad_rows(labels, IGNORE_INDEX, self.pad_to_multiple_of),
+            "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
+            "chosen_index": torch.tensor(chosen_index, dtype=torch.long),
+            "rejected_index": rejected_tensor,
+            "rejected_mask": rejected_tensor >= 0,
+            **_merge_vision(vision_parts),
+        }
+        if "ref_chosen_logps" in features[0]:
+            batch["ref_chosen_logps"] = torch.tensor(
+                [f["ref_chosen_logps"] for f in features], dtype=torch.float32
+            )
+            ref_rej = torch.zeros((len(features), n_max), dtype=torch.float32)
+            for i, f in enumerate(features):
+                values = f["ref_rejected_logps"]
+                ref_rej[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
+            batch["ref_rejected_logps"] = ref_rej
+        if "sample_index" in features[0]:
+            batch["sample_index"] = torch.tensor([f["sample_index"] for f in features], dtype=torch.long)
+        return batch
+
+
+@dataclass
+class SFTCollator(_VisionMixin):
+    """Collate tokenized SFT rows: prompt + completion, labels only on the completion tokens."""
+
+    encoder: ChatEncoder
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows, labels, vision_parts = [], [], []
+        for f in features:
+            prompt, completion = list(f["prompt_input_ids"]), list(f["completion_input_ids"])
+            rows.append(prompt + completion)
+            labels.append([IGNORE_INDEX] * len(prompt) + completion)
+            vision_parts.append(self._vision(f.get("image_path"), 1))
+        return {
+            "input_ids": _pad_rows(rows, self.encoder.pad_token_id, self.pad_to_multiple_of),
+            "attention_mask": _pad_rows([[1] * len(r) for r in rows], 0, self.pad_to_multiple_of),
+            "labels": _pad_rows(labels, IGNORE_INDEX, self.pad_to_multiple_of),
+            **_merge_vision(vision_parts),
+        }
+
+
+#: Batch keys that are bookkeeping for the loss, not model inputs.
+APO_BOOKKEEPING_KEYS = (
+    "labels",
+    "prompt_lengths",
+    "chosen_index",
+    "rejected_index",
+    "rejected_mask",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "sample_index",
+)

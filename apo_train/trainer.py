@@ -1,0 +1,488 @@
+"""Stage 1 (SFT bootstrapping) and Stage 2 (APO, Autonomous Preference Optimization) on transformers' Trainer.
+
+Both stages are ``transformers.Trainer`` subclasses, so ``accelerate launch`` / torchrun, DeepSpeed
+ZeRO-2/3, bf16, gradient checkpointing, gradient accumulation, checkpoints and ``resume_from_checkpoint``
+work as they do for any HF training run.
+
+APOTrainer: each batch holds B samples; per sample one positive row and N negative rows (APOCollator).
+One forward pass over all rows gives policy log-probs (summed over completion tokens); the reference
+log-probs come from (a) the same model with its LoRA adapter disabled (no second copy in memory), (b)
+a frozen copy for full fine-tuning, or (c) a one-pass precomputation cached on disk
+(``precompute_ref_log_probs``). The positive is computed once per sample, not once per negative.
+
+Metrics use TRL's names: loss, rewards/chosen, rewards/rejected (mean over negatives), rewards/margins
+(vs that mean), rewards/margins_max (vs the strongest negative), rewards/accuracies (positive beats every
+negative), logps/chosen, logps/rejected.
+
+Not TRL's apo_zero/apo_down (Anchored Preference Optimization): a different method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import inspect
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from apo_train.callbacks import JsonlLogCallback, RichProgressCallback
+from apo_train.config import APOConfig, SFTStageConfig
+from apo_train.data import (
+    APO_BOOKKEEPING_KEYS,
+    IGNORE_INDEX,
+    APOCollator,
+    ChatEncoder,
+    SFTCollator,
+    TruncationStats,
+    load_split,
+    tokenize_preferences,
+    tokenize_sft,
+)
+from apo_train.losses import apo_loss, reward_metrics
+from apo_train.modeling import attach_lora, load_model, load_processor, processor_source
+
+
+# ----------------------------------------------------------------------------------------- log-probs
+def _base_model(model: torch.nn.Module) -> torch.nn.Module:
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner
+
+
+def supports_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model can skip the LM head on prompt positions (``logits_to_keep``)."""
+    try:
+        return "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def completion_logps(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], logits_to_keep: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs of each row's completion tokens (float32, [rows]) and their token counts.
+
+    Only positions from the earliest completion on are sent through the LM head when the model supports
+    ``logits_to_keep`` (the prompt and image tokens of a VLM are often most of a row). Log-softmax is
+    taken one row at a time in float32 so memory stays at one [length, vocab] float32 slab."""
+    inputs = {k: v for k, v in batch.items() if k not in APO_BOOKKEEPING_KEYS}
+    labels = batch["labels"]
+    length = labels.shape[1]
+    if logits_to_keep and "prompt_lengths" in batch:
+        first = int(batch["prompt_lengths"].min().item())
+        inputs["logits_to_keep"] = min(length, max(1, length - first + 1))
+    logits = model(**inputs, use_cache=False).logits
+    kept = logits.shape[1]
+    targets = labels[:, length - kept + 1 :]
+    logits = logits[:, :-1]
+    mask = targets != IGNORE_INDEX
+    safe_targets = targets.clamp(min=0)
+    per_row = []
+    for row in range(logits.shape[0]):
+        row_logits = logits[row].float()
+        token_logps = row_logits.gather(-1, safe_targets[row].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(
+            row_logits, dim=-1
+        )
+        per_row.append(torch.where(mask[row], token_logps, 0.0).sum())
+    return torch.stack(per_row), mask.sum(dim=1)
+
+
+def split_rows(values: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row values -> (chosen [B], rejected [B, Nmax]) using the collator's row indices."""
+    chosen = values[batch["chosen_index"]]
+    rejected = values[batch["rejected_index"].clamp(min=0)]
+    return chosen, torch.where(batch["rejected_mask"], rejected, torch.zeros_like(rejected))
+
+
+def _callbacks(args: Any, console: Any | None, description: str) -> list[Any]:
+    callbacks: list[Any] = [RichProgressCallback(console=console, description=description)]
+    if getattr(args, "jsonl_log", False) and args.output_dir:
+        callbacks.append(JsonlLogCallback(Path(args.output_dir) / "log.jsonl"))
+    return callbacks
+
+
+def _use_rich_progress(trainer: Trainer) -> None:
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+
+
+# ------------------------------------------------------------------------------------------ trainers
+class SFTStageTrainer(Trainer):
+    """Stage 1: next-token loss on completion tokens (the model's own loss over labels != -100)."""
+
+    def __init__(self, *args: Any, console: Any | None = None, **kwargs: Any) -> None:
+        cfg = kwargs.get("args")
+        kwargs.setdefault("callbacks", _callbacks(cfg, console, "SFT"))
+        super().__init__(*args, **kwargs)
+        _use_rich_progress(self)
+
+
+class APOTrainer(Trainer):
+    """Stage 2: APO (Autonomous Preference Optimization), one positive vs N negatives per sample.
+
+    ``model`` is the policy (normally a peft LoRA model on top of the Stage-1 model). ``ref_model``: an
+    explicit reference; when None the reference is the policy with its adapter disabled (LoRA) or a frozen
+    copy of the starting weights (full fine-tuning), unless ``args.precompute_ref_log_probs``."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: APOConfig,
+        ref_model: torch.nn.Module | None = None,
+        console: Any | None = None,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("callbacks", _callbacks(args, console, "APO"))
+        self._is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+        if ref_model is None and not self._is_peft and not args.precompute_ref_log_probs:
+            # Full fine-tuning: the reference is the starting point, frozen.
+            ref_model = copy.deepcopy(model)
+        super().__init__(model=model, args=args, **kwargs)
+        _use_rich_progress(self)
+        self.ref_model = ref_model
+        if self.ref_model is not None:
+            self.ref_model.eval()
+            self.ref_model.requires_grad_(False)
+            self.ref_model.to(self.args.device)
+        # Our loss is a per-sample mean; let Trainer scale it for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        self.console = console
+        self._keep_logits = supports_logits_to_keep(model)
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._reference_ready: set[str] = set()
+
+    # ------------------------------------------------------------------ reference
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        """The module that computes reference log-probs (policy with adapter disabled, or ref_model)."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if not hasattr(unwrapped, "disable_adapter"):
+            raise RuntimeError("no reference: give ref_model, use LoRA, or precompute_ref_log_probs")
+        with unwrapped.disable_adapter():
+            yield self.model_wrapped if self.model_wrapped is not None else self.model
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference (chosen [B], rejected [B, N]) summed log-probs for a collated batch."""
+        if "ref_chosen_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        with torch.no_grad(), self.reference_model() as ref:
+            logps, _ = completion_logps(ref, batch, self._keep_logits)
+        return split_rows(logps.detach(), batch)
+
+    def _reference_cache_path(self, dataset: Any, name: str) -> Path:
+        args = self.args
+        key = json.dumps(
+            {
+                "fingerprint": getattr(dataset, "_fingerprint", None),
+                "rows": len(dataset),
+                "model": str(args.model_name_or_path),
+                "max_length": args.max_length,
+            },
+            sort_keys=True,
+        )
+        digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+        root = Path(args.reference_cache_dir or Path(args.output_dir) / "reference_logps")
+        return root / f"{name}-{digest}.arrow"
+
+    def precompute_reference_logps(self, dataset: Any, name: str = "train") -> Any:
+        """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` columns, computed in one pass (cached on disk).
+
+        The cache file is keyed by the tokenized dataset's fingerprint, the model and max_length, written
+        atomically, and reused by later runs and resumes."""
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+        from torch.utils.data import DataLoader
+
+        if "ref_chosen_logps" in dataset.column_names:
+            return dataset
+        path = self._reference_cache_path(dataset, name)
+        if not path.exists():
+            indexed = dataset.add_column("sample_index", list(range(len(dataset))))
+            loader = DataLoader(
+                indexed,
+                batch_size=self.args.per_device_eval_batch_size,
+                collate_fn=self.data_collator,
+                shuffle=False,
+                num_workers=self.args.dataloader_num_workers,
+            )
+            loader = self.accelerator.prepare(loader)
+            chosen_all: dict[int, float] = {}
+            rejected_all: dict[int, list[float]] = {}
+            was_training = self.model.training
+            self.model.eval()
+            for batch in loader:
+                batch = self._prepare_inputs(batch)
+                chosen, rejected = self.reference_logps(
+                    {k: v for k, v in batch.items() if not k.startswith("ref_")}
+                )
+                rejected = rejected.masked_fill(~batch["rejected_mask"], float("nan"))
+                rejected = self.accelerator.pad_across_processes(rejected, dim=1, pad_index=float("nan"))
+                index, chosen, rejected = self.accelerator.gather_for_metrics(
+                    (batch["sample_index"], chosen, rejected)
+                )
+                for i, c, r in zip(index.tolist(), chosen.tolist(), rejected.tolist(), strict=True):
+                    chosen_all[i] = c
+                    rejected_all[i] = [v for v in r if v == v]  # drop nan padding
+            self.model.train(was_training)
+            if self.accelerator.is_main_process:
+                order = sorted(chosen_all)
+                table = pa.table(
+                    {
+                        "sample_index": pa.array(order, pa.int64()),
+                        "ref_chosen_logps": pa.array([chosen_all[i] for i in order], pa.float32()),
+                        "ref_rejected_logps": pa.array(
+                            [rejected_all[i] for i in order], pa.list_(pa.float32())
+                        ),
+                    }
+                )
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+                    writer.write_table(table)
+                os.replace(tmp, path)
+            self.accelerator.wait_for_everyone()
+        with pa.memory_map(str(path), "r") as source:
+            table = ipc.open_file(source).read_all()
+        if table.num_rows != len(dataset):
+            raise RuntimeError(f"{path}: {table.num_rows} cached reference rows for {len(dataset)} samples")
+        dataset = dataset.add_column("ref_chosen_logps", table.column("ref_chosen_logps").to_pylist())
+        return dataset.add_column("ref_rejected_logps", table.column("ref_rejected_logps").to_pylist())
+
+    def get_train_dataloader(self) -> Any:
+        if self.args.precompute_ref_log_probs and "train" not in self._reference_ready:
+            self.train_dataset = self.precompute_reference_logps(self.train_dataset, "train")
+            self._reference_ready.add("train")
+        return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        if self.args.precompute_ref_log_probs and eval_dataset is None and self.eval_dataset is not None:
+            if "eval" not in self._reference_ready:
+                self.eval_dataset = self.precompute_reference_logps(self.eval_dataset, "eval")
+                self._reference_ready.add("eval")
+        return super().get_eval_dataloader(eval_dataset)
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        args = self.args
+        policy, counts = completion_logps(model, inputs, self._keep_logits)
+        policy_chosen, policy_rejected = split_rows(policy, inputs)
+        chosen_counts = counts[inputs["chosen_index"]]
+        ref_chosen, ref_rejected = self.reference_logps(inputs)
+        out = apo_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            inputs["rejected_mask"],
+            beta=args.beta,
+            loss_type=args.loss_type,
+            pairwise_reduction=args.pairwise_reduction,
+            nll_alpha=args.nll_alpha,
+            chosen_token_counts=chosen_counts,
+        )
+        loss = out.loss.mean()
+        mode = "train" if model.training else "eval"
+        metrics = reward_metrics(out, policy_chosen, policy_rejected)
+        metrics["negatives"] = inputs["rejected_mask"].sum(dim=1).float()
+        for key, value in metrics.items():
+            gathered = self.accelerator.gather_for_metrics(value.detach())
+            self._metrics[mode][key].append(gathered.float().mean().item())
+        if return_outputs:
+            return loss, {"chosen_rewards": out.chosen_rewards, "rejected_rewards": out.rejected_rewards}
+        return loss
+
+    def prediction_step(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: Any = None,
+    ) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        averaged = {k: sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        prefix = "eval_" if mode == "eval" else ""
+        logs = {**logs, **{prefix + k: v for k, v in averaged.items()}}
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+
+# --------------------------------------------------------------------------------- stage runners
+def _report_stats(stats: TruncationStats, console: Any | None, label: str, output_dir: str | None) -> None:
+    if output_dir:
+        path = Path(output_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f"{label}_data_stats.json.tmp"
+        tmp.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+        os.replace(tmp, path / f"{label}_data_stats.json")
+    if console is not None:
+        d = stats.as_dict()
+        console.print(
+            f"[bold]{label} data[/]: {d['samples_kept']}/{d['samples_in']} samples kept; dropped "
+            f"prompt-too-long {d['dropped_prompt_too_long']}, no-negatives {d['dropped_no_rejected']}, "
+            f"invalid {d['dropped_invalid']}; truncated chosen {d['truncated_chosen']}, "
+            f"rejected {d['truncated_rejected']}; empty negatives {d['empty_rejected']}"
+        )
+
+
+def _prepare_model(cfg: SFTStageConfig | APOConfig) -> tuple[Any, Any]:
+    if not cfg.model_name_or_path:
+        from cxrmax.errors import InputError
+
+        raise InputError("model_name_or_path is required")
+    processor = load_processor(processor_source(cfg.model_name_or_path))
+    model = load_model(cfg.model_name_or_path, cfg.torch_dtype, cfg.attn_implementation)
+    if cfg.use_lora:
+        model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets())
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+        if cfg.use_lora and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    return model, processor
+
+
+def _encoder(cfg: SFTStageConfig | APOConfig, processor: Any) -> ChatEncoder:
+    return ChatEncoder(processor, cfg.image_root, cfg.max_edge, cfg.max_pixels, cfg.system_prompt)
+
+
+def save_outputs(trainer: Trainer, processor: Any, cfg: SFTStageConfig | APOConfig) -> dict[str, str]:
+    """Save the adapter (or full model) + processor to output_dir; with merge_adapter also OUTPUT/merged."""
+    out = Path(cfg.output_dir)
+    trainer.save_model(str(out))
+    saved = {"model": str(out)}
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(str(out))
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if cfg.merge_adapter and hasattr(model, "merge_and_unload"):
+        merged_dir = out / "merged"
+        if trainer.accelerator.is_main_process:
+            merged = copy.deepcopy(model).merge_and_unload()
+            merged.save_pretrained(str(merged_dir))
+            processor.save_pretrained(str(merged_dir))
+        saved["merged"] = str(merged_dir)
+    return saved
+
+
+def run_sft(
+    cfg: SFTStageConfig,
+    console: Any | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+) -> dict[str, Any]:
+    """Stage 1: load model + OUT/sft, tokenize (reporting truncation), train, save. Returns paths + stats."""
+    model, processor = _prepare_model(cfg)
+    encoder = _encoder(cfg, processor)
+    train_raw = load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "completion"))
+    train, stats = tokenize_sft(
+        train_raw,
+        encoder,
+        cfg.max_length,
+        cfg.min_completion_tokens,
+        cfg.lenient,
+        cfg.dataset_num_proc,
+        source=Path(cfg.dataset_path) / cfg.dataset_split,
+    )
+    _report_stats(stats, console, "sft", cfg.output_dir)
+    eval_ds = None
+    if cfg.eval_split:
+        eval_raw = load_split(cfg.dataset_path, cfg.eval_split, ("prompt", "completion"))
+        eval_ds, _ = tokenize_sft(
+            eval_raw, encoder, cfg.max_length, cfg.min_completion_tokens, True, cfg.dataset_num_proc
+        )
+    trainer = SFTStageTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        data_collator=SFTCollator(encoder),
+        console=console,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    saved = save_outputs(trainer, processor, cfg)
+    return {
+        "saved": saved,
+        "stats": stats.as_dict(),
+        "metrics": result.metrics,
+        "log_history": trainer.state.log_history,
+    }
+
+
+def run_apo(
+    cfg: APOConfig,
+    console: Any | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+) -> dict[str, Any]:
+    """Stage 2: load the Stage-1 model (also the reference) + OUT/preferences, tokenize, train APO, save."""
+    model, processor = _prepare_model(cfg)
+    encoder = _encoder(cfg, processor)
+    needed = ("prompt", "chosen", "rejected")
+    train_raw = load_split(cfg.dataset_path, cfg.dataset_split, needed)
+    train, stats = tokenize_preferences(
+        train_raw,
+        encoder,
+        cfg.max_length,
+        cfg.max_negatives,
+        cfg.min_completion_tokens,
+        cfg.lenient,
+        cfg.dataset_num_proc,
+        source=Path(cfg.dataset_path) / cfg.dataset_split,
+    )
+    _report_stats(stats, console, "apo", cfg.output_dir)
+    eval_ds = None
+    if cfg.eval_split:
+        eval_raw = load_split(cfg.dataset_path, cfg.eval_split, needed)
+        eval_ds, _ = tokenize_preferences(
+            eval_raw,
+            encoder,
+            cfg.max_length,
+            cfg.max_negatives,
+            cfg.min_completion_tokens,
+            True,
+            cfg.dataset_num_proc,
+        )
+    trainer = APOTrainer(
+        model=model,
+        args=cfg,
+        train_dataset=train,
+        eval_dataset=eval_ds,
+        data_collator=APOCollator(encoder),
+        console=console,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    saved = save_outputs(trainer, processor, cfg)
+    return {
+        "saved": saved,
+        "stats": stats.as_dict(),
+        "metrics": result.metrics,
+        "log_history": trainer.state.log_history,
+    }
+
+
+#: The names other engineers' interface notes use.
+SFTStage = SFTStageTrainer
