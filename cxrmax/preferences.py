@@ -406,7 +406,9 @@ def _spans(items: object) -> list[tuple[int, int]]:
 
 
 def _status_of(observation: object) -> str | None:
-    return getattr(observation, "status", observation if isinstance(observation, str) else None)
+    if isinstance(observation, str):
+        return observation
+    return getattr(observation, "status", None)
 
 
 def label_trajectories(texts: Sequence[str | None], label_text: Callable | None = None) -> LabelArrays:
@@ -421,45 +423,73 @@ def label_trajectories(texts: Sequence[str | None], label_text: Callable | None 
     hedging = np.zeros(n, dtype=bool)
     errors: list[str | None] = [None] * n
     offsets = np.zeros(n + 1, dtype=np.int64)
-    step_rows: list[list[int]] = []
-    side_rows: list[list[int]] = []
+    # Sparse coordinates (row, observation, code), scattered into arrays at the end: far cheaper
+    # than numpy item assignment per mention.
+    t_rows: list[int] = []
+    t_obs: list[int] = []
+    t_states: list[int] = []
+    t_sides: list[int] = []
+    s_rows: list[int] = []
+    s_obs: list[int] = []
+    s_states: list[int] = []
+    d_rows: list[int] = []
+    d_obs: list[int] = []
+    d_sides: list[int] = []
     excluded: list[bool] = []
     step_texts: list[str] = []
     obs_index = {name: i for i, name in enumerate(OBSERVATIONS)}
+    state_of = D._STATUS_TO_STATE
+    side_of = D._SIDE_TO_CODE
+    n_steps = 0
     for t, text in enumerate(texts):
         try:
             labelled = label_text(text or "")
         except Exception as exc:  # a junk text must not stop a 170k-row build
             errors[t] = f"{type(exc).__name__}: {exc}"
-            offsets[t + 1] = offsets[t]
+            offsets[t + 1] = n_steps
             continue
         for name, obs in labelled.observations.items():
+            code = state_of.get(_status_of(obs), 0)
             i = obs_index.get(name)
-            if i is None:
-                continue
-            states[t, i] = D.status_to_state(_status_of(obs))
-            sides[t, i] = D.side_to_code(getattr(obs, "laterality", None))
+            if code and i is not None:
+                t_rows.append(t)
+                t_obs.append(i)
+                t_states.append(code)
+                t_sides.append(side_of.get(getattr(obs, "laterality", None) or "", 0))
         refusal[t] = bool(getattr(labelled, "is_refusal", False))
-        hedging[t] = bool(getattr(labelled, "hedging", None))
-        bad_spans = _spans(getattr(labelled, "refusal", ())) + _spans(getattr(labelled, "hedging", ()))
-        steps = list(getattr(labelled, "steps", ()) or ())
-        for step in steps:
-            row = [0] * D.N_OBS
-            side_row = [0] * D.N_OBS
-            for name, status in (getattr(step, "statuses", None) or {}).items():
+        bad_spans = _spans(getattr(labelled, "refusal", ()))
+        hedges = _spans(getattr(labelled, "hedging", ()))
+        hedging[t] = bool(hedges)
+        bad_spans += hedges
+        for step in getattr(labelled, "steps", ()) or ():
+            for name, status in (step.statuses or {}).items():
+                code = state_of.get(_status_of(status), 0)
                 i = obs_index.get(name)
-                if i is not None:
-                    row[i] = D.status_to_state(_status_of(status))
-            for name, side in (getattr(step, "lateralities", None) or {}).items():
+                if code and i is not None:
+                    s_rows.append(n_steps)
+                    s_obs.append(i)
+                    s_states.append(code)
+            for name, side in (step.lateralities or {}).items():
+                code = side_of.get(side or "", 0)
                 i = obs_index.get(name)
-                if i is not None:
-                    side_row[i] = D.side_to_code(side)
-            start, end = int(getattr(step, "start", 0)), int(getattr(step, "end", 0))
-            excluded.append(any(s < end and start < e for s, e in bad_spans))
-            step_rows.append(row)
-            side_rows.append(side_row)
-            step_texts.append(str(getattr(step, "text", "")))
-        offsets[t + 1] = offsets[t] + len(steps)
+                if code and i is not None:
+                    d_rows.append(n_steps)
+                    d_obs.append(i)
+                    d_sides.append(code)
+            if bad_spans:
+                start, end = step.start, step.end
+                excluded.append(any(s < end and start < e for s, e in bad_spans))
+            else:
+                excluded.append(False)
+            step_texts.append(step.text)
+            n_steps += 1
+        offsets[t + 1] = n_steps
+    states[t_rows, t_obs] = t_states
+    sides[t_rows, t_obs] = t_sides
+    step_states = np.zeros((n_steps, D.N_OBS), dtype=np.int8)
+    step_sides = np.zeros((n_steps, D.N_OBS), dtype=np.int8)
+    step_states[s_rows, s_obs] = s_states
+    step_sides[d_rows, d_obs] = d_sides
     return LabelArrays(
         states=states,
         sides=sides,
@@ -467,8 +497,8 @@ def label_trajectories(texts: Sequence[str | None], label_text: Callable | None 
         hedging=hedging,
         errors=errors,
         step_offsets=offsets,
-        step_states=np.array(step_rows, dtype=np.int8).reshape(-1, D.N_OBS),
-        step_sides=np.array(side_rows, dtype=np.int8).reshape(-1, D.N_OBS),
+        step_states=step_states,
+        step_sides=step_sides,
         step_excluded=np.array(excluded, dtype=bool),
         step_texts=step_texts,
     )
