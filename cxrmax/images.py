@@ -126,6 +126,9 @@ def dicom_to_uint8(dataset) -> np.ndarray:  # noqa: ANN001 - a pydicom Dataset
     if pixels.ndim == 3:  # colour: luminance
         return np.asarray(Image.fromarray(pixels.astype(np.uint8)).convert("L"))
     values = apply_modality_lut(pixels, dataset)
+    if values.dtype.kind == "f" and np.array_equal(values, np.round(values)):
+        # An integer rescale (slope 1, integer intercept): keep integers, which a VOI LUT indexes.
+        values = values.astype(np.int64)
     if "VOILUTSequence" in dataset or "WindowCenter" in dataset:
         values = apply_voi_lut(values, dataset, index=0)
     scaled = _scale_to_uint8(values)

@@ -91,6 +91,7 @@ _SPLIT_ALIASES = {"val": "validate", "valid": "validate", "validation": "validat
 _VIEW_RANK = {"PA": 0, "AP": 1}
 _LABEL_PATTERN = r"^\s*-?[01](\.0*)?\s*$"
 _INT_PATTERN = r"^\s*\d+\s*$"
+_LABEL_VALUES = pa.array([1.0, 0.0, -1.0], pa.float32())
 _FLOAT_PATTERN = r"^\s*-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
@@ -239,6 +240,16 @@ class _Validator:
 
     def integer(self, name: str, required: bool = True) -> pa.ChunkedArray:
         column = self.table.column(name)
+        # Fast path: a clean column casts directly; only a failing one is scanned with a regex.
+        try:
+            values = pc.cast(column, pa.int64())
+            bad = pc.less(values, 0)
+            if required:
+                bad = pc.or_(pc.fill_null(bad, True), pc.is_null(values))
+            if not pc.any(bad).as_py():
+                return values
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
         valid = pc.match_substring_regex(column, _INT_PATTERN)
         if required:
             self.flag(pc.invert(pc.fill_null(valid, False)), name, "not a positive integer id", f"bad {name}")
@@ -249,6 +260,10 @@ class _Validator:
 
     def number(self, name: str) -> pa.ChunkedArray:
         column = self.table.column(name)
+        try:
+            return pc.cast(column, pa.float64())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
         valid = pc.match_substring_regex(column, _FLOAT_PATTERN)
         self.flag(pc.invert(pc.fill_null(valid, True)), name, "not a number", f"bad {name}")
         cleaned = pc.if_else(pc.fill_null(valid, False), pc.utf8_trim_whitespace(column), None)
@@ -256,6 +271,12 @@ class _Validator:
 
     def label(self, name: str) -> pa.ChunkedArray:
         column = self.table.column(name)
+        try:
+            values = pc.cast(column, pa.float32())
+            if pc.all(pc.fill_null(pc.is_in(values, _LABEL_VALUES), True)).as_py():
+                return values
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
         valid = pc.match_substring_regex(column, _LABEL_PATTERN)
         self.flag(
             pc.invert(pc.fill_null(valid, True)),
@@ -267,25 +288,21 @@ class _Validator:
         return pc.cast(cleaned, pa.float32())
 
     def text(self, name: str, required: bool = True) -> pa.ChunkedArray:
-        column = pc.utf8_trim_whitespace(self.table.column(name))
+        column = self.table.column(name)  # empty cells are already null (read with null_values [""])
         if required:
-            self.flag(
-                pc.invert(pc.fill_null(pc.greater(pc.utf8_length(column), 0), False)),
-                name,
-                "empty",
-                f"empty {name}",
-            )
+            self.flag(pc.is_null(column), name, "empty", f"empty {name}")
         return column
 
-    def duplicates(self, columns: pa.Table, field_name: str, what: str) -> None:
-        """Flag rows whose key (all columns of `columns`) already appeared above."""
-        keys = columns.append_column("_i", pa.array(np.arange(columns.num_rows)))
-        firsts = keys.group_by(columns.column_names, use_threads=False).aggregate([("_i", "min")])
-        is_first = np.zeros(columns.num_rows, dtype=bool)
+    def duplicates(self, column: pa.ChunkedArray, field_name: str, what: str) -> None:
+        """Flag rows whose (non-null) value already appeared in an earlier row."""
+        valid = column.drop_null()
+        if len(pc.unique(valid)) == len(valid):
+            return  # the common case, without building row indices
+        keys = pa.table({"key": column, "_i": pa.array(np.arange(len(column)))})
+        firsts = keys.group_by(["key"], use_threads=False).aggregate([("_i", "min")])
+        is_first = np.zeros(len(column), dtype=bool)
         is_first[firsts.column("_i_min").to_numpy()] = True
-        nulls = np.zeros(columns.num_rows, dtype=bool)
-        for name in columns.column_names:
-            nulls |= np.asarray(columns.column(name).is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        nulls = np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         self.flag(pa.array(~is_first & ~nulls), field_name, f"duplicate {what}", f"duplicate {what}")
 
     def keep(self) -> np.ndarray:
@@ -562,7 +579,7 @@ class MimicCXR:
         columns = (
             check.integer("Columns", required=False) if "Columns" in optional else nulls.cast(pa.int64())
         )
-        check.duplicates(pa.table({"dicom_id": dicom_id}), "dicom_id", "dicom_id")
+        check.duplicates(dicom_id, "dicom_id", "dicom_id")
         meta = pa.table(
             {
                 "dicom_id": dicom_id,
@@ -606,7 +623,7 @@ class MimicCXR:
             "unknown split",
         )
         split_dicom = check.text("dicom_id")
-        check.duplicates(pa.table({"dicom_id": split_dicom}), "dicom_id", "dicom_id")
+        check.duplicates(split_dicom, "dicom_id", "dicom_id")
         split = pa.table(
             {
                 "dicom_id": split_dicom,
@@ -617,7 +634,13 @@ class MimicCXR:
             }
         ).filter(pa.array(check.keep()))
 
-        joined = meta.join(split, keys="dicom_id", join_type="full outer", use_threads=True)
+        if meta.num_rows == split.num_rows and meta.column("dicom_id").equals(split.column("dicom_id")):
+            # The release lists images in the same order in both files: no hash join needed.
+            joined = meta
+            for name in ("split_study_id", "split_subject_id", "split", "_split_row"):
+                joined = joined.append_column(name, split.column(name))
+        else:
+            joined = meta.join(split, keys="dicom_id", join_type="full outer", use_threads=True)
         no_meta = pc.is_null(joined.column("_meta_row"))
         no_split = pc.is_null(joined.column("_split_row"))
         disagree_study = pc.fill_null(
@@ -706,10 +729,28 @@ class MimicCXR:
 
     def studies(self) -> pa.Table:
         """One row per study: study_id, subject_id, split, n_images (sorted by subject, study)."""
-        images = self.images()
-        table = images.group_by(["study_id", "subject_id", "split"]).aggregate([("dicom_id", "count")])
-        table = table.rename_columns(["study_id", "subject_id", "split", "n_images"])
-        return table.sort_by([("subject_id", "ascending"), ("study_id", "ascending")])
+        images = self.images()  # sorted by subject, study: a study's images are contiguous
+        study = images.column("study_id").to_numpy()
+        if len(study) == 0:
+            return pa.table(
+                {
+                    "study_id": pa.array([], pa.int64()),
+                    "subject_id": pa.array([], pa.int64()),
+                    "split": pa.array([], pa.string()),
+                    "n_images": pa.array([], pa.int64()),
+                }
+            )
+        starts = np.flatnonzero(np.r_[True, study[1:] != study[:-1]])
+        counts = np.diff(np.r_[starts, len(study)])
+        index = pa.array(starts)
+        return pa.table(
+            {
+                "study_id": images.column("study_id").take(index),
+                "subject_id": images.column("subject_id").take(index),
+                "split": images.column("split").take(index),
+                "n_images": pa.array(counts, pa.int64()),
+            }
+        )
 
     # ---- labels ------------------------------------------------------------------------------
 
@@ -758,7 +799,7 @@ class MimicCXR:
             data["label_subject_id"] = check.integer("subject_id")
         for canonical in OBSERVATIONS:
             data[canonical] = check.label(label_columns[canonical])
-        check.duplicates(pa.table({"study_id": study_id}), "study_id", "study_id")
+        check.duplicates(study_id, "study_id", "study_id")
         data["_row"] = pa.array(np.arange(1, raw.num_rows + 1))
         labels = pa.table(data).filter(pa.array(check.keep()))
 
