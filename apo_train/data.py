@@ -141,11 +141,18 @@ class ChatEncoder:
 
     def encode_prompt(self, prompt: str, image: Any | None) -> list[int]:
         """Token ids of the chat-formatted user turn + assistant header (image tokens expanded)."""
+        return self.encode_prompt_with_types(prompt, image)[0]
+
+    def encode_prompt_with_types(self, prompt: str, image: Any | None) -> tuple[list[int], list[int]]:
+        """Prompt ids and the processor's ``mm_token_type_ids`` (empty when it makes none).
+
+        Recent Qwen-VL models need the token types to place multimodal rotary positions."""
         text = self._render(self._messages(prompt, image is not None), add_generation_prompt=True)
         if image is not None:
             out = self.processor(text=[text], images=[image], return_tensors="pt")
-            return out["input_ids"][0].tolist()
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            types = out.get("mm_token_type_ids")
+            return out["input_ids"][0].tolist(), ([] if types is None else types[0].tolist())
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"], []
 
     def completion_text(self, prompt: str, completion: str) -> str:
         """What the chat template appends for an assistant turn holding ``completion``.
@@ -226,6 +233,7 @@ def tokenize_preferences(
     def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
         result = {
             "prompt_input_ids": [],
+            "prompt_mm_token_type_ids": [],
             "chosen_input_ids": [],
             "rejected_input_ids": [],
             "drop_reason": None,
@@ -249,7 +257,8 @@ def tokenize_preferences(
                 result["drop_reason"] = "invalid"
                 return result
             image = encoder.load_image(image_path, index + 1)
-        prompt_ids = encoder.encode_prompt(prompt, image)
+        prompt_ids, prompt_types = encoder.encode_prompt_with_types(prompt, image)
+        result["prompt_mm_token_type_ids"] = prompt_types
         budget = max_length - len(prompt_ids)
         result["prompt_input_ids"] = prompt_ids
         if budget < min_completion_tokens:
@@ -313,7 +322,8 @@ def tokenize_sft(
                 result["drop_reason"] = "invalid"
                 return result
             image = encoder.load_image(image_path, index + 1)
-        prompt_ids = encoder.encode_prompt(prompt, image)
+        prompt_ids, prompt_types = encoder.encode_prompt_with_types(prompt, image)
+        result["prompt_mm_token_type_ids"] = prompt_types
         result["prompt_input_ids"] = prompt_ids
         budget = max_length - len(prompt_ids)
         if budget < min_completion_tokens:
@@ -408,6 +418,7 @@ class APOCollator(_VisionMixin):
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows: list[list[int]] = []
+        types: list[list[int]] = []
         labels: list[list[int]] = []
         prompt_lengths: list[int] = []
         chosen_index: list[int] = []
@@ -418,8 +429,10 @@ class APOCollator(_VisionMixin):
             completions = [f["chosen_input_ids"], *f["rejected_input_ids"]]
             chosen_index.append(len(rows))
             rejected_index.append(list(range(len(rows) + 1, len(rows) + len(completions))))
+            prompt_types = list(f.get("prompt_mm_token_type_ids") or [])
             for completion in completions:
                 rows.append(prompt + list(completion))
+                types.append(prompt_types + [0] * len(completion))
                 labels.append([IGNORE_INDEX] * len(prompt) + list(completion))
                 prompt_lengths.append(len(prompt))
             vision_parts.append(self._vision(f.get("image_path"), len(completions)))
@@ -438,6 +451,8 @@ class APOCollator(_VisionMixin):
             "rejected_mask": rejected_tensor >= 0,
             **_merge_vision(vision_parts),
         }
+        if any(f.get("prompt_mm_token_type_ids") for f in features):
+            batch["mm_token_type_ids"] = _pad_rows(types, 0, self.pad_to_multiple_of)
         if "ref_chosen_logps" in features[0]:
             batch["ref_chosen_logps"] = torch.tensor(
                 [f["ref_chosen_logps"] for f in features], dtype=torch.float32
@@ -460,18 +475,22 @@ class SFTCollator(_VisionMixin):
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows, labels, vision_parts = [], [], []
+        rows, types, labels, vision_parts = [], [], [], []
         for f in features:
             prompt, completion = list(f["prompt_input_ids"]), list(f["completion_input_ids"])
             rows.append(prompt + completion)
+            types.append(list(f.get("prompt_mm_token_type_ids") or []) + [0] * len(completion))
             labels.append([IGNORE_INDEX] * len(prompt) + completion)
             vision_parts.append(self._vision(f.get("image_path"), 1))
-        return {
+        batch = {
             "input_ids": _pad_rows(rows, self.encoder.pad_token_id, self.pad_to_multiple_of),
             "attention_mask": _pad_rows([[1] * len(r) for r in rows], 0, self.pad_to_multiple_of),
             "labels": _pad_rows(labels, IGNORE_INDEX, self.pad_to_multiple_of),
             **_merge_vision(vision_parts),
         }
+        if any(f.get("prompt_mm_token_type_ids") for f in features):
+            batch["mm_token_type_ids"] = _pad_rows(types, 0, self.pad_to_multiple_of)
+        return batch
 
 
 #: Batch keys that are bookkeeping for the loss, not model inputs.
