@@ -19,7 +19,9 @@ NAN = np.nan
 
 
 def _random_labels(rng: np.random.Generator, n: int) -> np.ndarray:
-    return rng.choice([1.0, 0.0, -1.0, NAN], size=(n, len(OBSERVATIONS)), p=[0.25, 0.3, 0.1, 0.35]).astype(np.float32)
+    return rng.choice([1.0, 0.0, -1.0, NAN], size=(n, len(OBSERVATIONS)), p=[0.25, 0.3, 0.1, 0.35]).astype(
+        np.float32
+    )
 
 
 def test_hand_computed_f1_and_policies():
@@ -49,14 +51,22 @@ def test_micro_macro_against_sklearn():
         y_true = np.where(ref == -1, keep_uncertain_as, np.nan_to_num(ref, nan=0)).astype(int)
         y_pred = np.where(pred == -1, keep_uncertain_as, np.nan_to_num(pred, nan=0)).astype(int)
         assert result.headline["micro_f1_14"] == pytest.approx(f1_score(y_true, y_pred, average="micro"))
-        assert result.headline["macro_f1_14"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+        assert result.headline["macro_f1_14"] == pytest.approx(
+            f1_score(y_true, y_pred, average="macro", zero_division=0)
+        )
         comp = [OBSERVATIONS.index(o) for o in COMPETITION_LABELS]
-        assert result.headline["micro_f1_5"] == pytest.approx(f1_score(y_true[:, comp], y_pred[:, comp], average="micro"))
-        assert result.headline["macro_f1_5"] == pytest.approx(f1_score(y_true[:, comp], y_pred[:, comp], average="macro"))
+        assert result.headline["micro_f1_5"] == pytest.approx(
+            f1_score(y_true[:, comp], y_pred[:, comp], average="micro")
+        )
+        assert result.headline["macro_f1_5"] == pytest.approx(
+            f1_score(y_true[:, comp], y_pred[:, comp], average="macro")
+        )
         for j, row in enumerate(result.per_observation):
             assert row["observation"] == OBSERVATIONS[j]
             assert row["accuracy"] == pytest.approx(accuracy_score(y_true[:, j], y_pred[:, j]))
-            assert row["precision"] == pytest.approx(precision_score(y_true[:, j], y_pred[:, j], zero_division=0))
+            assert row["precision"] == pytest.approx(
+                precision_score(y_true[:, j], y_pred[:, j], zero_division=0)
+            )
             assert row["recall"] == pytest.approx(recall_score(y_true[:, j], y_pred[:, j], zero_division=0))
             assert row["f1"] == pytest.approx(f1_score(y_true[:, j], y_pred[:, j], zero_division=0))
 
@@ -138,7 +148,9 @@ def test_bleu_matches_sacrebleu_on_the_same_tokens():
     tok_c = [" ".join(textmetrics.tokenize(c)) for c in cands]
     tok_r = [" ".join(textmetrics.tokenize(r)) for r in refs]
     for n in range(1, 5):
-        bleu = sacrebleu.metrics.BLEU(tokenize="none", smooth_method="none", max_ngram_order=n, effective_order=False)
+        bleu = sacrebleu.metrics.BLEU(
+            tokenize="none", smooth_method="none", max_ngram_order=n, effective_order=False
+        )
         assert ours[f"bleu_{n}"] == pytest.approx(bleu.corpus_score(tok_c, [tok_r]).score / 100, abs=1e-9)
 
 
@@ -194,6 +206,7 @@ def _cider_d_direct(cands: list[str], refs: list[str], sigma: float = 6.0) -> li
         cand_tokens = textmetrics.tokenize(cand)
         total = 0.0
         for n in range(1, 5):
+
             def vec(tokens, n=n):
                 return {g: c * (log_n - math.log(max(1, df[n - 1][g]))) for g, c in grams(tokens, n).items()}
 
@@ -220,7 +233,9 @@ def test_cider_d_matches_its_definition_and_batches_agree():
         parts[chunk] = corpus.score_batch(chunk, [cands[i] for i in chunk])
     np.testing.assert_allclose(parts, whole)
     # A candidate identical to its (distinctive) reference scores 10.
-    same = textmetrics.ReferenceCorpus(["left pleural effusion", "no pneumothorax seen today", "heart is enlarged"])
+    same = textmetrics.ReferenceCorpus(
+        ["left pleural effusion", "no pneumothorax seen today", "heart is enlarged"]
+    )
     assert same.score_batch(np.array([1]), ["no pneumothorax seen today"])[0, col] == pytest.approx(10.0)
 
 
@@ -271,6 +286,9 @@ def test_rationale_stats_use_drift_definitions():
     assert summary["label_jaccard"] == pytest.approx((1 / 3 + 0.0) / 2)
     assert math.isnan(summary["similarity"])
     # Under "ignore" the uncertain Edema of study 2 is dropped: recall undefined there.
-    ignored = {k: float(v) for k, v in rationale_summary(rationale_stats(pred, ref, ["a", "b"], None, "ignore").sum(0)).items()}
+    ignored = {
+        k: float(v)
+        for k, v in rationale_summary(rationale_stats(pred, ref, ["a", "b"], None, "ignore").sum(0)).items()
+    }
     assert ignored["recall"] == pytest.approx(0.5)
     assert ignored["label_jaccard"] == pytest.approx((1 / 3 + 1.0) / 2)

@@ -57,11 +57,19 @@ def test_all_formats_agree(tmp_path, refs):
     ref_path, labels = refs
     base = _score(write_csv(tmp_path / "s.csv", labels), ref_path)
     assert base.headline["micro_f1_14"] == pytest.approx(1.0)
-    rows = [{"study_id": s, **{o: (None if np.isnan(v) else int(v)) for o, v in zip(OBSERVATIONS, labels[i], strict=True)}} for i, s in enumerate(IDS)]
+    rows = [
+        {
+            "study_id": s,
+            **{o: (None if np.isnan(v) else int(v)) for o, v in zip(OBSERVATIONS, labels[i], strict=True)},
+        }
+        for i, s in enumerate(IDS)
+    ]
     (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with gzip.open(tmp_path / "s.jsonl.gz", "wt") as fh:
         fh.write("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "s.json").write_text(json.dumps({f"s{r['study_id']}": {k: v for k, v in r.items() if k != "study_id"} for r in rows}))
+    (tmp_path / "s.json").write_text(
+        json.dumps({f"s{r['study_id']}": {k: v for k, v in r.items() if k != "study_id"} for r in rows})
+    )
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "s.parquet")
     for name in ("s.jsonl", "s.jsonl.gz", "s.json", "s.parquet"):
         result = _score(tmp_path / name, ref_path)
@@ -104,11 +112,15 @@ def test_duplicates_in_one_batch_and_across_batches(tmp_path, refs):
     ids = list(IDS)
     ids[10] = IDS[3]
     path = write_csv(tmp_path / "s.csv", labels, ids)
-    with pytest.raises(InputError, match=r"row 11 field 'study_id': duplicate study_id 50000021 \(first given in row 4\)"):
+    with pytest.raises(
+        InputError, match=r"row 11 field 'study_id': duplicate study_id 50000021 \(first given in row 4\)"
+    ):
         _score(path, ref_path)
     ids = list(IDS)
     ids[50] = IDS[1]
-    with pytest.raises(InputError, match=r"row 51 field 'study_id': duplicate study_id .*first given in row 2"):
+    with pytest.raises(
+        InputError, match=r"row 51 field 'study_id': duplicate study_id .*first given in row 2"
+    ):
         _score(write_csv(tmp_path / "t.csv", labels, ids), ref_path, batch_rows=16)
 
 
@@ -150,7 +162,10 @@ def test_probability_columns_validated(tmp_path, refs):
     ref_path, labels = refs
     rng = np.random.default_rng(1)
     probs = rng.random((N, 14)).round(3)
-    rows = [{"study_id": s, **{o: float(probs[i, j]) for j, o in enumerate(OBSERVATIONS)}} for i, s in enumerate(IDS)]
+    rows = [
+        {"study_id": s, **{o: float(probs[i, j]) for j, o in enumerate(OBSERVATIONS)}}
+        for i, s in enumerate(IDS)
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
     result = _score(tmp_path / "p.parquet", ref_path)
     assert result.input_kind == "probabilities"
@@ -168,13 +183,17 @@ def test_wrong_columns(tmp_path, refs):
     with pytest.raises(InputError, match=r"field 'Heart Size': unexpected column"):
         _score(write_csv(tmp_path / "a.csv", labels, header=header), ref_path)
     with pytest.raises(InputError, match=r"field 'Support Devices': observation column missing"):
-        _score(write_csv(tmp_path / "b.csv", labels[:, :13], header=["study_id", *OBSERVATIONS[:13]]), ref_path)
+        _score(
+            write_csv(tmp_path / "b.csv", labels[:, :13], header=["study_id", *OBSERVATIONS[:13]]), ref_path
+        )
     with pytest.raises(InputError, match=r"field 'study_id': no study_id column"):
         _score(write_csv(tmp_path / "c.csv", labels, header=["dicom_id", *OBSERVATIONS]), ref_path)
     # Aliases are mapped by name, whatever the column order.
     header = ["study_id", *OBSERVATIONS]
     header[OBSERVATIONS.index("Lung Opacity") + 1] = "Airspace Opacity"
-    assert _score(write_csv(tmp_path / "d.csv", labels, header=header), ref_path).headline["micro_f1_14"] == pytest.approx(1.0)
+    assert _score(write_csv(tmp_path / "d.csv", labels, header=header), ref_path).headline[
+        "micro_f1_14"
+    ] == pytest.approx(1.0)
 
 
 def test_empty_and_truncated_files(tmp_path, refs):
@@ -239,7 +258,12 @@ def test_large_files_stream_with_bounded_memory(tmp_path):
     with open(big_json, "w") as fh:
         fh.write("{")
         for i in range(n):
-            fh.write(("," if i else "") + json.dumps(str(50000000 + i)) + ":" + json.dumps({"model_prediction": text}))
+            fh.write(
+                ("," if i else "")
+                + json.dumps(str(50000000 + i))
+                + ":"
+                + json.dumps({"model_prediction": text})
+            )
         fh.write("}")
     big_csv = tmp_path / "big.csv"
     with open(big_csv, "w", newline="") as fh:
@@ -250,11 +274,18 @@ def test_large_files_stream_with_bounded_memory(tmp_path):
     big_parquet = tmp_path / "big.parquet"
     writer = pq.ParquetWriter(big_parquet, pa.schema([("study_id", pa.int64()), ("report", pa.string())]))
     for start in range(0, n, 2000):
-        writer.write_table(pa.table({"study_id": np.arange(start, start + 2000) + 50000000, "report": [text] * 2000}))
+        writer.write_table(
+            pa.table({"study_id": np.arange(start, start + 2000) + 50000000, "report": [text] * 2000})
+        )
     writer.close()
     for path in (jsonl, big_json, big_csv, big_parquet):
         size_mib = path.stat().st_size / 2**20
-        counted = []
-        peak = _peak_mib(lambda path=path: counted.extend(len(b) for b in iter_batches(path, batch_rows=1024)))
+        counted: list[int] = []
+
+        def consume(path=path, counted=counted) -> None:
+            for batch in iter_batches(path, batch_rows=1024):
+                counted.append(len(batch))
+
+        peak = _peak_mib(consume)
         assert sum(counted) == n
         assert peak < min(12.0, size_mib / 3), (path.name, peak, size_mib)

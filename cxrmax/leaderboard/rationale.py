@@ -102,10 +102,19 @@ def rationale_summary(sums: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _shard_files(path: Path) -> list[Path]:
-    base = path / "trajectories" if (path / "trajectories").is_dir() else path
-    files = sorted(base.rglob("*.arrow"))
+    """Committed trajectory shards (``part-*.arrow``) under OUT/trajectories/<model>/, given OUT or
+    OUT/trajectories (engineer C's layout; journals of unfinished runs are not read)."""
+    out = path.parent if path.name == "trajectories" else path
+    try:
+        from cxrmax.generate import trajectory_files
+
+        files = trajectory_files(out)
+    except ImportError:
+        files = sorted((out / "trajectories").glob("*/part-*.arrow"))
     if not files:
-        raise InputError(f"{where(path)}: no trajectory shards (*.arrow) found")
+        files = sorted(path.rglob("part-*.arrow"))
+    if not files:
+        raise InputError(f"{where(path)}: no trajectory shards (trajectories/<model>/part-*.arrow) found")
     return files
 
 
