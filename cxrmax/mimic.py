@@ -1218,10 +1218,10 @@ def read_ms_cxr_t(path: str | os.PathLike) -> pa.Table:
     }
     for name in finding_columns:
         values = pc.utf8_lower(pc.utf8_trim_whitespace(raw.column(name)))
-        values = pc.if_else(pc.equal(values, ""), None, values)
+        values = pc.if_else(pc.fill_null(pc.equal(values, ""), True), pa.scalar(None, pa.string()), values)
         allowed = _PROGRESSION if name.endswith("_progression") else _QUALITY
         check.flag(
-            pc.invert(pc.fill_null(pc.is_in(values, pa.array(allowed)), True)),
+            pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, pa.array(allowed)))),
             name,
             f"value is not one of {', '.join(allowed)} or empty",
             "bad value",
