@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, field
 
 from cxrmax.labeler import matcher as mt
+from cxrmax.labeler.phrases import SIGN_ALTERNATIVES
 from cxrmax.labeler.segment import split_steps
 from cxrmax.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
 
@@ -40,14 +41,15 @@ MAX_CHARS = 2_000_000
 # Gap (in spaces, i.e. about words + 1) a cue's scope may jump between consecutive tokens.
 _SCOPE_GAP = 7
 _POST_GAP = 7
-_LAT_GAP = 5
+_LAT_GAP = 6
 _LOCATION_WORDS = frozenset(
     "and or , the a an lower upper middle mid lobe lobes base bases lung lungs apex apices apical basilar basal "
     "zone zones hemithorax hemithoraces side sides than greater slightly more less at in of on within both "
-    "lateral medial posterior anterior lingula perihilar infrahilar retrocardiac costophrenic angle sulcus".split()
+    "lateral medial posterior anterior lingula perihilar infrahilar retrocardiac costophrenic angle sulcus "
+    "small moderate large mild tiny trace minimal severe moderately mildly".split()
 )
 _UNCERTAIN_HEADING = re.compile(r"differential|possib|consider|uncertain|potential|alternative|rule[\s-]*out")
-_UNCERTAIN_STATEMENT = re.compile(r"\b(?:likely|probably|possibly|borderline)\b")
+_UNCERTAIN_STATEMENT = re.compile(r"\b(?:likely|probably|possibly|borderline|may|might|could)\b")
 _DROP_SPACES = str.maketrans("", "", " -\n\t\r")
 _JUNK = re.compile(r"[\x00-\x08\x0e-\x1f\ufffd]")
 _LETTER = re.compile(r"[^\W\d_]")
@@ -163,7 +165,7 @@ def _scan(low: str) -> list[tuple[int, int, int, object]]:
         if start < covered:
             continue
         if match.lastgroup == "s":
-            append((start, end, mt.SEMI, None))
+            append((start, end, mt.SEMI, low[start]))
             continue
         if low.startswith(prefixes, start):
             statement = flex_match(low, start)
@@ -187,44 +189,107 @@ def _is_location_gap(low: str, a: int, b: int) -> bool:
     return len(words) <= 6 and all(w in _LOCATION_WORDS for w in words)
 
 
+_MENTION_KINDS = (mt.MENTION, mt.SIGN)
+
+
+def _span_side(low: str, start: int, end: int) -> str | None:
+    """Side written inside a mention ("blunted left costophrenic angle")."""
+    span = low[start:end]
+    if " " not in span:
+        return None
+    left = "left" in span
+    right = "right" in span
+    if "bilateral" in span or "both" in span or (left and right):
+        return "bilateral"
+    return "left" if left else "right" if right else None
+
+
 def _sides(low: str, tokens: list, index: int) -> str | None:
-    """Laterality of the mention tokens[index]: laterality words just before it, else just after."""
-    sides: list[str] = []
+    """Laterality of tokens[index]: the laterality words just before it or just after it, whichever
+    is nearer (before wins ties); words across a conjunction ("but", "except") never count."""
+    back: list[str] = []
+    back_gap = 99
     edge = tokens[index][0]
     j = index - 1
     while j >= 0:
         tok = tokens[j]
         kind = tok[2]
-        if kind == mt.LAT and (
-            _gap(low, tok[1], edge) <= _LAT_GAP if not sides else _is_location_gap(low, tok[1], edge)
-        ):
-            sides.append(tok[3])
+        if kind == mt.TERM and not tok[3]:
+            j -= 1
+            continue
+        if kind == mt.LAT:
+            gap = _gap(low, tok[1], edge)
+            if not back and gap <= _LAT_GAP:
+                back_gap = gap
+            elif not (back and _is_location_gap(low, tok[1], edge)):
+                break
+            back.append(tok[3])
             edge = tok[0]
             j -= 1
             continue
         break
-    if not sides:
-        edge = tokens[index][1]
-        j = index + 1
-        while j < len(tokens):
-            tok = tokens[j]
-            kind = tok[2]
-            if kind == mt.TERM or (kind == mt.CUE and not tok[3][0] & (mt.NEG_PRE | mt.UNC_PRE)):
-                j += 1
-                continue
-            if kind == mt.LAT and (
-                _gap(low, edge, tok[0]) <= _LAT_GAP if not sides else _is_location_gap(low, edge, tok[0])
-            ):
-                sides.append(tok[3])
-                edge = tok[1]
-                j += 1
-                continue
+    forward: list[str] = []
+    forward_gap = 99
+    hopped = False
+    edge = tokens[index][1]
+    j = index + 1
+    n = len(tokens)
+    while j < n:
+        tok = tokens[j]
+        kind = tok[2]
+        if kind == mt.TERM and not tok[3]:
+            if _gap(low, edge, tok[0]) > _LAT_GAP:
+                break
+            edge = tok[1]
+            j += 1
+            continue
+        if kind == mt.LAT:
+            gap = _gap(low, edge, tok[0])
+            if not forward and gap <= _LAT_GAP:
+                forward_gap = gap
+            elif not (forward and _is_location_gap(low, edge, tok[0])):
+                break
+            forward.append(tok[3])
+            edge = tok[1]
+            j += 1
+            continue
+        if forward or back:
             break
+        # "atelectasis versus consolidation at the left base": hop over a short list.
+        if (kind in _MENTION_KINDS or (kind == mt.CUE and tok[3][0] & (mt.UNC_PRE | mt.UNC_POST))) and _gap(
+            low, edge, tok[0]
+        ) <= 2:
+            hopped = True
+            edge = tok[1]
+            j += 1
+            continue
+        break
+    if back and forward and not hopped and forward_gap < back_gap:
+        sides = forward
+    else:
+        sides = back or forward
     if not sides:
-        return None
+        return _span_side(low, tokens[index][0], tokens[index][1])
     if "bilateral" in sides or ("left" in sides and "right" in sides):
         return "bilateral"
     return sides[0]
+
+
+def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> str | None:
+    """Side of an unlateralised mention from the nearest earlier side in its step ("left lower lobe
+    opacity may represent atelectasis" -> left atelectasis), unless a fresh negation intervenes."""
+    j = index - 1
+    while j >= 0:
+        tok = tokens[j]
+        kind = tok[2]
+        if kind == mt.CUE and tok[3][0] & mt.NEG_PRE and not tok[3][0] & mt.COPULA:
+            return None
+        if kind == mt.LAT:
+            return tok[3]
+        if j in sides and sides[j] is not None:
+            return sides[j]
+        j -= 1
+    return None
 
 
 def _clause_bounds(tokens: list, index: int) -> tuple[int, int]:
@@ -238,10 +303,18 @@ def _clause_bounds(tokens: list, index: int) -> tuple[int, int]:
     return lo, hi
 
 
+_COPULA_TAIL = re.compile(
+    r"\s*(?:[.;,:!?)\n]|$|(?:present|seen|noted|identified|visible|due|related|secondary|given|in|at|on|and|but|"
+    r"although|though|however|on|from|definite|excluded)\b)"
+)
+DROP = "drop"
+
+
 def _mention_status(
     low: str, tokens: list, index: int, lo: int, hi: int, default: str
 ) -> tuple[str, str | None]:
-    """Status of the mention tokens[index] from the cues of its clause tokens[lo:hi]."""
+    """Status of the mention tokens[index] from the cues of its clause tokens[lo:hi] ("drop": the
+    mention is hypothetical and asserts nothing)."""
     # Post cues: after the mention, over list-like gaps and laterality words.
     edge = tokens[index][1]
     j = index + 1
@@ -253,16 +326,25 @@ def _mention_status(
             continue
         if _gap(low, edge, tok[0]) > _POST_GAP:
             break
-        if kind == mt.MENTION:
+        if kind in _MENTION_KINDS:
             edge = tok[1]
             j += 1
             continue
         if kind == mt.CUE:
             bits, word = tok[3]
-            if bits & mt.UNC_POST:
-                return "uncertain", word
-            if bits & mt.NEG_POST:
+            if bits & (mt.UNC_POST | mt.NEG_POST) and (
+                not bits & mt.COPULA or _COPULA_TAIL.match(low, tok[1])
+            ):
+                if bits & mt.UNC_POST:
+                    return "uncertain", word
                 return "negative", word
+            if (
+                bits & mt.UNC_PRE
+                and j + 1 < hi
+                and tokens[j + 1][2] == mt.MIMIC
+                and _gap(low, tok[1], tokens[j + 1][0]) <= 2
+            ):
+                return "uncertain", word  # "nodular opacity may represent a nipple shadow"
         break
     # Pre cues: the nearest one before the mention whose scope reaches it.
     edge = tokens[index][0]
@@ -275,12 +357,14 @@ def _mention_status(
             continue
         if _gap(low, tok[1], edge) > _SCOPE_GAP:
             break
-        if kind == mt.MENTION:
+        if kind in _MENTION_KINDS or kind == mt.MIMIC:
             edge = tok[0]
             j -= 1
             continue
         if kind == mt.CUE:
             bits, word = tok[3]
+            if bits & mt.HYPO:
+                return DROP, word
             if bits & mt.NEG_PRE:
                 return "negative", word
             if bits & mt.UNC_PRE:
@@ -291,7 +375,7 @@ def _mention_status(
                     while k >= lo:
                         prev = tokens[k]
                         if (
-                            prev[2] in (mt.LAT, mt.IGNORE, mt.MENTION)
+                            prev[2] in (mt.LAT, mt.IGNORE, mt.MENTION, mt.SIGN)
                             and _gap(low, prev[1], edge2) <= _SCOPE_GAP
                         ):
                             edge2 = prev[0]
@@ -319,6 +403,8 @@ def _statement_status(low: str, tokens: list, index: int, lo: int, default: str)
         tok = tokens[index - 1]
         if tok[2] == mt.CUE and _gap(low, tok[1], start) <= 2:
             bits, word = tok[3]
+            if bits & mt.HYPO:
+                return DROP, word
             if bits & mt.NEG_PRE:
                 return "negative", word
             if bits & mt.UNC_PRE:
@@ -327,7 +413,7 @@ def _statement_status(low: str, tokens: list, index: int, lo: int, default: str)
 
 
 def _assertions(text: str, low: str, segments: list, detail: bool):
-    """Walk the steps; return (assertions, refusal spans, hedging spans, recognised_any, step info)."""
+    """Walk the steps; return (assertions, refusal spans, hedging spans, recognised_any)."""
     tokens = _scan(low)
     assertions: list[Assertion] = []
     refusal: list[tuple[int, int]] = []
@@ -336,8 +422,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
     n_tokens = len(tokens)
     t = 0
     for step_index, segment in enumerate(segments):
-        # Tokens of this step.
-        while t < n_tokens and tokens[t][0] < segment.start:
+        while t < n_tokens and tokens[t][0] < segment.start:  # tokens between steps (markers)
             kind = tokens[t][2]
             if kind == mt.REFUSAL:
                 refusal.append((tokens[t][0], tokens[t][1]))
@@ -350,42 +435,80 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         step_tokens = tokens[first:t]
         if not step_tokens:
             continue
+        # A colon after a short label ("**Edema**: not present") joins the label to what follows.
+        step_tokens = [
+            tok
+            for tok in step_tokens
+            if not (tok[2] == mt.SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5)
+        ]
         heading = segment.heading
         default = "uncertain" if heading and _UNCERTAIN_HEADING.search(heading.lower()) else "positive"
-        refusal_clauses: set[int] = set()
-        for i, tok in enumerate(step_tokens):
-            if tok[2] == mt.REFUSAL:
-                refusal.append((tok[0], tok[1]))
-                lo, _ = _clause_bounds(step_tokens, i)
-                refusal_clauses.add(lo)
-            elif tok[2] == mt.HEDGE:
-                hedging.append((tok[0], tok[1]))
+        silent_clauses: set[int] = set()  # clauses (by first token) that refuse or speak in general
         for i, tok in enumerate(step_tokens):
             kind = tok[2]
-            if kind == mt.MENTION:
+            if kind == mt.REFUSAL:
+                refusal.append((tok[0], tok[1]))
+                silent_clauses.add(_clause_bounds(step_tokens, i)[0])
+            elif kind == mt.HEDGE:
+                hedging.append((tok[0], tok[1]))
+            elif kind == mt.GENERIC:
+                silent_clauses.add(_clause_bounds(step_tokens, i)[0])
+        step_found: list[
+            tuple[int, str, str, str | None, str | None, bool]
+        ] = []  # (token, obs, status, side, cue, sign)
+        token_sides: dict[int, str | None] = {}
+        for i, tok in enumerate(step_tokens):
+            kind = tok[2]
+            if kind == mt.MENTION or kind == mt.SIGN:
                 lo, hi = _clause_bounds(step_tokens, i)
-                if lo in refusal_clauses:
+                if lo in silent_clauses:
                     continue
                 status, cue = _mention_status(low, step_tokens, i, lo, hi, default)
+                if status == DROP:
+                    continue
                 side = _sides(low, step_tokens, i)
+                if side is None:
+                    side = _inherited_side(step_tokens, i, token_sides)
+                token_sides[i] = side
                 for observation in tok[3]:
-                    assertions.append((step_index, tok[0], tok[1], observation, status, side, cue))
-                recognised = True
+                    step_found.append((i, observation, status, side, cue, kind == mt.SIGN))
             elif kind == mt.STATEMENT:
                 lo, hi = _clause_bounds(step_tokens, i)
-                if lo in refusal_clauses:
+                if lo in silent_clauses:
                     continue
-                recognised = True
+                side = None
                 for observation, effect in tok[3].items():
                     if effect == "mention":
                         status, cue = _statement_status(low, step_tokens, i, lo, default)
-                        assertions.append((step_index, tok[0], tok[1], observation, status, None, cue))
+                        if status == DROP:
+                            continue
                     else:
-                        assertions.append((step_index, tok[0], tok[1], observation, effect, None, None))
-            elif kind == mt.NORMAL_STUDY:
-                lo, _ = _clause_bounds(step_tokens, i)
-                if lo not in refusal_clauses:
+                        status, cue = effect, None
+                    if observation in LATERALIZABLE:
+                        if side is None:
+                            side = _sides(low, step_tokens, i)
+                        step_found.append((i, observation, status, side, cue, False))
+                    else:
+                        step_found.append((i, observation, status, None, cue, False))
                     recognised = True
+            elif kind == mt.NORMAL_STUDY:
+                if _clause_bounds(step_tokens, i)[0] not in silent_clauses:
+                    recognised = True
+        if not step_found:
+            continue
+        explained = {obs for (_, obs, _, _, _, sign) in step_found if not sign}
+        sign_sides = {obs: side for (_, obs, _, side, _, sign) in step_found if sign and side is not None}
+        for i, observation, status, side, cue, sign in step_found:
+            if not sign and side is None and observation in sign_sides:
+                side = sign_sides[observation]  # "blunting of the left angle suggests effusion"
+            if sign and (
+                observation in explained
+                or any(alt in explained for alt in SIGN_ALTERNATIVES.get(observation, ()))
+            ):
+                continue  # the step interprets the sign itself
+            tok = step_tokens[i]
+            assertions.append((step_index, tok[0], tok[1], observation, status, side, cue))
+            recognised = True
     while t < n_tokens:
         kind = tokens[t][2]
         if kind == mt.REFUSAL:
@@ -462,7 +585,7 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
         sides[name] = side if name in LATERALIZABLE else None
     if not recognised and _not_english(usable):
         error = "no English text recognised"
-    statuses["No Finding"] = _no_finding(statuses, recognised)
+    statuses["No Finding"] = _no_finding(statuses, recognised, bool(refusal), error)
     values = [STATUS_VALUE[statuses.get(name, "absent")] for name in OBSERVATIONS]
     lats = [
         sides.get(name) if name in statuses and statuses[name] != "absent" else None for name in OBSERVATIONS
@@ -471,8 +594,8 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
     return values, lats, bool(refusal), bool(hedging), n_steps, error
 
 
-def _no_finding(statuses: dict[str, str], recognised: bool) -> str:
-    if not recognised:
+def _no_finding(statuses: dict[str, str], recognised: bool, refused: bool, error: str | None) -> str:
+    if error is not None or (refused and not recognised):
         return "absent"
     for name in FINDINGS:
         if name != "Support Devices" and statuses.get(name) in ("positive", "uncertain"):
@@ -518,11 +641,10 @@ def label_text(text: object) -> LabeledText:
             if it[4] == status
         ]
         observations[name] = ObservationLabel(status, side if name in LATERALIZABLE else None, evidence)
-    nf = _no_finding(statuses, recognised)
-    if nf == "positive":
-        observations["No Finding"] = ObservationLabel("positive", None, [])
     if not recognised and _not_english(usable):
         error = "no English text recognised"
+    if _no_finding(statuses, recognised, bool(refusal), error) == "positive":
+        observations["No Finding"] = ObservationLabel("positive", None, [])
     return LabeledText(
         usable,
         observations,

@@ -90,6 +90,21 @@ NEG_PRE: tuple[str, ...] = (
     "not suggestive of",
     "not typical of",
     "disappearance of",
+    "do not see",
+    "don't see",
+    "i do not see",
+    "i don't see",
+    "we do not see",
+    "there is no sign of",
+    "there is no evidence of",
+    "not to be",
+    "no evidence",
+    "clear of",
+    "is unlikely to be",
+    "are unlikely to be",
+    "unlikely to be",
+    "is not",
+    "are not",
 )
 
 NEG_POST: tuple[str, ...] = (
@@ -137,6 +152,10 @@ NEG_POST: tuple[str, ...] = (
     "unlikely",
     "is not",
     "are not",
+    "removal",
+    "are not seen",
+    "is not seen",
+    "were not seen",
 )
 
 UNC_PRE: tuple[str, ...] = (
@@ -224,6 +243,18 @@ UNC_PRE: tuple[str, ...] = (
     "impending",
     "questionably",
     "seemingly",
+    "is likely",
+    "are likely",
+    "is probably",
+    "is possibly",
+    "most likely represents",
+    "likely represents",
+    "likely reflects",
+    "likely represent",
+    "may also represent",
+    "whether",
+    "raising the possibility of",
+    "cannot be completely excluded",
 )
 
 UNC_POST: tuple[str, ...] = (
@@ -257,6 +288,25 @@ UNC_POST: tuple[str, ...] = (
     "is uncertain",
     "is indeterminate",
     "is equivocal",
+    "may be present",
+    "might be present",
+    "could be present",
+    "may be seen",
+    "may also be present",
+    "should be considered",
+    "be considered",
+    "cannot be completely excluded",
+    "cannot be completely ruled out",
+    "can't be completely excluded",
+    "is a consideration",
+    "are a consideration",
+    "is not definite",
+    "is questionable",
+    "are questionable",
+    "is probable",
+    "is suspicious",
+    "is favored",
+    "is presumed",
 )
 
 # Uncertainty words that a negation in the same scope dominates ("no opacity to suggest pneumonia").
@@ -283,6 +333,80 @@ WEAK_UNCERTAIN: frozenset[str] = frozenset(
         "apparent",
         "possible",
     }
+)
+
+#: Cues whose scope is hypothetical: mentions they govern assert nothing ("if you have concerns about
+#: pneumonia", "to prevent atelectasis").
+HYPOTHETICAL: tuple[str, ...] = (
+    "if",
+    "if you have",
+    "if there is",
+    "if there are",
+    "concerns about",
+    "concern about",
+    "in case of",
+    "in the event of",
+    "to prevent",
+    "prevent",
+    "risk of",
+    "at risk for",
+)
+
+#: Words that make a clause a general statement about a disease rather than a claim about this image
+#: ("atelectasis generally appears as a linear opacity"): mentions in that clause assert nothing.
+GENERIC: tuple[str, ...] = (
+    "typically",
+    "generally",
+    "usually",
+    "commonly",
+    "classically",
+    "is characterized by",
+    "are characterized by",
+    "is defined as",
+    "refers to",
+    "is a condition",
+    "is a medical condition",
+    "can be caused by",
+    "can cause",
+    "can lead to",
+    "can appear as",
+    "may appear as",
+    "is often",
+    "are often",
+    "in general",
+)
+
+#: Things a finding may turn out to be that are not disease ("may represent a nipple shadow"): an
+#: uncertainty link from a mention to one of these makes the mention uncertain.
+MIMICS: tuple[str, ...] = (
+    "nipple shadow(s)",
+    "overlapping vessels",
+    "overlapping vascular structures",
+    "overlapping structures",
+    "overlapping shadow",
+    "overlapping shadows",
+    "vascular shadow(s)",
+    "summation of shadows",
+    "summation artifact",
+    "artifact",
+    "artifacts",
+    "skin fold(s)",
+    "overlying soft tissue",
+    "overlying soft tissues",
+    "soft tissue overlap",
+    "ap technique",
+    "ap projection",
+    "technique",
+    "projection",
+    "patient rotation",
+    "rotation",
+    "positioning",
+    "low lung volumes",
+    "poor inspiration",
+    "adenopathy",
+    "lymphadenopathy",
+    "prominent vasculature",
+    "vascular enlargement",
 )
 
 PSEUDO: tuple[str, ...] = (
@@ -339,6 +463,28 @@ PSEUDO: tuple[str, ...] = (
     "resolving",
     "not well",
     "no more than",
+)
+
+#: Terminators that join clauses (laterality never reaches across them); the other terminators are
+#: predicates ("is seen", "there is") that laterality may skip ("effusions are present bilaterally").
+CONJUNCTIONS: frozenset[str] = frozenset(
+    {
+        "but",
+        "however",
+        "although",
+        "though",
+        "whereas",
+        "while",
+        "except",
+        "except for",
+        "aside from",
+        "apart from",
+        "other than",
+        "with the exception of",
+        "nevertheless",
+        "nonetheless",
+        "yet",
+    }
 )
 
 TERMINATORS: tuple[str, ...] = (
@@ -431,6 +577,9 @@ LATERALITY: dict[str, str] = {
     "bi-apical": "bilateral",
     "bihilar": "bilateral",
     "bilateral lower lobe": "bilateral",
+    "retrocardiac": "left",
+    "lingula": "left",
+    "lingular": "left",
     "bilateral lower lobes": "bilateral",
     "both hemithoraces": "bilateral",
 }
@@ -450,9 +599,6 @@ REFUSAL: tuple[str, ...] = (
     "i am not able to",
     "i'm unable to",
     "i am unable to",
-    "i cannot provide",
-    "i can't provide",
-    "i can not provide",
     "i cannot diagnose",
     "i can't diagnose",
     "i cannot interpret",
@@ -467,16 +613,10 @@ REFUSAL: tuple[str, ...] = (
     "i can't see",
     "i cannot access",
     "i can't access",
-    "i cannot make",
-    "i can't make",
     "i cannot offer",
     "i can't offer",
-    "i cannot give",
-    "i can't give",
     "i cannot assist",
     "i can't assist",
-    "i cannot help",
-    "i can't help",
     "i don't have the ability",
     "i do not have the ability",
     "i don't have access",
@@ -499,9 +639,46 @@ REFUSAL: tuple[str, ...] = (
     "not able to interpret",
     "i'm not a radiologist",
     "i am not a radiologist",
+    "i cannot provide a diagnosis",
+    "i can't provide a diagnosis",
+    "i cannot provide medical",
+    "i can't provide medical",
+    "i cannot provide a medical",
+    "i can't provide a medical",
+    "i cannot provide an interpretation",
+    "i can't provide an interpretation",
+    "i cannot provide a medical diagnosis",
+    "i cannot make a diagnosis",
+    "i can't make a diagnosis",
+    "i cannot make medical",
+    "i can't make medical",
+    "i cannot give a diagnosis",
+    "i can't give a diagnosis",
+    "i cannot give medical",
+    "i can't give medical",
+    "i can't help with diagnosing",
+    "i cannot help with diagnosing",
+    "i can't help with interpreting",
+    "i cannot help with interpreting",
+    "i'm not able to analyze",
+    "i am not able to analyze",
+    "not able to analyze medical images",
+    "i'm unable to view",
+    "i am unable to view",
+    "unable to view images",
+    "i can't diagnose",
+    "i'm not qualified",
 )
 
 HEDGING: tuple[str, ...] = (
+    "further evaluated",
+    "further characterization",
+    "further characterized",
+    "follow-up ct",
+    "ct is recommended",
+    "is recommended",
+    "are recommended",
+    "reviewed by a board-certified",
     "consult a radiologist",
     "consult with a radiologist",
     "consult a qualified",

@@ -27,6 +27,9 @@ NORMAL_STUDY = 8
 IGNORE = 9
 SEMI = 10
 TRIGGER = 11  # a word that may start a flexible statement and means nothing by itself
+SIGN = 12  # a radiographic sign standing for an observation (see phrases.SIGNS)
+MIMIC = 13  # something a finding may turn out to be that is not disease ("nipple shadow")
+GENERIC = 14  # makes its clause a general statement ("typically", "is characterized by")
 
 #: Words that may start a flexible statement (phrases.FLEX_STATEMENTS); the trie finds them and the
 #: flexible regex is then tried only at their positions, which keeps the scan a single trie pass.
@@ -78,6 +81,8 @@ NEG_POST = 2
 UNC_PRE = 4
 UNC_POST = 8
 WEAK = 16
+COPULA = 32  # "is likely", "is not": applies backward only at the end of the predicate
+HYPO = 64  # hypothetical scope ("if", "concerns about"): governed mentions assert nothing
 
 _KEY_STRIP = re.compile(r"[\s\-]+")
 
@@ -144,6 +149,9 @@ class Lexicon:
         for observation, words in phrases.MENTIONS.items():
             for word in words:
                 add(word, MENTION, (observation,))
+        for observation, words in phrases.SIGNS.items():
+            for word in words:
+                add(word, SIGN, (observation,))
         add("hydropneumothorax", MENTION, ("Pneumothorax", "Pleural Effusion"))
         add("hydropneumothoraces", MENTION, ("Pneumothorax", "Pleural Effusion"))
         for word in phrases.IGNORED:
@@ -156,6 +164,12 @@ class Lexicon:
             add(word, HEDGE, None)
         for word in cues.PSEUDO:
             add(word, PSEUDO, None)
+        for word in cues.GENERIC:
+            add(word, GENERIC, None)
+        for word in cues.MIMICS:
+            add(word, MIMIC, None)
+        for word in cues.HYPOTHETICAL:
+            add(word, CUE, (HYPO | NEG_PRE, word))
         for group, role in (
             (cues.NEG_PRE, NEG_PRE),
             (cues.NEG_POST, NEG_POST),
@@ -164,9 +178,12 @@ class Lexicon:
         ):
             for word in group:
                 bits = role | (WEAK if word in cues.WEAK_UNCERTAIN and role == UNC_PRE else 0)
+                if word.startswith(("is ", "are ")):
+                    # "X is unlikely" (backward) and "... is unlikely to be pneumonia" (forward).
+                    bits |= COPULA | (NEG_PRE if role & (NEG_PRE | NEG_POST) else UNC_PRE)
                 add(word, CUE, (bits, word))
         for word in cues.TERMINATORS:
-            add(word, TERM, None)
+            add(word, TERM, word in cues.CONJUNCTIONS)
         for word, side in cues.LATERALITY.items():
             add(word, LAT, side)
         for word in FLEX_TRIGGERS:
@@ -179,7 +196,7 @@ class Lexicon:
             flex_parts.append(f"(?P<f{index}>{pattern})")
             self.flex.append(effects)
         trie = _trie_regex(sorted(set(spellings)))
-        self.pattern = re.compile(r"\b(?P<t>" + trie + r")(?![\w'])|(?P<s>;)")
+        self.pattern = re.compile(r"\b(?P<t>" + trie + r")(?![\w'])|(?P<s>[;:])")
         #: Tried (anchored) at trigger positions only; it wins over the trie tokens it covers.
         self.flex_pattern = re.compile(r"(?:" + "|".join(flex_parts) + r")\b")
 

@@ -192,19 +192,9 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "pleural effusion(s)",
         "pleural fluid",
         "fluid in the pleural space",
+        "pleural space",
+        "parapneumonic effusion(s)",
         "hydrothorax",
-        "blunting of the costophrenic angle(s)",
-        "blunting of the left costophrenic angle",
-        "blunting of the right costophrenic angle",
-        "blunting of both costophrenic angles",
-        "blunting of the costophrenic sulcus",
-        "blunting of the costophrenic sulci",
-        "blunted costophrenic angle(s)",
-        "blunted costophrenic sulcus",
-        "costophrenic angle blunting",
-        "costophrenic blunting",
-        "blunting",
-        "meniscus sign",
         "layering fluid",
         "pleural collection",
         "hemothorax",
@@ -248,9 +238,6 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "ptx",
         "apical pneumothorax",
         "tension pneumothorax",
-        "visceral pleural line",
-        "pleural line",
-        "deep sulcus sign",
         "collapsed lung",
         "air in the pleural space",
     ),
@@ -318,6 +305,11 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "stent(s)",
         "valve replacement",
         "prosthetic valve",
+        "prosthetic aortic valve",
+        "prosthetic mitral valve",
+        "aortic valve replacement",
+        "mitral valve replacement",
+        "valve prosthesis",
         "mechanical valve",
         "lvad",
         "iabp",
@@ -337,6 +329,45 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "electrode(s)",
     ),
 }
+
+#: Radiographic signs: they count as a mention of their observation only when the same step says
+#: nothing else about it ("blunting of the right costophrenic angle" alone -> effusion positive;
+#: "blunting ... may reflect effusion or pleural thickening" -> the interpretation decides).
+SIGNS: dict[str, tuple[str, ...]] = {
+    "Pleural Effusion": (
+        "blunting of the costophrenic angle(s)",
+        "blunting of the left costophrenic angle",
+        "blunting of the right costophrenic angle",
+        "blunting of both costophrenic angles",
+        "blunting of the costophrenic sulcus",
+        "blunting of the costophrenic sulci",
+        "blunted costophrenic angle(s)",
+        "blunted costophrenic sulcus",
+        "costophrenic angle blunting",
+        "costophrenic blunting",
+        "blunting",
+        "meniscus sign",
+        "blunted left costophrenic angle(s)",
+        "blunted right costophrenic angle(s)",
+        "blunted bilateral costophrenic angles",
+        "blunting of the left costophrenic sulcus",
+        "blunting of the right costophrenic sulcus",
+        "blunting of the bilateral costophrenic angles",
+        "blunting of the left and right costophrenic angles",
+        "meniscus",
+        "obscured costophrenic angle(s)",
+    ),
+    "Pneumothorax": (
+        "visceral pleural line",
+        "pleural line",
+        "deep sulcus sign",
+        "pleural edge",
+        "absent lung markings",
+        "absence of lung markings",
+    ),
+}
+#: A sign of the first observation is also explained away by a mention of these in its step.
+SIGN_ALTERNATIVES: dict[str, tuple[str, ...]] = {"Pleural Effusion": ("Pleural Other",), "Pneumothorax": ()}
 
 #: Phrases that must not count as mentions although they contain a mention word; matching them
 #: (longest match wins) hides the shorter mention inside.
@@ -377,10 +408,6 @@ IGNORED: tuple[str, ...] = (
     "right-sided heart",
     "right internal jugular",
     "left internal jugular",
-    "right ij",
-    "left ij",
-    "right subclavian",
-    "left subclavian",
     "right upper quadrant",
     "left upper quadrant",
     "right arm",
@@ -441,23 +468,23 @@ OPACITY_FAMILY: tuple[str, ...] = ("Lung Opacity", "Consolidation", "Pneumonia",
 # Flexible statements that a literal list cannot express (verbs and adverbs between the words).
 # Each is (regex on lower-cased text, {observation: status}); status "mention" means the statement is
 # an ordinary mention (cues around it apply), otherwise the status is what the statement says.
-_HEART = r"(?:heart(?:\s+size)?|cardiac\s+(?:silhouette|size|contours?|shadow)(?:\s+size)?|size\s+of\s+the\s+heart)"
+_HEART = r"(?:heart(?:\s+size|\s+itself)?|cardiac\s+(?:silhouette|size|contours?|shadow)(?:\s+size)?|size\s+of\s+the\s+heart)"
 _CMS = r"(?:cardio-?mediastinal\s+(?:silhouette|contours?|shadow)s?)"
-_MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?))"
-_BE = r"(?:is|are|was|were|appears?|remains?|seems?|looks?|being)"
+_MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?)|mediastinal\s+and\s+hilar\s+(?:contours?|silhouettes?)|hilar\s+and\s+mediastinal\s+(?:contours?|silhouettes?))"
+_BE = r"(?:(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|might\s+be|could\s+be|appears?\s+to\s+be|seems?\s+to\s+be)(?:\s+also)?)"
 _ADV = (
     r"(?:(?:mildly|moderately|markedly|severely|slightly|significantly|substantially|massively|minimally|"
-    r"likely|probably|possibly|again|still|now|grossly|somewhat|borderline|top|at\s+least)\s+)"
+    r"likely|probably|possibly|again|still|now|grossly|somewhat|borderline|top|at\s+least|also|slightly|overall)\s+)"
 )
 _NORMAL = (
     r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|unremarkable|stable\s+and\s+normal|"
-    r"top(?:\s+|-)normal|upper\s+limits?\s+of\s+normal|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
+    r"top(?:\s+|-)normal|(?:at\s+the\s+)?upper\s+limits?\s+of\s+(?:the\s+)?normal|not\s+widened|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
     r"unchanged\s+and\s+normal|preserved)"
 )
 
 FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     # heart size normal / enlarged
-    (rf"{_HEART}\s+(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
+    (rf"{_HEART}\s*:?\s+(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
     (rf"normal(?:\s+|-)(?:sized?\s+)?{_HEART}", {"Cardiomegaly": "negative"}),
     (
         r"no\s+(?:\w+\s+)?(?:enlargement\s+of\s+the\s+heart|cardiac\s+enlargement)",
@@ -465,6 +492,10 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     ),
     (
         rf"{_HEART}\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|increased|large|prominent)",
+        {"Cardiomegaly": "mention"},
+    ),
+    (
+        rf"{_HEART}\s+[^.;:\n]{{0,40}}?\b(?:may|might|could)\s+be\s+{_ADV}{{0,2}}(?:enlarged|increased|large)",
         {"Cardiomegaly": "mention"},
     ),
     (
@@ -506,6 +537,7 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         dict.fromkeys(OPACITY_FAMILY, "negative"),
     ),
     (r"clear\s+lungs?(?:\s+fields?)?", dict.fromkeys(OPACITY_FAMILY, "negative")),
+    (r"lungs?(?:\s+fields?)?\s*:\s*(?:\*\*\s*)?clear", dict.fromkeys(OPACITY_FAMILY, "negative")),
     (
         r"(?:both\s+)?lungs?\s+(?:"
         + _BE
