@@ -396,9 +396,9 @@ def run_sft(
     resume_from_checkpoint: str | bool | None = None,
 ) -> dict[str, Any]:
     """Stage 1: load model + OUT/sft, tokenize (reporting truncation), train, save. Returns paths + stats."""
+    train_raw = load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "completion"))
     model, processor = _prepare_model(cfg)
     encoder = _encoder(cfg, processor)
-    train_raw = load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "completion"))
     train, stats = tokenize_sft(
         train_raw,
         encoder,
@@ -439,10 +439,10 @@ def run_apo(
     resume_from_checkpoint: str | bool | None = None,
 ) -> dict[str, Any]:
     """Stage 2: load the Stage-1 model (also the reference) + OUT/preferences, tokenize, train APO, save."""
-    model, processor = _prepare_model(cfg)
-    encoder = _encoder(cfg, processor)
     needed = ("prompt", "chosen", "rejected")
     train_raw = load_split(cfg.dataset_path, cfg.dataset_split, needed)
+    model, processor = _prepare_model(cfg)
+    encoder = _encoder(cfg, processor)
     train, stats = tokenize_preferences(
         train_raw,
         encoder,

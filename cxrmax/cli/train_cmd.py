@@ -1,9 +1,234 @@
-"""CLI commands for the train area (registered on the root app by cxrmax.cli)."""
+"""CLI for the train area: `cxrmax train-apo` (Stage 1 SFT bootstrapping, Stage 2 APO).
+
+APO here is Autonomous Preference Optimization (the paper's method: a consensus positive against the
+drifting source trajectories, multi-negative Plackett-Luce). TRL's loss_type="apo_zero"/"apo_down"
+is Anchored Preference Optimization, a different method with the same acronym.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from cxrmax.cli.common import console, user_errors
+
+
+def _parse_value(text: str) -> Any:
+    """--set values: JSON when it parses (numbers, true/false, null, lists), else the plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _apply_set_values(spec: Any, items: list[str]) -> None:
+    """Apply --set KEY=VALUE / sft.KEY=VALUE / apo.KEY=VALUE, rejecting unknown fields like config files do."""
+    from apo_train.config import APOConfig, SFTStageConfig, config_field_names
+    from cxrmax.errors import InputError
+
+    allowed = {"sft": config_field_names(SFTStageConfig), "apo": config_field_names(APOConfig)}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        scope, _, name = key.strip().rpartition(".")
+        if not sep or not name:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE")
+        stages = {"": ("sft", "apo"), "sft": ("sft",), "apo": ("apo",)}.get(scope)
+        if stages is None:
+            raise InputError(f"--set {item!r}: the scope must be sft. or apo.")
+        valid = [s for s in stages if name in allowed[s]]
+        if not valid:
+            raise InputError(f"--set {item!r}: unknown setting {name!r}")
+        for stage_name in valid:
+            getattr(spec, stage_name)[name] = _parse_value(raw)
+
+
+def train_apo(
+    stage: str = typer.Option(
+        "all", "--stage", help="sft | apo | all (SFT, optional model consensus, then APO)."
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="TOML or YAML config (flags override it)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Base model (sft/all) or Stage-1 model (apo)."
+    ),
+    sft_data: Path | None = typer.Option(None, "--sft-data", help="build-preferences' OUT/sft."),
+    preferences: Path | None = typer.Option(
+        None, "--preferences", help="build-preferences' OUT/preferences."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run folder: OUT/sft, OUT/apo (default runs/apo)."
+    ),
+    mimic_root: Path | None = typer.Option(
+        None, "--mimic-root", help="MIMIC-CXR root for images (omit: text only)."
+    ),
+    max_edge: int | None = typer.Option(
+        None, "--max-edge", help="Image longest edge (default 1024, as generate)."
+    ),
+    loss: str | None = typer.Option(
+        None, "--loss", help="APO loss: plackett-luce (default) | pairwise | listwise."
+    ),
+    beta: float | None = typer.Option(None, "--beta", help="APO reward scale (default 0.1)."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Learning rate of a single --stage (sft 1e-4, apo 5e-7)."
+    ),
+    sft_lr: float | None = typer.Option(None, "--sft-lr", help="Stage-1 learning rate (default 1e-4)."),
+    apo_lr: float | None = typer.Option(None, "--apo-lr", help="Stage-2 learning rate (default 5e-7)."),
+    epochs: float | None = typer.Option(None, "--epochs", help="Epochs per stage (default 1)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after N optimizer steps per stage."),
+    global_batch: int | None = typer.Option(
+        None, "--global-batch", help="Samples per optimizer step (default 32)."
+    ),
+    per_device_batch: int | None = typer.Option(
+        None, "--per-device-batch", help="Samples per device per micro-step."
+    ),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Tokens per row (default 2304 sft / 4096 apo)."
+    ),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank (default 8)."),
+    lora_alpha: int | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (default 32)."),
+    lora_targets: str | None = typer.Option(
+        None, "--lora-targets", help="'all-linear' (default) or q_proj,v_proj,..."
+    ),
+    full_finetune: bool = typer.Option(False, "--full-finetune", help="Train all weights instead of LoRA."),
+    precompute_ref: bool = typer.Option(
+        False, "--precompute-ref", help="Compute reference log-probs in one pass first (cached on disk)."
+    ),
+    nll_alpha: float | None = typer.Option(
+        None, "--nll-alpha", help="Add alpha x NLL of the positive (default 0)."
+    ),
+    max_negatives: int | None = typer.Option(
+        None, "--max-negatives", help="Keep at most K most drifting negatives."
+    ),
+    merge: bool = typer.Option(
+        False, "--merge", help="Also save the adapter merged into the model (OUT/<stage>/merged)."
+    ),
+    bf16: bool | None = typer.Option(
+        None, "--bf16/--no-bf16", help="bf16 mixed precision (default: on when the GPU has it)."
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Trade compute for memory."
+    ),
+    deepspeed: Path | None = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. ZeRO-2)."),
+    consensus: str | None = typer.Option(
+        None, "--consensus", help="--stage all: none | model (rebuild positives with the Stage-1 model)."
+    ),
+    trajectories: Path | None = typer.Option(
+        None, "--trajectories", help="generate's OUT (for --consensus model)."
+    ),
+    resume: str | None = typer.Option(None, "--resume", help="Checkpoint dir, or 'latest' (single stage)."),
+    tensorboard: bool = typer.Option(
+        False, "--tensorboard", help="Also report to TensorBoard (needs tensorboard)."
+    ),
+    lenient: bool = typer.Option(False, "--lenient", help="Drop and count invalid rows instead of failing."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed (default 42)."),
+    logging_steps: int | None = typer.Option(None, "--logging-steps", help="Log every N steps (default 10)."),
+    save_steps: int | None = typer.Option(
+        None, "--save-steps", help="Checkpoint every N steps (default 500)."
+    ),
+    cpu: bool = typer.Option(False, "--cpu", help="Force CPU even when a GPU is present."),
+    set_values: list[str] = typer.Option(
+        [],
+        "--set",
+        help="Any config field: KEY=VALUE for both stages, sft.KEY=VALUE or apo.KEY=VALUE (repeatable).",
+    ),
+) -> None:
+    """Train with APO (Autonomous Preference Optimization): SFT bootstrapping, then a consensus positive against the drifting source trajectories with a multi-negative Plackett-Luce loss.
+
+    Defaults are the paper's: LoRA r=8 alpha=32 on all linear layers, 1 epoch, global batch 32; SFT lr 1e-4 with 5% warmup and max length 2304; APO lr 5e-7, beta 0.1, max length 4096. Runs on transformers' Trainer: `accelerate launch -m cxrmax train-apo ...` or torchrun for several GPUs, --deepspeed for ZeRO-2/3. Not TRL's apo_zero/apo_down, which are Anchored Preference Optimization.
+
+    Examples:
+
+      cxrmax train-apo --stage all --model Qwen/Qwen2.5-VL-7B-Instruct --sft-data runs/cxrmax/sft --preferences runs/cxrmax/preferences --mimic-root /data/mimic-cxr-jpg --out runs/apo
+
+      cxrmax train-apo --stage apo --config apo.toml --loss listwise --precompute-ref
+
+      cxrmax train-apo --stage apo --model runs/apo/sft --preferences prefs --set apo.nll_alpha=0.2
+    """
+    from apo_train.pipeline import PipelineSpec, read_config_file, run_pipeline, spec_from_config
+
+    with user_errors():
+        spec = spec_from_config(read_config_file(config), str(config)) if config else PipelineSpec()
+        spec.stage = stage
+        for name, value in (
+            ("model", model),
+            ("sft_data", sft_data),
+            ("preferences", preferences),
+            ("out", out),
+            ("mimic_root", mimic_root),
+            ("consensus", consensus),
+            ("trajectories", trajectories),
+        ):
+            if value is not None:
+                setattr(spec, name, str(value))
+        if lr is not None and stage == "all":
+            from cxrmax.errors import InputError
+
+            raise InputError("--lr is for a single --stage; use --sft-lr / --apo-lr with --stage all")
+        both: dict[str, Any] = {}
+        flag_values = {
+            "max_edge": max_edge,
+            "num_train_epochs": epochs,
+            "max_steps": max_steps,
+            "global_batch_size": global_batch,
+            "per_device_train_batch_size": per_device_batch,
+            "max_length": max_length,
+            "lora_r": lora_r,
+            "lora_alpha": lora_alpha,
+            "lora_target_modules": lora_targets,
+            "bf16": bf16,
+            "seed": seed,
+            "logging_steps": logging_steps,
+            "save_steps": save_steps,
+            "deepspeed": str(deepspeed) if deepspeed else None,
+        }
+        both.update({k: v for k, v in flag_values.items() if v is not None})
+        for flag, key in ((full_finetune, "use_lora"),):
+            if flag:
+                both[key] = False
+        for flag, key in (
+            (merge, "merge_adapter"),
+            (gradient_checkpointing, "gradient_checkpointing"),
+            (lenient, "lenient"),
+            (cpu, "use_cpu"),
+        ):
+            if flag:
+                both[key] = True
+        if tensorboard:
+            both["report_to"] = ["tensorboard"]
+        spec.sft.update(both)
+        spec.apo.update(both)
+        if lr is not None:
+            (spec.sft if stage == "sft" else spec.apo)["learning_rate"] = lr
+        if sft_lr is not None:
+            spec.sft["learning_rate"] = sft_lr
+        if apo_lr is not None:
+            spec.apo["learning_rate"] = apo_lr
+        apo_only = {"loss_type": loss, "beta": beta, "nll_alpha": nll_alpha, "max_negatives": max_negatives}
+        spec.apo.update({k: v for k, v in apo_only.items() if v is not None})
+        if precompute_ref:
+            spec.apo["precompute_ref_log_probs"] = True
+        _apply_set_values(spec, set_values)
+        if resume is not None:
+            spec.resume = True if resume == "latest" else resume
+        results = run_pipeline(spec, console=console)
+        for name, result in results.items():
+            history = [h for h in result["log_history"] if "loss" in h]
+            last = history[-1] if history else {}
+            shown = ", ".join(
+                f"{k}={last[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins") if k in last
+            )
+            console.print(
+                f"[green]{name} done[/]: saved {result['saved']['model']}" + (f" ({shown})" if shown else "")
+            )
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.command(
+        "train-apo",
+        help=(train_apo.__doc__ or "").strip(),
+    )(train_apo)

@@ -1,0 +1,204 @@
+"""The `cxrmax train-apo` pipeline: config files + flags -> stage configs -> SFT, consensus, APO.
+
+Config file (TOML or YAML), all keys optional; precedence: paper defaults < top-level keys < the
+stage's section < command-line flags:
+
+    model = "Qwen/Qwen2.5-VL-7B-Instruct"   # base model (Stage 1 input)
+    out = "runs/apo"                        # Stage 1 -> out/sft, consensus -> out/consensus, Stage 2 -> out/apo
+    mimic_root = "/data/mimic-cxr-jpg"      # images (image_path is relative to it)
+    sft_data = "runs/cxrmax/sft"            # build-preferences' OUT/sft
+    preferences = "runs/cxrmax/preferences" # build-preferences' OUT/preferences
+    trajectories = "runs/cxrmax"            # generate's OUT (only for consensus = "model")
+    consensus = "none"                      # none | model (rebuild positives with the Stage-1 model)
+    bf16 = true                             # any field of both stage configs may be set here
+    [sft]                                   # SFTStageConfig fields
+    learning_rate = 1e-4
+    [apo]                                   # APOConfig fields: beta, loss_type, precompute_ref_log_probs...
+    loss_type = "plackett-luce"
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxrmax.errors import InputError, where
+
+#: Top-level keys that are not config fields.
+PIPELINE_KEYS = {
+    "model",
+    "out",
+    "mimic_root",
+    "sft_data",
+    "preferences",
+    "trajectories",
+    "consensus",
+    "sft",
+    "apo",
+}
+STAGES = ("sft", "apo", "all")
+
+
+@dataclass
+class PipelineSpec:
+    """What to run: paths plus per-stage field overrides (already merged in precedence order)."""
+
+    stage: str = "all"
+    model: str | None = None
+    out: str = "runs/apo"
+    mimic_root: str | None = None
+    sft_data: str | None = None
+    preferences: str | None = None
+    trajectories: str | None = None
+    consensus: str = "none"
+    sft: dict[str, Any] = field(default_factory=dict)
+    apo: dict[str, Any] = field(default_factory=dict)
+    resume: str | bool | None = None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML (.toml) or YAML (.yaml/.yml) config; InputError names the file on bad syntax."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{where(path)}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            try:
+                import tomllib
+            except ImportError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            raise InputError(f"{where(path)}: config must be .toml, .yaml/.yml or .json")
+    except InputError:
+        raise
+    except Exception as exc:  # tomllib/yaml/json errors carry the line number in their message
+        raise InputError(f"{where(path)}: cannot parse config: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{where(path)}: the config must be a mapping of keys to values")
+    return data
+
+
+def _check_fields(values: dict[str, Any], allowed: set[str], source: str, section: str | None) -> None:
+    for key in values:
+        if key not in allowed:
+            raise InputError(
+                f"{where(source, field=key if section is None else f'{section}.{key}')}: unknown setting"
+            )
+
+
+def spec_from_config(data: dict[str, Any], source: str = "config") -> PipelineSpec:
+    """Split a parsed config into a PipelineSpec (top-level fields go to both stages where valid)."""
+    from apo_train.config import APOConfig, SFTStageConfig, config_field_names
+
+    sft_fields, apo_fields = config_field_names(SFTStageConfig), config_field_names(APOConfig)
+    spec = PipelineSpec()
+    for key in ("model", "out", "mimic_root", "sft_data", "preferences", "trajectories", "consensus"):
+        if key in data:
+            setattr(spec, key, None if data[key] is None else str(data[key]))
+    shared = {k: v for k, v in data.items() if k not in PIPELINE_KEYS}
+    _check_fields(shared, sft_fields | apo_fields, source, None)
+    spec.sft = {k: v for k, v in shared.items() if k in sft_fields}
+    spec.apo = {k: v for k, v in shared.items() if k in apo_fields}
+    for section, allowed, target in (("sft", sft_fields, spec.sft), ("apo", apo_fields, spec.apo)):
+        values = data.get(section) or {}
+        if not isinstance(values, dict):
+            raise InputError(f"{where(source, field=section)}: must be a table/mapping")
+        _check_fields(values, allowed, source, section)
+        target.update(values)
+    return spec
+
+
+def _auto_bf16() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def stage_config(spec: PipelineSpec, stage: str, model: str | None, dataset: str | None) -> Any:
+    """Build the SFTStageConfig or APOConfig for one stage from the spec (paths filled in)."""
+    from apo_train.config import APOConfig, SFTStageConfig
+
+    cls = SFTStageConfig if stage == "sft" else APOConfig
+    values = dict(spec.sft if stage == "sft" else spec.apo)
+    values.setdefault("output_dir", str(Path(spec.out) / stage))
+    values.setdefault("model_name_or_path", model)
+    values.setdefault("dataset_path", dataset)
+    if spec.mimic_root is not None:
+        values.setdefault("image_root", spec.mimic_root)
+    if "bf16" not in values and "fp16" not in values:
+        values["bf16"] = _auto_bf16()
+    if not values.get("model_name_or_path"):
+        raise InputError(f"{stage}: no model given (--model or `model` in the config)")
+    if not values.get("dataset_path"):
+        flag = "--sft-data" if stage == "sft" else "--preferences"
+        raise InputError(f"{stage}: no data given ({flag} or the config)")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{stage} settings: {exc}") from exc
+
+
+def stage1_output(cfg: Any) -> str:
+    """The Stage-1 result Stage 2 starts from: the merged model when saved, else the adapter dir."""
+    merged = Path(cfg.output_dir) / "merged"
+    return str(merged if merged.is_dir() else cfg.output_dir)
+
+
+def rebuild_preferences_with_model(spec: PipelineSpec, stage1_model: str, console: Any | None = None) -> str:
+    """Model-based consensus (the paper's in-context extraction) with the Stage-1 student, through
+    build-preferences' Python API. Returns the new preferences dir."""
+    try:
+        from cxrmax.preferences import BuildOptions, build_preferences
+    except ImportError as exc:  # pragma: no cover - depends on the build-preferences area being installed
+        raise InputError(f"--consensus model needs cxrmax.preferences: {exc}") from exc
+    if not spec.trajectories:
+        raise InputError("--consensus model needs --trajectories (generate's OUT)")
+    out = Path(spec.out) / "consensus"
+    options = BuildOptions(
+        consensus="model",
+        mimic_root=Path(spec.mimic_root) if spec.mimic_root else None,
+        model_backend={"backend": "transformers", "model": stage1_model, "image_root": spec.mimic_root},
+    )
+    if console is not None:
+        console.print(f"[bold]consensus[/]: rebuilding positives with the Stage-1 model {stage1_model}")
+    build_preferences([spec.trajectories], out, options)
+    return str(out / "preferences")
+
+
+def run_pipeline(spec: PipelineSpec, console: Any | None = None) -> dict[str, Any]:
+    """Run the requested stage(s). Returns {stage: result dict} (see trainer.run_sft / run_apo)."""
+    from apo_train.trainer import run_apo, run_sft
+
+    if spec.stage not in STAGES:
+        raise InputError(f"--stage must be one of {STAGES}, not {spec.stage!r}")
+    if spec.consensus not in ("none", "model"):
+        raise InputError(f"--consensus must be none or model, not {spec.consensus!r}")
+    results: dict[str, Any] = {}
+    apo_model = spec.model
+    preferences = spec.preferences
+    if spec.stage in ("sft", "all"):
+        sft_cfg = stage_config(spec, "sft", spec.model, spec.sft_data)
+        if spec.stage == "all" and spec.consensus == "model":
+            sft_cfg.merge_adapter = True  # the consensus backend loads a full model dir
+        results["sft"] = run_sft(
+            sft_cfg, console=console, resume_from_checkpoint=spec.resume if spec.stage == "sft" else None
+        )
+        apo_model = stage1_output(sft_cfg)
+        if spec.stage == "all" and spec.consensus == "model":
+            preferences = rebuild_preferences_with_model(spec, apo_model, console)
+    if spec.stage in ("apo", "all"):
+        apo_cfg = stage_config(spec, "apo", apo_model, preferences)
+        results["apo"] = run_apo(
+            apo_cfg, console=console, resume_from_checkpoint=spec.resume if spec.stage == "apo" else None
+        )
+    return results

@@ -1,0 +1,191 @@
+"""`cxrmax train-apo`: config files (TOML/YAML), flags over config, --stage all, errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from apo_train.pipeline import PipelineSpec, spec_from_config, stage_config
+from cxrmax.cli import app
+from cxrmax.errors import InputError
+from cxrmax.shards import PREFERENCE_SCHEMA, SFT_SCHEMA
+from tests.test_train_apo import POSITIVE, PROMPT, _negative, preference_rows, save_dataset
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-data")
+    prefs = save_dataset(preference_rows(8), PREFERENCE_SCHEMA, root / "preferences")
+    sft_rows = [
+        {
+            "sample_id": f"s{i}",
+            "split": "train",
+            "image_path": None,
+            "prompt": PROMPT.format(label="effusion"),
+            "completion": POSITIVE if i % 2 else _negative(random.Random(i)),
+            "model": f"m{i % 3}",
+        }
+        for i in range(8)
+    ]
+    sft = save_dataset(sft_rows, SFT_SCHEMA, root / "sft")
+    return prefs, sft
+
+
+def test_defaults_are_the_paper_settings(tmp_path):
+    spec = PipelineSpec(model="m", out=str(tmp_path))
+    sft = stage_config(spec, "sft", "m", "d")
+    apo = stage_config(spec, "apo", "m", "d")
+    assert (sft.lora_r, sft.lora_alpha, sft.lora_target_modules) == (8, 32, "all-linear")
+    assert (sft.learning_rate, sft.warmup_steps, sft.max_length, sft.num_train_epochs) == (
+        1e-4,
+        0.05,
+        2304,
+        1.0,
+    )
+    assert (apo.learning_rate, apo.beta, apo.max_length, apo.loss_type) == (5e-7, 0.1, 4096, "plackett-luce")
+    assert apo.per_device_train_batch_size * apo.gradient_accumulation_steps == 32
+    assert sft.output_dir == str(tmp_path / "sft") and apo.output_dir == str(tmp_path / "apo")
+
+
+def test_config_precedence_and_unknown_keys(tmp_path):
+    spec = spec_from_config({"model": "base", "beta": 0.3, "max_length": 100, "apo": {"max_length": 200}})
+    assert (
+        spec.model == "base"
+        and spec.apo == {"beta": 0.3, "max_length": 200}
+        and spec.sft == {"max_length": 100}
+    )
+    with pytest.raises(InputError, match=r"field 'apo.betta'"):
+        spec_from_config({"apo": {"betta": 0.3}}, "cfg.toml")
+    with pytest.raises(InputError, match="loss_type"):
+        stage_config(PipelineSpec(apo={"loss_type": "apo_zero"}), "apo", "m", "d")
+
+
+def test_stage_all_from_toml_with_flag_overrides(tiny_lm_path, data, tmp_path):
+    prefs, sft = data
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'model = "{tiny_lm_path}"\nout = "{tmp_path / "run"}"\nsft_data = "{sft}"\npreferences = "{prefs}"\n'
+        'global_batch_size = 2\nper_device_train_batch_size = 2\nlogging_steps = 1\nsave_strategy = "no"\n'
+        "lora_dropout = 0.0\n[sft]\nlearning_rate = 0.01\nmax_length = 128\n[apo]\nlearning_rate = 0.01\nmax_length = 128\n"
+    )
+    result = runner.invoke(
+        app,
+        [
+            "train-apo",
+            "--stage",
+            "all",
+            "--config",
+            str(config),
+            "--max-steps",
+            "2",
+            "--cpu",
+            "--loss",
+            "listwise",
+            "--set",
+            "apo.nll_alpha=0.1",
+            "--merge",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "sft done" in result.output and "apo done" in result.output
+    run = tmp_path / "run"
+    assert (run / "sft" / "merged" / "model.safetensors").exists()
+    assert (run / "apo" / "adapter_model.safetensors").exists()
+    records = [json.loads(line) for line in (run / "apo" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "rewards/accuracies" in r]
+    assert len(steps) == 2 and all("nll_loss" in r for r in steps)
+    # APO started from the Stage-1 model, which is also its reference: zero rewards at step 1.
+    assert steps[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    args = torch.load(run / "apo" / "training_args.bin", weights_only=False)
+    assert args.loss_type == "listwise" and args.nll_alpha == 0.1 and args.learning_rate == 0.01
+    assert args.model_name_or_path == str(run / "sft" / "merged")
+
+
+def test_stage_apo_yaml_precompute_ref(tiny_lm_path, data, tmp_path):
+    prefs, _ = data
+    config = tmp_path / "apo.yaml"
+    config.write_text(
+        f"model: {tiny_lm_path}\npreferences: {prefs}\nout: {tmp_path / 'r'}\napo:\n  max_length: 96\n"
+    )
+    result = runner.invoke(
+        app,
+        [
+            "train-apo",
+            "--stage",
+            "apo",
+            "-c",
+            str(config),
+            "--max-steps",
+            "2",
+            "--global-batch",
+            "2",
+            "--per-device-batch",
+            "2",
+            "--precompute-ref",
+            "--cpu",
+            "--save-steps",
+            "1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "r" / "apo" / "reference_logps").glob("train-*.arrow"))
+    assert (tmp_path / "r" / "apo" / "checkpoint-2").is_dir()
+    assert (tmp_path / "r" / "apo" / "apo_data_stats.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--stage", "apo", "--preferences", "nowhere"], "no model"),
+        (["--stage", "apo", "--model", "m", "--preferences", "/nonexistent/prefs"], "no such dataset"),
+        (["--stage", "all", "--lr", "0.1", "--model", "m"], "--sft-lr"),
+        (["--stage", "apo", "--set", "apo.bogus=1"], "unknown setting"),
+        (["--stage", "apo", "--config", "/nonexistent.toml"], "config file not found"),
+        (["--stage", "sideways", "--model", "m"], "--stage must be"),
+    ],
+)
+def test_user_errors_exit_2_with_message(args, message, tmp_path, tiny_lm_path):
+    args = [a if a != "m" else str(tiny_lm_path) for a in args]
+    result = runner.invoke(app, ["train-apo", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output.replace("\n", " ")
+
+
+def test_config_file_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("model = \n")
+    result = runner.invoke(app, ["train-apo", "--config", str(bad)])
+    assert result.exit_code == 2 and "bad.toml" in result.output.replace("\n", "")
+
+
+def test_help_names_the_method_and_the_trl_difference():
+    result = runner.invoke(app, ["train-apo", "--help"])
+    text = " ".join(result.output.split())
+    assert "Autonomous Preference Optimization" in text and "Anchored Preference Optimization" in text
+
+
+def test_reads_real_preferences_layout_from_path(tmp_path):
+    # A dataset dir without splits (a bare Dataset) is accepted too.
+    import datasets
+    import pyarrow as pa
+
+    from apo_train.data import load_split
+
+    table = pa.Table.from_pylist(preference_rows(2), schema=PREFERENCE_SCHEMA)
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "bare"))
+    assert len(load_split(Path(tmp_path / "bare"), "train", ("chosen",))) == 2
