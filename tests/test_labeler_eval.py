@@ -162,7 +162,7 @@ def test_batch_table_agrees_with_label_text():
     table = label_texts(texts, processes=1)
     assert table.num_rows == len(CASES)
     rows = table.to_pylist()
-    for case, row in zip(CASES, rows):
+    for case, row in zip(CASES, rows, strict=True):
         result = label_text(case["text"])
         for name in OBSERVATIONS:
             assert row[name] == result.observations[name].value, (case["id"], name)

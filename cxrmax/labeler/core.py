@@ -204,7 +204,7 @@ def _span_side(low: str, start: int, end: int) -> str | None:
     return "left" if left else "right" if right else None
 
 
-def _sides(low: str, tokens: list, index: int) -> str | None:
+def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str | None:
     """Laterality of tokens[index]: the laterality words just before it or just after it, whichever
     is nearer (before wins ties); words across a conjunction ("but", "except") never count."""
     back: list[str] = []
@@ -233,7 +233,7 @@ def _sides(low: str, tokens: list, index: int) -> str | None:
     hopped = False
     edge = tokens[index][1]
     j = index + 1
-    n = len(tokens)
+    n = 0 if back_only else len(tokens)
     while j < n:
         tok = tokens[j]
         kind = tok[2]
@@ -282,13 +282,30 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
     while j >= 0:
         tok = tokens[j]
         kind = tok[2]
-        if kind == mt.CUE and tok[3][0] & mt.NEG_PRE and not tok[3][0] & mt.COPULA:
+        if kind == mt.CUE and tok[3][0] & mt.NEG_PRE and not tok[3][0] & (mt.COPULA | mt.CONTRAST):
             return None
         if kind == mt.LAT:
             return tok[3]
         if j in sides and sides[j] is not None:
             return sides[j]
         j -= 1
+    return None
+
+
+def _later_side(tokens: list, found: list, k: int) -> str | None:
+    """Side of the next positive/uncertain lateralised mention of the step, for "pneumonia is
+    suggested by the consolidation in the right middle lobe"; not across a conjunction or negation."""
+    start = found[k][0]
+    for i, _observation, status, side, _cue, _sign in found[k + 1 :]:
+        if i <= start:
+            continue
+        if status == "negative":
+            return None
+        if side is not None:
+            for tok in tokens[start + 1 : i]:
+                if (tok[2] == mt.TERM and tok[3]) or (tok[2] == mt.CUE and tok[3][0] & mt.NEG_PRE):
+                    return None
+            return side
     return None
 
 
@@ -486,7 +503,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                         status, cue = effect, None
                     if observation in LATERALIZABLE:
                         if side is None:
-                            side = _sides(low, step_tokens, i)
+                            # Only a side written before a normal statement counts: "the right lung
+                            # is clear" (right), "the lungs are clear bilaterally" (no side claim).
+                            side = _sides(low, step_tokens, i, back_only=True)
                         step_found.append((i, observation, status, side, cue, False))
                     else:
                         step_found.append((i, observation, status, None, cue, False))
@@ -498,9 +517,11 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             continue
         explained = {obs for (_, obs, _, _, _, sign) in step_found if not sign}
         sign_sides = {obs: side for (_, obs, _, side, _, sign) in step_found if sign and side is not None}
-        for i, observation, status, side, cue, sign in step_found:
+        for k, (i, observation, status, side, cue, sign) in enumerate(step_found):
             if not sign and side is None and observation in sign_sides:
                 side = sign_sides[observation]  # "blunting of the left angle suggests effusion"
+            if side is None and status != "negative" and observation in LATERALIZABLE:
+                side = _later_side(step_tokens, step_found, k)
             if sign and (
                 observation in explained
                 or any(alt in explained for alt in SIGN_ALTERNATIVES.get(observation, ()))

@@ -105,6 +105,9 @@ NEG_PRE: tuple[str, ...] = (
     "unlikely to be",
     "is not",
     "are not",
+    "ruling out",
+    "rules out",
+    "which rules out",
 )
 
 NEG_POST: tuple[str, ...] = (
@@ -255,6 +258,13 @@ UNC_PRE: tuple[str, ...] = (
     "whether",
     "raising the possibility of",
     "cannot be completely excluded",
+    "may be due to",
+    "could be due to",
+    "might be due to",
+    "is likely due to",
+    "may be related to",
+    "could be related to",
+    "less likely",
 )
 
 UNC_POST: tuple[str, ...] = (
@@ -307,6 +317,15 @@ UNC_POST: tuple[str, ...] = (
     "is suspicious",
     "is favored",
     "is presumed",
+    "is suggested",
+    "are suggested",
+    "is suggested by",
+    "are suggested by",
+    "was suspected",
+    "were suspected",
+    "is less likely",
+    "are less likely",
+    "less likely",
 )
 
 # Uncertainty words that a negation in the same scope dominates ("no opacity to suggest pneumonia").
@@ -407,6 +426,12 @@ MIMICS: tuple[str, ...] = (
     "lymphadenopathy",
     "prominent vasculature",
     "vascular enlargement",
+    "overlapping soft tissue(s)",
+    "soft tissue",
+    "soft tissues",
+    "breast tissue",
+    "breast shadow(s)",
+    "composite shadow(s)",
 )
 
 PSEUDO: tuple[str, ...] = (
@@ -582,6 +607,12 @@ LATERALITY: dict[str, str] = {
     "lingular": "left",
     "bilateral lower lobes": "bilateral",
     "both hemithoraces": "bilateral",
+    "both apices": "bilateral",
+    "both lung apices": "bilateral",
+    "both upper lobes": "bilateral",
+    "both lung bases": "bilateral",
+    "both upper zones": "bilateral",
+    "both lower zones": "bilateral",
 }
 
 REFUSAL: tuple[str, ...] = (

@@ -83,6 +83,7 @@ UNC_POST = 8
 WEAK = 16
 COPULA = 32  # "is likely", "is not": applies backward only at the end of the predicate
 HYPO = 64  # hypothetical scope ("if", "concerns about"): governed mentions assert nothing
+CONTRAST = 128  # "rather than", "instead of": negates, but the side of the sentence carries over
 
 _KEY_STRIP = re.compile(r"[\s\-]+")
 
@@ -178,7 +179,9 @@ class Lexicon:
         ):
             for word in group:
                 bits = role | (WEAK if word in cues.WEAK_UNCERTAIN and role == UNC_PRE else 0)
-                if word.startswith(("is ", "are ")):
+                if word in ("rather than", "instead of"):
+                    bits |= CONTRAST
+                if word.startswith(("is ", "are ")) and not word.endswith(" by"):
                     # "X is unlikely" (backward) and "... is unlikely to be pneumonia" (forward).
                     bits |= COPULA | (NEG_PRE if role & (NEG_PRE | NEG_POST) else UNC_PRE)
                 add(word, CUE, (bits, word))
