@@ -326,7 +326,9 @@ def serve_in_thread(
     name = served_model_name or (Path(model_path).name if model_path is not None else "stub")
     state = ServerState(engine, name, faults, stub_text)
     sock = _bind(host, port)
-    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        create_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"openai-server-{name}"
@@ -429,7 +431,9 @@ def main(argv: list[str] | None = None) -> None:
     state = ServerState(engine, name, Faults(delay_s=args.delay))
     sock = _bind(args.host, args.port)
     print(f"{SERVER_READY_PREFIX}http://{args.host}:{sock.getsockname()[1]}/v1", flush=True)
-    config = uvicorn.Config(create_app(state), log_level="warning", access_log=False, lifespan="off")
+    config = uvicorn.Config(
+        create_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
+    )
     uvicorn.Server(config).run(sockets=[sock])
 
 
