@@ -1,0 +1,91 @@
+"""Benchmark: chest film preprocessing, cxrmax.images.preprocess vs plain PIL open + resize.
+
+Makes N synthetic 2,800 x 2,300 grayscale JPEGs (quality 95, the size of MIMIC-CXR-JPG films), then
+preprocesses each to a 1,024-pixel longest edge with
+  - cxrmax: `preprocess(path, max_edge=1024)` (JPEG draft = DCT-domain downscale, then exact resize);
+  - plain PIL: `Image.open(path).convert("L").resize(size, LANCZOS)` to the same size.
+Both use Lanczos and produce the same output size (checked), measured in the same run, interleaved
+image by image so machine load hits both alike; per film the fastest of `--rounds` runs. Also reports how close the
+outputs are (mean absolute difference in 8-bit levels). Goal (issue 2): >= 2x the plain PIL rate.
+
+    /work/venv/bin/python benchmark/perf/bench_images.py            # 40 films, 3 rounds
+    /work/venv/bin/python benchmark/perf/bench_images.py --quick    # 8 films, 2 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cxrmax.fixtures import synthetic_chest
+from cxrmax.images import preprocess, target_size
+
+WIDTH, HEIGHT, MAX_EDGE = 2800, 2300, 1024
+
+
+def make_films(folder: Path, count: int) -> list[Path]:
+    paths = []
+    for index in range(count):
+        path = folder / f"film{index:03d}.jpg"
+        pixels = synthetic_chest(WIDTH, HEIGHT, seed=index)
+        # Film grain at full resolution, so the JPEG has real high-frequency content to decode.
+        grain = np.random.default_rng(index).normal(0, 3, size=pixels.shape)
+        Image.fromarray(np.clip(pixels + grain, 0, 255).astype(np.uint8), "L").save(path, quality=95)
+        paths.append(path)
+    return paths
+
+
+def plain_pil(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        size = target_size(image.width, image.height, MAX_EDGE)
+        return image.convert("L").resize(size, Image.Resampling.LANCZOS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8 films, 2 rounds")
+    parser.add_argument("--films", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None)
+    args = parser.parse_args()
+    films = args.films or (8 if args.quick else 40)
+    rounds = args.rounds or (3 if args.quick else 5)
+    with tempfile.TemporaryDirectory(prefix="bench-images-") as tmp:
+        paths = make_films(Path(tmp), films)
+        megabytes = sum(p.stat().st_size for p in paths) / films / 1e6
+        # Warm the page cache and check equal output sizes and closeness once.
+        differences = []
+        for path in paths:
+            ours, theirs = preprocess(path, max_edge=MAX_EDGE), plain_pil(path)
+            assert ours.size == theirs.size and ours.mode == theirs.mode == "L", (ours.size, theirs.size)
+            differences.append(np.abs(np.asarray(ours, float) - np.asarray(theirs, float)).mean())
+        # Per film, the fastest of `rounds` timings of each method (timeit's rule: the minimum is
+        # the run least disturbed by other processes on a shared machine), interleaved.
+        ours_times = np.full(films, np.inf)
+        theirs_times = np.full(films, np.inf)
+        for _ in range(rounds):
+            for index, path in enumerate(paths):
+                start = time.perf_counter()
+                preprocess(path, max_edge=MAX_EDGE)
+                ours_times[index] = min(ours_times[index], time.perf_counter() - start)
+                start = time.perf_counter()
+                plain_pil(path)
+                theirs_times[index] = min(theirs_times[index], time.perf_counter() - start)
+        best_ours, best_theirs = float(ours_times.sum()), float(theirs_times.sum())
+    ours_rate, theirs_rate = films / best_ours, films / best_theirs
+    print(f"films: {films} x {WIDTH}x{HEIGHT} JPEG q95 ({megabytes:.2f} MB each) -> {MAX_EDGE} longest edge")
+    print(
+        f"output size: {ours.size[0]}x{ours.size[1]} (both); mean |difference| {np.mean(differences):.2f} levels"
+    )
+    print(f"{'method':<34}{'images/s':>10}{'ms/image':>10}")
+    print(f"{'cxrmax preprocess (draft+Lanczos)':<34}{ours_rate:>10.1f}{1000 / ours_rate:>10.1f}")
+    print(f"{'PIL open+convert+resize(Lanczos)':<34}{theirs_rate:>10.1f}{1000 / theirs_rate:>10.1f}")
+    print(f"speed-up: {ours_rate / theirs_rate:.2f}x (goal >= 2x)")
+
+
+if __name__ == "__main__":
+    main()
