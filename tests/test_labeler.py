@@ -161,7 +161,7 @@ def test_refusal_and_hedging_spans():
     result = label_text(text)
     assert result.is_refusal
     assert [text[s.start : s.end] for s in result.refusal][0] == "As an AI"
-    assert [s.text for s in result.hedging] == ["Please consult"]
+    assert [s.text for s in result.hedging] == ["Please consult", "qualified radiologist"]
     assert all(label.status == "absent" for label in result.observations.values())
     # mentions inside the refusal clause assert nothing; a later interpretation still counts
     text = "I cannot diagnose pneumonia. However, the image shows a large right pleural effusion."
