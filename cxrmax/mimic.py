@@ -869,11 +869,14 @@ class MimicCXR:
         source: str = "chexpert",
         with_reports: bool = True,
         check_files: bool = True,
+        verify_images: bool = False,
     ) -> pa.Table:
         """Select images (see the module docstring for the rules) as a table with
         `shards.SELECTION_SCHEMA`, sorted by subject, study, dicom_id. Opens no image: with
         `check_files` it only checks that the selected images exist (a missing one is an error,
-        or a counted skip when lenient); with `with_reports` it reads the selected studies' reports."""
+        or a counted skip when lenient); `verify_images` decodes each selected image (cheaply) so
+        corrupt files are found now rather than mid-generation; with `with_reports` it reads the
+        selected studies' reports."""
         table = self.images()
         if splits is not None:
             table = table.filter(pc.is_in(table.column("split"), pa.array(_normalize_splits(splits))))
@@ -934,8 +937,10 @@ class MimicCXR:
         table = table.sort_by(
             [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
         )
-        if check_files:
+        if check_files or verify_images:
             table = self._check_images_exist(table)
+        if verify_images:
+            table = self._verify_images(table)
         return self._attach(table, source=source, with_reports=with_reports)
 
     def _check_images_exist(self, table: pa.Table) -> pa.Table:
@@ -951,6 +956,23 @@ class MimicCXR:
             )
         self.skipped["images: listed but absent"] += int((~present).sum())
         return table.filter(pa.array(present))
+
+    def _verify_images(self, table: pa.Table) -> pa.Table:
+        """Decode every selected image cheaply; corrupt ones are errors (lenient: counted skips)."""
+        from cxrmax.images import ImageError, verify
+
+        keep = np.ones(table.num_rows, dtype=bool)
+        for index, relative in enumerate(table.column("image_path").to_pylist()):
+            try:
+                verify(self.root / relative)
+            except ImageError:
+                if not self.lenient:
+                    raise
+                keep[index] = False
+        if not keep.all():
+            self.skipped["images: corrupt or undecodable"] += int((~keep).sum())
+            table = table.filter(pa.array(keep))
+        return table
 
     def _attach(self, table: pa.Table, source: str, with_reports: bool) -> pa.Table:
         """Add the labels struct and report sections; cast to SELECTION_SCHEMA."""

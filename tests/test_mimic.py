@@ -614,3 +614,25 @@ def test_cli_lenient_reports_skips(mimic_copy: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "Skipped" in result.output and "label value outside" in result.output
+
+
+def test_corrupt_images_found_by_verify(mimic_copy: Path, mini_mimic_dicom: Path, tmp_path: Path) -> None:
+    mimic = MimicCXR(mimic_copy)
+    victim = mimic_copy / mimic.select(k=1, seed=5).column("image_path")[0].as_py()
+    data = victim.read_bytes()
+    victim.unlink()  # the copy hard-links images: never write through to the session fixture
+    victim.write_bytes(data[: len(data) // 3])
+    assert MimicCXR(mimic_copy).select().num_rows == 40  # existence alone does not open images
+    with pytest.raises(InputError, match=victim.name):
+        MimicCXR(mimic_copy).select(verify_images=True)
+    lenient = MimicCXR(mimic_copy, lenient=True)
+    assert lenient.select(verify_images=True).num_rows == 39
+    assert lenient.skipped == {"images: corrupt or undecodable": 1}
+    # The same for a DICOM layout.
+    dicom_root = tmp_path / "dicom"
+    shutil.copytree(mini_mimic_dicom, dicom_root)
+    target = dicom_root / MimicCXR(dicom_root).select(k=1).column("image_path")[0].as_py()
+    target.write_bytes(target.read_bytes()[:1000])
+    with pytest.raises(InputError, match=target.name):
+        MimicCXR(dicom_root).select(verify_images=True)
+    assert MimicCXR(dicom_root, lenient=True).select(verify_images=True).num_rows == 11

@@ -168,8 +168,11 @@ def mimic_select(
         "chexpert", "--labels", help="Label source: chexpert, negbio or test-set-labeled."
     ),
     reports: bool = typer.Option(True, "--reports/--no-reports", help="Attach report sections."),
+    verify_images: bool = typer.Option(
+        False, "--verify-images", help="Decode every selected image now (finds corrupt JPEG/DICOM files)."
+    ),
     lenient: bool = typer.Option(
-        False, "--lenient", help="Skip bad rows and absent images (counted) instead of failing."
+        False, "--lenient", help="Skip bad rows, absent and corrupt images (counted) instead of failing."
     ),
 ) -> None:
     """Select images into a manifest (shards.SELECTION_SCHEMA) that `cxrmax generate` reads.
@@ -193,6 +196,7 @@ def mimic_select(
                 one_per_study=not all_images,
                 source=source,
                 with_reports=reports,
+                verify_images=verify_images,
             )
             write_selection(table, out)
         studies = len(set(table.column("study_id").to_pylist()))
