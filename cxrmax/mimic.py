@@ -345,14 +345,15 @@ _IMPRESSION_LIKE = {
 
 def _section_name(header: str) -> str | None:
     """Map a header to "findings", "impression", another lower-case name, or None (not a header)."""
-    key = re.sub(r"[^A-Z ]+", "", header.upper()).strip()
-    key = re.sub(r"\s+", " ", key)
+    key = re.sub(r"[^A-Z]+", " ", header.upper()).strip()
     if not key:
         return None
     if key in _IMPRESSION_LIKE:
         return "impression"
+    first = key.split()[0]
     for canonical, name in _CLINICAL.items():
-        if key == canonical or difflib.SequenceMatcher(None, key, canonical).ratio() >= 0.8:
+        # "IMPRESSON", "FINDNGS", "IMPRESSION AND RECOMMENDATIONS", "FINDINGS (PA)": by the first word.
+        if difflib.SequenceMatcher(None, first, canonical).ratio() >= 0.8:
             return name
     if header.strip().upper() != header.strip():
         return None  # other sections are upper-case in the release; "Dr. ___ was told:" is text

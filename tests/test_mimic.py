@@ -636,3 +636,26 @@ def test_corrupt_images_found_by_verify(mimic_copy: Path, mini_mimic_dicom: Path
     with pytest.raises(InputError, match=target.name):
         MimicCXR(dicom_root).select(verify_images=True)
     assert MimicCXR(dicom_root, lenient=True).select(verify_images=True).num_rows == 11
+
+
+def test_header_variants_by_first_word() -> None:
+    sections = parse_report(" FINDINGS (PA):  Clear.\n\n IMPRESSION AND RECOMMENDATIONS:  Normal.\n")
+    assert (sections.findings, sections.impression) == ("Clear.", "Normal.")
+    slash = parse_report(" FINDINGS/IMPRESSION:  No acute process.\n")
+    assert slash.impression == "No acute process." and slash.findings is None
+
+
+def test_reports_root_elsewhere(mini_mimic: Path, tmp_path: Path) -> None:
+    # The JPG release has no reports: they come from MIMIC-CXR and may live in another folder.
+    images_only = tmp_path / "jpg"
+    reports = tmp_path / "reports"
+    for source in mini_mimic.rglob("*"):
+        if source.is_file():
+            target = (reports if source.suffix == ".txt" else images_only) / source.relative_to(mini_mimic)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(source)
+    assert MimicCXR(images_only).select().column("impression").null_count == 40
+    with_reports = MimicCXR(images_only, reports_root=reports).select()
+    assert with_reports.equals(MimicCXR(mini_mimic).select().cast(with_reports.schema))
+    result = CliRunner().invoke(app, ["mimic", "summary", str(images_only), "--reports-root", str(reports)])
+    assert result.exit_code == 0 and "missing" in result.output

@@ -73,6 +73,9 @@ def mimic_summary(
         True, "--reports/--no-reports", help="Parse every report for section coverage."
     ),
     lenient: bool = typer.Option(False, "--lenient", help="Skip bad rows (counted) instead of failing."),
+    reports_root: Path = typer.Option(
+        None, "--reports-root", help="Where files/pXX/pSUBJECT/sSTUDY.txt live, when not under ROOT."
+    ),
 ) -> None:
     """Studies and images per split and view, label prevalence (1/0/-1/blank), report section coverage.
 
@@ -83,7 +86,7 @@ def mimic_summary(
     from cxrmax.mimic import SPLITS, MimicCXR
 
     with user_errors():
-        mimic = MimicCXR(root, lenient=lenient)
+        mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)
         with console.status("reading CSVs and reports"):
             summary = mimic.summary(reports=reports, source=source)
         console.print(
@@ -174,6 +177,9 @@ def mimic_select(
     lenient: bool = typer.Option(
         False, "--lenient", help="Skip bad rows, absent and corrupt images (counted) instead of failing."
     ),
+    reports_root: Path = typer.Option(
+        None, "--reports-root", help="Where files/pXX/pSUBJECT/sSTUDY.txt live, when not under ROOT."
+    ),
 ) -> None:
     """Select images into a manifest (shards.SELECTION_SCHEMA) that `cxrmax generate` reads.
 
@@ -183,7 +189,7 @@ def mimic_select(
     from cxrmax.mimic import MimicCXR, parse_shard, write_selection
 
     with user_errors():
-        mimic = MimicCXR(root, lenient=lenient)
+        mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)
         with console.status("selecting"):
             table = mimic.select(
                 splits=split or None,
