@@ -173,7 +173,10 @@ def _scan(low: str) -> list[tuple[int, int, int, object]]:
                 covered = statement.end()
                 append((start, covered, mt.STATEMENT, flex[int(statement.lastgroup[1:])]))
                 continue
-        entry = table.get(match.group().translate(_DROP_SPACES))
+        word = match.group()
+        entry = table.get(word)
+        if entry is None:
+            entry = table.get(word.translate(_DROP_SPACES))
         if entry is None or entry[0] == trigger:
             continue
         append((start, end, entry[0], entry[1]))

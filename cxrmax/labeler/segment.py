@@ -10,7 +10,7 @@ Offsets are character offsets into the original text.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _LINE = re.compile(r"[^\n]*\n?")
 _MD_HEADING = re.compile(r"[ \t]*#{1,6}[ \t]+(?P<h>.*?)[ \t#]*$")
@@ -42,11 +42,9 @@ _ABBREVIATIONS = frozenset(
         "resp",
     }
 )
-_ENDS_SENTENCE = re.compile(r"[.!?:][\"')\]*]*[ \t]*$")
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """One step's place in the text: [start, end) offsets, kind and the heading it sits under."""
 
     start: int
@@ -55,16 +53,30 @@ class Segment:
     heading: str | None
 
 
-def _heading_text(line: str) -> str | None:
-    for pattern in (_MD_HEADING, _BOLD_HEADING, _COLON_HEADING):
+def _heading_text(line: str, stripped: str) -> str | None:
+    first, last = stripped[0], stripped[-1]
+    # Cheap character checks first: most lines are not headings and skip every regex.
+    if first == "#":
+        patterns: tuple = (_MD_HEADING,)
+    elif first in "*_-+" and last in "*_:":
+        patterns = (_BOLD_HEADING, _COLON_HEADING)
+    elif last == ":":
+        patterns = (_COLON_HEADING,)
+    else:
+        return None
+    for pattern in patterns:
         match = pattern.match(line)
         if match:
             text = match.group("h").strip().strip("*_").strip()
-            # A colon line with many words is a sentence introducing a list, still a heading-like lead.
+            # A long line ending with a colon is a sentence introducing a list, not a heading.
             if pattern is _COLON_HEADING and len(text.split()) > 8:
                 return None
             return text or None
     return None
+
+
+_BULLET_FIRST = frozenset("-*+\u2022\u25cf\u25e6\u2013(0123456789")
+_END_STRIP = " \t\"')]*"
 
 
 def _split_sentences(
@@ -116,12 +128,13 @@ def split_steps(text: str) -> list[Segment]:
         line_end = length if newline < 0 else newline
         next_position = line_end + 1
         line = text[position:line_end]
-        if not line.strip():
+        stripped = line.strip()
+        if not stripped:
             flush(position)
             prev_line_ends_sentence = True
             position = next_position
             continue
-        head = _heading_text(line) if len(line) <= 120 else None
+        head = _heading_text(line, stripped) if len(line) <= 120 else None
         if head is not None:
             flush(position)
             lead = len(line) - len(line.lstrip())
@@ -130,7 +143,12 @@ def split_steps(text: str) -> list[Segment]:
             prev_line_ends_sentence = True
             position = next_position
             continue
-        bullet = _BULLET.match(line)
+        first = stripped[0]
+        bullet = (
+            _BULLET.match(line)
+            if first in _BULLET_FIRST or (len(stripped) > 1 and stripped[1] in ".)")
+            else None
+        )
         if bullet is not None:
             flush(position)
             marker = bullet.group(0).strip()
@@ -140,7 +158,9 @@ def split_steps(text: str) -> list[Segment]:
             block_start = position + bullet.end()
             block_heading = heading
         else:
-            section = _INLINE_SECTION.match(line)
+            section = (
+                _INLINE_SECTION.match(line) if (first.isupper() or first == "*") and ":" in line else None
+            )
             if section is not None:
                 flush(position)
                 heading = section.group("h").strip()
@@ -149,7 +169,7 @@ def split_steps(text: str) -> list[Segment]:
                 block_start = position + (len(line) - len(line.lstrip()))
                 block_kind = "sentence"
                 block_heading = heading
-        prev_line_ends_sentence = bool(_ENDS_SENTENCE.search(line))
+        prev_line_ends_sentence = line.rstrip(_END_STRIP)[-1:] in (".", "!", "?", ":")
         position = next_position
     flush(length)
     return segments
