@@ -117,17 +117,20 @@ def _mimic(root: Path) -> Any:
 def _read_table(path: Path) -> Any:
     """A small reference file (Parquet, CSV(.gz), JSONL) as a pyarrow Table."""
     import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
 
     name = path.name.lower()
     try:
         if name.endswith((".parquet", ".pq")):
+            import pyarrow.parquet as pq
+
             return pq.read_table(path)
         if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+            import pyarrow.json as pajson
+
             return pajson.read_json(path)
         if name.endswith((".csv", ".csv.gz")):
+            import pyarrow.csv as pacsv
+
             return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{where(path)}: cannot read references: {exc}") from None

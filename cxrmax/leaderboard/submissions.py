@@ -142,7 +142,7 @@ def _csv_batches(path: Path, batch_rows: int, delimiter: str) -> Iterator[RawBat
             dup = next(h for h in header if header.count(h) > 1)
             raise InputError(f"{where(path, field=dup)}: column appears twice in the header")
         width = len(header)
-        values: list[list[str]] = [[] for _ in header]
+        records: list[list[str]] = []
         rows: list[int] = []
         row_number = 0
         while True:
@@ -155,21 +155,24 @@ def _csv_batches(path: Path, batch_rows: int, delimiter: str) -> Iterator[RawBat
                     f"{where(path, row=row_number + 1)}: cannot parse CSV (truncated file or unbalanced quote?): {exc}"
                 ) from None
             row_number += 1
-            if not record or (len(record) == 1 and record[0] == "" and width > 1):
-                continue  # blank line
             if len(record) != width:
+                if not record or (len(record) == 1 and record[0] == "" and width > 1):
+                    continue  # blank line
                 raise InputError(
                     f"{where(path, row=row_number)}: {len(record)} fields where the header has {width} "
                     "(truncated file or stray delimiter?)"
                 )
+            records.append(record)
             rows.append(row_number)
-            for column, value in zip(values, record, strict=True):
-                column.append(value)
-            if len(rows) >= batch_rows:
-                yield RawBatch(np.asarray(rows, dtype=np.int64), dict(zip(header, values, strict=True)))
-                values = [[] for _ in header]
-                rows = []
-        yield RawBatch(np.asarray(rows, dtype=np.int64), dict(zip(header, values, strict=True)))
+            if len(records) >= batch_rows:
+                yield _columns_batch(header, records, rows)
+                records, rows = [], []
+        yield _columns_batch(header, records, rows)
+
+
+def _columns_batch(header: list[str], records: list[list[str]], rows: list[int]) -> RawBatch:
+    columns = list(zip(*records, strict=True)) if records else [() for _ in header]
+    return RawBatch(np.asarray(rows, dtype=np.int64), dict(zip(header, columns, strict=True)))
 
 
 def _dict_batch(records: list[dict[str, Any]], rows: list[int], seen: list[str]) -> RawBatch:
@@ -474,33 +477,50 @@ def parse_label_column(values: Any, rows: np.ndarray, path: Path, field_name: st
             return _check_range(numbers, rows, path, field_name)
     items = _as_list(values)
     out = np.empty(len(items), dtype=np.float64)
+    # Submissions repeat a handful of cell values ("1", "0", "", null...): parse each distinct value
+    # once. Booleans are excluded from the memo because True == 1 would hit the entry of 1.
+    memo: dict[Any, float] = {}
     for i, value in enumerate(items):
-        if value is None:
-            out[i] = np.nan
-            continue
-        if isinstance(value, bool):
-            raise InputError(
-                f"{where(path, row=int(rows[i]), field=field_name)}: {value!r} is not a label (use 1, 0, -1, blank or a probability)"
-            )
-        if isinstance(value, (int, float)):
-            number = float(value)
-        else:
-            text = str(value).strip()
-            if text == "":
-                out[i] = np.nan
-                continue
+        if value is not True and value is not False:
             try:
-                number = float(text)
-            except ValueError:
-                raise InputError(
-                    f"{where(path, row=int(rows[i]), field=field_name)}: {value!r} is not a label (use 1, 0, -1, blank or a probability)"
-                ) from None
-        if math.isnan(number):
-            raise InputError(
-                f"{where(path, row=int(rows[i]), field=field_name)}: NaN; leave the cell blank for 'not mentioned'"
-            )
+                out[i] = memo[value]
+                continue
+            except (KeyError, TypeError):
+                pass
+        number = _parse_label_cell(value, int(rows[i]), path, field_name)
         out[i] = number
+        try:
+            memo[value] = number
+        except TypeError:
+            pass
     return _check_range(out, rows, path, field_name)
+
+
+def _parse_label_cell(value: Any, row: int, path: Path, field_name: str) -> float:
+    """One cell: a float, NaN for blank; errors name the row and field."""
+    if value is None:
+        return np.nan
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(
+            f"{where(path, row=row, field=field_name)}: {value!r} is not a label (use 1, 0, -1, blank or a probability)"
+        )
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "":
+            return np.nan
+        try:
+            number = float(text)
+        except ValueError:
+            raise InputError(
+                f"{where(path, row=row, field=field_name)}: {value!r} is not a label (use 1, 0, -1, blank or a probability)"
+            ) from None
+    else:
+        number = float(value)
+    if math.isnan(number):
+        raise InputError(
+            f"{where(path, row=row, field=field_name)}: NaN; leave the cell blank for 'not mentioned'"
+        )
+    return number
 
 
 def _check_range(values: np.ndarray, rows: np.ndarray, path: Path, field_name: str) -> np.ndarray:

@@ -22,9 +22,13 @@ Definitions (single reference per study):
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -248,21 +252,26 @@ def text_summary(sums: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def _nltk_data_dirs() -> list[Path]:
+    """nltk's data search path (NLTK_DATA, then its defaults), computed without importing nltk: the
+    import pulls in scipy.stats and costs seconds."""
+    dirs = [Path(p) for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
+    dirs.append(Path.home() / "nltk_data")
+    for prefix in (sys.prefix, "/usr/share", "/usr/local/share", "/usr/lib", "/usr/local/lib"):
+        dirs.append(Path(prefix) / "nltk_data")
+    dirs += [Path(sys.prefix) / "share" / "nltk_data", Path(sys.prefix) / "lib" / "nltk_data"]
+    return dirs
+
+
 def wordnet_available() -> bool:
-    """True when nltk and its WordNet data are installed (METEOR needs both)."""
-    try:
-        import nltk
-
-        nltk.data.find("corpora/wordnet")
-        return True
-    except (ImportError, LookupError):
-        try:
-            import nltk
-
-            nltk.data.find("corpora/wordnet.zip")
+    """True when nltk is installed and its WordNet data is on nltk's search path (METEOR needs both)."""
+    if importlib.util.find_spec("nltk") is None:
+        return False
+    for base in _nltk_data_dirs():
+        corpora = base / "corpora"
+        if (corpora / "wordnet").is_dir() or (corpora / "wordnet.zip").is_file():
             return True
-        except (ImportError, LookupError):
-            return False
+    return False
 
 
 METEOR_MISSING = (
