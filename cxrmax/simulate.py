@@ -29,13 +29,13 @@ random-weight model writes noise, so this module *makes* source models whose dri
    prompt and its targets. The biases are therefore *learnt*: what the teachers later generate shows
    them at roughly the trained rates when sampled at temperature 1.
 
-The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends (rendered by the
-generate prompt templates when they are installed), so the teachers can be served by any generate
-backend. The side of each finding is taken from the report (via the labeler) and, because a 200k
-parameter model cannot read a side off a synthetic film in seconds, also written into the prompt's
-diagnosis list ("left pleural effusion") when ``side_hint`` is on (the default): the faithful teacher
-then copies the side correctly and the laterality-swapped teacher mirrors it, which makes the swap
-measurable against the report.
+The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends (rendered by
+generate's prompt templates: the paper's rationale prompt lists the positive labels, never their
+sides), so the teachers can be served by any generate backend. The side of a finding is taken from
+the report (read by the labeler), and stated only for findings the film shows on their side
+(``FILM_SIDED``: the mini MIMIC-CXR draws pleural effusions at the base of the affected lung): a
+teacher has to read the side off the image, the faithful one learns to state it correctly and the
+laterality-swapped one learns to mirror it, which makes the swap measurable against the report.
 
 This is a toy-scale simulation of drift, meant as a controlled test bed, not a model of any real VLM.
 """
@@ -68,6 +68,11 @@ REFUSAL_TEXT = (
 #: does not have is used), and the side it puts them on.
 DEFAULT_HALLUCINATION = "Pneumothorax"
 _HALLUCINATION_FALLBACKS = ("Pneumothorax", "Fracture", "Lung Lesion", "Consolidation", "Edema")
+
+#: Findings whose side the mini MIMIC-CXR's synthetic films show (cxrmax.fixtures.synthetic_chest draws a
+#: pleural effusion at the base of the affected lung). A teacher can only learn a side it can see, so
+#: the demo's teachers state sides for these findings only; with real films every side is visible.
+FILM_SIDED: tuple[str, ...] = ("Pleural Effusion",)
 
 #: Words used in prompts and answers for each observation.
 _PHRASES: dict[str, str] = {name: name.lower() for name in OBSERVATIONS}
@@ -143,21 +148,50 @@ class TeacherSpec:
         return max((b.rate for b in self.biases if b.kind == kind), default=0.0)
 
 
-def default_teachers(
-    rates: dict[str, float] | None = None, hallucinated: str = DEFAULT_HALLUCINATION
-) -> list[TeacherSpec]:
-    """The demo's five sources: a faithful reference and one teacher per bias kind.
+#: Default injected rate per bias kind.
+DEFAULT_RATES: dict[str, float] = {"laterality": 0.9, "hallucination": 0.8, "refusal": 0.5, "verbosity": 1.0}
 
-    ``rates`` overrides the default rate per bias kind (laterality 0.9, hallucination 0.8, refusal
-    0.5, verbosity 1.0)."""
-    r = {"laterality": 0.9, "hallucination": 0.8, "refusal": 0.5, "verbosity": 1.0} | (rates or {})
-    return [
-        TeacherSpec("faithful"),
-        TeacherSpec("swaps-sides", (Bias("laterality", r["laterality"]),)),
-        TeacherSpec("hallucinates", (Bias("hallucination", r["hallucination"], hallucinated),)),
-        TeacherSpec("refuses", (Bias("refusal", r["refusal"]),)),
-        TeacherSpec("verbose", (Bias("verbosity", r["verbosity"]),)),
-    ]
+#: Teacher name per bias kind.
+_TEACHER_NAMES = {
+    "laterality": "swaps-sides",
+    "hallucination": "hallucinates",
+    "refusal": "refuses",
+    "verbosity": "verbose",
+}
+
+
+def default_teachers(
+    rates: dict[str, float] | None = None,
+    hallucinated: str = DEFAULT_HALLUCINATION,
+    count: int | None = None,
+    kinds: Sequence[str] = BIAS_KINDS,
+    faithful: bool = True,
+) -> list[TeacherSpec]:
+    """A faithful reference, then one teacher per bias kind in ``kinds`` (cycling, with numbered names,
+    until there are ``count`` teachers; default one per kind).
+
+    ``rates`` overrides :data:`DEFAULT_RATES` per kind. The demo uses the five defaults: faithful,
+    swaps-sides, hallucinates, refuses, verbose."""
+    for kind in kinds:
+        if kind not in BIAS_KINDS:
+            raise InputError(f"unknown bias {kind!r}; known: {', '.join(BIAS_KINDS)}")
+    r = DEFAULT_RATES | (rates or {})
+    specs = [TeacherSpec("faithful")] if faithful else []
+    total = count if count is not None else len(specs) + len(kinds)
+    if total < 1:
+        raise InputError("at least one teacher is needed")
+    if not kinds and total > len(specs):
+        specs += [TeacherSpec(f"faithful-{i + 2}") for i in range(total - len(specs))]
+    round_ = 0
+    while len(specs) < total:
+        for kind in kinds:
+            if len(specs) >= total:
+                break
+            name = _TEACHER_NAMES[kind] + (f"-{round_ + 1}" if round_ else "")
+            observation = hallucinated if kind == "hallucination" else None
+            specs.append(TeacherSpec(name, (Bias(kind, r[kind], observation),)))
+        round_ += 1
+    return specs[:total]
 
 
 def parse_teacher(text: str) -> TeacherSpec:
@@ -202,14 +236,26 @@ def positive_findings(labels: dict[str, Any], sides: dict[str, str | None] | Non
     return found
 
 
+def visible_sides(
+    sides: dict[str, str | None], observations: Sequence[str] = FILM_SIDED
+) -> dict[str, str | None]:
+    """Keep the sides of the findings the film shows (see FILM_SIDED)."""
+    return {name: side for name, side in sides.items() if name in observations}
+
+
 def report_sides(report_text: str | None) -> dict[str, str | None]:
-    """The side the report states for each observation, read by the cxrmax labeler."""
+    """The side the report states for each positive finding (left, right or bilateral), read by the
+    cxrmax labeler; findings without a stated side are left out."""
     if not report_text:
         return {}
     from cxrmax.labeler import label_text
 
     labeled = label_text(report_text)
-    return {name: getattr(obs, "laterality", None) for name, obs in labeled.observations.items()}
+    return {
+        name: obs.laterality
+        for name, obs in labeled.observations.items()
+        if obs.status == "positive" and obs.laterality in ("left", "right", "bilateral")
+    }
 
 
 def _join(items: Sequence[str]) -> str:
@@ -306,23 +352,14 @@ def _elaboration(finding: Finding, swap: bool) -> str:
 # Prompts: exactly what `cxrmax generate` sends.
 # --------------------------------------------------------------------------------------------
 
-#: The paper's elicitation text (used when the generate prompt templates are not installed).
-PAPER_RATIONALE = (
-    "This is a patient's chest DR image. The patient is diagnosed with {labels}. "
-    "Please explain the basis for the diagnosis of {labels}."
-)
 
+def prompt_renderer(template: str = "rationale") -> Callable[[dict[str, Any], list[Finding]], str]:
+    """``(row, findings) -> prompt`` rendering generate's prompt template (by name or path) for a
+    selection row, so the teachers are trained on exactly the text generate will send them."""
+    from cxrmax.generate.prompts import load_prompt
 
-def diagnosis_list(findings: Sequence[Finding], side_hint: bool) -> str:
-    """The diagnosis list that goes into the prompt (with sides when ``side_hint``)."""
-    if not findings:
-        return "no finding"
-    return ", ".join(f.phrase() if side_hint else _PHRASES[f.observation] for f in findings)
-
-
-def rationale_prompt(findings: Sequence[Finding], side_hint: bool = True) -> str:
-    """The rationale prompt for a study, with the paper's wording."""
-    return PAPER_RATIONALE.format(labels=diagnosis_list(findings, side_hint))
+    loaded = load_prompt(template)
+    return lambda row, _findings: loaded.render(row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +377,24 @@ class Example:
     findings: list[Finding]
     target: str = ""
     applied: list[str] = field(default_factory=list)
+
+
+def examples_from_selection(
+    selection: Any,
+    mimic_root: str | Path,
+    template: str = "rationale",
+    sided: Sequence[str] = FILM_SIDED,
+) -> list[Example]:
+    """Teacher examples (image, exact generate prompt, findings with their visible report side) from a
+    selection table (shards.SELECTION_SCHEMA, report sections attached)."""
+    rows = selection.to_pylist() if hasattr(selection, "to_pylist") else list(selection)
+    render = prompt_renderer(template)
+
+    def sides_of(row: dict[str, Any]) -> dict[str, str | None]:
+        text = " ".join(t for t in (row.get("findings"), row.get("impression")) if t)
+        return visible_sides(report_sides(text), sided)
+
+    return examples_from_rows(rows, mimic_root, sides_of, render)
 
 
 def examples_from_rows(

@@ -1,9 +1,291 @@
-"""CLI commands for the demo area (registered on the root app by cxrmax.cli)."""
+"""CLI commands of the end-to-end area: `cxrmax demo`, `cxrmax simulate`, `cxrmax run RECIPE`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from cxrmax.cli.common import console, user_errors
+
+
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for every artifact of the demo."),
+    size: str = typer.Option(
+        "default", "--size", help="default (a few minutes on 2 cores) or small (tests)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
+    teacher_backend: str = typer.Option(
+        "openai",
+        "--teacher-backend",
+        help="How teachers are served: openai (a local OpenAI-compatible server on 127.0.0.1, reached by "
+        "generate's openai backend) or transformers (in-process).",
+    ),
+) -> None:
+    """Run the whole mission at toy scale on CPU: a mini MIMIC-CXR, tiny teachers with injected drift,
+    generation, preferences, an SFT -> APO student (and SFT-only and DPO for comparison), scores.
+
+    It is a simulation: tiny models trained for seconds, so the figures show the mechanics, not the
+    quality of real models. Every stage is timed; the table, the drift report and the artifact paths are
+    printed and written to OUT/DEMO.md and OUT/demo_report.json.
+
+    Example: [bold]cxrmax demo --out demo-out[/]
+    """
+    from cxrmax.demo import run_demo
+
+    if teacher_backend not in ("openai", "transformers"):
+        raise typer.BadParameter("use openai or transformers", param_hint="--teacher-backend")
+    with user_errors():
+        run_demo(out, size=size, seed=seed, console=console, teacher_backend=teacher_backend)
+
+
+def simulate(
+    out: Path = typer.Argument(..., help="Folder for the teachers (OUT/teachers) and their answers."),
+    mimic_root: Path = typer.Option(
+        None, "--mimic-root", help="MIMIC-CXR(-JPG) root to train on (default: make a mini one in OUT/mimic)."
+    ),
+    studies: int = typer.Option(
+        200, "--studies", help="Studies of the mini MIMIC-CXR made when no --mimic-root."
+    ),
+    teacher: list[str] = typer.Option(
+        None,
+        "--teacher",
+        help="A teacher as NAME=BIAS[:RATE[:OBSERVATION]][+BIAS...], e.g. lefty=laterality:0.9 or "
+        "mixed=refusal:0.3+verbosity (repeatable; 'NAME=none' is faithful). Overrides --bias/--teachers.",
+    ),
+    bias: list[str] = typer.Option(
+        None,
+        "--bias",
+        help="Bias kinds of the default set: laterality, hallucination, refusal, verbosity (repeatable; "
+        "default all four).",
+    ),
+    rate: list[str] = typer.Option(
+        None, "--rate", help="KIND=RATE, share of training answers carrying that bias (e.g. refusal=0.3)."
+    ),
+    teachers: int = typer.Option(
+        None, "--teachers", help="Number of teachers (a faithful one, then cycling biases)."
+    ),
+    no_faithful: bool = typer.Option(
+        False, "--no-faithful", help="Leave out the faithful reference teacher."
+    ),
+    hallucinate: str = typer.Option(
+        "Pneumothorax", "--hallucinate", help="Observation the hallucinating teacher asserts when absent."
+    ),
+    steps: int = typer.Option(220, "--steps", help="Training steps per teacher."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data, the biased targets and the training."),
+    generate: bool = typer.Option(
+        True, "--generate/--no-generate", help="Let every teacher answer the --split images afterwards."
+    ),
+    split: str = typer.Option("test", "--split", help="Split the teachers answer (train, validate or test)."),
+    samples: int = typer.Option(2, "--samples", help="Answers per image (temperature 1)."),
+) -> None:
+    """Train tiny VLM teachers with controlled, documented drift: a controlled test bed for drift research.
+
+    Each teacher is a tiny Qwen2-VL trained in seconds on CPU on the images and the paper's rationale
+    prompt, with its biases injected into its training answers at the given rates: laterality (left and
+    right swapped), hallucination (an absent finding asserted), refusal, verbosity. OUT/teachers/
+    drift_spec.json documents each teacher; with --generate the teachers answer the --split images
+    (OUT/trajectories/<teacher>/, generate's format, ready for `cxrmax build-preferences OUT`) and the
+    measured drift is printed.
+
+    Examples:
+
+      cxrmax simulate sim --studies 200 --bias laterality --bias refusal --rate refusal=0.3 --teachers 5
+
+      cxrmax simulate sim --mimic-root mini-mimic --teacher ref=none --teacher lefty=laterality:0.7
+    """
+    from rich.table import Table
+
+    from cxrmax import simulate as sim
+    from cxrmax.errors import InputError
+
+    with user_errors():
+        if teacher:
+            specs = [sim.parse_teacher(t) for t in teacher]
+        else:
+            rates = {}
+            for item in rate or []:
+                kind, _, value = item.partition("=")
+                try:
+                    rates[kind.strip()] = float(value)
+                except ValueError:
+                    raise InputError(f"--rate {item!r}: expected KIND=RATE, e.g. refusal=0.3") from None
+            from cxrmax.pathologies import canonical_name
+
+            try:
+                hallucinated = canonical_name(hallucinate)
+            except KeyError as exc:
+                raise InputError(f"--hallucinate: {exc.args[0]}") from None
+            specs = sim.default_teachers(
+                rates,
+                hallucinated,
+                count=teachers,
+                kinds=tuple(bias) if bias else sim.BIAS_KINDS,
+                faithful=not no_faithful,
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        from cxrmax.mimic import MimicCXR, write_selection
+
+        if mimic_root is None:
+            from cxrmax.fixtures import make_mini_mimic
+
+            mimic_root = out / "mimic"
+            if not (mimic_root / "mimic-cxr-2.0.0-split.csv.gz").exists():
+                console.print(f"making a mini MIMIC-CXR with {studies} studies in {mimic_root}")
+                make_mini_mimic(mimic_root, studies=studies, seed=seed)
+        mimic = MimicCXR(mimic_root)
+        train = mimic.select(splits=["train"], views=["PA", "AP"])
+        examples = sim.examples_from_selection(train, mimic_root)
+        console.print(f"training {len(specs)} teachers on {len(examples)} train images, {steps} steps each")
+        with console.status("training teachers") as status:
+            result = sim.simulate(
+                out / "teachers",
+                examples,
+                specs,
+                steps=steps,
+                seed=seed,
+                progress=lambda name, step, loss: status.update(
+                    f"{name}: step {step}/{steps} loss {loss:.3f}"
+                ),
+            )
+        table = Table(title=f"Simulated teachers ({result.seconds:.0f} s)")
+        for column in ("teacher", "injected drift", "applied to targets", "loss", "path"):
+            table.add_column(column)
+        for t in result.teachers:
+            applied = ", ".join(f"{k} {v:.0%}" for k, v in t.applied_rates.items() if v) or "-"
+            table.add_row(
+                t.spec.name,
+                t.spec.describe(),
+                applied,
+                f"{t.stats.first_loss:.2f} -> {t.stats.last_loss:.2f}",
+                str(t.path),
+            )
+        console.print(table)
+        console.print(f"drift spec: {result.spec_path}")
+        if not generate:
+            return
+        from cxrmax.demo import DemoSize, _report_text, drift_rates, generate_answers
+        from cxrmax.generate import read_trajectories
+
+        selection = mimic.select(splits=[split], views=["PA", "AP"])
+        if selection.num_rows == 0:
+            raise InputError(f"{mimic_root}: no frontal {split} images to answer")
+        write_selection(selection, out / f"selection-{split}.parquet")
+        size = DemoSize(
+            studies=0, teacher_steps=steps, train_images=0, test_samples=samples, sft_steps=0, apo_steps=0
+        )
+        for t in result.teachers:
+            with console.status(f"{t.spec.name} answers {selection.num_rows} {split} images x {samples}"):
+                generate_answers(
+                    t.spec.name,
+                    t.path,
+                    out / f"selection-{split}.parquet",
+                    mimic_root,
+                    out,
+                    size,
+                    samples,
+                    seed,
+                    "transformers",
+                )
+        gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in selection.to_pylist()}
+        rates_by_model = drift_rates(read_trajectories(out), gold)
+        measured = Table(title=f"Measured drift on the {split} split (labeler; side error vs the report)")
+        for column in ("teacher", "answers", "refusal", "hallucination", "side err", "sides", "words"):
+            measured.add_column(column, justify="left" if column == "teacher" else "right")
+        for t in result.teachers:
+            m = rates_by_model.get(t.spec.name, {})
+            measured.add_row(
+                t.spec.name,
+                str(m.get("answers", 0)),
+                *[
+                    "n/a" if m.get(k) is None or m.get(k) != m.get(k) else f"{m[k]:.2f}"
+                    for k in ("refusal_rate", "hallucination_rate", "laterality_error_rate")
+                ],
+                str(m.get("sides_compared", 0)),
+                f"{m.get('mean_words', 0):.0f}",
+            )
+        console.print(measured)
+        console.print(
+            f"trajectories: {out / 'trajectories'} (next: cxrmax build-preferences {out} --out {out}/data)"
+        )
+
+
+def run(
+    recipe: Path = typer.Argument(..., help="Recipe TOML, e.g. pipelines/cxr-max.toml."),
+    stage: list[str] = typer.Option(None, "--stage", help="Run only this stage (repeatable)."),
+    model: list[str] = typer.Option(
+        None, "--model", help="Only this model for per-model stages (repeatable)."
+    ),
+    shard: str = typer.Option(
+        None, "--shard", help="i/N: this machine's share; runs only shardable and every-machine stages."
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Override the recipe's output folder."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the plan and the vllm serve lines; run nothing."
+    ),
+    force: bool = typer.Option(False, "--force", help="Rerun stages even when they finished before."),
+) -> None:
+    """Drive every stage of a build from a TOML recipe, resumably (finished stages are skipped).
+
+    Examples:
+
+      cxrmax run pipelines/cxr-max.toml --dry-run
+
+      cxrmax run pipelines/cxr-max.toml --shard 0/2          # on machine 0 of 2: select + its generate share
+
+      cxrmax run pipelines/cxr-max.toml --stage preferences --stage sft --stage apo
+    """
+    from rich.table import Table
+
+    from cxrmax import recipe as R
+
+    with user_errors():
+        loaded = R.load_recipe(recipe, out=out)
+        parsed = R.parse_shard(shard)
+        units = R.plan(loaded, stages=stage or None, shard=parsed, models=model or None)
+        table = Table(title=f"{loaded.name}: {len(units)} steps" + (f" (shard {shard})" if shard else ""))
+        for column in ("#", "stage", "model", "status", "what"):
+            table.add_column(column)
+        for i, unit in enumerate(units, 1):
+            status = R.unit_status(loaded, unit, parsed)
+            table.add_row(str(i), unit.stage, unit.model or "", status, unit.description)
+        console.print(table)
+        if dry_run:
+            console.print("[bold]Commands[/] (in order):")
+            for i, unit in enumerate(units, 1):
+                console.print(f"{i:>3}  {unit.command_line()}", markup=False, highlight=False, soft_wrap=True)
+            needed = R.gpus_needed(loaded)
+            console.print(
+                "[bold]vllm serve starting points[/] (run each in the vLLM environment on a GPU machine; "
+                "the recipe's \\[endpoints] point at them):"
+            )
+            for name, line in R.serve_lines(loaded).items():
+                console.print(f"# {name}: {needed.get(name, '?')} GPU(s)", markup=False, highlight=False)
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+            console.print(
+                f"GPUs to serve all sources at once: {sum(needed.values())}. Dry run: nothing executed."
+            )
+            return
+
+        def started(unit: R.Unit) -> None:
+            console.rule(f"[bold]{unit.key}[/]")
+            console.print(unit.command_line(), markup=False)
+
+        def ended(result: R.UnitResult) -> None:
+            if result.status == "skipped":
+                console.print(f"[dim]{result.unit.key}: finished before, skipped[/]")
+            else:
+                console.print(f"[green]{result.unit.key}[/] {result.status} in {result.seconds:.0f} s")
+
+        results = R.execute(loaded, units, shard=parsed, force=force, on_start=started, on_end=ended)
+        ran = sum(r.status != "skipped" for r in results)
+        console.print(
+            f"[bold green]done[/]: {ran} ran, {len(results) - ran} skipped (state in {loaded.out}/.recipe)"
+        )
 
 
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the root app."""
+    app.command("demo")(demo)
+    app.command("simulate")(simulate)
+    app.command("run")(run)
