@@ -383,7 +383,8 @@ def save_outputs(trainer: Trainer, processor: Any, cfg: SFTStageConfig | APOConf
     if cfg.merge_adapter and hasattr(model, "merge_and_unload"):
         merged_dir = out / "merged"
         if trainer.accelerator.is_main_process:
-            merged = copy.deepcopy(model).merge_and_unload()
+            # Training is over and the adapter is saved: merge in place (no second copy of the weights).
+            merged = model.merge_and_unload()
             merged.save_pretrained(str(merged_dir))
             processor.save_pretrained(str(merged_dir))
         saved["merged"] = str(merged_dir)
