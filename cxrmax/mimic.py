@@ -173,24 +173,32 @@ def _read_header(path: Path) -> list[str]:
     return [name.strip() for name in next(csv.reader([first]))]
 
 
-def _read_csv(path: Path, columns: Sequence[str]) -> pa.Table:
-    """Read `columns` of a CSV as nullable strings (validation and typing happen columnar after)."""
+def _read_csv(path: Path, columns: Sequence[str], types: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """Read `columns` of a CSV. With `types`, first try parsing those columns straight to their
+    types (fast, little memory); if any cell does not parse, read everything as nullable strings so
+    that validation can name the row and field."""
     compression = "gzip" if _is_gzip(path) else None
-    try:
-        with pa.input_stream(str(path), compression=compression) as stream:
-            return pacsv.read_csv(
-                stream,
-                read_options=pacsv.ReadOptions(block_size=1 << 24),
-                convert_options=pacsv.ConvertOptions(
-                    column_types={name: pa.string() for name in columns},
-                    include_columns=list(columns),
-                    strings_can_be_null=True,
-                    null_values=[""],
-                    quoted_strings_can_be_null=True,
-                ),
-            )
-    except (pa.ArrowInvalid, OSError, EOFError) as exc:
-        raise InputError(f"{where(path)}: cannot parse CSV: {exc}") from None
+    attempts = [types, None] if types else [None]
+    for attempt in attempts:
+        column_types = {name: pa.string() for name in columns} | (attempt or {})
+        try:
+            with pa.input_stream(str(path), compression=compression) as stream:
+                return pacsv.read_csv(
+                    stream,
+                    read_options=pacsv.ReadOptions(block_size=1 << 24),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types=column_types,
+                        include_columns=list(columns),
+                        strings_can_be_null=True,
+                        null_values=[""],
+                        quoted_strings_can_be_null=True,
+                    ),
+                )
+        except (pa.ArrowInvalid, OSError, EOFError) as exc:
+            if attempt is not None and "conversion error" in str(exc):
+                continue  # a cell that is not of its type: the string pass finds and names it
+            raise InputError(f"{where(path)}: cannot parse CSV: {exc}") from None
+    raise AssertionError("unreachable")
 
 
 def _check_columns(path: Path, header: list[str], required: Iterable[str]) -> None:
@@ -240,6 +248,12 @@ class _Validator:
 
     def integer(self, name: str, required: bool = True) -> pa.ChunkedArray:
         column = self.table.column(name)
+        if pa.types.is_integer(column.type):
+            bad = pc.less(column, 0)
+            if required:
+                bad = pc.or_(pc.fill_null(bad, True), pc.is_null(column))
+            self.flag(bad, name, "not a positive integer id", f"bad {name}")
+            return column.cast(pa.int64())
         # Fast path: a clean column casts directly; only a failing one is scanned with a regex.
         try:
             values = pc.cast(column, pa.int64())
@@ -260,6 +274,8 @@ class _Validator:
 
     def number(self, name: str) -> pa.ChunkedArray:
         column = self.table.column(name)
+        if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
+            return column.cast(pa.float64())
         try:
             return pc.cast(column, pa.float64())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -271,9 +287,17 @@ class _Validator:
 
     def label(self, name: str) -> pa.ChunkedArray:
         column = self.table.column(name)
+        if pa.types.is_floating(column.type):
+            self.flag(
+                pc.and_(pc.is_valid(column), pc.invert(pc.is_in(column.cast(pa.float32()), _LABEL_VALUES))),
+                name,
+                "label value is not one of 1, 0, -1 or blank",
+                "label value outside 1/0/-1/blank",
+            )
+            return column.cast(pa.float32())
         try:
             values = pc.cast(column, pa.float32())
-            if pc.all(pc.fill_null(pc.is_in(values, _LABEL_VALUES), True)).as_py():
+            if not pc.any(pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, _LABEL_VALUES)))).as_py():
                 return values
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
@@ -563,7 +587,18 @@ class MimicCXR:
         needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
         _check_columns(meta_path, header, needed)
         optional = [c for c in ("StudyDate", "StudyTime", "Rows", "Columns") if c in header]
-        raw = _read_csv(meta_path, needed + optional)
+        raw = _read_csv(
+            meta_path,
+            needed + optional,
+            {
+                "subject_id": pa.int64(),
+                "study_id": pa.int64(),
+                "StudyDate": pa.int64(),
+                "StudyTime": pa.float64(),
+                "Rows": pa.int64(),
+                "Columns": pa.int64(),
+            },
+        )
         if raw.num_rows == 0:
             raise InputError(f"{where(meta_path)}: no data rows")
         check = _Validator(meta_path, raw, self.lenient, self.skipped)
@@ -595,18 +630,21 @@ class MimicCXR:
             }
         ).filter(pa.array(check.keep()))
         # A study belongs to one subject.
-        per_study = meta.group_by("study_id").aggregate(
-            [("subject_id", "count_distinct"), ("_meta_row", "max")]
-        )
-        conflict = per_study.filter(pc.greater(per_study.column("subject_id_count_distinct"), 1))
-        if conflict.num_rows:
-            bad_study = conflict.column("study_id")[0].as_py()
+        studies_np = meta.column("study_id").to_numpy()
+        subjects_np = meta.column("subject_id").to_numpy()
+        order = np.lexsort((subjects_np, studies_np))
+        same_study = studies_np[order][1:] == studies_np[order][:-1]
+        clash = same_study & (subjects_np[order][1:] != subjects_np[order][:-1])
+        if clash.any():
+            conflict_ids = np.unique(studies_np[order][1:][clash])
+            bad_study = int(conflict_ids[0])
             bad_rows = meta.filter(pc.equal(meta.column("study_id"), bad_study))
             if not self.lenient:
                 raise InputError(
-                    f"{where(meta_path, row=bad_rows.column('_meta_row')[1].as_py(), field='subject_id')}: "
+                    f"{where(meta_path, row=max(bad_rows.column('_meta_row').to_pylist()), field='subject_id')}: "
                     f"study {bad_study} appears with subjects {sorted(set(bad_rows.column('subject_id').to_pylist()))}"
                 )
+            conflict = pa.table({"study_id": pa.array(conflict_ids)})
             dropped = pc.is_in(meta.column("study_id"), conflict.column("study_id"))
             self.skipped[f"{meta_path.name}: study with several subjects"] += int(pc.sum(dropped).as_py())
             meta = meta.filter(pc.invert(dropped))
@@ -614,7 +652,11 @@ class MimicCXR:
         split_path = self._require_csv(SPLIT_CSV)
         split_header = _read_header(split_path)
         _check_columns(split_path, split_header, ["dicom_id", "study_id", "subject_id", "split"])
-        raw_split = _read_csv(split_path, ["dicom_id", "study_id", "subject_id", "split"])
+        raw_split = _read_csv(
+            split_path,
+            ["dicom_id", "study_id", "subject_id", "split"],
+            {"study_id": pa.int64(), "subject_id": pa.int64()},
+        )
         check = _Validator(split_path, raw_split, self.lenient, self.skipped)
         split_values = pc.utf8_lower(check.text("split"))
         check.flag(
@@ -624,7 +666,8 @@ class MimicCXR:
             "unknown split",
         )
         split_dicom = check.text("dicom_id")
-        check.duplicates(split_dicom, "dicom_id", "dicom_id")
+        if not split_dicom.equals(dicom_id):  # the same ids in the same order as the (unique) metadata
+            check.duplicates(split_dicom, "dicom_id", "dicom_id")
         split = pa.table(
             {
                 "dicom_id": split_dicom,
@@ -792,7 +835,12 @@ class MimicCXR:
                 f"{where(path, field=missing[0])}: missing label column (missing: {', '.join(missing)})"
             )
         id_columns = ["subject_id", "study_id"] if needs_subject else ["study_id"]
-        raw = _read_csv(path, id_columns + list(label_columns.values()))
+        raw = _read_csv(
+            path,
+            id_columns + list(label_columns.values()),
+            {name: pa.int64() for name in id_columns}
+            | {name: pa.float32() for name in label_columns.values()},
+        )
         check = _Validator(path, raw, self.lenient, self.skipped)
         study_id = check.integer("study_id")
         data: dict[str, pa.ChunkedArray | pa.Array] = {"study_id": study_id}
@@ -879,6 +927,7 @@ class MimicCXR:
         corrupt files are found now rather than mid-generation; with `with_reports` it reads the
         selected studies' reports."""
         table = self.images()
+        table = table.append_column("_order", pa.array(np.arange(table.num_rows)))
         if splits is not None:
             table = table.filter(pc.is_in(table.column("split"), pa.array(_normalize_splits(splits))))
         if views is not None:
@@ -899,45 +948,37 @@ class MimicCXR:
             table = table.filter(
                 pc.is_in(table.column("study_id"), labels.column("study_id").filter(pa.array(positive)))
             )
+        # images() is sorted by subject, study, dicom_id: its row number is a deterministic tie-break
+        # that costs no string comparisons.
+        order = table.column("_order").to_numpy()
         if one_per_study and table.num_rows:
-            rank = pc.fill_null(
-                pc.if_else(
-                    pc.equal(table.column("view"), "PA"),
-                    0,
-                    pc.if_else(pc.equal(table.column("view"), "AP"), 1, 2),
-                ),
-                3,
-            )
-            table = table.append_column("_rank", rank).sort_by(
-                [("study_id", "ascending"), ("_rank", "ascending"), ("dicom_id", "ascending")]
+            views_np = table.column("view").fill_null("").to_numpy(zero_copy_only=False)
+            rank = np.where(
+                views_np == "PA", 0, np.where(views_np == "AP", 1, np.where(views_np == "", 3, 2))
             )
             study = table.column("study_id").to_numpy()
-            first = np.ones(len(study), dtype=bool)
-            first[1:] = study[1:] != study[:-1]
-            table = table.filter(pa.array(first)).drop_columns(["_rank"])
-        study_ids = table.column("study_id").to_numpy()
+            by_study = np.lexsort((order, rank, study))
+            first = np.ones(len(by_study), dtype=bool)
+            first[1:] = study[by_study][1:] != study[by_study][:-1]
+            keep = np.zeros(table.num_rows, dtype=bool)
+            keep[by_study[first]] = True
+            table = table.filter(pa.array(keep))
+            order = table.column("_order").to_numpy()
         if k is not None:
             if k < 0:
                 raise InputError(f"k must be >= 0, got {k}")
-            key = _seeded_hash(study_ids, seed)
-            # Ties (several images of one study) are broken by dicom_id, so row order never matters.
-            dicom_rank = np.empty(table.num_rows, dtype=np.int64)
-            dicom_rank[pc.sort_indices(table, [("dicom_id", "ascending")]).to_numpy()] = np.arange(
-                table.num_rows
-            )
-            chosen = np.lexsort((dicom_rank, key))[:k]
+            key = _seeded_hash(table.column("study_id").to_numpy(), seed)
+            chosen = np.lexsort((order, key))[:k]
             mask = np.zeros(table.num_rows, dtype=bool)
             mask[chosen] = True
             table = table.filter(pa.array(mask))
-            study_ids = table.column("study_id").to_numpy()
+        study_ids = table.column("study_id").to_numpy()
         parsed_shard = parse_shard(shard)
         if parsed_shard is not None:
             index, count = parsed_shard
             in_shard = (_mix64(study_ids) % np.uint64(count)) == np.uint64(index)
             table = table.filter(pa.array(in_shard))
-        table = table.sort_by(
-            [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
-        )
+        table = table.sort_by("_order").drop_columns(["_order"])
         if check_files or verify_images:
             table = self._check_images_exist(table)
         if verify_images:
