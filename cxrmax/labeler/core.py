@@ -6,17 +6,23 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
 - Mention status inside a clause: see cues.py (nearest governing cue; negation dominates weak
   uncertainty words; pseudo-negations negate nothing). A mention with no cue is positive, or
   uncertain under a heading that announces alternatives ("Differential diagnosis").
-- Mentions inside a refusal clause ("As an AI, I cannot diagnose pneumonia") assert nothing.
+- Clauses that refuse ("As an AI, I cannot diagnose pneumonia"), speak in general ("atelectasis
+  typically appears as ...") or are hypothetical ("if you have concerns about pneumonia") assert
+  nothing. Radiographic signs (blunting of the costophrenic angle, pleural line) count only when
+  their step does not interpret them ("blunting ... may reflect effusion or pleural thickening").
+- Laterality of a mention: the laterality words right before or right after it, whichever is
+  nearer ("left lower lobe opacity", "opacity in the left lower lobe", "effusions are present
+  bilaterally"), never across a conjunction; "left ... and right ..." -> bilateral; failing that,
+  the side of an earlier (else a later) mention of the same step ("left lower lobe opacity may
+  represent atelectasis" -> left atelectasis), not across a fresh negation.
 - Conflict rule inside one text (the CheXpert aggregation): positive > uncertain > negative. The
   text's status is the strongest status of any mention; its laterality is the union of the sides
   of the mentions that have that status ({left, right} -> bilateral; no side -> unspecified).
   Laterality is given only for the observations in pathologies.LATERALIZABLE and only when the
   status is not absent.
 - "No Finding" (CheXpert rule, pathologies.no_finding): positive when no other finding except
-  Support Devices is positive or uncertain AND the text makes at least one recognised statement
-  (a mention, a normal statement such as "heart size is normal", or a whole-study normal phrase
-  such as "no acute cardiopulmonary process"); otherwise absent. A text that only refuses, or
-  says nothing we recognise, gets no "No Finding".
+  Support Devices is positive or uncertain; absent otherwise, and absent for a text that has an
+  `error` or that refuses without making any recognised statement.
 - Bad input never raises: None, non-str, empty/whitespace-only, binary junk and over-long texts
   give every observation "absent" and a message in `error`.
 """
