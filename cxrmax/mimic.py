@@ -616,6 +616,7 @@ class MimicCXR:
             check.integer("Columns", required=False) if "Columns" in optional else nulls.cast(pa.int64())
         )
         check.duplicates(dicom_id, "dicom_id", "dicom_id")
+        meta_clean = not check.bad.any()
         meta = pa.table(
             {
                 "dicom_id": dicom_id,
@@ -666,7 +667,7 @@ class MimicCXR:
             "unknown split",
         )
         split_dicom = check.text("dicom_id")
-        if not split_dicom.equals(dicom_id):  # the same ids in the same order as the (unique) metadata
+        if not (meta_clean and split_dicom.equals(dicom_id)):  # same ids, same order as clean metadata
             check.duplicates(split_dicom, "dicom_id", "dicom_id")
         split = pa.table(
             {
