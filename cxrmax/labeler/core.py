@@ -504,7 +504,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                     continue
                 side = None
                 for observation, effect in tok[3].items():
-                    if effect == "mention":
+                    if effect == "mention" or effect == "sign":
                         status, cue = _statement_status(low, step_tokens, i, lo, default)
                         if status == DROP:
                             continue
@@ -515,7 +515,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                             # Only a side written before a normal statement counts: "the right lung
                             # is clear" (right), "the lungs are clear bilaterally" (no side claim).
                             side = _sides(low, step_tokens, i, back_only=True)
-                        step_found.append((i, observation, status, side, cue, False))
+                            if side is None and low.endswith("both ", 0, tok[0]):
+                                side = "bilateral"  # "both costophrenic angles are sharp"
+                        step_found.append((i, observation, status, side, cue, effect == "sign"))
                     else:
                         step_found.append((i, observation, status, None, cue, False))
                     recognised = True

@@ -472,7 +472,8 @@ OPACITY_FAMILY: tuple[str, ...] = ("Lung Opacity", "Consolidation", "Pneumonia",
 
 # Flexible statements that a literal list cannot express (verbs and adverbs between the words).
 # Each is (regex on lower-cased text, {observation: status}); status "mention" means the statement is
-# an ordinary mention (cues around it apply), otherwise the status is what the statement says.
+# an ordinary mention (cues around it apply), "sign" a radiographic sign (see SIGNS), otherwise the
+# status is what the statement says.
 _HEART = r"(?:heart(?:\s+size|\s+itself)?|cardiac\s+(?:silhouette|size|contours?|shadow)(?:\s+size)?|size\s+of\s+the\s+heart)"
 _CMS = r"(?:cardio-?mediastinal\s+(?:silhouette|contours?|shadow)s?)"
 _MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?)|mediastinal\s+and\s+hilar\s+(?:contours?|silhouettes?)|hilar\s+and\s+mediastinal\s+(?:contours?|silhouettes?))"
@@ -496,7 +497,7 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         {"Cardiomegaly": "negative"},
     ),
     (
-        rf"{_HEART}\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|increased|large|prominent)",
+        rf"{_HEART}\s*:?\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|increased|large|prominent)",
         {"Cardiomegaly": "mention"},
     ),
     (
@@ -533,6 +534,12 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     (
         r"(?:sharp|clear|preserved|normal|crisp)\s+(?:costophrenic|cp)\s+(?:angles?|sulci|sulcus)",
         {"Pleural Effusion": "negative"},
+    ),
+    # blunted costophrenic angles: a sign of effusion (see SIGNS)
+    (
+        r"(?:costophrenic|cp)\s+(?:angles?|sulci|sulcus|recess(?:es)?)\s+(?:" + _BE + r"\s+)?(?:\w+ly\s+)?"
+        r"(?:blunted|obscured|obliterated)",
+        {"Pleural Effusion": "sign"},
     ),
     # lungs clear -> opacity family negative
     (
