@@ -337,3 +337,44 @@ def test_two_cli_processes_submitting_at_once_both_land(tmp_path, mini_mimic, mi
 
     with Board(store) as board:
         assert sorted(e.name for e in board.entries()) == ["m0", "m1"]
+
+
+def test_ms_cxr_t_keyed_by_dicom_id_when_a_study_repeats(tmp_path):
+    """Real MS-CXR-T may pair one current study with several previous images: rows are then keyed by
+    dicom_id, and a submission keyed by study_id alone is refused with a clear message."""
+    header = ["dicom_id", "previous_dicom_id", "study_id", "previous_study_id", "subject_id"]
+    header += [f"{p}_{k}" for p in MS_CXR_T_FINDINGS for k in ("progression", "label_quality")]
+    rows = []
+    for i, (study, answer) in enumerate(
+        [(51111111, "worsening"), (51111111, "improving"), (52222222, "stable")]
+    ):
+        cells = [f"dcm-{i}", f"prev-{i}", study, 50000000 + i, 10000000]
+        for prefix in MS_CXR_T_FINDINGS:
+            cells += [answer, "one_expert"] if prefix == "edema" else ["", ""]
+        rows.append(cells)
+    ref = tmp_path / "ms.csv"
+    with open(ref, "w", newline="") as fh:
+        csv.writer(fh).writerows([header, *rows])
+    sub = tmp_path / "answers.csv"
+    with open(sub, "w", newline="") as fh:
+        csv.writer(fh).writerows(
+            [
+                ["dicom_id", "study_id", "edema"],
+                ["dcm-0", 51111111, "worse"],
+                ["dcm-1", 51111111, "stable"],
+                ["dcm-2", 52222222, "stable"],
+            ]
+        )
+    result = score(sub, "ms-cxr-t", ref, n_boot=0)
+    assert result.headline["edema"] == pytest.approx(2 / 3)
+    assert result.n_references == 3
+    with open(tmp_path / "by_study.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["study_id", "edema"], [51111111, "worse"]])
+    with pytest.raises(InputError, match="rows must be keyed by dicom_id"):
+        score(tmp_path / "by_study.csv", "ms-cxr-t", ref, n_boot=0)
+    with open(tmp_path / "dup.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([["dicom_id", "edema"], ["dcm-0", "worse"], ["dcm-0", "stable"]])
+    with pytest.raises(
+        InputError, match=r"row 2 field 'dicom_id': duplicate dicom_id dcm-0 \(first given in row 1\)"
+    ):
+        score(tmp_path / "dup.csv", "ms-cxr-t", ref, n_boot=0)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import random
 import resource
 import subprocess
@@ -144,6 +145,8 @@ def _child(case: str, data: Path) -> None:
         )
         result = {"bleu_4(13a)": round(bleu.score / 100, 4), "rouge_l": round(rouge, 4)}
     result["seconds"] = round(time.perf_counter() - start, 2)
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    result["cpu_seconds"] = round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 2)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(result))
 
@@ -193,11 +196,14 @@ def main() -> None:
             ),
             (f"peer: sacrebleu BLEU + rouge-score ROUGE-L, {n_reports:,}", "sacrebleu+rouge-score", ""),
         ]
-        print(f"{'case':<72} {'seconds':>8} {'peak RSS MiB':>13} {'goal':>8}  figures")
+        print(
+            f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall seconds grow with it; CPU seconds less so)"
+        )
+        print(f"{'case':<72} {'seconds':>8} {'CPU s':>7} {'peak RSS MiB':>13} {'goal':>8}  figures")
         for label, case, goal in rows:
             result = _run(case, data)
-            seconds, rss = result.pop("seconds"), result.pop("peak_rss_mib")
-            print(f"{label:<72} {seconds:>8} {rss:>13} {goal:>8}  {result}")
+            seconds, cpu, rss = result.pop("seconds"), result.pop("cpu_seconds"), result.pop("peak_rss_mib")
+            print(f"{label:<72} {seconds:>8} {cpu:>7} {rss:>13} {goal:>8}  {result}")
 
 
 if __name__ == "__main__":

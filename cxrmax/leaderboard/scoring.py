@@ -123,7 +123,7 @@ def _read_table(path: Path) -> Any:
         if name.endswith((".parquet", ".pq")):
             import pyarrow.parquet as pq
 
-            return pq.read_table(path)
+            return pq.ParquetFile(path).read()  # read_table would import pyarrow.dataset (~1 s)
         if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
             import pyarrow.json as pajson
 
@@ -277,6 +277,14 @@ class ProgressionReferences:
     study_ids: np.ndarray
     classes: dict[str, np.ndarray]
     description: str
+    dicom_ids: np.ndarray | None = None
+
+    @property
+    def key(self) -> tuple[str, np.ndarray]:
+        """The row key: study_id, or dicom_id when a study appears in several pairs."""
+        if len(np.unique(self.study_ids)) == len(self.study_ids) or self.dicom_ids is None:
+            return "study_id", self.study_ids
+        return "dicom_id", self.dicom_ids
 
 
 def load_progression_references(task: Task, root: str | Path) -> ProgressionReferences:
@@ -302,7 +310,12 @@ def load_progression_references(task: Task, root: str | Path) -> ProgressionRefe
             [lookup.get(str(v).strip().lower(), -1) if v is not None else -1 for v in values], dtype=np.int8
         )
     # MS-CXR-T pairs a current with a previous image: one row per current study.
-    return ProgressionReferences(ids, classes, f"{path.name}")
+    dicom = (
+        np.asarray([str(v).strip() for v in table.column("dicom_id").to_pylist()])
+        if "dicom_id" in table.column_names
+        else None
+    )
+    return ProgressionReferences(ids, classes, f"{path.name}", dicom)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,6 +348,7 @@ class _Stream:
     index: submissions.StudyIndex
     lenient: bool
     plan: submissions.ColumnPlan | None = None
+    key_column: str = "study_id"  # "dicom_id" for MS-CXR-T when a study has several image pairs
     n_rows: int = 0
     skipped_unknown: int = 0
     notes: list[str] = field(default_factory=list)
@@ -347,6 +361,18 @@ class _Stream:
                 self.plan = submissions.plan_columns(
                     columns, self.kind, self.path, row=None, lenient=self.lenient
                 )
+                if self.key_column != "study_id":
+                    found = next((c for c in columns if c.strip().lower() == self.key_column), None)
+                    if found is None:
+                        raise InputError(
+                            f"{where(self.path, field=self.key_column)}: the references pair some studies more than "
+                            f"once, so rows must be keyed by {self.key_column} (found: {', '.join(columns)})"
+                        )
+                    if found in self.plan.ignored:
+                        self.plan.ignored.remove(found)
+                    if self.plan.key is not None:
+                        self.plan.ignored.append(self.plan.key)
+                    self.plan.key = found
                 if self.plan.key is None:
                     raise InputError(
                         f"{where(self.path, field='study_id')}: no study_id column (found: {', '.join(columns)})"
@@ -366,16 +392,21 @@ class _Stream:
                             f"{where(self.path, row=first_row, field=new[0])}: column appears only from this row on"
                         )
                     self.plan.ignored.extend(extra.ignored)
-            ids = submissions.parse_study_ids(
-                batch.columns[self.plan.key], batch.rows, self.path, self.plan.key
-            )
+            if self.key_column == "study_id":
+                ids = submissions.parse_study_ids(
+                    batch.columns[self.plan.key], batch.rows, self.path, self.plan.key
+                )
+            else:
+                ids = submissions.parse_text_keys(
+                    batch.columns[self.plan.key], batch.rows, self.path, self.plan.key
+                )
             slots = self.index.lookup(ids)
             unknown = slots < 0
             if unknown.any():
                 if not self.lenient:
                     i = int(np.nonzero(unknown)[0][0])
                     raise InputError(
-                        f"{where(self.path, row=int(batch.rows[i]), field=self.plan.key)}: study_id {int(ids[i])} is not in the references "
+                        f"{where(self.path, row=int(batch.rows[i]), field=self.plan.key)}: {self.key_column} {ids[i]} is not in the references "
                         f"({int(unknown.sum())} such rows in this batch; --lenient skips them)"
                     )
                 self.skipped_unknown += int(unknown.sum())
@@ -393,7 +424,7 @@ def _coverage(
     covered = index.covered
     missing = int((~covered).sum())
     if missing and require_complete:
-        sample = ", ".join(str(int(s)) for s in ids[~covered][:5])
+        sample = ", ".join(str(s) for s in ids[~covered][:5])
         raise InputError(
             f"{where(path)}: {missing} of {len(ids)} reference studies missing (e.g. {sample}); --require-complete is set"
         )
@@ -672,8 +703,9 @@ def _score_progression(
     path, task, root, require_complete, lenient, n_boot, seed, batch_rows, progress
 ) -> ScoreResult:
     refs = load_progression_references(task, root)
-    index = submissions.StudyIndex(refs.study_ids)
-    stream = _Stream(path, "ms-cxr-t", index, lenient)
+    key_name, keys = refs.key
+    index = submissions.StudyIndex(keys)
+    stream = _Stream(path, "ms-cxr-t", index, lenient, key_column=key_name)
     findings = list(MS_CXR_T_FINDINGS)
     answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable
     lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
@@ -702,7 +734,7 @@ def _score_progression(
                         continue
                     label = classify_progression(value, prefix)
                     answers[slots[k], j] = lookup[label] if label else -1
-    covered, missing = _coverage(index, refs.study_ids, require_complete, path)
+    covered, missing = _coverage(index, keys, require_complete, path)
     per_finding = []
     stats_columns = []
     headline: dict[str, float | None] = {}

@@ -455,6 +455,18 @@ def parse_study_ids(values: Any, rows: np.ndarray, path: Path, field_name: str =
     return out
 
 
+def parse_text_keys(values: Any, rows: np.ndarray, path: Path, field_name: str) -> np.ndarray:
+    """A text key column (dicom_id) as a numpy string array; blanks are an error naming the row."""
+    items = _as_list(values)
+    out = []
+    for i, value in enumerate(items):
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            raise InputError(f"{where(path, row=int(rows[i]), field=field_name)}: blank {field_name}")
+        out.append(text)
+    return np.asarray(out, dtype=str)
+
+
 def parse_label_column(values: Any, rows: np.ndarray, path: Path, field_name: str) -> np.ndarray:
     """One observation column -> float32 array: 1 / 0 / -1, probabilities in [0, 1], NaN for blank.
 
@@ -553,12 +565,14 @@ class StudyIndex:
     """Maps study ids of the references to dense slots and catches unknown and duplicate rows."""
 
     def __init__(self, study_ids: np.ndarray):
-        study_ids = np.asarray(study_ids, dtype=np.int64)
+        study_ids = np.asarray(study_ids)
+        if study_ids.dtype.kind not in "UO":
+            study_ids = study_ids.astype(np.int64)
         self.order = np.argsort(study_ids, kind="stable")
         self.sorted = study_ids[self.order]
         if len(self.sorted) > 1 and np.any(self.sorted[1:] == self.sorted[:-1]):
-            dup = int(self.sorted[1:][self.sorted[1:] == self.sorted[:-1]][0])
-            raise InputError(f"references: study_id {dup} appears twice")
+            dup = self.sorted[1:][self.sorted[1:] == self.sorted[:-1]][0]
+            raise InputError(f"references: key {dup} appears twice")
         self.size = len(study_ids)
         self.first_row = np.zeros(self.size, dtype=np.int64)  # 0 = not seen yet
 
@@ -577,14 +591,14 @@ class StudyIndex:
         if seen_before.any():
             i = int(np.nonzero(seen_before)[0][0])
             raise InputError(
-                f"{where(path, row=int(rows[i]), field=field_name)}: duplicate study_id {int(ids[i])} (first given in row {int(self.first_row[slots[i]])})"
+                f"{where(path, row=int(rows[i]), field=field_name)}: duplicate {field_name} {ids[i]} (first given in row {int(self.first_row[slots[i]])})"
             )
         uniq, first, counts = np.unique(slots, return_index=True, return_counts=True)
         if np.any(counts > 1):
             slot = uniq[counts > 1][0]
             where_rows = rows[slots == slot]
             raise InputError(
-                f"{where(path, row=int(where_rows[1]), field=field_name)}: duplicate study_id {int(ids[slots == slot][0])} (first given in row {int(where_rows[0])})"
+                f"{where(path, row=int(where_rows[1]), field=field_name)}: duplicate {field_name} {ids[slots == slot][0]} (first given in row {int(where_rows[0])})"
             )
         self.first_row[slots] = rows
 
