@@ -568,7 +568,10 @@ class MimicCXR:
     def _require_csv(self, name: str) -> Path:
         path = _find_csv(self.root, name)
         if path is None:
-            raise InputError(f"{where(self.root / name)}: missing (looked for {name}.gz and {name})")
+            hint = ""
+            if self.layout == "dicom" and name in (METADATA_CSV, SPLIT_CSV):
+                hint = "; the DICOM release has no view/split CSVs: copy MIMIC-CXR-JPG's CSVs next to files/"
+            raise InputError(f"{where(self.root / name)}: missing (looked for {name}.gz and {name}){hint}")
         return path
 
     # ---- images ------------------------------------------------------------------------------

@@ -659,3 +659,11 @@ def test_reports_root_elsewhere(mini_mimic: Path, tmp_path: Path) -> None:
     assert with_reports.equals(MimicCXR(mini_mimic).select().cast(with_reports.schema))
     result = CliRunner().invoke(app, ["mimic", "summary", str(images_only), "--reports-root", str(reports)])
     assert result.exit_code == 0 and "missing" in result.output
+
+
+def test_dicom_release_without_jpg_csvs_says_what_to_do(mini_mimic_dicom: Path, tmp_path: Path) -> None:
+    root = tmp_path / "dicom"
+    shutil.copytree(mini_mimic_dicom, root)
+    (root / META).unlink()
+    with pytest.raises(InputError, match="copy MIMIC-CXR-JPG's CSVs"):
+        MimicCXR(root).select()
