@@ -378,3 +378,34 @@ def test_ms_cxr_t_keyed_by_dicom_id_when_a_study_repeats(tmp_path):
         InputError, match=r"row 2 field 'dicom_id': duplicate dicom_id dcm-0 \(first given in row 1\)"
     ):
         score(tmp_path / "dup.csv", "ms-cxr-t", ref, n_boot=0)
+
+
+def test_rationale_file_submission_and_shards_without_references(tmp_path, mini_mimic, mimic):
+    labels = mimic.study_labels().to_pylist()[:8]
+    with open(tmp_path / "rationales.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["study_id", "model", "rationale"])
+        for row in labels:
+            writer.writerow(
+                [
+                    row["study_id"],
+                    "echo",
+                    " ".join(f"There is {o.lower()}." for o in OBSERVATIONS if row[o] == 1),
+                ]
+            )
+            writer.writerow([row["study_id"], "silent", "I cannot interpret medical images."])
+    result = score(tmp_path / "rationales.csv", "cxr-max-rationale", mini_mimic, n_boot=20)
+    assert result.per_model["echo"]["recall"] > result.per_model["silent"]["recall"]
+    assert result.per_model["silent"]["precision"] is None  # claims nothing: precision undefined
+    # Shards carrying their own labels score without references (similarity then not computed).
+    _write_shards(tmp_path / "OUT", mimic, models=("alpha",))
+    with pytest.raises(InputError, match="no ground-truth labels for study"):
+        score(tmp_path / "OUT", "cxr-max-rationale", None, n_boot=0)  # half the rows carry no labels
+    lenient = score(tmp_path / "OUT", "cxr-max-rationale", None, n_boot=0, lenient=True)
+    assert lenient.per_model["alpha"]["n"] == 6 and lenient.skipped_unknown == 6
+    assert lenient.per_model["alpha"]["similarity"] is None
+    assert any("similarity not computed" in note for note in lenient.notes)
+    # Missing model column in a file submission.
+    (tmp_path / "nomodel.csv").write_text("study_id,rationale\n50000000,text\n")
+    with pytest.raises(InputError, match="field 'model'"):
+        score(tmp_path / "nomodel.csv", "cxr-max-rationale", mini_mimic, n_boot=0)
