@@ -45,7 +45,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1084,9 +1084,15 @@ class MimicCXR:
 
     # ---- summary -----------------------------------------------------------------------------
 
-    def summary(self, reports: bool = True, source: str = "chexpert") -> dict:
+    def summary(
+        self,
+        reports: bool = True,
+        source: str = "chexpert",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict:
         """Counts for `cxrmax mimic summary`: studies/images/subjects per split, images per split and
-        view, label prevalence (1/0/-1/blank and studies without a label row), report coverage."""
+        view, label prevalence (1/0/-1/blank and studies without a label row), report coverage.
+        `progress(done, total)` is called while reports are parsed (227,835 files on the release)."""
         images = self.images()
         studies = self.studies()
         result: dict = {"root": str(self.root), "layout": self.layout, "version": self.version}
@@ -1127,9 +1133,15 @@ class MimicCXR:
             }
         if reports:
             coverage = Counter()
-            for subject_id, study_id in zip(
-                studies.column("subject_id").to_pylist(), studies.column("study_id").to_pylist(), strict=True
+            for done, (subject_id, study_id) in enumerate(
+                zip(
+                    studies.column("subject_id").to_pylist(),
+                    studies.column("study_id").to_pylist(),
+                    strict=True,
+                )
             ):
+                if progress is not None and done % 1000 == 0:
+                    progress(done, studies.num_rows)
                 sections = self.report(subject_id, study_id)
                 if sections is None:
                     coverage["missing"] += 1

@@ -87,8 +87,15 @@ def mimic_summary(
 
     with user_errors():
         mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)
-        with console.status("reading CSVs and reports"):
-            summary = mimic.summary(reports=reports, source=source)
+        from rich.progress import Progress
+
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("reading CSVs", total=None)
+
+            def advance(done: int, total: int) -> None:
+                bar.update(task, description="parsing reports", completed=done, total=total)
+
+            summary = mimic.summary(reports=reports, source=source, progress=advance)
         console.print(
             f"[bold]{root}[/]: MIMIC-CXR {summary['layout'].upper()} layout, version {summary['version']}"
         )
@@ -205,8 +212,18 @@ def mimic_select(
                 verify_images=verify_images,
             )
             write_selection(table, out)
+        from collections import Counter
+
         studies = len(set(table.column("study_id").to_pylist()))
+        per_split = Counter(table.column("split").to_pylist())
+        per_view = Counter(v or "(empty)" for v in table.column("view").to_pylist())
         console.print(f"selected {table.num_rows} images from {studies} studies -> {out}")
+        console.print(
+            "  by split: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(per_split.items()))
+            + "; by view: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(per_view.items()))
+        )
         _print_skipped(dict(mimic.skipped))
 
 
