@@ -122,6 +122,9 @@ def generate(
     rows_per_shard: int = typer.Option(
         2000, "--rows-per-shard", min=1, help="Answers per committed Arrow shard."
     ),
+    summary_json: Path = typer.Option(
+        None, "--summary-json", help="Also write the run's counters to this JSON file."
+    ),
 ) -> None:
     """Generate trajectories: one request per (image, sample), keyed and stored exactly once.
 
@@ -206,6 +209,8 @@ def generate(
                 "[yellow]interrupted[/]: every answer received so far is stored; run the same command again to continue."
             )
             raise typer.Exit(130) from None
+        if summary_json is not None:
+            summary_json.write_text(json.dumps({"model": spec.name, **stats.as_dict()}, indent=2) + "\n")
         _print_summary(options, stats, backend_obj)
         if stats.failed:
             raise typer.Exit(1)

@@ -133,14 +133,30 @@ class Backend(ABC):
 
 
 # --------------------------------------------------------------------------- openai-compatible HTTP
-class _Endpoint:
-    __slots__ = ("base_url", "client", "in_flight", "sent")
+#: Connections per httpx pool. httpx scans every connection of a pool on each request (O(connections)),
+#: which dominates client CPU at high concurrency; several small pools per server keep that scan short.
+POOL_SIZE = 8
 
-    def __init__(self, base_url: str, client: Any):
+
+class _Endpoint:
+    """One server: a few small httpx pools, the least busy one takes the next request."""
+
+    __slots__ = ("base_url", "clients", "busy", "in_flight", "sent")
+
+    def __init__(self, base_url: str, clients: list[Any]):
         self.base_url = base_url
-        self.client = client
+        self.clients = clients
+        self.busy = [0] * len(clients)
         self.in_flight = 0
         self.sent = 0
+
+    @property
+    def client(self) -> Any:
+        return self.clients[0]
+
+    def pick_pool(self) -> int:
+        busy = self.busy
+        return busy.index(min(busy)) if len(busy) > 1 else 0
 
 
 class OpenAIBackend(Backend):
@@ -169,18 +185,22 @@ class OpenAIBackend(Backend):
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self.timeout = timeout
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self._endpoints = [
-            _Endpoint(
-                url.rstrip("/"),
-                httpx.AsyncClient(
-                    base_url=url.rstrip("/"),
-                    headers=headers,
-                    timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                    limits=limits,
-                ),
+        n_pools = max(1, -(-max_connections // POOL_SIZE))
+        # One TLS context for all pools (httpx would load the CA bundle once per client otherwise).
+        tls = httpx.create_ssl_context() if any(u.startswith("https") for u in base_urls) else False
+        limits = httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
+
+        def pool(url: str) -> Any:
+            return httpx.AsyncClient(
+                base_url=url,
+                headers=headers,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+                limits=limits,
+                verify=tls,
             )
-            for url in base_urls
+
+        self._endpoints = [
+            _Endpoint(url.rstrip("/"), [pool(url.rstrip("/")) for _ in range(n_pools)]) for url in base_urls
         ]
         self._next = 0
 
@@ -267,10 +287,14 @@ class OpenAIBackend(Backend):
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         endpoint = self._pick()
+        index = endpoint.pick_pool()
         endpoint.in_flight += 1
+        endpoint.busy[index] += 1
         endpoint.sent += 1
         try:
-            response = await endpoint.client.post("/chat/completions", content=json.dumps(body).encode())
+            response = await endpoint.clients[index].post(
+                "/chat/completions", content=json.dumps(body).encode()
+            )
         except httpx.TimeoutException as exc:
             kind = "connection" if isinstance(exc, httpx.ConnectTimeout) else "timeout"
             raise BackendError(
@@ -282,11 +306,13 @@ class OpenAIBackend(Backend):
             ) from None
         finally:
             endpoint.in_flight -= 1
+            endpoint.busy[index] -= 1
         return _parse_chat_response(response, endpoint.base_url)
 
     async def close(self) -> None:
         for endpoint in self._endpoints:
-            await endpoint.client.aclose()
+            for client in endpoint.clients:
+                await client.aclose()
 
 
 def _error_message(response: Any) -> str:

@@ -445,8 +445,12 @@ class Orchestrator:
         path = Path(relative)
         if not path.is_absolute():
             path = self.options.mimic_root / relative
-        loop = asyncio.get_running_loop()
-        data = await loop.run_in_executor(self._image_pool, self._images.jpeg, path)
+        try:
+            # Cached already (the common case): a small file read, cheaper inline than a thread hop.
+            data = self._images.path_for(path).read_bytes()
+        except FileNotFoundError:
+            loop = asyncio.get_running_loop()
+            data = await loop.run_in_executor(self._image_pool, self._images.jpeg, path)
         self._image_lru[relative] = data
         if len(self._image_lru) > 16:
             self._image_lru.popitem(last=False)
