@@ -199,6 +199,7 @@ def _is_location_gap(low: str, a: int, b: int) -> bool:
 
 
 _MENTION_KINDS = (mt.MENTION, mt.SIGN)
+_CONTENT_KINDS = frozenset({mt.MENTION, mt.SIGN, mt.STATEMENT, mt.NORMAL_STUDY})
 
 
 def _span_side(low: str, start: int, end: int) -> str | None:
@@ -318,15 +319,19 @@ def _later_side(tokens: list, found: list, k: int) -> str | None:
     return None
 
 
-def _clause_bounds(tokens: list, index: int) -> tuple[int, int]:
-    """Token index range [lo, hi) of the clause around tokens[index] (cut at ';' and terminators)."""
-    lo = index
-    while lo > 0 and tokens[lo - 1][2] not in (mt.SEMI, mt.TERM):
-        lo -= 1
-    hi = index + 1
-    while hi < len(tokens) and tokens[hi][2] not in (mt.SEMI, mt.TERM):
-        hi += 1
-    return lo, hi
+def _clauses(tokens: list) -> tuple[list[int], list[int]]:
+    """For every token, the [lo, hi) token range of its clause (cut at ';', ':' and terminators)."""
+    n = len(tokens)
+    los = [0] * n
+    his = [n] * n
+    lo = 0
+    for i, tok in enumerate(tokens):
+        los[i] = lo
+        if tok[2] == mt.SEMI or tok[2] == mt.TERM:
+            for k in range(lo, i):
+                his[k] = i
+            lo = i + 1
+    return los, his
 
 
 _COPULA_TAIL = re.compile(
@@ -458,27 +463,41 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         first = t
         while t < n_tokens and tokens[t][0] < segment.end:
             t += 1
-        step_tokens = tokens[first:t]
-        if not step_tokens:
+        if first == t:
             continue
-        # A colon after a short label ("**Edema**: not present") joins the label to what follows.
-        step_tokens = [
-            tok
-            for tok in step_tokens
-            if not (tok[2] == mt.SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5)
-        ]
+        step_tokens = tokens[first:t]
+        content = False
+        colon = False
+        for tok in step_tokens:
+            kind = tok[2]
+            if kind in _CONTENT_KINDS:
+                content = True
+            elif kind == mt.SEMI:
+                colon = colon or tok[3] == ":"
+            elif kind == mt.REFUSAL or kind == mt.HEDGE:
+                content = True
+        if not content:  # cues and laterality words alone assert nothing
+            continue
+        if colon:
+            # A colon after a short label ("**Edema**: not present") joins the label to what follows.
+            step_tokens = [
+                tok
+                for tok in step_tokens
+                if not (tok[2] == mt.SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5)
+            ]
         heading = segment.heading
         default = "uncertain" if heading and _UNCERTAIN_HEADING.search(heading.lower()) else "positive"
+        los, his = _clauses(step_tokens)
         silent_clauses: set[int] = set()  # clauses (by first token) that refuse or speak in general
         for i, tok in enumerate(step_tokens):
             kind = tok[2]
             if kind == mt.REFUSAL:
                 refusal.append((tok[0], tok[1]))
-                silent_clauses.add(_clause_bounds(step_tokens, i)[0])
+                silent_clauses.add(los[i])
             elif kind == mt.HEDGE:
                 hedging.append((tok[0], tok[1]))
             elif kind == mt.GENERIC:
-                silent_clauses.add(_clause_bounds(step_tokens, i)[0])
+                silent_clauses.add(los[i])
         step_found: list[
             tuple[int, str, str, str | None, str | None, bool]
         ] = []  # (token, obs, status, side, cue, sign)
@@ -486,7 +505,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         for i, tok in enumerate(step_tokens):
             kind = tok[2]
             if kind == mt.MENTION or kind == mt.SIGN:
-                lo, hi = _clause_bounds(step_tokens, i)
+                lo, hi = los[i], his[i]
                 if lo in silent_clauses:
                     continue
                 status, cue = _mention_status(low, step_tokens, i, lo, hi, default)
@@ -499,7 +518,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 for observation in tok[3]:
                     step_found.append((i, observation, status, side, cue, kind == mt.SIGN))
             elif kind == mt.STATEMENT:
-                lo, hi = _clause_bounds(step_tokens, i)
+                lo, hi = los[i], his[i]
                 if lo in silent_clauses:
                     continue
                 side = None
@@ -522,7 +541,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                         step_found.append((i, observation, status, None, cue, False))
                     recognised = True
             elif kind == mt.NORMAL_STUDY:
-                if _clause_bounds(step_tokens, i)[0] not in silent_clauses:
+                if los[i] not in silent_clauses:
                     recognised = True
         if not step_found:
             continue
