@@ -299,7 +299,7 @@ def test_cli_score_submit_show_export(tmp_path, mini_mimic, mimic):
             "maybe",
         ],
     )
-    assert bad_policy.exit_code != 0
+    assert bad_policy.exit_code == 2 and "use one of positive, negative, ignore" in bad_policy.output
 
 
 @pytest.mark.slow

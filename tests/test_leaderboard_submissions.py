@@ -289,3 +289,35 @@ def test_large_files_stream_with_bounded_memory(tmp_path):
         peak = _peak_mib(consume)
         assert sum(counted) == n
         assert peak < min(12.0, size_mib / 3), (path.name, peak, size_mib)
+
+
+def test_sparse_json_rows_leave_out_blank_cells(tmp_path, refs):
+    """JSON rows may list only the observations they mention; a key first seen in a later batch is
+    taken up, earlier rows being blank for it. CSV headers must still name all 14."""
+    ref_path, labels = refs
+    rows = []
+    for i, study in enumerate(IDS):
+        rows.append(
+            {
+                "study_id": study,
+                **{o: int(v) for o, v in zip(OBSERVATIONS, labels[i], strict=True) if not np.isnan(v)},
+            }
+        )
+    rows[0] = {
+        "study_id": IDS[0],
+        **{o: int(v) for o, v in zip(OBSERVATIONS[:3], labels[0][:3], strict=True) if not np.isnan(v)},
+    }
+    for row in rows[:40]:  # the first batches never mention Pleural Other
+        row.pop("Pleural Other", None)
+    (tmp_path / "sparse.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = _score(tmp_path / "sparse.jsonl", ref_path, batch_rows=16)
+    expected = labels.copy()
+    expected[0, 3:] = np.nan
+    expected[:40, OBSERVATIONS.index("Pleural Other")] = np.nan
+    from cxrmax.leaderboard.metrics import score_labels
+
+    assert result.headline == pytest.approx(score_labels(labels, expected, n_boot=0).headline)
+    assert result.headline["micro_f1_14"] < 1.0
+    only_five = [{"study_id": s, "Edema": 1} for s in IDS]
+    (tmp_path / "five.jsonl").write_text("\n".join(json.dumps(r) for r in only_five))
+    assert any("never given" in n for n in _score(tmp_path / "five.jsonl", ref_path).notes)

@@ -387,10 +387,19 @@ class _Stream:
                     extra = submissions.plan_columns(
                         new, self.kind, self.path, row=first_row, lenient=self.lenient
                     )
-                    if extra.key or extra.text or extra.model or extra.observations or extra.progression:
+                    if extra.key or extra.text or extra.model:
                         raise InputError(
                             f"{where(self.path, row=first_row, field=new[0])}: column appears only from this row on"
                         )
+                    # JSON rows may leave out blank cells: an observation or finding key first
+                    # seen in a later batch joins the plan (earlier rows were blank for it).
+                    for column, obs in extra.observations.items():
+                        if obs in self.plan.observations.values():
+                            raise InputError(
+                                f"{where(self.path, row=first_row, field=column)}: observation {obs!r} given by two columns"
+                            )
+                        self.plan.observations[column] = obs
+                    self.plan.progression.update(extra.progression)
                     self.plan.ignored.extend(extra.ignored)
             if self.key_column == "study_id":
                 ids = submissions.parse_study_ids(
@@ -457,7 +466,8 @@ def score(
     Raises `cxrmax.errors.InputError` naming the file, row and field for bad input; missing studies
     only reduce coverage unless ``require_complete``."""
     task = get_task(task)
-    metrics.check_policy(uncertain)
+    if uncertain not in metrics.UNCERTAIN_POLICIES:
+        raise CxrmaxError(f"--uncertain {uncertain!r}: use one of {', '.join(metrics.UNCERTAIN_POLICIES)}")
     path = Path(submission_path)
     if task.kind == "rationale":
         from cxrmax.leaderboard.rationale import score_rationales
@@ -556,12 +566,13 @@ def _score_labels(
             if plan.observations:
                 mode = "values"
                 missing_obs = [o for o in OBSERVATIONS if o not in plan.observations.values()]
-                if missing_obs and not lenient:
+                sparse = submissions.detect_format(path) in ("jsonl", "json")  # absent key = blank cell
+                if missing_obs and not lenient and not sparse:
                     raise InputError(
                         f"{where(path, field=missing_obs[0])}: observation column missing ({', '.join(missing_obs)}); "
                         "every observation needs a column (blank cells are fine; --lenient treats missing columns as blank)"
                     )
-                if missing_obs:
+                if missing_obs and not sparse:
                     stream.notes.append(
                         f"observation columns missing, counted as blank: {', '.join(missing_obs)}"
                     )
@@ -581,6 +592,10 @@ def _score_labels(
             )
             predicted[slots] = _label_texts(texts, processes)
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
+    if mode == "values":
+        never = [o for o in OBSERVATIONS if o not in stream.plan.observations.values()]
+        if never and submissions.detect_format(path) in ("jsonl", "json"):
+            stream.notes.append(f"observations never given (blank in every row): {', '.join(never)}")
     ref = refs.labels[covered]
     pred = predicted[covered]
     is_score = None
