@@ -82,6 +82,8 @@ import io
 import math
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -513,18 +515,49 @@ def make_mini_mimic(
     gz: bool = True,
     large_images: int = 2,
     small_edge: tuple[int, int] = (256, 512),
+    overwrite: bool = False,
 ) -> Path:
-    """Write a mini MIMIC-CXR under `out` (see the module docstring) and return its path.
+    """Write a mini MIMIC-CXR at `out` (see the module docstring) and return its path.
 
     Deterministic for a seed. `dicom=True` writes the DICOM layout (.dcm images, record and study
     lists; a third of the films MONOCHROME1) instead of JPGs. `version="2.1.0"` adds the radiologist
-    test-set labels; `gz=False` writes plain CSVs. Needs at least 3 studies (one subject per split)."""
+    test-set labels; `gz=False` writes plain CSVs. Needs at least 3 studies (one subject per split).
+    Built in a temporary sibling folder and renamed into place, so an interrupted run leaves no half
+    data set; an existing non-empty `out` is an error unless `overwrite`."""
     if studies < 3:
         raise ValueError("make_mini_mimic needs at least 3 studies (one per split)")
     if version not in ("2.0.0", "2.1.0"):
         raise ValueError(f"unknown MIMIC-CXR version {version!r}; expected 2.0.0 or 2.1.0")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _write_mini_mimic(tmp, studies, seed, dicom, version, gz, large_images, small_edge)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_mini_mimic(
+    out: Path,
+    studies: int,
+    seed: int,
+    dicom: bool,
+    version: str,
+    gz: bool,
+    large_images: int,
+    small_edge: tuple[int, int],
+) -> None:
     rng = random.Random(seed)
 
     # Subjects with 1-3 studies each; the first three subjects cover the three splits.
@@ -675,7 +708,6 @@ def make_mini_mimic(
         _write_csv_gz(out / f"cxr-study-list{suffix}", ("subject_id", "study_id", "path"), study_rows, gz)
 
     _write_ms_cxr_t(out / MS_CXR_T_FILENAME, plan, rng)
-    return out
 
 
 def _write_ms_cxr_t(path: Path, plan: list[_Study], rng: random.Random) -> None:

@@ -221,3 +221,17 @@ def test_synthetic_csvs_small(tmp_path: Path) -> None:
     metadata = read_rows(root / "mimic-cxr-2.0.0-metadata.csv.gz")
     assert len(metadata) == 500 and len({r["study_id"] for r in metadata}) == 300
     assert header(root / "mimic-cxr-2.0.0-chexpert.csv.gz") == list(LABEL_COLUMNS)
+
+
+def test_atomic_and_refuses_to_clobber(tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    make_mini_mimic(out, studies=4, seed=0, large_images=0)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_mini_mimic(out, studies=4, seed=1, large_images=0)
+    before = (out / "mimic-cxr-2.0.0-chexpert.csv.gz").read_bytes()
+    make_mini_mimic(out, studies=4, seed=1, large_images=0, overwrite=True)
+    assert (out / "mimic-cxr-2.0.0-chexpert.csv.gz").read_bytes() != before
+    assert len(list(out.rglob("s*.txt"))) == 4  # no leftovers of the first build
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+    (tmp_path / "empty").mkdir()
+    make_mini_mimic(tmp_path / "empty", studies=3, seed=0, large_images=0)  # an empty folder is fine

@@ -35,6 +35,7 @@ def fixtures_mimic(
         "2.0.0", "--version", help="2.0.0, or 2.1.0 to add the radiologist test-set labels."
     ),
     plain_csv: bool = typer.Option(False, "--plain-csv", help="Write plain .csv instead of .csv.gz."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists and is not empty."),
     large_images: int = typer.Option(
         2, "--large-images", min=0, help="How many films get real MIMIC size (~2,500x3,000)."
     ),
@@ -55,8 +56,9 @@ def fixtures_mimic(
                 version=version,
                 gz=not plain_csv,
                 large_images=large_images,
+                overwrite=overwrite,
             )
-        except ValueError as exc:
+        except (ValueError, FileExistsError) as exc:
             raise typer.BadParameter(str(exc)) from None
         console.print(
             f"wrote a mini MIMIC-CXR ({studies} studies, seed {seed}, {'DICOM' if dicom else 'JPG'}) to {root}"
