@@ -233,3 +233,16 @@ def test_store_path_default_and_env(tmp_path, monkeypatch):
     assert default_store_path() == Path(tmp_path / "x" / "b.sqlite")
     with Board() as board:
         assert board.path.exists()
+
+
+def test_entries_of_an_older_task_version_are_listed_unranked(tmp_path):
+    from cxrmax.leaderboard.render import board_table
+
+    old = make_result("9" * 64, 0.99)
+    old.task_version = "0.9"
+    with Board(tmp_path / "board.sqlite") as board:
+        board.submit(old, "old-model")
+        board.submit(make_result("8" * 64, 0.5), "new-model")
+        _, rows = board_table(board, "mimic-cxr-labels")
+    assert [(r["rank"], r["name"]) for r in rows] == [(1, "new-model"), ("", "old-model")]
+    assert rows[1]["source"] == "scored (task v0.9, not ranked)"

@@ -110,12 +110,17 @@ def board_table(
     task = get_task(task)
     metrics = list(task.headline)
     entries = board.ranked(task.name, task.higher_is_better)
+    # Only entries scored under the current task version are ranked; older ones follow, unranked.
+    current = [e for e in entries if e.task_version == task.version]
+    older = [e for e in entries if e.task_version != task.version]
     rows: list[dict[str, Any]] = []
-    for rank, entry in enumerate(entries, start=1):
+    for rank, entry in [(i, e) for i, e in enumerate(current, start=1)] + [("", e) for e in older]:
         row = {
             "rank": rank,
             "name": entry.name,
-            "source": "scored",
+            "source": "scored"
+            if entry.task_version == task.version
+            else f"scored (task v{entry.task_version}, not ranked)",
             "task_version": entry.task_version,
             "uncertain": entry.uncertain,
             "coverage": entry.coverage,
@@ -158,7 +163,9 @@ def render_board(board: Any, task: str | Task, console: Console) -> None:
     metrics, coverage, policy); the published rows' source goes in the caption."""
     task = get_task(task)
     columns, rows = board_table(board, task)
-    sources = sorted({r["submitted"] for r in rows if r["source"] != "scored" and r["submitted"]})
+    sources = sorted(
+        {r["submitted"] for r in rows if not r["source"].startswith("scored") and r["submitted"]}
+    )
     caption = "; ".join(f"* published, not re-scored: {s}" for s in sources) or None
     table = Table(title=f"{task.name} v{task.version}, ranked by {task.primary_metric}", caption=caption)
     shown = ["rank", "name", *task.headline, "coverage"] + (["uncertain"] if task.kind != "ms-cxr-t" else [])
@@ -171,7 +178,7 @@ def render_board(board: Any, task: str | Task, console: Console) -> None:
             min_width=5 if numeric else (12 if column == "name" else None),
         )
     for row in rows:
-        published = row["source"] != "scored"
+        published = not row["source"].startswith("scored")
         cells = []
         for column in shown:
             value = row[column]
@@ -180,7 +187,7 @@ def render_board(board: Any, task: str | Task, console: Console) -> None:
             cells.append(fmt(value, 3))
         table.add_row(*cells, style="dim italic" if published else None)
     console.print(table)
-    if not any(r["source"] == "scored" for r in rows):
+    if not any(r["source"].startswith("scored") for r in rows):
         console.print("[dim]no scored entries yet: `cxrmax leaderboard submit ...` adds one[/]")
 
 
@@ -274,7 +281,7 @@ def to_html(
             + "</tr></thead><tbody>"
         )
         for row in rows:
-            css = ' class="published"' if row.get("source") not in (None, "scored") else ""
+            css = "" if str(row.get("source", "")).startswith("scored") else ' class="published"'
             cells = []
             for c in columns:
                 value = row.get(c)
