@@ -326,6 +326,15 @@ UNC_POST: tuple[str, ...] = (
     "is less likely",
     "are less likely",
     "less likely",
+    "is also a possibility",
+    "is another possibility",
+    "is also possible",
+    "are also possible",
+    "is also considered",
+    "also possible",
+    "is also a consideration",
+    "is in the differential",
+    "are in the differential",
 )
 
 # Uncertainty words that a negation in the same scope dominates ("no opacity to suggest pneumonia").
@@ -482,10 +491,6 @@ PSEUDO: tuple[str, ...] = (
     "not excluding",
     "no gross change",
     "not substantially changed",
-    "incompletely resolved",
-    "partially resolved",
-    "nearly resolved",
-    "resolving",
     "not well",
     "no more than",
 )

@@ -197,6 +197,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "pleural effusion(s)",
         "pleural fluid",
         "fluid in the pleural space",
+        "loculated fluid",
+        "loculated pleural fluid",
         "pleural space",
         "parapneumonic effusion(s)",
         "hydrothorax",
@@ -377,6 +379,12 @@ SIGN_ALTERNATIVES: dict[str, tuple[str, ...]] = {"Pleural Effusion": ("Pleural O
 #: Phrases that must not count as mentions although they contain a mention word; matching them
 #: (longest match wins) hides the shorter mention inside.
 IGNORED: tuple[str, ...] = (
+    # adjectives that look like negation cues but keep the finding ("resolving pneumonia")
+    "resolving",
+    "partially resolved",
+    "nearly resolved",
+    "incompletely resolved",
+    "improving",
     "pericardial effusion(s)",
     "joint effusion(s)",
     "pericardial fluid",
