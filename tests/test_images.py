@@ -235,6 +235,7 @@ def test_image_cache(tmp_path: Path, big_jpeg: Path) -> None:
 # ---------------------------------------------------------------------------------------------- errors
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns while reading the junk on purpose
 def test_corrupt_and_missing_images(tmp_path: Path, big_jpeg: Path) -> None:
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(big_jpeg.read_bytes()[:5000])

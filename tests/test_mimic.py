@@ -667,3 +667,18 @@ def test_dicom_release_without_jpg_csvs_says_what_to_do(mini_mimic_dicom: Path, 
     (root / META).unlink()
     with pytest.raises(InputError, match="copy MIMIC-CXR-JPG's CSVs"):
         MimicCXR(root).select()
+
+
+def test_lenient_duplicate_metadata_rows_are_counted_once(mimic_copy: Path) -> None:
+    for name in (META, SPLIT):
+        header, rows = read_csv(mimic_copy / name)
+        write_csv(mimic_copy / name, header, rows + [rows[0]])
+    with pytest.raises(InputError, match="duplicate dicom_id"):
+        MimicCXR(mimic_copy).images()
+    lenient = MimicCXR(mimic_copy, lenient=True)
+    images = lenient.images()
+    assert images.num_rows == len(rows) and len(set(images.column("dicom_id").to_pylist())) == len(rows)
+    assert lenient.skipped == {
+        "mimic-cxr-2.0.0-metadata.csv.gz: duplicate dicom_id": 1,
+        "mimic-cxr-2.0.0-split.csv.gz: duplicate dicom_id": 1,
+    }
