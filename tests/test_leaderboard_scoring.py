@@ -270,6 +270,24 @@ def test_cli_score_submit_show_export(tmp_path, mini_mimic, mimic):
         app, ["leaderboard", "export", "--format", "html", "-o", str(out), "--store", str(store)]
     )
     assert exported.exit_code == 0 and "<table" in out.read_text()
+    offline = runner.invoke(
+        app,
+        [
+            "leaderboard",
+            "export",
+            "-f",
+            "md",
+            "-o",
+            str(tmp_path / "b.md"),
+            "--store",
+            str(store),
+            "--push-to-hub",
+            "me/board",
+        ],
+        env={"HF_HUB_OFFLINE": "1"},
+    )
+    assert offline.exit_code == 2 and "offline" in offline.output
+    assert "oracle" in (tmp_path / "b.md").read_text()  # the export itself is written first
     partial = _labels_csv(tmp_path / "partial.csv", truth.slice(0, truth.num_rows - 1))
     failed = runner.invoke(
         app,

@@ -321,3 +321,34 @@ def test_sparse_json_rows_leave_out_blank_cells(tmp_path, refs):
     only_five = [{"study_id": s, "Edema": 1} for s in IDS]
     (tmp_path / "five.jsonl").write_text("\n".join(json.dumps(r) for r in only_five))
     assert any("never given" in n for n in _score(tmp_path / "five.jsonl", ref_path).notes)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_incremental_json_reader_matches_json_loads(tmp_path, chunk):
+    from cxrmax.leaderboard.submissions import _JsonStream
+
+    doc = {
+        "s50000001": {
+            "model_prediction": 'Left effusion, "small".\n No pneumothorax \u2013 stable.',
+            "extra": [1, 2.5e3, None],
+        },
+        "50000002": "plain string prediction",
+        "50000003": {"model_prediction": "", "nested": {"a": {"b": [True, False]}}},
+        "50000004": {"score": 12345678901234567890},
+    }
+    for indent, name in ((None, "compact.json"), (2, "pretty.json")):
+        path = tmp_path / name
+        path.write_text(json.dumps(doc, indent=indent))
+        with open(path) as fh:
+            assert dict(_JsonStream(fh, path, chunk=chunk).items()) == doc
+    rows = [{"study_id": 1, "report": "x" * 100}, {"study_id": 2, "report": None}]
+    path = tmp_path / "array.json"
+    path.write_text(json.dumps(rows, indent=1))
+    with open(path) as fh:
+        assert [v for _, v in _JsonStream(fh, path, chunk=chunk).items()] == rows
+    path.write_text(json.dumps(rows) + " trailing")
+    with open(path) as fh, pytest.raises(InputError, match="unexpected data after"):
+        list(_JsonStream(fh, path, chunk=chunk).items())
+    path.write_text('{"1": {"model_prediction": "a"} "2": {}}')
+    with open(path) as fh, pytest.raises(InputError, match=r"row 2: invalid JSON: expected ','"):
+        list(_JsonStream(fh, path, chunk=chunk).items())
