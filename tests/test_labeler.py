@@ -8,7 +8,7 @@ import random
 import pyarrow as pa
 import pytest
 
-from cxrmax.labeler import LABEL_TABLE_SCHEMA, label_text, label_texts, laterality_column
+from cxrmax.labeler import LABEL_TABLE_SCHEMA, iter_label_tables, label_text, label_texts, laterality_column
 from cxrmax.pathologies import OBSERVATIONS
 
 
@@ -279,6 +279,22 @@ def test_label_texts_in_parallel_is_deterministic_and_matches_in_process():
     assert parallel.num_rows == len(texts)
     assert parallel.equals(serial)
     assert parallel.equals(label_texts(texts, processes=2))
+
+
+def test_iter_label_tables_streams_chunks_in_order_with_one_pool():
+    texts = _mixed_texts(5000, seed=3)
+    chunks = [
+        texts[:2500],
+        pa.array([t if not isinstance(t, bytes) else None for t in texts[2500:4500]]),
+        texts[4500:],
+    ]
+    tables = list(iter_label_tables(iter(chunks), processes=2))
+    assert [t.num_rows for t in tables] == [2500, 2000, 500]
+    expected = label_texts(
+        [t if not isinstance(t, bytes) or i < 2500 or i >= 4500 else None for i, t in enumerate(texts)],
+        processes=1,
+    )
+    assert pa.concat_tables(tables).equals(expected)
 
 
 # --- the mini MIMIC-CXR --------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from cxrmax.labeler import label_texts  # noqa: E402
+from cxrmax.labeler import iter_label_tables  # noqa: E402
 from cxrmax.labeler.batch import default_processes  # noqa: E402
 from cxrmax.labeler.phrases import MENTIONS, expand  # noqa: E402
 
@@ -133,13 +133,19 @@ def run_cxrmax(path: Path, processes: int, limit: int | None = None) -> dict:
     positives = 0
     with pa.memory_map(str(path)) as source:
         reader = pa.ipc.open_file(source)
-        for i in range(reader.num_record_batches):
-            texts = reader.get_batch(i).column(0)
-            if limit is not None:
-                if rows >= limit:
-                    break
-                texts = texts.slice(0, limit - rows)
-            table = label_texts(texts, processes=processes)
+
+        def chunks():
+            taken = 0
+            for i in range(reader.num_record_batches):
+                texts = reader.get_batch(i).column(0)
+                if limit is not None:
+                    if taken >= limit:
+                        return
+                    texts = texts.slice(0, limit - taken)
+                taken += len(texts)
+                yield texts
+
+        for table in iter_label_tables(chunks(), processes=processes):
             rows += table.num_rows
             positives += sum(
                 pa.compute.sum(pa.compute.equal(table.column(j), 1)).as_py() or 0 for j in range(14)

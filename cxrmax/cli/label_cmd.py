@@ -211,7 +211,7 @@ def register(app: typer.Typer) -> None:
             from rich.table import Table
 
             from cxrmax.errors import InputError
-            from cxrmax.labeler import LABEL_TABLE_SCHEMA, label_text, label_texts
+            from cxrmax.labeler import LABEL_TABLE_SCHEMA, iter_label_tables, label_text
             from cxrmax.pathologies import OBSERVATIONS
 
             input_format = _detect_format(source, fmt)
@@ -252,8 +252,7 @@ def register(app: typer.Typer) -> None:
                         transient=True,
                     ) as progress:
                         task = progress.add_task("label", total=None)
-                        for chunk in chunks:
-                            table = label_texts(chunk, processes=processes)
+                        for table in iter_label_tables(chunks, processes=processes):
                             rows = pa.array(
                                 range(totals["rows"] + 1, totals["rows"] + 1 + table.num_rows), pa.int64()
                             )
@@ -270,7 +269,20 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[green]wrote[/] {out} ({totals['rows']} rows)")
             else:
                 shown: list = []
-                for chunk in chunks:
+                current: list = [None]
+
+                def remembered(stream=chunks):
+                    for chunk in stream:
+                        current[0] = chunk
+                        yield chunk
+
+                if explain:
+                    tables = ((None, chunk) for chunk in chunks)
+                else:
+                    tables = (
+                        (table, current[0]) for table in iter_label_tables(remembered(), processes=processes)
+                    )
+                for table, chunk in tables:
                     if explain:
                         for text in chunk:
                             totals_row = totals["rows"] + 1
@@ -283,7 +295,6 @@ def register(app: typer.Typer) -> None:
                             for name, value in result.labels().items():
                                 positives[name] += value == 1
                         continue
-                    table = label_texts(chunk, processes=processes)
                     start = totals["rows"]
                     tally(table)
                     if len(shown) < show:

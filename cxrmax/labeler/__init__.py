@@ -4,7 +4,7 @@
 hedging spans); `label_texts(texts)` labels many into an Arrow table. See core.py for the rules.
 """
 
-from cxrmax.labeler.batch import LABEL_TABLE_SCHEMA, label_texts, laterality_column
+from cxrmax.labeler.batch import LABEL_TABLE_SCHEMA, iter_label_tables, label_texts, laterality_column
 from cxrmax.labeler.core import (
     Evidence,
     LabeledText,
@@ -21,6 +21,7 @@ __all__ = [
     "ObservationLabel",
     "Span",
     "Step",
+    "iter_label_tables",
     "label_text",
     "label_texts",
     "laterality_column",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
@@ -77,6 +77,16 @@ def _rows_to_table(rows: list[tuple]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=LABEL_TABLE_SCHEMA)
 
 
+def _as_sequence(texts: Iterable[object]) -> Sequence[object]:
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        return texts.to_pylist()
+    if isinstance(texts, (str, bytes)):
+        return [texts]
+    if not isinstance(texts, Sequence):
+        return list(texts)
+    return texts
+
+
 def label_texts(texts: Iterable[object], processes: int | None = None) -> pa.Table:
     """Label every text; one row per text, in input order, with LABEL_TABLE_SCHEMA columns:
     int8 per observation (1/0/-1/null), "<observation> laterality" strings, `refusal`, `hedging`,
@@ -84,18 +94,31 @@ def label_texts(texts: Iterable[object], processes: int | None = None) -> pa.Tab
     an exception. Deterministic regardless of `processes` (None = all usable cores; batches under
     PARALLEL_THRESHOLD texts run in-process).
     """
-    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
-        texts = texts.to_pylist()
-    elif not isinstance(texts, Sequence) or isinstance(texts, (str, bytes)):
-        texts = [texts] if isinstance(texts, (str, bytes)) else list(texts)
+    return next(iter_label_tables([texts], processes=processes))
+
+
+def iter_label_tables(chunks: Iterable[Iterable[object]], processes: int | None = None) -> Iterator[pa.Table]:
+    """Label a stream of text chunks (lists, Arrow arrays, record-batch columns), yielding one
+    LABEL_TABLE_SCHEMA table per chunk, in order. One worker pool serves the whole stream, so memory
+    stays flat in the number of chunks and workers start once."""
     workers = default_processes() if processes is None else max(1, int(processes))
-    if workers == 1 or len(texts) < PARALLEL_THRESHOLD:
-        return _rows_to_table(_label_chunk(texts))
-    chunks = [texts[i : i + _CHUNK] for i in range(0, len(texts), _CHUNK)]
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    rows: list[tuple] = []
-    with context.Pool(workers) as pool:
-        for part in pool.imap(_label_chunk, chunks):
-            rows.extend(part)
-    return _rows_to_table(rows)
+    pool = None
+    try:
+        for chunk in chunks:
+            texts = _as_sequence(chunk)
+            if workers == 1 or len(texts) < PARALLEL_THRESHOLD:
+                yield _rows_to_table(_label_chunk(texts))
+                continue
+            if pool is None:
+                methods = multiprocessing.get_all_start_methods()
+                context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+                pool = context.Pool(workers)
+            parts = [texts[i : i + _CHUNK] for i in range(0, len(texts), _CHUNK)]
+            rows: list[tuple] = []
+            for part in pool.imap(_label_chunk, parts):
+                rows.extend(part)
+            yield _rows_to_table(rows)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
