@@ -448,6 +448,7 @@ def label_trajectories(texts: Sequence[str | None], label_text: Callable | None 
             errors[t] = f"{type(exc).__name__}: {exc}"
             offsets[t + 1] = n_steps
             continue
+        errors[t] = getattr(labelled, "error", None)
         for name, obs in labelled.observations.items():
             code = state_of.get(_status_of(obs), 0)
             i = obs_index.get(name)
@@ -462,6 +463,8 @@ def label_trajectories(texts: Sequence[str | None], label_text: Callable | None 
         hedging[t] = bool(hedges)
         bad_spans += hedges
         for step in getattr(labelled, "steps", ()) or ():
+            if getattr(step, "kind", None) == "heading":  # headings are not reasoning steps
+                continue
             for name, status in (step.statuses or {}).items():
                 code = state_of.get(_status_of(status), 0)
                 i = obs_index.get(name)
@@ -502,6 +505,28 @@ def label_trajectories(texts: Sequence[str | None], label_text: Callable | None 
         step_excluded=np.array(excluded, dtype=bool),
         step_texts=step_texts,
     )
+
+
+def relabel(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(states, sides) of texts without steps: the labeler's batch fast path (label_codes) when
+    it has one, else label_text."""
+    try:
+        from cxrmax.labeler.core import label_codes
+    except ImportError:  # pragma: no cover - older labeler
+        lab = label_trajectories(texts)
+        return lab.states, lab.sides
+    n = len(texts)
+    states = np.zeros((n, D.N_OBS), dtype=np.int8)
+    sides = np.zeros((n, D.N_OBS), dtype=np.int8)
+    value_to_state = {1: D.POSITIVE, 0: D.NEGATIVE, -1: D.UNCERTAIN}
+    for t, text in enumerate(texts):
+        values, lateralities = label_codes(text)[:2]
+        for i, (value, side) in enumerate(zip(values, lateralities, strict=True)):
+            if value is not None:
+                states[t, i] = value_to_state[value]
+                if side:
+                    sides[t, i] = D.side_to_code(side)
+    return states, sides
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,8 +692,12 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
         negatives_per_sample.append(descending)
 
     # Re-label every composed positive and flag disagreement with the consensus it states.
-    relabelled = label_trajectories(chosen_texts, label_text)
-    flagged = C.disagrees(relabelled.states, relabelled.sides, cons)
+    if label_text is None:
+        rel_states, rel_sides = relabel(chosen_texts)
+    else:
+        rel = label_trajectories(chosen_texts, label_text)
+        rel_states, rel_sides = rel.states, rel.sides
+    flagged = C.disagrees(rel_states, rel_sides, cons)
     counts["consensus_flagged"] += int(flagged.sum())
 
     first = offsets[:-1]
@@ -866,6 +895,7 @@ class BuildSummary:
     split_rows: dict
     models: list[str]
     seconds: float = 0.0
+    phases: dict = field(default_factory=dict)  # wall seconds per phase
 
 
 _SPLIT_ALIASES = {
@@ -1045,7 +1075,16 @@ def build_preferences(
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    phases: dict[str, float] = {}
+    mark = [started]
+
+    def phase(name: str) -> None:
+        now = time.perf_counter()
+        phases[name] = round(now - mark[0], 3)
+        mark[0] = now
+
     table, load_report = load_trajectories(inputs, lenient=options.lenient)
+    phase("load")
     if options.mimic_root is not None:
         table = _enrich_from_mimic(table, Path(options.mimic_root), options.lenient)
     table, split_unknown = _normalise_split(table)
@@ -1078,6 +1117,7 @@ def build_preferences(
     del ids
     models = sorted(set(table.column("model").to_pylist())) if table.num_rows else []
 
+    phase("prepare")
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
         pref_writers = _SplitWriters(work / "preferences", shards.PREFERENCE_SCHEMA)
@@ -1104,7 +1144,9 @@ def build_preferences(
         )
         pool = None
         if processes > 1 and len(starts) > options.chunk_samples:
-            pool = multiprocessing.get_context("spawn").Pool(processes)
+            # fork (like the labeler's batch mode): no re-import per worker, no __main__ guard needed.
+            methods = multiprocessing.get_all_start_methods()
+            pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(processes)
             results: Iterable[ChunkResult] = pool.imap(_worker, chunks)
         else:
             results = map(_worker, chunks)
@@ -1131,6 +1173,7 @@ def build_preferences(
                 pool.terminate()
             if model_synth is not None:
                 model_synth.close()
+        phase("annotate")
         pref_writers.close()
         sft_writers.close()
         traj_writer.close()
@@ -1139,10 +1182,13 @@ def build_preferences(
         _save_dataset_dict(work / "preferences", out / "preferences", work)
         _save_dataset_dict(work / "sft", out / "sft", work)
         _replace_dir(work / "annotations", out / "annotations")
+        phase("save")
         if options.export_trl:
             export_trl(out / "preferences", out / "exports" / "trl", image_root=options.mimic_root)
+            phase("export_trl")
         if options.export_swift:
             export_swift(out / "preferences", out / "exports" / "swift", image_root=options.mimic_root)
+            phase("export_swift")
         summary = BuildSummary(
             out=str(out),
             load=asdict(load_report),
@@ -1154,12 +1200,14 @@ def build_preferences(
             split_rows={"preferences": dict(pref_writers.rows), "sft": dict(sft_writers.rows)},
             models=models,
         )
+        summary.phases = phases
         summary.seconds = round(time.perf_counter() - started, 3)
         _write_json_atomic(out / "build_report.json", asdict(summary))
         if options.card:
             from cxrmax import datacard
 
             datacard.write_card(out, figures=options.figures)
+            phase("card")
         if options.export_parquet is not None:
             export_parquet(out, Path(options.export_parquet))
         if options.push_to_hub:

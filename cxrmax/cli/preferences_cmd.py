@@ -87,9 +87,12 @@ def _build_preferences(
       cxrmax build-preferences runs/cxrmax --out runs/cxrmax --consensus model --consensus-model student \\
         --base-url http://127.0.0.1:8000/v1
     """
+    import datasets
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from cxrmax.preferences import BuildOptions, build_preferences
+
+    datasets.disable_progress_bars()  # one rich bar instead of one tqdm bar per saved split
 
     with user_errors():
         backend = None
