@@ -72,6 +72,19 @@ def test_hard_wrapped_report_lines_are_joined():
     assert status(text, "Atelectasis") == ("positive", "left")
 
 
+def test_windows_line_ends():
+    result = label_text(
+        "FINDINGS:\r\n\r\nSmall left pleural effusion.\r\nNo pneumothorax.\r\n- Cardiomegaly\r\n"
+    )
+    assert [(s.kind, s.text) for s in result.steps] == [
+        ("heading", "FINDINGS:"),
+        ("sentence", "Small left pleural effusion."),
+        ("sentence", "No pneumothorax."),
+        ("bullet", "Cardiomegaly"),
+    ]
+    assert (result.labels()["Pleural Effusion"], result.labels()["Pneumothorax"]) == (1, 0)
+
+
 # --- the rules named in the issue --------------------------------------------------------------
 
 

@@ -108,6 +108,8 @@ def _split_sentences(
 
 def split_steps(text: str) -> list[Segment]:
     """Split `text` into steps (see module docstring). Never raises on any str."""
+    if "\r" in text:  # Windows line ends: same offsets, one kind of newline
+        text = text.replace("\r", " ")
     segments: list[Segment] = []
     heading: str | None = None
     block_start = -1
