@@ -215,15 +215,21 @@ def score_rationales(
 
     notes: list[str] = []
     label_refs = None
-    reports: dict[int, str] | None = None
+    reports: _Reports | None = None
     if references_root is not None:
         root = Path(references_root)
         label_refs = load_label_references(task, root)
-        try:
-            text_refs = load_text_references(task, root, "best")
-            reports = dict(zip(text_refs.study_ids.tolist(), text_refs.texts, strict=True))
-        except InputError as exc:
-            notes.append(f"similarity not computed: no reference report text ({exc})")
+        if root.is_dir():
+            # A MIMIC-CXR root: read only the reports of the studies the rationales are about.
+            reports = _Reports(root, label_refs)
+        else:
+            try:
+                text_refs = load_text_references(task, root, "best")
+                reports = _Reports(
+                    None, label_refs, dict(zip(text_refs.study_ids.tolist(), text_refs.texts, strict=True))
+                )
+            except InputError as exc:
+                notes.append(f"similarity not computed: no reference report text ({exc})")
     else:
         notes.append("similarity not computed: no references given (report text needed)")
     index = submissions.StudyIndex(label_refs.study_ids) if label_refs is not None else None
@@ -311,6 +317,36 @@ def score_rationales(
         ],
     )
     return result
+
+
+class _Reports:
+    """Reference report text (impression > findings > last paragraph) by study id: from a prepared
+    table, or read on demand from a MIMIC-CXR root (cached), so that a rationale set about a few
+    thousand studies never parses all of MIMIC-CXR's reports."""
+
+    def __init__(self, root: Path | None, label_refs: Any, texts: dict[int, str] | None = None):
+        self.root = root
+        self.texts = texts if texts is not None else {}
+        self.subjects: dict[int, int] = {}
+        self.mimic = None
+        if root is not None:
+            from cxrmax.leaderboard.scoring import _mimic
+
+            self.mimic = _mimic(root)
+            if label_refs.subject_ids is not None:
+                self.subjects = dict(
+                    zip(label_refs.study_ids.tolist(), label_refs.subject_ids.tolist(), strict=True)
+                )
+
+    def get(self, study_id: int) -> str | None:
+        """The report text of a study, or None."""
+        if self.mimic is None or study_id in self.texts:
+            return self.texts.get(study_id)
+        subject = self.subjects.get(study_id)
+        sections = self.mimic.report(subject, study_id) if subject else None
+        text = sections.best() if sections is not None else None
+        self.texts[study_id] = text
+        return text
 
 
 def _dir_sha256(path: Path) -> str:
