@@ -517,6 +517,13 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         r"(?:0?\.5|50\s*%)",
         {"Cardiomegaly": "mention"},
     ),
+    (
+        r"(?:normal\s+cardiothoracic\s+ratio|cardiothoracic\s+ratio\s+(?:"
+        + _BE
+        + r"\s+)?(?:normal|within\s+normal"
+        r"\s+limits|less\s+than\s+(?:0?\.5|50\s*%)|below\s+(?:0?\.5|50\s*%)|<\s*(?:0?\.5|50\s*%)))",
+        {"Cardiomegaly": "negative"},
+    ),
     # cardiomediastinal silhouette / mediastinum
     (
         rf"{_CMS}\s+(?:{_BE}\s+)?{_NORMAL}",
