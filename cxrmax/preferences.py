@@ -555,6 +555,7 @@ class ChunkResult:
     trajectories: pa.RecordBatch
     samples: pa.RecordBatch
     counts: Counter
+    contexts: pa.RecordBatch | None = None  # --consensus model: what the model reads, per preference row
 
 
 def _labels_struct(states: np.ndarray) -> pa.StructArray:
@@ -841,7 +842,23 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     counts["preference_rows"] += len(kept)
     counts["negatives"] += len(neg_rows)
     counts["sft_rows"] += int(sft_keep.sum())
-    return ChunkResult(preferences, sft, trajectories, samples, counts)
+    contexts = None
+    if options.consensus == "model":
+        usable = ~(lab.refusal | failed)
+        contexts = pa.RecordBatch.from_arrays(
+            [
+                pa.array(
+                    [
+                        [texts[t] for t in range(int(offsets[g]), int(offsets[g + 1])) if usable[t]]
+                        for g in kept
+                    ],
+                    type=pa.list_(pa.string()),
+                ),
+                pa.array(cons.sides[kept].tolist(), type=pa.list_(pa.int8())),
+            ],
+            names=["sources", "consensus_sides"],
+        )
+    return ChunkResult(preferences, sft, trajectories, samples, counts, contexts)
 
 
 def _worker(args: tuple[pa.Table, ChunkOptions]) -> ChunkResult:
@@ -1158,7 +1175,7 @@ def build_preferences(
             for result in results:
                 preferences = result.preferences
                 if model_synth is not None:
-                    preferences = model_synth.apply(preferences)
+                    preferences = model_synth.apply(preferences, result.contexts)
                     totals["consensus_flagged_model"] += model_synth.last_flagged
                 pref_writers.write(preferences)
                 sft_writers.write(result.sft)
@@ -1172,6 +1189,8 @@ def build_preferences(
             if pool is not None:
                 pool.terminate()
             if model_synth is not None:
+                totals["consensus_model_requests"] += model_synth.requests
+                totals["consensus_model_failures"] += model_synth.failures
                 model_synth.close()
         phase("annotate")
         pref_writers.close()

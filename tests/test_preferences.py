@@ -438,3 +438,80 @@ def test_cli_build_and_drift_report(tmp_path):
         app, ["build-preferences", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
     )
     assert result.exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# --consensus model (a real OpenAI-compatible server on 127.0.0.1)
+# ---------------------------------------------------------------------------------------------
+
+GOOD_CONSENSUS = (  # one line: the test server's stub answers normalise whitespace
+    "1. There is left lower lobe atelectasis. 2. Bilateral pleural effusions are present. "
+    "3. A pacemaker is in place. 4. There is no pneumothorax. "
+    "In summary, the findings support left lower lobe atelectasis, bilateral pleural effusions and a pacemaker."
+)
+
+
+def test_model_consensus_exactly_once_and_flagging(tmp_path):
+    import datasets
+
+    from cxrmax.testing.openai_server import serve_in_thread
+
+    out = write_generate_shards(tmp_path / "run", known_drift_rows())
+
+    def build(server, target):
+        options = BuildOptions(
+            processes=1,
+            consensus="model",
+            card=False,
+            export_trl=False,
+            export_swift=False,
+            model_backend={"backend": "openai", "model": "student", "base_urls": [server.base_url]},
+        )
+        summary = build_preferences([out], target, options)
+        return summary, datasets.load_from_disk(str(target / "preferences"))["train"][0]
+
+    with serve_in_thread(served_model_name="student", stub_text=GOOD_CONSENSUS) as server:
+        server.set_faults(script=[500])  # the first try fails, the retry answers
+        summary, row = build(server, out)
+        assert row["chosen"] == GOOD_CONSENSUS and row["chosen_source"] == "consensus-model"
+        assert row["consensus_flagged"] is False
+        assert summary.counts["consensus_model_requests"] == 2 and server.stats["completed"] == 1
+        # The answer is in generate's store (a committed shard under OUT/consensus/student/).
+        shards_written = sorted((out / "consensus" / "student").glob("part-*.arrow"))
+        stored = pa.concat_tables(pa.ipc.open_stream(str(p)).read_all() for p in shards_written)
+        assert stored.column("text").to_pylist() == [GOOD_CONSENSUS]
+        sent = stored.column("prompt")[0].as_py()
+        assert "4 answers" in sent and "Answer 4:" in sent and "As an AI" not in sent  # refusal left out
+        assert stored.column("model")[0].as_py() == "consensus/student"
+        # A rerun sends nothing: exactly once.
+        server.reset_stats()
+        summary, row = build(server, out)
+        assert server.stats["requests"] == 0 and summary.counts.get("consensus_model_requests", 0) == 0
+        assert row["chosen"] == GOOD_CONSENSUS
+
+    # Another model that answers with a wrong side and a hallucination is flagged.
+    bad = "Right lower lobe atelectasis and cardiomegaly. Bilateral pleural effusions. A pacemaker."
+    with serve_in_thread(served_model_name="sloppy", stub_text=bad) as server:
+        options = BuildOptions(
+            processes=1,
+            consensus="model",
+            card=False,
+            model_backend={"backend": "openai", "model": "sloppy", "base_urls": [server.base_url]},
+        )
+        summary = build_preferences([out], tmp_path / "sloppy", options)
+        row = datasets.load_from_disk(str(tmp_path / "sloppy" / "preferences"))["train"][0]
+        assert row["chosen"] == bad and row["consensus_flagged"] is True
+        assert summary.counts["consensus_flagged_model"] == 1
+
+
+def test_consensus_prompt_template(tmp_path):
+    from cxrmax.consensus import ConsensusPrompt
+
+    prompt = ConsensusPrompt.load()
+    text = prompt.render("Why?", ["first answer", "second answer"])
+    assert prompt.id == "cxrmax-consensus-v1"
+    assert "Question:\nWhy?" in text and "Answer 2:\nsecond answer" in text and "2 answers" in text
+    bad = tmp_path / "bad.txt"
+    bad.write_text("id: x\n---\nHello {name}\n")
+    with pytest.raises(InputError, match="bad template field"):
+        ConsensusPrompt.load(bad)
