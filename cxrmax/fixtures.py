@@ -575,7 +575,10 @@ def _write_mini_mimic(
             if subject_index < 3
             else rng.choices(("train", "validate", "test"), weights=(70, 15, 15))[0]
         )
-        n = 1 if subject_index < 3 else min(rng.choice((1, 1, 2, 2, 3)), studies - len(plan))
+        n = 1 if subject_index < 3 else rng.choice((1, 1, 2, 2, 3))
+        if subject_index == 3:
+            n = max(n, 2)  # at least one subject with a previous study (an MS-CXR-T pair) when possible
+        n = min(n, studies - len(plan))
         subject_index += 1
         date = rng.randrange(2110, 2200) * 10000 + rng.randrange(1, 13) * 100 + rng.randrange(1, 29)
         for _ in range(n):
@@ -712,7 +715,8 @@ def _write_mini_mimic(
 
 def _write_ms_cxr_t(path: Path, plan: list[_Study], rng: random.Random) -> None:
     """MS-CXR-T-style rows: for each subject with two or more studies, the later frontal image and
-    the previous study's frontal image, with progression labels on findings present in either."""
+    the previous study's frontal image, with progression labels on findings present in either.
+    (Header only when no subject has two studies, which needs at least 5 studies.)"""
     by_subject: dict[int, list[_Study]] = {}
     for study in plan:
         by_subject.setdefault(study.subject_id, []).append(study)
@@ -736,18 +740,6 @@ def _write_ms_cxr_t(path: Path, plan: list[_Study], rng: random.Random) -> None:
                 else:
                     row += ["", ""]
             rows.append(tuple(row))
-    if not rows:  # every fixture carries at least one temporal pair, even with few studies
-        first = plan[0]
-        rows.append(
-            (
-                first.images[0]["dicom_id"],
-                first.images[0]["dicom_id"],
-                first.study_id,
-                first.study_id,
-                first.subject_id,
-            )
-            + ("stable", "one_expert") * len(MS_CXR_T_FINDINGS)
-        )
     _write_csv_gz(path, MS_CXR_T_COLUMNS, rows, gz=False)
 
 

@@ -235,3 +235,11 @@ def test_atomic_and_refuses_to_clobber(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
     (tmp_path / "empty").mkdir()
     make_mini_mimic(tmp_path / "empty", studies=3, seed=0, large_images=0)  # an empty folder is fine
+
+
+def test_ms_cxr_t_tiny_fixtures(tmp_path: Path) -> None:
+    five = make_mini_mimic(tmp_path / "five", studies=5, seed=0, large_images=0)
+    assert read_ms_cxr_t(five / MS_CXR_T_FILENAME).num_rows >= 1
+    three = make_mini_mimic(tmp_path / "three", studies=3, seed=0, large_images=0)
+    table = read_ms_cxr_t(three / MS_CXR_T_FILENAME)  # no subject has two studies: header only
+    assert table.num_rows == 0 and table.column_names[:5] == list(MS_CXR_T_COLUMNS[:5])
