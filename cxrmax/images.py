@@ -195,9 +195,10 @@ def preprocess(
     try:
         with Image.open(path) as source:
             size = target_size(source.width, source.height, max_edge, max_pixels)
-            if source.format == "JPEG" and size != source.size:
-                # DCT-domain downscale to the smallest power-of-two reduction that is still >= size.
-                source.draft("L" if source.mode == "L" else source.mode, size)
+            if source.format == "JPEG" and (size != source.size or source.mode == "RGB"):
+                # DCT-domain downscale to the smallest power-of-two reduction that is still >= size;
+                # colour JPEGs are decoded straight to luma.
+                source.draft("L" if source.mode in ("L", "RGB") else source.mode, size)
             source.load()
             image = _to_l(source)
             orientation = source.getexif().get(0x0112) if source.format == "JPEG" else None
