@@ -132,7 +132,9 @@ def _read_file(path: Path) -> pa.Table:
     raise InputError(f"{where(path)}: unsupported file type (expected .arrow, .parquet or .jsonl)")
 
 
-_DATA_SUFFIXES = (".arrow", ".parquet", ".jsonl", ".json", ".jsonl.gz")
+# Directory scans take these; a .json file is read only when named explicitly (generate keeps its
+# run manifests, run-*.json, beside the shards).
+_DATA_SUFFIXES = (".arrow", ".parquet", ".jsonl", ".jsonl.gz")
 _SKIP_DIRS = {"preferences", "sft", "annotations", "exports", "figures", "cache", "consensus", ".cache"}
 
 

@@ -515,3 +515,58 @@ def test_consensus_prompt_template(tmp_path):
     bad.write_text("id: x\n---\nHello {name}\n")
     with pytest.raises(InputError, match="bad template field"):
         ConsensusPrompt.load(bad)
+
+
+@pytest.mark.slow
+def test_over_real_generate_output(mini_mimic, tmp_path):
+    """generate (C's orchestrator, real HTTP to stub teachers on 127.0.0.1) -> build-preferences."""
+    import datasets
+
+    from cxrmax.generate.orchestrator import GenerateOptions, generate
+    from cxrmax.generate.prompts import load_prompt
+    from cxrmax.generate.roster import resolve_model
+    from cxrmax.mimic import MimicCXR, write_selection
+    from cxrmax.testing.openai_server import serve_in_thread
+
+    selection = write_selection(MimicCXR(mini_mimic).select(k=12, seed=0), tmp_path / "selection.parquet")
+    teachers = {
+        "left-1": "There is left lower lobe atelectasis. A pacemaker is in place.",
+        "left-2": "Left lower lobe atelectasis is present. A cardiac pacemaker is seen.",
+        "right": "Right lower lobe atelectasis is seen. A pacemaker is present. There is cardiomegaly.",
+        "refuser": "As an AI, I'm not capable of providing medical diagnoses. Please consult a radiologist.",
+    }
+    out = tmp_path / "run"
+    for name, text in teachers.items():
+        with serve_in_thread(served_model_name=name, stub_text=text) as server:
+            options = GenerateOptions(
+                model=resolve_model(name),
+                selection=selection,
+                mimic_root=Path(mini_mimic),
+                out=out,
+                prompt=load_prompt("rationale"),
+                base_urls=[server.base_url],
+                concurrency=4,
+                timeout=30.0,
+            )
+            generate(options)
+    summary = build_preferences(
+        [out], out, BuildOptions(processes=1, mimic_root=Path(mini_mimic), card=False)
+    )
+    assert sorted(summary.models) == sorted(teachers)
+    assert summary.counts["trajectories"] == 4 * 12 and summary.counts["refusals"] == 12
+    prefs = datasets.load_from_disk(str(out / "preferences"))
+    rows = [r for ds in prefs.values() for r in ds]
+    assert len(rows) == 12
+    from cxrmax.generate import read_trajectories
+
+    sent = read_trajectories(out, columns=["sample_id", "prompt", "image_path"]).to_pylist()
+    sent_by_id = {r["sample_id"]: r for r in sent}
+    for row in rows:
+        assert row["prompt"] == sent_by_id[row["sample_id"]]["prompt"]
+        assert row["image_path"] == sent_by_id[row["sample_id"]]["image_path"]
+        assert row["rejected_models"][:2] == ["refuser", "right"]
+        assert row["rejected_drift"][1] == pytest.approx(2 / 3)  # wrong side + hallucinated cardiomegaly
+        assert (
+            row["consensus_labels"]["Atelectasis"] == 1.0 and row["consensus_labels"]["Cardiomegaly"] is None
+        )
+        assert "left" in row["chosen"] and row["consensus_flagged"] is False
