@@ -219,6 +219,10 @@ def test_push_to_hub_offline_fails_cleanly(tmp_path, monkeypatch):
         # Nothing listens on port 9 of the loopback: the Hub is unreachable.
         monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        # huggingface_hub reads HF_HUB_OFFLINE once at import; another test may have imported it offline.
+        from huggingface_hub import constants
+
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         with pytest.raises(CxrmaxError, match="cannot reach the Hugging Face Hub"):
             push_to_hub(board, "someone/board", token="hf_not_a_real_token")
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -100,17 +100,18 @@ def push_to_hub(
 ) -> str:
     """Upload the board as a data set repo ``repo_id``; returns the repo URL. Raises CxrmaxError with a
     plain message when offline, unauthenticated or refused."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise CxrmaxError(
+            "cannot push to the Hub: offline mode (HF_HUB_OFFLINE is set); export with --format instead"
+        )
     try:
         from huggingface_hub import HfApi
         from huggingface_hub import errors as hf_errors
     except ImportError as exc:
         raise CxrmaxError(f"--push-to-hub needs huggingface_hub: {exc}") from None
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise CxrmaxError(
-            "cannot push to the Hub: offline mode (HF_HUB_OFFLINE is set); export with --format instead"
-        )
+    # Read the endpoint now: huggingface_hub reads HF_ENDPOINT once, when it is first imported.
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    api = HfApi(token=token)
+    api = HfApi(endpoint=endpoint, token=token)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             folder = write_board_dataset(board, tmp, tasks)
