@@ -427,3 +427,22 @@ def test_rationale_file_submission_and_shards_without_references(tmp_path, mini_
     (tmp_path / "nomodel.csv").write_text("study_id,rationale\n50000000,text\n")
     with pytest.raises(InputError, match="field 'model'"):
         score(tmp_path / "nomodel.csv", "cxr-max-rationale", mini_mimic, n_boot=0)
+
+
+def test_radiologist_label_task_on_a_2_1_0_mini_mimic(tmp_path):
+    from cxrmax.fixtures import make_mini_mimic
+    from cxrmax.mimic import MimicCXR
+
+    root = make_mini_mimic(tmp_path / "mimic210", studies=24, seed=3, version="2.1.0", large_images=0)
+    truth = MimicCXR(root).study_labels(splits=["test"], source="test-set-labeled")
+    assert truth.num_rows > 0
+    sub = _labels_csv(tmp_path / "rad.csv", truth)
+    result = score(sub, "mimic-cxr-labels-radiologist", root, n_boot=0)
+    assert result.headline["micro_f1_14"] == pytest.approx(1.0)
+    assert "test-set-labeled" in result.extra["references"]
+    # A 2.0.0 root has no radiologist labels: a clear error naming the missing file, not a crash.
+    from cxrmax.errors import CxrmaxError
+
+    old = make_mini_mimic(tmp_path / "mimic200", studies=8, seed=4, large_images=0)
+    with pytest.raises(CxrmaxError, match="test-set-labeled"):
+        score(sub, "mimic-cxr-labels-radiologist", old, n_boot=0)
