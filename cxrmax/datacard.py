@@ -155,20 +155,30 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
         counts = claims_matrix[m].sum(axis=0)
         claims[model] = {name: int(c) for name, c in zip(OBSERVATIONS, counts, strict=True)}
 
-    # Pairwise agreement: per model pair, mean over shared samples of 1 - disagreement.
+    # Pairwise agreement: per model pair, mean over shared samples of 1 - disagreement. Vectorised:
+    # element e of a sample's flattened k x k matrix is the pair (e // k, e % k).
     index = {m: i for i, m in enumerate(models)}
     total = np.zeros((len(models), len(models)))
     pairs = np.zeros((len(models), len(models)), dtype=np.int64)
-    for batch in samples.select(["models", "disagreement"]).to_batches(max_chunksize=4096):
-        for names, matrix in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
-            idx = [index[n.split("#")[0]] if n.split("#")[0] in index else index.get(n) for n in names]
-            mat = np.asarray(matrix, dtype=np.float64)
-            for a, ia in enumerate(idx):
-                for b, ib in enumerate(idx):
-                    if ia is None or ib is None:
-                        continue
-                    total[ia, ib] += 1.0 - mat[a, b]
-                    pairs[ia, ib] += 1
+    names_col = samples.column("models").combine_chunks()
+    if len(names_col):
+        k = pc.list_value_length(names_col).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat_names = pc.list_flatten(names_col).to_pylist()
+        # "model#2" (sample_index 2) counts for its model.
+        model_ids = np.array(
+            [index.get(n, index.get(n.split("#")[0], -1)) for n in flat_names], dtype=np.int64
+        )
+        values = pc.list_flatten(pc.list_flatten(samples.column("disagreement").combine_chunks()))
+        values = values.to_numpy(zero_copy_only=False).astype(np.float64)
+        name_offsets = np.r_[0, np.cumsum(k)[:-1]]
+        per_sample = k * k
+        sample_of = np.repeat(np.arange(len(k)), per_sample)
+        e = np.arange(per_sample.sum()) - np.repeat(np.r_[0, np.cumsum(per_sample)[:-1]], per_sample)
+        a = model_ids[name_offsets[sample_of] + e // k[sample_of]]
+        b = model_ids[name_offsets[sample_of] + e % k[sample_of]]
+        ok = (a >= 0) & (b >= 0) & ~np.isnan(values)
+        np.add.at(total, (a[ok], b[ok]), 1.0 - values[ok])
+        np.add.at(pairs, (a[ok], b[ok]), 1)
     agreement = np.divide(total, pairs, out=np.full_like(total, np.nan), where=pairs > 0)
 
     scores = samples.column("drift_score").to_numpy().astype(np.float64)

@@ -1294,6 +1294,56 @@ def _trl_features():  # -> datasets.Features
     )
 
 
+def _messages(role: str, texts: pa.Array, with_image: bool) -> pa.ListArray:
+    """One single-message conversation per row: [{"role", "content": [({"type": "image"},)
+    {"type": "text", "text": ...}]}], built column-wise (no Python object per row)."""
+    m = len(texts)
+    texts = pc.fill_null(texts.cast(pa.string()), "")
+    if with_image:
+        types = pa.array(np.tile(np.array(["image", "text"], dtype=object), m), type=pa.string())
+        both = pa.concat_arrays([pa.nulls(m, pa.string()), texts.cast(pa.string())])
+        order = np.empty(2 * m, dtype=np.int64)
+        order[0::2] = np.arange(m)
+        order[1::2] = np.arange(m) + m
+        part_text = both.take(pa.array(order))
+        per_row = 2
+    else:
+        types = pa.array(np.full(m, "text", dtype=object), type=pa.string())
+        part_text = texts.cast(pa.string())
+        per_row = 1
+    parts = pa.StructArray.from_arrays([types, part_text], names=["type", "text"])
+    content = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, per_row * m + 1, per_row, dtype=np.int32)), parts
+    )
+    roles = pa.array(np.full(m, role, dtype=object), type=pa.string())
+    message = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
+    return pa.ListArray.from_arrays(pa.array(np.arange(m + 1, dtype=np.int32)), message)
+
+
+def _trl_batch(table: pa.Table, schema: pa.Schema, image_root: Path | None) -> tuple[pa.RecordBatch, bool]:
+    """TRL rows (one per negative) of a preferences table; also whether every image file exists."""
+    rejected = table.column("rejected").combine_chunks()
+    parent = pc.list_parent_indices(rejected)
+    offsets = rejected.offsets.to_numpy()[:-1]
+    parent_np = parent.to_numpy(zero_copy_only=False)
+    rank = np.arange(len(parent_np)) - (offsets[parent_np] - offsets[0] if len(offsets) else 0)
+    images = [_image_ref(p, image_root) for p in table.column("image_path").to_pylist()]
+    exist = all(i is not None and os.path.exists(i) for i in images)
+    image_lists = pa.array([[i] if i else [] for i in images], type=pa.list_(pa.string())).take(parent)
+    arrays = {
+        "sample_id": table.column("sample_id").combine_chunks().take(parent),
+        "prompt": _messages("user", table.column("prompt").combine_chunks().take(parent), True),
+        "chosen": _messages("assistant", table.column("chosen").combine_chunks().take(parent), False),
+        "rejected": _messages("assistant", pc.list_flatten(rejected), False),
+        "images": image_lists,
+        "rejected_model": pc.list_flatten(table.column("rejected_models").combine_chunks()),
+        "rejected_drift": pc.list_flatten(table.column("rejected_drift").combine_chunks()),
+        "negative_rank": pa.array(rank.astype(np.int32)),
+    }
+    batch = pa.RecordBatch.from_arrays([arrays[f.name].cast(f.type) for f in schema], schema=schema)
+    return batch, exist
+
+
 def export_trl(preferences_dir: Path, out_dir: Path, image_root: Path | None = None) -> Path:
     """TRL preference data set (datasets.DatasetDict on disk): one row per (positive, negative)
     pair, conversational with images: ``prompt`` (user turn with an image part and the prompt
@@ -1304,36 +1354,20 @@ def export_trl(preferences_dir: Path, out_dir: Path, image_root: Path | None = N
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".trl-", dir=out_dir.parent))
-    features = _trl_features()
-    schema = features.arrow_schema
+    schema = _trl_features().arrow_schema
     try:
         source = datasets.load_from_disk(str(preferences_dir))
         images_exist = True
         for split in SPLITS:
             with pa.ipc.new_stream(str(work / f"{split}.arrow"), schema) as writer:
                 wrote = False
-                for batch in source[split].data.table.to_batches(max_chunksize=512):
-                    rows = []
-                    for row in batch.to_pylist():
-                        image = _image_ref(row["image_path"], image_root)
-                        images_exist = images_exist and image is not None and os.path.exists(image)
-                        for rank, (text, model, drift) in enumerate(
-                            zip(row["rejected"], row["rejected_models"], row["rejected_drift"], strict=True)
-                        ):
-                            rows.append(
-                                {
-                                    "sample_id": row["sample_id"],
-                                    "prompt": _user_message(row["prompt"]),
-                                    "chosen": _assistant_message(row["chosen"]),
-                                    "rejected": _assistant_message(text),
-                                    "images": [image] if image else [],
-                                    "rejected_model": model,
-                                    "rejected_drift": drift,
-                                    "negative_rank": rank,
-                                }
-                            )
-                    if rows:
-                        writer.write_batch(pa.RecordBatch.from_pylist(rows, schema=schema))
+                for batch in source[split].data.table.to_batches(max_chunksize=2048):
+                    if not batch.num_rows:
+                        continue
+                    rows, exist = _trl_batch(pa.Table.from_batches([batch]), schema, image_root)
+                    images_exist = images_exist and exist
+                    if rows.num_rows:
+                        writer.write_batch(rows)
                         wrote = True
                 if not wrote:
                     writer.write_batch(pa.RecordBatch.from_pylist([], schema=schema))
@@ -1409,6 +1443,11 @@ def push_to_hub(out: Path, repo_id: str, private: bool = True, token: str | None
     """Publish preferences/, sft/ and the card as Parquet to a Hub data set repository in ONE
     commit (private by default). Without network (or with HF_HUB_OFFLINE=1) raises CxrmaxError
     with a clear message; the Hub repository is left untouched (the upload is a single commit)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise CxrmaxError(
+            f"cannot push to the Hugging Face Hub repository {repo_id!r}: HF_HUB_OFFLINE is set. Nothing was "
+            "uploaded; use --export-parquet DIR to get the same files offline."
+        )
     from huggingface_hub import HfApi
 
     staging = Path(tempfile.mkdtemp(prefix=".hub-", dir=out))

@@ -407,8 +407,14 @@ def test_push_to_hub_offline_fails_cleanly(known_build, monkeypatch):
 
     out, _ = known_build
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        CxrmaxError, match="cannot push to the Hugging Face Hub repository 'me/cxr-max'.*HF_HUB_OFFLINE"
+    ):
+        push_to_hub(out, "me/cxr-max")
+    # Without the variable, the library's own offline switch (or no network at all) ends the same way.
+    monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(CxrmaxError, match="cannot push to the Hugging Face Hub repository 'me/cxr-max'"):
+    with pytest.raises(CxrmaxError, match="Nothing was uploaded"):
         push_to_hub(out, "me/cxr-max")
     assert not [p for p in out.iterdir() if p.name.startswith(".hub-")]
 
@@ -433,6 +439,8 @@ def test_cli_build_and_drift_report(tmp_path):
     result = runner.invoke(app, ["drift-report", str(out), "--json"])
     stats = json.loads(result.output)
     assert stats["per_model"]["D"]["refusal_rate"] == 1.0
+    assert stats["agreement"][0][1] == 1.0 and stats["agreement"][0][2] == pytest.approx(1 - 2 / 14)
+    assert stats["agreement_pairs"][0][1] == 1
     assert stats["per_model"]["C"]["laterality_error_rate"] == 1.0
     result = runner.invoke(
         app, ["build-preferences", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
