@@ -46,6 +46,7 @@ import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -561,6 +562,7 @@ class MimicCXR:
         self.skipped: Counter = Counter()
         self._images: pa.Table | None = None
         self._labels: dict[str, pa.Table] = {}
+        self._label_reads: dict[str, Future] = {}
 
     def __repr__(self) -> str:
         return f"MimicCXR({str(self.root)!r}, layout={self.layout!r}, version={self.version!r})"
@@ -589,6 +591,24 @@ class MimicCXR:
         header = _read_header(meta_path)
         needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
         _check_columns(meta_path, header, needed)
+        split_path = self._require_csv(SPLIT_CSV)
+        split_header = _read_header(split_path)
+        _check_columns(split_path, split_header, ["dicom_id", "study_id", "subject_id", "split"])
+        # Gzip decompression is single-threaded: read the split CSV on a second core meanwhile.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            split_future = pool.submit(
+                _read_csv,
+                split_path,
+                ["dicom_id", "study_id", "subject_id", "split"],
+                {"study_id": pa.int64(), "subject_id": pa.int64()},
+            )
+            self._prefetch_labels(pool)  # queued after the split CSV: selections attach labels
+            return self._join_images(meta_path, header, split_path, split_future)
+
+    def _join_images(
+        self, meta_path: Path, header: list[str], split_path: Path, split_future: Future
+    ) -> pa.Table:
+        needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
         optional = [c for c in ("StudyDate", "StudyTime", "Rows", "Columns") if c in header]
         raw = _read_csv(
             meta_path,
@@ -653,14 +673,7 @@ class MimicCXR:
             self.skipped[f"{meta_path.name}: study with several subjects"] += int(pc.sum(dropped).as_py())
             meta = meta.filter(pc.invert(dropped))
 
-        split_path = self._require_csv(SPLIT_CSV)
-        split_header = _read_header(split_path)
-        _check_columns(split_path, split_header, ["dicom_id", "study_id", "subject_id", "split"])
-        raw_split = _read_csv(
-            split_path,
-            ["dicom_id", "study_id", "subject_id", "split"],
-            {"study_id": pa.int64(), "subject_id": pa.int64()},
-        )
+        raw_split = split_future.result()
         check = _Validator(split_path, raw_split, self.lenient, self.skipped)
         split_values = pc.utf8_lower(check.text("split"))
         check.flag(
@@ -816,7 +829,8 @@ class MimicCXR:
             table = table.filter(pc.is_in(table.column("split"), pa.array(_normalize_splits(splits))))
         return table
 
-    def _load_labels(self, source: str) -> pa.Table:
+    def _label_plan(self, source: str) -> tuple[Path, dict[str, str], list[str], dict[str, pa.DataType]]:
+        """Check a label CSV's header: (path, canonical -> header name, columns to read, their types)."""
         path = self._require_csv(LABEL_SOURCES[source])
         header = _read_header(path)
         needs_subject = source != "test-set-labeled"
@@ -839,12 +853,24 @@ class MimicCXR:
                 f"{where(path, field=missing[0])}: missing label column (missing: {', '.join(missing)})"
             )
         id_columns = ["subject_id", "study_id"] if needs_subject else ["study_id"]
-        raw = _read_csv(
-            path,
-            id_columns + list(label_columns.values()),
-            {name: pa.int64() for name in id_columns}
-            | {name: pa.float32() for name in label_columns.values()},
-        )
+        types = {name: pa.int64() for name in id_columns} | {
+            name: pa.float32() for name in label_columns.values()
+        }
+        return path, label_columns, id_columns + list(label_columns.values()), types
+
+    def _prefetch_labels(self, pool: ThreadPoolExecutor, source: str = "chexpert") -> None:
+        """Start reading a label CSV in the background; problems surface when the labels are used."""
+        try:
+            path, _, columns, types = self._label_plan(source)
+        except InputError:
+            return
+        self._label_reads[source] = pool.submit(_read_csv, path, columns, types)
+
+    def _load_labels(self, source: str) -> pa.Table:
+        path, label_columns, columns, types = self._label_plan(source)
+        needs_subject = source != "test-set-labeled"
+        prefetched = self._label_reads.pop(source, None)
+        raw = prefetched.result() if prefetched is not None else _read_csv(path, columns, types)
         check = _Validator(path, raw, self.lenient, self.skipped)
         study_id = check.integer("study_id")
         data: dict[str, pa.ChunkedArray | pa.Array] = {"study_id": study_id}
