@@ -578,3 +578,19 @@ def test_over_real_generate_output(mini_mimic, tmp_path):
             row["consensus_labels"]["Atelectasis"] == 1.0 and row["consensus_labels"]["Cardiomegaly"] is None
         )
         assert "left" in row["chosen"] and row["consensus_flagged"] is False
+
+
+def test_datasets_directory_input_and_hub_id_offline(tmp_path, monkeypatch):
+    import datasets
+    import datasets.config
+    import huggingface_hub.constants
+
+    table = pa.Table.from_pylist(known_drift_rows(), schema=shards.TRAJECTORY_SCHEMA)
+    datasets.DatasetDict({"train": datasets.Dataset(table)}).save_to_disk(str(tmp_path / "saved"))
+    loaded, report = load_trajectories([tmp_path / "saved"])
+    assert loaded.num_rows == 6 and len(report.files) == 1 and report.files[0].endswith(".arrow")
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(InputError, match="nobody/cxr-max: cannot load from the Hugging Face Hub"):
+        load_trajectories(["nobody/cxr-max"])
