@@ -863,6 +863,20 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     return ChunkResult(preferences, sft, trajectories, samples, counts, contexts)
 
 
+def _bounded_imap(pool, func: Callable, items: Iterable, in_flight: int) -> Iterator:
+    """Ordered map over a pool with at most `in_flight` tasks queued: Pool.imap would pickle every
+    chunk up front, so memory would grow with the input instead of staying flat."""
+    from collections import deque
+
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(func, (item,)))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def _worker(args: tuple[pa.Table, ChunkOptions]) -> ChunkResult:
     chunk, options = args
     return annotate_chunk(chunk, options)
@@ -1166,7 +1180,7 @@ def build_preferences(
             # fork (like the labeler's batch mode): no re-import per worker, no __main__ guard needed.
             methods = multiprocessing.get_all_start_methods()
             pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(processes)
-            results: Iterable[ChunkResult] = pool.imap(_worker, chunks)
+            results: Iterable[ChunkResult] = _bounded_imap(pool, _worker, chunks, 2 * processes)
         else:
             results = map(_worker, chunks)
         done = 0
