@@ -241,8 +241,16 @@ def test_cider_d_matches_its_definition_and_batches_agree():
 
 def test_meteor_absence_is_said_not_zeroed():
     if textmetrics.wordnet_available():
-        scores = textmetrics.meteor_scores(["the heart is normal"], ["the heart is normal"])
-        assert scores[0] > 0.9
+        from nltk.translate.meteor_score import meteor_score
+
+        cands, refs = _texts(5, 40)
+        scores = textmetrics.meteor_scores(cands, refs)
+        expected = [
+            meteor_score([textmetrics.tokenize(r)], textmetrics.tokenize(c))
+            for c, r in zip(cands, refs, strict=True)
+        ]
+        np.testing.assert_allclose(scores, expected)  # the caches change speed, not scores
+        assert textmetrics.meteor_scores(["the heart is normal"], ["the heart is normal"])[0] > 0.9
     else:
         with pytest.raises(RuntimeError, match="WordNet"):
             textmetrics.meteor_scores(["a"], ["a"])
