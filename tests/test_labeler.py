@@ -335,3 +335,21 @@ def test_labels_from_mini_mimic_reports_equal_the_fixture_csv(mini_mimic):
         assert label_text(whole).labels() == want, (row["study_id"], whole)
         assert parse_report(whole).best() == text
     assert len(sections_seen) >= 2
+
+
+def test_labels_from_a_larger_mini_mimic_with_another_seed(tmp_path):
+    """More studies and another seed reach every phrasing variant of the fixture's report writer."""
+    from cxrmax.fixtures import make_mini_mimic
+    from cxrmax.mimic import MimicCXR
+
+    root = make_mini_mimic(tmp_path / "mimic", studies=120, seed=5, large_images=0, small_edge=(64, 96))
+    mimic = MimicCXR(root)
+    rows = mimic.study_labels().to_pylist()
+    texts = [mimic.report(row["subject_id"], row["study_id"]).best() for row in rows]
+    table = label_texts(texts, processes=1)
+    for row, got in zip(rows, table.to_pylist(), strict=True):
+        want = {name: (None if row[name] is None else int(row[name])) for name in OBSERVATIONS}
+        assert {name: got[name] for name in OBSERVATIONS} == want, row["study_id"]
+    positives = sum(1 for row in rows for name in OBSERVATIONS if row[name] == 1)
+    uncertain = sum(1 for row in rows for name in OBSERVATIONS if row[name] == -1)
+    assert positives > 50 and uncertain > 20  # the sweep exercised real findings, not only normals
