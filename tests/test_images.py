@@ -255,3 +255,14 @@ def test_corrupt_and_missing_images(tmp_path: Path, big_jpeg: Path) -> None:
         assert isinstance(info.value, InputError)
     with pytest.raises(ImageError, match="absent.jpg"):
         ImageCache(tmp_path / "c").jpeg(tmp_path / "absent.jpg")
+
+
+def test_jpeg2000_compressed_dicom_decodes_like_the_uncompressed_film() -> None:
+    compressed = get_testdata_file("RG1_J2KR.dcm")  # the same film, JPEG 2000 lossless
+    assert pydicom.dcmread(compressed, stop_before_pixels=True).file_meta.TransferSyntaxUID.is_compressed
+    image = preprocess(compressed, max_edge=None)
+    reference = preprocess(get_testdata_file("RG1_UNCI.dcm"), max_edge=None)
+    assert image.size == reference.size
+    difference = np.abs(np.asarray(image, dtype=np.float64) - np.asarray(reference, dtype=np.float64))
+    assert difference.mean() < 1.5
+    assert region(image, 0.62, 0.80, 0.15, 0.30) < region(image, 0.45, 0.55, 0.30, 0.60) - 40
