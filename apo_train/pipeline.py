@@ -183,6 +183,9 @@ def run_pipeline(spec: PipelineSpec, console: Any | None = None) -> dict[str, An
         raise InputError(f"--stage must be one of {STAGES}, not {spec.stage!r}")
     if spec.consensus not in ("none", "model"):
         raise InputError(f"--consensus must be none or model, not {spec.consensus!r}")
+    if spec.stage == "all" and spec.consensus == "model" and not spec.trajectories:
+        # Checked before Stage 1 so a long SFT run does not end in this error.
+        raise InputError("--consensus model needs --trajectories (generate's OUT)")
     results: dict[str, Any] = {}
     apo_model = spec.model
     preferences = spec.preferences

@@ -270,6 +270,33 @@ def test_apo_training_on_separable_set_loss_falls_accuracy_rises(tiny_lm_path, p
     assert [r["step"] for r in records if "loss" in r][:8] == list(range(1, 9))
 
 
+def test_eval_split_logs_eval_metrics(tiny_lm_path, tmp_path):
+    import datasets
+
+    table = pa.Table.from_pylist(preference_rows(8), schema=PREFERENCE_SCHEMA)
+    held_out = pa.Table.from_pylist(preference_rows(4, seed=1), schema=PREFERENCE_SCHEMA)
+    path = tmp_path / "prefs"
+    datasets.DatasetDict(
+        {"train": datasets.Dataset(table), "validate": datasets.Dataset(held_out)}
+    ).save_to_disk(str(path))
+    cfg = apo_config(
+        tmp_path,
+        tiny_lm_path,
+        path,
+        eval_split="validate",
+        eval_strategy="steps",
+        eval_steps=2,
+        max_steps=2,
+        per_device_eval_batch_size=2,
+    )
+    history = run_apo(cfg)["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert len(evals) == 1
+    assert 0.0 <= evals[0]["eval_rewards/accuracies"] <= 1.0 and "eval_rewards/margins_max" in evals[0]
+    train_logs = [h for h in history if "rewards/accuracies" in h]
+    assert len(train_logs) == 2 and not any(k.startswith("eval_") for h in train_logs for k in h)
+
+
 @pytest.mark.parametrize("loss_type", ["pairwise", "listwise"])
 def test_other_losses_train(tiny_lm_path, pref_path, tmp_path, loss_type):
     result = run_apo(

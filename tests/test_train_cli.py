@@ -157,6 +157,7 @@ def test_stage_apo_yaml_precompute_ref(tiny_lm_path, data, tmp_path):
         (["--stage", "apo", "--set", "apo.bogus=1"], "unknown setting"),
         (["--stage", "apo", "--config", "/nonexistent.toml"], "config file not found"),
         (["--stage", "sideways", "--model", "m"], "--stage must be"),
+        (["--stage", "all", "--model", "m", "--consensus", "model"], "needs --trajectories"),
     ],
 )
 def test_user_errors_exit_2_with_message(args, message, tmp_path, tiny_lm_path):
