@@ -196,6 +196,10 @@ def main() -> None:
             ),
             (f"peer: sacrebleu BLEU + rouge-score ROUGE-L, {n_reports:,}", "sacrebleu+rouge-score", ""),
         ]
+        from cxrmax.leaderboard.textmetrics import wordnet_available
+
+        meteor = "included (WordNet found)" if wordnet_available() else "not computed (no WordNet data)"
+        print(f"METEOR in the reports case: {meteor}")
         print(
             f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall seconds grow with it; CPU seconds less so)"
         )
