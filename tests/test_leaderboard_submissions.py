@@ -352,3 +352,31 @@ def test_incremental_json_reader_matches_json_loads(tmp_path, chunk):
     path.write_text('{"1": {"model_prediction": "a"} "2": {}}')
     with open(path) as fh, pytest.raises(InputError, match=r"row 2: invalid JSON: expected ','"):
         list(_JsonStream(fh, path, chunk=chunk).items())
+
+
+def test_labels_struct_column_as_in_cxrmax_tables(tmp_path, refs):
+    """A Parquet table with a shards.LABELS_TYPE ``labels`` struct (or JSON objects) scores like one
+    with 14 observation columns; a null struct is a row of blanks."""
+    from cxrmax.shards import LABELS_TYPE
+
+    ref_path, labels = refs
+    structs = [
+        {o: (None if np.isnan(v) else float(v)) for o, v in zip(OBSERVATIONS, labels[i], strict=True)}
+        for i in range(N)
+    ]
+    structs[3] = None
+    table = pa.table({"study_id": pa.array(IDS, pa.int64()), "labels": pa.array(structs, type=LABELS_TYPE)})
+    pq.write_table(table, tmp_path / "struct.parquet")
+    expected = labels.copy()
+    expected[3] = np.nan
+    from cxrmax.leaderboard.metrics import score_labels
+
+    want = score_labels(labels, expected, n_boot=0).headline
+    assert _score(tmp_path / "struct.parquet", ref_path).headline == pytest.approx(want)
+    rows = [{"study_id": s, "labels": structs[i]} for i, s in enumerate(IDS)]
+    (tmp_path / "struct.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert _score(tmp_path / "struct.jsonl", ref_path).headline == pytest.approx(want)
+    rows[5]["labels"] = [1, 0]
+    (tmp_path / "bad.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(InputError, match=r"row 6 field 'labels': expected an object"):
+        _score(tmp_path / "bad.jsonl", ref_path)

@@ -121,11 +121,52 @@ def iter_batches(path: str | Path, batch_rows: int = BATCH_ROWS) -> Iterator[Raw
         for batch in source:
             if len(batch):
                 produced = True
-                yield batch
+                yield _expand_label_struct(batch, path)
     except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, OSError) as exc:
         raise InputError(f"{where(path)}: cannot read the file (truncated or corrupt?): {exc}") from None
     if not produced:
         raise InputError(f"{where(path)}: no data rows")
+
+
+#: A nested column of per-observation values (cxrmax's own tables use ``labels``, shards.LABELS_TYPE).
+STRUCT_COLUMNS = ("labels", "predicted_labels")
+
+
+def _expand_label_struct(batch: RawBatch, path: Path) -> RawBatch:
+    """Flatten a ``labels`` struct (Parquet) or object (JSON) column into one column per field, so a
+    table with shards.LABELS_TYPE scores like one with 14 observation columns."""
+    name = next((c for c in batch.columns if c.strip().lower() in STRUCT_COLUMNS), None)
+    if name is None:
+        return batch
+    values = batch.columns.pop(name)
+    expanded: dict[str, Any] = {}
+    if hasattr(values, "type"):
+        import pyarrow as pa
+
+        if not pa.types.is_struct(values.type):
+            raise InputError(
+                f"{where(path, field=name)}: expected a struct of observation values, got {values.type}"
+            )
+        # flatten() carries a null struct into its fields: every observation of that row is blank.
+        for i, field_values in enumerate(values.flatten()):
+            expanded[values.type.field(i).name] = field_values
+    else:
+        keys: list[str] = []
+        for i, item in enumerate(values):
+            if item is None:
+                continue
+            if not isinstance(item, dict):
+                raise InputError(
+                    f"{where(path, row=int(batch.rows[i]), field=name)}: expected an object of observation values"
+                )
+            keys += [k for k in item if k not in keys]
+        for key in keys:
+            expanded[key] = [None if item is None else item.get(key) for item in values]
+    clash = [k for k in expanded if k in batch.columns]
+    if clash:
+        raise InputError(f"{where(path, field=clash[0])}: given both as a column and inside {name!r}")
+    batch.columns.update(expanded)
+    return batch
 
 
 def _csv_batches(path: Path, batch_rows: int, delimiter: str) -> Iterator[RawBatch]:
