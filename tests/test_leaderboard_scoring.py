@@ -208,6 +208,14 @@ def test_rationale_task_from_trajectory_shards(tmp_path, mini_mimic, mimic):
     assert beta["precision"] < alpha["precision"]
     assert alpha["similarity"] is not None and 0 <= alpha["similarity"] <= 1
     assert result.format == "arrow" and len(result.sha256) == 64
+    # One model's folder (as the demo scores them) and the trajectories/ folder itself also work.
+    single = score(tmp_path / "OUT" / "trajectories" / "beta", "cxr-max-rationale", mini_mimic, n_boot=0)
+    assert set(single.per_model) == {"beta"} and single.per_model["beta"]["precision"] == pytest.approx(
+        beta["precision"]
+    )
+    assert set(
+        score(tmp_path / "OUT" / "trajectories", "cxr-max-rationale", mini_mimic, n_boot=0).per_model
+    ) == {"alpha", "beta"}
 
 
 def test_cli_score_submit_show_export(tmp_path, mini_mimic, mimic):
