@@ -302,6 +302,42 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
     return None
 
 
+_OR_GAP = re.compile(r"\s*,?\s*or\s+(?:an?\s+|the\s+)?$")
+
+
+def _alternatives(low: str, tokens: list, found: list) -> list:
+    """Alternatives are uncertain: "consistent with pneumonia or atelectasis" (two mentions joined
+    by "or"), and "widened mediastinum ..., which may simply reflect the AP projection" (a hedge
+    pointing at a mimic makes the step's last positive finding before it uncertain)."""
+    if not found:
+        return found
+    demote: set[int] = set()  # token indexes whose positive status becomes uncertain
+    positive_tokens = {i for (i, _, status, _, cue, _) in found if status == "positive" and cue is None}
+    for i, tok in enumerate(tokens):
+        kind = tok[2]
+        if kind == mt.MIMIC and i > 0:
+            cue = tokens[i - 1]
+            if cue[2] == mt.CUE and cue[3][0] & mt.UNC_PRE and _gap(low, cue[1], tok[0]) <= 2:
+                earlier = [k for k in positive_tokens if k < i - 1]
+                if earlier:
+                    demote.add(max(earlier))
+        elif (kind == mt.MENTION or kind == mt.SIGN) and i + 1 < len(tokens):
+            nxt = tokens[i + 1]
+            if (
+                (nxt[2] == mt.MENTION or nxt[2] == mt.SIGN)
+                and i in positive_tokens
+                and i + 1 in positive_tokens
+                and _OR_GAP.match(low, tok[1], nxt[0])
+            ):
+                demote.update((i, i + 1))
+    if not demote:
+        return found
+    return [
+        (i, obs, "uncertain" if i in demote and status == "positive" else status, side, cue, sign)
+        for (i, obs, status, side, cue, sign) in found
+    ]
+
+
 def _later_side(tokens: list, found: list, k: int) -> str | None:
     """Side of the next positive/uncertain lateralised mention of the step, for "pneumonia is
     suggested by the consolidation in the right middle lobe"; not across a conjunction or negation."""
@@ -335,7 +371,8 @@ def _clauses(tokens: list) -> tuple[list[int], list[int]]:
 
 
 _COPULA_TAIL = re.compile(
-    r"\s*(?:[.;,:!?)\n]|$|(?:present|seen|noted|identified|visible|due|related|secondary|given|in|at|on|and|but|"
+    r"\s*(?:[.;,:!?)\n]|$|(?:present|seen|noted|identified|visible|evident|apparent|visuali[sz]ed|appreciated|"
+    r"demonstrated|detected|observed|definite|convincingly|clearly|yet|due|related|secondary|given|and|but|"
     r"although|though|however|on|from|definite|excluded)\b)"
 )
 DROP = "drop"
@@ -545,6 +582,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                     recognised = True
         if not step_found:
             continue
+        step_found = _alternatives(low, step_tokens, step_found)
         explained = {obs for (_, obs, _, _, _, sign) in step_found if not sign}
         sign_sides = {obs: side for (_, obs, _, side, _, sign) in step_found if sign and side is not None}
         for k, (i, observation, status, side, cue, sign) in enumerate(step_found):

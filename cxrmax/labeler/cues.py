@@ -108,6 +108,14 @@ NEG_PRE: tuple[str, ...] = (
     "ruling out",
     "rules out",
     "which rules out",
+    "not support the diagnosis of",
+    "would not support the diagnosis of",
+    "does not support the diagnosis of",
+    "do not support the diagnosis of",
+    "not supportive of",
+    "does not support",
+    "do not support",
+    "would not support",
 )
 
 NEG_POST: tuple[str, ...] = (
@@ -159,6 +167,25 @@ NEG_POST: tuple[str, ...] = (
     "are not seen",
     "is not seen",
     "were not seen",
+    "none identified",
+    "none seen",
+    "none",
+    "none detected",
+    "none noted",
+    "none present",
+    "none visible",
+    "not yet in place",
+    "not in place",
+    "is not yet",
+    "not yet placed",
+    "is not yet in place",
+    "are not yet in place",
+    "is not in place",
+    "are not in place",
+    "is no longer in place",
+    "has not been placed",
+    "is not present",
+    "are not present",
 )
 
 UNC_PRE: tuple[str, ...] = (
@@ -287,6 +314,12 @@ UNC_PRE: tuple[str, ...] = (
     "distinguishing",
     "differentiate between",
     "distinguish between",
+    "may simply reflect",
+    "may simply represent",
+    "may simply be",
+    "could simply reflect",
+    "might simply reflect",
+    "may just reflect",
 )
 
 UNC_POST: tuple[str, ...] = (
@@ -411,6 +444,13 @@ HYPOTHETICAL: tuple[str, ...] = (
     "prevent",
     "risk of",
     "at risk for",
+    "assessment of",
+    "evaluation of",
+    "assessing",
+    "regarding",
+    "with regard to",
+    "with respect to",
+    "in terms of",
 )
 
 #: Words that make a clause a general statement about a disease rather than a claim about this image

@@ -84,18 +84,10 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "pulmonary venous congestion",
         "venous congestion",
         "pulmonary congestion",
-        "cephalization",
-        "vascular redistribution",
-        "kerley b line(s)",
-        "kerley line(s)",
         "chf",
         "congestive heart failure",
         "fluid overload",
         "volume overload",
-        "perihilar haziness",
-        "bat wing",
-        "batwing",
-        "peribronchial cuffing",
     ),
     "Enlarged Cardiomediastinum": (
         "enlarged cardiomediastinum",
@@ -364,6 +356,16 @@ SIGNS: dict[str, tuple[str, ...]] = {
         "meniscus",
         "obscured costophrenic angle(s)",
     ),
+    "Edema": (
+        "cephalization",
+        "vascular redistribution",
+        "kerley b line(s)",
+        "kerley line(s)",
+        "perihilar haziness",
+        "bat wing",
+        "batwing",
+        "peribronchial cuffing",
+    ),
     "Pneumothorax": (
         "visceral pleural line",
         "pleural line",
@@ -374,7 +376,7 @@ SIGNS: dict[str, tuple[str, ...]] = {
     ),
 }
 #: A sign of the first observation is also explained away by a mention of these in its step.
-SIGN_ALTERNATIVES: dict[str, tuple[str, ...]] = {"Pleural Effusion": ("Pleural Other",), "Pneumothorax": ()}
+SIGN_ALTERNATIVES: dict[str, tuple[str, ...]] = {"Pleural Effusion": ("Pleural Other",)}
 
 #: Phrases that must not count as mentions although they contain a mention word; matching them
 #: (longest match wins) hides the shorter mention inside.
@@ -482,7 +484,7 @@ OPACITY_FAMILY: tuple[str, ...] = ("Lung Opacity", "Consolidation", "Pneumonia",
 # Each is (regex on lower-cased text, {observation: status}); status "mention" means the statement is
 # an ordinary mention (cues around it apply), "sign" a radiographic sign (see SIGNS), otherwise the
 # status is what the statement says.
-_HEART = r"(?:heart(?:\s+size|\s+itself)?|cardiac\s+(?:silhouette|size|contours?|shadow)(?:\s+size)?|size\s+of\s+the\s+heart)"
+_HEART = r"(?:heart(?:\s+size|\s+itself|\s+borders?)?|cardiac\s+borders?|cardiac\s+(?:silhouette|size|contours?|shadow)(?:\s+size)?|size\s+of\s+the\s+heart)"
 _CMS = r"(?:cardio-?mediastinal\s+(?:silhouette|contours?|shadow)s?)"
 _MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?)|mediastinal\s+and\s+hilar\s+(?:contours?|silhouettes?)|hilar\s+and\s+mediastinal\s+(?:contours?|silhouettes?))"
 _BE = r"(?:(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|might\s+be|could\s+be|appears?\s+to\s+be|seems?\s+to\s+be)(?:\s+also)?)"
