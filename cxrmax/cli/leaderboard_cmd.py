@@ -125,7 +125,9 @@ def score_cmd(
         False, "--require-complete", help="Fail when any reference study is missing."
     ),
     lenient: bool = typer.Option(
-        False, "--lenient", help="Skip (and count) rows with unknown study ids; ignore unknown columns."
+        False,
+        "--lenient",
+        help="Skip (and count) rows with unknown study ids; ignore unknown columns; missing observation columns count as blank.",
     ),
     bootstrap: int = typer.Option(
         1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs (0 turns them off)."
@@ -183,7 +185,11 @@ def submit_cmd(
     require_complete: bool = typer.Option(
         False, "--require-complete", help="Fail when any reference study is missing."
     ),
-    lenient: bool = typer.Option(False, "--lenient", help="Skip (and count) rows with unknown study ids."),
+    lenient: bool = typer.Option(
+        False,
+        "--lenient",
+        help="Skip (and count) rows with unknown study ids; ignore unknown columns; missing observation columns count as blank.",
+    ),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     section: str = typer.Option(None, "--section", help="Report task: findings | impression | best."),
