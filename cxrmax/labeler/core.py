@@ -286,23 +286,25 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
 
 
 def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> str | None:
-    """Side of an unlateralised mention from the nearest earlier side in its step ("left lower lobe
-    opacity may represent atelectasis" -> left atelectasis), unless a fresh negation intervenes."""
+    """Side of an unlateralised mention from the nearest earlier lateralised mention of its step
+    ("left lower lobe opacity may represent atelectasis" -> left atelectasis), else from the nearest
+    earlier laterality word, unless a fresh negation intervenes."""
+    nearest_word = None
     j = index - 1
     while j >= 0:
         tok = tokens[j]
         kind = tok[2]
         if kind == mt.CUE and tok[3][0] & mt.NEG_PRE and not tok[3][0] & (mt.COPULA | mt.CONTRAST):
-            return None
-        if kind == mt.LAT:
-            return tok[3]
+            break
+        if kind == mt.LAT and nearest_word is None:
+            nearest_word = tok[3]
         if j in sides and sides[j] is not None:
             return sides[j]
         j -= 1
-    return None
+    return nearest_word
 
 
-_OR_GAP = re.compile(r"\s*,?\s*or\s+(?:an?\s+|the\s+)?$")
+_OR_GAP = re.compile(r"\s*,?\s*or\s+(?:[a-z-]+\s+){0,2}$")
 
 
 def _alternatives(low: str, tokens: list, found: list) -> list:
@@ -316,9 +318,12 @@ def _alternatives(low: str, tokens: list, found: list) -> list:
     for i, tok in enumerate(tokens):
         kind = tok[2]
         if kind == mt.MIMIC and i > 0:
-            cue = tokens[i - 1]
-            if cue[2] == mt.CUE and cue[3][0] & mt.UNC_PRE and _gap(low, cue[1], tok[0]) <= 2:
-                earlier = [k for k in positive_tokens if k < i - 1]
+            c = i - 1
+            while c > 0 and tokens[c][2] == mt.IGNORE:  # "may be related to the portable technique"
+                c -= 1
+            cue = tokens[c]
+            if cue[2] == mt.CUE and cue[3][0] & mt.UNC_PRE and _gap(low, cue[1], tokens[c + 1][0]) <= 2:
+                earlier = [k for k in positive_tokens if k < c]
                 if earlier:
                     demote.add(max(earlier))
         elif (kind == mt.MENTION or kind == mt.SIGN) and i + 1 < len(tokens):
@@ -372,7 +377,7 @@ def _clauses(tokens: list) -> tuple[list[int], list[int]]:
 
 _COPULA_TAIL = re.compile(
     r"\s*(?:[.;,:!?)\n]|$|(?:present|seen|noted|identified|visible|evident|apparent|visuali[sz]ed|appreciated|"
-    r"demonstrated|detected|observed|definite|convincingly|clearly|yet|due|related|secondary|given|and|but|"
+    r"demonstrated|detected|observed|definite|convincingly|clearly|yet|due|related|secondary|given|and|but|by|"
     r"although|though|however|on|from|definite|excluded)\b)"
 )
 DROP = "drop"

@@ -186,6 +186,11 @@ NEG_POST: tuple[str, ...] = (
     "has not been placed",
     "is not present",
     "are not present",
+    "not supported",
+    "is not supported",
+    "are not supported",
+    "is therefore not supported",
+    "is not supported by",
 )
 
 UNC_PRE: tuple[str, ...] = (
@@ -320,6 +325,15 @@ UNC_PRE: tuple[str, ...] = (
     "could simply reflect",
     "might simply reflect",
     "may just reflect",
+    "possibly due to",
+    "likely due to",
+    "probably due to",
+    "possibly related to",
+    "likely related to",
+    "probably related to",
+    "likely secondary to",
+    "possibly secondary to",
+    "may be secondary to",
 )
 
 UNC_POST: tuple[str, ...] = (
@@ -566,6 +580,16 @@ PSEUDO: tuple[str, ...] = (
     "not substantially changed",
     "not well",
     "no more than",
+    "tip is not visualized",
+    "tip is not seen",
+    "tip is not identified",
+    "tip is not well visualized",
+    "tip not visualized",
+    "tip not seen",
+    "tip cannot be seen",
+    "tip is not clearly visualized",
+    "tip is not clearly seen",
+    "tip is difficult to see",
 )
 
 #: Terminators that join clauses (laterality never reaches across them); the other terminators are
@@ -647,6 +671,14 @@ TERMINATORS: tuple[str, ...] = (
     "interval development of",
     "developed",
     "stable",
+    "given",
+    "given the",
+    "as evidenced by",
+    "evidenced by",
+    "because of",
+    "due to",
+    "secondary to",
+    "related to",
 )
 
 #: Laterality words -> side.
@@ -843,4 +875,10 @@ HEDGING: tuple[str, ...] = (
     "it is recommended",
     "recommend correlation",
     "please note",
+    "with your doctor",
+    "with your physician",
+    "your doctor",
+    "your physician",
+    "discuss these findings",
+    "discuss the findings",
 )

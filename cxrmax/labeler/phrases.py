@@ -537,6 +537,10 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         {"Enlarged Cardiomediastinum": "mention"},
     ),
     (rf"{_MED}\s+(?:{_BE}\s+)?{_NORMAL}", {"Enlarged Cardiomediastinum": "negative"}),
+    (
+        rf"{_MED}\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:widened|enlarged|wide|prominent)",
+        {"Enlarged Cardiomediastinum": "mention"},
+    ),
     (rf"normal\s+{_MED}", {"Enlarged Cardiomediastinum": "negative"}),
     (
         rf"mediastinum\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:widened|enlarged|wide|prominent)",
