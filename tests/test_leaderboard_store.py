@@ -252,3 +252,53 @@ def test_entries_of_an_older_task_version_are_listed_unranked(tmp_path):
         _, rows = board_table(board, "mimic-cxr-labels")
     assert [(r["rank"], r["name"]) for r in rows] == [(1, "new-model"), ("", "old-model")]
     assert rows[1]["source"] == "scored (task v0.9, not ranked)"
+
+
+_KILLED_CHILD = """
+import sys
+from tests.test_leaderboard_store import make_result
+from cxrmax.leaderboard.store import Board
+
+result = make_result("k" * 64, 0.5, **{f"extra_{i}": i / 7 for i in range(150_000)})
+with Board(sys.argv[1]) as board:
+    print("submitting", flush=True)
+    board.submit(result, "killed-mid-submit")
+    print("committed", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_submit_killed_midway_leaves_no_entry(tmp_path):
+    """SIGKILL in the middle of a long submit's transaction (150,000 metric rows, pages already in the
+    WAL): the entry is absent, the store is intact and takes the same submission afterwards."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    store = tmp_path / "board.sqlite"
+    with Board(store) as board:
+        board.submit(make_result("1" * 64, 0.4), "before")
+    child = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_CHILD, str(store)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert child.stdout.readline().strip() == "submitting"
+    # Kill once the open transaction has spilled pages into the WAL: the write is under way.
+    wal = store.with_name(store.name + "-wal")
+    deadline = time.time() + 120
+    while (
+        (not wal.exists() or wal.stat().st_size < 2**20) and child.poll() is None and time.time() < deadline
+    ):
+        time.sleep(0.01)
+    child.send_signal(signal.SIGKILL)
+    rest = child.stdout.read()
+    child.wait()
+    assert "committed" not in rest, "the submit finished before the kill; make it longer"
+    with Board(store) as board:
+        assert [e.name for e in board.entries()] == ["before"]
+        assert board._conn.execute("SELECT COUNT(*) FROM entry_metrics").fetchone()[0] == 4
+        board.submit(make_result("k" * 64, 0.5), "after")  # the same submission lands afterwards
+        assert board.count() == 2
