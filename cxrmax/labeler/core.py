@@ -377,7 +377,7 @@ def _clauses(tokens: list) -> tuple[list[int], list[int]]:
 
 _COPULA_TAIL = re.compile(
     r"\s*(?:[.;,:!?)\n]|$|(?:present|seen|noted|identified|visible|evident|apparent|visuali[sz]ed|appreciated|"
-    r"demonstrated|detected|observed|definite|convincingly|clearly|yet|due|related|secondary|given|and|but|by|"
+    r"demonstrated|detected|observed|definite|convincingly|clearly|yet|due|related|secondary|given|and|but|by|because|"
     r"although|though|however|on|from|definite|excluded)\b)"
 )
 DROP = "drop"
@@ -410,6 +410,9 @@ def _mention_status(
             ):
                 if bits & mt.UNC_POST:
                     return "uncertain", word
+                pre = _pre_status(low, tokens, index, lo, default)
+                if pre[0] == "uncertain":  # "possible small pneumothorax, not definitely seen"
+                    return pre
                 return "negative", word
             if (
                 bits & mt.UNC_PRE
@@ -419,7 +422,11 @@ def _mention_status(
             ):
                 return "uncertain", word  # "nodular opacity may represent a nipple shadow"
         break
-    # Pre cues: the nearest one before the mention whose scope reaches it.
+    return _pre_status(low, tokens, index, lo, default)
+
+
+def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tuple[str, str | None]:
+    """Status from the nearest cue before the mention whose scope reaches it."""
     edge = tokens[index][0]
     j = index - 1
     while j >= lo:

@@ -191,6 +191,14 @@ NEG_POST: tuple[str, ...] = (
     "are not supported",
     "is therefore not supported",
     "is not supported by",
+    "not clearly present",
+    "not clearly seen",
+    "not clearly identified",
+    "not clearly visible",
+    "not convincingly seen",
+    "not definitely seen",
+    "not definitely present",
+    "not convincingly present",
 )
 
 UNC_PRE: tuple[str, ...] = (
@@ -881,4 +889,10 @@ HEDGING: tuple[str, ...] = (
     "your physician",
     "discuss these findings",
     "discuss the findings",
+    "follow-up recommended",
+    "follow-up is recommended",
+    "recommend follow-up",
+    "recommended follow-up",
+    "follow-up imaging",
+    "follow-up chest radiograph",
 )

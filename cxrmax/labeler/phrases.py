@@ -87,6 +87,10 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "chf",
         "congestive heart failure",
         "fluid overload",
+        "fluid in the lungs",
+        "fluid in the lung",
+        "vascular engorgement",
+        "pulmonary vascular engorgement",
         "volume overload",
     ),
     "Enlarged Cardiomediastinum": (
@@ -502,6 +506,10 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     # heart size normal / enlarged
     (rf"{_HEART}\s*:?\s+(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
     (rf"normal(?:\s+|-)(?:sized?\s+)?{_HEART}", {"Cardiomegaly": "negative"}),
+    (
+        rf"heart\s+and\s+mediastinum\s+(?:{_BE}\s+)?{_NORMAL}",
+        {"Cardiomegaly": "negative", "Enlarged Cardiomediastinum": "negative"},
+    ),
     (
         r"no\s+(?:\w+\s+)?(?:enlargement\s+of\s+the\s+heart|cardiac\s+enlargement)",
         {"Cardiomegaly": "negative"},
