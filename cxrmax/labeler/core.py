@@ -638,6 +638,32 @@ def _combine(items) -> tuple[str, str | None]:
     return best, side
 
 
+_FAMILY = ("Pneumonia", "Consolidation", "Lung Opacity", "Atelectasis")
+
+
+def _aggregate(by_observation: dict[str, list]) -> dict[str, tuple[str, str | None]]:
+    """Text-level (status, laterality) per observation: the conflict rule, then the family side: a
+    positive/uncertain airspace finding (pneumonia, consolidation, opacity, atelectasis) without a
+    side takes the single side that the other such findings of the text agree on ("pneumonia ...
+    the consolidation in the right lower lobe" -> right pneumonia)."""
+    result: dict[str, tuple[str, str | None]] = {}
+    for name, items in by_observation.items():
+        status, side = _combine(items)
+        result[name] = (status, side if name in LATERALIZABLE else None)
+    for name in _FAMILY:
+        status, side = result.get(name, ("absent", None))
+        if side != "unspecified" or status not in ("positive", "uncertain"):
+            continue
+        others = {
+            result[other][1]
+            for other in _FAMILY
+            if other != name and other in result and result[other][0] in ("positive", "uncertain")
+        } - {"unspecified", None}
+        if len(others) == 1:
+            result[name] = (status, next(iter(others)))
+    return result
+
+
 def _input_problem(text: object) -> tuple[str | None, str | None]:
     """(usable text, error). Bytes are decoded as UTF-8; anything unusable gets an error message."""
     if text is None:
@@ -678,12 +704,9 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
     by_observation: dict[str, list[Assertion]] = {}
     for item in assertions:
         by_observation.setdefault(item[3], []).append(item)
-    statuses: dict[str, str] = {}
-    sides: dict[str, str | None] = {}
-    for name, items in by_observation.items():
-        status, side = _combine(items)
-        statuses[name] = status
-        sides[name] = side if name in LATERALIZABLE else None
+    aggregated = _aggregate(by_observation)
+    statuses = {name: status for name, (status, _) in aggregated.items()}
+    sides = {name: side for name, (_, side) in aggregated.items()}
     if not recognised and _not_english(usable):
         error = "no English text recognised"
     statuses["No Finding"] = _no_finding(statuses, recognised, bool(refusal), error)
@@ -733,15 +756,14 @@ def label_text(text: object) -> LabeledText:
             steps[step_index].lateralities[name] = side
     observations = dict(empty)
     statuses: dict[str, str] = {}
-    for name, items in by_observation.items():
-        status, side = _combine(items)
+    for name, (status, side) in _aggregate(by_observation).items():
         statuses[name] = status
         evidence = [
             Evidence(it[0], it[1], it[2], usable[it[1] : it[2]], it[4], it[5], it[6])
-            for it in items
+            for it in by_observation[name]
             if it[4] == status
         ]
-        observations[name] = ObservationLabel(status, side if name in LATERALIZABLE else None, evidence)
+        observations[name] = ObservationLabel(status, side, evidence)
     if not recognised and _not_english(usable):
         error = "no English text recognised"
     if _no_finding(statuses, recognised, bool(refusal), error) == "positive":
