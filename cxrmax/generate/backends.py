@@ -1,7 +1,7 @@
 """Backends behind one interface: ``await backend.complete(prompt, image_jpeg, sampling) -> Completion``.
 
 - ``openai``: any OpenAI-compatible chat server (``vllm serve``, the test server, ...) over HTTP. Several
-  base URLs spread the requests (the least busy server gets the next one). Uses httpx directly with one
+  base URLs spread the requests (the least busy server gets the next one). Uses aiohttp with one
   connection pool per server and no hidden retries: the orchestrator owns retries, backoff and timeouts,
   and errors are classified into the kinds it understands.
 - ``transformers``: a model loaded in-process (CPU or one GPU); generation runs in a worker thread.
@@ -133,34 +133,41 @@ class Backend(ABC):
 
 
 # --------------------------------------------------------------------------- openai-compatible HTTP
-#: Connections per httpx pool. httpx scans every connection of a pool on each request (O(connections)),
-#: which dominates client CPU at high concurrency; several small pools per server keep that scan short.
-POOL_SIZE = 8
-
-
 class _Endpoint:
-    """One server: a few small httpx pools, the least busy one takes the next request."""
+    """One server and its aiohttp session (created inside the running event loop)."""
 
-    __slots__ = ("base_url", "clients", "busy", "in_flight", "sent")
+    __slots__ = ("base_url", "session", "in_flight", "sent")
 
-    def __init__(self, base_url: str, clients: list[Any]):
+    def __init__(self, base_url: str):
         self.base_url = base_url
-        self.clients = clients
-        self.busy = [0] * len(clients)
+        self.session: Any = None
         self.in_flight = 0
         self.sent = 0
 
-    @property
-    def client(self) -> Any:
-        return self.clients[0]
 
-    def pick_pool(self) -> int:
-        busy = self.busy
-        return busy.index(min(busy)) if len(busy) > 1 else 0
+@dataclass(slots=True)
+class _Response:
+    """What the parser needs from an HTTP response (status, headers, body bytes)."""
+
+    status_code: int
+    headers: Any
+    content: bytes
+    reason_phrase: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
 
 
 class OpenAIBackend(Backend):
-    """Any OpenAI-compatible /v1/chat/completions server; requests spread over ``base_urls``."""
+    """Any OpenAI-compatible /v1/chat/completions server; requests spread over ``base_urls``.
+
+    aiohttp with one keep-alive connection pool per server: its per-request cost is a fraction of
+    httpx's (whose pool scans every connection on each request), which matters at thousands of
+    requests per second against fast servers."""
 
     kind = "openai"
 
@@ -173,8 +180,6 @@ class OpenAIBackend(Backend):
         max_connections: int = 256,
         candidates: list[str] | None = None,
     ):
-        import httpx
-
         if not base_urls:
             raise CxrmaxError(
                 "the openai backend needs at least one --base-url (e.g. http://127.0.0.1:8000/v1)"
@@ -183,25 +188,10 @@ class OpenAIBackend(Backend):
         #: other ids the model may be served under (the roster name when the HF id is not listed)
         self.candidates = [c for c in (candidates or []) if c != model]
         key = api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
-        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        self._headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         self.timeout = timeout
-        n_pools = max(1, -(-max_connections // POOL_SIZE))
-        # One TLS context for all pools (httpx would load the CA bundle once per client otherwise).
-        tls = httpx.create_ssl_context() if any(u.startswith("https") for u in base_urls) else False
-        limits = httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
-
-        def pool(url: str) -> Any:
-            return httpx.AsyncClient(
-                base_url=url,
-                headers=headers,
-                timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-                limits=limits,
-                verify=tls,
-            )
-
-        self._endpoints = [
-            _Endpoint(url.rstrip("/"), [pool(url.rstrip("/")) for _ in range(n_pools)]) for url in base_urls
-        ]
+        self.max_connections = max_connections
+        self._endpoints = [_Endpoint(url.rstrip("/")) for url in base_urls]
         self._next = 0
 
     def endpoints(self) -> list[str]:
@@ -210,20 +200,63 @@ class OpenAIBackend(Backend):
     def sent_per_endpoint(self) -> dict[str, int]:
         return {e.base_url: e.sent for e in self._endpoints}
 
+    def _session(self, endpoint: _Endpoint) -> Any:
+        if endpoint.session is None:
+            import aiohttp
+
+            endpoint.session = aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=self.timeout, connect=min(self.timeout, 10.0)),
+                # Server answers are parsed here (json.loads), never by aiohttp; no cookies needed.
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return endpoint.session
+
+    async def _request(
+        self,
+        endpoint: _Endpoint,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        timeout: float | None = None,
+    ) -> _Response:
+        """One HTTP exchange; transport problems become BackendError(connection | timeout)."""
+        import aiohttp
+
+        session = self._session(endpoint)
+        kwargs: dict[str, Any] = {}
+        if timeout is not None:
+            kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        try:
+            async with session.request(method, endpoint.base_url + path, data=body, **kwargs) as response:
+                content = await response.read()
+                return _Response(response.status, response.headers, content, response.reason or "")
+        except asyncio.TimeoutError:
+            raise BackendError(
+                "timeout", f"no answer after {timeout or self.timeout:g}s", endpoint=endpoint.base_url
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise BackendError(
+                "connection", f"cannot connect ({exc.os_error or exc})", endpoint=endpoint.base_url
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise BackendError(
+                "connection", f"{type(exc).__name__}: {exc}", endpoint=endpoint.base_url
+            ) from None
+
     async def start(self) -> None:
         """GET /models on every server: unreachable servers and a model they do not serve fail here, once,
         with a message that says what to fix."""
-        import httpx
-
         chosen: str | None = None
         for endpoint in self._endpoints:
             try:
-                response = await endpoint.client.get("/models", timeout=min(self.timeout, 15.0))
-            except httpx.HTTPError as exc:
+                response = await self._request(endpoint, "GET", "/models", timeout=min(self.timeout, 15.0))
+            except BackendError as exc:
                 raise CxrmaxError(
-                    f"cannot reach the model server at {endpoint.base_url} ({type(exc).__name__}: {exc or 'no answer'}). "
-                    "Is `vllm serve` running there? (`cxrmax models serve-command NAME` prints the command; the URL "
-                    "usually ends in /v1)"
+                    f"cannot reach the model server at {endpoint.base_url} ({exc.kind}: {exc.message}). "
+                    "Is `vllm serve` running there? (`cxrmax models serve-command NAME` prints the command; "
+                    "the URL usually ends in /v1)"
                 ) from None
             if response.status_code in (401, 403):
                 raise CxrmaxError(
@@ -248,8 +281,8 @@ class OpenAIBackend(Backend):
             if name is None:
                 raise CxrmaxError(
                     f"the server at {endpoint.base_url} does not serve model {self.served_model!r}; it serves "
-                    f"{', '.join(map(repr, served)) or 'nothing'}. Pass one of those to --model, or start the server "
-                    "with the right model (or --served-model-name)"
+                    f"{', '.join(map(repr, served)) or 'nothing'}. Pass one of those to --model, or start the "
+                    "server with the right model (or --served-model-name)"
                 )
             if chosen is not None and name != chosen:
                 raise CxrmaxError(
@@ -275,8 +308,6 @@ class OpenAIBackend(Backend):
         return best
 
     async def complete(self, prompt: str, image_jpeg: bytes | None, sampling: Sampling) -> Completion:
-        import httpx
-
         body: dict[str, Any] = {
             "model": self.served_model,
             "messages": chat_messages(prompt, image_data_url(image_jpeg) if image_jpeg is not None else None),
@@ -287,32 +318,19 @@ class OpenAIBackend(Backend):
         if sampling.seed is not None:
             body["seed"] = sampling.seed
         endpoint = self._pick()
-        index = endpoint.pick_pool()
         endpoint.in_flight += 1
-        endpoint.busy[index] += 1
         endpoint.sent += 1
         try:
-            response = await endpoint.clients[index].post(
-                "/chat/completions", content=json.dumps(body).encode()
-            )
-        except httpx.TimeoutException as exc:
-            kind = "connection" if isinstance(exc, httpx.ConnectTimeout) else "timeout"
-            raise BackendError(
-                kind, f"{type(exc).__name__} after {self.timeout:g}s", endpoint=endpoint.base_url
-            ) from None
-        except httpx.HTTPError as exc:
-            raise BackendError(
-                "connection", f"{type(exc).__name__}: {exc}", endpoint=endpoint.base_url
-            ) from None
+            response = await self._request(endpoint, "POST", "/chat/completions", json.dumps(body).encode())
         finally:
             endpoint.in_flight -= 1
-            endpoint.busy[index] -= 1
         return _parse_chat_response(response, endpoint.base_url)
 
     async def close(self) -> None:
         for endpoint in self._endpoints:
-            for client in endpoint.clients:
-                await client.aclose()
+            if endpoint.session is not None:
+                await endpoint.session.close()
+                endpoint.session = None
 
 
 def _error_message(response: Any) -> str:

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import time
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -248,7 +249,7 @@ def plan_requests(options: GenerateOptions) -> Iterator[PlannedRequest]:
 def _check_duplicates(options: GenerateOptions) -> np.ndarray:
     """All key digests of the run (16 bytes each); a duplicated sample_id in the selection is an error."""
     buffer = bytearray()
-    rows: list[int] = []
+    rows = array("q")  # row number of each sample (compact: 8 bytes per row)
     for planned in plan_requests(options):
         buffer += planned.digest
         if planned.sample_index == 0:
@@ -267,7 +268,7 @@ def _check_duplicates(options: GenerateOptions) -> np.ndarray:
 
 
 class Orchestrator:
-    """Runs one model over a selection (use :func:`run_generate` unless you need the pieces)."""
+    """Runs one model over a selection (use :func:`generate` unless you need the pieces)."""
 
     def __init__(self, options: GenerateOptions, backend: Backend, progress: ProgressReporter | None = None):
         self.options = options
@@ -333,13 +334,13 @@ class Orchestrator:
     def _count(self, run_digests: np.ndarray) -> None:
         store = self.store
         assert store is not None
-        for digest in run_digests.tolist():
-            if store.is_done(digest):
-                self.stats.already_done += 1
-            elif not self.options.retry_failed and digest in store.failed_permanent:
-                self.stats.skipped_failed += 1
-            else:
-                self.stats.total += 1
+        done = np.isin(run_digests, store.done.array)
+        skipped = np.zeros_like(done)
+        if not self.options.retry_failed:
+            skipped = np.isin(run_digests, store.failed_permanent.array) & ~done
+        self.stats.already_done = int(done.sum())
+        self.stats.skipped_failed = int(skipped.sum())
+        self.stats.total = len(run_digests) - self.stats.already_done - self.stats.skipped_failed
 
     def _drop_length_rows(self, run_digests: np.ndarray) -> None:
         """--retry-length: remove this run's truncated answers so that they are requested again."""

@@ -89,6 +89,11 @@ class KeySet:
     def __len__(self) -> int:
         return len(self._sorted)
 
+    @property
+    def array(self) -> np.ndarray:
+        """The sorted S16 digests (for vectorised membership with np.isin)."""
+        return self._sorted
+
     def __contains__(self, digest: bytes) -> bool:
         # numpy returns S16 items without trailing NUL bytes; compare in that form.
         digest = bytes(digest).rstrip(b"\0")
