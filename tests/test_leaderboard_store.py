@@ -241,7 +241,7 @@ def test_store_path_default_and_env(tmp_path, monkeypatch):
         assert board.path.exists()
 
 
-def test_entries_of_an_older_task_version_are_listed_unranked(tmp_path):
+def test_only_like_for_like_entries_are_ranked(tmp_path):
     from cxrmax.leaderboard.render import board_table
 
     old = make_result("9" * 64, 0.99)
@@ -251,7 +251,34 @@ def test_entries_of_an_older_task_version_are_listed_unranked(tmp_path):
         board.submit(make_result("8" * 64, 0.5), "new-model")
         _, rows = board_table(board, "mimic-cxr-labels")
     assert [(r["rank"], r["name"]) for r in rows] == [(1, "new-model"), ("", "old-model")]
-    assert rows[1]["source"] == "scored (task v0.9, not ranked)"
+    assert rows[1]["source"] == "scored (task v0.9; not ranked)"
+    other_policy = make_result("7" * 64, 0.95)
+    other_policy.uncertain = "ignore"
+    with Board(tmp_path / "board.sqlite") as board:
+        board.submit(other_policy, "ignore-policy")
+        _, rows = board_table(board, "mimic-cxr-labels")
+    assert [(r["rank"], r["name"]) for r in rows[:3]] == [
+        (1, "new-model"),
+        ("", "old-model"),
+        ("", "ignore-policy"),
+    ]
+    assert rows[2]["source"] == "scored (uncertain=ignore; not ranked)"
+    # A report scored against another section than the task's is listed, not ranked.
+    impression = make_result("6" * 64, 0.3, task="mimic-cxr-report", bleu_4=0.3)
+    impression.kind, impression.primary_metric = "report", "bleu_4"
+    impression.extra["reference_section"] = "impression"
+    findings = make_result("5" * 64, 0.2, task="mimic-cxr-report", bleu_4=0.2)
+    findings.kind, findings.primary_metric = "report", "bleu_4"
+    findings.extra["reference_section"] = "findings"
+    with Board(tmp_path / "board.sqlite") as board:
+        board.submit(impression, "impression-run")
+        board.submit(findings, "findings-run")
+        _, rows = board_table(board, "mimic-cxr-report")
+    scored = [r for r in rows if r["source"].startswith("scored")]
+    assert [(r["rank"], r["name"], r["source"]) for r in scored] == [
+        (1, "findings-run", "scored"),
+        ("", "impression-run", "scored (section=impression; not ranked)"),
+    ]
 
 
 _KILLED_CHILD = """

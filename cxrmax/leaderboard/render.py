@@ -102,6 +102,23 @@ def render_score(result: Any, console: Console) -> None:
         console.print(f"[dim]note:[/] {note}")
 
 
+#: The uncertain policy under which a board ranks entries (others are listed, unranked).
+RANKED_POLICY = "positive"
+
+
+def _not_comparable(entry: Any, task: Task) -> str:
+    """Why an entry is not ranked with the task's board ('' when it is)."""
+    why = []
+    if entry.task_version != task.version:
+        why.append(f"task v{entry.task_version}")
+    if entry.uncertain not in (RANKED_POLICY, "n/a"):
+        why.append(f"uncertain={entry.uncertain}")
+    section = entry.result.get("extra", {}).get("reference_section")
+    if task.kind == "report" and section and section != task.reference_section:
+        why.append(f"section={section}")
+    return ", ".join(why)
+
+
 def board_table(
     board: Any, task: str | Task, include_published: bool = True
 ) -> tuple[list[str], list[dict[str, Any]]]:
@@ -110,17 +127,17 @@ def board_table(
     task = get_task(task)
     metrics = list(task.headline)
     entries = board.ranked(task.name, task.higher_is_better)
-    # Only entries scored under the current task version are ranked; older ones follow, unranked.
-    current = [e for e in entries if e.task_version == task.version]
-    older = [e for e in entries if e.task_version != task.version]
+    # Only like-for-like entries are ranked: the current task version, the default uncertain policy
+    # and the task's reference section. The others follow, unranked, with the reason.
+    reasons = {e.id: _not_comparable(e, task) for e in entries}
+    ranked = [e for e in entries if not reasons[e.id]]
+    others = [e for e in entries if reasons[e.id]]
     rows: list[dict[str, Any]] = []
-    for rank, entry in [(i, e) for i, e in enumerate(current, start=1)] + [("", e) for e in older]:
+    for rank, entry in [(i, e) for i, e in enumerate(ranked, start=1)] + [("", e) for e in others]:
         row = {
             "rank": rank,
             "name": entry.name,
-            "source": "scored"
-            if entry.task_version == task.version
-            else f"scored (task v{entry.task_version}, not ranked)",
+            "source": f"scored ({reasons[entry.id]}; not ranked)" if reasons[entry.id] else "scored",
             "task_version": entry.task_version,
             "uncertain": entry.uncertain,
             "coverage": entry.coverage,
