@@ -240,6 +240,8 @@ def tokenize_preferences(
             "n_truncated_chosen": 0,
             "n_truncated_rejected": 0,
             "n_empty_rejected": 0,
+            "n_rejected_kept": 0,
+            "n_prompt_tokens": 0,
         }
         prompt, chosen = row.get("prompt"), row.get("chosen")
         for name, value in (("prompt", prompt), ("chosen", chosen)):
@@ -259,6 +261,7 @@ def tokenize_preferences(
             image = encoder.load_image(image_path, index + 1)
         prompt_ids, prompt_types = encoder.encode_prompt_with_types(prompt, image)
         result["prompt_mm_token_type_ids"] = prompt_types
+        result["n_prompt_tokens"] = len(prompt_ids)
         budget = max_length - len(prompt_ids)
         result["prompt_input_ids"] = prompt_ids
         if budget < min_completion_tokens:
@@ -283,6 +286,7 @@ def tokenize_preferences(
             rejected_ids.append(ids)
             result["n_truncated_rejected"] += int(cut)
         result["rejected_input_ids"] = rejected_ids
+        result["n_rejected_kept"] = len(rejected_ids)
         return result
 
     return _run_map(dataset, encode, num_proc, kind="preferences")
@@ -305,6 +309,7 @@ def tokenize_sft(
             "completion_input_ids": [],
             "drop_reason": None,
             "n_truncated_chosen": 0,
+            "n_prompt_tokens": 0,
         }
         prompt, completion = row.get("prompt"), row.get("completion")
         for name, value in (("prompt", prompt), ("completion", completion)):
@@ -324,6 +329,7 @@ def tokenize_sft(
             image = encoder.load_image(image_path, index + 1)
         prompt_ids, prompt_types = encoder.encode_prompt_with_types(prompt, image)
         result["prompt_mm_token_type_ids"] = prompt_types
+        result["n_prompt_tokens"] = len(prompt_ids)
         result["prompt_input_ids"] = prompt_ids
         budget = max_length - len(prompt_ids)
         if budget < min_completion_tokens:
@@ -348,28 +354,36 @@ def _run_map(dataset: Any, encode: Any, num_proc: int | None, kind: str) -> tupl
         desc=f"tokenizing {kind}",
     )
     stats = TruncationStats(samples_in=len(mapped))
-    # Counting reads only small scalar columns (Arrow), never the token lists.
-    reasons = mapped["drop_reason"]
-    stats.dropped_prompt_too_long = sum(r == "prompt_too_long" for r in reasons)
-    stats.dropped_no_rejected = sum(r == "no_rejected" for r in reasons)
-    stats.dropped_invalid = sum(r == "invalid" for r in reasons)
-    stats.truncated_chosen = int(sum(mapped["n_truncated_chosen"]))
-    if "n_truncated_rejected" in mapped.column_names:
-        stats.truncated_rejected = int(sum(mapped["n_truncated_rejected"]))
-        stats.empty_rejected = int(sum(mapped["n_empty_rejected"]))
+    # Counting reads only small scalar columns through Arrow compute, never the token lists, so memory
+    # stays flat in the number of rows.
+    import pyarrow.compute as pc
+
+    table = mapped.data.table if hasattr(mapped.data, "table") else mapped.data
+
+    def total(name: str, where_kept: bool = False) -> int:
+        if name not in table.column_names:
+            return 0
+        column = table.column(name)
+        if where_kept:
+            column = pc.filter(column, pc.is_null(reasons))
+        return int(pc.sum(column).as_py() or 0)
+
+    import pyarrow as pa
+
+    reasons = table.column("drop_reason").cast(pa.string())  # all-null columns come typed as null
+    counts = pc.value_counts(pc.fill_null(reasons, "kept")).to_pylist()
+    by_reason = {c["values"]: c["counts"] for c in counts}
+    stats.dropped_prompt_too_long = by_reason.get("prompt_too_long", 0)
+    stats.dropped_no_rejected = by_reason.get("no_rejected", 0)
+    stats.dropped_invalid = by_reason.get("invalid", 0)
+    stats.truncated_chosen = total("n_truncated_chosen")
+    stats.truncated_rejected = total("n_truncated_rejected")
+    stats.empty_rejected = total("n_empty_rejected")
+    stats.rejected_kept = total("n_rejected_kept", where_kept=True)
+    kept_lengths = pc.filter(table.column("n_prompt_tokens"), pc.is_null(reasons))
+    stats.max_prompt_tokens = int(pc.max(kept_lengths).as_py() or 0) if len(kept_lengths) else 0
     kept = mapped.filter(lambda r: r is None, input_columns="drop_reason", desc="dropping")
     stats.samples_kept = len(kept)
-    if "rejected_input_ids" in kept.column_names and len(kept):
-        stats.rejected_kept = int(
-            sum(
-                len(x)
-                for x in kept.select_columns(["rejected_input_ids"])
-                .with_format("arrow")["rejected_input_ids"]
-                .to_pylist()
-            )
-        )
-    if len(kept):
-        stats.max_prompt_tokens = max(len(x) for x in kept["prompt_input_ids"])
     drop = [c for c in kept.column_names if c.startswith("n_") or c == "drop_reason"]
     return kept.remove_columns(drop), stats
 

@@ -151,6 +151,7 @@ def test_truncation_policy_counts_and_never_cuts_prompts(lm_encoder, tmp_path):
     assert stats.samples_in == 4 and stats.samples_kept == 2
     assert stats.dropped_prompt_too_long == 1 and stats.dropped_no_rejected == 1 and stats.empty_rejected == 2
     assert stats.truncated_chosen == 1
+    assert stats.rejected_kept == 2 + 3 and stats.max_prompt_tokens == prompt_len  # dropped rows not counted
     for row in ds:
         assert len(row["prompt_input_ids"]) == prompt_len
         for ids in [row["chosen_input_ids"], *row["rejected_input_ids"]]:
