@@ -304,6 +304,7 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
     return nearest_word
 
 
+_ALTERNATIVE_KINDS = (mt.MENTION, mt.SIGN, mt.OTHER)
 _OR_GAP = re.compile(r"\s*,?\s*or\s+(?:[a-z-]+\s+){0,2}$")
 
 
@@ -326,12 +327,12 @@ def _alternatives(low: str, tokens: list, found: list) -> list:
                 earlier = [k for k in positive_tokens if k < c]
                 if earlier:
                     demote.add(max(earlier))
-        elif (kind == mt.MENTION or kind == mt.SIGN) and i + 1 < len(tokens):
+        elif kind in _ALTERNATIVE_KINDS and i + 1 < len(tokens):
             nxt = tokens[i + 1]
             if (
-                (nxt[2] == mt.MENTION or nxt[2] == mt.SIGN)
-                and i in positive_tokens
-                and i + 1 in positive_tokens
+                nxt[2] in _ALTERNATIVE_KINDS
+                and (i in positive_tokens or kind == mt.OTHER)
+                and (i + 1 in positive_tokens or nxt[2] == mt.OTHER)
                 and _OR_GAP.match(low, tok[1], nxt[0])
             ):
                 demote.update((i, i + 1))
@@ -437,7 +438,7 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
             continue
         if _gap(low, tok[1], edge) > _SCOPE_GAP:
             break
-        if kind in _MENTION_KINDS or kind == mt.MIMIC:
+        if kind in _MENTION_KINDS or kind == mt.MIMIC or kind == mt.OTHER:
             edge = tok[0]
             j -= 1
             continue
@@ -527,13 +528,17 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 content = True
         if not content:  # cues and laterality words alone assert nothing
             continue
+        label_starts: set[int] = set()  # "Pneumothorax: there is no pneumothorax": a topic label
         if colon:
             # A colon after a short label ("**Edema**: not present") joins the label to what follows.
-            step_tokens = [
-                tok
-                for tok in step_tokens
-                if not (tok[2] == mt.SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5)
-            ]
+            kept = []
+            for tok in step_tokens:
+                if tok[2] == mt.SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5:
+                    if kept and kept[-1][2] in _MENTION_KINDS:
+                        label_starts.add(kept[-1][0])
+                    continue
+                kept.append(tok)
+            step_tokens = kept
         heading = segment.heading
         default = "uncertain" if heading and _UNCERTAIN_HEADING.search(heading.lower()) else "positive"
         los, his = _clauses(step_tokens)
@@ -595,6 +600,14 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         if not step_found:
             continue
         step_found = _alternatives(low, step_tokens, step_found)
+        if label_starts:
+            # A label is only a topic when the step goes on to say something about the same finding.
+            said = {obs for (i, obs, *_rest) in step_found if step_tokens[i][0] not in label_starts}
+            step_found = [
+                item
+                for item in step_found
+                if step_tokens[item[0]][0] not in label_starts or item[1] not in said
+            ]
         explained = {obs for (_, obs, _, _, _, sign) in step_found if not sign}
         sign_sides = {obs: side for (_, obs, _, side, _, sign) in step_found if sign and side is not None}
         for k, (i, observation, status, side, cue, sign) in enumerate(step_found):

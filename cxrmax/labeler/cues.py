@@ -199,6 +199,15 @@ NEG_POST: tuple[str, ...] = (
     "not definitely seen",
     "not definitely present",
     "not convincingly present",
+    "which is not",
+    "which are not",
+    "which is not seen",
+    "which is not apparent",
+    "which is not evident",
+    "which is not visible",
+    "which is not present",
+    "which are not seen",
+    "which are not present",
 )
 
 UNC_PRE: tuple[str, ...] = (
@@ -473,6 +482,15 @@ HYPOTHETICAL: tuple[str, ...] = (
     "with regard to",
     "with respect to",
     "in terms of",
+    "is said to have",
+    "are said to have",
+    "reportedly",
+    "reportedly has",
+    "is reported to have",
+    "was reported to have",
+    "history of",
+    "clinical history of",
+    "known history of",
 )
 
 #: Words that make a clause a general statement about a disease rather than a claim about this image
@@ -497,6 +515,15 @@ GENERIC: tuple[str, ...] = (
     "is often",
     "are often",
     "in general",
+    "typical signs of",
+    "typical signs",
+    "typical findings of",
+    "typical features of",
+    "classic signs of",
+    "common signs of",
+    "characteristic findings of",
+    "hallmarks of",
+    "hallmark of",
 )
 
 #: Things a finding may turn out to be that are not disease ("may represent a nipple shadow"): an
@@ -526,16 +553,34 @@ MIMICS: tuple[str, ...] = (
     "positioning",
     "low lung volumes",
     "poor inspiration",
-    "adenopathy",
-    "lymphadenopathy",
-    "prominent vasculature",
-    "vascular enlargement",
     "overlapping soft tissue(s)",
     "soft tissue",
     "soft tissues",
     "breast tissue",
     "breast shadow(s)",
     "composite shadow(s)",
+)
+
+#: Diagnoses outside the 14 observations that a finding may be an alternative to ("consistent with ARDS
+#: or pulmonary edema": the alternative makes the observation uncertain).
+OTHER_DIAGNOSES: tuple[str, ...] = (
+    "ards",
+    "acute respiratory distress syndrome",
+    "interstitial lung disease",
+    "ild",
+    "copd",
+    "emphysema",
+    "pulmonary hemorrhage",
+    "hemorrhage",
+    "vasculitis",
+    "sarcoidosis",
+    "tuberculosis",
+    "lymphoma",
+    "adenopathy",
+    "lymphadenopathy",
+    "prominent vasculature",
+    "vascular enlargement",
+    "aortic pathology",
 )
 
 PSEUDO: tuple[str, ...] = (

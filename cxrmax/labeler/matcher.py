@@ -30,6 +30,7 @@ TRIGGER = 11  # a word that may start a flexible statement and means nothing by 
 SIGN = 12  # a radiographic sign standing for an observation (see phrases.SIGNS)
 MIMIC = 13  # something a finding may turn out to be that is not disease ("nipple shadow")
 GENERIC = 14  # makes its clause a general statement ("typically", "is characterized by")
+OTHER = 15  # a diagnosis outside the 14 observations ("ARDS"): an alternative in "X or Y"
 
 #: Words that may start a flexible statement (phrases.FLEX_STATEMENTS); the trie finds them and the
 #: flexible regex is then tried only at their positions, which keeps the scan a single trie pass.
@@ -169,6 +170,8 @@ class Lexicon:
             add(word, GENERIC, None)
         for word in cues.MIMICS:
             add(word, MIMIC, None)
+        for word in cues.OTHER_DIAGNOSES:
+            add(word, OTHER, None)
         for word in cues.HYPOTHETICAL:
             add(word, CUE, (HYPO | NEG_PRE, word))
         for group, role in (
