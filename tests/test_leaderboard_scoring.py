@@ -246,6 +246,23 @@ def test_cli_score_submit_show_export(tmp_path, mini_mimic, mimic):
     assert "uncertain policy: ignore" in result.output and "coverage:" in result.output
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["headline"]["micro_f1_14"] == pytest.approx(1.0) and data["uncertain"] == "ignore"
+    piped = runner.invoke(
+        app,
+        [
+            "leaderboard",
+            "score",
+            str(sub),
+            "-t",
+            "mimic-cxr-labels",
+            "-r",
+            str(mini_mimic),
+            "--bootstrap",
+            "0",
+            "--json",
+            "-",
+        ],
+    )
+    assert piped.exit_code == 0 and json.loads(piped.stdout)["coverage"] == 1.0
     args = [
         "leaderboard",
         "submit",

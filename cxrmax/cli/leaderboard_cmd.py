@@ -137,7 +137,9 @@ def score_cmd(
         None, "--section", help="Report task: findings | impression | best (default: the task's)."
     ),
     processes: int = typer.Option(None, "--processes", help="Labeler processes for free text."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the full result as JSON here."),
+    json_out: Path = typer.Option(
+        None, "--json", help="Also write the full result as JSON here ('-': print only the JSON)."
+    ),
 ) -> None:
     """Score a submission and print the result (rich tables; --json for the machine-readable form).
 
@@ -159,6 +161,9 @@ def score_cmd(
             section,
             processes,
         )
+        if str(json_out) == "-":  # machine-readable only, for pipes
+            print(dumps(result))
+            return
         render_score(result, console)
         if json_out:
             _write_atomic(json_out, dumps(result))
