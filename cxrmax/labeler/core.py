@@ -10,11 +10,17 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
   typically appears as ...") or are hypothetical ("if you have concerns about pneumonia") assert
   nothing. Radiographic signs (blunting of the costophrenic angle, pleural line) count only when
   their step does not interpret them ("blunting ... may reflect effusion or pleural thickening").
+- Alternatives are uncertain: "consistent with pneumonia or atelectasis", "ARDS or pulmonary
+  edema"; a hedge pointing at an artifact ("which may simply reflect the AP projection", "may
+  represent a nipple shadow") makes the finding before it uncertain. A short label before a colon
+  ("Pneumothorax: there is no pneumothorax") is a topic when the step says more about it.
 - Laterality of a mention: the laterality words right before or right after it, whichever is
   nearer ("left lower lobe opacity", "opacity in the left lower lobe", "effusions are present
   bilaterally"), never across a conjunction; "left ... and right ..." -> bilateral; failing that,
   the side of an earlier (else a later) mention of the same step ("left lower lobe opacity may
-  represent atelectasis" -> left atelectasis), not across a fresh negation.
+  represent atelectasis" -> left atelectasis), not across a fresh negation. At text level a
+  positive/uncertain pneumonia, consolidation, opacity or atelectasis without a side takes the one
+  side the others of that family agree on ("pneumonia ... consolidation in the right lower lobe").
 - Conflict rule inside one text (the CheXpert aggregation): positive > uncertain > negative. The
   text's status is the strongest status of any mention; its laterality is the union of the sides
   of the mentions that have that status ({left, right} -> bilateral; no side -> unspecified).
