@@ -300,3 +300,10 @@ def test_rationale_stats_use_drift_definitions():
     }
     assert ignored["recall"] == pytest.approx(0.5)
     assert ignored["label_jaccard"] == pytest.approx((1 / 3 + 1.0) / 2)
+
+
+def test_progression_text_silent_on_a_finding_gives_no_answer():
+    text = "The effusion is stable. Pneumonia has improved."
+    assert classify_progression(text, "pleural_effusion") == "stable"
+    assert classify_progression(text, "pneumonia") == "improving"
+    assert classify_progression(text, "consolidation") is None

@@ -2,7 +2,7 @@
 text, turned into one of the three classes.
 
 Free text is read with cue words, restricted to the sentences that mention the finding when the answer
-covers several findings: worsening cues ("worse", "increased", "progressed", "new", "larger"),
+covers several findings (no such sentence: no answer for that finding): worsening cues ("worse", "increased", "progressed", "new", "larger"),
 improving cues ("improved", "decreased", "resolving", "smaller", "less"), stable cues ("stable",
 "unchanged", "no change", "similar"). A negated change cue ("no worsening", "not improved", "no
 interval change") counts as stable. The class with the most cues wins; a tie goes to the cue seen
@@ -78,8 +78,9 @@ def classify_progression(text: str | None, finding: str | None = None) -> str | 
     sentences = [s for s in _SENTENCE.findall(lowered) if s.strip()]
     if finding is not None:
         pattern = re.compile(r"\b(?:" + _FINDING_WORDS[finding] + r")")
-        mentioned = [s for s in sentences if pattern.search(s)]
-        sentences = mentioned or sentences
+        sentences = [s for s in sentences if pattern.search(s)]
+        if not sentences:  # the answer does not speak of this finding
+            return None
     votes: dict[str, int] = {}
     first: dict[str, int] = {}
     offset = 0

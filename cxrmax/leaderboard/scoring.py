@@ -781,6 +781,10 @@ def _score_progression(
         stats_columns += [correct.astype(np.float64), annotated.astype(np.float64)]
     valid = [v for v in headline.values() if v is not None]
     headline["avg"] = float(np.mean(valid)) if valid else None
+    # The paper's column order (Con, PE, Pna, Pnx, Ede, Avg), as listed in the task definition.
+    order = [k for k in task.headline if k in headline] + [k for k in headline if k not in task.headline]
+    headline = {k: headline[k] for k in order}
+    per_finding.sort(key=lambda row: order.index(row["finding"]))
     stats = np.column_stack(stats_columns)[covered]
 
     def statistic(s: np.ndarray) -> dict[str, np.ndarray]:
@@ -813,6 +817,14 @@ def _score_progression(
     if unreadable:
         result.notes.append(
             f"{unreadable} answers could not be read as improving/stable/worsening (scored as wrong)"
+        )
+    unanswered = sum(
+        int((covered & (refs.classes[prefix] >= 0) & (answers[:, j] < 0)).sum())
+        for j, prefix in enumerate(findings)
+    )
+    if unanswered:
+        result.notes.append(
+            f"{unanswered} annotated (study, finding) pairs got no readable answer (scored as wrong)"
         )
     result.notes.append("avg = mean of the per-finding top-1 accuracies (the paper's Avg column)")
     return result
