@@ -64,6 +64,7 @@ _UNCERTAIN_HEADING = re.compile(r"differential|possib|consider|uncertain|potenti
 _UNCERTAIN_STATEMENT = re.compile(r"\b(?:likely|probably|possibly|borderline|may|might|could)\b")
 _DROP_SPACES = str.maketrans("", "", " -\n\t\r")
 _JUNK = re.compile(r"[\x00-\x08\x0e-\x1f\ufffd]")
+_CONTROL_CHARS = tuple(chr(c) for c in (*range(0, 9), *range(14, 32))) + ("\ufffd",)
 _LETTER = re.compile(r"[^\W\d_]")
 _ASCII_LETTER = re.compile(r"[A-Za-z]")
 
@@ -698,13 +699,18 @@ def _input_problem(text: object) -> tuple[str | None, str | None]:
         return None, "empty text"
     if len(text) > MAX_CHARS:
         return None, f"text too long ({len(text)} characters > {MAX_CHARS})"
-    junk = len(_JUNK.findall(text, 0, 20000))
+    if any(c in text for c in _CONTROL_CHARS):  # cheap test first: almost every text has none
+        junk = len(_JUNK.findall(text, 0, 20000))
+    else:
+        junk = 0
     if junk and junk > 0.05 * min(len(text), 20000):
         return None, "binary or control characters (not text)"
     return text, None
 
 
 def _not_english(text: str) -> bool:
+    if text.isascii():
+        return not _ASCII_LETTER.search(text)
     letters = _LETTER.findall(text, 0, 5000)
     if not letters:
         return True
