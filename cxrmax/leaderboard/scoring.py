@@ -701,11 +701,7 @@ def _score_reports(
     result = ScoreResult(
         **_base(task, path, uncertain, "text", stream, len(refs.study_ids), int(covered.sum()), missing),
         headline=headline,
-        ci={
-            k: v
-            for k, v in ci.items()
-            if k in task.headline or k in ("bleu_1", "bleu_4", "rouge_l", "cider_d")
-        },
+        ci=ci,
         per_observation=ce.per_observation,
         n_boot=n_boot,
         notes=notes,
