@@ -17,8 +17,8 @@ mentioning it:
 * c ties for the largest (with g or a): **uncertain** (contested claims are neither asserted nor
   silently dropped);
 * otherwise g >= a: **negative** (explicit negations are kept); else **absent**;
-* "No Finding" is made absent when the consensus claims any finding other than Support Devices
-  (the CheXpert No Finding rule).
+* "No Finding" is not voted: it is positive when the consensus claims no finding other than
+  Support Devices (the CheXpert No Finding rule, as the labeler applies it), else absent.
 
 Side of a claimed observation: the plurality of the specific sides (left/right/bilateral) stated by
 the voting claimants; a tie leaves the side unspecified and marks a side conflict, so that no step
@@ -73,9 +73,12 @@ def vote(states: np.ndarray, sides: np.ndarray, valid: np.ndarray, refusal: np.n
     out[(neg == top) & (neg > 0) & ~claim_top] = D.NEGATIVE
     out[claim_top] = D.UNCERTAIN
     out[claim_unique & (pos > unc)] = D.POSITIVE
+    # "No Finding" is not voted: it follows from the voted findings by the CheXpert rule (as the
+    # labeler derives it), so that the consensus and its re-labelled text use the same rule.
     findings_claimed = D.claimed(out)
     findings_claimed[:, [_NO_FINDING, _SUPPORT_DEVICES]] = False
-    out[findings_claimed.any(axis=1), _NO_FINDING] = D.ABSENT
+    has_voters = voters.any(axis=1)
+    out[:, _NO_FINDING] = np.where(has_voters & ~findings_claimed.any(axis=1), D.POSITIVE, D.ABSENT)
 
     claimants = D.claimed(states) & voters[:, :, None]
     side_counts = np.stack([(claimants & (sides == s)).sum(axis=1) for s in (1, 2, 3)], axis=-1)  # (G, 14, 3)
@@ -148,14 +151,32 @@ class CandidateStep:
     bits: int  # observations the step asserts (see observation_bits)
 
 
+#: Plain-language names the labeler reads back as the observation (checked by the tests).
+_PHRASES = {
+    "Atelectasis": "atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Consolidation": "consolidation",
+    "Edema": "pulmonary edema",
+    "Enlarged Cardiomediastinum": "an enlarged cardiomediastinum",
+    "Fracture": "a rib fracture",
+    "Lung Lesion": "a lung lesion",
+    "Lung Opacity": "lung opacity",
+    "Pleural Effusion": "pleural effusion",
+    "Pleural Other": "pleural thickening",
+    "Pneumonia": "pneumonia",
+    "Pneumothorax": "pneumothorax",
+    "Support Devices": "support devices",
+}
+
+
 def observation_phrase(index: int, state: int, side: int) -> str:
     """Plain-language phrase for a consensus observation ("possible left pleural effusion")."""
     name = OBSERVATIONS[index]
     if index == _NO_FINDING:
         return "no acute cardiopulmonary abnormality"
-    words = name.lower()
+    words = _PHRASES.get(name, name.lower())
     if side:
-        words = f"{D.SIDE_NAMES[side]} {words}"
+        words = f"{D.SIDE_NAMES[side]} {words.removeprefix('a ').removeprefix('an ')}"
     if state == D.UNCERTAIN:
         words = f"possible {words}"
     return words
@@ -207,17 +228,25 @@ def compose(
     )
     parts = [opening, ""]
     parts.extend(f"- {line}" for line in lines)
-    claimed_idx = [i for i in range(D.N_OBS) if claims[i]]
-    if claimed_idx:
-        phrases = [observation_phrase(i, int(cons_states[i]), int(cons_sides[i])) for i in claimed_idx]
-        summary = "In summary, the findings are consistent with " + _join(phrases) + "."
-    else:
-        negated = [OBSERVATIONS[i].lower() for i in range(D.N_OBS) if cons_states[i] == D.NEGATIVE]
-        summary = (
-            "In summary, there is no " + _join(negated, "or") + "."
-            if negated
-            else "In summary, the sources agree on no specific finding."
+    # One sentence per observation: in a list, a side or a hedge would spill over to the
+    # neighbouring items when the text is read back.
+    sentences = []
+    for i in range(D.N_OBS):
+        if claims[i]:
+            phrase = observation_phrase(i, int(cons_states[i]), int(cons_sides[i]))
+            sentences.append(phrase[0].upper() + phrase[1:] + ".")
+    negated = [
+        _PHRASES.get(OBSERVATIONS[i], OBSERVATIONS[i].lower())
+        for i in range(D.N_OBS)
+        if cons_states[i] == D.NEGATIVE
+    ]
+    if negated:
+        sentences.append(
+            "There is no " + _join([n.removeprefix("a ").removeprefix("an ") for n in negated], "or") + "."
         )
+    summary = "In summary: " + (
+        " ".join(sentences) if sentences else "the sources agree on no specific finding."
+    )
     if lines:
         parts.append("")
     parts.append(summary)

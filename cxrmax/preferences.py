@@ -1412,13 +1412,14 @@ def export_swift(preferences_dir: Path, out_dir: Path, image_root: Path | None =
                         {"role": "user", "content": "<image>" + (row["prompt"] or "")},
                         {"role": "assistant", "content": row["chosen"]},
                     ]
-                    for text in row["rejected"]:
-                        record = {
-                            "messages": messages,
-                            "rejected_response": text,
-                            "images": [image] if image else [],
-                        }
-                        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    # The sample's part is encoded once and shared by its negatives' lines.
+                    head = (
+                        '{"messages": ' + json.dumps(messages, ensure_ascii=False) + ', "rejected_response": '
+                    )
+                    tail = ', "images": ' + json.dumps([image] if image else [], ensure_ascii=False) + "}\n"
+                    handle.writelines(
+                        head + json.dumps(text, ensure_ascii=False) + tail for text in row["rejected"]
+                    )
         _replace_dir(work, out_dir)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -146,9 +146,7 @@ def test_compose_greedy_dedup_and_relabel_agrees():
     assert not any("heart" in line or "Right effusion" in line or "Small" in line for line in lines)
     assert used == [0, 1]
     # Support devices had no supporting step: the summary still states it.
-    assert lines[-1] == (
-        "In summary, the findings are consistent with left atelectasis, bilateral pleural effusion and support devices."
-    )
+    assert lines[-1] == "In summary: Left atelectasis. Bilateral pleural effusion. Support devices."
     relabelled = label_text(text)
     rel_states = np.array([[D.status_to_state(relabelled.observations[o].status) for o in OBSERVATIONS]])
     rel_sides = np.array([[D.side_to_code(relabelled.observations[o].laterality) for o in OBSERVATIONS]])
@@ -171,6 +169,38 @@ def test_disagrees_flags_set_and_side_differences():
 
 
 def test_compose_without_claims_states_negations():
-    cons = run_vote({PTX: [1, 1]}, 2)
+    cons = run_vote({PTX: [1, 1], EFF: [1, 1]}, 2)
+    assert cons.states[0, NOF] == D.POSITIVE  # nothing claimed: No Finding by the CheXpert rule
     text, used = C.compose([], cons.states[0], cons.sides[0])
-    assert text.endswith("In summary, there is no pneumothorax.") and used == []
+    assert text.endswith(
+        "In summary: No acute cardiopulmonary abnormality. There is no pleural effusion or pneumothorax."
+    )
+    assert used == []
+    nobody = run_vote({PTX: [1, 1]}, 2, refusal=[True, True])
+    text, _ = C.compose([], nobody.states[0], nobody.sides[0])
+    assert text.endswith("In summary: the sources agree on no specific finding.")
+
+
+def test_summary_phrases_read_back_as_the_consensus():
+    """Every observation, with every side and hedge, survives a round trip through the labeler."""
+    from cxrmax.labeler import label_text
+    from cxrmax.pathologies import LATERALIZABLE
+
+    for i, name in enumerate(OBSERVATIONS):
+        for state in (D.POSITIVE, D.UNCERTAIN):
+            for side in (0, 1, 2, 3) if name in LATERALIZABLE else (0,):
+                if name == "No Finding" and (state != D.POSITIVE or side):
+                    continue
+                states = np.zeros((1, D.N_OBS), dtype=np.int8)
+                sides = np.zeros_like(states)
+                if name not in ("No Finding", "Atelectasis"):  # a neighbour with a side of its own
+                    states[0, ATE], sides[0, ATE] = D.POSITIVE, D.SIDE_LEFT
+                states[0, i], sides[0, i] = state, side
+                text, _ = C.compose([], states[0], sides[0])
+                lab = label_text(text)
+                got = {
+                    n: (o.status, o.laterality) for n, o in lab.observations.items() if o.status != "absent"
+                }
+                assert got[name][0] == D.STATE_NAMES[state], (text, got)
+                if side:
+                    assert got[name][1] == D.SIDE_NAMES[side], (text, got)

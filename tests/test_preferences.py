@@ -123,7 +123,9 @@ def test_known_drift_ranking_and_consensus(known_build):
     chosen = row["chosen"]
     assert "There is left lower lobe atelectasis." in chosen
     assert "Right" not in chosen and "cardiomegaly" not in chosen.lower() and "As an AI" not in chosen
-    assert chosen.endswith("left atelectasis, bilateral pleural effusion and support devices.")
+    assert chosen.endswith(
+        "In summary: Left atelectasis. Bilateral pleural effusion. Support devices. There is no pneumothorax."
+    )
     assert row["labels"]["Atelectasis"] == 1.0 and row["labels"]["Cardiomegaly"] is None
     assert 0.0 < row["drift_score"] <= 1.0
 
