@@ -127,13 +127,18 @@ class _Stages:
 
 
 def _torch_threads() -> None:
-    """Use the machine's cores for the tiny models, but never oversubscribe a 2-core box."""
+    """Intra-op threads for the tiny models: one per core on an idle machine, a single one when the
+    machine is already busy (spinning threads then cost more than they give)."""
     try:
         import torch
-
-        torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
     except ImportError:  # pragma: no cover - torch is a core dependency of the demo
-        pass
+        return
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:  # pragma: no cover - not every platform has a load average
+        busy = False
+    torch.set_num_threads(1 if busy else max(1, min(cores, 4)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,9 +441,12 @@ def run_demo(
     with stages.stage(
         "preferences", "build-preferences: vote consensus, drift annotations, ranked negatives"
     ):
+        from cxrmax.generate import trajectory_files
         from cxrmax.preferences import BuildOptions, build_preferences
 
-        build_preferences([gen_out], data, BuildOptions(mimic_root=root, processes=1))
+        # The committed Arrow shards themselves: generate's folder also holds run manifests (JSON)
+        # that are not trajectories.
+        build_preferences(trajectory_files(gen_out), data, BuildOptions(mimic_root=root, processes=1))
         from cxrmax.datacard import drift_statistics
 
         stats = drift_statistics(data)

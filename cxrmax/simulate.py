@@ -634,6 +634,64 @@ class Simulation:
         return {t.spec.name: t.path for t in self.teachers}
 
 
+@dataclass
+class _TeacherJob:
+    path: Path
+    spec: TeacherSpec
+    examples: list[Example]
+    corpus: list[str]
+    steps: int
+    batch_size: int
+    lr: float
+    seed: int
+    index: int
+    max_edge: int
+    text_only: bool
+
+
+def default_workers() -> int:
+    """Processes for teacher training: one per core, at most 4."""
+    import os
+
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _single_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _train_job(
+    job: _TeacherJob,
+    images: dict[str, Any] | None = None,
+    progress: Callable[[str, int, float], None] | None = None,
+) -> SimulatedTeacher:
+    """Build and train one teacher (runs in a worker process or in-process)."""
+    from cxrmax.tinyvlm import build_tiny_vlm
+
+    spec = job.spec
+    build_tiny_vlm(job.path, corpus=job.corpus, seed=job.seed + job.index, text_only=job.text_only)
+    targets = assign_targets(job.examples, spec, job.seed)
+    stats = train_teacher(
+        job.path,
+        targets,
+        steps=job.steps,
+        batch_size=job.batch_size,
+        lr=job.lr,
+        seed=job.seed + job.index,
+        max_edge=job.max_edge,
+        images=images,
+        progress=(lambda s, loss: progress(spec.name, s, loss)) if progress else None,
+    )
+    applied = {k: sum(k in ex.applied for ex in targets) / len(targets) for k in BIAS_KINDS}
+    (job.path / "cxrmax_teacher.json").write_text(
+        json.dumps({"name": spec.name, "drift": spec.describe(), "biases": [asdict(b) for b in spec.biases]})
+        + "\n"
+    )
+    return SimulatedTeacher(spec, job.path, stats, applied)
+
+
 def teacher_corpus(examples: Sequence[Example], teachers: Sequence[TeacherSpec], seed: int) -> list[str]:
     """Every prompt and every biased target: the tokenizer of teachers and student is trained on it,
     so that all of them share one vocabulary."""
@@ -654,12 +712,14 @@ def simulate(
     max_edge: int = 112,
     text_only: bool = False,
     progress: Callable[[str, int, float], None] | None = None,
+    workers: int | None = None,
 ) -> Simulation:
     """Train one tiny teacher per spec on ``examples`` under ``out/<name>/`` and write
     ``out/drift_spec.json`` (each teacher's biases, rates asked and rates actually applied to its
-    training targets, training losses). Deterministic for a seed."""
-    from cxrmax.tinyvlm import build_tiny_vlm
+    training targets, training losses). Deterministic for a seed.
 
+    ``workers``: teachers trained at once, each in its own single-threaded process (default: one per
+    core, at most 4); 1 trains them one after the other in this process (with per-step progress)."""
     started = time.perf_counter()
     teachers = list(teachers) if teachers is not None else default_teachers()
     names = [t.name for t in teachers]
@@ -670,31 +730,40 @@ def simulate(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpus = teacher_corpus(examples, teachers, seed)
-    images: dict[str, Any] = {}
-    result = []
-    for index, spec in enumerate(teachers):
-        path = out / spec.name
-        build_tiny_vlm(path, corpus=corpus, seed=seed + index, text_only=text_only)
-        targets = assign_targets(examples, spec, seed)
-        stats = train_teacher(
-            path,
-            targets,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed + index,
-            max_edge=max_edge,
-            images=images,
-            progress=(lambda s, loss, _n=spec.name: progress(_n, s, loss)) if progress else None,
+    jobs = [
+        _TeacherJob(
+            out / spec.name,
+            spec,
+            list(examples),
+            corpus,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            index,
+            max_edge,
+            text_only,
         )
-        applied = {k: sum(k in ex.applied for ex in targets) / len(targets) for k in BIAS_KINDS}
-        (path / "cxrmax_teacher.json").write_text(
-            json.dumps(
-                {"name": spec.name, "drift": spec.describe(), "biases": [asdict(b) for b in spec.biases]}
-            )
-            + "\n"
-        )
-        result.append(SimulatedTeacher(spec, path, stats, applied))
+        for index, spec in enumerate(teachers)
+    ]
+    workers = max(1, min(workers if workers is not None else default_workers(), len(jobs)))
+    result: list[SimulatedTeacher] = []
+    if workers == 1:
+        images: dict[str, Any] = {}
+        for job in jobs:
+            result.append(_train_job(job, images, progress))
+    else:
+        # One single-threaded process per teacher at a time: tiny models gain little from intra-op
+        # threads, while whole teachers train independently (2 cores -> about 2x).
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
+            for teacher in pool.map(_train_job, jobs):
+                result.append(teacher)
+                if progress is not None:
+                    progress(teacher.spec.name, teacher.stats.steps, teacher.stats.last_loss)
     spec_path = out / "drift_spec.json"
     _write_json(
         spec_path,
