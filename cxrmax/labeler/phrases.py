@@ -359,6 +359,14 @@ SIGNS: dict[str, tuple[str, ...]] = {
         "blunting of the left and right costophrenic angles",
         "meniscus",
         "obscured costophrenic angle(s)",
+        "obliteration of the costophrenic angle(s)",
+        "obliteration of the left costophrenic angle",
+        "obliteration of the right costophrenic angle",
+        "obliteration of both costophrenic angles",
+        "obliterated costophrenic angle(s)",
+        "obliterated left costophrenic angle",
+        "obliterated right costophrenic angle",
+        "fluid tracking",
     ),
     "Edema": (
         "cephalization",
@@ -499,7 +507,7 @@ _ADV = (
 _NORMAL = (
     r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|unremarkable|stable\s+and\s+normal|"
     r"top(?:\s+|-)normal|(?:at\s+the\s+)?upper\s+limits?\s+of\s+(?:the\s+)?normal|not\s+widened|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
-    r"unchanged\s+and\s+normal|preserved)"
+    r"unchanged\s+and\s+normal|preserved|midline\s+and\s+not\s+(?:\w+ly\s+)?(?:widened|enlarged))"
 )
 
 FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
