@@ -162,7 +162,7 @@ def _iter_rows(
         plan = submissions.plan_columns(list(batch.columns), "rationale", path, lenient=lenient)
         for role, name in (("study_id", plan.key), ("model", plan.model), ("text", plan.text)):
             if name is None:
-                raise InputError(f"{where(path, field=role)}: {submissions._expected('rationale')}")
+                raise InputError(f"{where(path, field=role)}: {submissions.expected_columns('rationale')}")
         models = submissions.text_values(batch.columns[plan.model], batch.rows, path, plan.model)
         for i, model in enumerate(models):
             if not model:

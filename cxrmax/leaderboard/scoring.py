@@ -584,7 +584,7 @@ def _score_labels(
             elif plan.text:
                 mode = "text"
             else:
-                raise InputError(f"{where(path)}: {submissions._expected('labels')}")
+                raise InputError(f"{where(path)}: {submissions.expected_columns('labels')}")
         if mode == "values":
             for column, obs in plan.observations.items():
                 values = submissions.parse_label_column(batch.columns[column], batch.rows, path, column)
@@ -664,7 +664,7 @@ def _score_reports(
     meteor = np.full(len(refs.texts), np.nan)
     for batch, keep, slots in stream.batches(batch_rows, progress):
         if stream.plan.text is None:
-            raise InputError(f"{where(path)}: {submissions._expected('report')}")
+            raise InputError(f"{where(path)}: {submissions.expected_columns('report')}")
         texts = submissions.text_values(
             _select(batch.columns[stream.plan.text], keep), batch.rows[keep], path, stream.plan.text
         )
@@ -728,7 +728,7 @@ def _score_progression(
     for batch, keep, slots in stream.batches(batch_rows, progress):
         plan = stream.plan
         if not plan.progression and not plan.text:
-            raise InputError(f"{where(path)}: {submissions._expected('ms-cxr-t')}")
+            raise InputError(f"{where(path)}: {submissions.expected_columns('ms-cxr-t')}")
         rows = batch.rows[keep]
         if plan.progression:
             input_kind = input_kind or "answers"

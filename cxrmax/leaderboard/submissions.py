@@ -440,12 +440,13 @@ def plan_columns(
             plan.ignored.append(name)
         else:
             raise InputError(
-                f"{where(path, row=row, field=name)}: unexpected column for a {kind} submission; {_expected(kind)}"
+                f"{where(path, row=row, field=name)}: unexpected column for a {kind} submission; {expected_columns(kind)}"
             )
     return plan
 
 
-def _expected(kind: str) -> str:
+def expected_columns(kind: str) -> str:
+    """The columns a submission of this task kind needs, as a sentence for error messages."""
     text = "one of " + ", ".join(TEXT_COLUMNS)
     if kind == "labels":
         return f"expected study_id and the 14 observation columns ({', '.join(OBSERVATIONS)}) or a text column ({text})"
