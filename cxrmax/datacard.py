@@ -278,10 +278,11 @@ def write_figures(stats: DriftStatistics, directory: str | Path) -> dict[str, Pa
     for k, (metric, label) in enumerate(
         (("precision", "precision"), ("recall", "recall"), ("similarity", "similarity to report"))
     ):
-        values = [stats.per_model[m][metric] for m in models]
-        values = [0.0 if np.isnan(v) else v for v in values]
-        bars = ax.bar(x + (k - 1) * width, values, width, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        values = np.array([stats.per_model[m][metric] for m in models], dtype=float)
+        if np.isnan(values).all():  # e.g. no reports: say so instead of drawing zeros
+            label += " (n/a: no reports)" if metric == "similarity" else " (n/a)"
+        bars = ax.bar(x + (k - 1) * width, np.nan_to_num(values), width, label=label)
+        ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
     ax.set_xticks(x, models, rotation=30, ha="right")
     ax.set_ylim(0, 1.2)
     ax.set_ylabel("score")

@@ -198,7 +198,7 @@ def _drift_report(
             ("trajectories", "n", "{:d}"),
             ("precision", "precision", "{:.3f}"),
             ("recall", "recall", "{:.3f}"),
-            ("similarity", "similarity", "{:.3f}"),
+            ("similarity", "sim", "{:.3f}"),
             ("refusal_rate", "refusal", "{:.3f}"),
             ("laterality_error_rate", "side err", "{:.3f}"),
             ("mean_drift", "drift", "{:.3f}"),
