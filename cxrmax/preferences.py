@@ -712,6 +712,10 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     texts_arr = chunk.column("text").combine_chunks()
     keep = np.array([len(neg) > 0 for neg in negatives_per_sample], dtype=bool)
     counts["samples_without_negatives"] += int((~keep).sum())
+    # Every source refused (or failed to label): there is no consensus to prefer.
+    no_voters = cons.voters == 0
+    counts["samples_without_consensus"] += int((keep & no_voters).sum())
+    keep &= ~no_voters
     kept = np.flatnonzero(keep)
     neg_offsets = np.r_[0, np.cumsum([len(negatives_per_sample[g]) for g in kept])].astype(np.int32)
     neg_rows = (

@@ -224,6 +224,12 @@ def test_ranking_options(tmp_path):
         [out], tmp_path / "min1", BuildOptions(processes=1, min_sources=1, drop_non_drifting=True, card=False)
     )
     assert summary.skipped_few_sources == 0 and summary.counts["samples_without_negatives"] == 1
+    # A sample where every source refuses has no consensus: no preference row, counted.
+    refused = [trajectory_row("s-refused", m, TEXTS["D"], study_id=50000003) for m in ("A", "B")]
+    out2 = write_generate_shards(tmp_path / "run2", known_drift_rows() + refused)
+    summary = build_preferences([out2], tmp_path / "refused", BuildOptions(processes=1, card=False))
+    assert summary.counts["samples_without_consensus"] == 1 and summary.counts["preference_rows"] == 1
+    assert summary.counts["sft_rows"] == 7
 
 
 def test_parallel_build_matches_serial(tmp_path):

@@ -152,6 +152,7 @@ def _build_preferences(
             "MS-CXR-T train rows removed": summary.ms_cxr_t_excluded_rows,
             "rows without a split (put in train)": summary.split_unknown_rows,
             "samples without negatives": counts.get("samples_without_negatives", 0),
+            "samples where every source refused": counts.get("samples_without_consensus", 0),
             "labeler errors": counts.get("labeler_errors", 0),
             "consensus flagged": counts.get("consensus_flagged", 0),
         }
