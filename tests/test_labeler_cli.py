@@ -91,3 +91,33 @@ def test_bad_jsonl_row_names_file_row_and_field_and_lenient_skips(tmp_path):
     assert not (tmp_path / "missing.arrow").exists()
     result = runner.invoke(app, ["label", str(tmp_path / "missing.jsonl")])
     assert result.exit_code == 2 and "no such file" in flat(result.output)
+
+
+def test_keep_columns_and_empty_input(tmp_path):
+    table = pa.table({"sample_id": ["a", "b", "c"], "model": ["m1", "m2", "m1"], "text": TEXTS})
+    source = tmp_path / "trajectories.parquet"
+    pq.write_table(table, source)
+    out = tmp_path / "labels.arrow"
+    result = runner.invoke(
+        app, ["label", str(source), "--keep", "sample_id", "--keep", "model", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with pa.memory_map(str(out)) as handle:
+        labels = pa.ipc.open_file(handle).read_all()
+    assert labels.column_names[:3] == ["row", "sample_id", "model"]
+    assert labels.column("sample_id").to_pylist() == ["a", "b", "c"]
+    assert labels.column("Pleural Effusion").to_pylist() == [1, None, None]
+    jsonl = tmp_path / "answers.jsonl"
+    jsonl.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    result = runner.invoke(app, ["label", str(jsonl), "--keep", "id", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with pa.memory_map(str(out)) as handle:
+        assert pa.ipc.open_file(handle).read_all().column("id").to_pylist() == ["0", "1", "2"]
+    result = runner.invoke(app, ["label", str(source), "--keep", "missing", "--out", str(out)])
+    assert result.exit_code == 2 and "field 'missing'" in flat(result.output)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = runner.invoke(app, ["label", str(empty), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    with pa.memory_map(str(out)) as handle:
+        assert pa.ipc.open_file(handle).read_all().num_rows == 0

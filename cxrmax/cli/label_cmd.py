@@ -30,9 +30,17 @@ def _detect_format(path: str, given: str | None) -> str:
 
 
 def _iter_text_chunks(
-    path: str, fmt: str, field: str, column: str, lenient: bool, skipped: list[str]
+    path: str,
+    fmt: str,
+    field: str,
+    column: str,
+    lenient: bool,
+    skipped: list[str],
+    keep: list[str],
+    kept: list,
 ) -> Iterator[list[object]]:
-    """Yield lists of texts (None where a row has no usable text) without holding the whole input."""
+    """Yield lists of texts (None where a row has no usable text) without holding the whole input.
+    For each chunk, the `keep` columns of its rows are appended to `kept` as a pyarrow Table."""
     from cxrmax.errors import InputError, where
 
     if fmt in ("lines", "jsonl"):
@@ -47,7 +55,18 @@ def _iter_text_chunks(
                 handle = gzip.open(path, "rt", encoding="utf-8", errors="replace")
             else:
                 handle = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115
+        import pyarrow as pa
+
+        if keep and fmt == "lines":
+            raise InputError("--keep needs JSONL, Arrow or Parquet input")
         chunk: list[object] = []
+        extras: dict[str, list] = {name: [] for name in keep}
+
+        def flush_extras() -> None:
+            kept.append(pa.table({name: pa.array(values, pa.string()) for name, values in extras.items()}))
+            for values in extras.values():
+                values.clear()
+
         try:
             for row, line in enumerate(handle, start=1):
                 line = line.rstrip("\n")
@@ -56,6 +75,7 @@ def _iter_text_chunks(
                 else:
                     if not line.strip():
                         continue
+                    record: object = {}
                     try:
                         record = json.loads(line)
                         if not isinstance(record, dict):
@@ -71,14 +91,20 @@ def _iter_text_chunks(
                             raise InputError(problem + " (use --lenient to skip bad rows)") from None
                         skipped.append(problem)
                         value = None
+                        record = record if isinstance(record, dict) else {}
                     chunk.append(value)
+                    for name in keep:
+                        extra = record.get(name)
+                        extras[name].append(None if extra is None else str(extra))
                 if len(chunk) >= _CHUNK_ROWS:
+                    flush_extras()
                     yield chunk
                     chunk = []
         finally:
             if handle is not sys.stdin:
                 handle.close()
         if chunk:
+            flush_extras()
             yield chunk
         return
 
@@ -94,12 +120,15 @@ def _iter_text_chunks(
             parquet = pq.ParquetFile(path)
         except Exception as exc:  # pyarrow raises several types for a bad file
             raise InputError(f"{path}: not a Parquet file ({exc})") from None
-        if column not in parquet.schema_arrow.names:
-            raise InputError(
-                f"{where(path, field=column)}: no such column; columns: {parquet.schema_arrow.names}"
-            )
-        for batch in parquet.iter_batches(batch_size=_CHUNK_ROWS, columns=[column]):
-            yield _strings(batch.column(0), path, column)
+        names = parquet.schema_arrow.names
+        for name in (column, *keep):
+            if name not in names:
+                raise InputError(f"{where(path, field=name)}: no such column; columns: {names}")
+        for batch in parquet.iter_batches(
+            batch_size=_CHUNK_ROWS, columns=list(dict.fromkeys([column, *keep]))
+        ):
+            kept.append(pa.table({name: batch.column(batch.schema.get_field_index(name)) for name in keep}))
+            yield _strings(batch.column(batch.schema.get_field_index(column)), path, column)
         return
     try:
         source = pa.memory_map(path)
@@ -113,12 +142,15 @@ def _iter_text_chunks(
             batches, schema = iter(stream), stream.schema
     except Exception as exc:
         raise InputError(f"{path}: not an Arrow IPC file or stream ({exc})") from None
-    if column not in schema.names:
-        raise InputError(f"{where(path, field=column)}: no such column; columns: {schema.names}")
+    for name in (column, *keep):
+        if name not in schema.names:
+            raise InputError(f"{where(path, field=name)}: no such column; columns: {schema.names}")
     index = schema.get_field_index(column)
     for batch in batches:
         array = batch.column(index)
         for start in range(0, len(array), _CHUNK_ROWS):
+            part = batch.slice(start, _CHUNK_ROWS)
+            kept.append(pa.table({name: part.column(schema.get_field_index(name)) for name in keep}))
             yield _strings(array.slice(start, _CHUNK_ROWS), path, column)
 
 
@@ -191,6 +223,9 @@ def register(app: typer.Typer) -> None:
             False, "--lenient", help="Skip malformed JSONL rows (counted) instead of failing."
         ),
         show: int = typer.Option(30, "--show", help="Rows to show in the table when not writing --out."),
+        keep: list[str] = typer.Option(
+            [], "--keep", help="Copy this input column/field to --out (repeatable), e.g. --keep sample_id."
+        ),
     ) -> None:
         """Label texts with the 14 CheXpert observations (status, laterality, refusal, hedging).
 
@@ -202,7 +237,7 @@ def register(app: typer.Typer) -> None:
 
           cxrmax label answers.jsonl --field answer --out labels.arrow
 
-          cxrmax label trajectories.arrow --column text --out labels.parquet
+          cxrmax label trajectories.arrow --column text --keep sample_id --keep model --out labels.parquet
         """
         with user_errors():
             import pyarrow as pa
@@ -218,8 +253,9 @@ def register(app: typer.Typer) -> None:
             if input_format not in ("lines", "jsonl", "arrow", "parquet"):
                 raise InputError(f"--format {fmt!r}: use lines, jsonl, arrow or parquet")
             skipped: list[str] = []
-            chunks = _iter_text_chunks(source, input_format, field, column, lenient, skipped)
-            out_schema = pa.schema([pa.field("row", pa.int64())] + list(LABEL_TABLE_SCHEMA))
+            kept: list = []  # per chunk, the --keep columns (filled as chunks are read)
+            chunks = _iter_text_chunks(source, input_format, field, column, lenient, skipped, keep, kept)
+            out_schema = None
             totals = {"rows": 0, "errors": 0, "refusal": 0, "hedging": 0}
             positives = dict.fromkeys(OBSERVATIONS, 0)
 
@@ -237,11 +273,7 @@ def register(app: typer.Typer) -> None:
                     raise InputError(f"--out {out}: use a .arrow or .parquet file name")
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-                writer = (
-                    pq.ParquetWriter(tmp, out_schema)
-                    if suffix == ".parquet"
-                    else pa.ipc.new_file(str(tmp), out_schema)
-                )
+                writer = None
                 try:
                     with Progress(
                         TextColumn("labelling"),
@@ -257,13 +289,36 @@ def register(app: typer.Typer) -> None:
                                 range(totals["rows"] + 1, totals["rows"] + 1 + table.num_rows), pa.int64()
                             )
                             tally(table)
-                            table = pa.Table.from_arrays([rows, *table.columns], schema=out_schema)
-                            writer.write_table(table)
+                            extra = kept.pop(0) if kept else pa.table({})
+                            table = pa.Table.from_arrays(
+                                [rows, *extra.columns, *table.columns],
+                                names=["row", *extra.column_names, *table.column_names],
+                            )
+                            if writer is None:
+                                out_schema = table.schema
+                                writer = (
+                                    pq.ParquetWriter(tmp, out_schema)
+                                    if suffix == ".parquet"
+                                    else pa.ipc.new_file(str(tmp), out_schema)
+                                )
+                            writer.write_table(table.cast(out_schema))
                             progress.update(task, advance=table.num_rows)
+                    if writer is None:  # no input rows: still write a valid, empty table
+                        out_schema = pa.schema(
+                            [pa.field("row", pa.int64())]
+                            + [pa.field(name, pa.string()) for name in keep]
+                            + list(LABEL_TABLE_SCHEMA)
+                        )
+                        writer = (
+                            pq.ParquetWriter(tmp, out_schema)
+                            if suffix == ".parquet"
+                            else pa.ipc.new_file(str(tmp), out_schema)
+                        )
                     writer.close()
                     os.replace(tmp, out)
                 except BaseException:
-                    writer.close()
+                    if writer is not None:
+                        writer.close()
                     tmp.unlink(missing_ok=True)
                     raise
                 console.print(f"[green]wrote[/] {out} ({totals['rows']} rows)")
@@ -283,6 +338,7 @@ def register(app: typer.Typer) -> None:
                         (table, current[0]) for table in iter_label_tables(remembered(), processes=processes)
                     )
                 for table, chunk in tables:
+                    kept.clear()  # --keep only applies to --out
                     if explain:
                         for text in chunk:
                             totals_row = totals["rows"] + 1
