@@ -13,6 +13,7 @@ and sacrebleu corpus BLEU + rouge-score ROUGE-L (one metric pass each, no labeli
 
     python benchmark/perf/bench_leaderboard.py            # full size
     python benchmark/perf/bench_leaderboard.py --quick    # 10x smaller
+    python benchmark/perf/bench_leaderboard.py --stream-mib 1024   # the reader on a 1 GiB file
 """
 
 from __future__ import annotations
@@ -93,6 +94,18 @@ def _make_report_data(out: Path, n: int) -> tuple[Path, Path]:
     return out / "report_refs.parquet", out / "reports.json"
 
 
+def _make_big_files(out: Path, mib: int) -> None:
+    """A report submission of about ``mib`` MiB as JSONL and as ReXrank JSON (2 kB per row)."""
+    text = json.dumps("Heart size is normal. No focal consolidation, effusion or pneumothorax. " * 28)
+    rows = mib * 2**20 // 2100
+    with open(out / "big.jsonl", "w") as jsonl, open(out / "big.json", "w") as obj:
+        obj.write("{")
+        for i in range(rows):
+            jsonl.write(f'{{"study_id": {50_000_000 + i}, "report": {text}}}\n')
+            obj.write(("," if i else "") + f'"{50_000_000 + i}": {{"model_prediction": {text}}}')
+        obj.write("}")
+
+
 def _child(case: str, data: Path) -> None:
     start = time.perf_counter()
     result: dict[str, object] = {}
@@ -113,6 +126,12 @@ def _child(case: str, data: Path) -> None:
             )
         result = {k: round(v, 4) for k, v in r.headline.items() if isinstance(v, float)}
         result["n_scored"] = r.n_scored
+    elif case.startswith("stream-"):
+        from cxrmax.leaderboard.submissions import iter_batches
+
+        path = data / f"big.{case.split('-', 1)[1]}"
+        rows = sum(len(batch) for batch in iter_batches(path))
+        result = {"rows": rows, "MiB": round(path.stat().st_size / 2**20), "MiB/s": None}
     elif case == "sklearn":
         import pandas as pd
         import pyarrow.parquet as pq
@@ -145,6 +164,8 @@ def _child(case: str, data: Path) -> None:
         )
         result = {"bleu_4(13a)": round(bleu.score / 100, 4), "rouge_l": round(rouge, 4)}
     result["seconds"] = round(time.perf_counter() - start, 2)
+    if "MiB/s" in result:
+        result["MiB/s"] = round(result["MiB"] / result["seconds"])
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     result["cpu_seconds"] = round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 2)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -168,6 +189,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="10x smaller inputs")
+    parser.add_argument(
+        "--stream-mib", type=int, default=None, help="size of the streamed-file case (default 512, quick 64)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -180,6 +204,9 @@ def main() -> None:
         t = time.perf_counter()
         _make_label_data(data, n_labels)
         _make_report_data(data, n_reports)
+        stream_mib = args.stream_mib if args.stream_mib is not None else (64 if args.quick else 512)
+        if stream_mib:
+            _make_big_files(data, stream_mib)
         print(
             f"generated data in {time.perf_counter() - t:.1f} s: {n_labels:,} label studies "
             f"({(data / 'labels.csv').stat().st_size / 2**20:.1f} MiB CSV), {n_reports:,} reports "
@@ -196,6 +223,11 @@ def main() -> None:
             ),
             (f"peer: sacrebleu BLEU + rouge-score ROUGE-L, {n_reports:,}", "sacrebleu+rouge-score", ""),
         ]
+        if stream_mib:
+            rows += [
+                (f"reader only: {stream_mib} MiB JSONL streamed (memory flat)", "stream-jsonl", ""),
+                (f"reader only: {stream_mib} MiB ReXrank JSON streamed (memory flat)", "stream-json", ""),
+            ]
         from cxrmax.leaderboard.textmetrics import wordnet_available
 
         meteor = "included (WordNet found)" if wordnet_available() else "not computed (no WordNet data)"
