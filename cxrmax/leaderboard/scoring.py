@@ -452,7 +452,7 @@ def _select(values: Any, keep: np.ndarray) -> Any:
 def score(
     submission_path: str | Path,
     task: str | Task,
-    references_root: str | Path,
+    references_root: str | Path | None,
     *,
     uncertain: str = "positive",
     require_complete: bool = False,
@@ -472,6 +472,10 @@ def score(
     if uncertain not in metrics.UNCERTAIN_POLICIES:
         raise CxrmaxError(f"--uncertain {uncertain!r}: use one of {', '.join(metrics.UNCERTAIN_POLICIES)}")
     path = Path(submission_path)
+    if references_root is None and task.kind != "rationale":
+        raise CxrmaxError(
+            f"task {task.name} needs references (a MIMIC-CXR root or a prepared reference file)"
+        )
     if task.kind == "rationale":
         from cxrmax.leaderboard.rationale import score_rationales
 
