@@ -600,5 +600,7 @@ def test_datasets_directory_input_and_hub_id_offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    with pytest.raises(InputError, match="nobody/cxr-max: cannot load from the Hugging Face Hub"):
+    with pytest.raises(
+        InputError, match="nobody/cxr-max: no such local path, and cannot load from the Hugging Face Hub"
+    ):
         load_trajectories(["nobody/cxr-max"])
