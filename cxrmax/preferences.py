@@ -177,7 +177,8 @@ def _load_hub(spec: str) -> pa.Table:
         loaded = datasets.load_dataset(spec)
     except Exception as exc:  # network, auth, missing repo: all mean "cannot read this input"
         raise InputError(
-            f"{spec}: cannot load from the Hugging Face Hub ({type(exc).__name__}: {exc})"
+            f"{spec}: no such local path, and cannot load from the Hugging Face Hub as a data set id "
+            f"({type(exc).__name__}: {exc})"
         ) from None
     tables = [ds.data.table for ds in loaded.values()] if hasattr(loaded, "values") else [loaded.data.table]
     return pa.concat_tables(tables, promote_options="default")
