@@ -406,3 +406,26 @@ def test_kill_minus_9_then_rerun_loses_nothing_and_duplicates_nothing(
     assert f"{missing} requests to do, {len(answered_before)} already done" in rerun.stderr
     assert server.stats["completed"] == missing
     assert not list(folder.glob("wal-*")) and not list(folder.glob(".*.tmp"))
+
+
+def test_server_subprocess_stub_with_faults():
+    import httpx
+
+    from cxrmax.testing import serve_subprocess
+
+    with serve_subprocess(None, "stub-teacher") as server:
+        assert server.base_url.startswith("http://127.0.0.1:")
+        models = httpx.get(server.base_url + "/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == ["stub-teacher"]
+        server.set_faults(script=[503])
+        body = {"model": "stub-teacher", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        first = httpx.post(server.base_url + "/chat/completions", json=body, timeout=10)
+        second = httpx.post(server.base_url + "/chat/completions", json=body, timeout=10)
+        assert first.status_code == 503
+        answer = second.json()
+        assert (
+            answer["choices"][0]["finish_reason"] == "length"
+            and len(answer["choices"][0]["message"]["content"].split()) == 3
+        )
+        assert server.stats() == {"requests": 2, "status_503": 1, "completed": 1}
+    assert server.process.poll() is not None
