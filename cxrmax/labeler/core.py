@@ -166,9 +166,9 @@ def _scan(low: str) -> list[tuple[int, int, int, object]]:
     """All tokens of the text in order: (start, end, kind, payload)."""
     lexicon = mt.LEXICON
     table = lexicon.table
+    flex_keys = lexicon.flex_keys
     flex = lexicon.flex
     flex_match = lexicon.flex_pattern.match
-    prefixes = mt.FLEX_PREFIXES
     trigger = mt.TRIGGER
     tokens: list[tuple[int, int, int, object]] = []
     append = tokens.append
@@ -177,22 +177,21 @@ def _scan(low: str) -> list[tuple[int, int, int, object]]:
         start, end = match.span()
         if start < covered:
             continue
-        if match.lastgroup == "s":
-            append((start, end, mt.SEMI, low[start]))
-            continue
-        if low.startswith(prefixes, start):
+        word = match.group()
+        entry = table.get(word)
+        if entry is None:
+            word = word.translate(_DROP_SPACES)
+            entry = table.get(word)
+            if entry is None:  # cannot happen: every trie word is in the table
+                continue
+        if word in flex_keys:
             statement = flex_match(low, start)
             if statement is not None:
                 covered = statement.end()
                 append((start, covered, mt.STATEMENT, flex[int(statement.lastgroup[1:])]))
                 continue
-        word = match.group()
-        entry = table.get(word)
-        if entry is None:
-            entry = table.get(word.translate(_DROP_SPACES))
-        if entry is None or entry[0] == trigger:
-            continue
-        append((start, end, entry[0], entry[1]))
+        if entry[0] != trigger:
+            append((start, end, entry[0], entry[1]))
     return tokens
 
 

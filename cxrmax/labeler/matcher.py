@@ -202,7 +202,12 @@ class Lexicon:
             flex_parts.append(f"(?P<f{index}>{pattern})")
             self.flex.append(effects)
         trie = _trie_regex(sorted(set(spellings)))
-        self.pattern = re.compile(r"\b(?P<t>" + trie + r")(?![\w'])|(?P<s>[;:])")
+        self.pattern = re.compile(r"\b(?:" + trie + r")(?![\w'])|[;:]")
+        table[";"] = (SEMI, ";")
+        table[":"] = (SEMI, ":")
+        #: Keys of the phrases at whose start a flexible statement may begin.
+        starts = tuple({prefix.strip() for prefix in FLEX_PREFIXES})
+        self.flex_keys = frozenset(key for key in table if key.startswith(starts))
         #: Tried (anchored) at trigger positions only; it wins over the trie tokens it covers.
         self.flex_pattern = re.compile(r"(?:" + "|".join(flex_parts) + r")\b")
 
