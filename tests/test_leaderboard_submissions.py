@@ -245,9 +245,10 @@ def _peak_mib(fn) -> float:
 
 
 @pytest.mark.slow
-def test_large_files_stream_with_bounded_memory(tmp_path):
+def test_large_files_stream_with_bounded_memory(tmp_path, refs):
     """A ~40 MB submission in each format is read batch by batch: Python-side peak memory stays a
     small fraction of the file (a reader that loads the file whole would need several times its size)."""
+    refs_path = refs[0]
     text = "Heart size normal. " * 100  # ~1.9 kB per row
     n = 20_000
     jsonl = tmp_path / "big.jsonl"
@@ -289,6 +290,20 @@ def test_large_files_stream_with_bounded_memory(tmp_path):
         peak = _peak_mib(consume)
         assert sum(counted) == n
         assert peak < min(12.0, size_mib / 3), (path.name, peak, size_mib)
+    # Through score() as well: the 60 reference studies are labelled from their text, the other rows
+    # (unknown studies, skipped with --lenient) stream past without being kept.
+    results = []
+    peak = _peak_mib(
+        lambda: results.append(
+            score(
+                big_json, "mimic-cxr-labels", refs_path, n_boot=0, lenient=True, processes=1, batch_rows=1024
+            )
+        )
+    )
+    assert (
+        results[0].n_scored == N and results[0].skipped_unknown == n - N and results[0].input_kind == "text"
+    )
+    assert peak < 12.0, peak
 
 
 def test_sparse_json_rows_leave_out_blank_cells(tmp_path, refs):
