@@ -67,6 +67,7 @@ def _run_score(
     seed: int,
     section: str | None,
     processes: int | None,
+    sha256: str | None = None,
 ) -> Any:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -102,6 +103,7 @@ def _run_score(
             section=section,
             processes=processes,
             progress=advance,
+            sha256=sha256,
         )
 
 
@@ -213,9 +215,10 @@ def submit_cmd(
 
         info = _parse_model_info(model_info)
         with Board(store) as board:
-            if submission.is_file():
+            digest = file_sha256(submission) if submission.is_file() else None
+            if digest is not None:
                 # Refuse a resubmission before spending time on scoring it.
-                existing = board.find(get_task(task).name, file_sha256(submission))
+                existing = board.find(get_task(task).name, digest)
                 if existing is not None:
                     raise DuplicateSubmission(
                         f"this submission is already on the {existing.task} board as entry {existing.id} {existing.name!r} ({existing.created_at})"
@@ -231,6 +234,7 @@ def submit_cmd(
                 seed,
                 section,
                 processes,
+                sha256=digest,
             )
             render_score(result, console)
             entry_id = board.submit(result, name, info)

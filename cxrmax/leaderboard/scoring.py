@@ -463,11 +463,13 @@ def score(
     processes: int | None = None,
     batch_rows: int = submissions.BATCH_ROWS,
     progress: Progress | None = None,
+    sha256: str | None = None,
 ) -> ScoreResult:
     """Validate and score a submission file for ``task`` against references under ``references_root``.
 
     Raises `cxrmax.errors.InputError` naming the file, row and field for bad input; missing studies
-    only reduce coverage unless ``require_complete``."""
+    only reduce coverage unless ``require_complete``. ``sha256``: the file's hash when the caller
+    computed it already (saves a pass over a large file)."""
     task = get_task(task)
     if uncertain not in metrics.UNCERTAIN_POLICIES:
         raise CxrmaxError(f"--uncertain {uncertain!r}: use one of {', '.join(metrics.UNCERTAIN_POLICIES)}")
@@ -527,7 +529,7 @@ def score(
             path, task, references_root, require_complete, lenient, n_boot, seed, batch_rows, progress
         )
     result.format = fmt
-    result.sha256 = file_sha256(path)
+    result.sha256 = sha256 or file_sha256(path)  # the caller may have hashed the file already
     return result
 
 
