@@ -47,6 +47,14 @@ def _label_chunk(texts: Sequence[object]) -> list[tuple]:
     return out
 
 
+def _label_part(texts: object) -> pa.Table:
+    """Worker task: label a list (or a compact Arrow array) of texts into a table. Returning Arrow
+    keeps the parent's share of the work small: it only concatenates buffers."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        texts = texts.to_pylist()
+    return _rows_to_table(_label_chunk(texts))  # type: ignore[arg-type]
+
+
 def default_processes() -> int:
     """Cores this process may use."""
     try:
@@ -105,19 +113,26 @@ def iter_label_tables(chunks: Iterable[Iterable[object]], processes: int | None 
     pool = None
     try:
         for chunk in chunks:
-            texts = _as_sequence(chunk)
-            if workers == 1 or len(texts) < PARALLEL_THRESHOLD:
-                yield _rows_to_table(_label_chunk(texts))
+            arrow = isinstance(chunk, (pa.Array, pa.ChunkedArray))
+            size = len(chunk) if arrow or isinstance(chunk, Sequence) else None
+            if size is None:
+                chunk = _as_sequence(chunk)
+                size = len(chunk)
+            if workers == 1 or size < PARALLEL_THRESHOLD:
+                yield _label_part(chunk if arrow else _as_sequence(chunk))
                 continue
             if pool is None:
                 methods = multiprocessing.get_all_start_methods()
                 context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
                 pool = context.Pool(workers)
-            parts = [texts[i : i + _CHUNK] for i in range(0, len(texts), _CHUNK)]
-            rows: list[tuple] = []
-            for part in pool.imap(_label_chunk, parts):
-                rows.extend(part)
-            yield _rows_to_table(rows)
+            if arrow:
+                # Compact each slice: a pickled slice would otherwise carry its parent's buffers.
+                whole = chunk.combine_chunks() if isinstance(chunk, pa.ChunkedArray) else chunk
+                parts: list = [pa.concat_arrays([whole.slice(i, _CHUNK)]) for i in range(0, size, _CHUNK)]
+            else:
+                texts = _as_sequence(chunk)
+                parts = [texts[i : i + _CHUNK] for i in range(0, size, _CHUNK)]
+            yield pa.concat_tables(pool.imap(_label_part, parts))
     finally:
         if pool is not None:
             pool.terminate()
