@@ -39,6 +39,31 @@ import re
 from dataclasses import dataclass, field
 
 from cxrmax.labeler import matcher as mt
+from cxrmax.labeler.matcher import (
+    CONTRAST,
+    COPULA,
+    CUE,
+    GENERIC,
+    HEDGE,
+    HYPO,
+    IGNORE,
+    LAT,
+    MENTION,
+    MIMIC,
+    NEG_POST,
+    NEG_PRE,
+    NORMAL_STUDY,
+    OTHER,
+    REFUSAL,
+    SEMI,
+    SIGN,
+    STATEMENT,
+    TERM,
+    TRIGGER,
+    UNC_POST,
+    UNC_PRE,
+    WEAK,
+)
 from cxrmax.labeler.phrases import SIGN_ALTERNATIVES
 from cxrmax.labeler.segment import split_steps
 from cxrmax.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
@@ -169,7 +194,7 @@ def _scan(low: str) -> list[tuple[int, int, int, object]]:
     flex_keys = lexicon.flex_keys
     flex = lexicon.flex
     flex_match = lexicon.flex_pattern.match
-    trigger = mt.TRIGGER
+    trigger = TRIGGER
     tokens: list[tuple[int, int, int, object]] = []
     append = tokens.append
     covered = -1  # end of the last flexible statement: tokens inside it are dropped
@@ -188,7 +213,7 @@ def _scan(low: str) -> list[tuple[int, int, int, object]]:
             statement = flex_match(low, start)
             if statement is not None:
                 covered = statement.end()
-                append((start, covered, mt.STATEMENT, flex[int(statement.lastgroup[1:])]))
+                append((start, covered, STATEMENT, flex[int(statement.lastgroup[1:])]))
                 continue
         if entry[0] != trigger:
             append((start, end, entry[0], entry[1]))
@@ -204,8 +229,8 @@ def _is_location_gap(low: str, a: int, b: int) -> bool:
     return len(words) <= 6 and all(w in _LOCATION_WORDS for w in words)
 
 
-_MENTION_KINDS = (mt.MENTION, mt.SIGN)
-_CONTENT_KINDS = frozenset({mt.MENTION, mt.SIGN, mt.STATEMENT, mt.NORMAL_STUDY})
+_MENTION_KINDS = (MENTION, SIGN)
+_CONTENT_KINDS = frozenset({MENTION, SIGN, STATEMENT, NORMAL_STUDY})
 
 
 def _span_side(low: str, start: int, end: int) -> str | None:
@@ -230,10 +255,10 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
     while j >= 0:
         tok = tokens[j]
         kind = tok[2]
-        if kind == mt.TERM and not tok[3]:
+        if kind == TERM and not tok[3]:
             j -= 1
             continue
-        if kind == mt.LAT:
+        if kind == LAT:
             gap = _gap(low, tok[1], edge)
             if not back and gap <= _LAT_GAP:
                 back_gap = gap
@@ -253,13 +278,13 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
     while j < n:
         tok = tokens[j]
         kind = tok[2]
-        if kind == mt.TERM and not tok[3]:
+        if kind == TERM and not tok[3]:
             if _gap(low, edge, tok[0]) > _LAT_GAP:
                 break
             edge = tok[1]
             j += 1
             continue
-        if kind == mt.LAT:
+        if kind == LAT:
             gap = _gap(low, edge, tok[0])
             if not forward and gap <= _LAT_GAP:
                 forward_gap = gap
@@ -272,7 +297,7 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
         if forward or back:
             break
         # "atelectasis versus consolidation at the left base": hop over a short list.
-        if (kind in _MENTION_KINDS or (kind == mt.CUE and tok[3][0] & (mt.UNC_PRE | mt.UNC_POST))) and _gap(
+        if (kind in _MENTION_KINDS or (kind == CUE and tok[3][0] & (UNC_PRE | UNC_POST))) and _gap(
             low, edge, tok[0]
         ) <= 2:
             hopped = True
@@ -300,9 +325,9 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
     while j >= 0:
         tok = tokens[j]
         kind = tok[2]
-        if kind == mt.CUE and tok[3][0] & mt.NEG_PRE and not tok[3][0] & (mt.COPULA | mt.CONTRAST):
+        if kind == CUE and tok[3][0] & NEG_PRE and not tok[3][0] & (COPULA | CONTRAST):
             break
-        if kind == mt.LAT and nearest_word is None:
+        if kind == LAT and nearest_word is None:
             nearest_word = tok[3]
         if j in sides and sides[j] is not None:
             return sides[j]
@@ -310,7 +335,7 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
     return nearest_word
 
 
-_ALTERNATIVE_KINDS = (mt.MENTION, mt.SIGN, mt.OTHER)
+_ALTERNATIVE_KINDS = (MENTION, SIGN, OTHER)
 _OR_GAP = re.compile(r"\s*,?\s*or\s+(?:[a-z-]+\s+){0,2}$")
 
 
@@ -324,12 +349,12 @@ def _alternatives(low: str, tokens: list, found: list) -> list:
     positive_tokens = {i for (i, _, status, _, cue, _) in found if status == "positive" and cue is None}
     for i, tok in enumerate(tokens):
         kind = tok[2]
-        if kind == mt.MIMIC and i > 0:
+        if kind == MIMIC and i > 0:
             c = i - 1
-            while c > 0 and tokens[c][2] == mt.IGNORE:  # "may be related to the portable technique"
+            while c > 0 and tokens[c][2] == IGNORE:  # "may be related to the portable technique"
                 c -= 1
             cue = tokens[c]
-            if cue[2] == mt.CUE and cue[3][0] & mt.UNC_PRE and _gap(low, cue[1], tokens[c + 1][0]) <= 2:
+            if cue[2] == CUE and cue[3][0] & UNC_PRE and _gap(low, cue[1], tokens[c + 1][0]) <= 2:
                 earlier = [k for k in positive_tokens if k < c]
                 if earlier:
                     demote.add(max(earlier))
@@ -337,8 +362,8 @@ def _alternatives(low: str, tokens: list, found: list) -> list:
             nxt = tokens[i + 1]
             if (
                 nxt[2] in _ALTERNATIVE_KINDS
-                and (i in positive_tokens or kind == mt.OTHER)
-                and (i + 1 in positive_tokens or nxt[2] == mt.OTHER)
+                and (i in positive_tokens or kind == OTHER)
+                and (i + 1 in positive_tokens or nxt[2] == OTHER)
                 and _OR_GAP.match(low, tok[1], nxt[0])
             ):
                 demote.update((i, i + 1))
@@ -361,7 +386,7 @@ def _later_side(tokens: list, found: list, k: int) -> str | None:
             return None
         if side is not None:
             for tok in tokens[start + 1 : i]:
-                if (tok[2] == mt.TERM and tok[3]) or (tok[2] == mt.CUE and tok[3][0] & mt.NEG_PRE):
+                if (tok[2] == TERM and tok[3]) or (tok[2] == CUE and tok[3][0] & NEG_PRE):
                     return None
             return side
     return None
@@ -375,7 +400,7 @@ def _clauses(tokens: list) -> tuple[list[int], list[int]]:
     lo = 0
     for i, tok in enumerate(tokens):
         los[i] = lo
-        if tok[2] == mt.SEMI or tok[2] == mt.TERM:
+        if tok[2] == SEMI or tok[2] == TERM:
             for k in range(lo, i):
                 his[k] = i
             lo = i + 1
@@ -401,7 +426,7 @@ def _mention_status(
     while j < hi:
         tok = tokens[j]
         kind = tok[2]
-        if kind == mt.LAT or kind == mt.IGNORE:
+        if kind == LAT or kind == IGNORE:
             j += 1
             continue
         if _gap(low, edge, tok[0]) > _POST_GAP:
@@ -410,21 +435,19 @@ def _mention_status(
             edge = tok[1]
             j += 1
             continue
-        if kind == mt.CUE:
+        if kind == CUE:
             bits, word = tok[3]
-            if bits & (mt.UNC_POST | mt.NEG_POST) and (
-                not bits & mt.COPULA or _COPULA_TAIL.match(low, tok[1])
-            ):
-                if bits & mt.UNC_POST:
+            if bits & (UNC_POST | NEG_POST) and (not bits & COPULA or _COPULA_TAIL.match(low, tok[1])):
+                if bits & UNC_POST:
                     return "uncertain", word
                 pre = _pre_status(low, tokens, index, lo, default)
                 if pre[0] == "uncertain":  # "possible small pneumothorax, not definitely seen"
                     return pre
                 return "negative", word
             if (
-                bits & mt.UNC_PRE
+                bits & UNC_PRE
                 and j + 1 < hi
-                and tokens[j + 1][2] == mt.MIMIC
+                and tokens[j + 1][2] == MIMIC
                 and _gap(low, tok[1], tokens[j + 1][0]) <= 2
             ):
                 return "uncertain", word  # "nodular opacity may represent a nipple shadow"
@@ -439,38 +462,38 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
     while j >= lo:
         tok = tokens[j]
         kind = tok[2]
-        if kind == mt.LAT or kind == mt.IGNORE:
+        if kind == LAT or kind == IGNORE:
             j -= 1
             continue
         if _gap(low, tok[1], edge) > _SCOPE_GAP:
             break
-        if kind in _MENTION_KINDS or kind == mt.MIMIC or kind == mt.OTHER:
+        if kind in _MENTION_KINDS or kind == MIMIC or kind == OTHER:
             edge = tok[0]
             j -= 1
             continue
-        if kind == mt.CUE:
+        if kind == CUE:
             bits, word = tok[3]
-            if bits & mt.HYPO:
+            if bits & HYPO:
                 return DROP, word
-            if bits & mt.NEG_PRE:
+            if bits & NEG_PRE:
                 return "negative", word
-            if bits & mt.UNC_PRE:
-                if bits & mt.WEAK:
+            if bits & UNC_PRE:
+                if bits & WEAK:
                     # "no opacity to suggest pneumonia": a negation before a weak word dominates it.
                     k = j - 1
                     edge2 = tok[0]
                     while k >= lo:
                         prev = tokens[k]
                         if (
-                            prev[2] in (mt.LAT, mt.IGNORE, mt.MENTION, mt.SIGN)
+                            prev[2] in (LAT, IGNORE, MENTION, SIGN)
                             and _gap(low, prev[1], edge2) <= _SCOPE_GAP
                         ):
                             edge2 = prev[0]
                             k -= 1
                             continue
                         if (
-                            prev[2] == mt.CUE
-                            and prev[3][0] & mt.NEG_PRE
+                            prev[2] == CUE
+                            and prev[3][0] & NEG_PRE
                             and _gap(low, prev[1], edge2) <= _SCOPE_GAP
                         ):
                             return "negative", prev[3][1]
@@ -488,13 +511,13 @@ def _statement_status(low: str, tokens: list, index: int, lo: int, default: str)
         return "uncertain", None
     if index - 1 >= lo:
         tok = tokens[index - 1]
-        if tok[2] == mt.CUE and _gap(low, tok[1], start) <= 2:
+        if tok[2] == CUE and _gap(low, tok[1], start) <= 2:
             bits, word = tok[3]
-            if bits & mt.HYPO:
+            if bits & HYPO:
                 return DROP, word
-            if bits & mt.NEG_PRE:
+            if bits & NEG_PRE:
                 return "negative", word
-            if bits & mt.UNC_PRE:
+            if bits & UNC_PRE:
                 return "uncertain", word
     return default, None
 
@@ -511,9 +534,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
     for step_index, segment in enumerate(segments):
         while t < n_tokens and tokens[t][0] < segment.start:  # tokens between steps (markers)
             kind = tokens[t][2]
-            if kind == mt.REFUSAL:
+            if kind == REFUSAL:
                 refusal.append((tokens[t][0], tokens[t][1]))
-            elif kind == mt.HEDGE:
+            elif kind == HEDGE:
                 hedging.append((tokens[t][0], tokens[t][1]))
             t += 1
         first = t
@@ -528,9 +551,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             kind = tok[2]
             if kind in _CONTENT_KINDS:
                 content = True
-            elif kind == mt.SEMI:
+            elif kind == SEMI:
                 colon = colon or tok[3] == ":"
-            elif kind == mt.REFUSAL or kind == mt.HEDGE:
+            elif kind == REFUSAL or kind == HEDGE:
                 content = True
         if not content:  # cues and laterality words alone assert nothing
             continue
@@ -539,7 +562,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             # A colon after a short label ("**Edema**: not present") joins the label to what follows.
             kept = []
             for tok in step_tokens:
-                if tok[2] == mt.SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5:
+                if tok[2] == SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5:
                     if kept and kept[-1][2] in _MENTION_KINDS:
                         label_starts.add(kept[-1][0])
                     continue
@@ -551,12 +574,12 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         silent_clauses: set[int] = set()  # clauses (by first token) that refuse or speak in general
         for i, tok in enumerate(step_tokens):
             kind = tok[2]
-            if kind == mt.REFUSAL:
+            if kind == REFUSAL:
                 refusal.append((tok[0], tok[1]))
                 silent_clauses.add(los[i])
-            elif kind == mt.HEDGE:
+            elif kind == HEDGE:
                 hedging.append((tok[0], tok[1]))
-            elif kind == mt.GENERIC:
+            elif kind == GENERIC:
                 silent_clauses.add(los[i])
         step_found: list[
             tuple[int, str, str, str | None, str | None, bool]
@@ -564,7 +587,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         token_sides: dict[int, str | None] = {}
         for i, tok in enumerate(step_tokens):
             kind = tok[2]
-            if kind == mt.MENTION or kind == mt.SIGN:
+            if kind == MENTION or kind == SIGN:
                 lo, hi = los[i], his[i]
                 if lo in silent_clauses:
                     continue
@@ -576,8 +599,8 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                     side = _inherited_side(step_tokens, i, token_sides)
                 token_sides[i] = side
                 for observation in tok[3]:
-                    step_found.append((i, observation, status, side, cue, kind == mt.SIGN))
-            elif kind == mt.STATEMENT:
+                    step_found.append((i, observation, status, side, cue, kind == SIGN))
+            elif kind == STATEMENT:
                 lo, hi = los[i], his[i]
                 if lo in silent_clauses:
                     continue
@@ -600,7 +623,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                     else:
                         step_found.append((i, observation, status, None, cue, False))
                     recognised = True
-            elif kind == mt.NORMAL_STUDY:
+            elif kind == NORMAL_STUDY:
                 if los[i] not in silent_clauses:
                     recognised = True
         if not step_found:
@@ -631,9 +654,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             recognised = True
     while t < n_tokens:
         kind = tokens[t][2]
-        if kind == mt.REFUSAL:
+        if kind == REFUSAL:
             refusal.append((tokens[t][0], tokens[t][1]))
-        elif kind == mt.HEDGE:
+        elif kind == HEDGE:
             hedging.append((tokens[t][0], tokens[t][1]))
         t += 1
     return assertions, refusal, hedging, recognised
