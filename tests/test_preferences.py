@@ -170,9 +170,11 @@ def test_known_drift_annotations(known_build):
 
 
 @pytest.mark.slow  # imports trl (transformers, torch)
-def test_known_drift_sft_and_exports(known_build):
+def test_known_drift_sft_and_exports(known_build, tiny_vlm_path):
     import datasets
-    from trl.data_utils import is_conversational
+    from trl.data_utils import apply_chat_template, is_conversational
+
+    from cxrmax.tinyvlm import load_tiny_vlm
 
     out, _ = known_build
     sft = datasets.load_from_disk(str(out / "sft"))
@@ -189,6 +191,12 @@ def test_known_drift_sft_and_exports(known_build):
     assert example["chosen"][0]["role"] == "assistant" and example["rejected"][0]["role"] == "assistant"
     assert example["rejected"][0]["content"][0]["text"] == TEXTS["D"]
     assert example["images"] == ["files/p10/p10000001/s50000001/s-known.jpg"]  # no root: paths kept
+    # TRL renders the rows with a VLM processor's chat template: image placeholder + texts.
+    _, processor = load_tiny_vlm(tiny_vlm_path)
+    rendered = apply_chat_template({k: example[k] for k in ("prompt", "chosen", "rejected")}, processor)
+    assert "<|image_pad|>" in rendered["prompt"] and PROMPT in rendered["prompt"]
+    assert rendered["chosen"].startswith(example["chosen"][0]["content"][0]["text"])
+    assert rendered["rejected"].startswith(TEXTS["D"])
 
     lines = (out / "exports" / "swift" / "train.jsonl").read_text().splitlines()
     assert len(lines) == 5
