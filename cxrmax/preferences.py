@@ -622,7 +622,19 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
 
     # Ground truth comparison.
     gt_states, gt_known = _gt_states(chunk.column("labels"))
-    gt = D.compare(lab.states, lab.sides, gt_states, np.zeros_like(gt_states))
+    # The label CSVs carry no side: where the report is known, its sides (read by the labeler)
+    # are the ground-truth sides; one read per sample.
+    reports = chunk.column("report").to_pylist()
+    first_rows = [int(i) for i in offsets[:-1]]
+    report_of_sample = [reports[i] for i in first_rows]
+    gt_sides = np.zeros_like(gt_states)
+    has_report = np.array([bool(r) for r in report_of_sample], dtype=bool)
+    if has_report.any():
+        _, sample_sides = relabel([r for r in report_of_sample if r])
+        per_sample = np.zeros((g_count, D.N_OBS), dtype=np.int8)
+        per_sample[has_report] = sample_sides
+        gt_sides = per_sample[group_of]
+    gt = D.compare(lab.states, lab.sides, gt_states, gt_sides)
     gt_mask = gt_known[:, None]
 
     # Votes and consensus (labeler failures take part as non-voters, like refusals).
@@ -645,7 +657,6 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     stepwise = D.stepwise_drift(cumulative_p, valid, options.delta)
 
     # Similarity with the report where one is known.
-    reports = chunk.column("report").to_pylist()
     similarity = np.array(
         [
             np.nan if not r else (D.token_similarity(t, r) if t else np.nan)
@@ -787,8 +798,8 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
             _float(np.where(gt_known, gt.precision, nan)),
             _float(np.where(gt_known, gt.recall, nan)),
             _float(np.where(gt_known, gt.f1, nan)),
-            _float(np.full(n, nan)),  # ground-truth CSVs carry no laterality
-            pa.array(np.zeros(n, dtype=np.int32)),
+            _float(np.where(gt_known, gt.side_agreement, nan)),  # sides from the report, when known
+            pa.array(np.where(gt_known, gt.side_compared, 0).astype(np.int32)),
             _obs_lists(gt.hallucinated & gt_mask),
             _obs_lists(gt.omitted & gt_mask),
             _obs_lists(gt.side_errors & gt_mask),

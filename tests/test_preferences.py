@@ -329,6 +329,9 @@ def test_end_to_end_on_mini_mimic(mini_mimic, tmp_path):
         s for s, m in zip(similarity, traj.column("model").to_pylist(), strict=True) if m == "reporter"
     ]
     assert all(s is not None and s > 0.9 for s in reporter_sim)  # the report itself vs the report
+    # Ground-truth sides come from the report: the report itself agrees with them wherever compared.
+    side_rows = [r for r in traj.to_pylist() if r["model"] == "reporter" and r["gt_side_compared"]]
+    assert side_rows and all(r["gt_side_agreement"] == 1.0 for r in side_rows)
 
     trl = datasets.load_from_disk(str(out / "exports" / "trl"))
     split = next(name for name, ds in trl.items() if len(ds))
