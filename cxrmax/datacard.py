@@ -35,6 +35,7 @@ _MODEL_METRICS = (
     "refusal_rate",
     "hedging_rate",
     "laterality_error_rate",
+    "report_side_agreement",
     "mean_drift",
     "mean_steps",
     "mean_chars",
@@ -94,6 +95,7 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
             "cons_recall",
             "cons_f1",
             "cons_side_errors",
+            "gt_side_agreement",
             "similarity",
             "drift",
         ],
@@ -121,6 +123,7 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
 
     precision, recall, f1 = arr(f"{prefix}_precision"), arr(f"{prefix}_recall"), arr(f"{prefix}_f1")
     similarity = arr("similarity")
+    report_sides = arr("gt_side_agreement")
     drift = arr("drift")
     refusal = traj.column("refusal").to_numpy(zero_copy_only=False).astype(bool)
     hedging = traj.column("hedging").to_numpy(zero_copy_only=False).astype(bool)
@@ -148,6 +151,7 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
             "refusal_rate": float(refusal[m].mean()),
             "hedging_rate": float(hedging[m].mean()),
             "laterality_error_rate": float(side_err[m].mean()),
+            "report_side_agreement": _nanmean(report_sides[m]),
             "mean_drift": _nanmean(drift[m]),
             "mean_steps": _nanmean(steps[m]),
             "mean_chars": _nanmean(chars[m]),
