@@ -26,21 +26,6 @@ from cxrmax.pathologies import OBSERVATIONS
 #: Where the card template lives (next to the package in a source checkout).
 TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "data_cards" / "cxr-max.md.tmpl"
 
-_MODEL_METRICS = (
-    "trajectories",
-    "precision",
-    "recall",
-    "f1",
-    "similarity",
-    "refusal_rate",
-    "hedging_rate",
-    "laterality_error_rate",
-    "report_side_agreement",
-    "mean_drift",
-    "mean_steps",
-    "mean_chars",
-)
-
 
 @dataclass
 class DriftStatistics:
