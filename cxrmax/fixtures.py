@@ -776,6 +776,11 @@ def write_synthetic_csvs(
     hexes = [blob[i : i + 40] for i in range(0, len(blob), 40)]
     dicom_ids = [f"{h[:8]}-{h[8:16]}-{h[16:24]}-{h[24:32]}-{h[32:]}" for h in hexes]
     views = rng.choice(np.array(["PA", "AP", "LATERAL", "LL", ""]), n_images, p=[0.4, 0.35, 0.2, 0.03, 0.02])
+    # Release order: by subject, then study, then dicom_id.
+    order = np.lexsort((np.array(dicom_ids), study_ids[image_study], subjects[study_subject[image_study]]))
+    image_study = image_study[order]
+    dicom_ids = [dicom_ids[i] for i in order]
+    views = views[order]
     image_subject = subjects[study_subject[image_study]]
     image_study_id = study_ids[image_study]
     study_dates = (

@@ -757,10 +757,12 @@ class MimicCXR:
                 )
             self.skipped[f"{path.name}: {reason}"] += int((values & ~drop).sum())
             drop |= values
-        joined = joined.filter(pa.array(~drop))
-        joined = joined.sort_by(
-            [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
-        )
+        if drop.any():
+            joined = joined.filter(pa.array(~drop))
+        if not _sorted_by_subject_study_dicom(joined):  # the release is; a copy is only made when not
+            joined = joined.sort_by(
+                [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
+            )
         path_column = pc.binary_join_element_wise(
             "files/p",
             pc.utf8_slice_codeunits(pc.cast(joined.column("subject_id"), pa.string()), 0, 2),
@@ -1195,6 +1197,26 @@ class MimicCXR:
             }
         result["skipped"] = dict(self.skipped)
         return result
+
+
+def _sorted_by_subject_study_dicom(table: pa.Table) -> bool:
+    """Whether rows are already ordered by (subject_id, study_id, dicom_id): integer checks with
+    numpy, string comparisons only between neighbours of the same study."""
+    if table.num_rows < 2:
+        return True
+    subject = table.column("subject_id").to_numpy()
+    study = table.column("study_id").to_numpy()
+    step_subject, step_study = np.diff(subject), np.diff(study)
+    if (step_subject < 0).any():
+        return False
+    same_subject = step_subject == 0
+    if (step_study[same_subject] < 0).any():
+        return False
+    ties = np.flatnonzero(same_subject & (step_study == 0))
+    if ties.size == 0:
+        return True
+    dicom = table.column("dicom_id")
+    return bool(pc.all(pc.less_equal(dicom.take(pa.array(ties)), dicom.take(pa.array(ties + 1)))).as_py())
 
 
 def _normalize_splits(splits: Iterable[str]) -> list[str]:

@@ -682,3 +682,17 @@ def test_lenient_duplicate_metadata_rows_are_counted_once(mimic_copy: Path) -> N
         "mimic-cxr-2.0.0-metadata.csv.gz: duplicate dicom_id": 1,
         "mimic-cxr-2.0.0-split.csv.gz: duplicate dicom_id": 1,
     }
+
+
+def test_sortedness_check() -> None:
+    from cxrmax.mimic import _sorted_by_subject_study_dicom as is_sorted
+
+    def table(rows):
+        subject, study, dicom = zip(*rows, strict=True)
+        return pa.table({"subject_id": list(subject), "study_id": list(study), "dicom_id": list(dicom)})
+
+    assert is_sorted(table([(1, 5, "b"), (1, 6, "a"), (2, 3, "a"), (2, 3, "c")]))
+    assert not is_sorted(table([(1, 5, "b"), (1, 5, "a")]))  # dicom order within a study
+    assert not is_sorted(table([(1, 6, "a"), (1, 5, "a")]))
+    assert not is_sorted(table([(2, 1, "a"), (1, 9, "a")]))
+    assert is_sorted(table([(1, 1, "z")]))

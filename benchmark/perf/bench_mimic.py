@@ -74,10 +74,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-mimic-") as tmp:
         root = args.root or Path(tmp) / "mimic"
         if not (root / "mimic-cxr-2.0.0-metadata.csv.gz").exists():
-            from cxrmax.fixtures import write_synthetic_csvs
-
+            # In a child too: Linux carries a parent's peak RSS into children it forks, so this
+            # process must stay small for the children's figures to be their own.
             start = time.perf_counter()
-            write_synthetic_csvs(root, n_images=n_images, n_studies=n_studies, n_subjects=n_subjects, seed=0)
+            code = (
+                "import sys; from cxrmax.fixtures import write_synthetic_csvs; "
+                "write_synthetic_csvs(sys.argv[1], n_images=int(sys.argv[2]), n_studies=int(sys.argv[3]), "
+                "n_subjects=int(sys.argv[4]), seed=0)"
+            )
+            argv = [sys.executable, "-c", code, str(root), str(n_images), str(n_studies), str(n_subjects)]
+            subprocess.run(argv, check=True)
             print(f"wrote synthetic CSVs ({n_images:,} images) in {time.perf_counter() - start:.1f} s")
         cases = [
             ("cxrmax select k", run_case(CXRMAX_CASE, root, k, {})),
