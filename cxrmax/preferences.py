@@ -943,6 +943,7 @@ class BuildSummary:
     split_unknown_rows: int
     split_rows: dict
     models: list[str]
+    studies_not_in_mimic: int = 0  # rows whose study has no label row under --mimic-root
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # wall seconds per phase
 
@@ -972,9 +973,10 @@ def _normalise_split(table: pa.Table) -> tuple[pa.Table, int]:
     return table.set_column(index, "split", pa.array(out, type=pa.string())), unknown
 
 
-def _enrich_from_mimic(table: pa.Table, root: Path, lenient: bool) -> pa.Table:
+def _enrich_from_mimic(table: pa.Table, root: Path, lenient: bool) -> tuple[pa.Table, int]:
     """Fill missing ground-truth labels, split, subject ids and the report text from a MIMIC-CXR
-    root (labels from the CheXpert CSV by study_id; report = impression > findings > last paragraph)."""
+    root (labels from the CheXpert CSV by study_id; report = impression > findings > last paragraph).
+    Also returns how many rows name a study without a label row in that root."""
     from cxrmax.mimic import MimicCXR
 
     mimic = MimicCXR(root, lenient=lenient)
@@ -1020,9 +1022,10 @@ def _enrich_from_mimic(table: pa.Table, root: Path, lenient: bool) -> pa.Table:
             sections = mimic.report(subject, study_id)
             reports[(subject, study_id)] = sections.best() if sections is not None else None
         texts.append(reports[(subject, study_id)])
+    missing = int(pc.sum(pc.invert(has)).as_py() or 0)
     return table.set_column(
         table.schema.get_field_index("report"), "report", pa.array(texts, type=pa.string())
-    )
+    ), missing
 
 
 def ms_cxr_t_subjects(path: Path) -> set[int]:
@@ -1134,8 +1137,9 @@ def build_preferences(
 
     table, load_report = load_trajectories(inputs, lenient=options.lenient)
     phase("load")
+    studies_not_in_mimic = 0
     if options.mimic_root is not None:
-        table = _enrich_from_mimic(table, Path(options.mimic_root), options.lenient)
+        table, studies_not_in_mimic = _enrich_from_mimic(table, Path(options.mimic_root), options.lenient)
     table, split_unknown = _normalise_split(table)
     excluded_rows = 0
     if options.ms_cxr_t is not None:
@@ -1250,6 +1254,7 @@ def build_preferences(
             split_unknown_rows=split_unknown,
             split_rows={"preferences": dict(pref_writers.rows), "sft": dict(sft_writers.rows)},
             models=models,
+            studies_not_in_mimic=studies_not_in_mimic,
         )
         summary.phases = phases
         summary.seconds = round(time.perf_counter() - started, 3)

@@ -322,6 +322,7 @@ def test_end_to_end_on_mini_mimic(mini_mimic, tmp_path):
     assert sum(len(ds) for ds in sft.values()) == summary.counts["sft_rows"]
     removed = sum(1 for r in rows if r["split"] == "train" and r["subject_id"] in ms_subjects)
     assert summary.ms_cxr_t_excluded_rows == removed
+    assert summary.studies_not_in_mimic == 0
 
     traj = read_ipc(out / "annotations" / "trajectories.arrow")
     similarity = traj.column("similarity").to_pylist()
@@ -615,3 +616,13 @@ def test_datasets_directory_input_and_hub_id_offline(tmp_path, monkeypatch):
         InputError, match="nobody/cxr-max: no such local path, and cannot load from the Hugging Face Hub"
     ):
         load_trajectories(["nobody/cxr-max"])
+
+
+def test_trajectories_of_studies_missing_from_the_mimic_root_are_counted(mini_mimic, tmp_path):
+    out = write_generate_shards(
+        tmp_path / "run", known_drift_rows()
+    )  # study 50000001/2: not in the mini root
+    summary = build_preferences(
+        [out], tmp_path / "o", BuildOptions(processes=1, mimic_root=Path(mini_mimic), card=False)
+    )
+    assert summary.studies_not_in_mimic == 6 and summary.counts["preference_rows"] == 1

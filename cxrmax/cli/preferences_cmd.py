@@ -150,6 +150,7 @@ def _build_preferences(
             "duplicate keys (lenient)": summary.load["duplicates_skipped"],
             "samples with mismatched ids (lenient)": summary.load["conflicting_samples_skipped"],
             "MS-CXR-T train rows removed": summary.ms_cxr_t_excluded_rows,
+            "rows whose study has no labels under --mimic-root": summary.studies_not_in_mimic,
             "rows without a split (put in train)": summary.split_unknown_rows,
             "samples without negatives": counts.get("samples_without_negatives", 0),
             "samples where every source refused": counts.get("samples_without_consensus", 0),
