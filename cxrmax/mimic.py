@@ -561,6 +561,7 @@ class MimicCXR:
         #: Lenient-mode skips: "<file>: <reason>" -> rows skipped.
         self.skipped: Counter = Counter()
         self._images: pa.Table | None = None
+        self._index: pa.Table | None = None
         self._labels: dict[str, pa.Table] = {}
         self._label_reads: dict[str, Future] = {}
 
@@ -583,8 +584,30 @@ class MimicCXR:
         rows, columns, image_path (relative to the root). Metadata joined with the split CSV; ids
         that disagree between the two are errors (or counted skips when lenient)."""
         if self._images is None:
-            self._images = self._load_images()
+            index = self._image_index()
+            self._images = index.append_column("image_path", self._image_paths(index))
         return self._images
+
+    def _image_index(self) -> pa.Table:
+        """`images()` without image_path (built only for the rows a selection keeps)."""
+        if self._index is None:
+            self._index = self._load_images()
+        return self._index
+
+    def _image_paths(self, table: pa.Table) -> pa.ChunkedArray:
+        subject = pc.cast(table.column("subject_id"), pa.string())
+        return pc.binary_join_element_wise(
+            "files/p",
+            pc.utf8_slice_codeunits(subject, 0, 2),
+            "/p",
+            subject,
+            "/s",
+            pc.cast(table.column("study_id"), pa.string()),
+            "/",
+            table.column("dicom_id"),
+            self.image_extension,
+            "",
+        )
 
     def _load_images(self) -> pa.Table:
         meta_path = self._require_csv(METADATA_CSV)
@@ -763,18 +786,6 @@ class MimicCXR:
             joined = joined.sort_by(
                 [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
             )
-        path_column = pc.binary_join_element_wise(
-            "files/p",
-            pc.utf8_slice_codeunits(pc.cast(joined.column("subject_id"), pa.string()), 0, 2),
-            "/p",
-            pc.cast(joined.column("subject_id"), pa.string()),
-            "/s",
-            pc.cast(joined.column("study_id"), pa.string()),
-            "/",
-            joined.column("dicom_id"),
-            self.image_extension,
-            "",
-        )
         return pa.table(
             {
                 "dicom_id": joined.column("dicom_id"),
@@ -786,13 +797,12 @@ class MimicCXR:
                 "study_time": joined.column("study_time"),
                 "rows": joined.column("rows"),
                 "columns": joined.column("columns"),
-                "image_path": path_column,
             }
         )
 
     def studies(self) -> pa.Table:
         """One row per study: study_id, subject_id, split, n_images (sorted by subject, study)."""
-        images = self.images()  # sorted by subject, study: a study's images are contiguous
+        images = self._image_index()  # sorted by subject, study: a study's images are contiguous
         study = images.column("study_id").to_numpy()
         if len(study) == 0:
             return pa.table(
@@ -958,7 +968,7 @@ class MimicCXR:
         or a counted skip when lenient); `verify_images` decodes each selected image (cheaply) so
         corrupt files are found now rather than mid-generation; with `with_reports` it reads the
         selected studies' reports."""
-        table = self.images()
+        table = self._image_index()
         table = table.append_column("_order", pa.array(np.arange(table.num_rows)))
         if splits is not None:
             table = table.filter(pc.is_in(table.column("split"), pa.array(_normalize_splits(splits))))
@@ -1011,6 +1021,7 @@ class MimicCXR:
             in_shard = (_mix64(study_ids) % np.uint64(count)) == np.uint64(index)
             table = table.filter(pa.array(in_shard))
         table = table.sort_by("_order").drop_columns(["_order"])
+        table = table.append_column("image_path", self._image_paths(table))
         if check_files or verify_images:
             table = self._check_images_exist(table)
         if verify_images:
@@ -1121,7 +1132,7 @@ class MimicCXR:
         """Counts for `cxrmax mimic summary`: studies/images/subjects per split, images per split and
         view, label prevalence (1/0/-1/blank and studies without a label row), report coverage.
         `progress(done, total)` is called while reports are parsed (227,835 files on the release)."""
-        images = self.images()
+        images = self._image_index()
         studies = self.studies()
         result: dict = {"root": str(self.root), "layout": self.layout, "version": self.version}
         per_split = {}
