@@ -1124,6 +1124,10 @@ def build_preferences(
         raise InputError(f"--consensus must be 'vote' or 'model', not {options.consensus!r}")
     if options.min_sources < 1:
         raise InputError("--min-sources must be at least 1")
+    if options.step_bins < 1 or not 1 <= options.delta <= options.step_bins:
+        raise InputError("--step-bins must be at least 1 and --delta between 1 and --step-bins")
+    if options.max_negatives is not None and options.max_negatives < 1:
+        raise InputError("--max-negatives must be at least 1")
     started = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -1192,11 +1196,13 @@ def build_preferences(
         )
         totals: Counter = Counter()
         processes = options.processes or os.cpu_count() or 1
-        chunks = (
-            (chunk, chunk_options) for chunk in _iter_chunks(table, starts, max(1, options.chunk_samples))
-        )
+        # Chunks small enough to keep every worker busy on small runs, capped for flat memory.
+        chunk_samples = max(1, min(options.chunk_samples, -(-len(starts) // (2 * processes)) or 1))
+        if processes > 1:
+            chunk_samples = max(chunk_samples, min(50, options.chunk_samples))
+        chunks = ((chunk, chunk_options) for chunk in _iter_chunks(table, starts, chunk_samples))
         pool = None
-        if processes > 1 and len(starts) > options.chunk_samples:
+        if processes > 1 and len(starts) > chunk_samples:
             # fork (like the labeler's batch mode): no re-import per worker, no __main__ guard needed.
             methods = multiprocessing.get_all_start_methods()
             pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(processes)
