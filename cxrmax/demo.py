@@ -56,16 +56,17 @@ class DemoSize:
     apo_steps: int
     max_tokens: int = 160
     teacher_batch: int = 16
+    teacher_lr: float = 8e-3
     image_max_edge: int = 112
 
 
 SIZES: dict[str, DemoSize] = {
     # The test suite's size: every stage runs for real, on little data.
     "small": DemoSize(
-        studies=60, teacher_steps=90, train_images=24, test_samples=2, sft_steps=25, apo_steps=12
+        studies=60, teacher_steps=100, train_images=24, test_samples=2, sft_steps=100, apo_steps=16
     ),
     "default": DemoSize(
-        studies=400, teacher_steps=220, train_images=120, test_samples=3, sft_steps=120, apo_steps=60
+        studies=400, teacher_steps=160, train_images=120, test_samples=3, sft_steps=200, apo_steps=60
     ),
 }
 
@@ -324,7 +325,7 @@ def train_students(
         output_dir=str(out / "student-sft"),
         model_name_or_path=str(base),
         dataset_path=str(data / "sft"),
-        learning_rate=3e-3,
+        learning_rate=8e-3,  # a tiny model from scratch: the teachers' rate (see simulate.train_teacher)
         warmup_steps=0.05,
         max_steps=size.sft_steps,
         per_device_train_batch_size=8,
@@ -393,6 +394,7 @@ def run_demo(
             teachers,
             steps=spec.teacher_steps,
             batch_size=spec.teacher_batch,
+            lr=spec.teacher_lr,
             seed=seed,
             max_edge=spec.image_max_edge,
         )

@@ -71,7 +71,7 @@ def simulate(
     hallucinate: str = typer.Option(
         "Pneumothorax", "--hallucinate", help="Observation the hallucinating teacher asserts when absent."
     ),
-    steps: int = typer.Option(220, "--steps", help="Training steps per teacher."),
+    steps: int = typer.Option(160, "--steps", help="Training steps per teacher."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the biased targets and the training."),
     generate: bool = typer.Option(
         True, "--generate/--no-generate", help="Let every teacher answer the --split images afterwards."
