@@ -107,7 +107,9 @@ def mimic_summary(
             splits.add_column(column, justify="right" if column != "split" else "left")
         for split in SPLITS:
             counts = summary["splits"][split]
-            splits.add_row(split, str(counts["subjects"]), str(counts["studies"]), str(counts["images"]))
+            splits.add_row(
+                split, f"{counts['subjects']:,}", f"{counts['studies']:,}", f"{counts['images']:,}"
+            )
         console.print(splits)
 
         views = sorted({view for _split, view in summary["views"]}, key=lambda v: (v == "", v))
@@ -116,7 +118,9 @@ def mimic_summary(
         for split in SPLITS:
             view_table.add_column(split, justify="right")
         for view in views:
-            view_table.add_row(view or "(empty)", *(str(summary["views"].get((s, view), 0)) for s in SPLITS))
+            view_table.add_row(
+                view or "(empty)", *(f"{summary['views'].get((s, view), 0):,}" for s in SPLITS)
+            )
         console.print(view_table)
 
         if "labels" in summary:
@@ -128,7 +132,7 @@ def mimic_summary(
             for column in ("observation", "1", "0", "-1", "blank"):
                 label_table.add_column(column, justify="right" if column != "observation" else "left")
             for name, counts in labels["prevalence"].items():
-                label_table.add_row(name, *(str(counts[key]) for key in ("1", "0", "-1", "blank")))
+                label_table.add_row(name, *(f"{counts[key]:,}" for key in ("1", "0", "-1", "blank")))
             console.print(label_table)
 
         if "reports" in summary:
@@ -147,7 +151,7 @@ def mimic_summary(
                 "missing",
             ):
                 share = cover[key] / cover["studies"] if cover["studies"] else 0.0
-                report_table.add_row(key.replace("_", " "), str(cover[key]), f"{share:.1%}")
+                report_table.add_row(key.replace("_", " "), f"{cover[key]:,}", f"{share:.1%}")
             console.print(report_table)
         _print_skipped(summary["skipped"])
 
