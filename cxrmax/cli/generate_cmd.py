@@ -14,7 +14,6 @@ from cxrmax.cli.common import console, err_console, user_errors
 
 generate_app = typer.Typer(
     name="generate",
-    help="Make source VLMs write reasoning trajectories over a MIMIC-CXR selection, exactly once.",
     invoke_without_command=True,
     no_args_is_help=False,
     rich_markup_mode="rich",
