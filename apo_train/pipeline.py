@@ -171,7 +171,12 @@ def rebuild_preferences_with_model(spec: PipelineSpec, stage1_model: str, consol
     )
     if console is not None:
         console.print(f"[bold]consensus[/]: rebuilding positives with the Stage-1 model {stage1_model}")
-    build_preferences([spec.trajectories], out, options)
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:  # one writer under torchrun / accelerate launch; the others wait
+        build_preferences([spec.trajectories], out, options)
+    state.wait_for_everyone()
     return str(out / "preferences")
 
 

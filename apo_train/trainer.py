@@ -335,7 +335,14 @@ class APOTrainer(Trainer):
 
 
 # --------------------------------------------------------------------------------- stage runners
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that prints and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _report_stats(stats: TruncationStats, console: Any | None, label: str, output_dir: str | None) -> None:
+    if not is_main_process():
+        return
     if output_dir:
         path = Path(output_dir)
         path.mkdir(parents=True, exist_ok=True)

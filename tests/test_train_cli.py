@@ -190,3 +190,64 @@ def test_reads_real_preferences_layout_from_path(tmp_path):
     table = pa.Table.from_pylist(preference_rows(2), schema=PREFERENCE_SCHEMA)
     datasets.Dataset(table).save_to_disk(str(tmp_path / "bare"))
     assert len(load_split(Path(tmp_path / "bare"), "train", ("chosen",))) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_with_precomputed_reference(tiny_lm_path, data, tmp_path):
+    """`torchrun` (DDP over gloo) runs the same command unchanged; metrics and the reference cache are
+    gathered across ranks, and only rank 0 writes the logs."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pyarrow.ipc as ipc
+
+    prefs, _ = data
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "cxrmax",
+            "train-apo",
+            "--stage",
+            "apo",
+            "--model",
+            str(tiny_lm_path),
+            "--preferences",
+            str(prefs),
+            "--out",
+            str(tmp_path),
+            "--cpu",
+            "--max-steps",
+            "2",
+            "--global-batch",
+            "4",
+            "--per-device-batch",
+            "1",
+            "--precompute-ref",
+            "--logging-steps",
+            "1",
+            "--max-length",
+            "128",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("apo done") == 1
+    records = [json.loads(line) for line in (tmp_path / "apo" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "rewards/accuracies" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert steps[-1]["epoch"] == pytest.approx(1.0)  # 2 steps x 4 samples = the 8 samples, split over ranks
+    (cache,) = (tmp_path / "apo" / "reference_logps").glob("train-*.arrow")
+    with open(cache, "rb") as handle:
+        table = ipc.open_file(handle).read_all()
+    assert table.column("sample_index").to_pylist() == list(range(8))

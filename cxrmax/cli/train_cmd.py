@@ -215,7 +215,9 @@ def train_apo(
         if resume is not None:
             spec.resume = True if resume == "latest" else resume
         results = run_pipeline(spec, console=console)
-        for name, result in results.items():
+        from apo_train.trainer import is_main_process
+
+        for name, result in results.items() if is_main_process() else ():
             history = [h for h in result["log_history"] if "loss" in h]
             last = history[-1] if history else {}
             shown = ", ".join(
