@@ -429,3 +429,45 @@ def test_server_subprocess_stub_with_faults():
         )
         assert server.stats() == {"requests": 2, "status_503": 1, "completed": 1}
     assert server.process.poll() is not None
+
+
+def test_rpm_limit_spaces_requests(server, small_selection, mini_mimic, tmp_path):
+    start = time.monotonic()
+    stats = generate(_options(small_selection, mini_mimic, tmp_path, [server.base_url], rpm=600))
+    assert stats.done == 10
+    assert time.monotonic() - start >= 0.85  # 10 requests at 10 per second, one second's burst at most
+
+
+def test_duplicate_sample_ids_in_the_selection_are_refused(server, small_selection, mini_mimic, tmp_path):
+    import pyarrow as pa
+
+    table = pq.read_table(small_selection)
+    doubled = tmp_path / "doubled.parquet"
+    pq.write_table(pa.concat_tables([table, table.slice(3, 1)]), doubled)
+    with pytest.raises(CxrmaxError, match=r"doubled.parquet row 11 field 'sample_id'.*duplicate"):
+        generate(_options(doubled, mini_mimic, tmp_path, [server.base_url]))
+    assert server.stats["requests"] == 0
+
+
+def test_sigterm_commits_what_was_answered(server, small_selection, mini_mimic, tmp_path):
+    server.set_faults(delay_s=0.3)
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "cxrmax", "generate", "--model", MODEL, "--selection", str(small_selection),
+        "--mimic-root", str(mini_mimic), "--out", str(out), "--base-url", server.base_url, "--samples", "3",
+        "--max-tokens", "4", "--concurrency", "2", "--quiet",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = out / "trajectories" / MODEL
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        p.stat().st_size for p in (folder.glob("wal-*.jsonl") if folder.exists() else [])
+    ):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert not list(folder.glob("wal-*.jsonl"))  # the journal became a shard on the way out
+    kept = read_trajectories(out).num_rows
+    assert 1 <= kept < 30
