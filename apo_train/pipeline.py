@@ -175,7 +175,15 @@ def rebuild_preferences_with_model(spec: PipelineSpec, stage1_model: str, consol
 
     state = PartialState()
     if state.is_main_process:  # one writer under torchrun / accelerate launch; the others wait
-        build_preferences([spec.trajectories], out, options)
+        summary = build_preferences([spec.trajectories], out, options)
+        counts = getattr(summary, "counts", {}) or {}
+        if console is not None:
+            console.print(
+                f"[bold]consensus[/]: {counts.get('preference_rows', 0)} samples, "
+                f"{counts.get('consensus_model_requests', 0)} model requests, "
+                f"{counts.get('consensus_model_failures', 0)} failed (those keep the vote positive), "
+                f"{counts.get('consensus_flagged_model', 0)} flagged"
+            )
     state.wait_for_everyone()
     return str(out / "preferences")
 
