@@ -862,6 +862,16 @@ REFUSAL: tuple[str, ...] = (
     "unable to view images",
     "i can't diagnose",
     "i'm not qualified",
+    "am not able to",
+    "am unable to",
+    "not able to provide a diagnosis",
+    "not able to provide a medical",
+    "not able to provide medical",
+    "unable to provide a medical",
+    "cannot provide a diagnosis",
+    "can't provide a diagnosis",
+    "cannot provide a medical diagnosis",
+    "can't provide a medical diagnosis",
 )
 
 HEDGING: tuple[str, ...] = (
