@@ -251,3 +251,90 @@ def test_torchrun_two_cpu_processes_with_precomputed_reference(tiny_lm_path, dat
     with open(cache, "rb") as handle:
         table = ipc.open_file(handle).read_all()
     assert table.column("sample_index").to_pylist() == list(range(8))
+
+
+@pytest.mark.slow
+def test_stage_all_with_model_consensus_through_build_preferences(tiny_lm_path, tmp_path):
+    """SFT, then build-preferences' model consensus with the merged Stage-1 model, then APO on its output."""
+    import pyarrow as pa
+
+    from cxrmax import shards
+    from cxrmax.preferences import BuildOptions, build_preferences
+
+    texts = {
+        "A": "There is left lower lobe atelectasis. Bilateral pleural effusions are present. No pneumothorax.",
+        "B": "Left lower lobe atelectasis is seen. There are bilateral pleural effusions. There is no pneumothorax.",
+        "C": "Right lower lobe atelectasis. A right pleural effusion. The heart is enlarged.",
+    }
+    rows = []
+    for i in range(2):
+        for model, text in texts.items():
+            rows.append(
+                {
+                    "request_key": f"{model}:{i}",
+                    "sample_id": f"s{i}",
+                    "dicom_id": f"s{i}",
+                    "subject_id": 10000001 + i,
+                    "study_id": 50000001 + i,
+                    "split": "train",
+                    "view": "PA",
+                    "image_path": None,
+                    "labels": shards.labels_to_struct({"Atelectasis": 1, "Pleural Effusion": 1}),
+                    "model": model,
+                    "prompt": PROMPT.format(label="atelectasis and pleural effusion"),
+                    "sample_index": 0,
+                    "text": text,
+                    "finish_reason": "stop",
+                }
+            )
+    run = tmp_path / "gen"
+    for model in texts:
+        directory = run / "trajectories" / model
+        directory.mkdir(parents=True)
+        table = pa.Table.from_pylist(
+            [r for r in rows if r["model"] == model], schema=shards.TRAJECTORY_SCHEMA
+        )
+        with pa.ipc.new_stream(str(directory / "part-0.arrow"), table.schema) as writer:
+            writer.write_table(table)
+    build_preferences([run], run, BuildOptions(processes=1, card=False, export_trl=False, export_swift=False))
+    result = runner.invoke(
+        app,
+        [
+            "train-apo",
+            "--stage",
+            "all",
+            "--model",
+            str(tiny_lm_path),
+            "--sft-data",
+            str(run / "sft"),
+            "--preferences",
+            str(run / "preferences"),
+            "--trajectories",
+            str(run),
+            "--consensus",
+            "model",
+            "--out",
+            str(tmp_path / "out"),
+            "--cpu",
+            "--max-steps",
+            "1",
+            "--global-batch",
+            "2",
+            "--per-device-batch",
+            "2",
+            "--max-length",
+            "256",
+            "--set",
+            "apo.learning_rate=0.01",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    import re
+
+    requests = re.search(r"consensus: 2 samples, (\d+) model requests", text)
+    assert requests and int(requests.group(1)) >= 2, text  # one per sample at least (retries add more)
+    assert (tmp_path / "out" / "consensus" / "preferences").is_dir()
+    args = torch.load(tmp_path / "out" / "apo" / "training_args.bin", weights_only=False)
+    assert args.dataset_path == str(tmp_path / "out" / "consensus" / "preferences")
+    assert args.model_name_or_path == str(tmp_path / "out" / "sft" / "merged")
