@@ -141,6 +141,52 @@ def test_negation_scope_ends_at_but_however_although_and_clause_end():
         assert status(text, name)[0] == "negative"
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "No effusion, possible atelectasis.",
+            {"Pleural Effusion": ("negative", "unspecified"), "Atelectasis": ("uncertain", "unspecified")},
+        ),
+        (
+            "No pneumothorax, likely atelectasis at the left base.",
+            {"Pneumothorax": ("negative", "unspecified"), "Atelectasis": ("uncertain", "left")},
+        ),
+        (
+            "Small left effusion, no pneumothorax, mild right basilar atelectasis.",
+            {
+                "Pleural Effusion": ("positive", "left"),
+                "Pneumothorax": ("negative", "unspecified"),
+                "Atelectasis": ("positive", "right"),
+            },
+        ),
+        ("Pneumothorax, if present, is very small.", {"Pneumothorax": ("uncertain", "unspecified")}),
+        (
+            "Atelectasis versus consolidation at the left base.",
+            {"Atelectasis": ("uncertain", "left"), "Consolidation": ("uncertain", "left")},
+        ),
+        (
+            "Right lower lobe opacity, consistent with pneumonia or atelectasis.",
+            {
+                "Lung Opacity": ("positive", "right"),
+                "Pneumonia": ("uncertain", "right"),
+                "Atelectasis": ("uncertain", "right"),
+            },
+        ),
+        ("Pneumothorax: there is no pneumothorax.", {"Pneumothorax": ("negative", "unspecified")}),
+        ("Edema: not present.", {"Edema": ("negative", None)}),
+        ("History of pneumonia. Lungs are clear.", {"Pneumonia": ("negative", "unspecified")}),
+        (
+            "Pneumonia typically appears as consolidation.",
+            {"Pneumonia": ("absent", None), "Consolidation": ("absent", None)},
+        ),
+    ],
+)
+def test_list_and_clause_boundaries(text, expected):
+    for name, want in expected.items():
+        assert status(text, name) == want, name
+
+
 def test_double_negatives():
     assert status("A small effusion cannot be excluded.", "Pleural Effusion")[0] == "uncertain"
     assert status("Cannot rule out pneumonia.", "Pneumonia")[0] == "uncertain"

@@ -230,6 +230,12 @@ def _is_location_gap(low: str, a: int, b: int) -> bool:
 
 
 _MENTION_KINDS = (MENTION, SIGN)
+_NEW_ITEM = re.compile(
+    r"\b(?:mild|mildly|moderate|moderately|severe|small|large|tiny|trace|minimal|extensive|marked|massive|new|"
+    r"persistent|stable|chronic|old|healed|known|residual|increased|decreased|worsening|improving|unchanged|"
+    r"left|right|bilateral|bibasilar|there)\b"
+)
+_LIST_GAP = re.compile(r"\s*(?:,|and|or|,\s*and|,\s*or)?\s*$")  # "X versus Y", "X and Y", "X, Y"
 _CONTENT_KINDS = frozenset({MENTION, SIGN, STATEMENT, NORMAL_STUDY})
 
 
@@ -286,6 +292,9 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
             continue
         if kind == LAT:
             gap = _gap(low, edge, tok[0])
+            comma = low.find(",", edge, tok[0])
+            if comma >= 0 and _NEW_ITEM.search(low, comma, tok[0]):
+                break  # "no pneumothorax, mild right atelectasis": the side is the next finding's
             if not forward and gap <= _LAT_GAP:
                 forward_gap = gap
             elif not (forward and _is_location_gap(low, edge, tok[0])):
@@ -297,9 +306,9 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
         if forward or back:
             break
         # "atelectasis versus consolidation at the left base": hop over a short list.
-        if (kind in _MENTION_KINDS or (kind == CUE and tok[3][0] & (UNC_PRE | UNC_POST))) and _gap(
-            low, edge, tok[0]
-        ) <= 2:
+        if (
+            kind in _MENTION_KINDS or (kind == CUE and tok[3][0] & UNC_PRE and tok[3][0] & UNC_POST)
+        ) and _LIST_GAP.match(low, edge, tok[0]):
             hopped = True
             edge = tok[1]
             j += 1
@@ -468,6 +477,11 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
         if _gap(low, tok[1], edge) > _SCOPE_GAP:
             break
         if kind in _MENTION_KINDS or kind == MIMIC or kind == OTHER:
+            # "no pneumothorax, mild right basilar atelectasis": a new described finding after a
+            # comma is not part of the negated list.
+            comma = low.rfind(",", tok[1], tokens[index][0])
+            if comma >= 0 and _NEW_ITEM.search(low, comma, tokens[index][0]):
+                break
             edge = tok[0]
             j -= 1
             continue

@@ -432,11 +432,17 @@ UNC_POST: tuple[str, ...] = (
     "to be ruled out",
     "to be excluded",
     "should be considered in the differential",
+    "if present",
+    "if any",
+    "if there is one",
+    "if real",
 )
 
 # Uncertainty words that a negation in the same scope dominates ("no opacity to suggest pneumonia").
 WEAK_UNCERTAIN: frozenset[str] = frozenset(
     {
+        # linking words only: "no consolidation to suggest pneumonia" (pneumonia negative); a modifier
+        # such as "possible" starts a new claim ("no effusion, possible atelectasis").
         "suggestive of",
         "suggests",
         "suggest",
@@ -445,18 +451,6 @@ WEAK_UNCERTAIN: frozenset[str] = frozenset(
         "concerning for",
         "suspicious for",
         "worrisome for",
-        "likely",
-        "potential",
-        "subtle",
-        "early",
-        "developing",
-        "vague",
-        "faint",
-        "minimal",
-        "trace",
-        "definite",
-        "apparent",
-        "possible",
     }
 )
 
