@@ -489,6 +489,10 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
             bits, word = tok[3]
             if bits & HYPO:
                 return DROP, word
+            for k in range(lo, j):  # "if there is continued concern for rib fracture": hypothetical
+                earlier = tokens[k]
+                if earlier[2] == CUE and earlier[3][0] & HYPO:
+                    return DROP, earlier[3][1]
             if bits & NEG_PRE:
                 return "negative", word
             if bits & UNC_PRE:

@@ -56,6 +56,8 @@ FLEX_TRIGGERS: tuple[str, ...] = (
     "both",
     "lung",
     "lungs",
+    "extubated",
+    "extubation",
 )
 FLEX_PREFIXES: tuple[str, ...] = (
     "heart",
@@ -74,6 +76,7 @@ FLEX_PREFIXES: tuple[str, ...] = (
     "lung",
     "no ",
     "no\n",
+    "extubat",
 )
 
 # Cue role bits.

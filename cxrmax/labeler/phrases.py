@@ -572,6 +572,8 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         r"(?:sharp|clear|preserved|normal|crisp)\s+(?:costophrenic|cp)\s+(?:angles?|sulci|sulcus)",
         {"Pleural Effusion": "negative"},
     ),
+    # extubation: the endotracheal tube is gone
+    (r"extubat(?:ed|ion)", {"Support Devices": "negative"}),
     # blunted costophrenic angles: a sign of effusion (see SIGNS)
     (
         r"(?:costophrenic|cp)\s+(?:angles?|sulci|sulcus|recess(?:es)?)\s+(?:" + _BE + r"\s+)?(?:\w+ly\s+)?"
