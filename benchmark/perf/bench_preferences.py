@@ -144,30 +144,34 @@ def write_synthetic(out: Path, samples: int, seed: int = 0) -> int:
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and all its children every 0.1 s."""
+    """Samples the summed RSS (and PSS, which counts pages shared by forked workers once) of this
+    process and all its children every 0.2 s."""
 
     def __init__(self) -> None:
         import psutil
 
         self.process = psutil.Process()
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = 0
+            total = pss = 0
             try:
-                total = self.process.memory_info().rss
-                for child in self.process.children(recursive=True):
+                for proc in [self.process, *self.process.children(recursive=True)]:
                     try:
-                        total += child.memory_info().rss
+                        info = proc.memory_full_info()
+                        total += info.rss
+                        pss += getattr(info, "pss", info.rss)
                     except Exception:
                         pass
             except Exception:
                 pass
             self.peak = max(self.peak, total)
-            self._stop.wait(0.1)
+            self.peak_pss = max(self.peak_pss, pss)
+            self._stop.wait(0.2)
 
     def __enter__(self) -> PeakRSS:
         self._thread.start()
@@ -253,6 +257,7 @@ def main() -> int:
             f"{'build-preferences --consensus vote':38s} {wall:8.1f} {cpu:8.1f} {rows / wall:9.0f} "
             f"{rss.peak / 2**30:8.2f} GB"
         )
+        print(f"peak PSS (shared pages of forked workers counted once): {rss.peak_pss / 2**30:.2f} GB")
         print(f"phases (wall s): {summary.phases}")
         print(
             f"load average before the build: {load_before:.1f} on {os.cpu_count()} cores (wall is inflated above 2)"
