@@ -163,6 +163,7 @@ class APOTrainer(Trainer):
             "eval": defaultdict(list),
         }
         self._reference_ready: set[str] = set()
+        self._precomputing = False
 
     # ------------------------------------------------------------------ reference
     @contextlib.contextmanager
@@ -173,6 +174,10 @@ class APOTrainer(Trainer):
             return
         unwrapped = self.accelerator.unwrap_model(self.model)
         if not hasattr(unwrapped, "disable_adapter"):
+            if self._precomputing:
+                # Full fine-tuning, precomputed before the first step: the model is still the reference.
+                yield self.model
+                return
             raise RuntimeError("no reference: give ref_model, use LoRA, or precompute_ref_log_probs")
         with unwrapped.disable_adapter():
             yield self.model_wrapped if self.model_wrapped is not None else self.model
@@ -226,6 +231,11 @@ class APOTrainer(Trainer):
             rejected_all: dict[int, list[float]] = {}
             was_training = self.model.training
             self.model.eval()
+            if self.state.global_step > 0 and self.ref_model is None and not self._is_peft:
+                raise RuntimeError(
+                    "full fine-tuning: reference log-probs must be precomputed before training"
+                )
+            self._precomputing = True
             for batch in loader:
                 batch = self._prepare_inputs(batch)
                 chosen, rejected = self.reference_logps(
@@ -239,6 +249,7 @@ class APOTrainer(Trainer):
                 for i, c, r in zip(index.tolist(), chosen.tolist(), rejected.tolist(), strict=True):
                     chosen_all[i] = c
                     rejected_all[i] = [v for v in r if v == v]  # drop nan padding
+            self._precomputing = False
             self.model.train(was_training)
             if self.accelerator.is_main_process:
                 order = sorted(chosen_all)

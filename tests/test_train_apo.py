@@ -342,10 +342,18 @@ def test_checkpoint_then_resume_gives_same_next_step_loss(tiny_lm_path, pref_pat
     assert resumed_losses[4] == pytest.approx(straight_losses[3], abs=1e-5)
 
 
-def test_full_finetuning_uses_frozen_reference_copy(tiny_lm_path, pref_path, tmp_path):
-    result = run_apo(
-        apo_config(tmp_path, tiny_lm_path, pref_path, use_lora=False, max_steps=2, learning_rate=1e-3)
+@pytest.mark.parametrize("precompute", [False, True])
+def test_full_finetuning_reference_is_the_starting_model(tiny_lm_path, pref_path, tmp_path, precompute):
+    cfg = apo_config(
+        tmp_path,
+        tiny_lm_path,
+        pref_path,
+        use_lora=False,
+        max_steps=2,
+        learning_rate=1e-3,
+        precompute_ref_log_probs=precompute,
     )
+    result = run_apo(cfg)
     logs = [h for h in result["log_history"] if "rewards/chosen" in h]
     assert logs[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
     assert logs[1]["rewards/margins"] != 0.0
