@@ -180,6 +180,21 @@ def test_negation_scope_ends_at_but_however_although_and_clause_end():
             "Pneumonia typically appears as consolidation.",
             {"Pneumonia": ("absent", None), "Consolidation": ("absent", None)},
         ),
+        (
+            "Cardiomegaly: yes. Pleural effusion: yes (left). Pneumothorax: no. Pneumonia: possible.",
+            {
+                "Cardiomegaly": ("positive", None),
+                "Pleural Effusion": ("positive", "left"),
+                "Pneumothorax": ("negative", "unspecified"),
+                "Pneumonia": ("uncertain", "unspecified"),
+            },
+        ),
+        ("Pneumonia cannot be confirmed or excluded.", {"Pneumonia": ("uncertain", "unspecified")}),
+        (
+            "If there is clinical concern for rib fracture, a rib series could be obtained.",
+            {"Fracture": ("absent", None)},
+        ),
+        ("The patient has been extubated.", {"Support Devices": ("negative", None)}),
     ],
 )
 def test_list_and_clause_boundaries(text, expected):

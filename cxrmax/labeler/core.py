@@ -230,6 +230,26 @@ def _is_location_gap(low: str, a: int, b: int) -> bool:
 
 
 _MENTION_KINDS = (MENTION, SIGN)
+# One-word answers after a label: "Pneumothorax: no.", "Effusion: yes (left)", "Edema - possible".
+_VERDICT = re.compile(
+    r"[\s*_]*(no|none|negative|absent|yes|present|positive|possible|possibly|maybe|equivocal|uncertain|"
+    r"indeterminate)\b[\s*_]*(?:\([^)]{0,30}\))?[\s*_]*[.;!]?[\s*_]*$"
+)
+_VERDICTS = {
+    "no": "negative",
+    "none": "negative",
+    "negative": "negative",
+    "absent": "negative",
+    "yes": "positive",
+    "present": "positive",
+    "positive": "positive",
+    "possible": "uncertain",
+    "possibly": "uncertain",
+    "maybe": "uncertain",
+    "equivocal": "uncertain",
+    "uncertain": "uncertain",
+    "indeterminate": "uncertain",
+}
 _NEW_ITEM = re.compile(
     r"\b(?:mild|mildly|moderate|moderately|severe|small|large|tiny|trace|minimal|extensive|marked|massive|new|"
     r"persistent|stable|chronic|old|healed|known|residual|increased|decreased|worsening|improving|unchanged|"
@@ -576,6 +596,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         if not content:  # cues and laterality words alone assert nothing
             continue
         label_starts: set[int] = set()  # "Pneumothorax: there is no pneumothorax": a topic label
+        verdicts: dict[int, str] = {}  # "Pneumothorax: no." -> the label's status
         if colon:
             # A colon after a short label ("**Edema**: not present") joins the label to what follows.
             kept = []
@@ -583,6 +604,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 if tok[2] == SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5:
                     if kept and kept[-1][2] in _MENTION_KINDS:
                         label_starts.add(kept[-1][0])
+                        verdict = _VERDICT.match(low, tok[1], segment.end)
+                        if verdict is not None:
+                            verdicts[kept[-1][0]] = _VERDICTS[verdict.group(1).split()[0]]
                     continue
                 kept.append(tok)
             step_tokens = kept
@@ -612,6 +636,8 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 status, cue = _mention_status(low, step_tokens, i, lo, hi, default)
                 if status == DROP:
                     continue
+                if cue is None and tok[0] in verdicts:
+                    status = verdicts[tok[0]]
                 side = _sides(low, step_tokens, i)
                 if side is None:
                     side = _inherited_side(step_tokens, i, token_sides)

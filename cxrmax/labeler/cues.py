@@ -436,6 +436,14 @@ UNC_POST: tuple[str, ...] = (
     "if any",
     "if there is one",
     "if real",
+    "cannot be confirmed or excluded",
+    "cannot be confirmed or ruled out",
+    "cannot be confirmed",
+    "can't be confirmed",
+    "could not be confirmed",
+    "cannot be definitively confirmed",
+    "is not confirmed",
+    "not confirmed",
 )
 
 # Uncertainty words that a negation in the same scope dominates ("no opacity to suggest pneumonia").

@@ -35,8 +35,6 @@ _ABBREVIATIONS = frozenset(
         "mr",
         "mrs",
         "ms",
-        "no",
-        "nos",
         "al",
         "incl",
         "resp",
