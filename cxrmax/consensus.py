@@ -326,7 +326,8 @@ class ModelConsensus:
     prompt hash, sampling): a rerun sends only the requests without a committed or journalled
     answer. Every answer is re-labelled and flagged when it disagrees with the vote consensus it
     was meant to state. A request that still fails after `retries` keeps the vote-composed
-    positive (chosen_source stays "consensus-vote") and is counted in `failures`."""
+    positive (chosen_source stays "consensus-vote") and is counted in `failures`. As for generate,
+    base URLs outside loopback/private networks are refused unless `allow_external_endpoint`."""
 
     def __init__(
         self,
@@ -344,6 +345,7 @@ class ModelConsensus:
         retries: int = 3,
         backoff_s: float = 0.5,
         api_key: str | None = None,
+        allow_external_endpoint: bool = False,
     ) -> None:
         import asyncio
 
@@ -355,6 +357,14 @@ class ModelConsensus:
             raise InputError(
                 "--consensus model needs --consensus-model (a served model id or a model folder)"
             )
+        if backend == "openai":
+            # The sources' answers (and images with --mimic-root) are MIMIC-CXR derived data: only
+            # servers the user controls, as for generate.
+            from cxrmax.generate.governance import check_endpoints
+
+            if not base_urls:
+                raise InputError("--consensus model with the openai backend needs --base-url")
+            check_endpoints(list(base_urls), allow_external=allow_external_endpoint)
         self.prompt = ConsensusPrompt.load(prompt_path)
         self.model = model
         self.backend_kind = backend

@@ -626,3 +626,24 @@ def test_trajectories_of_studies_missing_from_the_mimic_root_are_counted(mini_mi
         [out], tmp_path / "o", BuildOptions(processes=1, mimic_root=Path(mini_mimic), card=False)
     )
     assert summary.studies_not_in_mimic == 6 and summary.counts["preference_rows"] == 1
+
+
+def test_model_consensus_refuses_external_endpoints(tmp_path, monkeypatch):
+    import cxrmax.generate.backends
+    from cxrmax.generate.governance import ExternalEndpointError
+
+    def never(*args, **kwargs):  # safety net: this test must never open a connection
+        raise AssertionError("a backend was built for a public address")
+
+    monkeypatch.setattr(cxrmax.generate.backends, "make_backend", never)
+    out = write_generate_shards(tmp_path / "run", known_drift_rows())
+    options = BuildOptions(
+        processes=1,
+        consensus="model",
+        card=False,
+        # A public address: classified as external and refused before anything is sent.
+        model_backend={"backend": "openai", "model": "student", "base_urls": ["http://8.8.8.8:8000/v1"]},
+    )
+    with pytest.raises(ExternalEndpointError, match="refusing to send MIMIC-CXR"):
+        build_preferences([out], tmp_path / "o", options)
+    assert not (tmp_path / "o" / "preferences").exists()

@@ -75,6 +75,11 @@ def _build_preferences(
         "--consensus-prompt",
         help="--consensus model: prompt template (default pipelines/prompts/consensus.txt).",
     ),
+    allow_external_endpoint: bool = typer.Option(
+        False,
+        "--allow-external-endpoint",
+        help="--consensus model: allow a --base-url outside loopback/private networks (MIMIC-CXR's DUA!).",
+    ),
 ) -> None:
     """Build APO preferences: drift annotations, consensus positives, ranked negatives, SFT rows.
 
@@ -103,6 +108,7 @@ def _build_preferences(
                 "base_urls": list(base_url),
                 "prompt_path": consensus_prompt,
                 "image_root": mimic_root,
+                "allow_external_endpoint": allow_external_endpoint,
             }
         options = BuildOptions(
             min_sources=min_sources,
