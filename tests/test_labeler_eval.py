@@ -141,7 +141,7 @@ def test_accuracy_goals(capsys):
         f"{'overall':28s} {f'{total[0]}/{total[1]} {total[0] / total[1]:.1%}':>14s} "
         f"{f'{total_side[0]}/{total_side[1]} {total_side[0] / total_side[1]:.1%}':>14s}"
     )
-    for split in ("holdout", "holdout2", "holdout3", "holdout4", "holdout5", "holdout6", "holdout7"):
+    for split in sorted({c["split"] for c in CASES if c.get("split")}, key=lambda name: (len(name), name)):
         # cases written after the rules were in place (their first, untuned scores: see the issue note)
         part = [c for c in CASES if c.get("split") == split]
         p_status, p_side, _ = score(part)

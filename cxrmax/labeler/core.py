@@ -507,6 +507,9 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
             continue
         if kind == CUE:
             bits, word = tok[3]
+            comma = low.rfind(",", tok[1], tokens[index][0])
+            if comma >= 0 and _NEW_ITEM.search(low, comma, tokens[index][0]):
+                break  # "possibly related to prior infection, and a small calcified granuloma"
             if bits & HYPO:
                 return DROP, word
             for k in range(lo, j):  # "if there is continued concern for rib fracture": hypothetical

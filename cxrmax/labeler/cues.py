@@ -116,6 +116,10 @@ NEG_PRE: tuple[str, ...] = (
     "does not support",
     "do not support",
     "would not support",
+    "not a true",
+    "and not a true",
+    "rather than a true",
+    "rather than true",
 )
 
 NEG_POST: tuple[str, ...] = (
@@ -351,6 +355,12 @@ UNC_PRE: tuple[str, ...] = (
     "likely secondary to",
     "possibly secondary to",
     "may be secondary to",
+    "may also be",
+    "might also be",
+    "could also be",
+    "there may also be",
+    "most likely due to",
+    "most likely related to",
 )
 
 UNC_POST: tuple[str, ...] = (
@@ -561,6 +571,15 @@ MIMICS: tuple[str, ...] = (
     "breast tissue",
     "breast shadow(s)",
     "composite shadow(s)",
+    "artifactual",
+    "overlapping bony structures",
+    "bony structures",
+    "overlapping bones",
+    "overlapping ribs",
+    "overlying rib",
+    "overlying ribs",
+    "costochondral calcification",
+    "costochondral calcifications",
 )
 
 #: Diagnoses outside the 14 observations that a finding may be an alternative to ("consistent with ARDS

@@ -185,7 +185,13 @@ class Lexicon:
         ):
             for word in group:
                 bits = role | (WEAK if word in cues.WEAK_UNCERTAIN and role == UNC_PRE else 0)
-                if word in ("rather than", "instead of"):
+                if word in (
+                    "rather than",
+                    "instead of",
+                    "not a true",
+                    "and not a true",
+                    "rather than a true",
+                ):
                     bits |= CONTRAST
                 if word.startswith(("is ", "are ")) and not word.endswith(" by"):
                     # "X is unlikely" (backward) and "... is unlikely to be pneumonia" (forward).

@@ -35,6 +35,11 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "collapsed lobe",
         "lobar collapse",
         "lobe collapse",
+        "lobe is collapsed",
+        "lobe was collapsed",
+        "lobe appears collapsed",
+        "lobe remains collapsed",
+        "lobe collapsed",
         "segmental collapse",
         "subsegmental collapse",
         "plate-like atelectasis",
@@ -393,6 +398,12 @@ SIGN_ALTERNATIVES: dict[str, tuple[str, ...]] = {"Pleural Effusion": ("Pleural O
 #: Phrases that must not count as mentions although they contain a mention word; matching them
 #: (longest match wins) hides the shorter mention inside.
 IGNORED: tuple[str, ...] = (
+    # history, not a finding of this image
+    "prior infection",
+    "previous infection",
+    "old infection",
+    "prior granulomatous infection",
+    "prior granulomatous disease",
     # adjectives that look like negation cues but keep the finding ("resolving pneumonia")
     "resolving",
     "partially resolved",
