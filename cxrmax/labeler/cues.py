@@ -4,10 +4,18 @@ Same phrase notation as phrases.py (longest match wins, a space matches any whit
 
 Scope (NegEx-like, clause-bounded):
 
-- NEG_PRE / UNC_PRE cues govern the mentions after them up to the end of the clause: ";", a
-  terminator ("but", "however", "although", "though", "except", "other than", "there is" ...) or the
-  end of the step (sentence, bullet, numbered item, heading). Commas do not end the scope, so "no
-  pneumothorax, effusion, or consolidation" negates all three.
+- NEG_PRE / UNC_PRE cues govern the mentions after them up to the end of the clause: ";", ":"
+  (except after a short label), a terminator ("but", "however", "although", "though", "except",
+  "other than", "there is", "given", "due to" ...) or the end of the step (sentence, bullet, numbered
+  item, heading). Commas do not end the scope, so "no pneumothorax, effusion, or consolidation"
+  negates all three, unless the item after the comma is described as a new finding ("no
+  pneumothorax, mild right atelectasis": size, side or course words). A scope also ends after about
+  seven words without a mention.
+- Copula cues ("is likely", "is not", "is unlikely") apply backward only at the end of the predicate
+  ("pneumonia is unlikely."), and forward otherwise ("the opacity is unlikely to be pneumonia").
+- HYPOTHETICAL cues ("if", "history of", "concerns about") make the mentions they govern assert
+  nothing; GENERIC words ("typically") silence their clause; MIMICS ("nipple shadow", "AP
+  technique") reached by an uncertainty link make the finding before them uncertain.
 - NEG_POST / UNC_POST cues ("is not seen", "has resolved", "cannot be excluded") govern the mentions
   just before them in the clause, walking back over list-like gaps ("X, Y and Z are not seen").
 - The nearest governing cue decides, except that a negation dominates a *weak* uncertainty word inside
