@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from cxrmax.errors import InputError, where
@@ -356,21 +358,16 @@ def _run_map(dataset: Any, encode: Any, num_proc: int | None, kind: str) -> tupl
     stats = TruncationStats(samples_in=len(mapped))
     # Counting reads only small scalar columns through Arrow compute, never the token lists, so memory
     # stays flat in the number of rows.
-    import pyarrow.compute as pc
-
     table = mapped.data.table if hasattr(mapped.data, "table") else mapped.data
+    reasons = table.column("drop_reason").cast(pa.string())  # an all-null column comes typed as null
+    kept_rows = pc.is_null(reasons)
 
-    def total(name: str, where_kept: bool = False) -> int:
+    def total(name: str, only_kept: bool = False) -> int:
         if name not in table.column_names:
             return 0
-        column = table.column(name)
-        if where_kept:
-            column = pc.filter(column, pc.is_null(reasons))
+        column = pc.filter(table.column(name), kept_rows) if only_kept else table.column(name)
         return int(pc.sum(column).as_py() or 0)
 
-    import pyarrow as pa
-
-    reasons = table.column("drop_reason").cast(pa.string())  # all-null columns come typed as null
     counts = pc.value_counts(pc.fill_null(reasons, "kept")).to_pylist()
     by_reason = {c["values"]: c["counts"] for c in counts}
     stats.dropped_prompt_too_long = by_reason.get("prompt_too_long", 0)
@@ -379,8 +376,8 @@ def _run_map(dataset: Any, encode: Any, num_proc: int | None, kind: str) -> tupl
     stats.truncated_chosen = total("n_truncated_chosen")
     stats.truncated_rejected = total("n_truncated_rejected")
     stats.empty_rejected = total("n_empty_rejected")
-    stats.rejected_kept = total("n_rejected_kept", where_kept=True)
-    kept_lengths = pc.filter(table.column("n_prompt_tokens"), pc.is_null(reasons))
+    stats.rejected_kept = total("n_rejected_kept", only_kept=True)
+    kept_lengths = pc.filter(table.column("n_prompt_tokens"), kept_rows)
     stats.max_prompt_tokens = int(pc.max(kept_lengths).as_py() or 0) if len(kept_lengths) else 0
     kept = mapped.filter(lambda r: r is None, input_columns="drop_reason", desc="dropping")
     stats.samples_kept = len(kept)
