@@ -74,8 +74,10 @@ _HALLUCINATION_FALLBACKS = ("Pneumothorax", "Fracture", "Lung Lesion", "Consolid
 #: the demo's teachers state sides for these findings only; with real films every side is visible.
 FILM_SIDED: tuple[str, ...] = ("Pleural Effusion",)
 
-#: Words used in prompts and answers for each observation.
-_PHRASES: dict[str, str] = {name: name.lower() for name in OBSERVATIONS}
+#: Words used in answers for each observation: the label names exactly as the rationale prompt lists
+#: them, so that restating the diagnosis is a copy of prompt tokens (what real models do, and what a
+#: tiny model learns in a hundred steps).
+_PHRASES: dict[str, str] = {name: name for name in OBSERVATIONS}
 
 _SWAP = {"left": "right", "right": "left"}
 
@@ -267,13 +269,16 @@ def _join(items: Sequence[str]) -> str:
 def _finding_sentence(finding: Finding, swap: bool) -> str:
     name = finding.observation
     if name == "Cardiomegaly":
-        return "The cardiac silhouette is enlarged, consistent with cardiomegaly."
+        return "The cardiac silhouette is enlarged, consistent with Cardiomegaly."
     if name == "Support Devices":
-        return "Support devices are present."
+        return "Support Devices are present."
     if name == "Edema":
-        return "There is pulmonary edema with vascular congestion."
+        return "There is pulmonary Edema with vascular congestion."
     if name == "Enlarged Cardiomediastinum":
-        return "The cardiomediastinal silhouette is enlarged."
+        return "There is an Enlarged Cardiomediastinum."
+    if name == "Pleural Other":  # the label name is not a radiology phrase; say what it is
+        side = (_SWAP.get(finding.side, finding.side) if swap else finding.side) if finding.side else None
+        return f"There is {side + ' ' if side else ''}pleural thickening."
     if finding.side:
         return f"There is {finding.phrase(swap)}."
     return f"There is {_PHRASES[name]}."
