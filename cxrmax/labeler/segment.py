@@ -51,6 +51,11 @@ class Segment(NamedTuple):
     heading: str | None
 
 
+def _segment(values: tuple) -> Segment:
+    """Build a Segment without NamedTuple's Python-level __new__ (this runs ~20 times per text)."""
+    return tuple.__new__(Segment, values)
+
+
 def _heading_text(line: str, stripped: str) -> str | None:
     first, last = stripped[0], stripped[-1]
     # Cheap character checks first: most lines are not headings and skip every regex.
@@ -94,14 +99,14 @@ def _split_sentences(
             continue
         piece_end = match.start() + 1
         if piece_end > cursor and text[cursor:piece_end].strip():
-            out.append(Segment(cursor, piece_end, first_kind, heading))
+            out.append(_segment((cursor, piece_end, first_kind, heading)))
             first_kind = "sentence"
         cursor = cut
     stripped_end = end
     while stripped_end > cursor and text[stripped_end - 1].isspace():
         stripped_end -= 1
     if stripped_end > cursor:
-        out.append(Segment(cursor, stripped_end, first_kind, heading))
+        out.append(_segment((cursor, stripped_end, first_kind, heading)))
 
 
 def split_steps(text: str) -> list[Segment]:
@@ -138,7 +143,7 @@ def split_steps(text: str) -> list[Segment]:
         if head is not None:
             flush(position)
             lead = len(line) - len(line.lstrip())
-            segments.append(Segment(position + lead, position + len(line.rstrip()), "heading", heading))
+            segments.append(_segment((position + lead, position + len(line.rstrip()), "heading", heading)))
             heading = head
             prev_line_ends_sentence = True
             position = next_position
