@@ -148,9 +148,12 @@ class PeakRSS:
     process and all its children every 0.2 s."""
 
     def __init__(self) -> None:
-        import psutil
+        try:  # psutil comes with the train extra (accelerate, peft, trl)
+            import psutil
 
-        self.process = psutil.Process()
+            self.process = psutil.Process()
+        except ImportError:
+            self.process = None
         self.peak = 0
         self.peak_pss = 0
         self._stop = threading.Event()
@@ -174,12 +177,20 @@ class PeakRSS:
             self._stop.wait(0.2)
 
     def __enter__(self) -> PeakRSS:
-        self._thread.start()
+        if self.process is not None:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join()
+        if self.process is not None:
+            self._thread.join()
+        else:  # without psutil: the largest single process (ru_maxrss is in KiB on Linux)
+            import resource
+
+            own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+            self.peak = self.peak_pss = max(own, kids) * 1024
 
 
 def main() -> int:
