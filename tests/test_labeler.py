@@ -287,6 +287,14 @@ def test_bad_input_gives_absent_labels_and_an_error(value, error):
     assert result.labels()["No Finding"] is None
 
 
+def test_nonsense_and_tiny_texts_are_not_called_normal():
+    for text in ("a" * 100_000, "ok", "." * 1000):
+        result = label_text(text)
+        assert result.labels()["No Finding"] is None
+        assert all(label.status == "absent" for label in result.observations.values())
+    assert label_text("Degenerative changes of the thoracic spine.").labels()["No Finding"] == 1
+
+
 def test_very_long_text_is_labelled():
     sentence = "Stable mild cardiomegaly without pulmonary edema. "
     text = sentence * (100_000 // len(sentence) + 1) + "Small left pleural effusion."

@@ -28,7 +28,8 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
   status is not absent.
 - "No Finding" (CheXpert rule, pathologies.no_finding): positive when no other finding except
   Support Devices is positive or uncertain; absent otherwise, and absent for a text that has an
-  `error` or that refuses without making any recognised statement.
+  `error`, that refuses without making any recognised statement, or that recognises nothing in
+  fewer than four words.
 - Bad input never raises: None, non-str, empty/whitespace-only, binary junk and over-long texts
   give every observation "absent" and a message in `error`.
 """
@@ -803,7 +804,7 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
     sides = {name: side for name, (_, side) in aggregated.items()}
     if not recognised and _not_english(usable):
         error = "no English text recognised"
-    statuses["No Finding"] = _no_finding(statuses, recognised, bool(refusal), error)
+    statuses["No Finding"] = _no_finding(statuses, recognised, bool(refusal), error, usable)
     values = [STATUS_VALUE[statuses.get(name, "absent")] for name in OBSERVATIONS]
     lats = [
         sides.get(name) if name in statuses and statuses[name] != "absent" else None for name in OBSERVATIONS
@@ -812,9 +813,13 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
     return values, lats, bool(refusal), bool(hedging), n_steps, error
 
 
-def _no_finding(statuses: dict[str, str], recognised: bool, refused: bool, error: str | None) -> str:
+def _no_finding(
+    statuses: dict[str, str], recognised: bool, refused: bool, error: str | None, text: str = ""
+) -> str:
     if error is not None or (refused and not recognised):
         return "absent"
+    if not recognised and len(text.split(None, 3)) < 4:
+        return "absent"  # "aaaa", "ok": too little text to call the study normal
     for name in FINDINGS:
         if name != "Support Devices" and statuses.get(name) in ("positive", "uncertain"):
             return "absent"
@@ -860,7 +865,7 @@ def label_text(text: object) -> LabeledText:
         observations[name] = ObservationLabel(status, side, evidence)
     if not recognised and _not_english(usable):
         error = "no English text recognised"
-    if _no_finding(statuses, recognised, bool(refusal), error) == "positive":
+    if _no_finding(statuses, recognised, bool(refusal), error, usable) == "positive":
         observations["No Finding"] = ObservationLabel("positive", None, [])
     return LabeledText(
         usable,
