@@ -160,3 +160,33 @@ def test_a_trained_teacher_shows_its_injected_bias(tmp_path, mini_mimic):
     assert label_text(outputs["refuses"]).is_refusal, outputs["refuses"]
     assert not label_text(outputs["faithful"]).is_refusal, outputs["faithful"]
     assert outputs["faithful"].startswith("The patient is diagnosed with")
+
+
+@pytest.mark.slow
+def test_simulate_cli_trains_teachers_and_generates_their_answers(tmp_path, mini_mimic):
+    """`cxrmax simulate` end to end on a mini MIMIC-CXR (few steps: the mechanics, not the quality)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cxrmax.cli import app
+    from cxrmax.generate import read_trajectories
+
+    out = tmp_path / "sim"
+    args = ["simulate", str(out), "--mimic-root", str(mini_mimic), "--teacher", "ref=none"]
+    args += ["--teacher", "mixed=refusal:0.5+laterality:0.9", "--steps", "4", "--samples", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    spec = json.loads((out / "teachers" / "drift_spec.json").read_text())
+    assert [t["name"] for t in spec["teachers"]] == ["ref", "mixed"]
+    assert spec["teachers"][1]["biases"] == [
+        {"kind": "refusal", "rate": 0.5, "observation": None},
+        {"kind": "laterality", "rate": 0.9, "observation": None},
+    ]
+    assert 0.2 < spec["teachers"][1]["applied_rates"]["refusal"] < 0.8
+    table = read_trajectories(out)
+    assert set(table.column("model").to_pylist()) == {"ref", "mixed"}
+    assert set(table.column("split").to_pylist()) == {"test"}
+    assert "Measured drift on the test split" in result.output
+    bad = CliRunner().invoke(app, ["simulate", str(out), "--mimic-root", str(mini_mimic), "--bias", "colour"])
+    assert bad.exit_code == 2 and "unknown bias" in bad.output
