@@ -1240,15 +1240,19 @@ def build_preferences(
         traj_writer.close()
         sample_writer.close()
 
-        _save_dataset_dict(work / "preferences", out / "preferences", work)
-        _save_dataset_dict(work / "sft", out / "sft", work)
-        _replace_dir(work / "annotations", out / "annotations")
+        # Everything is staged under the work folder and published with renames at the very end,
+        # so a crash or Ctrl-C before that leaves the previous outputs whole.
+        stage = work / "out"
+        stage.mkdir()
+        _save_dataset_dict(work / "preferences", stage / "preferences", work)
+        _save_dataset_dict(work / "sft", stage / "sft", work)
+        os.replace(work / "annotations", stage / "annotations")
         phase("save")
         if options.export_trl:
-            export_trl(out / "preferences", out / "exports" / "trl", image_root=options.mimic_root)
+            export_trl(stage / "preferences", stage / "exports" / "trl", image_root=options.mimic_root)
             phase("export_trl")
         if options.export_swift:
-            export_swift(out / "preferences", out / "exports" / "swift", image_root=options.mimic_root)
+            export_swift(stage / "preferences", stage / "exports" / "swift", image_root=options.mimic_root)
             phase("export_swift")
         summary = BuildSummary(
             out=str(out),
@@ -1262,14 +1266,17 @@ def build_preferences(
             models=models,
             studies_not_in_mimic=studies_not_in_mimic,
         )
-        summary.phases = phases
-        summary.seconds = round(time.perf_counter() - started, 3)
-        _write_json_atomic(out / "build_report.json", asdict(summary))
+        _write_json_atomic(stage / "build_report.json", asdict(summary))
         if options.card:
             from cxrmax import datacard
 
-            datacard.write_card(out, figures=options.figures)
+            datacard.write_card(stage, figures=options.figures)
             phase("card")
+        summary.phases = phases
+        summary.seconds = round(time.perf_counter() - started, 3)
+        _write_json_atomic(stage / "build_report.json", asdict(summary))
+        for name in _PUBLISHED:
+            _publish(stage / name, out / name)
         if options.export_parquet is not None:
             export_parquet(out, Path(options.export_parquet))
         if options.push_to_hub:
@@ -1277,6 +1284,23 @@ def build_preferences(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+#: What a build publishes under OUT (folders among these not rebuilt this time are removed as stale).
+_PUBLISHED = ("preferences", "sft", "annotations", "exports", "figures", "README.md", "build_report.json")
+
+
+def _publish(staged: Path, final: Path) -> None:
+    """Move a staged output into place (a directory replaces the old one whole); remove a stale
+    output folder when nothing was staged for it (files such as README.md are never deleted)."""
+    if staged.is_dir():
+        _replace_dir(staged, final)
+    elif staged.exists():
+        if final.is_dir():
+            shutil.rmtree(final)
+        os.replace(staged, final)
+    elif final.is_dir():  # e.g. exports of an earlier build that no longer match
+        shutil.rmtree(final)
 
 
 def _write_json_atomic(path: Path, payload: object) -> None:

@@ -647,3 +647,28 @@ def test_model_consensus_refuses_external_endpoints(tmp_path, monkeypatch):
     with pytest.raises(ExternalEndpointError, match="refusing to send MIMIC-CXR"):
         build_preferences([out], tmp_path / "o", options)
     assert not (tmp_path / "o" / "preferences").exists()
+
+
+def test_failed_build_leaves_previous_outputs_whole(tmp_path, monkeypatch):
+    import datasets
+
+    from cxrmax import datacard
+
+    out = write_generate_shards(tmp_path / "run", known_drift_rows())
+    build_preferences([out], out, BuildOptions(processes=1, card=False))
+    before = datasets.load_from_disk(str(out / "preferences"))["train"][0]
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C at the last step before publishing
+
+    monkeypatch.setattr(datacard, "write_card", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_preferences([out], out, BuildOptions(processes=1, max_negatives=1))
+    after = datasets.load_from_disk(str(out / "preferences"))["train"][0]
+    assert after == before and len(after["rejected"]) == 5  # not the half-built max-negatives=1 run
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    assert (out / "exports" / "trl").is_dir() and not (out / "README.md").exists()
+    # A build without exports removes the earlier ones (they would not match the new rows).
+    monkeypatch.undo()
+    build_preferences([out], out, BuildOptions(processes=1, card=False, export_trl=False, export_swift=False))
+    assert not (out / "exports").exists()
