@@ -264,6 +264,19 @@ def test_markdown_styles():
     assert result.observations["Atelectasis"].status == "uncertain"
 
 
+def test_tables_symbol_bullets_and_sub_items():
+    table = "| Finding | Present? |\n|---|---|\n| Pleural effusion | Yes (right) |\n| Pneumothorax | No |\n"
+    assert status(table, "Pleural Effusion") == ("positive", "right")
+    assert status(table, "Pneumothorax") == ("negative", "unspecified")
+    assert label_text(table).n_steps == 3  # the |---| separator row is not a step
+    symbols = "✅ **Atelectasis** – left lower lobe\n❌ **Pneumothorax** – not seen"
+    assert status(symbols, "Atelectasis") == ("positive", "left")
+    assert status(symbols, "Pneumothorax") == ("negative", "unspecified")
+    nested = "1. Atelectasis\n   - Left lower lobe\n   - Volume loss present\n2. Pleural effusion\n   - None"
+    assert status(nested, "Atelectasis") == ("positive", "left")
+    assert status(nested, "Pleural Effusion") == ("negative", "unspecified")
+
+
 # --- bad input ---------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
 - "No Finding" (CheXpert rule, pathologies.no_finding): positive when no other finding except
   Support Devices is positive or uncertain; absent otherwise, and absent for a text that has an
   `error`, that refuses without making any recognised statement, or that recognises nothing in
-  fewer than four words.
+  fewer than three words.
 - Bad input never raises: None, non-str, empty/whitespace-only, binary junk and over-long texts
   give every observation "absent" and a message in `error`.
 """
@@ -231,10 +231,13 @@ def _is_location_gap(low: str, a: int, b: int) -> bool:
 
 
 _MENTION_KINDS = (MENTION, SIGN)
+_SIDE_WORDS = frozenset(
+    {"left", "right", "bilateral", "bilaterally", "left-sided", "right-sided", "lingula", "side"}
+)
 # One-word answers after a label: "Pneumothorax: no.", "Effusion: yes (left)", "Edema - possible".
 _VERDICT = re.compile(
     r"[\s*_]*(no|none|negative|absent|yes|present|positive|possible|possibly|maybe|equivocal|uncertain|"
-    r"indeterminate)\b[\s*_]*(?:\([^)]{0,30}\))?[\s*_]*[.;!]?[\s*_]*$"
+    r"indeterminate)\b[\s*_|]*(?:\([^)]{0,30}\))?[\s*_|]*[.;!]?[\s*_|]*$"
 )
 _VERDICTS = {
     "no": "negative",
@@ -573,6 +576,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
     recognised = False
     n_tokens = len(tokens)
     t = 0
+    pending: list[
+        int
+    ] = []  # assertions of the previous step when it was a bare label ("2. Pleural effusion")
     for step_index, segment in enumerate(segments):
         while t < n_tokens and tokens[t][0] < segment.start:  # tokens between steps (markers)
             kind = tokens[t][2]
@@ -584,6 +590,12 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         first = t
         while t < n_tokens and tokens[t][0] < segment.end:
             t += 1
+        if pending:
+            # Sub-items of a bare label: "2. Pleural effusion / - None", "1. Atelectasis / - Left lower lobe".
+            labelled = pending
+            pending = []
+            if _sub_item(low, segment, tokens[first:t], assertions, labelled):
+                continue
         if first == t:
             continue
         step_tokens = tokens[first:t]
@@ -594,7 +606,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             if kind in _CONTENT_KINDS:
                 content = True
             elif kind == SEMI:
-                colon = colon or tok[3] == ":"
+                colon = colon or tok[3] != ";"
             elif kind == REFUSAL or kind == HEDGE:
                 content = True
         if not content:  # cues and laterality words alone assert nothing
@@ -605,7 +617,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             # A colon after a short label ("**Edema**: not present") joins the label to what follows.
             kept = []
             for tok in step_tokens:
-                if tok[2] == SEMI and tok[3] == ":" and _gap(low, segment.start, tok[0]) <= 5:
+                if tok[2] == SEMI and tok[3] != ";" and _gap(low, segment.start, tok[0]) <= 5:
                     if kept and kept[-1][2] in _MENTION_KINDS:
                         label_starts.add(kept[-1][0])
                         verdict = _VERDICT.match(low, tok[1], segment.end)
@@ -700,6 +712,10 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             tok = step_tokens[i]
             assertions.append((step_index, tok[0], tok[1], observation, status, side, cue))
             recognised = True
+        if _gap(low, segment.start, segment.end) <= 4 and all(
+            a[6] is None for a in assertions[len(assertions) - len(step_found) :]
+        ):
+            pending = list(range(len(assertions) - len(step_found), len(assertions)))
     while t < n_tokens:
         kind = tokens[t][2]
         if kind == REFUSAL:
@@ -708,6 +724,34 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             hedging.append((tokens[t][0], tokens[t][1]))
         t += 1
     return assertions, refusal, hedging, recognised
+
+
+def _sub_item(low: str, segment, step_tokens: list, assertions: list, labelled: list[int]) -> bool:
+    """Apply a sub-item that only answers its label (a verdict, or a location) to the label's
+    assertions; True when the sub-item was consumed."""
+    verdict = _VERDICT.match(low, segment.start, segment.end)
+    if verdict is not None:
+        status = _VERDICTS[verdict.group(1).split()[0]]
+        for k in labelled:
+            a = assertions[k]
+            assertions[k] = (a[0], a[1], a[2], a[3], status, a[5], "(sub-item) " + verdict.group(1))
+        return True
+    if step_tokens and all(tok[2] == LAT for tok in step_tokens):
+        words = low[segment.start : segment.end].replace(",", " ").replace(".", " ").split()
+        if all(word in _LOCATION_WORDS or word in _SIDE_WORDS for word in words):
+            side = _sides_of([tok[3] for tok in step_tokens])
+            for k in labelled:
+                a = assertions[k]
+                if a[3] in LATERALIZABLE and a[5] is None:
+                    assertions[k] = (a[0], a[1], a[2], a[3], a[4], side, a[6])
+            return True
+    return False
+
+
+def _sides_of(words: list[str]) -> str:
+    if "bilateral" in words or ("left" in words and "right" in words):
+        return "bilateral"
+    return words[0]
 
 
 def _combine(items) -> tuple[str, str | None]:
@@ -818,7 +862,7 @@ def _no_finding(
 ) -> str:
     if error is not None or (refused and not recognised):
         return "absent"
-    if not recognised and len(text.split(None, 3)) < 4:
+    if not recognised and len(text.split(None, 2)) < 3:
         return "absent"  # "aaaa", "ok": too little text to call the study normal
     for name in FINDINGS:
         if name != "Support Devices" and statuses.get(name) in ("positive", "uncertain"):

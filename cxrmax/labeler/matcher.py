@@ -211,9 +211,10 @@ class Lexicon:
             flex_parts.append(f"(?P<f{index}>{pattern})")
             self.flex.append(effects)
         trie = _trie_regex(sorted(set(spellings)))
-        self.pattern = re.compile(r"\b(?:" + trie + r")(?![\w'])|[;:]")
+        self.pattern = re.compile(r"\b(?:" + trie + r")(?![\w'])|[;:|]")
         table[";"] = (SEMI, ";")
         table[":"] = (SEMI, ":")
+        table["|"] = (SEMI, "|")  # markdown table cells
         #: Keys of the phrases at whose start a flexible statement may begin.
         starts = tuple({prefix.strip() for prefix in FLEX_PREFIXES})
         self.flex_keys = frozenset(key for key in table if key.startswith(starts))

@@ -78,6 +78,8 @@ def _heading_text(line: str, stripped: str) -> str | None:
     return None
 
 
+_WORD = re.compile(r"\w")
+_SYMBOL_LEAD = re.compile(r"[ \t]*(?:[^\w\s]\ufe0f?[ \t]*)?")
 _BULLET_FIRST = frozenset("-*+\u2022\u25cf\u25e6\u2013(0123456789")
 _END_STRIP = " \t\"')]*"
 
@@ -98,14 +100,14 @@ def _split_sentences(
         if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
             continue
         piece_end = match.start() + 1
-        if piece_end > cursor and text[cursor:piece_end].strip():
+        if piece_end > cursor and _WORD.search(text, cursor, piece_end):
             out.append(_segment((cursor, piece_end, first_kind, heading)))
             first_kind = "sentence"
         cursor = cut
     stripped_end = end
     while stripped_end > cursor and text[stripped_end - 1].isspace():
         stripped_end -= 1
-    if stripped_end > cursor:
+    if stripped_end > cursor and _WORD.search(text, cursor, stripped_end):  # not a bare "|---|" row
         out.append(_segment((cursor, stripped_end, first_kind, heading)))
 
 
@@ -154,6 +156,9 @@ def split_steps(text: str) -> list[Segment]:
             if first in _BULLET_FIRST or (len(stripped) > 1 and stripped[1] in ".)")
             else None
         )
+        if bullet is None and (first == "|" or (ord(first) > 127 and not first.isalnum())):
+            # A markdown table row, or a line led by a symbol ("✅ Atelectasis", "➤ ..."): one item.
+            bullet = _SYMBOL_LEAD.match(line)
         if bullet is not None:
             flush(position)
             marker = bullet.group(0).strip()
