@@ -90,7 +90,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from cxrmax.pathologies import FINDINGS, MS_CXR_T_FINDINGS, OBSERVATIONS, no_finding
+from cxrmax.pathologies import FINDINGS, LATERALIZABLE, MS_CXR_T_FINDINGS, OBSERVATIONS, no_finding
 
 __all__ = [
     "METADATA_COLUMNS",
@@ -142,19 +142,7 @@ _STYLE_WEIGHTS = (60, 10, 10, 8, 7, 5)
 SIDES = ("left", "right", "bilateral")
 # Observations that may also be written without a side.
 _SIDELESS_OK = frozenset({"Atelectasis", "Lung Lesion", "Pleural Effusion"})
-_LATERAL = frozenset(
-    {
-        "Atelectasis",
-        "Consolidation",
-        "Fracture",
-        "Lung Lesion",
-        "Lung Opacity",
-        "Pleural Effusion",
-        "Pleural Other",
-        "Pneumonia",
-        "Pneumothorax",
-    }
-)
+_LATERAL = LATERALIZABLE
 
 NEGATIVE_SENTENCES: dict[str, tuple[str, ...]] = {
     "Atelectasis": ("No atelectasis.",),
