@@ -197,6 +197,7 @@ def generate_answers(
     samples: int,
     seed: int,
     backend: str,
+    prompt: Any = None,
 ) -> dict[str, Any]:
     """Answers of one model to the rationale prompt over ``selection`` into ``out/trajectories/<name>``.
 
@@ -210,7 +211,7 @@ def generate_answers(
         selection=selection,
         mimic_root=mimic_root,
         out=out,
-        prompt=load_prompt("rationale"),
+        prompt=prompt if prompt is not None else load_prompt("rationale"),
         backend=backend,
         model_path=str(model_dir),
         samples=samples,
@@ -387,7 +388,11 @@ def run_demo(
 
     teachers = sim.default_teachers()
     with stages.stage("teachers", f"train {len(teachers)} tiny VLM teachers with injected drift"):
-        examples = sim.examples_from_selection(train_all, root, template="rationale")
+        # The diagnosis list carries each finding's report side (see simulate.sided_prompt), for the
+        # train and the test images alike; teachers and students are all asked with this prompt.
+        sides = sim.selection_sides(train_all) | sim.selection_sides(test)
+        prompt = sim.sided_prompt(sides, "rationale")
+        examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
         simulation = sim.simulate(
             out / "teachers",
             examples,
@@ -423,6 +428,7 @@ def run_demo(
                 1,
                 seed,
                 teacher_backend,
+                prompt,
             )
             generate_answers(
                 t.spec.name,
@@ -434,6 +440,7 @@ def run_demo(
                 spec.test_samples,
                 seed,
                 teacher_backend,
+                prompt,
             )
     result.artifacts["teacher trajectories (train split)"] = str(gen_out / "trajectories")
     result.artifacts["test-split answers (teachers + students)"] = str(eval_out / "trajectories")
@@ -490,6 +497,7 @@ def run_demo(
                     spec.test_samples,
                     seed,
                     "transformers",
+                    prompt,
                 )
 
     # 6. score

@@ -358,13 +358,57 @@ def _elaboration(finding: Finding, swap: bool) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def prompt_renderer(template: str = "rationale") -> Callable[[dict[str, Any], list[Finding]], str]:
-    """``(row, findings) -> prompt`` rendering generate's prompt template (by name or path) for a
-    selection row, so the teachers are trained on exactly the text generate will send them."""
+def prompt_renderer(template: Any = "rationale") -> Callable[[dict[str, Any], list[Finding]], str]:
+    """``(row, findings) -> prompt`` rendering a generate prompt template (a name, a path or a
+    PromptTemplate object) for a selection row, so the teachers are trained on exactly the text
+    generate will send them."""
     from cxrmax.generate.prompts import load_prompt
 
-    loaded = load_prompt(template)
+    loaded = load_prompt(template) if isinstance(template, (str, Path)) else template
     return lambda row, _findings: loaded.render(row)
+
+
+def sided_prompt(sides: dict[str, dict[str, str]], template: str = "rationale") -> Any:
+    """The rationale prompt with each positive label's side in the diagnosis list ("The patient is
+    diagnosed with left Pleural Effusion and Atelectasis. ..."), for the sample ids in ``sides``
+    (sample_id -> observation -> left/right/bilateral, as the report states them).
+
+    Tiny teachers cannot read a side off a synthetic film in seconds; with the side in the prompt the
+    faithful teacher learns to repeat it and the laterality-swapped one to mirror it, so the swap is
+    measurable against the report on every lateralised finding. A generate PromptTemplate (its own
+    id, ``<template>-sided``), usable as ``GenerateOptions.prompt``."""
+    from dataclasses import dataclass as _dataclass
+    from dataclasses import field as _field
+
+    from cxrmax.generate.prompts import PromptTemplate, join_labels, load_prompt
+
+    @_dataclass(frozen=True)
+    class SidedPromptTemplate(PromptTemplate):
+        sides: dict[str, dict[str, str]] = _field(default_factory=dict)
+
+        def render(self, row: dict[str, Any]) -> str:
+            labels = row.get("labels") or {}
+            known = self.sides.get(row.get("sample_id"), {})
+            positives = [
+                name for name in OBSERVATIONS if labels.get(name) is not None and float(labels[name]) == 1.0
+            ]
+            names = [f"{known[name]} {name}" if name in known else name for name in positives]
+            values = {
+                "labels": join_labels(names) if names else self.empty_labels,
+                "view": row.get("view") or "unknown",
+                "observation_list": "\n".join(OBSERVATIONS),
+            }
+            return self.body.format_map(values)
+
+    base = load_prompt(template)
+    return SidedPromptTemplate(
+        id=f"{base.id}-sided",
+        body=base.body,
+        description=base.description + " (positive labels with the report's side)",
+        empty_labels=base.empty_labels,
+        source=base.source,
+        sides=sides,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -384,22 +428,43 @@ class Example:
     applied: list[str] = field(default_factory=list)
 
 
+def selection_sides(selection: Any, sided: Sequence[str] = tuple(LATERALIZABLE)) -> dict[str, dict[str, str]]:
+    """sample_id -> observation -> side (left/right/bilateral) the report states for its positive
+    findings among ``sided``, read by the labeler from the selection's findings and impression."""
+    rows = selection.to_pylist() if hasattr(selection, "to_pylist") else list(selection)
+    sides: dict[str, dict[str, str]] = {}
+    for row in rows:
+        text = " ".join(t for t in (row.get("findings"), row.get("impression")) if t)
+        found = {k: v for k, v in visible_sides(report_sides(text), sided).items() if v}
+        if found:
+            sides[row["sample_id"]] = found
+    return sides
+
+
 def examples_from_selection(
     selection: Any,
     mimic_root: str | Path,
     template: str = "rationale",
-    sided: Sequence[str] = FILM_SIDED,
-) -> list[Example]:
-    """Teacher examples (image, exact generate prompt, findings with their visible report side) from a
-    selection table (shards.SELECTION_SCHEMA, report sections attached)."""
+    side_hint: bool = True,
+    prompt: Any = None,
+) -> tuple[list[Example], Any]:
+    """Teacher examples (image, exact generate prompt, findings with their report side) from a
+    selection table (shards.SELECTION_SCHEMA, report sections attached), and the prompt template to
+    give generate.
+
+    ``side_hint`` (default): the prompt lists each label with its report side (:func:`sided_prompt`)
+    and the targets state the side of every lateralised finding. Without it the prompt is the paper's
+    and only findings the film shows on their side (``FILM_SIDED``) get one. ``prompt``: a template
+    built beforehand (e.g. a sided prompt covering the test images as well)."""
+    from cxrmax.generate.prompts import load_prompt
+
     rows = selection.to_pylist() if hasattr(selection, "to_pylist") else list(selection)
-    render = prompt_renderer(template)
-
-    def sides_of(row: dict[str, Any]) -> dict[str, str | None]:
-        text = " ".join(t for t in (row.get("findings"), row.get("impression")) if t)
-        return visible_sides(report_sides(text), sided)
-
-    return examples_from_rows(rows, mimic_root, sides_of, render)
+    sides = selection_sides(rows, tuple(LATERALIZABLE) if side_hint else FILM_SIDED)
+    if prompt is None:
+        prompt = sided_prompt(sides, template) if side_hint else load_prompt(template)
+    render = prompt_renderer(prompt)
+    examples = examples_from_rows(rows, mimic_root, lambda row: sides.get(row["sample_id"], {}), render)
+    return examples, prompt
 
 
 def examples_from_rows(

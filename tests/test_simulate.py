@@ -107,28 +107,36 @@ def test_default_teacher_sets():
     assert [t.name for t in sim.default_teachers(faithful=False, kinds=["verbosity"])] == ["verbose"]
 
 
-def test_examples_from_a_mini_mimic_use_generate_prompts_and_visible_sides(mini_mimic):
+def test_examples_from_a_mini_mimic_use_generate_prompts_and_report_sides(mini_mimic):
     from cxrmax.generate.prompts import load_prompt
     from cxrmax.mimic import MimicCXR
 
     selection = MimicCXR(mini_mimic).select(views=["PA", "AP"])
-    examples = sim.examples_from_selection(selection, mini_mimic)
-    template = load_prompt("rationale")
     rows = selection.to_pylist()
-    assert len(examples) == len(rows)
-    sided = 0
-    for example, row in zip(examples, rows, strict=True):
-        assert example.prompt == template.render(row)  # exactly what generate sends
-        assert (mini_mimic / row["image_path"]).as_posix() == example.image_path
-        positives = {n for n, v in row["labels"].items() if v == 1.0 and n != "No Finding"}
-        assert {f.observation for f in example.findings} == positives
-        report = " ".join(t for t in (row["findings"], row["impression"]) if t)
-        for finding in example.findings:
-            if finding.side is not None:
-                sided += 1
-                assert finding.observation in sim.FILM_SIDED
+    paper = load_prompt("rationale")
+    sided_total = 0
+    for side_hint in (True, False):
+        examples, prompt = sim.examples_from_selection(selection, mini_mimic, side_hint=side_hint)
+        assert len(examples) == len(rows)
+        for example, row in zip(examples, rows, strict=True):
+            assert example.prompt == prompt.render(row)  # exactly what generate will send
+            assert (mini_mimic / row["image_path"]).as_posix() == example.image_path
+            positives = {n for n, v in row["labels"].items() if v == 1.0 and n != "No Finding"}
+            assert {f.observation for f in example.findings} == positives
+            report = " ".join(t for t in (row["findings"], row["impression"]) if t)
+            for finding in example.findings:
+                if finding.side is None:
+                    continue
                 assert finding.side == sim.report_sides(report)[finding.observation]
-    assert sided >= 1
+                if side_hint:
+                    sided_total += 1
+                    assert f"{finding.side} {finding.observation}" in example.prompt
+                else:
+                    assert finding.observation in sim.FILM_SIDED
+            if not side_hint:
+                assert example.prompt == paper.render(row)  # the paper's prompt, untouched
+        assert prompt.id == ("rationale-v1-sided" if side_hint else "rationale-v1")
+    assert sided_total >= 3
 
 
 @pytest.mark.slow
@@ -140,7 +148,7 @@ def test_a_trained_teacher_shows_its_injected_bias(tmp_path, mini_mimic):
     from cxrmax.tinyvlm import load_tiny_vlm
 
     selection = MimicCXR(mini_mimic).select(splits=["train"], views=["PA", "AP"])
-    examples = sim.examples_from_selection(selection, mini_mimic)[:12]
+    examples = sim.examples_from_selection(selection, mini_mimic)[0][:12]
     teachers = [sim.TeacherSpec("faithful"), sim.TeacherSpec("refuses", (sim.Bias("refusal", 1.0),))]
     result = sim.simulate(tmp_path, examples, teachers, steps=45, batch_size=8, lr=5e-3, seed=0, max_edge=56)
     spec = (tmp_path / "drift_spec.json").read_text()

@@ -78,6 +78,12 @@ def simulate(
     ),
     split: str = typer.Option("test", "--split", help="Split the teachers answer (train, validate or test)."),
     samples: int = typer.Option(2, "--samples", help="Answers per image (temperature 1)."),
+    paper_prompt: bool = typer.Option(
+        False,
+        "--paper-prompt",
+        help="Ask with the paper's prompt (labels without sides); then only sides the synthetic films show "
+        "(pleural effusion) are stated. Default: the diagnosis list carries the report's sides.",
+    ),
 ) -> None:
     """Train tiny VLM teachers with controlled, documented drift: a controlled test bed for drift research.
 
@@ -135,7 +141,14 @@ def simulate(
                 make_mini_mimic(mimic_root, studies=studies, seed=seed)
         mimic = MimicCXR(mimic_root)
         train = mimic.select(splits=["train"], views=["PA", "AP"])
-        examples = sim.examples_from_selection(train, mimic_root)
+        answered = mimic.select(splits=[split], views=["PA", "AP"])
+        if paper_prompt:
+            prompt = None
+        else:  # the report's sides in the diagnosis list, for the train and the answered images
+            prompt = sim.sided_prompt(sim.selection_sides(train) | sim.selection_sides(answered))
+        examples, prompt = sim.examples_from_selection(
+            train, mimic_root, side_hint=not paper_prompt, prompt=prompt
+        )
         console.print(f"training {len(specs)} teachers on {len(examples)} train images, {steps} steps each")
         with console.status("training teachers") as status:
             result = sim.simulate(
@@ -167,7 +180,7 @@ def simulate(
         from cxrmax.demo import DemoSize, _report_text, drift_rates, generate_answers
         from cxrmax.generate import read_trajectories
 
-        selection = mimic.select(splits=[split], views=["PA", "AP"])
+        selection = answered
         if selection.num_rows == 0:
             raise InputError(f"{mimic_root}: no frontal {split} images to answer")
         write_selection(selection, out / f"selection-{split}.parquet")
@@ -186,6 +199,7 @@ def simulate(
                     samples,
                     seed,
                     "transformers",
+                    prompt,
                 )
         gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in selection.to_pylist()}
         rates_by_model = drift_rates(read_trajectories(out), gold)
