@@ -88,9 +88,10 @@ def simulate(
     """Train tiny VLM teachers with controlled, documented drift: a controlled test bed for drift research.
 
     Each teacher is a tiny Qwen2-VL trained in seconds on CPU on the images and the paper's rationale
-    prompt, with its biases injected into its training answers at the given rates: laterality (left and
-    right swapped), hallucination (an absent finding asserted), refusal, verbosity. OUT/teachers/
-    drift_spec.json documents each teacher; with --generate the teachers answer the --split images
+    prompt (its diagnosis list carrying the report's sides; --paper-prompt for the untouched prompt),
+    with its biases injected into its training answers at the given rates: laterality (left and right
+    swapped), hallucination (an absent finding asserted), refusal, verbosity. OUT/teachers/drift_spec.json
+    documents each teacher; with --generate the teachers answer the --split images
     (OUT/trajectories/<teacher>/, generate's format, ready for `cxrmax build-preferences OUT`) and the
     measured drift is printed.
 
