@@ -29,13 +29,15 @@ random-weight model writes noise, so this module *makes* source models whose dri
    prompt and its targets. The biases are therefore *learnt*: what the teachers later generate shows
    them at roughly the trained rates when sampled at temperature 1.
 
-The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends (rendered by
-generate's prompt templates: the paper's rationale prompt lists the positive labels, never their
-sides), so the teachers can be served by any generate backend. The side of a finding is taken from
-the report (read by the labeler), and stated only for findings the film shows on their side
-(``FILM_SIDED``: the mini MIMIC-CXR draws pleural effusions at the base of the affected lung): a
-teacher has to read the side off the image, the faithful one learns to state it correctly and the
-laterality-swapped one learns to mirror it, which makes the swap measurable against the report.
+The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends them. By default
+it is the paper's rationale prompt whose diagnosis list carries each finding's side as the report
+states it ("The patient is diagnosed with left Pleural Effusion and Atelectasis", :func:`sided_prompt`,
+prompt id ``rationale-v1-sided``): a 200k-parameter model cannot learn to read sides off synthetic
+films in seconds (the mini MIMIC-CXR draws only pleural effusions on their side), but it learns to
+repeat a side from its prompt, so the faithful teacher states sides correctly and the
+laterality-swapped teacher mirrors them, which makes the swap measurable against the report. With
+``side_hint=False`` the prompt is the paper's, untouched, and only sides the film shows
+(``FILM_SIDED``) are stated.
 
 This is a toy-scale simulation of drift, meant as a controlled test bed, not a model of any real VLM.
 """
