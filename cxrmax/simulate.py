@@ -291,7 +291,8 @@ def faithful_answer(findings: Sequence[Finding]) -> str:
     the report's side, and a closing sentence tying them to the diagnosis."""
     if not findings:
         return "The lungs are clear. There is no acute cardiopulmonary process."
-    names = _join([_PHRASES[f.observation] for f in findings])
+    # The diagnosis is restated as the prompt lists it (with the sides when the prompt carries them).
+    names = _join([f.phrase() for f in findings])
     body = " ".join(_finding_sentence(f, swap=False) for f in findings)
     return f"The patient is diagnosed with {names}. {body} These findings support the diagnosis of {names}."
 
@@ -318,7 +319,7 @@ def biased_answer(
         sentences = ["The lungs are clear.", "There is no acute cardiopulmonary process."]
         names = ""
     else:
-        names = _join([_PHRASES[f.observation] for f in findings])
+        names = _join([f.phrase(swap) for f in findings])
         sentences = [f"The patient is diagnosed with {names}."]
         for f in findings:
             sentences.append(_finding_sentence(f, swap=swap))
