@@ -198,6 +198,7 @@ def test_torchrun_two_cpu_processes_with_precomputed_reference(tiny_lm_path, dat
     gathered across ranks, and only rank 0 writes the logs."""
     import os
     import shutil
+    import signal
     import subprocess
     import sys
 
@@ -206,43 +207,47 @@ def test_torchrun_two_cpu_processes_with_precomputed_reference(tiny_lm_path, dat
     prefs, _ = data
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "cxrmax",
-            "train-apo",
-            "--stage",
-            "apo",
-            "--model",
-            str(tiny_lm_path),
-            "--preferences",
-            str(prefs),
-            "--out",
-            str(tmp_path),
-            "--cpu",
-            "--max-steps",
-            "2",
-            "--global-batch",
-            "4",
-            "--per-device-batch",
-            "1",
-            "--precompute-ref",
-            "--logging-steps",
-            "1",
-            "--max-length",
-            "128",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=240,
+    command = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "cxrmax",
+        "train-apo",
+        "--stage",
+        "apo",
+        "--model",
+        str(tiny_lm_path),
+        "--preferences",
+        str(prefs),
+        "--out",
+        str(tmp_path),
+        "--cpu",
+        "--max-steps",
+        "2",
+        "--global-batch",
+        "4",
+        "--per-device-batch",
+        "1",
+        "--precompute-ref",
+        "--logging-steps",
+        "1",
+        "--max-length",
+        "128",
+    ]
+    # A session of its own, so that a timeout kills torchrun's workers too instead of orphaning them.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
     )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    assert done.stdout.count("apo done") == 1
+    try:
+        stdout, stderr = process.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail("torchrun did not finish in 240 s:\n" + stdout[-2000:] + stderr[-4000:])
+    assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert stdout.count("apo done") == 1
     records = [json.loads(line) for line in (tmp_path / "apo" / "log.jsonl").read_text().splitlines()]
     steps = [r for r in records if "rewards/accuracies" in r]
     assert [r["step"] for r in steps] == [1, 2]
