@@ -216,6 +216,48 @@ def _order_negatives(rejected: list[str | None], drift: list[float | None] | Non
     return idx[::-1]
 
 
+def _encode_prompt(
+    row: dict[str, Any],
+    index: int,
+    completion_field: str,
+    result: dict[str, Any],
+    encoder: ChatEncoder,
+    max_length: int,
+    min_completion_tokens: int,
+    lenient: bool,
+    source: str | os.PathLike,
+) -> int | None:
+    """Validate a row's prompt, completion and image and encode the prompt into ``result``.
+
+    Returns the token budget left for each completion, or None when the row is dropped (the reason
+    is in ``result["drop_reason"]``); raises InputError instead of dropping unless ``lenient``."""
+    for name in ("prompt", completion_field):
+        value = row.get(name)
+        if not isinstance(value, str) or not value.strip():
+            if not lenient:
+                raise InputError(f"{where(source, index + 1, name)}: missing or empty")
+            result["drop_reason"] = "invalid"
+            return None
+    image = None
+    if encoder.uses_images:
+        image_path = row.get("image_path")
+        if not image_path:
+            if not lenient:
+                raise InputError(f"{where(source, index + 1, 'image_path')}: missing")
+            result["drop_reason"] = "invalid"
+            return None
+        image = encoder.load_image(image_path, index + 1)
+    prompt_ids, prompt_types = encoder.encode_prompt_with_types(row["prompt"], image)
+    result["prompt_input_ids"] = prompt_ids
+    result["prompt_mm_token_type_ids"] = prompt_types
+    result["n_prompt_tokens"] = len(prompt_ids)
+    budget = max_length - len(prompt_ids)
+    if budget < min_completion_tokens:
+        result["drop_reason"] = "prompt_too_long"
+        return None
+    return budget
+
+
 def tokenize_preferences(
     dataset: Any,
     encoder: ChatEncoder,
@@ -245,30 +287,12 @@ def tokenize_preferences(
             "n_rejected_kept": 0,
             "n_prompt_tokens": 0,
         }
-        prompt, chosen = row.get("prompt"), row.get("chosen")
-        for name, value in (("prompt", prompt), ("chosen", chosen)):
-            if not isinstance(value, str) or not value.strip():
-                if not lenient:
-                    raise InputError(f"{where(source, index + 1, name)}: missing or empty")
-                result["drop_reason"] = "invalid"
-                return result
-        image = None
-        if encoder.uses_images:
-            image_path = row.get("image_path")
-            if not image_path:
-                if not lenient:
-                    raise InputError(f"{where(source, index + 1, 'image_path')}: missing")
-                result["drop_reason"] = "invalid"
-                return result
-            image = encoder.load_image(image_path, index + 1)
-        prompt_ids, prompt_types = encoder.encode_prompt_with_types(prompt, image)
-        result["prompt_mm_token_type_ids"] = prompt_types
-        result["n_prompt_tokens"] = len(prompt_ids)
-        budget = max_length - len(prompt_ids)
-        result["prompt_input_ids"] = prompt_ids
-        if budget < min_completion_tokens:
-            result["drop_reason"] = "prompt_too_long"
+        budget = _encode_prompt(
+            row, index, "chosen", result, encoder, max_length, min_completion_tokens, lenient, source
+        )
+        if budget is None:
             return result
+        prompt, chosen = row["prompt"], row["chosen"]
         raw_rejected = list(row.get("rejected") or [])
         order = _order_negatives(raw_rejected, row.get("rejected_drift"))
         kept = [i for i in order if isinstance(raw_rejected[i], str) and raw_rejected[i].strip()]
@@ -313,30 +337,12 @@ def tokenize_sft(
             "n_truncated_chosen": 0,
             "n_prompt_tokens": 0,
         }
-        prompt, completion = row.get("prompt"), row.get("completion")
-        for name, value in (("prompt", prompt), ("completion", completion)):
-            if not isinstance(value, str) or not value.strip():
-                if not lenient:
-                    raise InputError(f"{where(source, index + 1, name)}: missing or empty")
-                result["drop_reason"] = "invalid"
-                return result
-        image = None
-        if encoder.uses_images:
-            image_path = row.get("image_path")
-            if not image_path:
-                if not lenient:
-                    raise InputError(f"{where(source, index + 1, 'image_path')}: missing")
-                result["drop_reason"] = "invalid"
-                return result
-            image = encoder.load_image(image_path, index + 1)
-        prompt_ids, prompt_types = encoder.encode_prompt_with_types(prompt, image)
-        result["prompt_mm_token_type_ids"] = prompt_types
-        result["n_prompt_tokens"] = len(prompt_ids)
-        result["prompt_input_ids"] = prompt_ids
-        budget = max_length - len(prompt_ids)
-        if budget < min_completion_tokens:
-            result["drop_reason"] = "prompt_too_long"
+        budget = _encode_prompt(
+            row, index, "completion", result, encoder, max_length, min_completion_tokens, lenient, source
+        )
+        if budget is None:
             return result
+        prompt, completion = row["prompt"], row["completion"]
         ids, cut = _truncate(encoder.encode_completion(prompt, completion), budget)
         result["completion_input_ids"] = ids
         result["n_truncated_chosen"] = int(cut)
