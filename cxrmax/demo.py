@@ -66,7 +66,7 @@ SIZES: dict[str, DemoSize] = {
         studies=60, teacher_steps=100, train_images=24, test_samples=2, sft_steps=100, apo_steps=16
     ),
     "default": DemoSize(
-        studies=400, teacher_steps=160, train_images=120, test_samples=3, sft_steps=200, apo_steps=60
+        studies=400, teacher_steps=360, train_images=120, test_samples=3, sft_steps=200, apo_steps=60
     ),
 }
 
