@@ -529,6 +529,10 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
     table = read_trajectories(eval_out)
     rates = drift_rates(table, gold)
     drift_of = {t.spec.name: t.spec.describe() for t in simulation.teachers}
+    short_of = {
+        t.spec.name: ", ".join(f"{b.kind} {b.rate:.0%}" for b in t.spec.biases) or "none"
+        for t in simulation.teachers
+    }
     rows = []
     with Board(store) as board:
         for folder in model_dirs(eval_out):
@@ -538,6 +542,7 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
                     "model": model,
                     "kind": "teacher" if model in drift_of else "student",
                     "injected": drift_of.get(model, _student_note(model)),
+                    "short": short_of.get(model, _student_short(model)),
                     "precision": scores.get("precision"),
                     "recall": scores.get("recall"),
                     "similarity": scores.get("similarity"),
@@ -551,6 +556,10 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
     return rows
 
 
+def _student_short(model: str) -> str:
+    return {"student-sft": "SFT", "student-apo": "SFT + APO (PL)", "student-dpo": "SFT + DPO"}.get(model, "")
+
+
 def _student_note(model: str) -> str:
     return {
         "student-sft": "SFT on all teachers' trajectories",
@@ -560,12 +569,13 @@ def _student_note(model: str) -> str:
 
 
 _COLUMNS = (
-    ("precision", "precision"),
-    ("recall", "recall"),
-    ("similarity", "similarity"),
-    ("refusal_rate", "refusal"),
-    ("hallucination_rate", "halluc."),
-    ("laterality_error_rate", "side err"),
+    ("precision", "prec"),
+    ("recall", "rec"),
+    ("similarity", "sim"),
+    ("refusal_rate", "refuse"),
+    ("hallucination_rate", "halluc"),
+    ("laterality_error_rate", "side"),
+    ("sides_compared", "sides"),
     ("mean_words", "words"),
     ("answers", "n"),
 )
@@ -622,14 +632,24 @@ def print_result(result: DemoResult, console: Any) -> None:
     """Print the table, the drift report, timings and artifact paths."""
     from rich.table import Table
 
-    table = Table(title="Teachers and students on the test split (toy scale)")
-    table.add_column("model")
-    table.add_column("injected drift / training")
-    for _, header in _COLUMNS:
-        table.add_column(header, justify="right")
+    table = Table(title="Teachers and students on the test split (toy scale)", padding=(0, 1))
+    table.add_column("model", no_wrap=True)
+    shown = [(k, h) for k, h in _COLUMNS if k != "answers"]  # fits 80 columns
+    for _, header in shown:
+        table.add_column(header, justify="right", no_wrap=True, min_width=4)
     for row in result.rows:
-        table.add_row(row["model"], row["injected"], *[_fmt(row.get(k)) for k, _ in _COLUMNS])
+        table.add_row(row["model"], *[_fmt(row.get(k)) for k, _ in shown])
     console.print(table)
+    answers = sorted({row.get("answers") for row in result.rows if row.get("answers")})
+    console.print(f"  answers per model: {', '.join(map(str, answers))}", highlight=False)
+    for row in result.rows:
+        console.print(f"  {row['model']:<13} {row['injected']}", highlight=False)
+    console.print(
+        "  prec/rec/sim: leaderboard cxr-max-rationale vs the test labels and reports; refuse, halluc "
+        "(answers asserting a finding the labels lack), side (error rate: stated vs the report's side, "
+        "over 'sides' comparisons), words: read by the labeler",
+        highlight=False,
+    )
     if result.drift_report:
         drift = Table(
             title=f"Drift report of build-preferences (train split, {result.drift_report['samples']} samples)"
