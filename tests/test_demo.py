@@ -54,7 +54,9 @@ def test_teachers_trajectories_show_the_injected_drift(demo):
         return sum(len(r["text"].split()) for r in rows) / len(rows)
 
     def claims_absent(model, observation):
-        rows = [r for r in _answers(demo.out, model) if (r["labels"] or {}).get(observation) not in (1.0, -1.0)]
+        rows = [
+            r for r in _answers(demo.out, model) if (r["labels"] or {}).get(observation) not in (1.0, -1.0)
+        ]
         hits = 0
         for r in rows:
             obs = label_text(r["text"]).observations.get(observation)
