@@ -12,7 +12,10 @@ from cxrmax.cli.common import console, user_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for every artifact of the demo."),
     size: str = typer.Option(
-        "default", "--size", help="default (a few minutes on 2 cores) or small (tests)."
+        "default",
+        "--size",
+        help="default (about 5 minutes on 2 CPU cores), small (the tests, about 3 minutes) or large "
+        "(about 15 minutes; clearer separation between teachers and students).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
     teacher_backend: str = typer.Option(
