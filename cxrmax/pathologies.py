@@ -154,7 +154,9 @@ def no_finding(labels: Mapping[str, LabelValue]) -> LabelValue:
     return 1
 
 
-def binarize(value: LabelValue, uncertain: Literal["positive", "negative", "ignore"] = "positive") -> int | None:
+def binarize(
+    value: LabelValue, uncertain: Literal["positive", "negative", "ignore"] = "positive"
+) -> int | None:
     """Turn a -1/0/1/None label into a binary target under an explicit uncertain policy.
 
     Blank (not mentioned) counts as negative. With ``uncertain="ignore"`` an uncertain label

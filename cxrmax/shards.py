@@ -60,7 +60,9 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("prompt_tokens", pa.int32()),
         pa.field("completion_tokens", pa.int32()),
         pa.field("latency_s", pa.float32()),
-        pa.field("sampling", pa.string()),  # JSON of the sampling parameters (temperature, top_p, max_tokens, seed)
+        pa.field(
+            "sampling", pa.string()
+        ),  # JSON of the sampling parameters (temperature, top_p, max_tokens, seed)
         pa.field("seed", pa.int64()),
         pa.field("attempts", pa.int32()),
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),

@@ -36,4 +36,6 @@ def mini_mimic_dicom(tmp_path_factory):
     """A mini MIMIC-CXR in the DICOM layout (12 studies, seed 1; some films MONOCHROME1), read-only."""
     from cxrmax.fixtures import make_mini_mimic
 
-    return make_mini_mimic(tmp_path_factory.mktemp("mini-mimic-dicom") / "mimic", studies=12, seed=1, dicom=True)
+    return make_mini_mimic(
+        tmp_path_factory.mktemp("mini-mimic-dicom") / "mimic", studies=12, seed=1, dicom=True
+    )

@@ -35,7 +35,9 @@ def test_unknown_name_is_named_in_error():
         canonical_name("Bronchiectasis")
 
 
-@pytest.mark.parametrize("cell,value", [("1.0", 1), ("0", 0), ("-1.0", -1), ("", None), (float("nan"), None), (None, None)])
+@pytest.mark.parametrize(
+    "cell,value", [("1.0", 1), ("0", 0), ("-1.0", -1), ("", None), (float("nan"), None), (None, None)]
+)
 def test_parse_label_value(cell, value):
     assert parse_label_value(cell) == value
 
@@ -60,4 +62,7 @@ def test_binarize_policies():
 
 
 def test_positive_observations_in_canonical_order():
-    assert positive_observations({"Pneumothorax": 1, "Atelectasis": 1, "Edema": 0}) == ["Atelectasis", "Pneumothorax"]
+    assert positive_observations({"Pneumothorax": 1, "Atelectasis": 1, "Edema": 0}) == [
+        "Atelectasis",
+        "Pneumothorax",
+    ]
