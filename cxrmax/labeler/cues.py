@@ -676,27 +676,7 @@ PSEUDO: tuple[str, ...] = (
 
 #: Terminators that join clauses (laterality never reaches across them); the other terminators are
 #: predicates ("is seen", "there is") that laterality may skip ("effusions are present bilaterally").
-CONJUNCTIONS: frozenset[str] = frozenset(
-    {
-        "but",
-        "however",
-        "although",
-        "though",
-        "whereas",
-        "while",
-        "except",
-        "except for",
-        "aside from",
-        "apart from",
-        "other than",
-        "with the exception of",
-        "nevertheless",
-        "nonetheless",
-        "yet",
-    }
-)
-
-TERMINATORS: tuple[str, ...] = (
+_CONJUNCTION_WORDS: tuple[str, ...] = (
     "but",
     "however",
     "although",
@@ -712,6 +692,11 @@ TERMINATORS: tuple[str, ...] = (
     "nevertheless",
     "nonetheless",
     "yet",
+)
+CONJUNCTIONS: frozenset[str] = frozenset(_CONJUNCTION_WORDS)
+
+TERMINATORS: tuple[str, ...] = (
+    *_CONJUNCTION_WORDS,
     "which is",
     "which are",
     "there is",
