@@ -159,22 +159,18 @@ class Lexicon:
                 add(word, SIGN, (observation,))
         add("hydropneumothorax", MENTION, ("Pneumothorax", "Pleural Effusion"))
         add("hydropneumothoraces", MENTION, ("Pneumothorax", "Pleural Effusion"))
-        for word in phrases.IGNORED:
-            add(word, IGNORE, None)
-        for word in phrases.NORMAL_STUDY:
-            add(word, NORMAL_STUDY, None)
-        for word in cues.REFUSAL:
-            add(word, REFUSAL, None)
-        for word in cues.HEDGING:
-            add(word, HEDGE, None)
-        for word in cues.PSEUDO:
-            add(word, PSEUDO, None)
-        for word in cues.GENERIC:
-            add(word, GENERIC, None)
-        for word in cues.MIMICS:
-            add(word, MIMIC, None)
-        for word in cues.OTHER_DIAGNOSES:
-            add(word, OTHER, None)
+        for words, kind in (
+            (phrases.IGNORED, IGNORE),
+            (phrases.NORMAL_STUDY, NORMAL_STUDY),
+            (cues.REFUSAL, REFUSAL),
+            (cues.HEDGING, HEDGE),
+            (cues.PSEUDO, PSEUDO),
+            (cues.GENERIC, GENERIC),
+            (cues.MIMICS, MIMIC),
+            (cues.OTHER_DIAGNOSES, OTHER),
+        ):
+            for word in words:
+                add(word, kind, None)
         for word in cues.HYPOTHETICAL:
             add(word, CUE, (HYPO | NEG_PRE, word))
         for group, role in (
