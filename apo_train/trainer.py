@@ -409,6 +409,20 @@ def save_outputs(trainer: Trainer, processor: Any, cfg: SFTStageConfig | APOConf
     return saved
 
 
+def _train_and_save(
+    trainer: Any, processor: Any, cfg: Any, stats: Any, resume_from_checkpoint: str | bool | None
+) -> dict[str, Any]:
+    """Train either stage, save its outputs and return paths, data counts, metrics and the log."""
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    saved = save_outputs(trainer, processor, cfg)
+    return {
+        "saved": saved,
+        "stats": stats.as_dict(),
+        "metrics": result.metrics,
+        "log_history": trainer.state.log_history,
+    }
+
+
 def run_sft(
     cfg: SFTStageConfig,
     console: Any | None = None,
@@ -442,14 +456,7 @@ def run_sft(
         data_collator=SFTCollator(encoder),
         console=console,
     )
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    saved = save_outputs(trainer, processor, cfg)
-    return {
-        "saved": saved,
-        "stats": stats.as_dict(),
-        "metrics": result.metrics,
-        "log_history": trainer.state.log_history,
-    }
+    return _train_and_save(trainer, processor, cfg, stats, resume_from_checkpoint)
 
 
 def run_apo(
@@ -493,14 +500,7 @@ def run_apo(
         data_collator=APOCollator(encoder),
         console=console,
     )
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    saved = save_outputs(trainer, processor, cfg)
-    return {
-        "saved": saved,
-        "stats": stats.as_dict(),
-        "metrics": result.metrics,
-        "log_history": trainer.state.log_history,
-    }
+    return _train_and_save(trainer, processor, cfg, stats, resume_from_checkpoint)
 
 
 #: The names other engineers' interface notes use.
