@@ -10,6 +10,8 @@ JPEG bytes and data URLs, with an on-disk cache.
   image's value range to 0..255; MONOCHROME1 (high value = dark) is inverted so bone is always bright.
 * Resize keeps the aspect ratio: longest edge <= `max_edge` and/or width*height <= `max_pixels`;
   images are never upscaled. Resampling is Lanczos (antialiased).
+* Many images: `preprocess_many` runs `preprocess` on a thread pool (Pillow releases the GIL while it
+  decodes and resamples, so threads use every core), in input order, with a bounded number in flight.
 
 Unreadable, truncated or corrupt files raise `ImageError` (an InputError) naming the path.
 """
@@ -22,6 +24,9 @@ import io
 import math
 import os
 import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,7 @@ __all__ = [
     "dicom_to_uint8",
     "encode_jpeg",
     "preprocess",
+    "preprocess_many",
     "target_size",
     "to_data_url",
     "verify",
@@ -211,6 +217,40 @@ def preprocess(
     if image.size != size:
         image = image.resize(size, RESAMPLE)
     return image
+
+
+def preprocess_many(
+    paths: Iterable[str | os.PathLike],
+    max_edge: int | None = 1024,
+    max_pixels: int | None = None,
+    workers: int | None = None,
+) -> Iterator[Image.Image]:
+    """`preprocess` every path on `workers` threads (default: one per core), yielding the images in
+    input order.
+
+    Pillow releases the GIL inside the JPEG decoder and the resampler, so threads scale with cores
+    without the pickling cost of processes. At most 2 x workers images are in flight: memory stays
+    flat however long `paths` is (it may be a generator). The first unreadable file raises its
+    ImageError when its turn comes; images after it are not yielded.
+
+    >>> for image in preprocess_many(paths, max_edge=1024):  # doctest: +SKIP
+    ...     image.save(...)
+    """
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    pending: deque[Future[Image.Image]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="preprocess") as pool:
+        try:
+            for path in paths:
+                pending.append(pool.submit(preprocess, path, max_edge, max_pixels))
+                if len(pending) >= 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # an error or an abandoned generator: drop what has not started
+            for future in pending:
+                future.cancel()
 
 
 # EXIF orientation -> the transpose that makes the image upright.

@@ -21,6 +21,7 @@ from cxrmax.images import (
     decode,
     encode_jpeg,
     preprocess,
+    preprocess_many,
     target_size,
     to_data_url,
 )
@@ -255,6 +256,39 @@ def test_corrupt_and_missing_images(tmp_path: Path, big_jpeg: Path) -> None:
         assert isinstance(info.value, InputError)
     with pytest.raises(ImageError, match="absent.jpg"):
         ImageCache(tmp_path / "c").jpeg(tmp_path / "absent.jpg")
+
+
+def test_preprocess_many_keeps_order_bounds_memory_and_names_the_bad_file(tmp_path: Path) -> None:
+    paths = []
+    for index in range(9):
+        path = tmp_path / f"film{index}.jpg"
+        Image.fromarray(synthetic_chest(300 + 20 * index, 360, seed=index), "L").save(path, quality=90)
+        paths.append(path)
+    many = list(preprocess_many(paths, max_edge=128, workers=3))
+    assert [image.size for image in many] == [preprocess(p, max_edge=128).size for p in paths]
+    assert all(a.tobytes() == preprocess(p, max_edge=128).tobytes() for a, p in zip(many, paths, strict=True))
+
+    # A generator of paths is consumed lazily: at most 2 x workers ahead of what was yielded.
+    consumed = []
+
+    def lazily():
+        for path in paths:
+            consumed.append(path)
+            yield path
+
+    images = preprocess_many(lazily(), max_edge=64, workers=2)
+    next(images)
+    assert len(consumed) <= 2 * 2 + 1
+    images.close()  # abandoning the generator cancels what has not started
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(paths[0].read_bytes()[:300])
+    results = preprocess_many([paths[0], broken, paths[1]], max_edge=64, workers=2)
+    assert next(results).size[1] == 64
+    with pytest.raises(ImageError, match="broken.jpg"):
+        next(results)
+    with pytest.raises(ValueError, match="workers"):
+        next(preprocess_many(paths, workers=-1))
 
 
 def test_jpeg2000_compressed_dicom_decodes_like_the_uncompressed_film() -> None:
