@@ -1129,8 +1129,8 @@ class MimicCXR:
         source: str = "chexpert",
         progress: Callable[[int, int], None] | None = None,
     ) -> dict:
-        """Counts for `cxrmax mimic summary`: studies/images/subjects per split, images per split and
-        view, label prevalence (1/0/-1/blank and studies without a label row), report coverage.
+        """Counts for `cxrmax mimic summary`: studies/images/subjects per split, subjects whose
+        studies fall in more than one split (a train/test leak), images per split and view, label prevalence (1/0/-1/blank and studies without a label row), report coverage.
         `progress(done, total)` is called while reports are parsed (227,835 files on the release)."""
         images = self._image_index()
         studies = self.studies()
@@ -1144,6 +1144,10 @@ class MimicCXR:
                 "subjects": pc.count_distinct(part.column("subject_id")).as_py() if part.num_rows else 0,
             }
         result["splits"] = per_split
+        # The release splits by patient; a subject in two splits leaks between train and test.
+        spread = images.group_by("subject_id").aggregate([("split", "count_distinct")])
+        leaking = spread.filter(pc.greater(spread.column("split_count_distinct"), 1))
+        result["subjects_in_several_splits"] = sorted(leaking.column("subject_id").to_pylist())
         views = images.group_by(["split", "view"]).aggregate([("dicom_id", "count")])
         result["views"] = {
             (row["split"], row["view"] or ""): row["dicom_id_count"] for row in views.to_pylist()

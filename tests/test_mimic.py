@@ -554,6 +554,7 @@ def test_cli_summary_and_select(mini_mimic: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     for text in ("train", "validate", "test", "PA", "LATERAL", "Pleural Effusion", "impression", "addenda"):
         assert text in result.output
+    assert "every subject's studies are in one split" in result.output
     out = tmp_path / "sel.parquet"
     args = ["mimic", "select", str(mini_mimic), "--split", "train", "--view", "frontal", "--require-positive"]
     args += [
@@ -591,6 +592,28 @@ def test_cli_summary_and_select(mini_mimic: Path, tmp_path: Path) -> None:
     assert sum(s.num_rows for s in shards) == 40
     result = runner.invoke(app, ["mimic", "select", str(tmp_path / "nowhere"), "--out", str(out)])
     assert result.exit_code == 2 and "not a directory" in result.output
+
+
+def test_summary_flags_a_subject_whose_studies_span_two_splits(mimic_copy: Path) -> None:
+    split_csv = mimic_copy / "mimic-cxr-2.0.0-split.csv.gz"
+    header, rows = read_csv(split_csv)
+    assert MimicCXR(mimic_copy).summary(reports=False)["subjects_in_several_splits"] == []
+    subject, study, split = (header.index(name) for name in ("subject_id", "study_id", "split"))
+    studies_of: dict[str, set[str]] = {}
+    for row in rows:
+        studies_of.setdefault(row[subject], set()).add(row[study])
+    leaker = next(s for s, studies in studies_of.items() if len(studies) > 1)
+    moved = min(studies_of[leaker])
+    old_split = next(row[split] for row in rows if row[study] == moved)
+    new_split = "test" if old_split != "test" else "train"
+    for row in rows:
+        if row[study] == moved:  # every image of one study, so the study itself stays consistent
+            row[split] = new_split
+    write_csv(split_csv, header, rows)
+    assert MimicCXR(mimic_copy).summary(reports=False)["subjects_in_several_splits"] == [int(leaker)]
+    result = CliRunner().invoke(app, ["mimic", "summary", str(mimic_copy), "--no-reports"])
+    assert result.exit_code == 0, result.output
+    assert "1 subject(s) have studies in more than one split" in result.output and leaker in result.output
 
 
 def test_cli_lenient_reports_skips(mimic_copy: Path, tmp_path: Path) -> None:

@@ -111,6 +111,15 @@ def mimic_summary(
                 split, f"{counts['subjects']:,}", f"{counts['studies']:,}", f"{counts['images']:,}"
             )
         console.print(splits)
+        leaking = summary["subjects_in_several_splits"]
+        if leaking:
+            shown = ", ".join(map(str, leaking[:5])) + (", ..." if len(leaking) > 5 else "")
+            console.print(
+                f"[yellow]warning:[/] {len(leaking):,} subject(s) have studies in more than one split "
+                f"(train/test leakage; the release splits by patient): {shown}"
+            )
+        else:
+            console.print("every subject's studies are in one split")
 
         views = sorted({view for _split, view in summary["views"]}, key=lambda v: (v == "", v))
         view_table = Table(title="Images per split and view")
