@@ -142,7 +142,8 @@ class APOTrainer(Trainer):
         console: Any | None = None,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("callbacks", _callbacks(args, console, "APO"))
+        label = "APO" if args.loss_type == "plackett-luce" else f"APO ({args.loss_type})"
+        kwargs.setdefault("callbacks", _callbacks(args, console, label))
         self._is_peft = hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
         if ref_model is None and not self._is_peft and not args.precompute_ref_log_probs:
             # Full fine-tuning: the reference is the starting point, frozen.

@@ -373,6 +373,39 @@ def run_demo(
     """Run the whole toy pipeline under ``out`` (see the module docstring). Returns a DemoResult;
     writes ``out/demo_report.json`` and ``out/DEMO.md``. A stage that cannot run (a missing
     component) is reported as skipped with the reason, never faked."""
+    with _third_party_bars_off():
+        return _run_demo(out, size, seed, console, teacher_backend)
+
+
+@contextlib.contextmanager
+def _third_party_bars_off() -> Iterator[None]:
+    """Hide the tqdm bars of `datasets` (saving, mapping) and `transformers` (loading, writing
+    weights) for the demo's duration: its stage lines and rich training bars already show progress,
+    and dozens of sub-second bars bury them. Restored afterwards."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_were_on = datasets.is_progress_bar_enabled()
+    transformers_were_on = hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    # Spawned workers (teacher training, model servers) read it when transformers is imported.
+    hub_variable = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        yield
+    finally:
+        if hub_variable is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = hub_variable
+        if datasets_were_on:
+            datasets.enable_progress_bars()
+        if transformers_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backend: str) -> DemoResult:
     if size not in SIZES:
         raise InputError(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
     spec = SIZES[size]

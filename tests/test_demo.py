@@ -112,3 +112,21 @@ def test_demo_cli_help_and_bad_size():
     assert result.exit_code == 0 and "--size" in result.output
     result = CliRunner().invoke(app, ["demo", "--size", "huge", "--out", "/tmp/never-made"])
     assert result.exit_code == 2 and "--size" in result.output
+
+
+def test_third_party_bars_are_hidden_during_the_demo_and_restored(monkeypatch):
+    import os
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from cxrmax.demo import _third_party_bars_off
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    datasets.enable_progress_bars()
+    hf_logging.enable_progress_bar()
+    with _third_party_bars_off():
+        assert not datasets.is_progress_bar_enabled() and not hf_logging.is_progress_bar_enabled()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # inherited by spawned workers
+    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
