@@ -66,7 +66,7 @@ from cxrmax.labeler.matcher import (
     WEAK,
 )
 from cxrmax.labeler.phrases import SIGN_ALTERNATIVES
-from cxrmax.labeler.segment import split_steps
+from cxrmax.labeler.segment import is_context_heading, split_steps
 from cxrmax.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
 
 STATUSES = ("positive", "negative", "uncertain", "absent")
@@ -185,10 +185,12 @@ def _lowered(text: str) -> str:
         low = "".join(c if len(c.lower()) != 1 else c.lower() for c in text)
     if "\u2019" in low:
         low = low.replace("\u2019", "'")
+    if "_" in low:  # "pleural_effusion" (JSON keys), "___" (de-identification blanks): word breaks
+        low = low.replace("_", " ")
     return low
 
 
-def _scan(low: str) -> list[tuple[int, int, int, object]]:
+def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
     """All tokens of the text in order: (start, end, kind, payload)."""
     lexicon = mt.LEXICON
     table = lexicon.table
@@ -217,6 +219,8 @@ def _scan(low: str) -> list[tuple[int, int, int, object]]:
                 append((start, covered, STATEMENT, flex[int(statement.lastgroup[1:])]))
                 continue
         if entry[0] != trigger:
+            if end - start == 1 and entry[0] == LAT and not text[start].isupper():
+                continue  # "L"/"R" are sides, "l"/"r" are not ("2 l", "r/o" is a cue anyway)
             append((start, end, entry[0], entry[1]))
     return tokens
 
@@ -253,7 +257,20 @@ _VERDICTS = {
     "equivocal": "uncertain",
     "uncertain": "uncertain",
     "indeterminate": "uncertain",
+    "probable": "uncertain",
+    "true": "positive",
+    "false": "negative",
+    "null": "drop",  # a JSON field left empty asserts nothing
 }
+# A verdict right after a finding's name in key-value answers (JSON, markdown tables, "X: yes / Y: no",
+# "Effusion - absent"), ended by a delimiter: it states that finding's status, whatever cue came before.
+_DIRECT_VERDICT = re.compile(
+    r"[\"'*_)\s]*(?:[:=|]|\s[-\u2013\u2014])[\s\"'*_|]*"
+    r"(no|none|negative|absent|false|yes|present|positive|true|possible|probable|equivocal|uncertain|"
+    r"indeterminate|null)"
+    r"[\s\"'*_]*(?:\([^)\n]{0,30}\)[\s\"'*_]*)?(?=[,;/|}\]\n.!]|$)"
+)
+_VERDICT_LEADS = frozenset(" :=|\"'*_)\t\u2013\u2014-")
 _NEW_ITEM = re.compile(
     r"\b(?:mild|mildly|moderate|moderately|severe|small|large|tiny|trace|minimal|extensive|marked|massive|new|"
     r"persistent|stable|chronic|old|healed|known|residual|increased|decreased|worsening|improving|unchanged|"
@@ -349,6 +366,9 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
     return sides[0]
 
 
+_NEGATED_KINDS = frozenset({MENTION, SIGN, STATEMENT, NORMAL_STUDY, OTHER})
+
+
 def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> str | None:
     """Side of an unlateralised mention from the nearest earlier lateralised mention of its step
     ("left lower lobe opacity may represent atelectasis" -> left atelectasis), else from the nearest
@@ -359,7 +379,13 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
         tok = tokens[j]
         kind = tok[2]
         if kind == CUE and tok[3][0] & NEG_PRE and not tok[3][0] & (COPULA | CONTRAST):
-            break
+            following = j + 1
+            while following < index and tokens[following][2] == LAT:
+                following += 1
+            if following == index or tokens[following][2] in _NEGATED_KINDS:
+                break  # a negation of a finding ("no left effusion; pneumothorax ...") ends the reach
+            # "lucency at the right apex without visible lung markings ... pneumothorax": no finding
+            # was negated, so the side still reaches the mention.
         if kind == LAT and nearest_word is None:
             nearest_word = tok[3]
         if j in sides and sides[j] is not None:
@@ -369,7 +395,7 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
 
 
 _ALTERNATIVE_KINDS = (MENTION, SIGN, OTHER)
-_OR_GAP = re.compile(r"\s*,?\s*or\s+(?:[a-z-]+\s+){0,2}$")
+_OR_GAP = re.compile(r"\s*,?\s*(?:and\s*/\s*)?or\s+(?:[a-z-]+\s+){0,2}$")  # "X or Y", "X and/or Y"
 
 
 def _alternatives(low: str, tokens: list, found: list) -> list:
@@ -569,7 +595,7 @@ def _statement_status(low: str, tokens: list, index: int, lo: int, default: str)
 
 def _assertions(text: str, low: str, segments: list, detail: bool):
     """Walk the steps; return (assertions, refusal spans, hedging spans, recognised_any)."""
-    tokens = _scan(low)
+    tokens = _scan(low, text)
     assertions: list[Assertion] = []
     refusal: list[tuple[int, int]] = []
     hedging: list[tuple[int, int]] = []
@@ -590,6 +616,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         first = t
         while t < n_tokens and tokens[t][0] < segment.end:
             t += 1
+        if segment.heading is not None and is_context_heading(segment.heading):
+            pending = []  # a request section (INDICATION, COMPARISON ...) says nothing about this film
+            continue
         if pending:
             # Sub-items of a bare label: "2. Pleural effusion / - None", "1. Atelectasis / - Left lower lobe".
             labelled = pending
@@ -654,6 +683,12 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                     continue
                 if cue is None and tok[0] in verdicts:
                     status = verdicts[tok[0]]
+                if low[tok[1] : tok[1] + 1] in _VERDICT_LEADS:
+                    verdict = _DIRECT_VERDICT.match(low, tok[1])
+                    if verdict is not None:  # "Atelectasis": "negative", | Effusion | No |, X: yes / Y: no
+                        status, cue = _VERDICTS[verdict.group(1)], "(verdict) " + verdict.group(1)
+                        if status == DROP:
+                            continue
                 side = _sides(low, step_tokens, i)
                 if side is None:
                     side = _inherited_side(step_tokens, i, token_sides)

@@ -331,6 +331,18 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "medical device(s)",
         "vp shunt",
         "surgical clips",
+        "cordis",
+        "introducer",
+        "introducer sheath",
+        "vascular sheath",
+        "impella",
+        "ecmo cannula(s)",
+        "embolization coil(s)",
+        "surgical clip",
+        "device(s)",
+        "lines/tubes",
+        "tubes/lines",
+        "lines/tubes/devices",
         "ecg leads",
         "ekg leads",
         "monitoring leads",
@@ -508,7 +520,13 @@ OPACITY_FAMILY: tuple[str, ...] = ("Lung Opacity", "Consolidation", "Pneumonia",
 # an ordinary mention (cues around it apply), "sign" a radiographic sign (see SIGNS), otherwise the
 # status is what the statement says.
 _HEART = r"(?:heart(?:\s+size|\s+itself|\s+borders?)?|cardiac\s+borders?|cardiac\s+(?:silhouette|size|contours?|shadow)(?:\s+size)?|size\s+of\s+the\s+heart)"
-_CMS = r"(?:cardio-?mediastinal\s+(?:silhouette|contours?|shadow)s?)"
+_CMS = (
+    r"(?:cardio-?mediastinal\s+(?:silhouette|contours?|shadow)s?|"
+    r"(?:cardiac|heart|cardio-?mediastinal)\s+and\s+(?:mediastinal|hilar)(?:\s+and\s+hilar)?\s+"
+    r"(?:silhouettes?|contours?|shadows?))"
+)
+# Between a subject and what is said of it: "heart size normal", "heart size: normal", "heart size - normal".
+_SEP = r"(?:\s*:|\s+[\u2013\u2014-])?\s+"
 _MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?)|mediastinal\s+and\s+hilar\s+(?:contours?|silhouettes?)|hilar\s+and\s+mediastinal\s+(?:contours?|silhouettes?))"
 _BE = r"(?:(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|might\s+be|could\s+be|appears?\s+to\s+be|seems?\s+to\s+be)(?:\s+also)?)"
 _ADV = (
@@ -523,7 +541,7 @@ _NORMAL = (
 
 FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     # heart size normal / enlarged
-    (rf"{_HEART}\s*:?\s+(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
+    (rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
     (rf"normal(?:\s+|-)(?:sized?\s+)?{_HEART}", {"Cardiomegaly": "negative"}),
     (
         rf"heart\s+and\s+mediastinum\s+(?:{_BE}\s+)?{_NORMAL}",
@@ -534,7 +552,7 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         {"Cardiomegaly": "negative"},
     ),
     (
-        rf"{_HEART}\s*:?\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|increased|large|prominent)",
+        rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|increased|large|prominent)",
         {"Cardiomegaly": "mention"},
     ),
     (
@@ -599,12 +617,15 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         dict.fromkeys(OPACITY_FAMILY, "negative"),
     ),
     (r"clear\s+lungs?(?:\s+fields?)?", dict.fromkeys(OPACITY_FAMILY, "negative")),
-    (r"lungs?(?:\s+fields?)?\s*:\s*(?:\*\*\s*)?clear", dict.fromkeys(OPACITY_FAMILY, "negative")),
+    (
+        r"lungs?(?:\s+fields?)?\s*(?::|\s[\u2013\u2014-])\s*(?:\*\*\s*)?clear",
+        dict.fromkeys(OPACITY_FAMILY, "negative"),
+    ),
     (
         r"(?:both\s+)?lungs?\s+(?:"
         + _BE
-        + r"\s+)?(?:\w+\s+and\s+)?(?:clear|free)\s+of\s+(?:focal\s+|acute\s+)?"
-        r"(?:consolidation|opacit(?:y|ies)|infiltrates?|disease|pathology|abnormalit(?:y|ies))",
+        + r"\s+)?(?:\w+\s+and\s+)?(?:clear|free)\s+of\s+(?:(?:any|focal|acute)\s+){0,2}(?:air[\s-]?space\s+)?"
+        r"(?:consolidation|opacit(?:y|ies)|infiltrates?|disease|process|pathology|abnormalit(?:y|ies))",
         dict.fromkeys(OPACITY_FAMILY, "negative"),
     ),
 )

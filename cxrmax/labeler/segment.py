@@ -10,6 +10,7 @@ Offsets are character offsets into the original text.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import NamedTuple
 
 _LINE = re.compile(r"[^\n]*\n?")
@@ -19,6 +20,25 @@ _BOLD_HEADING = re.compile(
 )
 _COLON_HEADING = re.compile(r"[ \t]*(?P<h>[A-Za-z][A-Za-z0-9 ,/&()'-]{0,60}):[ \t]*$")
 _INLINE_SECTION = re.compile(r"[ \t]*(?:\*\*)?(?P<h>[A-Z][A-Z /&-]{2,40}):(?:\*\*)?[ \t]+\S")
+# Report sections that describe the request, not this image ("Clinical history: fever, question
+# pneumonia"), in any case (see split_steps for where such a section ends).
+CONTEXT_SECTION = re.compile(
+    r"(?:(?:clinical|patient|medical)\s+(?:history|indications?|information|details|context)|history|"
+    r"indications?|reason\s+for\s+(?:the\s+)?(?:exam(?:ination)?|study|request|referral)|comparisons?|"
+    r"technique|examination|exam|procedure|prior\s+studies)[\s:.*_]*",
+    re.IGNORECASE,
+)
+_CONTEXT_LABEL = re.compile(
+    r"[ \t]*(?:\*\*|__)?(?P<h>(?:clinical|patient|medical)\s+(?:history|indications?|information|details|context)|"
+    r"history|indications?|reason\s+for\s+(?:the\s+)?(?:exam(?:ination)?|study|request|referral)|comparisons?|"
+    r"technique)[ \t]*(?:\*\*|__)?[ \t]*:[ \t]*(?:\*\*|__)?[ \t]*\S",
+    re.IGNORECASE,
+)
+# "Pneumothorax: no", "Effusion - absent", "Heart size: normal": a short label line is its own step
+# even when the line before it does not end a sentence (verdict lists rarely have full stops).
+_LABEL_LINE = re.compile(
+    r"[ \t]*(?:\*\*|__)?[A-Za-z][A-Za-z/]*(?:[ \t]+[A-Za-z/]+){0,3}(?:\*\*|__)?[ \t]*(?::|[ \t][-\u2013\u2014])[ \t]+\S"
+)
 _BULLET = re.compile(r"[ \t]*(?:[-*+\u2022\u25cf\u25e6\u2013]|\(?\d{1,2}[.)]|\(?[a-hA-H][.)])[ \t]+")
 _SENTENCE_END = re.compile(r"[.!?][\"')\]*]*\s+")
 _ABBREVIATIONS = frozenset(
@@ -111,6 +131,17 @@ def _split_sentences(
         out.append(_segment((cursor, stripped_end, first_kind, heading)))
 
 
+@lru_cache(maxsize=4096)
+def _is_context(heading: str) -> bool:
+    return CONTEXT_SECTION.fullmatch(heading) is not None
+
+
+def is_context_heading(heading: str | None) -> bool:
+    """True for the heading of a request section (INDICATION, HISTORY, COMPARISON, TECHNIQUE,
+    "Clinical history"): what it says ("// eval for pneumonia") is not a finding of this image."""
+    return heading is not None and _is_context(heading)
+
+
 def split_steps(text: str) -> list[Segment]:
     """Split `text` into steps (see module docstring). Never raises on any str."""
     if "\r" in text:  # Windows line ends: same offsets, one kind of newline
@@ -128,6 +159,24 @@ def split_steps(text: str) -> list[Segment]:
             _split_sentences(text, block_start, block_end, block_kind, block_heading, segments)
         block_start = -1
 
+    # A request section (INDICATION, HISTORY, COMPARISON, TECHNIQUE, "Clinical history: ...") heads
+    # the steps after it only until a blank line that follows its text, the next heading or section,
+    # or a "Label: ..." line; then the heading before it is restored.
+    in_context = False
+    context_has_text = False
+    resume_heading: str | None = None
+
+    def enter(new_heading: str, has_text: bool) -> None:
+        nonlocal heading, in_context, context_has_text, resume_heading
+        if _is_context(new_heading):
+            if not in_context:
+                resume_heading = heading
+            in_context = True
+            context_has_text = has_text
+        elif in_context:
+            in_context = False
+        heading = new_heading
+
     position = 0
     length = len(text)
     while position < length:
@@ -139,6 +188,9 @@ def split_steps(text: str) -> list[Segment]:
         if not stripped:
             flush(position)
             prev_line_ends_sentence = True
+            if in_context and context_has_text:
+                in_context = False
+                heading = resume_heading
             position = next_position
             continue
         head = _heading_text(line, stripped) if len(line) <= 120 else None
@@ -146,7 +198,7 @@ def split_steps(text: str) -> list[Segment]:
             flush(position)
             lead = len(line) - len(line.lstrip())
             segments.append(_segment((position + lead, position + len(line.rstrip()), "heading", heading)))
-            heading = head
+            enter(head, False)
             prev_line_ends_sentence = True
             position = next_position
             continue
@@ -171,14 +223,28 @@ def split_steps(text: str) -> list[Segment]:
             section = (
                 _INLINE_SECTION.match(line) if (first.isupper() or first == "*") and ":" in line else None
             )
+            label_line = False
             if section is not None:
                 flush(position)
-                heading = section.group("h").strip()
-            if block_start < 0 or prev_line_ends_sentence or section is not None:
+                enter(section.group("h").strip(), True)
+            elif ":" in line or "-" in line or "\u2013" in line or "\u2014" in line:
+                context = _CONTEXT_LABEL.match(line)
+                if context is not None:
+                    flush(position)
+                    enter(context.group("h").strip(), True)
+                    label_line = True
+                elif _LABEL_LINE.match(line) is not None:
+                    label_line = True
+                    if in_context:  # "Findings: ..." after "Clinical history: ..."
+                        in_context = False
+                        heading = resume_heading
+            if block_start < 0 or prev_line_ends_sentence or section is not None or label_line:
                 flush(position)
                 block_start = position + (len(line) - len(line.lstrip()))
                 block_kind = "sentence"
                 block_heading = heading
+        if in_context:
+            context_has_text = True
         prev_line_ends_sentence = line.rstrip(_END_STRIP)[-1:] in (".", "!", "?", ":")
         position = next_position
     flush(length)

@@ -1,0 +1,945 @@
+"""The labeler on realistic, unseen text: MIMIC-CXR-style reports (de-identification blanks, WET READ,
+INDICATION/COMPARISON/TECHNIQUE sections, device positions, interval change) and VLM answers
+(markdown, <think> blocks, JSON-ish and table answers, verdict lists, disclaimers, refusals, unicode).
+
+Every case was labelled by hand before the labeler was run on it. Expected labels use the codes of
+tests/test_labeler_eval.py: AT Atelectasis, CM Cardiomegaly, CO Consolidation, ED Edema, EC Enlarged
+Cardiomediastinum, FR Fracture, LL Lung Lesion, LO Lung Opacity, NF No Finding, PE Pleural Effusion,
+PO Pleural Other, PN Pneumonia, PX Pneumothorax, SD Support Devices; pos / neg / unc / abs with an
+optional "/left", "/right", "/bilateral" (no side written = unspecified). An observation not listed
+must be absent; "No Finding" is derived by the CheXpert rule unless the case lists it. Conventions are
+the labeler's (ARCHITECTURE.md): "lungs are clear" negates the opacity family (LO CO PN AT ED);
+"cardiomediastinal silhouette normal" negates CM and EC; positive > uncertain > negative per text.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from cxrmax.labeler import label_text, label_texts
+from cxrmax.pathologies import LATERALIZABLE, OBSERVATIONS
+
+CODES = {
+    "AT": "Atelectasis",
+    "CM": "Cardiomegaly",
+    "CO": "Consolidation",
+    "ED": "Edema",
+    "EC": "Enlarged Cardiomediastinum",
+    "FR": "Fracture",
+    "LL": "Lung Lesion",
+    "LO": "Lung Opacity",
+    "NF": "No Finding",
+    "PE": "Pleural Effusion",
+    "PO": "Pleural Other",
+    "PN": "Pneumonia",
+    "PX": "Pneumothorax",
+    "SD": "Support Devices",
+}
+STATUS = {"pos": "positive", "neg": "negative", "unc": "uncertain", "abs": "absent"}
+CLEAR = "LO=neg CO=neg PN=neg AT=neg ED=neg"  # "the lungs are clear"
+
+NORMAL_MIMIC_REPORT = """                                 FINAL REPORT
+ EXAMINATION:  CHEST (PA AND LAT)
+
+ INDICATION:  ___ year old woman with cough and fever  // eval for pneumonia
+
+ TECHNIQUE:  Chest PA and lateral
+
+ COMPARISON:  ___
+
+ FINDINGS:
+
+ The lungs are clear without focal consolidation, pleural effusion or pneumothorax.  The
+ cardiomediastinal silhouette is within normal limits.  No acute osseous abnormalities.
+
+ IMPRESSION:
+
+ No acute cardiopulmonary process.
+"""
+
+WET_READ_REPORT = """WET READ: ___ ___ ___ 10:42 PM
+  Right IJ central line tip in the mid SVC.  No pneumothorax.
+______________________________________________________________________________
+                                 FINAL REPORT
+ INDICATION:  ___ with new right IJ line placement, assess for pneumothorax.
+
+ FINDINGS:  Right internal jugular central venous catheter terminates in the mid SVC.  There
+ is no pneumothorax.  Heart size is normal.  Lungs are clear.
+
+ IMPRESSION:  Right IJ line in appropriate position, no pneumothorax.
+"""
+
+HISTORY_REPORT = """ HISTORY:  ___M with CHF, now with cough, r/o pneumonia.
+
+ FINDINGS:  Mild cardiomegaly.  No pulmonary edema.  No focal consolidation.
+"""
+
+COMPARISON_REPORT = """ INDICATION:  Follow-up pneumonia.
+
+ COMPARISON:  Chest radiograph ___, which showed right lower lobe pneumonia and a small
+ right pleural effusion.
+
+ FINDINGS:  Right lower lobe pneumonia has resolved.  No pleural effusion.
+"""
+
+REASON_REPORT = """ REASON FOR EXAMINATION:  Evaluate for interval change in pleural effusion and
+ pneumothorax.
+
+ FINDINGS:  The left pleural effusion is smaller.  No pneumothorax.
+"""
+
+CLINICAL_INFO_CHAT = """Clinical history: fever and cough, question pneumonia.
+Findings: No consolidation. No effusion."""
+
+NUMBERED_IMPRESSION = """IMPRESSION:
+1. Endotracheal tube 3.5 cm above the carina.
+2. Increasing left lower lobe opacity, likely atelectasis, though superimposed pneumonia is not
+excluded.
+3. Small left pleural effusion.
+"""
+
+WET_READ_PTX = """WET READ: ___ ___ 3:15 AM
+  New small right apical pneumothorax.  Dr. ___ paged.
+
+ FINDINGS:  Small right apical pneumothorax is new.  Right chest tube in place.
+"""
+
+VERDICT_LIST = """**Findings:**
+- **Atelectasis:** No
+- **Cardiomegaly:** Yes
+- **Effusion** - absent
+- **Pneumothorax:** Not present
+- **Edema:** Possible (mild)
+"""
+
+THINK_ANSWER = """<think>
+The image shows... maybe pneumonia on the left? Let me look again. The left lower lobe has an
+opacity.
+</think>
+
+Final answer: Left lower lobe pneumonia."""
+
+THINK_CANT_SEE = """<think>
+Okay, let me look. I can't see any obvious pneumothorax. The heart looks big.
+</think>
+Cardiomegaly without pneumothorax."""
+
+STEP_ANSWER = """Step 1: Assess the heart size. The cardiac silhouette is enlarged.
+Step 2: Look at the lungs. There is a hazy opacity in the right lower zone.
+Step 3: Pleura. No effusion.
+Final answer: Cardiomegaly and right lower zone opacity, possibly pneumonia."""
+
+TABLE_ANSWER = """| Finding | Present? | Side |
+|---|---|---|
+| Atelectasis | Yes | Left |
+| Pleural effusion | No | - |
+| Pneumothorax | No | - |
+| Cardiomegaly | Yes | - |
+"""
+
+DASH_LIST = """Atelectasis - present (right base)
+Effusion - absent
+Consolidation - absent"""
+
+NUMBERED_MARKDOWN = """1. **Heart**: The cardiothoracic ratio is about 0.6, indicating cardiomegaly.
+2. **Lungs**: Increased interstitial markings in both lungs, suggestive of interstitial edema.
+3. **Pleura**: Small bilateral effusions.
+4. **Devices**: None."""
+
+COLON_LIST = """Cardiomegaly: Yes
+Pleural Effusion: Yes (bilateral)
+Pneumothorax: No
+Fracture: No"""
+
+STEP_DASHES = """Step 1: Look for pneumothorax — none.
+Step 2: Heart size — normal.
+Step 3: Lungs — there is right basal consolidation."""
+
+BULLET_FINDINGS = """Findings:
+• Left-sided pleural effusion
+• Right lower lobe atelectasis
+• No pneumothorax"""
+
+LONG_FILLER = (
+    "The trachea is midline. The osseous structures are intact for age. The soft tissues are "
+    "unremarkable. The visualised upper abdomen shows a normal gas pattern. "
+)
+LONG_ANSWER = (
+    "## Systematic review\n\n"
+    + "\n\n".join(LONG_FILLER for _ in range(160))
+    + "\n\n## Final diagnosis\n\nRight upper lobe pneumonia."
+)
+
+# (id, text, expected labels, refusal, hedging); hedging None = not checked.
+CASES: list[tuple[str, str, str, bool, bool | None]] = [
+    # --- MIMIC-CXR-style full reports --------------------------------------------------------
+    ("normal_full_report", NORMAL_MIMIC_REPORT, f"{CLEAR} PE=neg PX=neg CM=neg EC=neg", False, None),
+    ("wet_read_line", WET_READ_REPORT, f"SD=pos PX=neg CM=neg {CLEAR}", False, None),
+    ("history_section", HISTORY_REPORT, "CM=pos ED=neg CO=neg", False, None),
+    ("comparison_section", COMPARISON_REPORT, "PN=neg/right PE=neg", False, None),
+    ("reason_for_exam", REASON_REPORT, "PE=pos/left PX=neg", False, None),
+    ("clinical_history_line", CLINICAL_INFO_CHAT, "CO=neg PE=neg", False, None),
+    (
+        "numbered_impression",
+        NUMBERED_IMPRESSION,
+        "SD=pos LO=pos/left AT=unc/left PN=unc/left PE=pos/left",
+        False,
+        None,
+    ),
+    ("wet_read_ptx", WET_READ_PTX, "PX=pos/right SD=pos", False, None),
+    # --- report sentences --------------------------------------------------------------------
+    (
+        "resolution_consolidation",
+        "Interval resolution of the previously seen left lower lobe consolidation. No new focal opacity.",
+        "CO=neg/left LO=neg",
+        False,
+        None,
+    ),
+    (
+        "ptx_no_longer_seen",
+        "The previously noted right pneumothorax is no longer seen. Right chest tube has been removed.",
+        "PX=neg/right SD=neg",
+        False,
+        None,
+    ),
+    (
+        "chf_triad",
+        "Moderate cardiomegaly, unchanged. Mild pulmonary vascular congestion. Small bilateral pleural effusions, stable.",
+        "CM=pos ED=pos PE=pos/bilateral",
+        False,
+        None,
+    ),
+    (
+        "cabg_top_normal",
+        "s/p CABG with median sternotomy wires and mediastinal clips. Heart size is top-normal. No acute process.",
+        "SD=pos CM=neg",
+        False,
+        None,
+    ),
+    (
+        "et_ng_clear",
+        "ET tube terminates 4 cm above the carina. NG tube courses below the diaphragm, tip not seen. Lungs are clear.",
+        f"SD=pos {CLEAR}",
+        False,
+        None,
+    ),
+    ("picc_svc", "PICC line tip in the mid SVC.", "SD=pos", False, None),
+    (
+        "retrocardiac_though",
+        "Retrocardiac opacity may reflect atelectasis, though infection cannot be excluded.",
+        "LO=pos/left AT=unc/left PN=unc/left",
+        False,
+        None,
+    ),
+    (
+        "cannot_exclude_pna",
+        "Cannot exclude early pneumonia in the right lower lobe.",
+        "PN=unc/right",
+        False,
+        None,
+    ),
+    ("possible_small_left", "Possible small left effusion.", "PE=unc/left", False, None),
+    (
+        "blunting_likely",
+        "Blunting of the right costophrenic angle, likely a small effusion.",
+        "PE=unc/right",
+        False,
+        None,
+    ),
+    ("bibasilar_atelectasis", "Bibasilar atelectasis.", "AT=pos/bilateral", False, None),
+    (
+        "rll_concerning",
+        "Right lower lobe opacity concerning for pneumonia.",
+        "LO=pos/right PN=unc/right",
+        False,
+        None,
+    ),
+    ("no_evidence_ptx", "No evidence of pneumothorax.", "PX=neg", False, None),
+    ("low_volumes", "Low lung volumes. No focal consolidation.", "CO=neg", False, None),
+    ("copd", "Hyperinflated lungs c/w COPD. No acute cardiopulmonary process.", "", False, None),
+    ("old_rib_fractures", "Osteopenia. Old healed left rib fractures.", "FR=pos/left", False, None),
+    ("free_air", "Free air under the right hemidiaphragm, concerning for perforation.", "", False, None),
+    ("vs_at_base", "Atelectasis vs pneumonia at the left base.", "AT=unc/left PN=unc/left", False, None),
+    (
+        "which_may_represent",
+        "Right lower lobe opacity, which may represent atelectasis or pneumonia.",
+        "LO=pos/right AT=unc/right PN=unc/right",
+        False,
+        None,
+    ),
+    ("and_or", "Mild pulmonary edema and/or atypical infection.", "ED=unc PN=unc", False, None),
+    (
+        "compared_to_prior",
+        "Compared to prior, there is increased opacity in the right upper lobe.",
+        "LO=pos/right",
+        False,
+        None,
+    ),
+    ("no_change_effusion", "No change in the small left pleural effusion.", "PE=pos/left", False, None),
+    ("clear_without", "Lungs are clear without consolidation or effusion.", f"{CLEAR} PE=neg", False, None),
+    ("negative_for", "Negative for pneumothorax.", "PX=neg", False, None),
+    ("free_of_airspace", "The lungs are free of focal airspace disease.", CLEAR, False, None),
+    (
+        "rather_than",
+        "Findings are more suggestive of atelectasis rather than pneumonia.",
+        "AT=unc PN=neg",
+        False,
+        None,
+    ),
+    ("probable_right", "Probable small right pleural effusion.", "PE=unc/right", False, None),
+    ("suggestive_edema", "Findings suggestive of mild interstitial edema.", "ED=unc", False, None),
+    (
+        "aspiration",
+        "Patchy left basilar opacity may represent aspiration.",
+        "LO=pos/left PN=unc/left",
+        False,
+        None,
+    ),
+    (
+        "nodule_suspicious",
+        "A 1.2 cm nodule in the right upper lobe is suspicious for malignancy. Recommend CT for further evaluation.",
+        "LL=pos/right",
+        False,
+        True,
+    ),
+    ("pacer_leads", "Pacemaker with leads in the right atrium and right ventricle.", "SD=pos", False, None),
+    (
+        "trach_subclavian",
+        "Tracheostomy tube in place. Left subclavian line tip at the cavoatrial junction.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    ("widened_mediastinum", "Widened mediastinum, concerning for aortic pathology.", "EC=pos", False, None),
+    ("upper_limits_normal", "Heart size is at the upper limits of normal.", "CM=neg", False, None),
+    ("enlarged_silhouette", "Enlarged cardiac silhouette.", "CM=pos", False, None),
+    ("no_longer_edema", "There is no longer evidence of pulmonary edema.", "ED=neg", False, None),
+    ("edema_resolved", "Pulmonary edema has resolved.", "ED=neg", False, None),
+    (
+        "apical_ptx_unchanged",
+        "Small left apical pneumothorax, unchanged from prior.",
+        "PX=pos/left",
+        False,
+        None,
+    ),
+    ("pleural_thickening", "Stable right pleural thickening.", "PO=pos/right", False, None),
+    (
+        "could_reflect",
+        "Subtle opacity at the right base could reflect early pneumonia.",
+        "LO=pos/right PN=unc/right",
+        False,
+        None,
+    ),
+    ("lobe_collapse", "Left lower lobe collapse.", "AT=pos/left", False, None),
+    (
+        "compression_deformity",
+        "Compression deformity of a mid thoracic vertebral body, age indeterminate.",
+        "FR=pos",
+        False,
+        None,
+    ),
+    ("no_displaced_fracture", "No displaced rib fracture identified.", "FR=neg", False, None),
+    (
+        "heart_size_normal_short",
+        "Mild bibasilar atelectasis. No pleural effusion or pneumothorax. Heart size normal.",
+        "AT=pos/bilateral PE=neg PX=neg CM=neg",
+        False,
+        None,
+    ),
+    ("lines_unchanged", "Support lines and tubes are unchanged in position.", "SD=pos", False, None),
+    ("ett_removal", "Interval removal of the endotracheal tube.", "SD=neg", False, None),
+    (
+        "ett_removed_ng_stays",
+        "Endotracheal tube has been removed. Nasogastric tube remains in place.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    (
+        "chest_tube_residual",
+        "Left-sided chest tube in place. Tiny residual left apical pneumothorax.",
+        "SD=pos PX=pos/left",
+        False,
+        None,
+    ),
+    (
+        "right_gt_left",
+        "Right greater than left bilateral pleural effusions.",
+        "PE=pos/bilateral",
+        False,
+        None,
+    ),
+    (
+        "no_definite_though",
+        "No definite focal consolidation, though there may be minimal atelectasis at the left base.",
+        "CO=neg AT=unc/left",
+        False,
+        None,
+    ),
+    ("hyperexpanded_clear", "Lungs are hyperexpanded but clear.", CLEAR, False, None),
+    (
+        "edema_versus_infection",
+        "Mild interstitial prominence which could represent mild edema versus atypical infection.",
+        "ED=unc PN=unc",
+        False,
+        None,
+    ),
+    (
+        "layering_effusion",
+        "Hazy opacity over the right hemithorax likely reflects layering effusion.",
+        "LO=pos/right PE=unc/right",
+        False,
+        None,
+    ),
+    (
+        "cardiac_mediastinal_silhouettes",
+        "No pleural effusion, pneumothorax, or focal consolidation. Cardiac and mediastinal silhouettes are unremarkable.",
+        "PE=neg PX=neg CO=neg CM=neg EC=neg",
+        False,
+        None,
+    ),
+    ("cms_and_hilar", "The cardiomediastinal and hilar contours are normal.", "CM=neg EC=neg", False, None),
+    (
+        "moderate_right_small_left",
+        "Moderate right and small left pleural effusions.",
+        "PE=pos/bilateral",
+        False,
+        None,
+    ),
+    ("picc_lower_svc", "Right PICC terminates in the lower SVC.", "SD=pos", False, None),
+    ("feeding_tube", "Feeding tube tip in the stomach.", "SD=pos", False, None),
+    (
+        "dobhoff_esophagus",
+        "Dobhoff tube has been withdrawn and now terminates in the distal esophagus; recommend advancement.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    ("no_evidence_acute", "No evidence of acute cardiopulmonary process.", "", False, None),
+    ("chf_consistent", "Findings consistent with congestive heart failure.", "ED=pos", False, None),
+    (
+        "kerley",
+        "Severe cardiomegaly with pulmonary vascular redistribution and Kerley B lines, consistent with CHF.",
+        "CM=pos ED=pos",
+        False,
+        None,
+    ),
+    (
+        "lung_bases_plural",
+        "Linear opacities at the lung bases most likely reflect subsegmental atelectasis.",
+        "LO=pos/bilateral AT=unc/bilateral",
+        False,
+        None,
+    ),
+    ("granuloma", "Calcified granuloma in the left upper lobe.", "LL=pos/left", False, None),
+    ("no_nodules", "No suspicious pulmonary nodules or masses.", "LL=neg", False, None),
+    ("unchanged_appearance", "Unchanged appearance of the chest.", "", False, None),
+    (
+        "blunting_or_thickening",
+        "There is mild blunting of the left costophrenic angle which could be due to a small effusion or pleural thickening.",
+        "PE=unc/left PO=unc/left",
+        False,
+        None,
+    ),
+    (
+        "mediastinum_technique",
+        "Apparent widening of the mediastinum is likely due to AP technique.",
+        "EC=unc",
+        False,
+        None,
+    ),
+    ("heart_mildly_enlarged", "The heart is mildly enlarged.", "CM=pos", False, None),
+    ("heart_difficult", "Heart size is difficult to assess given the AP technique.", "", False, None),
+    ("port_a_cath", "Right-sided Port-A-Cath with tip in the right atrium.", "SD=pos", False, None),
+    ("nearly_resolved", "Left basilar opacity has nearly resolved.", "LO=pos/left", False, None),
+    ("pna_improved", "Right upper lobe pneumonia has improved.", "PN=pos/right", False, None),
+    ("after_removal", "No pneumothorax is seen after chest tube removal.", "PX=neg SD=neg", False, None),
+    (
+        "right_chest_tube_resolved",
+        "There is a right-sided chest tube; the previously seen right pneumothorax has resolved.",
+        "SD=pos PX=neg/right",
+        False,
+        None,
+    ),
+    ("increased_effusion", "Left pleural effusion has increased.", "PE=pos/left", False, None),
+    ("decreased_persists", "Left pleural effusion has decreased but persists.", "PE=pos/left", False, None),
+    ("decreased_right", "Decreased right pleural effusion.", "PE=pos/right", False, None),
+    ("right_lung_base", "Mild atelectasis at the right lung base.", "AT=pos/right", False, None),
+    (
+        "lingula_streaky",
+        "Streaky opacities in the lingula and left lower lobe, likely atelectasis.",
+        "LO=pos/left AT=unc/left",
+        False,
+        None,
+    ),
+    (
+        "overlying_atelectasis",
+        "Small bilateral effusions, left more than right, with overlying atelectasis.",
+        "PE=pos/bilateral AT=pos/bilateral",
+        False,
+        None,
+    ),
+    ("hilar_mass", "Stable appearance of the left hilar mass.", "LL=pos/left", False, None),
+    ("rll_mass", "There is a 2 cm mass in the right lower lobe.", "LL=pos/right", False, None),
+    ("to_suggest", "No focal consolidation to suggest pneumonia.", "CO=neg PN=neg", False, None),
+    ("overt_edema", "Prominence of the pulmonary vasculature without overt edema.", "ED=neg", False, None),
+    ("fluid_overload", "Findings compatible with mild fluid overload.", "ED=pos", False, None),
+    ("hiatal_hernia", "Moderate-sized hiatal hernia.", "", False, None),
+    ("stimulator_leads", "Spinal stimulator leads project over the thoracic spine.", "SD=pos", False, None),
+    ("chronic_cm", "No acute cardiopulmonary process. Chronic mild cardiomegaly.", "CM=pos", False, None),
+    ("no_radiographic", "No radiographic evidence of pneumonia.", "PN=neg", False, None),
+    ("no_congestion", "No pulmonary vascular congestion or edema.", "ED=neg", False, None),
+    (
+        "trace_vs_thickening",
+        "Possible trace left pleural effusion versus pleural thickening.",
+        "PE=unc/left PO=unc/left",
+        False,
+        None,
+    ),
+    ("if_present", "Right pleural effusion is small, if present.", "PE=unc/right", False, None),
+    ("free_intraperitoneal", "No evidence of free intraperitoneal air.", "", False, None),
+    (
+        "otherwise_clear",
+        "Mildly enlarged heart with a small right effusion; otherwise the lungs are clear.",
+        f"CM=pos PE=pos/right {CLEAR}",
+        False,
+        None,
+    ),
+    ("edema_improved", "Moderate pulmonary edema, improved from prior.", "ED=pos", False, None),
+    ("not_resolved", "Pulmonary edema has improved but not resolved.", "ED=pos", False, None),
+    (
+        "not_significantly_changed",
+        "Small left effusion is not significantly changed.",
+        "PE=pos/left",
+        False,
+        None,
+    ),
+    (
+        "nodule_not_seen",
+        "The previously seen nodule is not seen on the current study.",
+        "LL=neg",
+        False,
+        None,
+    ),
+    ("no_significant_change", "Compared to ___, no significant change.", "", False, None),
+    ("swan_ganz", "Swan-Ganz catheter tip in the right pulmonary artery.", "SD=pos", False, None),
+    ("cordis", "Right IJ Cordis terminates in the SVC.", "SD=pos", False, None),
+    ("chest_wall_pacer", "Left chest wall pacer with leads in standard position.", "SD=pos", False, None),
+    ("sternotomy_intact", "Median sternotomy wires are intact.", "SD=pos", False, None),
+    ("aortic_knob", "Aortic knob calcification. Tortuous aorta.", "", False, None),
+    (
+        "hemidiaphragm_atelectasis",
+        "Elevation of the right hemidiaphragm with adjacent atelectasis.",
+        "AT=pos/right",
+        False,
+        None,
+    ),
+    (
+        "bibasilar_three_way",
+        "Bibasilar opacities, left greater than right, may reflect atelectasis, aspiration, or pneumonia.",
+        "LO=pos/bilateral AT=unc/bilateral PN=unc/bilateral",
+        False,
+        None,
+    ),
+    (
+        "four_sentences",
+        "There is mild pulmonary edema. No large pleural effusion. No pneumothorax. Mild cardiomegaly.",
+        "ED=pos PE=neg PX=neg CM=pos",
+        False,
+        None,
+    ),
+    ("vascular_congestion_short", "Mild pulmonary vascular congestion", "ED=pos", False, None),
+    ("markings_accentuated", "Low lung volumes accentuate the bronchovascular markings.", "", False, None),
+    (
+        "top_normal_in_size",
+        "Lungs are clear without consolidation. No effusion. The cardiac silhouette is top-normal in size.",
+        f"{CLEAR} PE=neg CM=neg",
+        False,
+        None,
+    ),
+    ("borderline_enlarged", "Heart size is borderline enlarged.", "CM=unc", False, None),
+    ("fracture_not_excluded", "Rib fractures cannot be excluded.", "FR=unc", False, None),
+    (
+        "fracture_if_pain",
+        "No evidence of rib fracture; however, if there is persistent pain, dedicated rib views may be obtained.",
+        "FR=neg",
+        False,
+        None,
+    ),
+    ("without_edema", "Stable cardiomegaly without pulmonary edema.", "CM=pos ED=neg", False, None),
+    ("ptx_not_excluded", "A small pneumothorax is not excluded.", "PX=unc", False, None),
+    ("cannot_rule_out_effusion", "Cannot rule out small effusion.", "PE=unc", False, None),
+    ("angles_free", "The costophrenic angles are free of fluid.", "PE=neg", False, None),
+    # --- VLM answers ---------------------------------------------------------------------------
+    ("verdict_list", VERDICT_LIST, "AT=neg CM=pos PE=neg PX=neg ED=unc", False, None),
+    ("think_block", THINK_ANSWER, "PN=pos/left LO=pos/left", False, None),
+    ("think_cant_see", THINK_CANT_SEE, "CM=pos PX=neg", False, None),
+    (
+        "json_statuses",
+        '{"Atelectasis": "negative", "Cardiomegaly": "positive", "Pleural Effusion": "uncertain", "Pneumothorax": "absent"}',
+        "AT=neg CM=pos PE=unc PX=neg",
+        False,
+        None,
+    ),
+    (
+        "json_booleans",
+        '{"findings": {"cardiomegaly": true, "pleural_effusion": false, "pneumothorax": false}}',
+        "CM=pos PE=neg PX=neg",
+        False,
+        None,
+    ),
+    ("json_list", '{"diagnosis": ["Cardiomegaly", "Pleural Effusion"]}', "CM=pos PE=pos", False, None),
+    ("step_answer", STEP_ANSWER, "CM=pos LO=pos/right PE=neg PN=unc/right", False, None),
+    (
+        "refusal_plain",
+        "I'm not able to provide a medical diagnosis from this image. Please consult a radiologist.",
+        "NF=abs",
+        True,
+        True,
+    ),
+    (
+        "refusal_then_reading",
+        "As an AI, I can't provide medical diagnoses, but I can describe what I see: the heart appears enlarged and there is blunting of the left costophrenic angle, which could suggest a small pleural effusion. Please consult a radiologist for a definitive interpretation.",
+        "CM=pos PE=unc/left",
+        True,
+        True,
+    ),
+    (
+        "disclaimer_after_answer",
+        "The chest X-ray shows bilateral patchy opacities, most prominent in the lower zones, consistent with pneumonia. There is no pleural effusion or pneumothorax.\n\n*Note: This interpretation is for educational purposes only; consult a radiologist.*",
+        "LO=pos/bilateral PN=pos/bilateral PE=neg PX=neg",
+        False,
+        True,
+    ),
+    (
+        "upper_case",
+        "THE HEART IS ENLARGED. NO PNEUMOTHORAX. SMALL RIGHT PLEURAL EFFUSION.",
+        "CM=pos PX=neg PE=pos/right",
+        False,
+        None,
+    ),
+    (
+        "nbsp_en_dash",
+        "Small left\u00a0pleural effusion \u2013 no pneumothorax.",
+        "PE=pos/left PX=neg",
+        False,
+        None,
+    ),
+    (
+        "curly_quotes_mimic",
+        "The \u201cmass\u201d in the right upper lobe is likely a nipple shadow.",
+        "LL=unc/right",
+        False,
+        None,
+    ),
+    (
+        "curly_apostrophe_refusal",
+        "I\u2019m sorry, but I can\u2019t help with interpreting medical images.",
+        "NF=abs",
+        True,
+        None,
+    ),
+    (
+        "bullet_dots",
+        "\u2022 Cardiomegaly: present\n\u2022 Pleural effusion: absent\n\u2022 Pneumothorax: absent",
+        "CM=pos PE=neg PX=neg",
+        False,
+        None,
+    ),
+    ("markdown_table", TABLE_ANSWER, "AT=pos/left PE=neg PX=neg CM=pos", False, None),
+    ("dash_list", DASH_LIST, "AT=pos/right PE=neg CO=neg", False, None),
+    ("right_gt_left_symbol", "Bilateral pleural effusions, right > left.", "PE=pos/bilateral", False, None),
+    (
+        "left_sided_ptx",
+        "There is a left-sided pneumothorax with a visible pleural line.",
+        "PX=pos/left",
+        False,
+        None,
+    ),
+    ("both_lungs", "Opacity in both lungs suggests pulmonary edema.", "LO=pos/bilateral ED=unc", False, None),
+    ("single_letter_l", "Small L pleural effusion, no PTX.", "PE=pos/left PX=neg", False, None),
+    ("single_letter_r", "R lower lobe consolidation.", "CO=pos/right", False, None),
+    ("left_hemithorax", "The left hemithorax is completely opacified.", "LO=pos/left", False, None),
+    ("long_answer", LONG_ANSWER, "PN=pos/right", False, None),
+    (
+        "numbered_markdown",
+        NUMBERED_MARKDOWN,
+        "CM=pos LO=pos/bilateral ED=unc PE=pos/bilateral SD=neg",
+        False,
+        None,
+    ),
+    (
+        "normal_with_disclaimer",
+        "No acute findings. The lungs are clear, heart size normal, no effusion.\n\nDisclaimer: I am not a doctor; please have a healthcare professional review.",
+        f"{CLEAR} CM=neg PE=neg",
+        False,
+        True,
+    ),
+    (
+        "answer_parenthesis",
+        "Answer: Pneumonia (right lower lobe). Confidence: moderate.",
+        "PN=pos/right",
+        False,
+        None,
+    ),
+    (
+        "rather_than_bold",
+        "The findings are most consistent with **pulmonary edema** rather than pneumonia.",
+        "ED=pos PN=neg",
+        False,
+        None,
+    ),
+    (
+        "diagnosis_semicolon",
+        "Diagnosis: Cardiomegaly with mild pulmonary vascular congestion; no focal consolidation.",
+        "CM=pos ED=pos CO=neg",
+        False,
+        None,
+    ),
+    ("cannot_see_any", "I cannot see any evidence of pneumothorax.", "PX=neg", False, None),
+    ("dont_see", "I don't see any signs of pneumonia or effusion.", "PN=neg PE=neg", False, None),
+    (
+        "no_signs_list",
+        "There are no signs of cardiomegaly, edema, or effusion.",
+        "CM=neg ED=neg PE=neg",
+        False,
+        None,
+    ),
+    (
+        "angles_blunted_bilaterally",
+        "The costophrenic angles are blunted bilaterally, suggesting small effusions.",
+        "PE=unc/bilateral",
+        False,
+        None,
+    ),
+    (
+        "organ_colon_lines",
+        "Heart: normal size. Lungs: clear. Pleura: no effusion or pneumothorax. Bones: no fracture.",
+        f"CM=neg {CLEAR} PE=neg PX=neg FR=neg",
+        False,
+        None,
+    ),
+    (
+        "lingula_versus",
+        "Impression: Findings could represent early pneumonia versus atelectasis in the lingula.",
+        "PN=unc/left AT=unc/left",
+        False,
+        None,
+    ),
+    (
+        "mediastinum_not_widened",
+        "Mild cardiomegaly is present. There is no edema. The mediastinum is not widened.",
+        "CM=pos ED=neg EC=neg",
+        False,
+        None,
+    ),
+    (
+        "et_ng_tilde",
+        "The ET tube is appropriately positioned, ~5 cm above the carina, and the NG tube tip is in the stomach.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    ("no_lines_tubes", "No lines or tubes are seen.", "SD=neg", False, None),
+    ("ground_glass_both", "Both lungs show diffuse ground-glass opacities.", "LO=pos/bilateral", False, None),
+    (
+        "possible_infiltrate_correlation",
+        "Possible right middle lobe infiltrate; clinical correlation recommended.",
+        "LO=unc/right",
+        False,
+        True,
+    ),
+    ("elevated_hemidiaphragm", "The right hemidiaphragm is elevated.", "", False, None),
+    (
+        "negative_positive_labels",
+        "Negative: no effusion, no pneumothorax. Positive: mild cardiomegaly.",
+        "PE=neg PX=neg CM=pos",
+        False,
+        None,
+    ),
+    (
+        "assessment_en_dash",
+        "Assessment \u2014 Left lower lobe pneumonia with a small parapneumonic effusion.",
+        "PN=pos/left PE=pos/left",
+        False,
+        None,
+    ),
+    ("quoted_no_finding", 'Final Answer: "No Finding"', "", False, None),
+    ("normal_xray", "Final answer: Normal chest X-ray.", "", False, None),
+    ("ptx_left_paren", "Diagnosis: Pneumothorax (left), no mediastinal shift.", "PX=pos/left", False, None),
+    ("fifth_rib", "Fracture of the left 5th rib is noted.", "FR=pos/left", False, None),
+    ("clavicle", "Old healed fracture of the right clavicle.", "FR=pos/right", False, None),
+    (
+        "combination",
+        "Findings likely represent a combination of atelectasis and effusion.",
+        "AT=unc PE=unc",
+        False,
+        None,
+    ),
+    (
+        "persistent_effusion",
+        "No new consolidation. Persistent small left effusion.",
+        "CO=neg PE=pos/left",
+        False,
+        None,
+    ),
+    (
+        "lung_fields_clear",
+        "The lung fields are clear, no evidence of consolidation, effusion or pneumothorax, no cardiomegaly.",
+        f"{CLEAR} PE=neg PX=neg CM=neg",
+        False,
+        None,
+    ),
+    (
+        "normal_review",
+        "This chest X-ray appears normal, with no evidence of active disease. However, please have it reviewed by a board-certified radiologist.",
+        "",
+        False,
+        True,
+    ),
+    (
+        "ai_if_concerns",
+        "As an AI language model, I cannot diagnose medical conditions. If you have concerns about pneumonia, please see a doctor.",
+        "NF=abs",
+        True,
+        None,
+    ),
+    (
+        "organ_verdicts_slash",
+        "Cardiomegaly: Yes / Atelectasis: No / Edema: No",
+        "CM=pos AT=neg ED=neg",
+        False,
+        None,
+    ),
+    (
+        "impression_h3",
+        "### Impression\n1. Right upper lobe consolidation, concerning for pneumonia.\n2. No pneumothorax.",
+        "CO=pos/right PN=unc/right PX=neg",
+        False,
+        None,
+    ),
+    ("edema_label_mild", "Edema: mild, bilateral perihilar.", "ED=pos", False, None),
+    ("consolidation_present_in", "Consolidation: present in the left lower lobe", "CO=pos/left", False, None),
+    ("effusion_small_right", "Pleural effusion: small, right-sided", "PE=pos/right", False, None),
+    ("ptx_none", "Pneumothorax: none", "PX=neg", False, None),
+    (
+        "differential_includes",
+        "The findings are nonspecific; differential includes pneumonia, aspiration, or atelectasis.",
+        "PN=unc AT=unc",
+        False,
+        None,
+    ),
+    ("clear_stable_cm", "Lungs are clear. Cardiomegaly is stable.", f"{CLEAR} CM=pos", False, None),
+    (
+        "ptx_fracture_right",
+        "There is no evidence of pneumothorax or rib fracture on the right.",
+        "PX=neg/right FR=neg/right",
+        False,
+        None,
+    ),
+    (
+        "ptx_rightward_shift",
+        "There is a moderate left pneumothorax with slight rightward mediastinal shift.",
+        "PX=pos/left",
+        False,
+        None,
+    ),
+    ("step_dashes", STEP_DASHES, "PX=neg CM=neg CO=pos/right", False, None),
+    ("bullet_findings", BULLET_FINDINGS, "PE=pos/left AT=pos/right PX=neg", False, None),
+    ("colon_list", COLON_LIST, "CM=pos PE=pos/bilateral PX=neg FR=neg", False, None),
+    (
+        "bold_final",
+        "Final diagnosis: **Cardiomegaly** and **left pleural effusion**.",
+        "CM=pos PE=pos/left",
+        False,
+        None,
+    ),
+    (
+        "no_acute_disclaimer",
+        "**Answer:** No acute abnormality. *Disclaimer: Always consult a qualified radiologist.*",
+        "",
+        False,
+        True,
+    ),
+    ("em_dash_absent", "Pneumothorax \u2014 absent.", "PX=neg", False, None),
+    ("en_dash_left_small", "Pleural effusion \u2013 left, small.", "PE=pos/left", False, None),
+    ("opacification_hemithorax", "Opacification of the left hemithorax.", "LO=pos/left", False, None),
+    ("both_lung_bases", "Air-space opacity in both lung bases.", "LO=pos/bilateral", False, None),
+    (
+        "lucency_without_markings",
+        "There is a subtle lucency at the right apex without visible lung markings, which might indicate a small pneumothorax.",
+        "PX=unc/right",
+        False,
+        None,
+    ),
+    (
+        "clear_bilaterally_normal_heart",
+        "The image demonstrates clear lungs bilaterally without effusion or pneumothorax. Normal heart size.",
+        f"{CLEAR} PE=neg PX=neg CM=neg",
+        False,
+        None,
+    ),
+    ("surgical_clips", "There are surgical clips in the right upper quadrant.", "SD=pos", False, None),
+]
+
+
+def expected_labels(spec: str) -> dict[str, tuple[str, str | None]]:
+    """Parse "PE=pos/left PX=neg" into observation -> (status, laterality), every observation filled."""
+    expected: dict[str, tuple[str, str | None]] = {}
+    for item in spec.split():
+        code, _, value = item.partition("=")
+        name = CODES[code]
+        status, _, side = value.partition("/")
+        status = STATUS[status]
+        lateral = name in LATERALIZABLE and status != "absent"
+        expected[name] = (status, (side or "unspecified") if lateral else None)
+    if "No Finding" not in expected:
+        abnormal = any(
+            s in ("positive", "uncertain") for n, (s, _) in expected.items() if n != "Support Devices"
+        )
+        expected["No Finding"] = ("absent", None) if abnormal else ("positive", None)
+    for name in OBSERVATIONS:
+        expected.setdefault(name, ("absent", None))
+    return expected
+
+
+def test_the_table_is_big_and_ids_are_unique():
+    assert len(CASES) >= 120
+    assert len({case[0] for case in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(
+    ("text", "spec", "refusal", "hedging"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_realistic_text(text, spec, refusal, hedging):
+    result = label_text(text)
+    got = {name: (label.status, label.laterality) for name, label in result.observations.items()}
+    want = expected_labels(spec)
+    wrong = {name: (got[name], want[name]) for name in OBSERVATIONS if got[name] != want[name]}
+    assert not wrong, "observation: (got, expected)\n" + "\n".join(f"{k}: {v}" for k, v in wrong.items())
+    assert result.is_refusal == refusal, [span.text for span in result.refusal]
+    if hedging is not None:
+        assert bool(result.hedging) == hedging, [span.text for span in result.hedging]
+    assert result.error is None
+
+
+def test_batch_labels_agree_with_label_text_on_the_table():
+    texts = [case[1] for case in CASES]
+    rows = label_texts(texts, processes=1).to_pylist()
+    for case, row in zip(CASES, rows, strict=True):
+        want = expected_labels(case[2])
+        for name in OBSERVATIONS:
+            assert (
+                row[name] == {"positive": 1, "negative": 0, "uncertain": -1, "absent": None}[want[name][0]]
+            ), (
+                case[0],
+                name,
+            )
+            assert row[f"{name} laterality"] == want[name][1], (case[0], name)
+
+
+@pytest.mark.parametrize("value", [None, "", "   \n\t  ", "\u00a0\u00a0\n", b"", 42])
+def test_empty_and_missing_inputs_are_absent_with_an_error(value):
+    result = label_text(value)
+    assert all(label.status == "absent" for label in result.observations.values())
+    assert result.error
