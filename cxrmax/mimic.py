@@ -24,7 +24,8 @@ Bad input raises `cxrmax.errors.InputError` naming the file, row (1-based data r
 Selection rules (`MimicCXR.select`):
 
 * ``views``: ViewPosition values (case-insensitive), or the groups ``frontal`` (PA, AP) and
-  ``lateral`` (LATERAL, LL).
+  ``lateral`` (LATERAL, LL, XTABLE LATERAL); other values (LAO, RAO, AP AXIAL,
+  SWIMMERS, LPO, empty...) are kept and selectable by name.
 * ``require_positive``: the study has at least one of the 13 findings (not "No Finding") labelled 1
   in the chosen label source.
 * ``one_per_study``: one image per study, preferring PA, then AP, then other views, then the lowest
@@ -44,6 +45,8 @@ import gzip
 import os
 import re
 import tempfile
+import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -67,6 +70,7 @@ __all__ = [
     "ReportSections",
     "MimicCXR",
     "parse_report",
+    "decode_report",
     "parse_shard",
     "read_ms_cxr_t",
     "read_selection",
@@ -79,7 +83,7 @@ __all__ = [
 
 SPLITS: tuple[str, ...] = ("train", "validate", "test")
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")
-LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL")
+LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL", "XTABLE LATERAL")  # cross-table lateral too
 LABEL_SOURCES: dict[str, str] = {
     "chexpert": "mimic-cxr-2.0.0-chexpert.csv",
     "negbio": "mimic-cxr-2.0.0-negbio.csv",
@@ -88,10 +92,13 @@ LABEL_SOURCES: dict[str, str] = {
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
 RECORD_LIST_CSV = "cxr-record-list.csv"
+#: How the DICOM release ships its reports (files/pXX/pSUBJECT/sSTUDY.txt inside); read in place.
+REPORTS_ZIP = "mimic-cxr-reports.zip"
 _SPLIT_ALIASES = {"val": "validate", "valid": "validate", "validation": "validate", "dev": "validate"}
 _VIEW_RANK = {"PA": 0, "AP": 1}
 _LABEL_PATTERN = r"^\s*-?[01](\.0*)?\s*$"
-_INT_PATTERN = r"^\s*\d+\s*$"
+_BLANK_LABEL_PATTERN = r"^\s*((?i:nan|none|null))?\s*$"  # how pandas & co. write a blank cell
+_INT_PATTERN = r"^\s*\d+(\.0*)?\s*$"  # "3056.0": pandas writes an int column with a gap as floats
 _LABEL_VALUES = pa.array([1.0, 0.0, -1.0], pa.float32())
 _FLOAT_PATTERN = r"^\s*-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
@@ -112,22 +119,47 @@ def image_relpath(subject_id: int, study_id: int, dicom_id: str, extension: str 
 
 
 def _find_csv(root: Path, name: str) -> Path | None:
-    """The gzipped or plain CSV called `name` (``x.csv``) under root, or None."""
+    """The gzipped or plain CSV called `name` (``x.csv``) under root, or None.
+
+    Copies are often renamed or moved: when the release name is absent, the same file under
+    another version prefix or none ("mimic-cxr-2.1.0-metadata.csv", "metadata.csv.gz") is accepted,
+    at the root or in one folder below it (not files/). Several such candidates are an error."""
     for candidate in (root / f"{name}.gz", root / name):
         if candidate.is_file():
             return candidate
+    stem = re.sub(r"^mimic-cxr-\d+(\.\d+)*-", "", name)
+    pattern = re.compile(rf"(mimic-cxr-(\d+(\.\d+)*-)?)?{re.escape(stem)}(\.gz)?", re.IGNORECASE)
+    try:
+        folders = [root] + sorted(
+            (entry for entry in root.iterdir() if entry.is_dir() and entry.name != "files"),
+            key=lambda entry: entry.name,
+        )
+    except OSError:
+        return None
+    for folder in folders:
+        try:
+            found = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file())
+        except OSError:
+            continue
+        if len(found) > 1:
+            raise InputError(
+                f"{where(root / name)}: missing, and several files could stand for it: "
+                f"{', '.join(str(p) for p in found)} (keep one, or give it the release name)"
+            )
+        if found:
+            return found[0]
     return None
 
 
 def detect_layout(root: str | os.PathLike) -> str:
-    """ "jpg" (MIMIC-CXR-JPG) or "dicom" (MIMIC-CXR): the DICOM release has cxr-record-list.csv(.gz);
-    otherwise the first image file found under files/ decides. Stops at the first image: cheap on
-    the full release. Raises InputError for a root with neither CSVs nor images."""
+    """ "jpg" (MIMIC-CXR-JPG) or "dicom" (MIMIC-CXR): the first image file found under files/
+    decides (stops there: cheap on the full release); without images, the DICOM release's
+    cxr-record-list.csv(.gz) means DICOM. Images come first because a common copy is
+    MIMIC-CXR-JPG's images with the DICOM release's record lists and reports dropped beside them.
+    Raises InputError for a root with neither CSVs nor images."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{where(root)}: MIMIC-CXR root is not a directory")
-    if _find_csv(root, RECORD_LIST_CSV) is not None:
-        return "dicom"
     files = root / "files"
     if files.is_dir():
         stack = [files]
@@ -144,6 +176,8 @@ def detect_layout(root: str | os.PathLike) -> str:
                     return "dicom"
                 elif entry.name.endswith((".jpg", ".jpeg")):
                     return "jpg"
+    if _find_csv(root, RECORD_LIST_CSV) is not None:
+        return "dicom"
     if _find_csv(root, METADATA_CSV) is not None:
         return "jpg"
     raise InputError(
@@ -162,43 +196,107 @@ def _is_gzip(path: Path) -> bool:
         return handle.read(2) == b"\x1f\x8b"
 
 
-def _read_header(path: Path) -> list[str]:
+def _read_raw_header(path: Path) -> list[str]:
+    """The header's column names as written (BOM dropped, surrounding spaces kept)."""
     opener = gzip.open if _is_gzip(path) else open
     try:
         with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:  # type: ignore[operator]
             first = handle.readline()
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise InputError(f"{where(path)}: cannot read the CSV header: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{where(path)}: cannot read the CSV header: not UTF-8 text ({exc}); save it as UTF-8"
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{where(path)}: cannot read the CSV header: {exc}{_DOWNLOAD_HINT}") from None
     if not first.strip():
         raise InputError(f"{where(path, row=0)}: empty file (no CSV header)")
-    return [name.strip() for name in next(csv.reader([first]))]
+    if first.lstrip().lower().startswith(("<!doctype", "<html", "<?xml")):
+        raise InputError(
+            f"{where(path, row=0)}: an HTML/XML page, not a CSV (a download that got a login or error "
+            "page? PhysioNet needs your credentials: wget --user USER --ask-password ...)"
+        )
+    return next(csv.reader([first]))
 
 
-def _read_csv(path: Path, columns: Sequence[str], types: dict[str, pa.DataType] | None = None) -> pa.Table:
-    """Read `columns` of a CSV. With `types`, first try parsing those columns straight to their
-    types (fast, little memory); if any cell does not parse, read everything as nullable strings so
-    that validation can name the row and field."""
+def _read_header(path: Path) -> list[str]:
+    """The header's column names, stripped of surrounding spaces ("dicom_id, subject_id")."""
+    return [name.strip() for name in _read_raw_header(path)]
+
+
+_DOWNLOAD_HINT = " (a truncated or corrupt file? compare it with the release's SHA256SUMS.txt)"
+
+
+def _locate_ragged_row(path: Path) -> tuple[int, int, int] | None:
+    """(1-based data row, fields expected, fields found) of the first row whose field count differs
+    from the header's; only called once a parse has failed, to name the row."""
+    opener = gzip.open if _is_gzip(path) else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="") as handle:  # type: ignore[operator]
+            reader = csv.reader(handle)
+            expected = len(next(reader))
+            for number, row in enumerate(reader, start=1):
+                if row and len(row) != expected:
+                    return number, expected, len(row)
+    except (OSError, EOFError, csv.Error):
+        return None
+    return None
+
+
+def _read_csv(
+    path: Path,
+    columns: Sequence[str],
+    types: dict[str, pa.DataType] | None = None,
+    skip_ragged: list | None = None,
+) -> pa.Table:
+    """Read `columns` (header names, matched with surrounding spaces stripped) of a CSV. With
+    `types`, first try parsing those columns straight to their types (fast, little memory); if any
+    cell does not parse, read everything as nullable strings so that validation can name the row
+    and field. A row with the wrong number of fields is an error naming the row, or, when
+    `skip_ragged` is a list, is skipped and appended to it (lenient mode)."""
     compression = "gzip" if _is_gzip(path) else None
+    raw_names = {name.strip(): name for name in _read_raw_header(path)}
+    raw_columns = [raw_names.get(name, name) for name in columns]
+    missing = [name for name in columns if name not in raw_names]
+    if missing:
+        raise InputError(f"{where(path, field=missing[0])}: missing column")
+    parse_options = pacsv.ParseOptions()
+    if skip_ragged is not None:
+        parse_options = pacsv.ParseOptions(invalid_row_handler=lambda row: skip_ragged.append(row) or "skip")
     attempts = [types, None] if types else [None]
     for attempt in attempts:
-        column_types = {name: pa.string() for name in columns} | (attempt or {})
+        column_types = {raw: pa.string() for raw in raw_columns} | {
+            raw_names.get(name, name): kind for name, kind in (attempt or {}).items()
+        }
+        if skip_ragged is not None:
+            skip_ragged.clear()  # a retry reads the file again
         try:
             with pa.input_stream(str(path), compression=compression) as stream:
-                return pacsv.read_csv(
+                table = pacsv.read_csv(
                     stream,
                     read_options=pacsv.ReadOptions(block_size=1 << 24),
+                    parse_options=parse_options,
                     convert_options=pacsv.ConvertOptions(
                         column_types=column_types,
-                        include_columns=list(columns),
+                        include_columns=raw_columns,
                         strings_can_be_null=True,
                         null_values=[""],
                         quoted_strings_can_be_null=True,
                     ),
                 )
-        except (pa.ArrowInvalid, OSError, EOFError) as exc:
+            return table.rename_columns(list(columns)) if raw_columns != list(columns) else table
+        except (pa.ArrowInvalid, pa.ArrowKeyError, OSError, EOFError) as exc:
             if attempt is not None and "conversion error" in str(exc):
                 continue  # a cell that is not of its type: the string pass finds and names it
-            raise InputError(f"{where(path)}: cannot parse CSV: {exc}") from None
+            if "Expected" in str(exc) and "columns, got" in str(exc):
+                located = _locate_ragged_row(path)
+                if located is not None:
+                    row, expected, found = located
+                    raise InputError(
+                        f"{where(path, row=row)}: {found} fields where the header has {expected} "
+                        "(an unquoted comma, or a line cut short?)"
+                    ) from None
+            hint = _DOWNLOAD_HINT if isinstance(exc, (OSError, EOFError)) or "compress" in str(exc) else ""
+            raise InputError(f"{where(path)}: cannot parse CSV: {exc}{hint}") from None
     raise AssertionError("unreachable")
 
 
@@ -243,8 +341,9 @@ class _Validator:
             raise InputError(
                 f"{where(self.path, row=first + 1, field=field_name)}: {problem} (value {value!r})"
             )
-        fresh = values & ~self.bad
-        self.skipped[f"{self.path.name}: {reason}"] += int(fresh.sum())
+        fresh = int((values & ~self.bad).sum())
+        if fresh:
+            self.skipped[f"{self.path.name}: {reason}"] += fresh
         self.bad |= values
 
     def integer(self, name: str, required: bool = True) -> pa.ChunkedArray:
@@ -270,7 +369,8 @@ class _Validator:
             self.flag(pc.invert(pc.fill_null(valid, False)), name, "not a positive integer id", f"bad {name}")
         else:
             self.flag(pc.invert(pc.fill_null(valid, True)), name, "not an integer", f"bad {name}")
-        cleaned = pc.if_else(pc.fill_null(valid, False), pc.utf8_trim_whitespace(column), None)
+        digits = pc.replace_substring_regex(pc.utf8_trim_whitespace(column), r"\.0*$", "")
+        cleaned = pc.if_else(pc.fill_null(valid, False), digits, None)
         return pc.cast(cleaned, pa.int64())
 
     def number(self, name: str) -> pa.ChunkedArray:
@@ -289,6 +389,7 @@ class _Validator:
     def label(self, name: str) -> pa.ChunkedArray:
         column = self.table.column(name)
         if pa.types.is_floating(column.type):
+            column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)  # "nan": blank
             self.flag(
                 pc.and_(pc.is_valid(column), pc.invert(pc.is_in(column.cast(pa.float32()), _LABEL_VALUES))),
                 name,
@@ -302,6 +403,8 @@ class _Validator:
                 return values
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
+        blank = pc.fill_null(pc.match_substring_regex(column, _BLANK_LABEL_PATTERN), False)
+        column = pc.if_else(blank, pa.scalar(None, pa.string()), column)
         valid = pc.match_substring_regex(column, _LABEL_PATTERN)
         self.flag(
             pc.invert(pc.fill_null(valid, True)),
@@ -348,45 +451,138 @@ class ReportSections:
     last_paragraph: str | None = None
     addenda: tuple[str, ...] = ()
     sections: dict[str, str] = field(default_factory=dict)
+    #: The preliminary ("WET READ" / "PROVISIONAL FINDINGS IMPRESSION (PFI)") read filed before the
+    #: final report, kept apart: it may disagree with the final report.
+    wet_read: str | None = None
 
     def best(self) -> str | None:
         """The single text to use: impression > findings > last paragraph (None when all are empty)."""
         return self.impression or self.findings or self.last_paragraph
 
 
-_SEPARATOR = re.compile(r"^[ \t]*_{10,}[ \t]*$", re.M)
+# A line of >= 10 underscores separates an addendum or a wet read from the report; PHI blanks are
+# "___", so 10 in a row is never one. Also matched mid-line: some copies flatten reports to one line.
+_SEPARATOR = re.compile(r"[ \t]*_{10,}[ \t]*")
+_FINAL_REPORT = re.compile(r"^[ \t]*FINAL REPORT\b[ \t]*:?[ \t]*$|\bFINAL REPORT\b", re.M)
+_FINAL_ADDENDUM = re.compile(r"^[ \t]*FINAL ADDENDUM[ \t]*:?[ \t]*$", re.M)
 _HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&()'-]{1,48}?)[ \t]*:(?![0-9])", re.M)
+# A header alone on its line without a colon ("FINDINGS", "IMPRESSION"); accepted for known names only.
+_BARE_HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&()'-]{1,48}?)[ \t]*$", re.M)
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 _LIST_ITEM = re.compile(r"^\d{1,2}[.)]\s")
+# An upper-case "LUNGS:" / "LINES/TUBES:" line inside FINDINGS keeps its own line.
+_SUBHEADING_LINE = re.compile(r"^[A-Z][A-Z /&()'-]{1,40}:\s")
+# Characters that real copies carry in place of plain spaces and newlines (BOM, NBSP, form feed...).
+_SPACE_LIKE = str.maketrans(
+    {"\ufeff": "", "\u00a0": " ", "\u2007": " ", "\u202f": " ", "\f": "\n", "\v": "\n"}
+)
+_LINE_BREAKS = re.compile(r"\r\n?|\u2028|\u2029|\x85")
 _CLINICAL = {"FINDINGS": "findings", "IMPRESSION": "impression"}
-_IMPRESSION_LIKE = {
-    "IMPRESSIONS",
-    "CONCLUSION",
-    "CONCLUSIONS",
-    "FINDINGS AND IMPRESSION",
-    "FINDINGS IMPRESSION",
+_IMPRESSION_LIKE = {"IMPRESSIONS", "CONCLUSION", "CONCLUSIONS", "OPINION"}
+# Sections that precede the clinical text: only their first paragraph belongs to them (free text
+# may follow after a blank line), and they never provide the last paragraph.
+_LEADING_SECTIONS = {
+    "examination",
+    "exam",
+    "type of examination",
+    "procedure",
+    "study",
+    "indication",
+    "indications",
+    "clinical indication",
+    "history",
+    "clinical history",
+    "clinical information",
+    "patient history",
+    "reason for exam",
+    "reason for examination",
+    "technique",
+    "comparison",
+    "comparisons",
+    "comparison exam",
+    "reference exam",
+    "referring physician",
 }
+# Sections that follow the clinical text and are not part of it.
+_TRAILING_SECTIONS = {
+    "recommendation",
+    "recommendations",
+    "notification",
+    "notifications",
+    "communication",
+    "addendum",
+    "final addendum",
+    "wet read",
+    "provisional findings impression pfi",
+    "provisional findings impression",
+}
+# Headers that always start a new section; any other header inside FINDINGS or IMPRESSION
+# ("LUNGS:", "LINES/TUBES:", "NOTE:") is a sub-heading and stays in the text.
+_TOP_LEVEL = {"findings", "impression"} | _LEADING_SECTIONS | _TRAILING_SECTIONS
+_WET_READ_NAMES = {"wet read", "provisional findings impression pfi", "provisional findings impression"}
+_ADDENDUM_NAMES = {"addendum", "final addendum"}
+# Known headers also found mid-line (upper-case only), for reports flattened onto one line.
+_INLINE_HEADER = re.compile(
+    r"(?<=\s)(FINDINGS AND IMPRESSION|FINDINGS|IMPRESSION|CONCLUSION|EXAMINATION|CLINICAL HISTORY|"
+    r"HISTORY|INDICATION|TECHNIQUE|COMPARISON|RECOMMENDATION\(S\)|RECOMMENDATIONS|NOTIFICATION|"
+    r"ADDENDUM)[ \t]*:(?![0-9])"
+)
+
+
+def _header_key(header: str) -> str:
+    """ "RECOMMENDATION(S)" -> "RECOMMENDATIONS", "LINES/TUBES" -> "LINES TUBES"."""
+    return re.sub(r"[^A-Z]+", " ", header.upper().replace("(S)", "S")).strip()
+
+
+def _fuzzy_is(word: str, canonical: str) -> bool:
+    # "IMPRESSON", "FINDNGS", "FINDING", "IMPRESSIONS": common misspellings and plurals.
+    return difflib.SequenceMatcher(None, word, canonical).ratio() >= 0.8
 
 
 def _section_name(header: str) -> str | None:
     """Map a header to "findings", "impression", another lower-case name, or None (not a header)."""
-    key = re.sub(r"[^A-Z]+", " ", header.upper()).strip()
+    key = _header_key(header)
     if not key:
         return None
-    if key in _IMPRESSION_LIKE:
+    if key.lower() in _TOP_LEVEL - {"findings", "impression"}:
+        return key.lower()
+    words = key.split()
+    if key in _IMPRESSION_LIKE or words[0] in _IMPRESSION_LIKE:
         return "impression"
-    first = key.split()[0]
+    says_findings = any(_fuzzy_is(word, "FINDINGS") for word in words)
+    says_impression = any(_fuzzy_is(word, "IMPRESSION") for word in words)
+    if says_findings and says_impression:
+        return "impression"  # "FINDINGS AND IMPRESSION(S)", "FINDINGS/IMPRESSION": read as the impression
     for canonical, name in _CLINICAL.items():
         # "IMPRESSON", "FINDNGS", "IMPRESSION AND RECOMMENDATIONS", "FINDINGS (PA)": by the first word.
-        if difflib.SequenceMatcher(None, first, canonical).ratio() >= 0.8:
+        if _fuzzy_is(words[0], canonical):
             return name
     if header.strip().upper() != header.strip():
         return None  # other sections are upper-case in the release; "Dr. ___ was told:" is text
     return key.lower()
 
 
+def _split_numbered(line: str) -> list[str]:
+    """ "1. A. 2. B." -> ["1. A.", "2. B."]: numbered items written on one line, split only where
+    the numbers run 1, 2, 3... after a sentence end (so "T2." or "1.5 cm" never split)."""
+    first = re.match(r"1([.)])\s", line)
+    if not first:
+        return [line]
+    items, start, number = [], 0, 2
+    while True:
+        pattern = rf"(?<=[.;!?])\s+(?={number}{re.escape(first.group(1))}\s+\S)"
+        hit = re.compile(pattern).search(line, start)
+        if hit is None:
+            break
+        items.append(line[start : hit.start()].strip())
+        start, number = hit.end(), number + 1
+    items.append(line[start:].strip())
+    return items
+
+
 def _normalize(text: str) -> str | None:
-    """Unwrap hard-wrapped lines; keep paragraph breaks and numbered items on their own lines."""
+    """Unwrap hard-wrapped lines; keep paragraph breaks, numbered items and upper-case sub-headings
+    ("LUNGS: ...") on their own lines."""
     paragraphs = []
     for paragraph in _BLANK_LINES.split(text):
         lines: list[str] = []
@@ -394,75 +590,168 @@ def _normalize(text: str) -> str | None:
             line = " ".join(raw.split())
             if not line:
                 continue
-            if lines and not _LIST_ITEM.match(line):
+            if lines and not _LIST_ITEM.match(line) and not _SUBHEADING_LINE.match(line):
                 lines[-1] = f"{lines[-1]} {line}"
             else:
                 lines.append(line)
+        lines = [item for line in lines for item in _split_numbered(line)]
         if lines:
             paragraphs.append("\n".join(lines))
     joined = "\n".join(paragraphs).strip()
     return joined or None
 
 
+def _find_headers(text: str) -> list[tuple[int, int, str]]:
+    """Section headers of a report as (start, end, name), in order: "WORDS:" at a line start,
+    a known header alone on its line without a colon, and known upper-case headers mid-line.
+    Inside FINDINGS and IMPRESSION only top-level headers start a new section."""
+    found: list[tuple[int, int, str]] = []
+    for match in _HEADER.finditer(text):
+        name = _section_name(match.group(1))
+        if name is not None:
+            found.append((match.start(), match.end(), name))
+    for match in _BARE_HEADER.finditer(text):
+        words = match.group(1).strip()
+        name = _section_name(words)
+        if name is None or name not in _TOP_LEVEL or len(words.split()) > 4:
+            continue
+        if words.upper() != words and not (
+            words == words.capitalize() and _header_key(words) in ("FINDINGS", "IMPRESSION", "CONCLUSION")
+        ):
+            continue  # "Impression" may be a title-case header; "impression" is a wrapped word
+        found.append((match.start(), match.end(), name))
+    for match in _INLINE_HEADER.finditer(text):
+        found.append((match.start(), match.end(), _section_name(match.group(1)) or ""))
+    found.sort()
+    headers: list[tuple[int, int, str]] = []
+    current: str | None = None
+    for start, end, name in found:
+        if headers and start < headers[-1][1]:
+            continue  # "HISTORY:" inside "CLINICAL HISTORY:" already taken
+        inside_text = current in ("findings", "impression") or current in _ADDENDUM_NAMES
+        if inside_text and name not in _TOP_LEVEL:
+            continue  # a sub-heading ("LUNGS:") stays in the findings text
+        headers.append((start, end, name))
+        current = name
+    return headers
+
+
+def _chunk_kind(chunk: str) -> str:
+    """ "report", "addendum", "wet read" or "" (unknown) for one separator-delimited chunk."""
+    if _FINAL_REPORT.search(chunk):
+        return "report"
+    first = _header_key(chunk.strip().split("\n", 1)[0])
+    if first.startswith(("FINAL ADDENDUM", "ADDENDUM")):
+        return "addendum"
+    if first.startswith(("WET READ", "PROVISIONAL FINDINGS IMPRESSION")):
+        return "wet read"
+    return ""
+
+
 def parse_report(text: str) -> ReportSections:
     """Split a MIMIC-CXR free-text report into findings, impression, last paragraph and addenda.
 
-    Handles addenda on top of the report (split off by a line of underscores), missing sections,
-    misspelled headers ("IMPRESSON:", "FINDING:", "FINDNGS:"), content on the header line, and
-    "FINDINGS AND IMPRESSION:" / "CONCLUSION:" (read as the impression). PHI placeholders (___) are
-    kept. The last paragraph is that of the final report, without a leading header."""
-    text = (text or "").replace("\r\n", "\n").replace("\r", "\n")
+    Handles addenda above or below the report (split off by a line of underscores, or an
+    "ADDENDUM" header), a WET READ / PFI block before the final report (kept as `wet_read`),
+    missing sections, misspelled headers ("IMPRESSON:", "FINDING:", "FINDNGS:"), headers without
+    a colon on their own line, content on the header line, upper-case sub-headings inside FINDINGS
+    ("LUNGS:", "PLEURA:"), numbered items, and "FINDINGS AND IMPRESSION:" / "CONCLUSION:" (read as
+    the impression). PHI placeholders (___) are kept. The last paragraph is that of the final
+    report's clinical text (not of INDICATION, COMPARISON, NOTIFICATION, ...), without its header."""
+    text = _LINE_BREAKS.sub("\n", (text or "").translate(_SPACE_LIKE)).expandtabs(1)
     chunks = [chunk for chunk in _SEPARATOR.split(text) if chunk.strip()]
     if not chunks:
         return ReportSections()
-    main_index = len(chunks) - 1
-    for index in range(len(chunks) - 1, -1, -1):
-        if "FINAL REPORT" in chunks[index].upper():
-            main_index = index
-            break
-    main = chunks[main_index]
-    addenda = tuple(
-        n
-        for n in (
-            _normalize(re.sub(r"^\s*FINAL ADDENDUM\s*$", "", c, flags=re.M))
-            for i, c in enumerate(chunks)
-            if i != main_index
-        )
-        if n
-    )
-    main = re.sub(r"^[ \t]*FINAL REPORT[ \t]*$", "", main, flags=re.M)
-
-    headers = []
-    for match in _HEADER.finditer(main):
-        name = _section_name(match.group(1))
-        if name is not None:
-            headers.append((match.start(), match.end(), name))
-    sections: dict[str, str] = {}
-    for index, (_start, end, name) in enumerate(headers):
-        stop = headers[index + 1][0] if index + 1 < len(headers) else len(main)
-        body = _normalize(main[end:stop])
-        if body:
-            sections[name] = f"{sections[name]}\n{body}" if name in sections else body
-
-    last_paragraph = None
-    for paragraph in reversed(_BLANK_LINES.split(main)):
-        stripped = paragraph.strip()
-        if not stripped:
+    kinds = [_chunk_kind(chunk) for chunk in chunks]
+    if "report" in kinds:
+        main_index = len(kinds) - 1 - kinds[::-1].index("report")
+    elif "" in kinds:
+        main_index = len(kinds) - 1 - kinds[::-1].index("")
+    else:
+        main_index = len(chunks) - 1
+    addenda: list[str] = []
+    wet_reads: list[str] = []
+    for index, chunk in enumerate(chunks):
+        if index == main_index:
             continue
-        match = _HEADER.match(paragraph)
-        if match and _section_name(match.group(1)) is not None:
-            stripped = paragraph[match.end() :].strip()
-            if not stripped:
+        body = _normalize(_FINAL_ADDENDUM.sub("", chunk))
+        if body:
+            (wet_reads if kinds[index] == "wet read" else addenda).append(body)
+    main = chunks[main_index]
+    marker = _FINAL_REPORT.search(main)
+    if marker is not None:
+        preamble, main = main[: marker.start()], main[marker.end() :]
+        kind = _chunk_kind(preamble) if preamble.strip() else ""
+        body = _normalize(_FINAL_ADDENDUM.sub("", preamble))
+        if body and kind == "wet read":
+            wet_reads.append(body)
+        elif body and kind == "addendum":
+            addenda.append(body)
+        elif body:
+            main = f"{preamble}\n\n{main}"
+
+    headers = _find_headers(main)
+    # Segments in order: (section name or None for unlabelled text, body).
+    segments: list[tuple[str | None, str]] = [(None, main[: headers[0][0]] if headers else main)]
+    for index, (start, end, name) in enumerate(headers):
+        stop = headers[index + 1][0] if index + 1 < len(headers) else len(main)
+        body = main[end:stop]
+        if name in _ADDENDUM_NAMES:
+            addendum = _normalize(main[start:stop])
+            if addendum:
+                addenda.append(addendum)
+            continue
+        if name in _LEADING_SECTIONS:
+            # "INDICATION: ..." owns its first paragraph; a later paragraph is free text.
+            parts = [part for part in _BLANK_LINES.split(body.strip("\n")) if part.strip()]
+            if len(parts) > 1:
+                first_end = body.find(parts[0]) + len(parts[0])
+                segments.append((name, body[:first_end]))
+                segments.append((None, body[first_end:]))
                 continue
-        last_paragraph = _normalize(stripped)
-        break
+        segments.append((name, body))
+
+    sections: dict[str, str] = {}
+    for name, body in segments:
+        normalized = _normalize(body) if name is not None else None
+        if name is not None and normalized:
+            sections[name] = f"{sections[name]}\n{normalized}" if name in sections else normalized
+    last_paragraph = _last_paragraph(segments, skip=_LEADING_SECTIONS | _TRAILING_SECTIONS)
+    if last_paragraph is None:
+        last_paragraph = _last_paragraph(segments, skip=_ADDENDUM_NAMES)
+    wet_read = "\n".join(wet_reads) or sections.get("wet read") or None
     return ReportSections(
         findings=sections.get("findings"),
         impression=sections.get("impression"),
         last_paragraph=last_paragraph,
-        addenda=addenda,
+        addenda=tuple(addenda),
         sections=sections,
+        wet_read=wet_read,
     )
+
+
+def decode_report(data: bytes) -> str:
+    """Decode a report file: UTF-8 (with or without a BOM), else Windows-1252 (the release is
+    ASCII, but copies edited on Windows carry cp1252 degree signs and curly quotes), else Latin-1,
+    which decodes any byte. Never loses a character to a replacement mark when a decoding fits."""
+    for encoding in ("utf-8-sig", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return data.decode("latin-1")
+
+
+def _last_paragraph(segments: list[tuple[str | None, str]], skip: set[str]) -> str | None:
+    """The last non-empty paragraph of the last segment whose section is not in `skip`."""
+    for name, body in reversed(segments):
+        if name in skip:
+            continue
+        for paragraph in reversed(_BLANK_LINES.split(body)):
+            normalized = _normalize(paragraph)
+            if normalized:
+                return normalized
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -564,9 +853,22 @@ class MimicCXR:
         self._index: pa.Table | None = None
         self._labels: dict[str, pa.Table] = {}
         self._label_reads: dict[str, Future] = {}
+        self._reports_in_zip = self.reports_root.is_file()  # reports_root may be the reports zip
+        self._reports_zip: zipfile.ZipFile | None = None
+        self._reports_zip_index: dict[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"MimicCXR({str(self.root)!r}, layout={self.layout!r}, version={self.version!r})"
+
+    def _read_table(
+        self, path: Path, columns: Sequence[str], types: dict[str, pa.DataType] | None = None
+    ) -> pa.Table:
+        """`_read_csv`; when lenient, rows with a wrong number of fields are skipped and counted."""
+        ragged: list | None = [] if self.lenient else None
+        table = _read_csv(path, columns, types, ragged)
+        if ragged:
+            self.skipped[f"{path.name}: wrong number of fields"] += len(ragged)
+        return table
 
     def _require_csv(self, name: str) -> Path:
         path = _find_csv(self.root, name)
@@ -620,7 +922,7 @@ class MimicCXR:
         # Gzip decompression is single-threaded: read the split CSV on a second core meanwhile.
         with ThreadPoolExecutor(max_workers=1) as pool:
             split_future = pool.submit(
-                _read_csv,
+                self._read_table,
                 split_path,
                 ["dicom_id", "study_id", "subject_id", "split"],
                 {"study_id": pa.int64(), "subject_id": pa.int64()},
@@ -633,7 +935,7 @@ class MimicCXR:
     ) -> pa.Table:
         needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
         optional = [c for c in ("StudyDate", "StudyTime", "Rows", "Columns") if c in header]
-        raw = _read_csv(
+        raw = self._read_table(
             meta_path,
             needed + optional,
             {
@@ -698,7 +1000,9 @@ class MimicCXR:
 
         raw_split = split_future.result()
         check = _Validator(split_path, raw_split, self.lenient, self.skipped)
-        split_values = pc.utf8_lower(check.text("split"))
+        split_values = pc.utf8_lower(pc.utf8_trim_whitespace(check.text("split")))
+        for alias, split_name in _SPLIT_ALIASES.items():  # "val", "valid", "validation", "dev"
+            split_values = pc.if_else(pc.equal(split_values, alias), split_name, split_values)
         check.flag(
             pc.invert(pc.is_in(split_values, pa.array(SPLITS))),
             "split",
@@ -852,9 +1156,15 @@ class MimicCXR:
             if name in ("subject_id", "study_id") or name == "":
                 continue
             if not is_observation(name):
-                raise InputError(
-                    f"{where(path, field=name)}: unknown label column (expected the 14 observations)"
-                )
+                # A misspelt observation is an error; other extra columns of users' copies (a
+                # pandas index "Unnamed: 0", dicom_id, split, Path...) are not labels: ignored.
+                near = difflib.get_close_matches(name.lower(), [o.lower() for o in OBSERVATIONS], 1, 0.8)
+                if near:
+                    raise InputError(
+                        f"{where(path, field=name)}: unknown label column (expected the 14 observations; "
+                        f"did you mean {OBSERVATIONS[[o.lower() for o in OBSERVATIONS].index(near[0])]!r}?)"
+                    )
+                continue
             canonical = canonical_name(name)
             if canonical in label_columns:
                 raise InputError(f"{where(path, field=name)}: observation {canonical!r} appears twice")
@@ -876,13 +1186,13 @@ class MimicCXR:
             path, _, columns, types = self._label_plan(source)
         except InputError:
             return
-        self._label_reads[source] = pool.submit(_read_csv, path, columns, types)
+        self._label_reads[source] = pool.submit(self._read_table, path, columns, types)
 
     def _load_labels(self, source: str) -> pa.Table:
         path, label_columns, columns, types = self._label_plan(source)
         needs_subject = source != "test-set-labeled"
         prefetched = self._label_reads.pop(source, None)
-        raw = prefetched.result() if prefetched is not None else _read_csv(path, columns, types)
+        raw = prefetched.result() if prefetched is not None else self._read_table(path, columns, types)
         check = _Validator(path, raw, self.lenient, self.skipped)
         study_id = check.integer("study_id")
         data: dict[str, pa.ChunkedArray | pa.Array] = {"study_id": study_id}
@@ -930,14 +1240,44 @@ class MimicCXR:
         return self.reports_root / report_relpath(subject_id, study_id)
 
     def report_text(self, subject_id: int, study_id: int) -> str | None:
-        """The raw report text, or None when the file does not exist."""
+        """The raw report text, or None when the study has no report. Read from
+        ``files/pXX/pSUBJECT/sSTUDY.txt`` under `reports_root`, else from the DICOM release's
+        mimic-cxr-reports.zip (`reports_root` itself, or that file inside it) without unpacking."""
         path = self.report_path(subject_id, study_id)
-        try:
-            return path.read_text(encoding="utf-8", errors="replace")
-        except FileNotFoundError:
+        if not self._reports_in_zip:
+            try:
+                return decode_report(path.read_bytes())
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise InputError(f"{where(path)}: cannot read report: {exc}") from None
+        index = self._report_archive_index()
+        if not index:
             return None
-        except OSError as exc:
-            raise InputError(f"{where(path)}: cannot read report: {exc}") from None
+        member = index.get(f"p{subject_id}/s{study_id}.txt")
+        if member is None:
+            return None
+        assert self._reports_zip is not None
+        try:
+            return decode_report(self._reports_zip.read(member))
+        except (OSError, zipfile.BadZipFile, zlib.error) as exc:
+            raise InputError(f"{where(self._reports_zip.filename)}: cannot read {member}: {exc}") from None
+
+    def _report_archive_index(self) -> dict[str, str]:
+        """ "pSUBJECT/sSTUDY.txt" -> member name of the reports zip (empty when there is none)."""
+        if self._reports_zip_index is None:
+            archive = self.reports_root if self._reports_in_zip else self.reports_root / REPORTS_ZIP
+            self._reports_zip_index = {}
+            if archive.is_file():
+                try:
+                    self._reports_zip = zipfile.ZipFile(archive)
+                except (OSError, zipfile.BadZipFile) as exc:
+                    raise InputError(f"{where(archive)}: not a readable zip of reports: {exc}") from None
+                for name in self._reports_zip.namelist():
+                    parts = name.rstrip("/").split("/")
+                    if len(parts) >= 2 and parts[-1].endswith(".txt"):
+                        self._reports_zip_index[f"{parts[-2]}/{parts[-1]}"] = name
+        return self._reports_zip_index
 
     def report(self, subject_id: int, study_id: int) -> ReportSections | None:
         """The parsed report of a study, or None when it has no report file."""
