@@ -68,6 +68,8 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("created_at", pa.timestamp("ms", tz="UTC")),
         pa.field("endpoint", pa.string()),  # the base URL (or in-process backend) that answered
         pa.field("image_max_edge", pa.int32()),  # client-side downscale limit of the image sent (pixels)
+        # reasoning the server returned apart from the answer (vLLM/SGLang reasoning_content); null if none
+        pa.field("reasoning", pa.string()),
     ]
 )
 

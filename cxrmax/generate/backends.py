@@ -7,18 +7,43 @@
 - ``transformers``: a model loaded in-process (CPU or one GPU); generation runs in a worker thread.
 - ``vllm``: vLLM's offline engine in-process, imported only when chosen.
 
-Errors are raised as :class:`BackendError` with a ``kind`` (rate_limit, server, timeout, connection,
-auth, not_found, client, malformed, image), an HTTP ``status`` when there is one, and ``retryable``.
+Errors are raised as :class:`BackendError` with a ``kind``, an HTTP ``status`` when there is one, and
+``retryable``. Kinds (what real OpenAI-compatible servers send, and what is done about it):
+
+- retryable: ``rate_limit`` (429; Retry-After in seconds or as an HTTP date is honoured), ``server``
+  (5xx, a 200 whose body is an error object, finish_reason ``abort``/``error``), ``timeout`` (no answer
+  within the timeout, 408), ``connection`` (refused, reset, closed mid-body), ``malformed`` (not JSON,
+  HTML from a proxy, no choices, a stream cut before its end);
+- permanent for that request (kept in the failure ledger, redone with --retry-failed):
+  ``context_length`` (prompt + max_tokens over the server's context), ``image_rejected`` (the server
+  cannot load or accept the image), ``too_large`` (413), ``client`` (other 400/422), ``empty`` (no
+  answer text and no reasoning), ``content_filter``, ``image`` (the local image cannot be read);
+- about the whole run (the orchestrator stops): ``auth`` (401/403), ``not_found`` (404: the model is not
+  served there; the message lists what GET /models says is served).
+
+Answers: ``Completion.text`` is the message ``content`` (a string, or the text parts of a list);
+``Completion.reasoning`` is the separate reasoning a reasoning parser returns (``reasoning_content``
+in vLLM/SGLang/llama.cpp/LM Studio, ``reasoning`` in vLLM >= 0.10 and Ollama, ``thinking`` parts of a
+content list). When a server returns reasoning but no content (vLLM's reasoning parsers do when the
+answer was cut while thinking, or when the model never closed its think block) ``text`` repeats the
+reasoning, so readers of ``text`` still see what the model wrote; ``reasoning`` always holds it.
+Finish reasons are normalised (``eos_token``/``stop_sequence``/``end_turn`` -> ``stop``,
+``max_tokens``/``max_length`` -> ``length``). A body sent as server-sent events although ``stream`` was
+false is assembled from its chunks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
+import html
 import io
 import json
 import os
+import re
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +52,8 @@ from typing import Any
 from cxrmax.errors import CxrmaxError
 
 RETRYABLE_KINDS = {"rate_limit", "server", "timeout", "connection", "malformed"}
+#: Errors about the whole run (credentials, the model/URL), not about one request.
+RUN_LEVEL_KINDS = {"auth", "not_found"}
 
 
 @dataclass(slots=True)
@@ -48,6 +75,8 @@ class Completion:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     endpoint: str | None = None
+    #: reasoning the server returned apart from the answer (reasoning_content / reasoning); None if none
+    reasoning: str | None = None
 
 
 class BackendError(Exception):
@@ -83,15 +112,76 @@ class BackendError(Exception):
 
 
 def classify_status(status: int) -> str:
+    """The error kind of an HTTP status alone (messages refine 4xx/5xx; see :func:`classify_error`)."""
     if status == 429:
         return "rate_limit"
+    if status == 408:
+        return "timeout"
     if status >= 500:
         return "server"
     if status in (401, 403):
         return "auth"
     if status == 404:
         return "not_found"
+    if status == 413:
+        return "too_large"
     return "client"
+
+
+#: Messages that mean "prompt + max_tokens do not fit the context": vLLM (0.6 and >= 0.9 wordings),
+#: SGLang, TGI (422 validation), llama.cpp (exceed_context_size_error), LM Studio.
+_CONTEXT_LENGTH = re.compile(
+    r"maximum context length|context length|context window|context size|max_model_len|"
+    r"maximum model length|too long to fit|longer than the model|prompt is too long|input is too long|"
+    r"max_tokens.{0,40}too large|tokens \+ `?max_new_tokens`? must be|exceed_context_size",
+    re.IGNORECASE,
+)
+_IMAGE_WORDS = re.compile(r"\bimages?\b|image_url|multi-?modal|mmproj|pixel", re.IGNORECASE)
+_IMAGE_FAILURE = re.compile(
+    r"load|decod|identify|invalid|not supported|unsupported|cannot|can't|could not|failed|at most|"
+    r"exceed|too many|corrupt|truncated|broken",
+    re.IGNORECASE,
+)
+
+HINTS = {
+    "context_length": "lower --max-tokens or --image-max-edge, or serve the model with a larger --max-model-len",
+    "image_rejected": "the server cannot use the image: is the model a vision model and does the server accept "
+    "images (vllm serve --limit-mm-per-prompt '{\"image\": 1}'; llama.cpp needs --mmproj)? A damaged source "
+    "image fails here too",
+    "too_large": "the request body is too big for the server or a proxy in front of it; lower --image-max-edge "
+    "(or raise the proxy's limit, e.g. nginx client_max_body_size)",
+    "auth": "set --api-key (or OPENAI_API_KEY) to the key the server was started with (vllm serve --api-key)",
+}
+
+
+def classify_error(status: int, message: str) -> str:
+    """The error kind of an HTTP error from its status and the server's message."""
+    kind = classify_status(status)
+    if kind == "client" or (kind == "server" and status == 500):
+        if _CONTEXT_LENGTH.search(message):
+            return "context_length"
+        if _IMAGE_WORDS.search(message) and _IMAGE_FAILURE.search(message):
+            return "image_rejected"
+    return kind
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delay-seconds or an HTTP date (RFC 9110); None if absent
+    or unreadable; never negative."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def image_data_url(jpeg: bytes) -> str:
@@ -136,13 +226,27 @@ class Backend(ABC):
 class _Endpoint:
     """One server and its aiohttp session (created inside the running event loop)."""
 
-    __slots__ = ("base_url", "session", "in_flight", "sent")
+    __slots__ = ("base_url", "session", "in_flight", "sent", "down_until", "connection_failures", "served")
 
     def __init__(self, base_url: str):
         self.base_url = base_url
         self.session: Any = None
         self.in_flight = 0
         self.sent = 0
+        #: after a connection failure the server is skipped until then (time.monotonic()), while another
+        #: server is up: a dead server fails instantly, so "least busy" would otherwise pick it every time
+        self.down_until = 0.0
+        self.connection_failures = 0
+        #: model ids GET /models listed (None: not asked or not listed)
+        self.served: list[str] | None = None
+
+    def mark_down(self) -> None:
+        self.connection_failures += 1
+        self.down_until = time.monotonic() + min(30.0, 0.5 * 2 ** (self.connection_failures - 1))
+
+    def mark_up(self) -> None:
+        self.connection_failures = 0
+        self.down_until = 0.0
 
 
 @dataclass(slots=True)
@@ -270,14 +374,12 @@ class OpenAIBackend(Backend):
                     f"the server at {endpoint.base_url} answered GET /models with HTTP {response.status_code}: "
                     f"{response.text[:300]}"
                 )
-            try:
-                served = [m["id"] for m in response.json().get("data", [])]
-            except (ValueError, KeyError, TypeError, AttributeError):
+            listing = _model_listing(response)
+            if listing is None:
                 continue
-            if self.served_model in served:
-                name = self.served_model
-            else:
-                name = next((c for c in self.candidates if c in served), None)
+            served = [entry["id"] for entry in listing]
+            endpoint.served = served
+            name = _match_served_model([self.served_model, *self.candidates], listing)
             if name is None:
                 raise CxrmaxError(
                     f"the server at {endpoint.base_url} does not serve model {self.served_model!r}; it serves "
@@ -296,14 +398,19 @@ class OpenAIBackend(Backend):
         endpoints = self._endpoints
         if len(endpoints) == 1:
             return endpoints[0]
-        # Least busy server; ties broken round-robin so idle servers share the work evenly.
+        # Least busy server that is up; ties broken round-robin so idle servers share the work evenly.
+        # When every server had a connection failure lately, the one that comes back first is tried.
+        now = time.monotonic()
+        up = [e for e in endpoints if e.down_until <= now]
+        if not up:
+            return min(endpoints, key=lambda e: e.down_until)
         n = len(endpoints)
         start = self._next
         self._next = (start + 1) % n
-        best = endpoints[start]
-        for i in range(1, n):
+        best = None
+        for i in range(n):
             candidate = endpoints[(start + i) % n]
-            if candidate.in_flight < best.in_flight:
+            if candidate.down_until <= now and (best is None or candidate.in_flight < best.in_flight):
                 best = candidate
         return best
 
@@ -322,9 +429,41 @@ class OpenAIBackend(Backend):
         endpoint.sent += 1
         try:
             response = await self._request(endpoint, "POST", "/chat/completions", json.dumps(body).encode())
+        except BackendError as error:
+            if error.kind == "connection" and len(self._endpoints) > 1:
+                endpoint.mark_down()
+            raise
         finally:
             endpoint.in_flight -= 1
-        return _parse_chat_response(response, endpoint.base_url)
+        endpoint.mark_up()
+        try:
+            return _parse_chat_response(response, endpoint.base_url)
+        except BackendError as error:
+            if error.kind == "not_found":
+                error.message += await self._served_hint(endpoint)
+            raise
+
+    async def _served_hint(self, endpoint: _Endpoint) -> str:
+        """What the server says it serves, for a 404 (asked once per server)."""
+        if endpoint.served is None:
+            try:
+                response = await self._request(endpoint, "GET", "/models", timeout=min(self.timeout, 10.0))
+            except BackendError:
+                response = None
+            listing = (
+                _model_listing(response) if response is not None and response.status_code < 400 else None
+            )
+            if listing is None:
+                return (
+                    f" (GET {endpoint.base_url}/models lists no models either: is --base-url right? It usually "
+                    "ends in /v1)"
+                )
+            endpoint.served = [entry["id"] for entry in listing]
+        served = ", ".join(map(repr, endpoint.served)) or "nothing"
+        return (
+            f" (model {self.served_model!r} is not served at {endpoint.base_url}; GET /models lists {served}: "
+            "pass one of those to --model, or restart the server with this model)"
+        )
 
     async def close(self) -> None:
         for endpoint in self._endpoints:
@@ -333,53 +472,312 @@ class OpenAIBackend(Backend):
                 endpoint.session = None
 
 
-def _error_message(response: Any) -> str:
+def _model_listing(response: Any) -> list[dict[str, Any]] | None:
+    """The entries of a GET /models answer that have a string ``id`` (None when it is not a listing)."""
     try:
         data = response.json()
-    except ValueError:
-        return response.text[:500] or response.reason_phrase
+    except (ValueError, UnicodeDecodeError):
+        return None
+    entries = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        return None
+    return [e for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
+
+
+def _match_served_model(wanted: list[str], listing: list[dict[str, Any]]) -> str | None:
+    """The served id to send for the first of ``wanted`` the listing offers: an exact ``id``; an id with
+    Ollama's default ``:latest`` tag; a ``root`` (vLLM lists the model it loaded there when
+    --served-model-name renames it); or a ``root`` whose last path part is the model's (a local copy)."""
+    ids = [entry["id"] for entry in listing]
+    for name in wanted:
+        if name in ids:
+            return name
+        if f"{name}:latest" in ids:
+            return f"{name}:latest"
+        rooted = [entry["id"] for entry in listing if entry.get("root") == name]
+        if rooted:
+            return rooted[0]
+    for name in wanted:
+        tail = name.rstrip("/").rsplit("/", 1)[-1].lower()
+        matches = [
+            entry["id"]
+            for entry in listing
+            if isinstance(entry.get("root"), str)
+            and entry["root"].rstrip("/").rsplit("/", 1)[-1].lower() == tail
+        ]
+        if len(matches) == 1:
+            return matches[0]
+    return None
+
+
+_TITLE = re.compile(r"<title[^>]*>(.*?)</title>|<h1[^>]*>(.*?)</h1>", re.IGNORECASE | re.DOTALL)
+_TAGS = re.compile(r"<[^>]+>")
+
+
+def _describe_body(content: bytes, content_type: str = "") -> str:
+    """A short readable account of a body that is not the expected JSON (an HTML page: its title)."""
+    text = content.decode("utf-8", "replace").strip()
+    if not text:
+        return "an empty body"
+    if "html" in content_type.lower() or text[:200].lstrip().lower().startswith(("<!doctype html", "<html")):
+        found = _TITLE.search(text)
+        title = next((g for g in found.groups() if g), "") if found else _TAGS.sub(" ", text)
+        title = " ".join(html.unescape(_TAGS.sub(" ", title)).split())[:200]
+        return f"an HTML page ({title!r}; a proxy or web server answered, not the model server?)"
+    return repr(text[:300])
+
+
+def _error_text(error: Any) -> str:
+    """The message of an error value: OpenAI/vLLM ``{"message": ...}``, a string (TGI, vLLM --api-key),
+    FastAPI's ``detail`` list of validation errors."""
+    if isinstance(error, str):
+        return error
+    if isinstance(error, list):
+        parts = []
+        for item in error[:5]:
+            if isinstance(item, dict) and "msg" in item:
+                location = ".".join(str(x) for x in item.get("loc") or [])
+                parts.append(f"{location}: {item['msg']}" if location else str(item["msg"]))
+            else:
+                parts.append(_error_text(item))
+        return "; ".join(parts)
+    if isinstance(error, dict):
+        for name in ("message", "error", "detail", "msg"):
+            if error.get(name):
+                return _error_text(error[name])
+    return json.dumps(error)[:500] if error is not None else ""
+
+
+def _error_message(response: Any) -> str:
+    """The server's own words for an HTTP error (JSON error object, plain text or an HTML page)."""
+    content_type = str(response.headers.get("content-type", "")) if response.headers is not None else ""
+    try:
+        data = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError):
+        described = _describe_body(response.content, content_type)
+        reason = getattr(response, "reason_phrase", "")
+        return f"{reason}: {described}" if reason and described == "an empty body" else described
     if isinstance(data, dict):
-        error = data.get("error", data)
-        if isinstance(error, dict):
-            return str(error.get("message") or error)[:500]
-        if isinstance(data.get("message"), str):
-            return data["message"][:500]
-        return str(error)[:500]
-    return str(data)[:500]
+        for name in ("error", "message", "detail"):
+            if name in data:
+                return _error_text(data[name])[:500]
+    return _error_text(data)[:500]
+
+
+def _http_error(response: Any, endpoint: str) -> BackendError:
+    status = response.status_code
+    message = _error_message(response)
+    headers = response.headers if response.headers is not None else {}
+    retry_after = parse_retry_after(headers.get("retry-after"))
+    kind = classify_error(status, message)
+    if kind in HINTS:
+        message = f"{message} ({HINTS[kind]})"
+    return BackendError(kind, message, status, retry_after, endpoint)
+
+
+#: finish_reason spellings of other servers -> the OpenAI ones (TGI: eos_token, stop_sequence; others).
+FINISH_REASON_ALIASES = {
+    "eos_token": "stop",
+    "eos": "stop",
+    "stop_sequence": "stop",
+    "end_turn": "stop",
+    "max_tokens": "length",
+    "max_length": "length",
+    "model_length": "length",
+}
+
+
+def _finish_reason(value: Any) -> str | None:
+    if isinstance(value, dict):  # SGLang's native form {"type": "stop", "matched": ...}
+        value = value.get("type")
+    if value is None:
+        return None
+    reason = str(value).strip().lower()
+    return FINISH_REASON_ALIASES.get(reason, reason) or None
+
+
+def _text_parts(content: Any) -> tuple[str | None, str | None]:
+    """(answer text, reasoning text) of a message content: a string, None, or a list of parts
+    (``{"type": "text"}`` / ``"output_text"``; Mistral's ``{"type": "thinking", "thinking": [...]}``)."""
+    if content is None or isinstance(content, str):
+        return content, None
+    if isinstance(content, dict):
+        content = [content]
+    if not isinstance(content, list):
+        raise TypeError(f"message content is a {type(content).__name__}")
+    texts: list[str] = []
+    thoughts: list[str] = []
+    for part in content:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            kind = part.get("type")
+            if kind in ("thinking", "reasoning"):
+                inner = part.get("thinking", part.get("reasoning", part.get("text")))
+                text, _ = _text_parts(inner)
+                thoughts.append(text or "")
+            elif isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return ("".join(texts) if texts else None), ("".join(thoughts) if thoughts else None)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return None
+    return number if 0 <= number < 2**31 else None
+
+
+def _assemble_event_stream(content: bytes) -> dict[str, Any]:
+    """A chat.completion built from server-sent ``chat.completion.chunk`` events (a server or proxy that
+    streams although ``stream`` was false). A stream that stops before a finish reason or [DONE] is an
+    incomplete answer (ValueError)."""
+    texts: list[str] = []
+    thoughts: list[str] = []
+    finish: Any = None
+    usage: Any = None
+    done = False
+    for line in content.decode("utf-8", "replace").splitlines():
+        line = line.strip()
+        if not line.startswith("data:"):
+            continue  # comments (": ping"), event:/id: lines, blank separators
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            done = True
+            continue
+        chunk = json.loads(payload)
+        if not isinstance(chunk, dict):
+            raise ValueError("an event is not a JSON object")
+        if "error" in chunk and not chunk.get("choices"):
+            return chunk  # vLLM reports errors inside the stream this way
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or choice.get("message") or {}
+            text, thought = _text_parts(delta.get("content"))
+            texts.append(text or "")
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or thought
+            if isinstance(reasoning, str):
+                thoughts.append(reasoning)
+            if choice.get("finish_reason") is not None:
+                finish = choice["finish_reason"]
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+    if finish is None and not done:
+        raise ValueError("the event stream ended before the answer did")
+    message = {
+        "role": "assistant",
+        "content": "".join(texts) or None,
+        "reasoning_content": "".join(thoughts) or None,
+    }
+    return {"choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage}
+
+
+def _malformed(reason: str, response: Any, endpoint: str) -> BackendError:
+    content_type = str(response.headers.get("content-type", "")) if response.headers is not None else ""
+    return BackendError(
+        "malformed",
+        f"{reason}: {_describe_body(response.content, content_type)}",
+        response.status_code,
+        endpoint=endpoint,
+    )
 
 
 def _parse_chat_response(response: Any, endpoint: str) -> Completion:
+    """A chat completions HTTP response -> Completion, or the BackendError that describes it (module
+    docstring: kinds, reasoning, finish reasons)."""
     status = response.status_code
     if status >= 400:
-        retry_after = None
-        header = response.headers.get("retry-after")
-        if header:
-            try:
-                retry_after = float(header)
-            except ValueError:
-                retry_after = None
-        raise BackendError(classify_status(status), _error_message(response), status, retry_after, endpoint)
+        raise _http_error(response, endpoint)
+    headers = response.headers if response.headers is not None else {}
+    content_type = str(headers.get("content-type", "")).lower()
     try:
-        data = json.loads(response.content)
-        choice = data["choices"][0]
-        message = choice.get("message") or {}
-        text = message.get("content")
-        if text is None:
-            # Reasoning models may put everything in reasoning_content; keep it rather than nothing.
-            text = message.get("reasoning_content") or ""
-        usage = data.get("usage") or {}
-        return Completion(
-            text=text,
-            finish_reason=choice.get("finish_reason"),
-            prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
+        if "text/event-stream" in content_type or response.content.lstrip().startswith(b"data:"):
+            data = _assemble_event_stream(response.content)
+        else:
+            data = json.loads(response.content)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _malformed(f"the answer is not a chat completion ({exc})", response, endpoint) from None
+    if not isinstance(data, dict):
+        raise _malformed("the answer is not a JSON object", response, endpoint)
+    if "error" in data and not data.get("choices"):
+        # An error inside a 200 (llama.cpp, some proxies, errors inside a stream): classify its code.
+        error = data["error"]
+        code = _as_int(error.get("code")) if isinstance(error, dict) else None
+        code = code if code is not None and 400 <= code < 600 else 500
+        message = _error_text(error)[:500]
+        kind = classify_error(code, message)
+        if kind in HINTS:
+            message = f"{message} ({HINTS[kind]})"
+        raise BackendError(kind, message, code, endpoint=endpoint)
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _malformed("the answer has no choices", response, endpoint)
+    choice = choices[0]
+    message = choice.get("message")
+    if message is None:
+        message = {"content": choice.get("text")}  # completions-style choice
+    if not isinstance(message, dict):
+        raise _malformed("choices[0].message is not an object", response, endpoint)
+    try:
+        text, thought = _text_parts(message.get("content"))
+        reasonings = []
+        for name in ("reasoning_content", "reasoning"):
+            value = message.get(name)
+            value = _text_parts(value)[0] if not isinstance(value, dict) else value.get("text")
+            if isinstance(value, str) and value and value not in reasonings:
+                reasonings.append(value)
+    except TypeError as exc:
+        raise _malformed(str(exc), response, endpoint) from None
+    if thought and thought not in reasonings:
+        reasonings.insert(0, thought)
+    reasoning = "\n\n".join(reasonings) or None
+    finish = _finish_reason(choice.get("finish_reason"))
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    prompt_tokens = _as_int(usage.get("prompt_tokens"))
+    completion_tokens = _as_int(usage.get("completion_tokens"))
+    total = _as_int(usage.get("total_tokens"))
+    if (
+        completion_tokens is None
+        and total is not None
+        and prompt_tokens is not None
+        and total >= prompt_tokens
+    ):
+        completion_tokens = total - prompt_tokens
+    has_text = bool(text and text.strip())
+    if finish in ("abort", "error", "cancelled"):
+        raise BackendError(
+            "server",
+            f"the server gave up on the request (finish_reason {finish!r}, {len(text or '')} characters kept)",
+            status,
             endpoint=endpoint,
         )
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        snippet = response.content[:200].decode("utf-8", "replace")
+    if finish == "content_filter":
         raise BackendError(
-            "malformed", f"unreadable response ({type(exc).__name__}): {snippet!r}", status, endpoint=endpoint
-        ) from None
+            "content_filter",
+            f"the server's content filter stopped the answer ({len(text or '')} characters kept)",
+            status,
+            endpoint=endpoint,
+        )
+    if not has_text and not (reasoning and reasoning.strip()):
+        raise BackendError(
+            "empty",
+            f"the server returned no answer text (content {message.get('content')!r}, finish_reason {finish!r}, "
+            f"completion_tokens {completion_tokens})",
+            status,
+            endpoint=endpoint,
+        )
+    return Completion(
+        text=text if has_text else (reasoning or ""),
+        finish_reason=finish,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        endpoint=endpoint,
+        reasoning=reasoning,
+    )
 
 
 # --------------------------------------------------------------------------- transformers in-process

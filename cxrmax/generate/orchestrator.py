@@ -18,6 +18,12 @@ Fail fast: until the first success, identical non-transient errors (wrong model,
 unreachable server, missing images) are counted; after ``fail_fast_after`` of them and no success the run
 stops with one message that says what to fix. Those failures are not written to the ledger, so a fixed
 rerun does them again.
+
+Stop at any time: a 401/403 or a 404 for the model (kinds in backends.RUN_LEVEL_KINDS) is about the
+whole run, not the request, so the run stops at once and records nothing for it. ``fail_fast_after``
+requests in a row that used up all their attempts on the same transient error (a server that died or
+hangs, endless 429/5xx) with no success in between also stop the run; they stay in the ledger as
+retryable, so rerunning the same command retries them.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import pyarrow.compute as pc
 
 from cxrmax.errors import CxrmaxError, InputError, where
 from cxrmax.generate.backends import (
+    RUN_LEVEL_KINDS,
     Backend,
     BackendError,
     Completion,
@@ -74,8 +81,19 @@ SELECTION_COLUMNS = [
     "labels",
 ]
 
-#: Errors that can end a run early when every first request fails with them.
-FAIL_FAST_KINDS = {"connection", "auth", "not_found", "client", "malformed", "image"}
+#: Permanent errors that end a run early when every first request fails with them (transient ones are
+#: retried and end a run through the streak rule instead; auth/not_found end it at once).
+FAIL_FAST_KINDS = {
+    "auth",
+    "not_found",
+    "client",
+    "image",
+    "context_length",
+    "image_rejected",
+    "too_large",
+    "empty",
+    "content_filter",
+}
 
 FAIL_FAST_HINTS = {
     "connection": "is the model server running and reachable at --base-url?",
@@ -84,7 +102,13 @@ FAIL_FAST_HINTS = {
     "client": "the server rejected the request; check --max-tokens against the server's --max-model-len and the model's image limits.",
     "malformed": "the server's answers are not OpenAI chat completions; is --base-url an OpenAI-compatible /v1 endpoint?",
     "image": "are --mimic-root and the selection's image_path right?",
+    "empty": "the model answers nothing: is it the right model, and does its chat template suit images?",
+    "timeout": "the server stopped answering within --timeout (hung, or overloaded: lower --concurrency).",
+    "server": "the server keeps failing (5xx); check its log.",
+    "rate_limit": "the server keeps refusing with 429: lower --concurrency or set --rpm/--tpm.",
 }
+#: Transient errors that, when every attempt of several requests in a row ends with them, stop the run.
+STREAK_KINDS = {"connection", "timeout", "server", "rate_limit", "malformed"}
 
 
 class GenerationAborted(CxrmaxError):
@@ -286,6 +310,8 @@ class Orchestrator:
         self._early_failures: list[tuple[PlannedRequest, BackendError, int]] = []
         self._early_errors: list[BackendError] = []
         self._abort: GenerationAborted | None = None
+        #: requests in a row that used up their attempts on transient errors (reset by any success)
+        self._failure_streak: list[BackendError] = []
         self._image_tokens = (options.image_max_edge // 28) ** 2
 
     # ------------------------------------------------------------------ entry point
@@ -489,6 +515,8 @@ class Orchestrator:
                 completion = await self.backend.complete(planned.prompt, image, sampling)
             except BackendError as error:
                 self.stats.errors[error.kind] += 1
+                if error.kind in RUN_LEVEL_KINDS:
+                    self._stop_run(error)
                 if not self._succeeded:
                     self._early_error(error)
                 if error.retryable and attempt < options.max_attempts:
@@ -499,6 +527,7 @@ class Orchestrator:
                 return
             latency = time.perf_counter() - started
             self._succeeded_once()
+            self._failure_streak.clear()
             self._store(planned, completion, latency, attempt)
             if self.limiter.active:
                 self.limiter.settle(
@@ -528,6 +557,7 @@ class Orchestrator:
                 "sample_index": planned.sample_index,
                 "text": completion.text,
                 "finish_reason": completion.finish_reason,
+                "reasoning": completion.reasoning,
                 "prompt_tokens": completion.prompt_tokens,
                 "completion_tokens": completion.completion_tokens,
                 "latency_s": round(latency, 4),
@@ -560,8 +590,38 @@ class Orchestrator:
                 self._early_error(error)
         if not self._succeeded:
             self._early_failures.append((planned, error, attempts))
+        else:
+            self._record(planned, error, attempts)
+        if error.kind in STREAK_KINDS and attempts >= self.options.max_attempts:
+            self._failure_streak.append(error)
+            self._check_streak()
+
+    def _check_streak(self) -> None:
+        """Stop when the last ``fail_fast_after`` requests all used up their attempts on one transient error."""
+        streak = self._failure_streak
+        needed = max(1, self.options.fail_fast_after)
+        if len(streak) < needed or self._abort is not None:
             return
-        self._record(planned, error, attempts)
+        last = streak[-needed:]
+        if len({e.kind for e in last}) != 1:
+            return
+        error = last[-1]
+        self._flush_early_failures(final=False)
+        self._abort = GenerationAborted(
+            f"stopping: the last {needed} requests each failed {self.options.max_attempts} times the same way "
+            f"({error}). {FAIL_FAST_HINTS.get(error.kind, '')} Answers already stored are kept and these failures "
+            "are retryable: rerunning the same command continues where this one stopped."
+        )
+        raise self._abort
+
+    def _stop_run(self, error: BackendError) -> None:
+        """Stop the run at once for an error about the whole run (credentials, the model or the URL)."""
+        if self._abort is None:
+            self._abort = GenerationAborted(
+                f"stopping: {error}. Nothing was recorded for this request; "
+                "answers already stored are kept, and rerunning the same command continues where this one stopped."
+            )
+        raise self._abort
 
     def _record(self, planned: PlannedRequest, error: BackendError, attempts: int) -> None:
         self.store.record_failure(
@@ -578,7 +638,11 @@ class Orchestrator:
         )
 
     def _early_error(self, error: BackendError) -> None:
-        """Count an error seen before any success; abort when the first ones all have the same cause."""
+        """Count an error seen before any success; abort when the first ones all have the same cause.
+        Transient errors are not counted here (one cut connection must not end a short run): they are
+        retried, and stop the run only when several requests in a row use up their attempts on them."""
+        if error.retryable:
+            return
         errors = self._early_errors
         threshold = min(self.options.fail_fast_after, max(1, self.stats.total))
         if len(errors) >= threshold or self._abort is not None:

@@ -6,9 +6,20 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (text and base64 ``
 ``POST /_faults`` (set the faults; JSON body with the fields of :class:`Faults`) and ``GET /_stats``.
 
 Faults: ``script`` is a list consumed one entry per chat request: an HTTP status (429, 500, 503, 400...),
-``"hang"``, ``"truncate"``, ``"malformed"`` or ``"ok"``; ``delay_s`` delays every answer;
-``error_rate``/``error_status`` fail a random share of requests; ``hang``, ``truncate`` and ``malformed``
-apply to every request while true.
+``"hang"``, ``"truncate"``, ``"malformed"``, ``"ok"``, or one of the response modes below; ``delay_s``
+delays every answer; ``error_rate``/``error_status`` fail a random share of requests; ``hang``,
+``truncate`` and ``malformed`` apply to every request while true. ``models`` replaces the ``data`` list
+of ``GET /v1/models`` (and the ids the chat endpoint accepts), e.g. to list several models or a ``root``
+that differs from the ``id``.
+
+Response modes (script entries), to imitate what real servers and proxies send:
+
+- ``{"status": 400, "json": {...}, "headers": {...}}``: exactly this JSON body (any status, 200 too);
+- ``{"status": 502, "body": "<html>...", "content_type": "text/html"}``: exactly this raw body;
+- ``{"delay": 2.0}``: answer normally after this many seconds (slower than a client timeout);
+- ``"sse"``: answer normally but as a ``text/event-stream`` (as if ``stream`` were true);
+- ``"cut"``: send the headers and half of a normal body, then close the connection;
+- ``"die"``: shut the whole server down (later requests find the port closed) and answer 503.
 
 In a test::
 
@@ -25,6 +36,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import random
 import socket
@@ -54,6 +66,7 @@ class Faults:
     truncate: bool = False
     malformed: bool = False
     seed: int = 0
+    models: list[dict[str, Any]] | None = None
 
     def update(self, **changes: Any) -> None:
         names = {f.name for f in fields(self)}
@@ -76,6 +89,17 @@ class ServerState:
         self.stats: Counter[str] = Counter()
         self.lock = threading.Lock()
         self._rng = random.Random(self.faults.seed)
+        #: called by the "die" fault to stop the server (set by serve_in_thread / main)
+        self.on_die: Any = None
+
+    def model_listing(self) -> list[dict[str, Any]]:
+        """The ``data`` list of GET /v1/models."""
+        if self.faults.models is not None:
+            return list(self.faults.models)
+        return [{"id": self.served_model_name, "object": "model", "created": 0, "owned_by": "cxrmax"}]
+
+    def serves(self, model: Any) -> bool:
+        return model == self.served_model_name or any(m.get("id") == model for m in self.faults.models or [])
 
     def next_action(self) -> Any:
         with self.lock:
@@ -143,10 +167,7 @@ def create_app(state: ServerState) -> Any:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "cxrmax"}],
-        }
+        return {"object": "list", "data": state.model_listing()}
 
     @app.get("/_stats")
     async def stats() -> dict[str, Any]:
@@ -168,12 +189,25 @@ def create_app(state: ServerState) -> Any:
         except ValueError:
             state.stats["bad_request"] += 1
             return _error(400, "request body is not JSON", "invalid_request_error")
-        if body.get("model") != state.served_model_name:
+        if not state.serves(body.get("model")):
             state.stats["wrong_model"] += 1
             return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         action = state.next_action()
         if state.faults.delay_s:
             await asyncio.sleep(state.faults.delay_s)
+        if isinstance(action, dict):
+            if "delay" not in action:
+                state.stats["canned"] += 1
+                return _canned_response(action)
+            await asyncio.sleep(float(action["delay"]))
+            state.stats["slow"] += 1
+            action = "ok"
+        if action == "die":
+            state.stats["died"] += 1
+            if state.on_die is not None:
+                state.on_die()
+                await asyncio.sleep(0.3)  # uvicorn stops listening within 0.1 s: later connects are refused
+            return _error(503, "the server is shutting down")
         if action == "hang":
             state.stats["hang"] += 1
             await asyncio.sleep(state.faults.hang_s)
@@ -226,8 +260,7 @@ def create_app(state: ServerState) -> Any:
             for completion in completions:
                 completion.text = completion.text[: max(1, len(completion.text) // 2)]
                 completion.finish_reason = "length"
-        state.stats["completed"] += 1
-        return {
+        answer = {
             "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -247,8 +280,63 @@ def create_app(state: ServerState) -> Any:
                 + sum(c.completion_tokens or 0 for c in completions),
             },
         }
+        if action == "cut":
+            state.stats["cut"] += 1
+            return _cut_response(json.dumps(answer).encode())
+        state.stats["completed"] += 1
+        if action == "sse":
+            state.stats["sse"] += 1
+            return Response(content=_as_event_stream(answer), media_type="text/event-stream")
+        return answer
 
     return app
+
+
+def _canned_response(spec: dict[str, Any]) -> Any:
+    """A response written by the test: ``json`` (any JSON value) or a raw ``body`` with ``content_type``."""
+    from fastapi.responses import Response
+
+    status = int(spec.get("status", 200))
+    headers = dict(spec.get("headers") or {})
+    if "json" in spec:
+        return Response(json.dumps(spec["json"]).encode(), status, headers, media_type="application/json")
+    body = spec.get("body", "")
+    return Response(
+        body.encode() if isinstance(body, str) else body,
+        status,
+        headers,
+        media_type=spec.get("content_type", "text/plain"),
+    )
+
+
+def _as_event_stream(answer: dict[str, Any]) -> bytes:
+    """A complete non-streamed answer rewritten as the chunks vLLM streams (role, content pieces, the
+    finish reason, a usage chunk, [DONE])."""
+    base = {"id": answer["id"], "object": "chat.completion.chunk", "created": answer["created"]}
+    base["model"] = answer["model"]
+    choice = answer["choices"][0]
+    text = choice["message"]["content"] or ""
+    middle = len(text) // 2
+    deltas = [{"role": "assistant", "content": ""}, {"content": text[:middle]}, {"content": text[middle:]}]
+    chunks = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]})
+    chunks.append({**base, "choices": [], "usage": answer["usage"]})
+    lines = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+    return "".join(lines).encode()
+
+
+def _cut_response(body: bytes) -> Any:
+    """Headers promising the whole body, half of it, then the connection closes (a crashed proxy or
+    server): the ASGI app returns without completing the response, so uvicorn drops the connection."""
+    from starlette.responses import Response
+
+    class CutResponse(Response):
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+
+    return CutResponse()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -330,6 +418,7 @@ def serve_in_thread(
         create_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
     )
     server = uvicorn.Server(config)
+    state.on_die = lambda: setattr(server, "should_exit", True)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, daemon=True, name=f"openai-server-{name}"
     )
@@ -434,7 +523,9 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(
         create_app(state), log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=1
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    state.on_die = lambda: setattr(server, "should_exit", True)
+    server.run(sockets=[sock])
 
 
 if __name__ == "__main__":
