@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import gzip
 import os
 import re
@@ -123,7 +124,9 @@ def _find_csv(root: Path, name: str) -> Path | None:
 
     Copies are often renamed or moved: when the release name is absent, the same file under
     another version prefix or none ("mimic-cxr-2.1.0-metadata.csv", "metadata.csv.gz") is accepted,
-    at the root or in one folder below it (not files/). Several such candidates are an error."""
+    at the root or in one folder below it (not files/ or a pXX folder). Several such candidates are
+    an error, and so is one inside a folder that has its own files/: that folder is the release root
+    (the root given is the folder above it)."""
     for candidate in (root / f"{name}.gz", root / name):
         if candidate.is_file():
             return candidate
@@ -131,7 +134,11 @@ def _find_csv(root: Path, name: str) -> Path | None:
     pattern = re.compile(rf"(mimic-cxr-(\d+(\.\d+)*-)?)?{re.escape(stem)}(\.gz)?", re.IGNORECASE)
     try:
         folders = [root] + sorted(
-            (entry for entry in root.iterdir() if entry.is_dir() and entry.name != "files"),
+            (
+                entry
+                for entry in root.iterdir()
+                if entry.is_dir() and entry.name != "files" and not re.fullmatch(r"p\d\d", entry.name)
+            ),
             key=lambda entry: entry.name,
         )
     except OSError:
@@ -145,6 +152,11 @@ def _find_csv(root: Path, name: str) -> Path | None:
             raise InputError(
                 f"{where(root / name)}: missing, and several files could stand for it: "
                 f"{', '.join(str(p) for p in found)} (keep one, or give it the release name)"
+            )
+        if found and folder != root and (folder / "files").is_dir() and not (root / "files").is_dir():
+            raise InputError(
+                f"{where(root)}: not the release root, but {folder} is (it has {found[0].name} and files/): "
+                "pass that folder"
             )
         if found:
             return found[0]
@@ -180,9 +192,12 @@ def detect_layout(root: str | os.PathLike) -> str:
         return "dicom"
     if _find_csv(root, METADATA_CSV) is not None:
         return "jpg"
+    hint = ""
+    if root.name == "files" or re.fullmatch(r"p\d\d", root.name):
+        hint = "; this looks like a folder inside the release: pass the folder that holds files/"
     raise InputError(
         f"{where(root)}: not a MIMIC-CXR root: no {METADATA_CSV}(.gz), no {RECORD_LIST_CSV}(.gz) and no "
-        "images under files/"
+        f"images under files/{hint}"
     )
 
 
@@ -539,6 +554,7 @@ def _fuzzy_is(word: str, canonical: str) -> bool:
     return difflib.SequenceMatcher(None, word, canonical).ratio() >= 0.8
 
 
+@functools.lru_cache(maxsize=8192)  # the release repeats a few hundred header spellings
 def _section_name(header: str) -> str | None:
     """Map a header to "findings", "impression", another lower-case name, or None (not a header)."""
     key = _header_key(header)
@@ -804,7 +820,8 @@ def read_subject_ids(path: str | os.PathLike) -> set[int]:
             raise InputError(
                 f"{where(path, row=bad + 1, field='subject_id')}: not an integer id ({column[bad].as_py()!r})"
             )
-        return set(pc.cast(pc.utf8_trim_whitespace(column), pa.int64()).to_pylist())
+        digits = pc.replace_substring_regex(pc.utf8_trim_whitespace(column), r"\.0*$", "")  # "10000032.0"
+        return set(pc.cast(digits, pa.int64()).to_pylist())
     ids: set[int] = set()
     opener = gzip.open if _is_gzip(path) else open
     with opener(path, "rt") as handle:  # type: ignore[operator]
@@ -842,6 +859,8 @@ class MimicCXR:
         self.root = Path(root)
         self.lenient = lenient
         self.reports_root = Path(reports_root) if reports_root is not None else self.root
+        if self.reports_root.name == "files" and not (self.reports_root / "files").is_dir():
+            self.reports_root = self.reports_root.parent  # "--reports-root .../files": the folder above
         self.layout = layout or detect_layout(self.root)
         if self.layout not in ("jpg", "dicom"):
             raise InputError(f"unknown layout {self.layout!r}; expected jpg or dicom")

@@ -1168,3 +1168,29 @@ def test_report_files_in_other_encodings(release_root: Path, tmp_path: Path) -> 
     (root / "files/p10/p10000032/s53189527.txt").write_bytes(b"")  # an empty report file
     empty = MimicCXR(root).report(10000032, 53189527)
     assert empty is not None and empty.best() is None
+
+
+def test_root_one_level_off_says_which_folder(release_root: Path, tmp_path: Path) -> None:
+    """physionet.org/files/mimic-cxr-jpg/2.0.0 is the root; the folder above it or files/ are not."""
+    above = tmp_path / "mimic-cxr-jpg"
+    copy_root(release_root, above / "2.0.0")
+    with pytest.raises(InputError, match=r"not the release root, but .*2\.0\.0 is"):
+        MimicCXR(above).images()
+    with pytest.raises(InputError, match="pass the folder that holds files/"):
+        MimicCXR(above / "2.0.0" / "files")
+    # --reports-root may name the files/ folder of unpacked reports.
+    report = above / "2.0.0/files/p10/p10000032/s50414267.txt"
+    report.write_text(STANDARD)
+    mimic = MimicCXR(above / "2.0.0", reports_root=above / "2.0.0" / "files")
+    assert mimic.report(10000032, 50414267).impression == "No acute cardiopulmonary process."
+
+
+def test_subject_lists_as_users_write_them(tmp_path: Path) -> None:
+    from cxrmax.mimic import read_subject_ids
+
+    listed = tmp_path / "ms_cxr_t_subjects.csv"
+    listed.write_bytes(b"\xef\xbb\xbfdicom_id, subject_id\r\na,10000032.0\r\nb, 10000764 \r\n")
+    assert read_subject_ids(listed) == {10000032, 10000764}
+    listed.write_text("subject_id\n10000032\nabc\n")
+    with pytest.raises(InputError, match=r"row 2 field 'subject_id': not an integer id \('abc'\)"):
+        read_subject_ids(listed)
