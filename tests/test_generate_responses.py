@@ -459,6 +459,32 @@ LLAMA_CPP_CONTEXT = {
     }
 }
 
+SGLANG_CONTEXT = {
+    "object": "error",
+    "message": "The input (5120 tokens) is longer than the model's context length (4096 tokens).",
+    "type": "BadRequestError",
+    "param": None,
+    "code": 400,
+}
+VLLM_V1_PROMPT_TOO_LONG = {
+    "error": {
+        "message": "The decoder prompt (length 5120) is longer than the maximum model length of 4096. Make sure "
+        "that `max_model_len` is no smaller than the number of text tokens plus multimodal tokens. For image "
+        "inputs, the number of image tokens depends on the number of images, and possibly their aspect ratios "
+        "as well.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    }
+}
+LLAMA_CPP_NO_MMPROJ = {
+    "error": {
+        "code": 500,
+        "message": "image input is not supported - hint: if this is unexpected, you may need to provide the mmproj",
+        "type": "server_error",
+    }
+}
+
 # (case id, script for the second request, kind, retryable, message pattern)
 FAILED_CASES = [
     (
@@ -573,6 +599,46 @@ FAILED_CASES = [
         True,
         r"HTML page \('Sign in - Corporate Proxy'",
     ),
+    (
+        "nginx-502-on-every-attempt",
+        [{"status": 502, "body": NGINX_502, "content_type": "text/html"}] * 3,
+        "server",
+        True,
+        r"HTML page \('502 Bad Gateway'",
+    ),
+    (
+        "sglang-input-longer-than-context",
+        [{"status": 400, "json": SGLANG_CONTEXT}],
+        "context_length",
+        False,
+        r"longer than the model's context length",
+    ),
+    (
+        "vllm-v1-decoder-prompt-longer-than-max-model-len",
+        [{"status": 400, "json": VLLM_V1_PROMPT_TOO_LONG}],
+        "context_length",
+        False,
+        r"maximum model length of 4096",
+    ),
+    (
+        "llama-cpp-500-without-mmproj",
+        [{"status": 500, "json": LLAMA_CPP_NO_MMPROJ}],
+        "image_rejected",
+        False,
+        r"image input is not supported.*--mmproj",
+    ),
+    (
+        "ollama-400-invalid-image",
+        [
+            {
+                "status": 400,
+                "json": {"error": {"message": "invalid image input", "type": "invalid_request_error"}},
+            }
+        ],
+        "image_rejected",
+        False,
+        r"invalid image input",
+    ),
 ]
 
 
@@ -635,6 +701,21 @@ STOP_CASES = [
             }
         ],
         r"does not exist.*GET /models lists 'stub-vlm'",
+    ),
+    (
+        "ollama-404-model-not-pulled",
+        [
+            {
+                "status": 404,
+                "json": {
+                    "error": {
+                        "message": 'model "stub-vlm" not found, try pulling it first',
+                        "type": "api_error",
+                    }
+                },
+            }
+        ],
+        r"not found, try pulling.*lists 'stub-vlm'",
     ),
     (
         "vllm-401-api-key",

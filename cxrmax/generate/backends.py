@@ -372,7 +372,7 @@ class OpenAIBackend(Backend):
             if response.status_code >= 400:
                 raise CxrmaxError(
                     f"the server at {endpoint.base_url} answered GET /models with HTTP {response.status_code}: "
-                    f"{response.text[:300]}"
+                    f"{_error_message(response)}"
                 )
             listing = _model_listing(response)
             if listing is None:
