@@ -170,6 +170,56 @@ LONG_ANSWER = (
     + "\n\n## Final diagnosis\n\nRight upper lobe pneumonia."
 )
 
+# Second round, written after the first round was fixed (held out from those fixes).
+LIST14 = """Atelectasis: Present in the left lower lobe
+Cardiomegaly: Absent
+Consolidation: Absent
+Edema: Absent
+Enlarged Cardiomediastinum: Absent
+Fracture: Absent
+Lung Lesion: Absent
+Lung Opacity: Present
+Pleural Effusion: Absent
+Pleural Other: Absent
+Pneumonia: Absent
+Pneumothorax: Absent
+Support Devices: Absent
+No Finding: Absent"""
+OBS_MD = """**Observations:**
+
+1. **Lung Fields:** The lung fields appear clear with no signs of consolidation or masses.
+2. **Heart Size:** The heart appears to be within normal limits.
+3. **Pleural Spaces:** No evidence of pleural effusion or pneumothorax.
+4. **Bones:** No fractures are visible.
+
+**Conclusion:** The chest X-ray appears normal."""
+LLL = """Based on the chest X-ray, the most likely diagnosis is **left lower lobe pneumonia**. The key findings supporting this are:
+- Increased opacity in the left lower zone
+- Air bronchograms
+- Silhouetting of the left hemidiaphragm"""
+THINK2 = """<think>
+The user wants a diagnosis. Looking at the costophrenic angles, the left one is blunted. The heart is normal size.
+</think>
+
+**Diagnosis:** Left pleural effusion."""
+KEY = """Key findings:
+  \u2022 Bilateral lower-lobe consolidation
+  \u2022 Small right effusion
+
+Impression: Bilateral pneumonia with right parapneumonic effusion."""
+NUM_DASH = """1. Cardiomegaly - Yes
+2. Edema - No
+3. Pleural effusion - Yes, small on the left"""
+NORMAL_MIMIC2 = """ FINDINGS:  PA and lateral views of the chest provided.  There is no focal consolidation,
+ effusion, or pneumothorax.  The cardiomediastinal silhouette is normal.  Imaged osseous
+ structures are intact.  No free air below the right hemidiaphragm is seen.
+
+ IMPRESSION:  No acute intrathoracic process."""
+ADDENDUM = """ADDENDUM:  The small left apical pneumothorax was not mentioned on the initial read and
+ was communicated to Dr. ___ at 4:10 PM.
+
+ FINDINGS:  Lungs are clear.  No effusion."""
+
 # (id, text, expected labels, refusal, hedging); hedging None = not checked.
 CASES: list[tuple[str, str, str, bool, bool | None]] = [
     # --- MIMIC-CXR-style full reports --------------------------------------------------------
@@ -880,6 +930,423 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         None,
     ),
     ("surgical_clips", "There are surgical clips in the right upper quadrant.", "SD=pos", False, None),
+    # --- second round (held out from the first round's fixes) ---------------------------------
+    ("r2_normal_mimic", NORMAL_MIMIC2, "CO=neg PE=neg PX=neg CM=neg EC=neg", False, None),
+    (
+        "r2_chf_compressive",
+        "Heart size is mildly enlarged. There is mild pulmonary edema with small bilateral pleural effusions. Bibasilar opacities likely reflect compressive atelectasis, though superimposed infection cannot be excluded.",
+        "CM=pos ED=pos PE=pos/bilateral LO=pos/bilateral AT=unc/bilateral PN=unc/bilateral",
+        False,
+        None,
+    ),
+    (
+        "r2_picc_cavoatrial",
+        "Left PICC line tip terminates in the region of the cavoatrial junction. Otherwise, no change.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    (
+        "r2_chest_tube_ptx",
+        "There has been interval placement of a right-sided chest tube with decrease in size of the right pneumothorax, now small.",
+        "SD=pos PX=pos/right",
+        False,
+        None,
+    ),
+    ("r2_ptx_larger", "Small right pneumothorax is slightly larger.", "PX=pos/right", False, None),
+    (
+        "r2_well_expanded",
+        "Lungs are well expanded and clear. Hilar and mediastinal contours are normal. No pleural effusion.",
+        f"{CLEAR} EC=neg PE=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_otherwise_unremarkable",
+        "Mild left basilar atelectasis. Otherwise unremarkable.",
+        "AT=pos/left",
+        False,
+        None,
+    ),
+    (
+        "r2_ett_withdrawal",
+        "Endotracheal tube tip is 2 cm above the carina; recommend withdrawal by 2 cm.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    ("r2_ng_coiled", "The nasogastric tube is coiled in the esophagus.", "SD=pos", False, None),
+    (
+        "r2_scarring",
+        "Opacity at the right lung base is unchanged and likely represents scarring.",
+        "LO=pos/right",
+        False,
+        None,
+    ),
+    ("r2_multifocal_worse", "Interval worsening of multifocal pneumonia.", "PN=pos", False, None),
+    (
+        "r2_thoracentesis",
+        "No pneumothorax following thoracentesis. Small residual left pleural effusion.",
+        "PX=neg PE=pos/left",
+        False,
+        None,
+    ),
+    (
+        "r2_ild_or_infection",
+        "Diffuse interstitial opacities are again seen, which may reflect chronic interstitial lung disease or atypical infection.",
+        "LO=pos PN=unc",
+        False,
+        None,
+    ),
+    ("r2_hernia_no_pna", "Moderate hiatal hernia. No evidence of pneumonia.", "PN=neg", False, None),
+    (
+        "r2_post_obstructive",
+        "Right upper lobe mass with post-obstructive atelectasis.",
+        "LL=pos/right AT=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r2_elevated_left",
+        "Elevated left hemidiaphragm with left basilar atelectasis.",
+        "AT=pos/left",
+        False,
+        None,
+    ),
+    ("r2_dense_retrocardiac", "Dense retrocardiac consolidation.", "CO=pos/left", False, None),
+    (
+        "r2_aspiration_or_pna",
+        "There is a new left retrocardiac opacity, which is concerning for aspiration or pneumonia.",
+        "LO=pos/left PN=unc/left",
+        False,
+        None,
+    ),
+    (
+        "r2_not_clearly_seen",
+        "Possible small right apical pneumothorax, not clearly seen on the lateral view.",
+        "PX=unc/right",
+        False,
+        None,
+    ),
+    (
+        "r2_supine_difficult",
+        "No pneumothorax is identified on this supine radiograph, although a small anterior pneumothorax would be difficult to exclude.",
+        "PX=unc",
+        False,
+        None,
+    ),
+    ("r2_standard_position", "Lines and tubes are in standard position.", "SD=pos", False, None),
+    ("r2_extubation_ng", "Interval extubation. NG tube remains in place.", "SD=pos", False, None),
+    ("r2_extubated", "The patient has been extubated.", "SD=neg", False, None),
+    (
+        "r2_lobectomy",
+        "Status post left upper lobectomy with volume loss in the left hemithorax.",
+        "AT=pos/left",
+        False,
+        None,
+    ),
+    ("r2_hemidiaphragm", "Marked elevation of the right hemidiaphragm.", "", False, None),
+    ("r2_degenerative", "Mild degenerative changes of the thoracic spine.", "", False, None),
+    ("r2_scoliosis", "Severe scoliosis limits evaluation.", "", False, None),
+    (
+        "r2_possible_fracture",
+        "Possible nondisplaced fracture of the left seventh rib.",
+        "FR=unc/left",
+        False,
+        None,
+    ),
+    (
+        "r2_multiple_fractures",
+        "Multiple bilateral rib fractures, some of which are healing.",
+        "FR=pos/bilateral",
+        False,
+        None,
+    ),
+    ("r2_no_acute_fracture", "There is no acute fracture.", "FR=neg", False, None),
+    (
+        "r2_decreased_size",
+        "Right pleural effusion has decreased in size, now small to moderate.",
+        "PE=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r2_blunting_thickening",
+        "Blunting of the left costophrenic angle is unchanged, likely due to pleural thickening.",
+        "PO=unc/left",
+        False,
+        None,
+    ),
+    (
+        "r2_present_with_adjacent",
+        "Small bilateral pleural effusions are present with adjacent atelectasis.",
+        "PE=pos/bilateral AT=pos/bilateral",
+        False,
+        None,
+    ),
+    ("r2_no_edema", "There is no pulmonary edema.", "ED=neg", False, None),
+    ("r2_addendum", ADDENDUM, f"PX=pos/left {CLEAR} PE=neg", False, None),
+    ("r2_observations_md", OBS_MD, f"{CLEAR} LL=neg CM=neg PE=neg PX=neg FR=neg", False, None),
+    ("r2_most_likely_lll", LLL, "PN=unc/left LO=pos/left CO=pos/left", False, None),
+    (
+        "r2_ctr",
+        "The image shows an enlarged heart (cardiomegaly) with a cardiothoracic ratio greater than 0.5.",
+        "CM=pos",
+        False,
+        None,
+    ),
+    (
+        "r2_appears_right_side",
+        "There appears to be a small pleural effusion on the right side.",
+        "PE=pos/right",
+        False,
+        None,
+    ),
+    ("r2_no_comma_answer", "No, there is no pneumothorax visible on this image.", "PX=neg", False, None),
+    (
+        "r2_yes_comma_answer",
+        "Yes, there is evidence of pleural effusion on the left.",
+        "PE=pos/left",
+        False,
+        None,
+    ),
+    ("r2_multiple_choice", "The answer is B) Pneumothorax.", "PX=pos", False, None),
+    (
+        "r2_difficult_to_say",
+        "It's difficult to say definitively, but there may be some mild pulmonary edema.",
+        "ED=unc",
+        False,
+        None,
+    ),
+    (
+        "r2_followup_ct",
+        "I would recommend a follow-up CT scan to further evaluate the nodule in the right upper lobe.",
+        "LL=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r2_chf_signs",
+        "Final Answer: The chest X-ray shows signs of congestive heart failure, including cardiomegaly, pulmonary vascular congestion, and bilateral pleural effusions.",
+        "ED=pos CM=pos PE=pos/bilateral",
+        False,
+        None,
+    ),
+    (
+        "r2_ctr_less",
+        "There is no evidence of cardiomegaly; the cardiothoracic ratio is less than 50%.",
+        "CM=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_trachea_deviated",
+        "The trachea is deviated to the right, which could suggest volume loss in the right lung.",
+        "AT=unc/right",
+        False,
+        None,
+    ),
+    (
+        "r2_list14",
+        LIST14,
+        "AT=pos/left CM=neg CO=neg ED=neg EC=neg FR=neg LL=neg LO=pos/left PE=neg PO=neg PN=neg PX=neg SD=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_json_numbers",
+        '{"Atelectasis": 0, "Cardiomegaly": 1, "Pleural Effusion": -1, "Pneumothorax": 0}',
+        "AT=neg CM=pos PE=unc PX=neg",
+        False,
+        None,
+    ),
+    ("r2_num_dash", NUM_DASH, "CM=pos ED=neg PE=pos/left", False, None),
+    ("r2_think2", THINK2, "PE=pos/left CM=neg", False, None),
+    (
+        "r2_cannot_determine_whether",
+        "The X-ray is of poor quality, so I cannot determine whether there is a pneumothorax.",
+        "PX=unc",
+        False,
+        None,
+    ),
+    (
+        "r2_sorry_cant_determine",
+        "Sorry, I can't determine that from the image provided.",
+        "NF=abs",
+        True,
+        None,
+    ),
+    (
+        "r2_unable_determine",
+        "I'm unable to determine the presence of pneumonia without clinical information.",
+        "NF=abs",
+        True,
+        None,
+    ),
+    (
+        "r2_unfortunately",
+        "Unfortunately, I cannot provide a diagnosis based on this image alone. However, I can note that there appears to be an opacity in the right lower lobe.",
+        "LO=pos/right",
+        True,
+        None,
+    ),
+    (
+        "r2_not_present_seen",
+        "Cardiomegaly is not present. Effusion is not seen. No pneumothorax.",
+        "CM=neg PE=neg PX=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_perihilar_dash",
+        "There's a subtle haziness in the left perihilar region \u2014 possibly early edema or infection.",
+        "LO=pos/left ED=unc PN=unc/left",
+        False,
+        None,
+    ),
+    ("r2_key_findings", KEY, "CO=pos/bilateral PE=pos/right PN=pos/bilateral", False, None),
+    (
+        "r2_no_infiltrates_masses",
+        "The lungs show no infiltrates, masses, or nodules.",
+        "LO=neg LL=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_heart_mediastinum_colon",
+        "Heart: enlarged. Mediastinum: normal width.",
+        "CM=pos EC=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_impression_mild_cm",
+        "IMPRESSION: Mild cardiomegaly. No acute cardiopulmonary process.",
+        "CM=pos",
+        False,
+        None,
+    ),
+    ("r2_picc_good", "No acute cardiopulmonary process. Right PICC in good position.", "SD=pos", False, None),
+    (
+        "r2_organs_colon2",
+        "Lungs: Clear bilaterally. Heart: Normal size. Pleura: Sharp costophrenic angles.",
+        f"{CLEAR} CM=neg PE=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_long_sentence",
+        "Lungs are clear, no pleural effusion or pneumothorax is seen; heart size is within normal limits, and there are no acute osseous abnormalities.",
+        f"{CLEAR} PE=neg PX=neg CM=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_nipple_or_nodule",
+        "There is a rounded opacity in the left mid lung, which could represent a nodule or a nipple shadow; recommend repeat with nipple markers.",
+        "LO=pos/left LL=unc/left",
+        False,
+        None,
+    ),
+    ("r2_qa_ptx", "Q: Is there a pneumothorax?\nA: No.", "PX=neg", False, None),
+    ("r2_question_yes", "Is there cardiomegaly? Yes, the heart is enlarged.", "CM=pos", False, None),
+    (
+        "r2_question_possibly",
+        "Could this be pneumonia? Possibly, given the right lower lobe opacity.",
+        "PN=unc/right LO=pos/right",
+        False,
+        None,
+    ),
+    ("r2_question_no", "Are there any signs of pneumothorax? No.", "PX=neg", False, None),
+    (
+        "r2_white_lung",
+        "The left lung is completely white, consistent with a large left pleural effusion or complete collapse.",
+        "PE=unc/left AT=unc/left",
+        False,
+        None,
+    ),
+    ("r2_cp_angle_blunted", "The right costophrenic angle is blunted.", "PE=pos/right", False, None),
+    ("r2_moderate_in_size", "Left-sided pleural effusion, moderate in size.", "PE=pos/left", False, None),
+    ("r2_r_ptx_l_eff", "R pneumothorax, L effusion.", "PX=pos/right PE=pos/left", False, None),
+    ("r2_l_gt_r", "Effusion: L > R", "PE=pos/bilateral", False, None),
+    ("r2_ptx_pna_abbrev", "No PTX. No PNA.", "PX=neg PN=neg", False, None),
+    (
+        "r2_abbrev_devices",
+        "ETT 4 cm above carina. OGT in stomach. R IJ CVL tip in SVC.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    ("r2_no_chf", "Mild cardiomegaly; no CHF.", "CM=pos ED=neg", False, None),
+    ("r2_upper_normal", "Cardiac silhouette is upper normal in size.", "CM=neg", False, None),
+    ("r2_normal_to_mild", "Heart size is normal to mildly enlarged.", "CM=unc", False, None),
+    (
+        "r2_atelectasis_vs_scarring",
+        "Minimal atelectasis versus scarring at the left base.",
+        "AT=unc/left LO=unc/left",
+        False,
+        None,
+    ),
+    ("r2_post_surgical", "Stable post-surgical changes in the right hemithorax.", "", False, None),
+    ("r2_chronic_blunting", "Chronic blunting of the right costophrenic angle.", "PE=pos/right", False, None),
+    (
+        "r2_however_small",
+        "No evidence of pneumonia. There is, however, a small left effusion.",
+        "PN=neg PE=pos/left",
+        False,
+        None,
+    ),
+    ("r2_heart_not_enlarged", "The heart is not enlarged.", "CM=neg", False, None),
+    (
+        "r2_enlarged_but",
+        "The heart is enlarged, but there is no pulmonary edema.",
+        "CM=pos ED=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_left_no_right_yes",
+        "There is no pleural effusion on the left; a small effusion is present on the right.",
+        "PE=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r2_no_longer_visualized",
+        "Right-sided pleural effusion is no longer visualized.",
+        "PE=neg/right",
+        False,
+        None,
+    ),
+    ("r2_pleural_other_name", "Pleural Other: Yes (right apical cap)", "PO=pos/right", False, None),
+    ("r2_support_devices_present", "Support Devices: Present\nNo Finding: No", "SD=pos", False, None),
+    ("r2_heart_size_colon_mild", "Heart size: mildly enlarged.", "CM=pos", False, None),
+    ("r2_effusion_trace", "Trace left pleural effusion.", "PE=pos/left", False, None),
+    ("r2_loculated", "Loculated right pleural fluid collection.", "PE=pos/right", False, None),
+    ("r2_hydropneumothorax", "Left hydropneumothorax.", "PX=pos/left PE=pos/left", False, None),
+    ("r2_no_focal_airspace", "No focal airspace consolidation.", "CO=neg", False, None),
+    (
+        "r2_emphysema_bullae",
+        "Emphysematous changes with apical bullae. No pneumothorax.",
+        "PX=neg",
+        False,
+        None,
+    ),
+    (
+        "r2_mass_vs_consolidation",
+        "Right hilar mass versus consolidation.",
+        "LL=unc/right CO=unc/right",
+        False,
+        None,
+    ),
+    ("r2_nodule_in_lingula", "8 mm nodule projecting over the lingula.", "LL=pos/left", False, None),
+    (
+        "r2_consistent_with",
+        "Right lower lobe consolidation consistent with pneumonia.",
+        "CO=pos/right PN=pos/right",
+        False,
+        None,
+    ),
 ]
 
 

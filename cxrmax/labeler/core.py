@@ -84,7 +84,7 @@ _LOCATION_WORDS = frozenset(
     "and or , the a an lower upper middle mid lobe lobes base bases lung lungs apex apices apical basilar basal "
     "zone zones hemithorax hemithoraces side sides than greater slightly more less at in of on within both "
     "lateral medial posterior anterior lingula perihilar infrahilar retrocardiac costophrenic angle sulcus "
-    "small moderate large mild tiny trace minimal severe moderately mildly".split()
+    "small moderate large mild tiny trace minimal severe moderately mildly > < & +".split()
 )
 _UNCERTAIN_HEADING = re.compile(r"differential|possib|consider|uncertain|potential|alternative|rule[\s-]*out")
 _UNCERTAIN_STATEMENT = re.compile(r"\b(?:likely|probably|possibly|borderline|may|might|could)\b")
@@ -261,14 +261,18 @@ _VERDICTS = {
     "true": "positive",
     "false": "negative",
     "null": "drop",  # a JSON field left empty asserts nothing
+    "1": "positive",
+    "0": "negative",
+    "-1": "uncertain",
 }
 # A verdict right after a finding's name in key-value answers (JSON, markdown tables, "X: yes / Y: no",
 # "Effusion - absent"), ended by a delimiter: it states that finding's status, whatever cue came before.
 _DIRECT_VERDICT = re.compile(
     r"[\"'*_)\s]*(?:[:=|]|\s[-\u2013\u2014])[\s\"'*_|]*"
-    r"(no|none|negative|absent|false|yes|present|positive|true|possible|probable|equivocal|uncertain|"
+    r"(?:(no|none|negative|absent|false|yes|present|positive|true|possible|probable|equivocal|uncertain|"
     r"indeterminate|null)"
     r"[\s\"'*_]*(?:\([^)\n]{0,30}\)[\s\"'*_]*)?(?=[,;/|}\]\n.!]|$)"
+    r"|(-1|0|1)(?:\.0)?[\s\"']*(?=[,;/|}\]\n]|$))"  # the CSV coding: {"Edema": -1, "Cardiomegaly": 1}
 )
 _VERDICT_LEADS = frozenset(" :=|\"'*_)\t\u2013\u2014-")
 _NEW_ITEM = re.compile(
@@ -364,6 +368,55 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
     if "bilateral" in sides or ("left" in sides and "right" in sides):
         return "bilateral"
     return sides[0]
+
+
+# The first words of an answer to a question step ("Is there a pneumothorax? No.", "A: Yes").
+_ANSWER = re.compile(
+    r"[\s*_]*(?:(?:a|answer)\s*[:.)]\s*)?[\s*_]*(yes|no|none|nope|possibly|possible|probably|likely|maybe|unlikely|"
+    r"definitely|certainly|correct|negative|positive|absent|present)\b"
+)
+_ANSWERS = {
+    "yes": "positive",
+    "definitely": "positive",
+    "certainly": "positive",
+    "correct": "positive",
+    "positive": "positive",
+    "present": "positive",
+    "no": "negative",
+    "none": "negative",
+    "nope": "negative",
+    "unlikely": "negative",
+    "negative": "negative",
+    "absent": "negative",
+    "possibly": "uncertain",
+    "possible": "uncertain",
+    "probably": "uncertain",
+    "likely": "uncertain",
+    "maybe": "uncertain",
+}
+_QUESTION_TAIL = " *_)\"'"
+
+
+def _is_question(low: str, start: int, end: int) -> bool:
+    """True when the step ends with a question mark (trailing markdown and quotes ignored)."""
+    end -= 1
+    while end > start and low[end] in _QUESTION_TAIL:
+        end -= 1
+    return low[end] == "?"
+
+
+def _side_after_verdict(low: str, tokens: list, index: int, verdict_end: int) -> str | None:
+    """Side written after a key-value verdict on the same line ("Pleural effusion - yes, small on the
+    left"), before any other finding."""
+    line_end = low.find("\n", verdict_end)
+    if line_end < 0:
+        line_end = len(low)
+    for tok in tokens[index + 1 :]:
+        if tok[0] >= line_end or tok[2] in _CONTENT_KINDS:
+            return None
+        if tok[2] == LAT:
+            return tok[3]
+    return None
 
 
 _NEGATED_KINDS = frozenset({MENTION, SIGN, STATEMENT, NORMAL_STUDY, OTHER})
@@ -605,6 +658,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
     pending: list[
         int
     ] = []  # assertions of the previous step when it was a bare label ("2. Pleural effusion")
+    question: list[tuple[int, int, int, str, str | None]] = []  # mentions of a question step
     for step_index, segment in enumerate(segments):
         while t < n_tokens and tokens[t][0] < segment.start:  # tokens between steps (markers)
             kind = tokens[t][2]
@@ -618,7 +672,17 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             t += 1
         if segment.heading is not None and is_context_heading(segment.heading):
             pending = []  # a request section (INDICATION, COMPARISON ...) says nothing about this film
+            question = []
             continue
+        if question:
+            # "Is there a pneumothorax? No." / "Q: ... ? A: Yes": the answer gives the question's status.
+            answer = _ANSWER.match(low, segment.start, segment.end)
+            if answer is not None:
+                word = answer.group(1)
+                for step_of, a, b, observation, side in question:
+                    assertions.append((step_of, a, b, observation, _ANSWERS[word], side, "(answer) " + word))
+                recognised = True
+            question = []
         if pending:
             # Sub-items of a bare label: "2. Pleural effusion / - None", "1. Atelectasis / - Left lower lobe".
             labelled = pending
@@ -683,13 +747,17 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                     continue
                 if cue is None and tok[0] in verdicts:
                     status = verdicts[tok[0]]
+                verdict = None
                 if low[tok[1] : tok[1] + 1] in _VERDICT_LEADS:
                     verdict = _DIRECT_VERDICT.match(low, tok[1])
                     if verdict is not None:  # "Atelectasis": "negative", | Effusion | No |, X: yes / Y: no
-                        status, cue = _VERDICTS[verdict.group(1)], "(verdict) " + verdict.group(1)
+                        word = verdict.group(1) or verdict.group(2)
+                        status, cue = _VERDICTS[word], "(verdict) " + word
                         if status == DROP:
                             continue
                 side = _sides(low, step_tokens, i)
+                if side is None and verdict is not None:
+                    side = _side_after_verdict(low, step_tokens, i, verdict.end())
                 if side is None:
                     side = _inherited_side(step_tokens, i, token_sides)
                 token_sides[i] = side
@@ -732,6 +800,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 for item in step_found
                 if step_tokens[item[0]][0] not in label_starts or item[1] not in said
             ]
+        asks = _is_question(low, segment.start, segment.end)  # a question asserts nothing by itself
         explained = {obs for (_, obs, _, _, _, sign) in step_found if not sign}
         sign_sides = {obs: side for (_, obs, _, side, _, sign) in step_found if sign and side is not None}
         for k, (i, observation, status, side, cue, sign) in enumerate(step_found):
@@ -745,8 +814,13 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             ):
                 continue  # the step interprets the sign itself
             tok = step_tokens[i]
+            if asks:
+                question.append((step_index, tok[0], tok[1], observation, side))
+                continue
             assertions.append((step_index, tok[0], tok[1], observation, status, side, cue))
             recognised = True
+        if asks:
+            continue
         if _gap(low, segment.start, segment.end) <= 4 and all(
             a[6] is None for a in assertions[len(assertions) - len(step_found) :]
         ):

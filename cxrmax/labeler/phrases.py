@@ -222,6 +222,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "apical cap",
         "pleural based mass",
         "mesothelioma",
+        "pleural other",  # the CheXpert label name, as models echo it ("Pleural Other: absent")
     ),
     "Pneumonia": (
         "pneumonia(s)",
@@ -235,6 +236,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "lung infection",
         "pulmonary infection",
         "aspiration",
+        "pna",
         "aspiration pneumonia",
         "lobar pneumonia",
         "multifocal pneumonia",
@@ -535,11 +537,16 @@ _ADV = (
 )
 _NORMAL = (
     r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|unremarkable|stable\s+and\s+normal|"
-    r"top(?:\s+|-)normal|(?:at\s+the\s+)?upper\s+limits?\s+of\s+(?:the\s+)?normal|not\s+widened|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
+    r"(?:top|upper|high)(?:\s+|-)normal|(?:at\s+the\s+)?upper\s+limits?\s+of\s+(?:the\s+)?normal|not\s+widened|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
     r"unchanged\s+and\s+normal|preserved|midline\s+and\s+not\s+(?:\w+ly\s+)?(?:widened|enlarged))"
 )
 
 FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
+    # heart size between normal and enlarged (first: the regex takes the first alternative that matches)
+    (
+        rf"{_HEART}{_SEP}(?:{_BE}\s+)?(?:(?:top|upper|high)[\s-])?normal\s+to\s+(?:\w+ly\s+)?(?:enlarged|large)",
+        {"Cardiomegaly": "uncertain"},
+    ),
     # heart size normal / enlarged
     (rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
     (rf"normal(?:\s+|-)(?:sized?\s+)?{_HEART}", {"Cardiomegaly": "negative"}),
@@ -581,9 +588,9 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         rf"{_CMS}\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|widened|increased|prominent)",
         {"Enlarged Cardiomediastinum": "mention"},
     ),
-    (rf"{_MED}\s+(?:{_BE}\s+)?{_NORMAL}", {"Enlarged Cardiomediastinum": "negative"}),
+    (rf"{_MED}{_SEP}(?:{_BE}\s+)?{_NORMAL}", {"Enlarged Cardiomediastinum": "negative"}),
     (
-        rf"{_MED}\s+(?:{_BE}\s+)?{_ADV}{{0,2}}(?:widened|enlarged|wide|prominent)",
+        rf"{_MED}{_SEP}(?:{_BE}\s+)?{_ADV}{{0,2}}(?:widened|enlarged|wide|prominent)",
         {"Enlarged Cardiomediastinum": "mention"},
     ),
     (rf"normal\s+{_MED}", {"Enlarged Cardiomediastinum": "negative"}),
