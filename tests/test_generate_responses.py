@@ -894,3 +894,29 @@ def test_a_transient_error_on_the_first_requests_is_retried_not_taken_for_a_dead
     )
     assert (stats.done, stats.failed) == (2, 0)
     assert stats.errors == {"connection": 2, "malformed": 1} and stats.retries == 3
+
+
+def test_cli_reports_a_refused_api_key_mid_run_and_status_counts_the_rest_missing(
+    server, rows, mini_mimic, image_cache, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from cxrmax.cli import app
+
+    server.set_faults(script=["ok", {"status": 401, "json": {"error": "Unauthorized"}}])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate", "--model", MODEL, "--selection", str(rows[6]), "--mimic-root", str(mini_mimic),
+            "--out", str(out), "--base-url", server.base_url, "--concurrency", "1", "--quiet",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "stopping: auth 401" in result.output and "--api-key" in result.output
+    status = CliRunner().invoke(app, ["generate", "status", str(out), "--json"])
+    assert (
+        '"distinct_keys": 1' in status.output
+        and '"missing": 5' in status.output
+        and '"failed": 0' in status.output
+    )
