@@ -542,6 +542,13 @@ _INLINE_HEADER = re.compile(
     r"HISTORY|INDICATION|TECHNIQUE|COMPARISON|RECOMMENDATION\(S\)|RECOMMENDATIONS|NOTIFICATION|"
     r"ADDENDUM)[ \t]*:(?![0-9])"
 )
+# Line-start forms the general header pattern misses: "ADDENDUM #2:" and a known header ended by a
+# semicolon ("IMPRESSION; ...").
+_ODD_HEADER = re.compile(
+    r"^[ \t]*((?:FINAL )?ADDENDUM)[ \t]*#[ \t]*\d{1,2}[ \t]*:?|"
+    r"^[ \t]*(FINDINGS|IMPRESSION|CONCLUSION)[ \t]*;",
+    re.M,
+)
 
 
 def _header_key(header: str) -> str:
@@ -570,8 +577,9 @@ def _section_name(header: str) -> str | None:
     if says_findings and says_impression:
         return "impression"  # "FINDINGS AND IMPRESSION(S)", "FINDINGS/IMPRESSION": read as the impression
     for canonical, name in _CLINICAL.items():
-        # "IMPRESSON", "FINDNGS", "IMPRESSION AND RECOMMENDATIONS", "FINDINGS (PA)": by the first word.
-        if _fuzzy_is(words[0], canonical):
+        # "IMPRESSON", "FINDNGS", "IMPRESSION AND RECOMMENDATIONS", "FINDINGS (PA)": by the first
+        # word; "CHEST FINDINGS", "FINAL IMPRESSION": by the last.
+        if _fuzzy_is(words[0], canonical) or _fuzzy_is(words[-1], canonical):
             return name
     if header.strip().upper() != header.strip():
         return None  # other sections are upper-case in the release; "Dr. ___ was told:" is text
@@ -638,6 +646,8 @@ def _find_headers(text: str) -> list[tuple[int, int, str]]:
         found.append((match.start(), match.end(), name))
     for match in _INLINE_HEADER.finditer(text):
         found.append((match.start(), match.end(), _section_name(match.group(1)) or ""))
+    for match in _ODD_HEADER.finditer(text):
+        found.append((match.start(), match.end(), _section_name(match.group(1) or match.group(2)) or ""))
     found.sort()
     headers: list[tuple[int, int, str]] = []
     current: str | None = None
@@ -713,7 +723,7 @@ def parse_report(text: str) -> ReportSections:
         stop = headers[index + 1][0] if index + 1 < len(headers) else len(main)
         body = main[end:stop]
         if name in _ADDENDUM_NAMES:
-            addendum = _normalize(main[start:stop])
+            addendum = _normalize(_FINAL_ADDENDUM.sub("", main[start:stop]))
             if addendum:
                 addenda.append(addendum)
             continue

@@ -646,6 +646,91 @@ REPORTS: list[Report] = [
         impression=None,
         wet_read="No pneumothorax.",
     ),
+    Report(
+        "all upper-case old report",
+        r("""
+            PORTABLE CHEST, ___ AT 05:12
+
+            COMPARISON:  ___.
+
+            FINDINGS:  THE ENDOTRACHEAL TUBE TERMINATES 5 CM ABOVE THE CARINA.  THE LUNGS ARE
+            CLEAR.  HEART SIZE: NORMAL.
+
+            IMPRESSION:  NO ACUTE PROCESS.
+        """),
+        findings="THE ENDOTRACHEAL TUBE TERMINATES 5 CM ABOVE THE CARINA. THE LUNGS ARE CLEAR. HEART SIZE: NORMAL.",
+        impression="NO ACUTE PROCESS.",
+    ),
+    Report(
+        "impression in several paragraphs",
+        r("""
+            IMPRESSION:
+
+            Compared to prior chest radiographs ___ through ___.
+
+            Previous mild pulmonary edema has resolved.  Heart size is normal.
+        """),
+        impression=(
+            "Compared to prior chest radiographs ___ through ___.\n"
+            "Previous mild pulmonary edema has resolved. Heart size is normal."
+        ),
+        last="Previous mild pulmonary edema has resolved. Heart size is normal.",
+    ),
+    Report(
+        "an empty IMPRESSION at the end",
+        " FINDINGS:  Lungs clear.\n\n IMPRESSION:\n",
+        findings="Lungs clear.",
+        impression=None,
+        last="Lungs clear.",
+    ),
+    Report(
+        "numbered items with parentheses on one line",
+        " IMPRESSION:  1) Small effusion. 2) No pneumothorax.\n",
+        impression="1) Small effusion.\n2) No pneumothorax.",
+    ),
+    Report(
+        "headers with a parenthesised qualifier",
+        " FINDINGS (PORTABLE SUPINE AP):  Lines unchanged.\n IMPRESSION (PRELIMINARY):  Stable.\n",
+        findings="Lines unchanged.",
+        impression="Stable.",
+    ),
+    Report(
+        "CHEST FINDINGS and FINAL IMPRESSION",
+        " CHEST FINDINGS:  Lungs clear.\n FINAL IMPRESSION:  Normal.\n",
+        findings="Lungs clear.",
+        impression="Normal.",
+    ),
+    Report(
+        "numbered addendum below the report",
+        " FINDINGS:  Clear.\n\n IMPRESSION:  Normal.\n\n ADDENDUM #1:  Called Dr. ___.\n",
+        impression="Normal.",
+        addenda=("ADDENDUM #1: Called Dr. ___.",),
+    ),
+    Report(
+        "FINAL ADDENDUM line below with no separator",
+        " FINAL REPORT\n IMPRESSION:  Normal.\n\n FINAL ADDENDUM\n Rib fracture on review.\n",
+        impression="Normal.",
+        last="Normal.",
+        addenda=("Rib fracture on review.",),
+    ),
+    Report(
+        "the word ADDENDUM starting a wrapped line is text",
+        " IMPRESSION:  Normal. See\n ADDENDUM to follow.\n",
+        impression="Normal. See ADDENDUM to follow.",
+        addenda=(),
+        header_free=False,
+    ),
+    Report(
+        "IMPRESSION ended by a semicolon",
+        " IMPRESSION; No acute disease.\n",
+        impression="No acute disease.",
+    ),
+    Report(
+        "History: inside INDICATION is not a header",
+        " INDICATION:  History: ___F with shortness of breath\n\n FINDINGS:  Clear.\n",
+        findings="Clear.",
+        impression=None,
+    ),
 ]
 
 
