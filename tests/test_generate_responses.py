@@ -7,6 +7,7 @@ the ledger / run stopped with a clear message) and that the store stays exactly-
 from __future__ import annotations
 
 import email.utils
+import json
 import time
 from pathlib import Path
 
@@ -149,6 +150,32 @@ def ok(body: dict) -> dict:
     return {"status": 200, "json": body}
 
 
+def _sse(*chunks) -> str:
+    """A vLLM event stream: one `data:` line per chunk (dicts as chat.completion.chunk), blank-line separated."""
+    head = {"id": "chatcmpl-1f2e", "object": "chat.completion.chunk", "created": 1731400003, "model": MODEL}
+    lines = []
+    for chunk in chunks:
+        lines.append(chunk if isinstance(chunk, str) else "data: " + json.dumps({**head, **chunk}))
+    return "\n\n".join(lines) + "\n\n"
+
+
+def _delta(delta=None, finish=None) -> dict:
+    return {"choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]}
+
+
+SSE_REASONING = _sse(
+    _delta({"role": "assistant", "content": ""}),
+    ": ping - 2024-11-12 08:00:00",
+    _delta({"reasoning_content": "Meniscus at "}),
+    _delta({"reasoning_content": "the left base."}),
+    _delta({"content": "Small left "}),
+    _delta({"content": "effusion."}, finish="stop"),
+    {"choices": [], "usage": {"prompt_tokens": 812, "completion_tokens": 9, "total_tokens": 821}},
+    "data: [DONE]",
+)
+SSE_CUT = _sse(_delta({"role": "assistant", "content": ""}), _delta({"content": "The heart"}))
+
+
 # (case id, script for the second request, expected stored row fields)
 STORED_CASES = [
     (
@@ -220,6 +247,38 @@ STORED_CASES = [
             "prompt_tokens": 301,
             "completion_tokens": 24,
         },
+    ),
+    (
+        "deepseek-r1-distill-without-reasoning-parser",
+        [
+            ok(
+                _answer(
+                    {
+                        "content": "<think>\nBlunted left costophrenic angle.\n</think>\n\nLeft pleural effusion."
+                    }
+                )
+            )
+        ],
+        {"text": "Left pleural effusion.", "reasoning": "Blunted left costophrenic angle."},
+    ),
+    (
+        "kimi-vl-thinking-without-reasoning-parser",
+        [ok(_answer({"content": "◁think▷The heart is wide.◁/think▷Cardiomegaly."}))],
+        {"text": "Cardiomegaly.", "reasoning": "The heart is wide."},
+    ),
+    (
+        "think-block-cut-by-max-tokens-without-parser",
+        [ok(_answer({"content": "<think>\nFirst the lungs, then the"}, finish_reason="length"))],
+        {
+            "text": "First the lungs, then the",
+            "reasoning": "First the lungs, then the",
+            "finish_reason": "length",
+        },
+    ),
+    (
+        "think-word-inside-an-answer-is-left-alone",
+        [ok(_answer({"content": "I think </think> is a tag; no effusion."}))],
+        {"text": "I think </think> is a tag; no effusion.", "reasoning": None},
     ),
     (
         "content-as-list-of-text-parts",
@@ -335,6 +394,16 @@ STORED_CASES = [
             "finish_reason": "stop",
             "completion_tokens": len(STUB_TEXT.split()),
         },
+    ),
+    (
+        "sse-with-reasoning-deltas-and-keepalive-comments",
+        [{"status": 200, "body": SSE_REASONING, "content_type": "text/event-stream; charset=utf-8"}],
+        {"text": "Small left effusion.", "reasoning": "Meniscus at the left base.", "completion_tokens": 9},
+    ),
+    (
+        "sse-cut-before-the-end-is-retried",
+        [{"status": 200, "body": SSE_CUT, "content_type": "text/event-stream"}],
+        {"attempts": 2},
     ),
     # Retried, then stored (attempts counts them).
     (

@@ -510,6 +510,24 @@ def _match_served_model(wanted: list[str], listing: list[dict[str, Any]]) -> str
     return None
 
 
+#: A think block at the start of an answer from a server run without a reasoning parser: <think>...</think>
+#: (DeepSeek-R1, QwQ, Qwen3, GLM-4.5V) or Kimi-VL-Thinking's ◁think▷...◁/think▷; unclosed when cut.
+_THINK_BLOCK = re.compile(r"\s*(?:<think>|◁think▷)(.*?)(?:</think>|◁/think▷|\Z)(.*)", re.DOTALL)
+
+
+def split_think_block(text: str) -> tuple[str, str | None]:
+    """(answer, reasoning) of an answer that starts with a think block; (text, None) otherwise. So that
+    the ``reasoning`` column means the same with and without a server-side reasoning parser. An answer
+    that is only (or was cut inside) its think block keeps the reasoning as its text too."""
+    found = _THINK_BLOCK.match(text)
+    if found is None:
+        return text, None
+    reasoning, answer = found.group(1).strip(), found.group(2).strip()
+    if not reasoning:
+        return (answer or text), None
+    return (answer or reasoning), reasoning
+
+
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>|<h1[^>]*>(.*?)</h1>", re.IGNORECASE | re.DOTALL)
 _TAGS = re.compile(r"<[^>]+>")
 
@@ -735,6 +753,8 @@ def _parse_chat_response(response: Any, endpoint: str) -> Completion:
     if thought and thought not in reasonings:
         reasonings.insert(0, thought)
     reasoning = "\n\n".join(reasonings) or None
+    if reasoning is None and text:
+        text, reasoning = split_think_block(text)
     finish = _finish_reason(choice.get("finish_reason"))
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
     prompt_tokens = _as_int(usage.get("prompt_tokens"))
