@@ -435,6 +435,20 @@ STORED_CASES = [
         ],
         {"attempts": 2},
     ),
+    (
+        "vllm-0.6-error-object-with-status-200-is-retried",
+        [
+            ok(
+                {
+                    "object": "error",
+                    "message": "Engine loop is not running",
+                    "type": "InternalServerError",
+                    "code": 500,
+                }
+            )
+        ],
+        {"attempts": 2},
+    ),
     ("connection-closed-mid-body-is-retried", ["cut"], {"attempts": 2}),
     ("answer-slower-than-the-timeout-is-retried", [{"delay": 1.0}], {"attempts": 2}),
     (

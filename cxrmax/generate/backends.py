@@ -26,7 +26,9 @@ Answers: ``Completion.text`` is the message ``content`` (a string, or the text p
 in vLLM/SGLang/llama.cpp/LM Studio, ``reasoning`` in vLLM >= 0.10 and Ollama, ``thinking`` parts of a
 content list). When a server returns reasoning but no content (vLLM's reasoning parsers do when the
 answer was cut while thinking, or when the model never closed its think block) ``text`` repeats the
-reasoning, so readers of ``text`` still see what the model wrote; ``reasoning`` always holds it.
+reasoning, so readers of ``text`` still see what the model wrote; ``reasoning`` always holds it. A
+server without a reasoning parser leaves the think block in the content: a leading
+``<think>...</think>`` (or ``◁think▷...◁/think▷``) is split off the same way (:func:`split_think_block`).
 Finish reasons are normalised (``eos_token``/``stop_sequence``/``end_turn`` -> ``stop``,
 ``max_tokens``/``max_length`` -> ``length``). A body sent as server-sent events although ``stream`` was
 false is assembled from its chunks.
@@ -721,9 +723,10 @@ def _parse_chat_response(response: Any, endpoint: str) -> Completion:
         raise _malformed(f"the answer is not a chat completion ({exc})", response, endpoint) from None
     if not isinstance(data, dict):
         raise _malformed("the answer is not a JSON object", response, endpoint)
-    if "error" in data and not data.get("choices"):
-        # An error inside a 200 (llama.cpp, some proxies, errors inside a stream): classify its code.
-        error = data["error"]
+    if (data.get("error") or data.get("object") == "error") and not data.get("choices"):
+        # An error inside a 200 (llama.cpp, some proxies, errors inside a stream; vLLM 0.6's top-level
+        # {"object": "error", "message", "code"} form): classify it by its code.
+        error = data.get("error") or data
         code = _as_int(error.get("code")) if isinstance(error, dict) else None
         code = code if code is not None and 400 <= code < 600 else 500
         message = _error_text(error)[:500]
@@ -785,7 +788,8 @@ def _parse_chat_response(response: Any, endpoint: str) -> Completion:
     if not has_text and not (reasoning and reasoning.strip()):
         raise BackendError(
             "empty",
-            f"the server returned no answer text (content {message.get('content')!r}, finish_reason {finish!r}, "
+            f"the server returned no answer text (content {repr(message.get('content'))[:80]}, "
+            f"finish_reason {finish!r}, "
             f"completion_tokens {completion_tokens})",
             status,
             endpoint=endpoint,
