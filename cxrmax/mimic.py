@@ -430,8 +430,11 @@ class _Validator:
         cleaned = pc.if_else(pc.fill_null(valid, False), pc.utf8_trim_whitespace(column), None)
         return pc.cast(cleaned, pa.float32())
 
-    def text(self, name: str, required: bool = True) -> pa.ChunkedArray:
+    def text(self, name: str, required: bool = True, trim: bool = False) -> pa.ChunkedArray:
         column = self.table.column(name)  # empty cells are already null (read with null_values [""])
+        if trim:  # ids copied from "a, b, c" files carry the space: it would end up in image paths
+            column = pc.ascii_trim_whitespace(column)
+            column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
         if required:
             self.flag(pc.is_null(column), name, "empty", f"empty {name}")
         return column
@@ -979,10 +982,11 @@ class MimicCXR:
         if raw.num_rows == 0:
             raise InputError(f"{where(meta_path)}: no data rows")
         check = _Validator(meta_path, raw, self.lenient, self.skipped)
-        dicom_id = check.text("dicom_id")
+        dicom_id = check.text("dicom_id", trim=True)
         subject_id = check.integer("subject_id")
         study_id = check.integer("study_id")
         view = pc.utf8_upper(pc.utf8_trim_whitespace(raw.column("ViewPosition")))
+        view = pc.if_else(pc.equal(view, ""), pa.scalar(None, pa.string()), view)  # " " is empty too
         nulls = pa.nulls(raw.num_rows)
         study_date = (
             check.integer("StudyDate", required=False) if "StudyDate" in optional else nulls.cast(pa.int64())
@@ -1038,7 +1042,7 @@ class MimicCXR:
             f"split is not one of {', '.join(SPLITS)}",
             "unknown split",
         )
-        split_dicom = check.text("dicom_id")
+        split_dicom = check.text("dicom_id", trim=True)
         if not (meta_clean and split_dicom.equals(dicom_id)):  # same ids, same order as clean metadata
             check.duplicates(split_dicom, "dicom_id", "dicom_id")
         split = pa.table(

@@ -985,6 +985,10 @@ READS_LIKE_THE_RELEASE = {
     "pandas index column in the labels": rewrite(CHEXPERT, add_column("Unnamed: 0", "0", first=True)),
     "extra non-label column in the labels": rewrite(CHEXPERT, add_column("split", "train")),
     "spaces after the header commas": rewrite(META, lambda t: t.replace(",", ", ", 11)),
+    "spaces after every comma": rewrite(META, lambda t: re.sub(r",(?=[^ \"])", ", ", t)),
+    "padded ids in the split CSV": rewrite(
+        SPLIT, lambda t: re.sub(r"^([0-9a-f-]{44}),", r" \1 ,", t, flags=re.M)
+    ),
     "upper-case split names": rewrite(
         SPLIT, lambda t: t.replace(",train", ",TRAIN").replace(",test", ",Test")
     ),
