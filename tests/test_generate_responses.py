@@ -173,6 +173,10 @@ SSE_REASONING = _sse(
     {"choices": [], "usage": {"prompt_tokens": 812, "completion_tokens": 9, "total_tokens": 821}},
     "data: [DONE]",
 )
+#: a multi-byte character cut after two bytes (raw, invalid UTF-8) and a lone surrogate escape
+BROKEN_UNICODE = (
+    json.dumps(_answer({"content": "Effusion @@ and \ud83d end."})).encode().replace(b"@@", b"\xe2\x82")
+)
 SSE_CUT = _sse(_delta({"role": "assistant", "content": ""}), _delta({"content": "The heart"}))
 
 
@@ -404,6 +408,22 @@ STORED_CASES = [
         "sse-cut-before-the-end-is-retried",
         [{"status": 200, "body": SSE_CUT, "content_type": "text/event-stream"}],
         {"attempts": 2},
+    ),
+    (
+        "invalid-utf8-byte-and-lone-surrogate-escape",
+        [{"status": 200, "body": BROKEN_UNICODE, "content_type": "application/json"}],
+        {"text": "Effusion \ufffd and \ufffd end.", "reasoning": None},
+    ),
+    (
+        "utf8-bom-before-the-json",
+        [
+            {
+                "status": 200,
+                "body": "\ufeff" + json.dumps(_answer({"content": "Clear lungs."})),
+                "content_type": "application/json",
+            }
+        ],
+        {"text": "Clear lungs."},
     ),
     # Retried, then stored (attempts counts them).
     (

@@ -696,6 +696,23 @@ def _assemble_event_stream(content: bytes) -> dict[str, Any]:
     return {"choices": [{"index": 0, "message": message, "finish_reason": finish}], "usage": usage}
 
 
+def _loads_lenient(content: bytes) -> Any:
+    """JSON from a body that may carry a UTF-8 BOM or invalid UTF-8 bytes (a token boundary inside a
+    multi-byte character, as some servers emit): those bytes become U+FFFD instead of failing."""
+    text = content.decode("utf-8", "replace").removeprefix("\ufeff")
+    return json.loads(text)
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _clean_text(value: str | None) -> str | None:
+    """Lone surrogates (from ``\\udXXX`` escapes) cannot be stored as UTF-8: replace them with U+FFFD."""
+    if value is None:
+        return None
+    return _LONE_SURROGATE.sub("\ufffd", value)
+
+
 def _malformed(reason: str, response: Any, endpoint: str) -> BackendError:
     content_type = str(response.headers.get("content-type", "")) if response.headers is not None else ""
     return BackendError(
@@ -718,7 +735,7 @@ def _parse_chat_response(response: Any, endpoint: str) -> Completion:
         if "text/event-stream" in content_type or response.content.lstrip().startswith(b"data:"):
             data = _assemble_event_stream(response.content)
         else:
-            data = json.loads(response.content)
+            data = _loads_lenient(response.content)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _malformed(f"the answer is not a chat completion ({exc})", response, endpoint) from None
     if not isinstance(data, dict):
@@ -755,7 +772,8 @@ def _parse_chat_response(response: Any, endpoint: str) -> Completion:
         raise _malformed(str(exc), response, endpoint) from None
     if thought and thought not in reasonings:
         reasonings.insert(0, thought)
-    reasoning = "\n\n".join(reasonings) or None
+    reasoning = _clean_text("\n\n".join(reasonings)) or None
+    text = _clean_text(text)
     if reasoning is None and text:
         text, reasoning = split_think_block(text)
     finish = _finish_reason(choice.get("finish_reason"))
