@@ -1123,6 +1123,7 @@ class MimicCXR:
             joined = joined.sort_by(
                 [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
             )
+        joined = self._check_one_split_per_study(joined, split_path)
         return pa.table(
             {
                 "dicom_id": joined.column("dicom_id"),
@@ -1136,6 +1137,33 @@ class MimicCXR:
                 "columns": joined.column("columns"),
             }
         )
+
+    def _check_one_split_per_study(self, joined: pa.Table, split_path: Path) -> pa.Table:
+        """A study's images share one split (the release splits by patient). A hand-made split CSV
+        that puts a study's PA in train and its lateral in test would leak the study across splits:
+        an error naming the split row, or (lenient) all of that study's images are dropped."""
+        if joined.num_rows < 2:
+            return joined
+        study = joined.column("study_id").to_numpy()
+        split = joined.column("split")
+        same_study = study[1:] == study[:-1]
+        if not same_study.any():
+            return joined
+        differs = pc.fill_null(pc.not_equal(split.slice(1), split.slice(0, len(split) - 1)), False)
+        clash = same_study & np.asarray(differs.to_numpy(zero_copy_only=False), dtype=bool)
+        if not clash.any():
+            return joined
+        first = int(np.flatnonzero(clash)[0]) + 1
+        if not self.lenient:
+            bad_study = int(study[first])
+            splits = sorted(set(split.filter(pc.equal(joined.column("study_id"), bad_study)).to_pylist()))
+            raise InputError(
+                f"{where(split_path, row=joined.column('_split_row')[first].as_py(), field='split')}: "
+                f"study {bad_study} has images in {' and '.join(splits)} (a study belongs to one split)"
+            )
+        dropped = pc.is_in(joined.column("study_id"), pa.array(np.unique(study[1:][clash])))
+        self.skipped[f"{split_path.name}: study in several splits"] += int(pc.sum(dropped).as_py())
+        return joined.filter(pc.invert(dropped))
 
     def studies(self) -> pa.Table:
         """One row per study: study_id, subject_id, split, n_images (sorted by subject, study)."""

@@ -1108,6 +1108,16 @@ BAD_COPIES = {
         r"chexpert\.csv\.gz row 2 field 'Edema': label value is not one of 1, 0, -1 or blank",
         "label value outside 1/0/-1/blank",
     ),
+    "a study whose images are in two splits": (
+        rewrite(
+            SPLIT,
+            lambda t: t.replace(",10000032,train", ",10000032,test", 2).replace(
+                ",10000032,test", ",10000032,train", 1
+            ),
+        ),
+        r"split\.csv\.gz row 2 field 'split': study 50414267 has images in test and train",
+        "study in several splits",
+    ),
     "an unknown split": (
         rewrite(SPLIT, lambda t: t.replace(",test", ",holdout")),
         r"split\.csv\.gz row 6 field 'split': split is not one of train, validate, test \(value 'holdout'\)",
