@@ -1023,3 +1023,42 @@ def test_cli_reports_a_refused_api_key_mid_run_and_status_counts_the_rest_missin
         and '"missing": 5' in status.output
         and '"failed": 0' in status.output
     )
+
+
+def test_a_mix_of_every_kind_of_answer_with_concurrency_stays_exactly_once(
+    server, rows, mini_mimic, image_cache, tmp_path
+):
+    mix = [
+        "ok",
+        ok(_answer({"reasoning_content": QWEN3_REASONING, "content": "Effusion."})),
+        {"status": 400, "json": VLLM_CONTEXT_NEW},
+        "cut",
+        {"status": 503, "body": NGINX_502, "content_type": "text/html"},
+        "sse",
+        ok(_answer({"content": None})),
+        {"status": 429, "json": {"error": {"message": "slow down"}}, "headers": {"Retry-After": "0"}},
+        ok(_answer({"content": "Cut here"}, finish_reason="length")),
+        {"status": 413, "body": NGINX_413, "content_type": "text/html"},
+        {"delay": 1.0},
+        ok(_answer({"content": [{"type": "text", "text": "Parts."}]})),
+    ]
+    server.set_faults(script=mix)
+    options = _options(
+        rows[6], mini_mimic, tmp_path, [server.base_url], image_cache, concurrency=4, samples=2, timeout=0.5,
+        max_attempts=5,  # more than the 4 transient entries: no request can use up its attempts on them
+    )  # fmt: skip
+    stats = generate(options)
+    failures = _ledger(tmp_path)
+    assert stats.done + stats.failed == 12 and stats.failed == len(failures) == 3
+    assert sorted(f["kind"] for f in failures) == ["context_length", "empty", "too_large"]
+    [status] = generation_status(tmp_path)
+    assert (status.distinct_keys, status.duplicates, status.missing) == (9, 0, 0)
+    table = read_trajectories(tmp_path)
+    assert QWEN3_REASONING in table["reasoning"].to_pylist() and status.length == 1
+
+    server.set_faults()
+    assert generate(options).done == 0  # permanent failures wait for --retry-failed
+    options.retry_failed = True
+    assert generate(options).done == 3
+    [status] = generation_status(tmp_path)
+    assert (status.distinct_keys, status.rows, status.failed, status.missing) == (12, 12, 0, 0)
