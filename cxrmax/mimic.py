@@ -481,7 +481,10 @@ class ReportSections:
 # A line of >= 10 underscores separates an addendum or a wet read from the report; PHI blanks are
 # "___", so 10 in a row is never one. Also matched mid-line: some copies flatten reports to one line.
 _SEPARATOR = re.compile(r"[ \t]*_{10,}[ \t]*")
-_FINAL_REPORT = re.compile(r"^[ \t]*FINAL REPORT\b[ \t]*:?[ \t]*$|\bFINAL REPORT\b", re.M)
+# "FINAL REPORT" alone on its line marks the report; anywhere else (flattened copies) only when no
+# line has it, since a wet read may say "FINAL REPORT TO FOLLOW".
+_FINAL_REPORT_LINE = re.compile(r"^[ \t]*FINAL REPORT[ \t]*:?[ \t]*$", re.M)
+_FINAL_REPORT_ANY = re.compile(r"\bFINAL REPORT\b")
 _FINAL_ADDENDUM = re.compile(r"^[ \t]*FINAL ADDENDUM[ \t]*:?[ \t]*$", re.M)
 _HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /&()'-]{1,48}?)[ \t]*:(?![0-9])", re.M)
 # A header alone on its line without a colon ("FINDINGS", "IMPRESSION"); accepted for known names only.
@@ -667,14 +670,18 @@ def _find_headers(text: str) -> list[tuple[int, int, str]]:
 
 def _chunk_kind(chunk: str) -> str:
     """ "report", "addendum", "wet read" or "" (unknown) for one separator-delimited chunk."""
-    if _FINAL_REPORT.search(chunk):
+    if _FINAL_REPORT_LINE.search(chunk):
         return "report"
     first = _header_key(chunk.strip().split("\n", 1)[0])
     if first.startswith(("FINAL ADDENDUM", "ADDENDUM")):
         return "addendum"
     if first.startswith(("WET READ", "PROVISIONAL FINDINGS IMPRESSION")):
         return "wet read"
-    return ""
+    return "report" if _FINAL_REPORT_ANY.search(chunk) else ""
+
+
+def _final_report_marker(text: str) -> re.Match | None:
+    return _FINAL_REPORT_LINE.search(text) or _FINAL_REPORT_ANY.search(text)
 
 
 def parse_report(text: str) -> ReportSections:
@@ -707,7 +714,7 @@ def parse_report(text: str) -> ReportSections:
         if body:
             (wet_reads if kinds[index] == "wet read" else addenda).append(body)
     main = chunks[main_index]
-    marker = _FINAL_REPORT.search(main)
+    marker = _final_report_marker(main)
     if marker is not None:
         preamble, main = main[: marker.start()], main[marker.end() :]
         kind = _chunk_kind(preamble) if preamble.strip() else ""

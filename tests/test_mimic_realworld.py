@@ -731,6 +731,25 @@ REPORTS: list[Report] = [
         findings="Clear.",
         impression=None,
     ),
+    Report(
+        "a wet read saying FINAL REPORT TO FOLLOW, above a separator",
+        " WET READ: ___ 5:12 PM\n  No PTX.  FINAL REPORT TO FOLLOW.\n"
+        + SEPARATOR
+        + "\n FINAL REPORT\n IMPRESSION:  Small PTX.\n",
+        impression="Small PTX.",
+        last="Small PTX.",
+        addenda=(),
+        wet_read="No PTX. FINAL REPORT TO FOLLOW.",
+        header_free=False,
+    ),
+    Report(
+        "a wet read saying FINAL REPORT TO FOLLOW, no separator",
+        " WET READ: ___ 5:12 PM\n  No PTX.  FINAL REPORT TO FOLLOW.\n FINAL REPORT\n IMPRESSION:  Small PTX.\n",
+        impression="Small PTX.",
+        last="Small PTX.",
+        addenda=(),
+        wet_read="No PTX. FINAL REPORT TO FOLLOW.",
+    ),
 ]
 
 
