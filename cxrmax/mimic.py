@@ -588,7 +588,9 @@ def _section_name(header: str) -> str | None:
         if _fuzzy_is(words[0], canonical) or _fuzzy_is(words[-1], canonical):
             return name
     if header.strip().upper() != header.strip():
-        return None  # other sections are upper-case in the release; "Dr. ___ was told:" is text
+        # Other sections are upper-case in the release; "Dr. ___ was told:" is text. Copies that
+        # title-case them ("Comparison:", "Recommendation(s):") keep the known names.
+        return key.lower() if header.strip()[0].isupper() and key.lower() in _TOP_LEVEL else None
     return key.lower()
 
 
@@ -694,7 +696,10 @@ def parse_report(text: str) -> ReportSections:
     ("LUNGS:", "PLEURA:"), numbered items, and "FINDINGS AND IMPRESSION:" / "CONCLUSION:" (read as
     the impression). PHI placeholders (___) are kept. The last paragraph is that of the final
     report's clinical text (not of INDICATION, COMPARISON, NOTIFICATION, ...), without its header."""
-    text = _LINE_BREAKS.sub("\n", (text or "").translate(_SPACE_LIKE)).expandtabs(1)
+    text = text or ""
+    if "\n" not in text and "\\n" in text:  # a report dumped with escaped line ends ("...\\n IMPRESSION:")
+        text = text.replace("\\r\\n", "\n").replace("\\n", "\n")
+    text = _LINE_BREAKS.sub("\n", text.translate(_SPACE_LIKE)).expandtabs(1)
     chunks = [chunk for chunk in _SEPARATOR.split(text) if chunk.strip()]
     if not chunks:
         return ReportSections()

@@ -750,6 +750,21 @@ REPORTS: list[Report] = [
         addenda=(),
         wet_read="No PTX. FINAL REPORT TO FOLLOW.",
     ),
+    Report(
+        "title-case administrative headers",
+        " Indication: cough\n Comparison: None\n Findings: Lungs clear.\n Impression: Normal.\n"
+        " Recommendation(s): CT in 3 months.\n",
+        findings="Lungs clear.",
+        impression="Normal.",
+        last="Normal.",
+    ),
+    Report(
+        "escaped line ends from a JSON or CSV dump",
+        STANDARD.replace("\n", "\\n"),
+        findings=STANDARD_FINDINGS,
+        impression="No acute cardiopulmonary process.",
+        last="No acute cardiopulmonary process.",
+    ),
 ]
 
 
