@@ -221,7 +221,9 @@ def _read_raw_header(path: Path) -> list[str]:
         raise InputError(
             f"{where(path)}: cannot read the CSV header: not UTF-8 text ({exc}); save it as UTF-8"
         ) from None
-    except (OSError, EOFError) as exc:
+    except PermissionError as exc:
+        raise InputError(f"{where(path)}: cannot read the CSV: {exc}") from None
+    except (OSError, EOFError, zlib.error) as exc:
         raise InputError(f"{where(path)}: cannot read the CSV header: {exc}{_DOWNLOAD_HINT}") from None
     if not first.strip():
         raise InputError(f"{where(path, row=0)}: empty file (no CSV header)")
@@ -252,7 +254,7 @@ def _locate_ragged_row(path: Path) -> tuple[int, int, int] | None:
             for number, row in enumerate(reader, start=1):
                 if row and len(row) != expected:
                     return number, expected, len(row)
-    except (OSError, EOFError, csv.Error):
+    except (OSError, EOFError, csv.Error, zlib.error):
         return None
     return None
 

@@ -1177,6 +1177,14 @@ def test_bad_rows_are_named_or_counted(case: str, release_root: Path, tmp_path: 
     assert all(value > 0 for value in lenient.skipped.values())  # no zero entries in the report
 
 
+def flip_byte(data: bytes, where_at: float | int) -> bytes:
+    """Corrupt one byte: at a fraction of the length, or at an index."""
+    index = int(len(data) * where_at) if isinstance(where_at, float) else where_at
+    corrupted = bytearray(data)
+    corrupted[index] ^= 0xFF
+    return bytes(corrupted)
+
+
 # Files that are not the CSV they are named after: a clear error naming the file.
 BAD_FILES = {
     "a PhysioNet login page saved by wget": (
@@ -1188,6 +1196,14 @@ BAD_FILES = {
     "a truncated download": (
         lambda root: (root / META).write_bytes((root / META).read_bytes()[:-30]),
         r"metadata\.csv\.gz: cannot parse CSV: .*SHA256SUMS",
+    ),
+    "a flipped byte in the gzip stream": (
+        lambda root: (root / META).write_bytes(flip_byte((root / META).read_bytes(), 0.5)),
+        r"metadata\.csv\.gz: cannot .*SHA256SUMS",
+    ),
+    "a bad gzip checksum in the label CSV": (
+        lambda root: (root / CHEXPERT).write_bytes(flip_byte((root / CHEXPERT).read_bytes(), -6)),
+        r"chexpert\.csv\.gz: cannot parse CSV: .*SHA256SUMS",
     ),
     "UTF-16 from a spreadsheet": (
         lambda root: (root / SPLIT).write_bytes(read_text(root / SPLIT).encode("utf-16")),
