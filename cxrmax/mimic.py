@@ -320,8 +320,11 @@ def _read_csv(
 def _check_columns(path: Path, header: list[str], required: Iterable[str]) -> None:
     missing = [name for name in required if name not in header]
     if missing:
+        numeric = sum(bool(re.fullmatch(r"-?\d+(\.\d*)?", name)) for name in header)
+        hint = "; the first line looks like data: the header line is missing" if numeric >= 2 else ""
         raise InputError(
-            f"{where(path, field=missing[0])}: missing column (missing: {', '.join(missing)}; header: {', '.join(header)})"
+            f"{where(path, field=missing[0])}: missing column (missing: {', '.join(missing)}; header: "
+            f"{', '.join(header)}){hint}"
         )
 
 

@@ -1220,6 +1220,10 @@ BAD_FILES = {
         ],
         r"several files could stand for it: .*metadata\.csv",
     ),
+    "the header line lost": (
+        rewrite(SPLIT, lambda t: t.split("\n", 1)[1]),
+        r"split\.csv\.gz field 'dicom_id': missing column .*the first line looks like data",
+    ),
     "no metadata at all": (
         lambda root: (root / META).unlink(),
         r"mimic-cxr-2\.0\.0-metadata\.csv: missing",
@@ -1343,3 +1347,59 @@ def test_subject_lists_as_users_write_them(tmp_path: Path) -> None:
     listed.write_text("subject_id\n10000032\nabc\n")
     with pytest.raises(InputError, match=r"row 2 field 'subject_id': not an integer id \('abc'\)"):
         read_subject_ids(listed)
+
+
+def _damage(text: str, rng) -> str:
+    """One random edit of the kind hand-edited or half-copied CSVs show."""
+    lines = text.split("\n")
+    kind = rng.randrange(8)
+    at = rng.randrange(len(text))
+    if kind == 0:
+        return text[:at]  # cut short
+    if kind == 1:
+        return text[:at] + rng.choice(',"\r;x\x00-') + text[at + 1 :]  # a stray character
+    if kind == 2:
+        del lines[rng.randrange(len(lines))]
+    elif kind == 3:
+        row = rng.randrange(len(lines))
+        lines.insert(row, lines[row])  # a duplicated line (or header)
+    elif kind == 4:
+        row = rng.randrange(1, max(2, len(lines)))
+        cells = lines[row % len(lines)].split(",")
+        cells[rng.randrange(len(cells))] = rng.choice(["", "nan", " ", "-", "1e3", "N/A"])
+        lines[row % len(lines)] = ",".join(cells)
+    elif kind == 5:
+        lines.insert(rng.randrange(len(lines)), rng.choice(["", ",,,,", "#comment", "a,b"]))
+    elif kind == 6:
+        cells = lines[0].split(",")
+        cells[rng.randrange(len(cells))] = rng.choice(["", "dicom_id", "Edema", "x"])
+        lines[0] = ",".join(cells)
+    else:
+        first, second = rng.randrange(len(lines)), rng.randrange(len(lines))
+        lines[first], lines[second] = lines[second], lines[first]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_damaged_csvs_never_raise_anything_but_input_error(
+    seed: int, release_root: Path, tmp_path: Path
+) -> None:
+    """Whatever a damaged copy looks like, the reader reads it or raises an InputError naming the
+    file; it never leaks a raw Arrow/zlib/Key error."""
+    import random
+
+    rng = random.Random(seed)
+    root = copy_root(release_root, tmp_path / "mimic")
+    name = (META, SPLIT, CHEXPERT)[seed % 3]
+    text = read_text(root / name)
+    for _ in range(rng.randint(1, 3)):
+        text = _damage(text, rng)
+    write_text(root / name, text)
+    for lenient in (False, True):
+        try:
+            mimic = MimicCXR(root, lenient=lenient)
+            mimic.select(with_reports=False)
+            mimic.study_labels()
+            mimic.summary(reports=False)
+        except InputError as error:
+            assert str(root) in str(error)
