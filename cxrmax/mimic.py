@@ -504,7 +504,7 @@ _SPACE_LIKE = str.maketrans(
 )
 _LINE_BREAKS = re.compile(r"\r\n?|\u2028|\u2029|\x85")
 _CLINICAL = {"FINDINGS": "findings", "IMPRESSION": "impression"}
-_IMPRESSION_LIKE = {"IMPRESSIONS", "CONCLUSION", "CONCLUSIONS", "OPINION"}
+_IMPRESSION_LIKE = {"IMPRESSIONS", "CONCLUSION", "CONCLUSIONS", "OPINION", "SUMMARY"}
 # Sections that precede the clinical text: only their first paragraph belongs to them (free text
 # may follow after a blank line), and they never provide the last paragraph.
 _LEADING_SECTIONS = {
@@ -545,7 +545,7 @@ _TRAILING_SECTIONS = {
 # Headers that always start a new section; any other header inside FINDINGS or IMPRESSION
 # ("LUNGS:", "LINES/TUBES:", "NOTE:") is a sub-heading and stays in the text.
 _TOP_LEVEL = {"findings", "impression"} | _LEADING_SECTIONS | _TRAILING_SECTIONS
-_WET_READ_NAMES = {"wet read", "provisional findings impression pfi", "provisional findings impression"}
+_WET_READ_NAMES = ("wet read", "provisional findings impression pfi", "provisional findings impression")
 _ADDENDUM_NAMES = {"addendum", "final addendum"}
 # Known headers also found mid-line (upper-case only), for reports flattened onto one line.
 _INLINE_HEADER = re.compile(
@@ -765,7 +765,8 @@ def parse_report(text: str) -> ReportSections:
     last_paragraph = _last_paragraph(segments, skip=_LEADING_SECTIONS | _TRAILING_SECTIONS)
     if last_paragraph is None:
         last_paragraph = _last_paragraph(segments, skip=_ADDENDUM_NAMES)
-    wet_read = "\n".join(wet_reads) or sections.get("wet read") or None
+    # A wet read inside the report body (below "FINAL REPORT") stays a section and is also shown here.
+    wet_read = "\n".join(wet_reads) or next((sections[n] for n in _WET_READ_NAMES if n in sections), None)
     return ReportSections(
         findings=sections.get("findings"),
         impression=sections.get("impression"),
