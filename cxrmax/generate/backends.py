@@ -23,10 +23,11 @@ Errors are raised as :class:`BackendError` with a ``kind``, an HTTP ``status`` w
 
 Answers: ``Completion.text`` is the message ``content`` (a string, or the text parts of a list);
 ``Completion.reasoning`` is the separate reasoning a reasoning parser returns (``reasoning_content``
-in vLLM/SGLang/llama.cpp/LM Studio, ``reasoning`` in vLLM >= 0.10 and Ollama, ``thinking`` parts of a
-content list). When a server returns reasoning but no content (vLLM's reasoning parsers do when the
-answer was cut while thinking, or when the model never closed its think block) ``text`` repeats the
-reasoning, so readers of ``text`` still see what the model wrote; ``reasoning`` always holds it. A
+in vLLM/SGLang/llama.cpp/LM Studio, ``reasoning`` in vLLM >= 0.10 and Ollama, a ``thinking`` field,
+or the ``thinking`` parts of a content list as Mistral sends). When a server returns reasoning but no
+content (vLLM's reasoning parsers do when the answer was cut while thinking, or when the model never
+closed its think block) ``text`` repeats the reasoning, so readers of ``text`` still see what the
+model wrote; ``reasoning`` always holds it. A
 server without a reasoning parser leaves the think block in the content: a leading
 ``<think>...</think>`` (or ``◁think▷...◁/think▷``) is split off the same way (:func:`split_think_block`).
 Finish reasons are normalised (``eos_token``/``stop_sequence``/``end_turn`` -> ``stop``,
@@ -763,7 +764,7 @@ def _parse_chat_response(response: Any, endpoint: str) -> Completion:
     try:
         text, thought = _text_parts(message.get("content"))
         reasonings = []
-        for name in ("reasoning_content", "reasoning"):
+        for name in ("reasoning_content", "reasoning", "thinking"):
             value = message.get(name)
             value = _text_parts(value)[0] if not isinstance(value, dict) else value.get("text")
             if isinstance(value, str) and value and value not in reasonings:
