@@ -39,6 +39,7 @@ Selection rules (`MimicCXR.select`):
 
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
 import functools
@@ -777,16 +778,27 @@ def parse_report(text: str) -> ReportSections:
     )
 
 
+def _cp1252_fallback(error: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: bytes that are not UTF-8 are read as Windows-1252 (Latin-1 for the five
+    bytes cp1252 leaves undefined), one byte at a time."""
+    assert isinstance(error, UnicodeDecodeError)
+    byte = error.object[error.start : error.start + 1]
+    try:
+        return byte.decode("cp1252"), error.start + 1
+    except UnicodeDecodeError:
+        return byte.decode("latin-1"), error.start + 1
+
+
+codecs.register_error("cxrmax-cp1252-fallback", _cp1252_fallback)
+
+
 def decode_report(data: bytes) -> str:
-    """Decode a report file: UTF-8 (with or without a BOM), else Windows-1252 (the release is
-    ASCII, but copies edited on Windows carry cp1252 degree signs and curly quotes), else Latin-1,
-    which decodes any byte. Never loses a character to a replacement mark when a decoding fits."""
-    for encoding in ("utf-8-sig", "cp1252"):
-        try:
-            return data.decode(encoding)
-        except UnicodeDecodeError:
-            continue
-    return data.decode("latin-1")
+    """Decode a report file: UTF-8 (a BOM dropped); any byte that is not UTF-8 is read as
+    Windows-1252 (the release is ASCII, but copies edited on Windows carry cp1252 degree signs and
+    curly quotes, sometimes beside UTF-8 text), else Latin-1. Never yields a replacement mark."""
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8) :]
+    return data.decode("utf-8", errors="cxrmax-cp1252-fallback")
 
 
 def _last_paragraph(segments: list[tuple[str | None, str]], skip: set[str]) -> str | None:

@@ -858,6 +858,7 @@ def test_report_sections_survive_copies(transform: str) -> None:
         ),  # cp1252
         (b"FINDINGS: \x81\x8d\xb0", "FINDINGS: \x81\x8d\u00b0"),  # bytes cp1252 leaves undefined: Latin-1
         (b"", ""),
+        (b"15\xc2\xb0 and \x93quoted\x94", "15\u00b0 and \u201cquoted\u201d"),  # UTF-8 and cp1252 mixed
     ],
 )
 def test_decode_report_never_loses_characters(data: bytes, expected: str) -> None:
