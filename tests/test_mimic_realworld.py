@@ -46,7 +46,7 @@ class Report:
     header_free: bool = True  # no header word may leak into findings / impression / last paragraph
 
 
-def r(text: str) -> str:
+def release_style(text: str) -> str:
     """A report body written indented in this file, with the release's one leading space per line."""
     return (
         "\n".join(
@@ -61,7 +61,7 @@ CENTRED = " " * 33 + "FINAL REPORT"
 STANDARD = (
     CENTRED
     + "\n"
-    + r("""
+    + release_style("""
     EXAMINATION:  CHEST (PA AND LAT)
 
     INDICATION:  ___F with new onset ascites  // eval for infection
@@ -91,7 +91,7 @@ STANDARD_FINDINGS = (
 PORTABLE = (
     CENTRED
     + "\n"
-    + r("""
+    + release_style("""
     EXAMINATION:  CHEST (PORTABLE AP)
 
     INDICATION:  ___ year old man with hypoxia  // ?pna
@@ -113,7 +113,7 @@ PORTABLE = (
 """)
 )
 
-WET_READ = " WET READ: ___ ___ ___ 5:12 PM\n" + r("""
+WET_READ = " WET READ: ___ ___ ___ 5:12 PM\n" + release_style("""
      Mild pulmonary vascular congestion without frank edema.
 """)
 
@@ -157,7 +157,7 @@ REPORTS: list[Report] = [
         + "\n"
         + CENTRED
         + "\n"
-        + r("""
+        + release_style("""
             FINDINGS:  Right lower lobe consolidation.
 
             IMPRESSION:  Right lower lobe pneumonia.
@@ -171,7 +171,7 @@ REPORTS: list[Report] = [
         "final addendum on top",
         " " * 33
         + "FINAL ADDENDUM\n"
-        + r("""
+        + release_style("""
             ADDENDUM:  Findings were discussed with Dr. ___ by telephone at 4:15 PM on
             ___, 5 minutes after discovery.
         """)
@@ -214,7 +214,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "addendum chunk after a report without FINAL REPORT",
-        r("""
+        release_style("""
             FINDINGS:  Lungs are clear.
 
             IMPRESSION:  No acute process.
@@ -241,7 +241,7 @@ REPORTS: list[Report] = [
         "headers alone on their lines without colons",
         CENTRED
         + "\n"
-        + r("""
+        + release_style("""
             EXAMINATION:  CHEST (PA AND LAT)
 
             FINDINGS
@@ -271,7 +271,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "a wrapped line that is the lower-case word impression is text",
-        r("""
+        release_style("""
             FINDINGS:  The opacity is less conspicuous, which supports the clinical
             impression
             of resolving pneumonia.
@@ -288,7 +288,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "IMPRESSIONS plural with numbered items on their own lines",
-        r("""
+        release_style("""
             FINDINGS:  Low lung volumes.
 
             IMPRESSIONS:
@@ -309,7 +309,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "numbered items hard-wrapped",
-        r("""
+        release_style("""
             IMPRESSION:
 
             1. Interval placement of a left-sided PICC line which terminates in the
@@ -354,7 +354,7 @@ REPORTS: list[Report] = [
     Report(
         "RECOMMENDATION(S) and NOTIFICATION after the impression",
         STANDARD
-        + r("""
+        + release_style("""
 
             RECOMMENDATION(S):  Follow-up radiographs after treatment to document
             resolution.
@@ -382,7 +382,7 @@ REPORTS: list[Report] = [
         "only an impression",
         CENTRED
         + "\n"
-        + r("""
+        + release_style("""
             EXAMINATION:  CHEST (PORTABLE AP)
 
             INDICATION:  ___-year-old with chest pain.
@@ -396,7 +396,7 @@ REPORTS: list[Report] = [
         "only findings",
         CENTRED
         + "\n"
-        + r("""
+        + release_style("""
             TECHNIQUE:  PA and lateral views of the chest.
 
             FINDINGS:  The lungs are clear without focal consolidation.  No pleural
@@ -416,7 +416,7 @@ REPORTS: list[Report] = [
         "neither: free paragraphs after the exam title",
         CENTRED
         + "\n"
-        + r("""
+        + release_style("""
             CHEST RADIOGRAPH PERFORMED ON ___
 
             PA and lateral views of the chest were obtained.  Heart size is normal.
@@ -429,7 +429,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "neither: text after INDICATION and COMPARISON paragraphs",
-        r("""
+        release_style("""
             FINAL REPORT
             EXAMINATION:  CHEST (PORTABLE AP)
             INDICATION:  Dyspnea.
@@ -445,7 +445,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "neither, followed by NOTIFICATION",
-        r("""
+        release_style("""
             HISTORY:  Fall.
 
             Single portable view of the chest demonstrates a new small right apical
@@ -467,7 +467,7 @@ REPORTS: list[Report] = [
         "structured findings with upper-case sub-headings",
         CENTRED
         + "\n"
-        + r("""
+        + release_style("""
             EXAMINATION:  CHEST (PORTABLE AP)
 
             FINDINGS:
@@ -513,7 +513,7 @@ REPORTS: list[Report] = [
         "history-style old report",
         CENTRED
         + "\n"
-        + r("""
+        + release_style("""
             HISTORY:  ___-year-old man with chest pain.
 
             PA AND LATERAL VIEWS OF THE CHEST:  The lungs are clear.  The heart is normal
@@ -525,7 +525,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "CLINICAL HISTORY, REASON FOR EXAM and PA and lateral technique",
-        r("""
+        release_style("""
             REASON FOR EXAM:  Shortness of breath.
             CLINICAL HISTORY:  ___-year-old woman with COPD.
             TECHNIQUE:  PA and lateral views of the chest.
@@ -539,7 +539,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "PHI blanks next to headers",
-        r("""
+        release_style("""
             INDICATION:  ___ ___ with ___ // ___
             COMPARISON:  ___, ___.
             FINDINGS:  ___ tube tip is ___ cm above the carina.
@@ -612,7 +612,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "WET READ inside the report body after FINAL REPORT",
-        r("""
+        release_style("""
             FINAL REPORT
             WET READ: ___ 10:03 PM
             FINDING:  Small left pleural effusion.
@@ -648,7 +648,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "all upper-case old report",
-        r("""
+        release_style("""
             PORTABLE CHEST, ___ AT 05:12
 
             COMPARISON:  ___.
@@ -663,7 +663,7 @@ REPORTS: list[Report] = [
     ),
     Report(
         "impression in several paragraphs",
-        r("""
+        release_style("""
             IMPRESSION:
 
             Compared to prior chest radiographs ___ through ___.
