@@ -130,7 +130,7 @@ def test_duplicates_in_one_batch_and_across_batches(tmp_path, refs):
         ("nan", "row 8 field 'Edema': NaN"),
         ("2", "row 8 field 'Edema': 2 is out of range"),
         ("-0.5", "row 8 field 'Edema': -0.5 is out of range"),
-        ("yes", "row 8 field 'Edema': 'yes' is not a label"),
+        ("present", "row 8 field 'Edema': 'present' is not a label"),
     ],
 )
 def test_bad_values_name_row_and_field(tmp_path, refs, value, message):

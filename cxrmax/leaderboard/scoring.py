@@ -96,9 +96,14 @@ def _clean(value: Any) -> Any:
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except PermissionError:
+        raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
+    except OSError as exc:
+        raise InputError(f"{where(path)}: cannot read the submission file: {exc.strerror or exc}") from None
     return digest.hexdigest()
 
 
@@ -355,9 +360,14 @@ class _Stream:
     n_rows: int = 0
     skipped_unknown: int = 0
     notes: list[str] = field(default_factory=list)
+    read_log: submissions.ReadLog = field(default_factory=submissions.ReadLog)
+
+    def finish_notes(self) -> list[str]:
+        """The reader's notes (format detection, skipped lines) followed by the scorer's."""
+        return self.read_log.summary() + self.notes
 
     def batches(self, batch_rows: int, progress: Progress | None) -> Any:
-        for batch in submissions.iter_batches(self.path, batch_rows):
+        for batch in submissions.iter_batches(self.path, batch_rows, lenient=self.lenient, log=self.read_log):
             columns = list(batch.columns)
             first_row = int(batch.rows[0])
             if self.plan is None:
@@ -423,7 +433,15 @@ class _Stream:
                     )
                 self.skipped_unknown += int(unknown.sum())
             keep = np.nonzero(~unknown)[0]
-            self.index.claim(slots[keep], batch.rows[keep], ids[keep], self.path, self.plan.key)
+            per_image = self.key_column == "study_id" and any(
+                c.strip().lower() == "dicom_id" for c in self.plan.ignored
+            )
+            hint = (
+                "; rows are one per study: reduce per-image (dicom_id) rows to one per study first"
+                if per_image
+                else ""
+            )
+            self.index.claim(slots[keep], batch.rows[keep], ids[keep], self.path, self.plan.key, hint)
             self.n_rows += len(batch)
             if progress:
                 progress(len(batch))
@@ -441,6 +459,23 @@ def _coverage(
             f"{where(path)}: {missing} of {len(ids)} reference studies missing (e.g. {sample}); --require-complete is set"
         )
     return covered, missing
+
+
+#: A candidate of MAX_ORDER tokens appended to every text batch (its row is dropped): the n-gram
+#: packing in `textmetrics.ReferenceCorpus.score_batch` fails on a batch with fewer tokens in all
+#: than the highest n-gram order (e.g. one one-word report, or only empty reports).
+_PAD_CANDIDATE = " ".join(["pad"] * textmetrics.MAX_ORDER)
+
+
+def _text_stats(
+    corpus: textmetrics.ReferenceCorpus, slots: np.ndarray, texts: list[str | None]
+) -> np.ndarray:
+    """Per-study text statistics of one batch; each row depends only on its own candidate and
+    reference, so the padding row changes nothing else."""
+    if not len(slots):
+        return corpus.score_batch(slots, texts)
+    padded_slots = np.append(np.asarray(slots, dtype=np.int64), int(slots[0]))
+    return corpus.score_batch(padded_slots, [*texts, _PAD_CANDIDATE])[:-1]
 
 
 def _select(values: Any, keep: np.ndarray) -> Any:
@@ -494,7 +529,8 @@ def score(
         )
     if path.is_dir():
         raise InputError(f"{where(path)}: a {task.kind} submission is a file (.csv, .jsonl, .json, .parquet)")
-    fmt = submissions.detect_format(path)
+    submissions.check_file(path)
+    fmt = submissions.sniff(path).format
     if task.kind == "labels":
         result = _score_labels(
             path,
@@ -530,6 +566,8 @@ def score(
         )
     result.format = fmt
     result.sha256 = sha256 or file_sha256(path)  # the caller may have hashed the file already
+    if result.extra.get("skipped_unreadable") is None:
+        result.extra["skipped_unreadable"] = 0
     return result
 
 
@@ -575,7 +613,7 @@ def _score_labels(
             if plan.observations:
                 mode = "values"
                 missing_obs = [o for o in OBSERVATIONS if o not in plan.observations.values()]
-                sparse = submissions.detect_format(path) in ("jsonl", "json")  # absent key = blank cell
+                sparse = submissions.sniff(path).format in ("jsonl", "json")  # absent key = blank cell
                 if missing_obs and not lenient and not sparse:
                     raise InputError(
                         f"{where(path, field=missing_obs[0])}: observation column missing ({', '.join(missing_obs)}); "
@@ -603,7 +641,7 @@ def _score_labels(
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
     if mode == "values":
         never = [o for o in OBSERVATIONS if o not in stream.plan.observations.values()]
-        if never and submissions.detect_format(path) in ("jsonl", "json"):
+        if never and submissions.sniff(path).format in ("jsonl", "json"):
             stream.notes.append(f"observations never given (blank in every row): {', '.join(never)}")
     ref = refs.labels[covered]
     pred = predicted[covered]
@@ -634,7 +672,8 @@ def _score_labels(
         n_boot=n_boot,
     )
     result.extra["references"] = refs.description
-    result.notes = stream.notes
+    result.extra["skipped_unreadable"] = stream.read_log.skipped
+    result.notes = stream.finish_notes()
     if input_kind == "probabilities":
         result.notes.append(
             "probabilities thresholded at 0.5 for accuracy/precision/recall/F1; AUROC from the scores"
@@ -670,18 +709,25 @@ def _score_reports(
     meteor = np.full(len(refs.texts), np.nan)
     for batch, keep, slots in stream.batches(batch_rows, progress):
         if stream.plan.text is None:
-            raise InputError(f"{where(path)}: {submissions.expected_columns('report')}")
+            sections = [c for c in stream.plan.ignored if c.strip().lower() in ("findings", "impression")]
+            hint = (
+                f"; {', '.join(repr(c) for c in sections)} is read as a copy of the reference section, "
+                "so name the generated text column 'report' or 'model_prediction'"
+                if sections
+                else ""
+            )
+            raise InputError(f"{where(path)}: {submissions.expected_columns('report')}{hint}")
         texts = submissions.text_values(
             _select(batch.columns[stream.plan.text], keep), batch.rows[keep], path, stream.plan.text
         )
-        stats[slots] = corpus.score_batch(slots, texts)
+        stats[slots] = _text_stats(corpus, slots, texts)
         predicted[slots] = _label_texts(texts, processes)
         if want_meteor:
             meteor[slots] = textmetrics.meteor_scores(texts, [refs.texts[s] for s in slots])
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
     sums = stats[covered].sum(0)
     headline: dict[str, float | None] = {k: float(v) for k, v in textmetrics.text_summary(sums).items()}
-    notes = list(stream.notes)
+    notes = stream.finish_notes()
     if want_meteor:
         headline["meteor"] = float(np.nanmean(meteor[covered])) if covered.any() else 0.0
     else:
@@ -713,6 +759,7 @@ def _score_reports(
         notes=notes,
     )
     result.extra["references"] = refs.description
+    result.extra["skipped_unreadable"] = stream.read_log.skipped
     result.extra["reference_section"] = section or task.reference_section
     result.extra["references_without_section"] = refs.dropped
     result.notes.append("clinical efficacy (ce_*): cxrmax labeler on generated vs reference text")
@@ -813,9 +860,10 @@ def _score_progression(
         ci=ci,
         per_finding=per_finding,
         n_boot=n_boot,
-        notes=stream.notes,
+        notes=stream.finish_notes(),
     )
     result.extra["references"] = refs.description
+    result.extra["skipped_unreadable"] = stream.read_log.skipped
     if unreadable:
         result.notes.append(
             f"{unreadable} answers could not be read as improving/stable/worsening (scored as wrong)"

@@ -11,8 +11,20 @@ Formats (chosen by file suffix, optionally gzipped):
 Rows are keyed by ``study_id`` (8 digits, an ``s`` prefix is accepted). A row carries either one value
 per observation (1 / 0 / -1 / blank, or a probability in [0, 1]), or free text (``report``,
 ``model_prediction``, ...), or, for MS-CXR-T, one progression answer per finding. Every problem is a
-`cxrmax.errors.InputError` naming the file, the row (1-based data row; JSON entries count as rows)
-and the field.
+`cxrmax.errors.InputError` naming the file, the row (1-based data row; JSON entries count as rows,
+JSONL rows are lines) and the field.
+
+Unusual but unambiguous input is read, and documented here:
+- the content decides over the name: gzip data is decompressed with or without ``.gz``, a Parquet
+  file is read as Parquet whatever its suffix; a UTF-8 byte-order mark is dropped; text must be UTF-8
+  (other encodings are refused naming the line, never guessed);
+- CSV: ``;`` or tab as the delimiter when the header holds no comma; blank or whitespace-only lines
+  and rows of empty cells are skipped; unnamed columns (pandas' index, a trailing comma) are ignored;
+- study ids ``50414267``, ``s50414267``, ``50414267.0`` and MIMIC paths or keys holding exactly one
+  ``s<digits>`` part (``p10/p10000032/s50414267``) all name study 50414267;
+- label cells ``true``/``false``/``yes``/``no`` (and JSON/Parquet booleans) are 1/0.
+With ``lenient``, lines that cannot be parsed at all (broken JSON, a CSV row with the wrong number of
+fields) are skipped and counted instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import gzip
 import io
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +73,23 @@ PASSTHROUGH_COLUMNS = frozenset(
         "prompt",
         "prompt_id",
         "id",
+        # Input fields a ReXrank-style file carries next to model_prediction (never scored).
+        "image_paths",
+        "images",
+        "context",
+        "indication",
+        "history",
+        "comparison",
+        "technique",
+        "section_findings",
+        "section_impression",
+        "reference",
+        "reference_report",
+        "ground_truth",
     }
 )
+#: Placeholder names of unnamed columns (pandas' index, a trailing comma), ignored by plan_columns.
+UNNAMED_COLUMN = re.compile(r"unnamed: \d+|index|level_0|__index_level_\d+__")
 FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 
 
@@ -82,10 +110,70 @@ def detect_format(path: Path) -> str:
     return suffix
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix.lower() == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_MAGIC = b"PAR1"
+ZIP_MAGIC = b"PK\x03\x04"
+#: Largest single CSV field / JSON entry accepted (a longer one is almost always an unbalanced quote).
+MAX_FIELD_CHARS = 64 << 20
+
+
+@dataclass(frozen=True)
+class FileKind:
+    """What a submission file holds, from its first bytes (and its name where the bytes do not say)."""
+
+    format: str
+    compressed: bool
+
+
+def sniff(path: Path) -> FileKind:
+    """Decide the format from the content first: gzip data is decompressed whatever the suffix,
+    Parquet is Parquet whatever the suffix; otherwise the suffix (``.gz`` stripped) decides."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except PermissionError:
+        raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
+    except OSError as exc:
+        raise InputError(f"{where(path)}: cannot open the submission file: {exc.strerror or exc}") from None
+    if head.startswith(PARQUET_MAGIC):
+        return FileKind("parquet", False)
+    if head.startswith(ZIP_MAGIC):
+        raise InputError(
+            f"{where(path)}: this is a ZIP archive (an Excel .xlsx workbook?); export it as CSV (UTF-8) or unzip it"
+        )
+    compressed = head.startswith(GZIP_MAGIC)
+    fmt = detect_format(path)
+    if fmt == "parquet" and compressed:
+        raise InputError(f"{where(path)}: a gzip-compressed Parquet file; decompress it first")
+    return FileKind(fmt, compressed)
+
+
+def _open_text(path: Path, compressed: bool | None = None) -> IO[str]:
+    """Open as UTF-8 text; a byte-order mark is dropped (``utf-8-sig``), gzip data decompressed."""
+    if compressed is None:
+        compressed = sniff(path).compressed
+    raw: IO[bytes] = gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[assignment]
+    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+
+
+def _decode_error_message(path: Path, compressed: bool) -> str:
+    """Find the first line that is not UTF-8 (a second pass, only after decoding failed) and say
+    where it is and what to do."""
+    raw: IO[bytes] = gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[assignment]
+    with raw:
+        for line_number, line in enumerate(raw, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad = line[exc.start : exc.start + 1]
+                if b"\x00" in line or sum(b < 9 for b in line[:512]) > 2:
+                    return f"{where(path)} line {line_number}: binary data, not a text submission"
+                return (
+                    f"{where(path)} line {line_number}: not UTF-8 text (byte 0x{bad.hex()} at character "
+                    f"{exc.start + 1}); cxrmax reads UTF-8 only and does not guess encodings: re-save the file "
+                    "as UTF-8 (Excel: 'CSV UTF-8'; it was probably written as Latin-1/Windows-1252)"
+                )
+    return f"{where(path)}: not UTF-8 text"
 
 
 @dataclass
@@ -100,36 +188,88 @@ class RawBatch:
         return len(self.rows)
 
 
-def iter_batches(path: str | Path, batch_rows: int = BATCH_ROWS) -> Iterator[RawBatch]:
-    """Stream a submission file as `RawBatch`es. Raises InputError for empty, truncated or malformed files."""
-    path = Path(path)
-    if not path.is_file():
+def check_file(path: Path) -> None:
+    """A submission must be an existing regular file: say plainly when it is missing or a folder."""
+    if path.is_dir():
+        raise InputError(
+            f"{where(path)}: is a folder; a submission is a file (.csv, .tsv, .jsonl, .json, .parquet)"
+        )
+    if not path.exists():
         raise InputError(f"{where(path)}: submission file not found")
+    if not path.is_file():
+        raise InputError(f"{where(path)}: not a regular file")
+
+
+@dataclass
+class ReadLog:
+    """What a reader noticed on the way: notes for the result, lines skipped with ``lenient``."""
+
+    notes: list[str] = field(default_factory=list)
+    skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+
+    def skip(self, message: str) -> None:
+        """Count one unreadable line skipped under ``lenient`` (the first few messages are kept)."""
+        self.skipped += 1
+        if len(self.skipped_examples) < 3:
+            self.skipped_examples.append(message)
+
+    def summary(self) -> list[str]:
+        """Notes plus one line on the skipped lines, if any."""
+        notes = list(self.notes)
+        if self.skipped:
+            notes.append(
+                f"--lenient: {self.skipped} unreadable lines skipped (e.g. {'; '.join(self.skipped_examples)})"
+            )
+        return notes
+
+
+def iter_batches(
+    path: str | Path, batch_rows: int = BATCH_ROWS, lenient: bool = False, log: ReadLog | None = None
+) -> Iterator[RawBatch]:
+    """Stream a submission file as `RawBatch`es. Raises InputError for empty, truncated or malformed
+    files; with ``lenient`` unparseable lines are skipped and counted in ``log``."""
+    path = Path(path)
+    log = log if log is not None else ReadLog()
+    check_file(path)
     if path.stat().st_size == 0:
         raise InputError(f"{where(path)}: the file is empty")
-    fmt = detect_format(path)
+    kind = sniff(path)
+    if kind.format == "parquet" and detect_format(path) != "parquet":
+        log.notes.append(f"{path.name} holds Parquet data: read as Parquet")
+    if kind.compressed and path.suffix.lower() != ".gz":
+        log.notes.append(f"{path.name} is gzip-compressed: decompressed while reading")
+    fmt = kind.format
     produced = False
     try:
         if fmt in ("csv", "tsv"):
-            source = _csv_batches(path, batch_rows, "\t" if fmt == "tsv" else ",")
+            source = _csv_batches(
+                path, batch_rows, "\t" if fmt == "tsv" else ",", kind.compressed, lenient, log
+            )
         elif fmt == "jsonl":
-            source = _jsonl_batches(path, batch_rows)
+            source = _jsonl_batches(path, batch_rows, kind.compressed, lenient, log)
         elif fmt == "json":
-            source = _json_batches(path, batch_rows)
+            source = _json_batches(path, batch_rows, kind.compressed)
         else:
             source = _parquet_batches(path, batch_rows)
         for batch in source:
             if len(batch):
                 produced = True
                 yield _expand_label_struct(batch, path)
-    except (EOFError, gzip.BadGzipFile, UnicodeDecodeError, OSError) as exc:
+    except UnicodeDecodeError:
+        raise InputError(_decode_error_message(path, kind.compressed)) from None
+    except PermissionError:
+        raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
+    except (EOFError, gzip.BadGzipFile, OSError) as exc:
         raise InputError(f"{where(path)}: cannot read the file (truncated or corrupt?): {exc}") from None
     if not produced:
-        raise InputError(f"{where(path)}: no data rows")
+        raise InputError(
+            f"{where(path)}: no data rows" + (" (every line was skipped)" if log.skipped else "")
+        )
 
 
 #: A nested column of per-observation values (cxrmax's own tables use ``labels``, shards.LABELS_TYPE).
-STRUCT_COLUMNS = ("labels", "predicted_labels")
+STRUCT_COLUMNS = ("labels", "predicted_labels", "predictions", "probabilities", "scores")
 
 
 def _expand_label_struct(batch: RawBatch, path: Path) -> RawBatch:
@@ -138,7 +278,10 @@ def _expand_label_struct(batch: RawBatch, path: Path) -> RawBatch:
     name = next((c for c in batch.columns if c.strip().lower() in STRUCT_COLUMNS), None)
     if name is None:
         return batch
-    values = batch.columns.pop(name)
+    values = batch.columns[name]
+    if not hasattr(values, "type") and not any(isinstance(item, dict) for item in values):
+        return batch  # not nested (e.g. a text column called "predictions"): plan_columns decides
+    batch.columns.pop(name)
     expanded: dict[str, Any] = {}
     if hasattr(values, "type"):
         import pyarrow as pa
@@ -169,19 +312,44 @@ def _expand_label_struct(batch: RawBatch, path: Path) -> RawBatch:
     return batch
 
 
-def _csv_batches(path: Path, batch_rows: int, delimiter: str) -> Iterator[RawBatch]:
-    with _open_text(path) as fh:
-        reader = csv.reader(fh, delimiter=delimiter, strict=True)
+def _choose_delimiter(header_line: str, default: str) -> str:
+    """The default delimiter, unless the header holds none of it but holds ``;`` or a tab (a CSV
+    saved by a European-locale Excel, or a TSV named .csv)."""
+    if default in header_line:
+        return default
+    for candidate in (";", "\t", ","):
+        if candidate != default and candidate in header_line:
+            return candidate
+    return default
+
+
+def _csv_batches(
+    path: Path, batch_rows: int, delimiter: str, compressed: bool, lenient: bool, log: ReadLog
+) -> Iterator[RawBatch]:
+    # Long free-text reports are legitimate; Python's default limit (128 KiB) is not a file limit.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
+    with _open_text(path, compressed) as fh:
+        header_line = fh.readline()
+        while header_line and not header_line.strip():  # blank lines before the header
+            header_line = fh.readline()
+        if not header_line:
+            raise InputError(f"{where(path)}: the file is empty")
+        chosen = _choose_delimiter(header_line, delimiter)
+        if chosen != delimiter:
+            log.notes.append(f"CSV delimiter {chosen!r} detected from the header")
         try:
-            header = next(reader)
-        except StopIteration:
-            raise InputError(f"{where(path)}: the file is empty") from None
-        except csv.Error as exc:
+            header = next(csv.reader([header_line], delimiter=chosen, strict=True))
+        except (csv.Error, StopIteration) as exc:
             raise InputError(f"{where(path)}: cannot parse the header: {exc}") from None
         header = [h.strip().lstrip("\ufeff") for h in header]
-        if len(set(header)) != len(header):
-            dup = next(h for h in header if header.count(h) > 1)
+        named = [h for h in header if h]
+        if len(set(named)) != len(named):
+            dup = next(h for h in named if named.count(h) > 1)
             raise InputError(f"{where(path, field=dup)}: column appears twice in the header")
+        # Unnamed columns (pandas' index written without index=False, a trailing comma) get
+        # placeholder names that plan_columns ignores.
+        header = [h or f"Unnamed: {i}" for i, h in enumerate(header)]
+        reader = csv.reader(fh, delimiter=chosen, strict=True)
         width = len(header)
         records: list[list[str]] = []
         rows: list[int] = []
@@ -192,17 +360,28 @@ def _csv_batches(path: Path, batch_rows: int, delimiter: str) -> Iterator[RawBat
             except StopIteration:
                 break
             except csv.Error as exc:
-                raise InputError(
-                    f"{where(path, row=row_number + 1)}: cannot parse CSV (truncated file or unbalanced quote?): {exc}"
-                ) from None
+                text = str(exc)
+                if "field larger than field limit" in text:
+                    text = f"a field over {MAX_FIELD_CHARS >> 20} MB (an unbalanced quote?)"
+                elif "NUL" in text:
+                    text = "NUL bytes (a binary file?)"
+                else:
+                    text = f"truncated file or unbalanced quote? {text}"
+                raise InputError(f"{where(path, row=row_number + 1)}: cannot parse CSV ({text})") from None
             row_number += 1
+            if all(not cell.strip() for cell in record):
+                continue  # a blank line, or a row of empty cells as spreadsheets write them
+            if len(record) > width and not any(cell.strip() for cell in record[width:]):
+                record = record[:width]  # trailing delimiters with nothing after them
             if len(record) != width:
-                if not record or (len(record) == 1 and record[0] == "" and width > 1):
-                    continue  # blank line
-                raise InputError(
+                message = (
                     f"{where(path, row=row_number)}: {len(record)} fields where the header has {width} "
                     "(truncated file or stray delimiter?)"
                 )
+                if lenient:
+                    log.skip(message)
+                    continue
+                raise InputError(message)
             records.append(record)
             rows.append(row_number)
             if len(records) >= batch_rows:
@@ -225,21 +404,40 @@ def _dict_batch(records: list[dict[str, Any]], rows: list[int], seen: list[str])
     return RawBatch(np.asarray(rows, dtype=np.int64), columns)
 
 
-def _jsonl_batches(path: Path, batch_rows: int) -> Iterator[RawBatch]:
+def _jsonl_batches(
+    path: Path, batch_rows: int, compressed: bool, lenient: bool, log: ReadLog
+) -> Iterator[RawBatch]:
     seen: list[str] = []
     records: list[dict[str, Any]] = []
     rows: list[int] = []
-    with _open_text(path) as fh:
+    with _open_text(path, compressed) as fh:
         for row_number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            problem = None
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                hint = " (truncated last line?)" if not line.endswith("\n") else ""
-                raise InputError(f"{where(path, row=row_number)}: invalid JSON{hint}: {exc.msg}") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{where(path, row=row_number)}: each line must be a JSON object")
+                hint = ""
+                if not line.endswith("\n"):
+                    hint = " (truncated last line?)"
+                if exc.msg == "Extra data":
+                    hint = " (several JSON values on one line: put one object per line)"
+                elif records == [] and line.lstrip()[:1] == "[":
+                    hint = (
+                        " (the file looks like one JSON array: name it .json, or write one object per line)"
+                    )
+                problem = (
+                    f"{where(path, row=row_number)}: invalid JSON{hint}: {exc.msg} (character {exc.pos + 1})"
+                )
+            else:
+                if not isinstance(record, dict):
+                    problem = f"{where(path, row=row_number)}: each line must be a JSON object, not {type(record).__name__}"
+            if problem:
+                if lenient:
+                    log.skip(problem)
+                    continue
+                raise InputError(problem)
             records.append(record)
             rows.append(row_number)
             if len(records) >= batch_rows:
@@ -252,17 +450,28 @@ class _JsonStream:
     """Incremental reader of a top-level JSON object or array: yields (key, value) pairs (key None for
     arrays) without loading the file. Values larger than `max_value_chars` are refused."""
 
-    def __init__(self, fh: IO[str], path: Path, chunk: int = 1 << 20, max_value_chars: int = 64 << 20):
+    def __init__(self, fh: IO[str], path: Path, chunk: int = 1 << 20, max_value_chars: int = MAX_FIELD_CHARS):
         self.fh, self.path, self.chunk, self.max_value_chars = fh, path, chunk, max_value_chars
         self.buf, self.pos, self.eof = "", 0, False
+        self.lines_before = 0  # newlines in text already dropped from the buffer
         self.decoder = json.JSONDecoder()
 
     def _more(self) -> None:
         data = self.fh.read(self.chunk)
         if not data:
             self.eof = True
+        self.lines_before += self.buf.count("\n", 0, self.pos)
         self.buf = self.buf[self.pos :] + data
         self.pos = 0
+
+    def line(self, pos: int | None = None) -> int:
+        """1-based line of a buffer position (default: the current one), for error messages."""
+        pos = self.pos if pos is None else pos
+        return self.lines_before + self.buf.count("\n", 0, pos) + 1
+
+    def _at(self, entry: int) -> str:
+        """Where the reader is: the entry (row) and, for people with an editor open, the line."""
+        return f"{where(self.path, row=entry)}: line {self.line()}"
 
     def _skip_ws(self) -> bool:
         """Advance past whitespace; False at end of file."""
@@ -285,21 +494,26 @@ class _JsonStream:
                 return value
             except json.JSONDecodeError as exc:
                 if self.eof:
+                    hint = ""
+                    if exc.msg.startswith("Expecting property name") and self.buf[
+                        : exc.pos
+                    ].rstrip().endswith(","):
+                        hint = " (a trailing comma before '}'? JSON does not allow one)"
                     raise InputError(
-                        f"{where(self.path, row=entry)}: invalid or truncated JSON: {exc.msg}"
+                        f"{where(self.path, row=entry)}: invalid or truncated JSON{hint}: {exc.msg} (line {self.line(exc.pos)})"
                     ) from None
                 if len(self.buf) - self.pos > self.max_value_chars:
                     raise InputError(
-                        f"{where(self.path, row=entry)}: invalid JSON or an entry over 64 MB"
+                        f"{self._at(entry)}, invalid JSON or an entry over {self.max_value_chars >> 20} MB"
                     ) from None
                 self._more()
 
     def _expect(self, char: str, entry: int) -> None:
         if not self._skip_ws():
-            raise InputError(f"{where(self.path, row=entry)}: truncated JSON (expected {char!r})")
+            raise InputError(f"{self._at(entry)}, truncated JSON (expected {char!r})")
         if self.buf[self.pos] != char:
             raise InputError(
-                f"{where(self.path, row=entry)}: invalid JSON: expected {char!r}, found {self.buf[self.pos]!r}"
+                f"{where(self.path, row=entry)}: invalid JSON: expected {char!r}, found {self.buf[self.pos]!r} (line {self.line()})"
             )
         self.pos += 1
 
@@ -324,7 +538,12 @@ class _JsonStream:
                 break
             if entry:
                 self._expect(",", entry + 1)
-                self._skip_ws()
+                if not self._skip_ws():
+                    raise InputError(f"{self._at(entry + 1)}, truncated JSON (file ends after a comma)")
+                if self.buf[self.pos] == closing:
+                    raise InputError(
+                        f"{self._at(entry)}, a trailing comma before {closing!r} (JSON does not allow one; remove it)"
+                    )
             entry += 1
             key = None
             if opening == "{":
@@ -335,22 +554,35 @@ class _JsonStream:
                 self._skip_ws()
             yield key, self._value(entry)
         if self._skip_ws():
-            raise InputError(f"{where(self.path)}: unexpected data after the top-level JSON value")
+            raise InputError(
+                f"{where(self.path)}: line {self.line()}, unexpected data after the top-level JSON value "
+                "(one JSON object per line is JSON Lines: name the file .jsonl)"
+            )
 
 
-def _json_batches(path: Path, batch_rows: int) -> Iterator[RawBatch]:
+def _json_batches(path: Path, batch_rows: int, compressed: bool) -> Iterator[RawBatch]:
     seen: list[str] = []
     records: list[dict[str, Any]] = []
     rows: list[int] = []
-    with _open_text(path) as fh:
+    with _open_text(path, compressed) as fh:
         for entry, (key, value) in enumerate(_JsonStream(fh, path).items(), start=1):
             if key is not None:
                 if isinstance(value, str) or value is None:
                     value = {"model_prediction": value}
                 if not isinstance(value, dict):
-                    raise InputError(
-                        f"{where(path, row=entry, field=key)}: expected an object with model_prediction"
-                    )
+                    if key.strip().lower() in KEY_COLUMNS:
+                        hint = (
+                            "this object is one row, not a mapping keyed by study id: for one object per "
+                            "line name the file .jsonl, otherwise wrap the rows in a JSON array"
+                        )
+                    elif isinstance(value, list):
+                        hint = (
+                            f"{key!r} holds a list: a .json submission is an array of rows or an object "
+                            "keyed by study_id, not a wrapper object; write the list itself"
+                        )
+                    else:
+                        hint = f"expected an object with model_prediction, got {type(value).__name__}"
+                    raise InputError(f"{where(path, row=entry, field=key)}: {hint}")
                 if "study_id" in value and str(value["study_id"]) != key:
                     raise InputError(
                         f"{where(path, row=entry, field='study_id')}: {value['study_id']!r} differs from its key {key!r}"
@@ -419,7 +651,7 @@ def plan_columns(
     plan = ColumnPlan()
     for name in columns:
         low = name.strip().lower()
-        if low in KEY_COLUMNS and plan.key is None:
+        if re.sub(r"[\s_\-]+", "", low) in ("studyid", "study") and plan.key is None:  # "Study ID", "studyId"
             plan.key = name
         elif low in MODEL_COLUMNS and plan.model is None:
             plan.model = name
@@ -436,6 +668,8 @@ def plan_columns(
             plan.observations[name] = obs
         elif low in PASSTHROUGH_COLUMNS or (kind == "report" and low in ("findings", "impression")):
             plan.ignored.append(name)
+        elif not low or UNNAMED_COLUMN.fullmatch(low):
+            plan.ignored.append(name)  # an unnamed column cannot be a label: pandas' index, a trailing comma
         elif lenient:
             plan.ignored.append(name)
         else:
@@ -467,33 +701,72 @@ def _as_list(values: Any) -> list[Any]:
     return list(values)
 
 
+_PLAIN_ID = re.compile(r"[sS]?([0-9]+)(?:\.0*)?")
+#: An ``s<digits>`` part inside a longer key: MIMIC paths (p10/p10000032/s50414267), p..._s... keys.
+_EMBEDDED_ID = re.compile(r"(?<![A-Za-z0-9])[sS]([0-9]+)(?![0-9])")
+_MAX_ID_DIGITS = 18  # int64
+
+
+def study_id_from_text(text: str) -> int | None:
+    """The study number in a key, or None: ``50414267``, ``s50414267``, ``50414267.0`` (a spreadsheet's
+    float), or a longer key holding exactly one ``s<digits>`` part (``p10/p10000032/s50414267``,
+    ``p10000032_s50414267.txt``)."""
+    text = text.strip()
+    match = _PLAIN_ID.fullmatch(text)
+    if match:
+        digits = match.group(1)
+    else:
+        found = set(_EMBEDDED_ID.findall(text))
+        if len(found) != 1:
+            return None
+        digits = found.pop()
+    if len(digits.lstrip("0")) > _MAX_ID_DIGITS:
+        return None
+    return int(digits)
+
+
+def _bad_study_id(value: Any, path: Path, row: int, field_name: str) -> InputError:
+    text = str(value).strip() if value is not None else ""
+    if value is None or text == "":
+        shown = "blank"
+    else:
+        shown = repr(value)
+    hint = ""
+    if re.fullmatch(r"[0-9.]+[eE][+-]?[0-9]+", text):
+        hint = " (scientific notation, as a spreadsheet writes large numbers, loses digits: format the column as a whole number)"
+    return InputError(
+        f"{where(path, row=row, field=field_name)}: study_id {shown} is not a study number{hint}"
+    )
+
+
 def parse_study_ids(values: Any, rows: np.ndarray, path: Path, field_name: str = "study_id") -> np.ndarray:
-    """study_id values -> int64 array. Accepts ints, digit strings and an ``s`` prefix."""
+    """study_id values -> int64 array. Accepts ints, whole floats and the text forms of
+    `study_id_from_text`; anything else is an InputError naming the row."""
     if hasattr(values, "type"):
         import pyarrow as pa
 
         if pa.types.is_integer(values.type) and values.null_count == 0:
-            return values.to_numpy().astype(np.int64)
+            numbers = values.to_numpy()
+            if numbers.dtype == np.uint64 and numbers.size and numbers.max() > np.iinfo(np.int64).max:
+                i = int(np.argmax(numbers > np.iinfo(np.int64).max))
+                raise _bad_study_id(int(numbers[i]), path, int(rows[i]), field_name)
+            return numbers.astype(np.int64)
     items = _as_list(values)
     out = np.empty(len(items), dtype=np.int64)
+    limit = 10**_MAX_ID_DIGITS
     for i, value in enumerate(items):
+        number: int | None = None
         if isinstance(value, bool):
-            value = None
-        if isinstance(value, int):
-            out[i] = value
-            continue
-        if isinstance(value, float) and value.is_integer():
-            out[i] = int(value)
-            continue
-        text = str(value).strip() if value is not None else ""
-        if text[:1] in ("s", "S"):
-            text = text[1:]
-        if not text.isdigit():
-            shown = "blank" if value is None or text == "" else repr(value)
-            raise InputError(
-                f"{where(path, row=int(rows[i]), field=field_name)}: study_id {shown} is not a study number"
-            )
-        out[i] = int(text)
+            number = None  # True is not study 1
+        elif isinstance(value, int):
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        elif isinstance(value, str):
+            number = study_id_from_text(value)
+        if number is None or not 0 <= number < limit:
+            raise _bad_study_id(value, path, int(rows[i]), field_name)
+        out[i] = number
     return out
 
 
@@ -518,6 +791,8 @@ def parse_label_column(values: Any, rows: np.ndarray, path: Path, field_name: st
         import pyarrow as pa
         import pyarrow.compute as pc
 
+        if pa.types.is_boolean(values.type) or pa.types.is_decimal(values.type):
+            values = values.cast(pa.float64())  # true/false are 1/0; decimals are plain numbers
         if pa.types.is_floating(values.type) or pa.types.is_integer(values.type):
             nulls = values.is_null().to_numpy(zero_copy_only=False)
             numbers = values.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -550,11 +825,19 @@ def parse_label_column(values: Any, rows: np.ndarray, path: Path, field_name: st
     return _check_range(out, rows, path, field_name)
 
 
+#: Words read as labels (case-insensitive): what a boolean column becomes in CSV, and yes/no.
+LABEL_WORDS = {"true": 1.0, "false": 0.0, "yes": 1.0, "no": 0.0}
+
+
 def _parse_label_cell(value: Any, row: int, path: Path, field_name: str) -> float:
     """One cell: a float, NaN for blank; errors name the row and field."""
     if value is None:
         return np.nan
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    if not isinstance(value, (int, float, str)):
         raise InputError(
             f"{where(path, row=row, field=field_name)}: {value!r} is not a label (use 1, 0, -1, blank or a probability)"
         )
@@ -626,21 +909,28 @@ class StudyIndex:
         return np.where(found, self.order[pos] if self.size else -1, -1)
 
     def claim(
-        self, slots: np.ndarray, rows: np.ndarray, ids: np.ndarray, path: Path, field_name: str
+        self,
+        slots: np.ndarray,
+        rows: np.ndarray,
+        ids: np.ndarray,
+        path: Path,
+        field_name: str,
+        hint: str = "",
     ) -> None:
-        """Mark slots as submitted; a slot submitted twice (in this batch or before) is an error naming both rows."""
+        """Mark slots as submitted; a slot submitted twice (in this batch or before) is an error naming
+        both rows (``hint`` is appended to the message)."""
         seen_before = self.first_row[slots] > 0
         if seen_before.any():
             i = int(np.nonzero(seen_before)[0][0])
             raise InputError(
-                f"{where(path, row=int(rows[i]), field=field_name)}: duplicate {field_name} {ids[i]} (first given in row {int(self.first_row[slots[i]])})"
+                f"{where(path, row=int(rows[i]), field=field_name)}: duplicate {field_name} {ids[i]} (first given in row {int(self.first_row[slots[i]])}){hint}"
             )
         uniq, first, counts = np.unique(slots, return_index=True, return_counts=True)
         if np.any(counts > 1):
             slot = uniq[counts > 1][0]
             where_rows = rows[slots == slot]
             raise InputError(
-                f"{where(path, row=int(where_rows[1]), field=field_name)}: duplicate {field_name} {ids[slots == slot][0]} (first given in row {int(where_rows[0])})"
+                f"{where(path, row=int(where_rows[1]), field=field_name)}: duplicate {field_name} {ids[slots == slot][0]} (first given in row {int(where_rows[0])}){hint}"
             )
         self.first_row[slots] = rows
 
