@@ -1410,3 +1410,28 @@ def test_empty_and_missing_inputs_are_absent_with_an_error(value):
     result = label_text(value)
     assert all(label.status == "absent" for label in result.observations.values())
     assert result.error
+
+
+# Degenerate model output (a VLM stuck in a loop, a JSON dump, runs of quotes) in one long step. Each
+# used to take quadratic time in the step's length (10-30 s at this size); now every walk from a
+# mention is bounded, so each takes well under a second.
+DEGENERATE = {
+    "repeated_mention": ("effusion" + " " * 50) * 5200,
+    "quote_runs": ('"effusion"' + '"' * 100) * 2700,
+    "json_dump": "{" + ", ".join(f'"pleural_effusion_{i}": true' for i in range(9500)) + "}",
+    "no_punctuation": "left lower lobe opacity possibly pneumonia versus atelectasis and " * 6000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEGENERATE))
+def test_degenerate_long_steps_are_labelled_in_linear_time(name):
+    import time
+
+    text = DEGENERATE[name]
+    assert len(text) > 250_000
+    started = time.process_time()
+    result = label_text(text)
+    elapsed = time.process_time() - started
+    assert result.error is None
+    assert result.observations["Pleural Effusion"].status != "absent" or name == "no_punctuation"
+    assert elapsed < 5.0, f"{name}: {elapsed:.1f} s of CPU for {len(text)} characters"

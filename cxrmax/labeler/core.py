@@ -66,7 +66,7 @@ from cxrmax.labeler.matcher import (
     WEAK,
 )
 from cxrmax.labeler.phrases import SIGN_ALTERNATIVES
-from cxrmax.labeler.segment import is_context_heading, split_steps
+from cxrmax.labeler.segment import CONTEXT_HEADINGS, split_steps
 from cxrmax.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
 
 STATUSES = ("positive", "negative", "uncertain", "absent")
@@ -80,6 +80,10 @@ MAX_CHARS = 2_000_000
 _SCOPE_GAP = 7
 _POST_GAP = 7
 _LAT_GAP = 6
+# Most tokens any backward/forward walk from a mention visits. A sentence has far fewer; the bound
+# keeps degenerate texts ("effusion effusion effusion ..." for 100k characters, a model stuck in a
+# loop) linear instead of quadratic.
+_MAX_WALK = 32
 _LOCATION_WORDS = frozenset(
     "and or , the a an lower upper middle mid lobe lobes base bases lung lungs apex apices apical basilar basal "
     "zone zones hemithorax hemithoraces side sides than greater slightly more less at in of on within both "
@@ -274,7 +278,7 @@ _DIRECT_VERDICT = re.compile(
     r"[\s\"'*_]*(?:\([^)\n]{0,30}\)[\s\"'*_]*)?(?=[,;/|}\]\n.!]|$)"
     r"|(-1|0|1)(?:\.0)?[\s\"']*(?=[,;/|}\]\n]|$))"  # the CSV coding: {"Edema": -1, "Cardiomegaly": 1}
 )
-_VERDICT_LEADS = frozenset(" :=|\"'*_)\t\u2013\u2014-")
+_KEYED = re.compile("[\u2013\u2014]")  # en/em dash separators ("Effusion \u2013 absent")
 _NEW_ITEM = re.compile(
     r"\b(?:mild|mildly|moderate|moderately|severe|small|large|tiny|trace|minimal|extensive|marked|massive|new|"
     r"persistent|stable|chronic|old|healed|known|residual|increased|decreased|worsening|improving|unchanged|"
@@ -303,7 +307,8 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
     back_gap = 99
     edge = tokens[index][0]
     j = index - 1
-    while j >= 0:
+    floor = index - _MAX_WALK if index > _MAX_WALK else 0
+    while j >= floor:
         tok = tokens[j]
         kind = tok[2]
         if kind == TERM and not tok[3]:
@@ -326,6 +331,8 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
     edge = tokens[index][1]
     j = index + 1
     n = 0 if back_only else len(tokens)
+    if n > index + _MAX_WALK:
+        n = index + _MAX_WALK
     while j < n:
         tok = tokens[j]
         kind = tok[2]
@@ -408,10 +415,10 @@ def _is_question(low: str, start: int, end: int) -> bool:
 def _side_after_verdict(low: str, tokens: list, index: int, verdict_end: int) -> str | None:
     """Side written after a key-value verdict on the same line ("Pleural effusion - yes, small on the
     left"), before any other finding."""
-    line_end = low.find("\n", verdict_end)
+    line_end = low.find("\n", verdict_end, verdict_end + 200)
     if line_end < 0:
-        line_end = len(low)
-    for tok in tokens[index + 1 :]:
+        line_end = verdict_end + 200
+    for tok in tokens[index + 1 : index + 1 + _MAX_WALK]:
         if tok[0] >= line_end or tok[2] in _CONTENT_KINDS:
             return None
         if tok[2] == LAT:
@@ -428,7 +435,8 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
     earlier laterality word, unless a fresh negation intervenes."""
     nearest_word = None
     j = index - 1
-    while j >= 0:
+    floor = index - _MAX_WALK if index > _MAX_WALK else 0
+    while j >= floor:
         tok = tokens[j]
         kind = tok[2]
         if kind == CUE and tok[3][0] & NEG_PRE and not tok[3][0] & (COPULA | CONTRAST):
@@ -448,6 +456,7 @@ def _inherited_side(tokens: list, index: int, sides: dict[int, str | None]) -> s
 
 
 _ALTERNATIVE_KINDS = (MENTION, SIGN, OTHER)
+_OR_WORD = re.compile(r"or\s")
 _OR_GAP = re.compile(r"\s*,?\s*(?:and\s*/\s*)?or\s+(?:[a-z-]+\s+){0,2}$")  # "X or Y", "X and/or Y"
 
 
@@ -457,6 +466,9 @@ def _alternatives(low: str, tokens: list, found: list) -> list:
     pointing at a mimic makes the step's last positive finding before it uncertain)."""
     if not found:
         return found
+    first, last = tokens[0][0], tokens[-1][1]
+    if _OR_WORD.search(low, first, last) is None and not any(tok[2] == MIMIC for tok in tokens):
+        return found  # no "or" between the step's findings and no mimic: nothing to demote (most steps)
     demote: set[int] = set()  # token indexes whose positive status becomes uncertain
     positive_tokens = {i for (i, _, status, _, cue, _) in found if status == "positive" and cue is None}
     for i, tok in enumerate(tokens):
@@ -491,7 +503,7 @@ def _later_side(tokens: list, found: list, k: int) -> str | None:
     """Side of the next positive/uncertain lateralised mention of the step, for "pneumonia is
     suggested by the consolidation in the right middle lobe"; not across a conjunction or negation."""
     start = found[k][0]
-    for i, _observation, status, side, _cue, _sign in found[k + 1 :]:
+    for i, _observation, status, side, _cue, _sign in found[k + 1 : k + 1 + _MAX_WALK]:
         if i <= start:
             continue
         if status == "negative":
@@ -513,8 +525,7 @@ def _clauses(tokens: list) -> tuple[list[int], list[int]]:
     for i, tok in enumerate(tokens):
         los[i] = lo
         if tok[2] == SEMI or tok[2] == TERM:
-            for k in range(lo, i):
-                his[k] = i
+            his[lo:i] = [i] * (i - lo)
             lo = i + 1
     return los, his
 
@@ -535,7 +546,8 @@ def _mention_status(
     # Post cues: after the mention, over list-like gaps and laterality words.
     edge = tokens[index][1]
     j = index + 1
-    while j < hi:
+    ceiling = hi if hi < index + _MAX_WALK else index + _MAX_WALK
+    while j < ceiling:
         tok = tokens[j]
         kind = tok[2]
         if kind == LAT or kind == IGNORE:
@@ -571,7 +583,8 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
     """Status from the nearest cue before the mention whose scope reaches it."""
     edge = tokens[index][0]
     j = index - 1
-    while j >= lo:
+    floor = lo if lo > index - _MAX_WALK else index - _MAX_WALK
+    while j >= floor:
         tok = tokens[j]
         kind = tok[2]
         if kind == LAT or kind == IGNORE:
@@ -595,7 +608,7 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
                 break  # "possibly related to prior infection, and a small calcified granuloma"
             if bits & HYPO:
                 return DROP, word
-            for k in range(lo, j):  # "if there is continued concern for rib fracture": hypothetical
+            for k in range(max(lo, j - _MAX_WALK), j):  # "if there is continued concern for rib fracture"
                 earlier = tokens[k]
                 if earlier[2] == CUE and earlier[3][0] & HYPO:
                     return DROP, earlier[3][1]
@@ -649,6 +662,7 @@ def _statement_status(low: str, tokens: list, index: int, lo: int, default: str)
 def _assertions(text: str, low: str, segments: list, detail: bool):
     """Walk the steps; return (assertions, refusal spans, hedging spans, recognised_any)."""
     tokens = _scan(low, text)
+    ascii_text = low.isascii()
     assertions: list[Assertion] = []
     refusal: list[tuple[int, int]] = []
     hedging: list[tuple[int, int]] = []
@@ -670,7 +684,8 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         first = t
         while t < n_tokens and tokens[t][0] < segment.end:
             t += 1
-        if segment.heading is not None and is_context_heading(segment.heading):
+        heading = segment.heading
+        if heading in CONTEXT_HEADINGS:  # filled by split_steps for the headings it gave
             pending = []  # a request section (INDICATION, COMPARISON ...) says nothing about this film
             question = []
             continue
@@ -704,13 +719,25 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 content = True
         if not content:  # cues and laterality words alone assert nothing
             continue
+        # Key-value verdicts ("X: no", "| X | No |", "X - absent", "X = 1") need a separator in the step.
+        keyed = (
+            colon
+            or low.find(" -", segment.start, segment.end) >= 0
+            or low.find("=", segment.start, segment.end) >= 0
+            or (not ascii_text and _KEYED.search(low, segment.start, segment.end) is not None)
+        )
         label_starts: set[int] = set()  # "Pneumothorax: there is no pneumothorax": a topic label
         verdicts: dict[int, str] = {}  # "Pneumothorax: no." -> the label's status
         if colon:
             # A colon after a short label ("**Edema**: not present") joins the label to what follows.
             kept = []
             for tok in step_tokens:
-                if tok[2] == SEMI and tok[3] != ";" and _gap(low, segment.start, tok[0]) <= 5:
+                if (
+                    tok[2] == SEMI
+                    and tok[3] != ";"
+                    and tok[0] - segment.start < 300
+                    and _gap(low, segment.start, tok[0]) <= 5
+                ):
                     if kept and kept[-1][2] in _MENTION_KINDS:
                         label_starts.add(kept[-1][0])
                         verdict = _VERDICT.match(low, tok[1], segment.end)
@@ -748,7 +775,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 if cue is None and tok[0] in verdicts:
                     status = verdicts[tok[0]]
                 verdict = None
-                if low[tok[1] : tok[1] + 1] in _VERDICT_LEADS:
+                if keyed:
                     verdict = _DIRECT_VERDICT.match(low, tok[1])
                     if verdict is not None:  # "Atelectasis": "negative", | Effusion | No |, X: yes / Y: no
                         word = verdict.group(1) or verdict.group(2)
@@ -800,7 +827,8 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 for item in step_found
                 if step_tokens[item[0]][0] not in label_starts or item[1] not in said
             ]
-        asks = _is_question(low, segment.start, segment.end)  # a question asserts nothing by itself
+        last = low[segment.end - 1]  # a question asserts nothing by itself
+        asks = last == "?" or (last in _QUESTION_TAIL and _is_question(low, segment.start, segment.end))
         explained = {obs for (_, obs, _, _, _, sign) in step_found if not sign}
         sign_sides = {obs: side for (_, obs, _, side, _, sign) in step_found if sign and side is not None}
         for k, (i, observation, status, side, cue, sign) in enumerate(step_found):
@@ -821,8 +849,10 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             recognised = True
         if asks:
             continue
-        if _gap(low, segment.start, segment.end) <= 4 and all(
-            a[6] is None for a in assertions[len(assertions) - len(step_found) :]
+        if (
+            segment.end - segment.start < 300
+            and _gap(low, segment.start, segment.end) <= 4
+            and all(a[6] is None for a in assertions[len(assertions) - len(step_found) :])
         ):
             pending = list(range(len(assertions) - len(step_found), len(assertions)))
     while t < n_tokens:

@@ -34,6 +34,7 @@ _CONTEXT_LABEL = re.compile(
     r"technique)[ \t]*(?:\*\*|__)?[ \t]*:[ \t]*(?:\*\*|__)?[ \t]*\S",
     re.IGNORECASE,
 )
+_CONTEXT_FIRST = frozenset("CHIRTPMchirtpm*_")  # first letters of the context labels above
 # "Pneumothorax: no", "Effusion - absent", "Heart size: normal": a short label line is its own step
 # even when the line before it does not end a sentence (verdict lists rarely have full stops).
 _LABEL_LINE = re.compile(
@@ -131,9 +132,17 @@ def _split_sentences(
         out.append(_segment((cursor, stripped_end, first_kind, heading)))
 
 
+#: Every context heading seen so far (a few spellings of a few section names): core.py tests
+#: membership here, which is cheaper than a call per step.
+CONTEXT_HEADINGS: set[str] = set()
+
+
 @lru_cache(maxsize=4096)
 def _is_context(heading: str) -> bool:
-    return CONTEXT_SECTION.fullmatch(heading) is not None
+    if CONTEXT_SECTION.fullmatch(heading) is None:
+        return False
+    CONTEXT_HEADINGS.add(heading)
+    return True
 
 
 def is_context_heading(heading: str | None) -> bool:
@@ -227,13 +236,15 @@ def split_steps(text: str) -> list[Segment]:
             if section is not None:
                 flush(position)
                 enter(section.group("h").strip(), True)
-            elif ":" in line or "-" in line or "\u2013" in line or "\u2014" in line:
-                context = _CONTEXT_LABEL.match(line)
+            elif ":" in line or " -" in line or "\u2013" in line or "\u2014" in line:
+                context = _CONTEXT_LABEL.match(line) if first in _CONTEXT_FIRST else None
                 if context is not None:
                     flush(position)
                     enter(context.group("h").strip(), True)
                     label_line = True
-                elif _LABEL_LINE.match(line) is not None:
+                elif (in_context or (block_start >= 0 and not prev_line_ends_sentence)) and _LABEL_LINE.match(
+                    line
+                ) is not None:
                     label_line = True
                     if in_context:  # "Findings: ..." after "Clinical history: ..."
                         in_context = False
