@@ -239,6 +239,15 @@ def _is_location_gap(low: str, a: int, b: int) -> bool:
 
 
 _MENTION_KINDS = (MENTION, SIGN)
+_JOINS = re.compile(r",|\b(?:and|or|with|plus|as well as)\b")
+
+
+def _is_modifier_gap(low: str, a: int, b: int) -> bool:
+    """True when low[a:b] only carries location words that modify what follows ("upper lobe")."""
+    words = low[a:b].split()
+    return len(words) <= 4 and all(w in _LOCATION_WORDS and w not in ("and", "or", ",") for w in words)
+
+
 _SIDE_WORDS = frozenset(
     {"left", "right", "bilateral", "bilaterally", "left-sided", "right-sided", "lingula", "side"}
 )
@@ -268,6 +277,15 @@ _VERDICTS = {
     "1": "positive",
     "0": "negative",
     "-1": "uncertain",
+    "\u2705": "positive",
+    "\u2714": "positive",
+    "\u2713": "positive",
+    "\u2611": "positive",
+    "\u274c": "negative",
+    "\u2717": "negative",
+    "\u2718": "negative",
+    "\u2716": "negative",
+    "\u274e": "negative",
 }
 # A verdict right after a finding's name in key-value answers (JSON, markdown tables, "X: yes / Y: no",
 # "Effusion - absent"), ended by a delimiter: it states that finding's status, whatever cue came before.
@@ -278,7 +296,11 @@ _DIRECT_VERDICT = re.compile(
     r"[\s\"'*_]*(?:\([^)\n]{0,30}\)[\s\"'*_]*)?(?=[,;/|}\]\n.!]|$)"
     r"|(-1|0|1)(?:\.0)?[\s\"']*(?=[,;/|}\]\n]|$))"  # the CSV coding: {"Edema": -1, "Cardiomegaly": 1}
 )
-_KEYED = re.compile("[\u2013\u2014]")  # en/em dash separators ("Effusion \u2013 absent")
+_KEYED = re.compile("[\u2013\u2014\u2705\u2714\u2713\u2611\u274c\u2717\u2718\u2716\u274e]")  # dashes, marks
+# A check or cross mark right after a finding's name: "Atelectasis \u2705", "**Cardiomegaly** \u274c".
+_SYMBOL_VERDICT = re.compile(
+    r"[\s\"'*_):|\-\u2013\u2014]*([\u2705\u2714\u2713\u2611\u274c\u2717\u2718\u2716\u274e])"
+)
 _NEW_ITEM = re.compile(
     r"\b(?:mild|mildly|moderate|moderately|severe|small|large|tiny|trace|minimal|extensive|marked|massive|new|"
     r"persistent|stable|chronic|old|healed|known|residual|increased|decreased|worsening|improving|unchanged|"
@@ -327,6 +349,7 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
         break
     forward: list[str] = []
     forward_gap = 99
+    forward_lead = (0, 0)  # the text between the mention and its first following side word
     hopped = False
     edge = tokens[index][1]
     j = index + 1
@@ -349,6 +372,7 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
                 break  # "no pneumothorax, mild right atelectasis": the side is the next finding's
             if not forward and gap <= _LAT_GAP:
                 forward_gap = gap
+                forward_lead = (edge, tok[0])
             elif not (forward and _is_location_gap(low, edge, tok[0])):
                 break
             forward.append(tok[3])
@@ -366,6 +390,14 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
             j += 1
             continue
         break
+    if (
+        forward
+        and j < n
+        and tokens[j][2] in _MENTION_KINDS
+        and _JOINS.search(low, forward_lead[0], forward_lead[1])
+        and _is_modifier_gap(low, edge, tokens[j][0])
+    ):
+        forward = []  # "left lower lobe consolidation and right upper lobe nodule": the next finding's side
     if back and forward and not hopped and forward_gap < back_gap:
         sides = forward
     else:
@@ -777,8 +809,10 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 verdict = None
                 if keyed:
                     verdict = _DIRECT_VERDICT.match(low, tok[1])
+                    if verdict is None and not ascii_text:
+                        verdict = _SYMBOL_VERDICT.match(low, tok[1])
                     if verdict is not None:  # "Atelectasis": "negative", | Effusion | No |, X: yes / Y: no
-                        word = verdict.group(1) or verdict.group(2)
+                        word = verdict.group(1) or verdict.group(2)  # (the symbol regex has one group)
                         status, cue = _VERDICTS[word], "(verdict) " + word
                         if status == DROP:
                             continue

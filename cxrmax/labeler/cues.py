@@ -697,6 +697,21 @@ PSEUDO: tuple[str, ...] = (
     "tip is not clearly visualized",
     "tip is not clearly seen",
     "tip is difficult to see",
+    # a finding new since the prior study: "... pneumothorax, which was not present on the prior study"
+    "not present on the prior",
+    "not present on prior",
+    "not seen on the prior",
+    "not seen on prior",
+    "not visible on the prior",
+    "not identified on the prior",
+    "not present on the previous",
+    "not seen on the previous",
+    "not previously seen",
+    "not previously present",
+    "not previously identified",
+    "not previously visualized",
+    "not seen previously",
+    "not present previously",
 )
 
 #: Terminators that join clauses (laterality never reaches across them); the other terminators are
@@ -788,6 +803,12 @@ LATERALITY: dict[str, str] = {
     # single capital letters ("Small L effusion", "R > L"); lower-case "l"/"r" are skipped in the scan
     "l": "left",
     "r": "right",
+    # lobe abbreviations ("RLL opacity", "LLL atelectasis")
+    "rll": "right",
+    "rml": "right",
+    "rul": "right",
+    "lll": "left",
+    "lul": "left",
     "lung bases": "bilateral",
     "lung apices": "bilateral",
     "bases": "bilateral",

@@ -538,7 +538,7 @@ _ADV = (
 _NORMAL = (
     r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|unremarkable|stable\s+and\s+normal|"
     r"(?:top|upper|high)(?:\s+|-)normal|(?:at\s+the\s+)?upper\s+limits?\s+of\s+(?:the\s+)?normal|not\s+widened|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
-    r"unchanged\s+and\s+normal|preserved|midline\s+and\s+not\s+(?:\w+ly\s+)?(?:widened|enlarged))"
+    r"unchanged\s+and\s+normal|preserved|of\s+normal\s+(?:size|caliber|width)|midline\s+and\s+not\s+(?:\w+ly\s+)?(?:widened|enlarged))"
 )
 
 FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (

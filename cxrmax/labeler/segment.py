@@ -103,6 +103,9 @@ _WORD = re.compile(r"\w")
 _SYMBOL_LEAD = re.compile(r"[ \t]*(?:[^\w\s]\ufe0f?[ \t]*)?")
 _BULLET_FIRST = frozenset("-*+\u2022\u25cf\u25e6\u2013(0123456789")
 _END_STRIP = " \t\"')]*"
+# Characters that end a line's statement: sentence ends, a colon, and check or cross marks that end
+# verdict lines ("Atelectasis \u2705", "Cardiomegaly \u274c").
+_LINE_ENDS = frozenset(".!?:\u2705\u2714\u2713\u2611\u274c\u2717\u2718\u2716\u274e")
 
 
 def _split_sentences(
@@ -256,7 +259,7 @@ def split_steps(text: str) -> list[Segment]:
                 block_heading = heading
         if in_context:
             context_has_text = True
-        prev_line_ends_sentence = line.rstrip(_END_STRIP)[-1:] in (".", "!", "?", ":")
+        prev_line_ends_sentence = line.rstrip(_END_STRIP)[-1:] in _LINE_ENDS
         position = next_position
     flush(length)
     return segments
