@@ -1,19 +1,31 @@
-"""Chest X-ray image decoding and preprocessing: JPEG / PNG / DICOM to 8-bit grayscale, resize,
-JPEG bytes and data URLs, with an on-disk cache.
+"""Chest X-ray image decoding and preprocessing: JPEG / PNG / TIFF / DICOM to 8-bit grayscale,
+resize, JPEG bytes and data URLs, with an on-disk cache.
 
+* The kind comes from the file's first bytes ('DICM' at 128, raster magic numbers, a DICOM header
+  without preamble); the name only breaks a tie, so a DICOM named .jpg or a PNG named .dcm decode.
 * JPEG: when the target is at most half the source size, the decoder is asked for a DCT-domain
   downscale first (`PIL.Image.draft`, scale 1/2, 1/4 or 1/8, never below the target), then the
   image is resized exactly to the target. Decoding fewer coefficients is where the speed comes from.
-* PNG: 8-bit as is; 16-bit scaled by its own min..max to 0..255.
-* DICOM: modality LUT (rescale slope/intercept), then the VOI LUT or window (pydicom's
-  `apply_voi_lut`, which prefers a VOI LUT Sequence over Window Center/Width), then scaled from the
-  image's value range to 0..255; MONOCHROME1 (high value = dark) is inverted so bone is always bright.
+* PNG / TIFF / other rasters: 8-bit as is; 16/32-bit and float scaled by their own finite min..max;
+  colour, palette and alpha modes to luma. EXIF / TIFF orientation is applied (any format).
+* DICOM (first frame only: a chest film is one frame; cine and enhanced objects show their first):
+  modality LUT (rescale slope/intercept), then the VOI LUT Sequence, else the first Window Center/
+  Width (LINEAR, LINEAR_EXACT, SIGMOID), then stretched from the image's min..max to 0..255
+  (Pixel Padding Value pixels left out of the range and shown black; a constant image keeps its
+  windowed level); MONOCHROME1 (high value = dark) is inverted so bone is always bright. Unusable
+  rescale/VOI elements fall back to the stored values. RGB / YBR (converted by pydicom) and PALETTE
+  COLOR (palette applied) go to luma, scaled by Bits Stored. Files without preamble or file meta,
+  without or with a misspelled Photometric Interpretation, decode.
 * Resize keeps the aspect ratio: longest edge <= `max_edge` and/or width*height <= `max_pixels`;
-  images are never upscaled. Resampling is Lanczos (antialiased).
+  images are never upscaled, never below 1x1. Resampling is Lanczos (antialiased).
 * Many images: `preprocess_many` runs `preprocess` on a thread pool (Pillow releases the GIL while it
   decodes and resamples, so threads use every core), in input order, with a bounded number in flight.
 
-Unreadable, truncated or corrupt files raise `ImageError` (an InputError) naming the path.
+Every failure raises `ImageError` (an InputError) naming the path and the reason: missing, empty,
+a directory, not an image, truncated or corrupt, over the decompression-bomb limit (raster and DICOM
+alike), a DICOM without pixel data (SR, RT plan, DICOMDIR: the SOP class is named), an invalid Image
+Pixel element (named), or compressed pixel data whose pydicom decoder plugin is not installed (the
+message says which packages to pip install).
 """
 
 from __future__ import annotations
