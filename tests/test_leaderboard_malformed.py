@@ -288,7 +288,7 @@ def test_lenient_skips_and_counts_unparseable_lines(tmp_path, refs):
     result = score(path, "mimic-cxr-labels", refs["labels"], n_boot=0, lenient=True)
     assert result.extra["skipped_unreadable"] == 2
     assert result.n_scored == N - 2 and result.missing == 2
-    assert any("2 unreadable lines skipped" in note and "row 6" in note for note in result.notes)
+    assert any("2 unreadable rows skipped" in note and "row 6" in note for note in result.notes)
     # The remaining rows score exactly like a file without the two studies.
     keep = [r for i, r in enumerate(label_records()) if i not in (5, 8)]
     (tmp_path / "kept.jsonl").write_bytes(jsonl(keep))
@@ -304,6 +304,73 @@ def test_lenient_skips_and_counts_unparseable_lines(tmp_path, refs):
     only_bad.write_text("{\n[\n")
     with pytest.raises(InputError, match=r"bad\.jsonl: no data rows \(every line was skipped\)"):
         score(only_bad, "mimic-cxr-labels", refs["labels"], n_boot=0, lenient=True)
+
+
+def _edit_rows(edits: dict[tuple[int, str], str]):
+    """Edit: set cells by (0-based study index, column name)."""
+    header = ["study_id", *OBSERVATIONS]
+
+    def edit(i, row):
+        for (index, column), value in edits.items():
+            if index == i:
+                row[header.index(column)] = value
+        return row
+
+    return edit
+
+
+_PROBABILITIES = [[f"{(i * 14 + j) % 97 / 100 + 0.005:.3f}" for j in range(14)] for i in range(N)]
+
+# (id, file name, bytes, 0-based study indices that must be skipped)
+LENIENT_SKIPS = [
+    ("bad-study-ids", "ids.csv", to_csv(label_rows(edit=_edit_rows({(1, "study_id"): "", (4, "study_id"): "5.04E+07"}))), [1, 4]),
+    ("bad-label-values", "vals.csv", to_csv(label_rows(edit=_edit_rows({(2, "Edema"): "nan", (2, "Fracture"): "2", (7, "Atelectasis"): "present"}))), [2, 7]),
+    ("json-values", "vals.jsonl", jsonl([{**r, "Edema": [1]} if i == 3 else {**r, "Fracture": float("inf")} if i == 9 else r for i, r in enumerate(label_records())]), [3, 9]),
+    ("minus-one-in-probabilities", "prob.csv", to_csv([["study_id", *OBSERVATIONS]] + [[str(s), *(["-1"] + p[1:] if i == 5 else p)] for i, (s, p) in enumerate(zip(IDS, _PROBABILITIES, strict=True))]), [5]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "skipped"), [c[1:] for c in LENIENT_SKIPS], ids=[c[0] for c in LENIENT_SKIPS]
+)
+def test_lenient_skips_rows_with_unreadable_values(tmp_path, refs, name, content, skipped):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=re.escape(str(path)) + r" row \d+ field "):
+        score(path, "mimic-cxr-labels", refs["labels"], n_boot=0)
+    got = score(path, "mimic-cxr-labels", refs["labels"], n_boot=0, lenient=True)
+    assert got.extra["skipped_unreadable"] == len(skipped)
+    assert got.n_scored == N - len(skipped) and got.missing == len(skipped)
+    assert any(f"{len(skipped)} unreadable rows skipped" in note for note in got.notes)
+    # The same as a file without those rows (and no others).
+    if name == "prob.csv":
+        rows = [["study_id", *OBSERVATIONS]] + [
+            [str(s), *p] for s, p in zip(IDS, _PROBABILITIES, strict=True)
+        ]
+        kept = [rows[0]] + [row for i, row in enumerate(rows[1:]) if i not in skipped]
+    else:
+        kept = [row for i, row in enumerate(label_rows()) if i - 1 not in skipped]
+    (tmp_path / "kept.csv").write_bytes(to_csv(kept))
+    want = score(tmp_path / "kept.csv", "mimic-cxr-labels", refs["labels"], n_boot=0)
+    assert got.headline == want.headline
+
+
+def test_lenient_skips_non_text_reports(tmp_path, refs):
+    path = tmp_path / "reports.jsonl"
+    path.write_bytes(_report_jsonl([FINDINGS[0], 42, ["a"], *FINDINGS[3:]]))
+    got = score(path, "mimic-cxr-report", refs["reports"], n_boot=0, processes=1, lenient=True)
+    assert got.extra["skipped_unreadable"] == 2 and got.n_scored == N - 2
+    kept = tmp_path / "kept.jsonl"
+    kept.write_bytes(
+        jsonl(
+            [
+                {"study_id": s, "report": t}
+                for i, (s, t) in enumerate(zip(IDS, FINDINGS, strict=True))
+                if i not in (1, 2)
+            ]
+        )
+    )
+    assert got.headline == score(kept, "mimic-cxr-report", refs["reports"], n_boot=0, processes=1).headline
 
 
 def _report_jsonl(texts) -> bytes:
@@ -366,7 +433,7 @@ def test_report_submissions_refused(tmp_path, refs, name, content, pattern):
         ("study_id,Edema\n50414267,café\n".encode("latin-1"), "latin1.csv", [], 2, r"line 2: not UTF-8 text"),
         (_bad_edema("1.3"), "range.csv", [], 2, r"row 3 field 'Edema': 1\.3 is out of range"),
         (b"{\n" + jsonl(label_records()), "broken.jsonl", [], 2, r"row 1: invalid JSON"),
-        (b"{\n" + jsonl(label_records()), "broken.jsonl", ["--lenient"], 0, r"1 unreadable lines skipped"),
+        (b"{\n" + jsonl(label_records()), "broken.jsonl", ["--lenient"], 0, r"1 unreadable rows skipped"),
         (None, "missing.csv", [], 2, r"missing\.csv: submission file not found"),
     ],
     ids=[

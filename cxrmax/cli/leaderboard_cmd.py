@@ -129,7 +129,8 @@ def score_cmd(
     lenient: bool = typer.Option(
         False,
         "--lenient",
-        help="Skip (and count) rows with unknown study ids; ignore unknown columns; missing observation columns count as blank.",
+        help="Skip (and count) rows with unknown study ids and rows that cannot be read (broken lines, bad ids, values "
+        "or texts; their studies count as missing); ignore unknown columns; missing observation columns count as blank.",
     ),
     bootstrap: int = typer.Option(
         1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs (0 turns them off)."
@@ -195,7 +196,8 @@ def submit_cmd(
     lenient: bool = typer.Option(
         False,
         "--lenient",
-        help="Skip (and count) rows with unknown study ids; ignore unknown columns; missing observation columns count as blank.",
+        help="Skip (and count) rows with unknown study ids and rows that cannot be read (broken lines, bad ids, values "
+        "or texts; their studies count as missing); ignore unknown columns; missing observation columns count as blank.",
     ),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),

@@ -362,6 +362,30 @@ class _Stream:
     notes: list[str] = field(default_factory=list)
     read_log: submissions.ReadLog = field(default_factory=submissions.ReadLog)
 
+    def skip_rows(self, slots: np.ndarray, bad: np.ndarray, messages: dict[int, str]) -> None:
+        """Under ``lenient``: drop rows whose values could not be read (their studies count as
+        missing) and count them; ``messages`` maps a position in ``slots`` to its error."""
+        if not bad.any():
+            return
+        for i in np.nonzero(bad)[0]:
+            if self.index.first_row[slots[i]] > 0:  # a row bad in two columns counts once
+                self.read_log.skip(messages.get(int(i), "unreadable value"))
+        self.index.release(slots[bad])
+
+    def texts(self, batch: submissions.RawBatch, keep: np.ndarray, slots: np.ndarray, column: str) -> list:
+        """A text column of the kept rows; under ``lenient`` a non-text value drops its row."""
+        texts, bad, messages = submissions.parse_or_skip(
+            submissions.text_values,
+            _select(batch.columns[column], keep),
+            batch.rows[keep],
+            self.path,
+            column,
+            self.lenient,
+            None,
+        )
+        self.skip_rows(slots, bad, messages)
+        return texts
+
     def finish_notes(self) -> list[str]:
         """The reader's notes (format detection, skipped lines) followed by the scorer's."""
         return self.read_log.summary() + self.notes
@@ -415,15 +439,31 @@ class _Stream:
                     self.plan.progression.update(extra.progression)
                     self.plan.ignored.extend(extra.ignored)
             if self.key_column == "study_id":
-                ids = submissions.parse_study_ids(
-                    batch.columns[self.plan.key], batch.rows, self.path, self.plan.key
+                ids, bad_key, messages = submissions.parse_or_skip(
+                    submissions.parse_study_ids,
+                    batch.columns[self.plan.key],
+                    batch.rows,
+                    self.path,
+                    self.plan.key,
+                    self.lenient,
+                    -1,
                 )
             else:
-                ids = submissions.parse_text_keys(
-                    batch.columns[self.plan.key], batch.rows, self.path, self.plan.key
+                ids, bad_key, messages = submissions.parse_or_skip(
+                    submissions.parse_text_keys,
+                    batch.columns[self.plan.key],
+                    batch.rows,
+                    self.path,
+                    self.plan.key,
+                    self.lenient,
+                    "",
                 )
+                ids = np.asarray(ids, dtype=str)
+            for i in sorted(messages):
+                self.read_log.skip(messages[i])
             slots = self.index.lookup(ids)
-            unknown = slots < 0
+            slots[bad_key] = -1
+            unknown = (slots < 0) & ~bad_key
             if unknown.any():
                 if not self.lenient:
                     i = int(np.nonzero(unknown)[0][0])
@@ -432,7 +472,7 @@ class _Stream:
                         f"({int(unknown.sum())} such rows in this batch; --lenient skips them)"
                     )
                 self.skipped_unknown += int(unknown.sum())
-            keep = np.nonzero(~unknown)[0]
+            keep = np.nonzero(~unknown & ~bad_key)[0]
             per_image = self.key_column == "study_id" and any(
                 c.strip().lower() == "dicom_id" for c in self.plan.ignored
             )
@@ -630,13 +670,26 @@ def _score_labels(
             else:
                 raise InputError(f"{where(path)}: {submissions.expected_columns('labels')}")
         if mode == "values":
+            bad_rows = np.zeros(len(keep), dtype=bool)
+            messages: dict[int, str] = {}
             for column, obs in plan.observations.items():
-                values = submissions.parse_label_column(batch.columns[column], batch.rows, path, column)
-                predicted[slots, OBSERVATIONS.index(obs)] = values[keep]
+                values, bad, column_messages = submissions.parse_or_skip(
+                    submissions.parse_label_column,
+                    _select(batch.columns[column], keep),
+                    batch.rows[keep],
+                    path,
+                    column,
+                    lenient,
+                    np.nan,
+                )
+                predicted[slots, OBSERVATIONS.index(obs)] = values
+                for i, message in column_messages.items():
+                    messages.setdefault(i, message)  # one message (and one count) per row
+                bad_rows |= bad
+            predicted[slots[bad_rows]] = np.nan
+            stream.skip_rows(slots, bad_rows, messages)
         else:
-            texts = submissions.text_values(
-                _select(batch.columns[plan.text], keep), batch.rows[keep], path, plan.text
-            )
+            texts = stream.texts(batch, keep, slots, plan.text)
             predicted[slots] = _label_texts(texts, processes)
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
     if mode == "values":
@@ -654,15 +707,25 @@ def _score_labels(
         if is_score.any():
             input_kind = "probabilities"
             rows_of = index.first_row[covered]
+            not_probability = np.zeros(len(pred), dtype=bool)
             for j in np.nonzero(is_score)[0]:
                 column = next(c for c, o in plan.observations.items() if o == OBSERVATIONS[j])
                 bad = np.nonzero((pred[:, j] == -1) | np.isnan(pred[:, j]))[0]
-                if bad.size:
-                    what = "-1" if pred[bad[0], j] == -1 else "blank"
-                    raise InputError(
-                        f"{where(path, row=int(rows_of[bad[0]]), field=column)}: {what} in a probability column "
+                for k in bad if lenient else bad[:1]:
+                    what = "-1" if pred[k, j] == -1 else "blank"
+                    message = (
+                        f"{where(path, row=int(rows_of[k]), field=column)}: {what} in a probability column "
                         "(the column holds values strictly between 0 and 1, so every row needs a probability)"
                     )
+                    if not lenient:
+                        raise InputError(message)
+                    if not not_probability[k]:
+                        stream.read_log.skip(message)
+                    not_probability[k] = True
+            if not_probability.any():
+                index.release(np.nonzero(covered)[0][not_probability])
+                covered, missing = _coverage(index, refs.study_ids, require_complete, path)
+                ref, pred = refs.labels[covered], predicted[covered]
     scores = metrics.score_labels(ref, pred, uncertain, is_score=is_score, n_boot=n_boot, seed=seed)
     result = ScoreResult(
         **_base(task, path, uncertain, input_kind, stream, len(refs.study_ids), int(covered.sum()), missing),
@@ -717,9 +780,7 @@ def _score_reports(
                 else ""
             )
             raise InputError(f"{where(path)}: {submissions.expected_columns('report')}{hint}")
-        texts = submissions.text_values(
-            _select(batch.columns[stream.plan.text], keep), batch.rows[keep], path, stream.plan.text
-        )
+        texts = stream.texts(batch, keep, slots, stream.plan.text)
         stats[slots] = _text_stats(corpus, slots, texts)
         predicted[slots] = _label_texts(texts, processes)
         if want_meteor:
@@ -782,11 +843,10 @@ def _score_progression(
         plan = stream.plan
         if not plan.progression and not plan.text:
             raise InputError(f"{where(path)}: {submissions.expected_columns('ms-cxr-t')}")
-        rows = batch.rows[keep]
         if plan.progression:
             input_kind = input_kind or "answers"
             for column, prefix in plan.progression.items():
-                values = submissions.text_values(_select(batch.columns[column], keep), rows, path, column)
+                values = stream.texts(batch, keep, slots, column)
                 j = findings.index(prefix)
                 for k, value in enumerate(values):
                     label = classify_progression(value, None) if value and value.strip() else None
@@ -794,7 +854,7 @@ def _score_progression(
                     unreadable += bool(value and value.strip() and label is None)
         else:
             input_kind = input_kind or "text"
-            values = submissions.text_values(_select(batch.columns[plan.text], keep), rows, path, plan.text)
+            values = stream.texts(batch, keep, slots, plan.text)
             for k, value in enumerate(values):
                 for j, prefix in enumerate(findings):
                     if refs.classes[prefix][slots[k]] < 0:

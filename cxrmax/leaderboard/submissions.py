@@ -23,8 +23,9 @@ Unusual but unambiguous input is read, and documented here:
 - study ids ``50414267``, ``s50414267``, ``50414267.0`` and MIMIC paths or keys holding exactly one
   ``s<digits>`` part (``p10/p10000032/s50414267``) all name study 50414267;
 - label cells ``true``/``false``/``yes``/``no`` (and JSON/Parquet booleans) are 1/0.
-With ``lenient``, lines that cannot be parsed at all (broken JSON, a CSV row with the wrong number of
-fields) are skipped and counted instead of stopping the run.
+With ``lenient``, rows that cannot be read (a broken JSON line, a CSV row with the wrong number of
+fields, an unreadable study id, label value or text) are skipped and counted instead of stopping the
+run; their studies count as missing.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import io
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -202,24 +203,25 @@ def check_file(path: Path) -> None:
 
 @dataclass
 class ReadLog:
-    """What a reader noticed on the way: notes for the result, lines skipped with ``lenient``."""
+    """What a reader noticed on the way: notes for the result, rows skipped with ``lenient``."""
 
     notes: list[str] = field(default_factory=list)
     skipped: int = 0
     skipped_examples: list[str] = field(default_factory=list)
 
     def skip(self, message: str) -> None:
-        """Count one unreadable line skipped under ``lenient`` (the first few messages are kept)."""
+        """Count one unreadable row skipped under ``lenient`` (the first few messages are kept)."""
         self.skipped += 1
         if len(self.skipped_examples) < 3:
             self.skipped_examples.append(message)
 
     def summary(self) -> list[str]:
-        """Notes plus one line on the skipped lines, if any."""
+        """Notes plus one line on the skipped rows, if any."""
         notes = list(self.notes)
         if self.skipped:
             notes.append(
-                f"--lenient: {self.skipped} unreadable lines skipped (e.g. {'; '.join(self.skipped_examples)})"
+                f"--lenient: {self.skipped} unreadable rows skipped, their studies count as missing "
+                f"(e.g. {'; '.join(self.skipped_examples)})"
             )
         return notes
 
@@ -886,6 +888,41 @@ def text_values(values: Any, rows: np.ndarray, path: Path, field_name: str) -> l
     return items
 
 
+def parse_or_skip(
+    parse: Callable[[Any, np.ndarray, Path, str], Any],
+    values: Any,
+    rows: np.ndarray,
+    path: Path,
+    field_name: str,
+    lenient: bool,
+    fill: Any,
+) -> tuple[Any, np.ndarray, dict[int, str]]:
+    """Run a column parser; with ``lenient``, a failing column is parsed again cell by cell so that
+    only the bad rows are lost: returns (parsed values with ``fill`` in bad rows, bad-row mask, the
+    message of each bad row by position). Without ``lenient`` the first error is raised."""
+    try:
+        return parse(values, rows, path, field_name), np.zeros(len(rows), dtype=bool), {}
+    except InputError:
+        if not lenient:
+            raise
+    items = _as_list(values)
+    bad = np.zeros(len(items), dtype=bool)
+    messages: dict[int, str] = {}
+    parsed: list[Any] = []
+    for i, item in enumerate(items):
+        try:
+            parsed.append(parse([item], rows[i : i + 1], path, field_name)[0])
+        except InputError as exc:
+            bad[i] = True
+            messages[i] = str(exc)
+            parsed.append(fill)
+    if isinstance(fill, float):
+        return np.asarray(parsed, dtype=np.float32 if np.isnan(fill) else np.float64), bad, messages
+    if isinstance(fill, int):
+        return np.asarray(parsed, dtype=np.int64), bad, messages
+    return parsed, bad, messages
+
+
 class StudyIndex:
     """Maps study ids of the references to dense slots and catches unknown and duplicate rows."""
 
@@ -933,6 +970,10 @@ class StudyIndex:
                 f"{where(path, row=int(where_rows[1]), field=field_name)}: duplicate {field_name} {ids[slots == slot][0]} (first given in row {int(where_rows[0])}){hint}"
             )
         self.first_row[slots] = rows
+
+    def release(self, slots: np.ndarray) -> None:
+        """Forget that these slots were submitted (their rows were skipped under ``lenient``)."""
+        self.first_row[slots] = 0
 
     @property
     def covered(self) -> np.ndarray:
