@@ -184,20 +184,40 @@ def _scale_to_uint8(array: np.ndarray, valid: np.ndarray | None = None) -> np.nd
 
 # Python packages that decode each compressed transfer syntax (pydicom plugins), for the hint of
 # the error raised when none of them is installed. RLE and Deflate are decoded by pydicom itself.
-_JPEG_LIBJPEG = "pylibjpeg pylibjpeg-libjpeg (or python-gdcm)"
-_DECODER_PACKAGES = {
-    "1.2.840.10008.1.2.4.50": "pillow (or pylibjpeg pylibjpeg-libjpeg)",  # JPEG baseline 8-bit
-    "1.2.840.10008.1.2.4.51": _JPEG_LIBJPEG,  # JPEG extended, 12-bit: Pillow cannot
-    "1.2.840.10008.1.2.4.57": _JPEG_LIBJPEG,  # JPEG lossless
-    "1.2.840.10008.1.2.4.70": _JPEG_LIBJPEG,  # JPEG lossless, first-order prediction
-    "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg pylibjpeg-libjpeg, python-gdcm)",  # JPEG-LS
-    "1.2.840.10008.1.2.4.81": "pyjpegls (or pylibjpeg pylibjpeg-libjpeg, python-gdcm)",
-    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
-    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.201": "pylibjpeg pylibjpeg-openjpeg",  # HTJ2K
-    "1.2.840.10008.1.2.4.202": "pylibjpeg pylibjpeg-openjpeg",
-    "1.2.840.10008.1.2.4.203": "pylibjpeg pylibjpeg-openjpeg",
+# (pip packages, the modules they install): the first set whose modules are all missing is named.
+_LIBJPEG = ("pylibjpeg pylibjpeg-libjpeg", ("pylibjpeg", "libjpeg"))
+_GDCM = ("python-gdcm", ("gdcm",))
+_JPEGLS = ("pyjpegls", ("jpeg_ls",))
+_OPENJPEG = ("pylibjpeg pylibjpeg-openjpeg", ("pylibjpeg", "openjpeg"))
+_DECODER_PACKAGES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "1.2.840.10008.1.2.4.50": (_LIBJPEG, _GDCM),  # JPEG baseline 8-bit (Pillow reads most)
+    "1.2.840.10008.1.2.4.51": (_LIBJPEG, _GDCM),  # JPEG extended, 12-bit: Pillow cannot
+    "1.2.840.10008.1.2.4.57": (_LIBJPEG, _GDCM),  # JPEG lossless
+    "1.2.840.10008.1.2.4.70": (_LIBJPEG, _GDCM),  # JPEG lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80": (_JPEGLS, _LIBJPEG, _GDCM),  # JPEG-LS
+    "1.2.840.10008.1.2.4.81": (_JPEGLS, _LIBJPEG, _GDCM),
+    "1.2.840.10008.1.2.4.90": (_OPENJPEG, _GDCM),  # JPEG 2000
+    "1.2.840.10008.1.2.4.91": (_OPENJPEG, _GDCM),
+    "1.2.840.10008.1.2.4.201": (_OPENJPEG,),  # HTJ2K
+    "1.2.840.10008.1.2.4.202": (_OPENJPEG,),
+    "1.2.840.10008.1.2.4.203": (_OPENJPEG,),
 }
+
+
+def _missing_decoders(syntax: str) -> str | None:
+    """'pip install A (or B)' for the decoder packages of `syntax` that are not installed here."""
+    import importlib.util
+
+    missing = [
+        packages
+        for packages, modules in _DECODER_PACKAGES.get(syntax, ())
+        if not all(importlib.util.find_spec(module) for module in modules)
+    ]
+    if not missing:
+        return None
+    alternatives = f" (or {', '.join(missing[1:])})" if len(missing) > 1 else ""
+    return f"pip install {missing[0]}{alternatives}"
+
 
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _PHOTOMETRICS = (
@@ -423,10 +443,14 @@ def dicom_to_uint8(dataset) -> np.ndarray:  # noqa: ANN001 - a pydicom Dataset
         return _luminance(pixels, float(2 ** min(bits, pixels.dtype.itemsize * 8) - 1))
 
     padding = _padding_mask(pixels, dataset)
-    try:
-        values = apply_modality_lut(pixels, dataset)
-    except Exception:  # noqa: BLE001 - an unusable rescale: the stored values show the same picture
-        values = pixels
+    values = pixels
+    # A zero slope would flatten the image to one value: like a malformed rescale, it is ignored
+    # (the stored values show the same picture up to the stretch).
+    if _first_number(dataset.get("RescaleSlope")) != 0:
+        try:
+            values = apply_modality_lut(pixels, dataset)
+        except Exception:  # noqa: BLE001 - an unusable rescale or modality LUT
+            values = pixels
     display = None
     for voi in (_voi_lut, _window):
         try:
@@ -503,10 +527,13 @@ def decode_dicom(path: str | os.PathLike) -> Image.Image:
         raise ImageError(
             f"{where(path)}: cannot read DICOM: {type(exc).__name__}: {_one_line(exc)}"
         ) from None
-    if not any(keyword in dataset for keyword in _PIXEL_DATA_KEYWORDS):
+    present = [keyword for keyword in _PIXEL_DATA_KEYWORDS if keyword in dataset]
+    if not present:
         raise ImageError(
             f"{where(path)}: DICOM file has no pixel data{_describe_dataset(dataset)}: not an image"
         )
+    if not dataset.get_item(present[0]).value:
+        raise ImageError(f"{where(path, field=present[0])}: the pixel data element is empty")
     syntax = None
     try:
         _check_pixel_module(dataset, path)
@@ -529,15 +556,15 @@ def _decode_failure(exc: Exception, syntax) -> str:  # noqa: ANN001 - a pydicom 
     if syntax is None or not getattr(syntax, "is_compressed", False):
         return reason
     name = getattr(syntax, "name", str(syntax))
-    packages = _DECODER_PACKAGES.get(str(syntax))
+    install = _missing_decoders(str(syntax))
     try:
         available = get_decoder(syntax).is_available
     except Exception:  # noqa: BLE001 - pydicom knows no decoder for this syntax at all (e.g. video)
         return f"{name} pixel data: pydicom has no decoder for this transfer syntax ({reason})"
-    if not available and packages:
-        return f"{name} pixel data needs a decoder plugin that is not installed: pip install {packages}"
-    if packages:
-        return f"{name} pixel data: {reason} (another decoder may read it: pip install {packages})"
+    if not available and install:
+        return f"{name} pixel data needs a decoder plugin that is not installed: {install}"
+    if install:
+        return f"{name} pixel data: {reason} (another decoder may read it: {install})"
     return f"{name} pixel data: {reason}"
 
 

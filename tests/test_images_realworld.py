@@ -539,6 +539,72 @@ def test_truncated_dicom(tmp_path: Path, keep: float) -> None:
     assert str(path) in str(caught.value)
 
 
+def _compressed(path: Path, stored: np.ndarray, how: str) -> Path:
+    """An 8-bit DICOM whose pixel data is JPEG-baseline (encapsulated), RLE, or damaged."""
+    import io
+
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+    path = _write(path, stored, bits_allocated=8, bits_stored=8)
+    dataset = pydicom.dcmread(path)
+    if how == "rle":
+        dataset.compress(RLELossless)
+    else:
+        buffer = io.BytesIO()
+        Image.fromarray(stored.astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+        data = buffer.getvalue()
+        data = {"jpeg": data, "jpeg_truncated": data[: len(data) // 2], "jpeg_garbage": b"x" * 64}[how]
+        dataset.PixelData = encapsulate([data])
+        dataset["PixelData"].VR = "OB"
+        dataset.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("how", ["jpeg", "rle", "jpeg_truncated", "jpeg_garbage"])
+def test_compressed_pixel_data(tmp_path: Path, how: str) -> None:
+    stored = _phantom(20, 230)
+    path = _compressed(tmp_path / f"{how}.dcm", stored, how)
+    if how in ("jpeg", "rle"):
+        assert np.abs(_decoded(path) - _stretch(stored)).mean() < (3 if how == "jpeg" else 0.5)
+        return
+    with pytest.raises(ImageError) as caught:
+        preprocess(path)
+    assert str(path) in str(caught.value) and "JPEG Baseline" in str(caught.value)
+
+
+def test_empty_pixel_data_and_zero_slope(tmp_path: Path) -> None:
+    stored = _phantom()
+    empty = _write(tmp_path / "empty.dcm", stored)
+    dataset = pydicom.dcmread(empty)
+    dataset.PixelData = b""
+    dataset.save_as(empty)
+    with pytest.raises(ImageError, match="field 'PixelData': the pixel data element is empty"):
+        preprocess(empty)
+    # Rescale Slope 0 would flatten the film to one value: it is ignored.
+    flat = _write(tmp_path / "slope0.dcm", stored, RescaleSlope="0", RescaleIntercept="0")
+    assert np.abs(_decoded(flat) - _stretch(stored)).max() <= 1
+
+
+def test_planar_rgb(tmp_path: Path) -> None:
+    gray = _stretch(_phantom()).astype(np.uint8)
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.Rows, dataset.Columns = gray.shape
+    dataset.SamplesPerPixel, dataset.PlanarConfiguration = 3, 1  # RRR...GGG...BBB...
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+    dataset.PixelRepresentation = 0
+    dataset.PhotometricInterpretation = "RGB"
+    dataset.PixelData = np.stack([gray, gray, gray]).tobytes()
+    path = tmp_path / "planar.dcm"
+    dataset.save_as(path, enforce_file_format=True)
+    assert np.array_equal(_decoded(path), gray)
+
+
 # ------------------------------------------------------------------------------ raster files
 
 _GRAY = (np.add.outer(np.arange(120), np.arange(90) * 2) % 256).astype(np.uint8)  # 90x120
