@@ -124,43 +124,60 @@ class FileKind:
 
     format: str
     compressed: bool
+    encoding: str = "utf-8-sig"
 
 
 def sniff(path: Path) -> FileKind:
     """Decide the format from the content first: gzip data is decompressed whatever the suffix,
-    Parquet is Parquet whatever the suffix; otherwise the suffix (``.gz`` stripped) decides."""
+    Parquet is Parquet whatever the suffix; otherwise the suffix (``.gz`` stripped) decides. Text
+    is UTF-8 (a byte-order mark dropped) or UTF-16 with its byte-order mark (Excel's "Unicode text")."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(4)
+            head = fh.read(4096)
+        compressed = head.startswith(GZIP_MAGIC)
+        if compressed:
+            with gzip.open(path, "rb") as fh:
+                head = fh.read(4096)
     except PermissionError:
         raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
-    except OSError as exc:
-        raise InputError(f"{where(path)}: cannot open the submission file: {exc.strerror or exc}") from None
+    except (OSError, EOFError) as exc:  # a gzip stream cut inside its first block
+        raise InputError(f"{where(path)}: cannot read the file (truncated or corrupt?): {exc}") from None
     if head.startswith(PARQUET_MAGIC):
+        if compressed:
+            raise InputError(f"{where(path)}: a gzip-compressed Parquet file; decompress it first")
         return FileKind("parquet", False)
     if head.startswith(ZIP_MAGIC):
         raise InputError(
             f"{where(path)}: this is a ZIP archive (an Excel .xlsx workbook?); export it as CSV (UTF-8) or unzip it"
         )
-    compressed = head.startswith(GZIP_MAGIC)
     fmt = detect_format(path)
-    if fmt == "parquet" and compressed:
-        raise InputError(f"{where(path)}: a gzip-compressed Parquet file; decompress it first")
+    if fmt == "parquet":
+        return FileKind(fmt, compressed)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return FileKind(fmt, compressed, "utf-16")
+    if b"\x00" in head:
+        if head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4:
+            raise InputError(
+                f"{where(path)}: UTF-16 text without a byte-order mark; save the file as UTF-8 (Excel: 'CSV UTF-8')"
+            )
+        line = head.count(b"\n", 0, head.index(0)) + 1
+        raise InputError(f"{where(path)} line {line}: binary data, not a text submission")
     return FileKind(fmt, compressed)
 
 
-def _open_text(path: Path, compressed: bool | None = None) -> IO[str]:
-    """Open as UTF-8 text; a byte-order mark is dropped (``utf-8-sig``), gzip data decompressed."""
-    if compressed is None:
-        compressed = sniff(path).compressed
-    raw: IO[bytes] = gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[assignment]
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+def _open_text(path: Path, kind: FileKind | None = None) -> IO[str]:
+    """Open as text in the sniffed encoding (a byte-order mark is dropped), gzip data decompressed."""
+    kind = kind or sniff(path)
+    raw: IO[bytes] = gzip.open(path, "rb") if kind.compressed else open(path, "rb")  # type: ignore[assignment]
+    return io.TextIOWrapper(raw, encoding=kind.encoding, newline="")
 
 
-def _decode_error_message(path: Path, compressed: bool) -> str:
+def _decode_error_message(path: Path, kind: FileKind) -> str:
     """Find the first line that is not UTF-8 (a second pass, only after decoding failed) and say
     where it is and what to do."""
-    raw: IO[bytes] = gzip.open(path, "rb") if compressed else open(path, "rb")  # type: ignore[assignment]
+    if kind.encoding != "utf-8-sig":
+        return f"{where(path)}: not valid {kind.encoding} text (it starts with a {kind.encoding} byte-order mark)"
+    raw: IO[bytes] = gzip.open(path, "rb") if kind.compressed else open(path, "rb")  # type: ignore[assignment]
     with raw:
         for line_number, line in enumerate(raw, start=1):
             try:
@@ -245,13 +262,11 @@ def iter_batches(
     produced = False
     try:
         if fmt in ("csv", "tsv"):
-            source = _csv_batches(
-                path, batch_rows, "\t" if fmt == "tsv" else ",", kind.compressed, lenient, log
-            )
+            source = _csv_batches(path, batch_rows, "\t" if fmt == "tsv" else ",", kind, lenient, log)
         elif fmt == "jsonl":
-            source = _jsonl_batches(path, batch_rows, kind.compressed, lenient, log)
+            source = _jsonl_batches(path, batch_rows, kind, lenient, log)
         elif fmt == "json":
-            source = _json_batches(path, batch_rows, kind.compressed)
+            source = _json_batches(path, batch_rows, kind)
         else:
             source = _parquet_batches(path, batch_rows)
         for batch in source:
@@ -259,7 +274,7 @@ def iter_batches(
                 produced = True
                 yield _expand_label_struct(batch, path)
     except UnicodeDecodeError:
-        raise InputError(_decode_error_message(path, kind.compressed)) from None
+        raise InputError(_decode_error_message(path, kind)) from None
     except PermissionError:
         raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
     except (EOFError, gzip.BadGzipFile, OSError) as exc:
@@ -326,19 +341,29 @@ def _choose_delimiter(header_line: str, default: str) -> str:
 
 
 def _csv_batches(
-    path: Path, batch_rows: int, delimiter: str, compressed: bool, lenient: bool, log: ReadLog
+    path: Path, batch_rows: int, delimiter: str, kind: FileKind, lenient: bool, log: ReadLog
 ) -> Iterator[RawBatch]:
     # Long free-text reports are legitimate; Python's default limit (128 KiB) is not a file limit.
     csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
-    with _open_text(path, compressed) as fh:
+    with _open_text(path, kind) as fh:
         header_line = fh.readline()
         while header_line and not header_line.strip():  # blank lines before the header
             header_line = fh.readline()
         if not header_line:
             raise InputError(f"{where(path)}: the file is empty")
-        chosen = _choose_delimiter(header_line, delimiter)
+        excel_sep = re.fullmatch(r"sep=(.)\r?\n?", header_line)
+        if excel_sep:  # Excel's first line naming the delimiter
+            chosen = excel_sep.group(1)
+            header_line = fh.readline()
+        else:
+            chosen = _choose_delimiter(header_line, delimiter)
         if chosen != delimiter:
-            log.notes.append(f"CSV delimiter {chosen!r} detected from the header")
+            log.notes.append(f"CSV delimiter {chosen!r} detected")
+        while header_line.count('"') % 2:  # a quoted column name spanning lines
+            more = fh.readline()
+            if not more:
+                break
+            header_line += more
         try:
             header = next(csv.reader([header_line], delimiter=chosen, strict=True))
         except (csv.Error, StopIteration) as exc:
@@ -407,12 +432,12 @@ def _dict_batch(records: list[dict[str, Any]], rows: list[int], seen: list[str])
 
 
 def _jsonl_batches(
-    path: Path, batch_rows: int, compressed: bool, lenient: bool, log: ReadLog
+    path: Path, batch_rows: int, kind: FileKind, lenient: bool, log: ReadLog
 ) -> Iterator[RawBatch]:
     seen: list[str] = []
     records: list[dict[str, Any]] = []
     rows: list[int] = []
-    with _open_text(path, compressed) as fh:
+    with _open_text(path, kind) as fh:
         for row_number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -562,11 +587,11 @@ class _JsonStream:
             )
 
 
-def _json_batches(path: Path, batch_rows: int, compressed: bool) -> Iterator[RawBatch]:
+def _json_batches(path: Path, batch_rows: int, kind: FileKind) -> Iterator[RawBatch]:
     seen: list[str] = []
     records: list[dict[str, Any]] = []
     rows: list[int] = []
-    with _open_text(path, compressed) as fh:
+    with _open_text(path, kind) as fh:
         for entry, (key, value) in enumerate(_JsonStream(fh, path).items(), start=1):
             if key is not None:
                 if isinstance(value, str) or value is None:
@@ -868,7 +893,7 @@ def _check_range(values: np.ndarray, rows: np.ndarray, path: Path, field_name: s
     if bad.any():
         i = int(np.nonzero(bad)[0][0])
         raise InputError(
-            f"{where(path, row=int(rows[i]), field=field_name)}: {values[i]:g} is out of range (labels are 1, 0, -1 or blank; probabilities lie in [0, 1])"
+            f"{where(path, row=int(rows[i]), field=field_name)}: {float(values[i]):.12g} is out of range (labels are 1, 0, -1 or blank; probabilities lie in [0, 1])"
         )
     return values.astype(np.float32)
 
