@@ -2,7 +2,9 @@
 INDICATION/COMPARISON/TECHNIQUE sections, device positions, interval change) and VLM answers
 (markdown, <think> blocks, JSON-ish and table answers, verdict lists, disclaimers, refusals, unicode).
 
-Every case was labelled by hand before the labeler was run on it. Expected labels use the codes of
+Every case was labelled by hand before the labeler was run on it, in four rounds; each round was
+written after the previous round's failures were fixed, so it measured the labeler on unseen text
+(first-run scores: round 1 176/201 cases fully right, round 2 83/98, round 3 54/60, round 4 25/30). Expected labels use the codes of
 tests/test_labeler_eval.py: AT Atelectasis, CM Cardiomegaly, CO Consolidation, ED Edema, EC Enlarged
 Cardiomediastinum, FR Fracture, LL Lung Lesion, LO Lung Opacity, NF No Finding, PE Pleural Effusion,
 PO Pleural Other, PN Pneumonia, PX Pneumothorax, SD Support Devices; pos / neg / unc / abs with an
@@ -223,6 +225,57 @@ ADDENDUM = """ADDENDUM:  The small left apical pneumothorax was not mentioned on
 # Third round, written after the second round was fixed.
 EMOJI_VERDICTS = "Atelectasis \u2705\nCardiomegaly \u274c\nPleural effusion \u2705 (left)"
 THINK_DASHES = "<think>Let me check each finding. Atelectasis - none. Effusion - small left.</think> Answer: small left pleural effusion, no atelectasis."
+
+# Fourth round: long answers, self-correction, fenced JSON, negation/side corner cases.
+ABCDE_ANSWER = """**Step-by-step analysis**
+
+1. **Technical quality:** PA view, adequate inspiration, no significant rotation.
+2. **Airway:** Trachea is midline.
+3. **Breathing (lungs):** There is a patchy area of increased opacity in the right lower zone with air bronchograms. The left lung appears clear. No pneumothorax.
+4. **Circulation (heart and mediastinum):** Heart size is within normal limits (CTR < 0.5). Mediastinum is not widened.
+5. **Diaphragm:** The right costophrenic angle is slightly blunted, which may indicate a small parapneumonic effusion.
+6. **Everything else:** No rib fractures. No free air under the diaphragm.
+
+**Conclusion:** Findings are most consistent with right lower lobe pneumonia with a possible small right pleural effusion.
+
+*Disclaimer: This is not a substitute for professional medical advice.*"""
+NORMAL_LIST_ANSWER = """The chest radiograph demonstrates:
+- Normal cardiac silhouette
+- Clear lung fields bilaterally
+- No pleural effusion
+- No pneumothorax
+- Intact bony structures
+
+Impression: Normal chest X-ray. No acute cardiopulmonary abnormality."""
+CHEST_TUBE_REPORT = """ FINAL REPORT
+ EXAMINATION:  CHEST (PORTABLE AP)
+
+ INDICATION:  ___ year old man s/p CABG, chest tube removal  // ?PTX
+
+ COMPARISON:  ___ at 06:12
+
+ FINDINGS:
+
+ Since the prior exam, the left chest tube has been removed.  There is no pneumothorax.  Small
+ left pleural effusion with adjacent atelectasis is unchanged.  Median sternotomy wires and
+ mediastinal clips are again noted.  Mild cardiomegaly is stable.  There is no pulmonary edema.
+
+ IMPRESSION:
+
+ No pneumothorax after left chest tube removal.
+"""
+FENCED_JSON_ANSWER = """```json
+{
+  "Atelectasis": "uncertain",
+  "Cardiomegaly": "positive",
+  "Edema": "negative",
+  "Pleural Effusion": "positive",
+  "laterality": {"Pleural Effusion": "bilateral"}
+}
+```"""
+SELF_CORRECTING_ANSWER = """Let me think about this carefully. At first glance the left apex looks a bit lucent, so I wondered about a pneumothorax, but on closer inspection the lung markings extend all the way to the chest wall, so there is no pneumothorax. The heart is enlarged. The lungs show mild vascular congestion.
+
+Final answer: cardiomegaly with mild pulmonary vascular congestion; no pneumothorax."""
 
 # (id, text, expected labels, refusal, hedging); hedging None = not checked.
 CASES: list[tuple[str, str, str, bool, bool | None]] = [
@@ -1610,6 +1663,127 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
+    # --- fourth round (held out from the third round's fixes) ----------------------------------
+    (
+        "r4_abcde",
+        ABCDE_ANSWER,
+        "LO=pos/right CO=pos/right AT=neg/left ED=neg PN=pos/right PX=neg CM=neg EC=neg PE=unc/right FR=neg",
+        False,
+        True,
+    ),
+    ("r4_normal_list", NORMAL_LIST_ANSWER, f"CM=neg {CLEAR} PE=neg PX=neg", False, None),
+    ("r4_mimic_long", CHEST_TUBE_REPORT, "SD=pos PX=neg PE=pos/left AT=pos/left CM=pos ED=neg", False, None),
+    ("r4_jsonish", FENCED_JSON_ANSWER, "AT=unc CM=pos ED=neg PE=pos/bilateral", False, None),
+    ("r4_wandering", SELF_CORRECTING_ANSWER, "PX=neg CM=pos ED=pos", False, None),
+    (
+        "r4_without_change",
+        "Small bilateral pleural effusions without change.",
+        "PE=pos/bilateral",
+        False,
+        None,
+    ),
+    ("r4_without_evidence", "Without evidence of pneumothorax or effusion.", "PX=neg PE=neg", False, None),
+    ("r4_free_of_effusion", "The pleural spaces are free of effusion.", "PE=neg", False, None),
+    ("r4_no_longer_tube", "The nasogastric tube is no longer present.", "SD=neg", False, None),
+    (
+        "r4_no_change_in_ptx",
+        "No significant change in the small left apical pneumothorax.",
+        "PX=pos/left",
+        False,
+        None,
+    ),
+    ("r4_neither_nor", "There is neither pleural effusion nor pneumothorax.", "PE=neg PX=neg", False, None),
+    (
+        "r4_rather_than_effusion",
+        "The opacity likely represents pleural thickening rather than effusion.",
+        "LO=pos PO=unc PE=neg",
+        False,
+        None,
+    ),
+    ("r4_excluded", "Pneumothorax has been excluded.", "PX=neg", False, None),
+    (
+        "r4_cannot_exclude_small",
+        "A small left pleural effusion cannot be excluded.",
+        "PE=unc/left",
+        False,
+        None,
+    ),
+    (
+        "r4_suspicious_for",
+        "Right upper lobe cavitary lesion, suspicious for tuberculosis.",
+        "LL=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r4_right_heart_not_side",
+        "Right heart border is obscured by a right middle lobe opacity.",
+        "LO=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r4_right_sided_pacer",
+        "Right-sided pacemaker with leads in the right ventricle. No effusion.",
+        "SD=pos PE=neg",
+        False,
+        None,
+    ),
+    ("r4_both_costophrenic", "Both costophrenic angles are sharp.", "PE=neg/bilateral", False, None),
+    (
+        "r4_left_cp_blunted",
+        "Left costophrenic angle blunting, likely small effusion.",
+        "PE=unc/left",
+        False,
+        None,
+    ),
+    (
+        "r4_mixed_case_json",
+        "atelectasis: NO; CARDIOMEGALY: yes; effusion: No",
+        "AT=neg CM=pos PE=neg",
+        False,
+        None,
+    ),
+    ("r4_curly_dont", "I don\u2019t see any pneumothorax or pleural effusion.", "PX=neg PE=neg", False, None),
+    (
+        "r4_nbsp_table",
+        "|\u00a0Pneumothorax\u00a0|\u00a0Absent\u00a0|\n|\u00a0Cardiomegaly\u00a0|\u00a0Present\u00a0|",
+        "PX=neg CM=pos",
+        False,
+        None,
+    ),
+    (
+        "r4_hemithorax_white",
+        "Complete opacification of the right hemithorax with tracheal deviation to the left.",
+        "LO=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r4_not_excluded_fracture",
+        "A nondisplaced rib fracture on the left is not excluded.",
+        "FR=unc/left",
+        False,
+        None,
+    ),
+    (
+        "r4_stable_nodule",
+        "Stable 6 mm right lower lobe nodule, unchanged since ___.",
+        "LL=pos/right",
+        False,
+        None,
+    ),
+    ("r4_evaluate_ptx", "Evaluate for pneumothorax.", "PX=unc", False, None),
+    ("r4_bilateral_negative", "No bilateral pleural effusions.", "PE=neg/bilateral", False, None),
+    (
+        "r4_new_right_effusion",
+        "New small right pleural effusion. Left effusion has resolved.",
+        "PE=pos/right",
+        False,
+        None,
+    ),
+    ("r4_heart_big", "The heart looks big.", "CM=pos", False, None),
+    ("r4_heart_normal_size_looks", "The heart looks normal in size.", "CM=neg", False, None),
 ]
 
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from cxrmax.labeler import cues
 from cxrmax.labeler import matcher as mt
 from cxrmax.labeler.matcher import (
     CONTRAST,
@@ -239,7 +240,6 @@ def _is_location_gap(low: str, a: int, b: int) -> bool:
 
 
 _MENTION_KINDS = (MENTION, SIGN)
-_JOINS = re.compile(r",|\b(?:and|or|with|plus|as well as)\b")
 
 
 def _is_modifier_gap(low: str, a: int, b: int) -> bool:
@@ -349,7 +349,7 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
         break
     forward: list[str] = []
     forward_gap = 99
-    forward_lead = (0, 0)  # the text between the mention and its first following side word
+    lat_end = 0  # end of the last side word after the mention
     hopped = False
     edge = tokens[index][1]
     j = index + 1
@@ -359,7 +359,8 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
     while j < n:
         tok = tokens[j]
         kind = tok[2]
-        if kind == TERM and not tok[3]:
+        if (kind == TERM and not tok[3]) or (kind == SEMI and j == index + 1 and tok[3] != ";"):
+            # predicates ("are present bilaterally") and a key's colon ("Pleural Effusion": "left")
             if _gap(low, edge, tok[0]) > _LAT_GAP:
                 break
             edge = tok[1]
@@ -372,11 +373,10 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
                 break  # "no pneumothorax, mild right atelectasis": the side is the next finding's
             if not forward and gap <= _LAT_GAP:
                 forward_gap = gap
-                forward_lead = (edge, tok[0])
             elif not (forward and _is_location_gap(low, edge, tok[0])):
                 break
             forward.append(tok[3])
-            edge = tok[1]
+            edge = lat_end = tok[1]
             j += 1
             continue
         if forward or back:
@@ -390,14 +390,10 @@ def _sides(low: str, tokens: list, index: int, back_only: bool = False) -> str |
             j += 1
             continue
         break
-    if (
-        forward
-        and j < n
-        and tokens[j][2] in _MENTION_KINDS
-        and _JOINS.search(low, forward_lead[0], forward_lead[1])
-        and _is_modifier_gap(low, edge, tokens[j][0])
-    ):
-        forward = []  # "left lower lobe consolidation and right upper lobe nodule": the next finding's side
+    if forward and j < n and tokens[j][2] in _MENTION_KINDS and _is_modifier_gap(low, lat_end, tokens[j][0]):
+        # "left lower lobe consolidation and right upper lobe nodule", "no pneumothorax after left chest
+        # tube removal": side words that lead into the next finding are that finding's side.
+        forward = []
     if back and forward and not hopped and forward_gap < back_gap:
         sides = forward
     else:
@@ -928,13 +924,21 @@ def _sides_of(words: list[str]) -> str:
 
 
 def _combine(items) -> tuple[str, str | None]:
-    """Conflict rule: strongest status wins; laterality = union of that status's sides."""
+    """Conflict rule: strongest status wins; laterality = union of that status's sides. Exception: a
+    finding that is only mused about ("I wondered about a pneumothorax") and negated afterwards is
+    negative (the model took the musing back)."""
     best = "absent"
     best_rank = 0
     for item in items:
         rank = _RANK[item[4]]
         if rank > best_rank:
             best, best_rank = item[4], rank
+    if best == "uncertain":
+        mused = [item[1] for item in items if item[4] == "uncertain"]
+        if all(item[6] in _TENTATIVE for item in items if item[4] == "uncertain") and any(
+            item[4] == "negative" and item[1] > max(mused) for item in items
+        ):
+            best = "negative"
     sides = {item[5] for item in items if item[4] == best and item[5] is not None}
     if not sides:
         side = "unspecified"
@@ -945,6 +949,7 @@ def _combine(items) -> tuple[str, str | None]:
     return best, side
 
 
+_TENTATIVE = frozenset(cues.TENTATIVE)
 _FAMILY = ("Pneumonia", "Consolidation", "Lung Opacity", "Atelectasis")
 
 

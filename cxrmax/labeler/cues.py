@@ -238,6 +238,25 @@ NEG_POST: tuple[str, ...] = (
     "which are not present",
 )
 
+#: Musings a reasoning model may take back later ("I wondered about a pneumothorax, but ... there is no
+#: pneumothorax"): uncertain, unless a later statement of the same text negates the finding (core.py).
+TENTATIVE: tuple[str, ...] = (
+    "wondered about",
+    "i wondered about",
+    "wondered whether",
+    "wondered if",
+    "i wondered if",
+    "i was wondering about",
+    "initially thought",
+    "i initially thought",
+    "at first i thought",
+    "i first thought",
+    "initially suspected",
+    "i initially suspected",
+    "initially considered",
+    "at first glance",
+)
+
 UNC_PRE: tuple[str, ...] = (
     "possible",
     "possibly",
@@ -390,6 +409,7 @@ UNC_PRE: tuple[str, ...] = (
     "there may also be",
     "most likely due to",
     "most likely related to",
+    *TENTATIVE,
 )
 
 UNC_POST: tuple[str, ...] = (
@@ -989,6 +1009,16 @@ HEDGING: tuple[str, ...] = (
     "qualified radiologist",
     "qualified medical",
     "not a substitute",
+    # "is not ..." would otherwise be read as the negation cue "is not"
+    "is not a substitute",
+    "are not a substitute",
+    "is not a replacement",
+    "not a replacement",
+    "is not medical advice",
+    "is not intended as medical advice",
+    "is not intended to",
+    "is not a diagnosis",
+    "is not a definitive diagnosis",
     "not medical advice",
     "not intended as medical advice",
     "for educational purposes",

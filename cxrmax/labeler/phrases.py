@@ -559,7 +559,7 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         {"Cardiomegaly": "negative"},
     ),
     (
-        rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|increased|large|prominent)",
+        rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_ADV}{{0,2}}(?:enlarged|increased|large|prominent|big|dilated)",
         {"Cardiomegaly": "mention"},
     ),
     (
