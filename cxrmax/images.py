@@ -100,17 +100,25 @@ def target_size(
 
 # Leading bytes of the raster formats Pillow reads: a file that starts with one of them is decoded
 # as a raster image whatever its name says (a PNG saved as .dcm, a JPEG saved as .png).
-_RASTER_MAGIC = (
-    b"\xff\xd8\xff",  # JPEG
-    b"\x89PNG\r\n\x1a\n",
-    b"GIF87a",
-    b"GIF89a",
-    b"II*\x00",  # TIFF, little-endian
-    b"MM\x00*",  # TIFF, big-endian
-    b"BM",
-    b"\x00\x00\x00\x0cjP  \r\n",  # JPEG 2000 (JP2)
-    b"\xffO\xffQ",  # JPEG 2000 codestream
-)
+_RASTER_MAGIC = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",  # little-endian
+    b"MM\x00*": "TIFF",  # big-endian
+    b"BM": "BMP",
+    b"\x00\x00\x00\x0cjP  \r\n": "JPEG 2000",  # JP2
+    b"\xffO\xffQ": "JPEG 2000",  # codestream
+}
+
+
+def _raster_format(head: bytes) -> str | None:
+    """The raster format a file's first bytes announce, or None."""
+    for magic, name in _RASTER_MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return "WebP" if head.startswith(b"RIFF") and head[8:12] == b"WEBP" else None
 
 
 def _looks_like_bare_dicom(head: bytes) -> bool:
@@ -137,7 +145,7 @@ def _kind(path: Path) -> str:
         raise ImageError(f"{where(path)}: image file is empty (0 bytes)")
     if head[128:132] == b"DICM":
         return "dicom"
-    if head.startswith(_RASTER_MAGIC) or (head.startswith(b"RIFF") and head[8:12] == b"WEBP"):
+    if _raster_format(head):
         return "raster"
     if path.suffix.lower() in (".dcm", ".dicom", ".dic") or _looks_like_bare_dicom(head):
         return "dicom"
@@ -612,6 +620,18 @@ def preprocess(
             "(raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted)"
         ) from None
     except UnidentifiedImageError:
+        with open(path, "rb") as handle:
+            announced = _raster_format(handle.read(16))
+        if announced == "JPEG":  # Pillow reads 8-bit baseline and progressive JPEG only
+            raise ImageError(
+                f"{where(path)}: a JPEG that Pillow cannot decode: a 12-bit, lossless or arithmetic-"
+                "coded variant, or a corrupt header"
+            ) from None
+        if announced:
+            raise ImageError(
+                f"{where(path)}: a {announced} file that Pillow cannot decode (unsupported variant "
+                "or corrupt header)"
+            ) from None
         raise ImageError(
             f"{where(path)}: not a recognised image file (JPEG, PNG, TIFF or DICOM expected)"
         ) from None

@@ -823,13 +823,13 @@ def _broken(kind: str, folder: Path) -> Path:
         ("empty.jpg", "empty (0 bytes)"),
         ("truncated.jpg", "truncated"),
         ("progressive_truncated.jpg", ""),
-        ("header_only.jpg", "not a recognised image file"),
+        ("header_only.jpg", "a JPEG that Pillow cannot decode"),
         ("truncated.png", "cannot decode image"),
         ("bad_crc.png", "cannot decode image"),
         ("truncated.tif", "truncated"),
         ("html_error_page.jpg", "not a recognised image file"),
         ("text.dcm", "not a DICOM file"),
-        ("zero_size.png", "not a recognised image file"),
+        ("zero_size.png", "a PNG file that Pillow cannot decode"),
         ("bomb.png", "too large to decode safely"),
         ("directory.jpg", "is a directory"),
         ("missing.png", "not found"),
@@ -846,6 +846,31 @@ def test_broken_raster_files_raise_image_error_naming_the_path(
             assert str(path) in str(exc) and reason in str(exc)
         else:  # only a progressive JPEG cut after a complete scan may decode (coarsely)
             assert kind == "progressive_truncated.jpg" and image.mode == "L"
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "decodes"),
+    [
+        ("JPGExtended.dcm", "12bit.jpg", False),  # JPEG extended, 12-bit samples
+        ("JPEG-LL.dcm", "lossless.jpg", False),  # JPEG lossless (process 14)
+        ("MR_small_jpeg_ls_lossless.dcm", "jpeg_ls.jpg", False),  # JPEG-LS
+        ("RG1_J2KR.dcm", "chest.j2k", True),  # a JPEG 2000 codestream of a chest film
+        ("SC_rgb_jpeg.dcm", "colour.jpg", True),
+    ],
+)
+def test_jpeg_variants_pillow_cannot_read(tmp_path: Path, source: str, name: str, decodes: bool) -> None:
+    """Real compressed streams taken out of DICOM files, saved as plain image files."""
+    from pydicom.encaps import generate_fragmented_frames
+
+    dataset = pydicom.dcmread(_data_file(source))
+    path = tmp_path / name
+    path.write_bytes(b"".join(next(generate_fragmented_frames(dataset.PixelData, number_of_frames=1))))
+    if decodes:
+        image = preprocess(path, max_edge=64)
+        assert image.mode == "L" and max(image.size) == 64 and np.asarray(image).std() > 0
+        return
+    with pytest.raises(ImageError, match="a JPEG that Pillow cannot decode: a 12-bit, lossless"):
+        preprocess(path)
 
 
 def test_unreadable_file_is_an_image_error(tmp_path: Path) -> None:
