@@ -208,6 +208,19 @@ def test_colour_multiframe_jpeg_and_ybr() -> None:
     assert np.abs(ybr - rgb).max() <= 2
 
 
+@pytest.mark.parametrize("name", ["RG1_UNCI.dcm", "RG1_UNCR.dcm", "RG1_J2KI.dcm", "RG1_J2KR.dcm"])
+def test_the_real_chest_film_is_upright_with_dark_lungs_in_every_encoding(name: str) -> None:
+    """pydicom-data's chest PA (MONOCHROME1, 15 bits stored) raw, big-endian and JPEG 2000."""
+    image = np.asarray(preprocess(_data_file(name), max_edge=256), dtype=np.float64)
+    height, width = image.shape
+    lungs = image[int(0.15 * height) : int(0.3 * height), int(0.15 * width) : int(0.35 * width)].mean()
+    spine = image[int(0.3 * height) : int(0.6 * height), int(0.45 * width) : int(0.55 * width)].mean()
+    assert lungs < spine - 40
+    # Upright: the diaphragm and abdomen (bright) are below the lungs (dark).
+    lower = image[int(0.85 * height) :, int(0.15 * width) : int(0.35 * width)].mean()
+    assert lower > lungs + 40
+
+
 # ------------------------------------------------------------------------------ DICOM variants
 
 _ROWS, _COLS = 48, 40
