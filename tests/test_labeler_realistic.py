@@ -1786,6 +1786,42 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     ),
     ("r4_heart_big", "The heart looks big.", "CM=pos", False, None),
     ("r4_heart_normal_size_looks", "The heart looks normal in size.", "CM=neg", False, None),
+    # --- request sections and findings on one line (found after the context-section change) ------
+    (
+        "one_line_sections",
+        "INDICATION: Cough. FINDINGS: Small left pleural effusion. IMPRESSION: Small left effusion.",
+        "PE=pos/left",
+        False,
+        None,
+    ),
+    (
+        "one_line_technique",
+        "Technique: PA and lateral. Findings: No pneumothorax. Cardiomegaly.",
+        "PX=neg CM=pos",
+        False,
+        None,
+    ),
+    (
+        "one_line_comparison",
+        "Comparison: none. Impression: right lower lobe pneumonia.",
+        "PN=pos/right",
+        False,
+        None,
+    ),
+    (
+        "one_line_history",
+        "History: fever, r/o pneumonia.  Findings: the lungs are clear.",
+        CLEAR,
+        False,
+        None,
+    ),
+    (
+        "indication_two_lines",
+        "INDICATION: Cough.\nEvaluate for pneumonia.\n\nNo consolidation.",
+        "CO=neg",
+        False,
+        None,
+    ),
 ]
 
 

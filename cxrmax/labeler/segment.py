@@ -34,6 +34,9 @@ _CONTEXT_LABEL = re.compile(
     r"technique)[ \t]*(?:\*\*|__)?[ \t]*:[ \t]*(?:\*\*|__)?[ \t]*\S",
     re.IGNORECASE,
 )
+_SENTENCE_LABEL = re.compile(
+    r"(?:\*\*|__)?(?P<h>[A-Za-z][A-Za-z/]*(?:[ \t]+[A-Za-z/]+){0,3})(?:\*\*|__)?[ \t]*:"
+)
 _CONTEXT_FIRST = frozenset("CHIRTPMchirtpm*_")  # first letters of the context labels above
 # "Pneumothorax: no", "Effusion - absent", "Heart size: normal": a short label line is its own step
 # even when the line before it does not end a sentence (verdict lists rarely have full stops).
@@ -166,9 +169,21 @@ def split_steps(text: str) -> list[Segment]:
     prev_line_ends_sentence = True
 
     def flush(block_end: int) -> None:
-        nonlocal block_start
+        nonlocal block_start, heading, in_context
         if block_start >= 0:
+            first_new = len(segments)
             _split_sentences(text, block_start, block_end, block_kind, block_heading, segments)
+            if in_context and block_heading is not None and _is_context(block_heading):
+                # "INDICATION: Cough. FINDINGS: Small left effusion." on one line: a later sentence
+                # that opens another section ends the request section.
+                for k in range(first_new + 1, len(segments)):
+                    label = _SENTENCE_LABEL.match(text, segments[k].start)
+                    if label is not None and not _is_context(label.group("h")):
+                        heading = label.group("h")
+                        in_context = False
+                        for m in range(k, len(segments)):
+                            segments[m] = segments[m]._replace(heading=heading)
+                        break
         block_start = -1
 
     # A request section (INDICATION, HISTORY, COMPARISON, TECHNIQUE, "Clinical history: ...") heads
