@@ -108,8 +108,8 @@ def test_pydicom_data_counts() -> None:
             decoded += 1
         except ImageError:
             pass
-    if len(_TEST_FILES) > 200:  # pydicom 3 with pydicom-data: 244 files, 143 decode here
-        assert decoded >= 135
+    if len(_TEST_FILES) > 200:  # pydicom 3 with pydicom-data: 244 files, 145 decode here
+        assert decoded >= 140
 
 
 def _data_file(name: str) -> Path:
