@@ -1822,6 +1822,16 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
+    ("question_heart_no", "Is the heart enlarged? No.", "CM=neg", False, None),
+    ("question_heart_yes", "Is the heart enlarged? Yes.", "CM=pos", False, None),
+    (
+        "question_answer_no_then_finding",
+        "Are the lungs clear? No, there is a right lower lobe opacity.",
+        "LO=pos/right",
+        False,
+        None,
+    ),
+    ("question_possibly", "Is there a pneumothorax? Possibly.", "PX=unc", False, None),
 ]
 
 

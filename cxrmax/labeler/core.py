@@ -429,6 +429,19 @@ _ANSWERS = {
     "likely": "uncertain",
     "maybe": "uncertain",
 }
+
+
+def _answered(asked: str, answer: str) -> str:
+    """Status of what a question asked, given the answer: "Is there an effusion? No." -> negative;
+    "Are the lungs clear? Yes." keeps the statement's own status; "Are the lungs clear? No." says
+    something is abnormal without saying what, so it asserts nothing (DROP)."""
+    if answer == "positive":
+        return asked
+    if asked == "negative":
+        return DROP
+    return answer
+
+
 _QUESTION_TAIL = " *_)\"'"
 
 
@@ -700,7 +713,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
     pending: list[
         int
     ] = []  # assertions of the previous step when it was a bare label ("2. Pleural effusion")
-    question: list[tuple[int, int, int, str, str | None]] = []  # mentions of a question step
+    question: list[tuple[int, int, int, str, str, str | None]] = []  # what a question step asked
     for step_index, segment in enumerate(segments):
         while t < n_tokens and tokens[t][0] < segment.start:  # tokens between steps (markers)
             kind = tokens[t][2]
@@ -722,9 +735,11 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             answer = _ANSWER.match(low, segment.start, segment.end)
             if answer is not None:
                 word = answer.group(1)
-                for step_of, a, b, observation, side in question:
-                    assertions.append((step_of, a, b, observation, _ANSWERS[word], side, "(answer) " + word))
-                recognised = True
+                for step_of, a, b, observation, asked, side in question:
+                    status = _answered(asked, _ANSWERS[word])
+                    if status != DROP:
+                        assertions.append((step_of, a, b, observation, status, side, "(answer) " + word))
+                        recognised = True
             question = []
         if pending:
             # Sub-items of a bare label: "2. Pleural effusion / - None", "1. Atelectasis / - Left lower lobe".
@@ -873,7 +888,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 continue  # the step interprets the sign itself
             tok = step_tokens[i]
             if asks:
-                question.append((step_index, tok[0], tok[1], observation, side))
+                question.append((step_index, tok[0], tok[1], observation, status, side))
                 continue
             assertions.append((step_index, tok[0], tok[1], observation, status, side, cue))
             recognised = True
