@@ -1920,3 +1920,20 @@ def test_degenerate_long_steps_are_labelled_in_linear_time(name):
     assert result.error is None
     assert result.observations["Pleural Effusion"].status != "absent" or name == "no_punctuation"
     assert elapsed < 5.0, f"{name}: {elapsed:.1f} s of CPU for {len(text)} characters"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Pneumonie im rechten Unterlappen.",
+        "Les poumons sont clairs, pas d'anomalie.",
+        "Neumonía en el lóbulo inferior derecho.",
+        "诊断：右下肺炎。",
+    ],
+)
+def test_answers_in_another_language_are_not_called_normal(text):
+    result = label_text(text)
+    assert all(label.status == "absent" for label in result.observations.values())
+    assert result.error == "no English text recognised"
+    [row] = label_texts([text], processes=1).to_pylist()
+    assert row["No Finding"] is None and row["error"] == "no English text recognised"

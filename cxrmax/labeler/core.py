@@ -97,6 +97,17 @@ _DROP_SPACES = str.maketrans("", "", " -\n\t\r")
 _JUNK = re.compile(r"[\x00-\x08\x0e-\x1f\ufffd]")
 _CONTROL_CHARS = tuple(chr(c) for c in (*range(0, 9), *range(14, 32))) + ("\ufffd",)
 _LETTER = re.compile(r"[^\W\d_]")
+_WORD_RE = re.compile(r"[^\W\d_]+")
+_ENGLISH_WORDS = frozenset(
+    "the a an is are was of and or in on with no not there this that to for be at as by it its".split()
+)
+_FOREIGN_WORDS = frozenset(
+    "der die das und im ist nicht kein keine mit ein eine den dem des "  # German
+    "le la les et est une pas sur avec dans du aucun "  # French
+    "el los las y es una con sin del hay ningun "  # Spanish
+    "il lo gli che non della nel sono "  # Italian
+    "não uma com sem".split()  # Portuguese
+)
 _ASCII_LETTER = re.compile(r"[A-Za-z]")
 
 
@@ -1016,13 +1027,23 @@ def _input_problem(text: object) -> tuple[str | None, str | None]:
 
 
 def _not_english(text: str) -> bool:
+    """True for a text in which nothing was recognised that is not English (called only then)."""
     if text.isascii():
-        return not _ASCII_LETTER.search(text)
-    letters = _LETTER.findall(text, 0, 5000)
-    if not letters:
-        return True
-    ascii_letters = sum(1 for c in letters if c < "\x80")
-    return ascii_letters < 0.5 * len(letters)
+        if not _ASCII_LETTER.search(text):
+            return True
+    else:
+        letters = _LETTER.findall(text, 0, 5000)
+        if not letters:
+            return True
+        ascii_letters = sum(1 for c in letters if c < "\x80")
+        if ascii_letters < 0.5 * len(letters):
+            return True
+    # Latin-script answers in another language ("Pneumonie im rechten Unterlappen"): function words
+    # of a few common languages and none of English's.
+    words = _WORD_RE.findall(text.lower(), 0, 3000)
+    foreign = sum(1 for w in words if w in _FOREIGN_WORDS)
+    english = sum(1 for w in words if w in _ENGLISH_WORDS)
+    return foreign > 0 and english == 0 or foreign >= 2 and foreign > english
 
 
 def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool, bool, int, str | None]:
