@@ -7,10 +7,12 @@ InputError naming the file, the row/line and the field. Never a traceback, never
 
 from __future__ import annotations
 
+import bz2
 import csv
 import gzip
 import io
 import json
+import lzma
 import os
 import re
 
@@ -133,6 +135,9 @@ READ_AS = [
     ("gzip-without-gz", "sub.csv", gzip.compress(CANONICAL), CANONICAL),
     ("gz-name-plain-data", "plain.csv.gz", CANONICAL, CANONICAL),
     ("gzip-jsonl-no-suffix", "z.jsonl", gzip.compress(jsonl(label_records())), CANONICAL),
+    ("bzip2-with-suffix", "sub.csv.bz2", bz2.compress(CANONICAL), CANONICAL),
+    ("bzip2-without-suffix", "bz.csv", bz2.compress(CANONICAL), CANONICAL),
+    ("xz-jsonl", "sub.jsonl.xz", lzma.compress(jsonl(label_records())), CANONICAL),
     ("parquet-named-csv", "really-parquet.csv", parquet(_TABLE), CANONICAL),
     ("ids-s-prefix", "s.csv", to_csv(label_rows(key=lambda s: f"s{s}")), CANONICAL),
     ("ids-dot-zero", "dot0.csv", to_csv(label_rows(key=lambda s: f"{s}.0")), CANONICAL),
@@ -210,6 +215,9 @@ REFUSED = [
     ("utf16-without-bom", "u16.csv", CANONICAL.decode().encode("utf-16-le"), r": UTF-16 text without a byte-order mark"),
     ("header-name-with-newline", "hn.csv", CANONICAL.replace(b"Atelectasis", b'"Atel\nectasis"', 1), r" field 'Atel\\nectasis': unexpected column"),
     ("probability-just-above-one", "p1.csv", _bad_edema("1.0000001"), r" row 3 field 'Edema': 1\.0000001 is out of range"),
+    ("zstd-compressed", "z.csv", b"\x28\xb5\x2f\xfd" + b"\x00" * 32, r": zstd-compressed; decompress it"),
+    ("bzip2-truncated", "cut.csv.bz2", bz2.compress(CANONICAL)[:-20], r": cannot read the file \(truncated or corrupt\?\)"),
+    ("no-header-row", "nohead.csv", b"\n".join(CANONICAL.splitlines()[1:]) + b"\n", r" line 1: starts with '50414267', data rather than column names"),
     ("unknown-suffix", "preds.txt", CANONICAL, r": unknown submission format 'txt'"),
     ("duplicate-same-values", "dup.csv", CANONICAL + CANONICAL.splitlines()[1] + b"\n", r" row 13 field 'study_id': duplicate study_id 50414267 \(first given in row 1\)"),
     ("duplicate-conflicting", "dupc.csv", CANONICAL + CANONICAL.splitlines()[1].replace(b",", b",1,", 1)[:-2] + b"\n", r" row 13 field 'study_id': duplicate study_id 50414267"),
@@ -379,6 +387,52 @@ def test_lenient_skips_non_text_reports(tmp_path, refs):
         )
     )
     assert got.headline == score(kept, "mimic-cxr-report", refs["reports"], n_boot=0, processes=1).headline
+
+
+def _frame(evenly_spaced: bool):
+    import pandas as pd
+
+    order = list(range(N)) if evenly_spaced else [3, 0, 5, 1, 2, 4, 6, 7, 8, 9, 10, 11]
+    return pd.DataFrame(
+        {"study_id": [IDS[i] for i in order], **{o: LABELS[order, j] for j, o in enumerate(OBSERVATIONS)}}
+    )
+
+
+def _pandas_bytes(write) -> bytes:
+    buf = io.BytesIO()
+    write(buf)
+    return buf.getvalue()
+
+
+# What pandas writes by default and with common options: (id, file name, writer, None or error pattern)
+PANDAS = [
+    ("to_csv-with-index", "idx.csv", lambda f: f.to_csv().encode(), None),
+    ("to_csv-float-format", "ff.csv", lambda f: f.to_csv(index=False, float_format="%.1f").encode(), None),
+    ("to_json-records", "r.json", lambda f: f.to_json(orient="records").encode(), None),
+    ("to_json-records-lines", "r.jsonl", lambda f: f.to_json(orient="records", lines=True).encode(), None),
+    ("to_json-index-by-study", "i.json", lambda f: f.set_index("study_id").to_json(orient="index").encode(), None),
+    ("to_parquet-study-index", "i.parquet", lambda f: _pandas_bytes(f.set_index("study_id").to_parquet), None),
+    ("to_parquet-study-range-index", "ri.parquet", lambda f: _pandas_bytes(f.set_index("study_id").to_parquet), "range"),
+    ("to_json-default-columns", "c.json", lambda f: f.to_json().encode(), r" row 1 field 'study_id': the object is keyed by column names \(pandas' default to_json\(\)"),
+    ("to_json-index-by-position", "p.json", lambda f: f.to_json(orient="index").encode(), r" row 1 field 'study_id': 50414\d+ differs from its key '0' \(keys that number the rows"),
+    ("to_json-split", "s.json", lambda f: f.to_json(orient="split").encode(), r" row 1 field 'columns': this looks like pandas' to_json\(orient='split'"),
+    ("to_json-values", "v.json", lambda f: f.to_json(orient="values").encode(), r" row 1: each array element must be an object \(a list of lists"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "write", "expect"), [c[1:] for c in PANDAS], ids=[c[0] for c in PANDAS])
+def test_what_pandas_writes(tmp_path, refs, name, write, expect):
+    path = tmp_path / name
+    path.write_bytes(write(_frame(evenly_spaced=expect == "range")))
+    if expect not in (None, "range"):
+        with pytest.raises(InputError) as caught:
+            score(path, "mimic-cxr-labels", refs["labels"], n_boot=0)
+        assert re.match(re.escape(str(path)) + expect, str(caught.value)), str(caught.value)
+        return
+    (tmp_path / "canonical.csv").write_bytes(CANONICAL)
+    want = score(tmp_path / "canonical.csv", "mimic-cxr-labels", refs["labels"], n_boot=0)
+    got = score(path, "mimic-cxr-labels", refs["labels"], n_boot=0)
+    assert _result_numbers(got) == _result_numbers(want)
 
 
 def _report_jsonl(texts) -> bytes:

@@ -15,7 +15,8 @@ per observation (1 / 0 / -1 / blank, or a probability in [0, 1]), or free text (
 JSONL rows are lines) and the field.
 
 Unusual but unambiguous input is read, and documented here:
-- the content decides over the name: gzip data is decompressed with or without ``.gz``, a Parquet
+- the content decides over the name: gzip, bzip2 and xz data are decompressed with or without their
+  suffix (``.gz``/``.bz2``/``.xz``; zstd and ZIP are refused by name), a Parquet
   file is read as Parquet whatever its suffix; a UTF-8 byte-order mark is dropped; text must be UTF-8
   (other encodings are refused naming the line, never guessed);
 - CSV: ``;`` or tab as the delimiter when the header holds no comma; blank or whitespace-only lines
@@ -34,6 +35,7 @@ import csv
 import gzip
 import io
 import json
+import lzma
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -97,7 +99,7 @@ FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
 def detect_format(path: Path) -> str:
     """Format name from the suffix (``.gz`` stripped)."""
     suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
+    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
         suffixes = suffixes[:-1]
     suffix = suffixes[-1].lstrip(".") if suffixes else ""
     if suffix == "ndjson":
@@ -112,6 +114,9 @@ def detect_format(path: Path) -> str:
 
 
 GZIP_MAGIC = b"\x1f\x8b"
+#: Compressions the standard library reads, by their magic bytes.
+COMPRESSIONS = {GZIP_MAGIC: "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PARQUET_MAGIC = b"PAR1"
 ZIP_MAGIC = b"PK\x03\x04"
 #: Largest single CSV field / JSON entry accepted (a longer one is almost always an unbalanced quote).
@@ -123,8 +128,25 @@ class FileKind:
     """What a submission file holds, from its first bytes (and its name where the bytes do not say)."""
 
     format: str
-    compressed: bool
+    compression: str | None  # gzip | bz2 | xz | None
     encoding: str = "utf-8-sig"
+
+    @property
+    def compressed(self) -> bool:
+        """True when the bytes are decompressed while reading."""
+        return self.compression is not None
+
+
+def _open_binary(path: Path, compression: str | None) -> IO[bytes]:
+    if compression == "gzip":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    if compression == "bz2":
+        import bz2
+
+        return bz2.open(path, "rb")  # type: ignore[return-value]
+    if compression == "xz":
+        return lzma.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
 
 
 def sniff(path: Path) -> FileKind:
@@ -134,27 +156,29 @@ def sniff(path: Path) -> FileKind:
     try:
         with open(path, "rb") as fh:
             head = fh.read(4096)
-        compressed = head.startswith(GZIP_MAGIC)
-        if compressed:
-            with gzip.open(path, "rb") as fh:
+        compression = next((name for magic, name in COMPRESSIONS.items() if head.startswith(magic)), None)
+        if compression:
+            with _open_binary(path, compression) as fh:
                 head = fh.read(4096)
     except PermissionError:
         raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
-    except (OSError, EOFError) as exc:  # a gzip stream cut inside its first block
+    except (OSError, EOFError, lzma.LZMAError) as exc:  # a compressed stream cut inside its first block
         raise InputError(f"{where(path)}: cannot read the file (truncated or corrupt?): {exc}") from None
     if head.startswith(PARQUET_MAGIC):
-        if compressed:
-            raise InputError(f"{where(path)}: a gzip-compressed Parquet file; decompress it first")
-        return FileKind("parquet", False)
+        if compression:
+            raise InputError(f"{where(path)}: a {compression}-compressed Parquet file; decompress it first")
+        return FileKind("parquet", None)
     if head.startswith(ZIP_MAGIC):
         raise InputError(
             f"{where(path)}: this is a ZIP archive (an Excel .xlsx workbook?); export it as CSV (UTF-8) or unzip it"
         )
+    if head.startswith(ZSTD_MAGIC):
+        raise InputError(f"{where(path)}: zstd-compressed; decompress it (or use gzip, bzip2 or xz)")
     fmt = detect_format(path)
     if fmt == "parquet":
-        return FileKind(fmt, compressed)
+        return FileKind(fmt, compression)
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return FileKind(fmt, compressed, "utf-16")
+        return FileKind(fmt, compression, "utf-16")
     if b"\x00" in head:
         if head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4:
             raise InputError(
@@ -162,14 +186,13 @@ def sniff(path: Path) -> FileKind:
             )
         line = head.count(b"\n", 0, head.index(0)) + 1
         raise InputError(f"{where(path)} line {line}: binary data, not a text submission")
-    return FileKind(fmt, compressed)
+    return FileKind(fmt, compression)
 
 
 def _open_text(path: Path, kind: FileKind | None = None) -> IO[str]:
     """Open as text in the sniffed encoding (a byte-order mark is dropped), gzip data decompressed."""
     kind = kind or sniff(path)
-    raw: IO[bytes] = gzip.open(path, "rb") if kind.compressed else open(path, "rb")  # type: ignore[assignment]
-    return io.TextIOWrapper(raw, encoding=kind.encoding, newline="")
+    return io.TextIOWrapper(_open_binary(path, kind.compression), encoding=kind.encoding, newline="")
 
 
 def _decode_error_message(path: Path, kind: FileKind) -> str:
@@ -177,8 +200,7 @@ def _decode_error_message(path: Path, kind: FileKind) -> str:
     where it is and what to do."""
     if kind.encoding != "utf-8-sig":
         return f"{where(path)}: not valid {kind.encoding} text (it starts with a {kind.encoding} byte-order mark)"
-    raw: IO[bytes] = gzip.open(path, "rb") if kind.compressed else open(path, "rb")  # type: ignore[assignment]
-    with raw:
+    with _open_binary(path, kind.compression) as raw:
         for line_number, line in enumerate(raw, start=1):
             try:
                 line.decode("utf-8")
@@ -256,8 +278,9 @@ def iter_batches(
     kind = sniff(path)
     if kind.format == "parquet" and detect_format(path) != "parquet":
         log.notes.append(f"{path.name} holds Parquet data: read as Parquet")
-    if kind.compressed and path.suffix.lower() != ".gz":
-        log.notes.append(f"{path.name} is gzip-compressed: decompressed while reading")
+    suffix_of = {"gzip": ".gz", "bz2": ".bz2", "xz": ".xz"}
+    if kind.compression and path.suffix.lower() != suffix_of[kind.compression]:
+        log.notes.append(f"{path.name} is {kind.compression}-compressed: decompressed while reading")
     fmt = kind.format
     produced = False
     try:
@@ -277,7 +300,7 @@ def iter_batches(
         raise InputError(_decode_error_message(path, kind)) from None
     except PermissionError:
         raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
-    except (EOFError, gzip.BadGzipFile, OSError) as exc:
+    except (EOFError, gzip.BadGzipFile, OSError, lzma.LZMAError) as exc:
         raise InputError(f"{where(path)}: cannot read the file (truncated or corrupt?): {exc}") from None
     if not produced:
         raise InputError(
@@ -369,6 +392,11 @@ def _csv_batches(
         except (csv.Error, StopIteration) as exc:
             raise InputError(f"{where(path)}: cannot parse the header: {exc}") from None
         header = [h.strip().lstrip("\ufeff") for h in header]
+        if header and _PLAIN_ID.fullmatch(header[0]):
+            raise InputError(
+                f"{where(path)} line 1: starts with {header[0]!r}, data rather than column names; the first "
+                f"line must be a header such as study_id,{OBSERVATIONS[0]},... or study_id,report"
+            )
         named = [h for h in header if h]
         if len(set(named)) != len(named):
             dup = next(h for h in named if named.count(h) > 1)
@@ -594,10 +622,24 @@ def _json_batches(path: Path, batch_rows: int, kind: FileKind) -> Iterator[RawBa
     with _open_text(path, kind) as fh:
         for entry, (key, value) in enumerate(_JsonStream(fh, path).items(), start=1):
             if key is not None:
+                low = key.strip().lower()
+                if isinstance(value, (dict, list)) and (
+                    low in KEY_COLUMNS or low in TEXT_COLUMNS or is_observation(key)
+                ):
+                    raise InputError(
+                        f"{where(path, row=entry, field=key)}: the object is keyed by column names "
+                        "(pandas' default to_json() is column-oriented); write rows instead: "
+                        "to_json(orient='records'), or orient='records', lines=True for a .jsonl file"
+                    )
+                if low in ("columns", "data") and isinstance(value, list):
+                    raise InputError(
+                        f"{where(path, row=entry, field=key)}: this looks like pandas' to_json(orient='split' or 'table'); "
+                        "write orient='records' instead"
+                    )
                 if isinstance(value, str) or value is None:
                     value = {"model_prediction": value}
                 if not isinstance(value, dict):
-                    if key.strip().lower() in KEY_COLUMNS:
+                    if low in KEY_COLUMNS:
                         hint = (
                             "this object is one row, not a mapping keyed by study id: for one object per "
                             "line name the file .jsonl, otherwise wrap the rows in a JSON array"
@@ -611,12 +653,24 @@ def _json_batches(path: Path, batch_rows: int, kind: FileKind) -> Iterator[RawBa
                         hint = f"expected an object with model_prediction, got {type(value).__name__}"
                     raise InputError(f"{where(path, row=entry, field=key)}: {hint}")
                 if "study_id" in value and str(value["study_id"]) != key:
+                    hint = ""
+                    if key.isdigit() and len(key) < 8:
+                        hint = (
+                            " (keys that number the rows, as pandas' to_json(orient='index') writes, are not "
+                            "study ids: write orient='records')"
+                        )
                     raise InputError(
-                        f"{where(path, row=entry, field='study_id')}: {value['study_id']!r} differs from its key {key!r}"
+                        f"{where(path, row=entry, field='study_id')}: {value['study_id']!r} differs from its key {key!r}{hint}"
                     )
                 value = {"study_id": key, **{k: v for k, v in value.items() if k != "study_id"}}
             elif not isinstance(value, dict):
-                raise InputError(f"{where(path, row=entry)}: each array element must be an object")
+                hint = (
+                    " (a list of lists has no column names, as pandas' to_json(orient='values') writes: "
+                    "write orient='records')"
+                    if isinstance(value, list)
+                    else ""
+                )
+                raise InputError(f"{where(path, row=entry)}: each array element must be an object{hint}")
             records.append(value)
             rows.append(entry)
             if len(records) >= batch_rows:
@@ -633,12 +687,27 @@ def _parquet_batches(path: Path, batch_rows: int) -> Iterator[RawBatch]:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{where(path)}: not a readable Parquet file (truncated?): {exc}") from None
+    # pandas stores an evenly spaced index (a RangeIndex) in its metadata only, not as a column: a
+    # DataFrame indexed by study_id must not lose its key because the ids happen to be evenly spaced.
+    ranges = []
+    try:
+        metadata = parquet.schema_arrow.pandas_metadata or {}
+    except (ValueError, TypeError):  # foreign or broken pandas metadata: plain columns only
+        metadata = {}
+    for index in metadata.get("index_columns", []):
+        if isinstance(index, dict) and index.get("kind") == "range" and index.get("name"):
+            if index["name"] not in parquet.schema_arrow.names:
+                ranges.append((str(index["name"]), int(index["start"]), int(index["step"])))
     start = 1
     try:
-        for batch in parquet.iter_batches(batch_size=batch_rows):
+        # use_pandas_metadata: a DataFrame saved with study_id as its index keeps it as a column.
+        for batch in parquet.iter_batches(batch_size=batch_rows, use_pandas_metadata=True):
             rows = np.arange(start, start + batch.num_rows, dtype=np.int64)
+            columns = {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
+            for name, first, step in ranges:
+                columns[name] = pa.array(first + step * (rows - 1))
             start += batch.num_rows
-            yield RawBatch(rows, {name: batch.column(i) for i, name in enumerate(batch.schema.names)})
+            yield RawBatch(rows, columns)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{where(path, row=start)}: cannot read Parquet data (truncated?): {exc}") from None
 
