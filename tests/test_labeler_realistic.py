@@ -2,9 +2,10 @@
 INDICATION/COMPARISON/TECHNIQUE sections, device positions, interval change) and VLM answers
 (markdown, <think> blocks, JSON-ish and table answers, verdict lists, disclaimers, refusals, unicode).
 
-Every case was labelled by hand before the labeler was run on it, in four rounds; each round was
+Every case was labelled by hand before the labeler was run on it, in five rounds; each round was
 written after the previous round's failures were fixed, so it measured the labeler on unseen text
-(first-run scores: round 1 176/201 cases fully right, round 2 85/98, round 3 54/60, round 4 25/30).
+(first-run scores: round 1 176/201 cases fully right, round 2 85/98, round 3 54/60, round 4 25/30,
+round 5 26/30).
 Three of my expectations contradicted documented conventions and were corrected (the family side
 rule, the No Finding rule, "evaluate for" = uncertain). Expected labels use the codes of
 tests/test_labeler_eval.py: AT Atelectasis, CM Cardiomegaly, CO Consolidation, ED Edema, EC Enlarged
@@ -278,6 +279,9 @@ FENCED_JSON_ANSWER = """```json
 SELF_CORRECTING_ANSWER = """Let me think about this carefully. At first glance the left apex looks a bit lucent, so I wondered about a pneumothorax, but on closer inspection the lung markings extend all the way to the chest wall, so there is no pneumothorax. The heart is enlarged. The lungs show mild vascular congestion.
 
 Final answer: cardiomegaly with mild pulmonary vascular congestion; no pneumothorax."""
+
+# Fifth round.
+FINDINGS_MD = "**Findings**\n- Lungs: No focal consolidation, no effusion.\n- Heart: Mildly enlarged.\n- Bones: Old healed fracture of the left 6th rib."
 
 # (id, text, expected labels, refusal, hedging); hedging None = not checked.
 CASES: list[tuple[str, str, str, bool, bool | None]] = [
@@ -1832,6 +1836,139 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         None,
     ),
     ("question_possibly", "Is there a pneumothorax? Possibly.", "PX=unc", False, None),
+    # --- fifth round (held out from the fourth round's fixes) -----------------------------------
+    (
+        "r5_no_left_sided_ptx",
+        "There is no evidence of a left-sided pneumothorax.",
+        "PX=neg/left",
+        False,
+        None,
+    ),
+    ("r5_hyperinflated_otherwise_clear", "Lungs: hyperinflated, otherwise clear.", CLEAR, False, None),
+    (
+        "r5_no_list_mild_cm",
+        "No consolidation, effusion, or edema. Mild cardiomegaly.",
+        "CO=neg PE=neg ED=neg CM=pos",
+        False,
+        None,
+    ),
+    (
+        "r5_technique_related",
+        "Possible mild interstitial edema, though this may be technique-related.",
+        "ED=unc",
+        False,
+        None,
+    ),
+    (
+        "r5_two_lobes",
+        "Opacities in the right upper lobe and left lower lobe.",
+        "LO=pos/bilateral",
+        False,
+        None,
+    ),
+    (
+        "r5_ptx_decreased_tube",
+        "Small right pneumothorax, decreased from prior, with right chest tube in place.",
+        "PX=pos/right SD=pos",
+        False,
+        None,
+    ),
+    ("r5_picc_unchanged", "Unchanged position of the right PICC.", "SD=pos", False, None),
+    ("r5_cvc_removed", "A right-sided central venous catheter has been removed.", "SD=neg", False, None),
+    (
+        "r5_interstitium",
+        "There is mild prominence of the pulmonary interstitium, which could reflect mild edema.",
+        "ED=unc",
+        False,
+        None,
+    ),
+    ("r5_enlarged_stable", "The cardiac silhouette is enlarged but stable.", "CM=pos", False, None),
+    (
+        "r5_less_likely",
+        "Mild bibasilar opacities, likely atelectasis, less likely pneumonia.",
+        "LO=pos/bilateral AT=unc/bilateral PN=unc/bilateral",
+        False,
+        None,
+    ),
+    ("r5_old_left_ribs", "Multiple old left rib fractures are again seen.", "FR=pos/left", False, None),
+    ("r5_dobhoff_duodenum", "There is a Dobhoff tube with tip in the duodenum.", "SD=pos", False, None),
+    (
+        "r5_ett_advance",
+        "The tip of the endotracheal tube is 6 cm above the carina. Consider advancing by 2 cm.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    ("r5_early_chf", "Findings concerning for early CHF.", "ED=unc", False, None),
+    ("r5_no_chf", "No evidence of CHF.", "ED=neg", False, None),
+    ("r5_biapical", "There is biapical pleural thickening.", "PO=pos/bilateral", False, None),
+    (
+        "r5_posterior_sulci",
+        "Slight blunting of the posterior costophrenic sulci on the lateral view, which may represent small effusions.",
+        "PE=unc",
+        False,
+        None,
+    ),
+    ("r5_diagnosis_normal", "Diagnosis: Normal. No abnormalities detected.", "", False, None),
+    ("r5_findings_md", FINDINGS_MD, "CO=neg PE=neg CM=pos FR=pos/left", False, None),
+    (
+        "r5_mediastinal_shift",
+        "The most striking finding is a large right-sided pleural effusion causing a mediastinal shift to the left.",
+        "PE=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r5_no_sign_but",
+        "There's no sign of pneumonia, but there is a small area of atelectasis at the right base.",
+        "PN=neg AT=pos/right",
+        False,
+        None,
+    ),
+    ("r5_choice_c", "Answer: C. Pleural effusion", "PE=pos", False, None),
+    (
+        "r5_key_observations",
+        "Key observations: (1) cardiomegaly; (2) bilateral pleural effusions; (3) no pneumothorax.",
+        "CM=pos PE=pos/bilateral PX=neg",
+        False,
+        None,
+    ),
+    (
+        "r5_cardiogenic",
+        "Overall impression: mild pulmonary edema, likely cardiogenic.",
+        "ED=pos",
+        False,
+        None,
+    ),
+    (
+        "r5_i_can_see",
+        "I can see the lungs are clear and the heart is normal.",
+        f"{CLEAR} CM=neg",
+        False,
+        None,
+    ),
+    (
+        "r5_definitive_diagnosis",
+        "I cannot provide a definitive diagnosis, but the findings suggest pneumonia in the left lower lobe.",
+        "PN=unc/left",
+        False,
+        True,
+    ),
+    (
+        "r5_telegraphic",
+        "No pneumothorax. No pleural effusion. Lungs clear. Heart normal. Impression: normal.",
+        f"PX=neg PE=neg {CLEAR} CM=neg",
+        False,
+        None,
+    ),
+    ("r5_lungs_clear_short", "Lungs clear bilaterally.", CLEAR, False, None),
+    (
+        "r5_clear_lungs_no_ptx",
+        "Heart size normal. Lungs clear. No effusion or pneumothorax.",
+        f"CM=neg {CLEAR} PE=neg PX=neg",
+        False,
+        None,
+    ),
 ]
 
 

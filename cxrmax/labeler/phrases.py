@@ -625,7 +625,13 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     ),
     (r"clear\s+lungs?(?:\s+fields?)?", dict.fromkeys(OPACITY_FAMILY, "negative")),
     (
-        r"lungs?(?:\s+fields?)?\s*(?::|\s[\u2013\u2014-])\s*(?:\*\*\s*)?clear",
+        # "Lungs: clear", "Lungs - hyperinflated, otherwise clear"
+        r"lungs?(?:\s+fields?)?\s*(?::|\s[\u2013\u2014-])\s*(?:\*\*\s*)?(?:[\w-]+,?\s+(?:and\s+)?){0,3}?clear\b",
+        dict.fromkeys(OPACITY_FAMILY, "negative"),
+    ),
+    # telegraphic "Lungs clear." (but not "lungs clear signs of ...")
+    (
+        r"(?:both\s+)?lungs?(?:\s+fields?)?\s+clear\b(?!\s+(?:signs?|evidence|features?)\b)",
         dict.fromkeys(OPACITY_FAMILY, "negative"),
     ),
     (
