@@ -435,6 +435,28 @@ def test_what_pandas_writes(tmp_path, refs, name, write, expect):
     assert _result_numbers(got) == _result_numbers(want)
 
 
+def test_a_gigantic_line_is_refused_without_reading_it_whole(tmp_path, refs, monkeypatch):
+    """A whole JSON array on one line of a .jsonl (or a blob) is never held in memory beyond the
+    per-line limit: refused naming the line, or skipped and counted with --lenient."""
+    from cxrmax.leaderboard import submissions
+
+    monkeypatch.setattr(submissions, "MAX_FIELD_CHARS", 2000)  # the real limit is 64 MB
+    array_line = json.dumps(label_records())  # ~4 kB on one line
+    path = tmp_path / "one-line.jsonl"
+    path.write_text("\n".join([_JSONL_LINES[0], array_line, *_JSONL_LINES[1:]]) + "\n")
+    with pytest.raises(
+        InputError, match=r"one-line\.jsonl row 2: a line over 0 MB \(one JSON array on one line"
+    ):
+        score(path, "mimic-cxr-labels", refs["labels"], n_boot=0)
+    got = score(path, "mimic-cxr-labels", refs["labels"], n_boot=0, lenient=True)
+    assert got.extra["skipped_unreadable"] == 1 and got.n_scored == N
+    (tmp_path / "canonical.csv").write_bytes(CANONICAL)
+    assert (
+        got.headline
+        == score(tmp_path / "canonical.csv", "mimic-cxr-labels", refs["labels"], n_boot=0).headline
+    )
+
+
 def _report_jsonl(texts) -> bytes:
     return jsonl([{"study_id": s, "report": t} for s, t in zip(IDS, texts, strict=True)])
 

@@ -369,21 +369,23 @@ def _csv_batches(
     # Long free-text reports are legitimate; Python's default limit (128 KiB) is not a file limit.
     csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
     with _open_text(path, kind) as fh:
-        header_line = fh.readline()
+        header_line = fh.readline(MAX_FIELD_CHARS)
         while header_line and not header_line.strip():  # blank lines before the header
-            header_line = fh.readline()
+            header_line = fh.readline(MAX_FIELD_CHARS)
         if not header_line:
             raise InputError(f"{where(path)}: the file is empty")
         excel_sep = re.fullmatch(r"sep=(.)\r?\n?", header_line)
         if excel_sep:  # Excel's first line naming the delimiter
             chosen = excel_sep.group(1)
-            header_line = fh.readline()
+            header_line = fh.readline(MAX_FIELD_CHARS)
         else:
             chosen = _choose_delimiter(header_line, delimiter)
         if chosen != delimiter:
             log.notes.append(f"CSV delimiter {chosen!r} detected")
-        while header_line.count('"') % 2:  # a quoted column name spanning lines
-            more = fh.readline()
+        while (
+            header_line.count('"') % 2 and len(header_line) < MAX_FIELD_CHARS
+        ):  # a quoted name spanning lines
+            more = fh.readline(MAX_FIELD_CHARS)
             if not more:
                 break
             header_line += more
@@ -459,6 +461,27 @@ def _dict_batch(records: list[dict[str, Any]], rows: list[int], seen: list[str])
     return RawBatch(np.asarray(rows, dtype=np.int64), columns)
 
 
+def _bounded_lines(fh: IO[str], path: Path, lenient: bool, log: ReadLog) -> Iterator[tuple[int, str]]:
+    """Lines with their 1-based numbers, never holding more than MAX_FIELD_CHARS of one line: a
+    gigantic line (a whole JSON array on one line, a binary blob) is an error naming it, or with
+    ``lenient`` skipped and counted."""
+    line_number = 0
+    while True:
+        line = fh.readline(MAX_FIELD_CHARS)
+        if not line:
+            return
+        line_number += 1
+        if len(line) < MAX_FIELD_CHARS or line.endswith(("\n", "\r")):
+            yield line_number, line
+            continue
+        message = f"{where(path, row=line_number)}: a line over {MAX_FIELD_CHARS >> 20} MB (one JSON array on one line? JSON Lines hold one object per line)"
+        if not lenient:
+            raise InputError(message)
+        log.skip(message)
+        while line and not line.endswith(("\n", "\r")):  # drop the rest of the line
+            line = fh.readline(MAX_FIELD_CHARS)
+
+
 def _jsonl_batches(
     path: Path, batch_rows: int, kind: FileKind, lenient: bool, log: ReadLog
 ) -> Iterator[RawBatch]:
@@ -466,7 +489,7 @@ def _jsonl_batches(
     records: list[dict[str, Any]] = []
     rows: list[int] = []
     with _open_text(path, kind) as fh:
-        for row_number, line in enumerate(fh, start=1):
+        for row_number, line in _bounded_lines(fh, path, lenient, log):
             if not line.strip():
                 continue
             problem = None
