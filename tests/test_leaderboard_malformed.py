@@ -519,6 +519,14 @@ def test_report_submissions_refused(tmp_path, refs, name, content, pattern):
         (b"{\n" + jsonl(label_records()), "broken.jsonl", [], 2, r"row 1: invalid JSON"),
         (b"{\n" + jsonl(label_records()), "broken.jsonl", ["--lenient"], 0, r"1 unreadable rows skipped"),
         (None, "missing.csv", [], 2, r"missing\.csv: submission file not found"),
+        (None, "preds[v2].csv", [], 2, r"preds\[v2\]\.csv: submission file not found"),
+        (
+            CANONICAL.replace(b"Edema", b"[bold]Edema", 1),
+            "markup.csv",
+            [],
+            2,
+            r"field '\[bold\]Edema': unexpected",
+        ),
     ],
     ids=[
         "plain",
@@ -528,6 +536,8 @@ def test_report_submissions_refused(tmp_path, refs, name, content, pattern):
         "broken-jsonl",
         "broken-jsonl-lenient",
         "missing",
+        "brackets-in-file-name",
+        "markup-in-column-name",
     ],
 )
 def test_cli_exit_code_and_message(tmp_path, refs, content, name, extra, exit_code, pattern):
