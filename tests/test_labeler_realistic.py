@@ -1969,6 +1969,24 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
+    # --- qualified double negatives ("cannot be entirely excluded") --------------------------------
+    (
+        "entirely_excluded",
+        "No evidence of pneumothorax; however, a small left apical pneumothorax cannot be entirely excluded.",
+        "PX=unc/left",
+        False,
+        None,
+    ),
+    (
+        "completely_exclude",
+        "We cannot completely exclude a small right effusion.",
+        "PE=unc/right",
+        False,
+        None,
+    ),
+    ("not_entirely_ruled_out", "Pneumonia is not entirely ruled out.", "PN=unc", False, None),
+    ("definitively_exclude", "Cannot definitively exclude early pneumonia.", "PN=unc", False, None),
+    ("osteopenia_semicolon", "Osteopenia; old healed rib fractures.", "FR=pos", False, None),
 ]
 
 

@@ -238,6 +238,21 @@ NEG_POST: tuple[str, ...] = (
     "which are not present",
 )
 
+# "cannot be entirely excluded", "cannot completely exclude": the double negative with an adverb.
+_HEDGE_ADVERBS = ("entirely", "completely", "fully", "totally", "definitely", "definitively", "confidently")
+_QUALIFIED_POST: tuple[str, ...] = tuple(
+    f"{modal} be {adverb} {verb}"
+    for modal in ("cannot", "can not", "can't", "could not", "is not", "are not")
+    for adverb in _HEDGE_ADVERBS
+    for verb in ("excluded", "ruled out")
+) + tuple(f"not {adverb} {verb}" for adverb in _HEDGE_ADVERBS for verb in ("excluded", "ruled out"))
+_QUALIFIED_PRE: tuple[str, ...] = tuple(
+    f"{modal} {adverb} {verb}"
+    for modal in ("cannot", "can not", "can't", "could not", "i cannot", "i can't")
+    for adverb in _HEDGE_ADVERBS
+    for verb in ("exclude", "rule out")
+)
+
 #: Musings a reasoning model may take back later ("I wondered about a pneumothorax, but ... there is no
 #: pneumothorax"): uncertain, unless a later statement of the same text negates the finding (core.py).
 TENTATIVE: tuple[str, ...] = (
@@ -410,6 +425,7 @@ UNC_PRE: tuple[str, ...] = (
     "most likely due to",
     "most likely related to",
     *TENTATIVE,
+    *_QUALIFIED_PRE,
 )
 
 UNC_POST: tuple[str, ...] = (
@@ -507,6 +523,7 @@ UNC_POST: tuple[str, ...] = (
     "cannot be definitively confirmed",
     "is not confirmed",
     "not confirmed",
+    *_QUALIFIED_POST,
 )
 
 # Uncertainty words that a negation in the same scope dominates ("no opacity to suggest pneumonia").
