@@ -552,3 +552,57 @@ def test_cli_exit_code_and_message(tmp_path, refs, content, name, extra, exit_co
     assert result.exit_code == exit_code, output
     assert "Traceback" not in output
     assert re.search(pattern, " ".join(output.split())), output
+
+
+_TASK = """name = "my-labels"
+version = "1.0"
+kind = "labels"
+primary_metric = "micro_f1_14"
+headline = ["micro_f1_14", "macro_f1_14"]
+"""
+
+# A task definition given by path (--task my-task.toml): (id, TOML text or bytes, error pattern or None)
+TASK_FILES = [
+    ("valid", _TASK, None),
+    ("version-as-number", _TASK.replace('"1.0"', "2"), None),
+    ("headline-as-string", _TASK.replace('["micro_f1_14", "macro_f1_14"]', '"micro_f1_14"'), r" field 'headline': expected a list of metric names"),
+    ("higher-is-better-as-string", _TASK + 'higher_is_better = "false"\n', r" field 'higher_is_better': expected true or false"),
+    ("kind-unknown", _TASK.replace('"labels"', '"segmentation"'), r" field 'kind': 'segmentation' is not one of"),
+    ("name-missing", _TASK.replace('name = "my-labels"\n', ""), r" field 'name': missing in task definition"),
+    ("name-not-text", _TASK.replace('"my-labels"', "[1, 2]"), r" field 'name': expected a string"),
+    ("toml-syntax-error", _TASK + "headline = [\n", r": cannot read task definition"),
+    ("latin-1-description", (_TASK + 'description = "r\xe9sum\xe9"\n').encode("latin-1"), r": cannot read task definition"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("content", "pattern"), [c[1:] for c in TASK_FILES], ids=[c[0] for c in TASK_FILES])
+def test_task_definition_files(tmp_path, refs, content, pattern):
+    path = tmp_path / "my-task.toml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    if pattern is None:
+        (tmp_path / "sub.csv").write_bytes(CANONICAL)
+        result = score(tmp_path / "sub.csv", str(path), refs["labels"], n_boot=0)
+        assert result.task == "my-labels" and result.primary_value == pytest.approx(1.0)
+        assert list(result.headline)[:2] == ["micro_f1_14", "macro_f1_14"]
+        return
+    with pytest.raises(InputError) as caught:
+        score(tmp_path / "sub.csv", str(path), refs["labels"], n_boot=0)
+    assert re.match(re.escape(str(path)) + pattern, str(caught.value)), str(caught.value)
+
+
+def test_missing_task_file_and_bad_published_rows(tmp_path, monkeypatch):
+    from cxrmax.leaderboard.tasks import get_task, published_rows
+
+    with pytest.raises(InputError, match=r"nope\.toml: task definition file not found"):
+        get_task(str(tmp_path / "nope.toml"))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "published").mkdir()
+    (tmp_path / "tasks" / "t.toml").write_text(_TASK + 'published = "p.toml"\n')
+    (tmp_path / "published" / "p.toml").write_text(
+        '[[rows]]\nname = "A"\nmetrics = { micro_f1_14 = 0.5 }\n[[rows]]\nname = "B"\nmetrics = { micro_f1_14 = "n/a" }\n'
+    )
+    monkeypatch.setenv("CXRMAX_BENCHMARK_DIR", str(tmp_path))
+    with pytest.raises(
+        InputError, match=r"p\.toml row 2 field 'metrics\.micro_f1_14': 'n/a' is not a number"
+    ):
+        published_rows("my-labels")

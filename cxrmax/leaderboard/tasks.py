@@ -8,6 +8,7 @@ primary metric used for ranking and the headline metrics shown in tables.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,23 +76,50 @@ def load_task_file(path: str | Path) -> Task:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where(path)}: cannot read task definition: {exc}") from None
     for required in ("name", "version", "kind", "primary_metric"):
         if required not in data:
             raise InputError(f"{where(path, field=required)}: missing in task definition")
+    for key in (
+        "name",
+        "kind",
+        "primary_metric",
+        "description",
+        "split",
+        "reference_source",
+        "reference_section",
+    ):
+        if key in data and not isinstance(data[key], str):
+            raise InputError(f"{where(path, field=key)}: expected a string, got {data[key]!r}")
+    if not isinstance(data["version"], (str, int, float)) or isinstance(data["version"], bool):
+        raise InputError(
+            f'{where(path, field="version")}: expected a version such as "1.0", got {data["version"]!r}'
+        )
     if data["kind"] not in TASK_KINDS:
         raise InputError(
             f"{where(path, field='kind')}: {data['kind']!r} is not one of {', '.join(TASK_KINDS)}"
         )
+    headline = data.get("headline", [data["primary_metric"]])
+    # A bare string would become a tuple of its characters: require a list of metric names.
+    if not isinstance(headline, list) or not all(isinstance(h, str) for h in headline) or not headline:
+        raise InputError(
+            f"{where(path, field='headline')}: expected a list of metric names, got {headline!r}"
+        )
+    higher = data.get("higher_is_better", True)
+    if not isinstance(higher, bool):  # bool("false") is True
+        raise InputError(f"{where(path, field='higher_is_better')}: expected true or false, got {higher!r}")
+    for key in ("reference_file", "published"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise InputError(f"{where(path, field=key)}: expected a file name, got {data[key]!r}")
     return Task(
-        name=str(data["name"]),
+        name=data["name"],
         version=str(data["version"]),
-        kind=str(data["kind"]),
-        description=str(data.get("description", "")),
-        primary_metric=str(data["primary_metric"]),
-        headline=tuple(data.get("headline", [data["primary_metric"]])),
-        higher_is_better=bool(data.get("higher_is_better", True)),
+        kind=data["kind"],
+        description=data.get("description", ""),
+        primary_metric=data["primary_metric"],
+        headline=tuple(headline),
+        higher_is_better=higher,
         split=str(data.get("split", "test")),
         reference_source=str(data.get("reference_source", "chexpert")),
         reference_section=str(data.get("reference_section", "findings")),
@@ -118,7 +146,9 @@ def get_task(task: str | Task) -> Task:
     """Resolve a task by name (``mimic-cxr-labels``), by ``name@version`` or by TOML path."""
     if isinstance(task, Task):
         return task
-    if task.endswith(".toml") and Path(task).is_file():
+    if task.endswith(".toml"):
+        if not Path(task).is_file():
+            raise InputError(f"{where(task)}: task definition file not found")
         return load_task_file(task)
     name, _, version = task.partition("@")
     tasks = list_tasks()
@@ -149,13 +179,23 @@ def published_rows(task: str | Task) -> list[PublishedRow]:
     path = benchmark_dir() / "published" / task.published
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"{where(path)}: cannot read published results: {exc}") from None
     rows = []
-    for index, row in enumerate(data.get("rows", []), start=1):
-        metrics = row.get("metrics")
+    entries = data.get("rows", [])
+    if not isinstance(entries, list):
+        raise InputError(f"{where(path, field='rows')}: expected [[rows]] tables")
+    for index, row in enumerate(entries, start=1):
+        metrics = row.get("metrics") if isinstance(row, dict) else None
         if not isinstance(metrics, dict) or "name" not in row:
             raise InputError(f"{where(path, row=index, field='metrics')}: each row needs name and metrics")
+        for metric, value in metrics.items():
+            # Published numbers are finite numbers; "n/a" or a boolean is a typo, not a score.
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(
+                    f"{where(path, row=index, field=f'metrics.{metric}')}: {value!r} is not a number "
+                    "(leave a metric out when the paper does not report it)"
+                )
         rows.append(
             PublishedRow(
                 name=str(row["name"]),
