@@ -606,3 +606,36 @@ def test_missing_task_file_and_bad_published_rows(tmp_path, monkeypatch):
         InputError, match=r"p\.toml row 2 field 'metrics\.micro_f1_14': 'n/a' is not a number"
     ):
         published_rows("my-labels")
+
+
+def _reference_rows(edit=None):
+    rows = label_rows()
+    return [rows[0]] + [edit(i, list(r)) if edit else r for i, r in enumerate(rows[1:])]
+
+
+# A prepared reference file (--references FILE) is user input too: (id, name, bytes, None or pattern)
+REFERENCE_FILES = [
+    ("csv-with-bom", "refs.csv", b"\xef\xbb\xbf" + CANONICAL, None),
+    ("gzipped-csv", "refs.csv.gz", gzip.compress(CANONICAL), None),
+    ("s-prefixed-ids", "refs.csv", to_csv(_reference_rows(lambda i, r: [f"s{r[0]}", *r[1:]])), None),
+    ("value-two", "refs.csv", to_csv(_reference_rows(lambda i, r: [r[0], "2", *r[2:]] if i == 3 else r)), r" row 4 field 'Atelectasis': reference label 2 is not 1, 0, -1 or blank"),
+    ("value-word", "refs.csv", to_csv(_reference_rows(lambda i, r: [r[0], "pos", *r[2:]] if i == 1 else r)), r" row 2 field 'Atelectasis': reference label 'pos' is not"),
+    ("latin-1-header", "refs.csv", CANONICAL.replace(b"Edema", b"Ed\xe8me"), r": cannot read references: 'utf-8' codec"),
+    ("duplicate-study", "refs.csv", CANONICAL + CANONICAL.splitlines()[1] + b"\n", r"refs\.csv: reference key 50414267 appears twice"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "pattern"), [c[1:] for c in REFERENCE_FILES], ids=[c[0] for c in REFERENCE_FILES]
+)
+def test_reference_files_are_validated(tmp_path, name, content, pattern):
+    ref = tmp_path / name
+    ref.write_bytes(content)
+    (tmp_path / "sub.csv").write_bytes(CANONICAL)
+    if pattern is None:
+        assert score(tmp_path / "sub.csv", "mimic-cxr-labels", ref, n_boot=0).primary_value == pytest.approx(
+            1.0
+        )
+        return
+    with pytest.raises(InputError, match=pattern):
+        score(tmp_path / "sub.csv", "mimic-cxr-labels", ref, n_boot=0)

@@ -136,21 +136,47 @@ def _read_table(path: Path) -> Any:
         if name.endswith((".csv", ".csv.gz")):
             import pyarrow.csv as pacsv
 
-            return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-    except (pa.ArrowInvalid, OSError) as exc:
+            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+            table.column_names  # noqa: B018 - pyarrow decodes header names lazily: fail here, not later
+            return table
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{where(path)}: cannot read references: {exc}") from None
     raise InputError(
         f"{where(path)}: references must be a MIMIC-CXR root folder or a .parquet/.csv/.jsonl file"
     )
 
 
-def _float_column(table: Any, name: str) -> np.ndarray:
+def _float_column(table: Any, name: str, path: Path) -> np.ndarray:
+    """A reference label column as float32 (NaN = blank: empty, null or "nan"); anything other than
+    1 / 0 / -1 / blank is an InputError naming the reference file, row and column, since a wrong
+    reference silently changes every score."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     column = table.column(name)
-    if column.type == "string" or str(column.type) in ("string", "large_string"):
-        column = pc.cast(pc.if_else(pc.equal(column, ""), None, column), "float64")
-    return column.cast("float64").fill_null(np.nan).to_numpy(zero_copy_only=False).astype(np.float32)
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = pc.if_else(pc.equal(pc.utf8_trim_whitespace(column), ""), None, column)
+    try:
+        values = column.cast("float64").fill_null(np.nan).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
+        texts = column.to_pylist()
+        for row, value in enumerate(texts, start=1):
+            try:
+                float(value if value is not None else "nan")
+            except (TypeError, ValueError):
+                raise InputError(
+                    f"{where(path, row=row, field=name)}: reference label {value!r} is not 1, 0, -1 or blank"
+                ) from None
+        raise InputError(
+            f"{where(path, field=name)}: reference labels are not numbers ({column.type})"
+        ) from None
+    bad = ~np.isnan(values) & ~np.isin(values, (1.0, 0.0, -1.0))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise InputError(
+            f"{where(path, row=row + 1, field=name)}: reference label {values[row]:.12g} is not 1, 0, -1 or blank"
+        )
+    return values.astype(np.float32)
 
 
 def _study_ids(table: Any, path: Path) -> np.ndarray:
@@ -194,7 +220,7 @@ def load_label_references(task: Task, root: str | Path) -> LabelReferences:
         raise InputError(
             f"{where(root, field=missing[0])}: references lack observation columns {', '.join(missing)}"
         )
-    labels = np.column_stack([_float_column(table, names[o]) for o in OBSERVATIONS]).astype(np.float32)
+    labels = np.column_stack([_float_column(table, names[o], root) for o in OBSERVATIONS]).astype(np.float32)
     subject = None
     if "subject_id" in table.column_names:
         subject = table.column("subject_id").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
@@ -643,7 +669,7 @@ def _score_labels(
     path, task, root, uncertain, require_complete, lenient, n_boot, seed, processes, batch_rows, progress
 ) -> ScoreResult:
     refs = load_label_references(task, root)
-    index = submissions.StudyIndex(refs.study_ids)
+    index = submissions.StudyIndex(refs.study_ids, source=refs.description)
     stream = _Stream(path, "labels", index, lenient)
     predicted = np.full(refs.labels.shape, np.nan, dtype=np.float32)
     mode = None
@@ -764,7 +790,7 @@ def _score_reports(
             f"{where(root)}: no reference reports with a {section or task.reference_section} section"
         )
     corpus = textmetrics.ReferenceCorpus(refs.texts)
-    index = submissions.StudyIndex(refs.study_ids)
+    index = submissions.StudyIndex(refs.study_ids, source=refs.description)
     stream = _Stream(path, "report", index, lenient)
     stats = np.zeros((len(refs.texts), len(textmetrics.STAT_COLUMNS)), dtype=np.float64)
     predicted = np.full((len(refs.texts), len(OBSERVATIONS)), np.nan, dtype=np.float32)
@@ -832,7 +858,7 @@ def _score_progression(
 ) -> ScoreResult:
     refs = load_progression_references(task, root)
     key_name, keys = refs.key
-    index = submissions.StudyIndex(keys)
+    index = submissions.StudyIndex(keys, source=refs.description)
     stream = _Stream(path, "ms-cxr-t", index, lenient, key_column=key_name)
     findings = list(MS_CXR_T_FINDINGS)
     answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable

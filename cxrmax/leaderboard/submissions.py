@@ -1046,7 +1046,7 @@ def parse_or_skip(
 class StudyIndex:
     """Maps study ids of the references to dense slots and catches unknown and duplicate rows."""
 
-    def __init__(self, study_ids: np.ndarray):
+    def __init__(self, study_ids: np.ndarray, source: str = "references"):
         study_ids = np.asarray(study_ids)
         if study_ids.dtype.kind not in "UO":
             study_ids = study_ids.astype(np.int64)
@@ -1054,7 +1054,7 @@ class StudyIndex:
         self.sorted = study_ids[self.order]
         if len(self.sorted) > 1 and np.any(self.sorted[1:] == self.sorted[:-1]):
             dup = self.sorted[1:][self.sorted[1:] == self.sorted[:-1]][0]
-            raise InputError(f"references: key {dup} appears twice")
+            raise InputError(f"{source}: reference key {dup} appears twice")
         self.size = len(study_ids)
         self.first_row = np.zeros(self.size, dtype=np.int64)  # 0 = not seen yet
 
