@@ -461,10 +461,12 @@ def _report_jsonl(texts) -> bytes:
     return jsonl([{"study_id": s, "report": t} for s, t in zip(IDS, texts, strict=True)])
 
 
+_LONG = "no pleural effusion " * 7000  # 140 kB: over Python csv's default 128 KiB field limit
+
 # (id, file name, bytes, the texts it must score like)
 REPORTS_READ_AS = [
     ("newlines-quotes-commas-in-csv", "q.csv", to_csv([["study_id", "report"]] + [[str(s), f'FINDINGS:\n"Heart", size; normal,\r\nIMPRESSION: {t}'] for s, t in zip(IDS, FINDINGS, strict=True)]), [f'FINDINGS:\n"Heart", size; normal,\r\nIMPRESSION: {t}' for t in FINDINGS]),
-    ("very-long-report-in-csv", "long.csv", to_csv([["study_id", "report"]] + [[str(s), "no pleural effusion " * 20000] for s in IDS]), ["no pleural effusion " * 20000] * N),
+    ("very-long-report-in-csv", "long.csv", to_csv([["study_id", "report"]] + [[str(s), _LONG if i < 2 else t] for i, (s, t) in enumerate(zip(IDS, FINDINGS, strict=True))]), [_LONG] * 2 + FINDINGS[2:]),
     ("all-empty-reports", "empty.csv", to_csv([["study_id", "report"]] + [[str(s), ""] for s in IDS]), [""] * N),
     ("one-word-report-only", "one.jsonl", jsonl([{"study_id": IDS[0], "report": "Normal."}]), None),
     ("null-reports", "null.jsonl", _report_jsonl([None] * 2 + FINDINGS[2:]), [""] * 2 + FINDINGS[2:]),
