@@ -138,6 +138,7 @@ READ_AS = [
     ("bzip2-with-suffix", "sub.csv.bz2", bz2.compress(CANONICAL), CANONICAL),
     ("bzip2-without-suffix", "bz.csv", bz2.compress(CANONICAL), CANONICAL),
     ("xz-jsonl", "sub.jsonl.xz", lzma.compress(jsonl(label_records())), CANONICAL),
+    ("parquet-broken-pandas-metadata", "meta.parquet", parquet(_TABLE.replace_schema_metadata({b"pandas": b"{not json"})), CANONICAL),
     ("parquet-named-csv", "really-parquet.csv", parquet(_TABLE), CANONICAL),
     ("ids-s-prefix", "s.csv", to_csv(label_rows(key=lambda s: f"s{s}")), CANONICAL),
     ("ids-dot-zero", "dot0.csv", to_csv(label_rows(key=lambda s: f"{s}.0")), CANONICAL),

@@ -724,7 +724,7 @@ def _parquet_batches(path: Path, batch_rows: int) -> Iterator[RawBatch]:
     start = 1
     try:
         # use_pandas_metadata: a DataFrame saved with study_id as its index keeps it as a column.
-        for batch in parquet.iter_batches(batch_size=batch_rows, use_pandas_metadata=True):
+        for batch in parquet.iter_batches(batch_size=batch_rows, use_pandas_metadata=bool(metadata)):
             rows = np.arange(start, start + batch.num_rows, dtype=np.int64)
             columns = {name: batch.column(i) for i, name in enumerate(batch.schema.names)}
             for name, first, step in ranges:
