@@ -642,3 +642,37 @@ def test_reference_files_are_validated(tmp_path, name, content, pattern):
         return
     with pytest.raises(InputError, match=pattern):
         score(tmp_path / "sub.csv", "mimic-cxr-labels", ref, n_boot=0)
+
+
+def test_ms_cxr_t_answers_keyed_by_dicom_id_alone(tmp_path):
+    """MS-CXR-T is image-pair based: answers keyed by dicom_id (no study_id column) are matched to
+    their pairs; keyed by study_id they score the same."""
+    from cxrmax.pathologies import MS_CXR_T_FINDINGS
+
+    header = ["dicom_id", "previous_dicom_id", "study_id", "previous_study_id", "subject_id"]
+    header += [f"{p}_{k}" for p in MS_CXR_T_FINDINGS for k in ("progression", "label_quality")]
+    truth = ["improving", "stable", "worsening", "stable"]
+    ref = tmp_path / "ms.csv"
+    with open(ref, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for i, answer in enumerate(truth):
+            cells = [f"dcm-{i}", f"prev-{i}", IDS[i], 51000000 + i, 10000000 + i]
+            for prefix in MS_CXR_T_FINDINGS:
+                cells += [answer, "one_expert"] if prefix == "edema" else ["", ""]
+            writer.writerow(cells)
+    answers = ["improving", "stable", "stable", "stable"]  # 3 of 4 right
+    by_dicom = tmp_path / "by_dicom.csv"
+    by_dicom.write_bytes(to_csv([["dicom_id", "edema"]] + [[f"dcm-{i}", a] for i, a in enumerate(answers)]))
+    by_study = tmp_path / "by_study.csv"
+    by_study.write_bytes(to_csv([["study_id", "edema"]] + [[str(IDS[i]), a] for i, a in enumerate(answers)]))
+    dicom_result = score(by_dicom, "ms-cxr-t", ref, n_boot=0)
+    assert dicom_result.headline["edema"] == pytest.approx(0.75) and dicom_result.n_scored == 4
+    assert any("keyed by dicom_id" in note for note in dicom_result.notes)
+    assert score(by_study, "ms-cxr-t", ref, n_boot=0).headline == dicom_result.headline
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_bytes(to_csv([["dicom_id", "edema"], ["dcm-9", "stable"]]))
+    with pytest.raises(
+        InputError, match=r"unknown\.csv row 1 field 'dicom_id': dicom_id dcm-9 is not in the references"
+    ):
+        score(unknown, "ms-cxr-t", ref, n_boot=0)

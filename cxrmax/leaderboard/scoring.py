@@ -383,6 +383,8 @@ class _Stream:
     lenient: bool
     plan: submissions.ColumnPlan | None = None
     key_column: str = "study_id"  # "dicom_id" for MS-CXR-T when a study has several image pairs
+    # MS-CXR-T rows may be keyed by dicom_id even when study_id would do: (column, index) to use then.
+    alternate_key: tuple[str, submissions.StudyIndex] | None = None
     n_rows: int = 0
     skipped_unknown: int = 0
     notes: list[str] = field(default_factory=list)
@@ -424,6 +426,11 @@ class _Stream:
                 self.plan = submissions.plan_columns(
                     columns, self.kind, self.path, row=None, lenient=self.lenient
                 )
+                if self.plan.key is None and self.alternate_key is not None:
+                    name, alternate_index = self.alternate_key
+                    if any(c.strip().lower() == name for c in columns):
+                        self.key_column, self.index = name, alternate_index
+                        self.notes.append(f"rows keyed by {name} (no study_id column)")
                 if self.key_column != "study_id":
                     found = next((c for c in columns if c.strip().lower() == self.key_column), None)
                     if found is None:
@@ -859,7 +866,13 @@ def _score_progression(
     refs = load_progression_references(task, root)
     key_name, keys = refs.key
     index = submissions.StudyIndex(keys, source=refs.description)
-    stream = _Stream(path, "ms-cxr-t", index, lenient, key_column=key_name)
+    alternate = None
+    if key_name == "study_id" and refs.dicom_ids is not None:  # each row names one image pair too
+        try:
+            alternate = ("dicom_id", submissions.StudyIndex(refs.dicom_ids, source=refs.description))
+        except InputError:  # repeated dicom ids: study_id stays the only key
+            alternate = None
+    stream = _Stream(path, "ms-cxr-t", index, lenient, key_column=key_name, alternate_key=alternate)
     findings = list(MS_CXR_T_FINDINGS)
     answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable
     lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
@@ -887,6 +900,8 @@ def _score_progression(
                         continue
                     label = classify_progression(value, prefix)
                     answers[slots[k], j] = lookup[label] if label else -1
+    index = stream.index  # the dicom_id index when the submission was keyed that way
+    keys = refs.dicom_ids if stream.key_column == "dicom_id" else keys
     covered, missing = _coverage(index, keys, require_complete, path)
     per_finding = []
     stats_columns = []
