@@ -676,3 +676,35 @@ def test_ms_cxr_t_answers_keyed_by_dicom_id_alone(tmp_path):
         InputError, match=r"unknown\.csv row 1 field 'dicom_id': dicom_id dcm-9 is not in the references"
     ):
         score(unknown, "ms-cxr-t", ref, n_boot=0)
+
+
+def test_text_rows_then_label_rows_are_refused_not_half_ignored(tmp_path, refs):
+    """JSON rows may leave out keys; label keys that first appear after text-only rows would be
+    ignored silently by a text-mode scorer, so they are an error naming where they start."""
+    rows = [{"study_id": s, "report": FINDINGS[i]} for i, s in enumerate(IDS[:6])]
+    rows += [{"study_id": s, "Edema": 1} for s in IDS[6:]]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(jsonl(rows))
+    with pytest.raises(
+        InputError, match=r"mixed\.jsonl row 7 field 'Edema': observation values appear from this row on"
+    ):
+        score(path, "mimic-cxr-labels", refs["labels"], n_boot=0, processes=1, batch_rows=3)
+
+
+def test_rows_with_text_only_among_label_rows(tmp_path, refs):
+    """Label columns chosen, a JSON row with a report but no observation keys would score as
+    all-blank: an error naming the row, or skipped and counted with --lenient."""
+    rows = label_records()
+    rows[4] = {"study_id": IDS[4], "report": FINDINGS[4]}
+    rows[0] = {**rows[0], "report": "kept for reference"}  # text beside labels: labels are used
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(jsonl(rows))
+    with pytest.raises(
+        InputError, match=r"mixed\.jsonl row 5 field 'report': text but no observation values"
+    ):
+        score(path, "mimic-cxr-labels", refs["labels"], n_boot=0)
+    got = score(path, "mimic-cxr-labels", refs["labels"], n_boot=0, lenient=True)
+    assert got.extra["skipped_unreadable"] == 1 and got.n_scored == N - 1
+    kept = tmp_path / "kept.jsonl"
+    kept.write_bytes(jsonl([r for i, r in enumerate(label_records()) if i != 4]))
+    assert got.headline == score(kept, "mimic-cxr-labels", refs["labels"], n_boot=0).headline

@@ -551,6 +551,10 @@ def _text_stats(
     return corpus.score_batch(padded_slots, [*texts, _PAD_CANDIDATE])[:-1]
 
 
+def _as_texts(values: Any) -> list[Any]:
+    return values.to_pylist() if hasattr(values, "to_pylist") else list(values)
+
+
 def _select(values: Any, keep: np.ndarray) -> Any:
     if hasattr(values, "take"):
         return values.take(keep)
@@ -719,9 +723,31 @@ def _score_labels(
                 for i, message in column_messages.items():
                     messages.setdefault(i, message)  # one message (and one count) per row
                 bad_rows |= bad
+            if plan.text:
+                # Sparse JSON rows may carry text only: with label columns chosen, such a row would
+                # silently score as all-blank. Refuse it (or skip it with lenient).
+                texts = _as_texts(_select(batch.columns[plan.text], keep))
+                text_only = np.isnan(predicted[slots]).all(axis=1) & np.asarray(
+                    [isinstance(t, str) and bool(t.strip()) for t in texts], dtype=bool
+                )
+                for i in np.nonzero(text_only & ~bad_rows)[0]:
+                    message = (
+                        f"{where(path, row=int(batch.rows[keep][i]), field=plan.text)}: text but no observation "
+                        "values, while other rows give observation values; give one or the other"
+                    )
+                    if not lenient:
+                        raise InputError(message)
+                    messages[int(i)] = message
+                bad_rows |= text_only
             predicted[slots[bad_rows]] = np.nan
             stream.skip_rows(slots, bad_rows, messages)
         else:
+            if plan.observations:  # keys first seen in a later batch of a text submission
+                column = next(iter(plan.observations))
+                raise InputError(
+                    f"{where(path, row=int(batch.rows[0]), field=column)}: observation values appear from this "
+                    f"row on, after rows scored from the text column {plan.text!r}; give one or the other"
+                )
             texts = stream.texts(batch, keep, slots, plan.text)
             predicted[slots] = _label_texts(texts, processes)
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
