@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import decimal
 import gzip
 import io
 import json
@@ -342,6 +343,7 @@ _PROBABILITIES = [[f"{(i * 14 + j) % 97 / 100 + 0.005:.3f}" for j in range(14)] 
 LENIENT_SKIPS = [
     ("bad-study-ids", "ids.csv", to_csv(label_rows(edit=_edit_rows({(1, "study_id"): "", (4, "study_id"): "5.04E+07"}))), [1, 4]),
     ("bad-label-values", "vals.csv", to_csv(label_rows(edit=_edit_rows({(2, "Edema"): "nan", (2, "Fracture"): "2", (7, "Atelectasis"): "present"}))), [2, 7]),
+    ("parquet-decimal-out-of-range", "dec.parquet", parquet(_TABLE.set_column(_EDEMA, "Edema", pa.array([decimal.Decimal("2.00") if i == 6 else decimal.Decimal(int(v)) if v == v else None for i, v in enumerate(LABELS[:, 3])], pa.decimal128(5, 2)))), [6]),
     ("json-values", "vals.jsonl", jsonl([{**r, "Edema": [1]} if i == 3 else {**r, "Fracture": float("inf")} if i == 9 else r for i, r in enumerate(label_records())]), [3, 9]),
     ("minus-one-in-probabilities", "prob.csv", to_csv([["study_id", *OBSERVATIONS]] + [[str(s), *(["-1"] + p[1:] if i == 5 else p)] for i, (s, p) in enumerate(zip(IDS, _PROBABILITIES, strict=True))]), [5]),
 ]  # fmt: skip

@@ -32,6 +32,7 @@ run; their studies count as missing.
 from __future__ import annotations
 
 import csv
+import decimal
 import gzip
 import io
 import json
@@ -959,6 +960,8 @@ def _parse_label_cell(value: Any, row: int, path: Path, field_name: str) -> floa
         return 1.0 if value else 0.0
     if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
         return LABEL_WORDS[value.strip().lower()]
+    if isinstance(value, decimal.Decimal):  # a Parquet decimal column read cell by cell
+        value = float(value)
     if not isinstance(value, (int, float, str)):
         raise InputError(
             f"{where(path, row=row, field=field_name)}: {value!r} is not a label (use 1, 0, -1, blank or a probability)"
