@@ -1,6 +1,6 @@
 """Streaming submission readers and validation.
 
-Formats (chosen by file suffix, optionally gzipped):
+Formats (chosen by file suffix unless the content says otherwise, optionally compressed):
 - ``.csv`` / ``.tsv``: header row, one row per study.
 - ``.jsonl`` / ``.ndjson``: one JSON object per line.
 - ``.parquet``: one row per study, read in record batches.
@@ -16,11 +16,15 @@ JSONL rows are lines) and the field.
 
 Unusual but unambiguous input is read, and documented here:
 - the content decides over the name: gzip, bzip2 and xz data are decompressed with or without their
-  suffix (``.gz``/``.bz2``/``.xz``; zstd and ZIP are refused by name), a Parquet
-  file is read as Parquet whatever its suffix; a UTF-8 byte-order mark is dropped; text must be UTF-8
-  (other encodings are refused naming the line, never guessed);
-- CSV: ``;`` or tab as the delimiter when the header holds no comma; blank or whitespace-only lines
-  and rows of empty cells are skipped; unnamed columns (pandas' index, a trailing comma) are ignored;
+  suffix (``.gz``/``.bz2``/``.xz``; zstd and ZIP are refused by name), a Parquet file is read as
+  Parquet whatever its suffix; text is UTF-8 (a byte-order mark dropped) or UTF-16 with its
+  byte-order mark; other encodings are refused naming the line, never guessed; no line is read past
+  64 MB;
+- CSV: ``;`` or tab as the delimiter when the header holds no comma, or as Excel's ``sep=`` line
+  says; blank or whitespace-only lines and rows of empty cells are skipped; unnamed columns (pandas'
+  index, a trailing comma) are ignored; a first line of data instead of a header is named;
+- Parquet: a pandas index named study_id is the key (also an evenly spaced one pandas keeps only in
+  its metadata);
 - study ids ``50414267``, ``s50414267``, ``50414267.0`` and MIMIC paths or keys holding exactly one
   ``s<digits>`` part (``p10/p10000032/s50414267``) all name study 50414267;
 - label cells ``true``/``false``/``yes``/``no`` (and JSON/Parquet booleans) are 1/0.
