@@ -16,20 +16,30 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
   ("Pneumothorax: there is no pneumothorax") is a topic when the step says more about it.
 - Laterality of a mention: the laterality words right before or right after it, whichever is
   nearer ("left lower lobe opacity", "opacity in the left lower lobe", "effusions are present
-  bilaterally"), never across a conjunction; "left ... and right ..." -> bilateral; failing that,
+  bilaterally"), never across a conjunction, and not side words that lead into the next finding
+  ("consolidation and right upper lobe nodule"); capital "L"/"R" and lobe abbreviations ("RLL")
+  count; "left ... and right ..." -> bilateral; failing that,
   the side of an earlier (else a later) mention of the same step ("left lower lobe opacity may
   represent atelectasis" -> left atelectasis), not across a fresh negation. At text level a
   positive/uncertain pneumonia, consolidation, opacity or atelectasis without a side takes the one
   side the others of that family agree on ("pneumonia ... consolidation in the right lower lobe").
+- Request sections (INDICATION, HISTORY, COMPARISON, TECHNIQUE, "Clinical history: ...") assert
+  nothing (segment.py decides where they end).
+- Key-value verdicts decide the finding they follow, whatever cue came before: "Edema": "negative",
+  | Effusion | No |, "X: yes / Y: no", "Effusion - absent", "Cardiomegaly": 1, "Atelectasis ✅"; a
+  side written after the verdict on the same line counts ("Pleural effusion - yes, small on the left").
+- A question step ("Is there a pneumothorax?") asserts nothing by itself; an answer that starts the
+  next step ("No.", "A: Yes", "Possibly, ...") gives what was asked its status.
 - Conflict rule inside one text (the CheXpert aggregation): positive > uncertain > negative. The
   text's status is the strongest status of any mention; its laterality is the union of the sides
   of the mentions that have that status ({left, right} -> bilateral; no side -> unspecified).
   Laterality is given only for the observations in pathologies.LATERALIZABLE and only when the
-  status is not absent.
+  status is not absent. Exception: a finding only mused about ("I wondered about a pneumothorax",
+  cues.TENTATIVE) and negated later in the text is negative (the model took the musing back).
 - "No Finding" (CheXpert rule, pathologies.no_finding): positive when no other finding except
   Support Devices is positive or uncertain; absent otherwise, and absent for a text that has an
   `error`, that refuses without making any recognised statement, or that recognises nothing in
-  fewer than three words.
+  fewer than three words or in another language ("no English text recognised").
 - Bad input never raises: None, non-str, empty/whitespace-only, binary junk and over-long texts
   give every observation "absent" and a message in `error`.
 """
