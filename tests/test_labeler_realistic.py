@@ -2,12 +2,12 @@
 INDICATION/COMPARISON/TECHNIQUE sections, device positions, interval change) and VLM answers
 (markdown, <think> blocks, JSON-ish and table answers, verdict lists, disclaimers, refusals, unicode).
 
-Every case was labelled by hand before the labeler was run on it, in five rounds; each round was
+Every case was labelled by hand before the labeler was run on it, in six rounds; each round was
 written after the previous round's failures were fixed, so it measured the labeler on unseen text
 (first-run scores: round 1 176/201 cases fully right, round 2 85/98, round 3 54/60, round 4 25/30,
-round 5 26/30).
-Three of my expectations contradicted documented conventions and were corrected (the family side
-rule, the No Finding rule, "evaluate for" = uncertain). Expected labels use the codes of
+round 5 26/30, round 6 22/25). Six of my expectations contradicted documented conventions and were
+corrected (the family side rule, the No Finding rule, "evaluate for" = uncertain, "perihilar
+haziness" as an edema sign, "the right lung is clear" negating the family). Expected labels use the codes of
 tests/test_labeler_eval.py: AT Atelectasis, CM Cardiomegaly, CO Consolidation, ED Edema, EC Enlarged
 Cardiomediastinum, FR Fracture, LL Lung Lesion, LO Lung Opacity, NF No Finding, PE Pleural Effusion,
 PO Pleural Other, PN Pneumonia, PX Pneumothorax, SD Support Devices; pos / neg / unc / abs with an
@@ -282,6 +282,26 @@ Final answer: cardiomegaly with mild pulmonary vascular congestion; no pneumotho
 
 # Fifth round.
 FINDINGS_MD = "**Findings**\n- Lungs: No focal consolidation, no effusion.\n- Heart: Mildly enlarged.\n- Bones: Old healed fracture of the left 6th rib."
+
+# Sixth round: CXR-MAX-style rationales.
+RATIONALE_SUPPORTS = """To determine the diagnosis, let's analyze the image step by step.
+
+1. The cardiac silhouette appears enlarged, with a cardiothoracic ratio above 0.5, which supports the diagnosis of cardiomegaly.
+2. There is blunting of both costophrenic angles, suggesting bilateral pleural effusions.
+3. The pulmonary vasculature appears prominent with perihilar haziness, consistent with pulmonary edema.
+4. No pneumothorax is identified.
+
+Therefore, the findings support the diagnosis of cardiomegaly, pleural effusion and edema."""
+RATIONALE_RECHECK = """The image shows a frontal chest radiograph. Wait, let me re-check the left base. There is an area of increased density behind the heart, which could represent left lower lobe atelectasis or consolidation. However, the costophrenic angles remain sharp, so there is no significant effusion. The right lung is clear.
+
+Conclusion: left lower lobe atelectasis versus consolidation; no effusion."""
+RATIONALE_ICU = """Reasoning:
+- Lines/tubes: an endotracheal tube is present, tip approximately 5 cm above the carina; a nasogastric tube courses below the diaphragm.
+- Lungs: diffuse bilateral airspace opacities.
+- Pleura: no large effusion.
+- Heart: normal size.
+
+Diagnosis: Diffuse bilateral airspace disease, which in this context may represent pulmonary edema or ARDS."""
 
 # (id, text, expected labels, refusal, hedging); hedging None = not checked.
 CASES: list[tuple[str, str, str, bool, bool | None]] = [
@@ -1987,6 +2007,116 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     ("not_entirely_ruled_out", "Pneumonia is not entirely ruled out.", "PN=unc", False, None),
     ("definitively_exclude", "Cannot definitively exclude early pneumonia.", "PN=unc", False, None),
     ("osteopenia_semicolon", "Osteopenia; old healed rib fractures.", "FR=pos", False, None),
+    # --- sixth round (held out from the fifth round's fixes) -------------------------------------
+    ("r6_rationale_support", RATIONALE_SUPPORTS, "CM=pos PE=pos/bilateral ED=pos PX=neg", False, None),
+    (
+        "r6_rationale_wait",
+        RATIONALE_RECHECK,
+        "LO=pos/left AT=unc/left CO=unc/left PE=neg PN=neg/right ED=neg",
+        False,
+        None,
+    ),
+    ("r6_rationale_icu", RATIONALE_ICU, "SD=pos LO=pos/bilateral PE=neg CM=neg ED=unc", False, None),
+    (
+        "r6_supports_diagnosis",
+        "The findings support the diagnosis of pneumonia in the right lower lobe.",
+        "PN=pos/right",
+        False,
+        None,
+    ),
+    ("r6_ruled_out_ptx", "A pneumothorax has been ruled out.", "PX=neg", False, None),
+    ("r6_no_evidence_any", "There is no evidence of any acute cardiopulmonary abnormality.", "", False, None),
+    (
+        "r6_mild_cm_likely_ap",
+        "The heart appears mildly enlarged, although this may be exaggerated by the AP projection.",
+        "CM=unc",
+        False,
+        None,
+    ),
+    (
+        "r6_right_upper_zone",
+        "A 2 cm rounded opacity is seen in the right upper zone, likely a nodule.",
+        "LO=pos/right LL=unc/right",
+        False,
+        None,
+    ),
+    ("r6_wedge", "Wedge-shaped opacity in the left lower zone.", "LO=pos/left", False, None),
+    (
+        "r6_collapse_rul",
+        "Right upper lobe collapse with elevation of the horizontal fissure.",
+        "AT=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r6_no_fracture_visible",
+        "No rib fractures are visible, although rib detail is limited.",
+        "FR=neg",
+        False,
+        None,
+    ),
+    (
+        "r6_mediastinal_widening_q",
+        "Is there mediastinal widening? No, the mediastinum is normal in width.",
+        "EC=neg",
+        False,
+        None,
+    ),
+    (
+        "r6_effusion_answer_yes_right",
+        "Is there a pleural effusion? Yes, on the right.",
+        "PE=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r6_mixed_bullets",
+        "\u2022 No pneumothorax\n\u2022 Small right effusion\n\u2022 Mild cardiomegaly",
+        "PX=neg PE=pos/right CM=pos",
+        False,
+        None,
+    ),
+    ("r6_final_answer_list", "Final answer: Atelectasis, Pleural Effusion", "AT=pos PE=pos", False, None),
+    ("r6_final_answer_none", "Final answer: None of the listed findings.", "", False, None),
+    (
+        "r6_json_bool_string",
+        '{"pneumothorax": "no", "pneumonia": "yes", "side": "left"}',
+        "PX=neg PN=pos/left",
+        False,
+        None,
+    ),
+    (
+        "r6_edema_cephalization",
+        "There is cephalization of the pulmonary vessels, suggesting early edema.",
+        "ED=unc",
+        False,
+        None,
+    ),
+    ("r6_kerley_only", "Kerley B lines are present.", "ED=pos", False, None),
+    (
+        "r6_pleural_line_left",
+        "A visceral pleural line is visible at the left apex.",
+        "PX=pos/left",
+        False,
+        None,
+    ),
+    (
+        "r6_deep_sulcus",
+        "Deep sulcus sign on the right, concerning for pneumothorax on this supine film.",
+        "PX=unc/right",
+        False,
+        None,
+    ),
+    ("r6_tubes_none", "Lines and tubes: none.", "SD=neg", False, None),
+    ("r6_pacemaker_absent", "No pacemaker or other devices are seen.", "SD=neg", False, None),
+    ("r6_scarring_apices", "Biapical scarring.", "LO=pos/bilateral", False, None),
+    (
+        "r6_granulomatous",
+        "Calcified granulomas consistent with prior granulomatous disease.",
+        "LL=pos",
+        False,
+        None,
+    ),
 ]
 
 

@@ -756,7 +756,16 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             answer = _ANSWER.match(low, segment.start, segment.end)
             if answer is not None:
                 word = answer.group(1)
+                answer_side = None  # "Is there an effusion? Yes, on the right."
+                k = first
+                while k < t and tokens[k][2] not in _CONTENT_KINDS:
+                    if tokens[k][2] == LAT:
+                        answer_side = tokens[k][3]
+                        break
+                    k += 1
                 for step_of, a, b, observation, asked, side in question:
+                    if side is None and observation in LATERALIZABLE:
+                        side = answer_side
                     status = _answered(asked, _ANSWERS[word])
                     if status != DROP:
                         assertions.append((step_of, a, b, observation, status, side, "(answer) " + word))
@@ -976,6 +985,10 @@ def _combine(items) -> tuple[str, str | None]:
         ):
             best = "negative"
     sides = {item[5] for item in items if item[4] == best and item[5] is not None}
+    if not sides and best == "positive":
+        # "blunting of both angles suggests bilateral effusions ... supports pleural effusion": an
+        # unlateralised restatement keeps the side of the uncertain mentions.
+        sides = {item[5] for item in items if item[4] == "uncertain" and item[5] is not None}
     if not sides:
         side = "unspecified"
     elif "bilateral" in sides or len(sides) > 1:

@@ -426,6 +426,13 @@ UNC_PRE: tuple[str, ...] = (
     "most likely related to",
     *TENTATIVE,
     *_QUALIFIED_PRE,
+    # an artifact that may explain the finding away ("may be exaggerated by the AP projection"); without
+    # the modal the finding stands ("cardiomegaly is likely accentuated by low lung volumes": positive)
+    *(
+        f"{modal} be {verb} by"
+        for modal in ("may", "might", "could")
+        for verb in ("exaggerated", "accentuated", "magnified")
+    ),
 )
 
 UNC_POST: tuple[str, ...] = (
