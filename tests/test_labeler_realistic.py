@@ -2117,6 +2117,22 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
+    ("comparison_then_finding", "Comparison: none.\nThe heart is enlarged.", "CM=pos", False, None),
+    ("history_then_bullet", "Clinical history: fever, r/o pneumonia.\n- Cardiomegaly", "CM=pos", False, None),
+    (
+        "indication_two_sentences",
+        "INDICATION: ___ year old man with cough.\n Evaluate for pneumonia.\n\n FINDINGS: No consolidation.",
+        "CO=neg",
+        False,
+        None,
+    ),
+    (
+        "history_wrapped",
+        "Clinical history: fever and cough,\nquestion pneumonia.\nFindings: No consolidation.",
+        "CO=neg",
+        False,
+        None,
+    ),
 ]
 
 

@@ -191,10 +191,12 @@ def split_steps(text: str) -> list[Segment]:
     # or a "Label: ..." line; then the heading before it is restored.
     in_context = False
     context_has_text = False
+    context_one_line = False  # entered by a mixed-case "Clinical history: ..." line
     resume_heading: str | None = None
 
     def enter(new_heading: str, has_text: bool) -> None:
-        nonlocal heading, in_context, context_has_text, resume_heading
+        nonlocal heading, in_context, context_has_text, resume_heading, context_one_line
+        context_one_line = False
         if _is_context(new_heading):
             if not in_context:
                 resume_heading = heading
@@ -238,6 +240,11 @@ def split_steps(text: str) -> list[Segment]:
         if bullet is None and (first == "|" or (ord(first) > 127 and not first.isalnum())):
             # A markdown table row, or a line led by a symbol ("✅ Atelectasis", "➤ ..."): one item.
             bullet = _SYMBOL_LEAD.match(line)
+        if in_context and context_one_line and (prev_line_ends_sentence or bullet is not None):
+            # "Clinical history: fever.\nThe heart is enlarged.": a mixed-case label heads its own
+            # sentence block only (an upper-case MIMIC section runs to the blank line).
+            in_context = False
+            heading = resume_heading
         if bullet is not None:
             flush(position)
             marker = bullet.group(0).strip()
@@ -259,6 +266,7 @@ def split_steps(text: str) -> list[Segment]:
                 if context is not None:
                     flush(position)
                     enter(context.group("h").strip(), True)
+                    context_one_line = not context.group("h").isupper()
                     label_line = True
                 elif (in_context or (block_start >= 0 and not prev_line_ends_sentence)) and _LABEL_LINE.match(
                     line
