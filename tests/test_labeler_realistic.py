@@ -2,10 +2,10 @@
 INDICATION/COMPARISON/TECHNIQUE sections, device positions, interval change) and VLM answers
 (markdown, <think> blocks, JSON-ish and table answers, verdict lists, disclaimers, refusals, unicode).
 
-Every case was labelled by hand before the labeler was run on it, in six rounds; each round was
+Every case was labelled by hand before the labeler was run on it, in seven rounds; each round was
 written after the previous round's failures were fixed, so it measured the labeler on unseen text
 (first-run scores: round 1 176/201 cases fully right, round 2 85/98, round 3 54/60, round 4 25/30,
-round 5 26/30, round 6 22/25). Six of my expectations contradicted documented conventions and were
+round 5 26/30, round 6 22/25, round 7 19/24). Six of my expectations contradicted documented conventions and were
 corrected (the family side rule, the No Finding rule, "evaluate for" = uncertain, "perihilar
 haziness" as an edema sign, "the right lung is clear" negating the family). Expected labels use the codes of
 tests/test_labeler_eval.py: AT Atelectasis, CM Cardiomegaly, CO Consolidation, ED Edema, EC Enlarged
@@ -2130,6 +2130,79 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         "history_wrapped",
         "Clinical history: fever and cough,\nquestion pneumonia.\nFindings: No consolidation.",
         "CO=neg",
+        False,
+        None,
+    ),
+    # --- seventh round: one-word answers, "I don't think", negated normal statements ------------
+    ("r7_yes_alone", "Yes.", "NF=abs", False, None),
+    ("r7_no_alone", "No.", "NF=abs", False, None),
+    ("r7_pneumonia_alone", "Pneumonia.", "PN=pos", False, None),
+    ("r7_normal_alone", "Normal.", "", False, None),
+    ("r7_answer_no_finding", "The answer is no finding.", "", False, None),
+    ("r7_no_findings", "There are no findings.", "", False, None),
+    ("r7_findings_none", "Findings: none.", "", False, None),
+    ("r7_unremarkable", "Impression: Unremarkable chest radiograph.", "", False, None),
+    ("r7_bilateral_infiltrates", "bilateral infiltrates", "LO=pos/bilateral", False, None),
+    ("r7_percent_ptx", "Small left-sided pneumothorax (approximately 10%).", "PX=pos/left", False, None),
+    (
+        "r7_tension",
+        "Right-sided tension pneumothorax with mediastinal shift to the left \u2014 this is a medical emergency.",
+        "PX=pos/right",
+        False,
+        None,
+    ),
+    ("r7_mastectomy", "Evidence of prior left mastectomy.", "", False, None),
+    (
+        "r7_paren_grades",
+        "Cardiomegaly (mild). Pulmonary edema (moderate). Effusions: small, bilateral.",
+        "CM=pos ED=pos PE=pos/bilateral",
+        False,
+        None,
+    ),
+    (
+        "r7_incidental_nodule",
+        "No acute disease. Incidentally noted is a 5 mm nodule in the left lower lobe.",
+        "LL=pos/left",
+        False,
+        None,
+    ),
+    (
+        "r7_withdrawn",
+        "There is an endotracheal tube, which terminates 1 cm above the carina and should be withdrawn.",
+        "SD=pos",
+        False,
+        None,
+    ),
+    (
+        "r7_lingula_rml",
+        "Consolidation in the lingula and right middle lobe.",
+        "CO=pos/bilateral",
+        False,
+        None,
+    ),
+    ("r7_ptx_small_paren", "Pneumothorax: small (left apical)", "PX=pos/left", False, None),
+    (
+        "r7_edema_none_effusion_trace",
+        "Edema: none; effusion: trace on the right.",
+        "ED=neg PE=pos/right",
+        False,
+        None,
+    ),
+    (
+        "r7_lungs_not_clear",
+        "The lungs are not clear; there is a left lower lobe opacity.",
+        "LO=pos/left",
+        False,
+        None,
+    ),
+    ("r7_do_not_think", "I do not think there is a pneumothorax.", "PX=neg", False, None),
+    ("r7_dont_think", "I don't think this is pneumonia.", "PN=neg", False, None),
+    ("r7_i_think", "I think this is pneumonia.", "PN=pos", False, None),
+    ("r7_no_clear_evidence", "There is no clear evidence of pneumonia.", "PN=neg", False, None),
+    (
+        "r7_however_widened",
+        "Heart size is within normal limits; however, the mediastinum appears widened.",
+        "CM=neg EC=pos",
         False,
         None,
     ),

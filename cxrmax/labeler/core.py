@@ -107,6 +107,11 @@ _DROP_SPACES = str.maketrans("", "", " -\n\t\r")
 _JUNK = re.compile(r"[\x00-\x08\x0e-\x1f\ufffd]")
 _CONTROL_CHARS = tuple(chr(c) for c in (*range(0, 9), *range(14, 32))) + ("\ufffd",)
 _LETTER = re.compile(r"[^\W\d_]")
+# A whole answer that only says the study is normal.
+_NORMAL_ANSWER = re.compile(
+    r"[\W_]*(?:(?:final\s+)?(?:answer|diagnosis|impression|conclusion|findings?|result|abnormalities)\s*[:\-=]\s*)?"
+    r"[\W_]*(?:normal|none|no\s+findings?|negative|unremarkable|nothing\s+abnormal)[\W_]*$"
+)
 _WORD_RE = re.compile(r"[^\W\d_]+")
 _ENGLISH_WORDS = frozenset(
     "the a an is are was of and or in on with no not there this that to for be at as by it its".split()
@@ -1083,6 +1088,8 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
     aggregated = _aggregate(by_observation)
     statuses = {name: status for name, (status, _) in aggregated.items()}
     sides = {name: side for name, (_, side) in aggregated.items()}
+    if not recognised and len(usable) < 80 and _NORMAL_ANSWER.match(low):
+        recognised = True  # "Normal.", "Answer: none", "Findings: none."
     if not recognised and _not_english(usable):
         error = "no English text recognised"
     statuses["No Finding"] = _no_finding(statuses, recognised, bool(refusal), error, usable)
@@ -1144,6 +1151,8 @@ def label_text(text: object) -> LabeledText:
             if it[4] == status
         ]
         observations[name] = ObservationLabel(status, side, evidence)
+    if not recognised and len(usable) < 80 and _NORMAL_ANSWER.match(low):
+        recognised = True  # "Normal.", "Answer: none", "Findings: none."
     if not recognised and _not_english(usable):
         error = "no English text recognised"
     if _no_finding(statuses, recognised, bool(refusal), error, usable) == "positive":

@@ -101,6 +101,13 @@ NEG_PRE: tuple[str, ...] = (
     "do not see",
     "don't see",
     "i do not see",
+    # "I don't think there is a pneumothorax": the cue swallows "there is" (a clause terminator)
+    *(
+        f"{subject} {verb} {tail}".strip()
+        for subject in ("i", "we")
+        for verb in ("do not think", "don't think", "do not believe", "don't believe")
+        for tail in ("", "there is", "there are", "there is any", "this is", "it is", "it's", "that there is")
+    ),
     "i don't see",
     "we do not see",
     # "I can't see any pneumothorax" denies a finding; "I can't see the image" refuses (REFUSAL).

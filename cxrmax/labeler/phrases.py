@@ -620,13 +620,13 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     (
         r"(?:both\s+)?lungs?(?:\s+fields?|\s+parenchyma)?\s+(?:"
         + _BE
-        + r"\s+)(?:\w+\s+(?:and\s+)?){0,3}?clear\b",
+        + r"\s+)(?:(?!not\b|no\b)\w+\s+(?:and\s+)?){0,3}?clear\b",
         dict.fromkeys(OPACITY_FAMILY, "negative"),
     ),
     (r"clear\s+lungs?(?:\s+fields?)?", dict.fromkeys(OPACITY_FAMILY, "negative")),
     (
         # "Lungs: clear", "Lungs - hyperinflated, otherwise clear"
-        r"lungs?(?:\s+fields?)?\s*(?::|\s[\u2013\u2014-])\s*(?:\*\*\s*)?(?:[\w-]+,?\s+(?:and\s+)?){0,3}?clear\b",
+        r"lungs?(?:\s+fields?)?\s*(?::|\s[\u2013\u2014-])\s*(?:\*\*\s*)?(?:(?!not\b|no\b)[\w-]+,?\s+(?:and\s+)?){0,3}?clear\b",
         dict.fromkeys(OPACITY_FAMILY, "negative"),
     ),
     # telegraphic "Lungs clear." (but not "lungs clear signs of ...")
