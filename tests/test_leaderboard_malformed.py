@@ -496,6 +496,7 @@ def test_report_submissions_score_as_their_texts(tmp_path, refs, name, content, 
 
 
 REPORTS_REFUSED = [
+    ("rexrank-value-is-a-list", "rxl.json", json.dumps({str(s): [t] for s, t in zip(IDS, FINDINGS, strict=True)}).encode(), r" row 1 field '50414267': expected an object with model_prediction, got list"),
     ("report-is-a-number", "num.jsonl", _report_jsonl([5, *FINDINGS[1:]]), r" row 1 field 'report': expected text, got int"),
     ("report-is-a-list", "list.jsonl", _report_jsonl([FINDINGS[0], ["a", "b"], *FINDINGS[2:]]), r" row 2 field 'report': expected text, got list"),
     ("labels-file-for-report-task", "labels.csv", CANONICAL, r" field 'Atelectasis': unexpected column for a report submission"),

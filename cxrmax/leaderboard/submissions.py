@@ -672,7 +672,7 @@ def _json_batches(path: Path, batch_rows: int, kind: FileKind) -> Iterator[RawBa
                             "this object is one row, not a mapping keyed by study id: for one object per "
                             "line name the file .jsonl, otherwise wrap the rows in a JSON array"
                         )
-                    elif isinstance(value, list):
+                    elif isinstance(value, list) and study_id_from_text(key) is None:
                         hint = (
                             f"{key!r} holds a list: a .json submission is an array of rows or an object "
                             "keyed by study_id, not a wrapper object; write the list itself"
