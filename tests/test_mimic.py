@@ -719,3 +719,12 @@ def test_sortedness_check() -> None:
     assert not is_sorted(table([(1, 6, "a"), (1, 5, "a")]))
     assert not is_sorted(table([(2, 1, "a"), (1, 9, "a")]))
     assert is_sorted(table([(1, 1, "z")]))
+
+
+def test_cli_errors_print_user_text_literally(tmp_path: Path) -> None:
+    """A path like runs[v2] must not be eaten as rich markup in the one-line error."""
+    root = tmp_path / "mimic[v2][bold]"
+    root.mkdir()
+    result = CliRunner().invoke(app, ["mimic", "summary", str(root)])
+    assert result.exit_code == 2
+    assert "mimic[v2][bold]" in " ".join(result.output.split()).replace(" ", "")

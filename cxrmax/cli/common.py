@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cxrmax.errors import CxrmaxError
 
@@ -16,9 +17,12 @@ err_console = Console(stderr=True)
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn CxrmaxError (and its subclasses) into a one-line red message and exit code 2."""
+    """Turn CxrmaxError (and its subclasses) into a one-line red message and exit code 2.
+
+    The message is printed literally: it quotes file names, column names and cell values from the
+    user's files, and rich markup would swallow ``[v2]`` in ``preds[v2].csv`` or a column ``[bold]``."""
     try:
         yield
     except CxrmaxError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +23,6 @@ leaderboard_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
-
-
-@contextlib.contextmanager
-def _literal_errors() -> Iterator[None]:
-    """Error messages quote file names, column names and cell values from the user's file; the shared
-    `user_errors` prints them through rich markup, which would swallow ``[v2]`` in ``preds[v2].csv``
-    or a column called ``[bold]``. Escape them so they print exactly as they are."""
-    from rich.markup import escape
-
-    from cxrmax.errors import CxrmaxError
-
-    try:
-        yield
-    except CxrmaxError as exc:
-        exc.args = (escape(str(exc)),)
-        raise
 
 
 _UNCERTAIN_HELP = "Uncertain-label policy: positive (default, CheXbert-F1 convention), negative or ignore."
@@ -167,7 +149,7 @@ def score_cmd(
 
     Example: cxrmax leaderboard score preds.parquet -t mimic-cxr-labels -r /data/mimic-cxr-jpg --uncertain ignore
     """
-    with user_errors(), _literal_errors():
+    with user_errors():
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps
 
@@ -228,7 +210,7 @@ def submit_cmd(
 
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
-    with user_errors(), _literal_errors():
+    with user_errors():
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps, file_sha256
         from cxrmax.leaderboard.store import Board, DuplicateSubmission
@@ -275,7 +257,7 @@ def show_cmd(
 
     Example: cxrmax leaderboard show --task ms-cxr-t
     """
-    with user_errors(), _literal_errors():
+    with user_errors():
         from cxrmax.leaderboard.render import render_board
         from cxrmax.leaderboard.store import Board
         from cxrmax.leaderboard.tasks import list_tasks
@@ -307,7 +289,7 @@ def export_cmd(
 
     Example: cxrmax leaderboard export --format html -o board.html --push-to-hub me/cxrmax-board
     """
-    with user_errors(), _literal_errors():
+    with user_errors():
         from cxrmax.errors import CxrmaxError
         from cxrmax.leaderboard.render import export_board
         from cxrmax.leaderboard.store import Board
@@ -331,7 +313,7 @@ def export_cmd(
 @leaderboard_app.command("tasks")
 def tasks_cmd() -> None:
     """List the task definitions (name, version, kind, ranking metric)."""
-    with user_errors(), _literal_errors():
+    with user_errors():
         from rich.table import Table
 
         from cxrmax.leaderboard.tasks import list_tasks
