@@ -239,6 +239,26 @@ def test_cider_d_matches_its_definition_and_batches_agree():
     assert same.score_batch(np.array([1]), ["no pneumothorax seen today"])[0, col] == pytest.approx(10.0)
 
 
+@pytest.mark.parametrize("tiny", [[""], ["effusion"], ["left effusion"], ["", None, "heart"], [None]])
+def test_batches_shorter_than_the_highest_ngram_order_score_like_one_big_batch(tiny):
+    """A batch with fewer tokens in all than MAX_ORDER (one one-word report) scores each row as it
+    would inside a larger batch; so does a corpus whose references are all shorter than MAX_ORDER."""
+    refs = ["small left pleural effusion is seen", "heart is enlarged", "no pneumothorax", "clear lungs", "x"]
+    for corpus in (textmetrics.ReferenceCorpus(refs), textmetrics.ReferenceCorpus(refs[1:])):
+        _check_tiny_batch(corpus, tiny)
+
+
+def _check_tiny_batch(corpus, tiny):
+    rows = np.arange(len(tiny))
+    alone = corpus.score_batch(rows, tiny)
+    padding = ["the heart size is normal and the lungs are clear"] * 2
+    inside = corpus.score_batch(np.concatenate([rows, [0, 1]]), [*tiny, *padding])[: len(tiny)]
+    np.testing.assert_allclose(alone, inside)
+    assert alone[:, textmetrics.STAT_COLUMNS.index("cand_len")].tolist() == [
+        len(textmetrics.tokenize(t)) for t in tiny
+    ]
+
+
 def test_meteor_absence_is_said_not_zeroed():
     if textmetrics.wordnet_available():
         from nltk.translate.meteor_score import meteor_score

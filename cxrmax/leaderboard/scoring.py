@@ -534,23 +534,6 @@ def _coverage(
     return covered, missing
 
 
-#: A candidate of MAX_ORDER tokens appended to every text batch (its row is dropped): the n-gram
-#: packing in `textmetrics.ReferenceCorpus.score_batch` fails on a batch with fewer tokens in all
-#: than the highest n-gram order (e.g. one one-word report, or only empty reports).
-_PAD_CANDIDATE = " ".join(["pad"] * textmetrics.MAX_ORDER)
-
-
-def _text_stats(
-    corpus: textmetrics.ReferenceCorpus, slots: np.ndarray, texts: list[str | None]
-) -> np.ndarray:
-    """Per-study text statistics of one batch; each row depends only on its own candidate and
-    reference, so the padding row changes nothing else."""
-    if not len(slots):
-        return corpus.score_batch(slots, texts)
-    padded_slots = np.append(np.asarray(slots, dtype=np.int64), int(slots[0]))
-    return corpus.score_batch(padded_slots, [*texts, _PAD_CANDIDATE])[:-1]
-
-
 def _as_texts(values: Any) -> list[Any]:
     return values.to_pylist() if hasattr(values, "to_pylist") else list(values)
 
@@ -840,7 +823,7 @@ def _score_reports(
             )
             raise InputError(f"{where(path)}: {submissions.expected_columns('report')}{hint}")
         texts = stream.texts(batch, keep, slots, stream.plan.text)
-        stats[slots] = _text_stats(corpus, slots, texts)
+        stats[slots] = corpus.score_batch(slots, texts)
         predicted[slots] = _label_texts(texts, processes)
         if want_meteor:
             meteor[slots] = textmetrics.meteor_scores(texts, [refs.texts[s] for s in slots])

@@ -172,7 +172,8 @@ class ReferenceCorpus:
         for n, order in enumerate(self.orders, start=1):
             valid = pos + n <= lengths[rows]
             prev = np.zeros(len(ids), np.int64) if n == 1 else grams
-            tok = ids if n == 1 else np.concatenate([ids[n - 1 :], np.zeros(n - 1, np.int64)])
+            # The token n-1 places ahead (zero past the end); as long as ids even when ids is shorter than n.
+            tok = ids if n == 1 else np.concatenate([ids, np.zeros(n - 1, np.int64)])[n - 1 :]
             packed = prev * width + tok
             # Known grams: the packed key exists in the reference table of this order (prev < ref ids
             # and token < self.width guarantee the packing matches the reference packing).
@@ -197,19 +198,24 @@ class ReferenceCorpus:
             c_row = cand_keys // total
             c_gram = cand_keys % total
             out[:, _COL[f"total_{n}"]] = np.bincount(c_row, weights=cand_counts, minlength=m)
-            idf = np.where(
-                c_gram < order.n_grams, order.idf[np.minimum(c_gram, order.n_grams - 1)], self._log_n
-            )
+            if order.n_grams:
+                idf = np.where(
+                    c_gram < order.n_grams, order.idf[np.minimum(c_gram, order.n_grams - 1)], self._log_n
+                )
+            else:  # no reference has n tokens (very short references): every gram is unseen
+                idf = np.full(len(c_gram), self._log_n)
             c_weight = cand_counts * idf
             c_norm = np.sqrt(np.bincount(c_row, weights=c_weight**2, minlength=m))
             # Look each candidate gram up in its own reference row.
             in_ref = c_gram < order.n_grams
             query = ref_rows[c_row] * order.n_grams + np.minimum(c_gram, order.n_grams - 1)
-            hit_at = np.searchsorted(order.ref_key, query)
-            hit_at = np.minimum(hit_at, max(len(order.ref_key) - 1, 0))
-            hit = in_ref & (order.ref_key[hit_at] == query) if len(order.ref_key) else np.zeros_like(in_ref)
-            r_count = np.where(hit, order.ref_count[hit_at], 0)
-            r_weight = np.where(hit, order.ref_weight[hit_at], 0.0)
+            if len(order.ref_key):
+                hit_at = np.minimum(np.searchsorted(order.ref_key, query), len(order.ref_key) - 1)
+                hit = in_ref & (order.ref_key[hit_at] == query)
+                r_count = np.where(hit, order.ref_count[hit_at], 0)
+                r_weight = np.where(hit, order.ref_weight[hit_at], 0.0)
+            else:  # no reference has an n-gram of this order
+                r_count, r_weight = np.zeros(len(query), np.int64), np.zeros(len(query))
             out[:, _COL[f"match_{n}"]] = np.bincount(
                 c_row, weights=np.minimum(cand_counts, r_count), minlength=m
             )
