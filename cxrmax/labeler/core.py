@@ -101,6 +101,18 @@ _LOCATION_WORDS = frozenset(
     "lateral medial posterior anterior lingula perihilar infrahilar retrocardiac costophrenic angle sulcus "
     "small moderate large mild tiny trace minimal severe moderately mildly > < & +".split()
 )
+_HEADING_DEFAULTS: dict[str, str] = {}  # heading -> status of a mention without a cue under it
+
+
+def _heading_default(heading: str) -> str:
+    """Status of an uncued mention under `heading`: uncertain under a heading that announces
+    alternatives ("Differential diagnosis"), else positive; cached for a few thousand headings."""
+    default = "uncertain" if _UNCERTAIN_HEADING.search(heading.lower()) else "positive"
+    if len(_HEADING_DEFAULTS) < 4096:
+        _HEADING_DEFAULTS[heading] = default
+    return default
+
+
 _UNCERTAIN_HEADING = re.compile(r"differential|possib|consider|uncertain|potential|alternative|rule[\s-]*out")
 _UNCERTAIN_STATEMENT = re.compile(r"\b(?:likely|probably|possibly|borderline|may|might|could)\b")
 _DROP_SPACES = str.maketrans("", "", " -\n\t\r")
@@ -227,7 +239,7 @@ def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
     table = lexicon.table
     flex_keys = lexicon.flex_keys
     flex = lexicon.flex
-    flex_match = lexicon.flex_pattern.match
+    flex_by_char = lexicon.flex_by_char
     trigger = TRIGGER
     tokens: list[tuple[int, int, int, object]] = []
     append = tokens.append
@@ -244,7 +256,8 @@ def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
             if entry is None:  # cannot happen: every trie word is in the table
                 continue
         if word in flex_keys:
-            statement = flex_match(low, start)
+            flex_pattern = flex_by_char.get(low[start])
+            statement = None if flex_pattern is None else flex_pattern.match(low, start)
             if statement is not None:
                 covered = statement.end()
                 append((start, covered, STATEMENT, flex[int(statement.lastgroup[1:])]))
@@ -824,8 +837,9 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                     continue
                 kept.append(tok)
             step_tokens = kept
-        heading = segment.heading
-        default = "uncertain" if heading and _UNCERTAIN_HEADING.search(heading.lower()) else "positive"
+        default = "positive"
+        if heading is not None:
+            default = _HEADING_DEFAULTS.get(heading) or _heading_default(heading)
         los, his = _clauses(step_tokens)
         silent_clauses: set[int] = set()  # clauses (by first token) that refuse or speak in general
         for i, tok in enumerate(step_tokens):
@@ -979,8 +993,11 @@ def _combine(items) -> tuple[str, str | None]:
     negative (the model took the musing back)."""
     best = "absent"
     best_rank = 0
+    has_uncertain = False
     for item in items:
         rank = _RANK[item[4]]
+        if rank == 2:
+            has_uncertain = True
         if rank > best_rank:
             best, best_rank = item[4], rank
     if best == "uncertain":
@@ -990,7 +1007,7 @@ def _combine(items) -> tuple[str, str | None]:
         ):
             best = "negative"
     sides = {item[5] for item in items if item[4] == best and item[5] is not None}
-    if not sides and best == "positive":
+    if not sides and best == "positive" and has_uncertain:
         # "blunting of both angles suggests bilateral effusions ... supports pleural effusion": an
         # unlateralised restatement keeps the side of the uncertain mentions.
         sides = {item[5] for item in items if item[4] == "uncertain" and item[5] is not None}

@@ -122,11 +122,15 @@ def _split_sentences(
         if cut >= end:
             break
         # "e.g. pneumonia", "Dr. X", "vs. atelectasis": not a sentence end.
-        word_start = text.rfind(" ", cursor, match.start()) + 1
-        word = text[max(word_start, cursor) : match.start()].lower().lstrip("(*")
-        if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
-            continue
-        piece_end = match.start() + 1
+        dot = match.start()
+        word_start = text.rfind(" ", cursor, dot) + 1
+        if word_start < cursor:
+            word_start = cursor
+        if dot - word_start <= 8:  # longer words are no abbreviation: skip the string work
+            word = text[word_start:dot].lower().lstrip("(*")
+            if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
+                continue
+        piece_end = dot + 1
         if piece_end > cursor and _WORD.search(text, cursor, piece_end):
             out.append(_segment((cursor, piece_end, first_kind, heading)))
             first_kind = "sentence"
