@@ -2311,3 +2311,26 @@ def test_answers_in_another_language_are_not_called_normal(text):
     assert result.error == "no English text recognised"
     [row] = label_texts([text], processes=1).to_pylist()
     assert row["No Finding"] is None and row["error"] == "no English text recognised"
+
+
+def test_flexible_statements_dispatched_by_first_character_match_as_the_full_pattern():
+    """The scan tries only the flexible statements that can start with the trigger's first character
+    (matcher.Lexicon.flex_by_char); on every trigger of the table it finds what the full pattern finds."""
+    from cxrmax.labeler import matcher
+    from cxrmax.labeler.core import _DROP_SPACES, _lowered
+
+    lexicon = matcher.LEXICON
+    checked = 0
+    for _id, text, *_rest in CASES:
+        low = _lowered(text)
+        for match in lexicon.pattern.finditer(low):
+            word = match.group()
+            key = word if word in lexicon.table else word.translate(_DROP_SPACES)
+            if key not in lexicon.flex_keys:
+                continue
+            full = lexicon.flex_pattern.match(low, match.start())
+            pattern = lexicon.flex_by_char.get(low[match.start()])
+            split = pattern.match(low, match.start()) if pattern is not None else None
+            assert (full and (full.span(), full.lastgroup)) == (split and (split.span(), split.lastgroup))
+            checked += 1
+    assert checked > 300
