@@ -108,6 +108,26 @@ def test_killed_run_journal_is_recovered_and_torn_line_ignored(tmp_path):
     assert sorted(keys) == sorted(_row(i)["request_key"] for i in range(5))
 
 
+def test_journal_rows_that_no_longer_fit_the_schema_are_redone_not_fatal(tmp_path):
+    """An older version journalled content parts as a list: recovery must not crash on every rerun."""
+    folder = tmp_path / "m"
+    store = TrajectoryStore(folder, rows_per_shard=100).open()
+    store.append(_row(0))
+    journal = next(folder.glob("wal-*.jsonl"))
+    bad = _row(1) | {"text": [{"type": "text", "text": "parts"}]}
+    with open(journal, "a") as handle:
+        handle.write(json.dumps(bad) + "\n")
+        handle.write(json.dumps(_row(2)) + "\n")
+    os.close(store._lock_fd)
+    store._lock_fd = None
+    with pytest.warns(UserWarning, match="1 journal row"), TrajectoryStore(folder) as again:
+        assert (again.recovered_rows, again.rejected_rows) == (2, 1)
+        assert again.is_done(key_digest(_row(0)["request_key"]))
+        assert not again.is_done(key_digest(bad["request_key"]))  # made again by the next run
+    table = pa.concat_tables(read_shard(p) for p in folder.glob("part-*.arrow"))
+    assert sorted(table["text"].to_pylist()) == ["answer 0", "answer 2"]
+
+
 def test_journal_whose_shard_exists_is_not_counted_twice(tmp_path):
     folder = tmp_path / "m"
     store = TrajectoryStore(folder, rows_per_shard=100).open()

@@ -33,6 +33,7 @@ import os
 import secrets
 import sqlite3
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,6 +271,7 @@ class TrajectoryStore:
         self._failed_all: set[str] = set()
         self.ledger: FailureLedger | None = None
         self.recovered_rows = 0
+        self.rejected_rows = 0  # journal rows that no longer fit the schema (redone)
         self.committed_rows = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -396,9 +398,20 @@ class TrajectoryStore:
                     continue
                 seen.add(digest)
                 rows.append(row)
-            if rows:
-                write_shard_atomic(rows_to_table(rows), shard)
-                self.recovered_rows += len(rows)
+            table, rejected = _recoverable_table(rows)
+            if rejected:
+                # A row that no longer fits the schema (written by an older, buggy version) must not
+                # block every later run: it is left out, so its request is simply made again.
+                self.rejected_rows += len(rejected)
+                seen.difference_update(key_digest(row["request_key"]) for row in rejected)
+                warnings.warn(
+                    f"{journal}: {len(rejected)} journal row(s) do not fit the trajectory schema and were "
+                    "dropped; their requests will be made again",
+                    stacklevel=2,
+                )
+            if table.num_rows:
+                write_shard_atomic(table, shard)
+                self.recovered_rows += table.num_rows
                 new_digests.extend(seen)
             journal.unlink()
         if new_digests:
@@ -425,6 +438,26 @@ class TrajectoryStore:
         if removed:
             self.done = KeySet(self._load_done_digests())
         return removed
+
+
+_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError)
+
+
+def _recoverable_table(rows: list[dict[str, Any]]) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """Journal rows as a TRAJECTORY_SCHEMA table, plus the rows that do not convert (checked one by
+    one only when the whole batch fails, which a healthy journal never does)."""
+    try:
+        return rows_to_table(rows), []
+    except _CONVERSION_ERRORS:
+        pass
+    good, bad = [], []
+    for row in rows:
+        try:
+            rows_to_table([row])
+            good.append(row)
+        except _CONVERSION_ERRORS:
+            bad.append(row)
+    return rows_to_table(good), bad
 
 
 def _shard_for(journal: Path) -> Path:
