@@ -23,8 +23,9 @@ from cxrmax.fixtures import (
     make_mini_mimic,
     write_synthetic_csvs,
 )
-from cxrmax.mimic import parse_report, read_ms_cxr_t
+from cxrmax.mimic import read_ms_cxr_t
 from cxrmax.pathologies import FINDINGS, OBSERVATIONS, no_finding
+from cxrmax.reports import parse_report
 
 DICOM_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 

@@ -396,7 +396,8 @@ def test_iter_label_tables_streams_chunks_in_order_with_one_pool():
 
 
 def test_labels_from_mini_mimic_reports_equal_the_fixture_csv(mini_mimic):
-    from cxrmax.mimic import MimicCXR, parse_report
+    from cxrmax.mimic import MimicCXR
+    from cxrmax.reports import parse_report
 
     mimic = MimicCXR(mini_mimic)
     expected = mimic.study_labels().to_pylist()

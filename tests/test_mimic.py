@@ -21,7 +21,6 @@ from cxrmax.mimic import (
     MimicCXR,
     _mix64,
     detect_layout,
-    parse_report,
     parse_shard,
     read_ms_cxr_t,
     read_selection,
@@ -29,6 +28,7 @@ from cxrmax.mimic import (
     write_selection,
 )
 from cxrmax.pathologies import FINDINGS, OBSERVATIONS
+from cxrmax.reports import parse_report
 from cxrmax.shards import SELECTION_SCHEMA
 
 META = "mimic-cxr-2.0.0-metadata.csv.gz"

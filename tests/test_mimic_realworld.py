@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from cxrmax.errors import InputError
-from cxrmax.mimic import MimicCXR, decode_report, detect_layout, parse_report
+from cxrmax.mimic import MimicCXR, detect_layout
 from cxrmax.pathologies import OBSERVATIONS
+from cxrmax.reports import decode_report, parse_report
 
 SKIP = object()  # an expectation that is not checked
 SEPARATOR = " " + "_" * 78
