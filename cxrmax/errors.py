@@ -13,6 +13,10 @@ class InputError(CxrmaxError):
     Build messages with `where()` so that they always say where the problem is."""
 
 
+class ImageError(InputError):
+    """An image file that cannot be read or decoded (the message names the path and the reason)."""
+
+
 def where(path: object, row: int | None = None, field: str | None = None) -> str:
     """Format a location like ``file.csv.gz row 12 field 'Edema'`` (row numbers are 1-based data rows)."""
     text = str(path)
