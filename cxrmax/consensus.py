@@ -406,7 +406,8 @@ class ModelConsensus:
     async def _ask(self, prompt: str, image: bytes | None, seed: int):
         import asyncio
 
-        from cxrmax.generate.backends import BackendError, Sampling
+        from cxrmax.generate.backends import Sampling
+        from cxrmax.generate.responses import BackendError
 
         sampling = Sampling(
             self.sampling["temperature"], self.sampling["top_p"], self.sampling["max_tokens"], seed
@@ -425,8 +426,8 @@ class ModelConsensus:
         import json
         import time
 
-        from cxrmax.generate.backends import BackendError
         from cxrmax.generate.prompts import prompt_hash
+        from cxrmax.generate.responses import BackendError
         from cxrmax.generate.store import request_seed
 
         gate = asyncio.Semaphore(self.concurrency)

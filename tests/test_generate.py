@@ -19,9 +19,10 @@ from typer.testing import CliRunner
 from cxrmax.cli import app
 from cxrmax.errors import CxrmaxError
 from cxrmax.generate import read_trajectories
-from cxrmax.generate.backends import BackendError, Sampling, make_backend
+from cxrmax.generate.backends import Sampling, make_backend
 from cxrmax.generate.orchestrator import GenerateOptions, GenerationAborted, generate
 from cxrmax.generate.prompts import load_prompt, prompt_hash
+from cxrmax.generate.responses import BackendError
 from cxrmax.generate.roster import resolve_model
 from cxrmax.generate.status import generation_status
 from cxrmax.generate.store import read_shard
@@ -314,14 +315,14 @@ def test_make_backend_from_python(server, mini_mimic):
         with pytest.raises(CxrmaxError, match="vllm serve"):
             asyncio.run(vllm_missing())
     with pytest.raises(BackendError):
-        from cxrmax.generate.backends import _parse_chat_response
+        from cxrmax.generate.responses import parse_chat_response
 
         class _Response:
             status_code = 200
             content = b"not json"
             headers: dict = {}
 
-        _parse_chat_response(_Response(), "x")
+        parse_chat_response(_Response(), "x")
 
 
 # ----------------------------------------------------------------------------------- CLI

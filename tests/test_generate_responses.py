@@ -16,9 +16,9 @@ import pytest
 
 from cxrmax.errors import CxrmaxError
 from cxrmax.generate import read_trajectories
-from cxrmax.generate.backends import parse_retry_after
 from cxrmax.generate.orchestrator import GenerateOptions, GenerationAborted, generate
 from cxrmax.generate.prompts import load_prompt
+from cxrmax.generate.responses import parse_retry_after
 from cxrmax.generate.roster import resolve_model
 from cxrmax.generate.status import generation_status
 from cxrmax.generate.store import FailureLedger

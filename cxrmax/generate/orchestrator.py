@@ -19,7 +19,7 @@ unreachable server, missing images) are counted; after ``fail_fast_after`` of th
 stops with one message that says what to fix. Those failures are not written to the ledger, so a fixed
 rerun does them again.
 
-Stop at any time: a 401/403 or a 404 for the model (kinds in backends.RUN_LEVEL_KINDS) is about the
+Stop at any time: a 401/403 or a 404 for the model (kinds in responses.RUN_LEVEL_KINDS) is about the
 whole run, not the request, so the run stops at once and records nothing for it. ``fail_fast_after``
 requests in a row that used up all their attempts on the same transient error (a server that died or
 hangs, endless 429/5xx) with no success in between also stop the run; they stay in the ledger as
@@ -47,18 +47,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmax.errors import CxrmaxError, InputError, where
-from cxrmax.generate.backends import (
-    RUN_LEVEL_KINDS,
-    Backend,
-    BackendError,
-    Completion,
-    Sampling,
-    make_backend,
-    vllm_engine_args,
-)
+from cxrmax.generate.backends import Backend, Sampling, make_backend, vllm_engine_args
 from cxrmax.generate.progress import NullProgress, ProgressReporter, RunStats
 from cxrmax.generate.prompts import PromptTemplate, prompt_hash
 from cxrmax.generate.ratelimit import RateLimiter
+from cxrmax.generate.responses import RUN_LEVEL_KINDS, BackendError, Completion
 from cxrmax.generate.roster import ModelSpec
 from cxrmax.generate.store import (
     FailureRecord,

@@ -161,7 +161,8 @@ def create_app(state: ServerState) -> Any:
     from fastapi.responses import Response
     from starlette.concurrency import run_in_threadpool
 
-    from cxrmax.generate.backends import Completion, Sampling
+    from cxrmax.generate.backends import Sampling
+    from cxrmax.generate.responses import Completion
 
     app = FastAPI(title="cxrmax test OpenAI-compatible server")
 
