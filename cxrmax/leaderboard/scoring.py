@@ -471,26 +471,17 @@ class _Stream:
                         self.plan.observations[column] = obs
                     self.plan.progression.update(extra.progression)
                     self.plan.ignored.extend(extra.ignored)
-            if self.key_column == "study_id":
-                ids, bad_key, messages = submissions.parse_or_skip(
-                    submissions.parse_study_ids,
-                    batch.columns[self.plan.key],
-                    batch.rows,
-                    self.path,
-                    self.plan.key,
-                    self.lenient,
-                    -1,
-                )
-            else:
-                ids, bad_key, messages = submissions.parse_or_skip(
-                    submissions.parse_text_keys,
-                    batch.columns[self.plan.key],
-                    batch.rows,
-                    self.path,
-                    self.plan.key,
-                    self.lenient,
-                    "",
-                )
+            numeric_key = self.key_column == "study_id"
+            ids, bad_key, messages = submissions.parse_or_skip(
+                submissions.parse_study_ids if numeric_key else submissions.parse_text_keys,
+                batch.columns[self.plan.key],
+                batch.rows,
+                self.path,
+                self.plan.key,
+                self.lenient,
+                -1 if numeric_key else "",
+            )
+            if not numeric_key:
                 ids = np.asarray(ids, dtype=str)
             for i in sorted(messages):
                 self.read_log.skip(messages[i])
