@@ -16,9 +16,15 @@ Truncation policy (``max_length`` counts prompt + image tokens + completion):
     ``min_completion_tokens`` is dropped (counted as ``dropped_prompt_too_long``);
   * completions are cut from the end to fit (counted per completion as ``truncated_chosen`` /
     ``truncated_rejected``);
-  * empty or missing negatives are removed (``empty_rejected``); a sample left without negatives is
-    dropped (``dropped_no_rejected``); a missing positive/prompt is an InputError (``lenient``: dropped,
-    counted as ``dropped_invalid``).
+  * empty or missing negatives are removed (``empty_rejected``), and so are negatives whose text equals
+    the positive's up to whitespace (``identical_rejected``: they carry no preference and only dilute
+    the Plackett-Luce denominator); a sample left without negatives is dropped (``dropped_no_rejected``);
+  * a missing positive/prompt is an InputError naming the dataset, row and field (``lenient``: dropped,
+    counted as ``dropped_invalid``); so is an image that is missing or cannot be decoded (``lenient``:
+    counted as ``dropped_bad_image``);
+  * a column of the wrong type (``rejected`` not a list of strings, ``chosen`` not a string) is an
+    InputError before any row is read, and a dataset left with no sample at all is an InputError that
+    lists why each row was dropped (training on nothing would only fail later, less clearly).
 
 Collation puts a sample's positive and all of its negatives in the same batch as separate rows of one
 padded tensor: the positive is ONE row per sample (not one per negative, as a pairwise split would do),
@@ -67,6 +73,42 @@ def load_split(path: str | os.PathLike, split: str = "train", required: Sequence
         if column not in loaded.column_names:
             raise InputError(f"{where(path, field=column)}: missing column (have {loaded.column_names})")
     return loaded
+
+
+def _type_name(feature: Any) -> str:
+    return getattr(feature, "dtype", None) or type(feature).__name__
+
+
+def _is_text(feature: Any) -> bool:
+    # dtype "null": a column that is None in every row (pyarrow cannot type it); rows say what is missing.
+    return getattr(feature, "dtype", None) in ("string", "large_string", "null")
+
+
+def _is_text_list(feature: Any) -> bool:
+    if getattr(feature, "dtype", None) == "null":
+        return True
+    if isinstance(feature, list):  # the legacy [Value] form
+        return len(feature) == 1 and _is_text(feature[0])
+    inner = getattr(feature, "feature", None)  # datasets.List / LargeList / Sequence
+    return inner is not None and _is_text(inner)
+
+
+def check_column_types(
+    dataset: Any, text_columns: Sequence[str], list_columns: Sequence[str], source: Any
+) -> None:
+    """Raise InputError when a present column has the wrong type (e.g. ``rejected`` saved as one string
+    would otherwise be split into single characters, ``chosen`` saved as a list would read as empty)."""
+    features = getattr(dataset, "features", None) or {}
+    for name in text_columns:
+        if name in features and not _is_text(features[name]):
+            raise InputError(
+                f"{where(source, field=name)}: expected a text column, got {_type_name(features[name])}"
+            )
+    for name in list_columns:
+        if name in features and not _is_text_list(features[name]):
+            raise InputError(
+                f"{where(source, field=name)}: expected a list of texts per row, got {features[name]}"
+            )
 
 
 # ------------------------------------------------------------------------------------------- encoding
@@ -133,7 +175,9 @@ class ChatEncoder:
             raise InputError("image_root (the MIMIC-CXR root) is needed to load images")
         full = self.image_root / image_path
         if not full.is_file():
-            raise InputError(f"{where(full, row, 'image_path')}: image not found")
+            raise InputError(
+                f"{where(full)}: image not found (image_path {image_path!r} under the image root)"
+            )
         return preprocess(full, max_edge=self.max_edge, max_pixels=self.max_pixels).convert("RGB")
 
     def vision_inputs(self, image: Any) -> dict[str, torch.Tensor]:
@@ -159,8 +203,11 @@ class ChatEncoder:
     def completion_text(self, prompt: str, completion: str) -> str:
         """What the chat template appends for an assistant turn holding ``completion``.
 
-        Rendered from the template itself (so end-of-turn tokens are right for any model); falls back
-        to completion + eos when the template's prompt is not a prefix of the full conversation."""
+        Rendered from the template itself (so end-of-turn tokens are right for any model). Many
+        templates trim the message (Llama-3's ``| trim``), so the completion is looked for without its
+        surrounding whitespace. When the generation prompt is not a prefix of the full conversation,
+        the completion is followed by whatever the template writes after it (its end of turn); only a
+        template that does not show the completion at all falls back to completion + eos."""
         user = self._messages(prompt, with_image=False)
         assistant = (
             {"role": "assistant", "content": [{"type": "text", "text": completion}]}
@@ -169,8 +216,12 @@ class ChatEncoder:
         )
         head = self._render(user, add_generation_prompt=True)
         full = self._render([*user, assistant], add_generation_prompt=False)
-        if full.startswith(head) and completion in full[len(head) :]:
+        core = completion.strip()
+        if full.startswith(head) and core in full[len(head) :]:
             return full[len(head) :]
+        at = full.rfind(core) if core else -1
+        if at >= 0:
+            return completion + full[at + len(core) :]
         return completion + (self.tokenizer.eos_token or "")
 
     def encode_completion(self, prompt: str, completion: str) -> list[int]:
@@ -187,9 +238,11 @@ class TruncationStats:
     dropped_prompt_too_long: int = 0
     dropped_no_rejected: int = 0
     dropped_invalid: int = 0
+    dropped_bad_image: int = 0
     truncated_chosen: int = 0
     truncated_rejected: int = 0
     empty_rejected: int = 0
+    identical_rejected: int = 0
     rejected_kept: int = 0
     max_prompt_tokens: int = 0
     extra: dict[str, int] = field(default_factory=dict)
@@ -235,7 +288,12 @@ def _encode_prompt(
         value = row.get(name)
         if not isinstance(value, str) or not value.strip():
             if not lenient:
-                raise InputError(f"{where(source, index + 1, name)}: missing or empty")
+                what = (
+                    "missing or empty"
+                    if value is None or isinstance(value, str)
+                    else f"not text ({type(value).__name__})"
+                )
+                raise InputError(f"{where(source, index + 1, name)}: {what}")
             result["drop_reason"] = "invalid"
             return None
     image = None
@@ -246,7 +304,13 @@ def _encode_prompt(
                 raise InputError(f"{where(source, index + 1, 'image_path')}: missing")
             result["drop_reason"] = "invalid"
             return None
-        image = encoder.load_image(image_path, index + 1)
+        try:
+            image = encoder.load_image(image_path, index + 1)
+        except InputError as exc:  # missing file, or ImageError: truncated / corrupt / undecodable
+            if not lenient:
+                raise InputError(f"{where(source, index + 1, 'image_path')}: {exc}") from exc
+            result["drop_reason"] = "bad_image"
+            return None
     prompt_ids, prompt_types = encoder.encode_prompt_with_types(row["prompt"], image)
     result["prompt_input_ids"] = prompt_ids
     result["prompt_mm_token_type_ids"] = prompt_types
@@ -284,6 +348,7 @@ def tokenize_preferences(
             "n_truncated_chosen": 0,
             "n_truncated_rejected": 0,
             "n_empty_rejected": 0,
+            "n_identical_rejected": 0,
             "n_rejected_kept": 0,
             "n_prompt_tokens": 0,
         }
@@ -297,6 +362,10 @@ def tokenize_preferences(
         order = _order_negatives(raw_rejected, row.get("rejected_drift"))
         kept = [i for i in order if isinstance(raw_rejected[i], str) and raw_rejected[i].strip()]
         result["n_empty_rejected"] = len(raw_rejected) - len(kept)
+        chosen_words = chosen.split()
+        distinct = [i for i in kept if raw_rejected[i].split() != chosen_words]
+        result["n_identical_rejected"] = len(kept) - len(distinct)
+        kept = distinct
         if max_negatives is not None and len(kept) > max_negatives:
             # The most drifting ones are the last in ranking order.
             kept = kept[len(kept) - max_negatives :]
@@ -315,7 +384,8 @@ def tokenize_preferences(
         result["n_rejected_kept"] = len(rejected_ids)
         return result
 
-    return _run_map(dataset, encode, num_proc, kind="preferences")
+    check_column_types(dataset, ("prompt", "chosen", "image_path"), ("rejected",), source)
+    return _run_map(dataset, encode, num_proc, kind="preferences", source=source)
 
 
 def tokenize_sft(
@@ -348,10 +418,13 @@ def tokenize_sft(
         result["n_truncated_chosen"] = int(cut)
         return result
 
-    return _run_map(dataset, encode, num_proc, kind="sft")
+    check_column_types(dataset, ("prompt", "completion", "image_path"), (), source)
+    return _run_map(dataset, encode, num_proc, kind="sft", source=source)
 
 
-def _run_map(dataset: Any, encode: Any, num_proc: int | None, kind: str) -> tuple[Any, TruncationStats]:
+def _run_map(
+    dataset: Any, encode: Any, num_proc: int | None, kind: str, source: str | os.PathLike
+) -> tuple[Any, TruncationStats]:
     keep = {"sample_id", "image_path"}
     remove = [c for c in dataset.column_names if c not in keep]
     mapped = dataset.map(
@@ -379,14 +452,22 @@ def _run_map(dataset: Any, encode: Any, num_proc: int | None, kind: str) -> tupl
     stats.dropped_prompt_too_long = by_reason.get("prompt_too_long", 0)
     stats.dropped_no_rejected = by_reason.get("no_rejected", 0)
     stats.dropped_invalid = by_reason.get("invalid", 0)
+    stats.dropped_bad_image = by_reason.get("bad_image", 0)
     stats.truncated_chosen = total("n_truncated_chosen")
     stats.truncated_rejected = total("n_truncated_rejected")
     stats.empty_rejected = total("n_empty_rejected")
+    stats.identical_rejected = total("n_identical_rejected")
     stats.rejected_kept = total("n_rejected_kept", only_kept=True)
     kept_lengths = pc.filter(table.column("n_prompt_tokens"), kept_rows)
     stats.max_prompt_tokens = int(pc.max(kept_lengths).as_py() or 0) if len(kept_lengths) else 0
     kept = mapped.filter(lambda r: r is None, input_columns="drop_reason", desc="dropping")
     stats.samples_kept = len(kept)
+    if stats.samples_in and not stats.samples_kept:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items()))
+        raise InputError(
+            f"{where(source)}: no {kind} sample left to train on after tokenization "
+            f"(dropped: {reasons}; see the truncation policy in apo_train.data)"
+        )
     drop = [c for c in kept.column_names if c.startswith("n_") or c == "drop_reason"]
     return kept.remove_columns(drop), stats
 
