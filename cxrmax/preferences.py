@@ -81,6 +81,7 @@ WORK_SCHEMA = pa.schema(
         pa.field("prompt", pa.string()),
         pa.field("labels", shards.LABELS_TYPE),
         pa.field("report", pa.string()),
+        pa.field("truncated", pa.bool_()),  # finish_reason "length" (the answer was cut at max_tokens)
         pa.field("source_file", pa.int32()),  # index into LoadReport.files
         pa.field("source_row", pa.int64()),  # 1-based data row in that file
     ]
@@ -94,7 +95,10 @@ class LoadReport:
     files: list[str] = field(default_factory=list)
     rows: int = 0
     ignored_columns: dict[str, list[str]] = field(default_factory=dict)
-    empty_texts: int = 0
+    empty_texts: int = 0  # null, blank or without any letter/digit (e.g. only zero-width spaces)
+    truncated_texts: int = 0  # finish_reason "length": cut at max_tokens (see annotate_chunk)
+    reasoning_joined: int = 0  # rows whose separate `reasoning` was put before the answer
+    unreadable_files: list[str] = field(default_factory=list)  # --lenient: skipped, with the reason
     duplicates_skipped: int = 0
     conflicting_samples_skipped: int = 0
 
@@ -104,14 +108,30 @@ class LoadReport:
 # --------------------------------------------------------------------------------------------
 
 
+#: The end-of-stream marker every closed Arrow IPC stream writer appends (continuation + length 0).
+_STREAM_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
 def _read_arrow(path: Path) -> pa.Table:
-    """Read an Arrow IPC file or stream, memory-mapped (no copy of the texts)."""
+    """Read an Arrow IPC file or stream, memory-mapped (no copy of the texts).
+
+    A stream cut exactly between two record batches (an interrupted copy from another machine)
+    still parses, silently short: such a stream lacks the end-of-stream marker its writer appends
+    on close, so that marker is required (ArrowInvalid otherwise)."""
     source = pa.memory_map(str(path), "r")
     try:
         return pa.ipc.open_file(source).read_all()
     except pa.ArrowInvalid:
         source = pa.memory_map(str(path), "r")
-        return pa.ipc.open_stream(source).read_all()
+        table = pa.ipc.open_stream(source).read_all()
+        size = source.size()
+        source.seek(max(0, size - len(_STREAM_EOS)))
+        if source.read() != _STREAM_EOS:
+            raise pa.ArrowInvalid(
+                f"the stream ends without its end-of-stream marker after {table.num_rows} rows "
+                "(truncated: an interrupted write or copy?)"
+            ) from None
+        return table
 
 
 def _read_file(path: Path) -> pa.Table:
@@ -127,8 +147,8 @@ def _read_file(path: Path) -> pa.Table:
             import pyarrow.json as pj
 
             return pj.read_json(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{where(path)}: cannot read ({exc})") from None
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise InputError(f"{where(path)}: cannot read, corrupt or truncated file ({exc})") from None
     raise InputError(f"{where(path)}: unsupported file type (expected .arrow, .parquet or .jsonl)")
 
 
@@ -226,6 +246,38 @@ def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
     return None
 
 
+#: finish_reason values meaning "cut at the token limit" (OpenAI/vLLM, TGI, Anthropic spellings).
+_TRUNCATED_REASONS = ("length", "max_tokens", "max_length", "model_length")
+
+
+def _join_reasoning(
+    reasoning: pa.ChunkedArray, text: pa.ChunkedArray, path: str
+) -> tuple[pa.ChunkedArray, int]:
+    """reasoning + blank line + answer where both are present and the answer is not the reasoning
+    itself (or does not already start with it); else whichever is present. Returns the joined
+    column and how many rows were joined."""
+    try:
+        reasoning = reasoning.cast(pa.string())
+        text = text.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise InputError(f"{where(path, field='reasoning')}: cannot read as string ({exc})") from None
+    has_reasoning = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(reasoning), ""), False)
+    if not pc.any(has_reasoning).as_py():
+        return text, 0
+    rows = np.flatnonzero(has_reasoning.to_numpy(zero_copy_only=False))
+    reasoning_list = reasoning.to_pylist()
+    text_list = text.to_pylist()
+    joined = 0
+    for i in rows:
+        thought, answer = reasoning_list[i].strip(), (text_list[i] or "").strip()
+        if not answer:
+            text_list[i] = thought
+        elif answer != thought and not answer.startswith(thought):
+            text_list[i] = f"{thought}\n\n{answer}"
+            joined += 1
+    return pa.chunked_array([pa.array(text_list, type=pa.string())]), joined
+
+
 def normalise_table(table: pa.Table, path: str, file_index: int, report: LoadReport) -> pa.Table:
     """Map one input table onto WORK_SCHEMA (aliases resolved, types cast); unknown columns are
     ignored and listed in `report`. Raises InputError naming the file and field when a required
@@ -242,6 +294,21 @@ def normalise_table(table: pa.Table, path: str, file_index: int, report: LoadRep
         columns[name] = table.column(found)
         used.add(found)
     n = table.num_rows
+    # A reasoning parser (vLLM/SGLang reasoning_content) returns the reasoning apart from the answer;
+    # the trajectory is both, reasoning first. generate repeats the reasoning in `text` when there is
+    # no answer (cut while thinking): that row is taken once.
+    text_column = _resolve(table, "text", path)
+    if text_column != "reasoning" and "reasoning" in table.column_names:
+        columns["text"], joined = _join_reasoning(table.column("reasoning"), columns["text"], path)
+        report.reasoning_joined += joined
+        used.add("reasoning")
+    if "finish_reason" in table.column_names:
+        try:
+            finish = pc.utf8_lower(pc.utf8_trim_whitespace(table.column("finish_reason").cast(pa.string())))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise InputError(f"{where(path, field='finish_reason')}: cannot read as string ({exc})") from None
+        columns["truncated"] = pc.fill_null(pc.is_in(finish, value_set=pa.array(_TRUNCATED_REASONS)), False)
+        used.add("finish_reason")
     for name in OPTIONAL_COLUMNS:
         if name in ("labels", "report", "findings", "impression"):
             continue
@@ -264,6 +331,8 @@ def normalise_table(table: pa.Table, path: str, file_index: int, report: LoadRep
             out.append(pa.array(np.full(n, file_index, dtype=np.int32)))
         elif fld.name == "source_row":
             out.append(pa.array(np.arange(1, n + 1, dtype=np.int64)))
+        elif fld.name == "truncated" and fld.name not in columns:
+            out.append(pa.array(np.zeros(n, dtype=bool)))
         elif fld.name in columns:
             try:
                 out.append(columns[fld.name].cast(fld.type))
@@ -290,8 +359,10 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
 
     Errors (InputError, naming file, row and field) — or, with ``lenient``, counted skips:
     the same (sample_id, model, sample_index) twice (lenient keeps the first); a sample_id whose
-    study_id/subject_id/split differ between rows (lenient drops the sample). Null sample ids or
-    model names are always errors. Empty texts are always counted skips."""
+    study_id/subject_id/split differ between rows (lenient drops the sample); a corrupt or
+    truncated file (lenient skips the file and lists it in `unreadable_files`). Null sample ids or
+    model names are always errors. Empty texts (null, blank, or without a single letter or digit,
+    such as zero-width spaces or lone markdown) are always counted skips."""
     report = LoadReport()
     tables = []
     for spec in inputs:
@@ -301,9 +372,18 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
             tables.append(normalise_table(_load_hub(spec_text), spec_text, len(report.files) - 1, report))
             continue
         for path in find_input_files(spec):
+            try:
+                loaded = _read_file(path)
+            except InputError as exc:
+                if not lenient:
+                    raise InputError(f"{exc} (use --lenient to skip unreadable files)") from None
+                report.unreadable_files.append(str(exc))
+                continue
             report.files.append(str(path))
-            tables.append(normalise_table(_read_file(path), str(path), len(report.files) - 1, report))
+            tables.append(normalise_table(loaded, str(path), len(report.files) - 1, report))
     if not tables:
+        if report.unreadable_files:
+            raise InputError(f"no readable input: {'; '.join(report.unreadable_files[:3])}")
         raise InputError("no input given")
     table = pa.concat_tables(tables)
     report.rows = table.num_rows
@@ -317,11 +397,12 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
         if pc.any(nulls).as_py():
             raise InputError(f"{location(pc.index(nulls, True).as_py(), name)}: empty {name}")
     text = table.column("text")
-    empty = pc.or_kleene(pc.is_null(text), pc.equal(pc.utf8_trim_whitespace(pc.fill_null(text, "")), ""))
-    empty = pc.fill_null(empty, True)
+    # No letter or digit at all: blank, zero-width or control characters, lone markdown ("**", "---").
+    empty = pc.invert(pc.match_substring_regex(pc.fill_null(text, ""), r"[\p{L}\p{N}]"))
     report.empty_texts = int(pc.sum(empty).as_py() or 0)
     if report.empty_texts:
         table = table.filter(pc.invert(empty))
+    report.truncated_texts = int(pc.sum(table.column("truncated")).as_py() or 0)
 
     # Duplicate keys: the same sample answered twice by the same model (same sample_index).
     order = pc.sort_indices(
@@ -619,6 +700,7 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     source_names = [m if int(k) == 0 else f"{m}#{int(k)}" for m, k in zip(models, sample_index, strict=True)]
     failed = np.array([e is not None for e in lab.errors], dtype=bool)
     counts["labeler_errors"] += int(failed.sum())
+    truncated = chunk.column("truncated").to_numpy(zero_copy_only=False).astype(bool)
 
     # Ground truth comparison.
     gt_states, gt_known = _gt_states(chunk.column("labels"))
@@ -677,6 +759,10 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
         )
         & ~lab.step_excluded
     )
+    # The last step of an answer cut at max_tokens is a sentence cut in the middle: never a step of
+    # the positive (the complete steps before it still are).
+    cut = truncated & (np.diff(lab.step_offsets) > 0)
+    supported[lab.step_offsets[1:][cut] - 1] = False
     bits = C.observation_bits(lab.step_states) if len(lab.step_states) else np.zeros(0, dtype=np.int64)
     prompts = chunk.column("prompt").to_pylist()
     chosen_texts: list[str] = []
@@ -703,6 +789,12 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
             descending = descending[drift[descending] > 0]
         if options.max_negatives is not None:
             descending = descending[: options.max_negatives]
+        # A negative equal to the positive (all sources agree and the positive is one of them) would
+        # make the same text both preferred and rejected: not a negative.
+        same = np.array([_same_text(texts[t], text) for t in descending], dtype=bool)
+        if same.any():
+            counts["negatives_identical_to_chosen"] += int(same.sum())
+            descending = descending[~same]
         negative_rank[descending] = np.arange(len(descending))
         negatives_per_sample.append(descending)
 
@@ -764,6 +856,10 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
 
     # SFT rows: every labelled trajectory (optionally without refusals).
     sft_keep = ~failed
+    # An answer cut at max_tokens would teach the student to stop mid-sentence: never an SFT target
+    # (it stays a negative: a real, drifting source output).
+    counts["sft_truncated_excluded"] += int((sft_keep & truncated).sum())
+    sft_keep &= ~truncated
     if options.exclude_refusals_from_sft:
         counts["sft_refusals_excluded"] += int((sft_keep & lab.refusal).sum())
         sft_keep &= ~lab.refusal
@@ -813,6 +909,7 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
             _float(similarity),
             _float(drift),
             pa.array(np.where(negative_rank >= 0, negative_rank, None).tolist(), type=pa.int32()),
+            pa.array(truncated, type=pa.bool_()),
         ],
         schema=shards.DRIFT_TRAJECTORY_SCHEMA,
     )
@@ -877,6 +974,11 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
             names=["sources", "consensus_sides"],
         )
     return ChunkResult(preferences, sft, trajectories, samples, counts, contexts)
+
+
+def _same_text(a: str | None, b: str | None) -> bool:
+    """Equal up to whitespace (a composed positive re-flows a source's lines)."""
+    return " ".join((a or "").split()) == " ".join((b or "").split())
 
 
 def _bounded_imap(pool, func: Callable, items: Iterable, in_flight: int) -> Iterator:

@@ -154,6 +154,7 @@ DRIFT_TRAJECTORY_SCHEMA = pa.schema(
         pa.field("similarity", pa.float32()),  # token-overlap F1 with the report (null without one)
         pa.field("drift", pa.float32()),  # drift from the consensus, [0, 1]
         pa.field("negative_rank", pa.int32()),  # 0 = first (most drifting) negative; null = not used
+        pa.field("truncated", pa.bool_()),  # finish_reason "length": kept as a negative, never SFT
     ]
 )
 

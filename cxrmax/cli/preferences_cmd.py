@@ -42,7 +42,9 @@ def _build_preferences(
         False, "--exclude-refusals-from-sft", help="Keep refusing trajectories out of the SFT set."
     ),
     lenient: bool = typer.Option(
-        False, "--lenient", help="Skip (and count) duplicate keys and mismatched ids."
+        False,
+        "--lenient",
+        help="Skip (and count) duplicate keys, mismatched ids and unreadable (corrupt/truncated) files.",
     ),
     export_parquet: Path | None = typer.Option(
         None, "--export-parquet", help="Also write a Parquet copy + card here."
@@ -162,12 +164,19 @@ def _build_preferences(
             "samples where every source refused": counts.get("samples_without_consensus", 0),
             "labeler errors": counts.get("labeler_errors", 0),
             "consensus flagged": counts.get("consensus_flagged", 0),
+            "answers cut at max_tokens (finish_reason length; negatives only, not SFT)": summary.load[
+                "truncated_texts"
+            ],
+            "rows with separate reasoning put before the answer": summary.load["reasoning_joined"],
+            "negatives identical to the positive (dropped)": counts.get("negatives_identical_to_chosen", 0),
         }
         for label, value in skipped.items():
             if value:
                 console.print(f"  {label}: {value}")
         if summary.skipped_few_sources_examples:
             console.print(f"  e.g. skipped: {', '.join(summary.skipped_few_sources_examples[:5])}")
+        for reason in summary.load["unreadable_files"]:
+            console.print(f"  [yellow]skipped unreadable file (lenient)[/]: {reason}")
         for path, columns in summary.load["ignored_columns"].items():
             console.print(f"  [yellow]ignored columns[/] in {path}: {', '.join(columns)}")
         console.print(
