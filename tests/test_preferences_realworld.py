@@ -1,0 +1,338 @@
+"""build-preferences on trajectory sets shaped like real `cxrmax generate` runs.
+
+Every shard here is written by generate's own writer (rows_to_table + write_shard_atomic into
+OUT/trajectories/<safe model dir>/) over samples selected from the mini MIMIC-CXR, and the build is
+the real one (`build_preferences`, one process, no card). Each case names what a real run throws
+at the build and asserts the documented outcome: correct counted outputs or an InputError naming
+the file (and row/field)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+import pytest
+
+from cxrmax.errors import InputError
+from cxrmax.generate.roster import safe_dir_name
+from cxrmax.generate.store import rows_to_table, write_shard_atomic
+from cxrmax.preferences import BuildOptions, build_preferences
+
+MODELS = (
+    "claude-sonnet-4",
+    "gpt-5 nano",  # a space in the name
+    "Qwen/Qwen2.5-VL-7B-Instruct",  # a slash: its folder is Qwen__Qwen2.5-VL-7B-Instruct
+    "glm-4.5v",
+    "gemini-2.5-flash-lite",
+    "moonshot-v1",
+    "grok-4",
+)
+ANSWERS = {
+    "claude-sonnet-4": "**Findings:**\n1. The cardiac silhouette is enlarged.\n"
+    "2. There is a left pleural effusion with blunting of the left costophrenic angle.\n\n"
+    "**Impression:** Cardiomegaly and left pleural effusion.",
+    "gpt-5 nano": "The heart size is normal. No pleural effusion or pneumothorax. The lungs are clear.",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "Step 1: There is right lower lobe consolidation, concerning for "
+    "pneumonia.\nStep 2: The heart appears enlarged.\nConclusion: cardiomegaly and right lower lobe pneumonia.",
+    "glm-4.5v": "## Analysis\n- Cardiomegaly is present.\n- Small right pleural effusion.\n- No pneumothorax.",
+    "gemini-2.5-flash-lite": "Enlarged cardiac silhouette consistent with cardiomegaly. "
+    "Bilateral pleural effusions, left greater than right.",
+    "moonshot-v1": "I'm sorry, but I cannot provide a medical diagnosis from this image. "
+    "Please consult a qualified radiologist.",
+    "grok-4": "Cardiomegaly. Possible mild pulmonary edema. Left pleural effusion.",
+}
+REFUSAL = ANSWERS["moonshot-v1"]
+N_SAMPLES = 6
+
+
+@pytest.fixture(scope="module")
+def selection(mini_mimic) -> list[dict]:
+    from cxrmax.mimic import MimicCXR
+
+    return MimicCXR(mini_mimic).select().slice(0, N_SAMPLES).to_pylist()
+
+
+def generate_row(sample: dict, model: str, text: str | None, **extra) -> dict:
+    """A journal row as generate records it (TRAJECTORY_SCHEMA names)."""
+    index = extra.get("sample_index", 0)
+    row = {
+        "request_key": hashlib.sha256(f"{sample['sample_id']}|{model}|{index}".encode()).hexdigest(),
+        "model": model,
+        "served_model": model,
+        "backend": "openai",
+        "prompt_id": "cxrmax-explain",
+        "prompt_hash": "0" * 64,
+        "prompt": "This is a patient's chest DR image. Please explain the findings.",
+        "sample_index": 0,
+        "text": text,
+        "finish_reason": "stop",
+        "prompt_tokens": 812,
+        "completion_tokens": 96,
+        "latency_s": 2.5,
+        "sampling": '{"temperature": 0.7, "max_tokens": 1024}',
+        "seed": 7,
+        "attempts": 1,
+        "created_at": 1_764_000_000_000,
+        "endpoint": "http://127.0.0.1:8000/v1",
+        "image_max_edge": 1024,
+        "reasoning": None,
+        **{k: sample[k] for k in ("sample_id", "dicom_id", "subject_id", "study_id", "split", "view")},
+        "image_path": sample["image_path"],
+        "labels": sample["labels"],
+    }
+    row.update(extra)
+    return row
+
+
+def write_model(out: Path, model: str, rows: list[dict], name: str = "part-all-00001.arrow", drop=()) -> Path:
+    """Commit rows as one shard of `model`, exactly as generate's store does."""
+    directory = out / "trajectories" / safe_dir_name(model)
+    directory.mkdir(parents=True, exist_ok=True)
+    table = rows_to_table(rows)
+    if drop:
+        table = table.drop_columns(list(drop))
+    path = directory / name
+    write_shard_atomic(table, path)
+    return path
+
+
+def full_run(out: Path, samples: list[dict], text: Callable[[int, str], str | None] | None = None, **extra):
+    for model in MODELS:
+        rows = [
+            generate_row(s, model, text(i, model) if text else ANSWERS[model], **extra)
+            for i, s in enumerate(samples)
+        ]
+        write_model(out, model, rows)
+
+
+def build(tmp_path: Path, mimic: Path, **options):
+    options.setdefault("processes", 1)
+    options.setdefault("card", False)
+    options.setdefault("export_swift", False)
+    return build_preferences([tmp_path / "run"], tmp_path / "data", BuildOptions(mimic_root=mimic, **options))
+
+
+def load(tmp_path: Path, name: str) -> list[dict]:
+    dd = datasets.load_from_disk(str(tmp_path / "data" / name))
+    return [row for split in dd for row in dd[split]]
+
+
+def annotations(tmp_path: Path) -> list[dict]:
+    return (
+        pa.ipc.open_file(str(tmp_path / "data" / "annotations" / "trajectories.arrow")).read_all().to_pylist()
+    )
+
+
+# --- cases that must build, with the documented counts -------------------------------------------
+
+
+def case_one_model_failed(run: Path, samples: list[dict]) -> None:
+    """grok-4 answered 1 sample; samples 0-2 have 1, 2 and 3 sources only."""
+    for model in MODELS[:6]:
+        write_model(run, model, [generate_row(s, model, ANSWERS[model]) for s in samples[3:]])
+    for i, sample in enumerate(samples[:3]):
+        for model in MODELS[: i + 1]:
+            write_model(
+                run, model, [generate_row(sample, model, ANSWERS[model])], name=f"part-all-9{i}.arrow"
+            )
+    write_model(run, "grok-4", [generate_row(samples[3], "grok-4", ANSWERS["grok-4"])])
+
+
+def case_blank_answers(run: Path, samples: list[dict]) -> None:
+    blanks = ["", "   \n\t ", "\u200b\u200b", "**", "\n---\n", None]
+    full_run(run, samples, lambda i, m: blanks[i] if m == "grok-4" else ANSWERS[m])
+
+
+def case_reasoning_parser(run: Path, samples: list[dict]) -> None:
+    """Even samples: reasoning and a short answer; odd: cut while thinking (text repeats it)."""
+    for model in MODELS:
+        rows = []
+        for i, s in enumerate(samples):
+            if i % 2:
+                rows.append(
+                    generate_row(s, model, ANSWERS[model], reasoning=ANSWERS[model], finish_reason="length")
+                )
+            else:
+                rows.append(generate_row(s, model, "Final answer: see above.", reasoning=ANSWERS[model]))
+        write_model(run, model, rows)
+
+
+def case_old_shard_without_reasoning(run: Path, samples: list[dict]) -> None:
+    full_run(run, samples)
+    model = MODELS[0]
+    old = [generate_row(s, model, ANSWERS[model]) for s in samples]
+    write_model(run, model, old, drop=("reasoning",))  # replaces the new-format shard
+
+
+def case_sharded_merge(run: Path, samples: list[dict]) -> None:
+    half = len(samples) // 2
+    for model in MODELS:
+        write_model(
+            run, model, [generate_row(s, model, ANSWERS[model]) for s in samples[:half]], "part-0of2-1.arrow"
+        )
+        write_model(
+            run, model, [generate_row(s, model, ANSWERS[model]) for s in samples[half:]], "part-1of2-1.arrow"
+        )
+
+
+def case_unicode_markdown_long(run: Path, samples: list[dict]) -> None:
+    decorated = (
+        "# 🩻 Befund\n\n| Finding | Side |\n|---|---|\n| Effusion | **left** |\n\n> CTR ≈ 0.6 ✅ 中文\n\n"
+    )
+    full_run(
+        run,
+        samples,
+        lambda i, m: (ANSWERS[m] + " ") * 60 if m == "glm-4.5v" else decorated + ANSWERS[m],
+    )
+
+
+BUILD_CASES = {
+    # name: (setup, expected load counts, expected build counts)
+    "one_model_failed": (case_one_model_failed, {}, {"samples": 5, "trajectories": 24}),
+    "blank_answers": (case_blank_answers, {"empty_texts": N_SAMPLES}, {"trajectories": 6 * N_SAMPLES}),
+    "reasoning_parser": (
+        case_reasoning_parser,
+        {"truncated_texts": 7 * (N_SAMPLES // 2), "reasoning_joined": 7 * (N_SAMPLES // 2)},
+        {"sft_rows": 7 * (N_SAMPLES // 2), "sft_truncated_excluded": 7 * (N_SAMPLES // 2)},
+    ),
+    "old_shard_without_reasoning": (case_old_shard_without_reasoning, {}, {"trajectories": 7 * N_SAMPLES}),
+    "sharded_merge": (case_sharded_merge, {}, {"trajectories": 7 * N_SAMPLES, "preference_rows": N_SAMPLES}),
+    "unicode_markdown_long": (case_unicode_markdown_long, {}, {"trajectories": 7 * N_SAMPLES}),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILD_CASES))
+def test_realistic_runs_build_with_documented_counts(name, tmp_path, mini_mimic, selection):
+    setup, load_expected, counts_expected = BUILD_CASES[name]
+    setup(tmp_path / "run", selection)
+    summary = build(tmp_path, mini_mimic)
+    for key, value in load_expected.items():
+        assert summary.load[key] == value, key
+    for key, value in counts_expected.items():
+        assert summary.counts[key] == value, key
+    preferences = load(tmp_path, "preferences")
+    assert len(preferences) == summary.counts["preference_rows"]
+    for row in preferences:
+        assert row["chosen"].strip()
+        assert all(text and text.strip() for text in row["rejected"])
+        assert row["chosen"] not in row["rejected"]
+        assert set(row["rejected_models"]) <= set(MODELS)
+    sft = load(tmp_path, "sft")
+    assert all(row["completion"].strip() for row in sft)
+
+
+def test_one_model_failed_skips_single_source_samples(tmp_path, mini_mimic, selection):
+    case_one_model_failed(tmp_path / "run", selection)
+    summary = build(tmp_path, mini_mimic)
+    assert summary.skipped_few_sources == 1
+    assert summary.skipped_few_sources_examples == [selection[0]["sample_id"]]
+    assert "grok-4" in summary.models and "Qwen/Qwen2.5-VL-7B-Instruct" in summary.models
+
+
+def test_reasoning_is_the_trajectory_and_truncated_answers_are_negatives_only(
+    tmp_path, mini_mimic, selection
+):
+    case_reasoning_parser(tmp_path / "run", selection)
+    build(tmp_path, mini_mimic)
+    sft = load(tmp_path, "sft")
+    joined = [row for row in sft if row["model"] == "claude-sonnet-4"]
+    # the reasoning comes first, then the answer; the cut (odd) samples are not SFT targets
+    assert len(joined) == N_SAMPLES // 2
+    assert all(row["completion"].startswith("**Findings:**") for row in joined)
+    assert all(row["completion"].endswith("Final answer: see above.") for row in joined)
+    rows = annotations(tmp_path)
+    cut = [row for row in rows if row["truncated"]]
+    assert len(cut) == 7 * (N_SAMPLES // 2)
+    assert all(row["negative_rank"] is not None for row in cut)  # still negatives
+    sonnet = [row for row in rows if row["model"] == "claude-sonnet-4"]
+    # the labeler read the reasoning (not only "Final answer: see above.")
+    assert all(row["labels"]["Cardiomegaly"] == 1.0 for row in sonnet)
+
+
+def test_all_refuse_and_all_agree_samples(tmp_path, mini_mimic, selection):
+    sonnet = ANSWERS["claude-sonnet-4"]
+    full_run(
+        tmp_path / "run",
+        selection,
+        lambda i, m: REFUSAL if i == 0 else sonnet if i == 1 else ANSWERS[m],
+    )
+    summary = build(tmp_path, mini_mimic, drop_non_drifting=True)
+    # every source refused sample 0: no preference row; every source agrees on sample 1: no negative
+    assert summary.counts["samples_without_consensus"] == 1
+    assert summary.counts["samples_without_negatives"] == 1
+    ids = {row["sample_id"] for row in load(tmp_path, "preferences")}
+    assert selection[0]["sample_id"] not in ids and selection[1]["sample_id"] not in ids
+    assert len(ids) == N_SAMPLES - 2
+    # their SFT rows stay (refusals go only with --exclude-refusals-from-sft)
+    assert sum(row["sample_id"] == selection[1]["sample_id"] for row in load(tmp_path, "sft")) == 7
+
+
+def test_sample_not_in_mimic_is_counted_and_kept_without_labels(tmp_path, mini_mimic, selection):
+    full_run(tmp_path / "run", selection)
+    stranger = dict(selection[0], sample_id="ffffffff-00000000", dicom_id="ffffffff-00000000")
+    stranger.update(study_id=59_999_999, subject_id=19_999_999, labels=None)
+    for model in MODELS:
+        write_model(
+            tmp_path / "run", model, [generate_row(stranger, model, ANSWERS[model])], "part-all-9.arrow"
+        )
+    summary = build(tmp_path, mini_mimic)
+    assert summary.studies_not_in_mimic == 7
+    row = next(r for r in load(tmp_path, "preferences") if r["sample_id"] == "ffffffff-00000000")
+    assert row["labels"] is None  # no ground truth: never labels of another study
+
+
+# --- cases that must stop with an InputError naming the file (or be counted skips) --------------
+
+
+def corrupt_half(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def cut_at_batch_boundary(path: Path) -> None:
+    """What an interrupted copy leaves: whole batches, no end-of-stream marker."""
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])
+
+
+ERROR_CASES = {
+    # name: (mutation of claude-sonnet-4's shard, words the message must contain, lenient result)
+    "corrupt_half": (corrupt_half, ["part-all-00001.arrow", "corrupt or truncated"], "skip"),
+    "no_end_of_stream": (cut_at_batch_boundary, ["part-all-00001.arrow", "end-of-stream"], "skip"),
+    "not_arrow": (lambda p: p.write_bytes(b"PK\x03\x04 zip, not arrow"), ["part-all-00001.arrow"], "skip"),
+    "empty_file": (lambda p: p.write_bytes(b""), ["part-all-00001.arrow"], "skip"),
+    "merged_copy_duplicates": (
+        lambda p: p.with_name("part-all-00002.arrow").write_bytes(p.read_bytes()),
+        ["part-all-00002.arrow", "duplicate key", "claude-sonnet-4", "--lenient"],
+        "dedup",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(ERROR_CASES))
+def test_bad_shards_name_the_file_or_are_counted_with_lenient(name, tmp_path, mini_mimic, selection):
+    mutate, words, lenient_result = ERROR_CASES[name]
+    full_run(tmp_path / "run", selection)
+    mutate(tmp_path / "run" / "trajectories" / "claude-sonnet-4" / "part-all-00001.arrow")
+    with pytest.raises(InputError) as info:
+        build(tmp_path, mini_mimic)
+    for word in words:
+        assert word in str(info.value)
+    assert not (tmp_path / "data" / "preferences").exists()
+    summary = build(tmp_path, mini_mimic, lenient=True, export_trl=False)
+    if lenient_result == "skip":
+        assert len(summary.load["unreadable_files"]) == 1
+        assert "part-all-00001.arrow" in summary.load["unreadable_files"][0]
+        assert "claude-sonnet-4" not in summary.models
+    else:
+        assert summary.load["duplicates_skipped"] == N_SAMPLES
+        assert summary.counts["trajectories"] == 7 * N_SAMPLES
+
+
+def test_run_without_trajectories_is_an_input_error(tmp_path, mini_mimic):
+    (tmp_path / "run" / "trajectories").mkdir(parents=True)
+    with pytest.raises(InputError, match="no trajectory files"):
+        build(tmp_path, mini_mimic)
