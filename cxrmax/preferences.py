@@ -211,6 +211,25 @@ def _resolve(table: pa.Table, name: str, path: str) -> str | None:
     return None
 
 
+def _cast(column: pa.Array | pa.ChunkedArray, to: pa.DataType, path: str, field: str):
+    """`column.cast(to)`, or an InputError naming the first row whose value does not convert."""
+    try:
+        return column.cast(to)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        reason = exc
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    for row in range(len(column)):  # only on failure: find the first bad value
+        try:
+            column.slice(row, 1).cast(to)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            value = repr(column[row].as_py())[:80]
+            raise InputError(
+                f"{where(path, row + 1, field)}: cannot read {value} as {to} ({reason})"
+            ) from None
+    raise InputError(f"{where(path, field=field)}: cannot read as {to} ({reason})") from None
+
+
 def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
     """Ground-truth labels as LABELS_TYPE: a `labels` struct, or one column per observation."""
     if "labels" in table.column_names:
@@ -224,7 +243,7 @@ def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
             combined = column.combine_chunks()
             for name in OBSERVATIONS:
                 arrays.append(
-                    combined.field(name).cast(pa.float32())
+                    _cast(combined.field(name), pa.float32(), path, f"labels.{name}")
                     if name in names
                     else pa.nulls(len(combined), pa.float32())
                 )
@@ -237,7 +256,7 @@ def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
     flat = [name for name in OBSERVATIONS if name in table.column_names]
     if flat:
         arrays = [
-            table.column(name).cast(pa.float32()).combine_chunks()
+            _cast(table.column(name), pa.float32(), path, name).combine_chunks()
             if name in flat
             else pa.nulls(table.num_rows, pa.float32())
             for name in OBSERVATIONS
@@ -334,12 +353,12 @@ def normalise_table(table: pa.Table, path: str, file_index: int, report: LoadRep
         elif fld.name == "truncated" and fld.name not in columns:
             out.append(pa.array(np.zeros(n, dtype=bool)))
         elif fld.name in columns:
-            try:
-                out.append(columns[fld.name].cast(fld.type))
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise InputError(
-                    f"{where(path, field=fld.name)}: cannot read as {fld.type} ({exc})"
-                ) from None
+            value = _cast(columns[fld.name], fld.type, path, fld.name)
+            if fld.name in ("sample_id", "model"):  # "sonnet " and "sonnet" are one source
+                value = pc.utf8_trim_whitespace(value)
+            elif fld.name == "split":  # "TEST"/"test", "validation"/"validate": one split (mismatch check)
+                value = _canonical_split(value)
+            out.append(value)
         else:
             out.append(pa.nulls(n, fld.type))
     ignored = [c for c in table.column_names if c not in used and c not in _KNOWN_UNUSED]
@@ -393,9 +412,9 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
         return where(report.files[f], table.column("source_row")[i].as_py(), field)
 
     for name in ("sample_id", "model"):
-        nulls = pc.is_null(table.column(name))
-        if pc.any(nulls).as_py():
-            raise InputError(f"{location(pc.index(nulls, True).as_py(), name)}: empty {name}")
+        blank = pc.fill_null(pc.equal(table.column(name), ""), True)  # values are trimmed already
+        if pc.any(blank).as_py():
+            raise InputError(f"{location(pc.index(blank, True).as_py(), name)}: empty {name}")
     text = table.column("text")
     # No letter or digit at all: blank, zero-width or control characters, lone markdown ("**", "---").
     empty = pc.invert(pc.match_substring_regex(pc.fill_null(text, ""), r"[\p{L}\p{N}]"))
@@ -1046,6 +1065,7 @@ class BuildSummary:
     split_rows: dict
     models: list[str]
     studies_not_in_mimic: int = 0  # rows whose study has no label row under --mimic-root
+    split_invalid_rows_skipped: int = 0  # --lenient: rows with an unrecognised split value
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # wall seconds per phase
 
@@ -1061,18 +1081,48 @@ _SPLIT_ALIASES = {
 }
 
 
-def _normalise_split(table: pa.Table) -> tuple[pa.Table, int]:
+def _canonical_split(split: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Known split spellings -> train/validate/test; others lower-cased and trimmed (judged later)."""
+    lowered = pc.utf8_lower(pc.utf8_trim_whitespace(split))
+    aliases = pa.array(list(_SPLIT_ALIASES))
+    canonical = pa.array(list(_SPLIT_ALIASES.values()))
+    return pc.coalesce(pc.take(canonical, pc.index_in(lowered, value_set=aliases)), lowered)
+
+
+def _normalise_split(
+    table: pa.Table, files: Sequence[str] = (), lenient: bool = False
+) -> tuple[pa.Table, int, int]:
+    """Map split spellings onto train/validate/test. A missing split goes to train (counted).
+    An unrecognised one ("testing", "holdout") is an InputError naming the row: guessing would put
+    test images into train; with `lenient` those rows are dropped (counted).
+    Returns (table, rows without a split, rows dropped for an unrecognised split)."""
     raw = table.column("split").to_pylist()
     unknown = 0
     out = []
-    for value in raw:
-        split = _SPLIT_ALIASES.get(str(value).strip().lower()) if value is not None else None
-        if split is None:
+    invalid = []
+    for i, value in enumerate(raw):
+        split = "train"
+        if value is None or not str(value).strip():
             unknown += 1
-            split = "train"
+        else:
+            split = _SPLIT_ALIASES.get(str(value).strip().lower())
+            if split is None:
+                if not lenient:
+                    file_index = table.column("source_file")[i].as_py()
+                    path = files[file_index] if file_index < len(files) else "trajectories"
+                    raise InputError(
+                        f"{where(path, table.column('source_row')[i].as_py(), 'split')}: unknown split "
+                        f"{value!r} (accepted: {', '.join(sorted(_SPLIT_ALIASES))}); use --lenient to skip"
+                    )
+                invalid.append(i)
         out.append(split)
     index = table.schema.get_field_index("split")
-    return table.set_column(index, "split", pa.array(out, type=pa.string())), unknown
+    table = table.set_column(index, "split", pa.array(out, type=pa.string()))
+    if invalid:
+        keep = np.ones(table.num_rows, dtype=bool)
+        keep[invalid] = False
+        table = table.filter(pa.array(keep))
+    return table, unknown, len(invalid)
 
 
 def _enrich_from_mimic(table: pa.Table, root: Path, lenient: bool) -> tuple[pa.Table, int]:
@@ -1246,7 +1296,7 @@ def build_preferences(
     studies_not_in_mimic = 0
     if options.mimic_root is not None:
         table, studies_not_in_mimic = _enrich_from_mimic(table, Path(options.mimic_root), options.lenient)
-    table, split_unknown = _normalise_split(table)
+    table, split_unknown, split_invalid = _normalise_split(table, load_report.files, options.lenient)
     excluded_rows = 0
     if options.ms_cxr_t is not None:
         subjects = ms_cxr_t_subjects(Path(options.ms_cxr_t))
@@ -1367,6 +1417,7 @@ def build_preferences(
             split_rows={"preferences": dict(pref_writers.rows), "sft": dict(sft_writers.rows)},
             models=models,
             studies_not_in_mimic=studies_not_in_mimic,
+            split_invalid_rows_skipped=split_invalid,
         )
         _write_json_atomic(stage / "build_report.json", asdict(summary))
         if options.card:

@@ -336,3 +336,74 @@ def test_run_without_trajectories_is_an_input_error(tmp_path, mini_mimic):
     (tmp_path / "run" / "trajectories").mkdir(parents=True)
     with pytest.raises(InputError, match="no trajectory files"):
         build(tmp_path, mini_mimic)
+
+
+# --- CXR-MAX-style JSONL exports with values a hand-made or converted file really has -----------
+
+JSONL_ERRORS = {
+    # name: (rows, words the InputError must contain)
+    "label_word_flat": (
+        [{"sample_id": "s1", "model": "a", "text": "Cardiomegaly.", "Cardiomegaly": "yes"}],
+        ["row 1", "'Cardiomegaly'", "'yes'"],
+    ),
+    "label_word_struct": (
+        [
+            {"sample_id": "s1", "model": "a", "text": "Edema.", "labels": {"Edema": "1.0"}},
+            {"sample_id": "s1", "model": "b", "text": "Edema.", "labels": {"Edema": "positive"}},
+        ],
+        ["row 2", "labels.Edema", "'positive'"],
+    ),
+    "blank_model": (
+        [
+            {"sample_id": "s1", "model": "   ", "text": "Edema."},
+            {"sample_id": "s1", "model": "b", "text": "Edema."},
+        ],
+        ["row 1", "'model'", "empty model"],
+    ),
+    "blank_sample_id": ([{"sample_id": "", "model": "a", "text": "Edema."}], ["row 1", "'sample_id'"]),
+    "chat_content_parts": (
+        [{"sample_id": "s1", "model": "a", "text": [{"type": "text", "text": "Edema."}]}],
+        ["row 1", "'text'", "as string"],
+    ),
+    "unknown_split": (
+        [
+            {"sample_id": "s1", "model": "a", "text": "Edema.", "split": "testing"},
+            {"sample_id": "s1", "model": "b", "text": "No edema.", "split": "testing"},
+        ],
+        ["row 1", "'split'", "'testing'", "--lenient"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(JSONL_ERRORS))
+def test_cxr_max_style_jsonl_errors_name_row_and_field(name, tmp_path):
+    import json
+
+    rows, words = JSONL_ERRORS[name]
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    options = BuildOptions(processes=1, card=False, export_trl=False, export_swift=False)
+    with pytest.raises(InputError) as info:
+        build_preferences([path], tmp_path / "data", options)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    for word in words:
+        assert word in message
+
+
+def test_unknown_split_rows_are_dropped_with_lenient_and_padded_names_are_one_source(tmp_path):
+    import json
+
+    rows = [
+        {"sample_id": "s1", "model": "sonnet", "text": "Cardiomegaly.", "split": "test"},
+        {"sample_id": "s1 ", "model": " gemini", "text": "Cardiomegaly is present.", "split": "TEST"},
+        {"sample_id": "s2", "model": "sonnet", "text": "Edema.", "split": "holdout"},
+        {"sample_id": "s2", "model": "gemini", "text": "Edema.", "split": "holdout"},
+    ]
+    path = tmp_path / "cxr-max.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    options = BuildOptions(processes=1, card=False, export_trl=False, export_swift=False, lenient=True)
+    summary = build_preferences([path], tmp_path / "data", options)
+    assert summary.split_invalid_rows_skipped == 2
+    assert summary.models == ["gemini", "sonnet"] and summary.counts["samples"] == 1
+    assert summary.split_rows["sft"] == {"test": 2}

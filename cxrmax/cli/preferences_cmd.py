@@ -160,6 +160,7 @@ def _build_preferences(
             "MS-CXR-T train rows removed": summary.ms_cxr_t_excluded_rows,
             "rows whose study has no labels under --mimic-root": summary.studies_not_in_mimic,
             "rows without a split (put in train)": summary.split_unknown_rows,
+            "rows with an unknown split (lenient)": summary.split_invalid_rows_skipped,
             "samples without negatives": counts.get("samples_without_negatives", 0),
             "samples where every source refused": counts.get("samples_without_consensus", 0),
             "labeler errors": counts.get("labeler_errors", 0),
