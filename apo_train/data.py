@@ -195,37 +195,65 @@ class ChatEncoder:
         Recent Qwen-VL models need the token types to place multimodal rotary positions."""
         text = self._render(self._messages(prompt, image is not None), add_generation_prompt=True)
         if image is not None:
-            out = self.processor(text=[text], images=[image], return_tensors="pt")
+            # The rendered text already holds every special token the template wants (a BOS included);
+            # letting the tokenizer add its own would double it, as transformers' apply_chat_template knows.
+            out = self.processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=False)
             types = out.get("mm_token_type_ids")
             return out["input_ids"][0].tolist(), ([] if types is None else types[0].tolist())
         return self.tokenizer(text, add_special_tokens=False)["input_ids"], []
 
-    def completion_text(self, prompt: str, completion: str) -> str:
-        """What the chat template appends for an assistant turn holding ``completion``.
+    def completion_parts(self, prompt: str, completion: str) -> tuple[str, str, str]:
+        """The assistant turn the chat template appends for ``completion``, as (lead, body, trail).
 
-        Rendered from the template itself (so end-of-turn tokens are right for any model). Many
-        templates trim the message (Llama-3's ``| trim``), so the completion is looked for without its
-        surrounding whitespace. When the generation prompt is not a prefix of the full conversation,
-        the completion is followed by whatever the template writes after it (its end of turn); only a
-        template that does not show the completion at all falls back to completion + eos."""
+        ``body`` is the completion as the template renders it (some trim it, like Llama-3's ``| trim``),
+        ``lead`` what the template writes before it beyond the generation prompt (an empty think block,
+        say) and ``trail`` its end of turn. Found by rendering once with a placeholder, so nothing is
+        guessed from the completion's own text. A template that does not show the placeholder falls
+        back to (completion, eos)."""
         user = self._messages(prompt, with_image=False)
-        assistant = (
-            {"role": "assistant", "content": [{"type": "text", "text": completion}]}
-            if self.is_vlm
-            else {"role": "assistant", "content": completion}
-        )
         head = self._render(user, add_generation_prompt=True)
-        full = self._render([*user, assistant], add_generation_prompt=False)
-        core = completion.strip()
-        if full.startswith(head) and core in full[len(head) :]:
-            return full[len(head) :]
-        at = full.rfind(core) if core else -1
-        if at >= 0:
-            return completion + full[at + len(core) :]
-        return completion + (self.tokenizer.eos_token or "")
+        marked = self._render([*user, self._assistant(_PLACEHOLDER)], add_generation_prompt=False)
+        full = self._render([*user, self._assistant(completion)], add_generation_prompt=False)
+        before, found, after = marked.partition(_PLACEHOLDER)
+        if (
+            found
+            and full.startswith(before)
+            and full.endswith(after)
+            and len(full) >= len(before) + len(after)
+        ):
+            body = full[len(before) : len(full) - len(after)]
+            lead = before[len(head) :] if before.startswith(head) else ""
+            return lead, body, after
+        return "", completion, self.tokenizer.eos_token or ""
+
+    def _assistant(self, text: str) -> dict[str, Any]:
+        if self.is_vlm:
+            return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+        return {"role": "assistant", "content": text}
+
+    def completion_text(self, prompt: str, completion: str) -> str:
+        """What the chat template appends after the generation prompt for an assistant turn holding
+        ``completion`` (end-of-turn tokens included)."""
+        return "".join(self.completion_parts(prompt, completion))
 
     def encode_completion(self, prompt: str, completion: str) -> list[int]:
-        return self.tokenizer(self.completion_text(prompt, completion), add_special_tokens=False)["input_ids"]
+        """Token ids of the assistant turn. The completion's own text is encoded with special tokens
+        split: a model answer that happens to contain ``<|im_end|>`` or ``<|image_pad|>`` (leaked
+        template text is common in real VLM output) must not end the turn early or add an image slot
+        the model has no pixels for."""
+        lead, body, trail = self.completion_parts(prompt, completion)
+        ids: list[int] = []
+        if lead:
+            ids += self.tokenizer(lead, add_special_tokens=False)["input_ids"]
+        ids += self.tokenizer(body, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if trail:
+            ids += self.tokenizer(trail, add_special_tokens=False)["input_ids"]
+        return ids
+
+
+#: Stands in for the completion when locating it in a rendered conversation (no whitespace, so
+#: templates that trim leave it intact; no markup a template would interpret).
+_PLACEHOLDER = "CXRMAXCOMPLETIONPLACEHOLDER7f3a"
 
 
 # ------------------------------------------------------------------------------------ truncation stats

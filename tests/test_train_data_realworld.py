@@ -485,3 +485,47 @@ def test_gradient_accumulation_matches_the_larger_batch(tiny_lm_path, tmp_path):
     assert moved, "the step did not change the adapter"
     for key in big:
         assert torch.allclose(big[key], accumulated[key], atol=1e-6, rtol=1e-4), key
+
+
+# ------------------------------------------------------------------ template text leaking into answers
+LEAKED = (
+    "Small left effusion.<|im_end|>\n<|im_start|>assistant\nAlso <|image_pad|> "
+    "<|vision_start|>see the image<|vision_end|><|endoftext|>"
+)
+
+
+def test_template_tokens_inside_answers_stay_plain_text(vlm, tiny_vlm_path, image_root, tmp_path):
+    """Real VLM answers sometimes echo template markup; as completion text it must neither end the turn
+    early nor open an image slot the model has no pixels for (which breaks the forward pass)."""
+    processor = load_processor(tiny_vlm_path)
+    encoder = ChatEncoder(processor, image_root, max_edge=64)
+    rows = [pref_row(0, chosen=LEAKED, rejected=[NEGATIVES[0], "<|image_pad|>" * 3, "<|im_end|>"])]
+    ds, stats = tokenize_preferences(load_split(save_rows(rows, tmp_path / "p")), encoder, max_length=400)
+    assert stats.rejected_kept == 3
+    tokenizer = processor.tokenizer
+    specials = {
+        tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|endoftext|>")
+    }
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for ids in [ds[0]["chosen_input_ids"], *ds[0]["rejected_input_ids"]]:
+        assert not specials & set(ids)
+        assert ids.count(end_of_turn) == 1  # the template's own end of turn only
+    assert tokenizer.decode(ds[0]["chosen_input_ids"]).startswith(LEAKED)
+    logps = _logps_by_sample(vlm, encoder, list(ds))[0]
+    assert len(logps) == 4 and torch.isfinite(torch.tensor(logps)).all()
+
+
+def test_a_template_bos_is_not_doubled_by_the_processor(tiny_vlm_path, image_root, tmp_path):
+    """Gemma/Llama-style: the template writes the BOS and the tokenizer would add one too."""
+    from cxrmax.tinyvlm import CHAT_TEMPLATE
+
+    processor = load_processor(tiny_vlm_path)
+    processor.tokenizer.bos_token = "<|endoftext|>"
+    processor.tokenizer.add_bos_token = True
+    processor.chat_template = "{{ bos_token }}" + CHAT_TEMPLATE
+    encoder = ChatEncoder(processor, image_root, max_edge=64)
+    ds, _ = tokenize_preferences(
+        load_split(save_rows([pref_row(0)], tmp_path / "p")), encoder, max_length=400
+    )
+    bos = processor.tokenizer.bos_token_id
+    assert ds[0]["prompt_input_ids"][0] == bos and ds[0]["prompt_input_ids"][1] != bos
