@@ -15,6 +15,7 @@ Optimization, an unrelated method sharing the acronym.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -91,9 +92,34 @@ def _world_size() -> int:
 
 
 def _apply_global_batch(args: Any) -> None:
+    if args.global_batch_size is not None and args.global_batch_size < 1:
+        raise ValueError(f"global_batch_size must be at least 1 (or unset), not {args.global_batch_size}")
     if args.global_batch_size:
         per_step = args.per_device_train_batch_size * _world_size()
         args.gradient_accumulation_steps = max(1, args.global_batch_size // per_step)
+        effective = per_step * args.gradient_accumulation_steps
+        if effective != args.global_batch_size:
+            # Silently training with another batch size changes the effective learning rate.
+            warnings.warn(
+                f"global_batch_size {args.global_batch_size} is not a multiple of per-device batch "
+                f"{args.per_device_train_batch_size} x {_world_size()} processes: training with "
+                f"{effective} samples per optimizer step (gradient_accumulation_steps="
+                f"{args.gradient_accumulation_steps})",
+                stacklevel=3,
+            )
+
+
+def _check_data_settings(args: Any) -> None:
+    """Reject data settings that would silently train on nothing or on empty completions."""
+    if args.max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens, not {args.max_length}")
+    if args.min_completion_tokens < 1:
+        # 0 would keep rows whose completions were cut to nothing: log-prob 0 for every candidate.
+        raise ValueError(f"min_completion_tokens must be at least 1, not {args.min_completion_tokens}")
+    if args.max_edge is not None and args.max_edge < 1:
+        raise ValueError(f"max_edge must be a positive number of pixels, not {args.max_edge}")
+    if getattr(args, "max_negatives", None) is not None and args.max_negatives < 1:
+        raise ValueError(f"max_negatives must be at least 1 (or unset for all), not {args.max_negatives}")
 
 
 @dataclass
@@ -112,6 +138,7 @@ class SFTStageConfig(StageArguments, TrainingArguments):
     lr_scheduler_type: str = "cosine"
 
     def __post_init__(self) -> None:
+        _check_data_settings(self)
         _apply_global_batch(self)
         super().__post_init__()
 
@@ -155,6 +182,7 @@ class APOConfig(StageArguments, TrainingArguments):
             )
         if self.pairwise_reduction not in ("mean", "sum"):
             raise ValueError("pairwise_reduction must be 'mean' or 'sum'")
+        _check_data_settings(self)
         _apply_global_batch(self)
         super().__post_init__()
 

@@ -529,3 +529,31 @@ def test_a_template_bos_is_not_doubled_by_the_processor(tiny_vlm_path, image_roo
     )
     bos = processor.tokenizer.bos_token_id
     assert ds[0]["prompt_input_ids"][0] == bos and ds[0]["prompt_input_ids"][1] != bos
+
+
+# ------------------------------------------------------------------------------------ data settings
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(max_negatives=0), "max_negatives must be at least 1"),
+        (dict(min_completion_tokens=0), "min_completion_tokens must be at least 1"),
+        (dict(max_length=0), "max_length must be at least 2"),
+        (dict(max_edge=0), "max_edge must be a positive"),
+        (dict(global_batch_size=0), "global_batch_size must be at least 1"),
+    ],
+)
+def test_data_settings_that_would_train_on_nothing_are_refused(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        APOConfig(output_dir=str(tmp_path), use_cpu=True, **setting)
+
+
+def test_a_global_batch_that_does_not_divide_says_what_it_trains_with(tmp_path):
+    with pytest.warns(UserWarning, match="training with 4 samples per optimizer step"):
+        cfg = APOConfig(
+            output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, global_batch_size=6
+        )
+    assert cfg.gradient_accumulation_steps == 1
+    cfg = APOConfig(
+        output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, global_batch_size=32
+    )
+    assert cfg.gradient_accumulation_steps == 8
