@@ -52,8 +52,29 @@ class DriftStatistics:
 def _read(path: Path, columns: list[str]) -> pa.Table:
     if not path.exists():
         raise InputError(f"{where(path)}: missing; run `cxrmax build-preferences` first")
-    with pa.memory_map(str(path), "r") as source:
-        return pa.ipc.open_file(source).read_all().select(columns)
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(
+            f"{where(path)}: cannot read, corrupt or truncated ({exc}); rerun `cxrmax build-preferences`"
+        ) from None
+    missing = [name for name in columns if name not in table.column_names]
+    if missing:
+        raise InputError(
+            f"{where(path, field=missing[0])}: column missing (written by another cxrmax version?); "
+            "rerun `cxrmax build-preferences`"
+        )
+    return table.select(columns)
+
+
+#: Characters that would end a Markdown table cell or turn a model name into markup/HTML.
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\|*_`<>[]#"} | {"\n": " ", "\r": " "})
+
+
+def _cell(text: str) -> str:
+    """A model name as literal Markdown text (safe inside a table cell)."""
+    return str(text).translate(_MARKDOWN_SPECIAL)
 
 
 def _nanmean(values: np.ndarray) -> float:
@@ -330,7 +351,7 @@ def model_table_markdown(stats: DriftStatistics) -> str:
     for model in stats.models:
         m = stats.per_model[model]
         rows.append(
-            f"| {model} | {m['trajectories']} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | "
+            f"| {_cell(model)} | {m['trajectories']} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | "
             f"{_fmt(m['similarity'])} | {_fmt(m['refusal_rate'])} | {_fmt(m['laterality_error_rate'])} | "
             f"{_fmt(m['mean_drift'])} | {_fmt(m['mean_steps'])} |"
         )
@@ -338,7 +359,7 @@ def model_table_markdown(stats: DriftStatistics) -> str:
 
 
 def _claims_markdown(stats: DriftStatistics) -> str:
-    head = "| observation | " + " | ".join(stats.models) + " |"
+    head = "| observation | " + " | ".join(map(_cell, stats.models)) + " |"
     rule = "|---|" + "---:|" * len(stats.models)
     rows = [head, rule]
     for name in OBSERVATIONS:
@@ -347,11 +368,11 @@ def _claims_markdown(stats: DriftStatistics) -> str:
 
 
 def _agreement_markdown(stats: DriftStatistics) -> str:
-    head = "| | " + " | ".join(stats.models) + " |"
+    head = "| | " + " | ".join(map(_cell, stats.models)) + " |"
     rule = "|---|" + "---:|" * len(stats.models)
     rows = [head, rule]
     for i, model in enumerate(stats.models):
-        rows.append(f"| {model} | " + " | ".join(_fmt(v) for v in stats.agreement[i]) + " |")
+        rows.append(f"| {_cell(model)} | " + " | ".join(_fmt(v) for v in stats.agreement[i]) + " |")
     return "\n".join(rows)
 
 
@@ -387,7 +408,7 @@ def render_card(out: str | Path, stats: DriftStatistics | None = None, template:
         "n_samples": stats.samples,
         "n_trajectories": stats.trajectories,
         "n_models": len(stats.models),
-        "models": ", ".join(stats.models) or "none",
+        "models": ", ".join(map(_cell, stats.models)) or "none",
         "reference": stats.reference,
         "split_table": _split_table(report),
         "model_table": model_table_markdown(stats),

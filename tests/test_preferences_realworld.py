@@ -407,3 +407,50 @@ def test_unknown_split_rows_are_dropped_with_lenient_and_padded_names_are_one_so
     assert summary.split_invalid_rows_skipped == 2
     assert summary.models == ["gemini", "sonnet"] and summary.counts["samples"] == 1
     assert summary.split_rows["sft"] == {"test": 2}
+
+
+# --- the card and drift-report on what real runs and real folders contain ----------------------
+
+
+def test_card_tables_survive_model_names_with_markdown_characters(tmp_path, mini_mimic, selection):
+    names = {
+        "gpt|5 *nano*": ANSWERS["gpt-5 nano"],
+        "<b>vlm</b>": ANSWERS["grok-4"],
+        "Qwen/Qwen2_VL": ANSWERS["glm-4.5v"],
+    }
+    for model, text in names.items():
+        write_model(tmp_path / "run", model, [generate_row(s, model, text) for s in selection])
+    build(tmp_path, mini_mimic, card=True, figures=False, export_trl=False)
+    card = (tmp_path / "data" / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| gpt")]
+    assert rows and rows[0].startswith("| gpt\\|5 \\*nano\\* | 6 |")
+    # the per-model table row has the header's 10 cells (escaped pipes do not split)
+    header = next(line for line in card.splitlines() if line.startswith("| model | trajectories"))
+    cells = header.count(" | ")
+    assert rows[0].replace("\\|", "").count(" | ") == cells
+    assert "<b>" not in card and "\\<b\\>vlm\\</b\\>" in card
+
+
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (
+            lambda d: (d / "annotations" / "samples.arrow").write_bytes(b"garbage"),
+            ["samples.arrow", "corrupt"],
+        ),
+        (lambda d: (d / "annotations" / "trajectories.arrow").unlink(), ["trajectories.arrow", "missing"]),
+    ],
+)
+def test_drift_report_on_damaged_outputs_is_a_clear_error(damage, words, tmp_path, mini_mimic, selection):
+    from typer.testing import CliRunner
+
+    from cxrmax.cli import app
+
+    full_run(tmp_path / "run", selection)
+    build(tmp_path, mini_mimic, export_trl=False)
+    damage(tmp_path / "data")
+    result = CliRunner().invoke(app, ["drift-report", str(tmp_path / "data")])
+    assert result.exit_code == 2 and not isinstance(result.exception, (KeyError, pa.ArrowInvalid))
+    output = " ".join(result.output.split())
+    for word in words:
+        assert word in output
