@@ -99,6 +99,13 @@ class LoadReport:
     truncated_texts: int = 0  # finish_reason "length": cut at max_tokens (see annotate_chunk)
     reasoning_joined: int = 0  # rows whose separate `reasoning` was put before the answer
     unreadable_files: list[str] = field(default_factory=list)  # --lenient: skipped, with the reason
+    #: generate journals (wal-*.jsonl) found beside the shards: answers not committed yet (generate
+    #: commits them when run again); never read, but reported
+    uncommitted_journals: list[str] = field(default_factory=list)
+    #: samples whose sources were asked different prompts: the preference row carries the first
+    #: source's prompt (in the stable order), so its negatives answered another question
+    samples_with_mixed_prompts: int = 0
+    mixed_prompt_examples: list[str] = field(default_factory=list)
     duplicates_skipped: int = 0
     conflicting_samples_skipped: int = 0
 
@@ -158,9 +165,10 @@ _DATA_SUFFIXES = (".arrow", ".parquet", ".jsonl", ".jsonl.gz")
 _SKIP_DIRS = {"preferences", "sft", "annotations", "exports", "figures", "cache", "consensus", ".cache"}
 
 
-def find_input_files(spec: str | Path) -> list[Path]:
+def find_input_files(spec: str | Path, journals: list[str] | None = None) -> list[Path]:
     """The data files an input names: a file; a directory (generate's OUT, OUT/trajectories,
     OUT/trajectories/<model>, or a `datasets` save_to_disk directory) searched recursively.
+    generate's uncommitted journals are not input; their paths are appended to `journals`.
     Raises InputError when nothing readable is there."""
     path = Path(spec)
     if path.is_file():
@@ -176,6 +184,8 @@ def find_input_files(spec: str | Path) -> list[Path]:
             continue
         # generate's journals (wal-*.jsonl) hold answers not yet committed to a shard: not input.
         if candidate.name.startswith((".", "wal-")):
+            if journals is not None and candidate.name.startswith("wal-") and candidate.stat().st_size:
+                journals.append(str(candidate))
             continue
         if candidate.is_file() and candidate.name.endswith(_DATA_SUFFIXES):
             if candidate.name in ("dataset_info.json", "state.json", "dataset_dict.json"):
@@ -390,7 +400,7 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
             report.files.append(spec_text)
             tables.append(normalise_table(_load_hub(spec_text), spec_text, len(report.files) - 1, report))
             continue
-        for path in find_input_files(spec):
+        for path in find_input_files(spec, report.uncommitted_journals):
             try:
                 loaded = _read_file(path)
             except InputError as exc:
@@ -474,6 +484,17 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
             drop = pc.is_in(table.column("sample_id"), value_set=bad.combine_chunks())
             report.conflicting_samples_skipped += len(bad)
             table = table.filter(pc.invert(drop))
+
+    prompts = table.column("prompt")
+    if prompts.null_count < table.num_rows:
+        grouped = (
+            pa.table({"sample_id": table.column("sample_id"), "p": prompts})
+            .group_by("sample_id")
+            .aggregate([("p", "count_distinct")])
+        )
+        mixed = grouped.filter(pc.greater(grouped.column("p_count_distinct"), 1)).column("sample_id")
+        report.samples_with_mixed_prompts = len(mixed)
+        report.mixed_prompt_examples = [str(v) for v in mixed.slice(0, 5).to_pylist()]
     return table, report
 
 

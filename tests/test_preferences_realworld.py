@@ -454,3 +454,19 @@ def test_drift_report_on_damaged_outputs_is_a_clear_error(damage, words, tmp_pat
     output = " ".join(result.output.split())
     for word in words:
         assert word in output
+
+
+def test_mixed_prompts_and_uncommitted_journals_are_reported(tmp_path, mini_mimic, selection):
+    run = tmp_path / "run"
+    full_run(run, selection)
+    other = "Describe the chest radiograph."  # a second prompt template for one model
+    write_model(
+        run, "grok-4", [generate_row(s, "grok-4", ANSWERS["grok-4"], prompt=other) for s in selection]
+    )
+    journal = run / "trajectories" / "grok-4" / "wal-all-20261127T080000-abc123-00002.jsonl"
+    journal.write_text('{"sample_id": "x", "text": "an answer not committed yet"}\n')
+    summary = build(tmp_path, mini_mimic, export_trl=False)
+    assert summary.load["samples_with_mixed_prompts"] == N_SAMPLES
+    assert summary.load["mixed_prompt_examples"][0] == min(s["sample_id"] for s in selection)
+    assert summary.load["uncommitted_journals"] == [str(journal)]
+    assert summary.counts["trajectories"] == 7 * N_SAMPLES  # the journal is not input

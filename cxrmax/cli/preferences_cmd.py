@@ -176,6 +176,17 @@ def _build_preferences(
                 console.print(f"  {label}: {value}")
         if summary.skipped_few_sources_examples:
             console.print(f"  e.g. skipped: {', '.join(summary.skipped_few_sources_examples[:5])}")
+        if summary.load["samples_with_mixed_prompts"]:
+            console.print(
+                f"  [yellow]samples whose sources were asked different prompts[/]: "
+                f"{summary.load['samples_with_mixed_prompts']} (the row keeps the first source's prompt; "
+                f"e.g. {', '.join(summary.load['mixed_prompt_examples'][:3])})"
+            )
+        if summary.load["uncommitted_journals"]:
+            console.print(
+                f"  [yellow]uncommitted generate journals not read[/] (run generate again to commit them): "
+                f"{', '.join(summary.load['uncommitted_journals'][:3])}"
+            )
         for reason in summary.load["unreadable_files"]:
             console.print(f"  [yellow]skipped unreadable file (lenient)[/]: {reason}")
         for path, columns in summary.load["ignored_columns"].items():
