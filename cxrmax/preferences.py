@@ -1303,7 +1303,10 @@ def build_preferences(
         raise InputError("--max-negatives must be at least 1")
     started = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of that name, a read-only or missing parent
+        raise InputError(f"{where(out)}: cannot create the output folder ({exc.strerror or exc})") from None
     phases: dict[str, float] = {}
     mark = [started]
 

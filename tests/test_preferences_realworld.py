@@ -470,3 +470,11 @@ def test_mixed_prompts_and_uncommitted_journals_are_reported(tmp_path, mini_mimi
     assert summary.load["mixed_prompt_examples"][0] == min(s["sample_id"] for s in selection)
     assert summary.load["uncommitted_journals"] == [str(journal)]
     assert summary.counts["trajectories"] == 7 * N_SAMPLES  # the journal is not input
+
+
+@pytest.mark.parametrize("make_out", [lambda d: d / "a-file", lambda d: d / "a-file" / "below-a-file"])
+def test_output_folder_that_cannot_be_created_is_an_input_error(make_out, tmp_path, selection):
+    full_run(tmp_path / "run", selection[:2])
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(InputError, match="cannot create the output folder"):
+        build_preferences([tmp_path / "run"], make_out(tmp_path), BuildOptions(processes=1, card=False))
