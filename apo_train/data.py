@@ -33,6 +33,7 @@ followed by its negatives; ``chosen_index`` / ``rejected_index`` map rows back t
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,10 +62,29 @@ def load_split(path: str | os.PathLike, split: str = "train", required: Sequence
     path = Path(path)
     if not path.exists():
         raise InputError(f"{where(path)}: no such dataset directory")
+    splits_file = path / "dataset_dict.json"
+    if splits_file.is_file():
+        # Load only the split asked for: datasets cannot reload a DatasetDict holding an empty split
+        # (saved with zero shards), which would make every split of it unreadable.
+        try:
+            splits = list(json.loads(splits_file.read_text())["splits"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{where(splits_file)}: unreadable split list ({exc})") from exc
+        if split not in splits:
+            raise InputError(f"{where(path)}: no split {split!r} (have {sorted(splits)})")
+        path = path / split
+        if not list(path.glob("*.arrow")):
+            raise InputError(f"{where(path)}: the {split!r} split has no rows")
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as exc:  # datasets raises FileNotFoundError / ValueError for non-datasets dirs
-        raise InputError(f"{where(path)}: not a dataset saved with save_to_disk ({exc})") from exc
+        inside = [name for name in ("preferences", "sft") if (path / name).is_dir()]
+        hint = (
+            f"; did you mean {path / inside[0]}? (build-preferences writes OUT/preferences and OUT/sft)"
+            if inside
+            else ""
+        )
+        raise InputError(f"{where(path)}: not a dataset saved with save_to_disk ({exc}){hint}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise InputError(f"{where(path)}: no split {split!r} (have {sorted(loaded)})")
@@ -292,7 +312,11 @@ def _order_negatives(rejected: list[str | None], drift: list[float | None] | Non
     positive > least drifting > ... > most drifting. With drift scores we sort by them (stable), else
     we reverse the stored order. Plackett-Luce and pairwise losses do not depend on this order."""
     idx = list(range(len(rejected)))
-    if drift is not None and len(drift) == len(rejected) and all(d is not None for d in drift):
+    if (
+        drift is not None
+        and len(drift) == len(rejected)
+        and all(d is not None and d == d for d in drift)  # d == d: NaN would make the sort arbitrary
+    ):
         return sorted(idx, key=lambda i: drift[i])
     return idx[::-1]
 
@@ -453,6 +477,8 @@ def tokenize_sft(
 def _run_map(
     dataset: Any, encode: Any, num_proc: int | None, kind: str, source: str | os.PathLike
 ) -> tuple[Any, TruncationStats]:
+    if len(dataset) == 0:
+        raise InputError(f"{where(source)}: the {kind} split has no rows")
     keep = {"sample_id", "image_path"}
     remove = [c for c in dataset.column_names if c not in keep]
     mapped = dataset.map(
@@ -494,7 +520,9 @@ def _run_map(
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items()))
         raise InputError(
             f"{where(source)}: no {kind} sample left to train on after tokenization "
-            f"(dropped: {reasons}; see the truncation policy in apo_train.data)"
+            f"(dropped: {reasons}; see the truncation policy in apo_train.data"
+            + ("; raise max_length or lower max_edge/max_pixels" if "prompt_too_long" in by_reason else "")
+            + ")"
         )
     drop = [c for c in kept.column_names if c.startswith("n_") or c == "drop_reason"]
     return kept.remove_columns(drop), stats

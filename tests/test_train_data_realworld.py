@@ -320,7 +320,18 @@ def _parquet_not_save_to_disk(tmp_path: Path) -> Path:
     return tmp_path / "d"
 
 
+def _empty_split(tmp_path: Path) -> Path:
+    return save_rows([], tmp_path / "d")
+
+
+def _build_preferences_out_dir(tmp_path: Path) -> Path:
+    save_rows([pref_row(0)], tmp_path / "d" / "preferences")
+    return tmp_path / "d"
+
+
 DATASET_CASES = {
+    "empty-split": (_empty_split, r"the .train. split has no rows"),
+    "out-dir-instead-of-preferences": (_build_preferences_out_dir, r"did you mean .*d/preferences"),
     "sft-dir-given-to-apo": (_sft_saved_as_preferences, r"field 'chosen': missing column"),
     "rejected-one-string": (_rejected_as_one_string, r"field 'rejected': expected a list of texts"),
     "chosen-a-list": (_chosen_as_list, r"field 'chosen': expected a text column"),
@@ -340,12 +351,44 @@ def test_malformed_datasets_raise_input_errors(tiny_lm_path, tmp_path, case):
         tokenize_preferences(raw, ChatEncoder(text_tokenizer(tiny_lm_path)), source=path)
 
 
+@pytest.mark.parametrize(
+    ("drift", "expected_order"),
+    [
+        ([0.9, 0.2, 0.5], [1, 2, 0]),  # least drifting first
+        ([float("nan"), 0.2, 0.5], [2, 1, 0]),  # a NaN score: stored order (most drifting first) reversed
+        ([0.9, None, 0.5], [2, 1, 0]),
+        ([0.9, 0.2], [2, 1, 0]),  # scores for fewer negatives than there are
+    ],
+)
+def test_negative_order_with_unusable_drift_scores(tiny_lm_path, tmp_path, drift, expected_order):
+    encoder = ChatEncoder(text_tokenizer(tiny_lm_path))
+    negatives = NEGATIVES[:3]
+    path = save_rows([pref_row(0, rejected=negatives, rejected_drift=drift)], tmp_path / "p")
+    ds, _ = tokenize_preferences(load_split(path), encoder)
+    decoded = [encoder.tokenizer.decode(ids).split("<|im_end|>")[0] for ids in ds[0]["rejected_input_ids"]]
+    assert decoded == [negatives[i] for i in expected_order]
+
+
 def test_single_dataset_dir_loads_like_a_split(tiny_lm_path, tmp_path):
     datasets.Dataset(pa.Table.from_pylist([pref_row(0)], schema=PREFERENCE_SCHEMA)).save_to_disk(
         str(tmp_path / "d")
     )
     ds, stats = tokenize_preferences(load_split(tmp_path / "d"), ChatEncoder(text_tokenizer(tiny_lm_path)))
     assert stats.samples_kept == 1 and len(ds[0]["rejected_input_ids"]) == 3
+
+
+def test_an_empty_split_does_not_hide_the_others(tiny_lm_path, tmp_path):
+    """datasets saves an empty split with zero shards and then cannot reload the whole DatasetDict."""
+    table = pa.Table.from_pylist([pref_row(0)], schema=PREFERENCE_SCHEMA)
+    empty = pa.Table.from_pylist([], schema=PREFERENCE_SCHEMA)
+    datasets.DatasetDict(
+        {"train": datasets.Dataset(table), "validate": datasets.Dataset(empty)}
+    ).save_to_disk(str(tmp_path / "d"))
+    assert len(load_split(tmp_path / "d", "train", ("prompt", "chosen", "rejected"))) == 1
+    with pytest.raises(InputError, match=r"'validate' split has no rows"):
+        load_split(tmp_path / "d", "validate")
+    with pytest.raises(InputError, match=r"the preferences split has no rows"):
+        tokenize_preferences(datasets.Dataset(empty), ChatEncoder(text_tokenizer(tiny_lm_path)))
 
 
 def test_sft_rows_with_wrong_types_or_nothing_left(tiny_lm_path, tmp_path):
