@@ -366,8 +366,9 @@ def _report_stats(stats: TruncationStats, console: Any | None, label: str, outpu
         console.print(
             f"[bold]{label} data[/]: {d['samples_kept']}/{d['samples_in']} samples kept; dropped "
             f"prompt-too-long {d['dropped_prompt_too_long']}, no-negatives {d['dropped_no_rejected']}, "
-            f"invalid {d['dropped_invalid']}; truncated chosen {d['truncated_chosen']}, "
-            f"rejected {d['truncated_rejected']}; empty negatives {d['empty_rejected']}"
+            f"invalid {d['dropped_invalid']}, bad image {d['dropped_bad_image']}; truncated chosen "
+            f"{d['truncated_chosen']}, rejected {d['truncated_rejected']}; empty negatives "
+            f"{d['empty_rejected']}, negatives identical to the positive {d['identical_rejected']}"
         )
 
 

@@ -600,3 +600,51 @@ def test_a_global_batch_that_does_not_divide_says_what_it_trains_with(tmp_path):
         output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=4, global_batch_size=32
     )
     assert cfg.gradient_accumulation_steps == 8
+
+
+# ---------------------------------------------------------------------------- end to end, lenient
+def test_lenient_vlm_training_on_messy_preferences_reports_every_skip(tiny_vlm_path, image_root, tmp_path):
+    """A real APO step on the tiny VLM (batch 4, accumulation 2) over rows with 1..12 negatives, a
+    corrupt image, a negative equal to the positive and leaked template text; the console summary and
+    <stage>_data_stats.json say what was skipped."""
+    import io
+    import json
+
+    from rich.console import Console
+
+    rows = [
+        pref_row(0, rejected=NEGATIVES[:1]),
+        pref_row(1, rejected=NEGATIVES),
+        pref_row(2, rejected=[POSITIVE, NEGATIVES[3], "<|image_pad|> see above"]),
+        pref_row(3, image_path="files/p10/p10000032/s50414267/truncated.jpg"),
+        pref_row(4, chosen=MARKDOWN_EMOJI, rejected=NEGATIVES[4:9]),
+        *[pref_row(5 + i, rejected=NEGATIVES[i : i + 2]) for i in range(4)],
+    ]
+    data = save_rows(rows, tmp_path / "p")
+    cfg = APOConfig(
+        output_dir=str(tmp_path / "out"),
+        model_name_or_path=str(tiny_vlm_path),
+        dataset_path=str(data),
+        image_root=str(image_root),
+        max_edge=64,
+        max_length=256,
+        lenient=True,
+        max_steps=1,
+        learning_rate=1e-2,
+        per_device_train_batch_size=4,
+        global_batch_size=8,
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+        lora_dropout=0.0,
+        dataloader_num_workers=0,
+        jsonl_log=False,
+    )
+    assert cfg.gradient_accumulation_steps == 2
+    out = io.StringIO()
+    result = run_apo(cfg, console=Console(file=out, width=400))
+    stats = json.loads((tmp_path / "out" / "apo_data_stats.json").read_text())
+    assert stats["samples_kept"] == 8 and stats["dropped_bad_image"] == 1 and stats["identical_rejected"] == 1
+    assert "bad image 1" in out.getvalue() and "identical to the positive 1" in out.getvalue()
+    logs = [h for h in result["log_history"] if "loss" in h and "rewards/chosen" in h]
+    assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
