@@ -1087,6 +1087,8 @@ class BuildSummary:
     models: list[str]
     studies_not_in_mimic: int = 0  # rows whose study has no label row under --mimic-root
     split_invalid_rows_skipped: int = 0  # --lenient: rows with an unrecognised split value
+    split_from_mimic_rows: int = 0  # rows whose split disagreed with --mimic-root's (official split kept)
+    subject_mismatch_rows_skipped: int = 0  # --lenient: study under another subject in --mimic-root
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # wall seconds per phase
 
@@ -1146,10 +1148,25 @@ def _normalise_split(
     return table, unknown, len(invalid)
 
 
-def _enrich_from_mimic(table: pa.Table, root: Path, lenient: bool) -> tuple[pa.Table, int]:
+@dataclass
+class _MimicCheck:
+    """What joining the trajectories to a MIMIC-CXR root found (counts of rows)."""
+
+    not_in_mimic: int = 0  # study without a label row in the root
+    split_from_mimic: int = 0  # the trajectory's split disagreed with MIMIC-CXR's: MIMIC-CXR's kept
+    subject_mismatch_skipped: int = 0  # --lenient: the study belongs to another subject there
+
+
+def _enrich_from_mimic(
+    table: pa.Table, root: Path, lenient: bool, files: Sequence[str] = ()
+) -> tuple[pa.Table, _MimicCheck]:
     """Fill missing ground-truth labels, split, subject ids and the report text from a MIMIC-CXR
     root (labels from the CheXpert CSV by study_id; report = impression > findings > last paragraph).
-    Also returns how many rows name a study without a label row in that root."""
+
+    The official split wins over the trajectory's (the outputs follow the MIMIC-CXR split; a
+    trajectory that says "train" for a test study would leak it), counted. A study that belongs to
+    another subject in the root means a wrong study id: InputError naming the row (--lenient: the
+    rows are dropped, counted)."""
     from cxrmax.mimic import MimicCXR
 
     mimic = MimicCXR(root, lenient=lenient)
@@ -1158,6 +1175,7 @@ def _enrich_from_mimic(table: pa.Table, root: Path, lenient: bool) -> tuple[pa.T
         raise InputError(
             f"{where('trajectories', field='study_id')}: --mimic-root needs study ids in the input"
         )
+    check = _MimicCheck()
     study_labels = mimic.study_labels()
     key = study_labels.column("study_id")
     lookup = pc.index_in(study, value_set=key.combine_chunks())
@@ -1178,9 +1196,30 @@ def _enrich_from_mimic(table: pa.Table, root: Path, lenient: bool) -> tuple[pa.T
                 .cast(table.schema.field(name).type)
                 .take(lookup.combine_chunks() if isinstance(lookup, pa.ChunkedArray) else lookup)
             )
-            table = table.set_column(
-                table.schema.get_field_index(name), name, pc.coalesce(table.column(name), values)
+            differs = pc.fill_null(pc.not_equal(table.column(name), values), False)
+            n_differ = int(pc.sum(differs).as_py() or 0)
+            if n_differ and name == "subject_id":
+                if not lenient:
+                    i = pc.index(differs, True).as_py()
+                    file_index = table.column("source_file")[i].as_py()
+                    path = files[file_index] if file_index < len(files) else "trajectories"
+                    raise InputError(
+                        f"{where(path, table.column('source_row')[i].as_py(), 'subject_id')}: study "
+                        f"{table.column('study_id')[i].as_py()} belongs to subject {values[i].as_py()} under "
+                        f"{root}, not {table.column(name)[i].as_py()} (a wrong study id?); use --lenient to skip"
+                    )
+                check.subject_mismatch_skipped = n_differ
+                keep = pc.invert(differs)
+                table, values = table.filter(keep), values.filter(keep)
+                lookup, has = lookup.filter(keep), has.filter(keep)
+            elif n_differ:
+                check.split_from_mimic = n_differ
+            merged = (
+                pc.coalesce(values, table.column(name))
+                if name == "split"
+                else pc.coalesce(table.column(name), values)
             )
+            table = table.set_column(table.schema.get_field_index(name), name, merged)
     # Reports: one read per study.
     reports: dict[tuple[int, int], str | None] = {}
     subjects = table.column("subject_id").to_pylist()
@@ -1195,10 +1234,10 @@ def _enrich_from_mimic(table: pa.Table, root: Path, lenient: bool) -> tuple[pa.T
             sections = mimic.report(subject, study_id)
             reports[(subject, study_id)] = sections.best() if sections is not None else None
         texts.append(reports[(subject, study_id)])
-    missing = int(pc.sum(pc.invert(has)).as_py() or 0)
+    check.not_in_mimic = int(pc.sum(pc.invert(has)).as_py() or 0)
     return table.set_column(
         table.schema.get_field_index("report"), "report", pa.array(texts, type=pa.string())
-    ), missing
+    ), check
 
 
 def ms_cxr_t_subjects(path: Path) -> set[int]:
@@ -1317,9 +1356,11 @@ def build_preferences(
 
     table, load_report = load_trajectories(inputs, lenient=options.lenient)
     phase("load")
-    studies_not_in_mimic = 0
+    mimic_check = _MimicCheck()
     if options.mimic_root is not None:
-        table, studies_not_in_mimic = _enrich_from_mimic(table, Path(options.mimic_root), options.lenient)
+        table, mimic_check = _enrich_from_mimic(
+            table, Path(options.mimic_root), options.lenient, load_report.files
+        )
     table, split_unknown, split_invalid = _normalise_split(table, load_report.files, options.lenient)
     excluded_rows = 0
     if options.ms_cxr_t is not None:
@@ -1440,7 +1481,9 @@ def build_preferences(
             split_unknown_rows=split_unknown,
             split_rows={"preferences": dict(pref_writers.rows), "sft": dict(sft_writers.rows)},
             models=models,
-            studies_not_in_mimic=studies_not_in_mimic,
+            studies_not_in_mimic=mimic_check.not_in_mimic,
+            split_from_mimic_rows=mimic_check.split_from_mimic,
+            subject_mismatch_rows_skipped=mimic_check.subject_mismatch_skipped,
             split_invalid_rows_skipped=split_invalid,
         )
         _write_json_atomic(stage / "build_report.json", asdict(summary))

@@ -478,3 +478,27 @@ def test_output_folder_that_cannot_be_created_is_an_input_error(make_out, tmp_pa
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(InputError, match="cannot create the output folder"):
         build_preferences([tmp_path / "run"], make_out(tmp_path), BuildOptions(processes=1, card=False))
+
+
+@pytest.mark.parametrize("field, lenient", [("split", False), ("subject_id", False), ("subject_id", True)])
+def test_ids_that_disagree_with_the_mimic_root(field, lenient, tmp_path, mini_mimic, selection):
+    """A selection edited by hand or taken from another release: the official split wins (a test
+    study never lands in train); a study under another subject is a wrong id."""
+    test_sample = next(s for s in selection if s["split"] == "test")
+    wrong = dict(test_sample, split="train") if field == "split" else dict(test_sample, subject_id=10_000_000)
+    samples = [wrong if s is test_sample else s for s in selection]
+    full_run(tmp_path / "run", samples)
+    if field == "subject_id" and not lenient:
+        with pytest.raises(InputError) as info:
+            build(tmp_path, mini_mimic)
+        assert " row " in str(info.value) and "field 'subject_id'" in str(info.value)
+        assert str(test_sample["study_id"]) in str(info.value)
+        return
+    summary = build(tmp_path, mini_mimic, lenient=lenient, export_trl=False)
+    rows = {row["sample_id"]: row for row in load(tmp_path, "preferences")}
+    if field == "split":
+        assert summary.split_from_mimic_rows == 7
+        assert rows[test_sample["sample_id"]]["split"] == "test"
+    else:
+        assert summary.subject_mismatch_rows_skipped == 7
+        assert test_sample["sample_id"] not in rows and len(rows) == N_SAMPLES - 1

@@ -161,6 +161,8 @@ def _build_preferences(
             "rows whose study has no labels under --mimic-root": summary.studies_not_in_mimic,
             "rows without a split (put in train)": summary.split_unknown_rows,
             "rows with an unknown split (lenient)": summary.split_invalid_rows_skipped,
+            "rows whose split disagreed with --mimic-root (official split used)": summary.split_from_mimic_rows,
+            "rows whose study belongs to another subject (lenient)": summary.subject_mismatch_rows_skipped,
             "samples without negatives": counts.get("samples_without_negatives", 0),
             "samples where every source refused": counts.get("samples_without_consensus", 0),
             "labeler errors": counts.get("labeler_errors", 0),
