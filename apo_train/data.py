@@ -159,7 +159,17 @@ class ChatEncoder:
         self.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
-        self._template_owner = processor if hasattr(processor, "apply_chat_template") else self.tokenizer
+        # Some VLMs ship the chat template with the tokenizer only (older LLaVA exports): use it there.
+        if self.is_vlm and getattr(processor, "chat_template", None):
+            self._template_owner = processor
+        elif getattr(self.tokenizer, "chat_template", None):
+            self._template_owner = self.tokenizer
+        else:
+            name = getattr(self.tokenizer, "name_or_path", "") or "the model"
+            raise InputError(
+                f"{name}: neither the processor nor the tokenizer has a chat template (a base model?); "
+                "train from an instruct/chat checkpoint or set a chat_template on its tokenizer"
+            )
 
     @property
     def uses_images(self) -> bool:
@@ -177,14 +187,8 @@ class ChatEncoder:
         return messages + [{"role": "user", "content": content}]
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        return (
-            self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-            if not self.is_vlm
-            else self._template_owner.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+        return self._template_owner.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
     def load_image(self, image_path: str, row: int | None = None) -> Any:

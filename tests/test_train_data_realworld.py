@@ -648,3 +648,17 @@ def test_lenient_vlm_training_on_messy_preferences_reports_every_skip(tiny_vlm_p
     assert "bad image 1" in out.getvalue() and "identical to the positive 1" in out.getvalue()
     logs = [h for h in result["log_history"] if "loss" in h and "rewards/chosen" in h]
     assert logs and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+
+
+def test_chat_template_from_the_tokenizer_or_a_clear_error(tiny_vlm_path, tiny_lm_path, image_root, tmp_path):
+    """Older VLM exports keep the template on the tokenizer only; a base model has none at all."""
+    processor = load_processor(tiny_vlm_path)
+    reference = ChatEncoder(load_processor(tiny_vlm_path), image_root, max_edge=64)
+    processor.chat_template = None
+    encoder = ChatEncoder(processor, image_root, max_edge=64)
+    image = encoder.load_image("files/p10/p10000032/s50414267/a.jpg")
+    assert encoder.encode_prompt(PROMPT, image) == reference.encode_prompt(PROMPT, image)
+    tokenizer = text_tokenizer(tiny_lm_path)
+    tokenizer.chat_template = None
+    with pytest.raises(InputError, match="has a chat template .a base model):
+        ChatEncoder(tokenizer)
