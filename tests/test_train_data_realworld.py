@@ -660,5 +660,5 @@ def test_chat_template_from_the_tokenizer_or_a_clear_error(tiny_vlm_path, tiny_l
     assert encoder.encode_prompt(PROMPT, image) == reference.encode_prompt(PROMPT, image)
     tokenizer = text_tokenizer(tiny_lm_path)
     tokenizer.chat_template = None
-    with pytest.raises(InputError, match="has a chat template .a base model):
+    with pytest.raises(InputError, match="has a chat template .a base model"):
         ChatEncoder(tokenizer)
