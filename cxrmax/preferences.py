@@ -1089,6 +1089,10 @@ class BuildSummary:
     split_invalid_rows_skipped: int = 0  # --lenient: rows with an unrecognised split value
     split_from_mimic_rows: int = 0  # rows whose split disagreed with --mimic-root's (official split kept)
     subject_mismatch_rows_skipped: int = 0  # --lenient: study under another subject in --mimic-root
+    #: with --mimic-root: samples whose image_path is missing or names no file there (their rows are
+    #: built, but a trainer cannot load the image: fix the paths or the root)
+    samples_without_image: int = 0
+    samples_without_image_examples: list[str] = field(default_factory=list)
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # wall seconds per phase
 
@@ -1240,6 +1244,27 @@ def _enrich_from_mimic(
     ), check
 
 
+def _samples_without_image(table: pa.Table, root: Path) -> list[str]:
+    """Sample ids (sorted) whose image_path is null or names no file under `root` (one stat per
+    distinct path)."""
+    pairs = (
+        pa.table({"s": table.column("sample_id"), "p": table.column("image_path")})
+        .group_by(["s", "p"])
+        .aggregate([])
+    )
+    exists: dict[str, bool] = {}
+    missing = set()
+    for sample_id, path in zip(pairs.column("s").to_pylist(), pairs.column("p").to_pylist(), strict=True):
+        if path is None:
+            missing.add(sample_id)
+            continue
+        if path not in exists:
+            exists[path] = os.path.isfile(_image_ref(path, root))
+        if not exists[path]:
+            missing.add(sample_id)
+    return sorted(missing)
+
+
 def ms_cxr_t_subjects(path: Path) -> set[int]:
     """Subject ids listed in an MS-CXR-T CSV (the decontamination set)."""
     try:
@@ -1362,6 +1387,9 @@ def build_preferences(
             table, Path(options.mimic_root), options.lenient, load_report.files
         )
     table, split_unknown, split_invalid = _normalise_split(table, load_report.files, options.lenient)
+    without_image: list[str] = []
+    if options.mimic_root is not None:
+        without_image = _samples_without_image(table, Path(options.mimic_root))
     excluded_rows = 0
     if options.ms_cxr_t is not None:
         subjects = ms_cxr_t_subjects(Path(options.ms_cxr_t))
@@ -1485,6 +1513,8 @@ def build_preferences(
             split_from_mimic_rows=mimic_check.split_from_mimic,
             subject_mismatch_rows_skipped=mimic_check.subject_mismatch_skipped,
             split_invalid_rows_skipped=split_invalid,
+            samples_without_image=len(without_image),
+            samples_without_image_examples=without_image[:5],
         )
         _write_json_atomic(stage / "build_report.json", asdict(summary))
         if options.card:

@@ -502,3 +502,14 @@ def test_ids_that_disagree_with_the_mimic_root(field, lenient, tmp_path, mini_mi
     else:
         assert summary.subject_mismatch_rows_skipped == 7
         assert test_sample["sample_id"] not in rows and len(rows) == N_SAMPLES - 1
+
+
+def test_samples_whose_image_is_not_under_the_root_are_reported(tmp_path, mini_mimic, selection):
+    samples = [dict(s) for s in selection]
+    samples[0]["image_path"] = "files/p10/p10000000/s50000000/not-there.jpg"
+    samples[1]["image_path"] = None
+    full_run(tmp_path / "run", samples)
+    summary = build(tmp_path, mini_mimic, export_trl=False)
+    assert summary.samples_without_image == 2
+    assert summary.samples_without_image_examples == sorted(s["sample_id"] for s in samples[:2])
+    assert summary.counts["preference_rows"] == N_SAMPLES  # built, but reported

@@ -178,6 +178,11 @@ def _build_preferences(
                 console.print(f"  {label}: {value}")
         if summary.skipped_few_sources_examples:
             console.print(f"  e.g. skipped: {', '.join(summary.skipped_few_sources_examples[:5])}")
+        if summary.samples_without_image:
+            console.print(
+                f"  [yellow]samples whose image is not under --mimic-root[/]: {summary.samples_without_image} "
+                f"(a trainer cannot load them; e.g. {', '.join(summary.samples_without_image_examples[:3])})"
+            )
         if summary.load["samples_with_mixed_prompts"]:
             console.print(
                 f"  [yellow]samples whose sources were asked different prompts[/]: "
