@@ -187,9 +187,16 @@ class ChatEncoder:
         return messages + [{"role": "user", "content": content}]
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        return self._template_owner.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self._template_owner.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as exc:  # templates raise_exception() on roles they do not support
+            name = getattr(self.tokenizer, "name_or_path", "") or "the model"
+            hint = " (it may not accept a system message: drop system_prompt)" if self.system_prompt else ""
+            raise InputError(f"{name}: its chat template refused the conversation: {exc}{hint}") from exc
 
     def load_image(self, image_path: str, row: int | None = None) -> Any:
         """The preprocessed image (RGB PIL) for a path relative to ``image_root``."""

@@ -662,3 +662,17 @@ def test_chat_template_from_the_tokenizer_or_a_clear_error(tiny_vlm_path, tiny_l
     tokenizer.chat_template = None
     with pytest.raises(InputError, match="has a chat template .a base model"):
         ChatEncoder(tokenizer)
+
+
+def test_a_template_that_refuses_a_system_message_is_an_input_error(tiny_lm_path, tmp_path):
+    """Gemma-2/Mistral templates raise_exception() on a system role; --system-prompt then must say so."""
+    tokenizer = text_tokenizer(
+        tiny_lm_path,
+        template="{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}" + GEMMA_TEMPLATE,
+    )
+    path = save_rows([pref_row(0)], tmp_path / "p")
+    ds, _ = tokenize_preferences(load_split(path), ChatEncoder(tokenizer))
+    assert len(ds) == 1
+    with pytest.raises(InputError, match="System role not supported.*drop system_prompt"):
+        tokenize_preferences(load_split(path), ChatEncoder(tokenizer, system_prompt="You are a radiologist."))
