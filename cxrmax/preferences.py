@@ -394,6 +394,7 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
     such as zero-width spaces or lone markdown) are always counted skips."""
     report = LoadReport()
     tables = []
+    seen_files: set[Path] = set()
     for spec in inputs:
         spec_text = str(spec)
         if _looks_like_hub_id(spec_text):
@@ -401,6 +402,10 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
             tables.append(normalise_table(_load_hub(spec_text), spec_text, len(report.files) - 1, report))
             continue
         for path in find_input_files(spec, report.uncommitted_journals):
+            resolved = path.resolve()
+            if resolved in seen_files:  # `OUT OUT/trajectories`, or a shell glob overlapping a folder
+                continue
+            seen_files.add(resolved)
             try:
                 loaded = _read_file(path)
             except InputError as exc:

@@ -513,3 +513,18 @@ def test_samples_whose_image_is_not_under_the_root_are_reported(tmp_path, mini_m
     assert summary.samples_without_image == 2
     assert summary.samples_without_image_examples == sorted(s["sample_id"] for s in samples[:2])
     assert summary.counts["preference_rows"] == N_SAMPLES  # built, but reported
+
+
+def test_machines_given_as_separate_inputs_and_overlapping_inputs(tmp_path, mini_mimic, selection):
+    """`build-preferences m0 m1 m0/trajectories`: two machines' --shard outputs, one named twice."""
+    half = N_SAMPLES // 2
+    for machine, part in (("m0", selection[:half]), ("m1", selection[half:])):
+        for model in MODELS:
+            rows = [generate_row(s, model, ANSWERS[model]) for s in part]
+            write_model(tmp_path / machine, model, rows, f"part-{machine[-1]}of2-1.arrow")
+    summary = build_preferences(
+        [tmp_path / "m0", tmp_path / "m1", tmp_path / "m0" / "trajectories"],
+        tmp_path / "data",
+        BuildOptions(processes=1, card=False, export_trl=False, mimic_root=mini_mimic),
+    )
+    assert summary.counts["trajectories"] == 7 * N_SAMPLES and len(summary.load["files"]) == 14
