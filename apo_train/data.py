@@ -18,7 +18,8 @@ Truncation policy (``max_length`` counts prompt + image tokens + completion):
     ``truncated_rejected``);
   * empty or missing negatives are removed (``empty_rejected``), and so are negatives whose text equals
     the positive's up to whitespace (``identical_rejected``: they carry no preference and only dilute
-    the Plackett-Luce denominator); a sample left without negatives is dropped (``dropped_no_rejected``);
+    the Plackett-Luce denominator), also when they only become equal once cut to the budget; a sample
+    left without negatives is dropped (``dropped_no_rejected``);
   * a missing positive/prompt is an InputError naming the dataset, row and field (``lenient``: dropped,
     counted as ``dropped_invalid``); so is an image that is missing or cannot be decoded (``lenient``:
     counted as ``dropped_bad_image``);
@@ -441,8 +442,15 @@ def tokenize_preferences(
         rejected_ids = []
         for i in kept:
             ids, cut = _truncate(encoder.encode_completion(prompt, raw_rejected[i]), budget)
+            if ids == chosen_ids:
+                # Answers often share a long opening; cut to the budget they can become the positive.
+                result["n_identical_rejected"] += 1
+                continue
             rejected_ids.append(ids)
             result["n_truncated_rejected"] += int(cut)
+        if not rejected_ids:
+            result["drop_reason"] = "no_rejected"
+            return result
         result["rejected_input_ids"] = rejected_ids
         result["n_rejected_kept"] = len(rejected_ids)
         return result

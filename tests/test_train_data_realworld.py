@@ -200,6 +200,20 @@ ROW_CASES = {
         {},
         dict(samples_kept=3, identical_rejected=2, rejected_kept=6 + 1),
     ),
+    "negatives-equal-to-the-positive-once-truncated": (
+        dict(
+            chosen=" ".join([POSITIVE] * 60) + " Left effusion.",
+            rejected=[" ".join([POSITIVE] * 60) + " No effusion.", NEGATIVES[2]],
+        ),
+        {},
+        dict(
+            samples_kept=3,
+            identical_rejected=1,
+            truncated_chosen=1,
+            truncated_rejected=0,
+            rejected_kept=6 + 1,
+        ),
+    ),
     "only-negative-is-the-positive": (
         dict(rejected=[POSITIVE]),
         {},
