@@ -141,6 +141,7 @@ COMPLETIONS = {
     "plain": POSITIVE,
     "markdown-emoji-cjk": MARKDOWN_EMOJI,
     "surrounding-whitespace": "\n  " + POSITIVE + "  \n\n",
+    "html-and-template-syntax": "<b>Effusion</b> {{ bos_token }} {% if x %}\\n</think> [INST] 50% ~ `code`",
 }
 
 
