@@ -106,7 +106,8 @@ class LoadReport:
     #: source's prompt (in the stable order), so its negatives answered another question
     samples_with_mixed_prompts: int = 0
     mixed_prompt_examples: list[str] = field(default_factory=list)
-    duplicates_skipped: int = 0
+    duplicates_skipped: int = 0  # --lenient: same key, different answer (the first kept)
+    identical_duplicates_skipped: int = 0  # same key, same answer (a merged copy): always dropped
     conflicting_samples_skipped: int = 0
 
 
@@ -387,7 +388,8 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
     and a LoadReport.
 
     Errors (InputError, naming file, row and field) — or, with ``lenient``, counted skips:
-    the same (sample_id, model, sample_index) twice (lenient keeps the first); a sample_id whose
+    the same (sample_id, model, sample_index) twice with different texts (lenient keeps the first;
+    identical copies are always dropped and counted); a sample_id whose
     study_id/subject_id/split differ between rows (lenient drops the sample); a corrupt or
     truncated file (lenient skips the file and lists it in `unreadable_files`). Null sample ids or
     model names are always errors. Empty texts (null, blank, or without a single letter or digit,
@@ -452,16 +454,25 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
         )
         dup = np.flatnonzero(same.to_numpy(zero_copy_only=False)) + 1
         if len(dup):
-            if not lenient:
-                i = int(dup[0])
+            # The same answer twice (a shard copied in twice, a machine's output merged again) is
+            # harmless: dropped and counted. Two different answers under one key need a choice.
+            texts = table.column("text").combine_chunks()
+            dup_idx = pa.array(dup)
+            identical = pc.equal(texts.take(dup_idx), texts.take(pa.array(dup - 1))).to_numpy(
+                zero_copy_only=False
+            )
+            conflicting = dup[~identical]
+            if len(conflicting) and not lenient:
+                i = int(conflicting[0])
                 raise InputError(
                     f"{location(i, 'sample_id')}: duplicate key: sample {sid[i].as_py()!r} answered by model "
-                    f"{mdl[i].as_py()!r} (sample_index {idx[i].as_py()}) again; first seen at {location(i - 1)} "
-                    "(use --lenient to keep the first)"
+                    f"{mdl[i].as_py()!r} (sample_index {idx[i].as_py()}) again with a different answer; first "
+                    f"seen at {location(i - 1)} (use --lenient to keep the first)"
                 )
             keep = np.ones(table.num_rows, dtype=bool)
             keep[dup] = False
-            report.duplicates_skipped = len(dup)
+            report.identical_duplicates_skipped = int(identical.sum())
+            report.duplicates_skipped = len(conflicting)
             table = table.filter(pa.array(keep))
 
     # Conflicting metadata for one sample id across rows (mismatched ids).

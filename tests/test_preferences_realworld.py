@@ -304,10 +304,18 @@ ERROR_CASES = {
     "no_end_of_stream": (cut_at_batch_boundary, ["part-all-00001.arrow", "end-of-stream"], "skip"),
     "not_arrow": (lambda p: p.write_bytes(b"PK\x03\x04 zip, not arrow"), ["part-all-00001.arrow"], "skip"),
     "empty_file": (lambda p: p.write_bytes(b""), ["part-all-00001.arrow"], "skip"),
-    "merged_copy_duplicates": (
-        lambda p: p.with_name("part-all-00002.arrow").write_bytes(p.read_bytes()),
-        ["part-all-00002.arrow", "duplicate key", "claude-sonnet-4", "--lenient"],
-        "dedup",
+    "rerun_with_other_answers": (
+        lambda p: write_model(
+            p.parents[2],
+            "claude-sonnet-4",
+            [
+                dict(r, text=r["text"] + " Possible small pneumothorax.", created_at=None)
+                for r in pa.ipc.open_stream(str(p)).read_all().to_pylist()
+            ],
+            "part-all-00002.arrow",
+        ),
+        ["part-all-00002.arrow", "duplicate key", "different answer", "claude-sonnet-4", "--lenient"],
+        "keep_first",
     ),
 }
 
@@ -330,6 +338,19 @@ def test_bad_shards_name_the_file_or_are_counted_with_lenient(name, tmp_path, mi
     else:
         assert summary.load["duplicates_skipped"] == N_SAMPLES
         assert summary.counts["trajectories"] == 7 * N_SAMPLES
+        sft = [row["completion"] for row in load(tmp_path, "sft") if row["model"] == "claude-sonnet-4"]
+        assert sft and all("pneumothorax" not in text for text in sft)  # the first file's answers
+
+
+def test_a_merged_copy_of_a_shard_is_dropped_and_counted(tmp_path, mini_mimic, selection):
+    full_run(tmp_path / "run", selection)
+    shard = tmp_path / "run" / "trajectories" / "claude-sonnet-4" / "part-all-00001.arrow"
+    shard.with_name("part-all-00001 (copy).arrow").write_bytes(shard.read_bytes())
+    summary = build(tmp_path, mini_mimic, export_trl=False)
+    assert (
+        summary.load["identical_duplicates_skipped"] == N_SAMPLES and summary.load["duplicates_skipped"] == 0
+    )
+    assert summary.counts["trajectories"] == 7 * N_SAMPLES
 
 
 def test_run_without_trajectories_is_an_input_error(tmp_path, mini_mimic):

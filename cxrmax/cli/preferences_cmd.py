@@ -156,6 +156,7 @@ def _build_preferences(
             "samples with fewer than --min-sources sources": summary.skipped_few_sources,
             "empty texts": summary.load["empty_texts"],
             "duplicate keys (lenient)": summary.load["duplicates_skipped"],
+            "identical duplicate rows (a merged copy) dropped": summary.load["identical_duplicates_skipped"],
             "samples with mismatched ids (lenient)": summary.load["conflicting_samples_skipped"],
             "MS-CXR-T train rows removed": summary.ms_cxr_t_excluded_rows,
             "rows whose study has no labels under --mimic-root": summary.studies_not_in_mimic,
