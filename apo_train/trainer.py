@@ -377,7 +377,11 @@ def _prepare_model(cfg: SFTStageConfig | APOConfig) -> tuple[Any, Any]:
         from cxrmax.errors import InputError
 
         raise InputError("model_name_or_path is required")
+    from transformers import set_seed
+
     processor = load_processor(processor_source(cfg.model_name_or_path))
+    # Seeded here, not only in Trainer.__init__: the fresh LoRA weights are drawn before the trainer exists.
+    set_seed(cfg.seed)
     model = load_model(cfg.model_name_or_path, cfg.torch_dtype, cfg.attn_implementation)
     if cfg.use_lora:
         model = attach_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets())

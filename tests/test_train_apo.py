@@ -410,6 +410,23 @@ def test_lora_attach_targets_all_linear(tiny_lm_path):
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def test_same_seed_same_fresh_adapter_within_one_process(tiny_lm_path, pref_path, tmp_path):
+    """Two runs in one process with the same seed start from the same LoRA weights."""
+    from apo_train.trainer import _prepare_model
+
+    def lora_weights(seed):
+        model, _ = _prepare_model(apo_config(tmp_path, tiny_lm_path, pref_path, seed=seed))
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    torch.manual_seed(123)  # whatever the global state was
+    first = lora_weights(0)
+    torch.rand(10)
+    second, other = lora_weights(0), lora_weights(1)
+    assert first.keys() == second.keys() and first
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """Tiny models gain nothing from intra-op threads; on a shared 2-core box they only contend."""
