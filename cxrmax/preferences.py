@@ -327,9 +327,15 @@ def normalise_table(table: pa.Table, path: str, file_index: int, report: LoadRep
     # A reasoning parser (vLLM/SGLang reasoning_content) returns the reasoning apart from the answer;
     # the trajectory is both, reasoning first. generate repeats the reasoning in `text` when there is
     # no answer (cut while thinking): that row is taken once.
-    text_column = _resolve(table, "text", path)
-    if text_column != "reasoning" and "reasoning" in table.column_names:
-        columns["text"], joined = _join_reasoning(table.column("reasoning"), columns["text"], path)
+    # Data sets with `reasoning` and `answer` columns (no `text`) are joined the same way.
+    answer_column = next(
+        (a for a in COLUMN_ALIASES["text"] if a != "reasoning" and a in table.column_names), None
+    )
+    if answer_column is not None and "reasoning" in table.column_names:
+        used.add(answer_column)
+        columns["text"], joined = _join_reasoning(
+            table.column("reasoning"), table.column(answer_column), path
+        )
         report.reasoning_joined += joined
         used.add("reasoning")
     if "finish_reason" in table.column_names:

@@ -549,3 +549,26 @@ def test_machines_given_as_separate_inputs_and_overlapping_inputs(tmp_path, mini
         BuildOptions(processes=1, card=False, export_trl=False, mimic_root=mini_mimic),
     )
     assert summary.counts["trajectories"] == 7 * N_SAMPLES and len(summary.load["files"]) == 14
+
+
+def test_cxr_max_style_reasoning_and_answer_columns_are_one_trajectory(tmp_path):
+    import json
+
+    from cxrmax.preferences import load_trajectories
+
+    rows = [
+        {"id": "s1", "model": "a", "reasoning": "The heart is enlarged.", "answer": "Cardiomegaly."},
+        {"id": "s1", "model": "b", "reasoning": None, "answer": "Normal study."},
+        {"id": "s1", "model": "c", "reasoning": "Left effusion.", "answer": None},
+        {"id": "s1", "model": "d", "reasoning": "Left effusion.", "answer": "Left effusion."},
+    ]
+    path = tmp_path / "cxr-max.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table, report = load_trajectories([path])
+    assert table.column("text").to_pylist() == [
+        "The heart is enlarged.\n\nCardiomegaly.",
+        "Normal study.",
+        "Left effusion.",
+        "Left effusion.",
+    ]
+    assert report.reasoning_joined == 1 and report.ignored_columns == {}
