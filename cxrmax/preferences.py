@@ -866,7 +866,8 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     else:
         rel = label_trajectories(chosen_texts, label_text)
         rel_states, rel_sides = rel.states, rel.sides
-    flagged = C.disagrees(rel_states, rel_sides, cons)
+    # Where every source refused there is no consensus to state (and no preference row): not flagged.
+    flagged = C.disagrees(rel_states, rel_sides, cons) & (cons.voters > 0)
     counts["consensus_flagged"] += int(flagged.sum())
 
     first = offsets[:-1]

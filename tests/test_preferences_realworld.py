@@ -263,6 +263,7 @@ def test_all_refuse_and_all_agree_samples(tmp_path, mini_mimic, selection):
     # every source refused sample 0: no preference row; every source agrees on sample 1: no negative
     assert summary.counts["samples_without_consensus"] == 1
     assert summary.counts["samples_without_negatives"] == 1
+    assert summary.counts["consensus_flagged"] == 0  # no consensus to disagree with where all refused
     ids = {row["sample_id"] for row in load(tmp_path, "preferences")}
     assert selection[0]["sample_id"] not in ids and selection[1]["sample_id"] not in ids
     assert len(ids) == N_SAMPLES - 2
