@@ -320,7 +320,10 @@ def write_figures(stats: DriftStatistics, directory: str | Path) -> dict[str, Pa
     ax.set_xlabel("relative reasoning step bin j")
     ax.set_ylabel("mean over samples")
     ax.set_title("Step-wise drift")
-    ax.legend(fontsize=8)
+    if stats.mean_dispersion_profile or stats.mean_drift_profile:  # no samples: an empty, legend-less plot
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
     paths["drift_profile"] = _save_fig(fig, directory / "drift_profile.png")
     plt.close(fig)

@@ -573,3 +573,15 @@ def test_cxr_max_style_reasoning_and_answer_columns_are_one_trajectory(tmp_path)
         "Left effusion.",
     ]
     assert report.reasoning_joined == 1 and report.ignored_columns == {}
+
+
+def test_a_run_where_every_sample_is_skipped_still_gives_a_clean_card(tmp_path, mini_mimic, selection):
+    import warnings
+
+    write_model(tmp_path / "run", "grok-4", [generate_row(s, "grok-4", ANSWERS["grok-4"]) for s in selection])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. matplotlib's "no artists with labels"
+        summary = build(tmp_path, mini_mimic, card=True, export_trl=False)
+    assert summary.skipped_few_sources == N_SAMPLES and summary.counts.get("preference_rows", 0) == 0
+    assert (tmp_path / "data" / "figures" / "drift_profile.png").read_bytes()[:4] == b"\x89PNG"
+    assert load(tmp_path, "preferences") == [] and load(tmp_path, "sft") == []
