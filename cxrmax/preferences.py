@@ -241,6 +241,14 @@ def _cast(column: pa.Array | pa.ChunkedArray, to: pa.DataType, path: str, field:
     raise InputError(f"{where(path, field=field)}: cannot read as {to} ({reason})") from None
 
 
+def _blank_to_null(column: pa.Array | pa.ChunkedArray):
+    """A blank label cell ("" or spaces, as CSV-derived files write it) means "not mentioned": null."""
+    if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+        return column
+    trimmed = pc.utf8_trim_whitespace(column)
+    return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, column.type), trimmed)
+
+
 def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
     """Ground-truth labels as LABELS_TYPE: a `labels` struct, or one column per observation."""
     if "labels" in table.column_names:
@@ -254,7 +262,7 @@ def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
             combined = column.combine_chunks()
             for name in OBSERVATIONS:
                 arrays.append(
-                    _cast(combined.field(name), pa.float32(), path, f"labels.{name}")
+                    _cast(_blank_to_null(combined.field(name)), pa.float32(), path, f"labels.{name}")
                     if name in names
                     else pa.nulls(len(combined), pa.float32())
                 )
@@ -267,7 +275,7 @@ def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
     flat = [name for name in OBSERVATIONS if name in table.column_names]
     if flat:
         arrays = [
-            _cast(table.column(name), pa.float32(), path, name).combine_chunks()
+            _cast(_blank_to_null(table.column(name)), pa.float32(), path, name).combine_chunks()
             if name in flat
             else pa.nulls(table.num_rows, pa.float32())
             for name in OBSERVATIONS

@@ -552,6 +552,39 @@ def test_machines_given_as_separate_inputs_and_overlapping_inputs(tmp_path, mini
     assert summary.counts["trajectories"] == 7 * N_SAMPLES and len(summary.load["files"]) == 14
 
 
+def test_label_cells_as_strings_with_blanks_read_as_labels(tmp_path):
+    import json
+
+    from cxrmax.preferences import load_trajectories
+
+    rows = [
+        {
+            "sample_id": "s1",
+            "model": "a",
+            "text": "Edema.",
+            "Edema": "1.0",
+            "Cardiomegaly": "",
+            "Atelectasis": " -1 ",
+        },
+        {
+            "sample_id": "s1",
+            "model": "b",
+            "text": "Edema.",
+            "Edema": "1",
+            "Cardiomegaly": "0.0",
+            "Atelectasis": "",
+        },
+    ]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    table, _ = load_trajectories([path])
+    labels = table.column("labels").to_pylist()
+    assert [(r["Edema"], r["Cardiomegaly"], r["Atelectasis"]) for r in labels] == [
+        (1.0, None, -1.0),
+        (1.0, 0.0, None),
+    ]
+
+
 def test_cxr_max_style_reasoning_and_answer_columns_are_one_trajectory(tmp_path):
     import json
 
