@@ -249,6 +249,12 @@ def _blank_to_null(column: pa.Array | pa.ChunkedArray):
     return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, column.type), trimmed)
 
 
+def _nan_to_null(values: pa.Array) -> pa.Array:
+    """NaN is how pandas/NumPy exports write a blank label: null."""
+    nan = pc.fill_null(pc.is_nan(values), False)
+    return pc.if_else(nan, pa.scalar(None, values.type), values) if pc.any(nan).as_py() else values
+
+
 def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
     """Ground-truth labels as LABELS_TYPE: a `labels` struct, or one column per observation."""
     if "labels" in table.column_names:
@@ -262,10 +268,13 @@ def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
             combined = column.combine_chunks()
             for name in OBSERVATIONS:
                 arrays.append(
-                    _cast(_blank_to_null(combined.field(name)), pa.float32(), path, f"labels.{name}")
+                    _nan_to_null(
+                        _cast(_blank_to_null(combined.field(name)), pa.float32(), path, f"labels.{name}")
+                    )
                     if name in names
                     else pa.nulls(len(combined), pa.float32())
                 )
+            _check_label_values(arrays, path, "labels.")
             return pa.StructArray.from_arrays(
                 arrays, fields=list(shards.LABELS_TYPE), mask=combined.is_null()
             )
@@ -275,13 +284,27 @@ def _labels_column(table: pa.Table, path: str) -> pa.Array | None:
     flat = [name for name in OBSERVATIONS if name in table.column_names]
     if flat:
         arrays = [
-            _cast(_blank_to_null(table.column(name)), pa.float32(), path, name).combine_chunks()
+            _nan_to_null(_cast(_blank_to_null(table.column(name)), pa.float32(), path, name).combine_chunks())
             if name in flat
             else pa.nulls(table.num_rows, pa.float32())
             for name in OBSERVATIONS
         ]
+        _check_label_values(arrays, path, "")
         return pa.StructArray.from_arrays(arrays, fields=list(shards.LABELS_TYPE))
     return None
+
+
+def _check_label_values(arrays: Sequence[pa.Array], path: str, prefix: str) -> None:
+    """Labels are 1 (positive), 0 (negative), -1 (uncertain) or null: anything else (2, 0.5, NaN
+    from a float export) is an InputError naming the first such row."""
+    allowed = pa.array([1.0, 0.0, -1.0], pa.float32())
+    for name, values in zip(OBSERVATIONS, arrays, strict=True):
+        bad = pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, value_set=allowed)))
+        if pc.any(bad).as_py():
+            row = pc.index(bad, True).as_py()
+            raise InputError(
+                f"{where(path, row + 1, prefix + name)}: label {values[row].as_py()!r} is not 1, 0, -1 or empty"
+            )
 
 
 #: finish_reason values meaning "cut at the token limit" (OpenAI/vLLM, TGI, Anthropic spellings).

@@ -375,6 +375,13 @@ JSONL_ERRORS = {
         ],
         ["row 2", "labels.Edema", "'positive'"],
     ),
+    "label_out_of_range": (
+        [
+            {"sample_id": "s1", "model": "a", "text": "Edema.", "Edema": 1},
+            {"sample_id": "s1", "model": "b", "text": "Edema.", "Edema": 2},
+        ],
+        ["row 2", "'Edema'", "2.0", "not 1, 0, -1"],
+    ),
     "blank_model": (
         [
             {"sample_id": "s1", "model": "   ", "text": "Edema."},
@@ -572,7 +579,7 @@ def test_label_cells_as_strings_with_blanks_read_as_labels(tmp_path):
             "text": "Edema.",
             "Edema": "1",
             "Cardiomegaly": "0.0",
-            "Atelectasis": "",
+            "Atelectasis": "NaN",
         },
     ]
     path = tmp_path / "labels.jsonl"
