@@ -470,8 +470,13 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
         if pc.any(blank).as_py():
             raise InputError(f"{location(pc.index(blank, True).as_py(), name)}: empty {name}")
     text = table.column("text")
-    # No letter or digit at all: blank, zero-width or control characters, lone markdown ("**", "---").
-    empty = pc.invert(pc.match_substring_regex(pc.fill_null(text, ""), r"[\p{L}\p{N}]"))
+    # No letter or digit at all: blank, zero-width or control characters, lone markdown ("**", "---");
+    # or a missing value spelled out by a converter (pandas "nan", Python "None", JSON "null").
+    filled = pc.fill_null(text, "")
+    empty = pc.or_(
+        pc.invert(pc.match_substring_regex(filled, r"[\p{L}\p{N}]")),
+        pc.match_substring_regex(filled, r"^\s*(?i:nan|none|null|n/?a)\s*$"),
+    )
     report.empty_texts = int(pc.sum(empty).as_py() or 0)
     if report.empty_texts:
         table = table.filter(pc.invert(empty))

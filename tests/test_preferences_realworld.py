@@ -142,8 +142,18 @@ def case_one_model_failed(run: Path, samples: list[dict]) -> None:
 
 
 def case_blank_answers(run: Path, samples: list[dict]) -> None:
-    blanks = ["", "   \n\t ", "\u200b\u200b", "**", "\n---\n", None]
-    full_run(run, samples, lambda i, m: blanks[i] if m == "grok-4" else ANSWERS[m])
+    blanks = ["", "   \n\t ", "\u200b\u200b", "**", "\n---\n", " NaN "]  # and None, "null" below
+    full_run(
+        run,
+        samples,
+        lambda i, m: blanks[i] if m == "grok-4" else None if i == 0 and m == "glm-4.5v" else ANSWERS[m],
+    )
+    write_model(
+        run,
+        "gemini-2.5-flash-lite",
+        [generate_row(samples[0], "gemini-2.5-flash-lite", "null")],
+        "part-2.arrow",
+    )
 
 
 def case_reasoning_parser(run: Path, samples: list[dict]) -> None:
@@ -192,7 +202,11 @@ def case_unicode_markdown_long(run: Path, samples: list[dict]) -> None:
 BUILD_CASES = {
     # name: (setup, expected load counts, expected build counts)
     "one_model_failed": (case_one_model_failed, {}, {"samples": 5, "trajectories": 24}),
-    "blank_answers": (case_blank_answers, {"empty_texts": N_SAMPLES}, {"trajectories": 6 * N_SAMPLES}),
+    "blank_answers": (
+        case_blank_answers,
+        {"empty_texts": N_SAMPLES + 2},
+        {"trajectories": 6 * N_SAMPLES - 1},
+    ),
     "reasoning_parser": (
         case_reasoning_parser,
         {"truncated_texts": 7 * (N_SAMPLES // 2), "reasoning_joined": 7 * (N_SAMPLES // 2)},
