@@ -326,7 +326,8 @@ class ModelConsensus:
     prompt hash, sampling): a rerun sends only the requests without a committed or journalled
     answer. Every answer is re-labelled and flagged when it disagrees with the vote consensus it
     was meant to state. A request that still fails after `retries` keeps the vote-composed
-    positive (chosen_source stays "consensus-vote") and is counted in `failures`. As for generate,
+    positive (chosen_source stays "consensus-vote") and is counted in `failures`; so does an answer
+    cut at max_tokens (counted in `truncated` too, and not stored). As for generate,
     base URLs outside loopback/private networks are refused unless `allow_external_endpoint`."""
 
     def __init__(
@@ -386,6 +387,7 @@ class ModelConsensus:
         self.answers = self._committed_answers()
         self.requests = 0
         self.failures = 0
+        self.truncated = 0  # answers cut at max_tokens: not stored, the vote positive kept
         self.last_flagged = 0
 
     def _committed_answers(self) -> dict[str, str]:
@@ -441,6 +443,12 @@ class ModelConsensus:
                 self.requests += attempts
                 if isinstance(result, BackendError) or not (result.text or "").strip():
                     self.failures += 1
+                    return
+                if (result.finish_reason or "").strip().lower() in ("length", "max_tokens"):
+                    # A positive cut mid-sentence is no positive: keep the vote's, and do not store
+                    # it, so a rerun with a larger --max-tokens asks again.
+                    self.failures += 1
+                    self.truncated += 1
                     return
                 self.store.append(
                     {

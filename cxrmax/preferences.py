@@ -1537,6 +1537,7 @@ def build_preferences(
             if model_synth is not None:
                 totals["consensus_model_requests"] += model_synth.requests
                 totals["consensus_model_failures"] += model_synth.failures
+                totals["consensus_model_truncated"] += model_synth.truncated
                 model_synth.close()
         phase("annotate")
         pref_writers.close()

@@ -639,3 +639,39 @@ def test_a_run_where_every_sample_is_skipped_still_gives_a_clean_card(tmp_path, 
     assert summary.skipped_few_sources == N_SAMPLES and summary.counts.get("preference_rows", 0) == 0
     assert (tmp_path / "data" / "figures" / "drift_profile.png").read_bytes()[:4] == b"\x89PNG"
     assert load(tmp_path, "preferences") == [] and load(tmp_path, "sft") == []
+
+
+def test_model_consensus_answers_cut_at_max_tokens_keep_the_vote_positive(tmp_path, mini_mimic, selection):
+    """The student server cuts its answers (finish_reason length): no half positive is used or
+    stored; once it answers whole, a rerun asks again and uses the answers."""
+    from cxrmax.testing.openai_server import serve_in_thread
+
+    full_run(tmp_path / "run", selection[:2])
+    whole = "There is cardiomegaly. There is a left pleural effusion. No pneumothorax."
+
+    def build_with(server):
+        backend = {"backend": "openai", "model": "student", "base_urls": [server.base_url]}
+        options = BuildOptions(
+            processes=1,
+            consensus="model",
+            card=False,
+            export_trl=False,
+            export_swift=False,
+            model_backend=backend,
+        )
+        return build_preferences([tmp_path / "run"], tmp_path / "data", options)
+
+    with serve_in_thread(served_model_name="student", stub_text=whole) as server:
+        server.set_faults(truncate=True)
+        summary = build_with(server)
+        assert (
+            summary.counts["consensus_model_truncated"] == 2
+            and summary.counts["consensus_model_failures"] == 2
+        )
+        assert {row["chosen_source"] for row in load(tmp_path, "preferences")} == {"consensus-vote"}
+        server.set_faults(truncate=False)
+        summary = build_with(server)
+        assert summary.counts["consensus_model_truncated"] == 0
+        rows = load(tmp_path, "preferences")
+        assert {row["chosen_source"] for row in rows} == {"consensus-model"}
+        assert all(row["chosen"] == whole for row in rows)

@@ -77,6 +77,12 @@ def _build_preferences(
         "--consensus-prompt",
         help="--consensus model: prompt template (default pipelines/prompts/consensus.txt).",
     ),
+    consensus_max_tokens: int = typer.Option(
+        1024,
+        "--consensus-max-tokens",
+        min=1,
+        help="--consensus model: answer token limit (an answer cut there keeps the vote's positive).",
+    ),
     allow_external_endpoint: bool = typer.Option(
         False,
         "--allow-external-endpoint",
@@ -111,6 +117,7 @@ def _build_preferences(
                 "prompt_path": consensus_prompt,
                 "image_root": mimic_root,
                 "allow_external_endpoint": allow_external_endpoint,
+                "max_tokens": consensus_max_tokens,
             }
         options = BuildOptions(
             min_sources=min_sources,
@@ -173,6 +180,12 @@ def _build_preferences(
             ],
             "rows with separate reasoning put before the answer": summary.load["reasoning_joined"],
             "negatives identical to the positive (dropped)": counts.get("negatives_identical_to_chosen", 0),
+            "--consensus model answers that failed (vote positive kept)": counts.get(
+                "consensus_model_failures", 0
+            ),
+            "  of which cut at max_tokens (not stored; raise --consensus-max-tokens)": counts.get(
+                "consensus_model_truncated", 0
+            ),
         }
         for label, value in skipped.items():
             if value:
