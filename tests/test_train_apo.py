@@ -255,16 +255,42 @@ def test_precomputed_reference_equals_on_the_fly(tiny_lm_path, lm_encoder, pref_
 
 
 # ------------------------------------------------------------------------------------------- training
-def test_apo_training_on_separable_set_loss_falls_accuracy_rises(tiny_lm_path, pref_path, tmp_path):
-    cfg = apo_config(tmp_path, tiny_lm_path, pref_path, max_steps=8, learning_rate=2e-2, lora_r=8)
+def test_apo_training_on_separable_set_loss_falls_accuracy_rises(tiny_lm_path, tmp_path):
+    import datasets
+
+    # Judged on a fixed held-out set before and after training: single-step training losses are too
+    # noisy (two samples a batch, 2 or 3 negatives each) to compare first against last.
+    path = tmp_path / "prefs"
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset(pa.Table.from_pylist(preference_rows(16), schema=PREFERENCE_SCHEMA)),
+            "validate": datasets.Dataset(
+                pa.Table.from_pylist(preference_rows(8, seed=1), schema=PREFERENCE_SCHEMA)
+            ),
+        }
+    ).save_to_disk(str(path))
+    cfg = apo_config(
+        tmp_path,
+        tiny_lm_path,
+        path,
+        max_steps=8,
+        learning_rate=2e-2,
+        lora_r=8,
+        eval_split="validate",
+        eval_strategy="steps",
+        eval_steps=8,
+        eval_on_start=True,
+        per_device_eval_batch_size=4,
+    )
     result = run_apo(cfg)
     logs = [h for h in result["log_history"] if "rewards/accuracies" in h]
     assert len(logs) == 8
     first, last = logs[0], logs[-1]
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)  # policy == reference at step 0
-    assert last["loss"] < first["loss"] - 0.2
-    assert last["rewards/accuracies"] > first["rewards/accuracies"]
     assert last["rewards/margins_max"] > 0
+    before, after = (h for h in result["log_history"] if "eval_loss" in h)
+    assert after["eval_loss"] < before["eval_loss"] - 0.2  # measured drops 0.29-0.51 over seeds 0-3
+    assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"]
     out = Path(cfg.output_dir)
     assert (out / "adapter_model.safetensors").exists() and (out / "apo_data_stats.json").exists()
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
