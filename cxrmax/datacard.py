@@ -428,6 +428,8 @@ def render_card(out: str | Path, stats: DriftStatistics | None = None, template:
         "sft_rows": counts.get("sft_rows", 0),
         "skipped_few_sources": report.get("skipped_few_sources", 0),
         "empty_texts": load.get("empty_texts", 0),
+        "truncated_texts": load.get("truncated_texts", 0),
+        "reasoning_joined": load.get("reasoning_joined", 0),
         "duplicates_skipped": load.get("duplicates_skipped", 0) + load.get("identical_duplicates_skipped", 0),
         "ms_cxr_t_excluded_rows": report.get("ms_cxr_t_excluded_rows", 0),
         "samples_without_negatives": counts.get("samples_without_negatives", 0),

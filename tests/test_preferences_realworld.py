@@ -264,6 +264,13 @@ def test_reasoning_is_the_trajectory_and_truncated_answers_are_negatives_only(
     sonnet = [row for row in rows if row["model"] == "claude-sonnet-4"]
     # the labeler read the reasoning (not only "Final answer: see above.")
     assert all(row["labels"]["Cardiomegaly"] == 1.0 for row in sonnet)
+    # the data card says how many answers were cut and how many had their reasoning joined
+    from cxrmax.datacard import render_card
+
+    card = render_card(tmp_path / "data")
+    n_cut = 7 * (N_SAMPLES // 2)
+    assert 'answers cut at the token limit (finish_reason "length"; kept as negatives' in card
+    assert f"positive): {n_cut}; answers whose separate reasoning was put before them: {n_cut}" in card
 
 
 def test_all_refuse_and_all_agree_samples(tmp_path, mini_mimic, selection):
