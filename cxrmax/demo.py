@@ -69,7 +69,7 @@ SIZES: dict[str, DemoSize] = {
     "default": DemoSize(
         studies=240, teacher_steps=300, train_images=64, test_samples=2, sft_steps=80, apo_steps=16
     ),
-    # More data and steps: clearer separation between teachers and students (about 15 minutes).
+    # More data and steps: clearer separation between teachers and students (about 10 minutes on 2 cores).
     "large": DemoSize(
         studies=400, teacher_steps=360, train_images=120, test_samples=3, sft_steps=200, apo_steps=60
     ),

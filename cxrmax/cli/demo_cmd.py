@@ -15,7 +15,7 @@ def demo(
         "default",
         "--size",
         help="default (about 5 minutes on 2 CPU cores), small (the tests, about 3 minutes) or large "
-        "(about 15 minutes; clearer separation between teachers and students).",
+        "(about 10 minutes; clearer separation between teachers and students).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
     teacher_backend: str = typer.Option(
