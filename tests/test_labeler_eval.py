@@ -43,29 +43,35 @@ CODES = {
 STATUS = {"pos": "positive", "neg": "negative", "unc": "uncertain", "abs": "absent"}
 
 
+def expected_labels(coded: dict[str, str]) -> dict[str, tuple[str, str | None]]:
+    """{"PE": "pos/left", "PX": "neg"} -> observation -> (status, laterality), every observation filled
+    ("No Finding" follows the CheXpert rule when not given)."""
+    expected: dict[str, tuple[str, str | None]] = {}
+    for code, value in coded.items():
+        name = CODES[code]
+        status, _, side = value.partition("/")
+        status = STATUS[status]
+        if name in LATERALIZABLE and status != "absent":
+            expected[name] = (status, side or "unspecified")
+        else:
+            expected[name] = (status, None)
+    if "No Finding" not in expected:
+        abnormal = any(
+            s in ("positive", "uncertain") for n, (s, _) in expected.items() if n != "Support Devices"
+        )
+        expected["No Finding"] = ("absent", None) if abnormal else ("positive", None)
+    for name in OBSERVATIONS:
+        expected.setdefault(name, ("absent", None))
+    return expected
+
+
 def load_cases() -> list[dict]:
     cases = []
     for line in EVAL_PATH.read_text().splitlines():
         if not line.strip():
             continue
         case = json.loads(line)
-        expected: dict[str, tuple[str, str | None]] = {}
-        for code, value in case["y"].items():
-            name = CODES[code]
-            status, _, side = value.partition("/")
-            status = STATUS[status]
-            if name in LATERALIZABLE and status != "absent":
-                expected[name] = (status, side or "unspecified")
-            else:
-                expected[name] = (status, None)
-        if "No Finding" not in expected:
-            abnormal = any(
-                s in ("positive", "uncertain") for n, (s, _) in expected.items() if n != "Support Devices"
-            )
-            expected["No Finding"] = ("absent", None) if abnormal else ("positive", None)
-        for name in OBSERVATIONS:
-            expected.setdefault(name, ("absent", None))
-        case["expected"] = expected
+        case["expected"] = expected_labels(case["y"])
         cases.append(case)
     return cases
 

@@ -20,27 +20,11 @@ the labeler's (ARCHITECTURE.md): "lungs are clear" negates the opacity family (L
 from __future__ import annotations
 
 import pytest
+from test_labeler_eval import expected_labels
 
 from cxrmax.labeler import label_text, label_texts
-from cxrmax.pathologies import LATERALIZABLE, OBSERVATIONS
+from cxrmax.pathologies import OBSERVATIONS
 
-CODES = {
-    "AT": "Atelectasis",
-    "CM": "Cardiomegaly",
-    "CO": "Consolidation",
-    "ED": "Edema",
-    "EC": "Enlarged Cardiomediastinum",
-    "FR": "Fracture",
-    "LL": "Lung Lesion",
-    "LO": "Lung Opacity",
-    "NF": "No Finding",
-    "PE": "Pleural Effusion",
-    "PO": "Pleural Other",
-    "PN": "Pneumonia",
-    "PX": "Pneumothorax",
-    "SD": "Support Devices",
-}
-STATUS = {"pos": "positive", "neg": "negative", "unc": "uncertain", "abs": "absent"}
 CLEAR = "LO=neg CO=neg PN=neg AT=neg ED=neg"  # "the lungs are clear"
 
 NORMAL_MIMIC_REPORT = """                                 FINAL REPORT
@@ -2209,24 +2193,9 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
 ]
 
 
-def expected_labels(spec: str) -> dict[str, tuple[str, str | None]]:
+def expected_labels_of(spec: str) -> dict[str, tuple[str, str | None]]:
     """Parse "PE=pos/left PX=neg" into observation -> (status, laterality), every observation filled."""
-    expected: dict[str, tuple[str, str | None]] = {}
-    for item in spec.split():
-        code, _, value = item.partition("=")
-        name = CODES[code]
-        status, _, side = value.partition("/")
-        status = STATUS[status]
-        lateral = name in LATERALIZABLE and status != "absent"
-        expected[name] = (status, (side or "unspecified") if lateral else None)
-    if "No Finding" not in expected:
-        abnormal = any(
-            s in ("positive", "uncertain") for n, (s, _) in expected.items() if n != "Support Devices"
-        )
-        expected["No Finding"] = ("absent", None) if abnormal else ("positive", None)
-    for name in OBSERVATIONS:
-        expected.setdefault(name, ("absent", None))
-    return expected
+    return expected_labels(dict(item.partition("=")[::2] for item in spec.split()))
 
 
 def test_the_table_is_big_and_ids_are_unique():
@@ -2240,7 +2209,7 @@ def test_the_table_is_big_and_ids_are_unique():
 def test_realistic_text(text, spec, refusal, hedging):
     result = label_text(text)
     got = {name: (label.status, label.laterality) for name, label in result.observations.items()}
-    want = expected_labels(spec)
+    want = expected_labels_of(spec)
     wrong = {name: (got[name], want[name]) for name in OBSERVATIONS if got[name] != want[name]}
     assert not wrong, "observation: (got, expected)\n" + "\n".join(f"{k}: {v}" for k, v in wrong.items())
     assert result.is_refusal == refusal, [span.text for span in result.refusal]
@@ -2253,7 +2222,7 @@ def test_batch_labels_agree_with_label_text_on_the_table():
     texts = [case[1] for case in CASES]
     rows = label_texts(texts, processes=1).to_pylist()
     for case, row in zip(CASES, rows, strict=True):
-        want = expected_labels(case[2])
+        want = expected_labels_of(case[2])
         for name in OBSERVATIONS:
             assert (
                 row[name] == {"positive": 1, "negative": 0, "uncertain": -1, "absent": None}[want[name][0]]
