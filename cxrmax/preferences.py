@@ -1632,16 +1632,6 @@ def _image_ref(path: str | None, image_root: Path | None) -> str | None:
     return path
 
 
-def _user_message(prompt: str | None) -> list[dict]:
-    return [
-        {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": prompt or ""}]}
-    ]
-
-
-def _assistant_message(text: str | None) -> list[dict]:
-    return [{"role": "assistant", "content": [{"type": "text", "text": text or ""}]}]
-
-
 def _iter_preference_rows(preferences_dir: Path, split: str) -> Iterator[dict]:
     import datasets
 

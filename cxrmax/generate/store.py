@@ -110,10 +110,6 @@ def shard_tag(shard: tuple[int, int] | None) -> str:
     return "all" if shard is None else f"{shard[0]}of{shard[1]}"
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -331,9 +327,6 @@ class TrajectoryStore:
 
     def is_done(self, digest: bytes) -> bool:
         return digest in self.done
-
-    def was_failed(self, key: str) -> bool:
-        return key in self._failed_all
 
     # ----------------------------------------------------------------- writing
     def _new_journal(self) -> None:

@@ -155,12 +155,6 @@ def _is_context(heading: str) -> bool:
     return True
 
 
-def is_context_heading(heading: str | None) -> bool:
-    """True for the heading of a request section (INDICATION, HISTORY, COMPARISON, TECHNIQUE,
-    "Clinical history"): what it says ("// eval for pneumonia") is not a finding of this image."""
-    return heading is not None and _is_context(heading)
-
-
 def split_steps(text: str) -> list[Segment]:
     """Split `text` into steps (see module docstring). Never raises on any str."""
     if "\r" in text:  # Windows line ends: same offsets, one kind of newline
