@@ -37,6 +37,7 @@ from cxrmax import consensus as C
 from cxrmax import drift as D
 from cxrmax import shards
 from cxrmax.errors import CxrmaxError, InputError, where
+from cxrmax.labeler.batch import pool_worker_signals
 from cxrmax.pathologies import OBSERVATIONS
 
 SPLITS = ("train", "validate", "test")
@@ -1509,7 +1510,8 @@ def build_preferences(
         if processes > 1 and len(starts) > chunk_samples:
             # fork (like the labeler's batch mode): no re-import per worker, no __main__ guard needed.
             methods = multiprocessing.get_all_start_methods()
-            pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(processes)
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            pool = context.Pool(processes, initializer=pool_worker_signals)
             results: Iterable[ChunkResult] = _bounded_imap(pool, _worker, chunks, 2 * processes)
         else:
             results = map(_worker, chunks)

@@ -436,3 +436,21 @@ def test_labels_from_a_larger_mini_mimic_with_another_seed(tmp_path):
     positives = sum(1 for row in rows for name in OBSERVATIONS if row[name] == 1)
     uncertain = sum(1 for row in rows for name in OBSERVATIONS if row[name] == -1)
     assert positives > 50 and uncertain > 20  # the sweep exercised real findings, not only normals
+
+
+def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
+    """A parent that turns SIGTERM into KeyboardInterrupt (the generate CLI does) must not leave a
+    forked worker alive after Pool.terminate(): it once hung the test suite."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        texts = ["Small left pleural effusion."] * 3000
+        for _ in range(3):
+            table = label_texts(texts, processes=2)
+            assert table.num_rows == 3000
+    finally:
+        signal.signal(signal.SIGTERM, previous)

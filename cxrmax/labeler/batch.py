@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
@@ -45,6 +46,14 @@ def _label_chunk(texts: Sequence[object]) -> list[tuple]:
                 ([None] * n, [None] * n, False, False, 0, f"labeler error: {type(exc).__name__}: {exc}")
             )
     return out
+
+
+def pool_worker_signals() -> None:
+    """Pool worker initializer: a forked worker inherits the parent's signal handlers (the generate CLI
+    turns SIGTERM into KeyboardInterrupt); with them, Pool.terminate() could leave a worker blocked on
+    the task queue forever. Workers die on SIGTERM and leave Ctrl-C to the parent."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _label_part(texts: object) -> pa.Table:
@@ -124,7 +133,7 @@ def iter_label_tables(chunks: Iterable[Iterable[object]], processes: int | None 
             if pool is None:
                 methods = multiprocessing.get_all_start_methods()
                 context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-                pool = context.Pool(workers)
+                pool = context.Pool(workers, initializer=pool_worker_signals)
             if arrow:
                 # Compact each slice: a pickled slice would otherwise carry its parent's buffers.
                 whole = chunk.combine_chunks() if isinstance(chunk, pa.ChunkedArray) else chunk
