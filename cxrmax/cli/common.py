@@ -6,13 +6,13 @@ import contextlib
 from collections.abc import Iterator
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from cxrmax.errors import CxrmaxError
+from cxrmax.terminal import make_console
 
-console = Console()
-err_console = Console(stderr=True)
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 @contextlib.contextmanager

@@ -138,9 +138,9 @@ class RichProgress:
     """A rich live bar: done/total, requests/s, tokens/s, failures, ETA."""
 
     def __init__(self, console: Any = None):
-        from rich.console import Console
+        from cxrmax.terminal import make_console
 
-        self.console = console or Console(stderr=True)
+        self.console = console or make_console(stderr=True)
         self._progress: Any = None
         self._task: Any = None
 
