@@ -1,9 +1,9 @@
 """Training data for APO: read preferences/ and sft/, tokenize with the model's chat template, collate.
 
 Inputs are the datasets build-preferences saves (``datasets.DatasetDict.save_to_disk``) with
-``cxrmax.shards.PREFERENCE_SCHEMA`` (one positive + a list of negatives per row) or ``SFT_SCHEMA``
+``cxrmax.core.schemas.PREFERENCE_SCHEMA`` (one positive + a list of negatives per row) or ``SFT_SCHEMA``
 (one completion per row). Images are referenced by ``image_path`` relative to the MIMIC-CXR root and
-loaded through ``cxrmax.images.preprocess`` (the same downscaling generate uses), then handed to the
+loaded through ``cxrmax.mimic.images.preprocess`` (the same downscaling generate uses), then handed to the
 model's processor.
 
 Tokenization happens once, up front, with ``datasets.map`` (written to Arrow, memory flat in the
@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from cxrmax.errors import InputError, where
+from cxrmax.core.errors import InputError, where
 
 IGNORE_INDEX = -100
 
@@ -138,7 +138,7 @@ class ChatEncoder:
 
     ``processor`` is a VLM processor (with ``image_processor`` and ``tokenizer``) or a plain tokenizer
     (text-only model: images are ignored). ``image_root`` is the MIMIC-CXR root that ``image_path`` is
-    relative to; ``max_edge`` / ``max_pixels`` are handed to ``cxrmax.images.preprocess``.
+    relative to; ``max_edge`` / ``max_pixels`` are handed to ``cxrmax.mimic.images.preprocess``.
     """
 
     def __init__(
@@ -201,7 +201,7 @@ class ChatEncoder:
 
     def load_image(self, image_path: str, row: int | None = None) -> Any:
         """The preprocessed image (RGB PIL) for a path relative to ``image_root``."""
-        from cxrmax.images import preprocess
+        from cxrmax.mimic.images import preprocess
 
         if self.image_root is None:
             raise InputError("image_root (the MIMIC-CXR root) is needed to load images")

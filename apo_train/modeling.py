@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cxrmax.errors import InputError, where
+from cxrmax.core.errors import InputError, where
 
 
 def _dtype(name: str | None) -> Any:
@@ -38,7 +38,7 @@ def load_processor(path: str | Path) -> Any:
     """The processor (VLM) or tokenizer (text LM) for a model dir, adapter dir or hub id.
 
     Without torchvision AutoProcessor silently returns only the tokenizer for Qwen2-VL models; then
-    cxrmax.tinyvlm's video-less Qwen2-VL processor class loads the same files."""
+    cxrmax.toy.tinyvlm's video-less Qwen2-VL processor class loads the same files."""
     from transformers import AutoProcessor, AutoTokenizer
 
     config_source = _adapter_base(path) or str(path)
@@ -48,7 +48,7 @@ def load_processor(path: str | Path) -> Any:
         return AutoTokenizer.from_pretrained(source)
     processor = AutoProcessor.from_pretrained(source)
     if not hasattr(processor, "image_processor"):
-        from cxrmax.tinyvlm import processor_class
+        from cxrmax.toy.tinyvlm import processor_class
 
         processor = processor_class().from_pretrained(source)
     return processor

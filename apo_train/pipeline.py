@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrmax.errors import InputError, where
+from cxrmax.core.errors import InputError, where
 
 #: Top-level keys that are not config fields.
 PIPELINE_KEYS = {
@@ -158,9 +158,9 @@ def rebuild_preferences_with_model(spec: PipelineSpec, stage1_model: str, consol
     """Model-based consensus (the paper's in-context extraction) with the Stage-1 student, through
     build-preferences' Python API. Returns the new preferences dir."""
     try:
-        from cxrmax.preferences import BuildOptions, build_preferences
+        from cxrmax.preferences.build import BuildOptions, build_preferences
     except ImportError as exc:  # pragma: no cover - depends on the build-preferences area being installed
-        raise InputError(f"--consensus model needs cxrmax.preferences: {exc}") from exc
+        raise InputError(f"--consensus model needs cxrmax.preferences.build: {exc}") from exc
     if not spec.trajectories:
         raise InputError("--consensus model needs --trajectories (generate's OUT)")
     out = Path(spec.out) / "consensus"

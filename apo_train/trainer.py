@@ -374,7 +374,7 @@ def _report_stats(stats: TruncationStats, console: Any | None, label: str, outpu
 
 def _prepare_model(cfg: SFTStageConfig | APOConfig) -> tuple[Any, Any]:
     if not cfg.model_name_or_path:
-        from cxrmax.errors import InputError
+        from cxrmax.core.errors import InputError
 
         raise InputError("model_name_or_path is required")
     from transformers import set_seed

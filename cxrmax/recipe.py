@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrmax.errors import CxrmaxError, InputError, where
+from cxrmax.core.errors import CxrmaxError, InputError, where
 
 try:  # Python 3.11+
     import tomllib
@@ -200,16 +200,6 @@ def load_recipe(path: str | Path, out: str | Path | None = None) -> Recipe:
         stages=stages,
         serve=dict(data.get("serve") or {}),
     )
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """Parse ``i/N`` (0 <= i < N)."""
-    if text is None:
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if not match or int(match.group(2)) < 1 or int(match.group(1)) >= int(match.group(2)):
-        raise InputError(f"--shard {text!r}: expected i/N with 0 <= i < N, e.g. 0/4")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _substitute(value: Any, context: dict[str, Any], recipe: Recipe, stage: str) -> Any:

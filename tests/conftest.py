@@ -8,8 +8,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_vlm_path(tmp_path_factory):
-    """A tiny Qwen2-VL (model + processor) saved to disk once per session (cxrmax.tinyvlm)."""
-    from cxrmax.tinyvlm import build_tiny_vlm
+    """A tiny Qwen2-VL (model + processor) saved to disk once per session (cxrmax.toy.tinyvlm)."""
+    from cxrmax.toy.tinyvlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"), seed=0)
 
@@ -17,16 +17,16 @@ def tiny_vlm_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_lm_path(tmp_path_factory):
     """A tiny text-only Qwen2 causal LM with the same tokenizer, saved once per session."""
-    from cxrmax.tinyvlm import build_tiny_vlm
+    from cxrmax.toy.tinyvlm import build_tiny_vlm
 
     return build_tiny_vlm(tmp_path_factory.mktemp("tiny-lm"), seed=0, text_only=True)
 
 
 @pytest.fixture(scope="session")
 def mini_mimic(tmp_path_factory):
-    """A mini MIMIC-CXR-JPG (40 studies, seed 0; cxrmax.fixtures.make_mini_mimic), built once per
+    """A mini MIMIC-CXR-JPG (40 studies, seed 0; cxrmax.testing.mini_mimic.make_mini_mimic), built once per
     session. Treat it as read-only: copy it before corrupting anything."""
-    from cxrmax.fixtures import make_mini_mimic
+    from cxrmax.testing.mini_mimic import make_mini_mimic
 
     return make_mini_mimic(tmp_path_factory.mktemp("mini-mimic") / "mimic", studies=40, seed=0)
 
@@ -34,7 +34,7 @@ def mini_mimic(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mini_mimic_dicom(tmp_path_factory):
     """A mini MIMIC-CXR in the DICOM layout (12 studies, seed 1; some films MONOCHROME1), read-only."""
-    from cxrmax.fixtures import make_mini_mimic
+    from cxrmax.testing.mini_mimic import make_mini_mimic
 
     return make_mini_mimic(
         tmp_path_factory.mktemp("mini-mimic-dicom") / "mimic", studies=12, seed=1, dicom=True

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from cxrmax import recipe as R
 from cxrmax.cli import app
-from cxrmax.errors import CxrmaxError, InputError
+from cxrmax.core.errors import CxrmaxError, InputError
+from cxrmax.core.shards import parse_shard
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO / "pipelines" / "cxr-max.toml"
@@ -153,7 +154,7 @@ def test_dry_run_cli_prints_plan_and_serve_lines(tmp_path):
 
 def test_dry_run_with_shard_keeps_only_shardable_stages():
     recipe = R.load_recipe(REAL)
-    units = R.plan(recipe, shard=R.parse_shard("1/4"))
+    units = R.plan(recipe, shard=parse_shard("1/4"))
     assert {u.stage for u in units} == {"select", "generate", "select-eval", "predict"}
     for unit in units:
         if unit.stage in ("generate", "predict"):
@@ -285,7 +286,7 @@ args = { out = "{out}/selection.parquet", view = ["PA", "AP"], require-positive 
     )
     recipe = R.load_recipe(path)
     R.execute(recipe, R.plan(recipe))
-    from cxrmax.mimic import read_selection
+    from cxrmax.mimic.reader import read_selection
 
     table = read_selection(tmp_path / "out" / "selection.parquet")
     assert table.num_rows == 5
@@ -326,4 +327,4 @@ def test_unknown_stage_model_and_bad_shard_are_errors():
         R.plan(recipe, models=["gpt-9"])
     for text in ("2/2", "x", "1/0"):
         with pytest.raises(InputError, match="--shard"):
-            R.parse_shard(text)
+            parse_shard(text)

@@ -35,7 +35,7 @@ NEGATIVES = 7
 
 
 def _words(rng: random.Random, n: int) -> str:
-    from cxrmax.tinyvlm import RADIOLOGY_WORDS
+    from cxrmax.toy.tinyvlm import RADIOLOGY_WORDS
 
     return " ".join(rng.choice(RADIOLOGY_WORDS) for _ in range(n))
 
@@ -44,7 +44,7 @@ def make_preferences(path: Path, samples: int, image_paths: list[str] | None) ->
     import datasets
     import pyarrow as pa
 
-    from cxrmax.shards import PREFERENCE_SCHEMA
+    from cxrmax.core.schemas import PREFERENCE_SCHEMA
 
     rng = random.Random(0)
     positive = "bilateral pleural effusion with mild edema and no pneumothorax"
@@ -173,7 +173,7 @@ def main() -> int:
         info["bf16_supported"] = torch.cuda.is_bf16_supported()
     print("device:", json.dumps(info))
 
-    from cxrmax.tinyvlm import build_tiny_vlm
+    from cxrmax.toy.tinyvlm import build_tiny_vlm
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bf16_check_"))
     lm = build_tiny_vlm(work / "tiny-lm", text_only=True)
@@ -200,7 +200,7 @@ def main() -> int:
     ]
     if not args.skip_vlm:
         try:
-            from cxrmax.fixtures import make_mini_mimic
+            from cxrmax.testing.mini_mimic import make_mini_mimic
 
             vlm = build_tiny_vlm(work / "tiny-vlm")
             mimic = make_mini_mimic(work / "mimic", studies=6, seed=0)

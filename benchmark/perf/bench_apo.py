@@ -37,7 +37,7 @@ def build_model(path: Path, hidden: int, layers: int) -> int:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from cxrmax.tinyvlm import build_tokenizer
+    from cxrmax.toy.tinyvlm import build_tokenizer
 
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
@@ -65,8 +65,8 @@ def build_data(path: Path, samples: int, negatives: int, words: tuple[int, int],
     import datasets
     import pyarrow as pa
 
-    from cxrmax.shards import PREFERENCE_SCHEMA
-    from cxrmax.tinyvlm import RADIOLOGY_WORDS
+    from cxrmax.core.schemas import PREFERENCE_SCHEMA
+    from cxrmax.toy.tinyvlm import RADIOLOGY_WORDS
 
     rng = random.Random(seed)
 

@@ -100,7 +100,7 @@ import pyarrow.parquet as pq
 from pathlib import Path
 from openai import AsyncOpenAI
 from cxrmax.generate.prompts import load_prompt
-from cxrmax.images import ImageCache, to_data_url
+from cxrmax.mimic.images import ImageCache, to_data_url
 
 selection, mimic_root, cache_dir, base_url, concurrency, max_edge = sys.argv[1:7]
 table = pq.read_table(selection, columns=["sample_id", "image_path", "labels", "view"])
@@ -204,7 +204,7 @@ def make_selection(mimic_root: Path, n: int, path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxrmax.mimic import MimicCXR
+    from cxrmax.mimic.reader import MimicCXR
 
     base = MimicCXR(mimic_root).select()
     repeats = -(-n // base.num_rows)
@@ -307,8 +307,8 @@ def main() -> None:
     try:
         port = int(stub.stdout.readline().split()[-1])
         url = f"http://127.0.0.1:{port}/v1"
-        from cxrmax.fixtures import make_mini_mimic
-        from cxrmax.images import ImageCache
+        from cxrmax.mimic.images import ImageCache
+        from cxrmax.testing.mini_mimic import make_mini_mimic
 
         mimic_root = make_mini_mimic(work / "mimic", studies=64, seed=0, large_images=0)
         cache = ImageCache(work / "image-cache", max_edge=args.image_max_edge)

@@ -1,4 +1,4 @@
-"""Benchmark: chest film preprocessing, cxrmax.images.preprocess vs plain PIL open + resize.
+"""Benchmark: chest film preprocessing, cxrmax.mimic.images.preprocess vs plain PIL open + resize.
 
 Makes N synthetic 2,800 x 2,300 grayscale JPEGs (quality 95, the size of MIMIC-CXR-JPG films), then
 preprocesses each to a 1,024-pixel longest edge with
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxrmax.fixtures import synthetic_chest
-from cxrmax.images import preprocess, preprocess_many, target_size
+from cxrmax.mimic.images import preprocess, preprocess_many, target_size
+from cxrmax.testing.mini_mimic import synthetic_chest
 
 WIDTH, HEIGHT, MAX_EDGE = 2800, 2300, 1024
 

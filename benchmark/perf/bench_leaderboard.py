@@ -37,7 +37,7 @@ def _make_label_data(out: Path, n: int) -> tuple[Path, Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxrmax.pathologies import OBSERVATIONS
+    from cxrmax.core.pathologies import OBSERVATIONS
 
     rng = np.random.default_rng(0)
     ids = 50_000_000 + np.arange(n) * 3
@@ -62,7 +62,7 @@ def _make_label_data(out: Path, n: int) -> tuple[Path, Path, Path]:
 
 
 def _report(rnd: random.Random, labels: dict[str, int | None]) -> str:
-    from cxrmax.fixtures import statement
+    from cxrmax.testing.mini_mimic import statement
 
     sides = ("left", "right", "bilateral", None)
     parts = ["PA and lateral views of the chest."]
@@ -76,7 +76,7 @@ def _make_report_data(out: Path, n: int) -> tuple[Path, Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxrmax.pathologies import FINDINGS
+    from cxrmax.core.pathologies import FINDINGS
 
     rnd = random.Random(0)
     ids, refs, preds = [], [], []
@@ -137,7 +137,7 @@ def _child(case: str, data: Path) -> None:
         import pyarrow.parquet as pq
         from sklearn.metrics import f1_score
 
-        from cxrmax.pathologies import OBSERVATIONS
+        from cxrmax.core.pathologies import OBSERVATIONS
 
         refs = pq.read_table(data / "label_refs.parquet").to_pandas().set_index("study_id")
         sub = pd.read_csv(data / "labels.csv").set_index("study_id").loc[refs.index]

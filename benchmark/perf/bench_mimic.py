@@ -1,7 +1,7 @@
 """Benchmark: read + validate + join release-sized MIMIC-CXR CSVs and select 24,426 studies.
 
 Writes full-size synthetic metadata / split / chexpert CSVs (377,110 images, 227,827 studies,
-65,379 subjects; gzipped, the release's headers; `cxrmax.fixtures.write_synthetic_csvs`), then in a
+65,379 subjects; gzipped, the release's headers; `cxrmax.testing.mini_mimic.write_synthetic_csvs`), then in a
 fresh child process per case (seconds include imports and reading; peak RSS is the child's own):
   - cxrmax: `MimicCXR(root).select(k=24426, seed=0)` (columnar validation of every cell, metadata x
     split join with id cross-checks, label join, one image per study, seeded sample; no report or
@@ -26,7 +26,7 @@ from pathlib import Path
 CXRMAX_CASE = """
 import json, resource, sys, time
 start = time.perf_counter()
-from cxrmax.mimic import MimicCXR
+from cxrmax.mimic.reader import MimicCXR
 mimic = MimicCXR(sys.argv[1])
 images = mimic.images()
 joined = time.perf_counter()
@@ -78,7 +78,7 @@ def main() -> None:
             # process must stay small for the children's figures to be their own.
             start = time.perf_counter()
             code = (
-                "import sys; from cxrmax.fixtures import write_synthetic_csvs; "
+                "import sys; from cxrmax.testing.mini_mimic import write_synthetic_csvs; "
                 "write_synthetic_csvs(sys.argv[1], n_images=int(sys.argv[2]), n_studies=int(sys.argv[3]), "
                 "n_subjects=int(sys.argv[4]), seed=0)"
             )

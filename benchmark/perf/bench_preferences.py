@@ -1,7 +1,7 @@
 """Benchmark: `build-preferences` (vote consensus) over CXR-MAX-sized synthetic trajectories.
 
 Writes 7 models x 24,426 samples = 170,982 synthetic trajectories as generate-format shards
-(shards.TRAJECTORY_SCHEMA, Arrow IPC streams), then times the full build (labelling, drift
+(schemas.TRAJECTORY_SCHEMA, Arrow IPC streams), then times the full build (labelling, drift
 annotations, vote consensus, composed positives, ranking, datasets + TRL + ms-swift exports, card,
 figures) and records the peak RSS of the whole process tree. Side by side, in the same run: the
 labelling floor alone (`cxrmax.labeler.label_texts` over the same texts, B's batched labeller).
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from cxrmax import shards
-from cxrmax.pathologies import LATERALIZABLE, OBSERVATIONS
+from cxrmax.core import schemas
+from cxrmax.core.pathologies import LATERALIZABLE, OBSERVATIONS
 
 MODELS = ("sonnet", "gpt5nano", "glm45v", "gemini", "moonshot", "qwenmax", "grok4")
 PROMPT = (
@@ -109,7 +109,7 @@ def write_synthetic(out: Path, samples: int, seed: int = 0) -> int:
         directory = out / "trajectories" / model
         directory.mkdir(parents=True, exist_ok=True)
         with pa.ipc.new_stream(
-            str(directory / "part-all-0-000000.arrow"), shards.TRAJECTORY_SCHEMA
+            str(directory / "part-all-0-000000.arrow"), schemas.TRAJECTORY_SCHEMA
         ) as writer:
             batch: list[dict] = []
             for sample_id, positives, sides, labels, split, subject, study in per_sample:
@@ -134,11 +134,11 @@ def write_synthetic(out: Path, samples: int, seed: int = 0) -> int:
                     }
                 )
                 if len(batch) == 4096:
-                    writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=shards.TRAJECTORY_SCHEMA))
+                    writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schemas.TRAJECTORY_SCHEMA))
                     rows += len(batch)
                     batch = []
             if batch:
-                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=shards.TRAJECTORY_SCHEMA))
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schemas.TRAJECTORY_SCHEMA))
                 rows += len(batch)
     return rows
 
@@ -210,7 +210,7 @@ def main() -> int:
         import datasets
 
         datasets.disable_progress_bars()
-        from cxrmax.preferences import BuildOptions, build_preferences
+        from cxrmax.preferences.build import BuildOptions, build_preferences
 
         t0 = time.perf_counter()
         rows = write_synthetic(work, samples)

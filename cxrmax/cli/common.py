@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import typer
 from rich.markup import escape
 
-from cxrmax.errors import CxrmaxError
-from cxrmax.terminal import make_console
+from cxrmax.core.errors import CxrmaxError
+from cxrmax.core.terminal import make_console
 
 console = make_console()
 err_console = make_console(stderr=True)

@@ -34,7 +34,7 @@ def demo(
 
     Example: [bold]cxrmax demo --out demo-out[/]
     """
-    from cxrmax.demo import run_demo
+    from cxrmax.toy.demo import run_demo
 
     if teacher_backend not in ("openai", "transformers"):
         raise typer.BadParameter("use openai or transformers", param_hint="--teacher-backend")
@@ -106,8 +106,8 @@ def simulate(
     """
     from rich.table import Table
 
-    from cxrmax import simulate as sim
-    from cxrmax.errors import InputError
+    from cxrmax.core.errors import InputError
+    from cxrmax.toy import teachers as sim
 
     with user_errors():
         if teacher:
@@ -120,7 +120,7 @@ def simulate(
                     rates[kind.strip()] = float(value)
                 except ValueError:
                     raise InputError(f"--rate {item!r}: expected KIND=RATE, e.g. refusal=0.3") from None
-            from cxrmax.pathologies import canonical_name
+            from cxrmax.core.pathologies import canonical_name
 
             try:
                 hallucinated = canonical_name(hallucinate)
@@ -134,10 +134,10 @@ def simulate(
                 faithful=not no_faithful,
             )
         out.mkdir(parents=True, exist_ok=True)
-        from cxrmax.mimic import MimicCXR, write_selection
+        from cxrmax.mimic.reader import MimicCXR, write_selection
 
         if mimic_root is None:
-            from cxrmax.fixtures import make_mini_mimic
+            from cxrmax.testing.mini_mimic import make_mini_mimic
 
             mimic_root = out / "mimic"
             if not (mimic_root / "mimic-cxr-2.0.0-split.csv.gz").exists():
@@ -181,8 +181,8 @@ def simulate(
         console.print(f"drift spec: {result.spec_path}")
         if not generate:
             return
-        from cxrmax.demo import DemoSize, _report_text, drift_rates, generate_answers
         from cxrmax.generate import read_trajectories
+        from cxrmax.toy.demo import DemoSize, _report_text, drift_rates, generate_answers
 
         selection = answered
         if selection.num_rows == 0:
@@ -256,10 +256,11 @@ def run(
     from rich.table import Table
 
     from cxrmax import recipe as R
+    from cxrmax.core.shards import parse_shard
 
     with user_errors():
         loaded = R.load_recipe(recipe, out=out)
-        parsed = R.parse_shard(shard)
+        parsed = parse_shard(shard)
         units = R.plan(loaded, stages=stage or None, shard=parsed, models=model or None)
         table = Table(title=f"{loaded.name}: {len(units)} steps" + (f" (shard {shard})" if shard else ""))
         for column in ("#", "stage", "model", "status", "what"):

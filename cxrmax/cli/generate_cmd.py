@@ -153,7 +153,8 @@ def generate(
         raise typer.Exit(2)
     _sigterm_as_interrupt()
     with user_errors():
-        from cxrmax.generate.orchestrator import GenerateOptions, build_backend, generate_async, parse_shard
+        from cxrmax.core.shards import parse_shard
+        from cxrmax.generate.orchestrator import GenerateOptions, build_backend, generate_async
         from cxrmax.generate.progress import PlainProgress, RichProgress
         from cxrmax.generate.prompts import load_prompt
         from cxrmax.generate.roster import ModelSpec, resolve_model
@@ -359,7 +360,7 @@ def models_serve_command(
     Example: [bold]cxrmax models serve-command qwen2-vl --port 8001[/]
     """
     with user_errors():
-        from cxrmax.errors import InputError
+        from cxrmax.core.errors import InputError
         from cxrmax.generate.roster import load_roster
 
         roster = load_roster()

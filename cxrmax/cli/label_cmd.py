@@ -41,7 +41,7 @@ def _iter_text_chunks(
 ) -> Iterator[list[object]]:
     """Yield lists of texts (None where a row has no usable text) without holding the whole input.
     For each chunk, the `keep` columns of its rows are appended to `kept` as a pyarrow Table."""
-    from cxrmax.errors import InputError, where
+    from cxrmax.core.errors import InputError, where
 
     if fmt in ("lines", "jsonl"):
         if path == "-":
@@ -157,7 +157,7 @@ def _iter_text_chunks(
 def _strings(array, path: str, column: str) -> list[object]:
     import pyarrow as pa
 
-    from cxrmax.errors import InputError, where
+    from cxrmax.core.errors import InputError, where
 
     if pa.types.is_large_string(array.type) or pa.types.is_string(array.type):
         return array.to_pylist()
@@ -245,9 +245,9 @@ def register(app: typer.Typer) -> None:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
             from rich.table import Table
 
-            from cxrmax.errors import InputError
+            from cxrmax.core.errors import InputError
+            from cxrmax.core.pathologies import OBSERVATIONS
             from cxrmax.labeler import LABEL_TABLE_SCHEMA, iter_label_tables, label_text
-            from cxrmax.pathologies import OBSERVATIONS
 
             input_format = _detect_format(source, fmt)
             if input_format not in ("lines", "jsonl", "arrow", "parquet"):

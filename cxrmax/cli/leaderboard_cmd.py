@@ -36,7 +36,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _parse_model_info(values: list[str] | None) -> dict[str, Any]:
-    from cxrmax.errors import InputError
+    from cxrmax.core.errors import InputError
 
     info: dict[str, Any] = {}
     for value in values or []:
@@ -72,7 +72,7 @@ def _run_score(
 ) -> Any:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from cxrmax.errors import CxrmaxError
+    from cxrmax.core.errors import CxrmaxError
     from cxrmax.leaderboard import get_task, score
 
     task_def = get_task(task)
@@ -290,7 +290,7 @@ def export_cmd(
     Example: cxrmax leaderboard export --format html -o board.html --push-to-hub me/cxrmax-board
     """
     with user_errors():
-        from cxrmax.errors import CxrmaxError
+        from cxrmax.core.errors import CxrmaxError
         from cxrmax.leaderboard.render import export_board
         from cxrmax.leaderboard.store import Board
 

@@ -44,7 +44,7 @@ def fixtures_mimic(
 
     Example: [bold]cxrmax fixtures mimic mini-mimic --studies 40 --seed 0[/]
     """
-    from cxrmax.fixtures import make_mini_mimic
+    from cxrmax.testing.mini_mimic import make_mini_mimic
 
     with user_errors():
         try:
@@ -85,7 +85,7 @@ def mimic_summary(
     """
     from rich.table import Table
 
-    from cxrmax.mimic import SPLITS, MimicCXR
+    from cxrmax.mimic.reader import SPLITS, MimicCXR
 
     with user_errors():
         mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)
@@ -208,7 +208,8 @@ def mimic_select(
     Example: [bold]cxrmax mimic select mini-mimic --split train --view frontal --require-positive --k 20 --seed 0
     --exclude-subjects mini-mimic/MS_CXR_T_temporal_image_classification_v1.0.0.csv --out sel.parquet[/]
     """
-    from cxrmax.mimic import MimicCXR, parse_shard, write_selection
+    from cxrmax.core.shards import parse_shard
+    from cxrmax.mimic.reader import MimicCXR, write_selection
 
     with user_errors():
         mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)

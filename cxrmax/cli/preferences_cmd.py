@@ -103,7 +103,7 @@ def _build_preferences(
     import datasets
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from cxrmax.preferences import BuildOptions, build_preferences
+    from cxrmax.preferences.build import BuildOptions, build_preferences
 
     datasets.disable_progress_bars()  # one rich bar instead of one tqdm bar per saved split
 
@@ -233,7 +233,7 @@ def _drift_report(
 
     from rich.table import Table
 
-    from cxrmax.datacard import drift_statistics, write_figures
+    from cxrmax.preferences.datacard import drift_statistics, write_figures
 
     with user_errors():
         stats = drift_statistics(out)

@@ -27,7 +27,7 @@ def _parse_value(text: str) -> Any:
 def _apply_set_values(spec: Any, items: list[str]) -> None:
     """Apply --set KEY=VALUE / sft.KEY=VALUE / apo.KEY=VALUE, rejecting unknown fields like config files do."""
     from apo_train.config import APOConfig, SFTStageConfig, config_field_names
-    from cxrmax.errors import InputError
+    from cxrmax.core.errors import InputError
 
     allowed = {"sft": config_field_names(SFTStageConfig), "apo": config_field_names(APOConfig)}
     for item in items:
@@ -165,7 +165,7 @@ def train_apo(
             if value is not None:
                 setattr(spec, name, str(value))
         if lr is not None and stage == "all":
-            from cxrmax.errors import InputError
+            from cxrmax.core.errors import InputError
 
             raise InputError("--lr is for a single --stage; use --sft-lr / --apo-lr with --stage all")
         both: dict[str, Any] = {}

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from cxrmax.errors import InputError, where
-from cxrmax.shards import TRAJECTORY_SCHEMA
+from cxrmax.core.errors import InputError, where
+from cxrmax.core.schemas import TRAJECTORY_SCHEMA
 
 __all__ = ["model_dirs", "read_trajectories", "trajectory_files"]
 

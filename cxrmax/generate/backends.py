@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrmax.errors import CxrmaxError
+from cxrmax.core.errors import CxrmaxError
 from cxrmax.generate.responses import (
     BackendError,
     Completion,
@@ -47,8 +47,8 @@ class Sampling:
 
 def image_data_url(jpeg: bytes) -> str:
     try:
-        from cxrmax.images import to_data_url
-    except ImportError:  # pragma: no cover - cxrmax.images is part of the package
+        from cxrmax.mimic.images import to_data_url
+    except ImportError:  # pragma: no cover - cxrmax.mimic.images is part of the package
         return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
     return to_data_url(jpeg)
 
@@ -349,7 +349,7 @@ class TransformersEngine:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
-        from cxrmax import tinyvlm
+        from cxrmax.toy import tinyvlm
 
         self.path = str(model_path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

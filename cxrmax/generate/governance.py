@@ -13,7 +13,7 @@ import ipaddress
 import socket
 from urllib.parse import urlsplit
 
-from cxrmax.errors import CxrmaxError
+from cxrmax.core.errors import CxrmaxError
 
 LOCAL_SUFFIXES = (".local", ".localhost", ".internal", ".lan", ".home.arpa")
 

@@ -29,7 +29,6 @@ retryable, so rerunning the same command retries them.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import random
@@ -46,7 +45,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrmax.errors import CxrmaxError, InputError, where
+from cxrmax.core.errors import CxrmaxError, InputError, where
+from cxrmax.core.shards import shard_of
 from cxrmax.generate.backends import Backend, Sampling, make_backend, vllm_engine_args
 from cxrmax.generate.progress import NullProgress, ProgressReporter, RunStats
 from cxrmax.generate.prompts import PromptTemplate, prompt_hash
@@ -161,24 +161,6 @@ class GenerateOptions:
     @property
     def model_dir(self) -> Path:
         return self.out / "trajectories" / self.model.dir_name
-
-
-def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'i/N' (0 <= i < N) -> (i, N); None stays None."""
-    if text is None or text == "":
-        return None
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
-    if count < 1 or not 0 <= index < count:
-        raise InputError(f"--shard {text}: need 0 <= i < N")
-    return (index, count)
-
-
-def shard_of(sample_id: str, count: int) -> int:
-    """Deterministic partition of samples over ``count`` shards (all samples of an image stay together)."""
-    return int.from_bytes(hashlib.sha256(sample_id.encode("utf-8")).digest()[:8], "big") % count
 
 
 def iter_selection(path: Path, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
@@ -310,7 +292,7 @@ class Orchestrator:
     # ------------------------------------------------------------------ entry point
     async def run(self) -> RunStats:
         options = self.options
-        from cxrmax.images import ImageCache
+        from cxrmax.mimic.images import ImageCache
 
         self._images = ImageCache(
             options.image_cache or options.out / "cache" / "images",
@@ -709,7 +691,5 @@ __all__ = [
     "generate",
     "generate_async",
     "iter_selection",
-    "parse_shard",
     "plan_requests",
-    "shard_of",
 ]

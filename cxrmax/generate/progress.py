@@ -138,7 +138,7 @@ class RichProgress:
     """A rich live bar: done/total, requests/s, tokens/s, failures, ETA."""
 
     def __init__(self, console: Any = None):
-        from cxrmax.terminal import make_console
+        from cxrmax.core.terminal import make_console
 
         self.console = console or make_console(stderr=True)
         self._progress: Any = None

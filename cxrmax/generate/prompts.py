@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxrmax.errors import InputError, where
-from cxrmax.pathologies import OBSERVATIONS
+from cxrmax.core.errors import InputError, where
+from cxrmax.core.pathologies import OBSERVATIONS
 
 _FIELDS = {"labels", "view", "observation_list"}
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

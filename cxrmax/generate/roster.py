@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cxrmax.errors import InputError, where
+from cxrmax.core.errors import InputError, where
 from cxrmax.generate.prompts import pipelines_dir
 
 if sys.version_info >= (3, 11):

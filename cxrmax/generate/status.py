@@ -14,7 +14,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from cxrmax.errors import CxrmaxError, InputError
+from cxrmax.core.errors import CxrmaxError, InputError
 from cxrmax.generate.store import FailureLedger, KeySet, key_digest, read_shard, shard_paths
 
 

@@ -43,8 +43,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxrmax.errors import CxrmaxError
-from cxrmax.shards import TRAJECTORY_SCHEMA
+from cxrmax.core.errors import CxrmaxError
+from cxrmax.core.schemas import TRAJECTORY_SCHEMA
 
 KEY_VERSION = 1
 

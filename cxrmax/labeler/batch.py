@@ -9,8 +9,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
 
+from cxrmax.core.pathologies import OBSERVATIONS
 from cxrmax.labeler.core import label_codes
-from cxrmax.pathologies import OBSERVATIONS
 
 #: Batches smaller than this are labelled in-process (starting workers costs more than it saves).
 PARALLEL_THRESHOLD = 2000

@@ -49,6 +49,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from cxrmax.core.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
 from cxrmax.labeler import cues
 from cxrmax.labeler import matcher as mt
 from cxrmax.labeler.matcher import (
@@ -78,7 +79,6 @@ from cxrmax.labeler.matcher import (
 )
 from cxrmax.labeler.phrases import SIGN_ALTERNATIVES
 from cxrmax.labeler.segment import CONTEXT_HEADINGS, split_steps
-from cxrmax.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
 
 STATUSES = ("positive", "negative", "uncertain", "absent")
 STATUS_VALUE: dict[str, int | None] = {"positive": 1, "negative": 0, "uncertain": -1, "absent": None}

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cxrmax.errors import CxrmaxError
+from cxrmax.core.errors import CxrmaxError
 from cxrmax.leaderboard.render import board_table, to_markdown
 from cxrmax.leaderboard.tasks import get_task, list_tasks
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxrmax.pathologies import COMPETITION_LABELS, OBSERVATIONS
+from cxrmax.core.pathologies import COMPETITION_LABELS, OBSERVATIONS
 
 UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from cxrmax.pathologies import PROGRESSION_CLASSES
+from cxrmax.core.pathologies import PROGRESSION_CLASSES
 
 _CLASS_WORDS = {
     "improving": "improving",

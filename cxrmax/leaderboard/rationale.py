@@ -4,11 +4,11 @@ Input: trajectory shards (``OUT/trajectories/<model>/*.arrow`` with shards.TRAJE
 folder above) or a submission file with study_id, model and a text column. Ground truth: the
 ``labels`` struct carried by each trajectory, else the references' labels for its study.
 
-Per trajectory (engineer E's definitions in `cxrmax.drift`, reused here):
+Per trajectory (engineer E's definitions in `cxrmax.preferences.drift`, reused here):
 - precision = |claimed by the rationale and by the ground truth| / |claimed by the rationale|,
-- recall = |claimed by both| / |claimed by the ground truth| (`cxrmax.drift.compare`; "claimed" =
+- recall = |claimed by both| / |claimed by the ground truth| (`cxrmax.preferences.drift.compare`; "claimed" =
   positive, and uncertain under the default policy),
-- similarity = `cxrmax.drift.token_similarity`: F1 of content-token overlap with the reference
+- similarity = `cxrmax.preferences.drift.token_similarity`: F1 of content-token overlap with the reference
   report (computed when report text is available from the references),
 - label_jaccard = |claimed by both| / |claimed by either| (1 when both claim nothing).
 Per model each figure is the mean over the trajectories where it is defined (precision is undefined
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from cxrmax import drift
-from cxrmax.errors import InputError, where
+from cxrmax.core.errors import InputError, where
+from cxrmax.core.pathologies import OBSERVATIONS
 from cxrmax.leaderboard import metrics, submissions
-from cxrmax.pathologies import OBSERVATIONS
+from cxrmax.preferences import drift
 
 _STAT_NAMES = (
     "precision",
@@ -312,8 +312,8 @@ def score_rationales(
         n_boot=n_boot,
         notes=notes
         + [
-            "precision/recall: cxrmax.drift.compare on labeler output vs ground truth; similarity: "
-            "cxrmax.drift.token_similarity vs the reference report; per model means over trajectories"
+            "precision/recall: cxrmax.preferences.drift.compare on labeler output vs ground truth; similarity: "
+            "cxrmax.preferences.drift.token_similarity vs the reference report; per model means over trajectories"
         ],
     )
     return result

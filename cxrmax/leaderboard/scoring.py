@@ -1,6 +1,6 @@
 """Score one submission against a task's references: `score(submission, task, references_root)`.
 
-References come from a MIMIC-CXR root (engineer A's `cxrmax.mimic`) or from a prepared reference
+References come from a MIMIC-CXR root (engineer A's `cxrmax.mimic.reader`) or from a prepared reference
 file (Parquet/CSV/JSONL with study_id and the needed columns), which is also how the benchmarks and
 offline users pass references. The submission is streamed batch by batch: every row is mapped to a
 reference slot at once (unknown and duplicate study ids are caught there), and only per-study
@@ -20,17 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from cxrmax.errors import CxrmaxError, InputError, where
-from cxrmax.leaderboard import metrics, submissions, textmetrics
-from cxrmax.leaderboard.progression import classify_progression
-from cxrmax.leaderboard.tasks import Task, get_task
-from cxrmax.pathologies import (
+from cxrmax.core.errors import CxrmaxError, InputError, where
+from cxrmax.core.pathologies import (
     MS_CXR_T_FINDINGS,
     OBSERVATIONS,
     PROGRESSION_CLASSES,
     canonical_name,
     is_observation,
 )
+from cxrmax.leaderboard import metrics, submissions, textmetrics
+from cxrmax.leaderboard.progression import classify_progression
+from cxrmax.leaderboard.tasks import Task, get_task
 
 Progress = Callable[[int], None]
 
@@ -113,9 +113,11 @@ def file_sha256(path: str | Path) -> str:
 
 def _mimic(root: Path) -> Any:
     try:
-        from cxrmax.mimic import MimicCXR
+        from cxrmax.mimic.reader import MimicCXR
     except ImportError as exc:
-        raise CxrmaxError(f"reading references from a MIMIC-CXR root needs cxrmax.mimic: {exc}") from None
+        raise CxrmaxError(
+            f"reading references from a MIMIC-CXR root needs cxrmax.mimic.reader: {exc}"
+        ) from None
     return MimicCXR(root)
 
 
@@ -322,15 +324,15 @@ class ProgressionReferences:
 
 
 def load_progression_references(task: Task, root: str | Path) -> ProgressionReferences:
-    """MS-CXR-T labels from ``root/<reference_file>`` or a given CSV, via `cxrmax.mimic.read_ms_cxr_t`."""
+    """MS-CXR-T labels from ``root/<reference_file>`` or a given CSV, via `cxrmax.mimic.reader.read_ms_cxr_t`."""
     root = Path(root)
     path = root / (task.reference_file or "") if root.is_dir() else root
     if not path.is_file():
         raise InputError(f"{where(path)}: MS-CXR-T file not found")
     try:
-        from cxrmax.mimic import read_ms_cxr_t
+        from cxrmax.mimic.reader import read_ms_cxr_t
     except ImportError as exc:
-        raise CxrmaxError(f"reading MS-CXR-T needs cxrmax.mimic.read_ms_cxr_t: {exc}") from None
+        raise CxrmaxError(f"reading MS-CXR-T needs cxrmax.mimic.reader.read_ms_cxr_t: {exc}") from None
     table = read_ms_cxr_t(path)
     ids = _study_ids(table, path)
     classes = {}
@@ -553,7 +555,7 @@ def score(
 ) -> ScoreResult:
     """Validate and score a submission file for ``task`` against references under ``references_root``.
 
-    Raises `cxrmax.errors.InputError` naming the file, row and field for bad input; missing studies
+    Raises `cxrmax.core.errors.InputError` naming the file, row and field for bad input; missing studies
     only reduce coverage unless ``require_complete``. ``sha256``: the file's hash when the caller
     computed it already (saves a pass over a large file)."""
     task = get_task(task)

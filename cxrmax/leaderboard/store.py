@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from cxrmax.errors import CxrmaxError
+from cxrmax.core.errors import CxrmaxError
 
 STORE_FORMAT = "cxrmax-leaderboard"
 SCHEMA_VERSION = "1"

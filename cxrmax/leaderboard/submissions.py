@@ -11,7 +11,7 @@ Formats (chosen by file suffix unless the content says otherwise, optionally com
 Rows are keyed by ``study_id`` (8 digits, an ``s`` prefix is accepted). A row carries either one value
 per observation (1 / 0 / -1 / blank, or a probability in [0, 1]), or free text (``report``,
 ``model_prediction``, ...), or, for MS-CXR-T, one progression answer per finding. Every problem is a
-`cxrmax.errors.InputError` naming the file, the row (1-based data row; JSON entries count as rows,
+`cxrmax.core.errors.InputError` naming the file, the row (1-based data row; JSON entries count as rows,
 JSONL rows are lines) and the field.
 
 Unusual but unambiguous input is read, and documented here:
@@ -38,7 +38,6 @@ from __future__ import annotations
 import csv
 import decimal
 import gzip
-import io
 import json
 import lzma
 import math
@@ -50,8 +49,22 @@ from typing import IO, Any
 
 import numpy as np
 
-from cxrmax.errors import InputError, where
-from cxrmax.pathologies import MS_CXR_T_FINDINGS, MS_CXR_T_SHORT, OBSERVATIONS, canonical_name, is_observation
+from cxrmax.core.errors import InputError, where
+from cxrmax.core.formats import (
+    MAX_FIELD_CHARS,
+    FileKind,
+    decode_error_message,
+    detect_format,
+    open_text,
+    sniff,
+)
+from cxrmax.core.pathologies import (
+    MS_CXR_T_FINDINGS,
+    MS_CXR_T_SHORT,
+    OBSERVATIONS,
+    canonical_name,
+    is_observation,
+)
 
 BATCH_ROWS = 8192
 KEY_COLUMNS = ("study_id", "study", "studyid")
@@ -98,127 +111,6 @@ PASSTHROUGH_COLUMNS = frozenset(
 )
 #: Placeholder names of unnamed columns (pandas' index, a trailing comma), ignored by plan_columns.
 UNNAMED_COLUMN = re.compile(r"unnamed: \d+|index|level_0|__index_level_\d+__")
-FORMATS = ("csv", "tsv", "jsonl", "json", "parquet")
-
-
-def detect_format(path: Path) -> str:
-    """Format name from the suffix (``.gz`` stripped)."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
-        suffixes = suffixes[:-1]
-    suffix = suffixes[-1].lstrip(".") if suffixes else ""
-    if suffix == "ndjson":
-        return "jsonl"
-    if suffix == "pq":
-        return "parquet"
-    if suffix not in FORMATS:
-        raise InputError(
-            f"{where(path)}: unknown submission format {suffix!r}; use one of .csv, .tsv, .jsonl, .json, .parquet"
-        )
-    return suffix
-
-
-GZIP_MAGIC = b"\x1f\x8b"
-#: Compressions the standard library reads, by their magic bytes.
-COMPRESSIONS = {GZIP_MAGIC: "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-PARQUET_MAGIC = b"PAR1"
-ZIP_MAGIC = b"PK\x03\x04"
-#: Largest single CSV field / JSON entry accepted (a longer one is almost always an unbalanced quote).
-MAX_FIELD_CHARS = 64 << 20
-
-
-@dataclass(frozen=True)
-class FileKind:
-    """What a submission file holds, from its first bytes (and its name where the bytes do not say)."""
-
-    format: str
-    compression: str | None  # gzip | bz2 | xz | None
-    encoding: str = "utf-8-sig"
-
-    @property
-    def compressed(self) -> bool:
-        """True when the bytes are decompressed while reading."""
-        return self.compression is not None
-
-
-def _open_binary(path: Path, compression: str | None) -> IO[bytes]:
-    if compression == "gzip":
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    if compression == "bz2":
-        import bz2
-
-        return bz2.open(path, "rb")  # type: ignore[return-value]
-    if compression == "xz":
-        return lzma.open(path, "rb")  # type: ignore[return-value]
-    return open(path, "rb")
-
-
-def sniff(path: Path) -> FileKind:
-    """Decide the format from the content first: gzip data is decompressed whatever the suffix,
-    Parquet is Parquet whatever the suffix; otherwise the suffix (``.gz`` stripped) decides. Text
-    is UTF-8 (a byte-order mark dropped) or UTF-16 with its byte-order mark (Excel's "Unicode text")."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(4096)
-        compression = next((name for magic, name in COMPRESSIONS.items() if head.startswith(magic)), None)
-        if compression:
-            with _open_binary(path, compression) as fh:
-                head = fh.read(4096)
-    except PermissionError:
-        raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
-    except (OSError, EOFError, lzma.LZMAError) as exc:  # a compressed stream cut inside its first block
-        raise InputError(f"{where(path)}: cannot read the file (truncated or corrupt?): {exc}") from None
-    if head.startswith(PARQUET_MAGIC):
-        if compression:
-            raise InputError(f"{where(path)}: a {compression}-compressed Parquet file; decompress it first")
-        return FileKind("parquet", None)
-    if head.startswith(ZIP_MAGIC):
-        raise InputError(
-            f"{where(path)}: this is a ZIP archive (an Excel .xlsx workbook?); export it as CSV (UTF-8) or unzip it"
-        )
-    if head.startswith(ZSTD_MAGIC):
-        raise InputError(f"{where(path)}: zstd-compressed; decompress it (or use gzip, bzip2 or xz)")
-    fmt = detect_format(path)
-    if fmt == "parquet":
-        return FileKind(fmt, compression)
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return FileKind(fmt, compression, "utf-16")
-    if b"\x00" in head:
-        if head[1::2].count(0) > len(head) // 4 or head[0::2].count(0) > len(head) // 4:
-            raise InputError(
-                f"{where(path)}: UTF-16 text without a byte-order mark; save the file as UTF-8 (Excel: 'CSV UTF-8')"
-            )
-        line = head.count(b"\n", 0, head.index(0)) + 1
-        raise InputError(f"{where(path)} line {line}: binary data, not a text submission")
-    return FileKind(fmt, compression)
-
-
-def _open_text(path: Path, kind: FileKind | None = None) -> IO[str]:
-    """Open as text in the sniffed encoding (a byte-order mark is dropped), gzip data decompressed."""
-    kind = kind or sniff(path)
-    return io.TextIOWrapper(_open_binary(path, kind.compression), encoding=kind.encoding, newline="")
-
-
-def _decode_error_message(path: Path, kind: FileKind) -> str:
-    """Find the first line that is not UTF-8 (a second pass, only after decoding failed) and say
-    where it is and what to do."""
-    if kind.encoding != "utf-8-sig":
-        return f"{where(path)}: not valid {kind.encoding} text (it starts with a {kind.encoding} byte-order mark)"
-    with _open_binary(path, kind.compression) as raw:
-        for line_number, line in enumerate(raw, start=1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                bad = line[exc.start : exc.start + 1]
-                if b"\x00" in line or sum(b < 9 for b in line[:512]) > 2:
-                    return f"{where(path)} line {line_number}: binary data, not a text submission"
-                return (
-                    f"{where(path)} line {line_number}: not UTF-8 text (byte 0x{bad.hex()} at character "
-                    f"{exc.start + 1}); cxrmax reads UTF-8 only and does not guess encodings: re-save the file "
-                    "as UTF-8 (Excel: 'CSV UTF-8'; it was probably written as Latin-1/Windows-1252)"
-                )
-    return f"{where(path)}: not UTF-8 text"
 
 
 @dataclass
@@ -302,7 +194,7 @@ def iter_batches(
                 produced = True
                 yield _expand_label_struct(batch, path)
     except UnicodeDecodeError:
-        raise InputError(_decode_error_message(path, kind)) from None
+        raise InputError(decode_error_message(path, kind)) from None
     except PermissionError:
         raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
     except (EOFError, gzip.BadGzipFile, OSError, lzma.LZMAError) as exc:
@@ -373,7 +265,7 @@ def _csv_batches(
 ) -> Iterator[RawBatch]:
     # Long free-text reports are legitimate; Python's default limit (128 KiB) is not a file limit.
     csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_CHARS))
-    with _open_text(path, kind) as fh:
+    with open_text(path, kind) as fh:
         header_line = fh.readline(MAX_FIELD_CHARS)
         while header_line and not header_line.strip():  # blank lines before the header
             header_line = fh.readline(MAX_FIELD_CHARS)
@@ -493,7 +385,7 @@ def _jsonl_batches(
     seen: list[str] = []
     records: list[dict[str, Any]] = []
     rows: list[int] = []
-    with _open_text(path, kind) as fh:
+    with open_text(path, kind) as fh:
         for row_number, line in _bounded_lines(fh, path, lenient, log):
             if not line.strip():
                 continue
@@ -647,7 +539,7 @@ def _json_batches(path: Path, batch_rows: int, kind: FileKind) -> Iterator[RawBa
     seen: list[str] = []
     records: list[dict[str, Any]] = []
     rows: list[int] = []
-    with _open_text(path, kind) as fh:
+    with open_text(path, kind) as fh:
         for entry, (key, value) in enumerate(_JsonStream(fh, path).items(), start=1):
             if key is not None:
                 low = key.strip().lower()

@@ -16,7 +16,7 @@ from typing import Any
 
 import tomllib
 
-from cxrmax.errors import CxrmaxError, InputError, where
+from cxrmax.core.errors import CxrmaxError, InputError, where
 
 TASK_KINDS = ("labels", "report", "ms-cxr-t", "rationale")
 

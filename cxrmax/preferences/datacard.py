@@ -1,0 +1,466 @@
+"""The data card of a build-preferences output and its figures, from real statistics.
+
+`drift_statistics(out)` reads OUT/annotations/ (streaming the columns it needs) and returns the
+per-model table (precision, recall, similarity to the report, refusal rate, laterality error rate,
+mean drift), per-model-and-observation claim counts, the pairwise agreement matrix and drift
+distributions. `write_figures` draws the agreement heatmap and the per-model drift chart (like the
+paper's precision/recall/similarity bars) with matplotlib's Agg backend; `write_card` renders
+data_cards/cxr-max.md.tmpl with string.Template into OUT/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cxrmax.core.errors import InputError, where
+from cxrmax.core.pathologies import OBSERVATIONS
+
+#: Where the card template lives (next to the package in a source checkout).
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "data_cards" / "cxr-max.md.tmpl"
+
+
+@dataclass
+class DriftStatistics:
+    """Everything the card, the figures and `cxrmax drift-report` show."""
+
+    models: list[str]
+    per_model: dict[str, dict[str, float]]
+    reference: str  # "ground truth" or "consensus" (what precision/recall are measured against)
+    claims: dict[str, dict[str, int]]  # model -> observation -> trajectories claiming it
+    agreement: list[list[float]]  # models x models: mean share of observations in the same state
+    agreement_pairs: list[list[int]]  # samples behind each cell
+    samples: int
+    trajectories: int
+    drift_score_quantiles: dict[str, float]
+    drift_score_histogram: tuple[list[int], list[float]]
+    trajectory_drift_histogram: tuple[list[int], list[float]]
+    consensus_flagged: int
+    laterality_conflict_samples: int
+    refusal_samples: int
+    mean_drift_profile: list[float] = field(default_factory=list)
+    mean_dispersion_profile: list[float] = field(default_factory=list)
+
+
+def _read(path: Path, columns: list[str]) -> pa.Table:
+    if not path.exists():
+        raise InputError(f"{where(path)}: missing; run `cxrmax build-preferences` first")
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            table = pa.ipc.open_file(source).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(
+            f"{where(path)}: cannot read, corrupt or truncated ({exc}); rerun `cxrmax build-preferences`"
+        ) from None
+    missing = [name for name in columns if name not in table.column_names]
+    if missing:
+        raise InputError(
+            f"{where(path, field=missing[0])}: column missing (written by another cxrmax version?); "
+            "rerun `cxrmax build-preferences`"
+        )
+    return table.select(columns)
+
+
+#: Characters that would end a Markdown table cell or turn a model name into markup/HTML.
+_MARKDOWN_SPECIAL = str.maketrans({c: "\\" + c for c in "\\|*_`<>[]#"} | {"\n": " ", "\r": " "})
+
+
+def _cell(text: str) -> str:
+    """A model name as literal Markdown text (safe inside a table cell)."""
+    return str(text).translate(_MARKDOWN_SPECIAL)
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def drift_statistics(out: str | Path) -> DriftStatistics:
+    """Aggregate OUT/annotations/ into per-model and per-pair statistics."""
+    out = Path(out)
+    traj = _read(
+        out / "annotations" / "trajectories.arrow",
+        [
+            "model",
+            "refusal",
+            "hedging",
+            "n_steps",
+            "n_chars",
+            "labels",
+            "gt_precision",
+            "gt_recall",
+            "gt_f1",
+            "cons_precision",
+            "cons_recall",
+            "cons_f1",
+            "cons_side_errors",
+            "gt_side_agreement",
+            "similarity",
+            "drift",
+        ],
+    )
+    samples = _read(
+        out / "annotations" / "samples.arrow",
+        [
+            "models",
+            "disagreement",
+            "drift_score",
+            "consensus_flagged",
+            "laterality_conflicts",
+            "refusals",
+            "drift_profile",
+            "dispersion_profile",
+        ],
+    )
+    model_col = traj.column("model").combine_chunks()
+    models = sorted(set(model_col.to_pylist()))
+    use_gt = pc.sum(pc.is_valid(traj.column("gt_recall"))).as_py() or 0
+    prefix = "gt" if use_gt else "cons"
+
+    def arr(name: str) -> np.ndarray:
+        return traj.column(name).to_numpy().astype(np.float64)
+
+    precision, recall, f1 = arr(f"{prefix}_precision"), arr(f"{prefix}_recall"), arr(f"{prefix}_f1")
+    similarity = arr("similarity")
+    report_sides = arr("gt_side_agreement")
+    drift = arr("drift")
+    refusal = traj.column("refusal").to_numpy(zero_copy_only=False).astype(bool)
+    hedging = traj.column("hedging").to_numpy(zero_copy_only=False).astype(bool)
+    steps = arr("n_steps")
+    chars = arr("n_chars")
+    side_err = (
+        pc.list_value_length(traj.column("cons_side_errors")).to_numpy(zero_copy_only=False) > 0
+    ).astype(bool)
+    labels = traj.column("labels").combine_chunks()
+    claims_matrix = np.stack(
+        [np.isin(labels.field(name).to_numpy(zero_copy_only=False), (1.0, -1.0)) for name in OBSERVATIONS],
+        axis=1,
+    )
+    model_np = model_col.to_numpy(zero_copy_only=False)
+    per_model: dict[str, dict[str, float]] = {}
+    claims: dict[str, dict[str, int]] = {}
+    for model in models:
+        m = model_np == model
+        per_model[model] = {
+            "trajectories": int(m.sum()),
+            "precision": _nanmean(precision[m]),
+            "recall": _nanmean(recall[m]),
+            "f1": _nanmean(f1[m]),
+            "similarity": _nanmean(similarity[m]),
+            "refusal_rate": float(refusal[m].mean()),
+            "hedging_rate": float(hedging[m].mean()),
+            "laterality_error_rate": float(side_err[m].mean()),
+            "report_side_agreement": _nanmean(report_sides[m]),
+            "mean_drift": _nanmean(drift[m]),
+            "mean_steps": _nanmean(steps[m]),
+            "mean_chars": _nanmean(chars[m]),
+        }
+        counts = claims_matrix[m].sum(axis=0)
+        claims[model] = {name: int(c) for name, c in zip(OBSERVATIONS, counts, strict=True)}
+
+    # Pairwise agreement: per model pair, mean over shared samples of 1 - disagreement. Vectorised:
+    # element e of a sample's flattened k x k matrix is the pair (e // k, e % k).
+    index = {m: i for i, m in enumerate(models)}
+    total = np.zeros((len(models), len(models)))
+    pairs = np.zeros((len(models), len(models)), dtype=np.int64)
+    names_col = samples.column("models").combine_chunks()
+    if len(names_col):
+        k = pc.list_value_length(names_col).to_numpy(zero_copy_only=False).astype(np.int64)
+        flat_names = pc.list_flatten(names_col).to_pylist()
+        # "model#2" (sample_index 2) counts for its model.
+        model_ids = np.array(
+            [index.get(n, index.get(n.split("#")[0], -1)) for n in flat_names], dtype=np.int64
+        )
+        values = pc.list_flatten(pc.list_flatten(samples.column("disagreement").combine_chunks()))
+        values = values.to_numpy(zero_copy_only=False).astype(np.float64)
+        name_offsets = np.r_[0, np.cumsum(k)[:-1]]
+        per_sample = k * k
+        sample_of = np.repeat(np.arange(len(k)), per_sample)
+        e = np.arange(per_sample.sum()) - np.repeat(np.r_[0, np.cumsum(per_sample)[:-1]], per_sample)
+        a = model_ids[name_offsets[sample_of] + e // k[sample_of]]
+        b = model_ids[name_offsets[sample_of] + e % k[sample_of]]
+        ok = (a >= 0) & (b >= 0) & ~np.isnan(values)
+        np.add.at(total, (a[ok], b[ok]), 1.0 - values[ok])
+        np.add.at(pairs, (a[ok], b[ok]), 1)
+    agreement = np.divide(total, pairs, out=np.full_like(total, np.nan), where=pairs > 0)
+
+    scores = samples.column("drift_score").to_numpy().astype(np.float64)
+    bins = np.linspace(0.0, 1.0, 11)
+    score_hist = np.histogram(scores[~np.isnan(scores)], bins=bins)[0]
+    drift_hist = np.histogram(drift[~np.isnan(drift)], bins=bins)[0]
+    quantiles = (
+        {f"p{q}": float(np.quantile(scores, q / 100)) for q in (10, 25, 50, 75, 90)}
+        | {"mean": float(scores.mean())}
+        if len(scores)
+        else {}
+    )
+
+    def mean_profile(name: str) -> list[float]:
+        column = samples.column(name).combine_chunks()
+        if not len(column):
+            return []
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        width = int(lengths.max())
+        if not (lengths == width).all():
+            return []
+        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, width)
+        return [float(v) for v in flat.mean(axis=0)]
+
+    return DriftStatistics(
+        models=models,
+        per_model=per_model,
+        reference="ground truth" if use_gt else "consensus",
+        claims=claims,
+        agreement=agreement.tolist(),
+        agreement_pairs=pairs.tolist(),
+        samples=samples.num_rows,
+        trajectories=traj.num_rows,
+        drift_score_quantiles=quantiles,
+        drift_score_histogram=(score_hist.tolist(), bins.tolist()),
+        trajectory_drift_histogram=(drift_hist.tolist(), bins.tolist()),
+        consensus_flagged=int(pc.sum(samples.column("consensus_flagged")).as_py() or 0),
+        laterality_conflict_samples=int(
+            (
+                pc.list_value_length(samples.column("laterality_conflicts")).to_numpy(zero_copy_only=False)
+                > 0
+            ).sum()
+        ),
+        refusal_samples=int(
+            (pc.list_value_length(samples.column("refusals")).to_numpy(zero_copy_only=False) > 0).sum()
+        ),
+        mean_drift_profile=mean_profile("drift_profile"),
+        mean_dispersion_profile=mean_profile("dispersion_profile"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def write_figures(stats: DriftStatistics, directory: str | Path) -> dict[str, Path]:
+    """Write agreement.png (pairwise agreement heatmap), drift_chart.png (per-model precision,
+    recall and similarity bars) and drift_profile.png (mean step-wise drift and dispersion)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    models = stats.models
+    n = len(models)
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * max(n, 2), 1.0 + 0.7 * max(n, 2)))
+    matrix = np.array(stats.agreement, dtype=float) if n else np.zeros((0, 0))
+    image = ax.imshow(matrix if n else np.zeros((1, 1)), vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), models, rotation=45, ha="right")
+    ax.set_yticks(range(n), models)
+    for i in range(n):
+        for j in range(n):
+            if not np.isnan(matrix[i, j]):
+                ax.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if matrix[i, j] < 0.6 else "black",
+                )
+    ax.set_title("Pairwise agreement between sources", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    paths["agreement"] = _save_fig(fig, directory / "agreement.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(2.0 + 1.1 * max(n, 2), 4.0))
+    x = np.arange(n)
+    width = 0.26
+    for k, (metric, label) in enumerate(
+        (("precision", "precision"), ("recall", "recall"), ("similarity", "similarity to report"))
+    ):
+        values = np.array([stats.per_model[m][metric] for m in models], dtype=float)
+        if np.isnan(values).all():  # e.g. no reports: say so instead of drawing zeros
+            label += " (n/a: no reports)" if metric == "similarity" else " (n/a)"
+        bars = ax.bar(x + (k - 1) * width, np.nan_to_num(values), width, label=label)
+        ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
+    ax.set_xticks(x, models, rotation=30, ha="right")
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel("score")
+    ax.set_title(f"Drift per source model (against the {stats.reference})", fontsize=10)
+    ax.legend(fontsize=8, ncols=3, loc="upper center")
+    fig.tight_layout()
+    paths["drift_chart"] = _save_fig(fig, directory / "drift_chart.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    if stats.mean_dispersion_profile:
+        ax.plot(
+            range(len(stats.mean_dispersion_profile)),
+            stats.mean_dispersion_profile,
+            marker="o",
+            label="dispersion H(P_j)",
+        )
+    if stats.mean_drift_profile:
+        ax.plot(
+            range(len(stats.mean_drift_profile)),
+            stats.mean_drift_profile,
+            marker="s",
+            label="JS(P_j || P_j+delta)",
+        )
+    ax.set_xlabel("relative reasoning step bin j")
+    ax.set_ylabel("mean over samples")
+    ax.set_title("Step-wise drift")
+    if stats.mean_dispersion_profile or stats.mean_drift_profile:  # no samples: an empty, legend-less plot
+        ax.legend(fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    paths["drift_profile"] = _save_fig(fig, directory / "drift_profile.png")
+    plt.close(fig)
+    return paths
+
+
+def _save_fig(fig, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# The card
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def model_table_markdown(stats: DriftStatistics) -> str:
+    """The per-model drift table as Markdown."""
+    head = "| model | trajectories | precision | recall | F1 | similarity | refusal rate | laterality error rate | mean drift | mean steps |"
+    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    rows = [head, rule]
+    for model in stats.models:
+        m = stats.per_model[model]
+        rows.append(
+            f"| {_cell(model)} | {m['trajectories']} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | "
+            f"{_fmt(m['similarity'])} | {_fmt(m['refusal_rate'])} | {_fmt(m['laterality_error_rate'])} | "
+            f"{_fmt(m['mean_drift'])} | {_fmt(m['mean_steps'])} |"
+        )
+    return "\n".join(rows)
+
+
+def _claims_markdown(stats: DriftStatistics) -> str:
+    head = "| observation | " + " | ".join(map(_cell, stats.models)) + " |"
+    rule = "|---|" + "---:|" * len(stats.models)
+    rows = [head, rule]
+    for name in OBSERVATIONS:
+        rows.append(f"| {name} | " + " | ".join(str(stats.claims[m][name]) for m in stats.models) + " |")
+    return "\n".join(rows)
+
+
+def _agreement_markdown(stats: DriftStatistics) -> str:
+    head = "| | " + " | ".join(map(_cell, stats.models)) + " |"
+    rule = "|---|" + "---:|" * len(stats.models)
+    rows = [head, rule]
+    for i, model in enumerate(stats.models):
+        rows.append(f"| {_cell(model)} | " + " | ".join(_fmt(v) for v in stats.agreement[i]) + " |")
+    return "\n".join(rows)
+
+
+def _histogram_markdown(hist: tuple[list[int], list[float]]) -> str:
+    counts, edges = hist
+    rows = ["| drift | count |", "|---|---:|"]
+    for c, lo, hi in zip(counts, edges[:-1], edges[1:], strict=True):
+        rows.append(f"| {lo:.1f}-{hi:.1f} | {c} |")
+    return "\n".join(rows)
+
+
+def _split_table(report: dict) -> str:
+    rows = ["| data set | train | validate | test |", "|---|---:|---:|---:|"]
+    for name in ("preferences", "sft"):
+        split_rows = report.get("split_rows", {}).get(name, {})
+        rows.append(
+            f"| {name} | "
+            + " | ".join(str(split_rows.get(s, 0)) for s in ("train", "validate", "test"))
+            + " |"
+        )
+    return "\n".join(rows)
+
+
+def render_card(out: str | Path, stats: DriftStatistics | None = None, template: Path | None = None) -> str:
+    """The card text for OUT (README.md with a Hub YAML header listing the two configs)."""
+    out = Path(out)
+    stats = stats or drift_statistics(out)
+    report_path = out / "build_report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    counts = report.get("counts", {})
+    load = report.get("load", {})
+    values = {
+        "n_samples": stats.samples,
+        "n_trajectories": stats.trajectories,
+        "n_models": len(stats.models),
+        "models": ", ".join(map(_cell, stats.models)) or "none",
+        "reference": stats.reference,
+        "split_table": _split_table(report),
+        "model_table": model_table_markdown(stats),
+        "claims_table": _claims_markdown(stats),
+        "agreement_table": _agreement_markdown(stats),
+        "drift_score_histogram": _histogram_markdown(stats.drift_score_histogram),
+        "trajectory_drift_histogram": _histogram_markdown(stats.trajectory_drift_histogram),
+        "drift_quantiles": ", ".join(f"{k} {v:.3f}" for k, v in stats.drift_score_quantiles.items()) or "n/a",
+        "consensus_flagged": stats.consensus_flagged,
+        "laterality_conflict_samples": stats.laterality_conflict_samples,
+        "refusal_samples": stats.refusal_samples,
+        "preference_rows": counts.get("preference_rows", 0),
+        "negatives": counts.get("negatives", 0),
+        "sft_rows": counts.get("sft_rows", 0),
+        "skipped_few_sources": report.get("skipped_few_sources", 0),
+        "empty_texts": load.get("empty_texts", 0),
+        "truncated_texts": load.get("truncated_texts", 0),
+        "reasoning_joined": load.get("reasoning_joined", 0),
+        "duplicates_skipped": load.get("duplicates_skipped", 0) + load.get("identical_duplicates_skipped", 0),
+        "ms_cxr_t_excluded_rows": report.get("ms_cxr_t_excluded_rows", 0),
+        "samples_without_negatives": counts.get("samples_without_negatives", 0),
+        "labeler_errors": counts.get("labeler_errors", 0),
+        "size_category": _size_category(stats.trajectories),
+    }
+    text = (template or TEMPLATE_PATH).read_text(encoding="utf-8")
+    return Template(text).substitute(values)
+
+
+def _size_category(n: int) -> str:
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
+        if n < limit:
+            return name
+    return "1M<n<10M"
+
+
+def write_card(out: str | Path, figures: bool = True) -> Path:
+    """Render OUT/README.md (and OUT/figures/*.png) from the build's annotations."""
+    out = Path(out)
+    stats = drift_statistics(out)
+    if figures:
+        write_figures(stats, out / "figures")
+    text = render_card(out, stats)
+    path = out / "README.md"
+    tmp = path.with_name(f".README.md.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,721 @@
+"""`cxrmax demo`: the whole mission at toy scale, on CPU, in a few minutes.
+
+Stages (each timed and printed):
+
+1. **data**: a mini MIMIC-CXR (:func:`cxrmax.testing.mini_mimic.make_mini_mimic`), frontal images, one per study.
+2. **teachers**: tiny VLMs trained with injected, known biases (:mod:`cxrmax.toy.teachers`): a faithful
+   reference, one that swaps left and right, one that asserts an absent finding, one that often
+   refuses, one that rambles.
+3. **generate**: every teacher is served on loopback by the OpenAI-compatible test server and answers
+   the paper's rationale prompt through ``cxrmax generate``'s openai backend: train-split images feed
+   the preferences, test-split images (several samples each) measure the drift.
+4. **preferences**: ``build-preferences`` (vote consensus, drift annotations, ranked negatives, SFT
+   rows, data card).
+5. **students**: a tiny student trained with SFT on all teachers' trajectories, then APO (multi-negative
+   Plackett-Luce) from the SFT model; for comparison the SFT model alone and pairwise DPO from it.
+   Students answer the test split through generate's transformers backend.
+6. **score**: teachers and students on the leaderboard's ``cxr-max-rationale`` task (precision, recall,
+   similarity vs the test labels and reports) plus the drift rates read by the labeler (refusal rate,
+   hallucination rate, laterality error vs the report's side, length), stored on a local board.
+
+Everything is real (trained models, generated text, scores computed from it), and everything is tiny:
+a few hundred synthetic studies and models of about 200k parameters. The numbers show the mechanics of
+drift and of training against it, not what a 7B model trained on CXR-MAX achieves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxrmax.core.errors import CxrmaxError, InputError
+
+TOY_NOTICE = (
+    "TOY-SCALE SIMULATION: synthetic mini MIMIC-CXR, tiny models (~200k parameters) trained for seconds "
+    "on CPU with injected biases. The figures show the mechanics of drift and of training against it; "
+    "they say nothing about real VLMs or about CXR-MAX at full scale."
+)
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is: data, training steps and samples."""
+
+    studies: int
+    teacher_steps: int
+    train_images: int  # train-split images the teachers answer (preference data)
+    test_samples: int  # answers per test image (drift is measured over them)
+    sft_steps: int
+    apo_steps: int
+    max_tokens: int = 160
+    teacher_batch: int = 16
+    teacher_lr: float = 8e-3
+    image_max_edge: int = 112
+
+
+SIZES: dict[str, DemoSize] = {
+    # The test suite's size: every stage runs for real, on little data.
+    "small": DemoSize(
+        studies=60, teacher_steps=100, train_images=24, test_samples=2, sft_steps=100, apo_steps=16
+    ),
+    # Fits the 5-minute budget on 2 CPU cores while every teacher's drift stays visible.
+    "default": DemoSize(
+        studies=240, teacher_steps=300, train_images=64, test_samples=2, sft_steps=80, apo_steps=16
+    ),
+    # More data and steps: clearer separation between teachers and students (about 10 minutes on 2 cores).
+    "large": DemoSize(
+        studies=400, teacher_steps=360, train_images=120, test_samples=3, sft_steps=200, apo_steps=60
+    ),
+}
+
+
+@dataclass
+class StageTiming:
+    """Wall seconds of one demo stage (or why it was skipped)."""
+
+    name: str
+    seconds: float = 0.0
+    skipped: str | None = None
+
+
+@dataclass
+class DemoResult:
+    """What the demo produced: per-model rows, timings and artifact paths."""
+
+    out: Path
+    size: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    timings: list[StageTiming] = field(default_factory=list)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    drift_report: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(t.seconds for t in self.timings)
+
+    def row(self, model: str) -> dict[str, Any]:
+        """The scored row of one model (teacher or student)."""
+        for row in self.rows:
+            if row["model"] == model:
+                return row
+        raise KeyError(model)
+
+
+class _Stages:
+    """Times stages and prints one line per stage."""
+
+    def __init__(self, result: DemoResult, console: Any) -> None:
+        self.result = result
+        self.console = console
+
+    @contextlib.contextmanager
+    def stage(self, name: str, what: str) -> Iterator[StageTiming]:
+        timing = StageTiming(name)
+        self.result.timings.append(timing)
+        if self.console is not None:
+            self.console.print(f"[bold cyan]{name}[/]: {what}")
+        started = time.perf_counter()
+        try:
+            yield timing
+        finally:
+            timing.seconds = time.perf_counter() - started
+            if self.console is not None:
+                status = f"skipped ({timing.skipped})" if timing.skipped else "done"
+                self.console.print(f"  [dim]{name} {status} in {timing.seconds:.1f} s[/]")
+
+
+def _torch_threads() -> None:
+    """Intra-op threads for the tiny models: one per core on an idle machine, a single one when the
+    machine is already busy (spinning threads then cost more than they give)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a core dependency of the demo
+        return
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= cores
+    except OSError:  # pragma: no cover - not every platform has a load average
+        busy = False
+    torch.set_num_threads(1 if busy else max(1, min(cores, 4)))
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def make_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Any, Any]:
+    """The mini MIMIC-CXR and the demo's selections: (root, train selection, test selection).
+
+    One frontal image per study; the train selection is a deterministic sample of ``train_images``."""
+    from cxrmax.mimic.reader import MimicCXR, write_selection
+    from cxrmax.testing.mini_mimic import make_mini_mimic
+
+    root = out / "mimic"
+    if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
+        make_mini_mimic(root, studies=size.studies, seed=seed)
+    mimic = MimicCXR(root)
+    train_all = mimic.select(splits=["train"], views=["PA", "AP"])
+    train_gen = mimic.select(splits=["train"], views=["PA", "AP"], k=size.train_images, seed=seed)
+    test = mimic.select(splits=["test"], views=["PA", "AP"])
+    if train_all.num_rows == 0 or test.num_rows == 0:
+        raise InputError(f"{root}: the mini MIMIC-CXR has no frontal train or test images; use more studies")
+    write_selection(train_all, out / "selection-train-all.parquet")
+    write_selection(train_gen, out / "selection-train.parquet")
+    write_selection(test, out / "selection-test.parquet")
+    return root, train_all, test
+
+
+# --------------------------------------------------------------------------------------------
+# Generation through the generate backends
+# --------------------------------------------------------------------------------------------
+
+
+def _model_spec(name: str, size: DemoSize) -> Any:
+    from cxrmax.generate.roster import ModelSpec
+
+    # Temperature 1 reproduces the trained rates of the biases (greedy decoding would turn a 50%
+    # refusal rate into all-or-nothing per prompt).
+    return ModelSpec(
+        name=name,
+        hf_id=name,
+        sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": size.max_tokens},
+        in_roster=False,
+    )
+
+
+def generate_answers(
+    name: str,
+    model_dir: Path,
+    selection: Path,
+    mimic_root: Path,
+    out: Path,
+    size: DemoSize,
+    samples: int,
+    seed: int,
+    backend: str,
+    prompt: Any = None,
+) -> dict[str, Any]:
+    """Answers of one model to the rationale prompt over ``selection`` into ``out/trajectories/<name>``.
+
+    ``backend="openai"``: the model is served on 127.0.0.1 by cxrmax.testing.openai_server and reached
+    with generate's openai backend; ``"transformers"``: generate loads it in-process."""
+    from cxrmax.generate.orchestrator import GenerateOptions, generate
+    from cxrmax.generate.prompts import load_prompt
+
+    options = GenerateOptions(
+        model=_model_spec(name, size),
+        selection=selection,
+        mimic_root=mimic_root,
+        out=out,
+        prompt=prompt if prompt is not None else load_prompt("rationale"),
+        backend=backend,
+        model_path=str(model_dir),
+        samples=samples,
+        seed=seed,
+        concurrency=2,
+        image_max_edge=size.image_max_edge,
+        timeout=120.0,
+    )
+    if backend == "openai":
+        from cxrmax.testing.openai_server import serve_in_thread
+
+        with serve_in_thread(model_dir, served_model_name=name) as server:
+            options.base_urls = [server.base_url]
+            stats = generate(options)
+    else:
+        stats = generate(options)
+    return _stats_dict(stats)
+
+
+def _stats_dict(stats: Any) -> dict[str, Any]:
+    try:
+        return asdict(stats)
+    except TypeError:
+        return {k: v for k, v in vars(stats).items() if isinstance(v, (int, float, str))}
+
+
+# --------------------------------------------------------------------------------------------
+# Drift rates read by the labeler
+# --------------------------------------------------------------------------------------------
+
+
+def drift_rates(trajectories: Any, reference_sides: dict[str, dict[str, str]]) -> dict[str, dict[str, float]]:
+    """Per model: refusal rate, hallucination rate (answers asserting a finding the study's labels
+    give as negative or not mentioned, refusals excluded), laterality error rate (stated sides that
+    contradict the report's side, over the sides compared), mean words and answers.
+
+    ``trajectories``: a TRAJECTORY_SCHEMA table; ``reference_sides``: sample_id -> report sides."""
+    from cxrmax.core.pathologies import FINDINGS
+    from cxrmax.labeler import label_text
+
+    acc: dict[str, dict[str, float]] = {}
+    models = trajectories.column("model").to_pylist()
+    texts = trajectories.column("text").to_pylist()
+    samples = trajectories.column("sample_id").to_pylist()
+    labels = trajectories.column("labels").to_pylist()
+    for model, text, sample, truth in zip(models, texts, samples, labels, strict=True):
+        a = acc.setdefault(
+            model, {"answers": 0, "refusals": 0, "hallucinating": 0, "sides": 0, "side_errors": 0, "words": 0}
+        )
+        a["answers"] += 1
+        a["words"] += len((text or "").split())
+        labeled = label_text(text or "")
+        if labeled.is_refusal:
+            a["refusals"] += 1
+            continue
+        truth = truth or {}
+        claimed = [
+            name
+            for name in FINDINGS
+            if name in labeled.observations and labeled.observations[name].status == "positive"
+        ]
+        if any(truth.get(name) not in (1.0, -1.0) for name in claimed if name != "Support Devices"):
+            a["hallucinating"] += 1
+        gold = reference_sides.get(sample, {})
+        for name in claimed:
+            side = labeled.observations[name].laterality
+            if name in gold and side in ("left", "right", "bilateral"):
+                a["sides"] += 1
+                a["side_errors"] += int(side != gold[name])
+    rates = {}
+    for model, a in acc.items():
+        answered = a["answers"] - a["refusals"]
+        rates[model] = {
+            "answers": int(a["answers"]),
+            "refusal_rate": a["refusals"] / a["answers"] if a["answers"] else float("nan"),
+            "hallucination_rate": a["hallucinating"] / answered if answered else float("nan"),
+            "laterality_error_rate": a["side_errors"] / a["sides"] if a["sides"] else float("nan"),
+            "sides_compared": int(a["sides"]),
+            "mean_words": a["words"] / a["answers"] if a["answers"] else float("nan"),
+        }
+    return rates
+
+
+# --------------------------------------------------------------------------------------------
+# Students
+# --------------------------------------------------------------------------------------------
+
+
+def train_students(
+    out: Path, data: Path, mimic_root: Path, base: Path, size: DemoSize, seed: int, console: Any
+) -> dict[str, Path]:
+    """SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO from the SFT model.
+
+    Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``."""
+    from apo_train.config import APOConfig, SFTStageConfig
+    from apo_train.trainer import run_apo, run_sft
+
+    common = {
+        "image_root": str(mimic_root),
+        "max_edge": size.image_max_edge,
+        "use_lora": False,  # a 200k-parameter model: full fine-tuning is as cheap as LoRA
+        "bf16": False,
+        "use_cpu": True,
+        "seed": seed,
+        "save_strategy": "no",
+        "logging_steps": 5,
+        "dataloader_num_workers": 0,
+        "max_length": 1024,
+        "jsonl_log": True,
+    }
+    sft_cfg = SFTStageConfig(
+        output_dir=str(out / "student-sft"),
+        model_name_or_path=str(base),
+        dataset_path=str(data / "sft"),
+        learning_rate=8e-3,  # a tiny model from scratch: the teachers' rate (see simulate.train_teacher)
+        warmup_steps=0.05,
+        max_steps=size.sft_steps,
+        per_device_train_batch_size=8,
+        **common,
+    )
+    run_sft(sft_cfg, console=None)
+    students = {"student-sft": out / "student-sft"}
+    for name, loss in (("student-apo", "plackett-luce"), ("student-dpo", "pairwise")):
+        cfg = APOConfig(
+            output_dir=str(out / name),
+            model_name_or_path=str(out / "student-sft"),
+            dataset_path=str(data / "preferences"),
+            loss_type=loss,
+            beta=0.1,  # the paper's (TRL's default)
+            # Far below the SFT rate, as in the paper (1e-4 -> 5e-7): at 1e-3 the tiny student's
+            # margins explode (about 17 after 60 steps) and its text degrades.
+            learning_rate=1e-4,
+            max_steps=size.apo_steps,
+            per_device_train_batch_size=2,
+            **common,
+        )
+        run_apo(cfg, console=None)
+        students[name] = out / name
+    return students
+
+
+# --------------------------------------------------------------------------------------------
+# The demo
+# --------------------------------------------------------------------------------------------
+
+
+def run_demo(
+    out: str | Path = "demo-out",
+    size: str = "default",
+    seed: int = 0,
+    console: Any = None,
+    teacher_backend: str = "openai",
+) -> DemoResult:
+    """Run the whole toy pipeline under ``out`` (see the module docstring). Returns a DemoResult;
+    writes ``out/demo_report.json`` and ``out/DEMO.md``. A stage that cannot run (a missing
+    component) is reported as skipped with the reason, never faked."""
+    with _third_party_bars_off():
+        return _run_demo(out, size, seed, console, teacher_backend)
+
+
+@contextlib.contextmanager
+def _third_party_bars_off() -> Iterator[None]:
+    """Hide the tqdm bars of `datasets` (saving, mapping) and `transformers` (loading, writing
+    weights) for the demo's duration: its stage lines and rich training bars already show progress,
+    and dozens of sub-second bars bury them. Restored afterwards."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets_were_on = datasets.is_progress_bar_enabled()
+    transformers_were_on = hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    # Spawned workers (teacher training, model servers) read it when transformers is imported.
+    hub_variable = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        yield
+    finally:
+        if hub_variable is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = hub_variable
+        if datasets_were_on:
+            datasets.enable_progress_bars()
+        if transformers_were_on:
+            hf_logging.enable_progress_bar()
+
+
+def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backend: str) -> DemoResult:
+    if size not in SIZES:
+        raise InputError(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
+    spec = SIZES[size]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    random.seed(seed)
+    _torch_threads()
+    result = DemoResult(out=out, size=size)
+    stages = _Stages(result, console)
+    if console is not None:
+        console.print(f"[bold yellow]{TOY_NOTICE}[/]")
+
+    # 1. data
+    with stages.stage("data", f"mini MIMIC-CXR with {spec.studies} studies"):
+        root, train_all, test = make_data(out, spec, seed)
+    result.artifacts["mini MIMIC-CXR"] = str(root)
+
+    # 2. teachers
+    from cxrmax.toy import teachers as sim
+
+    teachers = sim.default_teachers()
+    with stages.stage("teachers", f"train {len(teachers)} tiny VLM teachers with injected drift"):
+        # The diagnosis list carries each finding's report side (see simulate.sided_prompt), for the
+        # train and the test images alike; teachers and students are all asked with this prompt.
+        sides = sim.selection_sides(train_all) | sim.selection_sides(test)
+        prompt = sim.sided_prompt(sides, "rationale")
+        examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
+        simulation = sim.simulate(
+            out / "teachers",
+            examples,
+            teachers,
+            steps=spec.teacher_steps,
+            batch_size=spec.teacher_batch,
+            lr=spec.teacher_lr,
+            seed=seed,
+            max_edge=spec.image_max_edge,
+        )
+    result.artifacts["teachers + drift spec"] = str(simulation.spec_path)
+    if console is not None:
+        for t in simulation.teachers:
+            console.print(
+                f"  {t.spec.name:<13} {t.spec.describe():<45} loss {t.stats.first_loss:.2f} -> {t.stats.last_loss:.2f}"
+            )
+
+    # 3. generate
+    gen_out, eval_out = out / "generate", out / "eval"
+    with stages.stage(
+        "generate",
+        f"teachers served on 127.0.0.1 ({teacher_backend} backend) answer {spec.train_images} train images "
+        f"and {test.num_rows} test images x {spec.test_samples}",
+    ):
+        for t in simulation.teachers:
+            generate_answers(
+                t.spec.name,
+                t.path,
+                out / "selection-train.parquet",
+                root,
+                gen_out,
+                spec,
+                1,
+                seed,
+                teacher_backend,
+                prompt,
+            )
+            generate_answers(
+                t.spec.name,
+                t.path,
+                out / "selection-test.parquet",
+                root,
+                eval_out,
+                spec,
+                spec.test_samples,
+                seed,
+                teacher_backend,
+                prompt,
+            )
+    result.artifacts["teacher trajectories (train split)"] = str(gen_out / "trajectories")
+    result.artifacts["test-split answers (teachers + students)"] = str(eval_out / "trajectories")
+
+    # 4. preferences
+    data = out / "data"
+    with stages.stage(
+        "preferences", "build-preferences: vote consensus, drift annotations, ranked negatives"
+    ):
+        from cxrmax.generate import trajectory_files
+        from cxrmax.preferences.build import BuildOptions, build_preferences
+
+        # The committed Arrow shards themselves: generate's folder also holds run manifests (JSON)
+        # that are not trajectories.
+        build_preferences(trajectory_files(gen_out), data, BuildOptions(mimic_root=root, processes=1))
+        from cxrmax.preferences.datacard import drift_statistics
+
+        stats = drift_statistics(data)
+        result.drift_report = {"samples": stats.samples, "per_model": stats.per_model}
+    result.artifacts["preferences / sft (datasets)"] = f"{data / 'preferences'} , {data / 'sft'}"
+    result.artifacts["data card"] = str(data / "README.md")
+
+    # 5. students
+    students: dict[str, Path] = {}
+    with stages.stage(
+        "students", "SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO"
+    ) as timing:
+        try:
+            from cxrmax.toy.tinyvlm import build_tiny_vlm
+
+            base = build_tiny_vlm(
+                out / "students" / "base",
+                corpus=sim.teacher_corpus(examples, teachers, seed),
+                seed=seed + 100,
+            )
+            students = train_students(out / "students", data, root, base, spec, seed, console)
+        except ImportError as exc:
+            timing.skipped = f"training stack not installed: {exc}"
+            result.notes.append(f"students skipped: {exc}")
+    for name, path in students.items():
+        result.artifacts[name] = str(path)
+    if students:
+        with stages.stage(
+            "students answer", f"{len(students)} students answer the test split (transformers backend)"
+        ):
+            for name, path in students.items():
+                generate_answers(
+                    name,
+                    path,
+                    out / "selection-test.parquet",
+                    root,
+                    eval_out,
+                    spec,
+                    spec.test_samples,
+                    seed,
+                    "transformers",
+                    prompt,
+                )
+
+    # 6. score
+    with stages.stage("score", "leaderboard cxr-max-rationale + labeler drift rates on the test split"):
+        result.rows = score_models(eval_out, root, test, out / "leaderboard.sqlite", simulation)
+    result.artifacts["leaderboard store"] = str(out / "leaderboard.sqlite")
+
+    _write_report(result)
+    result.artifacts["report"] = str(out / "DEMO.md")
+    if console is not None:
+        print_result(result, console)
+    return result
+
+
+def _report_text(row: dict[str, Any]) -> str:
+    return " ".join(t for t in (row.get("findings"), row.get("impression")) if t)
+
+
+def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation: Any) -> list[dict[str, Any]]:
+    """Score every model under ``eval_out/trajectories`` with the leaderboard and the drift rates."""
+    from cxrmax.generate import model_dirs, read_trajectories
+    from cxrmax.leaderboard import score
+    from cxrmax.leaderboard.store import Board
+    from cxrmax.toy.teachers import report_sides
+
+    gold = {row["sample_id"]: report_sides(_report_text(row)) for row in test.to_pylist()}
+    table = read_trajectories(eval_out)
+    rates = drift_rates(table, gold)
+    drift_of = {t.spec.name: t.spec.describe() for t in simulation.teachers}
+    short_of = {
+        t.spec.name: ", ".join(f"{b.kind} {b.rate:.0%}" for b in t.spec.biases) or "none"
+        for t in simulation.teachers
+    }
+    rows = []
+    with Board(store) as board:
+        for folder in model_dirs(eval_out):
+            result = score(folder, "cxr-max-rationale", root, n_boot=200, seed=0, processes=1)
+            for model, scores in result.per_model.items():
+                row = {
+                    "model": model,
+                    "kind": "teacher" if model in drift_of else "student",
+                    "injected": drift_of.get(model, _student_note(model)),
+                    "short": short_of.get(model, _student_short(model)),
+                    "precision": scores.get("precision"),
+                    "recall": scores.get("recall"),
+                    "similarity": scores.get("similarity"),
+                    **rates.get(model, {}),
+                }
+                rows.append(row)
+            if board.find(result.task, result.sha256) is None:
+                board.submit(result, name=folder.name, model_info={"demo": True, "toy_scale": True})
+    order = [t.spec.name for t in simulation.teachers] + ["student-sft", "student-dpo", "student-apo"]
+    rows.sort(key=lambda r: order.index(r["model"]) if r["model"] in order else len(order))
+    return rows
+
+
+def _student_short(model: str) -> str:
+    return {"student-sft": "SFT", "student-apo": "SFT + APO (PL)", "student-dpo": "SFT + DPO"}.get(model, "")
+
+
+def _student_note(model: str) -> str:
+    return {
+        "student-sft": "SFT on all teachers' trajectories",
+        "student-apo": "SFT, then APO (multi-negative Plackett-Luce)",
+        "student-dpo": "SFT, then pairwise DPO (same pairs)",
+    }.get(model, "")
+
+
+_COLUMNS = (
+    ("precision", "prec"),
+    ("recall", "rec"),
+    ("similarity", "sim"),
+    ("refusal_rate", "refuse"),
+    ("hallucination_rate", "halluc"),
+    ("laterality_error_rate", "side"),
+    ("sides_compared", "sides"),
+    ("mean_words", "words"),
+    ("answers", "n"),
+)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "n/a"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
+
+
+def results_markdown(result: DemoResult) -> str:
+    """The results table as Markdown."""
+    head = "| model | injected drift / training | " + " | ".join(h for _, h in _COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (2 + len(_COLUMNS))]
+    for row in result.rows:
+        cells = [_fmt(row.get(k)) for k, _ in _COLUMNS]
+        lines.append(f"| {row['model']} | {row['injected']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_report(result: DemoResult) -> None:
+    payload = {
+        "notice": TOY_NOTICE,
+        "size": result.size,
+        "rows": result.rows,
+        "timings": [asdict(t) for t in result.timings],
+        "total_seconds": result.total_seconds,
+        "artifacts": result.artifacts,
+        "drift_report": result.drift_report,
+        "notes": result.notes,
+    }
+    path = result.out / "demo_report.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    timings = "\n".join(f"| {t.name} | {t.seconds:.1f} s | {t.skipped or ''} |" for t in result.timings)
+    md = (
+        f"# cxrmax demo ({result.size})\n\n> {TOY_NOTICE}\n\n"
+        f"Test split, rationale prompt; precision/recall/similarity from the leaderboard task "
+        f"cxr-max-rationale; refusal, hallucination and side-error rates read by the labeler "
+        f"(side error: stated side vs the report's side).\n\n{results_markdown(result)}\n\n"
+        f"| stage | wall time | note |\n|---|---|---|\n{timings}\n\n"
+        f"Total: {result.total_seconds:.1f} s\n\n## Artifacts\n\n"
+        + "\n".join(f"- {k}: `{v}`" for k, v in result.artifacts.items())
+        + "\n"
+    )
+    (result.out / "DEMO.md").write_text(md)
+
+
+def print_result(result: DemoResult, console: Any) -> None:
+    """Print the table, the drift report, timings and artifact paths."""
+    from rich.table import Table
+
+    table = Table(title="Teachers and students on the test split (toy scale)", padding=(0, 1))
+    table.add_column("model", no_wrap=True)
+    shown = [(k, h) for k, h in _COLUMNS if k != "answers"]  # fits 80 columns
+    for _, header in shown:
+        table.add_column(header, justify="right", no_wrap=True, min_width=4)
+    for row in result.rows:
+        table.add_row(row["model"], *[_fmt(row.get(k)) for k, _ in shown])
+    console.print(table)
+    answers = sorted({row.get("answers") for row in result.rows if row.get("answers")})
+    console.print(f"  answers per model: {', '.join(map(str, answers))}", highlight=False)
+    for row in result.rows:
+        console.print(f"  {row['model']:<13} {row['injected']}", highlight=False)
+    console.print(
+        "  prec/rec/sim: leaderboard cxr-max-rationale vs the test labels and reports; refuse, halluc "
+        "(answers asserting a finding the labels lack), side (error rate: stated vs the report's side, "
+        "over 'sides' comparisons), words: read by the labeler",
+        highlight=False,
+    )
+    if result.drift_report:
+        drift = Table(
+            title=f"Drift report of build-preferences (train split, {result.drift_report['samples']} samples)"
+        )
+        for name in ("model", "precision", "recall", "refusal", "side err vs consensus", "mean drift"):
+            drift.add_column(name, justify="left" if name == "model" else "right")
+        for model, m in result.drift_report["per_model"].items():
+            drift.add_row(
+                model,
+                *[
+                    _fmt(m.get(k))
+                    for k in ("precision", "recall", "refusal_rate", "laterality_error_rate", "mean_drift")
+                ],
+            )
+        console.print(drift)
+    timing = Table(title="Wall time per stage")
+    timing.add_column("stage")
+    timing.add_column("seconds", justify="right")
+    for t in result.timings:
+        timing.add_row(t.name + (f" (skipped: {t.skipped})" if t.skipped else ""), f"{t.seconds:.1f}")
+    timing.add_row("[bold]total[/]", f"[bold]{result.total_seconds:.1f}[/]")
+    console.print(timing)
+    console.print("[bold]Artifacts[/]")
+    for what, where_ in result.artifacts.items():
+        console.print(f"  {what}: {where_}")
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"[bold yellow]{TOY_NOTICE}[/]")
+
+
+__all__ = ["SIZES", "TOY_NOTICE", "DemoResult", "DemoSize", "CxrmaxError", "run_demo"]

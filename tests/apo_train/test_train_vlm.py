@@ -1,0 +1,110 @@
+"""APO and SFT on a tiny Qwen2-VL with real images from a mini MIMIC-CXR (cxrmax.mimic.images preprocessing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from apo_train.config import SFTStageConfig
+from apo_train.data import APOCollator, ChatEncoder, load_split, tokenize_preferences
+from apo_train.modeling import load_processor
+from apo_train.trainer import run_apo, run_sft
+from cxrmax.core.schemas import PREFERENCE_SCHEMA, SFT_SCHEMA
+from tests.helpers.training import POSITIVE, PROMPT, apo_config, preference_rows, save_dataset
+
+
+@pytest.fixture(scope="module")
+def image_paths(mini_mimic) -> list[str]:
+    paths = sorted(p.relative_to(mini_mimic).as_posix() for p in Path(mini_mimic, "files").rglob("*.jpg"))
+    assert len(paths) >= 4
+    return paths[:4]
+
+
+@pytest.fixture(scope="module")
+def vlm_prefs(tmp_path_factory, image_paths):
+    rows = preference_rows(6, image_paths=image_paths)
+    return save_dataset(rows, PREFERENCE_SCHEMA, tmp_path_factory.mktemp("vlm") / "preferences")
+
+
+def test_vlm_rows_share_the_image_and_expand_image_tokens(tiny_vlm_path, mini_mimic, vlm_prefs):
+    encoder = ChatEncoder(load_processor(tiny_vlm_path), image_root=mini_mimic, max_edge=112)
+    ds, stats = tokenize_preferences(load_split(vlm_prefs), encoder, max_length=512)
+    assert stats.samples_kept == 6
+    batch = APOCollator(encoder)([ds[0], ds[1]])
+    rows = batch["input_ids"].shape[0]
+    image_token = encoder.processor.image_token_id
+    merge = encoder.processor.image_processor.merge_size
+    assert batch["image_grid_thw"].shape == (rows, 3)
+    per_row_tokens = (batch["input_ids"] == image_token).sum(dim=1)
+    expected = batch["image_grid_thw"].prod(dim=1) // (merge * merge)
+    assert torch.equal(per_row_tokens, expected) and (per_row_tokens > 0).all()
+    assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
+    # Image tokens are prompt tokens: never in the labels.
+    assert not (batch["labels"] == image_token).any()
+
+
+def test_missing_image_is_an_input_error(tiny_vlm_path, mini_mimic, tmp_path):
+    from cxrmax.core.errors import InputError
+
+    rows = preference_rows(2, image_paths=["files/p10/p10000000/s50000000/nope.jpg"])
+    path = save_dataset(rows, PREFERENCE_SCHEMA, tmp_path / "p")
+    encoder = ChatEncoder(load_processor(tiny_vlm_path), image_root=mini_mimic, max_edge=112)
+    with pytest.raises(InputError, match=r"row 1 field 'image_path'"):
+        tokenize_preferences(load_split(path), encoder)
+
+
+@pytest.mark.slow
+def test_apo_and_sft_train_on_tiny_qwen2_vl_with_images(
+    tiny_vlm_path, mini_mimic, vlm_prefs, image_paths, tmp_path
+):
+    cfg = apo_config(
+        tmp_path,
+        tiny_vlm_path,
+        vlm_prefs,
+        image_root=str(mini_mimic),
+        max_edge=112,
+        max_length=512,
+        max_steps=3,
+        learning_rate=2e-2,
+    )
+    result = run_apo(cfg)
+    logs = [h for h in result["log_history"] if "rewards/chosen" in h]
+    assert len(logs) == 3
+    assert logs[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert all(h["negatives"] >= 2 for h in logs)
+
+    rows = [
+        {
+            "sample_id": f"s{i}",
+            "split": "train",
+            "image_path": image_paths[i % len(image_paths)],
+            "prompt": PROMPT.format(label="effusion"),
+            "completion": POSITIVE,
+            "model": "m0",
+        }
+        for i in range(4)
+    ]
+    sft_path = save_dataset(rows, SFT_SCHEMA, tmp_path / "sft")
+    sft = run_sft(
+        SFTStageConfig(
+            output_dir=str(tmp_path / "sft_out"),
+            model_name_or_path=str(tiny_vlm_path),
+            dataset_path=str(sft_path),
+            image_root=str(mini_mimic),
+            max_edge=112,
+            max_steps=3,
+            learning_rate=2e-2,
+            per_device_train_batch_size=2,
+            global_batch_size=None,
+            logging_steps=1,
+            save_strategy="no",
+            use_cpu=True,
+            lora_dropout=0.0,
+        )
+    )
+    losses = [h["loss"] for h in sft["log_history"] if "loss" in h]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert (tmp_path / "sft_out" / "adapter_model.safetensors").exists()

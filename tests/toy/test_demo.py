@@ -1,0 +1,132 @@
+"""`cxrmax demo --size small` end to end, and its outputs checked for content: the injected drift is
+visible in the teachers' generated text (read back independently here with the labeler), the
+preference shards are non-empty, and teachers and students are scored and on the board."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from cxrmax.labeler import label_text
+
+pytestmark = pytest.mark.slow
+
+TEACHERS = ["faithful", "swaps-sides", "hallucinates", "refuses", "verbose"]
+STUDENTS = ["student-sft", "student-apo", "student-dpo"]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from cxrmax.toy.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(out, size="small", seed=0)
+
+
+def _answers(out, model, split_dir="eval"):
+    from cxrmax.generate import read_trajectories
+
+    table = read_trajectories(out / split_dir, model=model)
+    return table.to_pylist()
+
+
+def test_every_stage_ran_and_is_timed(demo):
+    names = [t.name for t in demo.timings]
+    assert names[:4] == ["data", "teachers", "generate", "preferences"]
+    assert all(t.seconds > 0 for t in demo.timings)
+    assert not any(t.skipped for t in demo.timings), [t.skipped for t in demo.timings]
+    report = json.loads((demo.out / "demo_report.json").read_text())
+    assert "TOY-SCALE" in report["notice"]
+    assert report["total_seconds"] == pytest.approx(sum(t["seconds"] for t in report["timings"]))
+    md = (demo.out / "DEMO.md").read_text()
+    assert "TOY-SCALE SIMULATION" in md and "student-apo" in md
+
+
+def test_teachers_trajectories_show_the_injected_drift(demo):
+    def refusal_rate(model):
+        rows = _answers(demo.out, model)
+        return sum(label_text(r["text"]).is_refusal for r in rows) / len(rows)
+
+    def mean_words(model):
+        rows = _answers(demo.out, model)
+        return sum(len(r["text"].split()) for r in rows) / len(rows)
+
+    def claims_absent(model, observation):
+        rows = [
+            r for r in _answers(demo.out, model) if (r["labels"] or {}).get(observation) not in (1.0, -1.0)
+        ]
+        hits = 0
+        for r in rows:
+            obs = label_text(r["text"]).observations.get(observation)
+            hits += obs is not None and obs.status == "positive"
+        return hits / max(1, len(rows))
+
+    for model in TEACHERS:
+        rows = _answers(demo.out, model)
+        assert rows and all(r["model"] == model and r["split"] == "test" for r in rows)
+        assert {r["backend"] for r in rows} == {"openai"}  # served on loopback, reached over HTTP
+    assert refusal_rate("refuses") >= refusal_rate("faithful") + 0.2
+    assert mean_words("verbose") >= 1.5 * mean_words("faithful")
+    assert claims_absent("hallucinates", "Pneumothorax") >= claims_absent("faithful", "Pneumothorax") + 0.3
+
+
+def test_preference_and_sft_shards_are_non_empty(demo):
+    from datasets import load_from_disk
+
+    preferences = load_from_disk(str(demo.out / "data" / "preferences"))
+    train = preferences["train"]
+    assert train.num_rows > 0
+    assert all(len(row["rejected"]) >= 1 for row in train)
+    assert set(m for row in train for m in row["rejected_models"]) <= set(TEACHERS)
+    sft = load_from_disk(str(demo.out / "data" / "sft"))
+    assert sft["train"].num_rows >= train.num_rows
+    assert (demo.out / "data" / "README.md").is_file()
+
+
+def test_teachers_and_students_are_scored_and_on_the_board(demo):
+    rows = {row["model"]: row for row in demo.rows}
+    assert set(rows) == set(TEACHERS + STUDENTS)
+    for model, row in rows.items():
+        assert row["answers"] == len(_answers(demo.out, model)) > 0
+        assert row["precision"] is None or 0.0 <= row["precision"] <= 1.0
+        assert 0.0 <= row["refusal_rate"] <= 1.0
+    for student in STUDENTS:
+        assert rows[student]["kind"] == "student"
+        answers = _answers(demo.out, student)
+        assert {r["backend"] for r in answers} == {"transformers"}
+    # the drift table agrees with what the answers say
+    assert rows["refuses"]["refusal_rate"] > rows["faithful"]["refusal_rate"]
+    with sqlite3.connect(demo.out / "leaderboard.sqlite") as db:
+        names = {name for (name,) in db.execute("SELECT name FROM entries WHERE task = 'cxr-max-rationale'")}
+    assert names == set(TEACHERS + STUDENTS)
+
+
+def test_demo_cli_help_and_bad_size():
+    from typer.testing import CliRunner
+
+    from cxrmax.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0 and "--size" in result.output
+    result = CliRunner().invoke(app, ["demo", "--size", "huge", "--out", "/tmp/never-made"])
+    assert result.exit_code == 2 and "--size" in result.output
+
+
+def test_third_party_bars_are_hidden_during_the_demo_and_restored(monkeypatch):
+    import os
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from cxrmax.toy.demo import _third_party_bars_off
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    datasets.enable_progress_bars()
+    hf_logging.enable_progress_bar()
+    with _third_party_bars_off():
+        assert not datasets.is_progress_bar_enabled() and not hf_logging.is_progress_bar_enabled()
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # inherited by spawned workers
+    assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
