@@ -159,35 +159,7 @@ def _build_preferences(
             f"{counts.get('preference_rows', 0)} preference rows ({counts.get('negatives', 0)} negatives), "
             f"{counts.get('sft_rows', 0)} SFT rows"
         )
-        skipped = {
-            "samples with fewer than --min-sources sources": summary.skipped_few_sources,
-            "empty texts": summary.load["empty_texts"],
-            "duplicate keys (lenient)": summary.load["duplicates_skipped"],
-            "identical duplicate rows (a merged copy) dropped": summary.load["identical_duplicates_skipped"],
-            "samples with mismatched ids (lenient)": summary.load["conflicting_samples_skipped"],
-            "MS-CXR-T train rows removed": summary.ms_cxr_t_excluded_rows,
-            "rows whose study has no labels under --mimic-root": summary.studies_not_in_mimic,
-            "rows without a split (put in train)": summary.split_unknown_rows,
-            "rows with an unknown split (lenient)": summary.split_invalid_rows_skipped,
-            "rows whose split disagreed with --mimic-root (official split used)": summary.split_from_mimic_rows,
-            "rows whose study belongs to another subject (lenient)": summary.subject_mismatch_rows_skipped,
-            "samples without negatives": counts.get("samples_without_negatives", 0),
-            "samples where every source refused": counts.get("samples_without_consensus", 0),
-            "labeler errors": counts.get("labeler_errors", 0),
-            "consensus flagged": counts.get("consensus_flagged", 0),
-            "answers cut at max_tokens (finish_reason length; negatives only, not SFT)": summary.load[
-                "truncated_texts"
-            ],
-            "rows with separate reasoning put before the answer": summary.load["reasoning_joined"],
-            "negatives identical to the positive (dropped)": counts.get("negatives_identical_to_chosen", 0),
-            "--consensus model answers that failed (vote positive kept)": counts.get(
-                "consensus_model_failures", 0
-            ),
-            "  of which cut at max_tokens (not stored; raise --consensus-max-tokens)": counts.get(
-                "consensus_model_truncated", 0
-            ),
-        }
-        for label, value in skipped.items():
+        for label, value in summary.skipped().items():
             if value:
                 console.print(f"  {label}: {value}")
         if summary.skipped_few_sources_examples:
