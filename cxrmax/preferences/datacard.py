@@ -11,7 +11,8 @@ data_cards/cxr-max.md.tmpl with string.Template into OUT/README.md.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
@@ -47,6 +48,20 @@ class DriftStatistics:
     refusal_samples: int
     mean_drift_profile: list[float] = field(default_factory=list)
     mean_dispersion_profile: list[float] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        """The statistics as strict JSON values: NaN (an undefined mean) becomes None (null)."""
+        return _nan_to_none(asdict(self))
+
+
+def _nan_to_none(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
 
 
 def _read(path: Path, columns: list[str]) -> pa.Table:
@@ -242,6 +257,15 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
         mean_drift_profile=_mean_profile(samples, "drift_profile"),
         mean_dispersion_profile=_mean_profile(samples, "dispersion_profile"),
     )
+
+
+def drift_report(
+    out: str | Path, figures: str | Path | None = None
+) -> tuple[DriftStatistics, dict[str, Path]]:
+    """`cxrmax drift-report`: the statistics of a build output and its figures (written to
+    `figures`, default OUT/figures)."""
+    stats = drift_statistics(out)
+    return stats, write_figures(stats, figures if figures is not None else Path(out) / "figures")
 
 
 # --------------------------------------------------------------------------------------------

@@ -155,8 +155,9 @@ def export_trl(preferences_dir: Path, out_dir: Path, image_root: Path | None = N
 def export_swift(preferences_dir: Path, out_dir: Path, image_root: Path | None = None) -> Path:
     """ms-swift DPO/RLHF JSONL, one file per split: ``{"messages": [user with "<image>" + prompt,
     assistant = chosen], "rejected_response": negative, "images": [path]}``, one row per negative."""
-    work = Path(tempfile.mkdtemp(prefix=".swift-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    # The work folder sits beside out_dir, so that replace_dir is a rename on one file system.
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".swift-", dir=out_dir.parent))
     try:
         for split in SPLITS:
             with open(work / f"{split}.jsonl", "w", encoding="utf-8") as handle:
