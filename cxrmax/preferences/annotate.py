@@ -409,24 +409,20 @@ def _sft_batch(chunk: pa.Table, src: _Sources, options: ChunkOptions, counts: Co
     return record_batch(columns, schemas.SFT_SCHEMA)
 
 
+_SCORES = ("precision", "recall", "f1", "side_agreement")
+_MASKS = ("hallucinated", "omitted", "side_errors")
+
+
 def _agreement_columns(agreement: D.Agreement, prefix: str, known: np.ndarray | None = None) -> dict:
-    """The precision/recall/f1/side columns of DRIFT_TRAJECTORY_SCHEMA for one reference; rows whose
-    reference is unknown (`known` False) get NaN scores and empty lists."""
+    """The score and observation-list columns of DRIFT_TRAJECTORY_SCHEMA against one reference
+    (``gt_`` or ``cons_``); rows whose reference is unknown (`known` False) get NaN and empty lists."""
     if known is None:
-        scores = {name: getattr(agreement, name) for name in ("precision", "recall", "f1", "side_agreement")}
-        masks = {name: getattr(agreement, name) for name in ("hallucinated", "omitted", "side_errors")}
-    else:
-        nan = np.float32(np.nan)
-        scores = {
-            name: np.where(known, getattr(agreement, name), nan)
-            for name in ("precision", "recall", "f1", "side_agreement")
-        }
-        masks = {
-            name: getattr(agreement, name) & known[:, None]
-            for name in ("hallucinated", "omitted", "side_errors")
-        }
-    columns = {f"{prefix}{name}": _float(values) for name, values in scores.items()}
-    columns.update({f"{prefix}{name}": _obs_lists(mask) for name, mask in masks.items()})
+        known = np.ones(len(agreement.precision), dtype=bool)
+    nan = np.float32(np.nan)
+    columns = {f"{prefix}{name}": _float(np.where(known, getattr(agreement, name), nan)) for name in _SCORES}
+    columns.update(
+        {f"{prefix}{name}": _obs_lists(getattr(agreement, name) & known[:, None]) for name in _MASKS}
+    )
     return columns
 
 
@@ -451,7 +447,7 @@ def _trajectory_batch(
             "labeler_error": pa.array(lab.errors, type=pa.string()),
             "labels": _labels_struct(lab.states),
             "laterality": _sides_struct(lab.sides),
-            # sides from the report, when known
+            # gt_side_*: the sides read from the report, where one is known
             **_agreement_columns(gt, "gt_", gt_known),
             "gt_side_compared": pa.array(np.where(gt_known, gt.side_compared, 0).astype(np.int32)),
             **_agreement_columns(votes.vs_cons, "cons_"),

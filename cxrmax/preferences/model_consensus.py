@@ -28,6 +28,7 @@ from cxrmax.generate.roster import safe_dir_name
 from cxrmax.generate.store import TrajectoryStore, read_shard, request_key, request_seed, shard_paths
 from cxrmax.mimic.images import ImageCache
 from cxrmax.preferences import drift as D
+from cxrmax.preferences.annotate import record_batch
 from cxrmax.preferences.consensus import Vote, disagrees
 from cxrmax.preferences.labels import relabel
 
@@ -257,7 +258,7 @@ class ModelConsensus:
         columns["chosen"] = pa.array(final, type=pa.string())
         columns["chosen_source"] = pa.array(source.tolist(), type=pa.string())
         columns["consensus_flagged"] = pa.array(flags.tolist(), type=pa.bool_())
-        return pa.RecordBatch.from_arrays(list(columns.values()), schema=preferences.schema)
+        return record_batch(columns, preferences.schema)
 
     def close(self) -> None:
         """Commit outstanding answers, release the store lock and the backend."""
