@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from cxrmax.cli.common import console, user_errors
+
+if TYPE_CHECKING:  # the build imports datasets: only when a command runs
+    from cxrmax.preferences.build import BuildOptions, BuildSummary
+    from cxrmax.preferences.datacard import DriftStatistics
 
 
 def _build_preferences(
@@ -100,12 +105,7 @@ def _build_preferences(
       cxrmax build-preferences runs/cxrmax --out runs/cxrmax --consensus model --consensus-model student \\
         --base-url http://127.0.0.1:8000/v1
     """
-    import datasets
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from cxrmax.preferences.build import BuildOptions, build_preferences
-
-    datasets.disable_progress_bars()  # one rich bar instead of one tqdm bar per saved split
+    from cxrmax.preferences.build import BuildOptions
 
     with user_errors():
         backend = None
@@ -137,84 +137,70 @@ def _build_preferences(
             card=not no_card,
             model_backend=backend,
         )
-        with Progress(
-            TextColumn("[bold]build-preferences"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("samples"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
-            task = bar.add_task("samples", total=None)
+        summary = _build_with_progress(trajectories, out, options)
+        _render_build(summary, out)
 
-            def progress(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
 
-            summary = build_preferences(trajectories, out, options, progress=progress)
-        counts = summary.counts
+def _build_with_progress(trajectories: list[str], out: Path, options: BuildOptions) -> BuildSummary:
+    """Run build_preferences under one rich progress bar (instead of a tqdm bar per saved split)."""
+    import datasets
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from cxrmax.preferences.build import build_preferences
+
+    datasets.disable_progress_bars()
+    with Progress(
+        TextColumn("[bold]build-preferences"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("samples"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("samples", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        return build_preferences(trajectories, out, options, progress=progress)
+
+
+def _render_build(summary: BuildSummary, out: Path) -> None:
+    """Print what a build made, what it skipped and what needs the user's attention."""
+    counts = summary.counts
+    console.print(
+        f"[green]done[/] in {summary.seconds:.1f}s: {counts.get('samples', 0)} samples, "
+        f"{counts.get('trajectories', 0)} trajectories from {len(summary.models)} models -> "
+        f"{counts.get('preference_rows', 0)} preference rows ({counts.get('negatives', 0)} negatives), "
+        f"{counts.get('sft_rows', 0)} SFT rows"
+    )
+    for label, value in summary.skipped().items():
+        if value:
+            console.print(f"  {label}: {value}")
+    if summary.skipped_few_sources_examples:
+        console.print(f"  e.g. skipped: {', '.join(summary.skipped_few_sources_examples[:5])}")
+    if summary.samples_without_image:
         console.print(
-            f"[green]done[/] in {summary.seconds:.1f}s: {counts.get('samples', 0)} samples, "
-            f"{counts.get('trajectories', 0)} trajectories from {len(summary.models)} models -> "
-            f"{counts.get('preference_rows', 0)} preference rows ({counts.get('negatives', 0)} negatives), "
-            f"{counts.get('sft_rows', 0)} SFT rows"
+            f"  [yellow]samples whose image is not under --mimic-root[/]: {summary.samples_without_image} "
+            f"(a trainer cannot load them; e.g. {', '.join(summary.samples_without_image_examples[:3])})"
         )
-        skipped = {
-            "samples with fewer than --min-sources sources": summary.skipped_few_sources,
-            "empty texts": summary.load["empty_texts"],
-            "duplicate keys (lenient)": summary.load["duplicates_skipped"],
-            "identical duplicate rows (a merged copy) dropped": summary.load["identical_duplicates_skipped"],
-            "samples with mismatched ids (lenient)": summary.load["conflicting_samples_skipped"],
-            "MS-CXR-T train rows removed": summary.ms_cxr_t_excluded_rows,
-            "rows whose study has no labels under --mimic-root": summary.studies_not_in_mimic,
-            "rows without a split (put in train)": summary.split_unknown_rows,
-            "rows with an unknown split (lenient)": summary.split_invalid_rows_skipped,
-            "rows whose split disagreed with --mimic-root (official split used)": summary.split_from_mimic_rows,
-            "rows whose study belongs to another subject (lenient)": summary.subject_mismatch_rows_skipped,
-            "samples without negatives": counts.get("samples_without_negatives", 0),
-            "samples where every source refused": counts.get("samples_without_consensus", 0),
-            "labeler errors": counts.get("labeler_errors", 0),
-            "consensus flagged": counts.get("consensus_flagged", 0),
-            "answers cut at max_tokens (finish_reason length; negatives only, not SFT)": summary.load[
-                "truncated_texts"
-            ],
-            "rows with separate reasoning put before the answer": summary.load["reasoning_joined"],
-            "negatives identical to the positive (dropped)": counts.get("negatives_identical_to_chosen", 0),
-            "--consensus model answers that failed (vote positive kept)": counts.get(
-                "consensus_model_failures", 0
-            ),
-            "  of which cut at max_tokens (not stored; raise --consensus-max-tokens)": counts.get(
-                "consensus_model_truncated", 0
-            ),
-        }
-        for label, value in skipped.items():
-            if value:
-                console.print(f"  {label}: {value}")
-        if summary.skipped_few_sources_examples:
-            console.print(f"  e.g. skipped: {', '.join(summary.skipped_few_sources_examples[:5])}")
-        if summary.samples_without_image:
-            console.print(
-                f"  [yellow]samples whose image is not under --mimic-root[/]: {summary.samples_without_image} "
-                f"(a trainer cannot load them; e.g. {', '.join(summary.samples_without_image_examples[:3])})"
-            )
-        if summary.load["samples_with_mixed_prompts"]:
-            console.print(
-                f"  [yellow]samples whose sources were asked different prompts[/]: "
-                f"{summary.load['samples_with_mixed_prompts']} (the row keeps the first source's prompt; "
-                f"e.g. {', '.join(summary.load['mixed_prompt_examples'][:3])})"
-            )
-        if summary.load["uncommitted_journals"]:
-            console.print(
-                f"  [yellow]uncommitted generate journals not read[/] (run generate again to commit them): "
-                f"{', '.join(summary.load['uncommitted_journals'][:3])}"
-            )
-        for reason in summary.load["unreadable_files"]:
-            console.print(f"  [yellow]skipped unreadable file (lenient)[/]: {reason}")
-        for path, columns in summary.load["ignored_columns"].items():
-            console.print(f"  [yellow]ignored columns[/] in {path}: {', '.join(columns)}")
+    if summary.load["samples_with_mixed_prompts"]:
         console.print(
-            f"outputs: {out}/preferences, {out}/sft, {out}/annotations, {out}/exports, {out}/README.md"
+            f"  [yellow]samples whose sources were asked different prompts[/]: "
+            f"{summary.load['samples_with_mixed_prompts']} (the row keeps the first source's prompt; "
+            f"e.g. {', '.join(summary.load['mixed_prompt_examples'][:3])})"
         )
+    if summary.load["uncommitted_journals"]:
+        console.print(
+            f"  [yellow]uncommitted generate journals not read[/] (run generate again to commit them): "
+            f"{', '.join(summary.load['uncommitted_journals'][:3])}"
+        )
+    for reason in summary.load["unreadable_files"]:
+        console.print(f"  [yellow]skipped unreadable file (lenient)[/]: {reason}")
+    for path, columns in summary.load["ignored_columns"].items():
+        console.print(f"  [yellow]ignored columns[/] in {path}: {', '.join(columns)}")
+    console.print(f"outputs: {out}/preferences, {out}/sft, {out}/annotations, {out}/exports, {out}/README.md")
 
 
 def _drift_report(
@@ -229,48 +215,50 @@ def _drift_report(
 
     Example: cxrmax drift-report runs/cxrmax
     """
-    from dataclasses import asdict
-
-    from rich.table import Table
-
-    from cxrmax.preferences.datacard import drift_statistics, write_figures
+    from cxrmax.preferences.datacard import drift_report
 
     with user_errors():
-        stats = drift_statistics(out)
-        paths = write_figures(stats, figures or out / "figures")
+        stats, paths = drift_report(out, figures)
         if as_json:
-            console.print_json(json.dumps(asdict(stats), default=str))
+            console.print_json(json.dumps(stats.as_json(), default=str, allow_nan=False))
             return
-        table = Table(
-            title=f"Drift per source model ({stats.samples} samples; precision/recall vs {stats.reference})"
-        )
-        columns = (
-            ("trajectories", "n", "{:d}"),
-            ("precision", "precision", "{:.3f}"),
-            ("recall", "recall", "{:.3f}"),
-            ("similarity", "sim", "{:.3f}"),
-            ("refusal_rate", "refusal", "{:.3f}"),
-            ("laterality_error_rate", "side err", "{:.3f}"),
-            ("mean_drift", "drift", "{:.3f}"),
-        )
-        table.add_column("model")
-        for _, header, _ in columns:
-            table.add_column(header, justify="right")
-        for model in stats.models:
-            row = stats.per_model[model]
-            cells = []
-            for name, _, fmt in columns:
-                value = row[name]
-                cells.append("n/a" if isinstance(value, float) and value != value else fmt.format(value))
-            table.add_row(model, *cells)
-        console.print(table)
-        console.print(
-            f"sample drift score: {', '.join(f'{k} {v:.3f}' for k, v in stats.drift_score_quantiles.items())}; "
-            f"laterality conflicts in {stats.laterality_conflict_samples} samples; refusals in "
-            f"{stats.refusal_samples}; consensus flagged {stats.consensus_flagged}"
-        )
-        for path in paths.values():
-            console.print(f"figure: {path}")
+        _render_drift(stats, paths)
+
+
+def _render_drift(stats: DriftStatistics, paths: dict[str, Path]) -> None:
+    """The per-model drift table, the sample-level summary line and the figure paths."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"Drift per source model ({stats.samples} samples; precision/recall vs {stats.reference})"
+    )
+    columns = (
+        ("trajectories", "n", "{:d}"),
+        ("precision", "precision", "{:.3f}"),
+        ("recall", "recall", "{:.3f}"),
+        ("similarity", "sim", "{:.3f}"),
+        ("refusal_rate", "refusal", "{:.3f}"),
+        ("laterality_error_rate", "side err", "{:.3f}"),
+        ("mean_drift", "drift", "{:.3f}"),
+    )
+    table.add_column("model")
+    for _, header, _ in columns:
+        table.add_column(header, justify="right")
+    for model in stats.models:
+        row = stats.per_model[model]
+        cells = []
+        for name, _, fmt in columns:
+            value = row[name]
+            cells.append("n/a" if isinstance(value, float) and value != value else fmt.format(value))
+        table.add_row(model, *cells)
+    console.print(table)
+    console.print(
+        f"sample drift score: {', '.join(f'{k} {v:.3f}' for k, v in stats.drift_score_quantiles.items())}; "
+        f"laterality conflicts in {stats.laterality_conflict_samples} samples; refusals in "
+        f"{stats.refusal_samples}; consensus flagged {stats.consensus_flagged}"
+    )
+    for path in paths.values():
+        console.print(f"figure: {path}")
 
 
 def register(app: typer.Typer) -> None:

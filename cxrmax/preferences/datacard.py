@@ -11,8 +11,8 @@ data_cards/cxr-max.md.tmpl with string.Template into OUT/README.md.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmax.core.errors import InputError, where
+from cxrmax.core.io import atomic_path, atomic_write_text, read_arrow
 from cxrmax.core.pathologies import OBSERVATIONS
 
 #: Where the card template lives (next to the package in a source checkout).
@@ -48,17 +49,28 @@ class DriftStatistics:
     mean_drift_profile: list[float] = field(default_factory=list)
     mean_dispersion_profile: list[float] = field(default_factory=list)
 
+    def as_json(self) -> dict:
+        """The statistics as strict JSON values: NaN (an undefined mean) becomes None (null)."""
+        return _nan_to_none(asdict(self))
+
+
+def _nan_to_none(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
 
 def _read(path: Path, columns: list[str]) -> pa.Table:
     if not path.exists():
         raise InputError(f"{where(path)}: missing; run `cxrmax build-preferences` first")
     try:
-        with pa.memory_map(str(path), "r") as source:
-            table = pa.ipc.open_file(source).read_all()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(
-            f"{where(path)}: cannot read, corrupt or truncated ({exc}); rerun `cxrmax build-preferences`"
-        ) from None
+        table = read_arrow(path)
+    except InputError as exc:
+        raise InputError(f"{exc}; rerun `cxrmax build-preferences`") from None
     missing = [name for name in columns if name not in table.column_names]
     if missing:
         raise InputError(
@@ -82,47 +94,38 @@ def _nanmean(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
-def drift_statistics(out: str | Path) -> DriftStatistics:
-    """Aggregate OUT/annotations/ into per-model and per-pair statistics."""
-    out = Path(out)
-    traj = _read(
-        out / "annotations" / "trajectories.arrow",
-        [
-            "model",
-            "refusal",
-            "hedging",
-            "n_steps",
-            "n_chars",
-            "labels",
-            "gt_precision",
-            "gt_recall",
-            "gt_f1",
-            "cons_precision",
-            "cons_recall",
-            "cons_f1",
-            "cons_side_errors",
-            "gt_side_agreement",
-            "similarity",
-            "drift",
-        ],
-    )
-    samples = _read(
-        out / "annotations" / "samples.arrow",
-        [
-            "models",
-            "disagreement",
-            "drift_score",
-            "consensus_flagged",
-            "laterality_conflicts",
-            "refusals",
-            "drift_profile",
-            "dispersion_profile",
-        ],
-    )
-    model_col = traj.column("model").combine_chunks()
-    models = sorted(set(model_col.to_pylist()))
-    use_gt = pc.sum(pc.is_valid(traj.column("gt_recall"))).as_py() or 0
-    prefix = "gt" if use_gt else "cons"
+_TRAJECTORY_COLUMNS = [
+    "model",
+    "refusal",
+    "hedging",
+    "n_steps",
+    "n_chars",
+    "labels",
+    "gt_precision",
+    "gt_recall",
+    "gt_f1",
+    "cons_precision",
+    "cons_recall",
+    "cons_f1",
+    "cons_side_errors",
+    "gt_side_agreement",
+    "similarity",
+    "drift",
+]
+_SAMPLE_COLUMNS = [
+    "models",
+    "disagreement",
+    "drift_score",
+    "consensus_flagged",
+    "laterality_conflicts",
+    "refusals",
+    "drift_profile",
+    "dispersion_profile",
+]
+
+
+def _per_model(traj: pa.Table, models: list[str], prefix: str) -> tuple[dict, dict]:
+    """Per-model means (precision/recall/f1 against `prefix`: "gt" or "cons") and claim counts."""
 
     def arr(name: str) -> np.ndarray:
         return traj.column(name).to_numpy().astype(np.float64)
@@ -143,7 +146,7 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
         [np.isin(labels.field(name).to_numpy(zero_copy_only=False), (1.0, -1.0)) for name in OBSERVATIONS],
         axis=1,
     )
-    model_np = model_col.to_numpy(zero_copy_only=False)
+    model_np = traj.column("model").combine_chunks().to_numpy(zero_copy_only=False)
     per_model: dict[str, dict[str, float]] = {}
     claims: dict[str, dict[str, int]] = {}
     for model in models:
@@ -164,9 +167,13 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
         }
         counts = claims_matrix[m].sum(axis=0)
         claims[model] = {name: int(c) for name, c in zip(OBSERVATIONS, counts, strict=True)}
+    return per_model, claims
 
-    # Pairwise agreement: per model pair, mean over shared samples of 1 - disagreement. Vectorised:
-    # element e of a sample's flattened k x k matrix is the pair (e // k, e % k).
+
+def _pairwise_agreement(samples: pa.Table, models: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per model pair, mean over shared samples of 1 - disagreement, and the samples behind each cell.
+
+    Vectorised: element e of a sample's flattened k x k matrix is the pair (e // k, e % k)."""
     index = {m: i for i, m in enumerate(models)}
     total = np.zeros((len(models), len(models)))
     pairs = np.zeros((len(models), len(models)), dtype=np.int64)
@@ -190,7 +197,38 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
         np.add.at(total, (a[ok], b[ok]), 1.0 - values[ok])
         np.add.at(pairs, (a[ok], b[ok]), 1)
     agreement = np.divide(total, pairs, out=np.full_like(total, np.nan), where=pairs > 0)
+    return agreement, pairs
 
+
+def _mean_profile(samples: pa.Table, name: str) -> list[float]:
+    """The mean of a fixed-width list column over samples ([] when empty or of mixed widths)."""
+    column = samples.column(name).combine_chunks()
+    if not len(column):
+        return []
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    width = int(lengths.max())
+    if not (lengths == width).all():
+        return []
+    flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, width)
+    return [float(v) for v in flat.mean(axis=0)]
+
+
+def _samples_with_any(samples: pa.Table, name: str) -> int:
+    """How many samples have a non-empty list in column `name`."""
+    return int((pc.list_value_length(samples.column(name)).to_numpy(zero_copy_only=False) > 0).sum())
+
+
+def drift_statistics(out: str | Path) -> DriftStatistics:
+    """Aggregate OUT/annotations/ into per-model and per-pair statistics."""
+    out = Path(out)
+    traj = _read(out / "annotations" / "trajectories.arrow", _TRAJECTORY_COLUMNS)
+    samples = _read(out / "annotations" / "samples.arrow", _SAMPLE_COLUMNS)
+    models = sorted(set(traj.column("model").combine_chunks().to_pylist()))
+    use_gt = pc.sum(pc.is_valid(traj.column("gt_recall"))).as_py() or 0
+    per_model, claims = _per_model(traj, models, "gt" if use_gt else "cons")
+    agreement, pairs = _pairwise_agreement(samples, models)
+
+    drift = traj.column("drift").to_numpy().astype(np.float64)
     scores = samples.column("drift_score").to_numpy().astype(np.float64)
     bins = np.linspace(0.0, 1.0, 11)
     score_hist = np.histogram(scores[~np.isnan(scores)], bins=bins)[0]
@@ -201,18 +239,6 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
         if len(scores)
         else {}
     )
-
-    def mean_profile(name: str) -> list[float]:
-        column = samples.column(name).combine_chunks()
-        if not len(column):
-            return []
-        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-        width = int(lengths.max())
-        if not (lengths == width).all():
-            return []
-        flat = pc.list_flatten(column).to_numpy(zero_copy_only=False).reshape(-1, width)
-        return [float(v) for v in flat.mean(axis=0)]
-
     return DriftStatistics(
         models=models,
         per_model=per_model,
@@ -226,18 +252,20 @@ def drift_statistics(out: str | Path) -> DriftStatistics:
         drift_score_histogram=(score_hist.tolist(), bins.tolist()),
         trajectory_drift_histogram=(drift_hist.tolist(), bins.tolist()),
         consensus_flagged=int(pc.sum(samples.column("consensus_flagged")).as_py() or 0),
-        laterality_conflict_samples=int(
-            (
-                pc.list_value_length(samples.column("laterality_conflicts")).to_numpy(zero_copy_only=False)
-                > 0
-            ).sum()
-        ),
-        refusal_samples=int(
-            (pc.list_value_length(samples.column("refusals")).to_numpy(zero_copy_only=False) > 0).sum()
-        ),
-        mean_drift_profile=mean_profile("drift_profile"),
-        mean_dispersion_profile=mean_profile("dispersion_profile"),
+        laterality_conflict_samples=_samples_with_any(samples, "laterality_conflicts"),
+        refusal_samples=_samples_with_any(samples, "refusals"),
+        mean_drift_profile=_mean_profile(samples, "drift_profile"),
+        mean_dispersion_profile=_mean_profile(samples, "dispersion_profile"),
     )
+
+
+def drift_report(
+    out: str | Path, figures: str | Path | None = None
+) -> tuple[DriftStatistics, dict[str, Path]]:
+    """`cxrmax drift-report`: the statistics of a build output and its figures (written to
+    `figures`, default OUT/figures)."""
+    stats = drift_statistics(out)
+    return stats, write_figures(stats, figures if figures is not None else Path(out) / "figures")
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,9 +359,9 @@ def write_figures(stats: DriftStatistics, directory: str | Path) -> dict[str, Pa
 
 
 def _save_fig(fig, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    # The temporary name keeps ".png": savefig picks the format from it.
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     return path
 
 
@@ -459,8 +487,4 @@ def write_card(out: str | Path, figures: bool = True) -> Path:
     if figures:
         write_figures(stats, out / "figures")
     text = render_card(out, stats)
-    path = out / "README.md"
-    tmp = path.with_name(f".README.md.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "README.md", text)

@@ -15,7 +15,8 @@ import pytest
 from cxrmax.core import schemas
 from cxrmax.core.errors import CxrmaxError, InputError
 from cxrmax.core.pathologies import OBSERVATIONS
-from cxrmax.preferences.build import BuildOptions, build_preferences, load_trajectories
+from cxrmax.preferences.build import BuildOptions, build_preferences
+from cxrmax.preferences.load import load_trajectories
 
 PROMPT = (
     "This is a patient's chest DR image. The patient is diagnosed with atelectasis, pleural effusion and "
@@ -423,7 +424,7 @@ def test_missing_required_column_names_file_and_field(tmp_path):
 def test_push_to_hub_offline_fails_cleanly(known_build, monkeypatch):
     import huggingface_hub.constants
 
-    from cxrmax.preferences.build import push_to_hub
+    from cxrmax.preferences.export import push_to_hub
 
     out, _ = known_build
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -533,7 +534,7 @@ def test_model_consensus_exactly_once_and_flagging(tmp_path):
 
 
 def test_consensus_prompt_template(tmp_path):
-    from cxrmax.preferences.consensus import ConsensusPrompt
+    from cxrmax.preferences.model_consensus import ConsensusPrompt
 
     prompt = ConsensusPrompt.load()
     text = prompt.render("Why?", ["first answer", "second answer"])

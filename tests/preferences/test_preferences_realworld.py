@@ -585,7 +585,7 @@ def test_machines_given_as_separate_inputs_and_overlapping_inputs(tmp_path, mini
 def test_label_cells_as_strings_with_blanks_read_as_labels(tmp_path):
     import json
 
-    from cxrmax.preferences.build import load_trajectories
+    from cxrmax.preferences.load import load_trajectories
 
     rows = [
         {
@@ -618,7 +618,7 @@ def test_label_cells_as_strings_with_blanks_read_as_labels(tmp_path):
 def test_cxr_max_style_reasoning_and_answer_columns_are_one_trajectory(tmp_path):
     import json
 
-    from cxrmax.preferences.build import load_trajectories
+    from cxrmax.preferences.load import load_trajectories
 
     rows = [
         {"id": "s1", "model": "a", "reasoning": "The heart is enlarged.", "answer": "Cardiomegaly."},
