@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrmax.core.errors import CxrmaxError, InputError, where
+from cxrmax.core.io import atomic_write_json
 
 try:  # Python 3.11+
     import tomllib
@@ -335,9 +336,6 @@ def is_done(recipe: Recipe, unit: Unit, shard: tuple[int, int] | None = None) ->
 def _write_state(
     recipe: Recipe, unit: Unit, shard: tuple[int, int] | None, status: str, seconds: float | None = None
 ) -> None:
-    path = _state_path(recipe, unit, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {
         "status": status,
         "stage": unit.stage,
@@ -348,8 +346,7 @@ def _write_state(
     }
     if seconds is not None:
         state["seconds"] = round(seconds, 3)
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(_state_path(recipe, unit, shard), state)
 
 
 @dataclass
