@@ -23,6 +23,7 @@ from cxrmax.leaderboard import metrics, submissions, textmetrics
 from cxrmax.leaderboard.progression import classify_progression
 from cxrmax.leaderboard.rationale import score_rationales
 from cxrmax.leaderboard.references import (
+    ProgressionReferences,
     ScoreResult,
     file_sha256,
     labels_of_texts,
@@ -321,107 +322,35 @@ def _score_labels(
     predicted = np.full(refs.labels.shape, np.nan, dtype=np.float32)
     mode = None
     for batch, keep, slots in stream.batches(batch_rows, progress):
-        plan = stream.plan
         if mode is None:
-            if plan.observations:
-                mode = "values"
-                missing_obs = [o for o in OBSERVATIONS if o not in plan.observations.values()]
-                sparse = sniff(path).format in ("jsonl", "json")  # absent key = blank cell
-                if missing_obs and not lenient and not sparse:
-                    raise InputError(
-                        f"{where(path, field=missing_obs[0])}: observation column missing ({', '.join(missing_obs)}); "
-                        "every observation needs a column (blank cells are fine; --lenient treats missing columns as blank)"
-                    )
-                if missing_obs and not sparse:
-                    stream.notes.append(
-                        f"observation columns missing, counted as blank: {', '.join(missing_obs)}"
-                    )
-                if plan.text:
-                    stream.notes.append(f"text column {plan.text!r} ignored: observation columns given")
-            elif plan.text:
-                mode = "text"
-            else:
-                raise InputError(f"{where(path)}: {submissions.expected_columns('labels')}")
+            mode = _label_mode(stream, path, lenient)
         if mode == "values":
-            bad_rows = np.zeros(len(keep), dtype=bool)
-            messages: dict[int, str] = {}
-            for column, obs in plan.observations.items():
-                values, bad, column_messages = submissions.parse_or_skip(
-                    submissions.parse_label_column,
-                    _select(batch.columns[column], keep),
-                    batch.rows[keep],
-                    path,
-                    column,
-                    lenient,
-                    np.nan,
-                )
-                predicted[slots, OBSERVATIONS.index(obs)] = values
-                for i, message in column_messages.items():
-                    messages.setdefault(i, message)  # one message (and one count) per row
-                bad_rows |= bad
-            if plan.text:
-                # Sparse JSON rows may carry text only: with label columns chosen, such a row would
-                # silently score as all-blank. Refuse it (or skip it with lenient).
-                texts = _as_texts(_select(batch.columns[plan.text], keep))
-                text_only = np.isnan(predicted[slots]).all(axis=1) & np.asarray(
-                    [isinstance(t, str) and bool(t.strip()) for t in texts], dtype=bool
-                )
-                for i in np.nonzero(text_only & ~bad_rows)[0]:
-                    message = (
-                        f"{where(path, row=int(batch.rows[keep][i]), field=plan.text)}: text but no observation "
-                        "values, while other rows give observation values; give one or the other"
-                    )
-                    if not lenient:
-                        raise InputError(message)
-                    messages[int(i)] = message
-                bad_rows |= text_only
-            predicted[slots[bad_rows]] = np.nan
-            stream.skip_rows(slots, bad_rows, messages)
+            _read_label_values(stream, batch, keep, slots, predicted)
         else:
-            if plan.observations:  # keys first seen in a later batch of a text submission
-                column = next(iter(plan.observations))
+            if stream.plan.observations:  # keys first seen in a later batch of a text submission
+                column = next(iter(stream.plan.observations))
                 raise InputError(
                     f"{where(path, row=int(batch.rows[0]), field=column)}: observation values appear from this "
-                    f"row on, after rows scored from the text column {plan.text!r}; give one or the other"
+                    f"row on, after rows scored from the text column {stream.plan.text!r}; give one or the other"
                 )
-            texts = stream.texts(batch, keep, slots, plan.text)
+            texts = stream.texts(batch, keep, slots, stream.plan.text)
             predicted[slots] = labels_of_texts(texts, processes)
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
     if mode == "values":
         never = [o for o in OBSERVATIONS if o not in stream.plan.observations.values()]
         if never and sniff(path).format in ("jsonl", "json"):
             stream.notes.append(f"observations never given (blank in every row): {', '.join(never)}")
-    ref = refs.labels[covered]
-    pred = predicted[covered]
     is_score = None
     input_kind = "text" if mode == "text" else "labels"
     if mode == "values":
-        finite = ~np.isnan(pred)
-        fractional = finite & (pred != -1) & (pred != 0) & (pred != 1)
-        is_score = fractional.any(axis=0)
+        is_score, covered, missing = _check_probabilities(
+            stream, refs.study_ids, predicted, covered, missing, require_complete
+        )
         if is_score.any():
             input_kind = "probabilities"
-            rows_of = index.first_row[covered]
-            not_probability = np.zeros(len(pred), dtype=bool)
-            for j in np.nonzero(is_score)[0]:
-                column = next(c for c, o in plan.observations.items() if o == OBSERVATIONS[j])
-                bad = np.nonzero((pred[:, j] == -1) | np.isnan(pred[:, j]))[0]
-                for k in bad if lenient else bad[:1]:
-                    what = "-1" if pred[k, j] == -1 else "blank"
-                    message = (
-                        f"{where(path, row=int(rows_of[k]), field=column)}: {what} in a probability column "
-                        "(the column holds values strictly between 0 and 1, so every row needs a probability)"
-                    )
-                    if not lenient:
-                        raise InputError(message)
-                    if not not_probability[k]:
-                        stream.read_log.skip(message)
-                    not_probability[k] = True
-            if not_probability.any():
-                index.release(np.nonzero(covered)[0][not_probability])
-                covered, missing = _coverage(index, refs.study_ids, require_complete, path)
-                ref, pred = refs.labels[covered], predicted[covered]
-    scores = metrics.score_labels(ref, pred, uncertain, is_score=is_score, n_boot=n_boot, seed=seed)
+    scores = metrics.score_labels(
+        refs.labels[covered], predicted[covered], uncertain, is_score=is_score, n_boot=n_boot, seed=seed
+    )
     result = ScoreResult(
         **_base(task, path, uncertain, input_kind, stream, len(refs.study_ids), int(covered.sum()), missing),
         headline=scores.headline,
@@ -437,6 +366,108 @@ def _score_labels(
             "probabilities thresholded at 0.5 for accuracy/precision/recall/F1; AUROC from the scores"
         )
     return result
+
+
+def _label_mode(stream: _Stream, path: Path, lenient: bool) -> str:
+    """ "values" when the first batch has observation columns (missing ones checked), else "text"."""
+    plan = stream.plan
+    if plan.observations:
+        missing_obs = [o for o in OBSERVATIONS if o not in plan.observations.values()]
+        sparse = sniff(path).format in ("jsonl", "json")  # absent key = blank cell
+        if missing_obs and not lenient and not sparse:
+            raise InputError(
+                f"{where(path, field=missing_obs[0])}: observation column missing ({', '.join(missing_obs)}); "
+                "every observation needs a column (blank cells are fine; --lenient treats missing columns as blank)"
+            )
+        if missing_obs and not sparse:
+            stream.notes.append(f"observation columns missing, counted as blank: {', '.join(missing_obs)}")
+        if plan.text:
+            stream.notes.append(f"text column {plan.text!r} ignored: observation columns given")
+        return "values"
+    if plan.text:
+        return "text"
+    raise InputError(f"{where(path)}: {submissions.expected_columns('labels')}")
+
+
+def _read_label_values(
+    stream: _Stream, batch: submissions.RawBatch, keep: np.ndarray, slots: np.ndarray, predicted: np.ndarray
+) -> None:
+    """Parse the observation columns of a batch into ``predicted``; unreadable rows (``lenient``) and
+    text-only rows are dropped and counted."""
+    path, lenient, plan = stream.path, stream.lenient, stream.plan
+    bad_rows = np.zeros(len(keep), dtype=bool)
+    messages: dict[int, str] = {}
+    for column, obs in plan.observations.items():
+        values, bad, column_messages = submissions.parse_or_skip(
+            submissions.parse_label_column,
+            _select(batch.columns[column], keep),
+            batch.rows[keep],
+            path,
+            column,
+            lenient,
+            np.nan,
+        )
+        predicted[slots, OBSERVATIONS.index(obs)] = values
+        for i, message in column_messages.items():
+            messages.setdefault(i, message)  # one message (and one count) per row
+        bad_rows |= bad
+    if plan.text:
+        # Sparse JSON rows may carry text only: with label columns chosen, such a row would
+        # silently score as all-blank. Refuse it (or skip it with lenient).
+        texts = _as_texts(_select(batch.columns[plan.text], keep))
+        text_only = np.isnan(predicted[slots]).all(axis=1) & np.asarray(
+            [isinstance(t, str) and bool(t.strip()) for t in texts], dtype=bool
+        )
+        for i in np.nonzero(text_only & ~bad_rows)[0]:
+            message = (
+                f"{where(path, row=int(batch.rows[keep][i]), field=plan.text)}: text but no observation "
+                "values, while other rows give observation values; give one or the other"
+            )
+            if not lenient:
+                raise InputError(message)
+            messages[int(i)] = message
+        bad_rows |= text_only
+    predicted[slots[bad_rows]] = np.nan
+    stream.skip_rows(slots, bad_rows, messages)
+
+
+def _check_probabilities(
+    stream: _Stream,
+    study_ids: np.ndarray,
+    predicted: np.ndarray,
+    covered: np.ndarray,
+    missing: int,
+    require_complete: bool,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Which observations hold probabilities (a value strictly between 0 and 1), and the coverage
+    after refusing (or, with ``lenient``, dropping) rows with -1 or blank in such a column."""
+    path, lenient, index = stream.path, stream.lenient, stream.index
+    pred = predicted[covered]
+    finite = ~np.isnan(pred)
+    fractional = finite & (pred != -1) & (pred != 0) & (pred != 1)
+    is_score = fractional.any(axis=0)
+    if not is_score.any():
+        return is_score, covered, missing
+    rows_of = index.first_row[covered]
+    not_probability = np.zeros(len(pred), dtype=bool)
+    for j in np.nonzero(is_score)[0]:
+        column = next(c for c, o in stream.plan.observations.items() if o == OBSERVATIONS[j])
+        bad = np.nonzero((pred[:, j] == -1) | np.isnan(pred[:, j]))[0]
+        for k in bad if lenient else bad[:1]:
+            what = "-1" if pred[k, j] == -1 else "blank"
+            message = (
+                f"{where(path, row=int(rows_of[k]), field=column)}: {what} in a probability column "
+                "(the column holds values strictly between 0 and 1, so every row needs a probability)"
+            )
+            if not lenient:
+                raise InputError(message)
+            if not not_probability[k]:
+                stream.read_log.skip(message)
+            not_probability[k] = True
+    if not_probability.any():
+        index.release(np.nonzero(covered)[0][not_probability])
+        covered, missing = _coverage(index, study_ids, require_complete, path)
+    return is_score, covered, missing
 
 
 def _score_reports(
@@ -536,68 +567,11 @@ def _score_progression(
             alternate = None
     stream = _Stream(path, "ms-cxr-t", index, lenient, key_column=key_name, alternate_key=alternate)
     findings = list(MS_CXR_T_FINDINGS)
-    answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable
-    lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
-    input_kind = None
-    unreadable = 0
-    for batch, keep, slots in stream.batches(batch_rows, progress):
-        plan = stream.plan
-        if not plan.progression and not plan.text:
-            raise InputError(f"{where(path)}: {submissions.expected_columns('ms-cxr-t')}")
-        if plan.progression:
-            input_kind = input_kind or "answers"
-            for column, prefix in plan.progression.items():
-                values = stream.texts(batch, keep, slots, column)
-                j = findings.index(prefix)
-                for k, value in enumerate(values):
-                    label = classify_progression(value, None) if value and value.strip() else None
-                    answers[slots[k], j] = lookup[label] if label else -1
-                    unreadable += bool(value and value.strip() and label is None)
-        else:
-            input_kind = input_kind or "text"
-            values = stream.texts(batch, keep, slots, plan.text)
-            for k, value in enumerate(values):
-                for j, prefix in enumerate(findings):
-                    if refs.classes[prefix][slots[k]] < 0:
-                        continue
-                    label = classify_progression(value, prefix)
-                    answers[slots[k], j] = lookup[label] if label else -1
+    answers, input_kind, unreadable = _read_progression_answers(stream, refs, batch_rows, progress)
     index = stream.index  # the dicom_id index when the submission was keyed that way
     keys = refs.dicom_ids if stream.key_column == "dicom_id" else keys
     covered, missing = _coverage(index, keys, require_complete, path)
-    per_finding = []
-    stats_columns = []
-    headline: dict[str, float | None] = {}
-    for j, prefix in enumerate(findings):
-        truth = refs.classes[prefix]
-        annotated = covered & (truth >= 0)
-        correct = annotated & (answers[:, j] == truth)
-        n = int(annotated.sum())
-        acc = float(correct.sum() / n) if n else None
-        headline[prefix] = acc
-        confusion = {
-            f"{PROGRESSION_CLASSES[t]}->{PROGRESSION_CLASSES[p] if p >= 0 else 'none'}": int(
-                (annotated & (truth == t) & (answers[:, j] == p)).sum()
-            )
-            for t in range(3)
-            for p in (-1, 0, 1, 2)
-        }
-        per_finding.append(
-            {
-                "finding": prefix,
-                "n": n,
-                "accuracy": acc,
-                "confusion": {k: v for k, v in confusion.items() if v},
-            }
-        )
-        stats_columns += [correct.astype(np.float64), annotated.astype(np.float64)]
-    valid = [v for v in headline.values() if v is not None]
-    headline["avg"] = float(np.mean(valid)) if valid else None
-    # The paper's column order (Con, PE, Pna, Pnx, Ede, Avg), as listed in the task definition.
-    order = [k for k in task.headline if k in headline] + [k for k in headline if k not in task.headline]
-    headline = {k: headline[k] for k in order}
-    per_finding.sort(key=lambda row: order.index(row["finding"]))
-    stats = np.column_stack(stats_columns)[covered]
+    headline, per_finding, stats = _progression_accuracy(task, refs, answers, covered)
 
     def statistic(s: np.ndarray) -> dict[str, np.ndarray]:
         accs = np.divide(
@@ -641,6 +615,84 @@ def _score_progression(
         )
     result.notes.append("avg = mean of the per-finding top-1 accuracies (the paper's Avg column)")
     return result
+
+
+def _read_progression_answers(
+    stream: _Stream, refs: ProgressionReferences, batch_rows: int, progress: Progress | None
+) -> tuple[np.ndarray, str | None, int]:
+    """Every row's answer per finding as a class index (-2 not given, -1 unreadable), from
+    per-finding answer columns or from one free-text column, with the input kind and the count of
+    answers that could not be read."""
+    path = stream.path
+    findings = list(MS_CXR_T_FINDINGS)
+    answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable
+    lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
+    input_kind = None
+    unreadable = 0
+    for batch, keep, slots in stream.batches(batch_rows, progress):
+        plan = stream.plan
+        if not plan.progression and not plan.text:
+            raise InputError(f"{where(path)}: {submissions.expected_columns('ms-cxr-t')}")
+        if plan.progression:
+            input_kind = input_kind or "answers"
+            for column, prefix in plan.progression.items():
+                values = stream.texts(batch, keep, slots, column)
+                j = findings.index(prefix)
+                for k, value in enumerate(values):
+                    label = classify_progression(value, None) if value and value.strip() else None
+                    answers[slots[k], j] = lookup[label] if label else -1
+                    unreadable += bool(value and value.strip() and label is None)
+        else:
+            input_kind = input_kind or "text"
+            values = stream.texts(batch, keep, slots, plan.text)
+            for k, value in enumerate(values):
+                for j, prefix in enumerate(findings):
+                    if refs.classes[prefix][slots[k]] < 0:
+                        continue
+                    label = classify_progression(value, prefix)
+                    answers[slots[k], j] = lookup[label] if label else -1
+    return answers, input_kind, unreadable
+
+
+def _progression_accuracy(
+    task: Task, refs: ProgressionReferences, answers: np.ndarray, covered: np.ndarray
+) -> tuple[dict[str, float | None], list[dict[str, Any]], np.ndarray]:
+    """Top-1 accuracy per finding and their mean (in the task's column order), the per-finding
+    confusion counts, and the per-study (correct, annotated) statistics for the bootstrap."""
+    findings = list(MS_CXR_T_FINDINGS)
+    per_finding = []
+    stats_columns = []
+    headline: dict[str, float | None] = {}
+    for j, prefix in enumerate(findings):
+        truth = refs.classes[prefix]
+        annotated = covered & (truth >= 0)
+        correct = annotated & (answers[:, j] == truth)
+        n = int(annotated.sum())
+        acc = float(correct.sum() / n) if n else None
+        headline[prefix] = acc
+        confusion = {
+            f"{PROGRESSION_CLASSES[t]}->{PROGRESSION_CLASSES[p] if p >= 0 else 'none'}": int(
+                (annotated & (truth == t) & (answers[:, j] == p)).sum()
+            )
+            for t in range(3)
+            for p in (-1, 0, 1, 2)
+        }
+        per_finding.append(
+            {
+                "finding": prefix,
+                "n": n,
+                "accuracy": acc,
+                "confusion": {k: v for k, v in confusion.items() if v},
+            }
+        )
+        stats_columns += [correct.astype(np.float64), annotated.astype(np.float64)]
+    valid = [v for v in headline.values() if v is not None]
+    headline["avg"] = float(np.mean(valid)) if valid else None
+    # The paper's column order (Con, PE, Pna, Pnx, Ede, Avg), as listed in the task definition.
+    order = [k for k in task.headline if k in headline] + [k for k in headline if k not in task.headline]
+    headline = {k: headline[k] for k in order}
+    per_finding.sort(key=lambda row: order.index(row["finding"]))
+    return headline, per_finding, np.column_stack(stats_columns)[covered]
 
 
 def dumps(result: ScoreResult) -> str:
