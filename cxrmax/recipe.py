@@ -51,6 +51,7 @@ from typing import Any
 
 from cxrmax.core.errors import CxrmaxError, InputError, where
 from cxrmax.core.io import atomic_write_json
+from cxrmax.generate.roster import load_roster
 
 try:  # Python 3.11+
     import tomllib
@@ -413,8 +414,6 @@ def serve_lines(recipe: Recipe, models: Sequence[str] | None = None) -> dict[str
     (``[recipe].roster``): the recommended tensor-parallel layout, context length, image limit and
     processor pixel limits per model. The port comes from ``[serve.ports]`` (default 8000), so that
     each line matches the recipe's ``[endpoints]``."""
-    from cxrmax.generate.roster import load_roster
-
     roster = load_roster(recipe.roster) if recipe.roster else load_roster()
     ports = recipe.serve.get("ports", {}) if isinstance(recipe.serve.get("ports"), dict) else {}
     lines: dict[str, str] = {}
@@ -431,7 +430,5 @@ def serve_lines(recipe: Recipe, models: Sequence[str] | None = None) -> dict[str
 
 def gpus_needed(recipe: Recipe) -> dict[str, int]:
     """GPUs (80 GB class) each model's recommended vllm layout needs, from the roster."""
-    from cxrmax.generate.roster import load_roster
-
     roster = load_roster(recipe.roster) if recipe.roster else load_roster()
     return {name: roster[name].min_gpus for name in recipe.models if name in roster}

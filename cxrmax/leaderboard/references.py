@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,10 +32,15 @@ from cxrmax.core.pathologies import (
     canonical_name,
     is_observation,
 )
-from cxrmax.labeler import label_texts
 from cxrmax.leaderboard.submissions import parse_study_ids
 from cxrmax.leaderboard.tasks import Task
-from cxrmax.mimic.reader import MimicCXR, read_ms_cxr_t
+
+if TYPE_CHECKING:
+    from cxrmax.mimic.reader import MimicCXR
+
+# cxrmax.labeler (its rule tables) and cxrmax.mimic.reader (pandas) cost about 0.8 s to import; a
+# label submission scored against a prepared reference file needs neither, so the three functions
+# that do import them when called.
 
 
 @dataclass
@@ -116,6 +121,8 @@ def file_sha256(path: str | Path) -> str:
 
 def open_mimic(root: Path) -> MimicCXR:
     """The MIMIC-CXR reader of a root folder (labels, reports and selections for references)."""
+    from cxrmax.mimic.reader import MimicCXR  # deferred: see the note at the top
+
     return MimicCXR(root)
 
 
@@ -315,6 +322,8 @@ def load_progression_references(task: Task, root: str | Path) -> ProgressionRefe
     path = root / (task.reference_file or "") if root.is_dir() else root
     if not path.is_file():
         raise InputError(f"{where(path)}: MS-CXR-T file not found")
+    from cxrmax.mimic.reader import read_ms_cxr_t  # deferred: see the note at the top
+
     table = read_ms_cxr_t(path)
     ids = reference_study_ids(table, path)
     classes = {}
@@ -342,6 +351,8 @@ def load_progression_references(task: Task, root: str | Path) -> ProgressionRefe
 
 def labels_of_texts(texts: Sequence[str | None], processes: int | None = None) -> np.ndarray:
     """Label free texts with `cxrmax.labeler`: (n, 14) float32, NaN for not mentioned."""
+    from cxrmax.labeler import label_texts  # deferred: see the note at the top
+
     if not texts:
         return np.zeros((0, len(OBSERVATIONS)), dtype=np.float32)
     table = label_texts(list(texts), processes=processes)
