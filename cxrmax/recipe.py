@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from cxrmax.core.errors import CxrmaxError, InputError, where
+from cxrmax.core.io import atomic_write_json
+from cxrmax.generate.roster import load_roster
 
 try:  # Python 3.11+
     import tomllib
@@ -335,9 +337,6 @@ def is_done(recipe: Recipe, unit: Unit, shard: tuple[int, int] | None = None) ->
 def _write_state(
     recipe: Recipe, unit: Unit, shard: tuple[int, int] | None, status: str, seconds: float | None = None
 ) -> None:
-    path = _state_path(recipe, unit, shard)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     state = {
         "status": status,
         "stage": unit.stage,
@@ -348,8 +347,7 @@ def _write_state(
     }
     if seconds is not None:
         state["seconds"] = round(seconds, 3)
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(_state_path(recipe, unit, shard), state)
 
 
 @dataclass
@@ -416,8 +414,6 @@ def serve_lines(recipe: Recipe, models: Sequence[str] | None = None) -> dict[str
     (``[recipe].roster``): the recommended tensor-parallel layout, context length, image limit and
     processor pixel limits per model. The port comes from ``[serve.ports]`` (default 8000), so that
     each line matches the recipe's ``[endpoints]``."""
-    from cxrmax.generate.roster import load_roster
-
     roster = load_roster(recipe.roster) if recipe.roster else load_roster()
     ports = recipe.serve.get("ports", {}) if isinstance(recipe.serve.get("ports"), dict) else {}
     lines: dict[str, str] = {}
@@ -434,7 +430,5 @@ def serve_lines(recipe: Recipe, models: Sequence[str] | None = None) -> dict[str
 
 def gpus_needed(recipe: Recipe) -> dict[str, int]:
     """GPUs (80 GB class) each model's recommended vllm layout needs, from the roster."""
-    from cxrmax.generate.roster import load_roster
-
     roster = load_roster(recipe.roster) if recipe.roster else load_roster()
     return {name: roster[name].min_gpus for name in recipe.models if name in roster}

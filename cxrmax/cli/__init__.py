@@ -1,6 +1,11 @@
-"""The `cxrmax` command line. Thin: each area registers its commands from its own module here;
-commands parse options, call library functions and render with rich. Heavy imports (torch,
-transformers) happen inside commands, so `cxrmax --help` stays fast."""
+"""The `cxrmax` command line. Thin: commands parse options, call library functions and render with
+rich. Heavy imports (torch, transformers, pyarrow, the labeler) happen inside commands, so
+`cxrmax --help` stays fast.
+
+Registration, one style for every area: each ``*_cmd`` module defines its command functions at
+module level and a ``register(app)`` that adds them, ``app.command(name)(function)`` for a top-level
+command and ``app.add_typer(group_app, name=...)`` for a command group (leaderboard, generate,
+models, mimic, fixtures)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,6 @@ leaderboard_app = typer.Typer(
 
 
 _UNCERTAIN_HELP = "Uncertain-label policy: positive (default, CheXbert-F1 convention), negative or ignore."
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _parse_model_info(values: list[str] | None) -> dict[str, Any]:
@@ -150,6 +142,7 @@ def score_cmd(
     Example: cxrmax leaderboard score preds.parquet -t mimic-cxr-labels -r /data/mimic-cxr-jpg --uncertain ignore
     """
     with user_errors():
+        from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps
 
@@ -170,7 +163,7 @@ def score_cmd(
             return
         render_score(result, console)
         if json_out:
-            _write_atomic(json_out, dumps(result))
+            atomic_write_text(json_out, dumps(result))
             console.print(f"wrote {json_out}")
 
 
@@ -211,6 +204,7 @@ def submit_cmd(
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
     with user_errors():
+        from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps, file_sha256
         from cxrmax.leaderboard.store import Board, DuplicateSubmission
@@ -242,7 +236,7 @@ def submit_cmd(
             render_score(result, console)
             entry_id = board.submit(result, name, info)
         if json_out:
-            _write_atomic(json_out, dumps(result))
+            atomic_write_text(json_out, dumps(result))
         console.print(
             f"[green]stored[/] entry {entry_id} {name!r} on {result.task} v{result.task_version} in {board.path}"
         )
@@ -291,6 +285,7 @@ def export_cmd(
     """
     with user_errors():
         from cxrmax.core.errors import CxrmaxError
+        from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import export_board
         from cxrmax.leaderboard.store import Board
 
@@ -299,7 +294,7 @@ def export_cmd(
         with Board(store) as board:
             text = export_board(board, format, task or None)
             if output:
-                _write_atomic(output, text)
+                atomic_write_text(output, text)
                 console.print(f"wrote {output}")
             else:
                 console.out(text, highlight=False)

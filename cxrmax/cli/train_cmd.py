@@ -7,6 +7,7 @@ is Anchored Preference Optimization, a different method with the same acronym.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,112 @@ from typing import Any
 import typer
 
 from cxrmax.cli.common import console, user_errors
+
+#: Flags that set a `apo_train.pipeline.PipelineSpec` attribute: parameter -> attribute.
+SPEC_FLAGS = {
+    "model": "model",
+    "sft_data": "sft_data",
+    "preferences": "preferences",
+    "out": "out",
+    "mimic_root": "mimic_root",
+    "consensus": "consensus",
+    "trajectories": "trajectories",
+}
+#: Flags that set one config field of both stages: parameter -> field (None leaves the field alone).
+BOTH_STAGE_FLAGS = {
+    "max_edge": "max_edge",
+    "epochs": "num_train_epochs",
+    "max_steps": "max_steps",
+    "global_batch": "global_batch_size",
+    "per_device_batch": "per_device_train_batch_size",
+    "max_length": "max_length",
+    "lora_r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_targets": "lora_target_modules",
+    "bf16": "bf16",
+    "seed": "seed",
+    "logging_steps": "logging_steps",
+    "save_steps": "save_steps",
+    "deepspeed": "deepspeed",
+}
+#: Switches (off by default) of both stages: parameter -> (field, the value it gets when on).
+BOTH_STAGE_SWITCHES: dict[str, tuple[str, Any]] = {
+    "full_finetune": ("use_lora", False),
+    "merge": ("merge_adapter", True),
+    "gradient_checkpointing": ("gradient_checkpointing", True),
+    "lenient": ("lenient", True),
+    "cpu": ("use_cpu", True),
+    "tensorboard": ("report_to", ["tensorboard"]),
+}
+#: Learning-rate flags: parameter -> the stage whose learning_rate it sets ("single": the --stage run).
+LR_FLAGS = {"lr": "single", "sft_lr": "sft", "apo_lr": "apo"}
+#: Stage-2 (APOConfig) flags: parameter -> field.
+APO_FLAGS = {"loss": "loss_type", "beta": "beta", "nll_alpha": "nll_alpha", "max_negatives": "max_negatives"}
+#: Stage-2 switches: parameter -> (field, the value it gets when on).
+APO_SWITCHES: dict[str, tuple[str, Any]] = {"precompute_ref": ("precompute_ref_log_probs", True)}
+#: Parameters that steer the command instead of naming one field.
+CONTROL_FLAGS = ("stage", "config", "resume", "set_values")
+#: Fields defined by apo_train/config.py that have no flag of their own: set them in the TOML/YAML
+#: config or with --set (every TrainingArguments field is reachable that way too). A new config
+#: field goes either into a flag table above or here (tests/cli/test_train_flags.py checks it).
+CONFIG_ONLY = {
+    "model_name_or_path": "filled from --model (or the Stage-1 output for apo)",
+    "dataset_path": "filled from --sft-data / --preferences",
+    "image_root": "filled from --mimic-root",
+    "dataset_split": "rarely changed (train)",
+    "eval_split": "optional evaluation split",
+    "max_pixels": "optional pixel cap",
+    "system_prompt": "optional system message",
+    "min_completion_tokens": "data filter",
+    "dataset_num_proc": "tokenization processes",
+    "lora_dropout": "LoRA detail",
+    "torch_dtype": "model loading detail",
+    "attn_implementation": "model loading detail",
+    "jsonl_log": "logging detail",
+    "warmup_steps": "schedule detail",
+    "lr_scheduler_type": "schedule detail",
+    "remove_unused_columns": "must stay False for the collators",
+    "pairwise_reduction": "pairwise loss only",
+    "reference_cache_dir": "default OUTPUT/reference_logps",
+}
+
+
+def apply_flags(spec: Any, flags: dict[str, Any]) -> None:
+    """Apply train-apo's flag values (parameter name -> value; None or False: not given) onto ``spec``
+    through the tables above, in precedence order: shared fields, learning rates, stage-2 fields,
+    then --set."""
+    from cxrmax.core.errors import InputError
+
+    stage = flags["stage"]
+    spec.stage = stage
+    for name, attribute in SPEC_FLAGS.items():
+        if flags.get(name) is not None:
+            setattr(spec, attribute, str(flags[name]))
+    if flags.get("lr") is not None and stage == "all":
+        raise InputError("--lr is for a single --stage; use --sft-lr / --apo-lr with --stage all")
+    both = {key: _plain(flags[name]) for name, key in BOTH_STAGE_FLAGS.items() if flags.get(name) is not None}
+    # Copy list values: the tables are module constants and stage configs may be edited later.
+    both.update(
+        {key: copy.copy(value) for name, (key, value) in BOTH_STAGE_SWITCHES.items() if flags.get(name)}
+    )
+    spec.sft.update(both)
+    spec.apo.update(both)
+    for name, target in LR_FLAGS.items():
+        if flags.get(name) is not None:
+            if target == "single":
+                target = "sft" if stage == "sft" else "apo"
+            getattr(spec, target)["learning_rate"] = flags[name]
+    spec.apo.update({key: flags[name] for name, key in APO_FLAGS.items() if flags.get(name) is not None})
+    spec.apo.update({key: value for name, (key, value) in APO_SWITCHES.items() if flags.get(name)})
+    _apply_set_values(spec, flags.get("set_values") or [])
+    resume = flags.get("resume")
+    if resume is not None:
+        spec.resume = True if resume == "latest" else resume
+
+
+def _plain(value: Any) -> Any:
+    """Paths as strings (the config fields are str)."""
+    return str(value) if isinstance(value, Path) else value
 
 
 def _parse_value(text: str) -> Any:
@@ -148,72 +255,12 @@ def train_apo(
 
       cxrmax train-apo --stage apo --model runs/apo/sft --preferences prefs --set apo.nll_alpha=0.2
     """
+    flags = dict(locals())  # every parameter above, by name: the flag tables map them onto fields
     from apo_train.pipeline import PipelineSpec, read_config_file, run_pipeline, spec_from_config
 
     with user_errors():
         spec = spec_from_config(read_config_file(config), str(config)) if config else PipelineSpec()
-        spec.stage = stage
-        for name, value in (
-            ("model", model),
-            ("sft_data", sft_data),
-            ("preferences", preferences),
-            ("out", out),
-            ("mimic_root", mimic_root),
-            ("consensus", consensus),
-            ("trajectories", trajectories),
-        ):
-            if value is not None:
-                setattr(spec, name, str(value))
-        if lr is not None and stage == "all":
-            from cxrmax.core.errors import InputError
-
-            raise InputError("--lr is for a single --stage; use --sft-lr / --apo-lr with --stage all")
-        both: dict[str, Any] = {}
-        flag_values = {
-            "max_edge": max_edge,
-            "num_train_epochs": epochs,
-            "max_steps": max_steps,
-            "global_batch_size": global_batch,
-            "per_device_train_batch_size": per_device_batch,
-            "max_length": max_length,
-            "lora_r": lora_r,
-            "lora_alpha": lora_alpha,
-            "lora_target_modules": lora_targets,
-            "bf16": bf16,
-            "seed": seed,
-            "logging_steps": logging_steps,
-            "save_steps": save_steps,
-            "deepspeed": str(deepspeed) if deepspeed else None,
-        }
-        both.update({k: v for k, v in flag_values.items() if v is not None})
-        for flag, key in ((full_finetune, "use_lora"),):
-            if flag:
-                both[key] = False
-        for flag, key in (
-            (merge, "merge_adapter"),
-            (gradient_checkpointing, "gradient_checkpointing"),
-            (lenient, "lenient"),
-            (cpu, "use_cpu"),
-        ):
-            if flag:
-                both[key] = True
-        if tensorboard:
-            both["report_to"] = ["tensorboard"]
-        spec.sft.update(both)
-        spec.apo.update(both)
-        if lr is not None:
-            (spec.sft if stage == "sft" else spec.apo)["learning_rate"] = lr
-        if sft_lr is not None:
-            spec.sft["learning_rate"] = sft_lr
-        if apo_lr is not None:
-            spec.apo["learning_rate"] = apo_lr
-        apo_only = {"loss_type": loss, "beta": beta, "nll_alpha": nll_alpha, "max_negatives": max_negatives}
-        spec.apo.update({k: v for k, v in apo_only.items() if v is not None})
-        if precompute_ref:
-            spec.apo["precompute_ref_log_probs"] = True
-        _apply_set_values(spec, set_values)
-        if resume is not None:
-            spec.resume = True if resume == "latest" else resume
+        apply_flags(spec, flags)
         results = run_pipeline(spec, console=console)
         from apo_train.trainer import is_main_process
 

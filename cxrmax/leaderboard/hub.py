@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from cxrmax.core.errors import CxrmaxError
 from cxrmax.leaderboard.render import board_table, to_markdown
 from cxrmax.leaderboard.tasks import get_task, list_tasks
@@ -55,9 +58,6 @@ def board_records(board: Any, tasks: Sequence[str] | None = None) -> list[dict[s
 
 def write_board_dataset(board: Any, out_dir: str | Path, tasks: Sequence[str] | None = None) -> Path:
     """Write data/board.parquet and a README.md data card under ``out_dir``."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out = Path(out_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)
     records = board_records(board, tasks)

@@ -4,7 +4,7 @@ Input: trajectory shards (``OUT/trajectories/<model>/*.arrow`` with shards.TRAJE
 folder above) or a submission file with study_id, model and a text column. Ground truth: the
 ``labels`` struct carried by each trajectory, else the references' labels for its study.
 
-Per trajectory (engineer E's definitions in `cxrmax.preferences.drift`, reused here):
+Per trajectory (the drift definitions of `cxrmax.preferences.drift`, reused here):
 - precision = |claimed by the rationale and by the ground truth| / |claimed by the rationale|,
 - recall = |claimed by both| / |claimed by the ground truth| (`cxrmax.preferences.drift.compare`; "claimed" =
   positive, and uncertain under the default policy),
@@ -19,15 +19,30 @@ ours as "published, not re-scored", not as a like-for-like comparison.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 from cxrmax.core.errors import InputError, where
+from cxrmax.core.formats import detect_format
+from cxrmax.core.io import iter_arrow_batches
 from cxrmax.core.pathologies import OBSERVATIONS
+from cxrmax.generate import trajectory_files
 from cxrmax.leaderboard import metrics, submissions
+from cxrmax.leaderboard.references import (
+    LabelReferences,
+    ScoreResult,
+    file_sha256,
+    labels_of_texts,
+    load_label_references,
+    load_text_references,
+    open_mimic,
+)
+from cxrmax.leaderboard.tasks import Task
 from cxrmax.preferences import drift
 
 _STAT_NAMES = (
@@ -103,34 +118,14 @@ def rationale_summary(sums: np.ndarray) -> dict[str, np.ndarray]:
 
 def _shard_files(path: Path) -> list[Path]:
     """Committed trajectory shards (``part-*.arrow``) under OUT/trajectories/<model>/, given OUT or
-    OUT/trajectories (engineer C's layout; journals of unfinished runs are not read)."""
+    OUT/trajectories (generate's layout; journals of unfinished runs are not read)."""
     out = path.parent if path.name == "trajectories" else path
-    try:
-        from cxrmax.generate import trajectory_files
-
-        files = trajectory_files(out)
-    except ImportError:
-        files = sorted((out / "trajectories").glob("*/part-*.arrow"))
+    files = trajectory_files(out)
     if not files:
         files = sorted(path.rglob("part-*.arrow"))
     if not files:
         raise InputError(f"{where(path)}: no trajectory shards (trajectories/<model>/part-*.arrow) found")
     return files
-
-
-def _read_arrow_batches(file: Path) -> Iterator[Any]:
-    import pyarrow as pa
-
-    try:
-        try:
-            reader = pa.ipc.open_file(file)
-            for i in range(reader.num_record_batches):
-                yield reader.get_batch(i)
-        except pa.ArrowInvalid:
-            with pa.ipc.open_stream(file) as stream:
-                yield from stream
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{where(file)}: cannot read trajectory shard (truncated?): {exc}") from None
 
 
 def _iter_rows(
@@ -140,7 +135,7 @@ def _iter_rows(
     if path.is_dir():
         for file in _shard_files(path):
             start = 1
-            for batch in _read_arrow_batches(file):
+            for batch in iter_arrow_batches(file):
                 names = batch.schema.names
                 for needed in ("model", "text"):
                     if needed not in names:
@@ -180,8 +175,6 @@ def _iter_rows(
 
 def _struct_labels(column: Any) -> np.ndarray:
     """LABELS_TYPE struct column -> (n, 14) float32 with NaN for blank; rows with a null struct are all NaN."""
-    import pyarrow.compute as pc
-
     out = np.column_stack(
         [
             pc.struct_field(column, o).cast("float32").fill_null(np.nan).to_numpy(zero_copy_only=False)
@@ -193,7 +186,7 @@ def _struct_labels(column: Any) -> np.ndarray:
 
 def score_rationales(
     path: Path,
-    task: Any,
+    task: Task,
     references_root: str | Path | None,
     *,
     uncertain: str = "positive",
@@ -203,35 +196,80 @@ def score_rationales(
     lenient: bool = False,
     batch_rows: int = submissions.BATCH_ROWS,
     progress: Any = None,
-) -> Any:
+) -> ScoreResult:
     """Score rationales per model (see the module docstring for the definitions)."""
-    from cxrmax.leaderboard.scoring import (
-        ScoreResult,
-        _label_texts,
-        file_sha256,
-        load_label_references,
-        load_text_references,
+    label_refs, reports, notes = _rationale_references(task, references_root)
+    per_model, n_rows, skipped = _collect_stats(
+        path, label_refs, reports, uncertain, processes, lenient, batch_rows, progress
+    )
+    if not per_model:
+        raise InputError(f"{where(path)}: no rationale could be scored")
+    table, overall = _per_model_table(per_model, n_boot, seed)
+    headline = {
+        name: (None if np.isnan(v) else float(v)) for name, v in rationale_summary(overall.sum(0)).items()
+    }
+    return ScoreResult(
+        task=task.name,
+        task_version=task.version,
+        kind=task.kind,
+        submission=str(path),
+        sha256=file_sha256(path) if path.is_file() else _dir_sha256(path),
+        format="arrow" if path.is_dir() else detect_format(path),
+        uncertain=uncertain,
+        input_kind="text",
+        n_rows=n_rows,
+        n_references=n_rows - skipped,
+        n_scored=n_rows - skipped,
+        missing=0,
+        skipped_unknown=skipped,
+        primary_metric=task.primary_metric,
+        headline=headline,
+        ci=metrics.bootstrap_ci(overall, rationale_summary, n_boot=n_boot, seed=seed),
+        per_model=table,
+        n_boot=n_boot,
+        notes=notes
+        + [
+            "precision/recall: cxrmax.preferences.drift.compare on labeler output vs ground truth; similarity: "
+            "cxrmax.preferences.drift.token_similarity vs the reference report; per model means over trajectories"
+        ],
     )
 
+
+def _rationale_references(
+    task: Task, references_root: str | Path | None
+) -> tuple[LabelReferences | None, _Reports | None, list[str]]:
+    """Ground-truth labels and reference report text, when references are given, and the notes on
+    what could not be computed without them."""
     notes: list[str] = []
-    label_refs = None
-    reports: _Reports | None = None
-    if references_root is not None:
-        root = Path(references_root)
-        label_refs = load_label_references(task, root)
-        if root.is_dir():
-            # A MIMIC-CXR root: read only the reports of the studies the rationales are about.
-            reports = _Reports(root, label_refs)
-        else:
-            try:
-                text_refs = load_text_references(task, root, "best")
-                reports = _Reports(
-                    None, label_refs, dict(zip(text_refs.study_ids.tolist(), text_refs.texts, strict=True))
-                )
-            except InputError as exc:
-                notes.append(f"similarity not computed: no reference report text ({exc})")
-    else:
+    if references_root is None:
         notes.append("similarity not computed: no references given (report text needed)")
+        return None, None, notes
+    root = Path(references_root)
+    label_refs = load_label_references(task, root)
+    if root.is_dir():
+        # A MIMIC-CXR root: read only the reports of the studies the rationales are about.
+        return label_refs, _Reports(root, label_refs), notes
+    try:
+        text_refs = load_text_references(task, root, "best")
+    except InputError as exc:
+        notes.append(f"similarity not computed: no reference report text ({exc})")
+        return label_refs, None, notes
+    texts = dict(zip(text_refs.study_ids.tolist(), text_refs.texts, strict=True))
+    return label_refs, _Reports(None, label_refs, texts), notes
+
+
+def _collect_stats(
+    path: Path,
+    label_refs: LabelReferences | None,
+    reports: _Reports | None,
+    uncertain: str,
+    processes: int | None,
+    lenient: bool,
+    batch_rows: int,
+    progress: Any,
+) -> tuple[dict[str, list[np.ndarray]], int, int]:
+    """Per-model `rationale_stats` arrays over every row, the row count and the rows skipped for
+    lack of ground truth (an error unless ``lenient``)."""
     index = submissions.StudyIndex(label_refs.study_ids) if label_refs is not None else None
     per_model: dict[str, list[np.ndarray]] = {}
     n_rows = skipped = 0
@@ -265,7 +303,7 @@ def score_rationales(
             keep &= has_truth
         idx = np.nonzero(keep)[0]
         texts = [columns["text"][i] for i in idx]
-        predicted = _label_texts(texts, processes)
+        predicted = labels_of_texts(texts, processes)
         report_texts = [reports.get(int(ids[i])) for i in idx] if reports is not None else None
         stats = rationale_stats(predicted, truth[idx], texts, report_texts, uncertain)
         models = np.asarray([columns["model"][i] for i in idx], dtype=object)
@@ -273,8 +311,13 @@ def score_rationales(
             per_model.setdefault(model, []).append(stats[models == model])
         if progress:
             progress(n)
-    if not per_model:
-        raise InputError(f"{where(path)}: no rationale could be scored")
+    return per_model, n_rows, skipped
+
+
+def _per_model_table(
+    per_model: dict[str, list[np.ndarray]], n_boot: int, seed: int
+) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
+    """Each model's figures with bootstrap CIs, and every model's statistics stacked."""
     table: dict[str, dict[str, Any]] = {}
     all_stats = []
     for k, (model, parts) in enumerate(sorted(per_model.items())):
@@ -287,36 +330,7 @@ def score_rationales(
             **{name: (None if np.isnan(v) else v) for name, v in summary.items()},
             "ci": {name: list(v) for name, v in ci.items()},
         }
-    overall = np.concatenate(all_stats)
-    headline = {
-        name: (None if np.isnan(v) else float(v)) for name, v in rationale_summary(overall.sum(0)).items()
-    }
-    result = ScoreResult(
-        task=task.name,
-        task_version=task.version,
-        kind=task.kind,
-        submission=str(path),
-        sha256=file_sha256(path) if path.is_file() else _dir_sha256(path),
-        format="arrow" if path.is_dir() else submissions.detect_format(path),
-        uncertain=uncertain,
-        input_kind="text",
-        n_rows=n_rows,
-        n_references=n_rows - skipped,
-        n_scored=n_rows - skipped,
-        missing=0,
-        skipped_unknown=skipped,
-        primary_metric=task.primary_metric,
-        headline=headline,
-        ci=metrics.bootstrap_ci(overall, rationale_summary, n_boot=n_boot, seed=seed),
-        per_model=table,
-        n_boot=n_boot,
-        notes=notes
-        + [
-            "precision/recall: cxrmax.preferences.drift.compare on labeler output vs ground truth; similarity: "
-            "cxrmax.preferences.drift.token_similarity vs the reference report; per model means over trajectories"
-        ],
-    )
-    return result
+    return table, np.concatenate(all_stats)
 
 
 class _Reports:
@@ -324,15 +338,15 @@ class _Reports:
     table, or read on demand from a MIMIC-CXR root (cached), so that a rationale set about a few
     thousand studies never parses all of MIMIC-CXR's reports."""
 
-    def __init__(self, root: Path | None, label_refs: Any, texts: dict[int, str] | None = None):
+    def __init__(
+        self, root: Path | None, label_refs: LabelReferences, texts: dict[int, str] | None = None
+    ) -> None:
         self.root = root
         self.texts = texts if texts is not None else {}
         self.subjects: dict[int, int] = {}
         self.mimic = None
         if root is not None:
-            from cxrmax.leaderboard.scoring import _mimic
-
-            self.mimic = _mimic(root)
+            self.mimic = open_mimic(root)
             if label_refs.subject_ids is not None:
                 self.subjects = dict(
                     zip(label_refs.study_ids.tolist(), label_refs.subject_ids.tolist(), strict=True)
@@ -351,10 +365,6 @@ class _Reports:
 
 def _dir_sha256(path: Path) -> str:
     """Hash of every shard's name and bytes, in sorted order (identifies a trajectory folder)."""
-    import hashlib
-
-    from cxrmax.leaderboard.scoring import file_sha256
-
     digest = hashlib.sha256()
     for file in _shard_files(path):
         digest.update(str(file.relative_to(path)).encode())

@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from cxrmax.leaderboard.tasks import Task, get_task, published_rows
+from cxrmax.leaderboard.tasks import Task, get_task, list_tasks, published_rows
 
 POLICY_TEXT = {
     "positive": "uncertain (-1) counts as positive, blank as negative",
@@ -314,8 +314,6 @@ def to_html(
 
 def export_board(board: Any, fmt_name: str, tasks: Sequence[str] | None = None) -> str:
     """The board (all tasks, or the given ones) as md | csv | html text."""
-    from cxrmax.leaderboard.tasks import list_tasks
-
     names = list(tasks) if tasks else sorted(list_tasks())
     sections = []
     for name in names:

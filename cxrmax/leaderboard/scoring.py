@@ -1,378 +1,41 @@
 """Score one submission against a task's references: `score(submission, task, references_root)`.
 
-References come from a MIMIC-CXR root (engineer A's `cxrmax.mimic.reader`) or from a prepared reference
-file (Parquet/CSV/JSONL with study_id and the needed columns), which is also how the benchmarks and
-offline users pass references. The submission is streamed batch by batch: every row is mapped to a
+References are loaded by `cxrmax.leaderboard.references` (a MIMIC-CXR root or a prepared reference
+file); rationale submissions are scored by `cxrmax.leaderboard.rationale`. The submission is streamed batch by batch: every row is mapped to a
 reference slot at once (unknown and duplicate study ids are caught there), and only per-study
 numbers are kept, never the submission's texts.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxrmax.core.errors import CxrmaxError, InputError, where
-from cxrmax.core.pathologies import (
-    MS_CXR_T_FINDINGS,
-    OBSERVATIONS,
-    PROGRESSION_CLASSES,
-    canonical_name,
-    is_observation,
-)
+from cxrmax.core.formats import sniff
+from cxrmax.core.pathologies import MS_CXR_T_FINDINGS, OBSERVATIONS, PROGRESSION_CLASSES
 from cxrmax.leaderboard import metrics, submissions, textmetrics
 from cxrmax.leaderboard.progression import classify_progression
+from cxrmax.leaderboard.rationale import score_rationales
+from cxrmax.leaderboard.references import (
+    ProgressionReferences,
+    ScoreResult,
+    file_sha256,
+    labels_of_texts,
+    load_label_references,
+    load_progression_references,
+    load_text_references,
+)
 from cxrmax.leaderboard.tasks import Task, get_task
 
+__all__ = ["ScoreResult", "dumps", "file_sha256", "score"]
+
 Progress = Callable[[int], None]
-
-
-@dataclass
-class ScoreResult:
-    """Scores of one submission on one task, with everything needed to reproduce and rank them."""
-
-    task: str
-    task_version: str
-    kind: str
-    submission: str
-    sha256: str
-    format: str
-    uncertain: str
-    input_kind: str  # labels | probabilities | text | answers
-    n_rows: int
-    n_references: int
-    n_scored: int
-    missing: int
-    skipped_unknown: int
-    primary_metric: str
-    headline: dict[str, float | None]
-    ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-    per_observation: list[dict[str, Any]] = field(default_factory=list)
-    per_finding: list[dict[str, Any]] = field(default_factory=list)
-    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    n_boot: int = 0
-    scored_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-
-    @property
-    def coverage(self) -> float:
-        """Fraction of reference studies the submission covers."""
-        return self.n_scored / self.n_references if self.n_references else 0.0
-
-    @property
-    def primary_value(self) -> float | None:
-        """Value of the task's ranking metric."""
-        return self.headline.get(self.primary_metric)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (NaN written as null)."""
-        data = asdict(self)
-        data["coverage"] = self.coverage
-        data["ci"] = {k: list(v) for k, v in self.ci.items()}
-        return _clean(data)
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        return _clean(value.item())
-    return value
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    except PermissionError:
-        raise InputError(f"{where(path)}: permission denied (cannot read the submission file)") from None
-    except OSError as exc:
-        raise InputError(f"{where(path)}: cannot read the submission file: {exc.strerror or exc}") from None
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------
-# References
-
-
-def _mimic(root: Path) -> Any:
-    try:
-        from cxrmax.mimic.reader import MimicCXR
-    except ImportError as exc:
-        raise CxrmaxError(
-            f"reading references from a MIMIC-CXR root needs cxrmax.mimic.reader: {exc}"
-        ) from None
-    return MimicCXR(root)
-
-
-def _read_table(path: Path) -> Any:
-    """A small reference file (Parquet, CSV(.gz), JSONL) as a pyarrow Table."""
-    import pyarrow as pa
-
-    name = path.name.lower()
-    try:
-        if name.endswith((".parquet", ".pq")):
-            import pyarrow.parquet as pq
-
-            return pq.ParquetFile(path).read()  # read_table would import pyarrow.dataset (~1 s)
-        if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-            import pyarrow.json as pajson
-
-            return pajson.read_json(path)
-        if name.endswith((".csv", ".csv.gz")):
-            import pyarrow.csv as pacsv
-
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-            table.column_names  # noqa: B018 - pyarrow decodes header names lazily: fail here, not later
-            return table
-    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{where(path)}: cannot read references: {exc}") from None
-    raise InputError(
-        f"{where(path)}: references must be a MIMIC-CXR root folder or a .parquet/.csv/.jsonl file"
-    )
-
-
-def _float_column(table: Any, name: str, path: Path) -> np.ndarray:
-    """A reference label column as float32 (NaN = blank: empty, null or "nan"); anything other than
-    1 / 0 / -1 / blank is an InputError naming the reference file, row and column, since a wrong
-    reference silently changes every score."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    column = table.column(name)
-    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        column = pc.if_else(pc.equal(pc.utf8_trim_whitespace(column), ""), None, column)
-    try:
-        values = column.cast("float64").fill_null(np.nan).to_numpy(zero_copy_only=False)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, TypeError):
-        texts = column.to_pylist()
-        for row, value in enumerate(texts, start=1):
-            try:
-                float(value if value is not None else "nan")
-            except (TypeError, ValueError):
-                raise InputError(
-                    f"{where(path, row=row, field=name)}: reference label {value!r} is not 1, 0, -1 or blank"
-                ) from None
-        raise InputError(
-            f"{where(path, field=name)}: reference labels are not numbers ({column.type})"
-        ) from None
-    bad = ~np.isnan(values) & ~np.isin(values, (1.0, 0.0, -1.0))
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise InputError(
-            f"{where(path, row=row + 1, field=name)}: reference label {values[row]:.12g} is not 1, 0, -1 or blank"
-        )
-    return values.astype(np.float32)
-
-
-def _study_ids(table: Any, path: Path) -> np.ndarray:
-    if "study_id" not in table.column_names:
-        raise InputError(f"{where(path, field='study_id')}: references have no study_id column")
-    column = table.column("study_id")
-    if column.null_count:
-        raise InputError(f"{where(path, field='study_id')}: references have blank study ids")
-    return submissions.parse_study_ids(column.combine_chunks(), np.arange(1, len(column) + 1), path)
-
-
-@dataclass
-class LabelReferences:
-    """Ground-truth labels aligned to study ids: labels (n, 14) float32 with NaN for blank."""
-
-    study_ids: np.ndarray
-    labels: np.ndarray
-    description: str
-    subject_ids: np.ndarray | None = None
-
-
-def load_label_references(task: Task, root: str | Path) -> LabelReferences:
-    """Labels of the task's split from a MIMIC-CXR root (chexpert CSV or 2.1.0 test set), or from a
-    prepared file with study_id and the 14 observation columns."""
-    root = Path(root)
-    if root.is_file():
-        table = _read_table(root)
-        description = f"{root.name}"
-    elif root.is_dir():
-        splits = None if task.split == "all" else [task.split]
-        table = _mimic(root).study_labels(splits=splits, source=task.reference_source)
-        description = f"MIMIC-CXR {task.reference_source} labels, split {task.split}"
-    else:
-        raise InputError(f"{where(root)}: references not found")
-    names = {}
-    for column in table.column_names:
-        if is_observation(column):
-            names[canonical_name(column)] = column
-    missing = [o for o in OBSERVATIONS if o not in names]
-    if missing:
-        raise InputError(
-            f"{where(root, field=missing[0])}: references lack observation columns {', '.join(missing)}"
-        )
-    labels = np.column_stack([_float_column(table, names[o], root) for o in OBSERVATIONS]).astype(np.float32)
-    subject = None
-    if "subject_id" in table.column_names:
-        subject = table.column("subject_id").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return LabelReferences(_study_ids(table, root), labels, description, subject)
-
-
-@dataclass
-class TextReferences:
-    """Reference report sections aligned to study ids (studies with an empty section are dropped)."""
-
-    study_ids: np.ndarray
-    texts: list[str]
-    description: str
-    dropped: int = 0
-
-
-def _pick_section(section: str, findings: Any, impression: Any, last: Any, report: Any) -> str | None:
-    def ok(text: Any) -> str | None:
-        return text if isinstance(text, str) and text.strip() else None
-
-    if section == "findings":
-        return ok(findings) or None
-    if section == "impression":
-        return ok(impression) or None
-    if section == "report":
-        return ok(report)
-    return ok(impression) or ok(findings) or ok(last) or ok(report)
-
-
-def load_text_references(task: Task, root: str | Path, section: str | None = None) -> TextReferences:
-    """Reference report text per study: ``section`` findings | impression | best | report."""
-    section = section or task.reference_section
-    if section not in ("findings", "impression", "best", "report"):
-        raise CxrmaxError(f"unknown report section {section!r}; use findings, impression, best or report")
-    root = Path(root)
-    if root.is_file():
-        table = _read_table(root)
-        ids = _study_ids(table, root)
-
-        def col(name: str) -> list[Any]:
-            return table.column(name).to_pylist() if name in table.column_names else [None] * len(ids)
-
-        report_col = next((c for c in ("report", "text") if c in table.column_names), None)
-        rows = zip(
-            col("findings"),
-            col("impression"),
-            col("last_paragraph"),
-            col(report_col) if report_col else col("report"),
-            strict=True,
-        )
-        description = f"{root.name} ({section})"
-    elif root.is_dir():
-        mimic = _mimic(root)
-        splits = None if task.split == "all" else [task.split]
-        try:  # scoring reads reports only: skip the image existence check where the reader offers it
-            selection = mimic.select(splits=splits, one_per_study=True, check_files=False)
-        except TypeError:
-            selection = mimic.select(splits=splits, one_per_study=True)
-        ids = selection.column("study_id").to_numpy().astype(np.int64)
-        subjects = selection.column("subject_id").to_numpy().astype(np.int64)
-        findings = selection.column("findings").to_pylist()
-        impression = selection.column("impression").to_pylist()
-        last = selection.column("last_paragraph").to_pylist()
-        if all(f is None for f in findings) and all(i is None for i in impression):
-            parsed = [mimic.report(int(s), int(t)) for s, t in zip(subjects, ids, strict=True)]
-            findings = [p.findings if p else None for p in parsed]
-            impression = [p.impression if p else None for p in parsed]
-            last = [p.last_paragraph if p else None for p in parsed]
-        rows = zip(findings, impression, last, [None] * len(ids), strict=True)
-        description = f"MIMIC-CXR reports ({section}), split {task.split}"
-    else:
-        raise InputError(f"{where(root)}: references not found")
-    keep_ids, texts, dropped = [], [], 0
-    for study_id, (f, i, last_paragraph, report) in zip(ids, rows, strict=True):
-        text = _pick_section(section, f, i, last_paragraph, report)
-        if text is None:
-            dropped += 1
-            continue
-        keep_ids.append(int(study_id))
-        texts.append(text)
-    return TextReferences(np.asarray(keep_ids, dtype=np.int64), texts, description, dropped)
-
-
-@dataclass
-class ProgressionReferences:
-    """MS-CXR-T ground truth: per finding an array of class index (0..2) or -1 where not annotated."""
-
-    study_ids: np.ndarray
-    classes: dict[str, np.ndarray]
-    description: str
-    dicom_ids: np.ndarray | None = None
-
-    @property
-    def key(self) -> tuple[str, np.ndarray]:
-        """The row key: study_id, or dicom_id when a study appears in several pairs."""
-        if len(np.unique(self.study_ids)) == len(self.study_ids) or self.dicom_ids is None:
-            return "study_id", self.study_ids
-        return "dicom_id", self.dicom_ids
-
-
-def load_progression_references(task: Task, root: str | Path) -> ProgressionReferences:
-    """MS-CXR-T labels from ``root/<reference_file>`` or a given CSV, via `cxrmax.mimic.reader.read_ms_cxr_t`."""
-    root = Path(root)
-    path = root / (task.reference_file or "") if root.is_dir() else root
-    if not path.is_file():
-        raise InputError(f"{where(path)}: MS-CXR-T file not found")
-    try:
-        from cxrmax.mimic.reader import read_ms_cxr_t
-    except ImportError as exc:
-        raise CxrmaxError(f"reading MS-CXR-T needs cxrmax.mimic.reader.read_ms_cxr_t: {exc}") from None
-    table = read_ms_cxr_t(path)
-    ids = _study_ids(table, path)
-    classes = {}
-    lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
-    for prefix in MS_CXR_T_FINDINGS:
-        column = f"{prefix}_progression"
-        if column not in table.column_names:
-            raise InputError(f"{where(path, field=column)}: column missing in MS-CXR-T file")
-        values = table.column(column).to_pylist()
-        classes[prefix] = np.asarray(
-            [lookup.get(str(v).strip().lower(), -1) if v is not None else -1 for v in values], dtype=np.int8
-        )
-    # MS-CXR-T pairs a current with a previous image: one row per current study.
-    dicom = (
-        np.asarray([str(v).strip() for v in table.column("dicom_id").to_pylist()])
-        if "dicom_id" in table.column_names
-        else None
-    )
-    return ProgressionReferences(ids, classes, f"{path.name}", dicom)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The scorer
-
-
-def _label_texts(texts: Sequence[str | None], processes: int | None) -> np.ndarray:
-    """Label free texts with engineer B's labeler: (n, 14) float32, NaN for not mentioned."""
-    try:
-        from cxrmax.labeler import label_texts
-    except ImportError as exc:
-        raise CxrmaxError(f"labelling free text needs cxrmax.labeler: {exc}") from None
-    if not texts:
-        return np.zeros((0, len(OBSERVATIONS)), dtype=np.float32)
-    table = label_texts(list(texts), processes=processes)
-    return np.column_stack(
-        [
-            table.column(o).cast("float32").fill_null(np.nan).to_numpy(zero_copy_only=False)
-            for o in OBSERVATIONS
-        ]
-    ).astype(np.float32)
 
 
 @dataclass
@@ -567,8 +230,6 @@ def score(
             f"task {task.name} needs references (a MIMIC-CXR root or a prepared reference file)"
         )
     if task.kind == "rationale":
-        from cxrmax.leaderboard.rationale import score_rationales
-
         return score_rationales(
             path,
             task,
@@ -583,7 +244,7 @@ def score(
     if path.is_dir():
         raise InputError(f"{where(path)}: a {task.kind} submission is a file (.csv, .jsonl, .json, .parquet)")
     submissions.check_file(path)
-    fmt = submissions.sniff(path).format
+    fmt = sniff(path).format
     if task.kind == "labels":
         result = _score_labels(
             path,
@@ -661,107 +322,35 @@ def _score_labels(
     predicted = np.full(refs.labels.shape, np.nan, dtype=np.float32)
     mode = None
     for batch, keep, slots in stream.batches(batch_rows, progress):
-        plan = stream.plan
         if mode is None:
-            if plan.observations:
-                mode = "values"
-                missing_obs = [o for o in OBSERVATIONS if o not in plan.observations.values()]
-                sparse = submissions.sniff(path).format in ("jsonl", "json")  # absent key = blank cell
-                if missing_obs and not lenient and not sparse:
-                    raise InputError(
-                        f"{where(path, field=missing_obs[0])}: observation column missing ({', '.join(missing_obs)}); "
-                        "every observation needs a column (blank cells are fine; --lenient treats missing columns as blank)"
-                    )
-                if missing_obs and not sparse:
-                    stream.notes.append(
-                        f"observation columns missing, counted as blank: {', '.join(missing_obs)}"
-                    )
-                if plan.text:
-                    stream.notes.append(f"text column {plan.text!r} ignored: observation columns given")
-            elif plan.text:
-                mode = "text"
-            else:
-                raise InputError(f"{where(path)}: {submissions.expected_columns('labels')}")
+            mode = _label_mode(stream, path, lenient)
         if mode == "values":
-            bad_rows = np.zeros(len(keep), dtype=bool)
-            messages: dict[int, str] = {}
-            for column, obs in plan.observations.items():
-                values, bad, column_messages = submissions.parse_or_skip(
-                    submissions.parse_label_column,
-                    _select(batch.columns[column], keep),
-                    batch.rows[keep],
-                    path,
-                    column,
-                    lenient,
-                    np.nan,
-                )
-                predicted[slots, OBSERVATIONS.index(obs)] = values
-                for i, message in column_messages.items():
-                    messages.setdefault(i, message)  # one message (and one count) per row
-                bad_rows |= bad
-            if plan.text:
-                # Sparse JSON rows may carry text only: with label columns chosen, such a row would
-                # silently score as all-blank. Refuse it (or skip it with lenient).
-                texts = _as_texts(_select(batch.columns[plan.text], keep))
-                text_only = np.isnan(predicted[slots]).all(axis=1) & np.asarray(
-                    [isinstance(t, str) and bool(t.strip()) for t in texts], dtype=bool
-                )
-                for i in np.nonzero(text_only & ~bad_rows)[0]:
-                    message = (
-                        f"{where(path, row=int(batch.rows[keep][i]), field=plan.text)}: text but no observation "
-                        "values, while other rows give observation values; give one or the other"
-                    )
-                    if not lenient:
-                        raise InputError(message)
-                    messages[int(i)] = message
-                bad_rows |= text_only
-            predicted[slots[bad_rows]] = np.nan
-            stream.skip_rows(slots, bad_rows, messages)
+            _read_label_values(stream, batch, keep, slots, predicted)
         else:
-            if plan.observations:  # keys first seen in a later batch of a text submission
-                column = next(iter(plan.observations))
+            if stream.plan.observations:  # keys first seen in a later batch of a text submission
+                column = next(iter(stream.plan.observations))
                 raise InputError(
                     f"{where(path, row=int(batch.rows[0]), field=column)}: observation values appear from this "
-                    f"row on, after rows scored from the text column {plan.text!r}; give one or the other"
+                    f"row on, after rows scored from the text column {stream.plan.text!r}; give one or the other"
                 )
-            texts = stream.texts(batch, keep, slots, plan.text)
-            predicted[slots] = _label_texts(texts, processes)
+            texts = stream.texts(batch, keep, slots, stream.plan.text)
+            predicted[slots] = labels_of_texts(texts, processes)
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
     if mode == "values":
         never = [o for o in OBSERVATIONS if o not in stream.plan.observations.values()]
-        if never and submissions.sniff(path).format in ("jsonl", "json"):
+        if never and sniff(path).format in ("jsonl", "json"):
             stream.notes.append(f"observations never given (blank in every row): {', '.join(never)}")
-    ref = refs.labels[covered]
-    pred = predicted[covered]
     is_score = None
     input_kind = "text" if mode == "text" else "labels"
     if mode == "values":
-        finite = ~np.isnan(pred)
-        fractional = finite & (pred != -1) & (pred != 0) & (pred != 1)
-        is_score = fractional.any(axis=0)
+        is_score, covered, missing = _check_probabilities(
+            stream, refs.study_ids, predicted, covered, missing, require_complete
+        )
         if is_score.any():
             input_kind = "probabilities"
-            rows_of = index.first_row[covered]
-            not_probability = np.zeros(len(pred), dtype=bool)
-            for j in np.nonzero(is_score)[0]:
-                column = next(c for c, o in plan.observations.items() if o == OBSERVATIONS[j])
-                bad = np.nonzero((pred[:, j] == -1) | np.isnan(pred[:, j]))[0]
-                for k in bad if lenient else bad[:1]:
-                    what = "-1" if pred[k, j] == -1 else "blank"
-                    message = (
-                        f"{where(path, row=int(rows_of[k]), field=column)}: {what} in a probability column "
-                        "(the column holds values strictly between 0 and 1, so every row needs a probability)"
-                    )
-                    if not lenient:
-                        raise InputError(message)
-                    if not not_probability[k]:
-                        stream.read_log.skip(message)
-                    not_probability[k] = True
-            if not_probability.any():
-                index.release(np.nonzero(covered)[0][not_probability])
-                covered, missing = _coverage(index, refs.study_ids, require_complete, path)
-                ref, pred = refs.labels[covered], predicted[covered]
-    scores = metrics.score_labels(ref, pred, uncertain, is_score=is_score, n_boot=n_boot, seed=seed)
+    scores = metrics.score_labels(
+        refs.labels[covered], predicted[covered], uncertain, is_score=is_score, n_boot=n_boot, seed=seed
+    )
     result = ScoreResult(
         **_base(task, path, uncertain, input_kind, stream, len(refs.study_ids), int(covered.sum()), missing),
         headline=scores.headline,
@@ -777,6 +366,108 @@ def _score_labels(
             "probabilities thresholded at 0.5 for accuracy/precision/recall/F1; AUROC from the scores"
         )
     return result
+
+
+def _label_mode(stream: _Stream, path: Path, lenient: bool) -> str:
+    """ "values" when the first batch has observation columns (missing ones checked), else "text"."""
+    plan = stream.plan
+    if plan.observations:
+        missing_obs = [o for o in OBSERVATIONS if o not in plan.observations.values()]
+        sparse = sniff(path).format in ("jsonl", "json")  # absent key = blank cell
+        if missing_obs and not lenient and not sparse:
+            raise InputError(
+                f"{where(path, field=missing_obs[0])}: observation column missing ({', '.join(missing_obs)}); "
+                "every observation needs a column (blank cells are fine; --lenient treats missing columns as blank)"
+            )
+        if missing_obs and not sparse:
+            stream.notes.append(f"observation columns missing, counted as blank: {', '.join(missing_obs)}")
+        if plan.text:
+            stream.notes.append(f"text column {plan.text!r} ignored: observation columns given")
+        return "values"
+    if plan.text:
+        return "text"
+    raise InputError(f"{where(path)}: {submissions.expected_columns('labels')}")
+
+
+def _read_label_values(
+    stream: _Stream, batch: submissions.RawBatch, keep: np.ndarray, slots: np.ndarray, predicted: np.ndarray
+) -> None:
+    """Parse the observation columns of a batch into ``predicted``; unreadable rows (``lenient``) and
+    text-only rows are dropped and counted."""
+    path, lenient, plan = stream.path, stream.lenient, stream.plan
+    bad_rows = np.zeros(len(keep), dtype=bool)
+    messages: dict[int, str] = {}
+    for column, obs in plan.observations.items():
+        values, bad, column_messages = submissions.parse_or_skip(
+            submissions.parse_label_column,
+            _select(batch.columns[column], keep),
+            batch.rows[keep],
+            path,
+            column,
+            lenient,
+            np.nan,
+        )
+        predicted[slots, OBSERVATIONS.index(obs)] = values
+        for i, message in column_messages.items():
+            messages.setdefault(i, message)  # one message (and one count) per row
+        bad_rows |= bad
+    if plan.text:
+        # Sparse JSON rows may carry text only: with label columns chosen, such a row would
+        # silently score as all-blank. Refuse it (or skip it with lenient).
+        texts = _as_texts(_select(batch.columns[plan.text], keep))
+        text_only = np.isnan(predicted[slots]).all(axis=1) & np.asarray(
+            [isinstance(t, str) and bool(t.strip()) for t in texts], dtype=bool
+        )
+        for i in np.nonzero(text_only & ~bad_rows)[0]:
+            message = (
+                f"{where(path, row=int(batch.rows[keep][i]), field=plan.text)}: text but no observation "
+                "values, while other rows give observation values; give one or the other"
+            )
+            if not lenient:
+                raise InputError(message)
+            messages[int(i)] = message
+        bad_rows |= text_only
+    predicted[slots[bad_rows]] = np.nan
+    stream.skip_rows(slots, bad_rows, messages)
+
+
+def _check_probabilities(
+    stream: _Stream,
+    study_ids: np.ndarray,
+    predicted: np.ndarray,
+    covered: np.ndarray,
+    missing: int,
+    require_complete: bool,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Which observations hold probabilities (a value strictly between 0 and 1), and the coverage
+    after refusing (or, with ``lenient``, dropping) rows with -1 or blank in such a column."""
+    path, lenient, index = stream.path, stream.lenient, stream.index
+    pred = predicted[covered]
+    finite = ~np.isnan(pred)
+    fractional = finite & (pred != -1) & (pred != 0) & (pred != 1)
+    is_score = fractional.any(axis=0)
+    if not is_score.any():
+        return is_score, covered, missing
+    rows_of = index.first_row[covered]
+    not_probability = np.zeros(len(pred), dtype=bool)
+    for j in np.nonzero(is_score)[0]:
+        column = next(c for c, o in stream.plan.observations.items() if o == OBSERVATIONS[j])
+        bad = np.nonzero((pred[:, j] == -1) | np.isnan(pred[:, j]))[0]
+        for k in bad if lenient else bad[:1]:
+            what = "-1" if pred[k, j] == -1 else "blank"
+            message = (
+                f"{where(path, row=int(rows_of[k]), field=column)}: {what} in a probability column "
+                "(the column holds values strictly between 0 and 1, so every row needs a probability)"
+            )
+            if not lenient:
+                raise InputError(message)
+            if not not_probability[k]:
+                stream.read_log.skip(message)
+            not_probability[k] = True
+    if not_probability.any():
+        index.release(np.nonzero(covered)[0][not_probability])
+        covered, missing = _coverage(index, study_ids, require_complete, path)
+    return is_score, covered, missing
 
 
 def _score_reports(
@@ -817,7 +508,7 @@ def _score_reports(
             raise InputError(f"{where(path)}: {submissions.expected_columns('report')}{hint}")
         texts = stream.texts(batch, keep, slots, stream.plan.text)
         stats[slots] = corpus.score_batch(slots, texts)
-        predicted[slots] = _label_texts(texts, processes)
+        predicted[slots] = labels_of_texts(texts, processes)
         if want_meteor:
             meteor[slots] = textmetrics.meteor_scores(texts, [refs.texts[s] for s in slots])
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
@@ -829,7 +520,7 @@ def _score_reports(
     else:
         headline["meteor"] = None
         notes.append(textmetrics.METEOR_MISSING)
-    reference_labels = _label_texts([refs.texts[i] for i in np.nonzero(covered)[0]], processes)
+    reference_labels = labels_of_texts([refs.texts[i] for i in np.nonzero(covered)[0]], processes)
     ce = metrics.score_labels(reference_labels, predicted[covered], uncertain, n_boot=0, prefix="ce_")
     headline.update(ce.headline)
     # Bootstrap the text metrics and clinical-efficacy F1 together from one statistics matrix.
@@ -876,68 +567,11 @@ def _score_progression(
             alternate = None
     stream = _Stream(path, "ms-cxr-t", index, lenient, key_column=key_name, alternate_key=alternate)
     findings = list(MS_CXR_T_FINDINGS)
-    answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable
-    lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
-    input_kind = None
-    unreadable = 0
-    for batch, keep, slots in stream.batches(batch_rows, progress):
-        plan = stream.plan
-        if not plan.progression and not plan.text:
-            raise InputError(f"{where(path)}: {submissions.expected_columns('ms-cxr-t')}")
-        if plan.progression:
-            input_kind = input_kind or "answers"
-            for column, prefix in plan.progression.items():
-                values = stream.texts(batch, keep, slots, column)
-                j = findings.index(prefix)
-                for k, value in enumerate(values):
-                    label = classify_progression(value, None) if value and value.strip() else None
-                    answers[slots[k], j] = lookup[label] if label else -1
-                    unreadable += bool(value and value.strip() and label is None)
-        else:
-            input_kind = input_kind or "text"
-            values = stream.texts(batch, keep, slots, plan.text)
-            for k, value in enumerate(values):
-                for j, prefix in enumerate(findings):
-                    if refs.classes[prefix][slots[k]] < 0:
-                        continue
-                    label = classify_progression(value, prefix)
-                    answers[slots[k], j] = lookup[label] if label else -1
+    answers, input_kind, unreadable = _read_progression_answers(stream, refs, batch_rows, progress)
     index = stream.index  # the dicom_id index when the submission was keyed that way
     keys = refs.dicom_ids if stream.key_column == "dicom_id" else keys
     covered, missing = _coverage(index, keys, require_complete, path)
-    per_finding = []
-    stats_columns = []
-    headline: dict[str, float | None] = {}
-    for j, prefix in enumerate(findings):
-        truth = refs.classes[prefix]
-        annotated = covered & (truth >= 0)
-        correct = annotated & (answers[:, j] == truth)
-        n = int(annotated.sum())
-        acc = float(correct.sum() / n) if n else None
-        headline[prefix] = acc
-        confusion = {
-            f"{PROGRESSION_CLASSES[t]}->{PROGRESSION_CLASSES[p] if p >= 0 else 'none'}": int(
-                (annotated & (truth == t) & (answers[:, j] == p)).sum()
-            )
-            for t in range(3)
-            for p in (-1, 0, 1, 2)
-        }
-        per_finding.append(
-            {
-                "finding": prefix,
-                "n": n,
-                "accuracy": acc,
-                "confusion": {k: v for k, v in confusion.items() if v},
-            }
-        )
-        stats_columns += [correct.astype(np.float64), annotated.astype(np.float64)]
-    valid = [v for v in headline.values() if v is not None]
-    headline["avg"] = float(np.mean(valid)) if valid else None
-    # The paper's column order (Con, PE, Pna, Pnx, Ede, Avg), as listed in the task definition.
-    order = [k for k in task.headline if k in headline] + [k for k in headline if k not in task.headline]
-    headline = {k: headline[k] for k in order}
-    per_finding.sort(key=lambda row: order.index(row["finding"]))
-    stats = np.column_stack(stats_columns)[covered]
+    headline, per_finding, stats = _progression_accuracy(task, refs, answers, covered)
 
     def statistic(s: np.ndarray) -> dict[str, np.ndarray]:
         accs = np.divide(
@@ -981,6 +615,84 @@ def _score_progression(
         )
     result.notes.append("avg = mean of the per-finding top-1 accuracies (the paper's Avg column)")
     return result
+
+
+def _read_progression_answers(
+    stream: _Stream, refs: ProgressionReferences, batch_rows: int, progress: Progress | None
+) -> tuple[np.ndarray, str | None, int]:
+    """Every row's answer per finding as a class index (-2 not given, -1 unreadable), from
+    per-finding answer columns or from one free-text column, with the input kind and the count of
+    answers that could not be read."""
+    path = stream.path
+    findings = list(MS_CXR_T_FINDINGS)
+    answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable
+    lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
+    input_kind = None
+    unreadable = 0
+    for batch, keep, slots in stream.batches(batch_rows, progress):
+        plan = stream.plan
+        if not plan.progression and not plan.text:
+            raise InputError(f"{where(path)}: {submissions.expected_columns('ms-cxr-t')}")
+        if plan.progression:
+            input_kind = input_kind or "answers"
+            for column, prefix in plan.progression.items():
+                values = stream.texts(batch, keep, slots, column)
+                j = findings.index(prefix)
+                for k, value in enumerate(values):
+                    label = classify_progression(value, None) if value and value.strip() else None
+                    answers[slots[k], j] = lookup[label] if label else -1
+                    unreadable += bool(value and value.strip() and label is None)
+        else:
+            input_kind = input_kind or "text"
+            values = stream.texts(batch, keep, slots, plan.text)
+            for k, value in enumerate(values):
+                for j, prefix in enumerate(findings):
+                    if refs.classes[prefix][slots[k]] < 0:
+                        continue
+                    label = classify_progression(value, prefix)
+                    answers[slots[k], j] = lookup[label] if label else -1
+    return answers, input_kind, unreadable
+
+
+def _progression_accuracy(
+    task: Task, refs: ProgressionReferences, answers: np.ndarray, covered: np.ndarray
+) -> tuple[dict[str, float | None], list[dict[str, Any]], np.ndarray]:
+    """Top-1 accuracy per finding and their mean (in the task's column order), the per-finding
+    confusion counts, and the per-study (correct, annotated) statistics for the bootstrap."""
+    findings = list(MS_CXR_T_FINDINGS)
+    per_finding = []
+    stats_columns = []
+    headline: dict[str, float | None] = {}
+    for j, prefix in enumerate(findings):
+        truth = refs.classes[prefix]
+        annotated = covered & (truth >= 0)
+        correct = annotated & (answers[:, j] == truth)
+        n = int(annotated.sum())
+        acc = float(correct.sum() / n) if n else None
+        headline[prefix] = acc
+        confusion = {
+            f"{PROGRESSION_CLASSES[t]}->{PROGRESSION_CLASSES[p] if p >= 0 else 'none'}": int(
+                (annotated & (truth == t) & (answers[:, j] == p)).sum()
+            )
+            for t in range(3)
+            for p in (-1, 0, 1, 2)
+        }
+        per_finding.append(
+            {
+                "finding": prefix,
+                "n": n,
+                "accuracy": acc,
+                "confusion": {k: v for k, v in confusion.items() if v},
+            }
+        )
+        stats_columns += [correct.astype(np.float64), annotated.astype(np.float64)]
+    valid = [v for v in headline.values() if v is not None]
+    headline["avg"] = float(np.mean(valid)) if valid else None
+    # The paper's column order (Con, PE, Pna, Pnx, Ede, Avg), as listed in the task definition.
+    order = [k for k in task.headline if k in headline] + [k for k in headline if k not in task.headline]
+    headline = {k: headline[k] for k in order}
+    per_finding.sort(key=lambda row: order.index(row["finding"]))
+    return headline, per_finding, np.column_stack(stats_columns)[covered]
 
 
 def dumps(result: ScoreResult) -> str:

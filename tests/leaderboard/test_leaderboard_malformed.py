@@ -441,9 +441,9 @@ def test_what_pandas_writes(tmp_path, refs, name, write, expect):
 def test_a_gigantic_line_is_refused_without_reading_it_whole(tmp_path, refs, monkeypatch):
     """A whole JSON array on one line of a .jsonl (or a blob) is never held in memory beyond the
     per-line limit: refused naming the line, or skipped and counted with --lenient."""
-    from cxrmax.leaderboard import submissions
+    import cxrmax.leaderboard.submissions.json as json_reader
 
-    monkeypatch.setattr(submissions, "MAX_FIELD_CHARS", 2000)  # the real limit is 64 MB
+    monkeypatch.setattr(json_reader, "MAX_FIELD_CHARS", 2000)  # the real limit is 64 MB
     array_line = json.dumps(label_records())  # ~4 kB on one line
     path = tmp_path / "one-line.jsonl"
     path.write_text("\n".join([_JSONL_LINES[0], array_line, *_JSONL_LINES[1:]]) + "\n")

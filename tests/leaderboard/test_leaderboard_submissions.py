@@ -340,7 +340,7 @@ def test_sparse_json_rows_leave_out_blank_cells(tmp_path, refs):
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
 def test_incremental_json_reader_matches_json_loads(tmp_path, chunk):
-    from cxrmax.leaderboard.submissions import _JsonStream
+    from cxrmax.leaderboard.submissions.json import _JsonStream
 
     doc = {
         "s50000001": {
