@@ -90,6 +90,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from cxrmax.core.io import replace_dir
 from cxrmax.core.pathologies import FINDINGS, LATERALIZABLE, MS_CXR_T_FINDINGS, OBSERVATIONS, no_finding
 
 __all__ = [
@@ -525,11 +526,7 @@ def make_mini_mimic(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_mini_mimic(tmp, studies, seed, dicom, version, gz, large_images, small_edge)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -546,9 +543,16 @@ def _write_mini_mimic(
     large_images: int,
     small_edge: tuple[int, int],
 ) -> None:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # one stream, drawn in this order: studies, images, pixels, MS-CXR-T
+    plan = _plan_studies(rng, studies)
+    _plan_images(rng, plan, dicom, large_images, small_edge)
+    _write_reports_and_images(out, rng, plan, dicom)
+    _write_release_csvs(out, plan, version, gz, dicom)
+    _write_ms_cxr_t(out / MS_CXR_T_FILENAME, plan, rng)
 
-    # Subjects with 1-3 studies each; the first three subjects cover the three splits.
+
+def _plan_studies(rng: random.Random, studies: int) -> list[_Study]:
+    """Subjects with 1-3 studies each; the first three subjects cover the three splits."""
     used_subjects: set[int] = set()
     used_studies: set[int] = set()
     plan: list[_Study] = []
@@ -596,8 +600,13 @@ def _write_mini_mimic(
             date += rng.randrange(1, 4) * 100  # later studies of a subject are later in time
             if date % 10000 // 100 > 12:
                 date = date + 10000 - 1200
+    return plan
 
-    # Images per study.
+
+def _plan_images(
+    rng: random.Random, plan: list[_Study], dicom: bool, large_images: int, small_edge: tuple[int, int]
+) -> None:
+    """The images of each study (views, dicom ids, sizes); `large_images` of them release-sized."""
     for study in plan:
         study.images.append({"view": "AP" if study.portable else "PA"})
         if not study.portable and rng.random() < 0.85:
@@ -615,7 +624,9 @@ def _write_mini_mimic(
         if not dicom:
             image["width"], image["height"] = w, h
 
-    # Reports and image files.
+
+def _write_reports_and_images(out: Path, rng: random.Random, plan: list[_Study], dicom: bool) -> None:
+    """Each study's report under files/ and its images (JPEG, or DICOM with `dicom`)."""
     files = out / "files"
     for study in plan:
         study.report = render_report(study, rng)
@@ -639,7 +650,9 @@ def _write_mini_mimic(
                 image["path"] = study_dir / f"{image['dicom_id']}.jpg"
                 Image.fromarray(pixels, "L").save(image["path"], quality=92)
 
-    # CSVs.
+
+def _write_release_csvs(out: Path, plan: list[_Study], version: str, gz: bool, dicom: bool) -> None:
+    """The release's CSVs: metadata, split, CheXpert, NegBio (2.1.0: test-set labels; DICOM: lists)."""
     suffix = ".csv.gz" if gz else ".csv"
     view_meaning = {
         "PA": "postero-anterior",
@@ -697,8 +710,6 @@ def _write_mini_mimic(
             out / f"cxr-record-list{suffix}", ("subject_id", "study_id", "dicom_id", "path"), record_rows, gz
         )
         _write_csv_gz(out / f"cxr-study-list{suffix}", ("subject_id", "study_id", "path"), study_rows, gz)
-
-    _write_ms_cxr_t(out / MS_CXR_T_FILENAME, plan, rng)
 
 
 def _write_ms_cxr_t(path: Path, plan: list[_Study], rng: random.Random) -> None:
