@@ -85,7 +85,7 @@ def mimic_summary(
     """
     from rich.table import Table
 
-    from cxrmax.mimic.reader import SPLITS, MimicCXR
+    from cxrmax.mimic import SPLITS, MimicCXR
 
     with user_errors():
         mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)
@@ -209,7 +209,7 @@ def mimic_select(
     --exclude-subjects mini-mimic/MS_CXR_T_temporal_image_classification_v1.0.0.csv --out sel.parquet[/]
     """
     from cxrmax.core.shards import parse_shard
-    from cxrmax.mimic.reader import MimicCXR, write_selection
+    from cxrmax.mimic import MimicCXR, write_selection
 
     with user_errors():
         mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)
