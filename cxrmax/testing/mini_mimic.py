@@ -88,6 +88,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 from PIL import Image, ImageFilter
 
 from cxrmax.core.io import replace_dir
@@ -754,14 +756,37 @@ def write_synthetic_csvs(
     view and split mix, random labels) with no images or reports: for benchmarks and for checking
     that selecting from a release-sized table opens nothing. Vectorised: about a second for the
     default 377,110 images."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
     if not 1 <= n_subjects <= n_studies <= n_images:
         raise ValueError("need 1 <= n_subjects <= n_studies <= n_images")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # one stream: images first, then labels
+    metadata, split, subjects, study_ids, study_subject = _synthetic_images(
+        rng, n_images, n_studies, n_subjects
+    )
+    labels = _synthetic_labels(rng, subjects[study_subject], study_ids)
+    suffix = ".csv.gz" if gz else ".csv"
+    for name, table in (
+        ("metadata", metadata),
+        ("split", split),
+        ("chexpert", labels),
+        ("negbio", labels),
+    ):
+        target = out / f"mimic-cxr-2.0.0-{name}{suffix}"
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
+        data = sink.getvalue().to_pybytes()
+        # Level 1: Arrow's gzip default (level 9) takes half a minute on 80 MB of random hex ids.
+        target.write_bytes(gzip.compress(data, compresslevel=1, mtime=0) if gz else data)
+    (out / "files").mkdir(exist_ok=True)
+    return out
+
+
+def _synthetic_images(
+    rng: np.random.Generator, n_images: int, n_studies: int, n_subjects: int
+) -> tuple[pa.Table, pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    """Release-sized metadata and split tables in release order: (metadata, split, subject ids,
+    study ids, the subject index of each study)."""
     subjects = np.sort(rng.choice(10_000_000, n_subjects, replace=False) + 10_000_000)
     study_ids = rng.choice(10_000_000, n_studies, replace=False) + 50_000_000
     # Every subject has a study, every study an image.
@@ -823,6 +848,14 @@ def write_synthetic_csvs(
             "split": pa.array(subject_split[study_subject[image_study]]),
         }
     )
+    return metadata, split, subjects, study_ids, study_subject
+
+
+def _synthetic_labels(
+    rng: np.random.Generator, study_subjects: np.ndarray, study_ids: np.ndarray
+) -> pa.Table:
+    """A label CSV's table for those studies (subject of each study given)."""
+    n_studies = len(study_ids)
     # Label cells: 1.0 / 0.0 / -1.0 / blank, most blank; a few studies have no label row.
     labelled = np.flatnonzero(rng.random(n_studies) > 0.0005)
     codes = rng.choice(4, size=(len(labelled), len(OBSERVATIONS)), p=[0.1, 0.15, 0.05, 0.7])
@@ -833,25 +866,10 @@ def write_synthetic_csvs(
         )
         for i, name in enumerate(OBSERVATIONS)
     }
-    labels = pa.table(
+    return pa.table(
         {
-            "subject_id": pa.array(subjects[study_subject[labelled]]),
+            "subject_id": pa.array(study_subjects[labelled]),
             "study_id": pa.array(study_ids[labelled]),
             **label_columns,
         }
     )
-    suffix = ".csv.gz" if gz else ".csv"
-    for name, table in (
-        ("metadata", metadata),
-        ("split", split),
-        ("chexpert", labels),
-        ("negbio", labels),
-    ):
-        target = out / f"mimic-cxr-2.0.0-{name}{suffix}"
-        sink = pa.BufferOutputStream()
-        pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
-        data = sink.getvalue().to_pybytes()
-        # Level 1: Arrow's gzip default (level 9) takes half a minute on 80 MB of random hex ids.
-        target.write_bytes(gzip.compress(data, compresslevel=1, mtime=0) if gz else data)
-    (out / "files").mkdir(exist_ok=True)
-    return out
