@@ -49,6 +49,7 @@ from cxrmax.core.errors import CxrmaxError, InputError, where
 from cxrmax.core.io import atomic_write_json
 from cxrmax.core.shards import shard_of
 from cxrmax.generate.backends import Backend, Sampling, make_backend, vllm_engine_args
+from cxrmax.generate.governance import check_endpoints
 from cxrmax.generate.progress import NullProgress, ProgressReporter, RunStats
 from cxrmax.generate.prompts import PromptTemplate, prompt_hash
 from cxrmax.generate.ratelimit import RateLimiter
@@ -62,6 +63,7 @@ from cxrmax.generate.store import (
     request_seed,
     shard_tag,
 )
+from cxrmax.mimic.images import ImageCache
 from cxrmax.mimic.selection import iter_selection
 
 #: Selection columns generate reads (the report texts are not needed and not read).
@@ -257,8 +259,6 @@ class Orchestrator:
     # ------------------------------------------------------------------ entry point
     async def run(self) -> RunStats:
         options = self.options
-        from cxrmax.mimic.images import ImageCache
-
         self._images = ImageCache(
             options.image_cache or options.out / "cache" / "images",
             max_edge=options.image_max_edge,
@@ -611,8 +611,6 @@ def build_backend(options: GenerateOptions) -> Backend:
     """The backend the options ask for (the CLI's --backend / --base-url)."""
     spec = options.model
     if options.backend == "openai":
-        from cxrmax.generate.governance import check_endpoints
-
         check_endpoints(options.base_urls, options.allow_external_endpoint)
         return make_backend(
             "openai",

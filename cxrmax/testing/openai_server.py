@@ -50,6 +50,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from cxrmax.generate.backends import Sampling, TransformersEngine
 from cxrmax.generate.responses import Completion
 
@@ -130,8 +132,6 @@ def _error(status: int, message: str, kind: str = "error") -> Any:
 
 def _openai_to_hf(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
     """OpenAI messages -> HF chat messages with {"type": "image"} parts, plus the decoded images."""
-    from PIL import Image
-
     converted, images = [], []
     for message in messages:
         content = message.get("content")

@@ -11,6 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from cxrmax.core.errors import CxrmaxError
 from cxrmax.core.hf import load_processor
 from cxrmax.generate.backends.base import Backend, Sampling
@@ -20,8 +22,6 @@ __all__ = ["TransformersBackend", "TransformersEngine"]
 
 
 def _decode_image(data: bytes) -> Any:
-    from PIL import Image
-
     image = Image.open(io.BytesIO(data))
     image.load()
     return image.convert("RGB")
