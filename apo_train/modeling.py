@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from cxrmax.core.errors import InputError, where
+from cxrmax.core.hf import load_processor
+
+__all__ = ["attach_lora", "load_model", "load_processor", "processor_source"]
 
 
 def _dtype(name: str | None) -> Any:
@@ -25,33 +28,6 @@ def _dtype(name: str | None) -> Any:
         }[name]
     except KeyError:
         raise InputError(f"torch_dtype must be auto, bfloat16, float16 or float32, not {name!r}") from None
-
-
-def _adapter_base(path: str | Path) -> str | None:
-    adapter_config = Path(path) / "adapter_config.json"
-    if adapter_config.exists():
-        return json.loads(adapter_config.read_text()).get("base_model_name_or_path")
-    return None
-
-
-def load_processor(path: str | Path) -> Any:
-    """The processor (VLM) or tokenizer (text LM) for a model dir, adapter dir or hub id.
-
-    Without torchvision AutoProcessor silently returns only the tokenizer for Qwen2-VL models; then
-    cxrmax.toy.tinyvlm's video-less Qwen2-VL processor class loads the same files."""
-    from transformers import AutoProcessor, AutoTokenizer
-
-    config_source = _adapter_base(path) or str(path)
-    has_own_files = (Path(path) / "tokenizer_config.json").exists() or not Path(path).exists()
-    source = str(path) if has_own_files else config_source
-    if _is_text_only(config_source):
-        return AutoTokenizer.from_pretrained(source)
-    processor = AutoProcessor.from_pretrained(source)
-    if not hasattr(processor, "image_processor"):
-        from cxrmax.toy.tinyvlm import processor_class
-
-        processor = processor_class().from_pretrained(source)
-    return processor
 
 
 def _is_text_only(path: str | Path) -> bool:

@@ -204,7 +204,7 @@ def make_selection(mimic_root: Path, n: int, path: Path) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxrmax.mimic.reader import MimicCXR
+    from cxrmax.mimic import MimicCXR
 
     base = MimicCXR(mimic_root).select()
     repeats = -(-n // base.num_rows)

@@ -26,7 +26,7 @@ from pathlib import Path
 CXRMAX_CASE = """
 import json, resource, sys, time
 start = time.perf_counter()
-from cxrmax.mimic.reader import MimicCXR
+from cxrmax.mimic import MimicCXR
 mimic = MimicCXR(sys.argv[1])
 images = mimic.images()
 joined = time.perf_counter()

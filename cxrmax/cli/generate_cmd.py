@@ -154,19 +154,10 @@ def generate(
     _sigterm_as_interrupt()
     with user_errors():
         from cxrmax.core.shards import parse_shard
-        from cxrmax.generate.orchestrator import GenerateOptions, build_backend, generate_async
-        from cxrmax.generate.progress import PlainProgress, RichProgress
+        from cxrmax.generate.orchestrator import GenerateOptions
         from cxrmax.generate.prompts import load_prompt
-        from cxrmax.generate.roster import ModelSpec, resolve_model
 
-        model_path = None
-        if Path(model).is_dir():
-            model_path = str(Path(model).resolve())
-            spec = ModelSpec(name=name or Path(model).resolve().name, hf_id=model_path, in_roster=False)
-        else:
-            spec = resolve_model(model)
-            if name:
-                spec = ModelSpec(**{**spec.__dict__, "name": name})
+        spec, model_path = _model_spec(model, name)
         chosen_backend = backend or ("openai" if base_url else "transformers")
         if chosen_backend == "openai" and not base_url:
             raise typer.BadParameter("the openai backend needs --base-url (the server's /v1 URL)")
@@ -198,22 +189,46 @@ def generate(
             allow_external_endpoint=allow_external_endpoint,
             rows_per_shard=rows_per_shard,
         )
-        backend_obj = build_backend(options)
-        progress = PlainProgress() if quiet or not sys.stderr.isatty() else RichProgress()
-        import asyncio
-
-        try:
-            stats = asyncio.run(generate_async(options, backend_obj, progress))
-        except KeyboardInterrupt:
-            err_console.print(
-                "[yellow]interrupted[/]: every answer received so far is stored; run the same command again to continue."
-            )
-            raise typer.Exit(130) from None
+        stats, backend_obj = _run(options, quiet)
         if summary_json is not None:
             summary_json.write_text(json.dumps({"model": spec.name, **stats.as_dict()}, indent=2) + "\n")
         _print_summary(options, stats, backend_obj)
         if stats.failed:
             raise typer.Exit(1)
+
+
+def _model_spec(model: str, name: str | None):  # noqa: ANN202 - ModelSpec is imported lazily
+    """The roster entry for ``--model`` (a local folder becomes an ad-hoc spec) and the model folder."""
+    from cxrmax.generate.roster import ModelSpec, resolve_model
+
+    if Path(model).is_dir():
+        model_path = str(Path(model).resolve())
+        return ModelSpec(
+            name=name or Path(model).resolve().name, hf_id=model_path, in_roster=False
+        ), model_path
+    spec = resolve_model(model)
+    if name:
+        spec = ModelSpec(**{**spec.__dict__, "name": name})
+    return spec, None
+
+
+def _run(options, quiet: bool):  # noqa: ANN001, ANN202 - generate's types are imported lazily
+    """Build the backend and run the generation with a live display (plain lines when ``quiet`` or
+    not on a terminal); Ctrl-C exits 130 after saying that nothing received is lost."""
+    import asyncio
+
+    from cxrmax.generate.orchestrator import build_backend, generate_async
+    from cxrmax.generate.progress import PlainProgress, RichProgress
+
+    backend = build_backend(options)
+    progress = PlainProgress() if quiet or not sys.stderr.isatty() else RichProgress()
+    try:
+        return asyncio.run(generate_async(options, backend, progress)), backend
+    except KeyboardInterrupt:
+        err_console.print(
+            "[yellow]interrupted[/]: every answer received so far is stored; run the same command again to continue."
+        )
+        raise typer.Exit(130) from None
 
 
 def _print_summary(options, stats, backend) -> None:  # noqa: ANN001

@@ -83,9 +83,7 @@ def mimic_summary(
 
     Example: [bold]cxrmax mimic summary mini-mimic[/]
     """
-    from rich.table import Table
-
-    from cxrmax.mimic.reader import SPLITS, MimicCXR
+    from cxrmax.mimic import MimicCXR
 
     with user_errors():
         mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)
@@ -101,68 +99,82 @@ def mimic_summary(
         console.print(
             f"[bold]{root}[/]: MIMIC-CXR {summary['layout'].upper()} layout, version {summary['version']}"
         )
-
-        splits = Table(title="Splits")
-        for column in ("split", "subjects", "studies", "images"):
-            splits.add_column(column, justify="right" if column != "split" else "left")
-        for split in SPLITS:
-            counts = summary["splits"][split]
-            splits.add_row(
-                split, f"{counts['subjects']:,}", f"{counts['studies']:,}", f"{counts['images']:,}"
-            )
-        console.print(splits)
-        leaking = summary["subjects_in_several_splits"]
-        if leaking:
-            shown = ", ".join(map(str, leaking[:5])) + (", ..." if len(leaking) > 5 else "")
-            console.print(
-                f"[yellow]warning:[/] {len(leaking):,} subject(s) have studies in more than one split "
-                f"(train/test leakage; the release splits by patient): {shown}"
-            )
-        else:
-            console.print("every subject's studies are in one split")
-
-        views = sorted({view for _split, view in summary["views"]}, key=lambda v: (v == "", v))
-        view_table = Table(title="Images per split and view")
-        view_table.add_column("view")
-        for split in SPLITS:
-            view_table.add_column(split, justify="right")
-        for view in views:
-            view_table.add_row(
-                view or "(empty)", *(f"{summary['views'].get((s, view), 0):,}" for s in SPLITS)
-            )
-        console.print(view_table)
-
+        _print_splits(summary)
+        _print_views(summary)
         if "labels" in summary:
-            labels = summary["labels"]
-            label_table = Table(
-                title=f"Label prevalence ({labels['source']}; {labels['studies_with_labels']} studies with a label row, "
-                f"{labels['studies_without_labels']} without)"
-            )
-            for column in ("observation", "1", "0", "-1", "blank"):
-                label_table.add_column(column, justify="right" if column != "observation" else "left")
-            for name, counts in labels["prevalence"].items():
-                label_table.add_row(name, *(f"{counts[key]:,}" for key in ("1", "0", "-1", "blank")))
-            console.print(label_table)
-
+            _print_labels(summary["labels"])
         if "reports" in summary:
-            cover = summary["reports"]
-            report_table = Table(title="Report sections")
-            report_table.add_column("reports with")
-            report_table.add_column("studies", justify="right")
-            report_table.add_column("share", justify="right")
-            for key in (
-                "reports",
-                "findings",
-                "impression",
-                "both",
-                "last_paragraph_only",
-                "addenda",
-                "missing",
-            ):
-                share = cover[key] / cover["studies"] if cover["studies"] else 0.0
-                report_table.add_row(key.replace("_", " "), f"{cover[key]:,}", f"{share:.1%}")
-            console.print(report_table)
+            _print_report_sections(summary["reports"])
         _print_skipped(summary["skipped"])
+
+
+def _print_splits(summary: dict) -> None:
+    """Subjects, studies and images per split, and the subjects whose studies span splits."""
+    from rich.table import Table
+
+    from cxrmax.core.splits import SPLITS
+
+    splits = Table(title="Splits")
+    for column in ("split", "subjects", "studies", "images"):
+        splits.add_column(column, justify="right" if column != "split" else "left")
+    for split in SPLITS:
+        counts = summary["splits"][split]
+        splits.add_row(split, f"{counts['subjects']:,}", f"{counts['studies']:,}", f"{counts['images']:,}")
+    console.print(splits)
+    leaking = summary["subjects_in_several_splits"]
+    if leaking:
+        shown = ", ".join(map(str, leaking[:5])) + (", ..." if len(leaking) > 5 else "")
+        console.print(
+            f"[yellow]warning:[/] {len(leaking):,} subject(s) have studies in more than one split "
+            f"(train/test leakage; the release splits by patient): {shown}"
+        )
+    else:
+        console.print("every subject's studies are in one split")
+
+
+def _print_views(summary: dict) -> None:
+    """Images per split and view (the empty view last)."""
+    from rich.table import Table
+
+    from cxrmax.core.splits import SPLITS
+
+    views = sorted({view for _split, view in summary["views"]}, key=lambda v: (v == "", v))
+    view_table = Table(title="Images per split and view")
+    view_table.add_column("view")
+    for split in SPLITS:
+        view_table.add_column(split, justify="right")
+    for view in views:
+        view_table.add_row(view or "(empty)", *(f"{summary['views'].get((s, view), 0):,}" for s in SPLITS))
+    console.print(view_table)
+
+
+def _print_labels(labels: dict) -> None:
+    """Label prevalence per observation (1 / 0 / -1 / blank)."""
+    from rich.table import Table
+
+    label_table = Table(
+        title=f"Label prevalence ({labels['source']}; {labels['studies_with_labels']} studies with a label row, "
+        f"{labels['studies_without_labels']} without)"
+    )
+    for column in ("observation", "1", "0", "-1", "blank"):
+        label_table.add_column(column, justify="right" if column != "observation" else "left")
+    for name, counts in labels["prevalence"].items():
+        label_table.add_row(name, *(f"{counts[key]:,}" for key in ("1", "0", "-1", "blank")))
+    console.print(label_table)
+
+
+def _print_report_sections(cover: dict) -> None:
+    """How many studies' reports have each section, and their share."""
+    from rich.table import Table
+
+    report_table = Table(title="Report sections")
+    report_table.add_column("reports with")
+    report_table.add_column("studies", justify="right")
+    report_table.add_column("share", justify="right")
+    for key in ("reports", "findings", "impression", "both", "last_paragraph_only", "addenda", "missing"):
+        share = cover[key] / cover["studies"] if cover["studies"] else 0.0
+        report_table.add_row(key.replace("_", " "), f"{cover[key]:,}", f"{share:.1%}")
+    console.print(report_table)
 
 
 @mimic_app.command("select")
@@ -209,7 +221,7 @@ def mimic_select(
     --exclude-subjects mini-mimic/MS_CXR_T_temporal_image_classification_v1.0.0.csv --out sel.parquet[/]
     """
     from cxrmax.core.shards import parse_shard
-    from cxrmax.mimic.reader import MimicCXR, write_selection
+    from cxrmax.mimic import MimicCXR, write_selection
 
     with user_errors():
         mimic = MimicCXR(root, lenient=lenient, reports_root=reports_root)

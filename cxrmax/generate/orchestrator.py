@@ -46,8 +46,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmax.core.errors import CxrmaxError, InputError, where
+from cxrmax.core.io import atomic_write_json
 from cxrmax.core.shards import shard_of
 from cxrmax.generate.backends import Backend, Sampling, make_backend, vllm_engine_args
+from cxrmax.generate.governance import check_endpoints
 from cxrmax.generate.progress import NullProgress, ProgressReporter, RunStats
 from cxrmax.generate.prompts import PromptTemplate, prompt_hash
 from cxrmax.generate.ratelimit import RateLimiter
@@ -61,6 +63,8 @@ from cxrmax.generate.store import (
     request_seed,
     shard_tag,
 )
+from cxrmax.mimic.images import ImageCache
+from cxrmax.mimic.selection import iter_selection
 
 #: Selection columns generate reads (the report texts are not needed and not read).
 SELECTION_COLUMNS = [
@@ -163,43 +167,6 @@ class GenerateOptions:
         return self.out / "trajectories" / self.model.dir_name
 
 
-def iter_selection(path: Path, batch_rows: int = 1024) -> Iterator[pa.RecordBatch]:
-    """Stream the needed columns of a selection manifest (Parquet or Arrow/Feather) batch by batch."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{where(path)}: selection file not found (make one with `cxrmax mimic select`)")
-    try:
-        if path.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
-
-            handle = pq.ParquetFile(path)
-            names = handle.schema_arrow.names
-            _check_columns(path, names)
-            yield from handle.iter_batches(batch_size=batch_rows, columns=SELECTION_COLUMNS)
-            return
-        with pa.memory_map(str(path)) as source:
-            try:
-                reader: Any = pa.ipc.open_file(source)
-                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-            except pa.ArrowInvalid:
-                source.seek(0)
-                reader = pa.ipc.open_stream(source)
-                batches = iter(reader)
-            _check_columns(path, reader.schema.names)
-            for batch in batches:
-                batch = batch.select(SELECTION_COLUMNS)
-                for offset in range(0, batch.num_rows, batch_rows):
-                    yield batch.slice(offset, batch_rows)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{where(path)}: not a readable Parquet/Arrow selection: {exc}") from None
-
-
-def _check_columns(path: Path, names: list[str]) -> None:
-    missing = [c for c in SELECTION_COLUMNS if c not in names]
-    if missing:
-        raise InputError(f"{where(path, field=missing[0])}: the selection lacks columns {', '.join(missing)}")
-
-
 @dataclass(slots=True)
 class PlannedRequest:
     key: str
@@ -219,7 +186,7 @@ def plan_requests(options: GenerateOptions) -> Iterator[PlannedRequest]:
     model = options.model.name
     shard = options.shard
     row_number = 0
-    for batch in iter_selection(options.selection, options.batch_rows):
+    for batch in iter_selection(options.selection, SELECTION_COLUMNS, options.batch_rows):
         for row in batch.to_pylist():
             row_number += 1
             sample_id = row.get("sample_id")
@@ -292,8 +259,6 @@ class Orchestrator:
     # ------------------------------------------------------------------ entry point
     async def run(self) -> RunStats:
         options = self.options
-        from cxrmax.mimic.images import ImageCache
-
         self._images = ImageCache(
             options.image_cache or options.out / "cache" / "images",
             max_edge=options.image_max_edge,
@@ -389,9 +354,7 @@ class Orchestrator:
             "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         path = options.model_dir / f"run-{shard_tag(options.shard)}.json"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, manifest)
 
     # ------------------------------------------------------------------ queue
     async def _run_queue(self) -> None:
@@ -648,8 +611,6 @@ def build_backend(options: GenerateOptions) -> Backend:
     """The backend the options ask for (the CLI's --backend / --base-url)."""
     spec = options.model
     if options.backend == "openai":
-        from cxrmax.generate.governance import check_endpoints
-
         check_endpoints(options.base_urls, options.allow_external_endpoint)
         return make_backend(
             "openai",
@@ -690,6 +651,5 @@ __all__ = [
     "Orchestrator",
     "generate",
     "generate_async",
-    "iter_selection",
     "plan_requests",
 ]

@@ -15,6 +15,9 @@ from typing import Any
 import pyarrow.compute as pc
 
 from cxrmax.core.errors import CxrmaxError, InputError
+from cxrmax.generate.orchestrator import GenerateOptions, plan_requests
+from cxrmax.generate.prompts import PromptTemplate
+from cxrmax.generate.roster import ModelSpec
 from cxrmax.generate.store import FailureLedger, KeySet, key_digest, read_shard, shard_paths
 
 
@@ -49,10 +52,6 @@ def _journal_lines(model_dir: Path) -> int:
 
 def model_status(model_dir: Path) -> ModelStatus:
     """Status of one model folder."""
-    from cxrmax.generate.orchestrator import GenerateOptions, plan_requests
-    from cxrmax.generate.prompts import PromptTemplate
-    from cxrmax.generate.roster import ModelSpec
-
     status = ModelStatus(model=model_dir.name)
     keys = []
     for path in shard_paths(model_dir):

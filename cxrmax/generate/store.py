@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxrmax.core.errors import CxrmaxError
+from cxrmax.core.io import atomic_path, read_arrow
 from cxrmax.core.schemas import TRAJECTORY_SCHEMA
 
 KEY_VERSION = 1
@@ -110,19 +111,6 @@ def shard_tag(shard: tuple[int, int] | None) -> str:
     return "all" if shard is None else f"{shard[0]}of{shard[1]}"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
     """Journal rows (created_at as epoch ms) -> a table with TRAJECTORY_SCHEMA."""
     columns = {}
@@ -137,29 +125,17 @@ def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_shard_atomic(table: pa.Table, path: Path) -> None:
-    """Write ``table`` as an Arrow IPC stream to ``path`` atomically (tmp file, fsync, os.replace)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink:
-            with pa.ipc.new_stream(sink, table.schema) as writer:
-                writer.write_table(table, max_chunksize=10_000)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    """Write ``table`` as an Arrow IPC stream to ``path`` atomically (temporary file, fsync,
+    os.replace, folder fsync: `cxrmax.core.io.atomic_path`)."""
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=10_000)
 
 
 def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
-    """Read one committed shard (memory-mapped)."""
-    with pa.memory_map(str(path)) as source:
-        table = pa.ipc.open_stream(source).read_all()
-    return table.select(columns) if columns else table
+    """Read one committed shard (memory-mapped). A damaged one (a stream cut short by a copy, say)
+    raises InputError naming it rather than reading as fewer rows."""
+    return read_arrow(path, columns)
 
 
 def shard_paths(model_dir: Path) -> list[Path]:

@@ -29,7 +29,6 @@ import hashlib
 import io
 import math
 import os
-import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cxrmax.core.errors import ImageError, where
+from cxrmax.core.io import atomic_write_bytes
 from cxrmax.mimic.dicom import decode_dicom, scale_to_uint8
 
 __all__ = [
@@ -312,7 +312,7 @@ class ImageCache:
     """Preprocessed JPEG bytes cached on disk, keyed by the source file (path, size, mtime) and the
     preprocessing settings, so each image is decoded and resized once across runs and workers.
 
-    Files are written atomically (temporary file + os.replace): concurrent writers are safe."""
+    Files are written atomically (`cxrmax.core.io.atomic_write_bytes`): concurrent writers are safe."""
 
     def __init__(
         self,
@@ -361,15 +361,8 @@ class ImageCache:
         except FileNotFoundError:
             pass
         data = encode_jpeg(preprocess(path, self.max_edge, self.max_pixels), self.quality)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jpg", dir=cached.parent)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(tmp, cached)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Not fsynced: a cache entry lost in a power cut is simply made again.
+        atomic_write_bytes(cached, data, durable=False)
         self.misses += 1
         return data
 

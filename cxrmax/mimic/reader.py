@@ -1,19 +1,10 @@
-"""Reader for the MIMIC-CXR releases: MIMIC-CXR-JPG 2.0.0/2.1.0 and the MIMIC-CXR DICOM layout.
+"""The MIMIC-CXR reader: MIMIC-CXR-JPG 2.0.0/2.1.0 and the MIMIC-CXR DICOM layout.
 
-What it reads (gzipped or plain CSVs at the root, found by name):
-
-* ``mimic-cxr-2.0.0-metadata.csv``  one row per image (dicom_id, subject_id, study_id, ViewPosition,
-  Rows, Columns, StudyDate, StudyTime, ...)
-* ``mimic-cxr-2.0.0-split.csv``     dicom_id, study_id, subject_id, split (train | validate | test)
-* ``mimic-cxr-2.0.0-chexpert.csv`` / ``mimic-cxr-2.0.0-negbio.csv``  one row per study: subject_id,
-  study_id and the 14 observations coded 1 / 0 / -1 / blank (kept as float32 1.0 / 0.0 / -1.0 / null)
-* ``mimic-cxr-2.1.0-test-set-labeled.csv`` (2.1.0) radiologist labels of the test studies: no
-  subject_id, "Airspace Opacity" for "Lung Opacity" (names are mapped through
-  `pathologies.canonical_name`, never by position)
-* ``cxr-record-list.csv`` (DICOM release; marks the DICOM layout)
-* reports ``files/pXX/pSUBJECT/sSTUDY.txt`` (under the root, or under ``reports_root``), split into
-  sections by `cxrmax.mimic.reports.parse_report`
-* images ``files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg`` (or ``.dcm``)
+`MimicCXR` joins the release's CSVs (found by `cxrmax.mimic.layout`, read and validated by
+`cxrmax.mimic.csvs`) into one row per image, attaches study labels and report sections
+(`cxrmax.mimic.reports.parse_report`) and selects images for generation. The test set's radiologist
+labels (2.1.0) have no subject_id and say "Airspace Opacity" for "Lung Opacity": names are mapped
+through `pathologies.canonical_name`, never by position.
 
 Everything tabular stays columnar: CSVs are read with `pyarrow.csv`, validated with `pyarrow.compute`
 and joined with Arrow joins; selecting from the full 377,110-image metadata opens no image and reads
@@ -40,31 +31,42 @@ Selection rules (`MimicCXR.select`):
 
 from __future__ import annotations
 
-import csv
 import difflib
-import gzip
 import os
-import re
-import tempfile
 import zipfile
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 
-from cxrmax.core.errors import InputError, where
-from cxrmax.core.pathologies import FINDINGS, MS_CXR_T_FINDINGS, OBSERVATIONS, canonical_name, is_observation
+from cxrmax.core.errors import ImageError, InputError, where
+from cxrmax.core.pathologies import FINDINGS, OBSERVATIONS, canonical_name, is_observation
 from cxrmax.core.schemas import LABELS_TYPE, SELECTION_SCHEMA
 from cxrmax.core.shards import parse_shard
+from cxrmax.core.splits import SPLIT_ALIASES, SPLITS, canonical_split
+from cxrmax.mimic.csvs import Validator, check_columns, read_csv, read_header, read_subject_ids
+from cxrmax.mimic.images import verify
+from cxrmax.mimic.layout import (
+    LABEL_SOURCES,
+    METADATA_CSV,
+    REPORTS_ZIP,
+    SPLIT_CSV,
+    detect_layout,
+    find_csv,
+    image_relpath,
+    report_relpath,
+)
+from cxrmax.mimic.ms_cxr_t import read_ms_cxr_t
 from cxrmax.mimic.reports import ReportSections, decode_report, parse_report
+from cxrmax.mimic.selection import read_selection, write_selection
 
+# The names below were all defined here before the reader was split; callers keep importing them
+# from cxrmax.mimic.reader (or, preferably, from cxrmax.mimic).
 __all__ = [
     "SPLITS",
     "FRONTAL_VIEWS",
@@ -80,386 +82,12 @@ __all__ = [
     "image_relpath",
 ]
 
-SPLITS: tuple[str, ...] = ("train", "validate", "test")
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")
 LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL", "XTABLE LATERAL")  # cross-table lateral too
-LABEL_SOURCES: dict[str, str] = {
-    "chexpert": "mimic-cxr-2.0.0-chexpert.csv",
-    "negbio": "mimic-cxr-2.0.0-negbio.csv",
-    "test-set-labeled": "mimic-cxr-2.1.0-test-set-labeled.csv",
-}
-METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
-SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
-RECORD_LIST_CSV = "cxr-record-list.csv"
-#: How the DICOM release ships its reports (files/pXX/pSUBJECT/sSTUDY.txt inside); read in place.
-REPORTS_ZIP = "mimic-cxr-reports.zip"
-_SPLIT_ALIASES = {"val": "validate", "valid": "validate", "validation": "validate", "dev": "validate"}
-_VIEW_RANK = {"PA": 0, "AP": 1}
-_LABEL_PATTERN = r"^\s*-?[01](\.0*)?\s*$"
-_BLANK_LABEL_PATTERN = r"^\s*((?i:nan|none|null))?\s*$"  # how pandas & co. write a blank cell
-_INT_PATTERN = r"^\s*\d+(\.0*)?\s*$"  # "3056.0": pandas writes an int column with a gap as floats
-_LABEL_VALUES = pa.array([1.0, 0.0, -1.0], pa.float32())
-_FLOAT_PATTERN = r"^\s*-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 
 
 # --------------------------------------------------------------------------------------------------
-# Paths and layout
-# --------------------------------------------------------------------------------------------------
-
-
-def report_relpath(subject_id: int, study_id: int) -> str:
-    """Relative path of a study's report: ``files/pXX/pSUBJECT/sSTUDY.txt``."""
-    return f"files/p{str(subject_id)[:2]}/p{subject_id}/s{study_id}.txt"
-
-
-def image_relpath(subject_id: int, study_id: int, dicom_id: str, extension: str = ".jpg") -> str:
-    """Relative path of an image: ``files/pXX/pSUBJECT/sSTUDY/<dicom_id>.jpg``."""
-    return f"files/p{str(subject_id)[:2]}/p{subject_id}/s{study_id}/{dicom_id}{extension}"
-
-
-def _find_csv(root: Path, name: str) -> Path | None:
-    """The gzipped or plain CSV called `name` (``x.csv``) under root, or None.
-
-    Copies are often renamed or moved: when the release name is absent, the same file under
-    another version prefix or none ("mimic-cxr-2.1.0-metadata.csv", "metadata.csv.gz") is accepted,
-    at the root or in one folder below it (not files/ or a pXX folder). Several such candidates are
-    an error, and so is one inside a folder that has its own files/: that folder is the release root
-    (the root given is the folder above it)."""
-    for candidate in (root / f"{name}.gz", root / name):
-        if candidate.is_file():
-            return candidate
-    stem = re.sub(r"^mimic-cxr-\d+(\.\d+)*-", "", name)
-    pattern = re.compile(rf"(mimic-cxr-(\d+(\.\d+)*-)?)?{re.escape(stem)}(\.gz)?", re.IGNORECASE)
-    try:
-        folders = [root] + sorted(
-            (
-                entry
-                for entry in root.iterdir()
-                if entry.is_dir() and entry.name != "files" and not re.fullmatch(r"p\d\d", entry.name)
-            ),
-            key=lambda entry: entry.name,
-        )
-    except OSError:
-        return None
-    for folder in folders:
-        try:
-            found = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name) and p.is_file())
-        except OSError:
-            continue
-        if len(found) > 1:
-            raise InputError(
-                f"{where(root / name)}: missing, and several files could stand for it: "
-                f"{', '.join(str(p) for p in found)} (keep one, or give it the release name)"
-            )
-        if found and folder != root and (folder / "files").is_dir() and not (root / "files").is_dir():
-            raise InputError(
-                f"{where(root)}: not the release root, but {folder} is (it has {found[0].name} and files/): "
-                "pass that folder"
-            )
-        if found:
-            return found[0]
-    return None
-
-
-def detect_layout(root: str | os.PathLike) -> str:
-    """ "jpg" (MIMIC-CXR-JPG) or "dicom" (MIMIC-CXR): the first image file found under files/
-    decides (stops there: cheap on the full release); without images, the DICOM release's
-    cxr-record-list.csv(.gz) means DICOM. Images come first because a common copy is
-    MIMIC-CXR-JPG's images with the DICOM release's record lists and reports dropped beside them.
-    Raises InputError for a root with neither CSVs nor images."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"{where(root)}: MIMIC-CXR root is not a directory")
-    files = root / "files"
-    if files.is_dir():
-        stack = [files]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.is_dir():
-                    stack.append(Path(entry.path))
-                elif entry.name.endswith(".dcm"):
-                    return "dicom"
-                elif entry.name.endswith((".jpg", ".jpeg")):
-                    return "jpg"
-    if _find_csv(root, RECORD_LIST_CSV) is not None:
-        return "dicom"
-    if _find_csv(root, METADATA_CSV) is not None:
-        return "jpg"
-    hint = ""
-    if root.name == "files" or re.fullmatch(r"p\d\d", root.name):
-        hint = "; this looks like a folder inside the release: pass the folder that holds files/"
-    raise InputError(
-        f"{where(root)}: not a MIMIC-CXR root: no {METADATA_CSV}(.gz), no {RECORD_LIST_CSV}(.gz) and no "
-        f"images under files/{hint}"
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# CSV reading and columnar validation
-# --------------------------------------------------------------------------------------------------
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(2) == b"\x1f\x8b"
-
-
-def _read_raw_header(path: Path) -> list[str]:
-    """The header's column names as written (BOM dropped, surrounding spaces kept)."""
-    opener = gzip.open if _is_gzip(path) else open
-    try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:  # type: ignore[operator]
-            first = handle.readline()
-    except UnicodeDecodeError as exc:
-        raise InputError(
-            f"{where(path)}: cannot read the CSV header: not UTF-8 text ({exc}); save it as UTF-8"
-        ) from None
-    except PermissionError as exc:
-        raise InputError(f"{where(path)}: cannot read the CSV: {exc}") from None
-    except (OSError, EOFError, zlib.error) as exc:
-        raise InputError(f"{where(path)}: cannot read the CSV header: {exc}{_DOWNLOAD_HINT}") from None
-    if not first.strip():
-        raise InputError(f"{where(path, row=0)}: empty file (no CSV header)")
-    if first.lstrip().lower().startswith(("<!doctype", "<html", "<?xml")):
-        raise InputError(
-            f"{where(path, row=0)}: an HTML/XML page, not a CSV (a download that got a login or error "
-            "page? PhysioNet needs your credentials: wget --user USER --ask-password ...)"
-        )
-    return next(csv.reader([first]))
-
-
-def _read_header(path: Path) -> list[str]:
-    """The header's column names, stripped of surrounding spaces ("dicom_id, subject_id")."""
-    return [name.strip() for name in _read_raw_header(path)]
-
-
-_DOWNLOAD_HINT = " (a truncated or corrupt file? compare it with the release's SHA256SUMS.txt)"
-
-
-def _locate_ragged_row(path: Path) -> tuple[int, int, int] | None:
-    """(1-based data row, fields expected, fields found) of the first row whose field count differs
-    from the header's; only called once a parse has failed, to name the row."""
-    opener = gzip.open if _is_gzip(path) else open
-    try:
-        with opener(path, "rt", encoding="utf-8-sig", errors="replace", newline="") as handle:  # type: ignore[operator]
-            reader = csv.reader(handle)
-            expected = len(next(reader))
-            for number, row in enumerate(reader, start=1):
-                if row and len(row) != expected:
-                    return number, expected, len(row)
-    except (OSError, EOFError, csv.Error, zlib.error):
-        return None
-    return None
-
-
-def _read_csv(
-    path: Path,
-    columns: Sequence[str],
-    types: dict[str, pa.DataType] | None = None,
-    skip_ragged: list | None = None,
-) -> pa.Table:
-    """Read `columns` (header names, matched with surrounding spaces stripped) of a CSV. With
-    `types`, first try parsing those columns straight to their types (fast, little memory); if any
-    cell does not parse, read everything as nullable strings so that validation can name the row
-    and field. A row with the wrong number of fields is an error naming the row, or, when
-    `skip_ragged` is a list, is skipped and appended to it (lenient mode)."""
-    compression = "gzip" if _is_gzip(path) else None
-    raw_names = {name.strip(): name for name in _read_raw_header(path)}
-    raw_columns = [raw_names.get(name, name) for name in columns]
-    missing = [name for name in columns if name not in raw_names]
-    if missing:
-        raise InputError(f"{where(path, field=missing[0])}: missing column")
-    parse_options = pacsv.ParseOptions()
-    if skip_ragged is not None:
-        parse_options = pacsv.ParseOptions(invalid_row_handler=lambda row: skip_ragged.append(row) or "skip")
-    attempts = [types, None] if types else [None]
-    for attempt in attempts:
-        column_types = {raw: pa.string() for raw in raw_columns} | {
-            raw_names.get(name, name): kind for name, kind in (attempt or {}).items()
-        }
-        if skip_ragged is not None:
-            skip_ragged.clear()  # a retry reads the file again
-        try:
-            with pa.input_stream(str(path), compression=compression) as stream:
-                table = pacsv.read_csv(
-                    stream,
-                    read_options=pacsv.ReadOptions(block_size=1 << 24),
-                    parse_options=parse_options,
-                    convert_options=pacsv.ConvertOptions(
-                        column_types=column_types,
-                        include_columns=raw_columns,
-                        strings_can_be_null=True,
-                        null_values=[""],
-                        quoted_strings_can_be_null=True,
-                    ),
-                )
-            return table.rename_columns(list(columns)) if raw_columns != list(columns) else table
-        except (pa.ArrowInvalid, pa.ArrowKeyError, OSError, EOFError) as exc:
-            if attempt is not None and "conversion error" in str(exc):
-                continue  # a cell that is not of its type: the string pass finds and names it
-            if "Expected" in str(exc) and "columns, got" in str(exc):
-                located = _locate_ragged_row(path)
-                if located is not None:
-                    row, expected, found = located
-                    raise InputError(
-                        f"{where(path, row=row)}: {found} fields where the header has {expected} "
-                        "(an unquoted comma, or a line cut short?)"
-                    ) from None
-            hint = _DOWNLOAD_HINT if isinstance(exc, (OSError, EOFError)) or "compress" in str(exc) else ""
-            raise InputError(f"{where(path)}: cannot parse CSV: {exc}{hint}") from None
-    raise AssertionError("unreachable")
-
-
-def _check_columns(path: Path, header: list[str], required: Iterable[str]) -> None:
-    missing = [name for name in required if name not in header]
-    if missing:
-        numeric = sum(bool(re.fullmatch(r"-?\d+(\.\d*)?", name)) for name in header)
-        hint = "; the first line looks like data: the header line is missing" if numeric >= 2 else ""
-        raise InputError(
-            f"{where(path, field=missing[0])}: missing column (missing: {', '.join(missing)}; header: "
-            f"{', '.join(header)}){hint}"
-        )
-
-
-def _first_true(mask: pa.Array | pa.ChunkedArray) -> int | None:
-    values = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
-    hits = np.flatnonzero(values)
-    return int(hits[0]) if hits.size else None
-
-
-@dataclass
-class _Validator:
-    """Collects bad rows of one CSV: raises on the first in strict mode, marks them in lenient mode."""
-
-    path: Path
-    table: pa.Table
-    lenient: bool
-    skipped: Counter
-    bad: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.bad = np.zeros(self.table.num_rows, dtype=bool)
-
-    def flag(self, mask: pa.Array | pa.ChunkedArray, field_name: str, problem: str, reason: str) -> None:
-        values = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
-        if not values.any():
-            return
-        first = int(np.flatnonzero(values)[0])
-        if not self.lenient:
-            value = (
-                self.table.column(field_name)[first].as_py()
-                if field_name in self.table.column_names
-                else None
-            )
-            raise InputError(
-                f"{where(self.path, row=first + 1, field=field_name)}: {problem} (value {value!r})"
-            )
-        fresh = int((values & ~self.bad).sum())
-        if fresh:
-            self.skipped[f"{self.path.name}: {reason}"] += fresh
-        self.bad |= values
-
-    def integer(self, name: str, required: bool = True) -> pa.ChunkedArray:
-        column = self.table.column(name)
-        if pa.types.is_integer(column.type):
-            bad = pc.less(column, 0)
-            if required:
-                bad = pc.or_(pc.fill_null(bad, True), pc.is_null(column))
-            self.flag(bad, name, "not a positive integer id", f"bad {name}")
-            return column.cast(pa.int64())
-        # Fast path: a clean column casts directly; only a failing one is scanned with a regex.
-        try:
-            values = pc.cast(column, pa.int64())
-            bad = pc.less(values, 0)
-            if required:
-                bad = pc.or_(pc.fill_null(bad, True), pc.is_null(values))
-            if not pc.any(bad).as_py():
-                return values
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
-        valid = pc.match_substring_regex(column, _INT_PATTERN)
-        if required:
-            self.flag(pc.invert(pc.fill_null(valid, False)), name, "not a positive integer id", f"bad {name}")
-        else:
-            self.flag(pc.invert(pc.fill_null(valid, True)), name, "not an integer", f"bad {name}")
-        digits = pc.replace_substring_regex(pc.utf8_trim_whitespace(column), r"\.0*$", "")
-        cleaned = pc.if_else(pc.fill_null(valid, False), digits, None)
-        return pc.cast(cleaned, pa.int64())
-
-    def number(self, name: str) -> pa.ChunkedArray:
-        column = self.table.column(name)
-        if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
-            return column.cast(pa.float64())
-        try:
-            return pc.cast(column, pa.float64())
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
-        valid = pc.match_substring_regex(column, _FLOAT_PATTERN)
-        self.flag(pc.invert(pc.fill_null(valid, True)), name, "not a number", f"bad {name}")
-        cleaned = pc.if_else(pc.fill_null(valid, False), pc.utf8_trim_whitespace(column), None)
-        return pc.cast(cleaned, pa.float64())
-
-    def label(self, name: str) -> pa.ChunkedArray:
-        column = self.table.column(name)
-        if pa.types.is_floating(column.type):
-            column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)  # "nan": blank
-            self.flag(
-                pc.and_(pc.is_valid(column), pc.invert(pc.is_in(column.cast(pa.float32()), _LABEL_VALUES))),
-                name,
-                "label value is not one of 1, 0, -1 or blank",
-                "label value outside 1/0/-1/blank",
-            )
-            return column.cast(pa.float32())
-        try:
-            values = pc.cast(column, pa.float32())
-            if not pc.any(pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, _LABEL_VALUES)))).as_py():
-                return values
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
-        blank = pc.fill_null(pc.match_substring_regex(column, _BLANK_LABEL_PATTERN), False)
-        column = pc.if_else(blank, pa.scalar(None, pa.string()), column)
-        valid = pc.match_substring_regex(column, _LABEL_PATTERN)
-        self.flag(
-            pc.invert(pc.fill_null(valid, True)),
-            name,
-            "label value is not one of 1, 0, -1 or blank",
-            "label value outside 1/0/-1/blank",
-        )
-        cleaned = pc.if_else(pc.fill_null(valid, False), pc.utf8_trim_whitespace(column), None)
-        return pc.cast(cleaned, pa.float32())
-
-    def text(self, name: str, required: bool = True, trim: bool = False) -> pa.ChunkedArray:
-        column = self.table.column(name)  # empty cells are already null (read with null_values [""])
-        if trim:  # ids copied from "a, b, c" files carry the space: it would end up in image paths
-            column = pc.ascii_trim_whitespace(column)
-            column = pc.if_else(pc.equal(column, ""), pa.scalar(None, pa.string()), column)
-        if required:
-            self.flag(pc.is_null(column), name, "empty", f"empty {name}")
-        return column
-
-    def duplicates(self, column: pa.ChunkedArray, field_name: str, what: str) -> None:
-        """Flag rows whose (non-null) value already appeared in an earlier row."""
-        valid = column.drop_null()
-        if len(pc.unique(valid)) == len(valid):
-            return  # the common case, without building row indices
-        keys = pa.table({"key": column, "_i": pa.array(np.arange(len(column)))})
-        firsts = keys.group_by(["key"], use_threads=False).aggregate([("_i", "min")])
-        is_first = np.zeros(len(column), dtype=bool)
-        is_first[firsts.column("_i_min").to_numpy()] = True
-        nulls = np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
-        self.flag(pa.array(~is_first & ~nulls), field_name, f"duplicate {what}", f"duplicate {what}")
-
-    def keep(self) -> np.ndarray:
-        return ~self.bad
-
-
-# --------------------------------------------------------------------------------------------------
-# Hashing, sharding, subject lists
+# Hashing (sampling and sharding)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -475,38 +103,6 @@ def _mix64(values: np.ndarray) -> np.ndarray:
 def _seeded_hash(ids: np.ndarray, seed: int) -> np.ndarray:
     salt = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
     return _mix64(ids.astype(np.uint64) ^ salt)
-
-
-def read_subject_ids(path: str | os.PathLike) -> set[int]:
-    """Subject ids from a file: a CSV with a subject_id column (e.g. the MS-CXR-T CSV), or one id
-    per line (blank lines and lines starting with # ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{where(path)}: subject list not found")
-    header = _read_header(path)
-    if "subject_id" in header:
-        table = _read_csv(path, ["subject_id"])
-        column = table.column("subject_id")
-        valid = pc.fill_null(pc.match_substring_regex(column, _INT_PATTERN), False)
-        bad = _first_true(pc.invert(valid))
-        if bad is not None:
-            raise InputError(
-                f"{where(path, row=bad + 1, field='subject_id')}: not an integer id ({column[bad].as_py()!r})"
-            )
-        digits = pc.replace_substring_regex(pc.utf8_trim_whitespace(column), r"\.0*$", "")  # "10000032.0"
-        return set(pc.cast(digits, pa.int64()).to_pylist())
-    ids: set[int] = set()
-    opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rt") as handle:  # type: ignore[operator]
-        for number, line in enumerate(handle, start=1):
-            value = line.strip()
-            if not value or value.startswith("#"):
-                continue
-            value = value.lstrip("p")  # accept folder names like p10000032
-            if not value.isdigit():
-                raise InputError(f"{where(path, row=number)}: not a subject id ({line.strip()!r})")
-            ids.add(int(value))
-    return ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,7 +134,7 @@ class MimicCXR:
         if self.layout not in ("jpg", "dicom"):
             raise InputError(f"unknown layout {self.layout!r}; expected jpg or dicom")
         self.image_extension = ".dcm" if self.layout == "dicom" else ".jpg"
-        self.version = "2.1.0" if _find_csv(self.root, LABEL_SOURCES["test-set-labeled"]) else "2.0.0"
+        self.version = "2.1.0" if find_csv(self.root, LABEL_SOURCES["test-set-labeled"]) else "2.0.0"
         #: Lenient-mode skips: "<file>: <reason>" -> rows skipped.
         self.skipped: Counter = Counter()
         self._images: pa.Table | None = None
@@ -557,13 +153,13 @@ class MimicCXR:
     ) -> pa.Table:
         """`_read_csv`; when lenient, rows with a wrong number of fields are skipped and counted."""
         ragged: list | None = [] if self.lenient else None
-        table = _read_csv(path, columns, types, ragged)
+        table = read_csv(path, columns, types, ragged)
         if ragged:
             self.skipped[f"{path.name}: wrong number of fields"] += len(ragged)
         return table
 
     def _require_csv(self, name: str) -> Path:
-        path = _find_csv(self.root, name)
+        path = find_csv(self.root, name)
         if path is None:
             hint = ""
             if self.layout == "dicom" and name in (METADATA_CSV, SPLIT_CSV):
@@ -605,12 +201,12 @@ class MimicCXR:
 
     def _load_images(self) -> pa.Table:
         meta_path = self._require_csv(METADATA_CSV)
-        header = _read_header(meta_path)
+        header = read_header(meta_path)
         needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
-        _check_columns(meta_path, header, needed)
+        check_columns(meta_path, header, needed)
         split_path = self._require_csv(SPLIT_CSV)
-        split_header = _read_header(split_path)
-        _check_columns(split_path, split_header, ["dicom_id", "study_id", "subject_id", "split"])
+        split_header = read_header(split_path)
+        check_columns(split_path, split_header, ["dicom_id", "study_id", "subject_id", "split"])
         # Gzip decompression is single-threaded: read the split CSV on a second core meanwhile.
         with ThreadPoolExecutor(max_workers=1) as pool:
             split_future = pool.submit(
@@ -625,6 +221,34 @@ class MimicCXR:
     def _join_images(
         self, meta_path: Path, header: list[str], split_path: Path, split_future: Future
     ) -> pa.Table:
+        """The validated metadata joined with the split CSV (read meanwhile by `split_future`),
+        sorted by subject, study, dicom_id: the image index."""
+        meta, meta_dicom, meta_clean = self._read_metadata(meta_path, header)
+        meta = self._drop_studies_with_several_subjects(meta, meta_path)
+        split = self._read_split(split_path, split_future.result(), meta_dicom, meta_clean)
+        joined = self._match_metadata_and_split(meta, split, meta_path, split_path)
+        if not _sorted_by_subject_study_dicom(joined):  # the release is; a copy is only made when not
+            joined = joined.sort_by(
+                [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
+            )
+        joined = self._check_one_split_per_study(joined, split_path)
+        return joined.select(
+            [
+                "dicom_id",
+                "subject_id",
+                "study_id",
+                "split",
+                "view",
+                "study_date",
+                "study_time",
+                "rows",
+                "columns",
+            ]
+        )
+
+    def _read_metadata(self, meta_path: Path, header: list[str]) -> tuple[pa.Table, pa.ChunkedArray, bool]:
+        """The metadata CSV validated: (table with _meta_row, its dicom_id column before bad rows
+        were dropped, whether no row was bad)."""
         needed = ["dicom_id", "subject_id", "study_id", "ViewPosition"]
         optional = [c for c in ("StudyDate", "StudyTime", "Rows", "Columns") if c in header]
         raw = self._read_table(
@@ -641,7 +265,7 @@ class MimicCXR:
         )
         if raw.num_rows == 0:
             raise InputError(f"{where(meta_path)}: no data rows")
-        check = _Validator(meta_path, raw, self.lenient, self.skipped)
+        check = Validator(meta_path, raw, self.lenient, self.skipped)
         dicom_id = check.text("dicom_id", trim=True)
         subject_id = check.integer("subject_id")
         study_id = check.integer("study_id")
@@ -671,7 +295,10 @@ class MimicCXR:
                 "_meta_row": pa.array(np.arange(1, raw.num_rows + 1)),
             }
         ).filter(pa.array(check.keep()))
-        # A study belongs to one subject.
+        return meta, dicom_id, meta_clean
+
+    def _drop_studies_with_several_subjects(self, meta: pa.Table, meta_path: Path) -> pa.Table:
+        """A study belongs to one subject: a clash is an error, or (lenient) the study is dropped."""
         studies_np = meta.column("study_id").to_numpy()
         subjects_np = meta.column("subject_id").to_numpy()
         order = np.lexsort((subjects_np, studies_np))
@@ -690,12 +317,17 @@ class MimicCXR:
             dropped = pc.is_in(meta.column("study_id"), conflict.column("study_id"))
             self.skipped[f"{meta_path.name}: study with several subjects"] += int(pc.sum(dropped).as_py())
             meta = meta.filter(pc.invert(dropped))
+        return meta
 
-        raw_split = split_future.result()
-        check = _Validator(split_path, raw_split, self.lenient, self.skipped)
+    def _read_split(
+        self, split_path: Path, raw_split: pa.Table, meta_dicom: pa.ChunkedArray, meta_clean: bool
+    ) -> pa.Table:
+        """The split CSV validated (split spellings made canonical), with its 1-based _split_row."""
+        check = Validator(split_path, raw_split, self.lenient, self.skipped)
         split_values = pc.utf8_lower(pc.utf8_trim_whitespace(check.text("split")))
-        for alias, split_name in _SPLIT_ALIASES.items():  # "val", "valid", "validation", "dev"
-            split_values = pc.if_else(pc.equal(split_values, alias), split_name, split_values)
+        for alias, split_name in SPLIT_ALIASES.items():  # "val", "valid", "validation", "dev"
+            if alias != split_name:
+                split_values = pc.if_else(pc.equal(split_values, alias), split_name, split_values)
         check.flag(
             pc.invert(pc.is_in(split_values, pa.array(SPLITS))),
             "split",
@@ -703,7 +335,7 @@ class MimicCXR:
             "unknown split",
         )
         split_dicom = check.text("dicom_id", trim=True)
-        if not (meta_clean and split_dicom.equals(dicom_id)):  # same ids, same order as clean metadata
+        if not (meta_clean and split_dicom.equals(meta_dicom)):  # same ids, same order as clean metadata
             check.duplicates(split_dicom, "dicom_id", "dicom_id")
         split = pa.table(
             {
@@ -714,7 +346,13 @@ class MimicCXR:
                 "_split_row": pa.array(np.arange(1, raw_split.num_rows + 1)),
             }
         ).filter(pa.array(check.keep()))
+        return split
 
+    def _match_metadata_and_split(
+        self, meta: pa.Table, split: pa.Table, meta_path: Path, split_path: Path
+    ) -> pa.Table:
+        """Join the two on dicom_id; images in only one file, or whose ids disagree, are errors
+        naming the row (lenient: counted skips)."""
         if meta.num_rows == split.num_rows and meta.column("dicom_id").equals(split.column("dicom_id")):
             # The release lists images in the same order in both files: no hash join needed.
             joined = meta
@@ -779,24 +417,7 @@ class MimicCXR:
             drop |= values
         if drop.any():
             joined = joined.filter(pa.array(~drop))
-        if not _sorted_by_subject_study_dicom(joined):  # the release is; a copy is only made when not
-            joined = joined.sort_by(
-                [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
-            )
-        joined = self._check_one_split_per_study(joined, split_path)
-        return pa.table(
-            {
-                "dicom_id": joined.column("dicom_id"),
-                "subject_id": joined.column("subject_id"),
-                "study_id": joined.column("study_id"),
-                "split": joined.column("split"),
-                "view": joined.column("view"),
-                "study_date": joined.column("study_date"),
-                "study_time": joined.column("study_time"),
-                "rows": joined.column("rows"),
-                "columns": joined.column("columns"),
-            }
-        )
+        return joined
 
     def _check_one_split_per_study(self, joined: pa.Table, split_path: Path) -> pa.Table:
         """A study's images share one split (the release splits by patient). A hand-made split CSV
@@ -869,9 +490,9 @@ class MimicCXR:
     def _label_plan(self, source: str) -> tuple[Path, dict[str, str], list[str], dict[str, pa.DataType]]:
         """Check a label CSV's header: (path, canonical -> header name, columns to read, their types)."""
         path = self._require_csv(LABEL_SOURCES[source])
-        header = _read_header(path)
+        header = read_header(path)
         needs_subject = source != "test-set-labeled"
-        _check_columns(path, header, ["subject_id", "study_id"] if needs_subject else ["study_id"])
+        check_columns(path, header, ["subject_id", "study_id"] if needs_subject else ["study_id"])
         label_columns: dict[str, str] = {}  # canonical -> header spelling
         for name in header:
             if name in ("subject_id", "study_id") or name == "":
@@ -914,7 +535,7 @@ class MimicCXR:
         needs_subject = source != "test-set-labeled"
         prefetched = self._label_reads.pop(source, None)
         raw = prefetched.result() if prefetched is not None else self._read_table(path, columns, types)
-        check = _Validator(path, raw, self.lenient, self.skipped)
+        check = Validator(path, raw, self.lenient, self.skipped)
         study_id = check.integer("study_id")
         data: dict[str, pa.ChunkedArray | pa.Array] = {"study_id": study_id}
         if needs_subject:
@@ -1031,6 +652,34 @@ class MimicCXR:
         selected studies' reports."""
         table = self._image_index()
         table = table.append_column("_order", pa.array(np.arange(table.num_rows)))
+        table = self._filter(table, splits, views, exclude_subjects, require_positive, source)
+        if one_per_study and table.num_rows:
+            table = _one_per_study(table)
+        if k is not None:
+            table = _sample_studies(table, k, seed)
+        parsed_shard = parse_shard(shard)
+        if parsed_shard is not None:
+            index, count = parsed_shard
+            in_shard = (_mix64(table.column("study_id").to_numpy()) % np.uint64(count)) == np.uint64(index)
+            table = table.filter(pa.array(in_shard))
+        table = table.sort_by("_order").drop_columns(["_order"])
+        table = table.append_column("image_path", self._image_paths(table))
+        if check_files or verify_images:
+            table = self._check_images_exist(table)
+        if verify_images:
+            table = self._verify_images(table)
+        return self._attach(table, source=source, with_reports=with_reports)
+
+    def _filter(
+        self,
+        table: pa.Table,
+        splits: Iterable[str] | None,
+        views: Iterable[str] | None,
+        exclude_subjects: Iterable[int] | str | os.PathLike | None,
+        require_positive: bool,
+        source: str,
+    ) -> pa.Table:
+        """The rows of `table` in `splits` and `views`, of subjects not excluded, of positive studies."""
         if splits is not None:
             table = table.filter(pc.is_in(table.column("split"), pa.array(_normalize_splits(splits))))
         if views is not None:
@@ -1051,43 +700,7 @@ class MimicCXR:
             table = table.filter(
                 pc.is_in(table.column("study_id"), labels.column("study_id").filter(pa.array(positive)))
             )
-        # images() is sorted by subject, study, dicom_id: its row number is a deterministic tie-break
-        # that costs no string comparisons.
-        order = table.column("_order").to_numpy()
-        if one_per_study and table.num_rows:
-            views_np = table.column("view").fill_null("").to_numpy(zero_copy_only=False)
-            rank = np.where(
-                views_np == "PA", 0, np.where(views_np == "AP", 1, np.where(views_np == "", 3, 2))
-            )
-            study = table.column("study_id").to_numpy()
-            by_study = np.lexsort((order, rank, study))
-            first = np.ones(len(by_study), dtype=bool)
-            first[1:] = study[by_study][1:] != study[by_study][:-1]
-            keep = np.zeros(table.num_rows, dtype=bool)
-            keep[by_study[first]] = True
-            table = table.filter(pa.array(keep))
-            order = table.column("_order").to_numpy()
-        if k is not None:
-            if k < 0:
-                raise InputError(f"k must be >= 0, got {k}")
-            key = _seeded_hash(table.column("study_id").to_numpy(), seed)
-            chosen = np.lexsort((order, key))[:k]
-            mask = np.zeros(table.num_rows, dtype=bool)
-            mask[chosen] = True
-            table = table.filter(pa.array(mask))
-        study_ids = table.column("study_id").to_numpy()
-        parsed_shard = parse_shard(shard)
-        if parsed_shard is not None:
-            index, count = parsed_shard
-            in_shard = (_mix64(study_ids) % np.uint64(count)) == np.uint64(index)
-            table = table.filter(pa.array(in_shard))
-        table = table.sort_by("_order").drop_columns(["_order"])
-        table = table.append_column("image_path", self._image_paths(table))
-        if check_files or verify_images:
-            table = self._check_images_exist(table)
-        if verify_images:
-            table = self._verify_images(table)
-        return self._attach(table, source=source, with_reports=with_reports)
+        return table
 
     def _check_images_exist(self, table: pa.Table) -> pa.Table:
         paths = table.column("image_path").to_pylist()
@@ -1105,8 +718,6 @@ class MimicCXR:
 
     def _verify_images(self, table: pa.Table) -> pa.Table:
         """Decode every selected image cheaply; corrupt ones are errors (lenient: counted skips)."""
-        from cxrmax.mimic.images import ImageError, verify
-
         keep = np.ones(table.num_rows, dtype=bool)
         for index, relative in enumerate(table.column("image_path").to_pylist()):
             try:
@@ -1122,12 +733,7 @@ class MimicCXR:
 
     def _attach(self, table: pa.Table, source: str, with_reports: bool) -> pa.Table:
         """Add the labels struct and report sections; cast to SELECTION_SCHEMA."""
-        try:
-            labels = self.study_labels(source=source)
-        except InputError:
-            if _find_csv(self.root, LABEL_SOURCES[source]) is not None:
-                raise
-            labels = None  # a release without this label file: labels stay null
+        labels = self._labels_if_present(source)
         if labels is not None and table.num_rows:
             label_part = labels.select(["study_id", *OBSERVATIONS])
             order_column = pa.array(np.arange(table.num_rows))
@@ -1213,66 +819,62 @@ class MimicCXR:
         result["views"] = {
             (row["split"], row["view"] or ""): row["dicom_id_count"] for row in views.to_pylist()
         }
-        try:
-            labels = self.study_labels(source=source)
-        except InputError:
-            if _find_csv(self.root, LABEL_SOURCES[source]) is not None:
-                raise
-            labels = None
+        labels = self._labels_if_present(source)
         if labels is not None:
-            prevalence = {}
-            for name in OBSERVATIONS:
-                column = labels.column(name)
-                prevalence[name] = {
-                    "1": int(pc.sum(pc.equal(column, 1.0)).as_py() or 0),
-                    "0": int(pc.sum(pc.equal(column, 0.0)).as_py() or 0),
-                    "-1": int(pc.sum(pc.equal(column, -1.0)).as_py() or 0),
-                    "blank": int(column.null_count),
-                }
-            result["labels"] = {
-                "source": source,
-                "studies_with_labels": labels.num_rows,
-                "studies_without_labels": studies.num_rows - labels.num_rows,
-                "prevalence": prevalence,
-            }
+            result["labels"] = _label_summary(labels, source, studies.num_rows)
         if reports:
-            coverage = Counter()
-            for done, (subject_id, study_id) in enumerate(
-                zip(
-                    studies.column("subject_id").to_pylist(),
-                    studies.column("study_id").to_pylist(),
-                    strict=True,
-                )
-            ):
-                if progress is not None and done % 1000 == 0:
-                    progress(done, studies.num_rows)
-                sections = self.report(subject_id, study_id)
-                if sections is None:
-                    coverage["missing"] += 1
-                    continue
-                coverage["reports"] += 1
-                coverage["findings"] += sections.findings is not None
-                coverage["impression"] += sections.impression is not None
-                coverage["both"] += sections.findings is not None and sections.impression is not None
-                coverage["last_paragraph_only"] += sections.findings is None and sections.impression is None
-                coverage["addenda"] += bool(sections.addenda)
-            result["reports"] = {
-                "studies": studies.num_rows,
-                **{
-                    k: coverage[k]
-                    for k in (
-                        "reports",
-                        "findings",
-                        "impression",
-                        "both",
-                        "last_paragraph_only",
-                        "addenda",
-                        "missing",
-                    )
-                },
-            }
+            result["reports"] = self._report_coverage(studies, progress)
         result["skipped"] = dict(self.skipped)
         return result
+
+    def _labels_if_present(self, source: str) -> pa.Table | None:
+        """`study_labels(source)`, or None for a release without that label file (a bad one raises)."""
+        try:
+            return self.study_labels(source=source)
+        except InputError:
+            if find_csv(self.root, LABEL_SOURCES[source]) is not None:
+                raise
+            return None
+
+    def _report_coverage(self, studies: pa.Table, progress: Callable[[int, int], None] | None) -> dict:
+        """How many studies have a report, and which sections those reports have."""
+        coverage: Counter = Counter()
+        for done, (subject_id, study_id) in enumerate(
+            zip(studies.column("subject_id").to_pylist(), studies.column("study_id").to_pylist(), strict=True)
+        ):
+            if progress is not None and done % 1000 == 0:
+                progress(done, studies.num_rows)
+            sections = self.report(subject_id, study_id)
+            if sections is None:
+                coverage["missing"] += 1
+                continue
+            coverage["reports"] += 1
+            coverage["findings"] += sections.findings is not None
+            coverage["impression"] += sections.impression is not None
+            coverage["both"] += sections.findings is not None and sections.impression is not None
+            coverage["last_paragraph_only"] += sections.findings is None and sections.impression is None
+            coverage["addenda"] += bool(sections.addenda)
+        kinds = ("reports", "findings", "impression", "both", "last_paragraph_only", "addenda", "missing")
+        return {"studies": studies.num_rows, **{kind: coverage[kind] for kind in kinds}}
+
+
+def _label_summary(labels: pa.Table, source: str, n_studies: int) -> dict:
+    """Prevalence of 1 / 0 / -1 / blank per observation, and how many studies have a label row."""
+    prevalence = {}
+    for name in OBSERVATIONS:
+        column = labels.column(name)
+        prevalence[name] = {
+            "1": int(pc.sum(pc.equal(column, 1.0)).as_py() or 0),
+            "0": int(pc.sum(pc.equal(column, 0.0)).as_py() or 0),
+            "-1": int(pc.sum(pc.equal(column, -1.0)).as_py() or 0),
+            "blank": int(column.null_count),
+        }
+    return {
+        "source": source,
+        "studies_with_labels": labels.num_rows,
+        "studies_without_labels": n_studies - labels.num_rows,
+        "prevalence": prevalence,
+    }
 
 
 def _sorted_by_subject_study_dicom(table: pa.Table) -> bool:
@@ -1300,7 +902,7 @@ def _normalize_splits(splits: Iterable[str]) -> list[str]:
         splits = [splits]
     result = []
     for split in splits:
-        value = _SPLIT_ALIASES.get(split.strip().lower(), split.strip().lower())
+        value = canonical_split(split) or split.strip().lower()
         if value not in SPLITS:
             raise InputError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         result.append(value)
@@ -1322,113 +924,29 @@ def _normalize_views(views: Iterable[str]) -> set[str]:
     return wanted
 
 
-# --------------------------------------------------------------------------------------------------
-# Selection manifests
-# --------------------------------------------------------------------------------------------------
+def _one_per_study(table: pa.Table) -> pa.Table:
+    """One row per study: PA first, then AP, then other views, then views left blank; ties go to
+    the lowest _order (images() is sorted by subject, study, dicom_id: its row number is a
+    deterministic tie-break that costs no string comparisons)."""
+    order = table.column("_order").to_numpy()
+    views_np = table.column("view").fill_null("").to_numpy(zero_copy_only=False)
+    rank = np.where(views_np == "PA", 0, np.where(views_np == "AP", 1, np.where(views_np == "", 3, 2)))
+    study = table.column("study_id").to_numpy()
+    by_study = np.lexsort((order, rank, study))
+    first = np.ones(len(by_study), dtype=bool)
+    first[1:] = study[by_study][1:] != study[by_study][:-1]
+    keep = np.zeros(table.num_rows, dtype=bool)
+    keep[by_study[first]] = True
+    return table.filter(pa.array(keep))
 
 
-def write_selection(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write a selection manifest atomically: Parquet for ``.parquet``, Arrow IPC for ``.arrow`` /
-    ``.feather``. The table is cast to `shards.SELECTION_SCHEMA` first."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".parquet", ".arrow", ".feather"):
-        raise InputError(f"{where(path)}: selection manifests end in .parquet, .arrow or .feather")
-    table = _conform(table, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            pq.write_table(table, tmp)
-        else:
-            import pyarrow.feather as feather
-
-            feather.write_feather(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_selection(path: str | os.PathLike) -> pa.Table:
-    """Read a selection manifest written by `write_selection` (or any Parquet/Arrow file with the
-    SELECTION_SCHEMA columns) as a table with exactly SELECTION_SCHEMA."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{where(path)}: selection manifest not found")
-    try:
-        if path.suffix.lower() == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-        else:
-            import pyarrow.feather as feather
-
-            table = feather.read_table(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{where(path)}: not a readable Parquet/Arrow file: {exc}") from None
-    return _conform(table, path)
-
-
-def _conform(table: pa.Table, path: Path) -> pa.Table:
-    missing = [f.name for f in SELECTION_SCHEMA if f.name not in table.column_names]
-    if missing:
-        raise InputError(
-            f"{where(path, field=missing[0])}: selection is missing columns {', '.join(missing)}"
-        )
-    table = table.select([f.name for f in SELECTION_SCHEMA])
-    try:
-        return table.cast(SELECTION_SCHEMA)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
-        raise InputError(f"{where(path)}: selection does not match SELECTION_SCHEMA: {exc}") from None
-
-
-# --------------------------------------------------------------------------------------------------
-# MS-CXR-T
-# --------------------------------------------------------------------------------------------------
-
-_PROGRESSION = ("improving", "stable", "worsening")
-_QUALITY = ("one_expert", "multiple_experts", "disagreement")
-
-
-def read_ms_cxr_t(path: str | os.PathLike) -> pa.Table:
-    """Read the MS-CXR-T temporal image classification CSV: dicom_id, previous_dicom_id, study_id,
-    previous_study_id, subject_id (int64) and per finding ``<f>_progression`` (improving | stable |
-    worsening | null) and ``<f>_label_quality`` (one_expert | multiple_experts | disagreement | null).
-    Column names and values are case-normalised; anything else is an InputError naming row and field."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{where(path)}: MS-CXR-T CSV not found")
-    header = _read_header(path)
-    lowered = {name.strip().lower(): name for name in header}
-    ids = ["dicom_id", "previous_dicom_id", "study_id", "previous_study_id", "subject_id"]
-    finding_columns = [f"{f}_{kind}" for f in MS_CXR_T_FINDINGS for kind in ("progression", "label_quality")]
-    missing = [name for name in ids + finding_columns if name not in lowered]
-    if missing:
-        raise InputError(f"{where(path, field=missing[0])}: missing column (missing: {', '.join(missing)})")
-    raw = _read_csv(path, [lowered[name] for name in ids + finding_columns])
-    raw = raw.rename_columns([name.strip().lower() for name in raw.column_names])
-    check = _Validator(path, raw, lenient=False, skipped=Counter())
-    data: dict[str, pa.ChunkedArray] = {
-        "dicom_id": check.text("dicom_id"),
-        "previous_dicom_id": check.text("previous_dicom_id"),
-        "study_id": check.integer("study_id"),
-        "previous_study_id": check.integer("previous_study_id"),
-        "subject_id": check.integer("subject_id"),
-    }
-    for name in finding_columns:
-        values = pc.utf8_lower(pc.utf8_trim_whitespace(raw.column(name)))
-        values = pc.if_else(pc.fill_null(pc.equal(values, ""), True), pa.scalar(None, pa.string()), values)
-        allowed = _PROGRESSION if name.endswith("_progression") else _QUALITY
-        check.flag(
-            pc.and_(pc.is_valid(values), pc.invert(pc.is_in(values, pa.array(allowed)))),
-            name,
-            f"value is not one of {', '.join(allowed)} or empty",
-            "bad value",
-        )
-        data[name] = values
-    return pa.table(data)
+def _sample_studies(table: pa.Table, k: int, seed: int) -> pa.Table:
+    """The k rows with the smallest seeded hash of their study_id (ties: the lowest _order)."""
+    if k < 0:
+        raise InputError(f"k must be >= 0, got {k}")
+    order = table.column("_order").to_numpy()
+    key = _seeded_hash(table.column("study_id").to_numpy(), seed)
+    chosen = np.lexsort((order, key))[:k]
+    mask = np.zeros(table.num_rows, dtype=bool)
+    mask[chosen] = True
+    return table.filter(pa.array(mask))

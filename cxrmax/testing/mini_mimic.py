@@ -88,8 +88,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
 from PIL import Image, ImageFilter
 
+from cxrmax.core.io import replace_dir
 from cxrmax.core.pathologies import FINDINGS, LATERALIZABLE, MS_CXR_T_FINDINGS, OBSERVATIONS, no_finding
 
 __all__ = [
@@ -525,11 +528,7 @@ def make_mini_mimic(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         _write_mini_mimic(tmp, studies, seed, dicom, version, gz, large_images, small_edge)
-        if out.is_dir():
-            shutil.rmtree(out)
-        elif out.exists():
-            out.unlink()
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -546,9 +545,16 @@ def _write_mini_mimic(
     large_images: int,
     small_edge: tuple[int, int],
 ) -> None:
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # one stream, drawn in this order: studies, images, pixels, MS-CXR-T
+    plan = _plan_studies(rng, studies)
+    _plan_images(rng, plan, dicom, large_images, small_edge)
+    _write_reports_and_images(out, rng, plan, dicom)
+    _write_release_csvs(out, plan, version, gz, dicom)
+    _write_ms_cxr_t(out / MS_CXR_T_FILENAME, plan, rng)
 
-    # Subjects with 1-3 studies each; the first three subjects cover the three splits.
+
+def _plan_studies(rng: random.Random, studies: int) -> list[_Study]:
+    """Subjects with 1-3 studies each; the first three subjects cover the three splits."""
     used_subjects: set[int] = set()
     used_studies: set[int] = set()
     plan: list[_Study] = []
@@ -596,8 +602,13 @@ def _write_mini_mimic(
             date += rng.randrange(1, 4) * 100  # later studies of a subject are later in time
             if date % 10000 // 100 > 12:
                 date = date + 10000 - 1200
+    return plan
 
-    # Images per study.
+
+def _plan_images(
+    rng: random.Random, plan: list[_Study], dicom: bool, large_images: int, small_edge: tuple[int, int]
+) -> None:
+    """The images of each study (views, dicom ids, sizes); `large_images` of them release-sized."""
     for study in plan:
         study.images.append({"view": "AP" if study.portable else "PA"})
         if not study.portable and rng.random() < 0.85:
@@ -615,7 +626,9 @@ def _write_mini_mimic(
         if not dicom:
             image["width"], image["height"] = w, h
 
-    # Reports and image files.
+
+def _write_reports_and_images(out: Path, rng: random.Random, plan: list[_Study], dicom: bool) -> None:
+    """Each study's report under files/ and its images (JPEG, or DICOM with `dicom`)."""
     files = out / "files"
     for study in plan:
         study.report = render_report(study, rng)
@@ -639,7 +652,9 @@ def _write_mini_mimic(
                 image["path"] = study_dir / f"{image['dicom_id']}.jpg"
                 Image.fromarray(pixels, "L").save(image["path"], quality=92)
 
-    # CSVs.
+
+def _write_release_csvs(out: Path, plan: list[_Study], version: str, gz: bool, dicom: bool) -> None:
+    """The release's CSVs: metadata, split, CheXpert, NegBio (2.1.0: test-set labels; DICOM: lists)."""
     suffix = ".csv.gz" if gz else ".csv"
     view_meaning = {
         "PA": "postero-anterior",
@@ -698,8 +713,6 @@ def _write_mini_mimic(
         )
         _write_csv_gz(out / f"cxr-study-list{suffix}", ("subject_id", "study_id", "path"), study_rows, gz)
 
-    _write_ms_cxr_t(out / MS_CXR_T_FILENAME, plan, rng)
-
 
 def _write_ms_cxr_t(path: Path, plan: list[_Study], rng: random.Random) -> None:
     """MS-CXR-T-style rows: for each subject with two or more studies, the later frontal image and
@@ -743,14 +756,37 @@ def write_synthetic_csvs(
     view and split mix, random labels) with no images or reports: for benchmarks and for checking
     that selecting from a release-sized table opens nothing. Vectorised: about a second for the
     default 377,110 images."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
     if not 1 <= n_subjects <= n_studies <= n_images:
         raise ValueError("need 1 <= n_subjects <= n_studies <= n_images")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)  # one stream: images first, then labels
+    metadata, split, subjects, study_ids, study_subject = _synthetic_images(
+        rng, n_images, n_studies, n_subjects
+    )
+    labels = _synthetic_labels(rng, subjects[study_subject], study_ids)
+    suffix = ".csv.gz" if gz else ".csv"
+    for name, table in (
+        ("metadata", metadata),
+        ("split", split),
+        ("chexpert", labels),
+        ("negbio", labels),
+    ):
+        target = out / f"mimic-cxr-2.0.0-{name}{suffix}"
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
+        data = sink.getvalue().to_pybytes()
+        # Level 1: Arrow's gzip default (level 9) takes half a minute on 80 MB of random hex ids.
+        target.write_bytes(gzip.compress(data, compresslevel=1, mtime=0) if gz else data)
+    (out / "files").mkdir(exist_ok=True)
+    return out
+
+
+def _synthetic_images(
+    rng: np.random.Generator, n_images: int, n_studies: int, n_subjects: int
+) -> tuple[pa.Table, pa.Table, np.ndarray, np.ndarray, np.ndarray]:
+    """Release-sized metadata and split tables in release order: (metadata, split, subject ids,
+    study ids, the subject index of each study)."""
     subjects = np.sort(rng.choice(10_000_000, n_subjects, replace=False) + 10_000_000)
     study_ids = rng.choice(10_000_000, n_studies, replace=False) + 50_000_000
     # Every subject has a study, every study an image.
@@ -812,6 +848,14 @@ def write_synthetic_csvs(
             "split": pa.array(subject_split[study_subject[image_study]]),
         }
     )
+    return metadata, split, subjects, study_ids, study_subject
+
+
+def _synthetic_labels(
+    rng: np.random.Generator, study_subjects: np.ndarray, study_ids: np.ndarray
+) -> pa.Table:
+    """A label CSV's table for those studies (subject of each study given)."""
+    n_studies = len(study_ids)
     # Label cells: 1.0 / 0.0 / -1.0 / blank, most blank; a few studies have no label row.
     labelled = np.flatnonzero(rng.random(n_studies) > 0.0005)
     codes = rng.choice(4, size=(len(labelled), len(OBSERVATIONS)), p=[0.1, 0.15, 0.05, 0.7])
@@ -822,25 +866,10 @@ def write_synthetic_csvs(
         )
         for i, name in enumerate(OBSERVATIONS)
     }
-    labels = pa.table(
+    return pa.table(
         {
-            "subject_id": pa.array(subjects[study_subject[labelled]]),
+            "subject_id": pa.array(study_subjects[labelled]),
             "study_id": pa.array(study_ids[labelled]),
             **label_columns,
         }
     )
-    suffix = ".csv.gz" if gz else ".csv"
-    for name, table in (
-        ("metadata", metadata),
-        ("split", split),
-        ("chexpert", labels),
-        ("negbio", labels),
-    ):
-        target = out / f"mimic-cxr-2.0.0-{name}{suffix}"
-        sink = pa.BufferOutputStream()
-        pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
-        data = sink.getvalue().to_pybytes()
-        # Level 1: Arrow's gzip default (level 9) takes half a minute on 80 MB of random hex ids.
-        target.write_bytes(gzip.compress(data, compresslevel=1, mtime=0) if gz else data)
-    (out / "files").mkdir(exist_ok=True)
-    return out

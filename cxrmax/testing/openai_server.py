@@ -50,6 +50,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from cxrmax.generate.backends import Sampling, TransformersEngine
+from cxrmax.generate.responses import Completion
+
 SERVER_READY_PREFIX = "cxrmax-openai-server listening on "
 
 
@@ -127,8 +132,6 @@ def _error(status: int, message: str, kind: str = "error") -> Any:
 
 def _openai_to_hf(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Any]]:
     """OpenAI messages -> HF chat messages with {"type": "image"} parts, plus the decoded images."""
-    from PIL import Image
-
     converted, images = [], []
     for message in messages:
         content = message.get("content")
@@ -160,9 +163,6 @@ def create_app(state: ServerState) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.responses import Response
     from starlette.concurrency import run_in_threadpool
-
-    from cxrmax.generate.backends import Sampling
-    from cxrmax.generate.responses import Completion
 
     app = FastAPI(title="cxrmax test OpenAI-compatible server")
 
@@ -196,60 +196,18 @@ def create_app(state: ServerState) -> Any:
         action = state.next_action()
         if state.faults.delay_s:
             await asyncio.sleep(state.faults.delay_s)
-        if isinstance(action, dict):
-            if "delay" not in action:
-                state.stats["canned"] += 1
-                return _canned_response(action)
-            await asyncio.sleep(float(action["delay"]))
-            state.stats["slow"] += 1
-            action = "ok"
-        if action == "die":
-            state.stats["died"] += 1
-            if state.on_die is not None:
-                state.on_die()
-                await asyncio.sleep(0.3)  # uvicorn stops listening within 0.1 s: later connects are refused
-            return _error(503, "the server is shutting down")
-        if action == "hang":
-            state.stats["hang"] += 1
-            await asyncio.sleep(state.faults.hang_s)
-            return _error(504, "hung")
-        if isinstance(action, int):
-            state.stats[f"status_{action}"] += 1
-            headers_message = "injected fault"
-            response = _error(action, headers_message)
-            if action == 429:
-                response.headers["retry-after"] = "0"
-            return response
-        if action == "malformed":
-            state.stats["malformed"] += 1
-            return Response(
-                content=b'{"id": "x", "choices": [{"message": {"content": "trunc',
-                media_type="application/json",
-            )
+        action, fault = await _injected_fault(state, action)
+        if fault is not None:
+            return fault
         try:
             messages, images = _openai_to_hf(body.get("messages") or [])
         except (ValueError, KeyError, IndexError, OSError) as exc:
             state.stats["bad_request"] += 1
             return _error(400, f"bad messages: {exc}", "invalid_request_error")
         n = int(body.get("n") or 1)
-        sampling = Sampling(
-            temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
-            top_p=float(body.get("top_p") or 1.0),
-            max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 64),
-            seed=body.get("seed"),
-        )
+        sampling = _sampling(body)
         if state.engine is None:
-            words = state.stub_text.split()
-            cut = words[: sampling.max_tokens]
-            completions = [
-                Completion(
-                    " ".join(cut),
-                    "stop" if len(cut) == len(words) else "length",
-                    10 + 64 * len(images),
-                    len(cut),
-                )
-                for _ in range(n)
-            ]
+            completions = _stub_completions(state.stub_text, sampling, n, len(images))
         else:
             try:
                 completions = await run_in_threadpool(state.engine.generate, messages, images, sampling, n)
@@ -261,26 +219,7 @@ def create_app(state: ServerState) -> Any:
             for completion in completions:
                 completion.text = completion.text[: max(1, len(completion.text) // 2)]
                 completion.finish_reason = "length"
-        answer = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": state.served_model_name,
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text},
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(completions)
-            ],
-            "usage": {
-                "prompt_tokens": completions[0].prompt_tokens or 0,
-                "completion_tokens": sum(c.completion_tokens or 0 for c in completions),
-                "total_tokens": (completions[0].prompt_tokens or 0)
-                + sum(c.completion_tokens or 0 for c in completions),
-            },
-        }
+        answer = _chat_completion(state.served_model_name, completions)
         if action == "cut":
             state.stats["cut"] += 1
             return _cut_response(json.dumps(answer).encode())
@@ -291,6 +230,86 @@ def create_app(state: ServerState) -> Any:
         return answer
 
     return app
+
+
+async def _injected_fault(state: ServerState, action: Any) -> tuple[Any, Any]:
+    """Carry out a scripted fault: (the action left for the normal answer, a response that replaces
+    it or None). A ``{"delay": s}`` entry waits, then answers normally."""
+    from fastapi.responses import Response
+
+    if isinstance(action, dict):
+        if "delay" not in action:
+            state.stats["canned"] += 1
+            return action, _canned_response(action)
+        await asyncio.sleep(float(action["delay"]))
+        state.stats["slow"] += 1
+        return "ok", None
+    if action == "die":
+        state.stats["died"] += 1
+        if state.on_die is not None:
+            state.on_die()
+            await asyncio.sleep(0.3)  # uvicorn stops listening within 0.1 s: later connects are refused
+        return action, _error(503, "the server is shutting down")
+    if action == "hang":
+        state.stats["hang"] += 1
+        await asyncio.sleep(state.faults.hang_s)
+        return action, _error(504, "hung")
+    if isinstance(action, int):
+        state.stats[f"status_{action}"] += 1
+        response = _error(action, "injected fault")
+        if action == 429:
+            response.headers["retry-after"] = "0"
+        return action, response
+    if action == "malformed":
+        state.stats["malformed"] += 1
+        return action, Response(
+            content=b'{"id": "x", "choices": [{"message": {"content": "trunc',
+            media_type="application/json",
+        )
+    return action, None
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    """The sampling parameters of an OpenAI chat request body (OpenAI's defaults where absent)."""
+    return Sampling(
+        temperature=float(body.get("temperature", 1.0) if body.get("temperature") is not None else 1.0),
+        top_p=float(body.get("top_p") or 1.0),
+        max_tokens=int(body.get("max_tokens") or body.get("max_completion_tokens") or 64),
+        seed=body.get("seed"),
+    )
+
+
+def _stub_completions(stub_text: str, sampling: Sampling, n: int, n_images: int) -> list[Completion]:
+    """The stub's answers: ``stub_text`` cut at max_tokens words (finish "length" when cut)."""
+    words = stub_text.split()
+    cut = words[: sampling.max_tokens]
+    finish = "stop" if len(cut) == len(words) else "length"
+    return [Completion(" ".join(cut), finish, 10 + 64 * n_images, len(cut)) for _ in range(n)]
+
+
+def _chat_completion(model: str, completions: list[Completion]) -> dict[str, Any]:
+    """An OpenAI ``chat.completion`` object with one choice per completion and the usage counts."""
+    prompt_tokens = completions[0].prompt_tokens or 0
+    completion_tokens = sum(c.completion_tokens or 0 for c in completions)
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:16]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+            }
+            for i, c in enumerate(completions)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def _canned_response(spec: dict[str, Any]) -> Any:
@@ -391,8 +410,6 @@ class ServerHandle:
 def load_engine(model_path: str | Path | None, device: str | None = None) -> Any:
     if model_path is None:
         return None
-    from cxrmax.generate.backends import TransformersEngine
-
     return TransformersEngine(model_path, device=device or "cpu")
 
 

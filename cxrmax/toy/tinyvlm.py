@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from cxrmax.core.hf import load_processor, qwen2_vl_processor_class
 from cxrmax.core.pathologies import OBSERVATIONS
 
 #: Special tokens of Qwen2-VL, in the order they get ids (right after the trained vocabulary).
@@ -127,42 +128,15 @@ def build_tokenizer(corpus: Iterable[str] = (), vocab_size: int = 1024) -> Any:
     return tokenizer
 
 
-def _make_processor_class() -> type:
-    """Qwen2VLProcessor without a video processor (the stock class requires one, which needs torchvision)."""
-    from transformers import Qwen2VLProcessor
-    from transformers.processing_utils import ProcessorMixin
-
-    class TinyQwen2VLProcessor(Qwen2VLProcessor):
-        """A Qwen2-VL processor with an image processor and a tokenizer only (no video processor)."""
-
-        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
-            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
-
-    # Importable as cxrmax.toy.tinyvlm.TinyQwen2VLProcessor (pickling, multiprocessing data loaders).
-    TinyQwen2VLProcessor.__module__ = __name__
-    TinyQwen2VLProcessor.__qualname__ = "TinyQwen2VLProcessor"
-    return TinyQwen2VLProcessor
-
-
-_PROCESSOR_CLASS: type | None = None
-
-
 def processor_class() -> type:
-    """The video-less Qwen2-VL processor class, created on first use so that importing this module
-    does not import transformers. Also reachable as ``cxrmax.toy.tinyvlm.TinyQwen2VLProcessor``."""
-    global _PROCESSOR_CLASS
-    if _PROCESSOR_CLASS is None:
-        _PROCESSOR_CLASS = _make_processor_class()
-    return _PROCESSOR_CLASS
+    """The video-less Qwen2-VL processor class (`cxrmax.core.hf.qwen2_vl_processor_class`)."""
+    return qwen2_vl_processor_class()
 
 
 def __getattr__(name: str) -> Any:
+    # Processors pickled before the class moved to cxrmax.core.hf name it here.
     if name == "TinyQwen2VLProcessor":
-        return processor_class()
+        return qwen2_vl_processor_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -294,19 +268,6 @@ def is_text_only(path: str | Path) -> bool:
     """True when the model saved at ``path`` has no vision tower (a causal LM)."""
     config = json.loads((Path(path) / "config.json").read_text())
     return "vision_config" not in config
-
-
-def load_processor(path: str | Path) -> Any:
-    """Load the processor (VLM) or tokenizer (text-only model) saved at ``path``.
-
-    Qwen2-VL directories are reloaded through the video-less processor subclass, since AutoProcessor
-    silently returns only the tokenizer when torchvision is missing."""
-    from transformers import AutoTokenizer
-
-    path = Path(path)
-    if is_text_only(path):
-        return AutoTokenizer.from_pretrained(path)
-    return processor_class().from_pretrained(path)
 
 
 def load_tiny_vlm(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:

@@ -36,7 +36,7 @@ MODEL = "tiny-vlm"
 
 @pytest.fixture(scope="session")
 def selection_path(mini_mimic, tmp_path_factory):
-    from cxrmax.mimic.reader import MimicCXR, write_selection
+    from cxrmax.mimic import MimicCXR, write_selection
 
     table = MimicCXR(mini_mimic).select()
     return write_selection(table, tmp_path_factory.mktemp("selection") / "selection.parquet")

@@ -48,7 +48,7 @@ def server(stub_server):
 @pytest.fixture(scope="module")
 def rows(mini_mimic, tmp_path_factory):
     """Selections of the first 2 and 6 rows of the mini MIMIC-CXR (small films first)."""
-    from cxrmax.mimic.reader import MimicCXR, write_selection
+    from cxrmax.mimic import MimicCXR, write_selection
 
     folder = tmp_path_factory.mktemp("selection-responses")
     table = write_selection(MimicCXR(mini_mimic).select(), folder / "all.parquet")

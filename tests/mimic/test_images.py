@@ -14,6 +14,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from cxrmax.core.errors import InputError
+from cxrmax.mimic import MimicCXR
 from cxrmax.mimic.images import (
     ImageCache,
     ImageError,
@@ -24,7 +25,6 @@ from cxrmax.mimic.images import (
     target_size,
     to_data_url,
 )
-from cxrmax.mimic.reader import MimicCXR
 from cxrmax.testing.mini_mimic import _Study, _write_dicom, synthetic_chest
 
 

@@ -19,15 +19,15 @@ from cxrmax.core.errors import InputError
 from cxrmax.core.pathologies import FINDINGS, OBSERVATIONS
 from cxrmax.core.schemas import SELECTION_SCHEMA
 from cxrmax.core.shards import parse_shard
-from cxrmax.mimic.reader import (
+from cxrmax.mimic import (
     MimicCXR,
-    _mix64,
     detect_layout,
     read_ms_cxr_t,
     read_selection,
     read_subject_ids,
     write_selection,
 )
+from cxrmax.mimic.reader import _mix64
 from cxrmax.mimic.reports import parse_report
 from cxrmax.testing.mini_mimic import MS_CXR_T_FILENAME, make_mini_mimic, write_synthetic_csvs
 

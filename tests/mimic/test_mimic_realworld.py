@@ -22,7 +22,7 @@ import pytest
 
 from cxrmax.core.errors import InputError
 from cxrmax.core.pathologies import OBSERVATIONS
-from cxrmax.mimic.reader import MimicCXR, detect_layout
+from cxrmax.mimic import MimicCXR, detect_layout
 from cxrmax.mimic.reports import decode_report, parse_report
 
 SKIP = object()  # an expectation that is not checked
@@ -1341,7 +1341,7 @@ def test_root_one_level_off_says_which_folder(release_root: Path, tmp_path: Path
 
 
 def test_subject_lists_as_users_write_them(tmp_path: Path) -> None:
-    from cxrmax.mimic.reader import read_subject_ids
+    from cxrmax.mimic import read_subject_ids
 
     listed = tmp_path / "ms_cxr_t_subjects.csv"
     listed.write_bytes(b"\xef\xbb\xbfdicom_id, subject_id\r\na,10000032.0\r\nb, 10000764 \r\n")

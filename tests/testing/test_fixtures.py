@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from cxrmax.cli import app
 from cxrmax.core.pathologies import FINDINGS, OBSERVATIONS, no_finding
-from cxrmax.mimic.reader import read_ms_cxr_t
+from cxrmax.mimic import read_ms_cxr_t
 from cxrmax.mimic.reports import parse_report
 from cxrmax.testing.mini_mimic import (
     LABEL_COLUMNS,
