@@ -15,9 +15,10 @@
 
 Splits are assigned per subject (as in MIMIC-CXR) and all three are always present. Views: each study
 has one frontal image (PA or AP), often a LATERAL (sometimes LL), sometimes a second AP and, rarely,
-an image with an empty ViewPosition. Images are synthetic chest-like grayscale films (dark air, grey
-soft tissue, dark lungs, bright mediastinum and spine, faint ribs; cardiomegaly enlarges the heart
-and an effusion whitens that costophrenic angle), mostly small; `large_images` of them (default 2) are
+an image with an empty ViewPosition. Images are synthetic chest films that show every positive
+(and, fainter, every uncertain) finding of the study where its report puts it (`cxrmax.testing.films`:
+a meniscus at the stated costophrenic angle, a pneumothorax rim on the stated side, a wide heart, ...),
+mostly small; `large_images` of them (default 2) are
 the size of real MIMIC-CXR-JPG films (about 2,500 x 3,000).
 
 Reports and labels
@@ -79,7 +80,6 @@ from __future__ import annotations
 import csv
 import gzip
 import io
-import math
 import os
 import random
 import shutil
@@ -90,10 +90,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from cxrmax.core.io import replace_dir
 from cxrmax.core.pathologies import FINDINGS, LATERALIZABLE, MS_CXR_T_FINDINGS, OBSERVATIONS, no_finding
+from cxrmax.testing.films import synthetic_chest
 
 __all__ = [
     "METADATA_COLUMNS",
@@ -363,63 +364,6 @@ def render_report(study: _Study, rng: random.Random) -> str:
 
 def _hex_id(rng: random.Random) -> str:
     return "-".join(f"{rng.getrandbits(32):08x}" for _ in range(5))
-
-
-def synthetic_chest(
-    width: int,
-    height: int,
-    seed: int,
-    view: str = "PA",
-    labels: dict[str, int | None] | None = None,
-    sides: dict[str, str | None] | None = None,
-) -> np.ndarray:
-    """A synthetic chest-like film as uint8 (height, width): dark air outside the body, grey soft
-    tissue, dark lungs, bright mediastinum, heart and spine, faint ribs. Drawn on a coarse grid and
-    upscaled, so full-size films cost milliseconds."""
-    labels = labels or {}
-    sides = sides or {}
-    scale = max(1, max(width, height) // 640)
-    w0, h0 = max(8, width // scale), max(8, height // scale)
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h0, 0:w0].astype(np.float32)
-    u, v = x / w0 - 0.5, y / h0 - 0.5  # [-0.5, 0.5)
-    img = np.full((h0, w0), 12.0, np.float32)  # air
-    body = (u / 0.46) ** 2 + ((v - 0.05) / 0.52) ** 2 < 1
-    img[body] = 118.0
-    frontal = view not in ("LATERAL", "LL")
-    if frontal:
-        lung_r = ((u - 0.17) / 0.15) ** 2 + ((v + 0.02) / 0.33) ** 2 < 1  # image right = patient left
-        lung_l = ((u + 0.17) / 0.15) ** 2 + ((v + 0.02) / 0.33) ** 2 < 1
-        lungs = lung_r | lung_l
-        ribs = (np.sin((v * 28 + 3 * u**2 * 10) * math.pi) > 0.75) & lungs
-        img[lungs] = 48.0
-        img[ribs] += 22.0
-        heart_w = 0.17 if labels.get("Cardiomegaly") == 1 else 0.12
-        heart = ((u - 0.05) / heart_w) ** 2 + ((v - 0.18) / 0.13) ** 2 < 1
-        img[heart] = 168.0
-        mediastinum = (np.abs(u) < 0.05) & (v > -0.4) & (v < 0.3)
-        img[mediastinum] = 176.0
-        spine = (np.abs(u) < 0.025) & body
-        img[spine] = 196.0
-        if labels.get("Pleural Effusion") == 1:
-            side = sides.get("Pleural Effusion") or "bilateral"
-            base = v > 0.18
-            if side in ("left", "bilateral"):
-                img[lung_r & base] = 150.0
-            if side in ("right", "bilateral"):
-                img[lung_l & base] = 150.0
-    else:
-        lung = ((u + 0.03) / 0.3) ** 2 + ((v + 0.02) / 0.34) ** 2 < 1
-        img[lung] = 55.0
-        spine = (u > 0.28) & (u < 0.34) & body
-        img[spine] = 196.0
-        heart = ((u + 0.15) / 0.14) ** 2 + ((v - 0.15) / 0.14) ** 2 < 1
-        img[heart] = 150.0
-    img += rng.normal(0.0, 4.0, size=img.shape).astype(np.float32)
-    small = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "L").filter(ImageFilter.GaussianBlur(1.2))
-    if (w0, h0) != (width, height):
-        small = small.resize((width, height), Image.Resampling.BILINEAR)
-    return np.asarray(small)
 
 
 def _write_csv_gz(path: Path, header: tuple[str, ...], rows: list[tuple], gz: bool = True) -> None:

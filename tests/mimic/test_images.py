@@ -230,7 +230,7 @@ def test_image_cache(tmp_path: Path, big_jpeg: Path) -> None:
     os.utime(source, ns=(1, 1))
     assert cache.jpeg(source) != first and cache.misses == 2
     assert cache.data_url(source).startswith("data:image/jpeg;base64,")
-    assert not list((tmp_path / "cache").rglob(".tmp-*"))
+    assert not list((tmp_path / "cache").rglob(".*.tmp"))  # core.io temp names: .NAME.PID-HEX.tmp
 
 
 # ---------------------------------------------------------------------------------------------- errors
