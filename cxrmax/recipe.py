@@ -124,7 +124,11 @@ def load_recipe(path: str | Path, out: str | Path | None = None) -> Recipe:
     if not path.is_file():
         raise InputError(f"{path}: recipe not found")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise InputError(
+            f"{where(path)}: not a recipe (binary or not UTF-8 text; recipes are TOML files)"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{where(path)}: not valid TOML: {exc}") from None
     head = data.get("recipe")

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from cxrmax.cli.common import console, user_errors
+from cxrmax.core.errors import InputError
 
 mimic_app = typer.Typer(
     name="mimic",
@@ -214,6 +215,9 @@ def mimic_select(
     reports_root: Path = typer.Option(
         None, "--reports-root", help="Where files/pXX/pSUBJECT/sSTUDY.txt live, when not under ROOT."
     ),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Write the manifest even when no image matches (default: an error)."
+    ),
 ) -> None:
     """Select images into a manifest (shards.SELECTION_SCHEMA) that `cxrmax generate` reads.
 
@@ -239,6 +243,13 @@ def mimic_select(
                 with_reports=reports,
                 verify_images=verify_images,
             )
+            if table.num_rows == 0 and not allow_empty:
+                raise InputError(
+                    f"{root}: no image matches the filters (split {', '.join(split or ['any'])}, "
+                    f"view {', '.join(view or ['any'])}"
+                    f"{', positive studies only' if require_positive else ''}); nothing written "
+                    "(--allow-empty writes an empty manifest)"
+                )
             write_selection(table, out)
         from collections import Counter
 

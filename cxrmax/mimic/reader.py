@@ -683,7 +683,8 @@ class MimicCXR:
         if splits is not None:
             table = table.filter(pc.is_in(table.column("split"), pa.array(_normalize_splits(splits))))
         if views is not None:
-            wanted = _normalize_views(views)
+            present = set(pc.unique(table.column("view").drop_null()).to_pylist()) - {""}
+            wanted = _normalize_views(views, present)
             table = table.filter(pc.is_in(table.column("view"), pa.array(sorted(wanted), pa.string())))
         if exclude_subjects is not None:
             if isinstance(exclude_subjects, (str, os.PathLike)):
@@ -909,7 +910,11 @@ def _normalize_splits(splits: Iterable[str]) -> list[str]:
     return result
 
 
-def _normalize_views(views: Iterable[str]) -> set[str]:
+def _normalize_views(views: Iterable[str], present: set[str] | None = None) -> set[str]:
+    """ViewPosition values for ``views`` ("frontal" and "lateral" name groups, case ignored).
+
+    A view that is neither a group nor a ViewPosition of this release (``present``) is a typo
+    ("frontl"), not a wish for zero images: it is an InputError listing the valid spellings."""
     if isinstance(views, str):
         views = [views]
     wanted: set[str] = set()
@@ -919,6 +924,9 @@ def _normalize_views(views: Iterable[str]) -> set[str]:
             wanted.update(FRONTAL_VIEWS)
         elif value in ("LATERAL", "LATERALS"):
             wanted.update(LATERAL_VIEWS)
+        elif present is not None and value not in present and value not in FRONTAL_VIEWS + LATERAL_VIEWS:
+            valid = ", ".join(["frontal", "lateral", *sorted(present)])
+            raise InputError(f"unknown view {view!r}; this release has: {valid}")
         elif value:
             wanted.add(value)
     return wanted
