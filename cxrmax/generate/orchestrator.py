@@ -106,6 +106,9 @@ FAIL_FAST_HINTS = {
 }
 #: Transient errors that, when every attempt of several requests in a row ends with them, stop the run.
 STREAK_KINDS = {"connection", "timeout", "server", "rate_limit", "malformed"}
+#: Transient errors that, before any request ever succeeded, stop the run after a few attempts of any
+#: requests: a server that has never answered is broken, not busy (429 is left out: that server is alive).
+NEVER_ANSWERED_KINDS = {"connection", "timeout", "server", "malformed"}
 
 
 class GenerationAborted(CxrmaxError):
@@ -251,6 +254,7 @@ class Orchestrator:
         self._succeeded = False
         self._early_failures: list[tuple[PlannedRequest, BackendError, int]] = []
         self._early_errors: list[BackendError] = []
+        self._never_answered: list[BackendError] = []
         self._abort: GenerationAborted | None = None
         #: requests in a row that used up their attempts on transient errors (reset by any success)
         self._failure_streak: list[BackendError] = []
@@ -278,6 +282,7 @@ class Orchestrator:
             self._count(run_digests)
             self._write_manifest(len(run_digests))
             if self.stats.total:
+                _check_image_root(options)
                 await self.backend.start()
                 self._write_manifest(len(run_digests))  # now with the served id the backend found
             self.progress.start(self.stats, options.model.name)
@@ -424,6 +429,10 @@ class Orchestrator:
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         options = self.options
         ceiling = min(options.backoff_max, options.backoff_base * (2 ** (attempt - 1)))
+        if not self._succeeded:
+            # Until a first answer, retries stay short: a server that never answered is reported in
+            # seconds rather than after minutes of growing waits (at concurrency 1 too).
+            ceiling = min(ceiling, 2 * options.backoff_base)
         delay = random.uniform(0, ceiling)  # full jitter: spreads retries of many clients apart
         if retry_after is not None:
             delay = max(delay, min(retry_after, options.backoff_max))
@@ -457,6 +466,7 @@ class Orchestrator:
                     self._stop_run(error)
                 if not self._succeeded:
                     self._early_error(error)
+                    self._never_answered_error(error)
                 if error.retryable and attempt < options.max_attempts:
                     self.stats.retries += 1
                     await asyncio.sleep(self._backoff(attempt, error.retry_after))
@@ -599,12 +609,50 @@ class Orchestrator:
         )
         raise self._abort
 
+    def _never_answered_error(self, error: BackendError) -> None:
+        """Abort when no request has ever succeeded and the last ``2 x fail_fast_after`` attempts, of
+        whichever requests, all failed with the same transient error."""
+        if not error.retryable or error.kind not in NEVER_ANSWERED_KINDS or self._abort is not None:
+            return
+        seen = self._never_answered
+        seen.append(error)
+        needed = 2 * max(1, self.options.fail_fast_after)
+        if len(seen) < needed or len({e.kind for e in seen[-needed:]}) != 1:
+            return
+        self._abort = GenerationAborted(
+            f"stopping: no request has succeeded and the first {len(seen)} attempts all failed the same way "
+            f"({error}). {FAIL_FAST_HINTS.get(error.kind, '')} Nothing was recorded for them; rerunning the "
+            "same command once the server answers starts where this one stopped."
+        )
+        raise self._abort
+
     def _flush_early_failures(self, final: bool) -> None:
         """Write the failures held back while no request had succeeded (unless the run aborted)."""
         if self._abort is None and self.store is not None and self.store.ledger is not None:
             for planned, error, attempts in self._early_failures:
                 self._record(planned, error, attempts)
         self._early_failures = []
+
+
+def _check_image_root(options: GenerateOptions) -> None:
+    """Before any request: --mimic-root exists and holds the selection's first image, so a wrong root
+    is one clear error now rather than a failure per request."""
+    root = Path(options.mimic_root)
+    for batch in iter_selection(options.selection, ["image_path"], 1):
+        if not batch.num_rows:
+            continue
+        relative = batch.column(0)[0].as_py()
+        path = Path(relative) if Path(relative).is_absolute() else root / relative
+        if not Path(relative).is_absolute() and not root.is_dir():
+            raise InputError(
+                f"--mimic-root {root}: no such folder (it should hold the selection's files/ tree)"
+            )
+        if not path.is_file():
+            raise InputError(
+                f"{where(options.selection, 1, 'image_path')}: image {path} not found "
+                f"(is --mimic-root {root} the folder that holds files/?)"
+            )
+        return
 
 
 def build_backend(options: GenerateOptions) -> Backend:

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cxrmax.cli import app
-from cxrmax.core.errors import CxrmaxError
+from cxrmax.core.errors import CxrmaxError, InputError
 from cxrmax.core.schemas import TRAJECTORY_SCHEMA
 from cxrmax.generate import read_trajectories
 from cxrmax.generate.backends import Sampling, make_backend
@@ -245,8 +245,11 @@ def test_dead_server_and_wrong_model_fail_fast_with_clear_messages(
 def test_first_requests_failing_the_same_way_abort_the_run(server, small_selection, mini_mimic, tmp_path):
     wrong_root = tmp_path / "not-mimic"
     wrong_root.mkdir()
-    with pytest.raises(GenerationAborted, match=r"first 5 requests all failed the same way.*--mimic-root"):
+    # A wrong root is found before the first request (issue 16), naming the selection row and the root.
+    with pytest.raises(InputError, match=r"row 1 field 'image_path'.*not found.*--mimic-root"):
         generate(_options(small_selection, wrong_root, tmp_path, [server.base_url]))
+    with pytest.raises(InputError, match=r"--mimic-root .*: no such folder"):
+        generate(_options(small_selection, tmp_path / "absent", tmp_path, [server.base_url]))
     # Nothing was recorded as failed, so the fixed command does everything.
     [status] = generation_status(tmp_path)
     assert status.failed == 0 and status.distinct_keys == 0
@@ -473,3 +476,20 @@ def test_sigterm_commits_what_was_answered(server, small_selection, mini_mimic, 
     assert not list(folder.glob("wal-*.jsonl"))  # the journal became a shard on the way out
     kept = read_trajectories(out).num_rows
     assert 1 <= kept < 30
+
+
+def test_a_server_that_never_answered_stops_the_run_after_a_few_attempts(
+    server, small_selection, mini_mimic, tmp_path
+):
+    """Every request answered 500 at concurrency 1: before, each of 5 requests used all 6 attempts
+    with growing waits (94 s with the default backoff); now the run stops after 2 x fail_fast_after
+    attempts in all, whichever requests they belong to, and records nothing."""
+    server.set_faults(error_rate=1.0, error_status=500)
+    options = _options(
+        small_selection, mini_mimic, tmp_path, [server.base_url], concurrency=1, backoff_max=60.0
+    )
+    with pytest.raises(GenerationAborted, match=r"no request has succeeded and the first 10 attempts"):
+        generate(options)
+    assert server.stats["requests"] == 2 * options.fail_fast_after
+    [status] = generation_status(tmp_path)
+    assert status.failed == 0 and status.distinct_keys == 0
