@@ -1,6 +1,9 @@
-"""The one way cxrmax loads a model's processor: for generation, for training and for the toy models.
+"""The one way cxrmax loads a model and its processor: for generation, for training and for the toy
+models.
 
-Rules, in order:
+`load_model` takes a model folder, a Hub id or a LoRA adapter folder (as train-apo writes it: the
+adapter is loaded onto its base and merged in memory), and turns "no such model" into one InputError
+instead of the Hub client's connection traceback. `load_processor` follows these rules, in order:
 
 1. A LoRA adapter folder (``adapter_config.json``) is resolved to its base model for the config, and
    for the processor files too unless the adapter folder carries its own tokenizer.
@@ -21,7 +24,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QWEN2_VL_MODEL_TYPES", "adapter_base", "load_processor", "qwen2_vl_processor_class"]
+from cxrmax.core.errors import InputError, where
+
+__all__ = [
+    "QWEN2_VL_MODEL_TYPES",
+    "adapter_base",
+    "is_vlm_config",
+    "load_config",
+    "load_model",
+    "load_processor",
+    "qwen2_vl_processor_class",
+]
 
 #: config.model_type values served by the video-less Qwen2-VL processor.
 QWEN2_VL_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
@@ -90,3 +103,81 @@ def load_processor(path_or_id: str | os.PathLike, config: Any = None) -> Any:
     if getattr(config, "model_type", None) in QWEN2_VL_MODEL_TYPES:
         return qwen2_vl_processor_class().from_pretrained(source)
     return AutoProcessor.from_pretrained(source)
+
+
+_DTYPES = ("auto", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+
+
+def _torch_dtype(name: str | None) -> Any:
+    import torch
+
+    if name in (None, "auto"):
+        return "auto"
+    table = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+    }
+    if name not in table:
+        raise InputError(f"torch_dtype must be auto, bfloat16, float16 or float32, not {name!r}")
+    return table[name]
+
+
+def load_config(path_or_id: str | os.PathLike) -> Any:
+    """The ``AutoConfig`` of a model folder, adapter folder (its base's) or Hub id; a model that is
+    neither a local folder nor reachable on the Hub is an InputError saying so."""
+    from transformers import AutoConfig
+
+    path = str(path_or_id)
+    source = adapter_base(path) or path
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        local = Path(path)
+        if local.is_dir() and not (local / "config.json").exists() and adapter_base(path) is None:
+            raise InputError(
+                f"{where(local)}: not a model folder (no config.json, and no adapter_config.json of a LoRA adapter)"
+            ) from None
+        if not local.exists() and not Path(source).exists():
+            raise InputError(
+                f"model {path!r} not found: no such local folder, and the Hugging Face Hub does not have it or "
+                f"cannot be reached (offline?). Pass a model folder, a LoRA adapter folder or a Hub id "
+                f"({type(exc).__name__})"
+            ) from None
+        raise InputError(f"{where(source)}: cannot read the model's config: {exc}") from None
+
+
+def is_vlm_config(config: Any) -> bool:
+    """True for a vision-language model's config (it has a vision tower)."""
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_model(
+    path_or_id: str | os.PathLike, torch_dtype: str | None = "auto", attn_implementation: str | None = None
+) -> Any:
+    """A VLM (``AutoModelForImageTextToText``) or causal LM (``AutoModelForCausalLM``), chosen from the
+    config. A LoRA adapter folder (adapter_config.json) is loaded onto its base and merged in memory,
+    so a Stage-1 adapter serves directly as a Stage-2 start, as a reference, or for generation."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    path = str(path_or_id)
+    base = adapter_base(path)
+    if base is not None:
+        from peft import PeftModel
+
+        if not base:
+            raise InputError(
+                f"{where(Path(path) / 'adapter_config.json', field='base_model_name_or_path')}: missing"
+            )
+        return PeftModel.from_pretrained(
+            load_model(base, torch_dtype, attn_implementation), path
+        ).merge_and_unload()
+    config = load_config(path)
+    kwargs: dict[str, Any] = {"dtype": _torch_dtype(torch_dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    cls = AutoModelForImageTextToText if is_vlm_config(config) else AutoModelForCausalLM
+    return cls.from_pretrained(path, config=config, **kwargs)

@@ -48,3 +48,33 @@ def test_real_modules_do_not_import_toy_code() -> None:
                 if any(name == "cxrmax.toy" or name.startswith("cxrmax.toy.") for name in names):
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, offenders
+
+
+def test_load_model_merges_a_lora_adapter_onto_its_base(tiny_lm_path: Path, tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cxrmax.core.hf import load_model
+
+    base = load_model(tiny_lm_path, torch_dtype="float32")
+    torch.manual_seed(0)
+    adapted = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = adapted(input_ids=ids).logits
+    adapted.save_pretrained(tmp_path / "adapter")
+    merged = load_model(tmp_path / "adapter", torch_dtype="float32")
+    assert not hasattr(merged, "peft_config")  # merged, a plain transformers model
+    assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_a_model_that_is_nowhere_is_one_clear_error(tmp_path: Path) -> None:
+    import pytest
+
+    from cxrmax.core.errors import InputError
+    from cxrmax.core.hf import load_model
+
+    with pytest.raises(InputError, match="not found: no such local folder"):
+        load_model(tmp_path / "nosuchmodel")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="not a model folder"):
+        load_model(tmp_path / "empty")

@@ -493,3 +493,25 @@ def test_a_server_that_never_answered_stops_the_run_after_a_few_attempts(
     assert server.stats["requests"] == 2 * options.fail_fast_after
     [status] = generation_status(tmp_path)
     assert status.failed == 0 and status.distinct_keys == 0
+
+
+def test_transformers_backend_on_a_lora_adapter_folder(tiny_vlm_path, small_selection, mini_mimic, tmp_path):
+    """`generate --model ADAPTER` (train-apo's output) loads the adapter onto its base, as training does."""
+    from peft import LoraConfig, get_peft_model
+
+    from cxrmax.core.hf import load_model
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(load_model(tiny_vlm_path), LoraConfig(r=2, target_modules="all-linear")).save_pretrained(
+        adapter
+    )
+    options = _options(
+        small_selection,
+        mini_mimic,
+        tmp_path / "out",
+        [],
+        backend="transformers",
+        model=resolve_model(str(adapter)),
+    )
+    options.model_path = str(adapter)
+    assert generate(options).done == 10

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 
 from cxrmax.core.errors import CxrmaxError
-from cxrmax.core.hf import load_processor
+from cxrmax.core.hf import is_vlm_config, load_config, load_model, load_processor
 from cxrmax.generate.backends.base import Backend, Sampling
 from cxrmax.generate.responses import BackendError, Completion
 
@@ -34,17 +34,13 @@ class TransformersEngine:
 
     def __init__(self, model_path: str | Path, device: str | None = None, dtype: str | None = None):
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
         self.path = str(model_path)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        config = AutoConfig.from_pretrained(self.path)
-        self.is_vlm = getattr(config, "vision_config", None) is not None
-        kwargs: dict[str, Any] = {}
-        if dtype:
-            kwargs["dtype"] = getattr(torch, dtype)
-        model_class = AutoModelForImageTextToText if self.is_vlm else AutoModelForCausalLM
-        self.model = model_class.from_pretrained(self.path, **kwargs)
+        config = load_config(self.path)
+        self.is_vlm = is_vlm_config(config)
+        # A LoRA adapter folder (train-apo's output) is merged onto its base here, as for training.
+        self.model = load_model(self.path, torch_dtype=dtype or "auto")
         self.processor = load_processor(self.path, config=config)
         self.tokenizer = self.processor.tokenizer if self.is_vlm else self.processor
         self.model.to(self.device)
