@@ -19,10 +19,13 @@ from string import Template
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from cxrmax.core.errors import InputError, where
 from cxrmax.core.io import atomic_path, atomic_write_text, read_arrow
 from cxrmax.core.pathologies import OBSERVATIONS
+from cxrmax.core.splits import SPLITS
+from cxrmax.preferences.layout import DATA_SETS, annotations_path, parquet_glob, parquet_name
 
 #: Where the card template lives (next to the package in a source checkout).
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "data_cards" / "cxr-max.md.tmpl"
@@ -221,8 +224,8 @@ def _samples_with_any(samples: pa.Table, name: str) -> int:
 def drift_statistics(out: str | Path) -> DriftStatistics:
     """Aggregate OUT/annotations/ into per-model and per-pair statistics."""
     out = Path(out)
-    traj = _read(out / "annotations" / "trajectories.arrow", _TRAJECTORY_COLUMNS)
-    samples = _read(out / "annotations" / "samples.arrow", _SAMPLE_COLUMNS)
+    traj = _read(annotations_path(out, "trajectories"), _TRAJECTORY_COLUMNS)
+    samples = _read(annotations_path(out, "samples"), _SAMPLE_COLUMNS)
     models = sorted(set(traj.column("model").combine_chunks().to_pylist()))
     use_gt = pc.sum(pc.is_valid(traj.column("gt_recall"))).as_py() or 0
     per_model, claims = _per_model(traj, models, "gt" if use_gt else "cons")
@@ -463,9 +466,31 @@ def render_card(out: str | Path, stats: DriftStatistics | None = None, template:
         "samples_without_negatives": counts.get("samples_without_negatives", 0),
         "labeler_errors": counts.get("labeler_errors", 0),
         "size_category": _size_category(stats.trajectories),
+        "configs": _configs_yaml(out),
     }
     text = (template or TEMPLATE_PATH).read_text(encoding="utf-8")
     return Template(text).substitute(values)
+
+
+def _configs_yaml(out: Path) -> str:
+    """The ``configs:`` block of the card's YAML header: per data set (preferences, sft), the splits
+    whose Parquet file under OUT/<name>/ holds rows. `datasets.load_dataset` refuses a declared
+    split without rows ("corresponds to no data"), so empty splits (and a data set without any
+    rows) are left out; their empty files stay for tools that read every split."""
+    lines = []
+    for name in DATA_SETS:
+        splits = [
+            split
+            for split in SPLITS
+            if (out / name / parquet_name(split)).is_file()
+            and pq.ParquetFile(out / name / parquet_name(split)).metadata.num_rows > 0
+        ]
+        if not splits:
+            continue
+        lines += [f"- config_name: {name}", "  data_files:"]
+        for split in splits:
+            lines += [f"  - split: {split}", f"    path: {parquet_glob(name, split)}"]
+    return "configs:\n" + "\n".join(lines) if lines else "configs: []"
 
 
 def _size_category(n: int) -> str:
