@@ -122,6 +122,8 @@ class BuildSummary:
     #: built, but a trainer cannot load the image: fix the paths or the root)
     samples_without_image: int = 0
     samples_without_image_examples: list[str] = field(default_factory=list)
+    #: the --mimic-root the build read (where `cxrmax inspect` finds the films and reports)
+    mimic_root: str | None = None
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # wall seconds per phase
 
@@ -593,7 +595,12 @@ class _Phases:
 
 
 def _summary(
-    out: Path, load_report: LoadReport, prepared: _Prepared, totals: Counter, writers: _StagedWriters
+    out: Path,
+    load_report: LoadReport,
+    prepared: _Prepared,
+    totals: Counter,
+    writers: _StagedWriters,
+    mimic_root: Path | None,
 ) -> BuildSummary:
     check = prepared.mimic_check
     return BuildSummary(
@@ -612,6 +619,7 @@ def _summary(
         split_invalid_rows_skipped=prepared.split_invalid,
         samples_without_image=len(prepared.without_image),
         samples_without_image_examples=prepared.without_image[:5],
+        mimic_root=str(Path(mimic_root).resolve()) if mimic_root is not None else None,
     )
 
 
@@ -647,7 +655,7 @@ def build_preferences(
         # Everything is staged under the work folder and published with renames at the very end,
         # so a crash or Ctrl-C before that leaves the previous outputs whole.
         stage = _stage_datasets(work, options, phase)
-        summary = _summary(out, load_report, prepared, totals, writers)
+        summary = _summary(out, load_report, prepared, totals, writers, options.mimic_root)
         atomic_write_json(stage / "build_report.json", asdict(summary))
         if options.card:
             datacard.write_card(stage, figures=options.figures)
