@@ -309,6 +309,21 @@ def _no_preference_reason(sample: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _texts_and_negatives(preference: dict | None, sft: list[dict]) -> tuple[dict[str, str], list[Negative]]:
+    """Each source's answer by name (the outputs keep it as a negative or as an SFT completion)
+    and the ranked negatives of the preference row."""
+    texts = {row["model"]: row["completion"] for row in sft}
+    negatives: list[Negative] = []
+    if preference is not None:
+        ranked = zip(
+            preference["rejected_models"], preference["rejected"], preference["rejected_drift"], strict=True
+        )
+        for rank, (name, text, drift) in enumerate(ranked):
+            texts[name] = text
+            negatives.append(Negative(rank, name, drift))
+    return texts, negatives
+
+
 def inspect_sample(
     out: str | os.PathLike, sample_id: str, image_root: str | os.PathLike | None = None
 ) -> SampleView:
@@ -325,19 +340,7 @@ def inspect_sample(
         (row for path in _split_files(out, "preferences", split) for row in _rows_of(path, sample_id)), None
     )
     sft = [row for path in _split_files(out, "sft", split) for row in _rows_of(path, sample_id)]
-    texts = {row["model"]: row["completion"] for row in sft}
-    negatives: list[Negative] = []
-    if preference is not None:
-        for rank, (name, text, drift) in enumerate(
-            zip(
-                preference["rejected_models"],
-                preference["rejected"],
-                preference["rejected_drift"],
-                strict=True,
-            )
-        ):
-            texts[name] = text
-            negatives.append(Negative(rank, name, drift))
+    texts, negatives = _texts_and_negatives(preference, sft)
     rank_of = {n.name: n.rank for n in negatives}
     consensus = dict(sample.get("consensus_labels") or {})
     sources = [
