@@ -184,6 +184,8 @@ def _sample_row(out: Path, sample_id: str) -> dict:
     hit = table.filter(pc.equal(table.column("sample_id"), sample_id))
     if hit.num_rows:
         return hit.slice(0, 1).to_pylist()[0]
+    if sample_id in _build_report(out).get("skipped_few_sources_examples", []):
+        raise InputError(f"{where(out)}: sample {sample_id!r} was skipped: fewer sources than --min-sources")
     ids = table.column("sample_id").to_pylist()
     close = difflib.get_close_matches(sample_id, ids, n=_EXAMPLE_IDS, cutoff=0.6)
     examples = close + [i for i in ids if i not in close][: _EXAMPLE_IDS - len(close)]
@@ -193,15 +195,20 @@ def _sample_row(out: Path, sample_id: str) -> dict:
     )
 
 
+def _build_report(out: Path) -> dict:
+    """OUT/build_report.json ({} when missing or unreadable: it only adds hints here)."""
+    try:
+        report = json.loads((out / "build_report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return report if isinstance(report, dict) else {}
+
+
 def _image_root(out: Path, image_root: str | os.PathLike | None) -> Path | None:
     """`image_root`, else the --mimic-root recorded in OUT/build_report.json."""
     if image_root is not None:
         return Path(image_root)
-    report = out / "build_report.json"
-    try:
-        recorded = json.loads(report.read_text(encoding="utf-8")).get("mimic_root")
-    except (OSError, ValueError):
-        return None
+    recorded = _build_report(out).get("mimic_root")
     return Path(recorded) if recorded else None
 
 

@@ -18,9 +18,10 @@ from typer.testing import CliRunner
 from cxrmax.cli import app
 from cxrmax.core.errors import InputError
 from cxrmax.mimic.reader import MimicCXR
+from cxrmax.preferences.build import BuildOptions, build_preferences
 from cxrmax.preferences.inspect import Mark, SampleView, inspect_sample
 from cxrmax.preferences.inspect_html import render_html, write_html
-from tests.helpers.preference_runs import MODELS
+from tests.helpers.preference_runs import ANSWERS, MODELS, generate_row, write_model
 
 QWEN, NANO, GLM, MOONSHOT, GROK = (
     "Qwen/Qwen2.5-VL-7B-Instruct",
@@ -95,6 +96,26 @@ def test_an_unknown_sample_is_an_error_listing_valid_ids(mini_build):
     message = str(info.value)
     assert "no sample" in message and samples[0]["sample_id"] in message
     assert sum(s["sample_id"] in message for s in samples) >= 3
+
+
+def test_without_a_mimic_root_the_view_says_what_is_missing_and_skipped_ids_are_named(mini_build, tmp_path):
+    _, samples = mini_build
+    for model in MODELS[:3]:
+        write_model(tmp_path / "run", model, [generate_row(s, model, ANSWERS[model]) for s in samples[:2]])
+    lonely = samples[2]
+    write_model(
+        tmp_path / "run", MODELS[0], [generate_row(lonely, MODELS[0], "Cardiomegaly.")], name="part-2.arrow"
+    )
+    out = tmp_path / "data"
+    build_preferences(
+        [tmp_path / "run"], out, BuildOptions(processes=1, card=False, export_trl=False, export_swift=False)
+    )
+    view = inspect_sample(out, samples[0]["sample_id"])
+    assert view.film.resolved is None and "--mimic-root" in view.film.problem
+    assert view.film.data_url() is None and view.report is None and "--mimic-root" in view.report_note
+    assert "--mimic-root" in render_html(view)
+    with pytest.raises(InputError, match="skipped: fewer sources than --min-sources"):
+        inspect_sample(out, lonely["sample_id"])
 
 
 def test_cli_renders_the_sample_and_writes_the_page(mini_build, tmp_path):
