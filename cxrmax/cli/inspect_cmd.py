@@ -26,7 +26,7 @@ _MARK_STYLES = {
 
 def _inspect(
     out: Path = typer.Argument(..., help="A build-preferences output folder."),
-    sample: str = typer.Option(..., "--sample", "-s", help="The sample id (dicom_id) to show."),
+    sample: str = typer.Option(..., "--sample", help="The sample id (dicom_id) to show."),
     html: Path | None = typer.Option(
         None, "--html", help="Also write the sample as a self-contained HTML page (film embedded) here."
     ),

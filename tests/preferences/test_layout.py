@@ -8,7 +8,6 @@ from pathlib import Path
 
 import datasets
 import pyarrow.parquet as pq
-import pytest
 import yaml
 
 from cxrmax.core.splits import SPLITS
@@ -56,7 +55,6 @@ def test_load_dataset_and_load_from_disk_agree_on_a_mini_mimic_build(mini_build,
     assert_loads_agree(out, tmp_path / "cache-hub", hub_copy=tmp_path / "hub")
 
 
-@pytest.mark.slow
 def test_empty_splits_are_left_out_of_the_card(mini_mimic, tmp_path, monkeypatch):
     """load_dataset refuses a declared split without rows: a build with train samples only
     declares train, and load_from_disk still has all three splits."""
