@@ -171,7 +171,14 @@ def _split_files(out: Path, name: str, split: str | None) -> Iterator[Path]:
         raise InputError(f"{where(folder)}: not a build-preferences data set; run `cxrmax build-preferences`")
     splits = [split] if split else sorted(p.name for p in folder.iterdir() if p.is_dir())
     for s in splits:
-        yield from sorted((folder / s).glob("*.arrow"))
+        # The files save_to_disk listed in state.json: a trainer's cache-*.arrow beside them holds
+        # other columns.
+        try:
+            state = json.loads((folder / s / "state.json").read_text(encoding="utf-8"))
+            names = [f["filename"] for f in state["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            names = sorted(p.name for p in (folder / s).glob("data-*.arrow"))
+        yield from (folder / s / name for name in names)
 
 
 def _sample_row(out: Path, sample_id: str) -> dict:

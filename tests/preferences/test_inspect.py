@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -110,7 +111,13 @@ def test_without_a_mimic_root_the_view_says_what_is_missing_and_skipped_ids_are_
     build_preferences(
         [tmp_path / "run"], out, BuildOptions(processes=1, card=False, export_trl=False, export_swift=False)
     )
+    # A trainer's cache beside the split's data (other columns) is not read as rows.
+    split = samples[0]["split"]
+    pa.ipc.new_stream(
+        str(out / "preferences" / split / "cache-1.arrow"), pa.schema([("input_ids", pa.int32())])
+    ).close()
     view = inspect_sample(out, samples[0]["sample_id"])
+    assert view.consensus and view.negatives
     assert view.film.resolved is None and "--mimic-root" in view.film.problem
     assert view.film.data_url() is None and view.report is None and "--mimic-root" in view.report_note
     assert "--mimic-root" in render_html(view)
