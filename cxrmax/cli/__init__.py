@@ -15,6 +15,7 @@ from cxrmax import __version__
 from cxrmax.cli import (
     demo_cmd,
     generate_cmd,
+    inspect_cmd,
     label_cmd,
     leaderboard_cmd,
     mimic_cmd,
@@ -49,6 +50,7 @@ def _root(
 
 for _module in (mimic_cmd, generate_cmd, label_cmd, preferences_cmd, train_cmd, leaderboard_cmd, demo_cmd):
     _module.register(app)
+inspect_cmd.register(app)
 
 
 def main() -> None:

@@ -14,8 +14,10 @@ Data flow (one pass, memory flat in the number of rows):
    the rule labeler, computes the drift annotations, the vote consensus and its composed positive,
    re-labels the positive, ranks the negatives and returns Arrow record batches.
 4. The main process streams the batches into per-split Arrow files, then publishes
-   ``OUT/preferences`` and ``OUT/sft`` (datasets.DatasetDict), ``OUT/annotations``, the exports
-   (`export`), the card and its figures (`datacard`), each with an atomic rename.
+   ``OUT/preferences`` and ``OUT/sft`` (each a datasets.DatasetDict for `load_from_disk`, plus one
+   Parquet file per split for `load_dataset(OUT, "preferences")` and the Hub, as the card's YAML
+   declares), ``OUT/annotations``, the exports (`export`), the card and its figures (`datacard`),
+   each with an atomic rename.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import pyarrow.compute as pc
 
 from cxrmax.core import schemas
 from cxrmax.core.errors import InputError, where
-from cxrmax.core.io import atomic_write_json, replace_dir
+from cxrmax.core.io import atomic_write_json, iter_arrow_batches, replace_dir
 from cxrmax.core.pathologies import OBSERVATIONS
 from cxrmax.core.splits import SPLITS
 from cxrmax.labeler.batch import pool_worker_signals
@@ -52,7 +54,9 @@ from cxrmax.preferences.export import (
     image_ref,
     push_to_hub,
     save_dataset_dict,
+    write_parquet,
 )
+from cxrmax.preferences.layout import PUBLISHED, parquet_name
 from cxrmax.preferences.load import LoadReport, load_trajectories, normalise_split
 from cxrmax.preferences.model_consensus import ModelConsensus
 
@@ -118,6 +122,8 @@ class BuildSummary:
     #: built, but a trainer cannot load the image: fix the paths or the root)
     samples_without_image: int = 0
     samples_without_image_examples: list[str] = field(default_factory=list)
+    #: the --mimic-root the build read (where `cxrmax inspect` finds the films and reports)
+    mimic_root: str | None = None
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # wall seconds per phase
 
@@ -509,13 +515,23 @@ def _annotate_all(
     return totals
 
 
-def _save_split_files(split_dir: Path, final: Path, work: Path) -> None:
-    """The per-split Arrow files of `split_dir` saved as a datasets.DatasetDict at `final`."""
+def _save_split_files(split_dir: Path, final: Path, work: Path, schema: pa.Schema) -> None:
+    """The per-split Arrow files of `split_dir` saved at `final` twice over: as a
+    datasets.DatasetDict (``<split>/`` folders, what `load_from_disk` and the trainer read) and as
+    one Parquet file per split beside them (``<split>-00000-of-00001.parquet``, what the card's YAML
+    configs point at, so `load_dataset(OUT, "preferences")` and the Hub's viewer read it).
+    `load_from_disk` follows dataset_dict.json to the split folders and never sees the Parquet
+    files; the YAML globs never match the Arrow files."""
     dd = datasets.DatasetDict(
         {split: datasets.Dataset.from_file(str(split_dir / f"{split}.arrow")) for split in SPLITS}
     )
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=work))
     save_dataset_dict(dd, tmp / "data")
+    del dd
+    for split in SPLITS:
+        write_parquet(
+            iter_arrow_batches(split_dir / f"{split}.arrow"), schema, tmp / "data" / parquet_name(split)
+        )
     replace_dir(tmp / "data", final)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -524,8 +540,8 @@ def _stage_datasets(work: Path, options: BuildOptions, phase: Callable[[str], No
     """Save the data sets and the exports under work/out (published later); returns that folder."""
     stage = work / "out"
     stage.mkdir()
-    _save_split_files(work / "preferences", stage / "preferences", work)
-    _save_split_files(work / "sft", stage / "sft", work)
+    _save_split_files(work / "preferences", stage / "preferences", work, schemas.PREFERENCE_SCHEMA)
+    _save_split_files(work / "sft", stage / "sft", work, schemas.SFT_SCHEMA)
     os.replace(work / "annotations", stage / "annotations")
     phase("save")
     if options.export_trl:
@@ -535,10 +551,6 @@ def _stage_datasets(work: Path, options: BuildOptions, phase: Callable[[str], No
         export_swift(stage / "preferences", stage / "exports" / "swift", image_root=options.mimic_root)
         phase("export_swift")
     return stage
-
-
-#: What a build publishes under OUT (folders among these not rebuilt this time are removed as stale).
-_PUBLISHED = ("preferences", "sft", "annotations", "exports", "figures", "README.md", "build_report.json")
 
 
 def _publish(staged: Path, final: Path) -> None:
@@ -583,7 +595,12 @@ class _Phases:
 
 
 def _summary(
-    out: Path, load_report: LoadReport, prepared: _Prepared, totals: Counter, writers: _StagedWriters
+    out: Path,
+    load_report: LoadReport,
+    prepared: _Prepared,
+    totals: Counter,
+    writers: _StagedWriters,
+    mimic_root: Path | None,
 ) -> BuildSummary:
     check = prepared.mimic_check
     return BuildSummary(
@@ -602,6 +619,7 @@ def _summary(
         split_invalid_rows_skipped=prepared.split_invalid,
         samples_without_image=len(prepared.without_image),
         samples_without_image_examples=prepared.without_image[:5],
+        mimic_root=str(Path(mimic_root).resolve()) if mimic_root is not None else None,
     )
 
 
@@ -637,7 +655,7 @@ def build_preferences(
         # Everything is staged under the work folder and published with renames at the very end,
         # so a crash or Ctrl-C before that leaves the previous outputs whole.
         stage = _stage_datasets(work, options, phase)
-        summary = _summary(out, load_report, prepared, totals, writers)
+        summary = _summary(out, load_report, prepared, totals, writers, options.mimic_root)
         atomic_write_json(stage / "build_report.json", asdict(summary))
         if options.card:
             datacard.write_card(stage, figures=options.figures)
@@ -645,7 +663,7 @@ def build_preferences(
         summary.phases = phase.seconds
         summary.seconds = phase.total()
         atomic_write_json(stage / "build_report.json", asdict(summary))
-        for name in _PUBLISHED:
+        for name in PUBLISHED:
             _publish(stage / name, out / name)
         if options.export_parquet is not None:
             export_parquet(out, Path(options.export_parquet))

@@ -3,9 +3,10 @@
 `drift_statistics(out)` reads OUT/annotations/ (streaming the columns it needs) and returns the
 per-model table (precision, recall, similarity to the report, refusal rate, laterality error rate,
 mean drift), per-model-and-observation claim counts, the pairwise agreement matrix and drift
-distributions. `write_figures` draws the agreement heatmap and the per-model drift chart (like the
-paper's precision/recall/similarity bars) with matplotlib's Agg backend; `write_card` renders
-data_cards/cxr-max.md.tmpl with string.Template into OUT/README.md.
+distributions. `write_figures` draws the agreement heatmap, the per-model drift chart (the paper's
+precision/recall/similarity bars beside drift, side error vs consensus and refusal rate) and the
+step-wise profile with matplotlib's Agg backend; `write_card` renders data_cards/cxr-max.md.tmpl
+with string.Template into OUT/README.md. `METRIC_LABELS` gives each metric its one name.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ from string import Template
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from cxrmax.core.errors import InputError, where
 from cxrmax.core.io import atomic_path, atomic_write_text, read_arrow
 from cxrmax.core.pathologies import OBSERVATIONS
+from cxrmax.core.splits import SPLITS
+from cxrmax.preferences.layout import DATA_SETS, annotations_path, parquet_glob, parquet_name
 
 #: Where the card template lives (next to the package in a source checkout).
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "data_cards" / "cxr-max.md.tmpl"
@@ -221,8 +225,8 @@ def _samples_with_any(samples: pa.Table, name: str) -> int:
 def drift_statistics(out: str | Path) -> DriftStatistics:
     """Aggregate OUT/annotations/ into per-model and per-pair statistics."""
     out = Path(out)
-    traj = _read(out / "annotations" / "trajectories.arrow", _TRAJECTORY_COLUMNS)
-    samples = _read(out / "annotations" / "samples.arrow", _SAMPLE_COLUMNS)
+    traj = _read(annotations_path(out, "trajectories"), _TRAJECTORY_COLUMNS)
+    samples = _read(annotations_path(out, "samples"), _SAMPLE_COLUMNS)
     models = sorted(set(traj.column("model").combine_chunks().to_pylist()))
     use_gt = pc.sum(pc.is_valid(traj.column("gt_recall"))).as_py() or 0
     per_model, claims = _per_model(traj, models, "gt" if use_gt else "cons")
@@ -273,9 +277,37 @@ def drift_report(
 # --------------------------------------------------------------------------------------------
 
 
+#: One name per metric of the per-model table, used by the card, the figures and drift-report.
+#: Side error here is always against the sample's consensus (the demo's table measures it against
+#: the report, and says so).
+METRIC_LABELS = {
+    "precision": "precision",
+    "recall": "recall",
+    "f1": "F1",
+    "similarity": "similarity to report",
+    "refusal_rate": "refusal rate",
+    "laterality_error_rate": "side error vs consensus",
+    "mean_drift": "drift from consensus",
+    "mean_steps": "mean steps",
+}
+
+#: One-line captions of the figures, in the card beside each one.
+FIGURE_CAPTIONS = {
+    "drift_chart": "Left: agreement of each source with the {reference} (precision, recall) and "
+    "with the report (similarity), higher is better. Right: drift from the consensus, side error vs "
+    "consensus and refusal rate, lower is better.",
+    "agreement": "Share of the 14 observations on which two sources are in the same state (and side), "
+    "over the samples both answered; the colour scale spans the observed range.",
+    "drift_profile": "How much the sources disagree (entropy H(P_j) of their states) and how much that "
+    "distribution still moves (JS divergence from bin j to j+delta) along the relative reasoning steps.",
+}
+
+
 def write_figures(stats: DriftStatistics, directory: str | Path) -> dict[str, Path]:
-    """Write agreement.png (pairwise agreement heatmap), drift_chart.png (per-model precision,
-    recall and similarity bars) and drift_profile.png (mean step-wise drift and dispersion)."""
+    """Write agreement.png (pairwise agreement heatmap), drift_chart.png (per model: precision,
+    recall and similarity beside drift, side error vs consensus and refusal rate) and
+    drift_profile.png (mean step-wise dispersion and drift), each with labelled axes and colour
+    bars (`FIGURE_CAPTIONS` says what each shows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,78 +316,124 @@ def write_figures(stats: DriftStatistics, directory: str | Path) -> dict[str, Pa
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    for name, draw in (
+        ("agreement", agreement_figure),
+        ("drift_chart", drift_chart_figure),
+        ("drift_profile", drift_profile_figure),
+    ):
+        fig = draw(plt, stats)
+        paths[name] = _save_fig(fig, directory / f"{name}.png")
+        plt.close(fig)
+    return paths
+
+
+def agreement_range(matrix: np.ndarray) -> tuple[float, float]:
+    """The colour scale of the agreement heatmap: the observed range of the off-diagonal cells
+    (the diagonal, a source with itself, is 1 by definition), widened to at least 0.05 within
+    [0, 1] so that a near-constant matrix does not turn noise into contrast; (0, 1) when nothing
+    was compared."""
+    off = matrix[~np.eye(len(matrix), dtype=bool)] if len(matrix) > 1 else matrix.ravel()
+    off = off[~np.isnan(off)]
+    if not len(off):
+        return 0.0, 1.0
+    lo, hi = float(off.min()), float(off.max())
+    pad = max(0.0, 0.05 - (hi - lo)) / 2
+    lo, hi = lo - pad, hi + pad
+    shift = max(0.0, -lo) - max(0.0, hi - 1.0)  # keep the widened scale inside [0, 1]
+    return lo + shift, hi + shift
+
+
+def agreement_figure(plt, stats: DriftStatistics):
+    """The pairwise agreement heatmap (`plt`: matplotlib.pyplot), its colour bar labelled and
+    scaled to the observed range (`agreement_range`)."""
     models = stats.models
     n = len(models)
-
-    fig, ax = plt.subplots(figsize=(1.2 + 0.8 * max(n, 2), 1.0 + 0.7 * max(n, 2)))
+    fig, ax = plt.subplots(figsize=(2.2 + 0.8 * max(n, 2), 1.4 + 0.7 * max(n, 2)))
     matrix = np.array(stats.agreement, dtype=float) if n else np.zeros((0, 0))
-    image = ax.imshow(matrix if n else np.zeros((1, 1)), vmin=0.0, vmax=1.0, cmap="viridis")
+    lo, hi = agreement_range(matrix)
+    # The diagonal (1 by definition) would stretch the scale: it is drawn as the top colour.
+    image = ax.imshow(matrix if n else np.full((1, 1), np.nan), vmin=lo, vmax=hi, cmap="viridis")
     ax.set_xticks(range(n), models, rotation=45, ha="right")
     ax.set_yticks(range(n), models)
+    ax.set_xlabel("source")
+    ax.set_ylabel("source")
+    middle = (lo + hi) / 2
     for i in range(n):
         for j in range(n):
             if not np.isnan(matrix[i, j]):
-                ax.text(
-                    j,
-                    i,
-                    f"{matrix[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="white" if matrix[i, j] < 0.6 else "black",
-                )
+                colour = "white" if matrix[i, j] < middle else "black"
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=8, color=colour)
+    if not n:
+        ax.text(0, 0, "no samples", ha="center", va="center")
     ax.set_title("Pairwise agreement between sources", fontsize=10)
-    fig.colorbar(image, ax=ax, fraction=0.046)
+    bar = fig.colorbar(image, ax=ax, fraction=0.046)
+    bar.set_label("agreement (share of observations\nin the same state and side)", fontsize=8)
     fig.tight_layout()
-    paths["agreement"] = _save_fig(fig, directory / "agreement.png")
-    plt.close(fig)
+    return fig
 
-    fig, ax = plt.subplots(figsize=(2.0 + 1.1 * max(n, 2), 4.0))
-    x = np.arange(n)
-    width = 0.26
-    for k, (metric, label) in enumerate(
-        (("precision", "precision"), ("recall", "recall"), ("similarity", "similarity to report"))
-    ):
+
+def _bars(ax, stats: DriftStatistics, metrics: tuple[str, ...]) -> None:
+    """Grouped bars of `metrics` per model on `ax`, each labelled with its value (n/a when undefined)."""
+    models = stats.models
+    x = np.arange(len(models))
+    width = 0.8 / len(metrics)
+    for k, metric in enumerate(metrics):
         values = np.array([stats.per_model[m][metric] for m in models], dtype=float)
-        if np.isnan(values).all():  # e.g. no reports: say so instead of drawing zeros
+        label = METRIC_LABELS[metric]
+        if len(values) and np.isnan(values).all():  # e.g. no reports: say so instead of drawing zeros
             label += " (n/a: no reports)" if metric == "similarity" else " (n/a)"
-        bars = ax.bar(x + (k - 1) * width, np.nan_to_num(values), width, label=label)
-        ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=7)
+        offset = (k - (len(metrics) - 1) / 2) * width
+        bars = ax.bar(x + offset, np.nan_to_num(values), width, label=label)
+        ax.bar_label(bars, labels=["n/a" if np.isnan(v) else f"{v:.2f}" for v in values], fontsize=6)
     ax.set_xticks(x, models, rotation=30, ha="right")
-    ax.set_ylim(0, 1.2)
-    ax.set_ylabel("score")
-    ax.set_title(f"Drift per source model (against the {stats.reference})", fontsize=10)
-    ax.legend(fontsize=8, ncols=3, loc="upper center")
-    fig.tight_layout()
-    paths["drift_chart"] = _save_fig(fig, directory / "drift_chart.png")
-    plt.close(fig)
+    ax.set_xlabel("source model")
+    ax.set_ylim(0, 1.25)
+    ax.legend(fontsize=7, loc="upper center", ncols=len(metrics))
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+
+def drift_chart_figure(plt, stats: DriftStatistics):
+    """Per model: precision, recall and similarity (left) beside drift from consensus, side error
+    vs consensus and refusal rate (right), so a side-swapping or refusing source stands out."""
+    n = len(stats.models)
+    fig, (good, bad) = plt.subplots(1, 2, figsize=(3.0 + 1.4 * max(n, 2), 4.4), sharey=True)
+    _bars(good, stats, ("precision", "recall", "similarity"))
+    good.set_ylabel("rate / score, 0-1")
+    good.set_title(f"Agreement with the {stats.reference} (higher is better)", fontsize=9)
+    _bars(bad, stats, ("mean_drift", "laterality_error_rate", "refusal_rate"))
+    bad.set_title("Drift from the consensus (lower is better)", fontsize=9)
+    bad.tick_params(labelleft=True)  # sharey hides them; each panel is read on its own
+    bad.set_ylabel("rate / score, 0-1")
+    fig.suptitle("Drift per source model", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def drift_profile_figure(plt, stats: DriftStatistics):
+    """The mean step-wise dispersion H(P_j) and drift JS(P_j || P_j+delta), explained in the legend."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
     if stats.mean_dispersion_profile:
         ax.plot(
             range(len(stats.mean_dispersion_profile)),
             stats.mean_dispersion_profile,
             marker="o",
-            label="dispersion H(P_j)",
+            label="dispersion H(P_j): how much the sources disagree after bin j (normalised entropy)",
         )
     if stats.mean_drift_profile:
         ax.plot(
             range(len(stats.mean_drift_profile)),
             stats.mean_drift_profile,
             marker="s",
-            label="JS(P_j || P_j+delta)",
+            label="drift JS(P_j || P_j+delta): how much that distribution moves from bin j to j+delta",
         )
-    ax.set_xlabel("relative reasoning step bin j")
-    ax.set_ylabel("mean over samples")
-    ax.set_title("Step-wise drift")
+    ax.set_xlabel("relative reasoning step bin j (0 = before the first step)")
+    ax.set_ylabel("mean over samples (0-1; 0 = no disagreement / no change)")
+    ax.set_title("Step-wise drift (P_j: the sources' observation states after bin j)", fontsize=10)
     if stats.mean_dispersion_profile or stats.mean_drift_profile:  # no samples: an empty, legend-less plot
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no samples", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    paths["drift_profile"] = _save_fig(fig, directory / "drift_profile.png")
-    plt.close(fig)
-    return paths
+    return fig
 
 
 def _save_fig(fig, path: Path) -> Path:
@@ -374,18 +452,28 @@ def _fmt(value: float) -> str:
     return "n/a" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
 
 
+#: The columns of the card's per-model table, in order (headers from METRIC_LABELS).
+_MODEL_TABLE_METRICS = (
+    "precision",
+    "recall",
+    "f1",
+    "similarity",
+    "refusal_rate",
+    "laterality_error_rate",
+    "mean_drift",
+    "mean_steps",
+)
+
+
 def model_table_markdown(stats: DriftStatistics) -> str:
-    """The per-model drift table as Markdown."""
-    head = "| model | trajectories | precision | recall | F1 | similarity | refusal rate | laterality error rate | mean drift | mean steps |"
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    """The per-model drift table as Markdown (one name per metric: `METRIC_LABELS`)."""
+    head = "| model | trajectories | " + " | ".join(METRIC_LABELS[m] for m in _MODEL_TABLE_METRICS) + " |"
+    rule = "|---|---:|" + "---:|" * len(_MODEL_TABLE_METRICS)
     rows = [head, rule]
     for model in stats.models:
         m = stats.per_model[model]
-        rows.append(
-            f"| {_cell(model)} | {m['trajectories']} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | "
-            f"{_fmt(m['similarity'])} | {_fmt(m['refusal_rate'])} | {_fmt(m['laterality_error_rate'])} | "
-            f"{_fmt(m['mean_drift'])} | {_fmt(m['mean_steps'])} |"
-        )
+        cells = " | ".join(_fmt(m[name]) for name in _MODEL_TABLE_METRICS)
+        rows.append(f"| {_cell(model)} | {m['trajectories']} | {cells} |")
     return "\n".join(rows)
 
 
@@ -463,9 +551,35 @@ def render_card(out: str | Path, stats: DriftStatistics | None = None, template:
         "samples_without_negatives": counts.get("samples_without_negatives", 0),
         "labeler_errors": counts.get("labeler_errors", 0),
         "size_category": _size_category(stats.trajectories),
+        "configs": _configs_yaml(out),
+        **{
+            f"caption_{name}": text.format(reference=stats.reference)
+            for name, text in FIGURE_CAPTIONS.items()
+        },
     }
     text = (template or TEMPLATE_PATH).read_text(encoding="utf-8")
     return Template(text).substitute(values)
+
+
+def _configs_yaml(out: Path) -> str:
+    """The ``configs:`` block of the card's YAML header: per data set (preferences, sft), the splits
+    whose Parquet file under OUT/<name>/ holds rows. `datasets.load_dataset` refuses a declared
+    split without rows ("corresponds to no data"), so empty splits (and a data set without any
+    rows) are left out; their empty files stay for tools that read every split."""
+    lines = []
+    for name in DATA_SETS:
+        splits = [
+            split
+            for split in SPLITS
+            if (out / name / parquet_name(split)).is_file()
+            and pq.ParquetFile(out / name / parquet_name(split)).metadata.num_rows > 0
+        ]
+        if not splits:
+            continue
+        lines += [f"- config_name: {name}", "  data_files:"]
+        for split in splits:
+            lines += [f"  - split: {split}", f"    path: {parquet_glob(name, split)}"]
+    return "configs:\n" + "\n".join(lines) if lines else "configs: []"
 
 
 def _size_category(n: int) -> str:

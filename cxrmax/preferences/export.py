@@ -11,18 +11,40 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from huggingface_hub import HfApi
 
 from cxrmax.core.errors import CxrmaxError
 from cxrmax.core.io import replace_dir
 from cxrmax.core.splits import SPLITS
+from cxrmax.preferences.layout import DATA_SETS, parquet_name
+
+#: Rows per Parquet row group: small enough for the Hub's dataset viewer to page through a split
+#: without reading it whole, large enough to compress the texts well.
+PARQUET_ROW_GROUP_ROWS = 1000
+
+
+def write_parquet(batches: Iterable[pa.RecordBatch], schema: pa.Schema, path: Path) -> int:
+    """Write `batches` (of `schema`) as one Parquet file, batch by batch (memory stays flat).
+
+    The file carries the `datasets` features in its schema metadata, as `Dataset.to_parquet`
+    writes them, so `datasets.load_dataset` restores the same features (the label structs, the
+    float32 lists) instead of inferring them. Returns the number of rows written."""
+    metadata = datasets.Features.from_arrow_schema(schema).arrow_schema.metadata
+    rows = 0
+    with pq.ParquetWriter(str(path), schema.with_metadata(metadata)) as writer:
+        for batch in batches:
+            if batch.num_rows:
+                writer.write_batch(batch, row_group_size=PARQUET_ROW_GROUP_ROWS)
+                rows += batch.num_rows
+    return rows
 
 
 def image_ref(path: str | None, image_root: Path | None) -> str | None:
@@ -181,6 +203,22 @@ def export_swift(preferences_dir: Path, out_dir: Path, image_root: Path | None =
     return out_dir
 
 
+def _copy_parquet(source: Path, target: Path) -> None:
+    """The Parquet files of one data set folder of a build (`source`, e.g. OUT/preferences) into
+    `target`; an output of an older build without them is converted from its Arrow files."""
+    target.mkdir()
+    dd: datasets.DatasetDict | None = None
+    for split in SPLITS:
+        if (source / parquet_name(split)).is_file():
+            shutil.copy2(source / parquet_name(split), target / parquet_name(split))
+            continue
+        dd = dd if dd is not None else datasets.load_from_disk(str(source))
+        table = dd[split].data.table
+        write_parquet(
+            table.to_batches(max_chunksize=PARQUET_ROW_GROUP_ROWS), table.schema, target / parquet_name(split)
+        )
+
+
 def export_parquet(out: Path, target: Path) -> Path:
     """Write preferences/, sft/ (one Parquet file per split), README.md (the card) and figures/ under
     `target`, laid out as a Hugging Face Hub data set (configs listed in the card's YAML header).
@@ -189,11 +227,8 @@ def export_parquet(out: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        for name in ("preferences", "sft"):
-            dd = datasets.load_from_disk(str(out / name))
-            (work / name).mkdir()
-            for split, ds in dd.items():
-                ds.to_parquet(str(work / name / f"{split}-00000-of-00001.parquet"))
+        for name in DATA_SETS:
+            _copy_parquet(out / name, work / name)
         if (out / "README.md").exists():
             shutil.copy2(out / "README.md", work / "README.md")
         if (out / "figures").is_dir():
