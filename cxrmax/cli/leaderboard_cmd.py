@@ -217,7 +217,7 @@ def submit_cmd(
             if digest is not None and section is None:
                 # The same bytes under the same policy are the same predictions: refuse before scoring.
                 # Anything else (another spelling of the same predictions) is caught by board.submit.
-                existing = board.find_file(get_task(task).name, digest, uncertain)
+                existing = board.find(get_task(task).name, digest, uncertain)
                 if existing is not None:
                     raise DuplicateSubmission(
                         f"this submission (uncertain={uncertain}) is already on the {existing.task} board as "

@@ -275,22 +275,28 @@ class Board:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def find(self, task: str, predictions_sha256: str, uncertain: str, section: str = "") -> Entry | None:
-        """The entry holding these canonical predictions under this policy (and section), if any."""
+    def find(self, task: str, sha256: str, uncertain: str | None = None) -> Entry | None:
+        """The first entry scored from a file (or folder) with these bytes, under ``uncertain`` when
+        given: a cheap check before scoring, since equal bytes are equal predictions. With a policy,
+        entries stored before canonical predictions (schema 1) do not match, so that such a file can
+        be submitted again and get a fingerprinted entry."""
+        query = "SELECT * FROM entries WHERE task = ? AND submission_sha256 = ?"
+        params: tuple[str, ...] = (task, sha256)
+        if uncertain is not None:
+            query += " AND uncertain = ? AND predictions_sha256 IS NOT NULL"
+            params += (uncertain,)
+        row = self._conn.execute(query + " ORDER BY id LIMIT 1", params).fetchone()
+        return self._entry(row) if row else None
+
+    def find_predictions(
+        self, task: str, predictions_sha256: str, uncertain: str, section: str = ""
+    ) -> Entry | None:
+        """The entry holding these canonical predictions under this policy (and section), if any:
+        the board's duplicate rule."""
         row = self._conn.execute(
             "SELECT * FROM entries WHERE task = ? AND predictions_sha256 = ? AND uncertain = ? "
             "AND reference_section = ?",
             (task, predictions_sha256, uncertain, section),
-        ).fetchone()
-        return self._entry(row) if row else None
-
-    def find_file(self, task: str, sha256: str, uncertain: str) -> Entry | None:
-        """An entry scored from a file with these bytes under this policy (a cheap check before
-        scoring: equal bytes are equal predictions)."""
-        row = self._conn.execute(
-            "SELECT * FROM entries WHERE task = ? AND submission_sha256 = ? AND uncertain = ? "
-            "AND predictions_sha256 IS NOT NULL ORDER BY id LIMIT 1",
-            (task, sha256, uncertain),
         ).fetchone()
         return self._entry(row) if row else None
 
@@ -308,7 +314,9 @@ class Board:
         section = _section(result)
         blob = result.predictions.to_bytes() if result.predictions is not None else None
         with self._transaction():
-            existing = self.find(result.task, result.predictions_sha256, result.uncertain, section)
+            existing = self.find_predictions(
+                result.task, result.predictions_sha256, result.uncertain, section
+            )
             if existing is not None:
                 raise DuplicateSubmission(
                     f"these predictions (sha256 {result.predictions_sha256[:12]}..., uncertain={result.uncertain}) "
