@@ -31,6 +31,7 @@ from cxrmax.leaderboard.rationale import score_rationales
 from cxrmax.leaderboard.references import (
     ProgressionReferences,
     ScoreResult,
+    TextReferences,
     file_sha256,
     labels_of_texts,
     load_label_references,
@@ -56,9 +57,9 @@ class _Stream:
     key_column: str = "study_id"  # "dicom_id" for MS-CXR-T when a study has several image pairs
     # MS-CXR-T rows may be keyed by dicom_id even when study_id would do: (column, index) to use then.
     alternate_key: tuple[str, submissions.StudyIndex] | None = None
-    #: Reference keys that exist but are not scored (a report study without the scored section),
-    #: with the reason: rows for them are skipped and counted, not called unknown.
-    not_scored: tuple[np.ndarray, str] | None = None
+    #: Reference keys that exist but are not scored (report studies without the scored section):
+    #: rows for them are skipped and counted, not called unknown.
+    not_scored: np.ndarray | None = None
     n_rows: int = 0
     skipped_unknown: int = 0
     skipped_not_scored: int = 0
@@ -93,59 +94,64 @@ class _Stream:
         """The reader's notes (format detection, skipped lines) followed by the scorer's."""
         return self.read_log.summary() + self.notes
 
+    def _plan_first(self, columns: list[str]) -> None:
+        """Give each column of the first batch its role, and choose the row key."""
+        self.plan = submissions.plan_columns(columns, self.kind, self.path, row=None, lenient=self.lenient)
+        if self.plan.key is None and self.alternate_key is not None:
+            name, alternate_index = self.alternate_key
+            if any(c.strip().lower() == name for c in columns):
+                self.key_column, self.index = name, alternate_index
+                self.notes.append(f"rows keyed by {name} (no study_id column)")
+        if self.key_column != "study_id":
+            found = next((c for c in columns if c.strip().lower() == self.key_column), None)
+            if found is None:
+                raise InputError(
+                    f"{where(self.path, field=self.key_column)}: the references pair some studies more than "
+                    f"once, so rows must be keyed by {self.key_column} (found: {', '.join(columns)})"
+                )
+            if found in self.plan.ignored:
+                self.plan.ignored.remove(found)
+            if self.plan.key is not None:
+                self.plan.ignored.append(self.plan.key)
+            self.plan.key = found
+        if self.plan.key is None:
+            raise InputError(
+                f"{where(self.path, field='study_id')}: no study_id column (found: {', '.join(columns)})"
+            )
+        if self.plan.ignored:
+            self.notes.append(f"ignored columns: {', '.join(self.plan.ignored)}")
+
+    def _plan_later(self, columns: list[str], first_row: int) -> None:
+        """Columns first seen in a later batch: observation or finding keys join the plan (JSON rows
+        may leave out blank cells); a key, text or model column appearing late is an error."""
+        known = set(self.plan.observations) | set(self.plan.progression) | set(self.plan.ignored)
+        known |= {c for c in (self.plan.key, self.plan.text, self.plan.model) if c}
+        new = [c for c in columns if c not in known]
+        if not new:
+            return
+        extra = submissions.plan_columns(new, self.kind, self.path, row=first_row, lenient=self.lenient)
+        if extra.key or extra.text or extra.model:
+            raise InputError(
+                f"{where(self.path, row=first_row, field=new[0])}: column appears only from this row on"
+            )
+        for column, obs in extra.observations.items():
+            if obs in self.plan.observations.values():
+                raise InputError(
+                    f"{where(self.path, row=first_row, field=column)}: observation {obs!r} given by two columns"
+                )
+            self.plan.observations[column] = obs
+        self.plan.progression.update(extra.progression)
+        self.plan.ignored.extend(extra.ignored)
+
     def batches(self, batch_rows: int, progress: Progress | None) -> Any:
+        """Yield (batch, kept row positions, their reference slots); unknown, unreadable and
+        duplicate rows are refused here (or skipped and counted with ``lenient``)."""
         for batch in submissions.iter_batches(self.path, batch_rows, lenient=self.lenient, log=self.read_log):
             columns = list(batch.columns)
-            first_row = int(batch.rows[0])
             if self.plan is None:
-                self.plan = submissions.plan_columns(
-                    columns, self.kind, self.path, row=None, lenient=self.lenient
-                )
-                if self.plan.key is None and self.alternate_key is not None:
-                    name, alternate_index = self.alternate_key
-                    if any(c.strip().lower() == name for c in columns):
-                        self.key_column, self.index = name, alternate_index
-                        self.notes.append(f"rows keyed by {name} (no study_id column)")
-                if self.key_column != "study_id":
-                    found = next((c for c in columns if c.strip().lower() == self.key_column), None)
-                    if found is None:
-                        raise InputError(
-                            f"{where(self.path, field=self.key_column)}: the references pair some studies more than "
-                            f"once, so rows must be keyed by {self.key_column} (found: {', '.join(columns)})"
-                        )
-                    if found in self.plan.ignored:
-                        self.plan.ignored.remove(found)
-                    if self.plan.key is not None:
-                        self.plan.ignored.append(self.plan.key)
-                    self.plan.key = found
-                if self.plan.key is None:
-                    raise InputError(
-                        f"{where(self.path, field='study_id')}: no study_id column (found: {', '.join(columns)})"
-                    )
-                if self.plan.ignored:
-                    self.notes.append(f"ignored columns: {', '.join(self.plan.ignored)}")
+                self._plan_first(columns)
             else:
-                known = set(self.plan.observations) | set(self.plan.progression) | set(self.plan.ignored)
-                known |= {c for c in (self.plan.key, self.plan.text, self.plan.model) if c}
-                new = [c for c in columns if c not in known]
-                if new:
-                    extra = submissions.plan_columns(
-                        new, self.kind, self.path, row=first_row, lenient=self.lenient
-                    )
-                    if extra.key or extra.text or extra.model:
-                        raise InputError(
-                            f"{where(self.path, row=first_row, field=new[0])}: column appears only from this row on"
-                        )
-                    # JSON rows may leave out blank cells: an observation or finding key first
-                    # seen in a later batch joins the plan (earlier rows were blank for it).
-                    for column, obs in extra.observations.items():
-                        if obs in self.plan.observations.values():
-                            raise InputError(
-                                f"{where(self.path, row=first_row, field=column)}: observation {obs!r} given by two columns"
-                            )
-                        self.plan.observations[column] = obs
-                    self.plan.progression.update(extra.progression)
-                    self.plan.ignored.extend(extra.ignored)
+                self._plan_later(columns, int(batch.rows[0]))
             numeric_key = self.key_column == "study_id"
             ids, bad_key, messages = submissions.parse_or_skip(
                 submissions.parse_study_ids if numeric_key else submissions.parse_text_keys,
@@ -164,8 +170,7 @@ class _Stream:
             slots[bad_key] = -1
             unknown = (slots < 0) & ~bad_key
             if unknown.any() and self.not_scored is not None:
-                known_ids, _ = self.not_scored
-                unscored = unknown & np.isin(ids, known_ids)
+                unscored = unknown & np.isin(ids, self.not_scored)
                 self.skipped_not_scored += int(unscored.sum())
                 unknown &= ~unscored
                 bad_key = bad_key | unscored  # dropped from this batch like unreadable keys
@@ -549,7 +554,7 @@ def _score_reports(
     index = submissions.StudyIndex(refs.study_ids, source=refs.description)
     stream = _Stream(path, "report", index, lenient)
     if len(refs.dropped_ids):
-        stream.not_scored = (np.sort(refs.dropped_ids), f"no {refs.section} section in the reference report")
+        stream.not_scored = refs.dropped_ids
     slot_texts: list[str | None] = []
     stats = np.zeros((len(refs.texts), len(textmetrics.STAT_COLUMNS)), dtype=np.float64)
     predicted = np.full((len(refs.texts), len(OBSERVATIONS)), np.nan, dtype=np.float32)
@@ -605,9 +610,24 @@ def _score_reports(
         n_boot=n_boot,
         notes=notes,
     )
+    _report_provenance(result, task, refs, stream, sums, covered, slot_texts)
+    return result
+
+
+def _report_provenance(
+    result: ScoreResult,
+    task: Task,
+    refs: TextReferences,
+    stream: _Stream,
+    sums: np.ndarray,
+    covered: np.ndarray,
+    slot_texts: list[str | None],
+) -> None:
+    """What a report score was computed against and how: references, section, the CIDEr-D corpus,
+    ReXrank's BLEU-2, the studies without the section, the fingerprint and the canonical texts."""
     result.extra["references"] = refs.description
     result.extra["skipped_unreadable"] = stream.read_log.skipped
-    result.extra["reference_section"] = section or task.reference_section
+    result.extra["reference_section"] = refs.section
     result.extra["references_without_section"] = refs.dropped
     result.extra["competition_labels"] = list(COMPETITION_LABELS)
     result.extra["rexrank_bleu_2"] = textmetrics.rexrank_bleu_2_mean(sums)
@@ -620,14 +640,15 @@ def _score_reports(
             f"{stream.skipped_not_scored} rows for studies whose reference report has no {refs.section} "
             "section: not scored (they are not among the task's scored ids)"
         )
-    result.fingerprint = fingerprint.make(task, refs.content_hash(), refs.origin, uncertain, refs.section)
+    result.fingerprint = fingerprint.make(
+        task, refs.content_hash(), refs.origin, result.uncertain, refs.section
+    )
     result.predictions = Predictions.build(
         "text", "study_id", refs.study_ids[covered], {"text": _covered(slot_texts, covered)}
     )
     result.notes.append("clinical efficacy (ce_*): cxrmax labeler on generated vs reference text")
     result.notes.append(_COMPETITION_NOTE.replace("*_f1", "ce_*_f1"))
     result.notes.append("CIDEr-D document frequencies: " + result.extra["cider_d_document_frequencies"])
-    return result
 
 
 def _score_progression(
