@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,8 +207,3 @@ def _json_value(value: float) -> float | int | None:
     if float(value).is_integer():
         return int(value)
     return round(float(value), 6)
-
-
-def text_column(slots_text: Sequence[str | None], covered: np.ndarray) -> list[str | None]:
-    """The texts of the covered slots, in slot order."""
-    return [slots_text[i] for i in np.nonzero(covered)[0]]

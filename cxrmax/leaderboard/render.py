@@ -125,12 +125,10 @@ GROUP_TITLES = {
 
 def _reference_reason(entry: Any, official: str | None) -> str:
     """Why an entry's references are not the task's official ones ('' when they are)."""
-    if not entry.reference_sha256:
-        return (
-            "other/unknown references: stored before fingerprints"
-            if not entry.fingerprint
-            else ("unknown references")
-        )
+    if not entry.fingerprint:
+        return "other/unknown references: stored before fingerprints"
+    if not entry.reference_sha256:  # e.g. rationales scored on the trajectories' own labels
+        return "unknown references: none given"
     if official is None:
         return "the board has no official references yet"
     if entry.reference_sha256 != official:
