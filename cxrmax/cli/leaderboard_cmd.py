@@ -200,7 +200,8 @@ def submit_cmd(
     processes: int = typer.Option(None, "--processes", help="Labeler processes for free text."),
     json_out: Path = typer.Option(None, "--json", help="Also write the full result as JSON here."),
 ) -> None:
-    """Score a submission and store it on the board (one transaction; the same file twice is refused).
+    """Score a submission and store it on the board (one transaction, with its fingerprint and its
+    canonical predictions; the same predictions under the same --uncertain policy are refused).
 
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
@@ -251,6 +252,9 @@ def show_cmd(
     store: Path = typer.Option(None, "--store", help="Leaderboard SQLite file."),
 ) -> None:
     """Rank the board's entries beside the published reference rows ("published, not re-scored").
+
+    Only entries with the task's official fingerprint and full coverage are ranked; the others are
+    listed apart with the reason (see docs/leaderboard.md).
 
     Example: cxrmax leaderboard show --task ms-cxr-t
     """
