@@ -4,10 +4,13 @@ Cases (each run in a fresh child process, so that seconds include imports and re
 RSS is the child's own):
 - labels: a 100,000-study label submission (CSV, 1/0/-1/blank) against 100,000 reference studies,
   with 1,000 bootstrap resamples (goal <= 5 s);
+- labels-submit: the same file scored and stored on a fresh SQLite board (fingerprint, canonical
+  predictions hashed and kept, one transaction; goal <= 5 s);
 - labels-parquet: the same as Parquet probabilities (AUROC path);
 - reports: a 10,000-report ReXrank-style JSON against 10,000 reference findings: BLEU-1..4, ROUGE-L,
-  CIDEr-D, clinical-efficacy F1 through the labeler on both sides, 1,000 bootstrap resamples
-  (goal <= 30 s).
+  CIDEr-D, ReXrank's BLEU-2, clinical-efficacy F1 through the labeler on both sides, 1,000 bootstrap
+  resamples (goal <= 30 s);
+- reports-submit: the same scored and stored on a fresh board (goal <= 30 s).
 Peers measured in the same run on the same data: scikit-learn f1_score (micro+macro over 14 labels)
 and sacrebleu corpus BLEU + rouge-score ROUGE-L (one metric pass each, no labeling, no CIs).
 
@@ -109,10 +112,10 @@ def _make_big_files(out: Path, mib: int) -> None:
 def _child(case: str, data: Path) -> None:
     start = time.perf_counter()
     result: dict[str, object] = {}
-    if case in ("labels", "labels-parquet", "reports"):
+    if case in ("labels", "labels-submit", "labels-parquet", "reports", "reports-submit"):
         from cxrmax.leaderboard import score
 
-        if case == "labels":
+        if case in ("labels", "labels-submit"):
             r = score(data / "labels.csv", "mimic-cxr-labels", data / "label_refs.parquet", n_boot=1000)
         elif case == "labels-parquet":
             r = score(data / "probs.parquet", "mimic-cxr-labels", data / "label_refs.parquet", n_boot=1000)
@@ -126,6 +129,15 @@ def _child(case: str, data: Path) -> None:
             )
         result = {k: round(v, 4) for k, v in r.headline.items() if isinstance(v, float)}
         result["n_scored"] = r.n_scored
+        if "rexrank_bleu_2" in r.extra:
+            result["rexrank_bleu_2"] = round(r.extra["rexrank_bleu_2"], 4)
+        if case.endswith("-submit"):
+            from cxrmax.leaderboard.store import Board
+
+            with tempfile.TemporaryDirectory() as board_dir, Board(Path(board_dir) / "board.sqlite") as board:
+                result["entry"] = board.submit(r, "bench")
+                blob = board._conn.execute("SELECT length(data) FROM predictions").fetchone()[0]
+                result["stored_predictions_MiB"] = round(blob / 2**20, 2)
     elif case.startswith("stream-"):
         from cxrmax.leaderboard.submissions import iter_batches
 
@@ -214,6 +226,7 @@ def main() -> None:
         )
         rows = [
             (f"cxrmax labels CSV, {n_labels:,} studies, 1000 bootstrap", "labels", "<= 5 s"),
+            (f"cxrmax labels CSV scored + stored on a board, {n_labels:,}", "labels-submit", "<= 5 s"),
             (f"cxrmax labels Parquet probabilities (AUROC), {n_labels:,}", "labels-parquet", "<= 5 s"),
             (f"peer: pandas + sklearn f1_score, {n_labels:,}", "sklearn", ""),
             (
@@ -221,6 +234,7 @@ def main() -> None:
                 "reports",
                 "<= 30 s",
             ),
+            (f"cxrmax reports JSON scored + stored on a board, {n_reports:,}", "reports-submit", "<= 30 s"),
             (f"peer: sacrebleu BLEU + rouge-score ROUGE-L, {n_reports:,}", "sacrebleu+rouge-score", ""),
         ]
         if stream_mib:

@@ -1,5 +1,5 @@
 """CLI commands for the leaderboard area (registered on the root app by cxrmax.cli):
-`cxrmax leaderboard score | submit | show | export | tasks`."""
+`cxrmax leaderboard score | submit | show | export | export-predictions | tasks`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ leaderboard_app = typer.Typer(
     "  cxrmax leaderboard score preds.csv --task mimic-cxr-labels --references /data/mimic-cxr-jpg\n\n"
     "  cxrmax leaderboard submit reports.json --task mimic-cxr-report --references /data/mimic-cxr --name my-model\n\n"
     "  cxrmax leaderboard show --task ms-cxr-t\n\n"
-    "  cxrmax leaderboard export --format html -o board.html",
+    "  cxrmax leaderboard export --format html -o board.html\n\n"
+    "  cxrmax leaderboard export-predictions 3 -o predictions.json   (ReXrank's submission JSON)",
     no_args_is_help=True,
     rich_markup_mode="rich",
 )
@@ -199,7 +200,8 @@ def submit_cmd(
     processes: int = typer.Option(None, "--processes", help="Labeler processes for free text."),
     json_out: Path = typer.Option(None, "--json", help="Also write the full result as JSON here."),
 ) -> None:
-    """Score a submission and store it on the board (one transaction; the same file twice is refused).
+    """Score a submission and store it on the board (one transaction, with its fingerprint and its
+    canonical predictions; the same predictions under the same --uncertain policy are refused).
 
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
@@ -213,12 +215,14 @@ def submit_cmd(
         info = _parse_model_info(model_info)
         with Board(store) as board:
             digest = file_sha256(submission) if submission.is_file() else None
-            if digest is not None:
-                # Refuse a resubmission before spending time on scoring it.
-                existing = board.find(get_task(task).name, digest)
+            if digest is not None and section is None:
+                # The same bytes under the same policy are the same predictions: refuse before scoring.
+                # Anything else (another spelling of the same predictions) is caught by board.submit.
+                existing = board.find(get_task(task).name, digest, uncertain)
                 if existing is not None:
                     raise DuplicateSubmission(
-                        f"this submission is already on the {existing.task} board as entry {existing.id} {existing.name!r} ({existing.created_at})"
+                        f"this submission (uncertain={uncertain}) is already on the {existing.task} board as "
+                        f"entry {existing.id} {existing.name!r} ({existing.created_at})"
                     )
             result = _run_score(
                 submission,
@@ -248,6 +252,9 @@ def show_cmd(
     store: Path = typer.Option(None, "--store", help="Leaderboard SQLite file."),
 ) -> None:
     """Rank the board's entries beside the published reference rows ("published, not re-scored").
+
+    Only entries with the task's official fingerprint and full coverage are ranked; the others are
+    listed apart with the reason (see docs/leaderboard.md).
 
     Example: cxrmax leaderboard show --task ms-cxr-t
     """
@@ -303,6 +310,33 @@ def export_cmd(
 
                 url = push(board, push_to_hub, task or None, token=token, private=private)
                 console.print(f"[green]pushed[/] {url}")
+
+
+@leaderboard_app.command("export-predictions")
+def export_predictions_cmd(
+    entry: int = typer.Argument(..., help="Entry id (as `leaderboard show` or `submit` prints it)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Write the JSON here ('-': print it)."),
+    store: Path = typer.Option(None, "--store", help="Leaderboard SQLite file."),
+    model: str = typer.Option(
+        None, "--model", help="Rationale entries: the model to export (needed when there are several)."
+    ),
+) -> None:
+    """Write a stored entry's predictions as ReXrank's submission JSON (study_id -> model_prediction),
+    to score them with ReXrank or RadEval.
+
+    Example: cxrmax leaderboard export-predictions 3 -o predictions.json
+    """
+    with user_errors():
+        from cxrmax.core.io import atomic_write_json
+        from cxrmax.leaderboard.store import Board
+
+        with Board(store) as board:
+            payload = board.predictions(entry).to_rexrank(model)
+        if str(output) == "-":
+            print(json.dumps(payload, indent=2, allow_nan=False))
+            return
+        atomic_write_json(output, payload)
+        console.print(f"wrote {len(payload)} predictions of entry {entry} to {output}")
 
 
 @leaderboard_app.command("tasks")

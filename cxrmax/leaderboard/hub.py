@@ -51,6 +51,11 @@ def board_records(board: Any, tasks: Sequence[str] | None = None) -> list[dict[s
                     "coverage": row.get("coverage"),
                     "uncertain": row.get("uncertain") or None,
                     "submitted": row.get("submitted") or None,
+                    "group": row["group"],
+                    "rank": row["rank"] if row["rank"] != "" else None,
+                    "ci_95": row.get("ci_95") or None,
+                    "fingerprint": row.get("fingerprint") or None,
+                    "citation": row.get("citation") or None,
                 }
             )
     return records
@@ -73,6 +78,11 @@ def write_board_dataset(board: Any, out_dir: str | Path, tasks: Sequence[str] | 
             ("coverage", pa.float64()),
             ("uncertain", pa.string()),
             ("submitted", pa.string()),
+            ("group", pa.string()),
+            ("rank", pa.int64()),
+            ("ci_95", pa.string()),
+            ("fingerprint", pa.string()),
+            ("citation", pa.string()),
         ]
     )
     pq.write_table(pa.Table.from_pylist(records, schema=schema), out / "data" / "board.parquet")

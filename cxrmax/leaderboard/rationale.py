@@ -8,8 +8,9 @@ Per trajectory (the drift definitions of `cxrmax.preferences.drift`, reused here
 - precision = |claimed by the rationale and by the ground truth| / |claimed by the rationale|,
 - recall = |claimed by both| / |claimed by the ground truth| (`cxrmax.preferences.drift.compare`; "claimed" =
   positive, and uncertain under the default policy),
-- similarity = `cxrmax.preferences.drift.token_similarity`: F1 of content-token overlap with the reference
-  report (computed when report text is available from the references),
+- similarity = `cxrmax.preferences.drift.token_similarity`: the F1 of content-token overlap with the
+  reference report (a token F1, not a Jaccard index; computed when report text is available from the
+  references). The key keeps the paper's name "similarity" so that its chart's rows sit beside ours;
 - label_jaccard = |claimed by both| / |claimed by either| (1 when both claim nothing).
 Per model each figure is the mean over the trajectories where it is defined (precision is undefined
 for a rationale that claims nothing, recall for a study with no positive label), with bootstrap CIs
@@ -32,7 +33,8 @@ from cxrmax.core.formats import detect_format
 from cxrmax.core.io import iter_arrow_batches
 from cxrmax.core.pathologies import OBSERVATIONS
 from cxrmax.generate import trajectory_files
-from cxrmax.leaderboard import metrics, submissions
+from cxrmax.leaderboard import fingerprint, metrics, submissions
+from cxrmax.leaderboard.predictions import Predictions, content_sha256
 from cxrmax.leaderboard.references import (
     LabelReferences,
     ScoreResult,
@@ -199,7 +201,7 @@ def score_rationales(
 ) -> ScoreResult:
     """Score rationales per model (see the module docstring for the definitions)."""
     label_refs, reports, notes = _rationale_references(task, references_root)
-    per_model, n_rows, skipped = _collect_stats(
+    per_model, n_rows, skipped, scored = _collect_stats(
         path, label_refs, reports, uncertain, processes, lenient, batch_rows, progress
     )
     if not per_model:
@@ -208,7 +210,16 @@ def score_rationales(
     headline = {
         name: (None if np.isnan(v) else float(v)) for name, v in rationale_summary(overall.sum(0)).items()
     }
+    predictions = Predictions.build(
+        "rationale",
+        "study_id",
+        np.asarray(scored[0], dtype=np.int64),
+        {"model": scored[1], "text": scored[2]},
+    )
     return ScoreResult(
+        fingerprint=_fingerprint(task, label_refs, reports, uncertain),
+        predictions=predictions,
+        predictions_sha256=predictions.sha256,
         task=task.name,
         task_version=task.version,
         kind=task.kind,
@@ -230,9 +241,21 @@ def score_rationales(
         notes=notes
         + [
             "precision/recall: cxrmax.preferences.drift.compare on labeler output vs ground truth; similarity: "
-            "cxrmax.preferences.drift.token_similarity vs the reference report; per model means over trajectories"
+            "content-token F1 (cxrmax.preferences.drift.token_similarity) vs the reference report; per model "
+            "means over trajectories"
         ],
     )
+
+
+def _fingerprint(
+    task: Task, label_refs: LabelReferences | None, reports: _Reports | None, uncertain: str
+) -> dict[str, Any]:
+    """The rationale fingerprint: the label references' hash and whether report text was read. Without
+    references the ground truth is the trajectories' own labels: no reference set to compare."""
+    if label_refs is None:
+        return fingerprint.make(task, "", "labels in the trajectories", uncertain)
+    header = {"references": "rationale", "labels": label_refs.content_hash(), "reports": reports is not None}
+    return fingerprint.make(task, content_sha256(header, {}), label_refs.origin, uncertain)
 
 
 def _rationale_references(
@@ -267,12 +290,14 @@ def _collect_stats(
     lenient: bool,
     batch_rows: int,
     progress: Any,
-) -> tuple[dict[str, list[np.ndarray]], int, int]:
-    """Per-model `rationale_stats` arrays over every row, the row count and the rows skipped for
-    lack of ground truth (an error unless ``lenient``)."""
+) -> tuple[dict[str, list[np.ndarray]], int, int, tuple[list[int], list[str], list[str | None]]]:
+    """Per-model `rationale_stats` arrays over every row, the row count, the rows skipped for
+    lack of ground truth (an error unless ``lenient``) and the scored rows (study ids, models,
+    texts) for the canonical predictions."""
     index = submissions.StudyIndex(label_refs.study_ids) if label_refs is not None else None
     per_model: dict[str, list[np.ndarray]] = {}
     n_rows = skipped = 0
+    scored: tuple[list[int], list[str], list[str | None]] = ([], [], [])
     for file, rows, columns in _iter_rows(path, batch_rows, lenient):
         n = len(rows)
         n_rows += n
@@ -309,9 +334,12 @@ def _collect_stats(
         models = np.asarray([columns["model"][i] for i in idx], dtype=object)
         for model in dict.fromkeys(models.tolist()):
             per_model.setdefault(model, []).append(stats[models == model])
+        scored[0].extend(int(ids[i]) for i in idx)
+        scored[1].extend(models.tolist())
+        scored[2].extend(texts)
         if progress:
             progress(n)
-    return per_model, n_rows, skipped
+    return per_model, n_rows, skipped, scored
 
 
 def _per_model_table(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +32,8 @@ from cxrmax.core.pathologies import (
     canonical_name,
     is_observation,
 )
+from cxrmax.leaderboard.fingerprint import ORIGIN_FILE, ORIGIN_ROOT
+from cxrmax.leaderboard.predictions import Predictions, content_sha256
 from cxrmax.leaderboard.submissions import parse_study_ids
 from cxrmax.leaderboard.tasks import Task
 
@@ -70,6 +72,12 @@ class ScoreResult:
     notes: list[str] = field(default_factory=list)
     n_boot: int = 0
     scored_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    #: What the score was computed against (`cxrmax.leaderboard.fingerprint.make`).
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    #: sha256 of the canonical predictions (`Predictions.sha256`): the board's duplicate key.
+    predictions_sha256: str = ""
+    #: The canonical predictions themselves (kept by the board, not written to the JSON).
+    predictions: Predictions | None = field(default=None, repr=False, compare=False)
 
     @property
     def coverage(self) -> float:
@@ -83,7 +91,7 @@ class ScoreResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (NaN written as null)."""
-        data = asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "predictions"}
         data["coverage"] = self.coverage
         data["ci"] = {k: list(v) for k, v in self.ci.items()}
         return _clean(data)
@@ -193,6 +201,14 @@ class LabelReferences:
     labels: np.ndarray
     description: str
     subject_ids: np.ndarray | None = None
+    origin: str = ORIGIN_FILE
+
+    def content_hash(self) -> str:
+        """sha256 of the scored ids and their 14 labels (order-free: hashed sorted by study id)."""
+        order = np.argsort(self.study_ids, kind="stable")
+        columns = {"study_id": self.study_ids[order]}
+        columns.update({o: self.labels[order, j] for j, o in enumerate(OBSERVATIONS)})
+        return content_sha256({"references": "labels"}, columns)
 
 
 def load_label_references(task: Task, root: str | Path) -> LabelReferences:
@@ -221,7 +237,8 @@ def load_label_references(task: Task, root: str | Path) -> LabelReferences:
     subject = None
     if "subject_id" in table.column_names:
         subject = table.column("subject_id").fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
-    return LabelReferences(reference_study_ids(table, root), labels, description, subject)
+    origin = ORIGIN_ROOT if root.is_dir() else ORIGIN_FILE
+    return LabelReferences(reference_study_ids(table, root), labels, description, subject, origin)
 
 
 @dataclass
@@ -232,6 +249,16 @@ class TextReferences:
     texts: list[str]
     description: str
     dropped: int = 0
+    origin: str = ORIGIN_FILE
+    section: str = "findings"
+    #: Studies of the split whose reports lack the scored section (not scored, not "unknown").
+    dropped_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    def content_hash(self) -> str:
+        """sha256 of the scored ids, their reference texts and the section."""
+        order = np.argsort(self.study_ids, kind="stable")
+        columns = {"study_id": self.study_ids[order], "text": [self.texts[i] for i in order]}
+        return content_sha256({"references": "text", "section": self.section}, columns)
 
 
 def _pick_section(section: str, findings: Any, impression: Any, last: Any, report: Any) -> str | None:
@@ -288,15 +315,23 @@ def load_text_references(task: Task, root: str | Path, section: str | None = Non
         description = f"MIMIC-CXR reports ({section}), split {task.split}"
     else:
         raise InputError(f"{where(root)}: references not found")
-    keep_ids, texts, dropped = [], [], 0
+    keep_ids, texts, dropped_ids = [], [], []
     for study_id, (f, i, last_paragraph, report) in zip(ids, rows, strict=True):
         text = _pick_section(section, f, i, last_paragraph, report)
         if text is None:
-            dropped += 1
+            dropped_ids.append(int(study_id))
             continue
         keep_ids.append(int(study_id))
         texts.append(text)
-    return TextReferences(np.asarray(keep_ids, dtype=np.int64), texts, description, dropped)
+    return TextReferences(
+        np.asarray(keep_ids, dtype=np.int64),
+        texts,
+        description,
+        len(dropped_ids),
+        ORIGIN_ROOT if root.is_dir() else ORIGIN_FILE,
+        section,
+        np.asarray(dropped_ids, dtype=np.int64),
+    )
 
 
 @dataclass
@@ -307,6 +342,17 @@ class ProgressionReferences:
     classes: dict[str, np.ndarray]
     description: str
     dicom_ids: np.ndarray | None = None
+    origin: str = ORIGIN_FILE
+
+    def content_hash(self) -> str:
+        """sha256 of the row keys and the class of every finding (order-free)."""
+        key_name, keys = self.key
+        order = np.argsort(keys, kind="stable")
+        columns: dict[str, Any] = {key_name: keys[order]}
+        if key_name == "dicom_id":
+            columns["study_id"] = self.study_ids[order]
+        columns.update({prefix: self.classes[prefix][order] for prefix in MS_CXR_T_FINDINGS})
+        return content_sha256({"references": "ms-cxr-t"}, columns)
 
     @property
     def key(self) -> tuple[str, np.ndarray]:
@@ -342,7 +388,9 @@ def load_progression_references(task: Task, root: str | Path) -> ProgressionRefe
         if "dicom_id" in table.column_names
         else None
     )
-    return ProgressionReferences(ids, classes, f"{path.name}", dicom)
+    return ProgressionReferences(
+        ids, classes, f"{path.name}", dicom, ORIGIN_ROOT if root.is_dir() else ORIGIN_FILE
+    )
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,8 +10,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
+from cxrmax.leaderboard import fingerprint
+from cxrmax.leaderboard.fingerprint import short
 from cxrmax.leaderboard.tasks import Task, get_task, list_tasks, published_rows
 
 POLICY_TEXT = {
@@ -50,6 +53,12 @@ def render_score(result: Any, console: Console) -> None:
     if result.skipped_unknown:
         coverage += f", {result.skipped_unknown} rows skipped (unknown study or no ground truth)"
     console.print(coverage + f"; input: {result.input_kind}")
+    fp = result.fingerprint or {}
+    if fp:
+        console.print(
+            f"fingerprint {short(fp.get('id'))}: references {short(fp.get('reference_sha256')) or 'none'} "
+            f"({fp.get('reference_origin')}), metrics {fp.get('metric_version')}"
+        )
     table = Table(title="headline" + (f" (95% bootstrap CI, {result.n_boot} resamples)" if result.ci else ""))
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -102,100 +111,204 @@ def render_score(result: Any, console: Console) -> None:
         console.print(f"[dim]note:[/] {note}")
 
 
-#: The uncertain policy under which a board ranks entries (others are listed, unranked).
-RANKED_POLICY = "positive"
+#: Row groups of a board table, in display order: ranked entries; entries scored against the
+#: official references but not comparable (coverage, policy, task version...), unranked; entries
+#: scored against other or unknown references; the published rows.
+GROUPS = ("ranked", "unranked", "other-references", "published")
+GROUP_TITLES = {
+    "ranked": "ranked",
+    "unranked": "scored, not ranked",
+    "other-references": "scored against other references, not ranked",
+    "published": "published, not re-scored",
+}
 
 
-def _not_comparable(entry: Any, task: Task) -> str:
-    """Why an entry is not ranked with the task's board ('' when it is)."""
+def _reference_reason(entry: Any, official: str | None) -> str:
+    """Why an entry's references are not the task's official ones ('' when they are)."""
+    if not entry.fingerprint:
+        return "other/unknown references: stored before fingerprints"
+    if not entry.reference_sha256:  # e.g. rationales scored on the trajectories' own labels
+        return "unknown references: none given"
+    if official is None:
+        return "the board has no official references yet"
+    if entry.reference_sha256 != official:
+        return f"references {short(entry.reference_sha256)}, official {short(official)}"
+    return ""
+
+
+def _not_comparable(entry: Any, task: Task, official_fp: dict[str, Any] | None) -> str:
+    """Why an entry scored against the official references is not ranked ('' when it is)."""
     why = []
     if entry.task_version != task.version:
         why.append(f"task v{entry.task_version}")
-    if entry.uncertain not in (RANKED_POLICY, "n/a"):
+    if entry.uncertain not in (fingerprint.ranked_policy(task), "n/a"):
         why.append(f"uncertain={entry.uncertain}")
     section = entry.result.get("extra", {}).get("reference_section")
     if task.kind == "report" and section and section != task.reference_section:
         why.append(f"section={section}")
+    metric_version = entry.fingerprint_parts.get("metric_version")
+    if metric_version and metric_version != fingerprint.METRIC_VERSIONS[task.kind]:
+        why.append(f"metrics {metric_version}")
+    if not why and official_fp is not None and entry.fingerprint != official_fp["id"]:
+        why.append(f"fingerprint {short(entry.fingerprint)}")
+    if entry.coverage is not None and entry.coverage < task.min_coverage - 1e-12:
+        why.append(f"coverage {entry.coverage:.3f} < {task.min_coverage:.3f}")
     return ", ".join(why)
+
+
+def _ci_text(entry: Any, metric: str) -> str:
+    low_high = entry.ci.get(metric)
+    return f"[{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else ""
 
 
 def board_table(
     board: Any, task: str | Task, include_published: bool = True
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Rows of one task's board: scored entries ranked by the primary metric, then the published
-    reference rows marked "published, not re-scored". Returns (columns, rows)."""
+    """Rows of one task's board, the one source of `show` and the md / csv / html exports.
+
+    Groups, never interleaved (row key ``group``): entries with the task's official fingerprint and
+    enough coverage, ranked by the primary metric; entries scored against the official references
+    but not comparable, with the reason; entries scored against other or unknown references; then
+    the published rows, sorted by the primary metric. Each row has its coverage, short fingerprint
+    and the primary metric's 95% CI; published rows carry their citation in ``citation`` (rendered
+    once per table). Returns (columns, rows)."""
     task = get_task(task)
     metrics = list(task.headline)
-    entries = board.ranked(task.name, task.higher_is_better)
-    # Only like-for-like entries are ranked: the current task version, the default uncertain policy
-    # and the task's reference section. The others follow, unranked, with the reason.
-    reasons = {e.id: _not_comparable(e, task) for e in entries}
-    ranked = [e for e in entries if not reasons[e.id]]
-    others = [e for e in entries if reasons[e.id]]
+    official, _ = board.official_references(task)
+    official_fp = fingerprint.official(task, official) if official else None
+    grouped: dict[str, list[tuple[Any, str]]] = {group: [] for group in GROUPS}
+    for entry in board.ranked(task.name, task.higher_is_better):
+        reference_reason = _reference_reason(entry, official)
+        if reference_reason:
+            grouped["other-references"].append((entry, f"scored against {reference_reason}; not ranked"))
+            continue
+        reason = _not_comparable(entry, task, official_fp)
+        if reason:
+            grouped["unranked"].append((entry, f"scored ({reason}; not ranked)"))
+        else:
+            grouped["ranked"].append((entry, "scored"))
     rows: list[dict[str, Any]] = []
-    for rank, entry in [(i, e) for i, e in enumerate(ranked, start=1)] + [("", e) for e in others]:
-        row = {
-            "rank": rank,
-            "name": entry.name,
-            "source": f"scored ({reasons[entry.id]}; not ranked)" if reasons[entry.id] else "scored",
-            "task_version": entry.task_version,
-            "uncertain": entry.uncertain,
-            "coverage": entry.coverage,
-            "submitted": entry.created_at,
-        }
-        row.update({m: entry.metrics.get(m) for m in metrics})
-        rows.append(row)
-        if task.kind == "rationale":
-            for model, values in entry.result.get("per_model", {}).items():
-                sub = {
-                    "rank": "",
-                    "name": f"  {entry.name} / {model}",
-                    "source": "scored",
-                    "task_version": entry.task_version,
-                    "uncertain": entry.uncertain,
-                    "coverage": None,
-                    "submitted": entry.created_at,
-                }
-                sub.update({m: values.get(m) for m in metrics})
-                rows.append(sub)
+    for group in ("ranked", "unranked", "other-references"):
+        for rank, (entry, source) in enumerate(grouped[group], start=1):
+            rows += _entry_rows(entry, task, metrics, group, rank if group == "ranked" else "", source)
     if include_published:
-        for published in published_rows(task):
-            row = {
-                "rank": "",
-                "name": published.name,
-                "source": published.note,
-                "task_version": "",
-                "uncertain": "",
-                "coverage": None,
-                "submitted": published.source,
-            }
-            row.update({m: published.metrics.get(m) for m in metrics})
-            rows.append(row)
-    columns = ["rank", "name", "source", *metrics, "coverage", "uncertain", "task_version", "submitted"]
+        rows += _published_table_rows(task, metrics)
+    columns = [
+        "rank",
+        "name",
+        "source",
+        *metrics,
+        "ci_95",
+        "coverage",
+        "fingerprint",
+        "uncertain",
+        "task_version",
+        "submitted",
+    ]
     return columns, rows
 
 
+def _entry_rows(
+    entry: Any, task: Task, metrics: list[str], group: str, rank: Any, source: str
+) -> list[dict[str, Any]]:
+    """One entry's row (and, for rationales, one row per model under it)."""
+    base = {
+        "group": group,
+        "rank": rank,
+        "name": entry.name,
+        "source": source,
+        "ci_95": _ci_text(entry, task.primary_metric),
+        "coverage": entry.coverage,
+        "fingerprint": short(entry.fingerprint) or "unknown",
+        "uncertain": entry.uncertain,
+        "task_version": entry.task_version,
+        "submitted": entry.created_at,
+        "citation": "",
+    }
+    rows = [{**base, **{m: entry.metrics.get(m) for m in metrics}}]
+    if task.kind == "rationale":
+        for model, values in entry.result.get("per_model", {}).items():
+            ci = (values.get("ci") or {}).get(task.primary_metric)
+            rows.append(
+                {
+                    **base,
+                    "rank": "",
+                    "name": f"  {entry.name} / {model}",
+                    "ci_95": f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci and None not in ci else "",
+                    "coverage": None,
+                    **{m: values.get(m) for m in metrics},
+                }
+            )
+    return rows
+
+
+def _published_table_rows(task: Task, metrics: list[str]) -> list[dict[str, Any]]:
+    """The published rows, best first by the primary metric (rows without it last, then by name)."""
+    sign = -1 if task.higher_is_better else 1
+    published = sorted(
+        published_rows(task),
+        key=lambda r: (
+            r.metrics.get(task.primary_metric) is None,
+            sign * r.metrics.get(task.primary_metric, 0.0),
+            r.name,
+        ),
+    )
+    rows = []
+    for row in published:
+        rows.append(
+            {
+                "group": "published",
+                "rank": "",
+                "name": row.name,
+                "source": row.note,
+                "ci_95": "",
+                "coverage": None,
+                "fingerprint": "",
+                "uncertain": "",
+                "task_version": "",
+                "submitted": "",
+                "citation": row.source,
+                **{m: row.metrics.get(m) for m in metrics},
+            }
+        )
+    return rows
+
+
+def citations(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The distinct citations of a table's published rows, in order (each printed once)."""
+    return list(dict.fromkeys(r["citation"] for r in rows if r.get("citation")))
+
+
 def render_board(board: Any, task: str | Task, console: Console) -> None:
-    """Print one task's board with rich: a compact table (rank, name, scored/published, headline
-    metrics, coverage, policy); the published rows' source goes in the caption."""
+    """Print one task's board with rich: the same rows and columns as the exports (rank, status with
+    the reason for unranked entries, headline metrics, CI, coverage, fingerprint), one section per
+    group, the citation of the published rows once in the caption."""
     task = get_task(task)
     columns, rows = board_table(board, task)
-    sources = sorted(
-        {r["submitted"] for r in rows if not r["source"].startswith("scored") and r["submitted"]}
+    cited = citations(rows)
+    caption = "; ".join(f"* published, not re-scored: {s}" for s in cited) or None
+    _, origin = board.official_references(task)
+    table = Table(
+        title=f"{task.name} v{task.version}, ranked by {task.primary_metric} (official references: {origin})",
+        caption=caption,
     )
-    caption = "; ".join(f"* published, not re-scored: {s}" for s in sources) or None
-    table = Table(title=f"{task.name} v{task.version}, ranked by {task.primary_metric}", caption=caption)
-    shown = ["rank", "name", *task.headline, "coverage"] + (["uncertain"] if task.kind != "ms-cxr-t" else [])
+    shown = [c for c in columns if c not in ("task_version", "submitted")]
+    if task.kind == "ms-cxr-t":
+        shown.remove("uncertain")
     for column in shown:
         numeric = column in task.headline or column == "coverage"
         table.add_column(
             _SHORT.get(column, column),
             justify="right" if numeric else "left",
-            no_wrap=column != "name",
-            min_width=5 if numeric else (12 if column == "name" else None),
+            no_wrap=column not in ("name", "source"),
+            min_width=5 if numeric else (12 if column in ("name", "source") else None),
         )
+    previous = None
     for row in rows:
-        published = not row["source"].startswith("scored")
+        if previous is not None and row["group"] != previous:
+            table.add_section()
+        previous = row["group"]
+        published = row["group"] == "published"
         cells = []
         for column in shown:
             value = row[column]
@@ -203,9 +316,21 @@ def render_board(board: Any, task: str | Task, console: Console) -> None:
                 value = f"{value} *"
             cells.append(fmt(value, 3))
         table.add_row(*cells, style="dim italic" if published else None)
-    console.print(table)
-    if not any(r["source"].startswith("scored") for r in rows):
+    _print_wide(console, table)
+    if not any(r["group"] != "published" for r in rows):
         console.print("[dim]no scored entries yet: `cxrmax leaderboard submit ...` adds one[/]")
+
+
+def _print_wide(console: Console, table: Table) -> None:
+    """Print a table; off a terminal (a pipe, a log) at its natural width, where rich would squeeze
+    it into 80 columns and cut names and reasons short."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    width = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
+    buffer = io.StringIO()
+    Console(file=buffer, width=max(width, console.width), color_system=None).print(table)
+    console.out(buffer.getvalue().rstrip("\n"), highlight=False)
 
 
 _SHORT = {
@@ -222,31 +347,61 @@ _SHORT = {
     "ce_micro_f1_14": "CE-F1-14",
     "ce_micro_f1_5": "CE-F1-5",
     "coverage": "cov",
+    "source": "status",
+    "ci_95": "95% CI",
+    "fingerprint": "fp",
 }
 
 
+def _groups(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Rows split into their groups, in `GROUPS` order (empty groups left out)."""
+    return [
+        (g, [r for r in rows if r.get("group") == g])
+        for g in GROUPS
+        if any(r.get("group") == g for r in rows)
+    ]
+
+
 def to_markdown(sections: Sequence[tuple[str, list[str], list[dict[str, Any]]]]) -> str:
-    """Markdown: one heading and pipe table per task."""
+    """Markdown: one heading per task, one pipe table per row group under a bold group title, the
+    published rows' citation once after their table."""
     out = ["# cxrmax leaderboard", ""]
     for title, columns, rows in sections:
-        out += [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        for row in rows:
-            out.append("| " + " | ".join(fmt(row[c]).replace("|", "\\|") for c in columns) + " |")
-        out.append("")
+        out += [f"## {title}", ""]
+        for group, group_rows in _groups(rows):
+            out += [f"**{GROUP_TITLES[group]}**", ""]
+            out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+            for row in group_rows:
+                out.append("| " + " | ".join(fmt(row[c]).replace("|", "\\|") for c in columns) + " |")
+            out.append("")
+            for source in citations(group_rows):
+                out += [f"Published rows (not re-scored) from: {source}", ""]
     return "\n".join(out)
 
 
 def to_csv(sections: Sequence[tuple[str, list[str], list[dict[str, Any]]]]) -> str:
-    """CSV: one table with a leading task column (union of all tasks' columns)."""
+    """CSV: one table with leading task and group columns (union of all tasks' columns); the
+    citation column is filled once per task, on its first published row."""
     all_columns: list[str] = []
     for _, columns, _ in sections:
         all_columns += [c for c in columns if c not in all_columns]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["task", *all_columns])
+    writer.writerow(["task", "group", *all_columns, "citation"])
     for title, _, rows in sections:
+        cited: set[str] = set()
         for row in rows:
-            writer.writerow([title, *("" if row.get(c) is None else row.get(c) for c in all_columns)])
+            citation = row.get("citation") or ""
+            first = citation and citation not in cited
+            cited.add(citation)
+            writer.writerow(
+                [
+                    title,
+                    row.get("group", ""),
+                    *("" if row.get(c) is None else row.get(c) for c in all_columns),
+                    citation if first else "",
+                ]
+            )
     return buffer.getvalue()
 
 
@@ -254,11 +409,18 @@ _SORT_SCRIPT = """
 document.querySelectorAll("table.board").forEach(function (table) {
   table.querySelectorAll("th").forEach(function (th, col) {
     th.addEventListener("click", function () {
-      var body = table.tBodies[0];
+      // Each row group is its own tbody and sorts within itself: groups never interleave.
+      Array.prototype.forEach.call(table.tBodies, function (body) { sortBody(body, col, th); });
+    });
+  });
+});
+function sortBody(body, col, th) {
       var rows = Array.prototype.slice.call(body.rows);
       var asc = th.getAttribute("data-order") !== "asc";
-      table.querySelectorAll("th").forEach(function (h) { h.removeAttribute("data-order"); });
-      th.setAttribute("data-order", asc ? "asc" : "desc");
+      if (body === body.parentNode.tBodies[body.parentNode.tBodies.length - 1]) {
+        body.parentNode.querySelectorAll("th").forEach(function (h) { h.removeAttribute("data-order"); });
+        th.setAttribute("data-order", asc ? "asc" : "desc");
+      }
       rows.sort(function (a, b) {
         var x = a.cells[col].getAttribute("data-value"), y = b.cells[col].getAttribute("data-value");
         var nx = parseFloat(x), ny = parseFloat(y);
@@ -268,9 +430,7 @@ document.querySelectorAll("table.board").forEach(function (table) {
         return asc ? cmp : -cmp;
       });
       rows.forEach(function (r) { body.appendChild(r); });
-    });
-  });
-});
+}
 """
 
 
@@ -286,28 +446,39 @@ def to_html(
         "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:2em}"
         "th,td{border:1px solid #ccc;padding:4px 8px}th{cursor:pointer;background:#f0f0f0}"
         "tr.published td{color:#666;font-style:italic}th[data-order=asc]::after{content:' \\25B2'}"
-        "th[data-order=desc]::after{content:' \\25BC'}</style></head><body>",
+        "th[data-order=desc]::after{content:' \\25BC'}tbody+tbody{border-top:3px solid #888}"
+        "tbody.group-other-references td{color:#844}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        "<p>Rows marked <em>published, not re-scored</em> are copied from the papers; click a header to sort.</p>",
+        "<p>Each table has up to four groups, never interleaved: ranked entries (the task's official "
+        "fingerprint and coverage), entries not ranked (the reason in <em>source</em>), entries scored "
+        "against other references, and rows <em>published, not re-scored</em> (copied from the papers). "
+        "Click a header to sort within each group.</p>",
     ]
     for section_title, columns, rows in sections:
         parts.append(f"<h2>{html.escape(section_title)}</h2>")
         parts.append(
             '<table class="board"><thead><tr>'
             + "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-            + "</tr></thead><tbody>"
+            + "</tr></thead>"
         )
-        for row in rows:
-            css = "" if str(row.get("source", "")).startswith("scored") else ' class="published"'
-            cells = []
-            for c in columns:
-                value = row.get(c)
-                raw = "" if value is None else str(value)
-                cells.append(
-                    f'<td data-value="{html.escape(raw, quote=True)}">{html.escape(fmt(value))}</td>'
-                )
-            parts.append(f"<tr{css}>" + "".join(cells) + "</tr>")
-        parts.append("</tbody></table>")
+        for group, group_rows in _groups(rows):
+            parts.append(f'<tbody class="group-{group}" title="{html.escape(GROUP_TITLES[group])}">')
+            css = ' class="published"' if group == "published" else ""
+            for row in group_rows:
+                cells = []
+                for c in columns:
+                    value = row.get(c)
+                    raw = "" if value is None else str(value)
+                    cells.append(
+                        f'<td data-value="{html.escape(raw, quote=True)}">{html.escape(fmt(value))}</td>'
+                    )
+                parts.append(f"<tr{css}>" + "".join(cells) + "</tr>")
+            parts.append("</tbody>")
+        parts.append("</table>")
+        for source in citations(rows):
+            parts.append(
+                f'<p class="citation">Published rows (not re-scored) from: {html.escape(source)}</p>'
+            )
     parts.append(f"<script>{_SORT_SCRIPT}</script></body></html>")
     return "\n".join(parts)
 

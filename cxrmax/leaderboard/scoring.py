@@ -1,9 +1,14 @@
 """Score one submission against a task's references: `score(submission, task, references_root)`.
 
 References are loaded by `cxrmax.leaderboard.references` (a MIMIC-CXR root or a prepared reference
-file); rationale submissions are scored by `cxrmax.leaderboard.rationale`. The submission is streamed batch by batch: every row is mapped to a
-reference slot at once (unknown and duplicate study ids are caught there), and only per-study
-numbers are kept, never the submission's texts.
+file); rationale submissions are scored by `cxrmax.leaderboard.rationale`. The submission is
+streamed batch by batch: every row is mapped to a reference slot at once (unknown and duplicate
+study ids are caught there). Besides per-study numbers, each scorer keeps what it scored in
+canonical form (`cxrmax.leaderboard.predictions.Predictions`: the board's duplicate key and its copy
+for `export-predictions`) and the result's fingerprint (`cxrmax.leaderboard.fingerprint`).
+
+A submission that overlaps no reference study is an error, with or without ``lenient``: a score of
+nothing is not 0.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import numpy as np
 
 from cxrmax.core.errors import CxrmaxError, InputError, where
 from cxrmax.core.formats import sniff
-from cxrmax.core.pathologies import MS_CXR_T_FINDINGS, OBSERVATIONS, PROGRESSION_CLASSES
-from cxrmax.leaderboard import metrics, submissions, textmetrics
+from cxrmax.core.pathologies import COMPETITION_LABELS, MS_CXR_T_FINDINGS, OBSERVATIONS, PROGRESSION_CLASSES
+from cxrmax.leaderboard import fingerprint, metrics, submissions, textmetrics
+from cxrmax.leaderboard.predictions import Predictions
 from cxrmax.leaderboard.progression import classify_progression
 from cxrmax.leaderboard.rationale import score_rationales
 from cxrmax.leaderboard.references import (
     ProgressionReferences,
     ScoreResult,
+    TextReferences,
     file_sha256,
     labels_of_texts,
     load_label_references,
@@ -50,8 +57,12 @@ class _Stream:
     key_column: str = "study_id"  # "dicom_id" for MS-CXR-T when a study has several image pairs
     # MS-CXR-T rows may be keyed by dicom_id even when study_id would do: (column, index) to use then.
     alternate_key: tuple[str, submissions.StudyIndex] | None = None
+    #: Reference keys that exist but are not scored (report studies without the scored section):
+    #: rows for them are skipped and counted, not called unknown.
+    not_scored: np.ndarray | None = None
     n_rows: int = 0
     skipped_unknown: int = 0
+    skipped_not_scored: int = 0
     notes: list[str] = field(default_factory=list)
     read_log: submissions.ReadLog = field(default_factory=submissions.ReadLog)
 
@@ -83,59 +94,64 @@ class _Stream:
         """The reader's notes (format detection, skipped lines) followed by the scorer's."""
         return self.read_log.summary() + self.notes
 
+    def _plan_first(self, columns: list[str]) -> None:
+        """Give each column of the first batch its role, and choose the row key."""
+        self.plan = submissions.plan_columns(columns, self.kind, self.path, row=None, lenient=self.lenient)
+        if self.plan.key is None and self.alternate_key is not None:
+            name, alternate_index = self.alternate_key
+            if any(c.strip().lower() == name for c in columns):
+                self.key_column, self.index = name, alternate_index
+                self.notes.append(f"rows keyed by {name} (no study_id column)")
+        if self.key_column != "study_id":
+            found = next((c for c in columns if c.strip().lower() == self.key_column), None)
+            if found is None:
+                raise InputError(
+                    f"{where(self.path, field=self.key_column)}: the references pair some studies more than "
+                    f"once, so rows must be keyed by {self.key_column} (found: {', '.join(columns)})"
+                )
+            if found in self.plan.ignored:
+                self.plan.ignored.remove(found)
+            if self.plan.key is not None:
+                self.plan.ignored.append(self.plan.key)
+            self.plan.key = found
+        if self.plan.key is None:
+            raise InputError(
+                f"{where(self.path, field='study_id')}: no study_id column (found: {', '.join(columns)})"
+            )
+        if self.plan.ignored:
+            self.notes.append(f"ignored columns: {', '.join(self.plan.ignored)}")
+
+    def _plan_later(self, columns: list[str], first_row: int) -> None:
+        """Columns first seen in a later batch: observation or finding keys join the plan (JSON rows
+        may leave out blank cells); a key, text or model column appearing late is an error."""
+        known = set(self.plan.observations) | set(self.plan.progression) | set(self.plan.ignored)
+        known |= {c for c in (self.plan.key, self.plan.text, self.plan.model) if c}
+        new = [c for c in columns if c not in known]
+        if not new:
+            return
+        extra = submissions.plan_columns(new, self.kind, self.path, row=first_row, lenient=self.lenient)
+        if extra.key or extra.text or extra.model:
+            raise InputError(
+                f"{where(self.path, row=first_row, field=new[0])}: column appears only from this row on"
+            )
+        for column, obs in extra.observations.items():
+            if obs in self.plan.observations.values():
+                raise InputError(
+                    f"{where(self.path, row=first_row, field=column)}: observation {obs!r} given by two columns"
+                )
+            self.plan.observations[column] = obs
+        self.plan.progression.update(extra.progression)
+        self.plan.ignored.extend(extra.ignored)
+
     def batches(self, batch_rows: int, progress: Progress | None) -> Any:
+        """Yield (batch, kept row positions, their reference slots); unknown, unreadable and
+        duplicate rows are refused here (or skipped and counted with ``lenient``)."""
         for batch in submissions.iter_batches(self.path, batch_rows, lenient=self.lenient, log=self.read_log):
             columns = list(batch.columns)
-            first_row = int(batch.rows[0])
             if self.plan is None:
-                self.plan = submissions.plan_columns(
-                    columns, self.kind, self.path, row=None, lenient=self.lenient
-                )
-                if self.plan.key is None and self.alternate_key is not None:
-                    name, alternate_index = self.alternate_key
-                    if any(c.strip().lower() == name for c in columns):
-                        self.key_column, self.index = name, alternate_index
-                        self.notes.append(f"rows keyed by {name} (no study_id column)")
-                if self.key_column != "study_id":
-                    found = next((c for c in columns if c.strip().lower() == self.key_column), None)
-                    if found is None:
-                        raise InputError(
-                            f"{where(self.path, field=self.key_column)}: the references pair some studies more than "
-                            f"once, so rows must be keyed by {self.key_column} (found: {', '.join(columns)})"
-                        )
-                    if found in self.plan.ignored:
-                        self.plan.ignored.remove(found)
-                    if self.plan.key is not None:
-                        self.plan.ignored.append(self.plan.key)
-                    self.plan.key = found
-                if self.plan.key is None:
-                    raise InputError(
-                        f"{where(self.path, field='study_id')}: no study_id column (found: {', '.join(columns)})"
-                    )
-                if self.plan.ignored:
-                    self.notes.append(f"ignored columns: {', '.join(self.plan.ignored)}")
+                self._plan_first(columns)
             else:
-                known = set(self.plan.observations) | set(self.plan.progression) | set(self.plan.ignored)
-                known |= {c for c in (self.plan.key, self.plan.text, self.plan.model) if c}
-                new = [c for c in columns if c not in known]
-                if new:
-                    extra = submissions.plan_columns(
-                        new, self.kind, self.path, row=first_row, lenient=self.lenient
-                    )
-                    if extra.key or extra.text or extra.model:
-                        raise InputError(
-                            f"{where(self.path, row=first_row, field=new[0])}: column appears only from this row on"
-                        )
-                    # JSON rows may leave out blank cells: an observation or finding key first
-                    # seen in a later batch joins the plan (earlier rows were blank for it).
-                    for column, obs in extra.observations.items():
-                        if obs in self.plan.observations.values():
-                            raise InputError(
-                                f"{where(self.path, row=first_row, field=column)}: observation {obs!r} given by two columns"
-                            )
-                        self.plan.observations[column] = obs
-                    self.plan.progression.update(extra.progression)
-                    self.plan.ignored.extend(extra.ignored)
+                self._plan_later(columns, int(batch.rows[0]))
             numeric_key = self.key_column == "study_id"
             ids, bad_key, messages = submissions.parse_or_skip(
                 submissions.parse_study_ids if numeric_key else submissions.parse_text_keys,
@@ -153,6 +169,11 @@ class _Stream:
             slots = self.index.lookup(ids)
             slots[bad_key] = -1
             unknown = (slots < 0) & ~bad_key
+            if unknown.any() and self.not_scored is not None:
+                unscored = unknown & np.isin(ids, self.not_scored)
+                self.skipped_not_scored += int(unscored.sum())
+                unknown &= ~unscored
+                bad_key = bad_key | unscored  # dropped from this batch like unreadable keys
             if unknown.any():
                 if not self.lenient:
                     i = int(np.nonzero(unknown)[0][0])
@@ -182,6 +203,13 @@ def _coverage(
 ) -> tuple[np.ndarray, int]:
     covered = index.covered
     missing = int((~covered).sum())
+    if not covered.any():
+        # Even with --lenient: with no overlap every figure would be a 0 (or an accuracy of n = 0)
+        # that ranks like a real score.
+        raise InputError(
+            f"{where(path)}: no row matches a study of the references ({len(ids)} reference studies); "
+            "nothing to score (check the study ids, the task's split and --references)"
+        )
     if missing and require_complete:
         sample = ", ".join(str(s) for s in ids[~covered][:5])
         raise InputError(
@@ -280,6 +308,8 @@ def score(
         )
     result.format = fmt
     result.sha256 = sha256 or file_sha256(path)  # the caller may have hashed the file already
+    if result.predictions is not None:
+        result.predictions_sha256 = result.predictions.sha256
     if result.extra.get("skipped_unreadable") is None:
         result.extra["skipped_unreadable"] = 0
     return result
@@ -320,6 +350,7 @@ def _score_labels(
     index = submissions.StudyIndex(refs.study_ids, source=refs.description)
     stream = _Stream(path, "labels", index, lenient)
     predicted = np.full(refs.labels.shape, np.nan, dtype=np.float32)
+    slot_texts: list[str | None] = []  # free text per slot (text submissions only)
     mode = None
     for batch, keep, slots in stream.batches(batch_rows, progress):
         if mode is None:
@@ -335,6 +366,7 @@ def _score_labels(
                 )
             texts = stream.texts(batch, keep, slots, stream.plan.text)
             predicted[slots] = labels_of_texts(texts, processes)
+            _keep_texts(slot_texts, len(refs.study_ids), slots, texts)
     covered, missing = _coverage(index, refs.study_ids, require_complete, path)
     if mode == "values":
         never = [o for o in OBSERVATIONS if o not in stream.plan.observations.values()]
@@ -360,12 +392,41 @@ def _score_labels(
     )
     result.extra["references"] = refs.description
     result.extra["skipped_unreadable"] = stream.read_log.skipped
+    result.extra["competition_labels"] = list(COMPETITION_LABELS)
+    result.fingerprint = fingerprint.make(task, refs.content_hash(), refs.origin, uncertain)
+    ids = refs.study_ids[covered]
+    if mode == "text":
+        result.predictions = Predictions.build(
+            "text", "study_id", ids, {"text": _covered(slot_texts, covered)}
+        )
+    else:
+        columns = {o: predicted[covered, j] for j, o in enumerate(OBSERVATIONS)}
+        result.predictions = Predictions.build("labels", "study_id", ids, columns)
     result.notes = stream.finish_notes()
+    result.notes.append(_COMPETITION_NOTE)
     if input_kind == "probabilities":
         result.notes.append(
             "probabilities thresholded at 0.5 for accuracy/precision/recall/F1; AUROC from the scores"
         )
     return result
+
+
+_COMPETITION_NOTE = (
+    "*_f1_5: over the 5 CheXpert competition labels (" + ", ".join(COMPETITION_LABELS) + "); *_f1_14: all 14"
+)
+
+
+def _keep_texts(slot_texts: list[str | None], size: int, slots: np.ndarray, texts: list) -> None:
+    """Remember each slot's submitted text (for the canonical predictions)."""
+    if not slot_texts:
+        slot_texts.extend([None] * size)
+    for slot, text in zip(slots.tolist(), texts, strict=True):
+        slot_texts[slot] = text
+
+
+def _covered(slot_texts: list[str | None], covered: np.ndarray) -> list[str | None]:
+    """The texts of the covered slots, in slot order."""
+    return [slot_texts[i] for i in np.nonzero(covered)[0]] if slot_texts else []
 
 
 def _label_mode(stream: _Stream, path: Path, lenient: bool) -> str:
@@ -492,6 +553,9 @@ def _score_reports(
     corpus = textmetrics.ReferenceCorpus(refs.texts)
     index = submissions.StudyIndex(refs.study_ids, source=refs.description)
     stream = _Stream(path, "report", index, lenient)
+    if len(refs.dropped_ids):
+        stream.not_scored = refs.dropped_ids
+    slot_texts: list[str | None] = []
     stats = np.zeros((len(refs.texts), len(textmetrics.STAT_COLUMNS)), dtype=np.float64)
     predicted = np.full((len(refs.texts), len(OBSERVATIONS)), np.nan, dtype=np.float32)
     want_meteor = textmetrics.wordnet_available()
@@ -507,6 +571,7 @@ def _score_reports(
             )
             raise InputError(f"{where(path)}: {submissions.expected_columns('report')}{hint}")
         texts = stream.texts(batch, keep, slots, stream.plan.text)
+        _keep_texts(slot_texts, len(refs.texts), slots, texts)
         stats[slots] = corpus.score_batch(slots, texts)
         predicted[slots] = labels_of_texts(texts, processes)
         if want_meteor:
@@ -545,12 +610,45 @@ def _score_reports(
         n_boot=n_boot,
         notes=notes,
     )
+    _report_provenance(result, task, refs, stream, sums, covered, slot_texts)
+    return result
+
+
+def _report_provenance(
+    result: ScoreResult,
+    task: Task,
+    refs: TextReferences,
+    stream: _Stream,
+    sums: np.ndarray,
+    covered: np.ndarray,
+    slot_texts: list[str | None],
+) -> None:
+    """What a report score was computed against and how: references, section, the CIDEr-D corpus,
+    ReXrank's BLEU-2, the studies without the section, the fingerprint and the canonical texts."""
     result.extra["references"] = refs.description
     result.extra["skipped_unreadable"] = stream.read_log.skipped
-    result.extra["reference_section"] = section or task.reference_section
+    result.extra["reference_section"] = refs.section
     result.extra["references_without_section"] = refs.dropped
+    result.extra["competition_labels"] = list(COMPETITION_LABELS)
+    result.extra["rexrank_bleu_2"] = textmetrics.rexrank_bleu_2_mean(sums)
+    result.extra["cider_d_document_frequencies"] = (
+        f"all {len(refs.texts)} task references ({refs.section} sections), not only the scored studies"
+    )
+    if stream.skipped_not_scored:
+        result.extra["skipped_without_section"] = stream.skipped_not_scored
+        result.notes.append(
+            f"{stream.skipped_not_scored} rows for studies whose reference report has no {refs.section} "
+            "section: not scored (they are not among the task's scored ids)"
+        )
+    result.fingerprint = fingerprint.make(
+        task, refs.content_hash(), refs.origin, result.uncertain, refs.section
+    )
+    result.predictions = Predictions.build(
+        "text", "study_id", refs.study_ids[covered], {"text": _covered(slot_texts, covered)}
+    )
     result.notes.append("clinical efficacy (ce_*): cxrmax labeler on generated vs reference text")
-    return result
+    result.notes.append(_COMPETITION_NOTE.replace("*_f1", "ce_*_f1"))
+    result.notes.append("CIDEr-D document frequencies: " + result.extra["cider_d_document_frequencies"])
 
 
 def _score_progression(
@@ -567,7 +665,7 @@ def _score_progression(
             alternate = None
     stream = _Stream(path, "ms-cxr-t", index, lenient, key_column=key_name, alternate_key=alternate)
     findings = list(MS_CXR_T_FINDINGS)
-    answers, input_kind, unreadable = _read_progression_answers(stream, refs, batch_rows, progress)
+    answers, input_kind, unreadable, cells = _read_progression_answers(stream, refs, batch_rows, progress)
     index = stream.index  # the dicom_id index when the submission was keyed that way
     keys = refs.dicom_ids if stream.key_column == "dicom_id" else keys
     covered, missing = _coverage(index, keys, require_complete, path)
@@ -601,6 +699,20 @@ def _score_progression(
     )
     result.extra["references"] = refs.description
     result.extra["skipped_unreadable"] = stream.read_log.skipped
+    result.extra["missing_answers"] = task.missing_answers
+    result.fingerprint = fingerprint.make(task, refs.content_hash(), refs.origin, "n/a")
+    kind = "text" if input_kind == "text" else "answers"
+    result.predictions = Predictions.build(
+        kind,
+        stream.key_column,
+        keys[covered],
+        {name: [values[i] for i in np.nonzero(covered)[0]] for name, values in cells.items()},
+    )
+    if missing and task.missing_answers == "wrong":
+        result.notes.append(
+            f"{missing} reference rows absent from the submission: their annotated findings count as "
+            'wrong (the task\'s missing_answers = "wrong")'
+        )
     if unreadable:
         result.notes.append(
             f"{unreadable} answers could not be read as improving/stable/worsening (scored as wrong)"
@@ -619,16 +731,18 @@ def _score_progression(
 
 def _read_progression_answers(
     stream: _Stream, refs: ProgressionReferences, batch_rows: int, progress: Progress | None
-) -> tuple[np.ndarray, str | None, int]:
+) -> tuple[np.ndarray, str | None, int, dict[str, list[str | None]]]:
     """Every row's answer per finding as a class index (-2 not given, -1 unreadable), from
-    per-finding answer columns or from one free-text column, with the input kind and the count of
-    answers that could not be read."""
+    per-finding answer columns or from one free-text column, with the input kind, the count of
+    answers that could not be read, and the canonical cells per slot (answer columns: the class
+    name, or the cell as given when unreadable; free text: the text)."""
     path = stream.path
     findings = list(MS_CXR_T_FINDINGS)
     answers = np.full((len(refs.study_ids), len(findings)), -2, dtype=np.int8)  # -2 not given, -1 unreadable
     lookup = {name: i for i, name in enumerate(PROGRESSION_CLASSES)}
     input_kind = None
     unreadable = 0
+    cells: dict[str, list[str | None]] = {}
     for batch, keep, slots in stream.batches(batch_rows, progress):
         plan = stream.plan
         if not plan.progression and not plan.text:
@@ -638,35 +752,47 @@ def _read_progression_answers(
             for column, prefix in plan.progression.items():
                 values = stream.texts(batch, keep, slots, column)
                 j = findings.index(prefix)
+                column_cells = cells.setdefault(prefix, [None] * len(refs.study_ids))
                 for k, value in enumerate(values):
                     label = classify_progression(value, None) if value and value.strip() else None
                     answers[slots[k], j] = lookup[label] if label else -1
                     unreadable += bool(value and value.strip() and label is None)
+                    column_cells[slots[k]] = label or (value.strip() if value and value.strip() else None)
         else:
             input_kind = input_kind or "text"
             values = stream.texts(batch, keep, slots, plan.text)
+            text_cells = cells.setdefault("text", [None] * len(refs.study_ids))
             for k, value in enumerate(values):
+                text_cells[slots[k]] = value
                 for j, prefix in enumerate(findings):
                     if refs.classes[prefix][slots[k]] < 0:
                         continue
                     label = classify_progression(value, prefix)
                     answers[slots[k], j] = lookup[label] if label else -1
-    return answers, input_kind, unreadable
+    # Findings in MS_CXR_T_FINDINGS order, so that column order never changes the canonical form.
+    if "text" in cells:
+        return answers, input_kind, unreadable, {"text": cells["text"]}
+    blank = [None] * len(refs.study_ids)
+    return answers, input_kind, unreadable, {prefix: cells.get(prefix, blank) for prefix in findings}
 
 
 def _progression_accuracy(
     task: Task, refs: ProgressionReferences, answers: np.ndarray, covered: np.ndarray
 ) -> tuple[dict[str, float | None], list[dict[str, Any]], np.ndarray]:
     """Top-1 accuracy per finding and their mean (in the task's column order), the per-finding
-    confusion counts, and the per-study (correct, annotated) statistics for the bootstrap."""
+    confusion counts, and the per-study (correct, annotated) statistics for the bootstrap.
+
+    With the task's ``missing_answers = "wrong"`` every reference row counts (an absent row's
+    annotated findings are wrong answers); with "skip" only the covered rows do."""
     findings = list(MS_CXR_T_FINDINGS)
     per_finding = []
     stats_columns = []
     headline: dict[str, float | None] = {}
+    counted = np.ones_like(covered) if task.missing_answers == "wrong" else covered
     for j, prefix in enumerate(findings):
         truth = refs.classes[prefix]
-        annotated = covered & (truth >= 0)
-        correct = annotated & (answers[:, j] == truth)
+        annotated = counted & (truth >= 0)
+        correct = annotated & covered & (answers[:, j] == truth)
         n = int(annotated.sum())
         acc = float(correct.sum() / n) if n else None
         headline[prefix] = acc
@@ -692,7 +818,7 @@ def _progression_accuracy(
     order = [k for k in task.headline if k in headline] + [k for k in headline if k not in task.headline]
     headline = {k: headline[k] for k in order}
     per_finding.sort(key=lambda row: order.index(row["finding"]))
-    return headline, per_finding, np.column_stack(stats_columns)[covered]
+    return headline, per_finding, np.column_stack(stats_columns)[counted]
 
 
 def dumps(result: ScoreResult) -> str:

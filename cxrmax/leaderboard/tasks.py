@@ -3,7 +3,11 @@
 
 A task file names its kind (labels | report | ms-cxr-t | rationale), a version (stored with every
 board entry, so scores from different task versions are never ranked together silently), the
-primary metric used for ranking and the headline metrics shown in tables.
+primary metric used for ranking and the headline metrics shown in tables. Integrity settings:
+``min_coverage`` (default 1.0: an entry is ranked only when it covers every scored id of the task),
+``missing_answers`` ("wrong": a reference row or cell the submission does not answer counts as a
+wrong answer; "skip": it leaves the denominator) and ``reference_sha256`` (the content hash of the
+official references, see `cxrmax.leaderboard.fingerprint`).
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class Task:
     reference_section: str = "findings"
     reference_file: str | None = None
     published: str | None = None
+    min_coverage: float = 1.0
+    missing_answers: str = "skip"
+    reference_sha256: str | None = None
     path: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -68,6 +75,9 @@ _KNOWN_KEYS = {
     "reference_section",
     "reference_file",
     "published",
+    "min_coverage",
+    "missing_answers",
+    "reference_sha256",
 }
 
 
@@ -109,7 +119,21 @@ def load_task_file(path: str | Path) -> Task:
     higher = data.get("higher_is_better", True)
     if not isinstance(higher, bool):  # bool("false") is True
         raise InputError(f"{where(path, field='higher_is_better')}: expected true or false, got {higher!r}")
-    for key in ("reference_file", "published"):
+    min_coverage = data.get("min_coverage", 1.0)
+    if (
+        isinstance(min_coverage, bool)
+        or not isinstance(min_coverage, (int, float))
+        or not 0 < min_coverage <= 1
+    ):
+        raise InputError(
+            f"{where(path, field='min_coverage')}: expected a fraction in (0, 1], got {min_coverage!r}"
+        )
+    missing_answers = data.get("missing_answers", "skip")
+    if missing_answers not in ("wrong", "skip"):
+        raise InputError(
+            f'{where(path, field="missing_answers")}: expected "wrong" or "skip", got {missing_answers!r}'
+        )
+    for key in ("reference_file", "published", "reference_sha256"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise InputError(f"{where(path, field=key)}: expected a file name, got {data[key]!r}")
     return Task(
@@ -125,6 +149,9 @@ def load_task_file(path: str | Path) -> Task:
         reference_section=str(data.get("reference_section", "findings")),
         reference_file=data.get("reference_file"),
         published=data.get("published"),
+        min_coverage=float(min_coverage),
+        missing_answers=missing_answers,
+        reference_sha256=data.get("reference_sha256") or None,
         path=path,
         extra={k: v for k, v in data.items() if k not in _KNOWN_KEYS},
     )

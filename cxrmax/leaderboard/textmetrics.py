@@ -17,16 +17,25 @@ Definitions (single reference per study):
   corpus, cosine with the candidate clipped to the reference's tf-idf, times the Gaussian length
   penalty exp(-(l_c - l_r)^2 / (2 * 6^2)); mean over n, times 10; corpus figure = mean over studies.
   Lengths are unigram counts (pycocoevalcap's implementation counts bigrams there; ours follows the
-  published definition).
+  published definition). Document frequencies come from every reference of the task (the whole
+  reference set of its split and section, `ReferenceCorpus`), not only from the studies a submission
+  covers: pycocoevalcap takes them from the references it is given, which is the same set when the
+  submission covers the task, as ranked entries do.
+- rexrank_bleu_2 (in the result's ``extra``, not the headline): ReXrank's BLEU-2 (CXR-Report-Metric's ``add_bleu_col``, fast_bleu): its own
+  tokenisation (lower-case, ``.`` split off as a token, split on single spaces, so other punctuation
+  stays attached to words), sentence-level BLEU with weights (1/2, 1/2), no smoothing, averaged over
+  studies. Equal to ``nltk.translate.bleu_score.sentence_bleu(weights=(0.5, 0.5))`` on those tokens.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +50,7 @@ _TOKEN = re.compile(r"[a-z0-9]+")
 STAT_COLUMNS = (
     [f"match_{n}" for n in range(1, MAX_ORDER + 1)]
     + [f"total_{n}" for n in range(1, MAX_ORDER + 1)]
-    + ["cand_len", "ref_len", "rouge_l", "cider_d", "count"]
+    + ["cand_len", "ref_len", "rouge_l", "cider_d", "bleu_2_rexrank", "count"]
 )
 _COL = {name: i for i, name in enumerate(STAT_COLUMNS)}
 
@@ -51,6 +60,36 @@ def tokenize(text: str | None) -> list[str]:
     if not text:
         return []
     return _TOKEN.findall(text.lower())
+
+
+def rexrank_tokenize(text: str | None) -> list[str]:
+    """ReXrank's tokenisation (CXR-Report-Metric ``prep_reports``): lower-case, a space before every
+    ``.``, split on single spaces, empty strings dropped."""
+    if text is None:
+        return []
+    return [t for t in str(text).lower().replace(".", " .").split(" ") if t != ""]
+
+
+def _bigram_counts(tokens: list[str]) -> tuple[Counter, Counter]:
+    return Counter(tokens), Counter(zip(tokens, tokens[1:], strict=False))  # neighbour pairs
+
+
+def rexrank_bleu_2(candidate: list[str], reference: tuple[Counter, Counter, int]) -> float:
+    """Sentence BLEU-2 of ReXrank tokens against one reference's (unigram, bigram counts, length):
+    brevity penalty times the geometric mean of the clipped 1- and 2-gram precisions, 0 when either
+    has no match (no smoothing, as fast_bleu and nltk's default)."""
+    ref_uni, ref_bi, ref_len = reference
+    c = len(candidate)
+    if c == 0:
+        return 0.0
+    uni, bi = _bigram_counts(candidate)
+    match_1 = sum(min(n, ref_uni[g]) for g, n in uni.items())
+    match_2 = sum(min(n, ref_bi[g]) for g, n in bi.items())
+    if match_1 == 0 or match_2 == 0:
+        return 0.0
+    log_p = 0.5 * math.log(match_1 / c) + 0.5 * math.log(match_2 / (c - 1))
+    brevity = 1.0 if c > ref_len else math.exp(1 - ref_len / c)
+    return brevity * math.exp(log_p)
 
 
 def lcs_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -102,6 +141,8 @@ class ReferenceCorpus:
 
     def __init__(self, references: Sequence[str | None]):
         self.size = len(references)
+        self._references = references
+        self._rexrank: list[tuple[Counter, Counter, int] | None] = [None] * self.size
         tokens = [tokenize(t) for t in references]
         self.vocab: dict[str, int] = {}
         flat: list[int] = []
@@ -137,6 +178,15 @@ class ReferenceCorpus:
             norm = np.sqrt(np.bincount(row_keys // n_grams, weights=weight**2, minlength=self.size))
             self.orders.append(_Order(keys, n_grams, idf, row_keys, counts, weight, norm))
         self._log_n = log_n
+
+    def rexrank_reference(self, row: int) -> tuple[Counter, Counter, int]:
+        """ReXrank unigram and bigram counts and length of one reference (computed once, on demand)."""
+        cached = self._rexrank[row]
+        if cached is None:
+            tokens = rexrank_tokenize(self._references[row])
+            cached = (*_bigram_counts(tokens), len(tokens))
+            self._rexrank[row] = cached
+        return cached
 
     def tokens(self, row: int) -> np.ndarray:
         """Token ids of one reference."""
@@ -226,8 +276,11 @@ class ReferenceCorpus:
         # ROUGE-L, bit-parallel LCS per pair.
         starts = np.concatenate([[0], np.cumsum(lengths)])
         rouge = out[:, _COL["rouge_l"]]
+        rexrank = out[:, _COL["bleu_2_rexrank"]]
         id_list = ids.tolist()
         for i in range(m):
+            reference = self.rexrank_reference(int(ref_rows[i]))
+            rexrank[i] = rexrank_bleu_2(rexrank_tokenize(candidates[i]), reference)
             cand = id_list[starts[i] : starts[i + 1]]
             ref = self.tokens(int(ref_rows[i])).tolist()
             lcs = lcs_length(ref, cand)
@@ -257,6 +310,13 @@ def text_summary(sums: np.ndarray) -> dict[str, np.ndarray]:
     out["rouge_l"] = np.divide(sums[..., _COL["rouge_l"]], count, out=np.zeros_like(count), where=count > 0)
     out["cider_d"] = np.divide(sums[..., _COL["cider_d"]], count, out=np.zeros_like(count), where=count > 0)
     return out
+
+
+def rexrank_bleu_2_mean(sums: np.ndarray) -> float:
+    """ReXrank's BLEU-2 (mean over studies) from summed per-study statistics. Kept out of
+    `text_summary`, the headline: its tokenisation differs from every other metric here."""
+    count = float(sums[_COL["count"]])
+    return float(sums[_COL["bleu_2_rexrank"]]) / count if count else 0.0
 
 
 def _nltk_data_dirs() -> list[Path]:
