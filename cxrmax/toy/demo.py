@@ -494,6 +494,45 @@ def _third_party_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def train_demo_teachers(
+    out: Path,
+    teachers: Sequence[sim.TeacherSpec],
+    root: Path,
+    train_all: Any,
+    test: Any,
+    size: DemoSize,
+    seed: int,
+) -> tuple[sim.Simulation, list[sim.Example], Any]:
+    """The demo's teachers trained under OUT/teachers: (simulation, training examples, prompt).
+
+    The diagnosis list carries each finding's report side (see :func:`cxrmax.toy.teachers.sided_prompt`),
+    for the train and the test images alike; teachers and students are all asked with this prompt."""
+    sides = sim.selection_sides(train_all) | sim.selection_sides(test)
+    prompt = sim.sided_prompt(sides, "rationale")
+    examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
+    simulation = sim.simulate(
+        out / "teachers",
+        examples,
+        teachers,
+        steps=size.teacher_steps,
+        batch_size=size.teacher_batch,
+        lr=size.teacher_lr,
+        seed=seed,
+        max_edge=size.image_max_edge,
+    )
+    return simulation, examples, prompt
+
+
+def build_demo_preferences(generated: Path, data: Path, root: Path) -> dict[str, Any]:
+    """build-preferences over the teachers' train-split answers into ``data``; returns the data card's
+    drift statistics (``samples``, ``per_model``)."""
+    # The committed Arrow shards themselves: generate's folder also holds run manifests (JSON)
+    # that are not trajectories.
+    build_preferences(trajectory_files(generated), data, BuildOptions(mimic_root=root, processes=1))
+    stats = drift_statistics(data)
+    return {"samples": stats.samples, "per_model": stats.per_model}
+
+
 def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backend: str) -> DemoResult:
     if size not in SIZES:
         raise InputError(f"--size must be one of {', '.join(SIZES)}, not {size!r}")
@@ -515,21 +554,7 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     # 2. teachers
     teachers = sim.default_teachers()
     with stages.stage("teachers", f"train {len(teachers)} tiny VLM teachers with injected drift"):
-        # The diagnosis list carries each finding's report side (see simulate.sided_prompt), for the
-        # train and the test images alike; teachers and students are all asked with this prompt.
-        sides = sim.selection_sides(train_all) | sim.selection_sides(test)
-        prompt = sim.sided_prompt(sides, "rationale")
-        examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
-        simulation = sim.simulate(
-            out / "teachers",
-            examples,
-            teachers,
-            steps=spec.teacher_steps,
-            batch_size=spec.teacher_batch,
-            lr=spec.teacher_lr,
-            seed=seed,
-            max_edge=spec.image_max_edge,
-        )
+        simulation, examples, prompt = train_demo_teachers(out, teachers, root, train_all, test, spec, seed)
     result.artifacts["teachers + drift spec"] = str(simulation.spec_path)
     if console is not None:
         for t in simulation.teachers:
@@ -545,30 +570,19 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
         f"and {test.num_rows} test images x {spec.test_samples}",
     ):
         for t in simulation.teachers:
-            generate_answers(
-                t.spec.name,
-                t.path,
-                out / "selection-train.parquet",
-                root,
-                gen_out,
-                spec,
-                1,
-                seed,
-                teacher_backend,
-                prompt,
-            )
-            generate_answers(
-                t.spec.name,
-                t.path,
-                out / "selection-test.parquet",
-                root,
-                eval_out,
-                spec,
-                spec.test_samples,
-                seed,
-                teacher_backend,
-                prompt,
-            )
+            for selection, folder, samples in (("train", gen_out, 1), ("test", eval_out, spec.test_samples)):
+                generate_answers(
+                    t.spec.name,
+                    t.path,
+                    out / f"selection-{selection}.parquet",
+                    root,
+                    folder,
+                    spec,
+                    samples,
+                    seed,
+                    teacher_backend,
+                    prompt,
+                )
     result.artifacts["teacher trajectories (train split)"] = str(gen_out / "trajectories")
     result.artifacts["test-split answers (teachers + students)"] = str(eval_out / "trajectories")
 
@@ -577,16 +591,11 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     with stages.stage(
         "preferences", "build-preferences: vote consensus, drift annotations, ranked negatives"
     ):
-        # The committed Arrow shards themselves: generate's folder also holds run manifests (JSON)
-        # that are not trajectories.
-        build_preferences(trajectory_files(gen_out), data, BuildOptions(mimic_root=root, processes=1))
-        stats = drift_statistics(data)
-        result.drift_report = {"samples": stats.samples, "per_model": stats.per_model}
+        result.drift_report = build_demo_preferences(gen_out, data, root)
     result.artifacts["preferences / sft (datasets)"] = f"{data / 'preferences'} , {data / 'sft'}"
     result.artifacts["data card"] = str(data / "README.md")
 
     # 5. students
-    students: dict[str, Path] = {}
     with stages.stage("students", "SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO"):
         base = build_tiny_vlm(
             out / "students" / "base",
@@ -596,23 +605,22 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
         students = train_students(out / "students", data, root, base, spec, seed, console)
     for name, path in students.items():
         result.artifacts[name] = str(path)
-    if students:
-        with stages.stage(
-            "students answer", f"{len(students)} students answer the test split (transformers backend)"
-        ):
-            for name, path in students.items():
-                generate_answers(
-                    name,
-                    path,
-                    out / "selection-test.parquet",
-                    root,
-                    eval_out,
-                    spec,
-                    spec.test_samples,
-                    seed,
-                    "transformers",
-                    prompt,
-                )
+    with stages.stage(
+        "students answer", f"{len(students)} students answer the test split (transformers backend)"
+    ):
+        for name, path in students.items():
+            generate_answers(
+                name,
+                path,
+                out / "selection-test.parquet",
+                root,
+                eval_out,
+                spec,
+                spec.test_samples,
+                seed,
+                "transformers",
+                prompt,
+            )
 
     # 6. score
     with stages.stage("score", "leaderboard cxr-max-rationale + labeler drift rates on the test split"):
