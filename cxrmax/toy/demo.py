@@ -423,7 +423,7 @@ def train_students(
         output_dir=str(out / "student-sft"),
         model_name_or_path=str(base),
         dataset_path=str(data / "sft"),
-        learning_rate=8e-3,  # a tiny model from scratch: the teachers' rate (see simulate.train_teacher)
+        learning_rate=8e-3,  # a tiny model from scratch: the teachers' rate (see teachers.train_teacher)
         warmup_steps=0.05,
         max_steps=size.sft_steps,
         per_device_train_batch_size=8,

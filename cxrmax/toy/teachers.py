@@ -25,9 +25,9 @@ random-weight model writes noise, so this module *makes* source models whose dri
 
    A teacher with no bias is the reference ("faithful") source.
 4. Each teacher is a tiny Qwen2-VL built in code (:func:`cxrmax.toy.tinyvlm.build_tiny_vlm`, about 200k
-   parameters) trained with a short next-token loop (loss on the answer tokens only) on the image, the
-   prompt and its targets. The biases are therefore *learnt*: what the teachers later generate shows
-   them at roughly the trained rates when sampled at temperature 1.
+   parameters) trained on the image, the prompt and its targets by apo_train's SFT stage, the one the
+   students' Stage 1 runs (loss on the answer tokens only). The biases are therefore *learnt*: what
+   the teachers later generate shows them at roughly the trained rates when sampled at temperature 1.
 
 The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends them. By default
 it is the paper's rationale prompt whose diagnosis list carries each finding's side as the report
