@@ -550,6 +550,15 @@ class _TeacherEncoder(ChatEncoder):
     def uses_images(self) -> bool:
         return self.is_vlm
 
+    def completion_parts(self, prompt: str, completion: str) -> tuple[str, str, str]:
+        # Generation stops at the end-of-turn token (the model's eos): what the template writes after
+        # it (a newline) is never generated, so a teacher's target ends there.
+        lead, body, trail = super().completion_parts(prompt, completion)
+        eos = self.tokenizer.eos_token
+        if eos and eos in trail:
+            trail = trail[: trail.index(eos) + len(eos)]
+        return lead, body, trail
+
     def load_image(self, image_path: str, row: int | None = None) -> Any:
         if image_path not in self._images:
             self._images[image_path] = load_image(image_path, self.max_edge)
@@ -591,21 +600,15 @@ def _datasets_bars_off() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def teacher_sft_config(
-    model_dir: str | Path, steps: int, batch_size: int, lr: float, seed: int
-) -> SFTStageConfig:
+def teacher_sft_config(model_dir: str | Path, steps: int, batch_size: int, seed: int) -> SFTStageConfig:
     """The SFT stage settings of a teacher: full fine-tuning of the tiny model on CPU for ``steps``
-    steps of ``batch_size`` examples, AdamW without weight decay, 5% linear warm-up then cosine decay,
-    gradients clipped at 1, the loss logged at every step, nothing saved by the trainer itself."""
+    steps of ``batch_size`` examples, gradients clipped at 1, the loss logged at every step, nothing
+    saved by the trainer itself (the optimizer and the example order: :func:`train_teacher`)."""
     return SFTStageConfig(
         output_dir=str(model_dir),
         model_name_or_path=str(model_dir),
         use_lora=False,  # a 200k-parameter model learns its bias by full fine-tuning
-        learning_rate=lr,
-        weight_decay=0.0,
         max_grad_norm=1.0,
-        warmup_steps=0.05,
-        lr_scheduler_type="cosine",
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         global_batch_size=None,  # one optimizer step per batch of examples
@@ -620,6 +623,54 @@ def teacher_sft_config(
         disable_tqdm=True,
         seed=seed,
     )
+
+
+class _BatchStream(torch.utils.data.Sampler[int]):
+    """Example indices for ``steps`` full batches: shuffled passes over the examples laid end to end,
+    drawn from ``random.Random(seed)``. A teacher trains for a number of steps on a few dozen examples,
+    so a batch may straddle two passes, where an epoch-based sampler would end each pass short."""
+
+    def __init__(self, examples: int, steps: int, batch_size: int, seed: int) -> None:
+        self.examples, self.steps, self.batch_size, self.seed = examples, steps, batch_size, seed
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed)
+        order: list[int] = []
+        for _ in range(self.steps):
+            while len(order) < self.batch_size:
+                more = list(range(self.examples))
+                rng.shuffle(more)
+                order += more
+            batch, order = order[: self.batch_size], order[self.batch_size :]
+            yield from batch
+
+
+class _TeacherTrainer(SFTStageTrainer):
+    """The SFT stage's trainer drawing its examples from a :class:`_BatchStream`."""
+
+    def __init__(self, *args: Any, sampler: _BatchStream, **kwargs: Any) -> None:
+        self._stream = sampler
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> _BatchStream:
+        return self._stream
+
+
+def _teacher_optimizer(model: torch.nn.Module, lr: float, steps: int) -> tuple[Any, Any]:
+    """AdamW without weight decay, a linear warm-up over the first 5% of the steps (from lr/warm-up,
+    so the first step already learns) then cosine decay to zero."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
 #: Token budget of a teacher example: far above prompt + image + the longest (verbose) answer, so the
@@ -642,8 +693,9 @@ def train_teacher(
 
     Training is apo_train's SFT stage (Stage 1 of the student): the examples are tokenized by
     ``tokenize_sft`` with the model's chat template (loss on the answer and its end-of-turn tokens
-    only), collated by ``SFTCollator`` and trained by ``SFTStageTrainer`` with
-    :func:`teacher_sft_config`. ``images`` caches decoded images across teachers."""
+    only), collated by ``SFTCollator`` and trained by ``SFTStageTrainer`` (:func:`teacher_sft_config`)
+    for ``steps`` full batches of shuffled examples, with AdamW at ``lr`` under a short warm-up and a
+    cosine decay. ``images`` caches decoded images across teachers."""
     if not examples:
         raise InputError(f"{model_dir}: no training examples for the teacher")
     started = time.perf_counter()
@@ -664,12 +716,14 @@ def train_teacher(
         train, _ = tokenize_sft(rows, encoder, max_length=_MAX_TOKENS, source=Path(model_dir))
     log = _LossLog(progress)
     model.train()
-    trainer = SFTStageTrainer(
+    trainer = _TeacherTrainer(
         model=model,
-        args=teacher_sft_config(model_dir, steps, batch_size, lr, seed),
+        args=teacher_sft_config(model_dir, steps, batch_size, seed),
         train_dataset=train,
         data_collator=SFTCollator(encoder),
         callbacks=[log],
+        optimizers=_teacher_optimizer(model, lr, steps),
+        sampler=_BatchStream(len(train), steps, batch_size, seed),
     )
     trainer.train()
     model.eval()
