@@ -20,11 +20,23 @@ stage's section < command-line flags:
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import torch
+import yaml
+from accelerate import PartialState
+
+from apo_train.config import APOConfig, SFTStageConfig, config_field_names
+from apo_train.trainer import run_apo, run_sft
 from cxrmax.core.errors import InputError, where
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 #: Top-level keys that are not config fields.
 PIPELINE_KEYS = {
@@ -66,14 +78,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".toml":
-            try:
-                import tomllib
-            except ImportError:  # Python 3.10
-                import tomli as tomllib
             data = tomllib.loads(text)
         elif path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text) or {}
         elif path.suffix.lower() == ".json":
             data = json.loads(text)
@@ -98,8 +104,6 @@ def _check_fields(values: dict[str, Any], allowed: set[str], source: str, sectio
 
 def spec_from_config(data: dict[str, Any], source: str = "config") -> PipelineSpec:
     """Split a parsed config into a PipelineSpec (top-level fields go to both stages where valid)."""
-    from apo_train.config import APOConfig, SFTStageConfig, config_field_names
-
     sft_fields, apo_fields = config_field_names(SFTStageConfig), config_field_names(APOConfig)
     spec = PipelineSpec()
     for key in ("model", "out", "mimic_root", "sft_data", "preferences", "trajectories", "consensus"):
@@ -119,15 +123,11 @@ def spec_from_config(data: dict[str, Any], source: str = "config") -> PipelineSp
 
 
 def _auto_bf16() -> bool:
-    import torch
-
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
 def stage_config(spec: PipelineSpec, stage: str, model: str | None, dataset: str | None) -> Any:
     """Build the SFTStageConfig or APOConfig for one stage from the spec (paths filled in)."""
-    from apo_train.config import APOConfig, SFTStageConfig
-
     cls = SFTStageConfig if stage == "sft" else APOConfig
     values = dict(spec.sft if stage == "sft" else spec.apo)
     values.setdefault("output_dir", str(Path(spec.out) / stage))
@@ -154,28 +154,40 @@ def stage1_output(cfg: Any) -> str:
     return str(merged if merged.is_dir() else cfg.output_dir)
 
 
-def rebuild_preferences_with_model(spec: PipelineSpec, stage1_model: str, console: Any | None = None) -> str:
-    """Model-based consensus (the paper's in-context extraction) with the Stage-1 student, through
-    build-preferences' Python API. Returns the new preferences dir."""
-    try:
-        from cxrmax.preferences.build import BuildOptions, build_preferences
-    except ImportError as exc:  # pragma: no cover - depends on the build-preferences area being installed
-        raise InputError(f"--consensus model needs cxrmax.preferences.build: {exc}") from exc
+class RebuildPreferences(Protocol):
+    """Rebuilds the preference data with model consensus: what ``consensus = "model"`` runs.
+
+    Called on the main process only, with generate's OUT (``sources``), the folder to build in and
+    the settings of the consensus model (the Stage-1 model, served in-process by the transformers
+    backend); returns build-preferences' summary (its ``counts`` are printed). The training package
+    does not import the data stage: the caller (``cxrmax train-apo``) supplies this, e.g.
+
+        lambda sources, out, **kw: build_preferences(sources, out, BuildOptions(consensus="model", **kw))
+    """
+
+    def __call__(
+        self, sources: list[str], out: Path, *, mimic_root: Path | None, model_backend: dict[str, Any]
+    ) -> Any: ...
+
+
+def rebuild_preferences_with_model(
+    spec: PipelineSpec, stage1_model: str, rebuild: RebuildPreferences, console: Any | None = None
+) -> str:
+    """Model-based consensus (the paper's in-context extraction) with the Stage-1 student, through the
+    ``rebuild`` callback (build-preferences' Python API). Returns the new preferences dir."""
     if not spec.trajectories:
         raise InputError("--consensus model needs --trajectories (generate's OUT)")
     out = Path(spec.out) / "consensus"
-    options = BuildOptions(
-        consensus="model",
-        mimic_root=Path(spec.mimic_root) if spec.mimic_root else None,
-        model_backend={"backend": "transformers", "model": stage1_model, "image_root": spec.mimic_root},
-    )
     if console is not None:
         console.print(f"[bold]consensus[/]: rebuilding positives with the Stage-1 model {stage1_model}")
-    from accelerate import PartialState
-
     state = PartialState()
     if state.is_main_process:  # one writer under torchrun / accelerate launch; the others wait
-        summary = build_preferences([spec.trajectories], out, options)
+        summary = rebuild(
+            [spec.trajectories],
+            out,
+            mimic_root=Path(spec.mimic_root) if spec.mimic_root else None,
+            model_backend={"backend": "transformers", "model": stage1_model, "image_root": spec.mimic_root},
+        )
         counts = getattr(summary, "counts", {}) or {}
         if console is not None:
             console.print(
@@ -188,10 +200,13 @@ def rebuild_preferences_with_model(spec: PipelineSpec, stage1_model: str, consol
     return str(out / "preferences")
 
 
-def run_pipeline(spec: PipelineSpec, console: Any | None = None) -> dict[str, Any]:
-    """Run the requested stage(s). Returns {stage: result dict} (see trainer.run_sft / run_apo)."""
-    from apo_train.trainer import run_apo, run_sft
+def run_pipeline(
+    spec: PipelineSpec, console: Any | None = None, rebuild: RebuildPreferences | None = None
+) -> dict[str, Any]:
+    """Run the requested stage(s). Returns {stage: result dict} (see trainer.run_sft / run_apo).
 
+    ``rebuild`` rebuilds the preferences with the Stage-1 model between the stages (``--stage all``
+    with ``consensus = "model"``); it is required there and unused otherwise."""
     if spec.stage not in STAGES:
         raise InputError(f"--stage must be one of {STAGES}, not {spec.stage!r}")
     if spec.consensus not in ("none", "model"):
@@ -199,19 +214,26 @@ def run_pipeline(spec: PipelineSpec, console: Any | None = None) -> dict[str, An
     if spec.stage == "all" and spec.consensus == "model" and not spec.trajectories:
         # Checked before Stage 1 so a long SFT run does not end in this error.
         raise InputError("--consensus model needs --trajectories (generate's OUT)")
+    model_consensus = spec.stage == "all" and spec.consensus == "model"
+    if model_consensus and rebuild is None:
+        raise InputError(
+            "--consensus model needs a rebuild callback: run_pipeline(..., rebuild=...) with "
+            "build-preferences (see apo_train.pipeline.RebuildPreferences)"
+        )
     results: dict[str, Any] = {}
     apo_model = spec.model
     preferences = spec.preferences
     if spec.stage in ("sft", "all"):
         sft_cfg = stage_config(spec, "sft", spec.model, spec.sft_data)
-        if spec.stage == "all" and spec.consensus == "model":
+        if model_consensus:
             sft_cfg.merge_adapter = True  # the consensus backend loads a full model dir
         results["sft"] = run_sft(
             sft_cfg, console=console, resume_from_checkpoint=spec.resume if spec.stage == "sft" else None
         )
         apo_model = stage1_output(sft_cfg)
-        if spec.stage == "all" and spec.consensus == "model":
-            preferences = rebuild_preferences_with_model(spec, apo_model, console)
+        if model_consensus:
+            assert rebuild is not None  # checked above, before Stage 1
+            preferences = rebuild_preferences_with_model(spec, apo_model, rebuild, console)
     if spec.stage in ("apo", "all"):
         apo_cfg = stage_config(spec, "apo", apo_model, preferences)
         results["apo"] = run_apo(

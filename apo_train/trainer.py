@@ -30,8 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import torch
-from transformers import Trainer
+from torch.utils.data import DataLoader
+from transformers import Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from apo_train.callbacks import JsonlLogCallback, RichProgressCallback
@@ -49,6 +52,8 @@ from apo_train.data import (
 )
 from apo_train.losses import apo_loss, reward_metrics
 from apo_train.modeling import attach_lora, load_model, load_processor, processor_source
+from cxrmax.core.errors import InputError
+from cxrmax.core.io import atomic_path, atomic_write_json
 
 
 # ----------------------------------------------------------------------------------------- log-probs
@@ -211,10 +216,6 @@ class APOTrainer(Trainer):
 
         The cache file is keyed by the tokenized dataset's fingerprint, the model and max_length, written
         atomically, and reused by later runs and resumes."""
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-        from torch.utils.data import DataLoader
-
         if "ref_chosen_logps" in dataset.column_names:
             return dataset
         path = self._reference_cache_path(dataset, name)
@@ -263,11 +264,13 @@ class APOTrainer(Trainer):
                         ),
                     }
                 )
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+                # Atomic: a run killed mid-write must not leave a cache file later runs would trust.
+                with (
+                    atomic_path(path) as tmp,
+                    pa.OSFile(str(tmp), "wb") as sink,
+                    ipc.new_file(sink, table.schema) as writer,
+                ):
                     writer.write_table(table)
-                os.replace(tmp, path)
             self.accelerator.wait_for_everyone()
         with pa.memory_map(str(path), "r") as source:
             table = ipc.open_file(source).read_all()
@@ -356,11 +359,7 @@ def _report_stats(stats: TruncationStats, console: Any | None, label: str, outpu
     if not is_main_process():
         return
     if output_dir:
-        path = Path(output_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        tmp = path / f"{label}_data_stats.json.tmp"
-        tmp.write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
-        os.replace(tmp, path / f"{label}_data_stats.json")
+        atomic_write_json(Path(output_dir) / f"{label}_data_stats.json", stats.as_dict())
     if console is not None:
         d = stats.as_dict()
         console.print(
@@ -374,11 +373,7 @@ def _report_stats(stats: TruncationStats, console: Any | None, label: str, outpu
 
 def _prepare_model(cfg: SFTStageConfig | APOConfig) -> tuple[Any, Any]:
     if not cfg.model_name_or_path:
-        from cxrmax.core.errors import InputError
-
         raise InputError("model_name_or_path is required")
-    from transformers import set_seed
-
     processor = load_processor(processor_source(cfg.model_name_or_path))
     # Seeded here, not only in Trainer.__init__: the fresh LoRA weights are drawn before the trainer exists.
     set_seed(cfg.seed)

@@ -201,7 +201,8 @@ def worker_trl(
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main() -> None:
+def _parse_args() -> argparse.Namespace:
+    """The command line (``--worker`` is how main() starts each measured process)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -219,7 +220,12 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--worker", choices=("cxrmax", "trl"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    """Build the model and data once, then time each trainer in its own process."""
+    args = _parse_args()
     samples = args.samples or (4 if args.quick else 24)
     hidden = args.hidden or (128 if args.quick else 256)
     layers = args.layers or (2 if args.quick else 4)

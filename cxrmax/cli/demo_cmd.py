@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -104,10 +105,10 @@ def simulate(
 
       cxrmax simulate sim --mimic-root mini-mimic --teacher ref=none --teacher lefty=laterality:0.7
     """
-    from rich.table import Table
-
     from cxrmax.core.errors import InputError
+    from cxrmax.core.pathologies import canonical_name
     from cxrmax.toy import teachers as sim
+    from cxrmax.toy.demo import run_simulation
 
     with user_errors():
         if teacher:
@@ -120,8 +121,6 @@ def simulate(
                     rates[kind.strip()] = float(value)
                 except ValueError:
                     raise InputError(f"--rate {item!r}: expected KIND=RATE, e.g. refusal=0.3") from None
-            from cxrmax.core.pathologies import canonical_name
-
             try:
                 hallucinated = canonical_name(hallucinate)
             except KeyError as exc:
@@ -133,99 +132,67 @@ def simulate(
                 kinds=tuple(bias) if bias else sim.BIAS_KINDS,
                 faithful=not no_faithful,
             )
-        out.mkdir(parents=True, exist_ok=True)
-        from cxrmax.mimic.reader import MimicCXR, write_selection
-
-        if mimic_root is None:
-            from cxrmax.testing.mini_mimic import make_mini_mimic
-
-            mimic_root = out / "mimic"
-            if not (mimic_root / "mimic-cxr-2.0.0-split.csv.gz").exists():
-                console.print(f"making a mini MIMIC-CXR with {studies} studies in {mimic_root}")
-                make_mini_mimic(mimic_root, studies=studies, seed=seed)
-        mimic = MimicCXR(mimic_root)
-        train = mimic.select(splits=["train"], views=["PA", "AP"])
-        answered = mimic.select(splits=[split], views=["PA", "AP"])
-        if paper_prompt:
-            prompt = None
-        else:  # the report's sides in the diagnosis list, for the train and the answered images
-            prompt = sim.sided_prompt(sim.selection_sides(train) | sim.selection_sides(answered))
-        examples, prompt = sim.examples_from_selection(
-            train, mimic_root, side_hint=not paper_prompt, prompt=prompt
-        )
-        console.print(f"training {len(specs)} teachers on {len(examples)} train images, {steps} steps each")
         with console.status("training teachers") as status:
-            result = sim.simulate(
-                out / "teachers",
-                examples,
+            result = run_simulation(
+                out,
                 specs,
+                mimic_root=mimic_root,
+                studies=studies,
                 steps=steps,
                 seed=seed,
+                generate=generate,
+                split=split,
+                samples=samples,
+                paper_prompt=paper_prompt,
+                notify=lambda message: (console.print(message), status.update(message)),
                 progress=lambda name, step, loss: status.update(
                     f"{name}: step {step}/{steps} loss {loss:.3f}"
                 ),
             )
-        table = Table(title=f"Simulated teachers ({result.seconds:.0f} s)")
-        for column in ("teacher", "injected drift", "applied to targets", "loss", "path"):
-            table.add_column(column)
-        for t in result.teachers:
-            applied = ", ".join(f"{k} {v:.0%}" for k, v in t.applied_rates.items() if v) or "-"
-            table.add_row(
-                t.spec.name,
-                t.spec.describe(),
-                applied,
-                f"{t.stats.first_loss:.2f} -> {t.stats.last_loss:.2f}",
-                str(t.path),
-            )
-        console.print(table)
-        console.print(f"drift spec: {result.spec_path}")
-        if not generate:
-            return
-        from cxrmax.generate import read_trajectories
-        from cxrmax.toy.demo import DemoSize, _report_text, drift_rates, generate_answers
+        _print_simulation(result)
 
-        selection = answered
-        if selection.num_rows == 0:
-            raise InputError(f"{mimic_root}: no frontal {split} images to answer")
-        write_selection(selection, out / f"selection-{split}.parquet")
-        size = DemoSize(
-            studies=0, teacher_steps=steps, train_images=0, test_samples=samples, sft_steps=0, apo_steps=0
+
+def _print_simulation(result: Any) -> None:
+    """The teachers table, the drift spec and, when the teachers answered, their measured drift."""
+    from rich.table import Table
+
+    simulation = result.simulation
+    table = Table(title=f"Simulated teachers ({simulation.seconds:.0f} s)")
+    for column in ("teacher", "injected drift", "applied to targets", "loss", "path"):
+        table.add_column(column)
+    for t in simulation.teachers:
+        applied = ", ".join(f"{k} {v:.0%}" for k, v in t.applied_rates.items() if v) or "-"
+        table.add_row(
+            t.spec.name,
+            t.spec.describe(),
+            applied,
+            f"{t.stats.first_loss:.2f} -> {t.stats.last_loss:.2f}",
+            str(t.path),
         )
-        for t in result.teachers:
-            with console.status(f"{t.spec.name} answers {selection.num_rows} {split} images x {samples}"):
-                generate_answers(
-                    t.spec.name,
-                    t.path,
-                    out / f"selection-{split}.parquet",
-                    mimic_root,
-                    out,
-                    size,
-                    samples,
-                    seed,
-                    "transformers",
-                    prompt,
-                )
-        gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in selection.to_pylist()}
-        rates_by_model = drift_rates(read_trajectories(out), gold)
-        measured = Table(title=f"Measured drift on the {split} split (labeler; side error vs the report)")
-        for column in ("teacher", "answers", "refusal", "hallucination", "side err", "sides", "words"):
-            measured.add_column(column, justify="left" if column == "teacher" else "right")
-        for t in result.teachers:
-            m = rates_by_model.get(t.spec.name, {})
-            measured.add_row(
-                t.spec.name,
-                str(m.get("answers", 0)),
-                *[
-                    "n/a" if m.get(k) is None or m.get(k) != m.get(k) else f"{m[k]:.2f}"
-                    for k in ("refusal_rate", "hallucination_rate", "laterality_error_rate")
-                ],
-                str(m.get("sides_compared", 0)),
-                f"{m.get('mean_words', 0):.0f}",
-            )
-        console.print(measured)
-        console.print(
-            f"trajectories: {out / 'trajectories'} (next: cxrmax build-preferences {out} --out {out}/data)"
+    console.print(table)
+    console.print(f"drift spec: {simulation.spec_path}")
+    if result.trajectories is None:
+        return
+    measured = Table(title=f"Measured drift on the {result.split} split (labeler; side error vs the report)")
+    for column in ("teacher", "answers", "refusal", "hallucination", "side err", "sides", "words"):
+        measured.add_column(column, justify="left" if column == "teacher" else "right")
+    for t in simulation.teachers:
+        m = result.measured.get(t.spec.name, {})
+        measured.add_row(
+            t.spec.name,
+            str(m.get("answers", 0)),
+            *[
+                "n/a" if m.get(k) is None or m.get(k) != m.get(k) else f"{m[k]:.2f}"
+                for k in ("refusal_rate", "hallucination_rate", "laterality_error_rate")
+            ],
+            str(m.get("sides_compared", 0)),
+            f"{m.get('mean_words', 0):.0f}",
         )
+    console.print(measured)
+    out = result.trajectories.parent
+    console.print(
+        f"trajectories: {result.trajectories} (next: cxrmax build-preferences {out} --out {out}/data)"
+    )
 
 
 def run(

@@ -26,16 +26,40 @@ drift and of training against it, not what a 7B model trained on CXR-MAX achieve
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import numpy as np
+import torch
+from rich.table import Table
+from transformers.utils import logging as hf_logging
+
+from apo_train.config import APOConfig, SFTStageConfig
+from apo_train.trainer import run_apo, run_sft
 from cxrmax.core.errors import CxrmaxError, InputError
+from cxrmax.core.io import atomic_write_json, atomic_write_text
+from cxrmax.core.pathologies import OBSERVATIONS
+from cxrmax.generate import model_dirs, read_trajectories, trajectory_files
+from cxrmax.generate.orchestrator import GenerateOptions, generate
+from cxrmax.generate.prompts import load_prompt
+from cxrmax.generate.roster import ModelSpec
+from cxrmax.labeler import label_text
+from cxrmax.leaderboard import score
+from cxrmax.leaderboard.store import Board
+from cxrmax.mimic.reader import MimicCXR, write_selection
+from cxrmax.preferences import drift
+from cxrmax.preferences.build import BuildOptions, build_preferences
+from cxrmax.preferences.datacard import drift_statistics
+from cxrmax.testing.mini_mimic import make_mini_mimic
+from cxrmax.testing.openai_server import serve_in_thread
+from cxrmax.toy import teachers as sim
+from cxrmax.toy.tinyvlm import build_tiny_vlm
 
 TOY_NOTICE = (
     "TOY-SCALE SIMULATION: synthetic mini MIMIC-CXR, tiny models (~200k parameters) trained for seconds "
@@ -135,10 +159,6 @@ class _Stages:
 def _torch_threads() -> None:
     """Intra-op threads for the tiny models: one per core on an idle machine, a single one when the
     machine is already busy (spinning threads then cost more than they give)."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a core dependency of the demo
-        return
     cores = os.cpu_count() or 1
     try:
         busy = os.getloadavg()[0] >= cores
@@ -156,9 +176,6 @@ def make_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Any, Any]:
     """The mini MIMIC-CXR and the demo's selections: (root, train selection, test selection).
 
     One frontal image per study; the train selection is a deterministic sample of ``train_images``."""
-    from cxrmax.mimic.reader import MimicCXR, write_selection
-    from cxrmax.testing.mini_mimic import make_mini_mimic
-
     root = out / "mimic"
     if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
         make_mini_mimic(root, studies=size.studies, seed=seed)
@@ -180,8 +197,6 @@ def make_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Any, Any]:
 
 
 def _model_spec(name: str, size: DemoSize) -> Any:
-    from cxrmax.generate.roster import ModelSpec
-
     # Temperature 1 reproduces the trained rates of the biases (greedy decoding would turn a 50%
     # refusal rate into all-or-nothing per prompt).
     return ModelSpec(
@@ -208,9 +223,6 @@ def generate_answers(
 
     ``backend="openai"``: the model is served on 127.0.0.1 by cxrmax.testing.openai_server and reached
     with generate's openai backend; ``"transformers"``: generate loads it in-process."""
-    from cxrmax.generate.orchestrator import GenerateOptions, generate
-    from cxrmax.generate.prompts import load_prompt
-
     options = GenerateOptions(
         model=_model_spec(name, size),
         selection=selection,
@@ -226,8 +238,6 @@ def generate_answers(
         timeout=120.0,
     )
     if backend == "openai":
-        from cxrmax.testing.openai_server import serve_in_thread
-
         with serve_in_thread(model_dir, served_model_name=name) as server:
             options.base_urls = [server.base_url]
             stats = generate(options)
@@ -249,55 +259,140 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
 
 
 def drift_rates(trajectories: Any, reference_sides: dict[str, dict[str, str]]) -> dict[str, dict[str, float]]:
-    """Per model: refusal rate, hallucination rate (answers asserting a finding the study's labels
-    give as negative or not mentioned, refusals excluded), laterality error rate (stated sides that
-    contradict the report's side, over the sides compared), mean words and answers.
+    """Per model: refusal rate, hallucination rate, laterality error rate, mean words and answers.
+
+    The drift is the data card's (:func:`cxrmax.preferences.drift.compare` against the study's labels,
+    with the report's sides as the reference sides): an answer hallucinates when it claims (positive
+    or uncertain) an observation the labels do not claim; a side error is an observation both claim
+    with different specific sides, over the sides compared. Refusals count for the refusal rate only.
 
     ``trajectories``: a TRAJECTORY_SCHEMA table; ``reference_sides``: sample_id -> report sides."""
-    from cxrmax.core.pathologies import FINDINGS
-    from cxrmax.labeler import label_text
-
-    acc: dict[str, dict[str, float]] = {}
     models = trajectories.column("model").to_pylist()
-    texts = trajectories.column("text").to_pylist()
+    texts = [text or "" for text in trajectories.column("text").to_pylist()]
     samples = trajectories.column("sample_id").to_pylist()
     labels = trajectories.column("labels").to_pylist()
-    for model, text, sample, truth in zip(models, texts, samples, labels, strict=True):
-        a = acc.setdefault(
-            model, {"answers": 0, "refusals": 0, "hallucinating": 0, "sides": 0, "side_errors": 0, "words": 0}
-        )
-        a["answers"] += 1
-        a["words"] += len((text or "").split())
-        labeled = label_text(text or "")
-        if labeled.is_refusal:
-            a["refusals"] += 1
-            continue
-        truth = truth or {}
-        claimed = [
-            name
-            for name in FINDINGS
-            if name in labeled.observations and labeled.observations[name].status == "positive"
-        ]
-        if any(truth.get(name) not in (1.0, -1.0) for name in claimed if name != "Support Devices"):
-            a["hallucinating"] += 1
+    n = len(texts)
+    states, sides = np.zeros((n, drift.N_OBS), np.int8), np.zeros((n, drift.N_OBS), np.int8)
+    ref_states, ref_sides = np.zeros_like(states), np.zeros_like(sides)
+    refusal = np.zeros(n, dtype=bool)
+    for row, (text, sample, truth) in enumerate(zip(texts, samples, labels, strict=True)):
+        labeled = label_text(text)
+        refusal[row] = labeled.is_refusal
         gold = reference_sides.get(sample, {})
-        for name in claimed:
-            side = labeled.observations[name].laterality
-            if name in gold and side in ("left", "right", "bilateral"):
-                a["sides"] += 1
-                a["side_errors"] += int(side != gold[name])
+        for column, name in enumerate(OBSERVATIONS):
+            observation = labeled.observations.get(name)
+            if observation is not None:
+                states[row, column] = drift.status_to_state(observation.status)
+                sides[row, column] = drift.side_to_code(observation.laterality)
+            ref_states[row, column] = drift.label_to_state((truth or {}).get(name))
+            ref_sides[row, column] = drift.side_to_code(gold.get(name))
+    agreement = drift.compare(states, sides, ref_states, ref_sides)
+    answered = ~refusal
+    hallucinating = agreement.hallucinated.any(axis=1) & answered
+    side_errors = np.where(answered, agreement.side_errors.sum(axis=1), 0)
+    side_compared = np.where(answered, agreement.side_compared, 0)
+    words = np.array([len(text.split()) for text in texts], dtype=np.int64)
+    model_of = np.array(models, dtype=object)
     rates = {}
-    for model, a in acc.items():
-        answered = a["answers"] - a["refusals"]
+    for model in dict.fromkeys(models):  # first-seen order
+        mine = model_of == model
+        answers, kept, compared = (
+            int(mine.sum()),
+            int((mine & answered).sum()),
+            int(side_compared[mine].sum()),
+        )
         rates[model] = {
-            "answers": int(a["answers"]),
-            "refusal_rate": a["refusals"] / a["answers"] if a["answers"] else float("nan"),
-            "hallucination_rate": a["hallucinating"] / answered if answered else float("nan"),
-            "laterality_error_rate": a["side_errors"] / a["sides"] if a["sides"] else float("nan"),
-            "sides_compared": int(a["sides"]),
-            "mean_words": a["words"] / a["answers"] if a["answers"] else float("nan"),
+            "answers": answers,
+            "refusal_rate": float(refusal[mine].mean()),
+            "hallucination_rate": float(hallucinating[mine].sum() / kept) if kept else float("nan"),
+            "laterality_error_rate": float(side_errors[mine].sum() / compared) if compared else float("nan"),
+            "sides_compared": compared,
+            "mean_words": float(words[mine].mean()),
         }
     return rates
+
+
+# --------------------------------------------------------------------------------------------
+# `cxrmax simulate`: teachers on a MIMIC-CXR root, then their answers and measured drift
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulationRun:
+    """What :func:`run_simulation` produced: the trained teachers and, when they answered, the drift
+    measured in their answers (teacher name -> :func:`drift_rates` row)."""
+
+    simulation: sim.Simulation
+    mimic_root: Path
+    train_images: int
+    split: str
+    answered_images: int = 0
+    samples: int = 0
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)
+    trajectories: Path | None = None
+
+
+def run_simulation(
+    out: str | Path,
+    teachers: Sequence[sim.TeacherSpec],
+    mimic_root: str | Path | None = None,
+    studies: int = 200,
+    steps: int = 160,
+    seed: int = 0,
+    generate: bool = True,
+    split: str = "test",
+    samples: int = 2,
+    paper_prompt: bool = False,
+    notify: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, float], None] | None = None,
+) -> SimulationRun:
+    """Train ``teachers`` on the frontal train images of ``mimic_root`` (default: a mini MIMIC-CXR of
+    ``studies`` studies made in OUT/mimic) into OUT/teachers; with ``generate`` every teacher then
+    answers the frontal ``split`` images ``samples`` times (OUT/trajectories, generate's format) and
+    their drift is measured against the labels and the report's sides.
+
+    The prompt's diagnosis list carries the report's sides (:func:`cxrmax.toy.teachers.sided_prompt`)
+    unless ``paper_prompt``. ``notify`` gets a line per step, ``progress`` (teacher, step, loss)."""
+    say = notify or (lambda _message: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if mimic_root is None:
+        mimic_root = out / "mimic"
+        if not (mimic_root / "mimic-cxr-2.0.0-split.csv.gz").exists():
+            say(f"making a mini MIMIC-CXR with {studies} studies in {mimic_root}")
+            make_mini_mimic(mimic_root, studies=studies, seed=seed)
+    mimic_root = Path(mimic_root)
+    mimic = MimicCXR(mimic_root)
+    train = mimic.select(splits=["train"], views=["PA", "AP"])
+    answered = mimic.select(splits=[split], views=["PA", "AP"])
+    prompt = None
+    if not paper_prompt:  # the report's sides in the diagnosis list, for the train and the answered images
+        prompt = sim.sided_prompt(sim.selection_sides(train) | sim.selection_sides(answered))
+    examples, prompt = sim.examples_from_selection(
+        train, mimic_root, side_hint=not paper_prompt, prompt=prompt
+    )
+    say(f"training {len(teachers)} teachers on {len(examples)} train images, {steps} steps each")
+    simulation = sim.simulate(out / "teachers", examples, teachers, steps=steps, seed=seed, progress=progress)
+    run = SimulationRun(simulation, mimic_root, len(examples), split)
+    if not generate:
+        return run
+    if answered.num_rows == 0:
+        raise InputError(f"{mimic_root}: no frontal {split} images to answer")
+    selection = out / f"selection-{split}.parquet"
+    write_selection(answered, selection)
+    size = DemoSize(
+        studies=0, teacher_steps=steps, train_images=0, test_samples=samples, sft_steps=0, apo_steps=0
+    )
+    for t in simulation.teachers:
+        say(f"{t.spec.name} answers {answered.num_rows} {split} images x {samples}")
+        generate_answers(
+            t.spec.name, t.path, selection, mimic_root, out, size, samples, seed, "transformers", prompt
+        )
+    gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in answered.to_pylist()}
+    run.answered_images, run.samples = answered.num_rows, samples
+    run.measured = drift_rates(read_trajectories(out), gold)
+    run.trajectories = out / "trajectories"
+    return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,9 +406,6 @@ def train_students(
     """SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO from the SFT model.
 
     Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``."""
-    from apo_train.config import APOConfig, SFTStageConfig
-    from apo_train.trainer import run_apo, run_sft
-
     common = {
         "image_root": str(mimic_root),
         "max_edge": size.image_max_edge,
@@ -331,7 +423,7 @@ def train_students(
         output_dir=str(out / "student-sft"),
         model_name_or_path=str(base),
         dataset_path=str(data / "sft"),
-        learning_rate=8e-3,  # a tiny model from scratch: the teachers' rate (see simulate.train_teacher)
+        learning_rate=8e-3,  # a tiny model from scratch: the teachers' rate (see teachers.train_teacher)
         warmup_steps=0.05,
         max_steps=size.sft_steps,
         per_device_train_batch_size=8,
@@ -382,9 +474,6 @@ def _third_party_bars_off() -> Iterator[None]:
     """Hide the tqdm bars of `datasets` (saving, mapping) and `transformers` (loading, writing
     weights) for the demo's duration: its stage lines and rich training bars already show progress,
     and dozens of sub-second bars bury them. Restored afterwards."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
     datasets_were_on = datasets.is_progress_bar_enabled()
     transformers_were_on = hf_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -403,6 +492,45 @@ def _third_party_bars_off() -> Iterator[None]:
             datasets.enable_progress_bars()
         if transformers_were_on:
             hf_logging.enable_progress_bar()
+
+
+def train_demo_teachers(
+    out: Path,
+    teachers: Sequence[sim.TeacherSpec],
+    root: Path,
+    train_all: Any,
+    test: Any,
+    size: DemoSize,
+    seed: int,
+) -> tuple[sim.Simulation, list[sim.Example], Any]:
+    """The demo's teachers trained under OUT/teachers: (simulation, training examples, prompt).
+
+    The diagnosis list carries each finding's report side (see :func:`cxrmax.toy.teachers.sided_prompt`),
+    for the train and the test images alike; teachers and students are all asked with this prompt."""
+    sides = sim.selection_sides(train_all) | sim.selection_sides(test)
+    prompt = sim.sided_prompt(sides, "rationale")
+    examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
+    simulation = sim.simulate(
+        out / "teachers",
+        examples,
+        teachers,
+        steps=size.teacher_steps,
+        batch_size=size.teacher_batch,
+        lr=size.teacher_lr,
+        seed=seed,
+        max_edge=size.image_max_edge,
+    )
+    return simulation, examples, prompt
+
+
+def build_demo_preferences(generated: Path, data: Path, root: Path) -> dict[str, Any]:
+    """build-preferences over the teachers' train-split answers into ``data``; returns the data card's
+    drift statistics (``samples``, ``per_model``)."""
+    # The committed Arrow shards themselves: generate's folder also holds run manifests (JSON)
+    # that are not trajectories.
+    build_preferences(trajectory_files(generated), data, BuildOptions(mimic_root=root, processes=1))
+    stats = drift_statistics(data)
+    return {"samples": stats.samples, "per_model": stats.per_model}
 
 
 def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backend: str) -> DemoResult:
@@ -424,25 +552,9 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     result.artifacts["mini MIMIC-CXR"] = str(root)
 
     # 2. teachers
-    from cxrmax.toy import teachers as sim
-
     teachers = sim.default_teachers()
     with stages.stage("teachers", f"train {len(teachers)} tiny VLM teachers with injected drift"):
-        # The diagnosis list carries each finding's report side (see simulate.sided_prompt), for the
-        # train and the test images alike; teachers and students are all asked with this prompt.
-        sides = sim.selection_sides(train_all) | sim.selection_sides(test)
-        prompt = sim.sided_prompt(sides, "rationale")
-        examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
-        simulation = sim.simulate(
-            out / "teachers",
-            examples,
-            teachers,
-            steps=spec.teacher_steps,
-            batch_size=spec.teacher_batch,
-            lr=spec.teacher_lr,
-            seed=seed,
-            max_edge=spec.image_max_edge,
-        )
+        simulation, examples, prompt = train_demo_teachers(out, teachers, root, train_all, test, spec, seed)
     result.artifacts["teachers + drift spec"] = str(simulation.spec_path)
     if console is not None:
         for t in simulation.teachers:
@@ -458,30 +570,19 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
         f"and {test.num_rows} test images x {spec.test_samples}",
     ):
         for t in simulation.teachers:
-            generate_answers(
-                t.spec.name,
-                t.path,
-                out / "selection-train.parquet",
-                root,
-                gen_out,
-                spec,
-                1,
-                seed,
-                teacher_backend,
-                prompt,
-            )
-            generate_answers(
-                t.spec.name,
-                t.path,
-                out / "selection-test.parquet",
-                root,
-                eval_out,
-                spec,
-                spec.test_samples,
-                seed,
-                teacher_backend,
-                prompt,
-            )
+            for selection, folder, samples in (("train", gen_out, 1), ("test", eval_out, spec.test_samples)):
+                generate_answers(
+                    t.spec.name,
+                    t.path,
+                    out / f"selection-{selection}.parquet",
+                    root,
+                    folder,
+                    spec,
+                    samples,
+                    seed,
+                    teacher_backend,
+                    prompt,
+                )
     result.artifacts["teacher trajectories (train split)"] = str(gen_out / "trajectories")
     result.artifacts["test-split answers (teachers + students)"] = str(eval_out / "trajectories")
 
@@ -490,55 +591,36 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     with stages.stage(
         "preferences", "build-preferences: vote consensus, drift annotations, ranked negatives"
     ):
-        from cxrmax.generate import trajectory_files
-        from cxrmax.preferences.build import BuildOptions, build_preferences
-
-        # The committed Arrow shards themselves: generate's folder also holds run manifests (JSON)
-        # that are not trajectories.
-        build_preferences(trajectory_files(gen_out), data, BuildOptions(mimic_root=root, processes=1))
-        from cxrmax.preferences.datacard import drift_statistics
-
-        stats = drift_statistics(data)
-        result.drift_report = {"samples": stats.samples, "per_model": stats.per_model}
+        result.drift_report = build_demo_preferences(gen_out, data, root)
     result.artifacts["preferences / sft (datasets)"] = f"{data / 'preferences'} , {data / 'sft'}"
     result.artifacts["data card"] = str(data / "README.md")
 
     # 5. students
-    students: dict[str, Path] = {}
-    with stages.stage(
-        "students", "SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO"
-    ) as timing:
-        try:
-            from cxrmax.toy.tinyvlm import build_tiny_vlm
-
-            base = build_tiny_vlm(
-                out / "students" / "base",
-                corpus=sim.teacher_corpus(examples, teachers, seed),
-                seed=seed + 100,
-            )
-            students = train_students(out / "students", data, root, base, spec, seed, console)
-        except ImportError as exc:
-            timing.skipped = f"training stack not installed: {exc}"
-            result.notes.append(f"students skipped: {exc}")
+    with stages.stage("students", "SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO"):
+        base = build_tiny_vlm(
+            out / "students" / "base",
+            corpus=sim.teacher_corpus(examples, teachers, seed),
+            seed=seed + 100,
+        )
+        students = train_students(out / "students", data, root, base, spec, seed, console)
     for name, path in students.items():
         result.artifacts[name] = str(path)
-    if students:
-        with stages.stage(
-            "students answer", f"{len(students)} students answer the test split (transformers backend)"
-        ):
-            for name, path in students.items():
-                generate_answers(
-                    name,
-                    path,
-                    out / "selection-test.parquet",
-                    root,
-                    eval_out,
-                    spec,
-                    spec.test_samples,
-                    seed,
-                    "transformers",
-                    prompt,
-                )
+    with stages.stage(
+        "students answer", f"{len(students)} students answer the test split (transformers backend)"
+    ):
+        for name, path in students.items():
+            generate_answers(
+                name,
+                path,
+                out / "selection-test.parquet",
+                root,
+                eval_out,
+                spec,
+                spec.test_samples,
+                seed,
+                "transformers",
+                prompt,
+            )
 
     # 6. score
     with stages.stage("score", "leaderboard cxr-max-rationale + labeler drift rates on the test split"):
@@ -558,12 +640,7 @@ def _report_text(row: dict[str, Any]) -> str:
 
 def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation: Any) -> list[dict[str, Any]]:
     """Score every model under ``eval_out/trajectories`` with the leaderboard and the drift rates."""
-    from cxrmax.generate import model_dirs, read_trajectories
-    from cxrmax.leaderboard import score
-    from cxrmax.leaderboard.store import Board
-    from cxrmax.toy.teachers import report_sides
-
-    gold = {row["sample_id"]: report_sides(_report_text(row)) for row in test.to_pylist()}
+    gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in test.to_pylist()}
     table = read_trajectories(eval_out)
     rates = drift_rates(table, gold)
     drift_of = {t.spec.name: t.spec.describe() for t in simulation.teachers}
@@ -648,10 +725,8 @@ def _write_report(result: DemoResult) -> None:
         "drift_report": result.drift_report,
         "notes": result.notes,
     }
-    path = result.out / "demo_report.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    # Rates with nothing to count are NaN in memory; strict JSON says null.
+    atomic_write_json(result.out / "demo_report.json", sim.json_ready(payload))
     timings = "\n".join(f"| {t.name} | {t.seconds:.1f} s | {t.skipped or ''} |" for t in result.timings)
     md = (
         f"# cxrmax demo ({result.size})\n\n> {TOY_NOTICE}\n\n"
@@ -663,13 +738,11 @@ def _write_report(result: DemoResult) -> None:
         + "\n".join(f"- {k}: `{v}`" for k, v in result.artifacts.items())
         + "\n"
     )
-    (result.out / "DEMO.md").write_text(md)
+    atomic_write_text(result.out / "DEMO.md", md)
 
 
 def print_result(result: DemoResult, console: Any) -> None:
     """Print the table, the drift report, timings and artifact paths."""
-    from rich.table import Table
-
     table = Table(title="Teachers and students on the test split (toy scale)", padding=(0, 1))
     table.add_column("model", no_wrap=True)
     shown = [(k, h) for k, h in _COLUMNS if k != "answers"]  # fits 80 columns

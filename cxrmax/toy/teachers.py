@@ -25,9 +25,9 @@ random-weight model writes noise, so this module *makes* source models whose dri
 
    A teacher with no bias is the reference ("faithful") source.
 4. Each teacher is a tiny Qwen2-VL built in code (:func:`cxrmax.toy.tinyvlm.build_tiny_vlm`, about 200k
-   parameters) trained with a short next-token loop (loss on the answer tokens only) on the image, the
-   prompt and its targets. The biases are therefore *learnt*: what the teachers later generate shows
-   them at roughly the trained rates when sampled at temperature 1.
+   parameters) trained on the image, the prompt and its targets by apo_train's SFT stage, the one the
+   students' Stage 1 runs (loss on the answer tokens only). The biases are therefore *learnt*: what
+   the teachers later generate shows them at roughly the trained rates when sampled at temperature 1.
 
 The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends them. By default
 it is the paper's rationale prompt whose diagnosis list carries each finding's side as the report
@@ -44,18 +44,35 @@ This is a toy-scale simulation of drift, meant as a controlled test bed, not a m
 
 from __future__ import annotations
 
-import json
+import contextlib
+import io
 import math
+import multiprocessing
+import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+
+from apo_train.config import SFTStageConfig
+from apo_train.data import ChatEncoder, SFTCollator, tokenize_sft
+from apo_train.trainer import SFTStageTrainer
 from cxrmax.core.errors import InputError
-from cxrmax.core.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
+from cxrmax.core.io import atomic_write_json
+from cxrmax.core.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS, canonical_name
+from cxrmax.generate.prompts import PromptTemplate, join_labels, load_prompt
+from cxrmax.labeler import label_text
+from cxrmax.mimic.images import encode_jpeg, preprocess
+from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
 
 #: The kinds of bias a teacher can carry.
 BIAS_KINDS: tuple[str, ...] = ("laterality", "hallucination", "refusal", "verbosity")
@@ -112,8 +129,6 @@ class Bias:
             raise InputError(f"bias {text!r}: rate {parts[1]!r} is not a number") from None
         observation = parts[2] if len(parts) > 2 and parts[2] else None
         if observation is not None:
-            from cxrmax.core.pathologies import canonical_name
-
             try:
                 observation = canonical_name(observation)
             except KeyError as exc:
@@ -252,8 +267,6 @@ def report_sides(report_text: str | None) -> dict[str, str | None]:
     cxrmax labeler; findings without a stated side are left out."""
     if not report_text:
         return {}
-    from cxrmax.labeler import label_text
-
     labeled = label_text(report_text)
     return {
         name: obs.laterality
@@ -365,10 +378,31 @@ def prompt_renderer(template: Any = "rationale") -> Callable[[dict[str, Any], li
     """``(row, findings) -> prompt`` rendering a generate prompt template (a name, a path or a
     PromptTemplate object) for a selection row, so the teachers are trained on exactly the text
     generate will send them."""
-    from cxrmax.generate.prompts import load_prompt
-
     loaded = load_prompt(template) if isinstance(template, (str, Path)) else template
     return lambda row, _findings: loaded.render(row)
+
+
+@dataclass(frozen=True)
+class SidedPromptTemplate(PromptTemplate):
+    """A generate prompt whose diagnosis list carries each positive label's report side, for the
+    sample ids in ``sides`` (see :func:`sided_prompt`)."""
+
+    sides: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def render(self, row: dict[str, Any]) -> str:
+        """The prompt for one selection row: the template with the sided label list filled in."""
+        labels = row.get("labels") or {}
+        known = self.sides.get(row.get("sample_id"), {})
+        positives = [
+            name for name in OBSERVATIONS if labels.get(name) is not None and float(labels[name]) == 1.0
+        ]
+        names = [f"{known[name]} {name}" if name in known else name for name in positives]
+        values = {
+            "labels": join_labels(names) if names else self.empty_labels,
+            "view": row.get("view") or "unknown",
+            "observation_list": "\n".join(OBSERVATIONS),
+        }
+        return self.body.format_map(values)
 
 
 def sided_prompt(sides: dict[str, dict[str, str]], template: str = "rationale") -> Any:
@@ -380,29 +414,6 @@ def sided_prompt(sides: dict[str, dict[str, str]], template: str = "rationale") 
     faithful teacher learns to repeat it and the laterality-swapped one to mirror it, so the swap is
     measurable against the report on every lateralised finding. A generate PromptTemplate (its own
     id, ``<template>-sided``), usable as ``GenerateOptions.prompt``."""
-    from dataclasses import dataclass as _dataclass
-    from dataclasses import field as _field
-
-    from cxrmax.generate.prompts import PromptTemplate, join_labels, load_prompt
-
-    @_dataclass(frozen=True)
-    class SidedPromptTemplate(PromptTemplate):
-        sides: dict[str, dict[str, str]] = _field(default_factory=dict)
-
-        def render(self, row: dict[str, Any]) -> str:
-            labels = row.get("labels") or {}
-            known = self.sides.get(row.get("sample_id"), {})
-            positives = [
-                name for name in OBSERVATIONS if labels.get(name) is not None and float(labels[name]) == 1.0
-            ]
-            names = [f"{known[name]} {name}" if name in known else name for name in positives]
-            values = {
-                "labels": join_labels(names) if names else self.empty_labels,
-                "view": row.get("view") or "unknown",
-                "observation_list": "\n".join(OBSERVATIONS),
-            }
-            return self.body.format_map(values)
-
     base = load_prompt(template)
     return SidedPromptTemplate(
         id=f"{base.id}-sided",
@@ -459,8 +470,6 @@ def examples_from_selection(
     and the targets state the side of every lateralised finding. Without it the prompt is the paper's
     and only findings the film shows on their side (``FILM_SIDED``) get one. ``prompt``: a template
     built beforehand (e.g. a sided prompt covering the test images as well)."""
-    from cxrmax.generate.prompts import load_prompt
-
     rows = selection.to_pylist() if hasattr(selection, "to_pylist") else list(selection)
     sides = selection_sides(rows, tuple(LATERALIZABLE) if side_hint else FILM_SIDED)
     if prompt is None:
@@ -508,12 +517,6 @@ def chat_messages(prompt: str, answer: str | None = None) -> list[dict[str, Any]
 
 def load_image(path: str | Path, max_edge: int) -> Any:
     """The image as the generate backends deliver it: preprocessed to ``max_edge``, JPEG round-trip, RGB."""
-    import io
-
-    from PIL import Image
-
-    from cxrmax.mimic.images import encode_jpeg, preprocess
-
     jpeg = encode_jpeg(preprocess(path, max_edge=max_edge))
     return Image.open(io.BytesIO(jpeg)).convert("RGB")
 
@@ -529,58 +532,150 @@ class TrainStats:
     seconds: float
 
 
-def _encode(processor: Any, example: Example, image: Any) -> dict[str, Any]:
-    """Token ids, label mask and pixel inputs of one example; loss only on the answer and <|im_end|>."""
-    tokenizer = processor.tokenizer
-    prompt_text = processor.apply_chat_template(chat_messages(example.prompt), add_generation_prompt=True)
-    full_text = prompt_text + example.target + "<|im_end|>"
-    if image is None:
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        full = tokenizer(full_text, add_special_tokens=False)
-        pixel = grid = None
-        ids = full["input_ids"]
-        token_types = None
-    else:
-        prompt_ids = processor(text=[prompt_text], images=[image], return_tensors="pt")["input_ids"][
-            0
-        ].tolist()
-        full = processor(text=[full_text], images=[image], return_tensors="pt")
-        ids = full["input_ids"][0].tolist()
-        pixel, grid = full["pixel_values"], full["image_grid_thw"]
-        # Qwen2-VL's multimodal rope needs to know which positions are image tokens.
-        token_types = full["mm_token_type_ids"][0].tolist() if "mm_token_type_ids" in full else None
-    labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
-    return {
-        "input_ids": ids,
-        "labels": labels,
-        "pixel_values": pixel,
-        "image_grid_thw": grid,
-        "mm_token_type_ids": token_types,
-    }
+class _TeacherEncoder(ChatEncoder):
+    """apo_train's chat encoder, fed the images exactly as generate will deliver them (a JPEG round
+    trip, :func:`load_image`) and caching them: each image is decoded once per run (``images`` is
+    shared across the teachers trained in one process) and turned into pixels once per teacher, where
+    the SFT collator would redo both for every row of every step.
+
+    ``image_path`` is the example's full path (no MIMIC-CXR root to join); a text-only model (a bare
+    tokenizer) gets no image."""
+
+    def __init__(self, processor: Any, max_edge: int, images: dict[str, Any]) -> None:
+        super().__init__(processor, image_root=None, max_edge=max_edge)
+        self._images = images
+        self._pixels: dict[int, dict[str, torch.Tensor]] = {}
+
+    @property
+    def uses_images(self) -> bool:
+        return self.is_vlm
+
+    def completion_parts(self, prompt: str, completion: str) -> tuple[str, str, str]:
+        # Generation stops at the end-of-turn token (the model's eos): what the template writes after
+        # it (a newline) is never generated, so a teacher's target ends there.
+        lead, body, trail = super().completion_parts(prompt, completion)
+        eos = self.tokenizer.eos_token
+        if eos and eos in trail:
+            trail = trail[: trail.index(eos) + len(eos)]
+        return lead, body, trail
+
+    def load_image(self, image_path: str, row: int | None = None) -> Any:
+        if image_path not in self._images:
+            self._images[image_path] = load_image(image_path, self.max_edge)
+        return self._images[image_path]
+
+    def vision_inputs(self, image: Any) -> dict[str, torch.Tensor]:
+        # Keyed by identity: every image comes from the cache, which outlives this encoder's use.
+        key = id(image)
+        if key not in self._pixels:
+            self._pixels[key] = super().vision_inputs(image)
+        return self._pixels[key]
 
 
-def _collate(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, Any]:
-    import torch
+class _LossLog(TrainerCallback):
+    """Collects the loss the trainer logs at every step and reports it to ``progress``."""
 
-    width = max(len(it["input_ids"]) for it in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for i, it in enumerate(items):
-        n = len(it["input_ids"])
-        ids[i, :n] = torch.tensor(it["input_ids"])
-        labels[i, :n] = torch.tensor(it["labels"])
-        mask[i, :n] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    if items[0].get("mm_token_type_ids") is not None:
-        types = torch.zeros((len(items), width), dtype=torch.long)
-        for i, it in enumerate(items):
-            types[i, : len(it["mm_token_type_ids"])] = torch.tensor(it["mm_token_type_ids"])
-        batch["mm_token_type_ids"] = types
-    if items[0]["pixel_values"] is not None:
-        batch["pixel_values"] = torch.cat([it["pixel_values"] for it in items])
-        batch["image_grid_thw"] = torch.cat([it["image_grid_thw"] for it in items])
-    return batch
+    def __init__(self, progress: Callable[[int, float], None] | None) -> None:
+        self.losses: list[float] = []
+        self.progress = progress
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any
+    ):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+            if self.progress is not None:
+                self.progress(state.global_step, self.losses[-1])
+
+
+@contextlib.contextmanager
+def _datasets_bars_off() -> Iterator[None]:
+    """No tokenizing bar per teacher (the caller shows progress); restored afterwards."""
+    were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
+
+
+def teacher_sft_config(model_dir: str | Path, steps: int, batch_size: int, seed: int) -> SFTStageConfig:
+    """The SFT stage settings of a teacher: full fine-tuning of the tiny model on CPU for ``steps``
+    steps of ``batch_size`` examples, gradients clipped at 1, the loss logged at every step, nothing
+    saved by the trainer itself (the optimizer and the example order: :func:`train_teacher`)."""
+    return SFTStageConfig(
+        output_dir=str(model_dir),
+        model_name_or_path=str(model_dir),
+        use_lora=False,  # a 200k-parameter model learns its bias by full fine-tuning
+        max_grad_norm=1.0,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        global_batch_size=None,  # one optimizer step per batch of examples
+        max_length=_MAX_TOKENS,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        jsonl_log=False,
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=seed,
+    )
+
+
+class _BatchStream(torch.utils.data.Sampler[int]):
+    """Example indices for ``steps`` full batches: shuffled passes over the examples laid end to end,
+    drawn from ``random.Random(seed)``. A teacher trains for a number of steps on a few dozen examples,
+    so a batch may straddle two passes, where an epoch-based sampler would end each pass short."""
+
+    def __init__(self, examples: int, steps: int, batch_size: int, seed: int) -> None:
+        self.examples, self.steps, self.batch_size, self.seed = examples, steps, batch_size, seed
+
+    def __len__(self) -> int:
+        return self.steps * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        rng = random.Random(self.seed)
+        order: list[int] = []
+        for _ in range(self.steps):
+            while len(order) < self.batch_size:
+                more = list(range(self.examples))
+                rng.shuffle(more)
+                order += more
+            batch, order = order[: self.batch_size], order[self.batch_size :]
+            yield from batch
+
+
+class _TeacherTrainer(SFTStageTrainer):
+    """The SFT stage's trainer drawing its examples from a :class:`_BatchStream`."""
+
+    def __init__(self, *args: Any, sampler: _BatchStream, **kwargs: Any) -> None:
+        self._stream = sampler
+        super().__init__(*args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> _BatchStream:
+        return self._stream
+
+
+def _teacher_optimizer(model: torch.nn.Module, lr: float, steps: int) -> tuple[Any, Any]:
+    """AdamW without weight decay, a linear warm-up over the first 5% of the steps (from lr/warm-up,
+    so the first step already learns) then cosine decay to zero."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+#: Token budget of a teacher example: far above prompt + image + the longest (verbose) answer, so the
+#: SFT stage's truncation never cuts a teacher's target.
+_MAX_TOKENS = 8192
 
 
 def train_teacher(
@@ -596,87 +691,45 @@ def train_teacher(
 ) -> TrainStats:
     """Train the tiny model saved at ``model_dir`` on ``examples`` (targets set) and save it back.
 
-    A plain next-token loop: AdamW, linear warm-up then cosine decay, loss on the answer tokens only,
-    images through the model's own processor. ``images`` caches decoded images across teachers."""
-    import torch
-
-    from cxrmax.toy.tinyvlm import is_text_only, load_tiny_vlm
-
+    Training is apo_train's SFT stage (Stage 1 of the student): the examples are tokenized by
+    ``tokenize_sft`` with the model's chat template (loss on the answer and its end-of-turn tokens
+    only), collated by ``SFTCollator`` and trained by ``SFTStageTrainer`` (:func:`teacher_sft_config`)
+    for ``steps`` full batches of shuffled examples, with AdamW at ``lr`` under a short warm-up and a
+    cosine decay. ``images`` caches decoded images across teachers."""
     if not examples:
         raise InputError(f"{model_dir}: no training examples for the teacher")
     started = time.perf_counter()
-    torch.manual_seed(seed)
     model, processor = load_tiny_vlm(model_dir)
-    text_only = is_text_only(model_dir)
-    tokenizer = processor if text_only else processor.tokenizer
-    if text_only:  # give a bare tokenizer the processor-like surface _encode uses
-        processor = _TokenizerAsProcessor(tokenizer)
-    images = images if images is not None else {}
-    encoded = []
-    for ex in examples:
-        image = None
-        if not text_only:
-            if ex.image_path not in images:
-                images[ex.image_path] = load_image(ex.image_path, max_edge)
-            image = images[ex.image_path]
-        encoded.append(_encode(processor, ex, image))
+    encoder = _TeacherEncoder(processor, max_edge, images if images is not None else {})
+    rows = datasets.Dataset.from_list(
+        [
+            {
+                "sample_id": ex.sample_id,
+                "prompt": ex.prompt,
+                "completion": ex.target,
+                "image_path": ex.image_path,
+            }
+            for ex in examples
+        ]
+    )
+    with _datasets_bars_off():
+        train, _ = tokenize_sft(rows, encoder, max_length=_MAX_TOKENS, source=Path(model_dir))
+    log = _LossLog(progress)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    rng = random.Random(seed)
-    order: list[int] = []
-    first = last = float("nan")
-    for step in range(steps):
-        if len(order) < batch_size:
-            more = list(range(len(encoded)))
-            rng.shuffle(more)
-            order += more
-        batch_idx, order = order[:batch_size], order[batch_size:]
-        batch = _collate([encoded[i] for i in batch_idx], tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        last = float(loss.detach())
-        if step == 0:
-            first = last
-        if progress is not None:
-            progress(step + 1, last)
+    trainer = _TeacherTrainer(
+        model=model,
+        args=teacher_sft_config(model_dir, steps, batch_size, seed),
+        train_dataset=train,
+        data_collator=SFTCollator(encoder),
+        callbacks=[log],
+        optimizers=_teacher_optimizer(model, lr, steps),
+        sampler=_BatchStream(len(train), steps, batch_size, seed),
+    )
+    trainer.train()
     model.eval()
     model.save_pretrained(model_dir)
-    return TrainStats(steps, len(examples), first, last, time.perf_counter() - started)
-
-
-class _TokenizerAsProcessor:
-    """Minimal processor surface over a tokenizer (text-only teachers)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        flat = [
-            {
-                "role": m["role"],
-                "content": m["content"] if isinstance(m["content"], str) else _text_of(m["content"]),
-            }
-            for m in messages
-        ]
-        return self.tokenizer.apply_chat_template(
-            flat, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
-
-
-def _text_of(parts: list[dict[str, Any]]) -> str:
-    return "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+    first, last = (log.losses[0], log.losses[-1]) if log.losses else (float("nan"), float("nan"))
+    return TrainStats(trainer.state.global_step, len(examples), first, last, time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------
@@ -724,14 +777,10 @@ class _TeacherJob:
 
 def default_workers() -> int:
     """Processes for teacher training: one per core, at most 4."""
-    import os
-
     return max(1, min(os.cpu_count() or 1, 4))
 
 
 def _single_thread() -> None:
-    import torch
-
     torch.set_num_threads(1)
 
 
@@ -741,8 +790,6 @@ def _train_job(
     progress: Callable[[str, int, float], None] | None = None,
 ) -> SimulatedTeacher:
     """Build and train one teacher (runs in a worker process or in-process)."""
-    from cxrmax.toy.tinyvlm import build_tiny_vlm
-
     spec = job.spec
     build_tiny_vlm(job.path, corpus=job.corpus, seed=job.seed + job.index, text_only=job.text_only)
     targets = assign_targets(job.examples, spec, job.seed)
@@ -758,9 +805,9 @@ def _train_job(
         progress=(lambda s, loss: progress(spec.name, s, loss)) if progress else None,
     )
     applied = {k: sum(k in ex.applied for ex in targets) / len(targets) for k in BIAS_KINDS}
-    (job.path / "cxrmax_teacher.json").write_text(
-        json.dumps({"name": spec.name, "drift": spec.describe(), "biases": [asdict(b) for b in spec.biases]})
-        + "\n"
+    atomic_write_json(
+        job.path / "cxrmax_teacher.json",
+        {"name": spec.name, "drift": spec.describe(), "biases": [asdict(b) for b in spec.biases]},
     )
     return SimulatedTeacher(spec, job.path, stats, applied)
 
@@ -828,9 +875,6 @@ def simulate(
     else:
         # One single-threaded process per teacher at a time: tiny models gain little from intra-op
         # threads, while whole teachers train independently (2 cores -> about 2x).
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
             for teacher in pool.map(_train_job, jobs):
@@ -838,7 +882,7 @@ def simulate(
                 if progress is not None:
                     progress(teacher.spec.name, teacher.stats.steps, teacher.stats.last_loss)
     spec_path = out / "drift_spec.json"
-    _write_json(
+    atomic_write_json(
         spec_path,
         {
             "note": "Toy-scale simulation: tiny models trained on CPU with injected, known biases.",
@@ -852,7 +896,7 @@ def simulate(
                     "drift": t.spec.describe(),
                     "biases": [asdict(b) for b in t.spec.biases],
                     "applied_rates": t.applied_rates,
-                    "train": asdict(t.stats),
+                    "train": json_ready(asdict(t.stats)),  # a diverged loss is NaN: null
                 }
                 for t in result
             ],
@@ -861,10 +905,13 @@ def simulate(
     return Simulation(result, spec_path, time.perf_counter() - started)
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    """Atomic JSON write (tmp file + os.replace)."""
-    import os
-
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None, so it can be written as strict
+    JSON (``cxrmax.core.io.atomic_write_json``); a rate with nothing to count is NaN in memory."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value

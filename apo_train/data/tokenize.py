@@ -1,10 +1,8 @@
-"""Training data for APO: read preferences/ and sft/, tokenize with the model's chat template, collate.
+"""Tokenization for APO and SFT: the chat template renders each turn, ``datasets.map`` encodes once.
 
-Inputs are the datasets build-preferences saves (``datasets.DatasetDict.save_to_disk``) with
-``cxrmax.core.schemas.PREFERENCE_SCHEMA`` (one positive + a list of negatives per row) or ``SFT_SCHEMA``
-(one completion per row). Images are referenced by ``image_path`` relative to the MIMIC-CXR root and
-loaded through ``cxrmax.mimic.images.preprocess`` (the same downscaling generate uses), then handed to the
-model's processor.
+Images are referenced by ``image_path`` relative to the MIMIC-CXR root and loaded through
+``cxrmax.mimic.images.preprocess`` (the same downscaling generate uses), then handed to the model's
+processor.
 
 Tokenization happens once, up front, with ``datasets.map`` (written to Arrow, memory flat in the
 number of rows): the user turn (image + prompt) is rendered with the chat template and encoded with
@@ -23,20 +21,14 @@ Truncation policy (``max_length`` counts prompt + image tokens + completion):
   * a missing positive/prompt is an InputError naming the dataset, row and field (``lenient``: dropped,
     counted as ``dropped_invalid``); so is an image that is missing or cannot be decoded (``lenient``:
     counted as ``dropped_bad_image``);
-  * a column of the wrong type (``rejected`` not a list of strings, ``chosen`` not a string) is an
-    InputError before any row is read, and a dataset left with no sample at all is an InputError that
-    lists why each row was dropped (training on nothing would only fail later, less clearly).
-
-Collation puts a sample's positive and all of its negatives in the same batch as separate rows of one
-padded tensor: the positive is ONE row per sample (not one per negative, as a pairwise split would do),
-followed by its negatives; ``chosen_index`` / ``rejected_index`` map rows back to samples.
+  * a column of the wrong type is an InputError before any row is read (``load.check_column_types``),
+    and a dataset left with no sample at all is an InputError that lists why each row was dropped
+    (training on nothing would only fail later, less clearly).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,95 +36,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from jinja2 import TemplateError
 
+from apo_train.data.load import check_column_types
 from cxrmax.core.errors import InputError, where
-
-IGNORE_INDEX = -100
-
-PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected", "image_path")
-SFT_COLUMNS = ("prompt", "completion", "image_path")
+from cxrmax.mimic.images import preprocess
 
 
-# --------------------------------------------------------------------------------------------- reading
-def load_split(path: str | os.PathLike, split: str = "train", required: Sequence[str] = ()) -> Any:
-    """Load one split of a dataset saved with ``save_to_disk`` (a DatasetDict dir or a Dataset dir).
-
-    Raises InputError naming the directory, split or missing column."""
-    import datasets
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{where(path)}: no such dataset directory")
-    splits_file = path / "dataset_dict.json"
-    if splits_file.is_file():
-        # Load only the split asked for: datasets cannot reload a DatasetDict holding an empty split
-        # (saved with zero shards), which would make every split of it unreadable.
-        try:
-            splits = list(json.loads(splits_file.read_text())["splits"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InputError(f"{where(splits_file)}: unreadable split list ({exc})") from exc
-        if split not in splits:
-            raise InputError(f"{where(path)}: no split {split!r} (have {sorted(splits)})")
-        path = path / split
-        if not list(path.glob("*.arrow")):
-            raise InputError(f"{where(path)}: the {split!r} split has no rows")
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as exc:  # datasets raises FileNotFoundError / ValueError for non-datasets dirs
-        inside = [name for name in ("preferences", "sft") if (path / name).is_dir()]
-        hint = (
-            f"; did you mean {path / inside[0]}? (build-preferences writes OUT/preferences and OUT/sft)"
-            if inside
-            else ""
-        )
-        raise InputError(f"{where(path)}: not a dataset saved with save_to_disk ({exc}){hint}") from exc
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise InputError(f"{where(path)}: no split {split!r} (have {sorted(loaded)})")
-        loaded = loaded[split]
-    for column in required:
-        if column not in loaded.column_names:
-            raise InputError(f"{where(path, field=column)}: missing column (have {loaded.column_names})")
-    return loaded
-
-
-def _type_name(feature: Any) -> str:
-    return getattr(feature, "dtype", None) or type(feature).__name__
-
-
-def _is_text(feature: Any) -> bool:
-    # dtype "null": a column that is None in every row (pyarrow cannot type it); rows say what is missing.
-    return getattr(feature, "dtype", None) in ("string", "large_string", "null")
-
-
-def _is_text_list(feature: Any) -> bool:
-    if getattr(feature, "dtype", None) == "null":
-        return True
-    if isinstance(feature, list):  # the legacy [Value] form
-        return len(feature) == 1 and _is_text(feature[0])
-    inner = getattr(feature, "feature", None)  # datasets.List / LargeList / Sequence
-    return inner is not None and _is_text(inner)
-
-
-def check_column_types(
-    dataset: Any, text_columns: Sequence[str], list_columns: Sequence[str], source: Any
-) -> None:
-    """Raise InputError when a present column has the wrong type (e.g. ``rejected`` saved as one string
-    would otherwise be split into single characters, ``chosen`` saved as a list would read as empty)."""
-    features = getattr(dataset, "features", None) or {}
-    for name in text_columns:
-        if name in features and not _is_text(features[name]):
-            raise InputError(
-                f"{where(source, field=name)}: expected a text column, got {_type_name(features[name])}"
-            )
-    for name in list_columns:
-        if name in features and not _is_text_list(features[name]):
-            raise InputError(
-                f"{where(source, field=name)}: expected a list of texts per row, got {features[name]}"
-            )
-
-
-# ------------------------------------------------------------------------------------------- encoding
 class ChatEncoder:
     """Encodes a user turn (optional image + prompt text) and assistant completions for one model.
 
@@ -188,8 +98,6 @@ class ChatEncoder:
         return messages + [{"role": "user", "content": content}]
 
     def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        from jinja2 import TemplateError
-
         try:
             return self._template_owner.apply_chat_template(
                 messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -201,8 +109,6 @@ class ChatEncoder:
 
     def load_image(self, image_path: str, row: int | None = None) -> Any:
         """The preprocessed image (RGB PIL) for a path relative to ``image_root``."""
-        from cxrmax.mimic.images import preprocess
-
         if self.image_root is None:
             raise InputError("image_root (the MIMIC-CXR root) is needed to load images")
         full = self.image_root / image_path
@@ -539,141 +445,9 @@ def _run_map(
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items()))
         raise InputError(
             f"{where(source)}: no {kind} sample left to train on after tokenization "
-            f"(dropped: {reasons}; see the truncation policy in apo_train.data"
+            f"(dropped: {reasons}; see the truncation policy in apo_train.data.tokenize"
             + ("; raise max_length or lower max_edge/max_pixels" if "prompt_too_long" in by_reason else "")
             + ")"
         )
     drop = [c for c in kept.column_names if c.startswith("n_") or c == "drop_reason"]
     return kept.remove_columns(drop), stats
-
-
-# ------------------------------------------------------------------------------------------ collation
-def _pad_rows(rows: list[list[int]], value: int, multiple_of: int | None) -> torch.Tensor:
-    length = max(len(r) for r in rows)
-    if multiple_of:
-        length = -(-length // multiple_of) * multiple_of
-    out = torch.full((len(rows), length), value, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
-
-
-class _VisionMixin:
-    encoder: ChatEncoder
-
-    def _vision(self, image_path: str | None, copies: int) -> dict[str, torch.Tensor]:
-        """Vision tensors for ``copies`` rows sharing one image (processed once, repeated)."""
-        if not self.encoder.uses_images or not image_path:
-            return {}
-        vision = self.encoder.vision_inputs(self.encoder.load_image(image_path))
-        return {k: torch.cat([v] * copies, dim=0) for k, v in vision.items()}
-
-
-def _merge_vision(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    parts = [p for p in parts if p]
-    if not parts:
-        return {}
-    return {k: torch.cat([p[k] for p in parts], dim=0) for k in parts[0]}
-
-
-@dataclass
-class APOCollator(_VisionMixin):
-    """Collate tokenized preference samples: per sample one positive row followed by its negatives.
-
-    Output: ``input_ids``, ``attention_mask``, ``labels`` (IGNORE_INDEX outside completions) of shape
-    [rows, length] (right padding); ``chosen_index`` [B] and ``rejected_index`` [B, Nmax] (row numbers,
-    -1 = no such negative); ``rejected_mask`` [B, Nmax]; ``prompt_lengths`` [rows]; vision tensors when
-    the model has images (one image per row, in row order); ``ref_chosen_logps`` / ``ref_rejected_logps``
-    when the features carry precomputed reference log-probs; ``sample_index`` when present."""
-
-    encoder: ChatEncoder
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows: list[list[int]] = []
-        types: list[list[int]] = []
-        labels: list[list[int]] = []
-        prompt_lengths: list[int] = []
-        chosen_index: list[int] = []
-        rejected_index: list[list[int]] = []
-        vision_parts = []
-        for f in features:
-            prompt = list(f["prompt_input_ids"])
-            completions = [f["chosen_input_ids"], *f["rejected_input_ids"]]
-            chosen_index.append(len(rows))
-            rejected_index.append(list(range(len(rows) + 1, len(rows) + len(completions))))
-            prompt_types = list(f.get("prompt_mm_token_type_ids") or [])
-            for completion in completions:
-                rows.append(prompt + list(completion))
-                types.append(prompt_types + [0] * len(completion))
-                labels.append([IGNORE_INDEX] * len(prompt) + list(completion))
-                prompt_lengths.append(len(prompt))
-            vision_parts.append(self._vision(f.get("image_path"), len(completions)))
-        n_max = max(len(r) for r in rejected_index)
-        rejected_tensor = torch.full((len(features), n_max), -1, dtype=torch.long)
-        for i, r in enumerate(rejected_index):
-            rejected_tensor[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        input_ids = _pad_rows(rows, self.encoder.pad_token_id, self.pad_to_multiple_of)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": _pad_rows([[1] * len(r) for r in rows], 0, self.pad_to_multiple_of),
-            "labels": _pad_rows(labels, IGNORE_INDEX, self.pad_to_multiple_of),
-            "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
-            "chosen_index": torch.tensor(chosen_index, dtype=torch.long),
-            "rejected_index": rejected_tensor,
-            "rejected_mask": rejected_tensor >= 0,
-            **_merge_vision(vision_parts),
-        }
-        if any(f.get("prompt_mm_token_type_ids") for f in features):
-            batch["mm_token_type_ids"] = _pad_rows(types, 0, self.pad_to_multiple_of)
-        if "ref_chosen_logps" in features[0]:
-            batch["ref_chosen_logps"] = torch.tensor(
-                [f["ref_chosen_logps"] for f in features], dtype=torch.float32
-            )
-            ref_rej = torch.zeros((len(features), n_max), dtype=torch.float32)
-            for i, f in enumerate(features):
-                values = f["ref_rejected_logps"]
-                ref_rej[i, : len(values)] = torch.tensor(values, dtype=torch.float32)
-            batch["ref_rejected_logps"] = ref_rej
-        if "sample_index" in features[0]:
-            batch["sample_index"] = torch.tensor([f["sample_index"] for f in features], dtype=torch.long)
-        return batch
-
-
-@dataclass
-class SFTCollator(_VisionMixin):
-    """Collate tokenized SFT rows: prompt + completion, labels only on the completion tokens."""
-
-    encoder: ChatEncoder
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows, types, labels, vision_parts = [], [], [], []
-        for f in features:
-            prompt, completion = list(f["prompt_input_ids"]), list(f["completion_input_ids"])
-            rows.append(prompt + completion)
-            types.append(list(f.get("prompt_mm_token_type_ids") or []) + [0] * len(completion))
-            labels.append([IGNORE_INDEX] * len(prompt) + completion)
-            vision_parts.append(self._vision(f.get("image_path"), 1))
-        batch = {
-            "input_ids": _pad_rows(rows, self.encoder.pad_token_id, self.pad_to_multiple_of),
-            "attention_mask": _pad_rows([[1] * len(r) for r in rows], 0, self.pad_to_multiple_of),
-            "labels": _pad_rows(labels, IGNORE_INDEX, self.pad_to_multiple_of),
-            **_merge_vision(vision_parts),
-        }
-        if any(f.get("prompt_mm_token_type_ids") for f in features):
-            batch["mm_token_type_ids"] = _pad_rows(types, 0, self.pad_to_multiple_of)
-        return batch
-
-
-#: Batch keys that are bookkeeping for the loss, not model inputs.
-APO_BOOKKEEPING_KEYS = (
-    "labels",
-    "prompt_lengths",
-    "chosen_index",
-    "rejected_index",
-    "rejected_mask",
-    "ref_chosen_logps",
-    "ref_rejected_logps",
-    "sample_index",
-)
