@@ -257,11 +257,12 @@ def train_apo(
     """
     flags = dict(locals())  # every parameter above, by name: the flag tables map them onto fields
     from apo_train.pipeline import PipelineSpec, read_config_file, run_pipeline, spec_from_config
+    from cxrmax.preferences.build import rebuild_with_model_consensus
 
     with user_errors():
         spec = spec_from_config(read_config_file(config), str(config)) if config else PipelineSpec()
         apply_flags(spec, flags)
-        results = run_pipeline(spec, console=console)
+        results = run_pipeline(spec, console=console, rebuild=rebuild_with_model_consensus)
         from apo_train.trainer import is_main_process
 
         for name, result in results.items() if is_main_process() else ():

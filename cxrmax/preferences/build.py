@@ -31,6 +31,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -672,3 +673,13 @@ def build_preferences(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def rebuild_with_model_consensus(
+    sources: list[str], out: Path, *, mimic_root: Path | None, model_backend: dict[str, Any]
+) -> BuildSummary:
+    """build-preferences with a model's consensus: what ``train-apo --stage all --consensus model``
+    runs between its stages (apo_train.pipeline.RebuildPreferences)."""
+    return build_preferences(
+        sources, out, BuildOptions(consensus="model", mimic_root=mimic_root, model_backend=model_backend)
+    )
