@@ -100,7 +100,7 @@ def test_windows_line_ends():
         ("ET tube 4 cm above the carina.", "Support Devices", ("positive", None)),
         ("Right PICC line in the SVC.", "Support Devices", ("positive", None)),
         ("Pacer leads in the right ventricle.", "Support Devices", ("positive", None)),
-        ("Left lower lobe volume loss.", "Atelectasis", ("positive", "left")),
+        ("Left lower lobe volume loss.", "Atelectasis", ("absent", None)),  # CheXpert: not atelectasis
         ("Collapse of the right upper lobe.", "Atelectasis", ("positive", "right")),
         ("Patchy air-space disease at the right base.", "Lung Opacity", ("positive", "right")),
         ("Acute left rib fracture.", "Fracture", ("positive", "left")),

@@ -548,7 +548,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
-    ("granuloma", "Calcified granuloma in the left upper lobe.", "LL=pos/left", False, None),
+    ("granuloma", "Calcified granuloma in the left upper lobe.", "", False, None),  # CheXpert: no lesion
     ("no_nodules", "No suspicious pulmonary nodules or masses.", "LL=neg", False, None),
     ("unchanged_appearance", "Unchanged appearance of the chest.", "", False, None),
     (
@@ -1108,7 +1108,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "r2_lobectomy",
         "Status post left upper lobectomy with volume loss in the left hemithorax.",
-        "AT=pos/left",
+        "",  # CheXpert: volume loss is not atelectasis
         False,
         None,
     ),
@@ -1209,7 +1209,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "r2_trachea_deviated",
         "The trachea is deviated to the right, which could suggest volume loss in the right lung.",
-        "AT=unc/right",
+        "",  # CheXpert: volume loss is not atelectasis
         False,
         None,
     ),
@@ -2097,7 +2097,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "r6_granulomatous",
         "Calcified granulomas consistent with prior granulomatous disease.",
-        "LL=pos",
+        "",  # CheXpert: granulomas are not Lung Lesion
         False,
         None,
     ),

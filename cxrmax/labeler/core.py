@@ -613,7 +613,7 @@ def _clauses(tokens: list) -> tuple[list[int], list[int]]:
 _COPULA_TAIL = re.compile(
     r"\s*(?:[.;,:!?)\n]|$|(?:present|seen|noted|identified|visible|evident|apparent|visuali[sz]ed|appreciated|"
     r"demonstrated|detected|observed|definite|convincingly|clearly|yet|due|related|secondary|given|and|but|by|because|"
-    r"although|though|however|on|from|definite|excluded)\b)"
+    r"although|though|however|on|in|from|definite|excluded)\b)"
 )
 DROP = "drop"
 
@@ -659,6 +659,23 @@ def _mention_status(
     return _pre_status(low, tokens, index, lo, default)
 
 
+_CLEAR_OF = re.compile(r"\b(?:clear|free)\s+of\b")
+_OR_WORD_AHEAD = re.compile(r"\b(?:or|nor)\b")
+_CLAUSE_REST = re.compile(r"[^.;:\n]*")
+
+
+def _new_item_after_comma(low: str, start: int, end: int) -> bool:
+    """True when the last comma in low[start:end] starts a new, described finding ("no pneumothorax,
+    mild right atelectasis"), so a cue before the comma does not reach past it. Not inside a list
+    that "or"/"nor" closes: "no focal consolidation, pneumothorax or large pleural effusion" is one
+    negated coordination whose items may carry size words."""
+    comma = low.rfind(",", start, end)
+    if comma < 0 or _NEW_ITEM.search(low, comma, end) is None:
+        return False
+    rest = _CLAUSE_REST.match(low, comma + 1)
+    return _OR_WORD_AHEAD.search(low, comma, rest.end()) is None
+
+
 def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tuple[str, str | None]:
     """Status from the nearest cue before the mention whose scope reaches it."""
     edge = tokens[index][0]
@@ -675,16 +692,20 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
         if kind in _MENTION_KINDS or kind == MIMIC or kind == OTHER:
             # "no pneumothorax, mild right basilar atelectasis": a new described finding after a
             # comma is not part of the negated list.
-            comma = low.rfind(",", tok[1], tokens[index][0])
-            if comma >= 0 and _NEW_ITEM.search(low, comma, tokens[index][0]):
+            if _new_item_after_comma(low, tok[1], tokens[index][0]):
                 break
             edge = tok[0]
             j -= 1
             continue
+        if kind == STATEMENT and _CLEAR_OF.search(low, tok[0], tok[1] + 4) is not None:
+            # "the lungs are clear of focal airspace disease, pneumothorax, or pleural effusion": the
+            # statement's "clear of" governs the rest of its list.
+            if _new_item_after_comma(low, tok[1], tokens[index][0]):
+                break
+            return "negative", "clear of"
         if kind == CUE:
             bits, word = tok[3]
-            comma = low.rfind(",", tok[1], tokens[index][0])
-            if comma >= 0 and _NEW_ITEM.search(low, comma, tokens[index][0]):
+            if _new_item_after_comma(low, tok[1], tokens[index][0]):
                 break  # "possibly related to prior infection, and a small calcified granuloma"
             if bits & HYPO:
                 return DROP, word
@@ -708,12 +729,15 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
                             edge2 = prev[0]
                             k -= 1
                             continue
-                        if (
-                            prev[2] == CUE
-                            and prev[3][0] & NEG_PRE
-                            and _gap(low, prev[1], edge2) <= _SCOPE_GAP
-                        ):
-                            return "negative", prev[3][1]
+                        if prev[2] == CUE and _gap(low, prev[1], edge2) <= _SCOPE_GAP:
+                            if prev[3][0] & NEG_PRE:
+                                return "negative", prev[3][1]
+                            if prev[3][0] & WEAK:
+                                # "no pleural line to suggest pneumothorax or blunting to suggest
+                                # effusion": one negation over a chain of linking words.
+                                edge2 = prev[0]
+                                k -= 1
+                                continue
                         break
                 return "uncertain", word
             # A post-only cue belongs to an earlier mention: it closes the scope.

@@ -245,6 +245,41 @@ NEG_POST: tuple[str, ...] = (
     "which are not present",
 )
 
+#: Predicates of normality said of what comes before them ("Heart size and pulmonary vascular
+#: engorgement appear within limits of normal", "the pleural spaces are unremarkable"): negations
+#: backward over the list before them, and only at the end of the predicate ("... is normal in size.",
+#: not "is normal in appearance with ...").
+_NORMAL_VERBS = (
+    "is",
+    "are",
+    "appears",
+    "appear",
+    "remains",
+    "remain",
+    "is again",
+    "are again",
+    "appears to be",
+    "appear to be",
+)
+_NORMAL_TAILS = (
+    "normal",
+    "unremarkable",
+    "normal in size",
+    "within normal limits",
+    "within the normal limits",
+    "within limits of normal",
+    "within the limits of normal",
+    "within normal range",
+    "within the normal range",
+    "grossly normal",
+    "grossly unremarkable",
+    "stable and normal",
+    "stable and unremarkable",
+)
+NORMAL_PREDICATES: tuple[str, ...] = tuple(
+    f"{verb} {tail}" for verb in _NORMAL_VERBS for tail in _NORMAL_TAILS
+)
+
 # "cannot be entirely excluded", "cannot completely exclude": the double negative with an adverb.
 _HEDGE_ADVERBS = ("entirely", "completely", "fully", "totally", "definitely", "definitively", "confidently")
 _QUALIFIED_POST: tuple[str, ...] = tuple(
@@ -585,6 +620,11 @@ HYPOTHETICAL: tuple[str, ...] = (
     "is reported to have",
     "was reported to have",
     "history of",
+    # "bony overlap could obscure a small nodule": what an overlap might hide is not seen
+    "could obscure",
+    "may obscure",
+    "might obscure",
+    "can obscure",
     "clinical history of",
     "known history of",
 )

@@ -29,8 +29,6 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "atelectases",
         "atelectatic",
         "atelectatic change(s)",
-        "volume loss",
-        "loss of volume",
         "collapse",
         "collapsed lobe",
         "lobar collapse",
@@ -40,6 +38,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "lobe appears collapsed",
         "lobe remains collapsed",
         "lobe collapsed",
+        "collapsed lung",
+        "collapse of the lung",
         "segmental collapse",
         "subsegmental collapse",
         "plate-like atelectasis",
@@ -91,6 +91,10 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "pulmonary congestion",
         "chf",
         "congestive heart failure",
+        "heart failure",
+        "vascular prominence",
+        "pulmonary vascular prominence",
+        "indistinctness",
         "fluid overload",
         "fluid in the lungs",
         "fluid in the lung",
@@ -143,7 +147,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "metastasis",
         "metastases",
         "metastatic disease",
-        "granuloma(s)",
+        "lump",
         "cavitation",
         "cavitary",
         "cavity",
@@ -248,7 +252,6 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "ptx",
         "apical pneumothorax",
         "tension pneumothorax",
-        "collapsed lung",
         "air in the pleural space",
     ),
     "Support Devices": (
@@ -418,6 +421,16 @@ IGNORED: tuple[str, ...] = (
     "old infection",
     "prior granulomatous infection",
     "prior granulomatous disease",
+    # healed granulomatous disease is neither a lesion nor a pneumonia (CheXpert: granuloma and
+    # "calcified nodul..." are not Lung Lesion)
+    "granulomatous infection",
+    "granulomatous disease",
+    "granulomatous process",
+    "calcified nodule(s)",
+    "calcified nodular density",
+    "calcified nodular densities",
+    "calcified nodular opacity",
+    "calcified nodular opacities",
     # adjectives that look like negation cues but keep the finding ("resolving pneumonia")
     "resolving",
     "partially resolved",
@@ -530,11 +543,11 @@ _CMS = (
 # Between a subject and what is said of it: "heart size normal", "heart size: normal", "heart size - normal".
 _SEP = r"(?:\s*:|\s+[\u2013\u2014-])?\s+"
 _MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?)|mediastinal\s+and\s+hilar\s+(?:contours?|silhouettes?)|hilar\s+and\s+mediastinal\s+(?:contours?|silhouettes?))"
-_BE = r"(?:(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|might\s+be|could\s+be|appears?\s+to\s+be|seems?\s+to\s+be)(?:\s+also)?)"
-_ADV = (
-    r"(?:(?:mildly|moderately|markedly|severely|slightly|significantly|substantially|massively|minimally|"
-    r"likely|probably|possibly|again|still|now|grossly|somewhat|borderline|top|at\s+least|also|slightly|overall)\s+)"
-)
+# "xxxx": the collection's de-identification mask, which often hides the verb ("heart size XXXX
+# mildly enlarged").
+_BE = r"(?:(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|might\s+be|could\s+be|appears?\s+to\s+be|seems?\s+to\s+be|xxxx)(?:\s+also)?)"
+# Any "-ly" adverb ("persistently enlarged", "mildly enlarged") plus a few others.
+_ADV = r"(?:(?:[a-z]+ly|again|still|now|borderline|top|at\s+least|also|overall|xxxx)\s+)"
 _NORMAL = (
     r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|unremarkable|stable\s+and\s+normal|"
     r"(?:top|upper|high)(?:\s+|-)normal|(?:at\s+the\s+)?upper\s+limits?\s+of\s+(?:the\s+)?normal|not\s+widened|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
@@ -544,8 +557,22 @@ _NORMAL = (
 FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     # heart size between normal and enlarged (first: the regex takes the first alternative that matches)
     (
-        rf"{_HEART}{_SEP}(?:{_BE}\s+)?(?:(?:top|upper|high)[\s-])?normal\s+to\s+(?:\w+ly\s+)?(?:enlarged|large)",
+        rf"{_HEART}{_SEP}(?:{_BE}\s+)?(?:(?:top|upper|high)[\s-]|(?:at\s+the\s+)?upper\s+limits?\s+(?:of\s+)?)?"
+        r"normal\s+(?:to|or)\s+(?:\w+ly\s+)?(?:enlarged|large)",
         {"Cardiomegaly": "uncertain"},
+    ),
+    # borderline heart size: CheXpert's uncertain ("borderline cardiomegaly", "the heart is borderline in size")
+    (
+        rf"borderline\s+(?:(?:enlarged|enlargement\s+of\s+the|large|prominent)\s+)?(?:{_HEART}|cardiomegaly)",
+        {"Cardiomegaly": "uncertain"},
+    ),
+    (
+        rf"{_HEART}{_SEP}(?:{_BE}\s+)?(?:\w+ly\s+)?borderline(?:\s+(?:in\s+size|size|enlarged|large|prominent))?",
+        {"Cardiomegaly": "uncertain"},
+    ),
+    (
+        rf"(?:interval\s+)?increase\s+in\s+(?:the\s+)?{_HEART}",
+        {"Cardiomegaly": "mention"},
     ),
     # heart size normal / enlarged
     (rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
