@@ -106,7 +106,11 @@ def test_windows_line_ends():
         ("Acute left rib fracture.", "Fracture", ("positive", "left")),
         ("A 1 cm nodule in the right upper lobe.", "Lung Lesion", ("positive", "right")),
         ("Right hilar mass.", "Lung Lesion", ("positive", "right")),
-        ("Blunting of the costophrenic angle.", "Pleural Effusion", ("positive", "unspecified")),
+        (
+            "Blunting of the costophrenic angle.",
+            "Pleural Effusion",
+            ("absent", None),
+        ),  # CheXpert: a sign only
         ("Enlarged cardiac silhouette.", "Cardiomegaly", ("positive", None)),
         ("Pneumonia cannot be excluded.", "Pneumonia", ("uncertain", "unspecified")),
         ("Possible small right effusion.", "Pleural Effusion", ("uncertain", "right")),

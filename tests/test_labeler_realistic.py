@@ -1332,7 +1332,13 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
-    ("r2_cp_angle_blunted", "The right costophrenic angle is blunted.", "PE=pos/right", False, None),
+    (
+        "r2_cp_angle_blunted",
+        "The right costophrenic angle is blunted.",
+        "",
+        False,
+        None,
+    ),  # CheXpert: a sign only
     ("r2_moderate_in_size", "Left-sided pleural effusion, moderate in size.", "PE=pos/left", False, None),
     ("r2_r_ptx_l_eff", "R pneumothorax, L effusion.", "PX=pos/right PE=pos/left", False, None),
     ("r2_l_gt_r", "Effusion: L > R", "PE=pos/bilateral", False, None),
@@ -1355,7 +1361,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         None,
     ),
     ("r2_post_surgical", "Stable post-surgical changes in the right hemithorax.", "", False, None),
-    ("r2_chronic_blunting", "Chronic blunting of the right costophrenic angle.", "PE=pos/right", False, None),
+    ("r2_chronic_blunting", "Chronic blunting of the right costophrenic angle.", "", False, None),  # CheXpert
     (
         "r2_however_small",
         "No evidence of pneumonia. There is, however, a small left effusion.",
@@ -1653,7 +1659,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "r3_no_new_focal",
         "No new focal consolidation to suggest pneumonia. Chronic blunting of the left costophrenic angle.",
-        "CO=neg PN=neg PE=pos/left",
+        "CO=neg PN=neg",  # CheXpert: blunting alone is not an effusion
         False,
         None,
     ),

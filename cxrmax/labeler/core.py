@@ -76,7 +76,7 @@ from cxrmax.labeler.matcher import (
     UNC_PRE,
     WEAK,
 )
-from cxrmax.labeler.phrases import SIGN_ALTERNATIVES
+from cxrmax.labeler.phrases import SIDE_ONLY_SIGNS, SIGN_ALTERNATIVES
 from cxrmax.labeler.segment import CONTEXT_HEADINGS, split_steps
 from cxrmax.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
 
@@ -616,6 +616,7 @@ _COPULA_TAIL = re.compile(
     r"although|though|however|on|in|from|definite|excluded)\b)"
 )
 DROP = "drop"
+SIDE = "side"  # an assertion that only lends a side (phrases.SIDE_ONLY_SIGNS); see _aggregate
 
 
 def _mention_status(
@@ -960,6 +961,10 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             ):
                 continue  # the step interprets the sign itself
             tok = step_tokens[i]
+            if sign and observation in SIDE_ONLY_SIGNS:
+                if not asks and status != "negative" and side is not None:
+                    assertions.append((step_index, tok[0], tok[1], observation, SIDE, side, cue))
+                continue
             if asks:
                 question.append((step_index, tok[0], tok[1], observation, status, side))
                 continue
@@ -1048,14 +1053,32 @@ _TENTATIVE = frozenset(cues.TENTATIVE)
 _FAMILY = ("Pneumonia", "Consolidation", "Lung Opacity", "Atelectasis")
 
 
-def _aggregate(by_observation: dict[str, list]) -> dict[str, tuple[str, str | None]]:
+def _group(assertions: list) -> tuple[dict[str, list], dict[str, set[str]]]:
+    """(observation -> its assertions, observation -> the sides its side-only signs lend)."""
+    by_observation: dict[str, list[Assertion]] = {}
+    lent: dict[str, set[str]] = {}
+    for item in assertions:
+        if item[4] == SIDE:
+            lent.setdefault(item[3], set()).add(item[5])
+        else:
+            by_observation.setdefault(item[3], []).append(item)
+    return by_observation, lent
+
+
+def _aggregate(
+    by_observation: dict[str, list], lent: dict[str, set[str]] | None = None
+) -> dict[str, tuple[str, str | None]]:
     """Text-level (status, laterality) per observation: the conflict rule, then the family side: a
     positive/uncertain airspace finding (pneumonia, consolidation, opacity, atelectasis) without a
     side takes the single side that the other such findings of the text agree on ("pneumonia ...
-    the consolidation in the right lower lobe" -> right pneumonia)."""
+    the consolidation in the right lower lobe" -> right pneumonia). A positive/uncertain finding
+    without a side also takes the sides of its side-only signs (`lent`)."""
     result: dict[str, tuple[str, str | None]] = {}
     for name, items in by_observation.items():
         status, side = _combine(items)
+        if lent and side == "unspecified" and status != "negative" and name in lent:
+            sides = lent[name]
+            side = "bilateral" if "bilateral" in sides or len(sides) > 1 else next(iter(sides))
         result[name] = (status, side if name in LATERALIZABLE else None)
     for name in _FAMILY:
         status, side = result.get(name, ("absent", None))
@@ -1123,10 +1146,8 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
     low = _lowered(usable)
     segments = split_steps(usable)
     assertions, refusal, hedging, recognised = _assertions(usable, low, segments, detail=False)
-    by_observation: dict[str, list[Assertion]] = {}
-    for item in assertions:
-        by_observation.setdefault(item[3], []).append(item)
-    aggregated = _aggregate(by_observation)
+    by_observation, lent = _group(assertions)
+    aggregated = _aggregate(by_observation, lent)
     statuses = {name: status for name, (status, _) in aggregated.items()}
     sides = {name: side for name, (_, side) in aggregated.items()}
     if not recognised and len(usable) < 80 and _NORMAL_ANSWER.match(low):
@@ -1172,11 +1193,11 @@ def label_text(text: object) -> LabeledText:
     steps = [
         Step(i, usable[s.start : s.end], s.start, s.end, s.kind, s.heading) for i, s in enumerate(segments)
     ]
-    by_observation: dict[str, list[Assertion]] = {}
+    by_observation, lent = _group(assertions)
     by_step: dict[tuple[int, str], list[Assertion]] = {}
     for item in assertions:
-        by_observation.setdefault(item[3], []).append(item)
-        by_step.setdefault((item[0], item[3]), []).append(item)
+        if item[4] != SIDE:
+            by_step.setdefault((item[0], item[3]), []).append(item)
     for (step_index, name), items in by_step.items():
         status, side = _combine(items)
         steps[step_index].statuses[name] = status
@@ -1184,7 +1205,7 @@ def label_text(text: object) -> LabeledText:
             steps[step_index].lateralities[name] = side
     observations = dict(empty)
     statuses: dict[str, str] = {}
-    for name, (status, side) in _aggregate(by_observation).items():
+    for name, (status, side) in _aggregate(by_observation, lent).items():
         statuses[name] = status
         evidence = [
             Evidence(it[0], it[1], it[2], usable[it[1] : it[2]], it[4], it[5], it[6])

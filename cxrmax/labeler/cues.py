@@ -466,6 +466,10 @@ UNC_PRE: tuple[str, ...] = (
     "there may also be",
     "most likely due to",
     "most likely related to",
+    "could include",
+    "may include",
+    "might include",
+    "differential of which",
     *TENTATIVE,
     *_QUALIFIED_PRE,
     # an artifact that may explain the finding away ("may be exaggerated by the AP projection"); without
@@ -478,6 +482,7 @@ UNC_PRE: tuple[str, ...] = (
 )
 
 UNC_POST: tuple[str, ...] = (
+    "suspected",  # "small bilateral pleural effusions suspected"
     "cannot be excluded",
     "can not be excluded",
     "can't be excluded",
@@ -620,6 +625,13 @@ HYPOTHETICAL: tuple[str, ...] = (
     "is reported to have",
     "was reported to have",
     "history of",
+    # "please correlate clinically for pneumonia", "symptoms of infection": asked about, not seen
+    "correlate clinically for",
+    "clinically correlate for",
+    "clinical correlation for",
+    "correlation for",
+    "symptoms of",
+    "signs and symptoms of",
     # "bony overlap could obscure a small nodule": what an overlap might hide is not seen
     "could obscure",
     "may obscure",

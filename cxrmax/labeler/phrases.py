@@ -356,8 +356,8 @@ MENTIONS: dict[str, tuple[str, ...]] = {
 }
 
 #: Radiographic signs: they count as a mention of their observation only when the same step says
-#: nothing else about it ("blunting of the right costophrenic angle" alone -> effusion positive;
-#: "blunting ... may reflect effusion or pleural thickening" -> the interpretation decides).
+#: nothing else about it ("deep sulcus sign" alone -> pneumothorax positive; "blunting ... may reflect
+#: effusion or pleural thickening" -> the interpretation decides); see SIDE_ONLY_SIGNS.
 SIGNS: dict[str, tuple[str, ...]] = {
     "Pleural Effusion": (
         "blunting of the costophrenic angle(s)",
@@ -411,6 +411,11 @@ SIGNS: dict[str, tuple[str, ...]] = {
 }
 #: A sign of the first observation is also explained away by a mention of these in its step.
 SIGN_ALTERNATIVES: dict[str, tuple[str, ...]] = {"Pleural Effusion": ("Pleural Other",)}
+#: Signs that never assert their observation by themselves: CheXpert's Pleural Effusion is the words
+#: "effusion" and "pleural fluid" only, so "blunting of the right costophrenic angle" alone says
+#: nothing about effusion. They still lend their side to an effusion the text asserts without one
+#: ("### Pleural Effusion / * blunting of the left costophrenic angle" -> left).
+SIDE_ONLY_SIGNS: frozenset[str] = frozenset({"Pleural Effusion"})
 
 #: Phrases that must not count as mentions although they contain a mention word; matching them
 #: (longest match wins) hides the shorter mention inside.
@@ -424,6 +429,9 @@ IGNORED: tuple[str, ...] = (
     # healed granulomatous disease is neither a lesion nor a pneumonia (CheXpert: granuloma and
     # "calcified nodul..." are not Lung Lesion)
     "granulomatous infection",
+    "tuberculous infection",
+    "tuberculosis infection",
+    "histoplasmosis infection",
     "granulomatous disease",
     "granulomatous process",
     "calcified nodule(s)",
