@@ -657,7 +657,40 @@ def _mention_status(
             ):
                 return "uncertain", word  # "nodular opacity may represent a nipple shadow"
         break
+    if _EXPLAINING.search(low, tokens[index][1], tokens[index][1] + 120) is not None:
+        explained = _explained_away(low, tokens, index, hi)
+        if explained is not None:
+            return explained
     return _pre_status(low, tokens, index, lo, default)
+
+
+# "nodular densities ... are consistent with nipple shadows", "... secondary to soft tissue overlay":
+# a link from a finding to something that is not disease.
+_EXPLAINING = re.compile(
+    r"\b(?:represents?|representing|reflects?|reflecting|consistent\s+with|compatible\s+with|secondary\s+to|due\s+to)\b"
+)
+_MODAL = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|question\w*|versus|vs|or)\b")
+
+
+def _explained_away(low: str, tokens: list, index: int, hi: int) -> tuple[str, str | None] | None:
+    """A finding that its clause explains as a mimic (cues.MIMICS: "nipple shadows", "soft tissue
+    overlay") asserts nothing (DROP), or is uncertain when the
+    link is hedged ("... which could represent overlapping vessels"); None when no such link."""
+    end = tokens[index][1]
+    ceiling = hi if hi < index + 12 else index + 12
+    for j in range(index + 1, ceiling):
+        tok = tokens[j]
+        kind = tok[2]
+        if kind in _MENTION_KINDS or kind == OTHER or kind == STATEMENT or kind == TERM and tok[3]:
+            return None  # another finding or a conjunction comes first
+        if kind == MIMIC:
+            between = low[end : tok[0]]
+            if _gap(low, end, tok[0]) > 16 or _EXPLAINING.search(between) is None:
+                return None
+            if _MODAL.search(between) is not None:
+                return "uncertain", "(explained) " + low[tok[0] : tok[1]]
+            return DROP, "(explained) " + low[tok[0] : tok[1]]
+    return None
 
 
 _CLEAR_OF = re.compile(r"\b(?:clear|free)\s+of\b")

@@ -716,6 +716,9 @@ MIMICS: tuple[str, ...] = (
     "overlying ribs",
     "costochondral calcification",
     "costochondral calcifications",
+    "soft tissue overlay",
+    "overlapping silhouettes",
+    "overlapping bone silhouettes",
 )
 
 #: Diagnoses outside the 14 observations that a finding may be an alternative to ("consistent with ARDS
