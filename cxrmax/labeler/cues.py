@@ -470,6 +470,18 @@ UNC_PRE: tuple[str, ...] = (
     "may include",
     "might include",
     "differential of which",
+    # CheXpert's uncertainty rules: "correlate clinically for (symptoms of) X", "obscuring X"
+    "correlate clinically for",
+    "clinically correlate for",
+    "clinical correlation for",
+    "correlation for",
+    "symptoms of",
+    "signs and symptoms of",
+    "could obscure",
+    "may obscure",
+    "might obscure",
+    "can obscure",
+    "suggestion of",
     *TENTATIVE,
     *_QUALIFIED_PRE,
     # an artifact that may explain the finding away ("may be exaggerated by the AP projection"); without
@@ -625,18 +637,6 @@ HYPOTHETICAL: tuple[str, ...] = (
     "is reported to have",
     "was reported to have",
     "history of",
-    # "please correlate clinically for pneumonia", "symptoms of infection": asked about, not seen
-    "correlate clinically for",
-    "clinically correlate for",
-    "clinical correlation for",
-    "correlation for",
-    "symptoms of",
-    "signs and symptoms of",
-    # "bony overlap could obscure a small nodule": what an overlap might hide is not seen
-    "could obscure",
-    "may obscure",
-    "might obscure",
-    "can obscure",
     "clinical history of",
     "known history of",
 )

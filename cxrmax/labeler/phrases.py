@@ -559,7 +559,7 @@ _BE = r"(?:(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|mig
 # Any "-ly" adverb ("persistently enlarged", "mildly enlarged") plus a few others.
 _ADV = r"(?:(?:[a-z]+ly|again|still|now|borderline|top|at\s+least|also|overall|xxxx)\s+)"
 _NORMAL = (
-    r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|unremarkable|stable\s+and\s+normal|"
+    r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|within\s+(?:the\s+)?limits\s+of\s+normal|unremarkable|stable\s+and\s+normal|"
     r"(?:top|upper|high)(?:\s+|-)normal|(?:at\s+the\s+)?upper\s+limits?\s+of\s+(?:the\s+)?normal|not\s+widened|not\s+(?:\w+ly\s+)?enlarged|normal\s+size|"
     r"unchanged\s+and\s+normal|preserved|of\s+normal\s+(?:size|caliber|width)|midline\s+and\s+not\s+(?:\w+ly\s+)?(?:widened|enlarged))"
 )
@@ -587,6 +587,13 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     # heart size normal / enlarged
     (rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
     (rf"normal(?:\s+|-)(?:sized?\s+)?{_HEART}", {"Cardiomegaly": "negative"}),
+    # "Heart size and pulmonary vascularity appear within normal limits": a normality predicate over
+    # a short coordination that starts with the heart. Only "heart size and" is consumed (lookahead),
+    # so a finding named in the coordination is still read (and negated by cues.NORMAL_PREDICATES).
+    (
+        rf"{_HEART}\s+and\s+(?=(?:[a-z-]+\s+){{1,3}}?(?:{_BE}\s+)(?:{_ADV})?{_NORMAL})",
+        {"Cardiomegaly": "negative"},
+    ),
     (
         rf"heart\s+and\s+mediastinum\s+(?:{_BE}\s+)?{_NORMAL}",
         {"Cardiomegaly": "negative", "Enlarged Cardiomediastinum": "negative"},
