@@ -620,7 +620,7 @@ SIDE = "side"  # an assertion that only lends a side (phrases.SIDE_ONLY_SIGNS); 
 
 
 def _mention_status(
-    low: str, tokens: list, index: int, lo: int, hi: int, default: str
+    low: str, tokens: list, index: int, lo: int, hi: int, default: str, mimic_after: bool = True
 ) -> tuple[str, str | None]:
     """Status of the mention tokens[index] from the cues of its clause tokens[lo:hi] ("drop": the
     mention is hypothetical and asserts nothing)."""
@@ -657,7 +657,7 @@ def _mention_status(
             ):
                 return "uncertain", word  # "nodular opacity may represent a nipple shadow"
         break
-    if _EXPLAINING.search(low, tokens[index][1], tokens[index][1] + 120) is not None:
+    if mimic_after and _EXPLAINING.search(low, tokens[index][1], tokens[index][1] + 120) is not None:
         explained = _explained_away(low, tokens, index, hi)
         if explained is not None:
             return explained
@@ -800,6 +800,7 @@ def _statement_status(low: str, tokens: list, index: int, lo: int, default: str)
 def _assertions(text: str, low: str, segments: list, detail: bool):
     """Walk the steps; return (assertions, refusal spans, hedging spans, recognised_any)."""
     tokens = _scan(low, text)
+    has_mimic = MIMIC in {tok[2] for tok in tokens}  # most texts have none: skip _explained_away
     ascii_text = low.isascii()
     assertions: list[Assertion] = []
     refusal: list[tuple[int, int]] = []
@@ -899,6 +900,11 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
         if heading is not None:
             default = _HEADING_DEFAULTS.get(heading) or _heading_default(heading)
         los, his = _clauses(step_tokens)
+        last_mimic = -1  # index of the step's last mimic token ("nipple shadow"), for _explained_away
+        if has_mimic:
+            for k, tok in enumerate(step_tokens):
+                if tok[2] == MIMIC:
+                    last_mimic = k
         silent_clauses: set[int] = set()  # clauses (by first token) that refuse or speak in general
         for i, tok in enumerate(step_tokens):
             kind = tok[2]
@@ -919,7 +925,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 lo, hi = los[i], his[i]
                 if lo in silent_clauses:
                     continue
-                status, cue = _mention_status(low, step_tokens, i, lo, hi, default)
+                status, cue = _mention_status(low, step_tokens, i, lo, hi, default, i < last_mimic)
                 if status == DROP:
                     continue
                 if cue is None and tok[0] in verdicts:

@@ -59,8 +59,6 @@ FLEX_TRIGGERS: tuple[str, ...] = (
     "extubated",
     "extubation",
     "borderline",
-    "increase",
-    "interval",
 )
 FLEX_PREFIXES: tuple[str, ...] = (
     "heart",
@@ -81,8 +79,6 @@ FLEX_PREFIXES: tuple[str, ...] = (
     "no\n",
     "extubat",
     "borderline",
-    "increase",
-    "interval",
 )
 
 # Cue role bits.

@@ -58,6 +58,14 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "enlarged cardiac shadow",
         "increased heart size",
         "increased cardiac size",
+        "increase in heart size",
+        "increase in the heart size",
+        "increase in cardiac size",
+        "increase in size of the cardiac silhouette",
+        "interval increase in heart size",
+        "interval increase in the heart size",
+        "interval increase in cardiac size",
+        "interval increase in size of the cardiac silhouette",
         "large heart",
         "large cardiac silhouette",
         "prominent heart",
@@ -579,10 +587,6 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     (
         rf"{_HEART}{_SEP}(?:{_BE}\s+)?(?:\w+ly\s+)?borderline(?:\s+(?:in\s+size|size|enlarged|large|prominent))?",
         {"Cardiomegaly": "uncertain"},
-    ),
-    (
-        rf"(?:interval\s+)?increase\s+in\s+(?:the\s+)?{_HEART}",
-        {"Cardiomegaly": "mention"},
     ),
     # heart size normal / enlarged
     (rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
