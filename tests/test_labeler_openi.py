@@ -33,7 +33,7 @@ FLOORS: dict[str, dict[str, float]] = {
         "micro": 0.85,
     },
     "uncertain=negative": {
-        "Atelectasis": 0.83,
+        "Atelectasis": 0.82,
         "Cardiomegaly": 0.90,
         "Pleural Effusion": 0.89,
         "Pneumonia": 0.83,

@@ -8,8 +8,13 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
   uncertain under a heading that announces alternatives ("Differential diagnosis").
 - Clauses that refuse ("As an AI, I cannot diagnose pneumonia"), speak in general ("atelectasis
   typically appears as ...") or are hypothetical ("if you have concerns about pneumonia") assert
-  nothing. Radiographic signs (blunting of the costophrenic angle, pleural line) count only when
-  their step does not interpret them ("blunting ... may reflect effusion or pleural thickening").
+  nothing. Radiographic signs (pleural line, deep sulcus sign) count only when their step does not
+  interpret them; costophrenic blunting never asserts an effusion by itself (CheXpert's
+  definition), it only lends its side to one the text asserts.
+- Negation reaches over a coordination: "No focal consolidation, pneumothorax or large pleural
+  effusion" (a list closed by "or" keeps size words inside it), "clear of / free of / without A, B,
+  or C", and backward from predicates of normality ("X and Y appear within limits of normal").
+  A finding explained as a mimic ("consistent with nipple shadows") asserts nothing.
 - Alternatives are uncertain: "consistent with pneumonia or atelectasis", "ARDS or pulmonary
   edema"; a hedge pointing at an artifact ("which may simply reflect the AP projection", "may
   represent a nipple shadow") makes the finding before it uncertain. A short label before a colon

@@ -6,14 +6,20 @@ space matches any run of spaces/hyphens/newlines and a hyphen matches an optiona
 adds the plural. The longest phrase wins at a position, which is how "pericardial effusion" (ignored)
 beats "effusion" and "left ventricular enlargement" (Cardiomegaly) beats "left".
 
-Mapping choices (documented, used by the evaluation set):
+Definitions: each observation's vocabulary follows the CheXpert labeler's published mention and
+unmention phrase lists (github.com/stanfordmlgroup/chexpert-labeler, MIT; see NOTICE), written here
+as our own lists. Every deliberate deviation is in the one table of docs/labeler.md. In short:
 
-- "air-space disease", "airspace opacity", "infiltrate", "density", "haziness" -> Lung Opacity only
-  (Consolidation needs the word consolidation / consolidative / air bronchograms).
-- "volume loss", "collapse", "atelectatic" -> Atelectasis.
-- "nodule", "mass", "granuloma", "neoplasm", "metastases" -> Lung Lesion.
-- "vascular congestion", "cephalization", "Kerley B lines", "CHF" -> Edema.
-- "enlarged cardiomediastinal silhouette", "widened mediastinum" -> Enlarged Cardiomediastinum.
+- "collapse", "collapsed lung" -> Atelectasis ("volume loss" is not atelectasis).
+- Lung Lesion: nodule, mass, nodular opacity/density, neoplasm, tumor, carcinoma, lump, cavitary
+  lesion; not granuloma, "calcified nodule", nor masses of other organs (thyroid, mediastinal ...).
+- "air-space disease", "infiltrate", "density", "haziness" -> Lung Opacity only (Consolidation needs
+  the word consolidation / consolidative / air bronchograms).
+- "vascular congestion", "pulmonary congestion", "heart failure", "vascular prominence", "CHF" -> Edema.
+- Pleural Effusion: "effusion", "pleural fluid" (not "pericardial effusion"); costophrenic blunting
+  alone asserts nothing (it only lends its side, SIDE_ONLY_SIGNS).
+- Pneumonia: pneumonia, infection, infectious process; not granulomatous (TB, histoplasmosis) or prior
+  infection.
 - "hydropneumothorax" -> Pneumothorax and Pleural Effusion.
 - tubes, lines, catheters, pacers and their leads, sternotomy wires, valves, stents -> Support Devices.
 """
@@ -154,6 +160,10 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "lump",
     ),
     "Lung Opacity": (
+        # CheXpert's "opaci" also makes these Lung Opacity (they are Lung Lesion too)
+        "nodular opacity",
+        "nodular opacities",
+        "nodular opacification",
         "opacity",
         "opacities",
         "opacification(s)",
@@ -197,6 +207,16 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "scarring",
         "fibrosis",
         "fibrotic changes",
+        # CheXpert's airspace-opacity list
+        "decreased translucency",
+        "reticulation",
+        "reticular pattern",
+        "reticular marking(s)",
+        "interstitial pattern",
+        "peribronchial thickening",
+        "bronchial wall thickening",
+        "parenchymal scarring",
+        "scar(s)",
     ),
     "Pleural Effusion": (
         "effusion(s)",
@@ -219,6 +239,11 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "thickening of the pleura",
         "pleural plaque(s)",
         "pleural scarring",
+        "pleural scar(s)",
+        "pleuro-parenchymal scar(s)",
+        "pleuroparenchymal scar(s)",
+        "pleuroparenchymal scarring",
+        "pleuro-pericardial scar(s)",
         "pleural calcification(s)",
         "calcified pleural plaque(s)",
         "fibrothorax",
