@@ -225,7 +225,6 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "fluid in the pleural space",
         "loculated fluid",
         "loculated pleural fluid",
-        "pleural space",
         "parapneumonic effusion(s)",
         "hydrothorax",
         "layering fluid",
