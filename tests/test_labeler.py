@@ -458,3 +458,60 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
             assert table.num_rows == 3000
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --- issue 12: scope and definitions as real reports write them (sentences written for this test) ---
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a negated list closed by "or" keeps its size words inside the negation
+        ("No consolidation, effusion or large pneumothorax.", {"Pleural Effusion": 0, "Pneumothorax": 0}),
+        ("No pneumothorax, mild right atelectasis.", {"Pneumothorax": 0, "Atelectasis": 1}),
+        (
+            "The lungs are clear of consolidation, effusion or pneumothorax.",
+            {"Pleural Effusion": 0, "Pneumothorax": 0},
+        ),
+        (
+            "Lungs are free of infiltrate, large effusion, or pneumothorax.",
+            {"Pleural Effusion": 0, "Pneumothorax": 0},
+        ),
+        (
+            "No lucency to suggest pneumothorax or fluid to suggest an effusion.",
+            {"Pleural Effusion": 0, "Pneumothorax": 0},
+        ),
+        # predicates of normality over what comes before them
+        ("Heart size and vascular congestion are within normal limits.", {"Cardiomegaly": 0, "Edema": 0}),
+        ("The hila and the pleural effusion are unremarkable.", {"Pleural Effusion": 0}),
+        (
+            "No significant effusion. No definite consolidation. No convincing pneumothorax.",
+            {"Pleural Effusion": 0, "Consolidation": 0, "Pneumothorax": 0},
+        ),
+        ("No findings to suggest pneumonia.", {"Pneumonia": 0}),
+        # the de-identification mask inside a cue or in place of a verb
+        ("No XXXX of an effusion.", {"Pleural Effusion": 0}),
+        ("The heart XXXX enlarged.", {"Cardiomegaly": 1}),
+        ("Borderline heart size.", {"Cardiomegaly": -1}),
+        ("Heart size is upper limits of normal or mildly enlarged.", {"Cardiomegaly": -1}),
+        # resolved / removed / interval clearing, and what is not a negation
+        ("Interval clearing of the right lower lobe consolidation.", {"Consolidation": 0}),
+        ("The right chest tube has been removed.", {"Support Devices": 0}),
+        ("Stable mild atelectasis without interval change.", {"Atelectasis": 1}),
+        ("Small effusion suspected.", {"Pleural Effusion": -1}),
+        # CheXpert's definitions
+        ("Collapse of the right lung.", {"Atelectasis": 1, "Pneumothorax": None}),
+        ("Calcified granuloma in the right lung.", {"Lung Lesion": None}),
+        ("Two calcified nodules in the left lung.", {"Lung Lesion": None}),
+        ("Sequela of granulomatous infection.", {"Pneumonia": None}),
+        ("Blunting of the left costophrenic angle.", {"Pleural Effusion": None}),
+        ("Mild pulmonary vascular congestion.", {"Edema": 1}),
+        ("Thyroid mass displacing the trachea.", {"Lung Lesion": None}),
+        ("A 2 cm nodular opacity in the left lung.", {"Lung Lesion": 1, "Lung Opacity": 1}),
+        ("Left lower lobe volume loss.", {"Atelectasis": None}),
+        # a finding explained as a mimic
+        ("The nodule is consistent with a nipple shadow.", {"Lung Lesion": None}),
+        ("The nodule could represent a nipple shadow.", {"Lung Lesion": -1}),
+    ],
+)
+def test_real_report_scope_and_chexpert_definitions(text, expected):
+    labels = label_text(text).labels()
+    assert {name: labels[name] for name in expected} == expected

@@ -243,10 +243,6 @@ def format_table(scores: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
-
-
 def error_cause(name: str, kind: str, status: str, sections: dict[str, str], evidence: list[str]) -> str:
     """A heuristic tag for one error (kind "fp" or "fn" under uncertain=positive):
 

@@ -14,7 +14,7 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
 - Negation reaches over a coordination: "No focal consolidation, pneumothorax or large pleural
   effusion" (a list closed by "or" keeps size words inside it), "clear of / free of / without A, B,
   or C", and backward from predicates of normality ("X and Y appear within limits of normal").
-  A finding explained as a mimic ("consistent with nipple shadows") asserts nothing.
+  A finding explained as a mimic ("this nodule is consistent with a nipple shadow") asserts nothing.
 - Alternatives are uncertain: "consistent with pneumonia or atelectasis", "ARDS or pulmonary
   edema"; a hedge pointing at an artifact ("which may simply reflect the AP projection", "may
   represent a nipple shadow") makes the finding before it uncertain. A short label before a colon
@@ -669,7 +669,7 @@ def _mention_status(
     return _pre_status(low, tokens, index, lo, default)
 
 
-# "nodular densities ... are consistent with nipple shadows", "... secondary to soft tissue overlay":
+# "the nodule is consistent with a nipple shadow", "... reflects soft tissue overlay":
 # a link from a finding to something that is not disease.
 _EXPLAINING = re.compile(
     r"\b(?:represents?|representing|reflects?|reflecting|consistent\s+with|compatible\s+with|secondary\s+to|due\s+to)\b"
@@ -706,7 +706,7 @@ _CLAUSE_REST = re.compile(r"[^.;:\n]*")
 def _new_item_after_comma(low: str, start: int, end: int) -> bool:
     """True when the last comma in low[start:end] starts a new, described finding ("no pneumothorax,
     mild right atelectasis"), so a cue before the comma does not reach past it. Not inside a list
-    that "or"/"nor" closes: "no focal consolidation, pneumothorax or large pleural effusion" is one
+    that "or"/"nor" closes: "no consolidation, effusion or large pneumothorax" is one
     negated coordination whose items may carry size words."""
     comma = low.rfind(",", start, end)
     if comma < 0 or _NEW_ITEM.search(low, comma, end) is None:
@@ -737,7 +737,7 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
             j -= 1
             continue
         if kind == STATEMENT and _CLEAR_OF.search(low, tok[0], tok[1] + 4) is not None:
-            # "the lungs are clear of focal airspace disease, pneumothorax, or pleural effusion": the
+            # "the lungs are clear of consolidation, effusion or pneumothorax": the
             # statement's "clear of" governs the rest of its list.
             if _new_item_after_comma(low, tok[1], tokens[index][0]):
                 break
@@ -772,7 +772,7 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
                             if prev[3][0] & NEG_PRE:
                                 return "negative", prev[3][1]
                             if prev[3][0] & WEAK:
-                                # "no pleural line to suggest pneumothorax or blunting to suggest
+                                # "no lucency to suggest pneumothorax or fluid to suggest an
                                 # effusion": one negation over a chain of linking words.
                                 edge2 = prev[0]
                                 k -= 1

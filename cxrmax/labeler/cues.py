@@ -245,8 +245,8 @@ NEG_POST: tuple[str, ...] = (
     "which are not present",
 )
 
-#: Predicates of normality said of what comes before them ("Heart size and pulmonary vascular
-#: engorgement appear within limits of normal", "the pleural spaces are unremarkable"): negations
+#: Predicates of normality said of what comes before them ("heart size and vascular congestion are
+#: within normal limits", "the hila are unremarkable"): negations
 #: backward over the list before them, and only at the end of the predicate ("... is normal in size.",
 #: not "is normal in appearance with ...").
 _NORMAL_VERBS = (
@@ -494,7 +494,7 @@ UNC_PRE: tuple[str, ...] = (
 )
 
 UNC_POST: tuple[str, ...] = (
-    "suspected",  # "small bilateral pleural effusions suspected"
+    "suspected",  # "left effusion suspected"
     "cannot be excluded",
     "can not be excluded",
     "can't be excluded",

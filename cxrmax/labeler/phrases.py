@@ -585,10 +585,10 @@ _CMS = (
 # Between a subject and what is said of it: "heart size normal", "heart size: normal", "heart size - normal".
 _SEP = r"(?:\s*:|\s+[\u2013\u2014-])?\s+"
 _MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?)|mediastinal\s+and\s+hilar\s+(?:contours?|silhouettes?)|hilar\s+and\s+mediastinal\s+(?:contours?|silhouettes?))"
-# "xxxx": the collection's de-identification mask, which often hides the verb ("heart size XXXX
-# mildly enlarged").
+# "xxxx": the OpenI collection's de-identification mask, which often hides the verb ("the heart
+# XXXX enlarged").
 _BE = r"(?:(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|might\s+be|could\s+be|appears?\s+to\s+be|seems?\s+to\s+be|xxxx)(?:\s+also)?)"
-# Any "-ly" adverb ("persistently enlarged", "mildly enlarged") plus a few others.
+# Any "-ly" adverb ("markedly enlarged", "mildly enlarged") plus a few others.
 _ADV = r"(?:(?:[a-z]+ly|again|still|now|borderline|top|at\s+least|also|overall|xxxx)\s+)"
 _NORMAL = (
     r"(?:normal(?:\s+in\s+size)?|within\s+(?:the\s+)?normal\s+limits|within\s+(?:the\s+)?limits\s+of\s+normal|unremarkable|stable\s+and\s+normal|"
@@ -603,7 +603,7 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
         r"normal\s+(?:to|or)\s+(?:\w+ly\s+)?(?:enlarged|large)",
         {"Cardiomegaly": "uncertain"},
     ),
-    # borderline heart size: CheXpert's uncertain ("borderline cardiomegaly", "the heart is borderline in size")
+    # borderline heart size: CheXpert's uncertain ("borderline cardiomegaly", "heart size is borderline")
     (
         rf"borderline\s+(?:(?:enlarged|enlargement\s+of\s+the|large|prominent)\s+)?(?:{_HEART}|cardiomegaly)",
         {"Cardiomegaly": "uncertain"},
@@ -615,7 +615,7 @@ FLEX_STATEMENTS: tuple[tuple[str, dict[str, str]], ...] = (
     # heart size normal / enlarged
     (rf"{_HEART}{_SEP}(?:{_BE}\s+)?{_NORMAL}", {"Cardiomegaly": "negative"}),
     (rf"normal(?:\s+|-)(?:sized?\s+)?{_HEART}", {"Cardiomegaly": "negative"}),
-    # "Heart size and pulmonary vascularity appear within normal limits": a normality predicate over
+    # "Heart size and vascularity are within normal limits": a normality predicate over
     # a short coordination that starts with the heart. Only "heart size and" is consumed (lookahead),
     # so a finding named in the coordination is still read (and negated by cues.NORMAL_PREDICATES).
     (
