@@ -503,8 +503,11 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
         ("Two calcified nodules in the left lung.", {"Lung Lesion": None}),
         ("Sequela of granulomatous infection.", {"Pneumonia": None}),
         ("Blunting of the left costophrenic angle.", {"Pleural Effusion": None}),
-        ("Mild pulmonary vascular congestion.", {"Edema": 1}),
+        ("Mild pulmonary vascular congestion.", {"Edema": -1}),  # CheXpert's uncertainty rule
+        ("No vascular congestion.", {"Edema": 0}),
         ("Thyroid mass displacing the trachea.", {"Lung Lesion": None}),
+        ("Sclerotic lesion in a rib.", {"Lung Lesion": None}),
+        ("A round lesion in the left upper lobe.", {"Lung Lesion": 1}),
         ("A 2 cm nodular opacity in the left lung.", {"Lung Lesion": 1, "Lung Opacity": 1}),
         ("Left lower lobe volume loss.", {"Atelectasis": None}),
         # a finding explained as a mimic

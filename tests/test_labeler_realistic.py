@@ -322,7 +322,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "chf_triad",
         "Moderate cardiomegaly, unchanged. Mild pulmonary vascular congestion. Small bilateral pleural effusions, stable.",
-        "CM=pos ED=pos PE=pos/bilateral",
+        "CM=pos ED=unc PE=pos/bilateral",  # CheXpert: vascular congestion is uncertain edema
         False,
         None,
     ),
@@ -665,7 +665,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
-    ("vascular_congestion_short", "Mild pulmonary vascular congestion", "ED=pos", False, None),
+    ("vascular_congestion_short", "Mild pulmonary vascular congestion", "ED=unc", False, None),  # CheXpert
     ("markings_accentuated", "Low lung volumes accentuate the bronchovascular markings.", "", False, None),
     (
         "top_normal_in_size",
@@ -809,7 +809,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "diagnosis_semicolon",
         "Diagnosis: Cardiomegaly with mild pulmonary vascular congestion; no focal consolidation.",
-        "CM=pos ED=pos CO=neg",
+        "CM=pos ED=unc CO=neg",  # CheXpert: vascular congestion is uncertain edema
         False,
         None,
     ),
@@ -1690,7 +1690,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     ("r4_normal_list", NORMAL_LIST_ANSWER, f"CM=neg {CLEAR} PE=neg PX=neg", False, None),
     ("r4_mimic_long", CHEST_TUBE_REPORT, "SD=pos PX=neg PE=pos/left AT=pos/left CM=pos ED=neg", False, None),
     ("r4_jsonish", FENCED_JSON_ANSWER, "AT=unc CM=pos ED=neg PE=pos/bilateral", False, None),
-    ("r4_wandering", SELF_CORRECTING_ANSWER, "PX=neg CM=pos ED=pos", False, None),
+    ("r4_wandering", SELF_CORRECTING_ANSWER, "PX=neg CM=pos ED=unc", False, None),  # CheXpert: congestion
     (
         "r4_without_change",
         "Small bilateral pleural effusions without change.",

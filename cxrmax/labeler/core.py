@@ -81,7 +81,7 @@ from cxrmax.labeler.matcher import (
     UNC_PRE,
     WEAK,
 )
-from cxrmax.labeler.phrases import SIDE_ONLY_SIGNS, SIGN_ALTERNATIVES
+from cxrmax.labeler.phrases import SIDE_ONLY_SIGNS, SIGN_ALTERNATIVES, UNCERTAIN_MENTIONS
 from cxrmax.labeler.segment import CONTEXT_HEADINGS, split_steps
 from cxrmax.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS
 
@@ -1051,6 +1051,9 @@ def _read_mention(
     status, cue = _mention_status(low, step_tokens, i, lo, hi, default, mimic_after)
     if status == DROP:
         return
+    if status == "positive" and cue is None and "Edema" in tok[3]:
+        if low[tok[0] : tok[1]].translate(_DROP_SPACES) in UNCERTAIN_MENTIONS:
+            status, cue = "uncertain", "(CheXpert: uncertain mention)"
     if cue is None and tok[0] in verdicts:
         status = verdicts[tok[0]]
     verdict = None

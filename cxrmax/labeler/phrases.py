@@ -11,11 +11,12 @@ unmention phrase lists (github.com/stanfordmlgroup/chexpert-labeler, MIT; see NO
 as our own lists. Every deliberate deviation is in the one table of docs/labeler.md. In short:
 
 - "collapse", "collapsed lung" -> Atelectasis ("volume loss" is not atelectasis).
-- Lung Lesion: nodule, mass, nodular opacity/density, neoplasm, tumor, carcinoma, lump, cavitary
-  lesion; not granuloma, "calcified nodule", nor masses of other organs (thyroid, mediastinal ...).
+- Lung Lesion: nodule, mass, nodular opacity/density, neoplasm, tumor, carcinoma, lump, lesion; not
+  granuloma, "calcified nodule", nor lesions and masses of other organs (bone, thyroid, mediastinal ...).
 - "air-space disease", "infiltrate", "density", "haziness" -> Lung Opacity only (Consolidation needs
   the word consolidation / consolidative / air bronchograms).
-- "vascular congestion", "pulmonary congestion", "heart failure", "vascular prominence", "CHF" -> Edema.
+- "heart failure", "CHF" -> Edema; "vascular congestion", "pulmonary congestion", "vascular prominence",
+  "indistinctness" -> Edema, uncertain unless a cue says more (UNCERTAIN_MENTIONS).
 - Pleural Effusion: "effusion", "pleural fluid" (not "pericardial effusion"); costophrenic blunting
   alone asserts nothing (it only lends its side, SIDE_ONLY_SIGNS).
 - Pneumonia: pneumonia, infection, infectious process; not granulomatous (TB, histoplasmosis) or prior
@@ -150,6 +151,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "mass(es)",
         "lung mass(es)",
         "pulmonary mass(es)",
+        "lesion(s)",
         "lung lesion(s)",
         "pulmonary lesion(s)",
         "cavitary lesion(s)",
@@ -380,6 +382,21 @@ MENTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
+#: Mentions that CheXpert's uncertainty rules make uncertain when nothing else qualifies them:
+#: "mild pulmonary vascular congestion" is Edema, uncertain ("no vascular congestion" stays negative).
+UNCERTAIN_MENTIONS: frozenset[str] = frozenset(
+    {
+        "vascularcongestion",
+        "pulmonaryvascularcongestion",
+        "pulmonaryvenouscongestion",
+        "venouscongestion",
+        "pulmonarycongestion",
+        "indistinctness",
+        "vascularprominence",
+        "pulmonaryvascularprominence",
+    }
+)
+
 #: Radiographic signs: they count as a mention of their observation only when the same step says
 #: nothing else about it ("deep sulcus sign" alone -> pneumothorax positive; "blunting ... may reflect
 #: effusion or pleural thickening" -> the interpretation decides); see SIDE_ONLY_SIGNS.
@@ -474,7 +491,22 @@ IGNORED: tuple[str, ...] = (
     "joint effusion(s)",
     "pericardial fluid",
     "mass effect",
-    # masses of other organs are not Lung Lesion
+    # lesions and masses of other organs are not Lung Lesion
+    "bone lesion(s)",
+    "bony lesion(s)",
+    "rib lesion(s)",
+    "osseous lesion(s)",
+    "skeletal lesion(s)",
+    "lytic lesion(s)",
+    "blastic lesion(s)",
+    "sclerotic lesion(s)",
+    "expansile lesion(s)",
+    "lucent lesion(s)",
+    "skin lesion(s)",
+    "cutaneous lesion(s)",
+    "liver lesion(s)",
+    "hepatic lesion(s)",
+    "renal lesion(s)",
     "thyroid mass(es)",
     "mediastinal mass(es)",
     "anterior mediastinal mass(es)",
