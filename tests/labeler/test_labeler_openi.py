@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmark" / "realworld" / "openi_labeler.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmark" / "realworld" / "openi_labeler.py"
 
 # policy -> label -> lowest F1 allowed ("micro" = micro-F1 over the 7 labels)
 FLOORS: dict[str, dict[str, float]] = {
