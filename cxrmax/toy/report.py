@@ -55,7 +55,7 @@ def drift_chart(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_ylabel("rate on the test split (lower is better)")
     ax.set_title("Drift per model, with 95% bootstrap intervals over test answers")
-    ax.legend(fontsize=8, ncol=3, loc="upper left")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.28))
     return _save(fig, path)
 
 
@@ -79,7 +79,7 @@ def training_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
         ax.set_title(metric)
         if ax.lines:
             ax.legend(fontsize=7)
-    fig.suptitle("Students' training: SFT loss, then APO / DPO loss, reward accuracy and margin")
+    fig.suptitle("Students' training: SFT loss, then APO / DPO loss, reward accuracy and margin", y=1.04)
     return _save(fig, path)
 
 
