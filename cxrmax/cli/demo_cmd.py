@@ -8,13 +8,24 @@ from typing import Any
 import typer
 
 from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.options import (
+    Choice,
+    bias_kinds,
+    demo_sizes,
+    either,
+    out_option,
+    quiet_libraries,
+    split_choice,
+    verbose_option,
+)
 
 
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for every artifact of the demo."),
+    out: Path = out_option("Folder for every artifact of the demo.", Path("demo-out")),
     size: str = typer.Option(
         "default",
         "--size",
+        click_type=Choice(demo_sizes),
         help="default (about 5 minutes on 2 CPU cores), small (the tests, about 3 minutes) or large "
         "(about 10 minutes; clearer separation between teachers and students).",
     ),
@@ -22,9 +33,11 @@ def demo(
     teacher_backend: str = typer.Option(
         "openai",
         "--teacher-backend",
+        click_type=Choice(("openai", "transformers")),
         help="How teachers are served: openai (a local OpenAI-compatible server on 127.0.0.1, reached by "
         "generate's openai backend) or transformers (in-process).",
     ),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Run the whole mission at toy scale on CPU: a mini MIMIC-CXR, tiny teachers with injected drift,
     generation, preferences, an SFT -> APO student (and SFT-only and DPO for comparison), scores.
@@ -37,14 +50,13 @@ def demo(
     """
     from cxrmax.toy.demo import run_demo
 
-    if teacher_backend not in ("openai", "transformers"):
-        raise typer.BadParameter("use openai or transformers", param_hint="--teacher-backend")
-    with user_errors():
+    with user_errors(), quiet_libraries(verbose):
         run_demo(out, size=size, seed=seed, console=console, teacher_backend=teacher_backend)
 
 
 def simulate(
-    out: Path = typer.Argument(..., help="Folder for the teachers (OUT/teachers) and their answers."),
+    out: Path = out_option("Folder for the teachers (OUT/teachers) and their answers (required)."),
+    out_argument: Path = typer.Argument(None, hidden=True, help="Old spelling of --out."),
     mimic_root: Path = typer.Option(
         None, "--mimic-root", help="MIMIC-CXR(-JPG) root to train on (default: make a mini one in OUT/mimic)."
     ),
@@ -60,8 +72,8 @@ def simulate(
     bias: list[str] = typer.Option(
         None,
         "--bias",
-        help="Bias kinds of the default set: laterality, hallucination, refusal, verbosity (repeatable; "
-        "default all four).",
+        click_type=Choice(bias_kinds),
+        help="Bias kinds of the default set (repeatable; default all four).",
     ),
     rate: list[str] = typer.Option(
         None, "--rate", help="KIND=RATE, share of training answers carrying that bias (e.g. refusal=0.3)."
@@ -80,7 +92,9 @@ def simulate(
     generate: bool = typer.Option(
         True, "--generate/--no-generate", help="Let every teacher answer the --split images afterwards."
     ),
-    split: str = typer.Option("test", "--split", help="Split the teachers answer (train, validate or test)."),
+    split: str = typer.Option(
+        "test", "--split", click_type=split_choice(), help="Split the teachers answer."
+    ),
     samples: int = typer.Option(2, "--samples", help="Answers per image (temperature 1)."),
     paper_prompt: bool = typer.Option(
         False,
@@ -88,6 +102,7 @@ def simulate(
         help="Ask with the paper's prompt (labels without sides); then only sides the synthetic films show "
         "(pleural effusion) are stated. Default: the diagnosis list carries the report's sides.",
     ),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Train tiny VLM teachers with controlled, documented drift: a controlled test bed for drift research.
 
@@ -101,16 +116,19 @@ def simulate(
 
     Examples:
 
-      cxrmax simulate sim --studies 200 --bias laterality --bias refusal --rate refusal=0.3 --teachers 5
+      cxrmax simulate --out sim --studies 200 --bias laterality --bias refusal --rate refusal=0.3 --teachers 5
 
-      cxrmax simulate sim --mimic-root mini-mimic --teacher ref=none --teacher lefty=laterality:0.7
+      cxrmax simulate --out sim --mimic-root mini-mimic --teacher ref=none --teacher lefty=laterality:0.7
     """
     from cxrmax.core.errors import InputError
     from cxrmax.core.pathologies import canonical_name
     from cxrmax.toy import teachers as sim
     from cxrmax.toy.demo import run_simulation
 
-    with user_errors():
+    out = either(out, out_argument, "--out")
+    if out is None:
+        raise typer.BadParameter("missing: the folder to write", param_hint="--out")
+    with user_errors(), quiet_libraries(verbose):
         if teacher:
             specs = [sim.parse_teacher(t) for t in teacher]
         else:
@@ -174,7 +192,8 @@ def _print_simulation(result: Any) -> None:
     if result.trajectories is None:
         return
     measured = Table(title=f"Measured drift on the {result.split} split (labeler; side error vs the report)")
-    for column in ("teacher", "answers", "refusal", "hallucination", "side err", "sides", "words"):
+    # "side error vs report": the data card's "side error vs consensus" is another metric, kept apart by name.
+    for column in ("teacher", "answers", "refusal", "hallucination", "side error vs report", "sides", "words"):
         measured.add_column(column, justify="left" if column == "teacher" else "right")
     for t in simulation.teachers:
         m = result.measured.get(t.spec.name, {})

@@ -1,0 +1,254 @@
+"""The CLI's shared conventions, one definition each (docs/cli.md writes them down and
+tests/cli/test_conventions.py checks them on the whole command tree):
+
+- the output folder or file is ``--out/-o``;
+- ``--json PATH`` writes the machine-readable result to PATH, ``--json -`` prints only that JSON;
+- a short option means one thing everywhere (:data:`SHORT_OPTIONS`);
+- options with a closed set of values declare it (:class:`Choice`), so ``--help`` lists them; sets
+  that live in a registry (leaderboard tasks, demo sizes, label sources) are read from it when help
+  is rendered or a value is parsed, not when the CLI starts;
+- third-party progress bars and warnings are hidden unless ``--verbose`` (:func:`quiet_libraries`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+
+from cxrmax.cli.common import console
+
+#: The one meaning of each short option across the CLI (the conventions test holds every command to it).
+SHORT_OPTIONS: dict[str, str] = {
+    "-o": "--out",
+    "-m": "--model",
+    "-n": "--name",
+    "-c": "--config",
+    "-s": "--selection",
+    "-t": "--task",
+    "-r": "--references",
+    "-f": "--format",
+    "-j": "--processes",
+    "-q": "--quiet",
+    "-v": "--verbose",
+}
+
+
+class Choice(click.Choice):
+    """A closed set of values, listed in ``--help``.
+
+    ``values`` is the tuple itself or a function returning it, called each time the set is needed
+    (help, parsing) so that registries stay out of the CLI's start-up. ``normalize`` maps accepted
+    spellings onto a value (e.g. split aliases; None: not a known spelling), and ``also`` accepts
+    values outside the set as they are (e.g. a task given as a TOML path). A wrong value ends the
+    command with a usage error that names the option and every value."""
+
+    def __init__(
+        self,
+        values: Sequence[str] | Callable[[], Iterable[str]],
+        *,
+        normalize: Callable[[str], str | None] | None = None,
+        also: Callable[[str], bool] | None = None,
+    ) -> None:
+        self._values = values
+        self._normalize = normalize
+        self._also = also
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        """The current values (read from the registry when given as a function)."""
+        values = self._values() if callable(self._values) else self._values
+        return tuple(values)
+
+    @choices.setter
+    def choices(self, _value: Sequence[str]) -> None:
+        # click.Choice.__init__ assigns the tuple it was given; the values come from ``_values``.
+        pass
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The value itself when it is one of the set (or normalises to one); else a usage error."""
+        if not isinstance(value, str):
+            return value
+        choices = self.choices
+        if value in choices or (self._also is not None and self._also(value)):
+            return value
+        if self._normalize is not None:
+            canonical = self._normalize(value)
+            if canonical is not None:
+                return canonical
+        if not choices:  # the registry could not be read: let the command report why
+            return value
+        name = param.opts[0] if param is not None and param.opts else "the value"
+        raise click.UsageError(f"{name} must be one of {', '.join(choices)}, not {value!r}", ctx)
+
+
+# ---------------------------------------------------------------------------------------- value sets
+def task_names() -> list[str]:
+    """The leaderboard's task names, from the task registry (benchmark/tasks/*.toml)."""
+    from cxrmax.core.errors import CxrmaxError
+    from cxrmax.leaderboard.tasks import list_tasks
+
+    try:
+        return sorted(list_tasks())
+    except CxrmaxError:  # no task directory: the command itself says where it looked
+        return []
+
+
+def task_reference(value: str) -> bool:
+    """A task given as ``name@version`` or as a task TOML file (accepted beside the names)."""
+    return "@" in value or value.endswith(".toml")
+
+
+def label_sources() -> list[str]:
+    """MIMIC-CXR's label files by source name (chexpert, negbio, test-set-labeled)."""
+    from cxrmax.mimic.layout import LABEL_SOURCES
+
+    return list(LABEL_SOURCES)
+
+
+def demo_sizes() -> list[str]:
+    """The demo's sizes (cxrmax.toy.demo.SIZES)."""
+    from cxrmax.toy.demo import SIZES
+
+    return list(SIZES)
+
+
+def bias_kinds() -> list[str]:
+    """The simulated teachers' bias kinds."""
+    from cxrmax.toy.teachers import BIAS_KINDS
+
+    return list(BIAS_KINDS)
+
+
+def split_choice() -> Choice:
+    """train, validate or test; the spellings found in the wild (validation, val, dev) map onto them."""
+    from cxrmax.core.splits import SPLITS, canonical_split
+
+    return Choice(SPLITS, normalize=canonical_split)
+
+
+UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
+GENERATE_BACKENDS = ("openai", "transformers", "vllm")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
+# ---------------------------------------------------------------------------------------- options
+def out_option(help: str, default: Any = None) -> Any:
+    """``--out/-o``: the folder (or file) a command writes. ``...`` as default makes it required."""
+    return typer.Option(default, "--out", "-o", help=help)
+
+
+def json_option(what: str = "the result") -> Any:
+    """``--json PATH``: also write ``what`` as JSON to PATH; ``--json -`` prints only the JSON."""
+    return typer.Option(
+        None,
+        "--json",
+        metavar="PATH",
+        help=f"Also write {what} as JSON to PATH ('-': print only the JSON, on stdout).",
+    )
+
+
+def verbose_option() -> Any:
+    """``--verbose/-v``: show third-party progress bars, logs and warnings (hidden by default)."""
+    return typer.Option(
+        False, "--verbose", "-v", help="Show the libraries' progress bars, logs and warnings (transformers, ...)."
+    )
+
+
+def emit_json(text: str, destination: Path | None) -> bool:
+    """Write JSON ``text`` where ``--json`` asked: stdout alone for ``-`` (returns True: the command
+    prints nothing else), else PATH (atomically, with a note) and returns False."""
+    from cxrmax.core.io import atomic_write_text
+
+    if destination is None:
+        return False
+    if str(destination) == "-":
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+        return True
+    atomic_write_text(destination, text if text.endswith("\n") else text + "\n")
+    console.print(f"wrote {destination}")
+    return False
+
+
+def either(value: Any, alias: Any, name: str) -> Any:
+    """The value of an option or of its hidden old spelling (an error when both are given)."""
+    if value is not None and alias is not None and value != alias:
+        raise typer.BadParameter(f"given twice ({name} and its old spelling)", param_hint=name)
+    return value if value is not None else alias
+
+
+# ---------------------------------------------------------------------------------------- quiet
+#: Read by transformers and huggingface_hub when they are imported (here or in a child process,
+#: e.g. the demo's teacher server).
+_QUIET_ENV = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+#: Libraries whose UserWarnings are advice to their developers, not to a cxrmax user.
+_NOISY_MODULES = r"(transformers|torch|peft|accelerate|huggingface_hub|datasets)(\.|$)"
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False) -> Iterator[None]:
+    """Hide transformers' "Loading weights" / "Writing model shards" bars, its logs below errors and
+    the libraries' FutureWarnings/UserWarnings for the duration (nothing changes with ``verbose``).
+
+    Restores everything on exit, so a test calling commands in-process sees no lasting change."""
+    if verbose:
+        yield
+        return
+    saved_env = {key: os.environ.get(key) for key in _QUIET_ENV}
+    os.environ.update(_QUIET_ENV)
+    restore_transformers = _quiet_loaded_transformers(bars_by_default=saved_env["HF_HUB_DISABLE_PROGRESS_BARS"] is None)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=_NOISY_MODULES)
+            yield
+    finally:
+        restore_transformers()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _quiet_loaded_transformers(bars_by_default: bool) -> Callable[[], None]:
+    """Quiet transformers if it is loaded already (else the environment quiets it at import);
+    returns how to put its verbosity and progress bars back (``bars_by_default``: whether the user's
+    environment left them on)."""
+    was_loaded = "transformers" in sys.modules
+    if was_loaded:
+        from transformers.utils import logging as hf_logging
+
+        level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        if "transformers" not in sys.modules:
+            return
+        from transformers.utils import logging as hf_logging
+
+        if was_loaded:
+            hf_logging.set_verbosity(level)
+            if bars:
+                hf_logging.enable_progress_bar()
+        else:  # imported while quiet: back to its defaults
+            hf_logging.set_verbosity_warning()
+            if bars_by_default:
+                hf_logging.enable_progress_bar()
+
+    return restore
