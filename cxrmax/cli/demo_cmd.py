@@ -9,10 +9,10 @@ import typer
 
 from cxrmax.cli.common import console, user_errors
 from cxrmax.cli.options import (
+    BIAS_KINDS,
+    DEMO_SIZES,
     Choice,
-    bias_kinds,
-    demo_sizes,
-    either,
+    choice_option,
     out_option,
     quiet_libraries,
     split_choice,
@@ -22,18 +22,18 @@ from cxrmax.cli.options import (
 
 def demo(
     out: Path = out_option("Folder for every artifact of the demo.", Path("demo-out")),
-    size: str = typer.Option(
+    size: str = choice_option(
         "default",
         "--size",
-        click_type=Choice(demo_sizes),
+        choices=Choice(DEMO_SIZES),
         help="default (about 5 minutes on 2 CPU cores), small (the tests, about 3 minutes) or large "
         "(about 10 minutes; clearer separation between teachers and students).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
-    teacher_backend: str = typer.Option(
+    teacher_backend: str = choice_option(
         "openai",
         "--teacher-backend",
-        click_type=Choice(("openai", "transformers")),
+        choices=Choice(("openai", "transformers")),
         help="How teachers are served: openai (a local OpenAI-compatible server on 127.0.0.1, reached by "
         "generate's openai backend) or transformers (in-process).",
     ),
@@ -55,8 +55,7 @@ def demo(
 
 
 def simulate(
-    out: Path = out_option("Folder for the teachers (OUT/teachers) and their answers (required)."),
-    out_argument: Path = typer.Argument(None, hidden=True, help="Old spelling of --out."),
+    out: Path = out_option("Folder for the teachers (OUT/teachers) and their answers.", ...),
     mimic_root: Path = typer.Option(
         None, "--mimic-root", help="MIMIC-CXR(-JPG) root to train on (default: make a mini one in OUT/mimic)."
     ),
@@ -69,10 +68,10 @@ def simulate(
         help="A teacher as NAME=BIAS[:RATE[:OBSERVATION]][+BIAS...], e.g. lefty=laterality:0.9 or "
         "mixed=refusal:0.3+verbosity (repeatable; 'NAME=none' is faithful). Overrides --bias/--teachers.",
     ),
-    bias: list[str] = typer.Option(
+    bias: list[str] = choice_option(
         None,
         "--bias",
-        click_type=Choice(bias_kinds),
+        choices=Choice(BIAS_KINDS),
         help="Bias kinds of the default set (repeatable; default all four).",
     ),
     rate: list[str] = typer.Option(
@@ -92,9 +91,7 @@ def simulate(
     generate: bool = typer.Option(
         True, "--generate/--no-generate", help="Let every teacher answer the --split images afterwards."
     ),
-    split: str = typer.Option(
-        "test", "--split", click_type=split_choice(), help="Split the teachers answer."
-    ),
+    split: str = choice_option("test", "--split", choices=split_choice(), help="Split the teachers answer."),
     samples: int = typer.Option(2, "--samples", help="Answers per image (temperature 1)."),
     paper_prompt: bool = typer.Option(
         False,
@@ -125,9 +122,6 @@ def simulate(
     from cxrmax.toy import teachers as sim
     from cxrmax.toy.demo import run_simulation
 
-    out = either(out, out_argument, "--out")
-    if out is None:
-        raise typer.BadParameter("missing: the folder to write", param_hint="--out")
     with user_errors(), quiet_libraries(verbose):
         if teacher:
             specs = [sim.parse_teacher(t) for t in teacher]
@@ -193,7 +187,15 @@ def _print_simulation(result: Any) -> None:
         return
     measured = Table(title=f"Measured drift on the {result.split} split (labeler; side error vs the report)")
     # "side error vs report": the data card's "side error vs consensus" is another metric, kept apart by name.
-    for column in ("teacher", "answers", "refusal", "hallucination", "side error vs report", "sides", "words"):
+    for column in (
+        "teacher",
+        "answers",
+        "refusal",
+        "hallucination",
+        "side error vs report",
+        "sides",
+        "words",
+    ):
         measured.add_column(column, justify="left" if column == "teacher" else "right")
     for t in simulation.teachers:
         m = result.measured.get(t.spec.name, {})

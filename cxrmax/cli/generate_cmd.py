@@ -14,6 +14,7 @@ from cxrmax.cli.common import console, err_console, user_errors
 from cxrmax.cli.options import (
     GENERATE_BACKENDS,
     Choice,
+    choice_option,
     either,
     emit_json,
     json_option,
@@ -65,10 +66,10 @@ def generate(
         "--base-url",
         help="OpenAI-compatible server URL (e.g. http://127.0.0.1:8000/v1). Repeat to spread requests over servers.",
     ),
-    backend: str = typer.Option(
+    backend: str = choice_option(
         None,
         "--backend",
-        click_type=Choice(GENERATE_BACKENDS),
+        choices=Choice(GENERATE_BACKENDS),
         help="openai (default with --base-url), transformers (default without: in-process), or vllm (in-process).",
     ),
     prompt: str = typer.Option(

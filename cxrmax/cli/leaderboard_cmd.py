@@ -13,12 +13,12 @@ from cxrmax.cli.common import console, user_errors
 from cxrmax.cli.options import (
     UNCERTAIN_POLICIES,
     Choice,
+    choice_option,
     either,
     emit_json,
     json_option,
     out_option,
-    task_names,
-    task_reference,
+    task_choice,
 )
 
 leaderboard_app = typer.Typer(
@@ -40,12 +40,12 @@ _UNCERTAIN_HELP = "Uncertain-label policy (positive: the CheXbert-F1 convention)
 
 def _uncertain_option() -> Any:
     """``--uncertain``: how uncertain (-1) labels count."""
-    return typer.Option("positive", "--uncertain", click_type=Choice(UNCERTAIN_POLICIES), help=_UNCERTAIN_HELP)
+    return choice_option("positive", "--uncertain", choices=Choice(UNCERTAIN_POLICIES), help=_UNCERTAIN_HELP)
 
 
 def _task_option(help: str, default: Any = ...) -> Any:
     """``--task/-t``: a task of the registry (names listed in --help), NAME@VERSION or a task TOML."""
-    return typer.Option(default, "--task", "-t", click_type=Choice(task_names, also=task_reference), help=help)
+    return choice_option(default, "--task", "-t", choices=task_choice(), help=help, metavar="TASK")
 
 
 _SECTION_HELP = "Report task: the report section scored (default: the task's)."
@@ -131,7 +131,7 @@ def score_cmd(
         ...,
         help="Submission file (.csv/.tsv/.jsonl/.json/.parquet) or a trajectories folder (cxr-max-rationale).",
     ),
-    task: str = _task_option("The task (or NAME@VERSION, or a task TOML file)."),
+    task: str = _task_option("The task: a name, NAME@VERSION or a task TOML file."),
     references: Path = typer.Option(
         None, "--references", "-r", help="MIMIC-CXR root folder, or a prepared reference file."
     ),
@@ -149,7 +149,7 @@ def score_cmd(
         1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs (0 turns them off)."
     ),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    section: str = typer.Option(None, "--section", click_type=Choice(_SECTIONS), help=_SECTION_HELP),
+    section: str = choice_option(None, "--section", choices=Choice(_SECTIONS), help=_SECTION_HELP),
     processes: int = typer.Option(None, "--processes", "-j", help="Labeler processes for free text."),
     json_out: Path = json_option("the full result"),
 ) -> None:
@@ -183,7 +183,7 @@ def score_cmd(
 @leaderboard_app.command("submit")
 def submit_cmd(
     submission: Path = typer.Argument(..., help="Submission file or trajectories folder."),
-    task: str = _task_option("The task (or NAME@VERSION, or a task TOML file)."),
+    task: str = _task_option("The task: a name, NAME@VERSION or a task TOML file."),
     name: str = typer.Option(..., "--name", "-n", help="Entry name shown on the board."),
     references: Path = typer.Option(
         None, "--references", "-r", help="MIMIC-CXR root folder, or a prepared reference file."
@@ -208,7 +208,7 @@ def submit_cmd(
     ),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    section: str = typer.Option(None, "--section", click_type=Choice(_SECTIONS), help=_SECTION_HELP),
+    section: str = choice_option(None, "--section", choices=Choice(_SECTIONS), help=_SECTION_HELP),
     processes: int = typer.Option(None, "--processes", "-j", help="Labeler processes for free text."),
     json_out: Path = json_option("the full result"),
 ) -> None:
@@ -282,11 +282,11 @@ def show_cmd(
 
 @leaderboard_app.command("export")
 def export_cmd(
-    format: str = typer.Option(
+    format: str = choice_option(
         "md",
         "--format",
         "-f",
-        click_type=Choice(("md", "csv", "html")),
+        choices=Choice(("md", "csv", "html")),
         help="Markdown, CSV, or html (one static page, sortable tables).",
     ),
     out: Path = out_option("File to write (default: print)."),

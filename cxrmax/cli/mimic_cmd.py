@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from cxrmax.cli.common import console, user_errors
-from cxrmax.cli.options import Choice, either, label_sources, out_option, split_choice
+from cxrmax.cli.options import LABEL_SOURCES, Choice, choice_option, out_option, split_choice
 from cxrmax.core.errors import InputError
 
 mimic_app = typer.Typer(
@@ -27,17 +27,16 @@ fixtures_app = typer.Typer(
 
 @fixtures_app.command("mimic")
 def fixtures_mimic(
-    out: Path = out_option("Folder to write the mini MIMIC-CXR into (required)."),
-    out_argument: Path = typer.Argument(None, hidden=True, help="Old spelling of --out."),
+    out: Path = out_option("Folder to write the mini MIMIC-CXR into.", ...),
     studies: int = typer.Option(40, "--studies", min=3, help="Number of studies (>= 3)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same data set."),
     dicom: bool = typer.Option(
         False, "--dicom", help="DICOM layout (.dcm films, some MONOCHROME1) instead of JPGs."
     ),
-    version: str = typer.Option(
+    version: str = choice_option(
         "2.0.0",
         "--version",
-        click_type=Choice(("2.0.0", "2.1.0")),
+        choices=Choice(("2.0.0", "2.1.0")),
         help="2.0.0, or 2.1.0 to add the radiologist test-set labels.",
     ),
     plain_csv: bool = typer.Option(False, "--plain-csv", help="Write plain .csv instead of .csv.gz."),
@@ -52,9 +51,6 @@ def fixtures_mimic(
     """
     from cxrmax.testing.mini_mimic import make_mini_mimic
 
-    out = either(out, out_argument, "--out")
-    if out is None:
-        raise typer.BadParameter("missing: the folder to write", param_hint="--out")
     with user_errors():
         try:
             root = make_mini_mimic(
@@ -82,9 +78,7 @@ def fixtures_mimic(
 @mimic_app.command("summary")
 def mimic_summary(
     root: Path = typer.Argument(..., help="MIMIC-CXR(-JPG) root (the folder with files/ and the CSVs)."),
-    source: str = typer.Option(
-        "chexpert", "--labels", click_type=Choice(label_sources), help="Label source."
-    ),
+    source: str = choice_option("chexpert", "--labels", choices=Choice(LABEL_SOURCES), help="Label source."),
     reports: bool = typer.Option(
         True, "--reports/--no-reports", help="Parse every report for section coverage."
     ),
@@ -195,8 +189,8 @@ def _print_report_sections(cover: dict) -> None:
 def mimic_select(
     root: Path = typer.Argument(..., help="MIMIC-CXR(-JPG) root."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet, .arrow or .feather)."),
-    split: list[str] = typer.Option(
-        None, "--split", click_type=split_choice(), help="Split (repeatable; default all)."
+    split: list[str] = choice_option(
+        None, "--split", choices=split_choice(), help="Split (repeatable; default all)."
     ),
     view: list[str] = typer.Option(
         None, "--view", help="PA, AP, LATERAL, LL, frontal or lateral (repeatable)."
@@ -215,9 +209,7 @@ def mimic_select(
         help="File of subject ids to leave out: one per line, or a CSV with subject_id (e.g. the MS-CXR-T CSV).",
     ),
     all_images: bool = typer.Option(False, "--all-images", help="Every matching image, not one per study."),
-    source: str = typer.Option(
-        "chexpert", "--labels", click_type=Choice(label_sources), help="Label source."
-    ),
+    source: str = choice_option("chexpert", "--labels", choices=Choice(LABEL_SOURCES), help="Label source."),
     reports: bool = typer.Option(True, "--reports/--no-reports", help="Attach report sections."),
     verify_images: bool = typer.Option(
         False, "--verify-images", help="Decode every selected image now (finds corrupt JPEG/DICOM files)."

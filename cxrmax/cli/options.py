@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 
 from cxrmax.cli.common import console
+from cxrmax.core.splits import SPLITS, canonical_split
 
 #: The one meaning of each short option across the CLI (the conventions test holds every command to it).
 SHORT_OPTIONS: dict[str, str] = {
@@ -41,43 +41,50 @@ SHORT_OPTIONS: dict[str, str] = {
 }
 
 
-class Choice(click.Choice):
-    """A closed set of values, listed in ``--help``.
+class Choice:
+    """A closed set of values for an option (made with :func:`choice_option`): --help lists them
+    (the metavar ``[a|b|c]``), the shell completes them, and others are refused with a usage error
+    that names the option and every value.
 
-    ``values`` is the tuple itself or a function returning it, called each time the set is needed
-    (help, parsing) so that registries stay out of the CLI's start-up. ``normalize`` maps accepted
-    spellings onto a value (e.g. split aliases; None: not a known spelling), and ``also`` accepts
-    values outside the set as they are (e.g. a task given as a TOML path). A wrong value ends the
-    command with a usage error that names the option and every value."""
+    ``values`` is the tuple itself or a function returning it, called when a value is parsed (so a
+    registry is read then, not at the CLI's start-up); ``shown`` is what --help lists for such a
+    function (default: the values themselves, read once). ``normalize`` maps other accepted spellings
+    onto a value (e.g. split aliases; None: unknown spelling) and ``also`` accepts values outside the
+    set as they are (e.g. a task given as a TOML path)."""
 
     def __init__(
         self,
         values: Sequence[str] | Callable[[], Iterable[str]],
         *,
+        shown: Sequence[str] | None = None,
         normalize: Callable[[str], str | None] | None = None,
         also: Callable[[str], bool] | None = None,
     ) -> None:
         self._values = values
+        if shown is None and callable(values):
+            raise TypeError("a Choice read from a registry needs `shown` (what --help lists)")
+        self.shown = tuple(shown if shown is not None else self.values())
         self._normalize = normalize
         self._also = also
-        super().__init__((), case_sensitive=True)
+
+    def values(self) -> tuple[str, ...]:
+        """The current values (read from the registry when given as a function)."""
+        return tuple(self._values() if callable(self._values) else self._values)
 
     @property
-    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
-        """The current values (read from the registry when given as a function)."""
-        values = self._values() if callable(self._values) else self._values
-        return tuple(values)
+    def metavar(self) -> str:
+        """How --help shows the option's value: every choice."""
+        return "[" + "|".join(self.shown) + "]"
 
-    @choices.setter
-    def choices(self, _value: Sequence[str]) -> None:
-        # click.Choice.__init__ assigns the tuple it was given; the values come from ``_values``.
-        pass
+    def complete(self, incomplete: str) -> list[str]:
+        """Shell completion: the values that start with what is typed."""
+        return [value for value in self.values() if value.startswith(incomplete)]
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+    def parse(self, name: str, value: Any) -> Any:
         """The value itself when it is one of the set (or normalises to one); else a usage error."""
         if not isinstance(value, str):
             return value
-        choices = self.choices
+        choices = self.values()
         if value in choices or (self._also is not None and self._also(value)):
             return value
         if self._normalize is not None:
@@ -86,13 +93,53 @@ class Choice(click.Choice):
                 return canonical
         if not choices:  # the registry could not be read: let the command report why
             return value
-        name = param.opts[0] if param is not None and param.opts else "the value"
-        raise click.UsageError(f"{name} must be one of {', '.join(choices)}, not {value!r}", ctx)
+        raise _ChoiceError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+
+
+class _ChoiceError(typer.BadParameter):
+    """A wrong choice: the message names the option itself (no "Invalid value for" prefix)."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+def choice_option(
+    default: Any, *names: str, choices: Choice, help: str, metavar: str | None = None, **kwargs: Any
+) -> Any:
+    """A typer.Option whose value is one of ``choices``: listed in --help (as the metavar, or, given
+    a short ``metavar``, at the end of the help text), completed in the shell, others refused naming
+    ``names[0]``."""
+    if metavar is not None:
+        help = f"{help} One of: {', '.join(choices.shown)}."
+    return typer.Option(
+        default,
+        *names,
+        parser=lambda value: choices.parse(names[0], value),
+        metavar=metavar or choices.metavar,
+        autocompletion=choices.complete,
+        help=help,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------- value sets
+# The sets below belong to modules that import torch, pyarrow or numpy; --help must not. They are
+# spelled here and tests/cli/test_conventions.py holds each equal to its owner's.
+#: cxrmax.toy.demo.SIZES
+DEMO_SIZES = ("small", "default", "large")
+#: cxrmax.toy.teachers.BIAS_KINDS
+BIAS_KINDS = ("laterality", "hallucination", "refusal", "verbosity")
+#: cxrmax.mimic.layout.LABEL_SOURCES
+LABEL_SOURCES = ("chexpert", "negbio", "test-set-labeled")
+#: cxrmax.labeler.files.INPUT_FORMATS
+LABEL_INPUT_FORMATS = ("lines", "jsonl", "csv", "tsv", "arrow", "parquet")
+UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
+GENERATE_BACKENDS = ("openai", "transformers", "vllm")
+REPORT_TO = ("none", "tensorboard", "wandb")
+
+
 def task_names() -> list[str]:
-    """The leaderboard's task names, from the task registry (benchmark/tasks/*.toml)."""
+    """The leaderboard's task names, from the task registry (what `cxrmax leaderboard tasks` lists)."""
     from cxrmax.core.errors import CxrmaxError
     from cxrmax.leaderboard.tasks import list_tasks
 
@@ -102,42 +149,28 @@ def task_names() -> list[str]:
         return []
 
 
+def listed_task_names() -> list[str]:
+    """The registry's task names for --help, without importing the leaderboard (numpy, the scorers):
+    one definition file per task, named after it, in the folder leaderboard.tasks.benchmark_dir()
+    resolves ($CXRMAX_BENCHMARK_DIR, else the repository's benchmark/)."""
+    override = os.environ.get("CXRMAX_BENCHMARK_DIR")
+    root = Path(override) if override else Path(__file__).resolve().parents[2] / "benchmark"
+    return sorted(path.stem for path in (root / "tasks").glob("*.toml"))
+
+
 def task_reference(value: str) -> bool:
     """A task given as ``name@version`` or as a task TOML file (accepted beside the names)."""
     return "@" in value or value.endswith(".toml")
 
 
-def label_sources() -> list[str]:
-    """MIMIC-CXR's label files by source name (chexpert, negbio, test-set-labeled)."""
-    from cxrmax.mimic.layout import LABEL_SOURCES
-
-    return list(LABEL_SOURCES)
-
-
-def demo_sizes() -> list[str]:
-    """The demo's sizes (cxrmax.toy.demo.SIZES)."""
-    from cxrmax.toy.demo import SIZES
-
-    return list(SIZES)
-
-
-def bias_kinds() -> list[str]:
-    """The simulated teachers' bias kinds."""
-    from cxrmax.toy.teachers import BIAS_KINDS
-
-    return list(BIAS_KINDS)
+def task_choice() -> Choice:
+    """A leaderboard task: a registry name (listed in --help), NAME@VERSION or a task TOML file."""
+    return Choice(task_names, shown=listed_task_names(), also=task_reference)
 
 
 def split_choice() -> Choice:
     """train, validate or test; the spellings found in the wild (validation, val, dev) map onto them."""
-    from cxrmax.core.splits import SPLITS, canonical_split
-
     return Choice(SPLITS, normalize=canonical_split)
-
-
-UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
-GENERATE_BACKENDS = ("openai", "transformers", "vllm")
-REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 # ---------------------------------------------------------------------------------------- options
@@ -159,7 +192,10 @@ def json_option(what: str = "the result") -> Any:
 def verbose_option() -> Any:
     """``--verbose/-v``: show third-party progress bars, logs and warnings (hidden by default)."""
     return typer.Option(
-        False, "--verbose", "-v", help="Show the libraries' progress bars, logs and warnings (transformers, ...)."
+        False,
+        "--verbose",
+        "-v",
+        help="Show the libraries' progress bars, logs and warnings (transformers, ...).",
     )
 
 
@@ -209,7 +245,9 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
         return
     saved_env = {key: os.environ.get(key) for key in _QUIET_ENV}
     os.environ.update(_QUIET_ENV)
-    restore_transformers = _quiet_loaded_transformers(bars_by_default=saved_env["HF_HUB_DISABLE_PROGRESS_BARS"] is None)
+    restore_transformers = _quiet_loaded_transformers(
+        bars_by_default=saved_env["HF_HUB_DISABLE_PROGRESS_BARS"] is None
+    )
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from cxrmax.cli.common import console, user_errors
-from cxrmax.cli.options import GENERATE_BACKENDS, Choice, emit_json, json_option, out_option
+from cxrmax.cli.options import GENERATE_BACKENDS, Choice, choice_option, emit_json, json_option, out_option
 
 if TYPE_CHECKING:  # the build imports datasets: only when a command runs
     from cxrmax.preferences.build import BuildOptions, BuildSummary
@@ -32,10 +32,10 @@ def _build_preferences(
     ms_cxr_t: Path | None = typer.Option(
         None, "--ms-cxr-t", help="MS-CXR-T CSV: its subjects are removed from train."
     ),
-    consensus: str = typer.Option(
+    consensus: str = choice_option(
         "vote",
         "--consensus",
-        click_type=Choice(("vote", "model")),
+        choices=Choice(("vote", "model")),
         help="vote (offline, deterministic) or model (in-context, a served model).",
     ),
     min_sources: int = typer.Option(2, "--min-sources", help="Skip (and report) samples with fewer sources."),
@@ -70,10 +70,10 @@ def _build_preferences(
         None, "--processes", "-j", help="Worker processes (default: all cores)."
     ),
     no_card: bool = typer.Option(False, "--no-card", help="Do not render README.md and figures."),
-    consensus_backend: str = typer.Option(
+    consensus_backend: str = choice_option(
         "openai",
         "--consensus-backend",
-        click_type=Choice(GENERATE_BACKENDS),
+        choices=Choice(GENERATE_BACKENDS),
         help="--consensus model: the generate backend that serves it.",
     ),
     consensus_model: str | None = typer.Option(
@@ -242,7 +242,14 @@ def _render_drift(stats: DriftStatistics, paths: dict[str, Path]) -> None:
     # Headers are the metrics' one name (the data card's and the figures' too).
     columns = (("trajectories", "n", "{:d}"),) + tuple(
         (name, METRIC_LABELS[name], "{:.3f}")
-        for name in ("precision", "recall", "similarity", "refusal_rate", "laterality_error_rate", "mean_drift")
+        for name in (
+            "precision",
+            "recall",
+            "similarity",
+            "refusal_rate",
+            "laterality_error_rate",
+            "mean_drift",
+        )
     )
     table.add_column("model")
     for _, header, _ in columns:

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from cxrmax.cli.common import console, user_errors
-from cxrmax.cli.options import REPORT_TO, Choice, out_option, quiet_libraries, verbose_option
+from cxrmax.cli.options import REPORT_TO, Choice, choice_option, out_option, quiet_libraries, verbose_option
 
 #: Flags that set a `apo_train.pipeline.PipelineSpec` attribute: parameter -> attribute.
 SPEC_FLAGS = {
@@ -156,10 +156,10 @@ def _apply_set_values(spec: Any, items: list[str]) -> None:
 
 
 def train_apo(
-    stage: str = typer.Option(
+    stage: str = choice_option(
         "all",
         "--stage",
-        click_type=Choice(("sft", "apo", "all")),
+        choices=Choice(("sft", "apo", "all")),
         help="all: SFT, the optional model consensus, then APO.",
     ),
     config: Path | None = typer.Option(
@@ -179,10 +179,10 @@ def train_apo(
     max_edge: int | None = typer.Option(
         None, "--max-edge", help="Image longest edge (default 1024, as generate)."
     ),
-    loss: str | None = typer.Option(
+    loss: str | None = choice_option(
         None,
         "--loss",
-        click_type=Choice(("plackett-luce", "pairwise", "listwise")),
+        choices=Choice(("plackett-luce", "pairwise", "listwise")),
         help="APO loss (default plackett-luce).",
     ),
     beta: float | None = typer.Option(None, "--beta", help="APO reward scale (default 0.1)."),
@@ -227,20 +227,20 @@ def train_apo(
         False, "--gradient-checkpointing", help="Trade compute for memory."
     ),
     deepspeed: Path | None = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. ZeRO-2)."),
-    consensus: str | None = typer.Option(
+    consensus: str | None = choice_option(
         None,
         "--consensus",
-        click_type=Choice(("none", "model")),
+        choices=Choice(("none", "model")),
         help="--stage all: model rebuilds the positives with the Stage-1 model (default none).",
     ),
     trajectories: Path | None = typer.Option(
         None, "--trajectories", help="generate's OUT (for --consensus model)."
     ),
     resume: str | None = typer.Option(None, "--resume", help="Checkpoint dir, or 'latest' (single stage)."),
-    report_to: str | None = typer.Option(
+    report_to: str | None = choice_option(
         None,
         "--report-to",
-        click_type=Choice(REPORT_TO),
+        choices=Choice(REPORT_TO),
         help="Where transformers reports the training logs (default none; tensorboard writes OUT/<stage>/runs).",
     ),
     tensorboard: bool = typer.Option(
