@@ -13,6 +13,7 @@ tests/cli/test_conventions.py checks them on the whole command tree):
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
 import sys
 import warnings
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
-from cxrmax.cli.common import console
+from cxrmax.cli.common import console, err_console
 from cxrmax.core.splits import SPLITS, canonical_split
 
 #: The one meaning of each short option across the CLI (the conventions test holds every command to it).
@@ -43,8 +45,8 @@ SHORT_OPTIONS: dict[str, str] = {
 
 class Choice:
     """A closed set of values for an option (made with :func:`choice_option`): --help lists them
-    (the metavar ``[a|b|c]``), the shell completes them, and others are refused with a usage error
-    that names the option and every value.
+    (the metavar ``[a|b|c]``), the shell completes them, and others are refused with a one-line
+    error (exit code 2) that names the option and every value.
 
     ``values`` is the tuple itself or a function returning it, called when a value is parsed (so a
     registry is read then, not at the CLI's start-up); ``shown`` is what --help lists for such a
@@ -93,14 +95,15 @@ class Choice:
                 return canonical
         if not choices:  # the registry could not be read: let the command report why
             return value
-        raise _ChoiceError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
-
-
-class _ChoiceError(typer.BadParameter):
-    """A wrong choice: the message names the option itself (no "Invalid value for" prefix)."""
-
-    def format_message(self) -> str:
-        return self.message
+        what = name.lstrip("-").replace("-", " ")
+        message = f"unknown {what} {value!r}: {name} must be one of {', '.join(choices)}"
+        close = difflib.get_close_matches(value, choices, n=1)
+        if close:
+            message += f" (did you mean {close[0]}?)"
+        # One line, like every other user error (common.user_errors), not click's framed usage box,
+        # which folds the message at the terminal's width.
+        err_console.print(f"[bold red]error:[/] {escape(message)}")
+        raise typer.Exit(2)
 
 
 def choice_option(
@@ -223,31 +226,33 @@ def either(value: Any, alias: Any, name: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- quiet
-#: Read by transformers and huggingface_hub when they are imported (here or in a child process,
-#: e.g. the demo's teacher server).
+#: Read by transformers, huggingface_hub and datasets when they are imported (later in this process
+#: or in a child process, e.g. the demo's teacher server); set only where the user has not.
 _QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
 #: Libraries whose UserWarnings are advice to their developers, not to a cxrmax user.
-_NOISY_MODULES = r"(transformers|torch|peft|accelerate|huggingface_hub|datasets)(\.|$)"
+_NOISY_MODULES = r"(transformers|torch|peft|accelerate|huggingface_hub|datasets|trl)(\.|$)"
 
 
 @contextlib.contextmanager
 def quiet_libraries(verbose: bool = False) -> Iterator[None]:
-    """Hide transformers' "Loading weights" / "Writing model shards" bars, its logs below errors and
-    the libraries' FutureWarnings/UserWarnings for the duration (nothing changes with ``verbose``).
+    """Hide third-party output for the duration: transformers' "Loading weights" / "Writing model
+    shards" bars and its logs below errors, datasets' map/save bars, and the libraries'
+    FutureWarnings, DeprecationWarnings and UserWarnings. Nothing changes with ``verbose``.
 
-    Restores everything on exit, so a test calling commands in-process sees no lasting change."""
+    Libraries loaded already are put back as they were on exit (so a test calling commands
+    in-process sees no lasting change); one first imported inside stays quiet, as the command
+    that imported it ends."""
     if verbose:
         yield
         return
-    saved_env = {key: os.environ.get(key) for key in _QUIET_ENV}
-    os.environ.update(_QUIET_ENV)
-    restore_transformers = _quiet_loaded_transformers(
-        bars_by_default=saved_env["HF_HUB_DISABLE_PROGRESS_BARS"] is None
-    )
+    added = {key: value for key, value in _QUIET_ENV.items() if key not in os.environ}
+    os.environ.update(added)
+    restore = [_quiet_transformers(), _quiet_datasets()]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -255,38 +260,41 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
             warnings.filterwarnings("ignore", category=UserWarning, module=_NOISY_MODULES)
             yield
     finally:
-        restore_transformers()
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        for undo in restore:
+            undo()
+        for key in added:
+            os.environ.pop(key, None)
 
 
-def _quiet_loaded_transformers(bars_by_default: bool) -> Callable[[], None]:
-    """Quiet transformers if it is loaded already (else the environment quiets it at import);
-    returns how to put its verbosity and progress bars back (``bars_by_default``: whether the user's
-    environment left them on)."""
-    was_loaded = "transformers" in sys.modules
-    if was_loaded:
-        from transformers.utils import logging as hf_logging
+def _nothing() -> None:
+    return None
 
-        level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+
+def _quiet_transformers() -> Callable[[], None]:
+    """Quiet transformers if it is loaded; returns how to put its verbosity and bars back."""
+    if "transformers" not in sys.modules:
+        return _nothing
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
     def restore() -> None:
-        if "transformers" not in sys.modules:
-            return
-        from transformers.utils import logging as hf_logging
-
-        if was_loaded:
-            hf_logging.set_verbosity(level)
-            if bars:
-                hf_logging.enable_progress_bar()
-        else:  # imported while quiet: back to its defaults
-            hf_logging.set_verbosity_warning()
-            if bars_by_default:
-                hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
     return restore
+
+
+def _quiet_datasets() -> Callable[[], None]:
+    """Hide datasets' progress bars if it is loaded; returns how to put them back."""
+    if "datasets" not in sys.modules:
+        return _nothing
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if are_progress_bars_disabled():
+        return _nothing
+    disable_progress_bars()
+    return enable_progress_bars
