@@ -16,6 +16,7 @@ from cxrmax.cli.options import (
     choice_option,
     either,
     emit_json,
+    fail,
     json_option,
     out_option,
     task_choice,
@@ -314,7 +315,7 @@ def export_cmd(
     """
     output = either(out, output, "--out")
     if public and private:
-        raise typer.BadParameter("--public and --private contradict each other", param_hint="--public")
+        fail("--public and --private contradict each other (repositories are private unless --public)")
     with user_errors():
         from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import export_board
@@ -351,7 +352,7 @@ def export_predictions_cmd(
     """
     output = either(out, output, "--out")
     if output is None:
-        raise typer.BadParameter("missing: where to write the JSON ('-': print it)", param_hint="--out")
+        fail("missing --out: where to write the JSON ('-': print it)")
     with user_errors():
         from cxrmax.core.io import atomic_write_json
         from cxrmax.leaderboard.store import Board

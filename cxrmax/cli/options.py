@@ -19,7 +19,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -52,7 +52,9 @@ class Choice:
     registry is read then, not at the CLI's start-up); ``shown`` is what --help lists for such a
     function (default: the values themselves, read once). ``normalize`` maps other accepted spellings
     onto a value (e.g. split aliases; None: unknown spelling) and ``also`` accepts values outside the
-    set as they are (e.g. a task given as a TOML path)."""
+    set as they are (e.g. a task given as a TOML path). ``check=False`` only lists and completes
+    them: the library checks the value, because it also comes from config files and should read
+    the same either way."""
 
     def __init__(
         self,
@@ -61,8 +63,10 @@ class Choice:
         shown: Sequence[str] | None = None,
         normalize: Callable[[str], str | None] | None = None,
         also: Callable[[str], bool] | None = None,
+        check: bool = True,
     ) -> None:
         self._values = values
+        self._check = check
         if shown is None and callable(values):
             raise TypeError("a Choice read from a registry needs `shown` (what --help lists)")
         self.shown = tuple(shown if shown is not None else self.values())
@@ -87,7 +91,7 @@ class Choice:
         if not isinstance(value, str):
             return value
         choices = self.values()
-        if value in choices or (self._also is not None and self._also(value)):
+        if not self._check or value in choices or (self._also is not None and self._also(value)):
             return value
         if self._normalize is not None:
             canonical = self._normalize(value)
@@ -95,15 +99,22 @@ class Choice:
                 return canonical
         if not choices:  # the registry could not be read: let the command report why
             return value
-        what = name.lstrip("-").replace("-", " ")
-        message = f"unknown {what} {value!r}: {name} must be one of {', '.join(choices)}"
+        what = _NOUNS.get(name, name.lstrip("-"))
+        message = f"{name} {value!r}: unknown {what}; use one of {', '.join(choices)}"
         close = difflib.get_close_matches(value, choices, n=1)
         if close:
             message += f" (did you mean {close[0]}?)"
-        # One line, like every other user error (common.user_errors), not click's framed usage box,
-        # which folds the message at the terminal's width.
-        err_console.print(f"[bold red]error:[/] {escape(message)}")
-        raise typer.Exit(2)
+        fail(message)
+
+
+#: What a wrong value of these options is called in the message (default: the option's name).
+_NOUNS = {
+    "--uncertain": "policy",
+    "--report-to": "integration",
+    "--teacher-backend": "backend",
+    "--consensus-backend": "backend",
+    "--labels": "label source",
+}
 
 
 def choice_option(
@@ -123,6 +134,13 @@ def choice_option(
         help=help,
         **kwargs,
     )
+
+
+def fail(message: str) -> NoReturn:
+    """End the command on a usage mistake: one line and exit code 2, like every other user error
+    (common.user_errors), not click's framed box, which folds the message at the terminal's width."""
+    err_console.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(2)
 
 
 # ---------------------------------------------------------------------------------------- value sets
@@ -221,7 +239,7 @@ def emit_json(text: str, destination: Path | None) -> bool:
 def either(value: Any, alias: Any, name: str) -> Any:
     """The value of an option or of its hidden old spelling (an error when both are given)."""
     if value is not None and alias is not None and value != alias:
-        raise typer.BadParameter(f"given twice ({name} and its old spelling)", param_hint=name)
+        fail(f"{name} is given twice (once in its old spelling)")
     return value if value is not None else alias
 
 

@@ -215,8 +215,8 @@ def _drift_report(
     ),
     json_out: Path | None = json_option("the statistics"),
 ) -> None:
-    """Per-model drift table (precision, recall, similarity to the report, refusal rate, laterality
-    error rate, mean drift score) and figures, from a build-preferences output.
+    """Per-model drift table (precision, recall, similarity to report, refusal rate, side error vs
+    consensus, drift from consensus) and figures, from a build-preferences output.
 
     Example: cxrmax drift-report runs/cxrmax (--json - for the statistics alone, as JSON)
     """

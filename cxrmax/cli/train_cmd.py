@@ -159,7 +159,8 @@ def train_apo(
     stage: str = choice_option(
         "all",
         "--stage",
-        choices=Choice(("sft", "apo", "all")),
+        # apo_train checks it (a config file's stage too): one message for both.
+        choices=Choice(("sft", "apo", "all"), check=False),
         help="all: SFT, the optional model consensus, then APO.",
     ),
     config: Path | None = typer.Option(

@@ -128,7 +128,7 @@ def test_a_wrong_choice_names_the_option_and_the_values():
     result = runner.invoke(app, ["leaderboard", "export", "--format", "pdf"])
     assert result.exit_code == 2
     text = " ".join(result.output.split())
-    assert "unknown format 'pdf': --format must be one of md, csv, html" in text
+    assert "--format 'pdf': unknown format; use one of md, csv, html" in text
 
 
 def test_hub_pushes_are_private_unless_public():

@@ -74,4 +74,6 @@ def test_report_to_tensorboard_writes_event_files(tiny_lm_path, tmp_path):
 def test_report_to_is_a_listed_choice():
     result = CliRunner().invoke(app, ["train-apo", "--report-to", "mlflow"])
     assert result.exit_code == 2
-    assert "--report-to must be one of none, tensorboard, wandb" in " ".join(result.output.split())
+    assert "--report-to 'mlflow': unknown integration; use one of none, tensorboard, wandb" in " ".join(
+        result.output.split()
+    )
