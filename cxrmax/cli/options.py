@@ -270,7 +270,8 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
         return
     added = {key: value for key, value in _QUIET_ENV.items() if key not in os.environ}
     os.environ.update(added)
-    restore = [_quiet_transformers(), _quiet_datasets()]
+    # huggingface_hub first: transformers imported inside the block takes its bars' state from it.
+    restore = [_quiet_hub(), _quiet_transformers(), _quiet_datasets()]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -286,6 +287,18 @@ def quiet_libraries(verbose: bool = False) -> Iterator[None]:
 
 def _nothing() -> None:
     return None
+
+
+def _quiet_hub() -> Callable[[], None]:
+    """Hide huggingface_hub's progress bars if it is loaded; returns how to put them back."""
+    if "huggingface_hub" not in sys.modules:
+        return _nothing
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if are_progress_bars_disabled():
+        return _nothing
+    disable_progress_bars()
+    return enable_progress_bars
 
 
 def _quiet_transformers() -> Callable[[], None]:
