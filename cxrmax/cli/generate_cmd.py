@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from cxrmax.cli.common import console, err_console, user_errors
 from cxrmax.cli.options import (
@@ -358,15 +359,14 @@ def models_list(json_out: Path = json_option("the roster")) -> None:
         if emit_json(json.dumps({n: {**s.__dict__} for n, s in roster.items()}, indent=2), json_out):
             return
         table = Table(title=f"source models ({roster_path()})")
-        # Names and Hugging Face ids are copied into commands: never cut or folded; notes wrap instead.
+        # Names and Hugging Face ids are copied into commands: never cut or folded. The notes are
+        # prose: printed under the table at full width instead of squeezed into a column.
         widest_id = max((len(spec.hf_id) for spec in roster.values()), default=5)
-        for column in ("name", "hf_id", "params", "GPUs", "max len", "sampling", "notes"):
-            whole = column in ("name", "hf_id")
+        for column in ("name", "hf_id", "params", "GPUs", "max len", "sampling"):
             table.add_column(
                 column,
-                no_wrap=whole,
+                no_wrap=column in ("name", "hf_id"),
                 min_width=widest_id if column == "hf_id" else None,
-                overflow="fold",
             )
         for spec in roster.values():
             sampling = f"T={spec.sampling.get('temperature')} top_p={spec.sampling.get('top_p')} max={spec.sampling.get('max_tokens')}"
@@ -377,9 +377,11 @@ def models_list(json_out: Path = json_option("the roster")) -> None:
                 str(spec.serve.get("tensor_parallel_size", spec.min_gpus)),
                 str(spec.serve.get("max_model_len", "")),
                 sampling,
-                spec.notes,
             )
         console.print(table)
+        for spec in roster.values():
+            if spec.notes:
+                console.print(f"[bold]{escape(spec.name)}[/]: {escape(spec.notes)}")
 
 
 @models_app.command("serve-command")
