@@ -171,7 +171,8 @@ def _print_simulation(result: Any) -> None:
     simulation = result.simulation
     table = Table(title=f"Simulated teachers ({simulation.seconds:.0f} s)")
     for column in ("teacher", "injected drift", "applied to targets", "loss", "path"):
-        table.add_column(column)
+        # A narrow table folds the path over lines rather than cut it: it is copied into commands.
+        table.add_column(column, overflow="fold" if column == "path" else "ellipsis")
     for t in simulation.teachers:
         applied = ", ".join(f"{k} {v:.0%}" for k, v in t.applied_rates.items() if v) or "-"
         table.add_row(
