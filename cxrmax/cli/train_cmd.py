@@ -15,6 +15,7 @@ from typing import Any
 import typer
 
 from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.options import REPORT_TO, Choice, choice_option, out_option, quiet_libraries, verbose_option
 
 #: Flags that set a `apo_train.pipeline.PipelineSpec` attribute: parameter -> attribute.
 SPEC_FLAGS = {
@@ -42,6 +43,7 @@ BOTH_STAGE_FLAGS = {
     "logging_steps": "logging_steps",
     "save_steps": "save_steps",
     "deepspeed": "deepspeed",
+    "report_to": "report_to",
 }
 #: Switches (off by default) of both stages: parameter -> (field, the value it gets when on).
 BOTH_STAGE_SWITCHES: dict[str, tuple[str, Any]] = {
@@ -50,6 +52,7 @@ BOTH_STAGE_SWITCHES: dict[str, tuple[str, Any]] = {
     "gradient_checkpointing": ("gradient_checkpointing", True),
     "lenient": ("lenient", True),
     "cpu": ("use_cpu", True),
+    # The old spelling of --report-to tensorboard (hidden).
     "tensorboard": ("report_to", ["tensorboard"]),
 }
 #: Learning-rate flags: parameter -> the stage whose learning_rate it sets ("single": the --stage run).
@@ -59,7 +62,7 @@ APO_FLAGS = {"loss": "loss_type", "beta": "beta", "nll_alpha": "nll_alpha", "max
 #: Stage-2 switches: parameter -> (field, the value it gets when on).
 APO_SWITCHES: dict[str, tuple[str, Any]] = {"precompute_ref": ("precompute_ref_log_probs", True)}
 #: Parameters that steer the command instead of naming one field.
-CONTROL_FLAGS = ("stage", "config", "resume", "set_values")
+CONTROL_FLAGS = ("stage", "config", "resume", "set_values", "verbose")
 #: Fields defined by apo_train/config.py that have no flag of their own: set them in the TOML/YAML
 #: config or with --set (every TrainingArguments field is reachable that way too). A new config
 #: field goes either into a flag table above or here (tests/cli/test_train_flags.py checks it).
@@ -153,8 +156,12 @@ def _apply_set_values(spec: Any, items: list[str]) -> None:
 
 
 def train_apo(
-    stage: str = typer.Option(
-        "all", "--stage", help="sft | apo | all (SFT, optional model consensus, then APO)."
+    stage: str = choice_option(
+        "all",
+        "--stage",
+        # apo_train checks it (a config file's stage too): one message for both.
+        choices=Choice(("sft", "apo", "all"), check=False),
+        help="all: SFT, the optional model consensus, then APO.",
     ),
     config: Path | None = typer.Option(
         None, "--config", "-c", help="TOML or YAML config (flags override it)."
@@ -166,17 +173,18 @@ def train_apo(
     preferences: Path | None = typer.Option(
         None, "--preferences", help="build-preferences' OUT/preferences."
     ),
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="Run folder: OUT/sft, OUT/apo (default runs/apo)."
-    ),
+    out: Path | None = out_option("Run folder: OUT/sft, OUT/apo (default runs/apo)."),
     mimic_root: Path | None = typer.Option(
         None, "--mimic-root", help="MIMIC-CXR root for images (omit: text only)."
     ),
     max_edge: int | None = typer.Option(
         None, "--max-edge", help="Image longest edge (default 1024, as generate)."
     ),
-    loss: str | None = typer.Option(
-        None, "--loss", help="APO loss: plackett-luce (default) | pairwise | listwise."
+    loss: str | None = choice_option(
+        None,
+        "--loss",
+        choices=Choice(("plackett-luce", "pairwise", "listwise")),
+        help="APO loss (default plackett-luce).",
     ),
     beta: float | None = typer.Option(None, "--beta", help="APO reward scale (default 0.1)."),
     lr: float | None = typer.Option(
@@ -220,15 +228,24 @@ def train_apo(
         False, "--gradient-checkpointing", help="Trade compute for memory."
     ),
     deepspeed: Path | None = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. ZeRO-2)."),
-    consensus: str | None = typer.Option(
-        None, "--consensus", help="--stage all: none | model (rebuild positives with the Stage-1 model)."
+    consensus: str | None = choice_option(
+        None,
+        "--consensus",
+        choices=Choice(("none", "model")),
+        help="--stage all: model rebuilds the positives with the Stage-1 model (default none).",
     ),
     trajectories: Path | None = typer.Option(
         None, "--trajectories", help="generate's OUT (for --consensus model)."
     ),
     resume: str | None = typer.Option(None, "--resume", help="Checkpoint dir, or 'latest' (single stage)."),
+    report_to: str | None = choice_option(
+        None,
+        "--report-to",
+        choices=Choice(REPORT_TO),
+        help="Where transformers reports the training logs (default none; tensorboard writes OUT/<stage>/runs).",
+    ),
     tensorboard: bool = typer.Option(
-        False, "--tensorboard", help="Also report to TensorBoard (needs tensorboard)."
+        False, "--tensorboard", hidden=True, help="Old spelling of --report-to tensorboard."
     ),
     lenient: bool = typer.Option(False, "--lenient", help="Drop and count invalid rows instead of failing."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 42)."),
@@ -242,6 +259,7 @@ def train_apo(
         "--set",
         help="Any config field: KEY=VALUE for both stages, sft.KEY=VALUE or apo.KEY=VALUE (repeatable).",
     ),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Train with APO (Autonomous Preference Optimization): SFT bootstrapping, then a consensus positive against the drifting source trajectories with a multi-negative Plackett-Luce loss.
 
@@ -259,7 +277,7 @@ def train_apo(
     from apo_train.pipeline import PipelineSpec, read_config_file, run_pipeline, spec_from_config
     from cxrmax.preferences.build import rebuild_with_model_consensus
 
-    with user_errors():
+    with user_errors(), quiet_libraries(verbose):
         spec = spec_from_config(read_config_file(config), str(config)) if config else PipelineSpec()
         apply_flags(spec, flags)
         results = run_pipeline(spec, console=console, rebuild=rebuild_with_model_consensus)

@@ -181,7 +181,7 @@ def test_simulate_cli_trains_teachers_and_generates_their_answers(tmp_path, mini
     from cxrmax.generate import read_trajectories
 
     out = tmp_path / "sim"
-    args = ["simulate", str(out), "--mimic-root", str(mini_mimic), "--teacher", "ref=none"]
+    args = ["simulate", "--out", str(out), "--mimic-root", str(mini_mimic), "--teacher", "ref=none"]
     args += ["--teacher", "mixed=refusal:0.5+laterality:0.9", "--steps", "4", "--samples", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -196,7 +196,9 @@ def test_simulate_cli_trains_teachers_and_generates_their_answers(tmp_path, mini
     assert set(table.column("model").to_pylist()) == {"ref", "mixed"}
     assert set(table.column("split").to_pylist()) == {"test"}
     assert "Measured drift on the test split" in result.output
-    bad = CliRunner().invoke(app, ["simulate", str(out), "--mimic-root", str(mini_mimic), "--bias", "colour"])
+    bad = CliRunner().invoke(
+        app, ["simulate", "-o", str(out), "--mimic-root", str(mini_mimic), "--bias", "colour"]
+    )
     assert bad.exit_code == 2 and "unknown bias" in bad.output
 
 
