@@ -159,14 +159,11 @@ class _Stages:
 
 
 def _torch_threads() -> None:
-    """Intra-op threads for the tiny models: one per core on an idle machine, a single one when the
-    machine is already busy (spinning threads then cost more than they give)."""
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0] >= cores
-    except OSError:  # pragma: no cover - not every platform has a load average
-        busy = False
-    torch.set_num_threads(1 if busy else max(1, min(cores, 4)))
+    """One intra-op thread and deterministic algorithms, whatever the machine's load: float sums
+    reduced over another number of threads round differently, so a load-dependent thread count gave
+    another table for the same seed. Teachers still train in parallel, one process per core."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,7 +433,9 @@ def train_students(
 ) -> dict[str, Path]:
     """SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO from the SFT model.
 
-    Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``."""
+    Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``. The same
+    seed gives the same students whatever the machine's load or thread settings (see _torch_threads)."""
+    _torch_threads()
     common = {
         "image_root": str(mimic_root),
         "max_edge": size.image_max_edge,
