@@ -884,7 +884,14 @@ def print_result(result: DemoResult, console: Any) -> None:
         drift = Table(
             title=f"Drift report of build-preferences (train split, {result.drift_report['samples']} samples)"
         )
-        for name in ("model", "precision", "recall", "refusal", "side err vs consensus", "mean drift"):
+        for name in (
+            "model",
+            "precision",
+            "recall",
+            "refusal",
+            "side error vs consensus",
+            "drift from consensus",
+        ):
             drift.add_column(name, justify="left" if name == "model" else "right")
         for model, m in result.drift_report["per_model"].items():
             drift.add_row(

@@ -395,3 +395,13 @@ def test_same_seed_same_fresh_adapter_within_one_process(tiny_lm_path, pref_path
     assert first.keys() == second.keys() and first
     assert all(torch.equal(first[n], second[n]) for n in first)
     assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_data_summaries_name_only_counters_that_apply():
+    from apo_train.data import TruncationStats
+    from apo_train.trainer import data_summary
+
+    stats = TruncationStats(samples_in=10, samples_kept=8, dropped_invalid=2, dropped_no_rejected=3)
+    assert data_summary(stats, preferences=False) == "8/10 samples kept; dropped: invalid 2"
+    assert "dropped: no negatives 3" in data_summary(stats, preferences=True)
+    assert data_summary(TruncationStats(samples_in=4, samples_kept=4), preferences=True) == "4/4 samples kept"
