@@ -61,6 +61,11 @@ def main() -> None:
     from apo_train.config import APOConfig, SFTStageConfig
     from apo_train.trainer import run_apo, run_sft
 
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
     demo = args.demo_out
     start = demo / "students" / "student-sft"
