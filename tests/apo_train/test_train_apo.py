@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import datasets
@@ -29,9 +28,9 @@ from tests.helpers.training import (
     POSITIVE,
     PROMPT,
     apo_config,
-    negative_answer,
     preference_rows,
     save_dataset,
+    sft_rows,
 )
 
 
@@ -331,17 +330,7 @@ def test_full_finetuning_reference_is_the_starting_model(tiny_lm_path, pref_path
 
 
 def test_sft_then_apo_from_adapter_dir_reference_is_stage1(tiny_lm_path, pref_path, tmp_path):
-    rows = [
-        {
-            "sample_id": f"s{i}",
-            "split": "train",
-            "image_path": None,
-            "prompt": PROMPT.format(label="effusion"),
-            "completion": POSITIVE if i % 2 else negative_answer(random.Random(i)),
-            "model": f"m{i % 3}",
-        }
-        for i in range(8)
-    ]
+    rows = sft_rows(8)
     sft_path = save_dataset(rows, SFT_SCHEMA, tmp_path / "sft")
     sft_cfg = SFTStageConfig(
         output_dir=str(tmp_path / "sft_out"),
