@@ -50,6 +50,7 @@ def _evaluate(*args: str) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft's call of a transformers deprecation
 def test_an_adapter_beside_a_source_on_the_board(tiny_vlm_path, adapter, mini_mimic, tmp_path):
     # The base model's own evaluation is a generate output: it serves as the source here.
     source_run = tmp_path / "source-run"
@@ -126,6 +127,23 @@ def test_train_apo_prints_the_evaluate_command_to_run_next(tiny_lm_path, mini_mi
     result = _evaluate(*shlex.split(line)[2:])
     assert result["model_kind"] == "adapter" and result["rows"][0]["model"] == "sft"
     assert (tmp_path / "run" / "eval" / "evaluate" / "sft" / "result.json").is_file()
+
+
+def test_the_summary_names_a_merged_model_and_evaluates_it(tmp_path):
+    from apo_train.pipeline import PipelineSpec
+    from cxrmax.cli.train_cmd import _saved_what, evaluate_command
+
+    adapter = tmp_path / "apo"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "base"}))
+    saved = {"model": str(adapter), "merged": str(adapter / "merged")}
+    assert _saved_what(saved) == f"a LoRA adapter in {adapter} and the merged model in {adapter / 'merged'}"
+    assert _saved_what({"model": str(tmp_path)}) == f"a full model in {tmp_path}"
+    spec = PipelineSpec(out="runs/my apo", mimic_root="/data/mimic", trajectories="runs/cxrmax")
+    assert shlex.split(evaluate_command(spec, saved)) == [
+        "cxrmax", "evaluate", str(adapter / "merged"), "--mimic-root", "/data/mimic",
+        "--out", "runs/my apo/eval", "--sources", "runs/cxrmax",
+    ]  # fmt: skip
 
 
 def test_evaluate_is_listed_with_its_conventions():
