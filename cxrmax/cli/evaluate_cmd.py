@@ -120,19 +120,20 @@ def _render(result: Any) -> None:
     metrics = [m for m in _HEADERS if m in ("precision", "recall", "similarity") or any(m in r for r in rows)]
     table = Table(
         title=f"{result.model} ({result.model_kind}) on {result.images} MIMIC-CXR test images, "
-        "95% bootstrap intervals",
-        caption="precision, recall, similarity: cxr-max-rationale (every answer); F1: mimic-cxr-labels "
-        "(the first answer of each study, 14 or 5 competition labels)",
+        "figures over their 95% bootstrap intervals",
+        caption="n: answers; prec, rec, sim: precision, recall and similarity on cxr-max-rationale (every "
+        "answer); F1-14, F1-5: micro F1 on mimic-cxr-labels (first answer per study; 14 or the 5 "
+        "competition labels)",
     )
     table.add_column("model", no_wrap=True)
-    table.add_column("kind")
-    table.add_column("answers", justify="right")
+    table.add_column("n", justify="right")
     for metric in metrics:
-        table.add_column(_HEADERS[metric], justify="right")
+        table.add_column(_HEADERS[metric], justify="right", no_wrap=True, min_width=9)
     for row in rows:
         style = "bold" if row["kind"] == "evaluated" else None
         cells = [_cell(row, metric) for metric in metrics]
-        table.add_row(escape(row["model"]), row["kind"], str(row["answers"]), *cells, style=style)
+        label = escape(row["model"]) + ("" if row["kind"] == "evaluated" else " (source)")
+        table.add_row(label, str(row["answers"]), *cells, style=style)
     console.print(table)
     stats = result.generation
     console.print(
@@ -148,11 +149,11 @@ def _render(result: Any) -> None:
 
 #: The table's figures and their headers, in order.
 _HEADERS = {
-    "precision": "precision",
-    "recall": "recall",
-    "similarity": "similarity",
-    "micro_f1_14": "micro F1 (14)",
-    "micro_f1_5": "micro F1 (5)",
+    "precision": "prec",
+    "recall": "rec",
+    "similarity": "sim",
+    "micro_f1_14": "F1-14",
+    "micro_f1_5": "F1-5",
 }
 
 
@@ -162,7 +163,7 @@ def _cell(row: dict[str, Any], metric: str) -> str:
     if value is None:
         return "n/a"
     interval = row["ci"].get(metric)
-    return f"{value:.2f}\n[{interval[0]:.2f}, {interval[1]:.2f}]" if interval else f"{value:.2f}"
+    return f"{value:.2f}\n{interval[0]:.2f}-{interval[1]:.2f}" if interval else f"{value:.2f}"
 
 
 def register(app: typer.Typer) -> None:
