@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import typer
 
 from cxrmax.cli.common import console, user_errors
 from cxrmax.cli.options import REPORT_TO, Choice, choice_option, out_option, quiet_libraries, verbose_option
+from cxrmax.core.hf import adapter_base
 
 #: Flags that set a `apo_train.pipeline.PipelineSpec` attribute: parameter -> attribute.
 SPEC_FLAGS = {
@@ -290,8 +292,40 @@ def train_apo(
                 f"{k}={last[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins") if k in last
             )
             console.print(
-                f"[green]{name} done[/]: saved {result['saved']['model']}" + (f" ({shown})" if shown else "")
+                f"[green]{name} done[/]: saved {_saved_what(result['saved'])}"
+                + (f" ({shown})" if shown else "")
             )
+        if results and is_main_process():
+            console.print("next, evaluate it on the test split beside the sources:")
+            # Plain print, no markup or folding: the line is meant to be copied into a shell.
+            typer.echo(evaluate_command(spec, list(results.values())[-1]["saved"]))
+
+
+def _evaluated_path(saved: dict[str, str]) -> str:
+    """What `cxrmax evaluate` should load of a stage's outputs: the merged model when saved (no
+    merge at load time), else the adapter (or full model) folder."""
+    return saved.get("merged") or saved["model"]
+
+
+def _saved_what(saved: dict[str, str]) -> str:
+    """Whether a stage saved a LoRA adapter, a full model, or an adapter and its merged model."""
+    kind = "a LoRA adapter" if adapter_base(saved["model"]) else "a full model"
+    text = f"{kind} in {saved['model']}"
+    if saved.get("merged"):
+        text += f" and the merged model in {saved['merged']}"
+    return text
+
+
+def evaluate_command(spec: Any, saved: dict[str, str]) -> str:
+    """The `cxrmax evaluate` command line for a stage's outputs, quoted for a POSIX shell: the
+    training's MIMIC-CXR root (a placeholder when it had none), OUT/eval, and the sources' generate
+    output when the run was given one."""
+    args = ["cxrmax", "evaluate", _evaluated_path(saved)]
+    args += ["--mimic-root", spec.mimic_root or "MIMIC_ROOT"]
+    args += ["--out", str(Path(spec.out) / "eval")]
+    if spec.trajectories:
+        args += ["--sources", str(spec.trajectories)]
+    return shlex.join(args)
 
 
 def register(app: typer.Typer) -> None:
