@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 
 
 def demo(
@@ -39,7 +39,7 @@ def demo(
 
     if teacher_backend not in ("openai", "transformers"):
         raise typer.BadParameter("use openai or transformers", param_hint="--teacher-backend")
-    with user_errors():
+    with user_errors(), interruptible(f"nothing in {out} is complete; run the same command again to start over"):
         run_demo(out, size=size, seed=seed, console=console, teacher_backend=teacher_backend)
 
 
@@ -110,7 +110,7 @@ def simulate(
     from cxrmax.toy import teachers as sim
     from cxrmax.toy.demo import run_simulation
 
-    with user_errors():
+    with user_errors(), interruptible(f"the teachers in {out} are not complete; run the same command again"):
         if teacher:
             specs = [sim.parse_teacher(t) for t in teacher]
         else:
@@ -225,7 +225,10 @@ def run(
     from cxrmax import recipe as R
     from cxrmax.core.shards import parse_shard
 
-    with user_errors():
+    with user_errors(), interruptible(
+        "finished stages are kept; run the same command again: they are skipped and the interrupted "
+        "stage resumes"
+    ):
         loaded = R.load_recipe(recipe, out=out)
         parsed = parse_shard(shard)
         units = R.plan(loaded, stages=stage or None, shard=parsed, models=model or None)

@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 
 _STATUS_STYLE = {"positive": "bold green", "negative": "bold red", "uncertain": "bold yellow"}
 _PREVIEW_CHARS = 70
@@ -87,7 +87,9 @@ def label(
 
       cxrmax label trajectories.arrow --column text --keep sample_id --keep model --out labels.parquet
     """
-    with user_errors():
+    with user_errors(), interruptible(
+        "nothing was written" + (f" ({out} is as it was)" if out else "") + "; run the same command again"
+    ):
         from cxrmax.labeler.files import check_output, input_kind, iter_text_chunks
 
         kind = input_kind(source, fmt)

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 
 leaderboard_app = typer.Typer(
     name="leaderboard",
@@ -142,7 +142,7 @@ def score_cmd(
 
     Example: cxrmax leaderboard score preds.parquet -t mimic-cxr-labels -r /data/mimic-cxr-jpg --uncertain ignore
     """
-    with user_errors():
+    with user_errors(), interruptible("nothing was written; run the same command again"):
         from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps
@@ -205,7 +205,7 @@ def submit_cmd(
 
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
-    with user_errors():
+    with user_errors(), interruptible("nothing was stored on the board; run the same command again"):
         from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps, file_sha256

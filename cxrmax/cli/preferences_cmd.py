@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 
 if TYPE_CHECKING:  # the build imports datasets: only when a command runs
     from cxrmax.preferences.build import BuildOptions, BuildSummary
@@ -107,7 +107,7 @@ def _build_preferences(
     """
     from cxrmax.preferences.build import BuildOptions
 
-    with user_errors():
+    with user_errors(), interruptible(f"nothing was published in {out}; run the same command again"):
         backend = None
         if consensus == "model":
             backend = {

@@ -14,7 +14,7 @@ from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 
 #: Flags that set a `apo_train.pipeline.PipelineSpec` attribute: parameter -> attribute.
 SPEC_FLAGS = {
@@ -259,7 +259,7 @@ def train_apo(
     from apo_train.pipeline import PipelineSpec, read_config_file, run_pipeline, spec_from_config
     from cxrmax.preferences.build import rebuild_with_model_consensus
 
-    with user_errors():
+    with user_errors(), interruptible("no checkpoint was saved; run the same command again"):
         spec = spec_from_config(read_config_file(config), str(config)) if config else PipelineSpec()
         apply_flags(spec, flags)
         results = run_pipeline(spec, console=console, rebuild=rebuild_with_model_consensus)
