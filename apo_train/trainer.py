@@ -388,7 +388,9 @@ def _prepare_model(cfg: SFTStageConfig | APOConfig) -> tuple[Any, Any]:
     return model, processor
 
 
-def _encoder(cfg: SFTStageConfig | APOConfig, processor: Any, dataset: Any, console: Any | None) -> ChatEncoder:
+def _encoder(
+    cfg: SFTStageConfig | APOConfig, processor: Any, dataset: Any, console: Any | None
+) -> ChatEncoder:
     """The chat encoder of a stage; a vision-language model given rows with images but no image root
     (``--mimic-root``) trains on text only, which it says rather than doing silently."""
     encoder = ChatEncoder(processor, cfg.image_root, cfg.max_edge, cfg.max_pixels, cfg.system_prompt)
@@ -445,7 +447,9 @@ def _stop_interrupted(trainer: Any, cfg: Any, signum: int) -> TrainingInterrupte
     step = trainer.state.global_step
     checkpoint = Path(cfg.output_dir) / f"checkpoint-{step}"
     if trainer.is_world_process_zero():
-        atomic_write_json(Path(cfg.output_dir) / INTERRUPTED_FILE, {"checkpoint": checkpoint.name, "step": step})
+        atomic_write_json(
+            Path(cfg.output_dir) / INTERRUPTED_FILE, {"checkpoint": checkpoint.name, "step": step}
+        )
     return TrainingInterrupted(
         f"checkpoint saved at {checkpoint} (step {step} of {trainer.state.max_steps}); "
         "run the same command again to resume from it",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,10 @@ def demo(
 
     if teacher_backend not in ("openai", "transformers"):
         raise typer.BadParameter("use openai or transformers", param_hint="--teacher-backend")
-    with user_errors(), interruptible(f"nothing in {out} is complete; run the same command again to start over"):
+    with (
+        user_errors(),
+        interruptible(f"nothing in {out} is complete; run the same command again to start over"),
+    ):
         run_demo(out, size=size, seed=seed, console=console, teacher_backend=teacher_backend)
 
 
@@ -190,9 +194,25 @@ def _print_simulation(result: Any) -> None:
         )
     console.print(measured)
     out = result.trajectories.parent
-    console.print(
-        f"trajectories: {result.trajectories} (next: cxrmax build-preferences {out} --out {out}/data)"
-    )
+    console.print(f"trajectories: {result.trajectories}")
+    # Quoted, with the root the answers' images and splits come from, so that it works when pasted.
+    hint = [
+        "cxrmax",
+        "build-preferences",
+        str(out),
+        "--out",
+        str(out / "data"),
+        "--mimic-root",
+        str(result.mimic_root),
+    ]
+    console.print(f"next: {shlex.join(hint)}", markup=False, highlight=False, soft_wrap=True)
+    if result.split != "train":
+        console.print(
+            f"  (answers to {result.split} images give {result.split} rows, for evaluation; for training data "
+            "run simulate with --split train)",
+            markup=False,
+            highlight=False,
+        )
 
 
 def run(
@@ -225,9 +245,12 @@ def run(
     from cxrmax import recipe as R
     from cxrmax.core.shards import parse_shard
 
-    with user_errors(), interruptible(
-        "finished stages are kept; run the same command again: they are skipped and the interrupted "
-        "stage resumes"
+    with (
+        user_errors(),
+        interruptible(
+            "finished stages are kept; run the same command again: they are skipped and the interrupted "
+            "stage resumes"
+        ),
     ):
         loaded = R.load_recipe(recipe, out=out)
         parsed = parse_shard(shard)
