@@ -70,7 +70,7 @@ from cxrmax.core.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS, canon
 from cxrmax.generate.prompts import PromptTemplate, join_labels, load_prompt
 from cxrmax.labeler import label_text
 from cxrmax.mimic.images import encode_jpeg, preprocess
-from cxrmax.toy.pool import sigint_blocked, spawn_pool
+from cxrmax.toy.pool import pool_map, spawn_pool
 from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
 
 #: The kinds of bias a teacher can carry.
@@ -875,9 +875,7 @@ def simulate(
         # One single-threaded process per teacher at a time: tiny models gain little from intra-op
         # threads, while whole teachers train independently (2 cores -> about 2x).
         with spawn_pool(workers, initializer=_single_thread) as pool:
-            with sigint_blocked():  # workers start here: they must leave Ctrl-C to this process
-                trained = pool.map(_train_job, jobs)
-            for teacher in trained:
+            for teacher in pool_map(pool, _train_job, jobs):
                 result.append(teacher)
                 if progress is not None:
                     progress(teacher.spec.name, teacher.stats.steps, teacher.stats.last_loss)
