@@ -209,8 +209,9 @@ def _check_data(spec: PipelineSpec, model_consensus: bool) -> None:
         cfg = stage_config(spec, "sft", spec.model, spec.sft_data)
         load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "completion"))
     if spec.stage == "apo" or (spec.stage == "all" and not model_consensus):
-        # Stage 2's model is Stage 1's output under --stage all; any name passes stage_config here.
-        cfg = stage_config(spec, "apo", spec.model or "stage-1", spec.preferences)
+        # Under --stage all Stage 2's model is Stage 1's output: any name passes stage_config here.
+        model = spec.model if spec.stage == "apo" else "stage-1"
+        cfg = stage_config(spec, "apo", model, spec.preferences)
         load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "chosen", "rejected"))
 
 
