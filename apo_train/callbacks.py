@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 
@@ -144,9 +145,20 @@ class InterruptCallback(TrainerCallback):
             self._previous[signum] = signal.signal(signum, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signum is not None:
+        if self._any_rank(args):
             control.should_save = True
             control.should_training_stop = True
+
+    def _any_rank(self, args: Any) -> bool:
+        """Whether any process was interrupted: under torchrun every rank must stop at the same step
+        (one rank leaving the loop alone would hang the others in their next collective)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.signum is not None
+        flag = torch.tensor([0 if self.signum is None else int(self.signum)], device=args.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = int(flag.item())
+        return bool(flag.item())
 
     def on_train_end(self, args, state, control, **kwargs):
         self.restore()

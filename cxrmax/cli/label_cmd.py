@@ -87,7 +87,7 @@ def label(
 
       cxrmax label trajectories.arrow --column text --keep sample_id --keep model --out labels.parquet
     """
-    with user_errors(), interruptible("nothing was written (--out is as it was); run the same command again"):
+    with user_errors(), interruptible("no file was written or changed; run the same command again"):
         from cxrmax.labeler.files import check_output, input_kind, iter_text_chunks
 
         kind = input_kind(source, fmt)

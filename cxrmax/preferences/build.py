@@ -44,7 +44,7 @@ from cxrmax.core.errors import InputError, where
 from cxrmax.core.io import atomic_write_json, iter_arrow_batches, replace_dir
 from cxrmax.core.pathologies import OBSERVATIONS
 from cxrmax.core.splits import SPLITS
-from cxrmax.labeler.batch import pool_worker_signals
+from cxrmax.labeler.batch import pool_worker_signals, terminate_pool
 from cxrmax.mimic.reader import MimicCXR, read_ms_cxr_t
 from cxrmax.preferences import datacard
 from cxrmax.preferences import drift as D
@@ -436,11 +436,16 @@ class _StagedWriters:
         self.samples.close()
 
 
-def _iter_chunks(table: pa.Table, sample_starts: np.ndarray, chunk_samples: int) -> Iterator[pa.Table]:
+def _iter_chunks(
+    table: pa.Table, sample_starts: np.ndarray, chunk_samples: int, compact: bool = False
+) -> Iterator[pa.Table]:
+    """Slices of whole samples. ``compact``: each slice copied into buffers of its own, for sending
+    to a worker: a pickled slice would carry its parent's whole buffers (the full table per task)."""
     n = table.num_rows
     bounds = list(sample_starts[::chunk_samples]) + [n]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        yield table.slice(int(lo), int(hi - lo))
+        chunk = table.slice(int(lo), int(hi - lo))
+        yield chunk.take(pa.array(np.arange(chunk.num_rows))) if compact else chunk
 
 
 def _bounded_imap(pool, func: Callable, items: Iterable, in_flight: int) -> Iterator:
@@ -491,9 +496,13 @@ def _annotate_all(
     if processes > 1:
         chunk_samples = max(chunk_samples, min(50, options.chunk_samples))
     chunk_options = _chunk_options(options)
-    chunks = ((chunk, chunk_options) for chunk in _iter_chunks(prepared.table, starts, chunk_samples))
+    parallel = processes > 1 and len(starts) > chunk_samples
+    chunks = (
+        (chunk, chunk_options)
+        for chunk in _iter_chunks(prepared.table, starts, chunk_samples, compact=parallel)
+    )
     pool = None
-    if processes > 1 and len(starts) > chunk_samples:
+    if parallel:
         # fork (like the labeler's batch mode): no re-import per worker, no __main__ guard needed.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -519,7 +528,7 @@ def _annotate_all(
                 progress(done, len(starts))
     finally:
         if pool is not None:
-            pool.terminate()
+            terminate_pool(pool)
         if model_synth is not None:
             totals["consensus_model_requests"] += model_synth.requests
             totals["consensus_model_failures"] += model_synth.failures
