@@ -362,14 +362,31 @@ def _report_stats(stats: TruncationStats, console: Any | None, label: str, outpu
     if output_dir:
         atomic_write_json(Path(output_dir) / f"{label}_data_stats.json", stats.as_dict())
     if console is not None:
-        d = stats.as_dict()
-        console.print(
-            f"[bold]{label} data[/]: {d['samples_kept']}/{d['samples_in']} samples kept; dropped "
-            f"prompt-too-long {d['dropped_prompt_too_long']}, no-negatives {d['dropped_no_rejected']}, "
-            f"invalid {d['dropped_invalid']}, bad image {d['dropped_bad_image']}; truncated chosen "
-            f"{d['truncated_chosen']}, rejected {d['truncated_rejected']}; empty negatives "
-            f"{d['empty_rejected']}, negatives identical to the positive {d['identical_rejected']}"
-        )
+        console.print(f"[bold]{label} data[/]: {data_summary(stats, preferences=label != 'sft')}")
+
+
+#: The counters a data summary names, in order; preference-only ones are left out of SFT summaries.
+_SUMMARY_COUNTERS = (
+    ("dropped_prompt_too_long", "dropped: prompt too long", False),
+    ("dropped_no_rejected", "dropped: no negatives", True),
+    ("dropped_invalid", "dropped: invalid", False),
+    ("dropped_bad_image", "dropped: bad image", False),
+    ("truncated_chosen", "truncated completions", False),
+    ("truncated_rejected", "truncated negatives", True),
+    ("empty_rejected", "empty negatives", True),
+    ("identical_rejected", "negatives identical to the positive", True),
+)
+
+
+def data_summary(stats: TruncationStats, preferences: bool) -> str:
+    """One line: samples kept, then only the counters that apply to the stage and are not zero."""
+    d = stats.as_dict()
+    parts = [
+        f"{name} {d[key]}"
+        for key, name, apo_only in _SUMMARY_COUNTERS
+        if d[key] and (preferences or not apo_only)
+    ]
+    return f"{d['samples_kept']}/{d['samples_in']} samples kept" + (f"; {', '.join(parts)}" if parts else "")
 
 
 def _prepare_model(cfg: SFTStageConfig | APOConfig) -> tuple[Any, Any]:

@@ -445,7 +445,7 @@ def _run_map(
         reasons = ", ".join(f"{n} {r}" for r, n in sorted(by_reason.items()))
         raise InputError(
             f"{where(source)}: no {kind} sample left to train on after tokenization "
-            f"(dropped: {reasons}; see the truncation policy in apo_train.data.tokenize"
+            f"(dropped: {reasons}; prompts are never cut: completions are truncated to max_length, and a prompt longer than it drops its row"
             + ("; raise max_length or lower max_edge/max_pixels" if "prompt_too_long" in by_reason else "")
             + ")"
         )

@@ -221,7 +221,7 @@ def cxrmax_command(
     return [
         sys.executable, "-m", "cxrmax", "generate", "--model", "stub-vlm", "--selection", str(selection),
         "--mimic-root", str(mimic_root), "--out", str(out), "--base-url", url, "--concurrency", str(concurrency),
-        "--image-max-edge", str(max_edge), "--max-tokens", "64", "--quiet", "--summary-json", str(summary),
+        "--image-max-edge", str(max_edge), "--max-tokens", "64", "--quiet", "--json", str(summary),
     ]  # fmt: skip
 
 

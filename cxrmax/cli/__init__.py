@@ -14,6 +14,7 @@ import typer
 from cxrmax import __version__
 from cxrmax.cli import (
     demo_cmd,
+    evaluate_cmd,
     generate_cmd,
     inspect_cmd,
     label_cmd,
@@ -51,6 +52,7 @@ def _root(
 for _module in (mimic_cmd, generate_cmd, label_cmd, preferences_cmd, train_cmd, leaderboard_cmd, demo_cmd):
     _module.register(app)
 inspect_cmd.register(app)
+evaluate_cmd.register(app)
 
 
 def main() -> None:

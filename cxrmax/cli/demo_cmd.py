@@ -9,23 +9,36 @@ from typing import Any
 import typer
 
 from cxrmax.cli.common import console, interruptible, user_errors
+from cxrmax.cli.options import (
+    BIAS_KINDS,
+    DEMO_SIZES,
+    Choice,
+    choice_option,
+    out_option,
+    quiet_libraries,
+    split_choice,
+    verbose_option,
+)
 
 
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", "-o", help="Folder for every artifact of the demo."),
-    size: str = typer.Option(
+    out: Path = out_option("Folder for every artifact of the demo.", Path("demo-out")),
+    size: str = choice_option(
         "default",
         "--size",
+        choices=Choice(DEMO_SIZES),
         help="default (about 5 minutes on 2 CPU cores), small (the tests, about 3 minutes) or large "
         "(about 10 minutes; clearer separation between teachers and students).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
-    teacher_backend: str = typer.Option(
+    teacher_backend: str = choice_option(
         "openai",
         "--teacher-backend",
+        choices=Choice(("openai", "transformers")),
         help="How teachers are served: openai (a local OpenAI-compatible server on 127.0.0.1, reached by "
         "generate's openai backend) or transformers (in-process).",
     ),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Run the whole mission at toy scale on CPU: a mini MIMIC-CXR, tiny teachers with injected drift,
     generation, preferences, an SFT -> APO student (and SFT-only and DPO for comparison), scores.
@@ -38,17 +51,16 @@ def demo(
     """
     from cxrmax.toy.demo import run_demo
 
-    if teacher_backend not in ("openai", "transformers"):
-        raise typer.BadParameter("use openai or transformers", param_hint="--teacher-backend")
     with (
         user_errors(),
+        quiet_libraries(verbose),
         interruptible(f"nothing in {out} is complete; run the same command again to start over"),
     ):
         run_demo(out, size=size, seed=seed, console=console, teacher_backend=teacher_backend)
 
 
 def simulate(
-    out: Path = typer.Argument(..., help="Folder for the teachers (OUT/teachers) and their answers."),
+    out: Path = out_option("Folder for the teachers (OUT/teachers) and their answers.", ...),
     mimic_root: Path = typer.Option(
         None, "--mimic-root", help="MIMIC-CXR(-JPG) root to train on (default: make a mini one in OUT/mimic)."
     ),
@@ -61,11 +73,11 @@ def simulate(
         help="A teacher as NAME=BIAS[:RATE[:OBSERVATION]][+BIAS...], e.g. lefty=laterality:0.9 or "
         "mixed=refusal:0.3+verbosity (repeatable; 'NAME=none' is faithful). Overrides --bias/--teachers.",
     ),
-    bias: list[str] = typer.Option(
+    bias: list[str] = choice_option(
         None,
         "--bias",
-        help="Bias kinds of the default set: laterality, hallucination, refusal, verbosity (repeatable; "
-        "default all four).",
+        choices=Choice(BIAS_KINDS),
+        help="Bias kinds of the default set (repeatable; default all four).",
     ),
     rate: list[str] = typer.Option(
         None, "--rate", help="KIND=RATE, share of training answers carrying that bias (e.g. refusal=0.3)."
@@ -84,7 +96,7 @@ def simulate(
     generate: bool = typer.Option(
         True, "--generate/--no-generate", help="Let every teacher answer the --split images afterwards."
     ),
-    split: str = typer.Option("test", "--split", help="Split the teachers answer (train, validate or test)."),
+    split: str = choice_option("test", "--split", choices=split_choice(), help="Split the teachers answer."),
     samples: int = typer.Option(2, "--samples", help="Answers per image (temperature 1)."),
     paper_prompt: bool = typer.Option(
         False,
@@ -92,6 +104,7 @@ def simulate(
         help="Ask with the paper's prompt (labels without sides); then only sides the synthetic films show "
         "(pleural effusion) are stated. Default: the diagnosis list carries the report's sides.",
     ),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Train tiny VLM teachers with controlled, documented drift: a controlled test bed for drift research.
 
@@ -105,16 +118,20 @@ def simulate(
 
     Examples:
 
-      cxrmax simulate sim --studies 200 --bias laterality --bias refusal --rate refusal=0.3 --teachers 5
+      cxrmax simulate --out sim --studies 200 --bias laterality --bias refusal --rate refusal=0.3 --teachers 5
 
-      cxrmax simulate sim --mimic-root mini-mimic --teacher ref=none --teacher lefty=laterality:0.7
+      cxrmax simulate --out sim --mimic-root mini-mimic --teacher ref=none --teacher lefty=laterality:0.7
     """
     from cxrmax.core.errors import InputError
     from cxrmax.core.pathologies import canonical_name
     from cxrmax.toy import teachers as sim
     from cxrmax.toy.demo import run_simulation
 
-    with user_errors(), interruptible(f"the teachers in {out} are not complete; run the same command again"):
+    with (
+        user_errors(),
+        quiet_libraries(verbose),
+        interruptible(f"the teachers in {out} are not complete; run the same command again"),
+    ):
         if teacher:
             specs = [sim.parse_teacher(t) for t in teacher]
         else:
@@ -163,7 +180,8 @@ def _print_simulation(result: Any) -> None:
     simulation = result.simulation
     table = Table(title=f"Simulated teachers ({simulation.seconds:.0f} s)")
     for column in ("teacher", "injected drift", "applied to targets", "loss", "path"):
-        table.add_column(column)
+        # A narrow table folds the path over lines rather than cut it: it is copied into commands.
+        table.add_column(column, overflow="fold" if column == "path" else "ellipsis")
     for t in simulation.teachers:
         applied = ", ".join(f"{k} {v:.0%}" for k, v in t.applied_rates.items() if v) or "-"
         table.add_row(
@@ -178,7 +196,16 @@ def _print_simulation(result: Any) -> None:
     if result.trajectories is None:
         return
     measured = Table(title=f"Measured drift on the {result.split} split (labeler; side error vs the report)")
-    for column in ("teacher", "answers", "refusal", "hallucination", "side err", "sides", "words"):
+    # "side error vs report": the data card's "side error vs consensus" is another metric, kept apart by name.
+    for column in (
+        "teacher",
+        "answers",
+        "refusal",
+        "hallucination",
+        "side error vs report",
+        "sides",
+        "words",
+    ):
         measured.add_column(column, justify="left" if column == "teacher" else "right")
     for t in simulation.teachers:
         m = result.measured.get(t.spec.name, {})

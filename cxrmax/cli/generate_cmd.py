@@ -9,8 +9,20 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from cxrmax.cli.common import console, err_console, user_errors
+from cxrmax.cli.options import (
+    GENERATE_BACKENDS,
+    Choice,
+    choice_option,
+    either,
+    emit_json,
+    json_option,
+    out_option,
+    quiet_libraries,
+    verbose_option,
+)
 
 generate_app = typer.Typer(
     name="generate",
@@ -49,23 +61,22 @@ def generate(
     mimic_root: Path = typer.Option(
         None, "--mimic-root", help="MIMIC-CXR(-JPG) root the selection's image paths are relative to."
     ),
-    out: Path = typer.Option(
-        None, "--out", "-o", help="Output folder; trajectories go to OUT/trajectories/<model>/."
-    ),
+    out: Path = out_option("Output folder; trajectories go to OUT/trajectories/<model>/."),
     base_url: list[str] = typer.Option(
         None,
         "--base-url",
         help="OpenAI-compatible server URL (e.g. http://127.0.0.1:8000/v1). Repeat to spread requests over servers.",
     ),
-    backend: str = typer.Option(
+    backend: str = choice_option(
         None,
         "--backend",
+        choices=Choice(GENERATE_BACKENDS),
         help="openai (default with --base-url), transformers (default without: in-process), or vllm (in-process).",
     ),
     prompt: str = typer.Option(
         "rationale", "--prompt", help="Prompt template name in pipelines/prompts/ or a file path."
     ),
-    samples: int = typer.Option(1, "--samples", "-n", min=1, help="Answers per image (sample_index 0..n-1)."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Answers per image (sample_index 0..n-1)."),
     seed: int = typer.Option(
         0, "--seed", help="Base seed; each request gets a seed derived from it, the sample and the index."
     ),
@@ -79,7 +90,7 @@ def generate(
         None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: the roster's)."
     ),
     concurrency: int = typer.Option(
-        64, "--concurrency", "-c", min=1, help="Requests in flight at once (all servers together)."
+        64, "--concurrency", min=1, help="Requests in flight at once (all servers together)."
     ),
     rpm: float = typer.Option(None, "--rpm", min=0.001, help="Requests-per-minute limit."),
     tpm: float = typer.Option(None, "--tpm", min=1.0, help="Tokens-per-minute limit (prompt + answer)."),
@@ -110,6 +121,7 @@ def generate(
     name: str = typer.Option(
         None,
         "--name",
+        "-n",
         help="Name recorded as `model` and used as the output folder (default: the roster name or id).",
     ),
     allow_external_endpoint: bool = typer.Option(
@@ -121,9 +133,9 @@ def generate(
     rows_per_shard: int = typer.Option(
         2000, "--rows-per-shard", min=1, help="Answers per committed Arrow shard."
     ),
-    summary_json: Path = typer.Option(
-        None, "--summary-json", help="Also write the run's counters to this JSON file."
-    ),
+    json_out: Path = json_option("the run's counters"),
+    summary_json: Path = typer.Option(None, "--summary-json", hidden=True, help="Old spelling of --json."),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Generate trajectories: one request per (image, sample), keyed and stored exactly once.
 
@@ -152,7 +164,8 @@ def generate(
         console.print(ctx.get_help())
         raise typer.Exit(2)
     _sigterm_as_interrupt()
-    with user_errors():
+    json_out = either(json_out, summary_json, "--json")
+    with user_errors(), quiet_libraries(verbose):
         from cxrmax.core.shards import parse_shard
         from cxrmax.generate.orchestrator import GenerateOptions
         from cxrmax.generate.prompts import load_prompt
@@ -190,9 +203,9 @@ def generate(
             rows_per_shard=rows_per_shard,
         )
         stats, backend_obj = _run(options, quiet)
-        if summary_json is not None:
-            summary_json.write_text(json.dumps({"model": spec.name, **stats.as_dict()}, indent=2) + "\n")
-        _print_summary(options, stats, backend_obj)
+        counters = json.dumps({"model": spec.name, **stats.as_dict()}, indent=2, allow_nan=False)
+        if not emit_json(counters, json_out):
+            _print_summary(options, stats, backend_obj)
         if stats.failed:
             raise typer.Exit(1)
 
@@ -266,7 +279,7 @@ def _print_summary(options, stats, backend) -> None:  # noqa: ANN001
 @generate_app.command("status")
 def status(
     out: Path = typer.Argument(..., help="The --out folder of earlier runs."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    json_out: Path = json_option("the status of each model"),
     failures: bool = typer.Option(
         False, "--failures", help="Also list the failed requests (kind, status, message)."
     ),
@@ -282,8 +295,7 @@ def status(
         from cxrmax.generate.store import FailureLedger
 
         statuses = generation_status(out)
-        if as_json:
-            console.print_json(json.dumps([s.as_dict() for s in statuses]))
+        if emit_json(json.dumps([s.as_dict() for s in statuses], indent=2), json_out):
             return
         table = Table(title=f"generation status of {out}")
         for column in (
@@ -333,7 +345,7 @@ def status(
 
 
 @models_app.command("list")
-def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")) -> None:
+def models_list(json_out: Path = json_option("the roster")) -> None:
     """The source-model roster: names, Hugging Face ids, GPUs, serving limits, notes.
 
     Example: [bold]cxrmax models list[/]
@@ -344,12 +356,18 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
         from cxrmax.generate.roster import load_roster, roster_path
 
         roster = load_roster()
-        if as_json:
-            console.print_json(json.dumps({n: {**s.__dict__} for n, s in roster.items()}))
+        if emit_json(json.dumps({n: {**s.__dict__} for n, s in roster.items()}, indent=2), json_out):
             return
         table = Table(title=f"source models ({roster_path()})")
-        for column in ("name", "hf_id", "params", "GPUs", "max len", "sampling", "notes"):
-            table.add_column(column)
+        # Names and Hugging Face ids are copied into commands: never cut or folded. The notes are
+        # prose: printed under the table at full width instead of squeezed into a column.
+        widest_id = max((len(spec.hf_id) for spec in roster.values()), default=5)
+        for column in ("name", "hf_id", "params", "GPUs", "max len", "sampling"):
+            table.add_column(
+                column,
+                no_wrap=column in ("name", "hf_id"),
+                min_width=widest_id if column == "hf_id" else None,
+            )
         for spec in roster.values():
             sampling = f"T={spec.sampling.get('temperature')} top_p={spec.sampling.get('top_p')} max={spec.sampling.get('max_tokens')}"
             table.add_row(
@@ -359,9 +377,11 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON i
                 str(spec.serve.get("tensor_parallel_size", spec.min_gpus)),
                 str(spec.serve.get("max_model_len", "")),
                 sampling,
-                spec.notes,
             )
         console.print(table)
+        for spec in roster.values():
+            if spec.notes:
+                console.print(f"[bold]{escape(spec.name)}[/]: {escape(spec.notes)}")
 
 
 @models_app.command("serve-command")

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from cxrmax.cli.common import console, interruptible, user_errors
+from cxrmax.cli.options import LABEL_INPUT_FORMATS, Choice, choice_option, out_option
 
 _STATUS_STYLE = {"positive": "bold green", "negative": "bold red", "uncertain": "bold yellow"}
 _PREVIEW_CHARS = 70
@@ -57,16 +58,18 @@ def label(
     ),
     field: str = typer.Option("text", "--field", help="JSONL field holding the text."),
     column: str = typer.Option("text", "--column", help="CSV/Arrow/Parquet column holding the text."),
-    fmt: str = typer.Option(
+    fmt: str = choice_option(
         None,
         "--format",
-        help="Force the input format: lines, jsonl, csv, tsv, arrow or parquet (default: from the file).",
+        "-f",
+        choices=Choice(LABEL_INPUT_FORMATS),
+        help="Force the input format (default: from the file's content).",
     ),
-    out: Path = typer.Option(None, "--out", help="Write the label table to this .arrow (or .parquet) file."),
+    out: Path = out_option("Write the label table to this .arrow (or .parquet) file."),
     explain: bool = typer.Option(
         False, "--explain", help="Print each text with its evidence spans highlighted."
     ),
-    processes: int = typer.Option(None, "--processes", help="Worker processes (default: all cores)."),
+    processes: int = typer.Option(None, "--processes", "-j", help="Worker processes (default: all cores)."),
     lenient: bool = typer.Option(
         False, "--lenient", help="Skip malformed JSONL rows (counted) instead of failing."
     ),

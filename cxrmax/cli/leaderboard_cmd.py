@@ -10,6 +10,17 @@ from typing import Any
 import typer
 
 from cxrmax.cli.common import console, interruptible, user_errors
+from cxrmax.cli.options import (
+    UNCERTAIN_POLICIES,
+    Choice,
+    choice_option,
+    either,
+    emit_json,
+    fail,
+    json_option,
+    out_option,
+    task_choice,
+)
 
 leaderboard_app = typer.Typer(
     name="leaderboard",
@@ -25,7 +36,21 @@ leaderboard_app = typer.Typer(
 )
 
 
-_UNCERTAIN_HELP = "Uncertain-label policy: positive (default, CheXbert-F1 convention), negative or ignore."
+_UNCERTAIN_HELP = "Uncertain-label policy (positive: the CheXbert-F1 convention)."
+
+
+def _uncertain_option() -> Any:
+    """``--uncertain``: how uncertain (-1) labels count."""
+    return choice_option("positive", "--uncertain", choices=Choice(UNCERTAIN_POLICIES), help=_UNCERTAIN_HELP)
+
+
+def _task_option(help: str, default: Any = ...) -> Any:
+    """``--task/-t``: a task of the registry (names listed in --help), NAME@VERSION or a task TOML."""
+    return choice_option(default, "--task", "-t", choices=task_choice(), help=help, metavar="TASK")
+
+
+_SECTION_HELP = "Report task: the report section scored (default: the task's)."
+_SECTIONS = ("findings", "impression", "best")
 
 
 def _parse_model_info(values: list[str] | None) -> dict[str, Any]:
@@ -107,16 +132,11 @@ def score_cmd(
         ...,
         help="Submission file (.csv/.tsv/.jsonl/.json/.parquet) or a trajectories folder (cxr-max-rationale).",
     ),
-    task: str = typer.Option(
-        ...,
-        "--task",
-        "-t",
-        help="Task name: mimic-cxr-labels, mimic-cxr-report, ms-cxr-t, cxr-max-rationale.",
-    ),
+    task: str = _task_option("The task: a name, NAME@VERSION or a task TOML file."),
     references: Path = typer.Option(
         None, "--references", "-r", help="MIMIC-CXR root folder, or a prepared reference file."
     ),
-    uncertain: str = typer.Option("positive", "--uncertain", help=_UNCERTAIN_HELP),
+    uncertain: str = _uncertain_option(),
     require_complete: bool = typer.Option(
         False, "--require-complete", help="Fail when any reference study is missing."
     ),
@@ -130,20 +150,15 @@ def score_cmd(
         1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs (0 turns them off)."
     ),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    section: str = typer.Option(
-        None, "--section", help="Report task: findings | impression | best (default: the task's)."
-    ),
-    processes: int = typer.Option(None, "--processes", help="Labeler processes for free text."),
-    json_out: Path = typer.Option(
-        None, "--json", help="Also write the full result as JSON here ('-': print only the JSON)."
-    ),
+    section: str = choice_option(None, "--section", choices=Choice(_SECTIONS), help=_SECTION_HELP),
+    processes: int = typer.Option(None, "--processes", "-j", help="Labeler processes for free text."),
+    json_out: Path = json_option("the full result"),
 ) -> None:
     """Score a submission and print the result (rich tables; --json for the machine-readable form).
 
     Example: cxrmax leaderboard score preds.parquet -t mimic-cxr-labels -r /data/mimic-cxr-jpg --uncertain ignore
     """
     with user_errors(), interruptible("nothing was written; run the same command again"):
-        from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps
 
@@ -160,18 +175,16 @@ def score_cmd(
             processes,
         )
         if str(json_out) == "-":  # machine-readable only, for pipes
-            print(dumps(result))
+            emit_json(dumps(result), json_out)
             return
         render_score(result, console)
-        if json_out:
-            atomic_write_text(json_out, dumps(result))
-            console.print(f"wrote {json_out}")
+        emit_json(dumps(result), json_out)
 
 
 @leaderboard_app.command("submit")
 def submit_cmd(
     submission: Path = typer.Argument(..., help="Submission file or trajectories folder."),
-    task: str = typer.Option(..., "--task", "-t", help="Task name."),
+    task: str = _task_option("The task: a name, NAME@VERSION or a task TOML file."),
     name: str = typer.Option(..., "--name", "-n", help="Entry name shown on the board."),
     references: Path = typer.Option(
         None, "--references", "-r", help="MIMIC-CXR root folder, or a prepared reference file."
@@ -184,7 +197,7 @@ def submit_cmd(
         "--store",
         help="Leaderboard SQLite file (default $CXRMAX_LEADERBOARD or ~/.cxrmax/leaderboard.sqlite).",
     ),
-    uncertain: str = typer.Option("positive", "--uncertain", help=_UNCERTAIN_HELP),
+    uncertain: str = _uncertain_option(),
     require_complete: bool = typer.Option(
         False, "--require-complete", help="Fail when any reference study is missing."
     ),
@@ -196,9 +209,9 @@ def submit_cmd(
     ),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for the 95% CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    section: str = typer.Option(None, "--section", help="Report task: findings | impression | best."),
-    processes: int = typer.Option(None, "--processes", help="Labeler processes for free text."),
-    json_out: Path = typer.Option(None, "--json", help="Also write the full result as JSON here."),
+    section: str = choice_option(None, "--section", choices=Choice(_SECTIONS), help=_SECTION_HELP),
+    processes: int = typer.Option(None, "--processes", "-j", help="Labeler processes for free text."),
+    json_out: Path = json_option("the full result"),
 ) -> None:
     """Score a submission and store it on the board (one transaction, with its fingerprint and its
     canonical predictions; the same predictions under the same --uncertain policy are refused).
@@ -206,7 +219,6 @@ def submit_cmd(
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
     with user_errors(), interruptible("nothing was stored on the board; run the same command again"):
-        from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps, file_sha256
         from cxrmax.leaderboard.store import Board, DuplicateSubmission
@@ -237,10 +249,11 @@ def submit_cmd(
                 processes,
                 sha256=digest,
             )
-            render_score(result, console)
+            if str(json_out) != "-":
+                render_score(result, console)
             entry_id = board.submit(result, name, info)
-        if json_out:
-            atomic_write_text(json_out, dumps(result))
+        if emit_json(dumps(result), json_out):
+            return
         console.print(
             f"[green]stored[/] entry {entry_id} {name!r} on {result.task} v{result.task_version} in {board.path}"
         )
@@ -248,7 +261,7 @@ def submit_cmd(
 
 @leaderboard_app.command("show")
 def show_cmd(
-    task: list[str] = typer.Option(None, "--task", "-t", help="Task(s) to show (default: all)."),
+    task: list[str] = _task_option("Task(s) to show (repeatable; default: all).", None),
     store: Path = typer.Option(None, "--store", help="Leaderboard SQLite file."),
 ) -> None:
     """Rank the board's entries beside the published reference rows ("published, not re-scored").
@@ -270,18 +283,28 @@ def show_cmd(
 
 @leaderboard_app.command("export")
 def export_cmd(
-    format: str = typer.Option(
-        "md", "--format", "-f", help="md | csv | html (one static page, sortable tables)."
+    format: str = choice_option(
+        "md",
+        "--format",
+        "-f",
+        choices=Choice(("md", "csv", "html")),
+        help="Markdown, CSV, or html (one static page, sortable tables).",
     ),
-    output: Path = typer.Option(None, "--output", "-o", help="Write here (default: print)."),
-    task: list[str] = typer.Option(None, "--task", "-t", help="Task(s) to export (default: all)."),
+    out: Path = out_option("File to write (default: print)."),
+    output: Path = typer.Option(None, "--output", hidden=True, help="Old spelling of --out."),
+    task: list[str] = _task_option("Task(s) to export (repeatable; default: all).", None),
     store: Path = typer.Option(None, "--store", help="Leaderboard SQLite file."),
     push_to_hub: str = typer.Option(
         None,
         "--push-to-hub",
-        help="Also publish the board as a Hub data set REPO (needs network and a token).",
+        help="Also publish the board as a Hub data set REPO, private unless --public (needs network and a token).",
     ),
-    private: bool = typer.Option(False, "--private", help="With --push-to-hub: create a private repo."),
+    public: bool = typer.Option(
+        False, "--public", help="With --push-to-hub: make the repository public (default: private)."
+    ),
+    private: bool = typer.Option(
+        False, "--private", hidden=True, help="Old flag: repositories are private unless --public."
+    ),
     token: str = typer.Option(
         None, "--token", envvar="HF_TOKEN", help="Hub token (default: the logged-in one)."
     ),
@@ -290,14 +313,14 @@ def export_cmd(
 
     Example: cxrmax leaderboard export --format html -o board.html --push-to-hub me/cxrmax-board
     """
+    output = either(out, output, "--out")
+    if public and private:
+        fail("--public and --private contradict each other (repositories are private unless --public)")
     with user_errors():
-        from cxrmax.core.errors import CxrmaxError
         from cxrmax.core.io import atomic_write_text
         from cxrmax.leaderboard.render import export_board
         from cxrmax.leaderboard.store import Board
 
-        if format not in ("md", "csv", "html"):
-            raise CxrmaxError(f"--format {format!r}: use md, csv or html")
         with Board(store) as board:
             text = export_board(board, format, task or None)
             if output:
@@ -308,14 +331,15 @@ def export_cmd(
             if push_to_hub:
                 from cxrmax.leaderboard.hub import push_to_hub as push
 
-                url = push(board, push_to_hub, task or None, token=token, private=private)
+                url = push(board, push_to_hub, task or None, token=token, private=not public)
                 console.print(f"[green]pushed[/] {url}")
 
 
 @leaderboard_app.command("export-predictions")
 def export_predictions_cmd(
     entry: int = typer.Argument(..., help="Entry id (as `leaderboard show` or `submit` prints it)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Write the JSON here ('-': print it)."),
+    out: Path = out_option("Write the JSON here ('-': print it).", None),
+    output: Path = typer.Option(None, "--output", hidden=True, help="Old spelling of --out."),
     store: Path = typer.Option(None, "--store", help="Leaderboard SQLite file."),
     model: str = typer.Option(
         None, "--model", help="Rationale entries: the model to export (needed when there are several)."
@@ -326,6 +350,9 @@ def export_predictions_cmd(
 
     Example: cxrmax leaderboard export-predictions 3 -o predictions.json
     """
+    output = either(out, output, "--out")
+    if output is None:
+        fail("missing --out: where to write the JSON ('-': print it)")
     with user_errors():
         from cxrmax.core.io import atomic_write_json
         from cxrmax.leaderboard.store import Board

@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 
 from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.options import LABEL_SOURCES, Choice, choice_option, out_option, split_choice
 from cxrmax.core.errors import InputError
 
 mimic_app = typer.Typer(
@@ -26,14 +27,17 @@ fixtures_app = typer.Typer(
 
 @fixtures_app.command("mimic")
 def fixtures_mimic(
-    out: Path = typer.Argument(..., help="Folder to write the mini MIMIC-CXR into."),
-    studies: int = typer.Option(40, "--studies", "-n", min=3, help="Number of studies (>= 3)."),
+    out: Path = out_option("Folder to write the mini MIMIC-CXR into.", ...),
+    studies: int = typer.Option(40, "--studies", min=3, help="Number of studies (>= 3)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same data set."),
     dicom: bool = typer.Option(
         False, "--dicom", help="DICOM layout (.dcm films, some MONOCHROME1) instead of JPGs."
     ),
-    version: str = typer.Option(
-        "2.0.0", "--version", help="2.0.0, or 2.1.0 to add the radiologist test-set labels."
+    version: str = choice_option(
+        "2.0.0",
+        "--version",
+        choices=Choice(("2.0.0", "2.1.0")),
+        help="2.0.0, or 2.1.0 to add the radiologist test-set labels.",
     ),
     plain_csv: bool = typer.Option(False, "--plain-csv", help="Write plain .csv instead of .csv.gz."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists and is not empty."),
@@ -43,7 +47,7 @@ def fixtures_mimic(
 ) -> None:
     """Write a mini MIMIC-CXR: CSVs, reports written from the labels, synthetic chest films, MS-CXR-T CSV.
 
-    Example: [bold]cxrmax fixtures mimic mini-mimic --studies 40 --seed 0[/]
+    Example: [bold]cxrmax fixtures mimic --out mini-mimic --studies 40 --seed 0[/]
     """
     from cxrmax.testing.mini_mimic import make_mini_mimic
 
@@ -59,7 +63,12 @@ def fixtures_mimic(
                 large_images=large_images,
                 overwrite=overwrite,
             )
-        except (ValueError, FileExistsError) as exc:
+        except FileExistsError:
+            # The library's message names its keyword argument; a CLI user has the flag.
+            raise typer.BadParameter(
+                f"{out} exists and is not empty (--overwrite replaces it)", param_hint="--out"
+            ) from None
+        except ValueError as exc:
             raise typer.BadParameter(str(exc)) from None
         console.print(
             f"wrote a mini MIMIC-CXR ({studies} studies, seed {seed}, {'DICOM' if dicom else 'JPG'}) to {root}"
@@ -69,9 +78,7 @@ def fixtures_mimic(
 @mimic_app.command("summary")
 def mimic_summary(
     root: Path = typer.Argument(..., help="MIMIC-CXR(-JPG) root (the folder with files/ and the CSVs)."),
-    source: str = typer.Option(
-        "chexpert", "--labels", help="Label source: chexpert, negbio or test-set-labeled."
-    ),
+    source: str = choice_option("chexpert", "--labels", choices=Choice(LABEL_SOURCES), help="Label source."),
     reports: bool = typer.Option(
         True, "--reports/--no-reports", help="Parse every report for section coverage."
     ),
@@ -182,8 +189,8 @@ def _print_report_sections(cover: dict) -> None:
 def mimic_select(
     root: Path = typer.Argument(..., help="MIMIC-CXR(-JPG) root."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet, .arrow or .feather)."),
-    split: list[str] = typer.Option(
-        None, "--split", help="train, validate or test (repeatable; default all)."
+    split: list[str] = choice_option(
+        None, "--split", choices=split_choice(), help="Split (repeatable; default all)."
     ),
     view: list[str] = typer.Option(
         None, "--view", help="PA, AP, LATERAL, LL, frontal or lateral (repeatable)."
@@ -202,9 +209,7 @@ def mimic_select(
         help="File of subject ids to leave out: one per line, or a CSV with subject_id (e.g. the MS-CXR-T CSV).",
     ),
     all_images: bool = typer.Option(False, "--all-images", help="Every matching image, not one per study."),
-    source: str = typer.Option(
-        "chexpert", "--labels", help="Label source: chexpert, negbio or test-set-labeled."
-    ),
+    source: str = choice_option("chexpert", "--labels", choices=Choice(LABEL_SOURCES), help="Label source."),
     reports: bool = typer.Option(True, "--reports/--no-reports", help="Attach report sections."),
     verify_images: bool = typer.Option(
         False, "--verify-images", help="Decode every selected image now (finds corrupt JPEG/DICOM files)."
@@ -219,7 +224,8 @@ def mimic_select(
         False, "--allow-empty", help="Write the manifest even when no image matches (default: an error)."
     ),
 ) -> None:
-    """Select images into a manifest (shards.SELECTION_SCHEMA) that `cxrmax generate` reads.
+    """Select images into a manifest (one row per image: ids, split, view, path, labels, report
+    sections) that `cxrmax generate` reads.
 
     Example: [bold]cxrmax mimic select mini-mimic --split train --view frontal --require-positive --k 20 --seed 0
     --exclude-subjects mini-mimic/MS_CXR_T_temporal_image_classification_v1.0.0.csv --out sel.parquet[/]

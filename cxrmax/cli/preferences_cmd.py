@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from cxrmax.cli.common import console, interruptible, user_errors
+from cxrmax.cli.options import GENERATE_BACKENDS, Choice, choice_option, emit_json, json_option, out_option
 
 if TYPE_CHECKING:  # the build imports datasets: only when a command runs
     from cxrmax.preferences.build import BuildOptions, BuildSummary
@@ -23,9 +24,7 @@ def _build_preferences(
         help="Trajectory inputs: generate's OUT (or OUT/trajectories, OUT/trajectories/<model>), Arrow/Parquet/"
         "JSONL files, a `datasets` directory, or a Hugging Face Hub data set id.",
     ),
-    out: Path = typer.Option(
-        ..., "--out", "-o", help="Output folder (preferences/, sft/, annotations/, exports/)."
-    ),
+    out: Path = out_option("Output folder (preferences/, sft/, annotations/, exports/).", ...),
     mimic_root: Path | None = typer.Option(
         None,
         "--mimic-root",
@@ -34,8 +33,11 @@ def _build_preferences(
     ms_cxr_t: Path | None = typer.Option(
         None, "--ms-cxr-t", help="MS-CXR-T CSV: its subjects are removed from train."
     ),
-    consensus: str = typer.Option(
-        "vote", "--consensus", help="vote (offline, deterministic) or model (in-context)."
+    consensus: str = choice_option(
+        "vote",
+        "--consensus",
+        choices=Choice(("vote", "model")),
+        help="vote (offline, deterministic) or model (in-context, a served model).",
     ),
     min_sources: int = typer.Option(2, "--min-sources", help="Skip (and report) samples with fewer sources."),
     drop_non_drifting: bool = typer.Option(
@@ -56,9 +58,11 @@ def _build_preferences(
         None, "--export-parquet", help="Also write a Parquet copy + card here."
     ),
     push_to_hub: str | None = typer.Option(
-        None, "--push-to-hub", help="Publish as Parquet to this Hub data set."
+        None, "--push-to-hub", help="Publish as Parquet to this Hub data set (private unless --public)."
     ),
-    public: bool = typer.Option(False, "--public", help="With --push-to-hub: make the repository public."),
+    public: bool = typer.Option(
+        False, "--public", help="With --push-to-hub: make the repository public (default: private)."
+    ),
     step_bins: int = typer.Option(
         10, "--step-bins", help="Relative step bins of the step-wise drift profile."
     ),
@@ -67,10 +71,11 @@ def _build_preferences(
         None, "--processes", "-j", help="Worker processes (default: all cores)."
     ),
     no_card: bool = typer.Option(False, "--no-card", help="Do not render README.md and figures."),
-    consensus_backend: str = typer.Option(
+    consensus_backend: str = choice_option(
         "openai",
         "--consensus-backend",
-        help="--consensus model: generate backend (openai | transformers | vllm).",
+        choices=Choice(GENERATE_BACKENDS),
+        help="--consensus model: the generate backend that serves it.",
     ),
     consensus_model: str | None = typer.Option(
         None, "--consensus-model", help="--consensus model: served model id or local model directory."
@@ -215,19 +220,19 @@ def _drift_report(
     figures: Path | None = typer.Option(
         None, "--figures", help="Where to write the PNG figures (default OUT/figures)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON instead of a table."),
+    json_out: Path | None = json_option("the statistics"),
 ) -> None:
-    """Per-model drift table (precision, recall, similarity to the report, refusal rate, laterality
-    error rate, mean drift score) and figures, from a build-preferences output.
+    """Per-model drift table (precision, recall, similarity to report, refusal rate, side error vs
+    consensus, drift from consensus) and figures, from a build-preferences output.
 
-    Example: cxrmax drift-report runs/cxrmax
+    Example: cxrmax drift-report runs/cxrmax (--json - for the statistics alone, as JSON)
     """
     from cxrmax.preferences.datacard import drift_report
 
     with user_errors():
         stats, paths = drift_report(out, figures)
-        if as_json:
-            console.print_json(json.dumps(stats.as_json(), default=str, allow_nan=False))
+        text = json.dumps(stats.as_json(), default=str, allow_nan=False, indent=2)
+        if emit_json(text, json_out):
             return
         _render_drift(stats, paths)
 
@@ -236,17 +241,22 @@ def _render_drift(stats: DriftStatistics, paths: dict[str, Path]) -> None:
     """The per-model drift table, the sample-level summary line and the figure paths."""
     from rich.table import Table
 
+    from cxrmax.preferences.datacard import METRIC_LABELS
+
     table = Table(
         title=f"Drift per source model ({stats.samples} samples; precision/recall vs {stats.reference})"
     )
-    columns = (
-        ("trajectories", "n", "{:d}"),
-        ("precision", "precision", "{:.3f}"),
-        ("recall", "recall", "{:.3f}"),
-        ("similarity", "sim", "{:.3f}"),
-        ("refusal_rate", "refusal", "{:.3f}"),
-        ("laterality_error_rate", "side err", "{:.3f}"),
-        ("mean_drift", "drift", "{:.3f}"),
+    # Headers are the metrics' one name (the data card's and the figures' too).
+    columns = (("trajectories", "n", "{:d}"),) + tuple(
+        (name, METRIC_LABELS[name], "{:.3f}")
+        for name in (
+            "precision",
+            "recall",
+            "similarity",
+            "refusal_rate",
+            "laterality_error_rate",
+            "mean_drift",
+        )
     )
     table.add_column("model")
     for _, header, _ in columns:

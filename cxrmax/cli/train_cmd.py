@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from cxrmax.cli.common import console, interruptible, user_errors
+from cxrmax.cli.options import REPORT_TO, Choice, choice_option, out_option, quiet_libraries, verbose_option
+from cxrmax.core.hf import adapter_base
 
 #: Flags that set a `apo_train.pipeline.PipelineSpec` attribute: parameter -> attribute.
 SPEC_FLAGS = {
@@ -42,6 +45,7 @@ BOTH_STAGE_FLAGS = {
     "logging_steps": "logging_steps",
     "save_steps": "save_steps",
     "deepspeed": "deepspeed",
+    "report_to": "report_to",
 }
 #: Switches (off by default) of both stages: parameter -> (field, the value it gets when on).
 BOTH_STAGE_SWITCHES: dict[str, tuple[str, Any]] = {
@@ -50,6 +54,7 @@ BOTH_STAGE_SWITCHES: dict[str, tuple[str, Any]] = {
     "gradient_checkpointing": ("gradient_checkpointing", True),
     "lenient": ("lenient", True),
     "cpu": ("use_cpu", True),
+    # The old spelling of --report-to tensorboard (hidden).
     "tensorboard": ("report_to", ["tensorboard"]),
 }
 #: Learning-rate flags: parameter -> the stage whose learning_rate it sets ("single": the --stage run).
@@ -59,7 +64,7 @@ APO_FLAGS = {"loss": "loss_type", "beta": "beta", "nll_alpha": "nll_alpha", "max
 #: Stage-2 switches: parameter -> (field, the value it gets when on).
 APO_SWITCHES: dict[str, tuple[str, Any]] = {"precompute_ref": ("precompute_ref_log_probs", True)}
 #: Parameters that steer the command instead of naming one field.
-CONTROL_FLAGS = ("stage", "config", "resume", "set_values")
+CONTROL_FLAGS = ("stage", "config", "resume", "set_values", "verbose")
 #: Fields defined by apo_train/config.py that have no flag of their own: set them in the TOML/YAML
 #: config or with --set (every TrainingArguments field is reachable that way too). A new config
 #: field goes either into a flag table above or here (tests/cli/test_train_flags.py checks it).
@@ -153,8 +158,12 @@ def _apply_set_values(spec: Any, items: list[str]) -> None:
 
 
 def train_apo(
-    stage: str = typer.Option(
-        "all", "--stage", help="sft | apo | all (SFT, optional model consensus, then APO)."
+    stage: str = choice_option(
+        "all",
+        "--stage",
+        # apo_train checks it (a config file's stage too): one message for both.
+        choices=Choice(("sft", "apo", "all"), check=False),
+        help="all: SFT, the optional model consensus, then APO.",
     ),
     config: Path | None = typer.Option(
         None, "--config", "-c", help="TOML or YAML config (flags override it)."
@@ -166,17 +175,18 @@ def train_apo(
     preferences: Path | None = typer.Option(
         None, "--preferences", help="build-preferences' OUT/preferences."
     ),
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="Run folder: OUT/sft, OUT/apo (default runs/apo)."
-    ),
+    out: Path | None = out_option("Run folder: OUT/sft, OUT/apo (default runs/apo)."),
     mimic_root: Path | None = typer.Option(
         None, "--mimic-root", help="MIMIC-CXR root for images (omit: text only)."
     ),
     max_edge: int | None = typer.Option(
         None, "--max-edge", help="Image longest edge (default 1024, as generate)."
     ),
-    loss: str | None = typer.Option(
-        None, "--loss", help="APO loss: plackett-luce (default) | pairwise | listwise."
+    loss: str | None = choice_option(
+        None,
+        "--loss",
+        choices=Choice(("plackett-luce", "pairwise", "listwise")),
+        help="APO loss (default plackett-luce).",
     ),
     beta: float | None = typer.Option(None, "--beta", help="APO reward scale (default 0.1)."),
     lr: float | None = typer.Option(
@@ -220,15 +230,24 @@ def train_apo(
         False, "--gradient-checkpointing", help="Trade compute for memory."
     ),
     deepspeed: Path | None = typer.Option(None, "--deepspeed", help="DeepSpeed JSON config (e.g. ZeRO-2)."),
-    consensus: str | None = typer.Option(
-        None, "--consensus", help="--stage all: none | model (rebuild positives with the Stage-1 model)."
+    consensus: str | None = choice_option(
+        None,
+        "--consensus",
+        choices=Choice(("none", "model")),
+        help="--stage all: model rebuilds the positives with the Stage-1 model (default none).",
     ),
     trajectories: Path | None = typer.Option(
         None, "--trajectories", help="generate's OUT (for --consensus model)."
     ),
     resume: str | None = typer.Option(None, "--resume", help="Checkpoint dir, or 'latest' (single stage)."),
+    report_to: str | None = choice_option(
+        None,
+        "--report-to",
+        choices=Choice(REPORT_TO),
+        help="Where transformers reports the training logs (default none; tensorboard writes OUT/<stage>/runs).",
+    ),
     tensorboard: bool = typer.Option(
-        False, "--tensorboard", help="Also report to TensorBoard (needs tensorboard)."
+        False, "--tensorboard", hidden=True, help="Old spelling of --report-to tensorboard."
     ),
     lenient: bool = typer.Option(False, "--lenient", help="Drop and count invalid rows instead of failing."),
     seed: int | None = typer.Option(None, "--seed", help="Random seed (default 42)."),
@@ -242,6 +261,7 @@ def train_apo(
         "--set",
         help="Any config field: KEY=VALUE for both stages, sft.KEY=VALUE or apo.KEY=VALUE (repeatable).",
     ),
+    verbose: bool = verbose_option(),
 ) -> None:
     """Train with APO (Autonomous Preference Optimization): SFT bootstrapping, then a consensus positive against the drifting source trajectories with a multi-negative Plackett-Luce loss.
 
@@ -259,7 +279,11 @@ def train_apo(
     from apo_train.pipeline import PipelineSpec, read_config_file, run_pipeline, spec_from_config
     from cxrmax.preferences.build import rebuild_with_model_consensus
 
-    with user_errors(), interruptible("no checkpoint was saved; run the same command again"):
+    with (
+        user_errors(),
+        quiet_libraries(verbose),
+        interruptible("no checkpoint was saved; run the same command again"),
+    ):
         spec = spec_from_config(read_config_file(config), str(config)) if config else PipelineSpec()
         apply_flags(spec, flags)
         results = run_pipeline(spec, console=console, rebuild=rebuild_with_model_consensus)
@@ -272,8 +296,40 @@ def train_apo(
                 f"{k}={last[k]:.4g}" for k in ("loss", "rewards/accuracies", "rewards/margins") if k in last
             )
             console.print(
-                f"[green]{name} done[/]: saved {result['saved']['model']}" + (f" ({shown})" if shown else "")
+                f"[green]{name} done[/]: saved {_saved_what(result['saved'])}"
+                + (f" ({shown})" if shown else "")
             )
+        if results and is_main_process():
+            console.print("next, evaluate it on the test split beside the sources:")
+            # Plain print, no markup or folding: the line is meant to be copied into a shell.
+            typer.echo(evaluate_command(spec, list(results.values())[-1]["saved"]))
+
+
+def _evaluated_path(saved: dict[str, str]) -> str:
+    """What `cxrmax evaluate` should load of a stage's outputs: the merged model when saved (no
+    merge at load time), else the adapter (or full model) folder."""
+    return saved.get("merged") or saved["model"]
+
+
+def _saved_what(saved: dict[str, str]) -> str:
+    """Whether a stage saved a LoRA adapter, a full model, or an adapter and its merged model."""
+    kind = "a LoRA adapter" if adapter_base(saved["model"]) else "a full model"
+    text = f"{kind} in {saved['model']}"
+    if saved.get("merged"):
+        text += f" and the merged model in {saved['merged']}"
+    return text
+
+
+def evaluate_command(spec: Any, saved: dict[str, str]) -> str:
+    """The `cxrmax evaluate` command line for a stage's outputs, quoted for a POSIX shell: the
+    training's MIMIC-CXR root (a placeholder when it had none), OUT/eval, and the sources' generate
+    output when the run was given one."""
+    args = ["cxrmax", "evaluate", _evaluated_path(saved)]
+    args += ["--mimic-root", spec.mimic_root or "MIMIC_ROOT"]
+    args += ["--out", str(Path(spec.out) / "eval")]
+    if spec.trajectories:
+        args += ["--sources", str(spec.trajectories)]
+    return shlex.join(args)
 
 
 def register(app: typer.Typer) -> None:

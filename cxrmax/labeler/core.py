@@ -8,8 +8,13 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
   uncertain under a heading that announces alternatives ("Differential diagnosis").
 - Clauses that refuse ("As an AI, I cannot diagnose pneumonia"), speak in general ("atelectasis
   typically appears as ...") or are hypothetical ("if you have concerns about pneumonia") assert
-  nothing. Radiographic signs (blunting of the costophrenic angle, pleural line) count only when
-  their step does not interpret them ("blunting ... may reflect effusion or pleural thickening").
+  nothing. Radiographic signs (pleural line, deep sulcus sign) count only when their step does not
+  interpret them; costophrenic blunting never asserts an effusion by itself (CheXpert's
+  definition), it only lends its side to one the text asserts.
+- Negation reaches over a coordination: "No focal consolidation, pneumothorax or large pleural
+  effusion" (a list closed by "or" keeps size words inside it), "clear of / free of / without A, B,
+  or C", and backward from predicates of normality ("X and Y appear within limits of normal").
+  A finding explained as a mimic ("this nodule is consistent with a nipple shadow") asserts nothing.
 - Alternatives are uncertain: "consistent with pneumonia or atelectasis", "ARDS or pulmonary
   edema"; a hedge pointing at an artifact ("which may simply reflect the AP projection", "may
   represent a nipple shadow") makes the finding before it uncertain. A short label before a colon
@@ -77,7 +82,7 @@ from cxrmax.labeler.matcher import (
     UNC_PRE,
     WEAK,
 )
-from cxrmax.labeler.phrases import SIGN_ALTERNATIVES
+from cxrmax.labeler.phrases import SIDE_ONLY_SIGNS, SIGN_ALTERNATIVES, UNCERTAIN_MENTIONS
 from cxrmax.labeler.segment import CONTEXT_HEADINGS, split_steps
 
 STATUSES = ("positive", "negative", "uncertain", "absent")
@@ -613,13 +618,14 @@ def _clauses(tokens: list) -> tuple[list[int], list[int]]:
 _COPULA_TAIL = re.compile(
     r"\s*(?:[.;,:!?)\n]|$|(?:present|seen|noted|identified|visible|evident|apparent|visuali[sz]ed|appreciated|"
     r"demonstrated|detected|observed|definite|convincingly|clearly|yet|due|related|secondary|given|and|but|by|because|"
-    r"although|though|however|on|from|definite|excluded)\b)"
+    r"although|though|however|on|in|from|definite|excluded)\b)"
 )
 DROP = "drop"
+SIDE = "side"  # an assertion that only lends a side (phrases.SIDE_ONLY_SIGNS); see _aggregate
 
 
 def _mention_status(
-    low: str, tokens: list, index: int, lo: int, hi: int, default: str
+    low: str, tokens: list, index: int, lo: int, hi: int, default: str, mimic_after: bool = True
 ) -> tuple[str, str | None]:
     """Status of the mention tokens[index] from the cues of its clause tokens[lo:hi] ("drop": the
     mention is hypothetical and asserts nothing)."""
@@ -656,7 +662,57 @@ def _mention_status(
             ):
                 return "uncertain", word  # "nodular opacity may represent a nipple shadow"
         break
+    if mimic_after and _EXPLAINING.search(low, tokens[index][1], tokens[index][1] + 120) is not None:
+        explained = _explained_away(low, tokens, index, hi)
+        if explained is not None:
+            return explained
     return _pre_status(low, tokens, index, lo, default)
+
+
+# "the nodule is consistent with a nipple shadow", "... reflects soft tissue overlay":
+# a link from a finding to something that is not disease.
+_EXPLAINING = re.compile(
+    r"\b(?:represents?|representing|reflects?|reflecting|consistent\s+with|compatible\s+with|secondary\s+to|due\s+to)\b"
+)
+_MODAL = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|question\w*|versus|vs|or)\b")
+
+
+def _explained_away(low: str, tokens: list, index: int, hi: int) -> tuple[str, str | None] | None:
+    """A finding that its clause explains as a mimic (cues.MIMICS: "nipple shadows", "soft tissue
+    overlay") asserts nothing (DROP), or is uncertain when the
+    link is hedged ("... which could represent overlapping vessels"); None when no such link."""
+    end = tokens[index][1]
+    ceiling = hi if hi < index + 12 else index + 12
+    for j in range(index + 1, ceiling):
+        tok = tokens[j]
+        kind = tok[2]
+        if kind in _MENTION_KINDS or kind == OTHER or kind == STATEMENT or kind == TERM and tok[3]:
+            return None  # another finding or a conjunction comes first
+        if kind == MIMIC:
+            between = low[end : tok[0]]
+            if _gap(low, end, tok[0]) > 16 or _EXPLAINING.search(between) is None:
+                return None
+            if _MODAL.search(between) is not None:
+                return "uncertain", "(explained) " + low[tok[0] : tok[1]]
+            return DROP, "(explained) " + low[tok[0] : tok[1]]
+    return None
+
+
+_CLEAR_OF = re.compile(r"\b(?:clear|free)\s+of\b")
+_OR_WORD_AHEAD = re.compile(r"\b(?:or|nor)\b")
+_CLAUSE_REST = re.compile(r"[^.;:\n]*")
+
+
+def _new_item_after_comma(low: str, start: int, end: int) -> bool:
+    """True when the last comma in low[start:end] starts a new, described finding ("no pneumothorax,
+    mild right atelectasis"), so a cue before the comma does not reach past it. Not inside a list
+    that "or"/"nor" closes: "no consolidation, effusion or large pneumothorax" is one
+    negated coordination whose items may carry size words."""
+    comma = low.rfind(",", start, end)
+    if comma < 0 or _NEW_ITEM.search(low, comma, end) is None:
+        return False
+    rest = _CLAUSE_REST.match(low, comma + 1)
+    return _OR_WORD_AHEAD.search(low, comma, rest.end()) is None
 
 
 def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tuple[str, str | None]:
@@ -675,16 +731,20 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
         if kind in _MENTION_KINDS or kind == MIMIC or kind == OTHER:
             # "no pneumothorax, mild right basilar atelectasis": a new described finding after a
             # comma is not part of the negated list.
-            comma = low.rfind(",", tok[1], tokens[index][0])
-            if comma >= 0 and _NEW_ITEM.search(low, comma, tokens[index][0]):
+            if _new_item_after_comma(low, tok[1], tokens[index][0]):
                 break
             edge = tok[0]
             j -= 1
             continue
+        if kind == STATEMENT and _CLEAR_OF.search(low, tok[0], tok[1] + 4) is not None:
+            # "the lungs are clear of consolidation, effusion or pneumothorax": the
+            # statement's "clear of" governs the rest of its list.
+            if _new_item_after_comma(low, tok[1], tokens[index][0]):
+                break
+            return "negative", "clear of"
         if kind == CUE:
             bits, word = tok[3]
-            comma = low.rfind(",", tok[1], tokens[index][0])
-            if comma >= 0 and _NEW_ITEM.search(low, comma, tokens[index][0]):
+            if _new_item_after_comma(low, tok[1], tokens[index][0]):
                 break  # "possibly related to prior infection, and a small calcified granuloma"
             if bits & HYPO:
                 return DROP, word
@@ -708,12 +768,15 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
                             edge2 = prev[0]
                             k -= 1
                             continue
-                        if (
-                            prev[2] == CUE
-                            and prev[3][0] & NEG_PRE
-                            and _gap(low, prev[1], edge2) <= _SCOPE_GAP
-                        ):
-                            return "negative", prev[3][1]
+                        if prev[2] == CUE and _gap(low, prev[1], edge2) <= _SCOPE_GAP:
+                            if prev[3][0] & NEG_PRE:
+                                return "negative", prev[3][1]
+                            if prev[3][0] & WEAK:
+                                # "no lucency to suggest pneumothorax or fluid to suggest an
+                                # effusion": one negation over a chain of linking words.
+                                edge2 = prev[0]
+                                k -= 1
+                                continue
                         break
                 return "uncertain", word
             # A post-only cue belongs to an earlier mention: it closes the scope.
@@ -739,9 +802,18 @@ def _statement_status(low: str, tokens: list, index: int, lo: int, default: str)
     return default, None
 
 
+# A mention or statement found in a step: (token index, observation, status, side, cue, is_sign).
+Found = tuple[int, str, str, str | None, str | None, bool]
+
+
 def _assertions(text: str, low: str, segments: list, detail: bool):
-    """Walk the steps; return (assertions, refusal spans, hedging spans, recognised_any)."""
+    """Walk the steps; return (assertions, refusal spans, hedging spans, recognised_any).
+
+    Per step: request sections are skipped, a pending question or bare label is answered by it
+    (_answer_question, _sub_item), then the step is read (_read_step) and what it found is emitted
+    (_emit_step)."""
     tokens = _scan(low, text)
+    has_mimic = MIMIC in {tok[2] for tok in tokens}  # most texts have none: skip _explained_away
     ascii_text = low.isascii()
     assertions: list[Assertion] = []
     refusal: list[tuple[int, int]] = []
@@ -749,45 +821,21 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
     recognised = False
     n_tokens = len(tokens)
     t = 0
-    pending: list[
-        int
-    ] = []  # assertions of the previous step when it was a bare label ("2. Pleural effusion")
+    # assertions of the previous step when it was a bare label ("2. Pleural effusion")
+    pending: list[int] = []
     question: list[tuple[int, int, int, str, str, str | None]] = []  # what a question step asked
     for step_index, segment in enumerate(segments):
-        while t < n_tokens and tokens[t][0] < segment.start:  # tokens between steps (markers)
-            kind = tokens[t][2]
-            if kind == REFUSAL:
-                refusal.append((tokens[t][0], tokens[t][1]))
-            elif kind == HEDGE:
-                hedging.append((tokens[t][0], tokens[t][1]))
-            t += 1
+        t = _collect_spans(tokens, t, segment.start, refusal, hedging)  # tokens between steps (markers)
         first = t
         while t < n_tokens and tokens[t][0] < segment.end:
             t += 1
-        heading = segment.heading
-        if heading in CONTEXT_HEADINGS:  # filled by split_steps for the headings it gave
+        if segment.heading in CONTEXT_HEADINGS:  # filled by split_steps for the headings it gave
             pending = []  # a request section (INDICATION, COMPARISON ...) says nothing about this film
             question = []
             continue
         if question:
-            # "Is there a pneumothorax? No." / "Q: ... ? A: Yes": the answer gives the question's status.
-            answer = _ANSWER.match(low, segment.start, segment.end)
-            if answer is not None:
-                word = answer.group(1)
-                answer_side = None  # "Is there an effusion? Yes, on the right."
-                k = first
-                while k < t and tokens[k][2] not in _CONTENT_KINDS:
-                    if tokens[k][2] == LAT:
-                        answer_side = tokens[k][3]
-                        break
-                    k += 1
-                for step_of, a, b, observation, asked, side in question:
-                    if side is None and observation in LATERALIZABLE:
-                        side = answer_side
-                    status = _answered(asked, _ANSWERS[word])
-                    if status != DROP:
-                        assertions.append((step_of, a, b, observation, status, side, "(answer) " + word))
-                        recognised = True
+            if _answer_question(low, segment, tokens, first, t, question, assertions):
+                recognised = True
             question = []
         if pending:
             # Sub-items of a bare label: "2. Pleural effusion / - None", "1. Atelectasis / - Left lower lobe".
@@ -797,119 +845,12 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 continue
         if first == t:
             continue
-        step_tokens = tokens[first:t]
-        content = False
-        colon = False
-        for tok in step_tokens:
-            kind = tok[2]
-            if kind in _CONTENT_KINDS:
-                content = True
-            elif kind == SEMI:
-                colon = colon or tok[3] != ";"
-            elif kind == REFUSAL or kind == HEDGE:
-                content = True
-        if not content:  # cues and laterality words alone assert nothing
+        read = _read_step(low, segment, tokens[first:t], ascii_text, has_mimic, refusal, hedging)
+        if read is None:
             continue
-        # Key-value verdicts ("X: no", "| X | No |", "X - absent", "X = 1") need a separator in the step.
-        keyed = (
-            colon
-            or low.find(" -", segment.start, segment.end) >= 0
-            or low.find("=", segment.start, segment.end) >= 0
-            or (not ascii_text and _KEYED.search(low, segment.start, segment.end) is not None)
-        )
-        label_starts: set[int] = set()  # "Pneumothorax: there is no pneumothorax": a topic label
-        verdicts: dict[int, str] = {}  # "Pneumothorax: no." -> the label's status
-        if colon:
-            # A colon after a short label ("**Edema**: not present") joins the label to what follows.
-            kept = []
-            for tok in step_tokens:
-                if (
-                    tok[2] == SEMI
-                    and tok[3] != ";"
-                    and tok[0] - segment.start < 300
-                    and _gap(low, segment.start, tok[0]) <= 5
-                ):
-                    if kept and kept[-1][2] in _MENTION_KINDS:
-                        label_starts.add(kept[-1][0])
-                        verdict = _VERDICT.match(low, tok[1], segment.end)
-                        if verdict is not None:
-                            verdicts[kept[-1][0]] = _VERDICTS[verdict.group(1).split()[0]]
-                    continue
-                kept.append(tok)
-            step_tokens = kept
-        default = "positive"
-        if heading is not None:
-            default = _HEADING_DEFAULTS.get(heading) or _heading_default(heading)
-        los, his = _clauses(step_tokens)
-        silent_clauses: set[int] = set()  # clauses (by first token) that refuse or speak in general
-        for i, tok in enumerate(step_tokens):
-            kind = tok[2]
-            if kind == REFUSAL:
-                refusal.append((tok[0], tok[1]))
-                silent_clauses.add(los[i])
-            elif kind == HEDGE:
-                hedging.append((tok[0], tok[1]))
-            elif kind == GENERIC:
-                silent_clauses.add(los[i])
-        step_found: list[
-            tuple[int, str, str, str | None, str | None, bool]
-        ] = []  # (token, obs, status, side, cue, sign)
-        token_sides: dict[int, str | None] = {}
-        for i, tok in enumerate(step_tokens):
-            kind = tok[2]
-            if kind == MENTION or kind == SIGN:
-                lo, hi = los[i], his[i]
-                if lo in silent_clauses:
-                    continue
-                status, cue = _mention_status(low, step_tokens, i, lo, hi, default)
-                if status == DROP:
-                    continue
-                if cue is None and tok[0] in verdicts:
-                    status = verdicts[tok[0]]
-                verdict = None
-                if keyed:
-                    verdict = _DIRECT_VERDICT.match(low, tok[1])
-                    if verdict is None and not ascii_text:
-                        verdict = _SYMBOL_VERDICT.match(low, tok[1])
-                    if verdict is not None:  # "Atelectasis": "negative", | Effusion | No |, X: yes / Y: no
-                        word = verdict.group(1) or verdict.group(2)  # (the symbol regex has one group)
-                        status, cue = _VERDICTS[word], "(verdict) " + word
-                        if status == DROP:
-                            continue
-                side = _sides(low, step_tokens, i)
-                if side is None and verdict is not None:
-                    side = _side_after_verdict(low, step_tokens, i, verdict.end())
-                if side is None:
-                    side = _inherited_side(step_tokens, i, token_sides)
-                token_sides[i] = side
-                for observation in tok[3]:
-                    step_found.append((i, observation, status, side, cue, kind == SIGN))
-            elif kind == STATEMENT:
-                lo, hi = los[i], his[i]
-                if lo in silent_clauses:
-                    continue
-                side = None
-                for observation, effect in tok[3].items():
-                    if effect == "mention" or effect == "sign":
-                        status, cue = _statement_status(low, step_tokens, i, lo, default)
-                        if status == DROP:
-                            continue
-                    else:
-                        status, cue = effect, None
-                    if observation in LATERALIZABLE:
-                        if side is None:
-                            # Only a side written before a normal statement counts: "the right lung
-                            # is clear" (right), "the lungs are clear bilaterally" (no side claim).
-                            side = _sides(low, step_tokens, i, back_only=True)
-                            if side is None and low.endswith("both ", 0, tok[0]):
-                                side = "bilateral"  # "both costophrenic angles are sharp"
-                        step_found.append((i, observation, status, side, cue, effect == "sign"))
-                    else:
-                        step_found.append((i, observation, status, None, cue, False))
-                    recognised = True
-            elif kind == NORMAL_STUDY:
-                if los[i] not in silent_clauses:
-                    recognised = True
+        step_tokens, step_found, label_starts, step_recognised = read
+        if step_recognised:
+            recognised = True
         if not step_found:
             continue
         step_found = _alternatives(low, step_tokens, step_found)
@@ -923,23 +864,7 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             ]
         last = low[segment.end - 1]  # a question asserts nothing by itself
         asks = last == "?" or (last in _QUESTION_TAIL and _is_question(low, segment.start, segment.end))
-        explained = {obs for (_, obs, _, _, _, sign) in step_found if not sign}
-        sign_sides = {obs: side for (_, obs, _, side, _, sign) in step_found if sign and side is not None}
-        for k, (i, observation, status, side, cue, sign) in enumerate(step_found):
-            if not sign and side is None and observation in sign_sides:
-                side = sign_sides[observation]  # "blunting of the left angle suggests effusion"
-            if side is None and status != "negative" and observation in LATERALIZABLE:
-                side = _later_side(step_tokens, step_found, k)
-            if sign and (
-                observation in explained
-                or any(alt in explained for alt in SIGN_ALTERNATIVES.get(observation, ()))
-            ):
-                continue  # the step interprets the sign itself
-            tok = step_tokens[i]
-            if asks:
-                question.append((step_index, tok[0], tok[1], observation, status, side))
-                continue
-            assertions.append((step_index, tok[0], tok[1], observation, status, side, cue))
+        if _emit_step(step_index, step_tokens, step_found, asks, assertions, question):
             recognised = True
         if asks:
             continue
@@ -949,14 +874,266 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
             and all(a[6] is None for a in assertions[len(assertions) - len(step_found) :])
         ):
             pending = list(range(len(assertions) - len(step_found), len(assertions)))
-    while t < n_tokens:
+    _collect_spans(tokens, t, len(low) + 1, refusal, hedging)
+    return assertions, refusal, hedging, recognised
+
+
+def _collect_spans(tokens: list, t: int, stop: int, refusal: list, hedging: list) -> int:
+    """Record the refusal and hedging tokens from tokens[t] up to the first one starting at `stop`;
+    return the index of that one."""
+    n_tokens = len(tokens)
+    while t < n_tokens and tokens[t][0] < stop:
         kind = tokens[t][2]
         if kind == REFUSAL:
             refusal.append((tokens[t][0], tokens[t][1]))
         elif kind == HEDGE:
             hedging.append((tokens[t][0], tokens[t][1]))
         t += 1
-    return assertions, refusal, hedging, recognised
+    return t
+
+
+def _answer_question(
+    low: str, segment, tokens: list, first: int, stop: int, question: list, assertions: list
+) -> bool:
+    """ "Is there a pneumothorax? No." / "Q: ... ? A: Yes": a step that starts with an answer gives
+    what the question step asked its status (appended to `assertions`); True when it asserted any."""
+    answer = _ANSWER.match(low, segment.start, segment.end)
+    if answer is None:
+        return False
+    word = answer.group(1)
+    answer_side = None  # "Is there an effusion? Yes, on the right."
+    k = first
+    while k < stop and tokens[k][2] not in _CONTENT_KINDS:
+        if tokens[k][2] == LAT:
+            answer_side = tokens[k][3]
+            break
+        k += 1
+    asserted = False
+    for step_of, a, b, observation, asked, side in question:
+        if side is None and observation in LATERALIZABLE:
+            side = answer_side
+        status = _answered(asked, _ANSWERS[word])
+        if status != DROP:
+            assertions.append((step_of, a, b, observation, status, side, "(answer) " + word))
+            asserted = True
+    return asserted
+
+
+def _colon_labels(low: str, segment, step_tokens: list) -> tuple[list, set[int], dict[int, str]]:
+    """A colon after a short label ("**Edema**: not present") joins the label to what follows: return
+    the step's tokens without those colons, the starts of the labels (a topic when the step says more
+    about the same finding) and the labels' verdicts ("Pneumothorax: no." -> negative)."""
+    label_starts: set[int] = set()
+    verdicts: dict[int, str] = {}
+    kept = []
+    for tok in step_tokens:
+        if (
+            tok[2] == SEMI
+            and tok[3] != ";"
+            and tok[0] - segment.start < 300
+            and _gap(low, segment.start, tok[0]) <= 5
+        ):
+            if kept and kept[-1][2] in _MENTION_KINDS:
+                label_starts.add(kept[-1][0])
+                verdict = _VERDICT.match(low, tok[1], segment.end)
+                if verdict is not None:
+                    verdicts[kept[-1][0]] = _VERDICTS[verdict.group(1).split()[0]]
+            continue
+        kept.append(tok)
+    return kept, label_starts, verdicts
+
+
+def _read_step(
+    low: str, segment, step_tokens: list, ascii_text: bool, has_mimic: bool, refusal: list, hedging: list
+) -> tuple[list, list[Found], set[int], bool] | None:
+    """Read one step's tokens: (its tokens without label colons, what its mentions and statements
+    found, the starts of its topic labels, whether it recognised a statement); None when the step
+    has no content (cues and laterality words alone assert nothing). Refusal and hedging spans are
+    recorded on the way."""
+    content = False
+    colon = False
+    for tok in step_tokens:
+        kind = tok[2]
+        if kind in _CONTENT_KINDS:
+            content = True
+        elif kind == SEMI:
+            colon = colon or tok[3] != ";"
+        elif kind == REFUSAL or kind == HEDGE:
+            content = True
+    if not content:
+        return None
+    # Key-value verdicts ("X: no", "| X | No |", "X - absent", "X = 1") need a separator in the step.
+    keyed = (
+        colon
+        or low.find(" -", segment.start, segment.end) >= 0
+        or low.find("=", segment.start, segment.end) >= 0
+        or (not ascii_text and _KEYED.search(low, segment.start, segment.end) is not None)
+    )
+    label_starts: set[int] = set()  # "Pneumothorax: there is no pneumothorax": a topic label
+    verdicts: dict[int, str] = {}  # "Pneumothorax: no." -> the label's status
+    if colon:
+        step_tokens, label_starts, verdicts = _colon_labels(low, segment, step_tokens)
+    default = "positive"
+    heading = segment.heading
+    if heading is not None:
+        default = _HEADING_DEFAULTS.get(heading) or _heading_default(heading)
+    los, his = _clauses(step_tokens)
+    last_mimic = -1  # index of the step's last mimic token ("nipple shadow"), for _explained_away
+    if has_mimic:
+        for k, tok in enumerate(step_tokens):
+            if tok[2] == MIMIC:
+                last_mimic = k
+    silent = _silent_clauses(step_tokens, los, refusal, hedging)
+    found: list[Found] = []
+    token_sides: dict[int, str | None] = {}
+    recognised = False
+    for i, tok in enumerate(step_tokens):
+        kind = tok[2]
+        if kind == MENTION or kind == SIGN:
+            if los[i] not in silent:
+                _read_mention(
+                    low,
+                    step_tokens,
+                    i,
+                    los[i],
+                    his[i],
+                    default,
+                    i < last_mimic,
+                    verdicts,
+                    keyed,
+                    ascii_text,
+                    token_sides,
+                    found,
+                )
+        elif kind == STATEMENT:
+            if los[i] not in silent and _read_statement(low, step_tokens, i, los[i], default, found):
+                recognised = True
+        elif kind == NORMAL_STUDY:
+            if los[i] not in silent:
+                recognised = True
+    return step_tokens, found, label_starts, recognised
+
+
+def _silent_clauses(step_tokens: list, los: list[int], refusal: list, hedging: list) -> set[int]:
+    """Clauses (by first token) that refuse ("As an AI, I cannot ...") or speak in general
+    ("typically"); records the step's refusal and hedging spans."""
+    silent: set[int] = set()
+    for i, tok in enumerate(step_tokens):
+        kind = tok[2]
+        if kind == REFUSAL:
+            refusal.append((tok[0], tok[1]))
+            silent.add(los[i])
+        elif kind == HEDGE:
+            hedging.append((tok[0], tok[1]))
+        elif kind == GENERIC:
+            silent.add(los[i])
+    return silent
+
+
+def _read_mention(
+    low: str,
+    step_tokens: list,
+    i: int,
+    lo: int,
+    hi: int,
+    default: str,
+    mimic_after: bool,
+    verdicts: dict[int, str],
+    keyed: bool,
+    ascii_text: bool,
+    token_sides: dict[int, str | None],
+    found: list[Found],
+) -> None:
+    """Status and side of the mention (or sign) step_tokens[i], appended to `found` once per
+    observation it names: cues of its clause, a label's or key-value verdict, then its side (its own
+    laterality words, a side after the verdict, or the side of an earlier mention of the step)."""
+    tok = step_tokens[i]
+    status, cue = _mention_status(low, step_tokens, i, lo, hi, default, mimic_after)
+    if status == DROP:
+        return
+    if status == "positive" and cue is None and "Edema" in tok[3]:
+        if low[tok[0] : tok[1]].translate(_DROP_SPACES) in UNCERTAIN_MENTIONS:
+            status, cue = "uncertain", "(CheXpert: uncertain mention)"
+    if cue is None and tok[0] in verdicts:
+        status = verdicts[tok[0]]
+    verdict = None
+    if keyed:
+        verdict = _DIRECT_VERDICT.match(low, tok[1])
+        if verdict is None and not ascii_text:
+            verdict = _SYMBOL_VERDICT.match(low, tok[1])
+        if verdict is not None:  # "Atelectasis": "negative", | Effusion | No |, X: yes / Y: no
+            word = verdict.group(1) or verdict.group(2)  # (the symbol regex has one group)
+            status, cue = _VERDICTS[word], "(verdict) " + word
+            if status == DROP:
+                return
+    side = _sides(low, step_tokens, i)
+    if side is None and verdict is not None:
+        side = _side_after_verdict(low, step_tokens, i, verdict.end())
+    if side is None:
+        side = _inherited_side(step_tokens, i, token_sides)
+    token_sides[i] = side
+    sign = tok[2] == SIGN
+    for observation in tok[3]:
+        found.append((i, observation, status, side, cue, sign))
+
+
+def _read_statement(low: str, step_tokens: list, i: int, lo: int, default: str, found: list[Found]) -> bool:
+    """What the flexible statement step_tokens[i] says ("heart size is normal", "the lungs are
+    clear"), appended to `found`; True when it said anything."""
+    tok = step_tokens[i]
+    side = None
+    said = False
+    for observation, effect in tok[3].items():
+        if effect == "mention" or effect == "sign":
+            status, cue = _statement_status(low, step_tokens, i, lo, default)
+            if status == DROP:
+                continue
+        else:
+            status, cue = effect, None
+        if observation in LATERALIZABLE:
+            if side is None:
+                # Only a side written before a normal statement counts: "the right lung
+                # is clear" (right), "the lungs are clear bilaterally" (no side claim).
+                side = _sides(low, step_tokens, i, back_only=True)
+                if side is None and low.endswith("both ", 0, tok[0]):
+                    side = "bilateral"  # "both costophrenic angles are sharp"
+            found.append((i, observation, status, side, cue, effect == "sign"))
+        else:
+            found.append((i, observation, status, None, cue, False))
+        said = True
+    return said
+
+
+def _emit_step(
+    step_index: int, step_tokens: list, found: list[Found], asks: bool, assertions: list, question: list
+) -> bool:
+    """Turn what a step found into assertions (or, for a question step, into what it asked): signs
+    the step interprets are dropped, side-only signs only lend a side, mentions without a side take
+    the side of the step's signs or of a later mention. True when an assertion was made."""
+    asserted = False
+    explained = {obs for (_, obs, _, _, _, sign) in found if not sign}
+    sign_sides = {obs: side for (_, obs, _, side, _, sign) in found if sign and side is not None}
+    for k, (i, observation, status, side, cue, sign) in enumerate(found):
+        if not sign and side is None and observation in sign_sides:
+            side = sign_sides[observation]  # "blunting of the left angle suggests effusion"
+        if side is None and status != "negative" and observation in LATERALIZABLE:
+            side = _later_side(step_tokens, found, k)
+        if sign and (
+            observation in explained
+            or any(alt in explained for alt in SIGN_ALTERNATIVES.get(observation, ()))
+        ):
+            continue  # the step interprets the sign itself
+        tok = step_tokens[i]
+        if sign and observation in SIDE_ONLY_SIGNS:
+            if not asks and status != "negative" and side is not None:
+                assertions.append((step_index, tok[0], tok[1], observation, SIDE, side, cue))
+            continue
+        if asks:
+            question.append((step_index, tok[0], tok[1], observation, status, side))
+            continue
+        assertions.append((step_index, tok[0], tok[1], observation, status, side, cue))
+        asserted = True
+    return asserted
 
 
 def _sub_item(low: str, segment, step_tokens: list, assertions: list, labelled: list[int]) -> bool:
@@ -1024,14 +1201,32 @@ _TENTATIVE = frozenset(cues.TENTATIVE)
 _FAMILY = ("Pneumonia", "Consolidation", "Lung Opacity", "Atelectasis")
 
 
-def _aggregate(by_observation: dict[str, list]) -> dict[str, tuple[str, str | None]]:
+def _group(assertions: list) -> tuple[dict[str, list], dict[str, set[str]]]:
+    """(observation -> its assertions, observation -> the sides its side-only signs lend)."""
+    by_observation: dict[str, list[Assertion]] = {}
+    lent: dict[str, set[str]] = {}
+    for item in assertions:
+        if item[4] == SIDE:
+            lent.setdefault(item[3], set()).add(item[5])
+        else:
+            by_observation.setdefault(item[3], []).append(item)
+    return by_observation, lent
+
+
+def _aggregate(
+    by_observation: dict[str, list], lent: dict[str, set[str]] | None = None
+) -> dict[str, tuple[str, str | None]]:
     """Text-level (status, laterality) per observation: the conflict rule, then the family side: a
     positive/uncertain airspace finding (pneumonia, consolidation, opacity, atelectasis) without a
     side takes the single side that the other such findings of the text agree on ("pneumonia ...
-    the consolidation in the right lower lobe" -> right pneumonia)."""
+    the consolidation in the right lower lobe" -> right pneumonia). A positive/uncertain finding
+    without a side also takes the sides of its side-only signs (`lent`)."""
     result: dict[str, tuple[str, str | None]] = {}
     for name, items in by_observation.items():
         status, side = _combine(items)
+        if lent and side == "unspecified" and status != "negative" and name in lent:
+            sides = lent[name]
+            side = "bilateral" if "bilateral" in sides or len(sides) > 1 else next(iter(sides))
         result[name] = (status, side if name in LATERALIZABLE else None)
     for name in _FAMILY:
         status, side = result.get(name, ("absent", None))
@@ -1099,10 +1294,8 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
     low = _lowered(usable)
     segments = split_steps(usable)
     assertions, refusal, hedging, recognised = _assertions(usable, low, segments, detail=False)
-    by_observation: dict[str, list[Assertion]] = {}
-    for item in assertions:
-        by_observation.setdefault(item[3], []).append(item)
-    aggregated = _aggregate(by_observation)
+    by_observation, lent = _group(assertions)
+    aggregated = _aggregate(by_observation, lent)
     statuses = {name: status for name, (status, _) in aggregated.items()}
     sides = {name: side for name, (_, side) in aggregated.items()}
     if not recognised and len(usable) < 80 and _NORMAL_ANSWER.match(low):
@@ -1148,11 +1341,11 @@ def label_text(text: object) -> LabeledText:
     steps = [
         Step(i, usable[s.start : s.end], s.start, s.end, s.kind, s.heading) for i, s in enumerate(segments)
     ]
-    by_observation: dict[str, list[Assertion]] = {}
+    by_observation, lent = _group(assertions)
     by_step: dict[tuple[int, str], list[Assertion]] = {}
     for item in assertions:
-        by_observation.setdefault(item[3], []).append(item)
-        by_step.setdefault((item[0], item[3]), []).append(item)
+        if item[4] != SIDE:
+            by_step.setdefault((item[0], item[3]), []).append(item)
     for (step_index, name), items in by_step.items():
         status, side = _combine(items)
         steps[step_index].statuses[name] = status
@@ -1160,7 +1353,7 @@ def label_text(text: object) -> LabeledText:
             steps[step_index].lateralities[name] = side
     observations = dict(empty)
     statuses: dict[str, str] = {}
-    for name, (status, side) in _aggregate(by_observation).items():
+    for name, (status, side) in _aggregate(by_observation, lent).items():
         statuses[name] = status
         evidence = [
             Evidence(it[0], it[1], it[2], usable[it[1] : it[2]], it[4], it[5], it[6])

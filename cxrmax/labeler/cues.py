@@ -245,6 +245,41 @@ NEG_POST: tuple[str, ...] = (
     "which are not present",
 )
 
+#: Predicates of normality said of what comes before them ("heart size and vascular congestion are
+#: within normal limits", "the hila are unremarkable"): negations
+#: backward over the list before them, and only at the end of the predicate ("... is normal in size.",
+#: not "is normal in appearance with ...").
+_NORMAL_VERBS = (
+    "is",
+    "are",
+    "appears",
+    "appear",
+    "remains",
+    "remain",
+    "is again",
+    "are again",
+    "appears to be",
+    "appear to be",
+)
+_NORMAL_TAILS = (
+    "normal",
+    "unremarkable",
+    "normal in size",
+    "within normal limits",
+    "within the normal limits",
+    "within limits of normal",
+    "within the limits of normal",
+    "within normal range",
+    "within the normal range",
+    "grossly normal",
+    "grossly unremarkable",
+    "stable and normal",
+    "stable and unremarkable",
+)
+NORMAL_PREDICATES: tuple[str, ...] = tuple(
+    f"{verb} {tail}" for verb in _NORMAL_VERBS for tail in _NORMAL_TAILS
+)
+
 # "cannot be entirely excluded", "cannot completely exclude": the double negative with an adverb.
 _HEDGE_ADVERBS = ("entirely", "completely", "fully", "totally", "definitely", "definitively", "confidently")
 _QUALIFIED_POST: tuple[str, ...] = tuple(
@@ -431,6 +466,22 @@ UNC_PRE: tuple[str, ...] = (
     "there may also be",
     "most likely due to",
     "most likely related to",
+    "could include",
+    "may include",
+    "might include",
+    "differential of which",
+    # CheXpert's uncertainty rules: "correlate clinically for (symptoms of) X", "obscuring X"
+    "correlate clinically for",
+    "clinically correlate for",
+    "clinical correlation for",
+    "correlation for",
+    "symptoms of",
+    "signs and symptoms of",
+    "could obscure",
+    "may obscure",
+    "might obscure",
+    "can obscure",
+    "suggestion of",
     *TENTATIVE,
     *_QUALIFIED_PRE,
     # an artifact that may explain the finding away ("may be exaggerated by the AP projection"); without
@@ -443,6 +494,7 @@ UNC_PRE: tuple[str, ...] = (
 )
 
 UNC_POST: tuple[str, ...] = (
+    "suspected",  # "left effusion suspected"
     "cannot be excluded",
     "can not be excluded",
     "can't be excluded",
@@ -664,6 +716,9 @@ MIMICS: tuple[str, ...] = (
     "overlying ribs",
     "costochondral calcification",
     "costochondral calcifications",
+    "soft tissue overlay",
+    "overlapping silhouettes",
+    "overlapping bone silhouettes",
 )
 
 #: Diagnoses outside the 14 observations that a finding may be an alternative to ("consistent with ARDS
@@ -728,6 +783,13 @@ PSEUDO: tuple[str, ...] = (
     "without change",
     "without interval change",
     "without significant change",
+    "without interval change of",
+    "without interval change in",
+    "without significant interval change",
+    "without significant interval change of",
+    "without significant interval change in",
+    "without significant change of",
+    "without significant change in",
     "not necessarily",
     "not been removed",
     "not removed",

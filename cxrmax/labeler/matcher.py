@@ -58,6 +58,7 @@ FLEX_TRIGGERS: tuple[str, ...] = (
     "lungs",
     "extubated",
     "extubation",
+    "borderline",
 )
 FLEX_PREFIXES: tuple[str, ...] = (
     "heart",
@@ -77,6 +78,7 @@ FLEX_PREFIXES: tuple[str, ...] = (
     "no ",
     "no\n",
     "extubat",
+    "borderline",
 )
 
 # Cue role bits.
@@ -259,6 +261,8 @@ class Lexicon:
                     # "X is unlikely" (backward) and "... is unlikely to be pneumonia" (forward).
                     bits |= COPULA | (NEG_PRE if role & (NEG_PRE | NEG_POST) else UNC_PRE)
                 add(word, CUE, (bits, word))
+        for word in cues.NORMAL_PREDICATES:
+            add(word, CUE, (NEG_POST | COPULA, word))
         for word in cues.TERMINATORS:
             add(word, TERM, word in cues.CONJUNCTIONS)
         for word, side in cues.LATERALITY.items():

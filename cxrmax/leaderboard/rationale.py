@@ -240,9 +240,9 @@ def score_rationales(
         n_boot=n_boot,
         notes=notes
         + [
-            "precision/recall: cxrmax.preferences.drift.compare on labeler output vs ground truth; similarity: "
-            "content-token F1 (cxrmax.preferences.drift.token_similarity) vs the reference report; per model "
-            "means over trajectories"
+            "precision/recall: the observations the labeler reads in each answer (positive or uncertain) vs "
+            "the ground-truth labels, the data card's drift definition; similarity: content-token F1 vs the "
+            "reference report; per model means over trajectories"
         ],
     )
 

@@ -32,6 +32,7 @@ can be read from them)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -67,6 +68,60 @@ def _sides(side: str | None) -> tuple[int, ...]:
     return (-1, 1)
 
 
+@dataclass
+class _Chest:
+    """One frontal film being drawn: the image, its coordinates and the lungs' shape."""
+
+    img: np.ndarray
+    u: np.ndarray  # -0.5 (image left) .. 0.5 (image right = patient left)
+    v: np.ndarray  # -0.5 (top) .. 0.5 (bottom)
+    lungs: dict[int, np.ndarray]  # image side (-1, +1) -> mask
+    cx: float  # lung centres' distance from the midline
+    w: float
+    h: float
+    cy: float
+
+    def brighten(self, mask: np.ndarray, level: float, strength: float) -> None:
+        self.img[mask] = self.img[mask] * (1 - strength) + level * strength
+
+    def zone(self, s: int, top: float, bottom: float) -> np.ndarray:
+        """Rows of lung ``s`` between ``top`` and ``bottom`` (in lung heights from its centre)."""
+        return self.lungs[s] & (self.v > self.cy + top * self.h) & (self.v < self.cy + bottom * self.h)
+
+
+def _draw_sided(c: _Chest, name: str, s: int, strength: float) -> None:
+    """The sign of one lateralised finding on image side ``s``."""
+    u, v = c.u, c.v
+    lateral = s * u  # grows toward the chest wall on that side
+    if name == "Pleural Effusion":
+        # meniscus: fluid fills the angle and climbs the lateral chest wall
+        level = c.cy + c.h - c.h * (0.5 + 0.3 * (lateral - c.cx) / c.w)
+        c.brighten(c.lungs[s] & (v > level), 165.0, strength)
+    elif name == "Pneumothorax":
+        # the collapsed lung: a smaller ellipse; outside it a black rim without markings
+        inner = ((u - s * c.cx) / (c.w * 0.7)) ** 2 + ((v - c.cy - 0.06) / (c.h * 0.75)) ** 2
+        rim = c.lungs[s] & (inner > 1) & ((lateral > c.cx - 0.3 * c.w) | (v < c.cy - 0.45 * c.h))
+        edge = c.lungs[s] & ~rim & (np.abs(inner - 1) < 0.12)
+        c.img[rim] = c.img[rim] * (1 - strength) + 8.0 * strength
+        c.brighten(edge, 120.0, strength)
+    elif name in ("Consolidation", "Pneumonia"):
+        cy = c.cy + (0.55 if name == "Consolidation" else 0.0) * c.h
+        blob = c.lungs[s] & (((lateral - c.cx) / (0.75 * c.w)) ** 2 + ((v - cy) / (0.32 * c.h)) ** 2 < 1)
+        c.brighten(blob, 150.0, strength)
+    elif name == "Atelectasis":
+        c.brighten(c.zone(s, 0.55, 0.72) & (np.abs(lateral - c.cx) < 0.9 * c.w), 150.0, strength)
+    elif name == "Lung Opacity":
+        c.brighten(c.zone(s, 0.45, 1.0), 110.0, strength)
+    elif name == "Lung Lesion":
+        nodule = ((u - s * (c.cx + 0.01)) / 0.04) ** 2 + ((v - (c.cy - 0.45 * c.h)) / 0.04) ** 2 < 1
+        c.brighten(nodule, 190.0, strength)
+    elif name == "Pleural Other":
+        c.brighten(c.lungs[s] & (lateral > c.cx + 0.72 * c.w), 150.0, strength)
+    elif name == "Fracture":
+        rib = (np.abs(lateral - (c.cx + 0.6 * c.w)) < 0.05) & (np.abs(v - (c.cy - 0.05)) < 0.012)
+        c.brighten(rib, 235.0, strength)
+
+
 def _frontal(
     img: np.ndarray,
     u: np.ndarray,
@@ -76,99 +131,39 @@ def _frontal(
     labels: dict[str, int | None],
     sides: dict[str, str | None],
 ) -> None:
-    lung_cx = 0.17 + rng.uniform(-0.015, 0.015)
-    lung_w, lung_h = 0.15 * rng.uniform(0.92, 1.08), 0.33 * rng.uniform(0.92, 1.06)
-    lung_cy = -0.02 + rng.uniform(-0.02, 0.02)
-    lungs = {s: ((u - s * lung_cx) / lung_w) ** 2 + ((v - lung_cy) / lung_h) ** 2 < 1 for s in (-1, 1)}
+    cx = 0.17 + rng.uniform(-0.015, 0.015)
+    w, h = 0.15 * rng.uniform(0.92, 1.08), 0.33 * rng.uniform(0.92, 1.06)
+    cy = -0.02 + rng.uniform(-0.02, 0.02)
+    lungs = {s: ((u - s * cx) / w) ** 2 + ((v - cy) / h) ** 2 < 1 for s in (-1, 1)}
+    chest = _Chest(img, u, v, lungs, cx, w, h, cy)
     both = lungs[-1] | lungs[1]
     img[both] = _LUNG
     ribs = (np.sin((v * 28 + 3 * u**2 * 10 + rng.uniform(0, 2)) * math.pi) > 0.75) & both
     img[ribs] += 22.0
     # vascular markings: faint texture inside the lungs (absent where a pneumothorax is)
-    markings = both & (np.sin(u * 90 + v * 40) * np.sin(v * 70 - u * 30) > 0.55)
-    img[markings] += 9.0
-
-    base = lung_cy + lung_h  # lowest point of the lungs
+    img[both & (np.sin(u * 90 + v * 40) * np.sin(v * 70 - u * 30) > 0.55)] += 9.0
     heart_cx = 0.05 + rng.uniform(-0.015, 0.015)
-    heart_w = (
-        0.21 if labels.get("Cardiomegaly") == 1 else 0.165 if labels.get("Cardiomegaly") == -1 else 0.115
-    ) * (rng.uniform(0.95, 1.05))
-    heart = ((u - heart_cx) / heart_w) ** 2 + ((v - 0.18) / 0.13) ** 2 < 1
-    img[heart] = 168.0
+    cardiomegaly = labels.get("Cardiomegaly")
+    heart_w = (0.21 if cardiomegaly == 1 else 0.165 if cardiomegaly == -1 else 0.115) * rng.uniform(
+        0.95, 1.05
+    )
+    img[((u - heart_cx) / heart_w) ** 2 + ((v - 0.18) / 0.13) ** 2 < 1] = 168.0
     media_w = 0.05 + 0.05 * _strength(labels, "Enlarged Cardiomediastinum")
     img[(np.abs(u) < media_w) & (v > -0.4) & (v < 0.12)] = 176.0
     img[(np.abs(u) < 0.025) & body] = _BONE
-
-    def zone(s: int, top: float, bottom: float) -> np.ndarray:
-        return lungs[s] & (v > lung_cy + top * lung_h) & (v < lung_cy + bottom * lung_h)
-
-    def brighten(mask: np.ndarray, level: float, strength: float) -> None:
-        img[mask] = img[mask] * (1 - strength) + level * strength
-
     edema = _strength(labels, "Edema")
     if edema:
-        hilar = np.exp(-(((np.abs(u) - 0.1) / 0.09) ** 2) - ((v - 0.0) / 0.16) ** 2) * both
+        hilar = np.exp(-(((np.abs(u) - 0.1) / 0.09) ** 2) - (v / 0.16) ** 2) * both
         img[:] += 70.0 * edema * hilar
     for name in SIDED:
         strength = _strength(labels, name)
-        if not strength:
-            continue
-        for s in _sides(sides.get(name)):
-            lateral = s * u  # grows toward the chest wall on that side
-            if name == "Pleural Effusion":
-                # meniscus: fluid fills the angle and climbs the lateral chest wall
-                level = base - lung_h * (0.5 + 0.3 * (lateral - lung_cx) / lung_w)
-                brighten(lungs[s] & (v > level), 165.0, strength)
-            elif name == "Pneumothorax":
-                rim = lungs[s] & (
-                    (
-                        ((u - s * lung_cx) / (lung_w * 0.7)) ** 2
-                        + ((v - lung_cy - 0.06) / (lung_h * 0.75)) ** 2
-                    )
-                    > 1
-                )
-                rim &= (lateral > lung_cx - 0.3 * lung_w) | (v < lung_cy - 0.45 * lung_h)
-                edge = lungs[s] & ~rim
-                edge &= (
-                    np.abs(
-                        ((u - s * lung_cx) / (lung_w * 0.7)) ** 2
-                        + ((v - lung_cy - 0.06) / (lung_h * 0.75)) ** 2
-                        - 1
-                    )
-                    < 0.12
-                )
-                img[rim] = img[rim] * (1 - strength) + 8.0 * strength
-                brighten(edge, 120.0, strength)
-            elif name in ("Consolidation", "Pneumonia"):
-                cy = lung_cy + (0.55 if name == "Consolidation" else 0.0) * lung_h
-                blob = lungs[s] & (
-                    ((lateral - lung_cx) / (0.75 * lung_w)) ** 2 + ((v - cy) / (0.32 * lung_h)) ** 2 < 1
-                )
-                brighten(blob, 150.0, strength)
-            elif name == "Atelectasis":
-                band = zone(s, 0.55, 0.72) & (np.abs(lateral - lung_cx) < 0.9 * lung_w)
-                brighten(band, 150.0, strength)
-            elif name == "Lung Opacity":
-                haze = zone(s, 0.45, 1.0)
-                brighten(haze, 110.0, strength)
-            elif name == "Lung Lesion":
-                nodule = ((u - s * (lung_cx + 0.01)) / 0.04) ** 2 + (
-                    (v - (lung_cy - 0.45 * lung_h)) / 0.04
-                ) ** 2 < 1
-                brighten(nodule, 190.0, strength)
-            elif name == "Pleural Other":
-                stripe = lungs[s] & (lateral > lung_cx + 0.72 * lung_w)
-                brighten(stripe, 150.0, strength)
-            elif name == "Fracture":
-                rib = (np.abs(lateral - (lung_cx + 0.6 * lung_w)) < 0.05) & (
-                    np.abs(v - (lung_cy - 0.05)) < 0.012
-                )
-                brighten(rib, 235.0, strength)
+        for s in _sides(sides.get(name)) if strength else ():
+            _draw_sided(chest, name, s, strength)
     devices = _strength(labels, "Support Devices")
     if devices:
-        brighten((np.abs(u - 0.012) < 0.009) & (v > -0.5) & (v < 0.05), 250.0, devices)
+        chest.brighten((np.abs(u - 0.012) < 0.009) & (v > -0.5) & (v < 0.05), 250.0, devices)
         line = (np.abs(v - (-0.32 + 0.9 * (u + 0.35) ** 2)) < 0.008) & (u > -0.4) & (u < -0.02)
-        brighten(line, 250.0, devices)
+        chest.brighten(line, 250.0, devices)
 
 
 def synthetic_chest(

@@ -465,9 +465,7 @@ def make_mini_mimic(
         raise ValueError(f"unknown MIMIC-CXR version {version!r}; expected 2.0.0 or 2.1.0")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)"
-        )
+        raise FileExistsError(f"{out} exists and is not empty (--overwrite replaces it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -51,6 +51,7 @@ from cxrmax.generate.prompts import load_prompt
 from cxrmax.generate.roster import ModelSpec
 from cxrmax.labeler import label_text
 from cxrmax.leaderboard import score
+from cxrmax.leaderboard.metrics import bootstrap_ci
 from cxrmax.leaderboard.store import Board
 from cxrmax.mimic.reader import MimicCXR, write_selection
 from cxrmax.preferences import drift
@@ -58,6 +59,7 @@ from cxrmax.preferences.build import BuildOptions, build_preferences
 from cxrmax.preferences.datacard import drift_statistics
 from cxrmax.testing.mini_mimic import make_mini_mimic
 from cxrmax.testing.openai_server import serve_in_thread
+from cxrmax.toy import report
 from cxrmax.toy import teachers as sim
 from cxrmax.toy.tinyvlm import build_tiny_vlm
 
@@ -158,14 +160,11 @@ class _Stages:
 
 
 def _torch_threads() -> None:
-    """Intra-op threads for the tiny models: one per core on an idle machine, a single one when the
-    machine is already busy (spinning threads then cost more than they give)."""
-    cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0] >= cores
-    except OSError:  # pragma: no cover - not every platform has a load average
-        busy = False
-    torch.set_num_threads(1 if busy else max(1, min(cores, 4)))
+    """One intra-op thread and deterministic algorithms, whatever the machine's load: float sums
+    reduced over another number of threads round differently, so a load-dependent thread count gave
+    another table for the same seed. Teachers still train in parallel, one process per core."""
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,8 +258,11 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def drift_rates(trajectories: Any, reference_sides: dict[str, dict[str, str]]) -> dict[str, dict[str, float]]:
-    """Per model: refusal rate, hallucination rate, laterality error rate, mean words and answers.
+def drift_rates(
+    trajectories: Any, reference_sides: dict[str, dict[str, str]], n_boot: int = 1000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Per model: refusal rate, hallucination rate, laterality error rate, mean words and answers, and
+    under ``ci`` each rate's 95% percentile-bootstrap interval over the model's answers.
 
     The drift is the data card's (:func:`cxrmax.preferences.drift.compare` against the study's labels,
     with the report's sides as the reference sides): an answer hallucinates when it claims (positive
@@ -294,8 +296,21 @@ def drift_rates(trajectories: Any, reference_sides: dict[str, dict[str, str]]) -
     side_compared = np.where(answered, agreement.side_compared, 0)
     words = np.array([len(text.split()) for text in texts], dtype=np.int64)
     model_of = np.array(models, dtype=object)
+    # One row of counts per answer: the bootstrap resamples answers and recomputes each ratio.
+    per_answer = np.stack(
+        [
+            np.ones(n),
+            refusal,
+            answered,
+            hallucinating,
+            side_errors,
+            side_compared,
+            words,
+        ],
+        axis=1,
+    ).astype(np.float64)
     rates = {}
-    for model in dict.fromkeys(models):  # first-seen order
+    for index, model in enumerate(dict.fromkeys(models)):  # first-seen order
         mine = model_of == model
         answers, kept, compared = (
             int(mine.sum()),
@@ -309,8 +324,21 @@ def drift_rates(trajectories: Any, reference_sides: dict[str, dict[str, str]]) -
             "laterality_error_rate": float(side_errors[mine].sum() / compared) if compared else float("nan"),
             "sides_compared": compared,
             "mean_words": float(words[mine].mean()),
+            "ci": bootstrap_ci(per_answer[mine], _rates_of_sums, n_boot=n_boot, seed=seed + index),
         }
     return rates
+
+
+def _rates_of_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """The drift rates of summed per-answer counts (B replicates x 7 columns, see drift_rates)."""
+    count, refused, answered, hallucinating, side_errors, compared, words = sums.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "refusal_rate": refused / count,
+            "hallucination_rate": hallucinating / answered,
+            "laterality_error_rate": side_errors / compared,
+            "mean_words": words / count,
+        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,7 +434,9 @@ def train_students(
 ) -> dict[str, Path]:
     """SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO from the SFT model.
 
-    Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``."""
+    Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``. The same
+    seed gives the same students whatever the machine's load or thread settings (see _torch_threads)."""
+    _torch_threads()
     common = {
         "image_root": str(mimic_root),
         "max_edge": size.image_max_edge,
@@ -628,7 +658,7 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
         result.rows = score_models(eval_out, root, test, out / "leaderboard.sqlite", simulation)
     result.artifacts["leaderboard store"] = str(out / "leaderboard.sqlite")
 
-    _write_report(result)
+    _write_report(result, test, eval_out, root)
     result.artifacts["report"] = str(out / "DEMO.md")
     if console is not None:
         print_result(result, console)
@@ -652,7 +682,7 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
     rows = []
     with Board(store) as board:
         for folder in model_dirs(eval_out):
-            result = score(folder, "cxr-max-rationale", root, n_boot=200, seed=0, processes=1)
+            result = score(folder, "cxr-max-rationale", root, n_boot=1000, seed=0, processes=1)
             for model, scores in result.per_model.items():
                 row = {
                     "model": model,
@@ -663,6 +693,10 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
                     "recall": scores.get("recall"),
                     "similarity": scores.get("similarity"),
                     **rates.get(model, {}),
+                }
+                row["ci"] = {
+                    **{k: tuple(v) for k, v in (scores.get("ci") or {}).items()},
+                    **rates.get(model, {}).get("ci", {}),
                 }
                 rows.append(row)
             if board.find(result.task, result.sha256) is None:
@@ -705,17 +739,36 @@ def _fmt(value: Any) -> str:
     return f"{value:.2f}" if abs(value) < 10 else f"{value:.0f}"
 
 
+def _cell(row: dict[str, Any], key: str) -> str:
+    """A figure with its 95% bootstrap interval where the row has one: ``0.30 [0.21, 0.40]``."""
+    interval = (row.get("ci") or {}).get(key)
+    if interval is None:
+        return _fmt(row.get(key))
+    return f"{_fmt(row.get(key))} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+
+
 def results_markdown(result: DemoResult) -> str:
-    """The results table as Markdown."""
+    """The results table as Markdown, every rate with its 95% bootstrap interval over test answers."""
     head = "| model | injected drift / training | " + " | ".join(h for _, h in _COLUMNS) + " |"
     lines = [head, "|" + "---|" * (2 + len(_COLUMNS))]
     for row in result.rows:
-        cells = [_fmt(row.get(k)) for k, _ in _COLUMNS]
+        cells = [_cell(row, k) for k, _ in _COLUMNS]
         lines.append(f"| {row['model']} | {row['injected']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _write_report(result: DemoResult) -> None:
+def _pick_sample(test: Any, gold: dict[str, dict[str, str]]) -> dict[str, Any] | None:
+    """The first test image whose report puts a finding on one side (a laterality drift can show)."""
+    rows = test.to_pylist()
+    for row in rows:
+        if any(side in ("left", "right") for side in gold.get(row["sample_id"], {}).values()):
+            return row
+    return rows[0] if rows else None
+
+
+def _write_report(
+    result: DemoResult, test: Any = None, eval_out: Path | None = None, root: Path | None = None
+) -> None:
     payload = {
         "notice": TOY_NOTICE,
         "size": result.size,
@@ -728,18 +781,83 @@ def _write_report(result: DemoResult) -> None:
     }
     # Rates with nothing to count are NaN in memory; strict JSON says null.
     atomic_write_json(result.out / "demo_report.json", sim.json_ready(payload))
+    figures = result.out / "figures"
+    parts = [
+        f"# cxrmax demo ({result.size})\n\n> {TOY_NOTICE}\n",
+        "## Teachers and students on the test split\n",
+        "Rationale prompt; precision/recall/similarity from the leaderboard task cxr-max-rationale; refusal, "
+        "hallucination (an answer claiming a finding the labels lack) and side error (stated side vs the "
+        "report's side) read by the labeler. `[low, high]`: 95% bootstrap intervals over the test answers.\n",
+        results_markdown(result),
+        "",
+    ]
+    if result.rows:
+        report.drift_chart(result.rows, figures / "drift_rates.png")
+        parts += [
+            "![drift rates](figures/drift_rates.png)",
+            "",
+            "*Drift rates per model with 95% intervals.*",
+            "",
+        ]
+        parts += [
+            "## What the numbers say\n",
+            *[f"- {line}" for line in report.interpretation(result.rows)],
+            "",
+        ]
+    logs = {
+        name: report.read_log(result.out / "students" / name / "log.jsonl")
+        for name in ("student-sft", "student-apo", "student-dpo")
+    }
+    if any(logs.values()):
+        report.training_curves(logs, figures / "training_curves.png")
+        parts += [
+            "## Training curves\n",
+            "![training curves](figures/training_curves.png)",
+            "",
+            "*SFT loss, then the APO (Plackett-Luce) and DPO losses, reward accuracies and margins per step.*",
+            "",
+        ]
+    if test is not None and eval_out is not None:
+        gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in test.to_pylist()}
+        sample = _pick_sample(test, gold)
+        if sample is not None:
+            film = None
+            if root is not None:
+                film = figures / "sample_film.png"
+                figures.mkdir(parents=True, exist_ok=True)
+                sim.load_image(root / sample["image_path"], 256).save(film)
+            parts += [
+                "## One test image, every model's answer\n",
+                report.sample_section(
+                    read_trajectories(eval_out), sample, gold[sample["sample_id"]], film
+                ).replace("(sample_film.png)", "(figures/sample_film.png)"),
+                "",
+                "`cxrmax inspect OUT/data --sample ID --html page.html` shows a train sample whole: every "
+                "teacher's answer with its drift marked, the consensus positive and the ranked negatives.",
+                "",
+            ]
+    if result.drift_report:
+        parts += [
+            f"## Drift report of build-preferences (train split, {result.drift_report['samples']} samples)\n",
+            "| model | precision | recall | refusal rate | side error vs consensus | drift from consensus |",
+            "|---|---|---|---|---|---|",
+        ]
+        for model, m in result.drift_report["per_model"].items():
+            cells = [
+                _fmt(m.get(k))
+                for k in ("precision", "recall", "refusal_rate", "laterality_error_rate", "mean_drift")
+            ]
+            parts.append(f"| {model} | " + " | ".join(cells) + " |")
+        parts.append("")
     timings = "\n".join(f"| {t.name} | {t.seconds:.1f} s | {t.skipped or ''} |" for t in result.timings)
-    md = (
-        f"# cxrmax demo ({result.size})\n\n> {TOY_NOTICE}\n\n"
-        f"Test split, rationale prompt; precision/recall/similarity from the leaderboard task "
-        f"cxr-max-rationale; refusal, hallucination and side-error rates read by the labeler "
-        f"(side error: stated side vs the report's side).\n\n{results_markdown(result)}\n\n"
-        f"| stage | wall time | note |\n|---|---|---|\n{timings}\n\n"
-        f"Total: {result.total_seconds:.1f} s\n\n## Artifacts\n\n"
-        + "\n".join(f"- {k}: `{v}`" for k, v in result.artifacts.items())
-        + "\n"
-    )
-    atomic_write_text(result.out / "DEMO.md", md)
+    parts += [
+        "## Time\n",
+        f"| stage | wall time | note |\n|---|---|---|\n{timings}\n\nTotal: {result.total_seconds:.1f} s\n",
+        "## Artifacts\n",
+        "\n".join(f"- {k}: `{v}`" for k, v in result.artifacts.items()),
+        "",
+    ]
+    atomic_write_text(result.out / "DEMO.md", "\n".join(parts))
 
 
 def print_result(result: DemoResult, console: Any) -> None:
@@ -750,7 +868,7 @@ def print_result(result: DemoResult, console: Any) -> None:
     for _, header in shown:
         table.add_column(header, justify="right", no_wrap=True, min_width=4)
     for row in result.rows:
-        table.add_row(row["model"], *[_fmt(row.get(k)) for k, _ in shown])
+        table.add_row(row["model"], *[_cell(row, k) for k, _ in shown])
     console.print(table)
     answers = sorted({row.get("answers") for row in result.rows if row.get("answers")})
     console.print(f"  answers per model: {', '.join(map(str, answers))}", highlight=False)
@@ -759,14 +877,22 @@ def print_result(result: DemoResult, console: Any) -> None:
     console.print(
         "  prec/rec/sim: leaderboard cxr-max-rationale vs the test labels and reports; refuse, halluc "
         "(answers asserting a finding the labels lack), side (error rate: stated vs the report's side, "
-        "over 'sides' comparisons), words: read by the labeler",
+        "over 'sides' comparisons), words: read by the labeler; [low, high]: 95% bootstrap intervals over the "
+        "test answers",
         highlight=False,
     )
     if result.drift_report:
         drift = Table(
             title=f"Drift report of build-preferences (train split, {result.drift_report['samples']} samples)"
         )
-        for name in ("model", "precision", "recall", "refusal", "side err vs consensus", "mean drift"):
+        for name in (
+            "model",
+            "precision",
+            "recall",
+            "refusal",
+            "side error vs consensus",
+            "drift from consensus",
+        ):
             drift.add_column(name, justify="left" if name == "model" else "right")
         for model, m in result.drift_report["per_model"].items():
             drift.add_row(

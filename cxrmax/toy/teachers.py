@@ -70,6 +70,7 @@ from cxrmax.core.pathologies import FINDINGS, LATERALIZABLE, OBSERVATIONS, canon
 from cxrmax.generate.prompts import PromptTemplate, join_labels, load_prompt
 from cxrmax.labeler import label_text
 from cxrmax.mimic.images import encode_jpeg, preprocess
+from cxrmax.testing.films import SIDED
 from cxrmax.toy.pool import pool_map, spawn_pool
 from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
 
@@ -87,10 +88,10 @@ REFUSAL_TEXT = (
 DEFAULT_HALLUCINATION = "Pneumothorax"
 _HALLUCINATION_FALLBACKS = ("Pneumothorax", "Fracture", "Lung Lesion", "Consolidation", "Edema")
 
-#: Findings whose side the mini MIMIC-CXR's synthetic films show (cxrmax.testing.mini_mimic.synthetic_chest draws a
-#: pleural effusion at the base of the affected lung). A teacher can only learn a side it can see, so
-#: the demo's teachers state sides for these findings only; with real films every side is visible.
-FILM_SIDED: tuple[str, ...] = ("Pleural Effusion",)
+#: Findings whose side the mini MIMIC-CXR's synthetic films show: every lateralisable one
+#: (cxrmax.testing.films draws each sign on its stated side). A teacher can only learn a side it can
+#: see, so with the paper's prompt the teachers state sides for these findings only.
+FILM_SIDED: tuple[str, ...] = SIDED
 
 #: Words used in answers for each observation: the label names exactly as the rationale prompt lists
 #: them, so that restating the diagnosis is a copy of prompt tokens (what real models do, and what a
@@ -493,13 +494,24 @@ def examples_from_rows(
     return out
 
 
-def assign_targets(examples: Sequence[Example], teacher: TeacherSpec, seed: int) -> list[Example]:
-    """Copies of ``examples`` with the teacher's biased targets (deterministic per teacher and seed)."""
+#: Training copies of each image, each with its own draw of the biases. With one copy a bias at rate r
+#: marks r of the *images* (the teacher memorises which ones, and on new images the rate is anything);
+#: with several, every image is seen biased in about r of its copies, so the teacher learns the bias
+#: as a probability and shows it at about r on unseen images when sampled at temperature 1.
+TARGET_COPIES = 4
+
+
+def assign_targets(
+    examples: Sequence[Example], teacher: TeacherSpec, seed: int, copies: int = TARGET_COPIES
+) -> list[Example]:
+    """``copies`` copies of each example, each with its own draw of the teacher's biased target
+    (deterministic per teacher and seed)."""
     rng = random.Random(f"{seed}:{teacher.name}")
     out = []
-    for ex in examples:
-        target, applied = biased_answer(ex.findings, teacher, rng)
-        out.append(Example(ex.sample_id, ex.image_path, ex.prompt, ex.findings, target, applied))
+    for _ in range(copies):
+        for ex in examples:
+            target, applied = biased_answer(ex.findings, teacher, rng)
+            out.append(Example(ex.sample_id, ex.image_path, ex.prompt, ex.findings, target, applied))
     return out
 
 
@@ -816,7 +828,7 @@ def teacher_corpus(examples: Sequence[Example], teachers: Sequence[TeacherSpec],
     so that all of them share one vocabulary."""
     texts = [REFUSAL_TEXT] + sorted({ex.prompt for ex in examples})
     for t in teachers:
-        texts += [ex.target for ex in assign_targets(examples, t, seed)]
+        texts += [ex.target for ex in assign_targets(examples, t, seed, copies=1)]
     return sorted(set(texts))
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import datasets
@@ -29,9 +28,9 @@ from tests.helpers.training import (
     POSITIVE,
     PROMPT,
     apo_config,
-    negative_answer,
     preference_rows,
     save_dataset,
+    sft_rows,
 )
 
 
@@ -331,17 +330,7 @@ def test_full_finetuning_reference_is_the_starting_model(tiny_lm_path, pref_path
 
 
 def test_sft_then_apo_from_adapter_dir_reference_is_stage1(tiny_lm_path, pref_path, tmp_path):
-    rows = [
-        {
-            "sample_id": f"s{i}",
-            "split": "train",
-            "image_path": None,
-            "prompt": PROMPT.format(label="effusion"),
-            "completion": POSITIVE if i % 2 else negative_answer(random.Random(i)),
-            "model": f"m{i % 3}",
-        }
-        for i in range(8)
-    ]
+    rows = sft_rows(8)
     sft_path = save_dataset(rows, SFT_SCHEMA, tmp_path / "sft")
     sft_cfg = SFTStageConfig(
         output_dir=str(tmp_path / "sft_out"),
@@ -395,3 +384,13 @@ def test_same_seed_same_fresh_adapter_within_one_process(tiny_lm_path, pref_path
     assert first.keys() == second.keys() and first
     assert all(torch.equal(first[n], second[n]) for n in first)
     assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+def test_data_summaries_name_only_counters_that_apply():
+    from apo_train.data import TruncationStats
+    from apo_train.trainer import data_summary
+
+    stats = TruncationStats(samples_in=10, samples_kept=8, dropped_invalid=2, dropped_no_rejected=3)
+    assert data_summary(stats, preferences=False) == "8/10 samples kept; dropped: invalid 2"
+    assert "dropped: no negatives 3" in data_summary(stats, preferences=True)
+    assert data_summary(TruncationStats(samples_in=4, samples_kept=4), preferences=True) == "4/4 samples kept"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from apo_train.pipeline import PipelineSpec, spec_from_config, stage_config
 from cxrmax.cli import app
 from cxrmax.core.errors import InputError
 from cxrmax.core.schemas import PREFERENCE_SCHEMA, SFT_SCHEMA
-from tests.helpers.training import POSITIVE, PROMPT, negative_answer, preference_rows, save_dataset
+from tests.helpers.training import PROMPT, preference_rows, save_dataset, sft_rows
 
 runner = CliRunner()
 
@@ -23,18 +22,7 @@ runner = CliRunner()
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-data")
     prefs = save_dataset(preference_rows(8), PREFERENCE_SCHEMA, root / "preferences")
-    sft_rows = [
-        {
-            "sample_id": f"s{i}",
-            "split": "train",
-            "image_path": None,
-            "prompt": PROMPT.format(label="effusion"),
-            "completion": POSITIVE if i % 2 else negative_answer(random.Random(i)),
-            "model": f"m{i % 3}",
-        }
-        for i in range(8)
-    ]
-    sft = save_dataset(sft_rows, SFT_SCHEMA, root / "sft")
+    sft = save_dataset(sft_rows(8), SFT_SCHEMA, root / "sft")
     return prefs, sft
 
 

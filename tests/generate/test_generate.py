@@ -346,11 +346,11 @@ def test_cli_generate_status_and_governance(server, small_selection, mini_mimic,
     )
     assert result.exit_code == 0, result.output
     assert "answered now" in result.output
-    status = _cli("generate", "status", str(out), "--json")
+    status = _cli("generate", "status", str(out), "--json", "-")
     assert status.exit_code == 0
     assert '"missing": 0' in status.output and '"distinct_keys": 10' in status.output
 
-    listing = _cli("models", "list", "--json")
+    listing = _cli("models", "list", "--json", "-")
     assert listing.exit_code == 0 and "Qwen/Qwen2-VL-7B-Instruct" in listing.output
     serve = _cli("models", "serve-command", "qwen2-vl")
     assert serve.exit_code == 0 and serve.output.startswith("vllm serve Qwen/Qwen2-VL-7B-Instruct")

@@ -1017,7 +1017,7 @@ def test_cli_reports_a_refused_api_key_mid_run_and_status_counts_the_rest_missin
     )  # fmt: skip
     assert result.exit_code == 2
     assert "stopping: auth 401" in result.output and "--api-key" in result.output
-    status = CliRunner().invoke(app, ["generate", "status", str(out), "--json"])
+    status = CliRunner().invoke(app, ["generate", "status", str(out), "--json", "-"])
     assert (
         '"distinct_keys": 1' in status.output
         and '"missing": 5' in status.output

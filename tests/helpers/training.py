@@ -52,6 +52,21 @@ def save_dataset(rows: list[dict], schema: pa.Schema, path: Path, split: str = "
     return path
 
 
+def sft_rows(n: int = 8) -> list[dict]:
+    """SFT rows: the positive on odd samples, a random negative answer on even ones, three models."""
+    return [
+        {
+            "sample_id": f"s{i}",
+            "split": "train",
+            "image_path": None,
+            "prompt": PROMPT.format(label="effusion"),
+            "completion": POSITIVE if i % 2 else negative_answer(random.Random(i)),
+            "model": f"m{i % 3}",
+        }
+        for i in range(n)
+    ]
+
+
 def apo_config(tmp_path: Path, model: Path, data: Path, **overrides) -> APOConfig:
     settings = dict(
         output_dir=str(tmp_path / "out"),

@@ -100,13 +100,17 @@ def test_windows_line_ends():
         ("ET tube 4 cm above the carina.", "Support Devices", ("positive", None)),
         ("Right PICC line in the SVC.", "Support Devices", ("positive", None)),
         ("Pacer leads in the right ventricle.", "Support Devices", ("positive", None)),
-        ("Left lower lobe volume loss.", "Atelectasis", ("positive", "left")),
+        ("Left lower lobe volume loss.", "Atelectasis", ("absent", None)),  # CheXpert: not atelectasis
         ("Collapse of the right upper lobe.", "Atelectasis", ("positive", "right")),
         ("Patchy air-space disease at the right base.", "Lung Opacity", ("positive", "right")),
         ("Acute left rib fracture.", "Fracture", ("positive", "left")),
         ("A 1 cm nodule in the right upper lobe.", "Lung Lesion", ("positive", "right")),
         ("Right hilar mass.", "Lung Lesion", ("positive", "right")),
-        ("Blunting of the costophrenic angle.", "Pleural Effusion", ("positive", "unspecified")),
+        (
+            "Blunting of the costophrenic angle.",
+            "Pleural Effusion",
+            ("absent", None),
+        ),  # CheXpert: a sign only
         ("Enlarged cardiac silhouette.", "Cardiomegaly", ("positive", None)),
         ("Pneumonia cannot be excluded.", "Pneumonia", ("uncertain", "unspecified")),
         ("Possible small right effusion.", "Pleural Effusion", ("uncertain", "right")),
@@ -454,3 +458,63 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
             assert table.num_rows == 3000
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --- issue 12: scope and definitions as real reports write them (sentences written for this test) ---
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a negated list closed by "or" keeps its size words inside the negation
+        ("No consolidation, effusion or large pneumothorax.", {"Pleural Effusion": 0, "Pneumothorax": 0}),
+        ("No pneumothorax, mild right atelectasis.", {"Pneumothorax": 0, "Atelectasis": 1}),
+        (
+            "The lungs are clear of consolidation, effusion or pneumothorax.",
+            {"Pleural Effusion": 0, "Pneumothorax": 0},
+        ),
+        (
+            "Lungs are free of infiltrate, large effusion, or pneumothorax.",
+            {"Pleural Effusion": 0, "Pneumothorax": 0},
+        ),
+        (
+            "No lucency to suggest pneumothorax or fluid to suggest an effusion.",
+            {"Pleural Effusion": 0, "Pneumothorax": 0},
+        ),
+        # predicates of normality over what comes before them
+        ("Heart size and vascular congestion are within normal limits.", {"Cardiomegaly": 0, "Edema": 0}),
+        ("The hila and the pleural effusion are unremarkable.", {"Pleural Effusion": 0}),
+        (
+            "No significant effusion. No definite consolidation. No convincing pneumothorax.",
+            {"Pleural Effusion": 0, "Consolidation": 0, "Pneumothorax": 0},
+        ),
+        ("No findings to suggest pneumonia.", {"Pneumonia": 0}),
+        # the de-identification mask inside a cue or in place of a verb
+        ("No XXXX of an effusion.", {"Pleural Effusion": 0}),
+        ("The heart XXXX enlarged.", {"Cardiomegaly": 1}),
+        ("Borderline heart size.", {"Cardiomegaly": -1}),
+        ("Heart size is upper limits of normal or mildly enlarged.", {"Cardiomegaly": -1}),
+        # resolved / removed / interval clearing, and what is not a negation
+        ("Interval clearing of the right lower lobe consolidation.", {"Consolidation": 0}),
+        ("The right chest tube has been removed.", {"Support Devices": 0}),
+        ("Stable mild atelectasis without interval change.", {"Atelectasis": 1}),
+        ("Small effusion suspected.", {"Pleural Effusion": -1}),
+        # CheXpert's definitions
+        ("Collapse of the right lung.", {"Atelectasis": 1, "Pneumothorax": None}),
+        ("Calcified granuloma in the right lung.", {"Lung Lesion": None}),
+        ("Two calcified nodules in the left lung.", {"Lung Lesion": None}),
+        ("Sequela of granulomatous infection.", {"Pneumonia": None}),
+        ("Blunting of the left costophrenic angle.", {"Pleural Effusion": None}),
+        ("Mild pulmonary vascular congestion.", {"Edema": -1}),  # CheXpert's uncertainty rule
+        ("No vascular congestion.", {"Edema": 0}),
+        ("Thyroid mass displacing the trachea.", {"Lung Lesion": None}),
+        ("Sclerotic lesion in a rib.", {"Lung Lesion": None}),
+        ("A round lesion in the left upper lobe.", {"Lung Lesion": 1}),
+        ("A 2 cm nodular opacity in the left lung.", {"Lung Lesion": 1, "Lung Opacity": 1}),
+        ("Left lower lobe volume loss.", {"Atelectasis": None}),
+        # a finding explained as a mimic
+        ("The nodule is consistent with a nipple shadow.", {"Lung Lesion": None}),
+        ("The nodule could represent a nipple shadow.", {"Lung Lesion": -1}),
+    ],
+)
+def test_real_report_scope_and_chexpert_definitions(text, expected):
+    labels = label_text(text).labels()
+    assert {name: labels[name] for name in expected} == expected

@@ -322,7 +322,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "chf_triad",
         "Moderate cardiomegaly, unchanged. Mild pulmonary vascular congestion. Small bilateral pleural effusions, stable.",
-        "CM=pos ED=pos PE=pos/bilateral",
+        "CM=pos ED=unc PE=pos/bilateral",  # CheXpert: vascular congestion is uncertain edema
         False,
         None,
     ),
@@ -548,7 +548,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
-    ("granuloma", "Calcified granuloma in the left upper lobe.", "LL=pos/left", False, None),
+    ("granuloma", "Calcified granuloma in the left upper lobe.", "", False, None),  # CheXpert: no lesion
     ("no_nodules", "No suspicious pulmonary nodules or masses.", "LL=neg", False, None),
     ("unchanged_appearance", "Unchanged appearance of the chest.", "", False, None),
     (
@@ -665,7 +665,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
-    ("vascular_congestion_short", "Mild pulmonary vascular congestion", "ED=pos", False, None),
+    ("vascular_congestion_short", "Mild pulmonary vascular congestion", "ED=unc", False, None),  # CheXpert
     ("markings_accentuated", "Low lung volumes accentuate the bronchovascular markings.", "", False, None),
     (
         "top_normal_in_size",
@@ -809,7 +809,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "diagnosis_semicolon",
         "Diagnosis: Cardiomegaly with mild pulmonary vascular congestion; no focal consolidation.",
-        "CM=pos ED=pos CO=neg",
+        "CM=pos ED=unc CO=neg",  # CheXpert: vascular congestion is uncertain edema
         False,
         None,
     ),
@@ -1108,7 +1108,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "r2_lobectomy",
         "Status post left upper lobectomy with volume loss in the left hemithorax.",
-        "AT=pos/left",
+        "",  # CheXpert: volume loss is not atelectasis
         False,
         None,
     ),
@@ -1209,7 +1209,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "r2_trachea_deviated",
         "The trachea is deviated to the right, which could suggest volume loss in the right lung.",
-        "AT=unc/right",
+        "",  # CheXpert: volume loss is not atelectasis
         False,
         None,
     ),
@@ -1332,7 +1332,13 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         False,
         None,
     ),
-    ("r2_cp_angle_blunted", "The right costophrenic angle is blunted.", "PE=pos/right", False, None),
+    (
+        "r2_cp_angle_blunted",
+        "The right costophrenic angle is blunted.",
+        "",
+        False,
+        None,
+    ),  # CheXpert: a sign only
     ("r2_moderate_in_size", "Left-sided pleural effusion, moderate in size.", "PE=pos/left", False, None),
     ("r2_r_ptx_l_eff", "R pneumothorax, L effusion.", "PX=pos/right PE=pos/left", False, None),
     ("r2_l_gt_r", "Effusion: L > R", "PE=pos/bilateral", False, None),
@@ -1355,7 +1361,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
         None,
     ),
     ("r2_post_surgical", "Stable post-surgical changes in the right hemithorax.", "", False, None),
-    ("r2_chronic_blunting", "Chronic blunting of the right costophrenic angle.", "PE=pos/right", False, None),
+    ("r2_chronic_blunting", "Chronic blunting of the right costophrenic angle.", "", False, None),  # CheXpert
     (
         "r2_however_small",
         "No evidence of pneumonia. There is, however, a small left effusion.",
@@ -1653,7 +1659,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "r3_no_new_focal",
         "No new focal consolidation to suggest pneumonia. Chronic blunting of the left costophrenic angle.",
-        "CO=neg PN=neg PE=pos/left",
+        "CO=neg PN=neg",  # CheXpert: blunting alone is not an effusion
         False,
         None,
     ),
@@ -1684,7 +1690,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     ("r4_normal_list", NORMAL_LIST_ANSWER, f"CM=neg {CLEAR} PE=neg PX=neg", False, None),
     ("r4_mimic_long", CHEST_TUBE_REPORT, "SD=pos PX=neg PE=pos/left AT=pos/left CM=pos ED=neg", False, None),
     ("r4_jsonish", FENCED_JSON_ANSWER, "AT=unc CM=pos ED=neg PE=pos/bilateral", False, None),
-    ("r4_wandering", SELF_CORRECTING_ANSWER, "PX=neg CM=pos ED=pos", False, None),
+    ("r4_wandering", SELF_CORRECTING_ANSWER, "PX=neg CM=pos ED=unc", False, None),  # CheXpert: congestion
     (
         "r4_without_change",
         "Small bilateral pleural effusions without change.",
@@ -2097,7 +2103,7 @@ CASES: list[tuple[str, str, str, bool, bool | None]] = [
     (
         "r6_granulomatous",
         "Calcified granulomas consistent with prior granulomatous disease.",
-        "LL=pos",
+        "",  # CheXpert: granulomas are not Lung Lesion
         False,
         None,
     ),

@@ -457,7 +457,7 @@ def test_cli_build_and_drift_report(tmp_path):
     result = runner.invoke(app, ["drift-report", str(out)])
     assert result.exit_code == 0, result.output
     assert "refusal" in result.output and "figure:" in result.output
-    result = runner.invoke(app, ["drift-report", str(out), "--json"])
+    result = runner.invoke(app, ["drift-report", str(out), "--json", "-"])
     stats = json.loads(result.output)
     assert stats["per_model"]["D"]["refusal_rate"] == 1.0
     assert stats["agreement"][0][1] == 1.0 and stats["agreement"][0][2] == pytest.approx(1 - 2 / 14)

@@ -209,11 +209,11 @@ def test_dicom_layout_with_monochrome1(mini_mimic_dicom: Path) -> None:
 
 def test_cli_fixtures_mimic(tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        app, ["fixtures", "mimic", str(tmp_path / "out"), "--studies", "5", "--seed", "1"]
+        app, ["fixtures", "mimic", "--out", str(tmp_path / "out"), "--studies", "5", "--seed", "1"]
     )
     assert result.exit_code == 0, result.output
     assert len(read_rows(tmp_path / "out" / "mimic-cxr-2.0.0-chexpert.csv.gz")) == 5
-    result = CliRunner().invoke(app, ["fixtures", "mimic", str(tmp_path / "bad"), "--studies", "2"])
+    result = CliRunner().invoke(app, ["fixtures", "mimic", "-o", str(tmp_path / "bad"), "--studies", "2"])
     assert result.exit_code != 0
 
 

@@ -130,3 +130,24 @@ def test_third_party_bars_are_hidden_during_the_demo_and_restored(monkeypatch):
         assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # inherited by spawned workers
     assert datasets.is_progress_bar_enabled() and hf_logging.is_progress_bar_enabled()
     assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+
+
+def test_the_student_stage_is_the_same_whatever_the_thread_count(demo, tmp_path):
+    """The same seed gives the same students on an idle and on a busy machine: the stage pins its
+    threads, so a caller's (or the load's) thread setting changes nothing."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    from cxrmax.toy.demo import SIZES, train_students
+
+    size = dataclasses.replace(SIZES["small"], sft_steps=6, apo_steps=3)
+    base = demo.out / "students" / "base"
+    weights = []
+    for threads, folder in ((2, tmp_path / "two"), (1, tmp_path / "one")):
+        torch.set_num_threads(threads)
+        students = train_students(folder, demo.out / "data", demo.out / "mimic", base, size, 0, None)
+        weights.append(load_file(str(students["student-apo"] / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -181,7 +181,7 @@ def test_simulate_cli_trains_teachers_and_generates_their_answers(tmp_path, mini
     from cxrmax.generate import read_trajectories
 
     out = tmp_path / "sim"
-    args = ["simulate", str(out), "--mimic-root", str(mini_mimic), "--teacher", "ref=none"]
+    args = ["simulate", "--out", str(out), "--mimic-root", str(mini_mimic), "--teacher", "ref=none"]
     args += ["--teacher", "mixed=refusal:0.5+laterality:0.9", "--steps", "4", "--samples", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -196,5 +196,21 @@ def test_simulate_cli_trains_teachers_and_generates_their_answers(tmp_path, mini
     assert set(table.column("model").to_pylist()) == {"ref", "mixed"}
     assert set(table.column("split").to_pylist()) == {"test"}
     assert "Measured drift on the test split" in result.output
-    bad = CliRunner().invoke(app, ["simulate", str(out), "--mimic-root", str(mini_mimic), "--bias", "colour"])
+    bad = CliRunner().invoke(
+        app, ["simulate", "-o", str(out), "--mimic-root", str(mini_mimic), "--bias", "colour"]
+    )
     assert bad.exit_code == 2 and "unknown bias" in bad.output
+
+
+def test_each_image_carries_the_bias_as_a_rate_across_its_copies():
+    """A teacher must learn a bias as a probability, not as a list of images to refuse: each image is
+    trained on several copies, each with its own draw."""
+    teacher = sim.TeacherSpec("t", (sim.Bias("refusal", 0.5),))
+    examples = [sim.Example(str(i), f"{i}.jpg", "p", FINDINGS) for i in range(200)]
+    targets = sim.assign_targets(examples, teacher, seed=0)
+    assert len(targets) == sim.TARGET_COPIES * len(examples)
+    per_image: dict[str, set[bool]] = {}
+    for ex in targets:
+        per_image.setdefault(ex.sample_id, set()).add("refusal" in ex.applied)
+    mixed = sum(len(kinds) == 2 for kinds in per_image.values()) / len(per_image)
+    assert mixed > 0.75  # 1 - 2 * 0.5**4 = 0.875 expected

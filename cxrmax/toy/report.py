@@ -1,0 +1,194 @@
+"""DEMO.md: the demo's results as a person wants to read them.
+
+Figures (matplotlib, written atomically under OUT/figures/), one test image shown whole, the drift
+report of the preference build, and an interpretation computed from the numbers: a claim ("APO lowers
+the hallucination rate") is made only when the two 95% intervals do not overlap; otherwise the text
+says the difference is not measurable at this size. Nothing in the interpretation is canned."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cxrmax.core.io import atomic_path  # noqa: E402
+from cxrmax.core.pathologies import OBSERVATIONS  # noqa: E402
+from cxrmax.labeler import label_text  # noqa: E402
+
+#: The drift rates drawn per model, with their names in words (lower is better for all three).
+RATE_NAMES = {
+    "refusal_rate": "refusal rate",
+    "hallucination_rate": "hallucination rate",
+    "laterality_error_rate": "side error vs report",
+}
+#: Training metrics drawn per student, in the order of TRL's metric names.
+CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def drift_chart(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars: each model's refusal, hallucination and side-error rates with 95% intervals."""
+    models = [row["model"] for row in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(models) + 2), 3.6))
+    width = 0.8 / len(RATE_NAMES)
+    x = np.arange(len(models))
+    for k, (key, name) in enumerate(RATE_NAMES.items()):
+        values = np.array([_num(row.get(key)) for row in rows])
+        low = np.array([_interval(row, key)[0] for row in rows])
+        high = np.array([_interval(row, key)[1] for row in rows])
+        err = np.vstack([np.clip(values - low, 0, None), np.clip(high - values, 0, None)])
+        ax.bar(x + (k - 1) * width, values, width, yerr=np.nan_to_num(err), capsize=2, label=name)
+    ax.set_xticks(x, models, rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("rate on the test split (lower is better)")
+    ax.set_title("Drift per model, with 95% bootstrap intervals over test answers")
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.28))
+    return _save(fig, path)
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines a training run logged (apo_train's jsonl_log), [] when there are none."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_curves(logs: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """One panel per metric (loss, rewards/accuracies, rewards/margins), one line per student."""
+    fig, axes = plt.subplots(1, len(CURVE_METRICS), figsize=(12, 3.2))
+    for ax, metric in zip(axes, CURVE_METRICS, strict=True):
+        for name, records in logs.items():
+            points = [(r["step"], r[metric]) for r in records if metric in r and "step" in r]
+            if points:
+                steps, values = zip(*points, strict=True)
+                ax.plot(steps, values, marker=".", label=name)
+        ax.set_xlabel("optimizer step")
+        ax.set_title(metric)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle("Students' training: SFT loss, then APO / DPO loss, reward accuracy and margin", y=1.04)
+    return _save(fig, path)
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _interval(row: dict[str, Any], key: str) -> tuple[float, float]:
+    interval = (row.get("ci") or {}).get(key)
+    return (float("nan"), float("nan")) if interval is None else (float(interval[0]), float(interval[1]))
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f}"
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
+    """One sentence on ``key`` between rows ``a`` and ``b``: lower, higher, or not measurably different
+    (the two 95% intervals overlap)."""
+    name = RATE_NAMES.get(key, key)
+    va, vb = _num(a.get(key)), _num(b.get(key))
+    (la, ha), (lb, hb) = _interval(a, key), _interval(b, key)
+    figures = f"{a['model']} {_fmt(va)} [{_fmt(la)}, {_fmt(ha)}] vs {b['model']} {_fmt(vb)} [{_fmt(lb)}, {_fmt(hb)}]"
+    if va != va or vb != vb:
+        return f"{name}: not measured for both ({figures})."
+    if ha < lb:
+        return f"{name}: {a['model']} is lower, intervals apart ({figures})."
+    if hb < la:
+        return f"{name}: {a['model']} is higher, intervals apart ({figures})."
+    return f"{name}: no measurable difference at this size, the intervals overlap ({figures})."
+
+
+def interpretation(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Sentences computed from the table: what the students inherited and what APO changed."""
+    by_name = {row["model"]: row for row in rows}
+    teachers = [row for row in rows if row.get("kind") == "teacher"]
+    lines = []
+    for key in RATE_NAMES:
+        worst = max(
+            teachers,
+            key=lambda r: _num(r.get(key)) if _num(r.get(key)) == _num(r.get(key)) else -1,
+            default=None,
+        )
+        if worst is not None and "student-sft" in by_name:
+            lines.append(
+                f"The SFT student's {RATE_NAMES[key]} is {_fmt(_num(by_name['student-sft'].get(key)))}; the most "
+                f"drifting teacher on it ({worst['model']}) has {_fmt(_num(worst.get(key)))}."
+            )
+    for student in ("student-apo", "student-dpo"):
+        if student in by_name and "student-sft" in by_name:
+            lines += [compare(by_name[student], by_name["student-sft"], key) for key in RATE_NAMES]
+    if "student-apo" in by_name and "student-dpo" in by_name:
+        lines += [compare(by_name["student-apo"], by_name["student-dpo"], key) for key in RATE_NAMES]
+    quality = {
+        row["model"]: np.nanmean([_num(row.get(k)) for k in ("precision", "recall", "similarity")])
+        for row in rows
+    }
+    if teachers and "student-apo" in quality:
+        best = max(teachers, key=lambda r: quality[r["model"]])
+        verdict = "at least" if quality["student-apo"] >= quality[best["model"]] else "below"
+        lines.append(
+            f"Mean of precision, recall and similarity: student-apo {quality['student-apo']:.2f}, {verdict} the "
+            f"best single teacher ({best['model']}, {quality[best['model']]:.2f})."
+        )
+    return lines
+
+
+def _drift_words(text: str, labels: dict[str, Any], sides: dict[str, str]) -> str:
+    """What the labeler reads in one answer against the study: refusal, hallucinated and side-swapped
+    findings, in words."""
+    labelled = label_text(text)
+    if labelled.is_refusal:
+        return "refusal"
+    notes = []
+    for name in OBSERVATIONS:
+        observation = labelled.observations.get(name)
+        if observation is None or observation.status not in ("positive", "uncertain"):
+            continue
+        truth = labels.get(name)
+        if truth not in (1, 1.0, -1, -1.0):
+            notes.append(f"hallucinated {name}")
+        elif sides.get(name) in ("left", "right") and observation.laterality in ("left", "right"):
+            if observation.laterality != sides[name]:
+                notes.append(f"{name} on the wrong side")
+    return ", ".join(notes) or "no drift read"
+
+
+def sample_section(
+    trajectories: Any, test_row: dict[str, Any], sides: dict[str, str], film: Path | None
+) -> str:
+    """One test image whole: the film, the report's findings, every model's first answer with the drift
+    the labeler reads in it."""
+    sample = test_row["sample_id"]
+    labels = test_row.get("labels") or {}
+    positive = [name for name, value in labels.items() if value in (1, 1.0)]
+    lines = [
+        f"Sample `{sample}`; labels positive: {', '.join(positive) or 'none'}; report sides: "
+        f"{', '.join(f'{k} {v}' for k, v in sides.items()) or 'none'}.",
+        "",
+    ]
+    if film is not None:
+        lines += [f"![the film]({film.name})", ""]
+    report = " ".join(t for t in (test_row.get("findings"), test_row.get("impression")) if t)
+    lines += [f"> report: {report}", "", "| model | answer | drift read by the labeler |", "|---|---|---|"]
+    seen = set()
+    for row in trajectories.to_pylist():
+        if row["sample_id"] != sample or row["model"] in seen:
+            continue
+        seen.add(row["model"])
+        text = (row.get("text") or "").replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {row['model']} | {text} | {_drift_words(row.get('text') or '', labels, sides)} |")
+    return "\n".join(lines)
