@@ -237,17 +237,17 @@ def _after(seconds: float):
 INTERRUPTIONS = [
     (
         "simulate SIGINT",
-        ["simulate", "{tmp}/sim", "--mimic-root", "{m}", "--teachers", "2", "--steps", "100000", "--no-generate"],
+        ["simulate", "--out", "{tmp}/sim", "--mimic-root", "{m}", "--teachers", "2", "--steps", "100000", "--no-generate"],
         "children", signal.SIGINT, False, ["sim/drift_spec.json"],
     ),
     (
         "simulate SIGTERM",
-        ["simulate", "{tmp}/sim", "--mimic-root", "{m}", "--teachers", "2", "--steps", "100000", "--no-generate"],
+        ["simulate", "--out", "{tmp}/sim", "--mimic-root", "{m}", "--teachers", "2", "--steps", "100000", "--no-generate"],
         "children", signal.SIGTERM, False, ["sim/drift_spec.json"],
     ),
     (
         "simulate Ctrl-C in a terminal (whole process group)",
-        ["simulate", "{tmp}/sim", "--mimic-root", "{m}", "--teachers", "2", "--steps", "100000", "--no-generate"],
+        ["simulate", "--out", "{tmp}/sim", "--mimic-root", "{m}", "--teachers", "2", "--steps", "100000", "--no-generate"],
         "children", signal.SIGINT, True, ["sim/drift_spec.json"],
     ),
     (
@@ -403,7 +403,19 @@ def test_train_apo_interrupted_saves_a_checkpoint_and_the_rerun_resumes(
 @pytest.mark.slow
 def test_simulate_next_hint_works_when_pasted(mini, tmp_path):
     sim = run_cli(
-        ["simulate", "sim", "--mimic-root", str(mini), "--teachers", "2", "--steps", "2", "--samples", "1"],
+        [
+            "simulate",
+            "--out",
+            "sim",
+            "--mimic-root",
+            str(mini),
+            "--teachers",
+            "2",
+            "--steps",
+            "2",
+            "--samples",
+            "1",
+        ],
         tmp_path,
         timeout=600,
     )
