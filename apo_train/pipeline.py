@@ -30,6 +30,7 @@ import yaml
 from accelerate import PartialState
 
 from apo_train.config import APOConfig, SFTStageConfig, config_field_names
+from apo_train.data import load_split
 from apo_train.trainer import run_apo, run_sft
 from cxrmax.core.errors import InputError, where
 
@@ -200,6 +201,20 @@ def rebuild_preferences_with_model(
     return str(out / "preferences")
 
 
+def _check_data(spec: PipelineSpec, model_consensus: bool) -> None:
+    """Open each stage's training split (memory-mapped, so cheap) before any model is loaded: a
+    missing or empty split fails in a second instead of after loading the model. Stage 2's data is
+    checked up front unless Stage 1's model rebuilds it."""
+    if spec.stage in ("sft", "all"):
+        cfg = stage_config(spec, "sft", spec.model, spec.sft_data)
+        load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "completion"))
+    if spec.stage == "apo" or (spec.stage == "all" and not model_consensus):
+        # Under --stage all Stage 2's model is Stage 1's output: any name passes stage_config here.
+        model = spec.model if spec.stage == "apo" else "stage-1"
+        cfg = stage_config(spec, "apo", model, spec.preferences)
+        load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "chosen", "rejected"))
+
+
 def run_pipeline(
     spec: PipelineSpec, console: Any | None = None, rebuild: RebuildPreferences | None = None
 ) -> dict[str, Any]:
@@ -220,6 +235,7 @@ def run_pipeline(
             "--consensus model needs a rebuild callback: run_pipeline(..., rebuild=...) with "
             "build-preferences (see apo_train.pipeline.RebuildPreferences)"
         )
+    _check_data(spec, model_consensus)
     results: dict[str, Any] = {}
     apo_model = spec.model
     preferences = spec.preferences

@@ -25,6 +25,7 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from apo_train.callbacks import JsonlLogCallback, RichProgressCallback
+from apo_train.callbacks import InterruptCallback, JsonlLogCallback, RichProgressCallback, TrainingInterrupted
 from apo_train.config import APOConfig, SFTStageConfig
 from apo_train.data import (
     APO_BOOKKEEPING_KEYS,
@@ -404,8 +405,24 @@ def _prepare_model(cfg: SFTStageConfig | APOConfig) -> tuple[Any, Any]:
     return model, processor
 
 
-def _encoder(cfg: SFTStageConfig | APOConfig, processor: Any) -> ChatEncoder:
-    return ChatEncoder(processor, cfg.image_root, cfg.max_edge, cfg.max_pixels, cfg.system_prompt)
+def _encoder(
+    cfg: SFTStageConfig | APOConfig, processor: Any, dataset: Any, console: Any | None
+) -> ChatEncoder:
+    """The chat encoder of a stage; a vision-language model given rows with images but no image root
+    (``--mimic-root``) trains on text only, which it says rather than doing silently."""
+    encoder = ChatEncoder(processor, cfg.image_root, cfg.max_edge, cfg.max_pixels, cfg.system_prompt)
+    if encoder.is_vlm and encoder.image_root is None and "image_path" in dataset.column_names:
+        with_image = sum(path is not None for path in dataset["image_path"])
+        if with_image and is_main_process():
+            message = (
+                f"warning: {cfg.model_name_or_path} is a vision-language model and {with_image} rows have "
+                "an image, but no image root was given (--mimic-root): training on text only"
+            )
+            if console is not None:
+                console.print(message, style="yellow", markup=False, highlight=False)
+            else:
+                print(message, file=sys.stderr)
+    return encoder
 
 
 def save_outputs(trainer: Trainer, processor: Any, cfg: SFTStageConfig | APOConfig) -> dict[str, str]:
@@ -427,11 +444,64 @@ def save_outputs(trainer: Trainer, processor: Any, cfg: SFTStageConfig | APOConf
     return saved
 
 
+#: Written to a stage's output folder when training is interrupted: the checkpoint a rerun resumes from.
+INTERRUPTED_FILE = "interrupted.json"
+
+
+def interrupted_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint an interrupted run of this stage saved (None when the last run was not
+    interrupted, or its checkpoint is gone)."""
+    marker = Path(output_dir) / INTERRUPTED_FILE
+    try:
+        checkpoint = Path(output_dir) / json.loads(marker.read_text(encoding="utf-8"))["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return checkpoint if checkpoint.is_dir() else None
+
+
+def _stop_interrupted(trainer: Any, cfg: Any, signum: int) -> TrainingInterrupted:
+    """Record the checkpoint the interrupted training saved; the error says how to resume."""
+    step = trainer.state.global_step
+    checkpoint = Path(cfg.output_dir) / f"checkpoint-{step}"
+    if trainer.is_world_process_zero():
+        atomic_write_json(
+            Path(cfg.output_dir) / INTERRUPTED_FILE, {"checkpoint": checkpoint.name, "step": step}
+        )
+    return TrainingInterrupted(
+        f"checkpoint saved at {checkpoint} (step {step} of {trainer.state.max_steps}); "
+        "run the same command again to resume from it",
+        signum,
+    )
+
+
 def _train_and_save(
-    trainer: Any, processor: Any, cfg: Any, stats: Any, resume_from_checkpoint: str | bool | None
+    trainer: Any,
+    processor: Any,
+    cfg: Any,
+    stats: Any,
+    resume_from_checkpoint: str | bool | None,
+    console: Any | None = None,
 ) -> dict[str, Any]:
-    """Train either stage, save its outputs and return paths, data counts, metrics and the log."""
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    """Train either stage, save its outputs and return paths, data counts, metrics and the log.
+
+    Ctrl-C or SIGTERM while training saves a checkpoint and raises TrainingInterrupted; the next run
+    of the stage (without an explicit ``resume_from_checkpoint``) resumes from that checkpoint."""
+    if resume_from_checkpoint is None:
+        checkpoint = interrupted_checkpoint(cfg.output_dir)
+        if checkpoint is not None:
+            resume_from_checkpoint = str(checkpoint)
+            if console is not None and is_main_process():
+                console.print(f"resuming the interrupted run from {checkpoint}")
+    interrupt = InterruptCallback()
+    trainer.add_callback(interrupt)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    finally:
+        interrupt.restore()
+    if interrupt.signum is not None:
+        raise _stop_interrupted(trainer, cfg, interrupt.signum)
+    if trainer.is_world_process_zero():
+        (Path(cfg.output_dir) / INTERRUPTED_FILE).unlink(missing_ok=True)
     saved = save_outputs(trainer, processor, cfg)
     return {
         "saved": saved,
@@ -449,7 +519,7 @@ def run_sft(
     """Stage 1: load model + OUT/sft, tokenize (reporting truncation), train, save. Returns paths + stats."""
     train_raw = load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "completion"))
     model, processor = _prepare_model(cfg)
-    encoder = _encoder(cfg, processor)
+    encoder = _encoder(cfg, processor, train_raw, console)
     train, stats = tokenize_sft(
         train_raw,
         encoder,
@@ -474,7 +544,7 @@ def run_sft(
         data_collator=SFTCollator(encoder),
         console=console,
     )
-    return _train_and_save(trainer, processor, cfg, stats, resume_from_checkpoint)
+    return _train_and_save(trainer, processor, cfg, stats, resume_from_checkpoint, console)
 
 
 def run_apo(
@@ -486,7 +556,7 @@ def run_apo(
     needed = ("prompt", "chosen", "rejected")
     train_raw = load_split(cfg.dataset_path, cfg.dataset_split, needed)
     model, processor = _prepare_model(cfg)
-    encoder = _encoder(cfg, processor)
+    encoder = _encoder(cfg, processor, train_raw, console)
     train, stats = tokenize_preferences(
         train_raw,
         encoder,
@@ -518,7 +588,7 @@ def run_apo(
         data_collator=APOCollator(encoder),
         console=console,
     )
-    return _train_and_save(trainer, processor, cfg, stats, resume_from_checkpoint)
+    return _train_and_save(trainer, processor, cfg, stats, resume_from_checkpoint, console)
 
 
 #: The names other engineers' interface notes use.

@@ -41,6 +41,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -363,6 +364,29 @@ class UnitResult:
     seconds: float = 0.0
 
 
+#: Seconds an interrupted stage gets to save its state and exit before it is killed.
+STAGE_STOP_SECONDS = 30.0
+
+
+def _run_stage(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run one stage as a child process. When this process is interrupted (Ctrl-C, or SIGTERM turned
+    into KeyboardInterrupt by the CLI), the child is sent the same signal, so it stops the way it
+    would on its own (a terminal's Ctrl-C reaches it anyway, a SIGTERM sent to this process does
+    not), and is waited for (killed after STAGE_STOP_SECONDS) before the interruption goes on: no
+    stage keeps running behind a finished `cxrmax run`."""
+    proc = subprocess.Popen(argv, env=env)
+    try:
+        return subprocess.CompletedProcess(argv, proc.wait())
+    except KeyboardInterrupt as exc:
+        proc.send_signal(int(getattr(exc, "signum", None) or signal.SIGINT))
+        try:
+            proc.wait(STAGE_STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
+
+
 def execute(
     recipe: Recipe,
     units: Iterable[Unit],
@@ -388,7 +412,7 @@ def execute(
             _write_state(recipe, unit, shard, "started")
             started = time.perf_counter()
             try:
-                proc = subprocess.run(argv, env={**os.environ, **(env or {})})
+                proc = _run_stage(argv, {**os.environ, **(env or {})})
             except FileNotFoundError:
                 raise CxrmaxError(
                     f"stage {unit.key}: command {unit.argv[0]!r} not found (is it installed in this environment?)"

@@ -60,6 +60,9 @@ def load_split(path: str | os.PathLike, split: str = "train", required: Sequence
     for column in required:
         if column not in loaded.column_names:
             raise InputError(f"{where(path, field=column)}: missing column (have {loaded.column_names})")
+    if len(loaded) == 0:
+        # Said here, before a model is loaded, not as an empty dataloader after it.
+        raise InputError(f"{where(path)}: the {split!r} split has no rows")
     return loaded
 
 

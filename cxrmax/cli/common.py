@@ -1,8 +1,10 @@
-"""Helpers shared by CLI modules: one console, one way to turn library errors into clean exits."""
+"""Helpers shared by CLI modules: one console, one way to turn library errors and interruptions into
+clean exits."""
 
 from __future__ import annotations
 
 import contextlib
+import signal
 from collections.abc import Iterator
 
 import typer
@@ -26,3 +28,44 @@ def user_errors() -> Iterator[None]:
     except CxrmaxError as exc:
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}")
         raise typer.Exit(2) from None
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would raise KeyboardInterrupt, so that one ``except
+    KeyboardInterrupt`` (and every ``finally``) cleans up after both."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def interruptible(kept: str) -> Iterator[None]:
+    """Turn Ctrl-C (SIGINT) and SIGTERM inside the block into ONE line, ``interrupted: <kept>``, and
+    exit code 130 (SIGINT) or 143 (SIGTERM), with no traceback.
+
+    ``kept`` says what the interrupted command leaves behind and how to resume, e.g. "nothing was
+    written; run the same command again". An interruption that knows better (train-apo's saved
+    checkpoint) raises a KeyboardInterrupt carrying its own ``kept`` text and ``signum``. The library
+    code under the block tears its worker pools down and removes its staging in ``finally`` blocks;
+    a second signal while this line is printed is ignored, so cleanup is not interrupted twice."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not in the main thread (tests calling the app in a thread): no handler
+        previous = None
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signum = int(getattr(exc, "signum", None) or signal.SIGINT)
+        text = getattr(exc, "kept", None) or kept
+        err_console.print(f"[yellow]interrupted:[/] {escape(text)}")
+        raise typer.Exit(128 + signum) from None
+    finally:
+        if previous is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGTERM, previous)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 from cxrmax.cli.options import (
     BIAS_KINDS,
     DEMO_SIZES,
@@ -50,7 +51,11 @@ def demo(
     """
     from cxrmax.toy.demo import run_demo
 
-    with user_errors(), quiet_libraries(verbose):
+    with (
+        user_errors(),
+        quiet_libraries(verbose),
+        interruptible(f"nothing in {out} is complete; run the same command again to start over"),
+    ):
         run_demo(out, size=size, seed=seed, console=console, teacher_backend=teacher_backend)
 
 
@@ -122,7 +127,11 @@ def simulate(
     from cxrmax.toy import teachers as sim
     from cxrmax.toy.demo import run_simulation
 
-    with user_errors(), quiet_libraries(verbose):
+    with (
+        user_errors(),
+        quiet_libraries(verbose),
+        interruptible(f"the teachers in {out} are not complete; run the same command again"),
+    ):
         if teacher:
             specs = [sim.parse_teacher(t) for t in teacher]
         else:
@@ -212,9 +221,25 @@ def _print_simulation(result: Any) -> None:
         )
     console.print(measured)
     out = result.trajectories.parent
-    console.print(
-        f"trajectories: {result.trajectories} (next: cxrmax build-preferences {out} --out {out}/data)"
-    )
+    console.print(f"trajectories: {result.trajectories}")
+    # Quoted, with the root the answers' images and splits come from, so that it works when pasted.
+    hint = [
+        "cxrmax",
+        "build-preferences",
+        str(out),
+        "--out",
+        str(out / "data"),
+        "--mimic-root",
+        str(result.mimic_root),
+    ]
+    console.print(f"next: {shlex.join(hint)}", markup=False, highlight=False, soft_wrap=True)
+    if result.split != "train":
+        console.print(
+            f"  (answers to {result.split} images give {result.split} rows, for evaluation; for training data "
+            "run simulate with --split train)",
+            markup=False,
+            highlight=False,
+        )
 
 
 def run(
@@ -247,7 +272,13 @@ def run(
     from cxrmax import recipe as R
     from cxrmax.core.shards import parse_shard
 
-    with user_errors():
+    with (
+        user_errors(),
+        interruptible(
+            "finished stages are kept; run the same command again: they are skipped and the interrupted "
+            "stage resumes"
+        ),
+    ):
         loaded = R.load_recipe(recipe, out=out)
         parsed = parse_shard(shard)
         units = R.plan(loaded, stages=stage or None, shard=parsed, models=model or None)

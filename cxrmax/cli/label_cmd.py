@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 from cxrmax.cli.options import LABEL_INPUT_FORMATS, Choice, choice_option, out_option
 
 _STATUS_STYLE = {"positive": "bold green", "negative": "bold red", "uncertain": "bold yellow"}
@@ -90,7 +90,7 @@ def label(
 
       cxrmax label trajectories.arrow --column text --keep sample_id --keep model --out labels.parquet
     """
-    with user_errors():
+    with user_errors(), interruptible("no file was written or changed; run the same command again"):
         from cxrmax.labeler.files import check_output, input_kind, iter_text_chunks
 
         kind = input_kind(source, fmt)

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 from cxrmax.cli.options import (
     UNCERTAIN_POLICIES,
     Choice,
@@ -158,7 +158,7 @@ def score_cmd(
 
     Example: cxrmax leaderboard score preds.parquet -t mimic-cxr-labels -r /data/mimic-cxr-jpg --uncertain ignore
     """
-    with user_errors():
+    with user_errors(), interruptible("nothing was written; run the same command again"):
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps
 
@@ -218,7 +218,7 @@ def submit_cmd(
 
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
-    with user_errors():
+    with user_errors(), interruptible("nothing was stored on the board; run the same command again"):
         from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps, file_sha256
         from cxrmax.leaderboard.store import Board, DuplicateSubmission

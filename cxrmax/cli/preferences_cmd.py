@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 from cxrmax.cli.options import GENERATE_BACKENDS, Choice, choice_option, emit_json, json_option, out_option
 
 if TYPE_CHECKING:  # the build imports datasets: only when a command runs
@@ -112,7 +113,7 @@ def _build_preferences(
     """
     from cxrmax.preferences.build import BuildOptions
 
-    with user_errors():
+    with user_errors(), interruptible(f"nothing was published in {out}; run the same command again"):
         backend = None
         if consensus == "model":
             backend = {
@@ -141,6 +142,7 @@ def _build_preferences(
             public=public,
             card=not no_card,
             model_backend=backend,
+            allow_empty=False,  # an empty build fails with the reason (an --allow-empty flag is to come)
         )
         summary = _build_with_progress(trajectories, out, options)
         _render_build(summary, out)
@@ -183,6 +185,8 @@ def _render_build(summary: BuildSummary, out: Path) -> None:
     for label, value in summary.skipped().items():
         if value:
             console.print(f"  {label}: {value}")
+    for example in summary.labeler_error_examples:
+        console.print(f"  labeler error: {escape(example)}")
     if summary.skipped_few_sources_examples:
         console.print(f"  e.g. skipped: {', '.join(summary.skipped_few_sources_examples[:5])}")
     if summary.samples_without_image:
@@ -205,7 +209,10 @@ def _render_build(summary: BuildSummary, out: Path) -> None:
         console.print(f"  [yellow]skipped unreadable file (lenient)[/]: {reason}")
     for path, columns in summary.load["ignored_columns"].items():
         console.print(f"  [yellow]ignored columns[/] in {path}: {', '.join(columns)}")
-    console.print(f"outputs: {out}/preferences, {out}/sft, {out}/annotations, {out}/exports, {out}/README.md")
+    for warning in summary.warnings:
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
+    outputs = [out / name for name in ("preferences", "sft", "annotations", "exports", "README.md")]
+    console.print("outputs: " + ", ".join(str(path) for path in outputs if path.exists()))
 
 
 def _drift_report(

@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, user_errors
+from cxrmax.cli.common import console, interruptible, user_errors
 from cxrmax.cli.options import REPORT_TO, Choice, choice_option, out_option, quiet_libraries, verbose_option
 from cxrmax.core.hf import adapter_base
 
@@ -279,7 +279,11 @@ def train_apo(
     from apo_train.pipeline import PipelineSpec, read_config_file, run_pipeline, spec_from_config
     from cxrmax.preferences.build import rebuild_with_model_consensus
 
-    with user_errors(), quiet_libraries(verbose):
+    with (
+        user_errors(),
+        quiet_libraries(verbose),
+        interruptible("no checkpoint was saved; run the same command again"),
+    ):
         spec = spec_from_config(read_config_file(config), str(config)) if config else PipelineSpec()
         apply_flags(spec, flags)
         results = run_pipeline(spec, console=console, rebuild=rebuild_with_model_consensus)

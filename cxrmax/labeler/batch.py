@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import multiprocessing.pool
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import pyarrow as pa
@@ -54,6 +58,35 @@ def pool_worker_signals() -> None:
     the task queue forever. Workers die on SIGTERM and leave Ctrl-C to the parent."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+#: Seconds terminate_pool waits for Pool.terminate() before it stops the workers itself.
+TERMINATE_SECONDS = 5.0
+
+
+def terminate_pool(pool: multiprocessing.pool.Pool, timeout: float = TERMINATE_SECONDS) -> None:
+    """``pool.terminate()`` and ``pool.join()``, bounded: on an interruption Pool.terminate() can hang
+    for ever (its task-handler thread blocked writing a big task into the pipe of workers that are
+    gone, or a worker killed while holding the task queue's lock), which would leave Ctrl-C with a
+    process that never exits. Past ``timeout`` the workers are killed, the pipe is read empty so
+    that a blocked writer can finish, and the rest is left to daemon threads that do not hold up
+    the exit."""
+    stopper = threading.Thread(target=pool.terminate, name="pool-terminate", daemon=True)
+    stopper.start()
+    stopper.join(timeout)
+    if not stopper.is_alive():
+        pool.join()
+        return
+    for process in list(getattr(pool, "_pool", None) or []):
+        with contextlib.suppress(Exception):
+            process.kill()
+    reader = pool._inqueue._reader  # noqa: SLF001 - the pipe the blocked task handler writes to
+    deadline = time.monotonic() + timeout
+    while stopper.is_alive() and time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if reader.poll(0.05):
+                reader.recv_bytes()
+        stopper.join(0.05)
 
 
 def _label_part(texts: object) -> pa.Table:
@@ -144,5 +177,4 @@ def iter_label_tables(chunks: Iterable[Iterable[object]], processes: int | None 
             yield pa.concat_tables(pool.imap(_label_part, parts))
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            terminate_pool(pool)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,9 @@ class ChunkResult:
     samples: pa.RecordBatch
     counts: Counter
     contexts: pa.RecordBatch | None = None  # --consensus model: what the model reads, per preference row
+    #: the first few texts the labeler failed on: (source_file, source_row, model, error), so that the
+    #: summary can name the row behind a "labeler errors" count
+    labeler_errors: list[tuple[int, int, str, str]] = field(default_factory=list)
 
 
 def record_batch(columns: Mapping[str, pa.Array], schema: pa.Schema) -> pa.RecordBatch:
@@ -545,4 +548,29 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     counts["negatives"] += sum(len(ranking.negatives[g]) for g in kept)
     counts["sft_rows"] += sft.num_rows
     contexts = _contexts_batch(src, votes.cons, kept) if options.consensus == "model" else None
-    return ChunkResult(preferences, sft, trajectories, samples, counts, contexts)
+    return ChunkResult(preferences, sft, trajectories, samples, counts, contexts, _labeler_errors(chunk, src))
+
+
+#: Labeler failures named per chunk (the count covers all of them).
+LABELER_ERROR_EXAMPLES = 5
+
+
+def _labeler_errors(chunk: pa.Table, src: _Sources) -> list[tuple[int | None, int | None, str, str]]:
+    failed = np.flatnonzero(src.failed)[:LABELER_ERROR_EXAMPLES].tolist()
+    if not failed:
+        return []
+
+    def column(name: str) -> list:
+        # A chunk made outside load_trajectories may lack the provenance columns.
+        values = chunk.column(name) if name in chunk.column_names else pa.nulls(chunk.num_rows)
+        return [values[i].as_py() for i in failed]
+
+    return list(
+        zip(
+            column("source_file"),
+            column("source_row"),
+            column("model"),
+            [str(src.lab.errors[i]) for i in failed],
+            strict=True,
+        )
+    )

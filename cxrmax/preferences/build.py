@@ -22,6 +22,7 @@ Data flow (one pass, memory flat in the number of rows):
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
@@ -43,11 +44,11 @@ from cxrmax.core.errors import InputError, where
 from cxrmax.core.io import atomic_write_json, iter_arrow_batches, replace_dir
 from cxrmax.core.pathologies import OBSERVATIONS
 from cxrmax.core.splits import SPLITS
-from cxrmax.labeler.batch import pool_worker_signals
+from cxrmax.labeler.batch import pool_worker_signals, terminate_pool
 from cxrmax.mimic.reader import MimicCXR, read_ms_cxr_t
 from cxrmax.preferences import datacard
 from cxrmax.preferences import drift as D
-from cxrmax.preferences.annotate import ChunkOptions, ChunkResult, annotate_chunk
+from cxrmax.preferences.annotate import LABELER_ERROR_EXAMPLES, ChunkOptions, ChunkResult, annotate_chunk
 from cxrmax.preferences.export import (
     export_parquet,
     export_swift,
@@ -81,6 +82,9 @@ class BuildOptions:
 
     min_sources: int = 2
     consensus: str = "vote"  # vote | model
+    #: False: a build with 0 preference rows is an InputError saying why, and writes nothing (the
+    #: CLI's default); True (the library's): the empty data sets and card are published
+    allow_empty: bool = True
     drop_non_drifting: bool = False
     max_negatives: int | None = None
     exclude_refusals_from_sft: bool = False
@@ -127,6 +131,10 @@ class BuildSummary:
     mimic_root: str | None = None
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # wall seconds per phase
+    #: texts the labeler failed on, by file and 1-based row (the first few; "labeler errors" counts all)
+    labeler_error_examples: list[str] = field(default_factory=list)
+    #: what the user should know although the build succeeded (e.g. no train rows), one line each
+    warnings: list[str] = field(default_factory=list)
 
     def skipped(self) -> dict[str, int]:
         """What the build skipped, dropped or flagged, by a one-line description (zero counts included)."""
@@ -428,11 +436,16 @@ class _StagedWriters:
         self.samples.close()
 
 
-def _iter_chunks(table: pa.Table, sample_starts: np.ndarray, chunk_samples: int) -> Iterator[pa.Table]:
+def _iter_chunks(
+    table: pa.Table, sample_starts: np.ndarray, chunk_samples: int, compact: bool = False
+) -> Iterator[pa.Table]:
+    """Slices of whole samples. ``compact``: each slice copied into buffers of its own, for sending
+    to a worker: a pickled slice would carry its parent's whole buffers (the full table per task)."""
     n = table.num_rows
     bounds = list(sample_starts[::chunk_samples]) + [n]
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        yield table.slice(int(lo), int(hi - lo))
+        chunk = table.slice(int(lo), int(hi - lo))
+        yield chunk.take(pa.array(np.arange(chunk.num_rows))) if compact else chunk
 
 
 def _bounded_imap(pool, func: Callable, items: Iterable, in_flight: int) -> Iterator:
@@ -469,9 +482,12 @@ def _annotate_all(
     out: Path,
     options: BuildOptions,
     progress: Callable[[int, int], None] | None,
+    labeler_errors: list[tuple] | None = None,
 ) -> Counter:
     """Annotate every chunk (in a pool of worker processes when there are several) and write the
-    batches in input order; returns the summed counters."""
+    batches in input order; returns the summed counters (and appends the first labeler failures,
+    (source_file, source_row, model, error), to ``labeler_errors``)."""
+    labeler_errors = [] if labeler_errors is None else labeler_errors
     starts = prepared.starts
     totals: Counter = Counter()
     processes = options.processes or os.cpu_count() or 1
@@ -480,9 +496,13 @@ def _annotate_all(
     if processes > 1:
         chunk_samples = max(chunk_samples, min(50, options.chunk_samples))
     chunk_options = _chunk_options(options)
-    chunks = ((chunk, chunk_options) for chunk in _iter_chunks(prepared.table, starts, chunk_samples))
+    parallel = processes > 1 and len(starts) > chunk_samples
+    chunks = (
+        (chunk, chunk_options)
+        for chunk in _iter_chunks(prepared.table, starts, chunk_samples, compact=parallel)
+    )
     pool = None
-    if processes > 1 and len(starts) > chunk_samples:
+    if parallel:
         # fork (like the labeler's batch mode): no re-import per worker, no __main__ guard needed.
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -502,12 +522,13 @@ def _annotate_all(
                 totals["consensus_flagged_model"] += model_synth.last_flagged
             writers.write(result, preferences)
             totals.update(result.counts)
+            labeler_errors.extend(result.labeler_errors[: LABELER_ERROR_EXAMPLES - len(labeler_errors)])
             done += result.samples.num_rows
             if progress is not None:
                 progress(done, len(starts))
     finally:
         if pool is not None:
-            pool.terminate()
+            terminate_pool(pool)
         if model_synth is not None:
             totals["consensus_model_requests"] += model_synth.requests
             totals["consensus_model_failures"] += model_synth.failures
@@ -638,10 +659,28 @@ def build_preferences(
     _check_options(options)
     phase = _Phases()
     out = Path(out)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file of that name, a read-only or missing parent
         raise InputError(f"{where(out)}: cannot create the output folder ({exc.strerror or exc})") from None
+    try:
+        return _build(inputs, out, options, progress, phase)
+    except BaseException:
+        if created:  # a folder this run made and published nothing in: not left behind, empty
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+
+
+def _build(
+    inputs: Sequence[str | Path],
+    out: Path,
+    options: BuildOptions,
+    progress: Callable[[int, int], None] | None,
+    phase: _Phases,
+) -> BuildSummary:
+    """build_preferences once OUT exists: load, prepare, annotate into a staging folder, publish."""
     table, load_report = load_trajectories(inputs, lenient=options.lenient)
     phase("load")
     prepared = _prepare(table, load_report, options)
@@ -650,13 +689,21 @@ def build_preferences(
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
         writers = _StagedWriters(work)
-        totals = _annotate_all(prepared, writers, out, options, progress)
+        labeler_errors: list[tuple] = []
+        totals = _annotate_all(prepared, writers, out, options, progress, labeler_errors)
         phase("annotate")
         writers.close()
+        if not totals.get("preference_rows") and not options.allow_empty:
+            raise InputError(_empty_reason(prepared, totals, options))
         # Everything is staged under the work folder and published with renames at the very end,
         # so a crash or Ctrl-C before that leaves the previous outputs whole.
         stage = _stage_datasets(work, options, phase)
         summary = _summary(out, load_report, prepared, totals, writers, options.mimic_root)
+        summary.labeler_error_examples = [
+            f"{where(load_report.files[f] if f is not None else '?', row)} ({model}): {error}"
+            for f, row, model, error in labeler_errors
+        ]
+        summary.warnings = _warnings(summary)
         atomic_write_json(stage / "build_report.json", asdict(summary))
         if options.card:
             datacard.write_card(stage, figures=options.figures)
@@ -673,6 +720,40 @@ def build_preferences(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _empty_reason(prepared: _Prepared, totals: Counter, options: BuildOptions) -> str:
+    """Why a build made no preference row, in the user's terms (the InputError of an empty build)."""
+    samples = len(prepared.starts)
+    few = len(prepared.few_sources)
+    if not samples and few:
+        examples = ", ".join(str(v) for v in prepared.few_sources.slice(0, 3).to_pylist())
+        why = (
+            f"every sample ({few}, e.g. {examples}) has fewer than --min-sources {options.min_sources} "
+            "sources: preferences compare the answers of several models to one image, so give "
+            "trajectories of at least two models per sample"
+        )
+    elif not samples:
+        why = "the input has no usable trajectory"
+    else:
+        why = (
+            f"none of the {samples} samples kept a preference row ({totals.get('samples_without_negatives', 0)} "
+            f"without negatives, {totals.get('samples_without_consensus', 0)} where every source refused)"
+        )
+    return f"0 preference rows: {why}; nothing was written"
+
+
+def _warnings(summary: BuildSummary) -> list[str]:
+    """Lines the user must see although the build succeeded."""
+    warnings = []
+    preference_splits = {k: v for k, v in summary.split_rows["preferences"].items() if v}
+    if preference_splits and "train" not in preference_splits:
+        held = ", ".join(f"{v} {k}" for k, v in sorted(preference_splits.items()))
+        warnings.append(
+            f"no train rows (the preference rows are {held}): train-apo trains on the train split; "
+            "build from answers to train images (e.g. `cxrmax simulate --split train`) or check the split column"
+        )
+    return warnings
 
 
 def rebuild_with_model_consensus(

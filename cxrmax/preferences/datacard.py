@@ -515,6 +515,25 @@ def _split_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+def split_claim(report: dict) -> str:
+    """Where the card's splits come from, computed from the build report (never claimed blindly):
+    the official MIMIC-CXR split only when a --mimic-root was joined."""
+    rows = report.get("load", {}).get("rows", 0)
+    unknown = report.get("split_unknown_rows", 0)
+    if report.get("mimic_root"):
+        moved = report.get("split_from_mimic_rows", 0)
+        return "Splits follow the official MIMIC-CXR split (joined from --mimic-root" + (
+            f"; {moved} rows whose own split disagreed were moved to it)." if moved else ")."
+        )
+    if rows and unknown >= rows:
+        return (
+            "The input had no split: every row was put in train (build with --mimic-root to use the "
+            "official MIMIC-CXR split)."
+        )
+    text = "Splits are the input's own split column, not checked against the official MIMIC-CXR split (no --mimic-root)"
+    return text + (f"; {unknown} rows without a split were put in train." if unknown else ".")
+
+
 def render_card(out: str | Path, stats: DriftStatistics | None = None, template: Path | None = None) -> str:
     """The card text for OUT (README.md with a Hub YAML header listing the two configs)."""
     out = Path(out)
@@ -530,6 +549,7 @@ def render_card(out: str | Path, stats: DriftStatistics | None = None, template:
         "models": ", ".join(map(_cell, stats.models)) or "none",
         "reference": stats.reference,
         "split_table": _split_table(report),
+        "split_claim": split_claim(report),
         "model_table": model_table_markdown(stats),
         "claims_table": _claims_markdown(stats),
         "agreement_table": _agreement_markdown(stats),

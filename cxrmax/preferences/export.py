@@ -86,27 +86,24 @@ def _trl_features() -> datasets.Features:
     )
 
 
-def _messages(role: str, texts: pa.Array, with_image: bool) -> pa.ListArray:
+def _messages(role: str, texts: pa.Array, with_image: np.ndarray | bool) -> pa.ListArray:
     """One single-message conversation per row: [{"role", "content": [({"type": "image"},)
-    {"type": "text", "text": ...}]}], built column-wise (no Python object per row)."""
+    {"type": "text", "text": ...}]}], built column-wise (no Python object per row). ``with_image``
+    (one flag, or one per row) says which rows get the image part: only rows that have an image."""
     m = len(texts)
     texts = pc.fill_null(texts.cast(pa.string()), "")
-    if with_image:
-        types = pa.array(np.tile(np.array(["image", "text"], dtype=object), m), type=pa.string())
-        both = pa.concat_arrays([pa.nulls(m, pa.string()), texts.cast(pa.string())])
-        order = np.empty(2 * m, dtype=np.int64)
-        order[0::2] = np.arange(m)
-        order[1::2] = np.arange(m) + m
-        part_text = both.take(pa.array(order))
-        per_row = 2
-    else:
-        types = pa.array(np.full(m, "text", dtype=object), type=pa.string())
-        part_text = texts.cast(pa.string())
-        per_row = 1
-    parts = pa.StructArray.from_arrays([types, part_text], names=["type", "text"])
-    content = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, per_row * m + 1, per_row, dtype=np.int32)), parts
-    )
+    has_image = np.broadcast_to(np.asarray(with_image, dtype=bool), (m,))
+    offsets = np.zeros(m + 1, dtype=np.int32)
+    np.cumsum(1 + has_image.astype(np.int32), out=offsets[1:])
+    text_at = offsets[1:] - 1  # the text part ends each row's content
+    types = np.full(int(offsets[-1]), "text", dtype=object)
+    types[offsets[:-1][has_image]] = "image"
+    # Every part takes its text from `texts`; image parts take the null appended at index m.
+    source = np.full(int(offsets[-1]), m, dtype=np.int64)
+    source[text_at] = np.arange(m)
+    part_text = pa.concat_arrays([texts, pa.nulls(1, pa.string())]).take(pa.array(source))
+    parts = pa.StructArray.from_arrays([pa.array(types, type=pa.string()), part_text], names=["type", "text"])
+    content = pa.ListArray.from_arrays(pa.array(offsets), parts)
     roles = pa.array(np.full(m, role, dtype=object), type=pa.string())
     message = pa.StructArray.from_arrays([roles, content], names=["role", "content"])
     return pa.ListArray.from_arrays(pa.array(np.arange(m + 1, dtype=np.int32)), message)
@@ -124,7 +121,11 @@ def _trl_batch(table: pa.Table, schema: pa.Schema, image_root: Path | None) -> t
     image_lists = pa.array([[i] if i else [] for i in images], type=pa.list_(pa.string())).take(parent)
     arrays = {
         "sample_id": table.column("sample_id").combine_chunks().take(parent),
-        "prompt": _messages("user", table.column("prompt").combine_chunks().take(parent), True),
+        "prompt": _messages(
+            "user",
+            table.column("prompt").combine_chunks().take(parent),
+            np.array([i is not None for i in images], dtype=bool)[parent_np],
+        ),
         "chosen": _messages("assistant", table.column("chosen").combine_chunks().take(parent), False),
         "rejected": _messages("assistant", pc.list_flatten(rejected), False),
         "images": image_lists,
@@ -138,8 +139,8 @@ def _trl_batch(table: pa.Table, schema: pa.Schema, image_root: Path | None) -> t
 
 def export_trl(preferences_dir: Path, out_dir: Path, image_root: Path | None = None) -> Path:
     """TRL preference data set (datasets.DatasetDict on disk): one row per (positive, negative)
-    pair, conversational with images: ``prompt`` (user turn with an image part and the prompt
-    text), ``chosen``/``rejected`` (assistant turns), ``images`` (list of image paths; an Image
+    pair, conversational with images: ``prompt`` (user turn with an image part, when the row has an
+    image, and the prompt text), ``chosen``/``rejected`` (assistant turns), ``images`` (list of image paths; an Image
     feature when the files exist), plus sample_id, rejected_model, rejected_drift and
     negative_rank. This is the shape trl.DPOTrainer reads for vision-language models."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -186,7 +187,8 @@ def export_swift(preferences_dir: Path, out_dir: Path, image_root: Path | None =
                 for row in _iter_preference_rows(preferences_dir, split):
                     image = image_ref(row["image_path"], image_root)
                     messages = [
-                        {"role": "user", "content": "<image>" + (row["prompt"] or "")},
+                        # The <image> tag only where an image is listed: ms-swift pairs tags with images.
+                        {"role": "user", "content": ("<image>" if image else "") + (row["prompt"] or "")},
                         {"role": "assistant", "content": row["chosen"]},
                     ]
                     # The sample's part is encoded once and shared by its negatives' lines.

@@ -9,6 +9,7 @@ the truncated-stream check); every problem is an InputError naming file, row and
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import pyarrow.json as pj
 
 from cxrmax.core import schemas
 from cxrmax.core.errors import InputError, where
+from cxrmax.core.formats import MAX_FIELD_CHARS, open_binary, sniff
 from cxrmax.core.io import read_table
 from cxrmax.core.pathologies import OBSERVATIONS
 from cxrmax.core.splits import SPLIT_ALIASES, canonical_split
@@ -101,10 +103,7 @@ def _read_file(path: Path) -> pa.Table:
     if suffix in (".arrow", ".feather", ".ipc", ".parquet"):
         return read_table(path)
     if suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
-        try:
-            return pj.read_json(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise InputError(f"{where(path)}: cannot read, corrupt or truncated file ({exc})") from None
+        return _read_jsonl(path)
     raise InputError(f"{where(path)}: unsupported file type (expected .arrow, .parquet or .jsonl)")
 
 
@@ -389,6 +388,61 @@ def load_trajectories(inputs: Sequence[str | Path], lenient: bool = False) -> tu
     table = _drop_mismatched_ids(table, report, lenient)
     _count_mixed_prompts(table, report)
     return table, report
+
+
+def _read_jsonl(path: Path) -> pa.Table:
+    """JSON lines by pyarrow's fast reader. When it fails, or when a string holds bytes that are not
+    UTF-8 (pyarrow reads them without complaint; they would fail later, far from the file), a second
+    pass over the lines says which 1-based row is wrong and why, in plain words: pyarrow's own
+    message counts rows from 0 within a block and calls an unterminated string "Invalid encoding"."""
+    try:
+        try:
+            table = pj.read_json(path)
+        except pa.ArrowInvalid as exc:
+            if "straddl" not in str(exc):
+                raise
+            # One line longer than the reader's block (answers of several MB): read with blocks
+            # that hold the longest field the sniffer accepts.
+            table = pj.read_json(path, read_options=pj.ReadOptions(block_size=2 * MAX_FIELD_CHARS))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise InputError(
+            _first_bad_line(path) or f"{where(path)}: cannot read, corrupt or truncated file ({exc})"
+        ) from None
+    try:
+        table.validate(full=True)  # checks that every string is UTF-8
+    except pa.ArrowInvalid as exc:
+        raise InputError(_first_bad_line(path) or f"{where(path)}: not UTF-8 text ({exc})") from None
+    return table
+
+
+def _first_bad_line(path: Path) -> str | None:
+    """``FILE row N: <reason>`` for the first line of a JSON-lines file that is not UTF-8 or not a
+    JSON object (rows are the file's lines, blank lines skipped as the reader skips them), or None
+    when every line is fine (the file is bad in another way)."""
+    kind = sniff(path)
+    row = 0
+    with open_binary(path, kind.compression) as raw:
+        for line in raw:
+            if not line.strip():
+                continue
+            row += 1
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (
+                    f"{where(path, row)}: not UTF-8 text (byte 0x{line[exc.start : exc.start + 1].hex()} at "
+                    f"byte {exc.start + 1} of the line); re-save the file as UTF-8 (it was probably written "
+                    "as Latin-1/Windows-1252)"
+                )
+            try:
+                value = json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as exc:
+                return f"{where(path, row)}: not a JSON line ({exc.msg}, character {exc.colno}; a line cut short?)"
+            if not isinstance(value, dict):
+                return (
+                    f'{where(path, row)}: a JSON {type(value).__name__}, not an object ({{"sample_id": ...}})'
+                )
+    return None
 
 
 def _read_inputs(inputs: Sequence[str | Path], lenient: bool, report: LoadReport) -> pa.Table:

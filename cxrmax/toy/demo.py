@@ -153,9 +153,10 @@ class _Stages:
             yield timing
         finally:
             timing.seconds = time.perf_counter() - started
-            if self.console is not None:
-                status = f"skipped ({timing.skipped})" if timing.skipped else "done"
-                self.console.print(f"  [dim]{name} {status} in {timing.seconds:.1f} s[/]")
+        # Only a stage that ended is reported done (an interrupted one is not).
+        if self.console is not None:
+            status = f"skipped ({timing.skipped})" if timing.skipped else "done"
+            self.console.print(f"  [dim]{name} {status} in {timing.seconds:.1f} s[/]")
 
 
 def _torch_threads() -> None:

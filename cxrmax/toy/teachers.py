@@ -47,13 +47,11 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import multiprocessing
 import os
 import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +71,7 @@ from cxrmax.generate.prompts import PromptTemplate, join_labels, load_prompt
 from cxrmax.labeler import label_text
 from cxrmax.mimic.images import encode_jpeg, preprocess
 from cxrmax.testing.films import SIDED
+from cxrmax.toy.pool import pool_map, spawn_pool
 from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
 
 #: The kinds of bias a teacher can carry.
@@ -887,9 +886,8 @@ def simulate(
     else:
         # One single-threaded process per teacher at a time: tiny models gain little from intra-op
         # threads, while whole teachers train independently (2 cores -> about 2x).
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
-            for teacher in pool.map(_train_job, jobs):
+        with spawn_pool(workers, initializer=_single_thread) as pool:
+            for teacher in pool_map(pool, _train_job, jobs):
                 result.append(teacher)
                 if progress is not None:
                     progress(teacher.spec.name, teacher.stats.steps, teacher.stats.last_loss)
