@@ -54,6 +54,9 @@ def _build_preferences(
         "--lenient",
         help="Skip (and count) duplicate keys, mismatched ids and unreadable (corrupt/truncated) files.",
     ),
+    allow_empty: bool = typer.Option(
+        False, "--allow-empty", help="Publish a build with no preference row (default: an error saying why)."
+    ),
     export_parquet: Path | None = typer.Option(
         None, "--export-parquet", help="Also write a Parquet copy + card here."
     ),
@@ -142,7 +145,7 @@ def _build_preferences(
             public=public,
             card=not no_card,
             model_backend=backend,
-            allow_empty=False,  # an empty build fails with the reason (an --allow-empty flag is to come)
+            allow_empty=allow_empty,
         )
         summary = _build_with_progress(trajectories, out, options)
         _render_build(summary, out)

@@ -99,6 +99,11 @@ def test_cli_empty_build_fails_and_no_card_lists_no_readme(tmp_path):
     result = runner.invoke(app, ["build-preferences", str(lonely), "--out", str(tmp_path / "empty")])
     assert result.exit_code == 2 and "0 preference rows" in result.output
     assert not (tmp_path / "empty").exists()
+    allowed = runner.invoke(
+        app, ["build-preferences", str(lonely), "--out", str(tmp_path / "empty"), "--allow-empty"]
+    )
+    assert allowed.exit_code == 0, allowed.output
+    assert (tmp_path / "empty" / "preferences").is_dir()
 
     source = _jsonl(tmp_path / "t.jsonl", split="test")
     result = runner.invoke(
