@@ -28,7 +28,9 @@ import contextlib
 import json
 import math
 import os
+import random
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -168,15 +170,7 @@ class Board:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open leaderboard store {self.path}: {exc}") from None
         try:
-            self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            self._conn.execute("PRAGMA foreign_keys = ON")
-            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(f"leaderboard store {self.path}: cannot switch to WAL mode (got {mode})")
-            check = self._conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
-            self._init_schema()
+            self._open_with_retries()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
@@ -187,6 +181,31 @@ class Board:
                 f"leaderboard store {self.path} is corrupted or not an SQLite database ({exc}); "
                 "move it aside (or restore a backup) and submit again"
             ) from None
+
+    def _open_with_retries(self) -> None:
+        """Settings, WAL mode, integrity check and schema, retried while another process holds a lock.
+
+        Switching a new file to WAL and WAL recovery can answer SQLITE_BUSY at once, without waiting
+        on the busy timeout, when two processes open the same new board together; those are retried
+        until the busy timeout has passed."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                self._conn.execute("PRAGMA foreign_keys = ON")
+                mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"leaderboard store {self.path}: cannot switch to WAL mode (got {mode})")
+                check = self._conn.execute("PRAGMA quick_check").fetchone()[0]
+                if check != "ok":
+                    raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+                self._init_schema()
+                return
+            except sqlite3.OperationalError as exc:
+                busy = "locked" in str(exc) or "busy" in str(exc)
+                if not busy or time.monotonic() > deadline:
+                    raise
+                time.sleep(random.uniform(0.02, 0.2))
 
     def _init_schema(self) -> None:
         tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
