@@ -4,6 +4,7 @@ Parses options, calls `cxrmax.labeler.files` (read, label, write) and renders wi
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import typer
 
 from cxrmax.cli.common import console, interruptible, user_errors
 from cxrmax.cli.options import LABEL_INPUT_FORMATS, Choice, choice_option, out_option
+from cxrmax.core.errors import InputError
 
 _STATUS_STYLE = {"positive": "bold green", "negative": "bold red", "uncertain": "bold yellow"}
 _PREVIEW_CHARS = 70
@@ -77,6 +79,11 @@ def label(
     keep: list[str] = typer.Option(
         [], "--keep", help="Copy this input column/field to --out (repeatable), e.g. --keep sample_id."
     ),
+    allow_empty: bool = typer.Option(
+        False,
+        "--allow-empty",
+        help="Accept an input with no text (default: an error; --out then writes an empty table).",
+    ),
 ) -> None:
     """Label texts with the 14 CheXpert observations (status, laterality, refusal, hedging).
 
@@ -101,6 +108,13 @@ def label(
         chunks = iter_text_chunks(
             source, text_field, kind.format, keep=keep, lenient=lenient, skipped=skipped
         )
+        first = next((chunk for chunk in chunks if chunk.texts), None)
+        if first is None and not allow_empty:
+            raise InputError(
+                f"{source}: no text to label (0 rows{'' if kind.format == 'lines' else f' with field {text_field!r}'}); "
+                "nothing written (--allow-empty accepts an empty input)"
+            )
+        chunks = itertools.chain([first] if first is not None else [], chunks)
         totals = _Totals()
         if out is not None:
             _label_to_file(chunks, out, keep, processes, totals)

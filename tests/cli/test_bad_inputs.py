@@ -66,6 +66,11 @@ CASES = [
         ["unterminated.jsonl row 1", "not a JSON line", "Unterminated string"],
     ),
     (
+        "nothing to label",
+        ["label", "{data}/empty.jsonl", "--out", "{tmp}/labels.arrow"],
+        ["no text to label", "--allow-empty"],
+    ),
+    (
         "one source per sample",
         ["build-preferences", "{data}/one-source.jsonl", "--out", "{tmp}/o"],
         ["0 preference rows", "--min-sources 2"],
@@ -116,6 +121,7 @@ def data(tmp_path_factory, mini):
             for m, t in enumerate(TEXTS)
         ],
     )
+    (root / "empty.jsonl").write_text("")
     (root / "many.txt").write_text("".join(TEXTS[i % 3] + "\n" for i in range(100_000)))
     sft_row = {
         "sample_id": "s0",

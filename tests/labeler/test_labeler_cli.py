@@ -117,7 +117,10 @@ def test_keep_columns_and_empty_input(tmp_path):
     assert result.exit_code == 2 and "field 'missing'" in flat(result.output)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
+    # An empty input is an error (issue 16: an empty result fails with the reason) unless allowed.
     result = runner.invoke(app, ["label", str(empty), "--out", str(out)])
+    assert result.exit_code == 2 and "no text to label" in flat(result.output)
+    result = runner.invoke(app, ["label", str(empty), "--out", str(out), "--allow-empty"])
     assert result.exit_code == 0, result.output
     with pa.memory_map(str(out)) as handle:
         assert pa.ipc.open_file(handle).read_all().num_rows == 0
