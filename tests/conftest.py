@@ -39,3 +39,14 @@ def mini_mimic_dicom(tmp_path_factory):
     return make_mini_mimic(
         tmp_path_factory.mktemp("mini-mimic-dicom") / "mimic", studies=12, seed=1, dicom=True
     )
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core box they only contend."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

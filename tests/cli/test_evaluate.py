@@ -9,26 +9,18 @@ import json
 import shlex
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cxrmax.cli import app
 from cxrmax.core.schemas import SFT_SCHEMA
 from cxrmax.leaderboard.store import Board
-from tests.helpers.training import POSITIVE, PROMPT, save_dataset
+from tests.helpers.training import positive_sft_rows, save_dataset
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 runner = CliRunner()
 #: Few images, short answers, few resamples: the run's logic, not its statistics.
 FAST = ["--studies", "2", "--max-tokens", "6", "--n-boot", "20"]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """A tiny model gains nothing from intra-op threads; on a shared 2-core box they only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -98,17 +90,7 @@ def test_an_adapter_beside_a_source_on_the_board(tiny_vlm_path, adapter, mini_mi
 
 def test_train_apo_prints_the_evaluate_command_to_run_next(tiny_lm_path, mini_mimic, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    rows = [
-        {
-            "sample_id": f"s{i}",
-            "split": "train",
-            "image_path": None,
-            "prompt": PROMPT.format(label="effusion"),
-            "completion": POSITIVE,
-            "model": "m0",
-        }
-        for i in range(2)
-    ]
+    rows = positive_sft_rows(2)
     sft = save_dataset(rows, SFT_SCHEMA, tmp_path / "sft-data")
     trained = runner.invoke(
         app,

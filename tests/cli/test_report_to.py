@@ -9,32 +9,15 @@ from typer.testing import CliRunner
 
 from cxrmax.cli import app
 from cxrmax.core.schemas import SFT_SCHEMA
-from tests.helpers.training import POSITIVE, PROMPT, save_dataset
+from tests.helpers.training import positive_sft_rows, save_dataset
 
 pytest.importorskip("tensorboard", reason="tensorboard is in the train extra (pip install -e '.[train]')")
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """A tiny model gains nothing from intra-op threads; on a shared 2-core box they only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_report_to_tensorboard_writes_event_files(tiny_lm_path, tmp_path):
-    rows = [
-        {
-            "sample_id": f"s{i}",
-            "split": "train",
-            "image_path": None,
-            "prompt": PROMPT.format(label="effusion"),
-            "completion": POSITIVE,
-            "model": "m0",
-        }
-        for i in range(4)
-    ]
+    rows = positive_sft_rows(4)
     sft = save_dataset(rows, SFT_SCHEMA, tmp_path / "sft-data")
     out = tmp_path / "run"
     result = CliRunner().invoke(

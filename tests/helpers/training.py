@@ -52,6 +52,21 @@ def save_dataset(rows: list[dict], schema: pa.Schema, path: Path, split: str = "
     return path
 
 
+def positive_sft_rows(n: int) -> list[dict]:
+    """``n`` SFT rows whose completion is the positive (one model)."""
+    return [
+        {
+            "sample_id": f"s{i}",
+            "split": "train",
+            "image_path": None,
+            "prompt": PROMPT.format(label="effusion"),
+            "completion": POSITIVE,
+            "model": "m0",
+        }
+        for i in range(n)
+    ]
+
+
 def sft_rows(n: int = 8) -> list[dict]:
     """SFT rows: the positive on odd samples, a random negative answer on even ones, three models."""
     return [
