@@ -55,14 +55,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
 
+    import datasets
     import torch
     from datasets import load_from_disk
+    from transformers.utils import logging as hf_logging
 
     from apo_train.config import APOConfig, SFTStageConfig
     from apo_train.trainer import run_apo, run_sft
-
-    import datasets
-    from transformers.utils import logging as hf_logging
 
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
