@@ -31,7 +31,7 @@ from accelerate import PartialState
 
 from apo_train.config import APOConfig, SFTStageConfig, config_field_names
 from apo_train.data import load_split
-from apo_train.trainer import run_apo, run_sft
+from apo_train.trainer import completed_with, interrupted_checkpoint, run_apo, run_sft
 from cxrmax.core.errors import InputError, where
 
 if sys.version_info >= (3, 11):
@@ -215,6 +215,22 @@ def _check_data(spec: PipelineSpec, model_consensus: bool) -> None:
         load_split(cfg.dataset_path, cfg.dataset_split, ("prompt", "chosen", "rejected"))
 
 
+def _resumes_stage2(
+    spec: PipelineSpec, sft_cfg: Any, stage1_model: str, preferences: str | None, model_consensus: bool
+) -> bool:
+    """Whether ``--stage all`` picks up an interrupted Stage 2: Stage 1 finished with exactly these
+    settings (its ``completed.json``) and Stage 2 left an interrupted checkpoint. Retraining Stage 1
+    would throw away its model and make the checkpoint's reference model another one."""
+    if spec.stage != "all" or completed_with(sft_cfg.output_dir, sft_cfg) is None:
+        return False
+    if model_consensus:  # Stage 2 trains on the rebuilt preferences; they must be there as well
+        preferences = str(Path(spec.out) / "consensus" / "preferences")
+        if not Path(preferences).is_dir():
+            return False
+    apo_cfg = stage_config(spec, "apo", stage1_model, preferences)
+    return interrupted_checkpoint(apo_cfg.output_dir) is not None
+
+
 def run_pipeline(
     spec: PipelineSpec, console: Any | None = None, rebuild: RebuildPreferences | None = None
 ) -> dict[str, Any]:
@@ -243,11 +259,26 @@ def run_pipeline(
         sft_cfg = stage_config(spec, "sft", spec.model, spec.sft_data)
         if model_consensus:
             sft_cfg.merge_adapter = True  # the consensus backend loads a full model dir
-        results["sft"] = run_sft(
-            sft_cfg, console=console, resume_from_checkpoint=spec.resume if spec.stage == "sft" else None
-        )
+        if _resumes_stage2(spec, sft_cfg, stage1_output(sft_cfg), preferences, model_consensus):
+            if console is not None:
+                console.print(
+                    f"[bold]sft[/]: kept: Stage 1 finished in {sft_cfg.output_dir} with these settings and "
+                    "Stage 2 was interrupted; resuming Stage 2"
+                )
+            finished = completed_with(sft_cfg.output_dir, sft_cfg) or {}
+            results["sft"] = {
+                "skipped": "finished with the same settings",
+                "saved": finished.get("saved") or {"model": sft_cfg.output_dir},
+                "log_history": [],
+            }
+        else:
+            results["sft"] = run_sft(
+                sft_cfg, console=console, resume_from_checkpoint=spec.resume if spec.stage == "sft" else None
+            )
         apo_model = stage1_output(sft_cfg)
-        if model_consensus:
+        if model_consensus and "skipped" in results["sft"]:
+            preferences = str(Path(spec.out) / "consensus" / "preferences")  # rebuilt by the first run
+        elif model_consensus:
             assert rebuild is not None  # checked above, before Stage 1
             preferences = rebuild_preferences_with_model(spec, apo_model, rebuild, console)
     if spec.stage in ("apo", "all"):

@@ -459,6 +459,28 @@ def interrupted_checkpoint(output_dir: str | Path) -> Path | None:
     return checkpoint if checkpoint.is_dir() else None
 
 
+#: Written to a stage's output folder when its training finished and its outputs were saved: the
+#: settings it ran with, so a rerun of ``--stage all`` that resumes Stage 2 can keep Stage 1.
+COMPLETED_FILE = "completed.json"
+
+
+def stage_settings(cfg: Any) -> dict[str, Any]:
+    """A stage's settings as JSON values (what :data:`COMPLETED_FILE` records and reruns compare)."""
+    return json.loads(cfg.to_json_string())
+
+
+def completed_with(output_dir: str | Path, cfg: Any) -> dict[str, Any] | None:
+    """What the stage in ``output_dir`` recorded when it finished (its step and saved paths), when it
+    finished with exactly ``cfg``'s settings; else None."""
+    try:
+        recorded = json.loads((Path(output_dir) / COMPLETED_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(recorded, dict) or recorded.get("settings") != stage_settings(cfg):
+        return None
+    return recorded
+
+
 def _stop_interrupted(trainer: Any, cfg: Any, signum: int) -> TrainingInterrupted:
     """Record the checkpoint the interrupted training saved; the error says how to resume."""
     step = trainer.state.global_step
@@ -492,6 +514,8 @@ def _train_and_save(
             resume_from_checkpoint = str(checkpoint)
             if console is not None and is_main_process():
                 console.print(f"resuming the interrupted run from {checkpoint}")
+    if trainer.is_world_process_zero():  # a retrain that stops half way is not a finished stage
+        (Path(cfg.output_dir) / COMPLETED_FILE).unlink(missing_ok=True)
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
     try:
@@ -503,6 +527,11 @@ def _train_and_save(
     if trainer.is_world_process_zero():
         (Path(cfg.output_dir) / INTERRUPTED_FILE).unlink(missing_ok=True)
     saved = save_outputs(trainer, processor, cfg)
+    if trainer.is_world_process_zero():
+        atomic_write_json(
+            Path(cfg.output_dir) / COMPLETED_FILE,
+            {"step": trainer.state.global_step, "saved": saved, "settings": stage_settings(cfg)},
+        )
     return {
         "saved": saved,
         "stats": stats.as_dict(),

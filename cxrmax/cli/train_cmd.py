@@ -290,6 +290,9 @@ def train_apo(
         from apo_train.trainer import is_main_process
 
         for name, result in results.items() if is_main_process() else ():
+            if "skipped" in result:
+                console.print(f"[green]{name} kept[/]: {_saved_what(result['saved'])} ({result['skipped']})")
+                continue
             history = [h for h in result["log_history"] if "loss" in h]
             last = history[-1] if history else {}
             shown = ", ".join(

@@ -21,7 +21,7 @@ from apo_train.data import (
     tokenize_sft,
 )
 from apo_train.modeling import attach_lora, load_model, load_processor
-from apo_train.trainer import APOTrainer, completion_logps, run_apo, run_sft, split_rows
+from apo_train.trainer import APOTrainer, completed_with, completion_logps, run_apo, run_sft, split_rows
 from cxrmax.core.errors import InputError
 from cxrmax.core.schemas import PREFERENCE_SCHEMA, SFT_SCHEMA
 from tests.helpers.training import (
@@ -394,3 +394,18 @@ def test_data_summaries_name_only_counters_that_apply():
     assert data_summary(stats, preferences=False) == "8/10 samples kept; dropped: invalid 2"
     assert "dropped: no negatives 3" in data_summary(stats, preferences=True)
     assert data_summary(TruncationStats(samples_in=4, samples_kept=4), preferences=True) == "4/4 samples kept"
+
+
+def test_a_finished_stage_records_its_settings_and_other_settings_do_not_match(
+    tiny_lm_path, pref_path, tmp_path
+):
+    cfg = apo_config(tmp_path, tiny_lm_path, pref_path, max_steps=1)
+    assert completed_with(cfg.output_dir, cfg) is None  # nothing finished yet
+    run_apo(cfg)
+    record = completed_with(cfg.output_dir, cfg)
+    assert record is not None and record["step"] == 1 and record["saved"]["model"] == cfg.output_dir
+    assert completed_with(cfg.output_dir, apo_config(tmp_path, tiny_lm_path, pref_path, max_steps=2)) is None
+    assert (
+        completed_with(cfg.output_dir, apo_config(tmp_path, tiny_lm_path, pref_path, max_steps=1, beta=0.5))
+        is None
+    )

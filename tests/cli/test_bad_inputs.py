@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from cxrmax.core.schemas import SFT_SCHEMA
-from tests.helpers.training import POSITIVE, PROMPT, negative_answer, save_dataset
+from cxrmax.core.schemas import PREFERENCE_SCHEMA, SFT_SCHEMA
+from tests.helpers.training import POSITIVE, PROMPT, negative_answer, preference_rows, save_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = (
@@ -401,6 +401,36 @@ def test_train_apo_interrupted_saves_a_checkpoint_and_the_rerun_resumes(
     assert resumed and min(resumed) >= step  # the rerun went on from the saved step, not from 1
     assert max(steps) == step + 2
     assert not (tmp_path / "run" / "sft" / "interrupted.json").exists()
+
+
+@pytest.mark.slow
+def test_stage_all_interrupted_in_stage2_keeps_stage1_and_resumes(tiny_lm_path, sft_data, tmp_path):
+    """`--stage all` stopped during APO: the rerun keeps the finished SFT model (it is APO's reference)
+    and goes on from APO's checkpoint, instead of training Stage 1 again."""
+    prefs = save_dataset(preference_rows(16), PREFERENCE_SCHEMA, tmp_path / "preferences")
+    run = tmp_path / "run"
+    argv = [*TRAIN, "--stage", "all", "--model", str(tiny_lm_path), "--sft-data", str(sft_data),
+            "--preferences", str(prefs), "--out", str(run), "--set", "sft.max_steps=3"]  # fmt: skip
+    log = run / "apo" / "log.jsonl"
+    code, _, err, _, _ = interrupt(
+        [*argv, "--set", "apo.max_steps=100000"],
+        tmp_path,
+        lambda pid: _log_lines(log) >= 2,
+        signal.SIGINT,
+        settle=0.3,
+    )
+    assert code == 130, err
+    step = json.loads((run / "apo" / "interrupted.json").read_text())["step"]
+    sft_weights = sorted((run / "sft").glob("*.safetensors"))
+    assert sft_weights and (run / "sft" / "completed.json").is_file()
+    before = {path: path.stat().st_mtime_ns for path in sft_weights}
+
+    rerun = run_cli([*argv, "--set", f"apo.max_steps={step + 2}"], tmp_path, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "sft kept" in rerun.stdout and f"resuming the interrupted run from {run / 'apo'}" in rerun.stdout
+    assert {path: path.stat().st_mtime_ns for path in sft_weights} == before  # Stage 1 not retrained
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert max(steps) == step + 2 and min(steps[steps.index(step) + 1 :]) >= step
 
 
 # ------------------------------------------------------------------------------------ next: hints
