@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from cxrmax.core.errors import InputError, where
 from cxrmax.core.hf import adapter_base
-from cxrmax.core.io import atomic_path, atomic_write_text
+from cxrmax.core.io import atomic_path, atomic_write_text, iter_arrow_batches
 from cxrmax.generate.orchestrator import GenerateOptions, generate
 from cxrmax.generate.progress import ProgressReporter, RunStats
 from cxrmax.generate.prompts import load_prompt
@@ -54,8 +54,9 @@ _COLUMNS = ["sample_id", "study_id", "model", "sample_index", "text"]
 
 @dataclass
 class EvaluateOptions:
-    """What one `cxrmax evaluate` run needs. Sampling left at None comes from the roster entry of the
-    model's base (pipelines/models.toml), else the roster's default: the sources' sampling."""
+    """What one `cxrmax evaluate` run needs. Sampling left at None is the sources' own, as their
+    trajectories record it (the most common one when they differ, with a note); without recorded
+    sources, the roster entry of the model's base (pipelines/models.toml), else the roster's default."""
 
     model: str
     mimic_root: Path
@@ -163,16 +164,57 @@ def source_sampling(model: str) -> dict[str, Any]:
     return dict(DEFAULT_SAMPLING)
 
 
+def recorded_sampling(
+    out_dir: str | Path, skip: str | None = None
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """The sampling a generate output's answers were made with, as its trajectories record it (the
+    ``sampling`` column of each model's first row; ``skip``: a model folder to leave out), and the
+    models whose sampling differs from it. The most common sampling wins; None when none is recorded."""
+    seen: dict[str, list[str]] = {}
+    for folder in model_dirs(out_dir):
+        files = sorted(folder.glob("part-*.arrow"))
+        if folder.name == skip or not files:
+            continue
+        first = next((b for b in iter_arrow_batches(files[0], ["sampling"]) if b.num_rows), None)
+        try:
+            recorded = json.loads(first.column(0)[0].as_py()) if first is not None else None
+        except (TypeError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict) and all(k in recorded for k in DEFAULT_SAMPLING):
+            key = json.dumps({k: recorded[k] for k in DEFAULT_SAMPLING}, sort_keys=True)
+            seen.setdefault(key, []).append(folder.name)
+    if not seen:
+        return None, []
+    common = max(seen, key=lambda key: len(seen[key]))
+    return json.loads(common), sorted(m for key, models in seen.items() if key != common for m in models)
+
+
+def evaluation_sampling(options: EvaluateOptions, name: str, notes: list[str]) -> dict[str, Any]:
+    """The sampling the evaluated model answers with (flags still override it): the sources' own, as
+    their trajectories record it, so the model's rows compare with theirs; else the roster's."""
+    root = Path(options.sources) if options.sources is not None else Path(options.out)
+    recorded, others = recorded_sampling(root, skip=safe_dir_name(name))
+    if recorded is None:
+        return source_sampling(options.model)
+    if others:
+        notes.append(
+            f"sources sampled differently: {', '.join(others)} differ from the most common sampling "
+            f"{json.dumps(recorded, sort_keys=True)}, which the model uses"
+        )
+    return recorded
+
+
 def evaluate(options: EvaluateOptions, progress: ProgressReporter | None = None) -> EvaluateResult:
     """Select the test split, generate the model's answers (resumable), score them and the sources'
     on the rationale and label tasks, and submit to the board when asked (see the module docstring)."""
     name = options.name or default_name(options.model)
     folder = Path(options.out) / "evaluate" / safe_dir_name(name)
     selection, test = _select_test(options, folder)
-    generate_options = _generate_options(options, name, folder, selection)
+    notes: list[str] = []
+    sampling = evaluation_sampling(options, name, notes)
+    generate_options = _generate_options(options, name, folder, selection, sampling)
     stats = generate(generate_options, progress=progress)
     sample_ids = test.column("sample_id").combine_chunks()
-    notes: list[str] = []
     scorer = _Scorer(options, folder, sample_ids, _labelled_studies(options.mimic_root, notes), notes)
     evaluated = scorer.score(folder / "trajectories" / safe_dir_name(name), "evaluated")
     if evaluated is None:
@@ -212,11 +254,13 @@ def _select_test(options: EvaluateOptions, folder: Path) -> tuple[Path, pa.Table
     return selection, test
 
 
-def _generate_options(options: EvaluateOptions, name: str, folder: Path, selection: Path) -> GenerateOptions:
+def _generate_options(
+    options: EvaluateOptions, name: str, folder: Path, selection: Path, sampling: dict[str, Any]
+) -> GenerateOptions:
     """generate's options: the in-process transformers backend on the model folder (or Hub id)."""
     path = Path(options.model)
     model_path = str(path.resolve()) if path.is_dir() else options.model
-    spec = ModelSpec(name=name, hf_id=model_path, sampling=source_sampling(options.model), in_roster=False)
+    spec = ModelSpec(name=name, hf_id=model_path, sampling=sampling, in_roster=False)
     return GenerateOptions(
         model=spec,
         selection=selection,
@@ -334,4 +378,13 @@ def _submit(row: ModelScores, options: EvaluateOptions, notes: list[str]) -> dic
     return entries
 
 
-__all__ = ["EvaluateOptions", "EvaluateResult", "ModelScores", "default_name", "evaluate", "source_sampling"]
+__all__ = [
+    "EvaluateOptions",
+    "EvaluateResult",
+    "ModelScores",
+    "default_name",
+    "evaluate",
+    "evaluation_sampling",
+    "recorded_sampling",
+    "source_sampling",
+]

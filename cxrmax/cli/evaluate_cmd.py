@@ -40,13 +40,16 @@ def evaluate(
     ),
     samples: int = typer.Option(1, "--samples", min=1, help="Answers per test image."),
     temperature: float = typer.Option(
-        None, "--temperature", min=0.0, help="Sampling temperature (default: the roster's)."
+        None,
+        "--temperature",
+        min=0.0,
+        help="Sampling temperature (default: the sources', else the roster's).",
     ),
     top_p: float = typer.Option(
-        None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: the roster's)."
+        None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling (default: the sources', else the roster's)."
     ),
     max_tokens: int = typer.Option(
-        None, "--max-tokens", min=1, help="Answer length limit (default: the roster's)."
+        None, "--max-tokens", min=1, help="Answer length limit (default: the sources', else the roster's)."
     ),
     studies: int = typer.Option(None, "--studies", min=1, help="A deterministic sample of the test studies."),
     seed: int = typer.Option(0, "--seed", help="Base seed of the requests and the bootstrap."),

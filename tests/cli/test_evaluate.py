@@ -133,3 +133,24 @@ def test_evaluate_is_listed_with_its_conventions():
     assert result.exit_code == 0
     for option in ("--mimic-root", "--out", "--json", "--submit", "--board", "--sources", "--verbose"):
         assert option in result.output
+
+
+def test_the_model_samples_as_the_sources_did_unless_told(tiny_vlm_path, mini_mimic, tmp_path):
+    """The sources' trajectories record their sampling: the evaluated model answers with it (its
+    rows then compare with theirs), and a flag still overrides it."""
+    source_run = tmp_path / "source-run"
+    _evaluate(
+        str(tiny_vlm_path), "--mimic-root", str(mini_mimic), "--out", str(source_run), "-n", "src",
+        "--temperature", "0.3", "--top-p", "0.8",
+    )  # fmt: skip
+    sources = ["--sources", str(source_run / "evaluate" / "src"), "--mimic-root", str(mini_mimic)]
+    follows = _evaluate(str(tiny_vlm_path), "-n", "model", "--out", str(tmp_path / "a"), *sources)
+    assert follows["sampling"] == {"temperature": 0.3, "top_p": 0.8, "max_tokens": 6, "seed": 0}
+    told = _evaluate(
+        str(tiny_vlm_path), "-n", "model", "--out", str(tmp_path / "b"), *sources, "--top-p", "1"
+    )
+    assert told["sampling"] == {"temperature": 0.3, "top_p": 1.0, "max_tokens": 6, "seed": 0}
+    alone = _evaluate(
+        str(tiny_vlm_path), "-n", "model", "--out", str(tmp_path / "c"), "--mimic-root", str(mini_mimic)
+    )
+    assert alone["sampling"] == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 6, "seed": 0}  # the roster's
