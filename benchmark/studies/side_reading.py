@@ -11,6 +11,7 @@ estimate). Held-out = the test and validate images, which no teacher saw; 0.5 is
 
     python benchmark/studies/side_reading.py                        # the default variants, ~10 min
     python benchmark/studies/side_reading.py --steps 300 --variant base --variant theta=10+mrope=[1,1,6]
+    python benchmark/studies/side_reading.py --studies 240 --weight-decay 0.1 --variant base
 
 A variant is ``base`` or ``+``-joined config overrides of the tiny Qwen2-VL: ``theta=V`` (the language
 model's rope theta), ``mrope=[t,h,w]`` (its multimodal rope sections), ``v.KEY=V`` (vision config),
@@ -51,9 +52,11 @@ def _override(config: dict, variant: str) -> dict:
     return config
 
 
-def train_variant(path: Path, variant: str, examples: list, steps: int, edge: int, seed: int) -> float:
-    """Build the tiny VLM with ``variant``'s overrides and train it as the faithful teacher; returns
-    its last training loss."""
+def train_variant(
+    path: Path, variant: str, examples: list, steps: int, edge: int, seed: int, weight_decay: float = 0.0
+) -> float:
+    """Build the tiny VLM with ``variant``'s overrides and train it as the faithful teacher (AdamW with
+    ``weight_decay``; the demo's teachers use none); returns its last training loss."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     faithful = sim.TeacherSpec("faithful")
@@ -62,9 +65,21 @@ def train_variant(path: Path, variant: str, examples: list, steps: int, edge: in
     (path / "config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_pretrained(path)).save_pretrained(path)
-    stats = sim.train_teacher(
-        path, sim.assign_targets(examples, faithful, seed), steps=steps, seed=seed, max_edge=edge
-    )
+    demo_optimizer = sim._teacher_optimizer
+
+    def with_decay(model: torch.nn.Module, lr: float, steps: int) -> tuple:
+        optimizer, schedule = demo_optimizer(model, lr, steps)
+        for group in optimizer.param_groups:
+            group["weight_decay"] = weight_decay
+        return optimizer, schedule
+
+    sim._teacher_optimizer = with_decay
+    try:
+        stats = sim.train_teacher(
+            path, sim.assign_targets(examples, faithful, seed), steps=steps, seed=seed, max_edge=edge
+        )
+    finally:
+        sim._teacher_optimizer = demo_optimizer
     return stats.last_loss
 
 
@@ -114,6 +129,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, action="append", help="teacher steps (repeatable; default 300)")
     parser.add_argument("--variant", action="append", help="model variant (repeatable; see above)")
     parser.add_argument("--edge", type=int, default=112, help="image longest edge (the demo's 112)")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (demo: 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = parser.parse_args()
@@ -132,7 +148,8 @@ def main() -> None:
         held_examples, _ = sim.examples_from_selection(held_out, root, side_hint=False, prompt=prompt)
         print(
             f"mini MIMIC-CXR {args.studies} studies: {len(train_examples)} train and {len(held_examples)} "
-            f"held-out frontal images; paper's prompt (no sides); images {args.edge} px"
+            f"held-out frontal images; paper's prompt (no sides); images {args.edge} px; "
+            f"weight decay {args.weight_decay}"
         )
         print("| variant | steps | last loss | train first-mention acc. | held-out acc. [95% CI] | seconds |")
         print("|---|---|---|---|---|---|")
@@ -140,7 +157,9 @@ def main() -> None:
             for steps in steps_list:
                 started = time.perf_counter()
                 path = work / f"model-{len(list(work.glob('model-*')))}"
-                loss = train_variant(path, variant, train_examples, steps, args.edge, args.seed)
+                loss = train_variant(
+                    path, variant, train_examples, steps, args.edge, args.seed, args.weight_decay
+                )
                 tc, tn = first_mention_accuracy(path, train_examples[:120], args.edge)
                 hc, hn = first_mention_accuracy(path, held_examples, args.edge)
                 low, high = wilson(hc, hn)
