@@ -1188,9 +1188,10 @@ def print_result(result: DemoResult, console: Any) -> None:
         "over 'sides' comparisons), words: read by the labeler; [low, high]: 95% bootstrap intervals over the "
         "test answers; students: mean ± sd over seeds [interval over all seeds' answers pooled]",
         highlight=False,
+        markup=False,  # the brackets are text
     )
     for line in _floor_lines(result):
-        console.print(f"  {line}", highlight=False)
+        console.print(f"  {line}", highlight=False, markup=False)
     if result.drift_report:
         drift = Table(
             title=f"Drift report of build-preferences (train split, {result.drift_report['samples']} samples)"
