@@ -49,6 +49,13 @@ class StageArguments:
         default=1024, metadata={"help": "Longest image edge after preprocessing (as generate)."}
     )
     max_pixels: int | None = field(default=None, metadata={"help": "Optional pixel cap for preprocessing."})
+    image_jpeg_quality: int | None = field(
+        default=None,
+        metadata={
+            "help": "Re-encode each preprocessed image as JPEG at this quality (generate's backends "
+            "send quality 90), so the model trains on the pixels it is served; None: as decoded."
+        },
+    )
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     max_length: int = field(
         default=4096, metadata={"help": "Max tokens per row (prompt + image + completion)."}

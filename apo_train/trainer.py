@@ -410,7 +410,9 @@ def _encoder(
 ) -> ChatEncoder:
     """The chat encoder of a stage; a vision-language model given rows with images but no image root
     (``--mimic-root``) trains on text only, which it says rather than doing silently."""
-    encoder = ChatEncoder(processor, cfg.image_root, cfg.max_edge, cfg.max_pixels, cfg.system_prompt)
+    encoder = ChatEncoder(
+        processor, cfg.image_root, cfg.max_edge, cfg.max_pixels, cfg.system_prompt, cfg.image_jpeg_quality
+    )
     if encoder.is_vlm and encoder.image_root is None and "image_path" in dataset.column_names:
         with_image = sum(path is not None for path in dataset["image_path"])
         if with_image and is_main_process():

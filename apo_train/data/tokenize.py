@@ -28,6 +28,7 @@ Truncation policy (``max_length`` counts prompt + image tokens + completion):
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,10 +38,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from jinja2 import TemplateError
+from PIL import Image
 
 from apo_train.data.load import check_column_types
 from cxrmax.core.errors import InputError, where
-from cxrmax.mimic.images import preprocess
+from cxrmax.mimic.images import encode_jpeg, preprocess
 
 
 class ChatEncoder:
@@ -49,6 +51,9 @@ class ChatEncoder:
     ``processor`` is a VLM processor (with ``image_processor`` and ``tokenizer``) or a plain tokenizer
     (text-only model: images are ignored). ``image_root`` is the MIMIC-CXR root that ``image_path`` is
     relative to; ``max_edge`` / ``max_pixels`` are handed to ``cxrmax.mimic.images.preprocess``.
+    ``jpeg_quality``: re-encode the preprocessed image as JPEG at this quality and decode it again,
+    which is what generate's backends deliver to a model (quality 90), so the model trains on the pixels
+    it is later asked about; None keeps the decoded image.
     """
 
     def __init__(
@@ -58,8 +63,10 @@ class ChatEncoder:
         max_edge: int = 1024,
         max_pixels: int | None = None,
         system_prompt: str | None = None,
+        jpeg_quality: int | None = None,
     ) -> None:
         self.processor = processor
+        self.jpeg_quality = jpeg_quality
         self.is_vlm = hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")
         self.tokenizer = processor.tokenizer if self.is_vlm else processor
         self.image_root = Path(image_root) if image_root is not None else None
@@ -116,7 +123,10 @@ class ChatEncoder:
             raise InputError(
                 f"{where(full)}: image not found (image_path {image_path!r} under the image root)"
             )
-        return preprocess(full, max_edge=self.max_edge, max_pixels=self.max_pixels).convert("RGB")
+        image = preprocess(full, max_edge=self.max_edge, max_pixels=self.max_pixels)
+        if self.jpeg_quality is not None:
+            image = Image.open(io.BytesIO(encode_jpeg(image, quality=self.jpeg_quality)))
+        return image.convert("RGB")
 
     def vision_inputs(self, image: Any) -> dict[str, torch.Tensor]:
         """pixel_values / image_grid_thw (etc.) for one image, exactly as the processor makes them."""

@@ -28,7 +28,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +38,8 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
 import torch
 from rich.table import Table
 from transformers.utils import logging as hf_logging
@@ -61,6 +65,7 @@ from cxrmax.testing.mini_mimic import make_mini_mimic
 from cxrmax.testing.openai_server import serve_in_thread
 from cxrmax.toy import report
 from cxrmax.toy import teachers as sim
+from cxrmax.toy.pool import pool_map, spawn_pool
 from cxrmax.toy.tinyvlm import build_tiny_vlm
 
 TOY_NOTICE = (
@@ -76,7 +81,7 @@ class DemoSize:
 
     studies: int
     teacher_steps: int
-    train_images: int  # train-split images the teachers answer (preference data)
+    train_images: int | None  # train-split images the teachers answer (preference data); None: all
     test_samples: int  # answers per test image (drift is measured over them)
     sft_steps: int
     apo_steps: int
@@ -84,20 +89,36 @@ class DemoSize:
     teacher_batch: int = 16
     teacher_lr: float = 8e-3
     image_max_edge: int = 112
+    # Students (see train_students): SFT as the teachers are trained, then APO / DPO from the SFT model.
+    sft_batch: int = 16
+    sft_lr: float = 8e-3
+    apo_batch: int = 4  # samples per step, each 1 positive + its negatives
+    # Chosen by benchmark/studies/apo_sweep.py (README there): of lr {1e-4, 3e-4, 1e-3} x beta {0.1, 0.5},
+    # the lowest summed drift rates among the settings whose quality stays at the SFT student's.
+    apo_lr: float = 3e-4
+    apo_beta: float = 0.1
+    student_seeds: int = 3  # the student stage is repeated over this many seeds (teachers fixed)
 
 
 SIZES: dict[str, DemoSize] = {
-    # The test suite's size: every stage runs for real, on little data.
+    # The test suite's size: every stage runs for real, on little data; two seeds of the students.
     "small": DemoSize(
-        studies=60, teacher_steps=100, train_images=24, test_samples=2, sft_steps=100, apo_steps=16
+        studies=60,
+        teacher_steps=100,
+        train_images=None,
+        test_samples=2,
+        sft_steps=100,
+        apo_steps=16,
+        student_seeds=2,
     ),
-    # Fits the 5-minute budget on 2 CPU cores while every teacher's drift stays visible.
+    # Every teacher's drift visible; students trained as long as the teachers (300 steps of 16) on
+    # every train image's answers, APO / DPO at the setting of benchmark/studies/apo_sweep.py, 3 seeds.
     "default": DemoSize(
-        studies=240, teacher_steps=300, train_images=64, test_samples=2, sft_steps=80, apo_steps=16
+        studies=240, teacher_steps=300, train_images=None, test_samples=2, sft_steps=300, apo_steps=60
     ),
-    # More data and steps: clearer separation between teachers and students (about 10 minutes on 2 cores).
+    # More data and steps: tighter intervals (longer; see README).
     "large": DemoSize(
-        studies=400, teacher_steps=360, train_images=120, test_samples=3, sft_steps=200, apo_steps=60
+        studies=400, teacher_steps=360, train_images=None, test_samples=3, sft_steps=400, apo_steps=120
     ),
 }
 
@@ -122,6 +143,8 @@ class DemoResult:
     artifacts: dict[str, str] = field(default_factory=dict)
     drift_report: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    seed_rows: list[dict[str, Any]] = field(default_factory=list)  # every seed's students, scored
+    sft_floor: dict[str, Any] | None = None  # see sft_floor_report
 
     @property
     def total_seconds(self) -> float:
@@ -175,7 +198,8 @@ def _torch_threads() -> None:
 def make_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Any, Any]:
     """The mini MIMIC-CXR and the demo's selections: (root, train selection, test selection).
 
-    One frontal image per study; the train selection is a deterministic sample of ``train_images``."""
+    One frontal image per study; the train selection is a deterministic sample of ``train_images``
+    (every frontal train image when None)."""
     root = out / "mimic"
     if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
         make_mini_mimic(root, studies=size.studies, seed=seed)
@@ -435,7 +459,13 @@ def train_students(
     """SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO from the SFT model.
 
     Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``. The same
-    seed gives the same students whatever the machine's load or thread settings (see _torch_threads)."""
+    seed gives the same students whatever the machine's load or thread settings (see _torch_threads).
+
+    The SFT stage is the teachers' recipe (:func:`cxrmax.toy.teachers.train_teacher`): full fine-tuning
+    at ``sft_lr`` with a 5% warm-up then cosine decay, gradients clipped at 1, one optimizer step per
+    ``sft_batch`` rows (no accumulation to the paper's global batch of 32, which cut the number of
+    updates by four). APO and DPO start from the SFT model (also their reference) with the same
+    ``apo_lr``, ``apo_beta``, ``apo_batch`` and ``apo_steps``, so only the loss differs."""
     _torch_threads()
     common = {
         "image_root": str(mimic_root),
@@ -449,15 +479,19 @@ def train_students(
         "dataloader_num_workers": 0,
         "max_length": 1024,
         "jsonl_log": True,
+        "global_batch_size": None,  # one optimizer step per per-device batch
+        "image_jpeg_quality": 90,  # the pixels generate serves the student (and served the teachers)
+        "max_grad_norm": 1.0,
     }
     sft_cfg = SFTStageConfig(
         output_dir=str(out / "student-sft"),
         model_name_or_path=str(base),
         dataset_path=str(data / "sft"),
-        learning_rate=8e-3,  # a tiny model from scratch: the teachers' rate (see teachers.train_teacher)
+        learning_rate=size.sft_lr,
         warmup_steps=0.05,
+        lr_scheduler_type="cosine",
         max_steps=size.sft_steps,
-        per_device_train_batch_size=8,
+        per_device_train_batch_size=size.sft_batch,
         **common,
     )
     run_sft(sft_cfg, console=None)
@@ -468,17 +502,222 @@ def train_students(
             model_name_or_path=str(out / "student-sft"),
             dataset_path=str(data / "preferences"),
             loss_type=loss,
-            beta=0.1,  # the paper's (TRL's default)
-            # Far below the SFT rate, as in the paper (1e-4 -> 5e-7): at 1e-3 the tiny student's
-            # margins explode (about 17 after 60 steps) and its text degrades.
-            learning_rate=1e-4,
+            beta=size.apo_beta,
+            learning_rate=size.apo_lr,
+            warmup_steps=0.1,
             max_steps=size.apo_steps,
-            per_device_train_batch_size=2,
+            per_device_train_batch_size=size.apo_batch,
             **common,
         )
         run_apo(cfg, console=None)
         students[name] = out / name
     return students
+
+
+#: The students, in the table's order.
+STUDENTS = ("student-sft", "student-dpo", "student-apo")
+
+
+def seed_model(student: str, index: int) -> str:
+    """The model name of one seed's student: ``student-apo-seed1``."""
+    return f"{student}-seed{index}"
+
+
+@dataclass
+class _StudentJob:
+    out: Path  # OUT/students/seed-<index>
+    data: Path
+    mimic_root: Path
+    corpus: list[str]
+    size: DemoSize
+    seed: int
+    index: int
+    selection: Path
+    prompt: Any
+
+
+def _student_job(job: _StudentJob) -> dict[str, Path]:
+    """One seed of the student stage: a fresh base model (weights drawn from the seed), SFT, APO and
+    DPO, then each student answers the test split into ``job.out/eval``. Runs in a worker process."""
+    _torch_threads()
+    base = build_tiny_vlm(job.out / "base", corpus=job.corpus, seed=job.seed + 100)
+    students = train_students(job.out, job.data, job.mimic_root, base, job.size, job.seed, None)
+    named = {}
+    for name, path in students.items():
+        model = seed_model(name, job.index)
+        generate_answers(
+            model,
+            path,
+            job.selection,
+            job.mimic_root,
+            job.out / "eval",
+            job.size,
+            job.size.test_samples,
+            job.seed,
+            "transformers",
+            job.prompt,
+        )
+        named[model] = path
+    return named
+
+
+def train_student_seeds(
+    out: Path,
+    data: Path,
+    mimic_root: Path,
+    corpus: Sequence[str],
+    size: DemoSize,
+    seed: int,
+    selection: Path,
+    eval_out: Path,
+    prompt: Any = None,
+    workers: int | None = None,
+) -> dict[str, Path]:
+    """The student stage over ``size.student_seeds`` seeds (``seed``, ``seed + 1``, ...; the teachers
+    and their data fixed): per seed a base model, SFT, APO and DPO (:func:`train_students`) under
+    ``out/seed-<k>``, and their answers to ``selection`` moved into ``eval_out/trajectories`` as
+    ``student-*-seed<k>``. Seeds train in parallel, one single-threaded process each (at most one per
+    core); every seed's students are the same whatever the number of workers. Returns model -> folder."""
+    jobs = [
+        _StudentJob(out / f"seed-{k}", data, mimic_root, list(corpus), size, seed + k, k, selection, prompt)
+        for k in range(size.student_seeds)
+    ]
+    workers = max(1, min(workers if workers is not None else sim.default_workers(), len(jobs)))
+    if workers == 1:
+        results = [_student_job(job) for job in jobs]
+    else:
+        with spawn_pool(workers, initializer=_torch_threads) as pool:
+            results = list(pool_map(pool, _student_job, jobs))
+    models: dict[str, Path] = {}
+    (eval_out / "trajectories").mkdir(parents=True, exist_ok=True)
+    for job, named in zip(jobs, results, strict=True):
+        for model, path in named.items():
+            target = eval_out / "trajectories" / model
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(job.out / "eval" / "trajectories" / model), str(target))
+            models[model] = path
+    return models
+
+
+def pool_seeds(eval_out: Path, pooled_out: Path, seeds: int) -> None:
+    """Every seed's answers of each student in one folder per student under ``pooled_out/trajectories``
+    (model renamed ``student-*``), for a bootstrap interval over all the seeds' answers."""
+    for student in STUDENTS:
+        tables = []
+        for k in range(seeds):
+            table = read_trajectories(eval_out, model=seed_model(student, k))
+            column = table.schema.get_field_index("model")
+            tables.append(
+                table.set_column(column, "model", pa.array([student] * table.num_rows, pa.string()))
+            )
+        folder = pooled_out / "trajectories" / student
+        folder.mkdir(parents=True, exist_ok=True)
+        pooled = pa.concat_tables(tables)
+        with pa.OSFile(str(folder / "part-pooled-seeds.arrow"), "wb") as sink:
+            with ipc.new_file(sink, pooled.schema) as writer:
+                writer.write_table(pooled)
+
+
+#: Figures a student row carries per seed (mean and sd over seeds are computed from them).
+SEED_KEYS = (
+    "precision",
+    "recall",
+    "similarity",
+    "refusal_rate",
+    "hallucination_rate",
+    "laterality_error_rate",
+    "mean_words",
+)
+
+
+def seed_summary(pooled: dict[str, Any], per_seed: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """A student's row over seeds: the pooled row (its figures and 95% intervals over all the seeds'
+    answers) with, per figure, the per-seed values, their mean and their sd (``seeds``, ``seed_mean``,
+    ``seed_sd``; sd with n - 1, 0 for one seed)."""
+    row = dict(pooled)
+    values = {key: [_float(r.get(key)) for r in per_seed] for key in SEED_KEYS}
+    row["seeds"] = len(per_seed)
+    row["per_seed"] = values
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        row["seed_mean"] = {k: float(np.nanmean(v)) for k, v in values.items()}
+        row["seed_sd"] = {
+            k: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else 0.0 for k, v in values.items()
+        }
+    return row
+
+
+def _float(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def sft_row_logps(
+    model_dir: Path, data: Path, mimic_root: Path, size: DemoSize
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probability of every SFT row's completion under the model at ``model_dir`` (eval
+    mode, the rows as the SFT stage tokenizes them) and each row's number of completion tokens."""
+    from apo_train.data import ChatEncoder, SFTCollator, load_split, tokenize_sft
+    from apo_train.modeling import load_model, load_processor
+    from apo_train.trainer import completion_logps
+
+    _torch_threads()
+    raw = load_split(str(data / "sft"), "train", ("prompt", "completion"))
+    processor = load_processor(str(model_dir))
+    model = load_model(str(model_dir), "auto", None).eval()
+    encoder = ChatEncoder(processor, mimic_root, size.image_max_edge, jpeg_quality=90)
+    rows, _ = tokenize_sft(raw, encoder, max_length=1024, source=data / "sft")
+    collate = SFTCollator(encoder)
+    logps, counts = [], []
+    with torch.no_grad():
+        for start in range(0, rows.num_rows, 16):
+            batch = collate([rows[i] for i in range(start, min(start + 16, rows.num_rows))])
+            batch["prompt_lengths"] = torch.tensor(
+                [len(r) for r in rows[start : start + 16]["prompt_input_ids"]]
+            )
+            lp, n = completion_logps(model, batch, logits_to_keep=False)
+            logps.append(lp.numpy())
+            counts.append(n.numpy())
+    return np.concatenate(logps), np.concatenate(counts)
+
+
+def sft_loss_floor(teachers: dict[str, Path], data: Path, mimic_root: Path, size: DemoSize) -> dict[str, Any]:
+    """The loss the SFT student can reach on its rows, per completion token.
+
+    The SFT rows are every teacher's answers, so a student that learnt all of them perfectly is the
+    equal mixture of the teachers, p(y | x) = mean_k p_k(y | x); its per-token loss on the rows,
+    -sum log p(y | x) / tokens, is the floor of the student's SFT loss (the answers' entropy at
+    temperature 1), well above a teacher's own training loss on its own, nearly deterministic,
+    targets. Also each teacher's loss on the rows it wrote (``own``)."""
+    per_teacher = {name: sft_row_logps(path, data, mimic_root, size) for name, path in teachers.items()}
+    models = datasets.load_from_disk(str(data / "sft"))["train"]["model"]
+    logps = np.stack([per_teacher[name][0] for name in teachers])  # [K, rows]
+    counts = next(iter(per_teacher.values()))[1]
+    mixture = np.logaddexp.reduce(logps, axis=0) - np.log(len(teachers))
+    own = {}
+    for index, name in enumerate(teachers):
+        mine = np.array([m == name for m in models])
+        if mine.any():
+            own[name] = float(-logps[index, mine].sum() / counts[mine].sum())
+    return {"mixture": float(-mixture.sum() / counts.sum()), "own": own, "rows": int(len(counts))}
+
+
+def sft_floor_report(
+    teachers: dict[str, Path], students: dict[int, Path], data: Path, mimic_root: Path, size: DemoSize
+) -> dict[str, Any]:
+    """The SFT students' loss against the floor it should be compared with (:func:`sft_loss_floor`):
+    per seed the student's per-token loss on its SFT rows (eval mode) and the mean of its last logged
+    training losses, beside the teachers' mixture loss on the same rows."""
+    floor = sft_loss_floor(teachers, data, mimic_root, size)
+    per_seed = {}
+    for k, path in students.items():
+        logps, counts = sft_row_logps(path, data, mimic_root, size)
+        losses = [r["loss"] for r in report.read_log(path / "log.jsonl") if "loss" in r]
+        per_seed[k] = {
+            "rows_loss": float(-logps.sum() / counts.sum()),
+            "last_train_loss": float(np.mean(losses[-3:])) if losses else float("nan"),
+        }
+    return {**floor, "students": per_seed}
 
 
 # --------------------------------------------------------------------------------------------
@@ -580,6 +819,9 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     # 1. data
     with stages.stage("data", f"mini MIMIC-CXR with {spec.studies} studies"):
         root, train_all, test = make_data(out, spec, seed)
+    train_images = (
+        train_all.num_rows if spec.train_images is None else min(spec.train_images, train_all.num_rows)
+    )
     result.artifacts["mini MIMIC-CXR"] = str(root)
 
     # 2. teachers
@@ -597,7 +839,7 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     gen_out, eval_out = out / "generate", out / "eval"
     with stages.stage(
         "generate",
-        f"teachers served on 127.0.0.1 ({teacher_backend} backend) answer {spec.train_images} train images "
+        f"teachers served on 127.0.0.1 ({teacher_backend} backend) answer {train_images} train images "
         f"and {test.num_rows} test images x {spec.test_samples}",
     ):
         for t in simulation.teachers:
@@ -626,37 +868,49 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     result.artifacts["preferences / sft (datasets)"] = f"{data / 'preferences'} , {data / 'sft'}"
     result.artifacts["data card"] = str(data / "README.md")
 
-    # 5. students
-    with stages.stage("students", "SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO"):
-        base = build_tiny_vlm(
-            out / "students" / "base",
-            corpus=sim.teacher_corpus(examples, teachers, seed),
-            seed=seed + 100,
-        )
-        students = train_students(out / "students", data, root, base, spec, seed, console)
-    for name, path in students.items():
-        result.artifacts[name] = str(path)
+    # 5. students, over seeds
+    seeds = spec.student_seeds
     with stages.stage(
-        "students answer", f"{len(students)} students answer the test split (transformers backend)"
+        "students",
+        f"{seeds} seed(s): SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO; "
+        "each student answers the test split (transformers backend)",
     ):
-        for name, path in students.items():
-            generate_answers(
-                name,
-                path,
-                out / "selection-test.parquet",
-                root,
-                eval_out,
-                spec,
-                spec.test_samples,
-                seed,
-                "transformers",
-                prompt,
-            )
+        train_student_seeds(
+            out / "students",
+            data,
+            root,
+            sim.teacher_corpus(examples, teachers, seed),
+            spec,
+            seed,
+            out / "selection-test.parquet",
+            eval_out,
+            prompt,
+        )
+    result.artifacts["students (one folder per seed)"] = str(out / "students")
+    with stages.stage("loss floor", "the teachers' mixture loss on the SFT rows, the SFT students' own"):
+        result.sft_floor = sft_floor_report(
+            simulation.paths(),
+            {k: out / "students" / f"seed-{k}" / "student-sft" for k in range(seeds)},
+            data,
+            root,
+            spec,
+        )
 
     # 6. score
     with stages.stage("score", "leaderboard cxr-max-rationale + labeler drift rates on the test split"):
-        result.rows = score_models(eval_out, root, test, out / "leaderboard.sqlite", simulation)
+        store = out / "leaderboard.sqlite"
+        scored = score_models(eval_out, root, test, store, simulation)
+        pool_seeds(eval_out, out / "eval-pooled", seeds)
+        pooled = {
+            row["model"]: row for row in score_models(out / "eval-pooled", root, test, store, simulation)
+        }
+        result.rows = [row for row in scored if row["kind"] == "teacher"]
+        result.seed_rows = [row for row in scored if row["kind"] != "teacher"]
+        for student in STUDENTS:
+            mine = [row for k in range(seeds) for row in scored if row["model"] == seed_model(student, k)]
+            result.rows.append(seed_summary(pooled[student], mine))
     result.artifacts["leaderboard store"] = str(out / "leaderboard.sqlite")
+    result.artifacts["students' answers pooled over seeds"] = str(out / "eval-pooled" / "trajectories")
 
     _write_report(result, test, eval_out, root)
     result.artifacts["report"] = str(out / "DEMO.md")
@@ -687,6 +941,7 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
                 row = {
                     "model": model,
                     "kind": "teacher" if model in drift_of else "student",
+                    "student": _student_of(model),
                     "injected": drift_of.get(model, _student_note(model)),
                     "short": short_of.get(model, _student_short(model)),
                     "precision": scores.get("precision"),
@@ -706,11 +961,21 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
     return rows
 
 
+def _student_of(model: str) -> str | None:
+    """``student-apo`` for ``student-apo`` and for ``student-apo-seed2``; None for a teacher."""
+    for student in STUDENTS:
+        if model == student or model.startswith(student + "-seed"):
+            return student
+    return None
+
+
 def _student_short(model: str) -> str:
+    model = _student_of(model) or model
     return {"student-sft": "SFT", "student-apo": "SFT + APO (PL)", "student-dpo": "SFT + DPO"}.get(model, "")
 
 
 def _student_note(model: str) -> str:
+    model = _student_of(model) or model
     return {
         "student-sft": "SFT on all teachers' trajectories",
         "student-apo": "SFT, then APO (multi-negative Plackett-Luce)",
@@ -740,11 +1005,17 @@ def _fmt(value: Any) -> str:
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
-    """A figure with its 95% bootstrap interval where the row has one: ``0.30 [0.21, 0.40]``."""
+    """A figure with its 95% bootstrap interval where the row has one: ``0.30 [0.21, 0.40]``; a
+    student over several seeds: the mean over seeds, its sd and the interval over all the seeds'
+    answers pooled, ``0.30 ± 0.04 [0.24, 0.36]``."""
     interval = (row.get("ci") or {}).get(key)
+    value = _fmt(row.get(key))
+    if (row.get("seeds") or 0) > 1 and key in row.get("seed_mean", {}):
+        sd = row["seed_sd"][key]
+        value = f"{_fmt(row['seed_mean'][key])} ± {f'{sd:.0f}' if key == 'mean_words' else _fmt(sd)}"
     if interval is None:
-        return _fmt(row.get(key))
-    return f"{_fmt(row.get(key))} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
+        return value
+    return f"{value} [{_fmt(interval[0])}, {_fmt(interval[1])}]"
 
 
 def results_markdown(result: DemoResult) -> str:
@@ -755,6 +1026,37 @@ def results_markdown(result: DemoResult) -> str:
         cells = [_cell(row, k) for k, _ in _COLUMNS]
         lines.append(f"| {row['model']} | {row['injected']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _seed_lines(result: DemoResult) -> list[str]:
+    """Each seed's students, one Markdown table (the per-seed rows the summary rows are built from)."""
+    if len({row.get("student") for row in result.seed_rows}) == len(result.seed_rows) or not result.seed_rows:
+        return []
+    head = "| seed's student | " + " | ".join(h for _, h in _COLUMNS) + " |"
+    lines = ["### Every seed's students\n", head, "|" + "---|" * (1 + len(_COLUMNS))]
+    for row in result.seed_rows:
+        lines.append(f"| {row['model']} | " + " | ".join(_cell(row, k) for k, _ in _COLUMNS) + " |")
+    return [*lines, ""]
+
+
+def _floor_lines(result: DemoResult) -> list[str]:
+    """The SFT students' loss beside the floor of their data (see sft_floor_report), in words."""
+    floor = result.sft_floor
+    if not floor:
+        return []
+    seeds = floor["students"]
+    rows_loss = [s["rows_loss"] for s in seeds.values()]
+    train_loss = [s["last_train_loss"] for s in seeds.values()]
+    own = ", ".join(f"{k} {v:.2f}" for k, v in floor["own"].items())
+    return [
+        f"SFT loss per completion token on its {floor['rows']} rows: the student {np.mean(rows_loss):.2f} "
+        f"(seeds {', '.join(f'{v:.2f}' for v in rows_loss)}; last training batches {np.mean(train_loss):.2f}); "
+        f"floor (the equal mixture of the teachers, i.e. a student that learnt every teacher exactly) "
+        f"{floor['mixture']:.2f}; each teacher on its own rows: {own}. The rows are the teachers' answers "
+        "sampled at temperature 1, so a teacher's training loss on its own targets is not the floor; a "
+        "student below the mixture's loss has memorised its rows.",
+        "",
+    ]
 
 
 def _pick_sample(test: Any, gold: dict[str, dict[str, str]]) -> dict[str, Any] | None:
@@ -776,6 +1078,8 @@ def _write_report(
         "timings": [asdict(t) for t in result.timings],
         "total_seconds": result.total_seconds,
         "artifacts": result.artifacts,
+        "seed_rows": result.seed_rows,
+        "sft_floor": result.sft_floor,
         "drift_report": result.drift_report,
         "notes": result.notes,
     }
@@ -787,9 +1091,13 @@ def _write_report(
         "## Teachers and students on the test split\n",
         "Rationale prompt; precision/recall/similarity from the leaderboard task cxr-max-rationale; refusal, "
         "hallucination (an answer claiming a finding the labels lack) and side error (stated side vs the "
-        "report's side) read by the labeler. `[low, high]`: 95% bootstrap intervals over the test answers.\n",
+        "report's side) read by the labeler. `[low, high]`: 95% bootstrap intervals over the test answers. "
+        "Students: `mean ± sd` over the seeds of the student stage (teachers fixed), then the interval over "
+        "every seed's answers pooled; `n` counts the pooled answers.\n",
         results_markdown(result),
         "",
+        *_seed_lines(result),
+        *_floor_lines(result),
     ]
     if result.rows:
         report.drift_chart(result.rows, figures / "drift_rates.png")
@@ -878,9 +1186,12 @@ def print_result(result: DemoResult, console: Any) -> None:
         "  prec/rec/sim: leaderboard cxr-max-rationale vs the test labels and reports; refuse, halluc "
         "(answers asserting a finding the labels lack), side (error rate: stated vs the report's side, "
         "over 'sides' comparisons), words: read by the labeler; [low, high]: 95% bootstrap intervals over the "
-        "test answers",
+        "test answers; students: mean ± sd over seeds [interval over all seeds' answers pooled]",
         highlight=False,
+        markup=False,  # the brackets are text
     )
+    for line in _floor_lines(result):
+        console.print(f"  {line}", highlight=False, markup=False)
     if result.drift_report:
         drift = Table(
             title=f"Drift report of build-preferences (train split, {result.drift_report['samples']} samples)"

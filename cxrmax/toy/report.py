@@ -112,37 +112,131 @@ def compare(a: dict[str, Any], b: dict[str, Any], key: str) -> str:
     return f"{name}: no measurable difference at this size, the intervals overlap ({figures})."
 
 
+def _quality(row: dict[str, Any]) -> float:
+    """Mean of precision, recall and similarity (over seeds: the mean of the seeds' means)."""
+    keys = ("precision", "recall", "similarity")
+    per_seed = row.get("per_seed") or {}
+    if all(k in per_seed for k in keys) and row.get("seeds", 0) > 1:
+        return float(np.nanmean([np.nanmean([per_seed[k][i] for k in keys]) for i in range(row["seeds"])]))
+    return float(np.nanmean([_num(row.get(k)) for k in keys]))
+
+
+def _quality_sd(row: dict[str, Any]) -> float | None:
+    keys = ("precision", "recall", "similarity")
+    per_seed = row.get("per_seed") or {}
+    if row.get("seeds", 0) < 2 or not all(k in per_seed for k in keys):
+        return None
+    return float(np.std([np.nanmean([per_seed[k][i] for k in keys]) for i in range(row["seeds"])], ddof=1))
+
+
+def _seed_value(row: dict[str, Any], key: str) -> float:
+    """The mean over seeds where the row has seeds, else the row's figure."""
+    mean = (row.get("seed_mean") or {}).get(key)
+    return _num(row.get(key)) if mean is None else float(mean)
+
+
+def _seed_text(row: dict[str, Any], key: str) -> str:
+    sd = (row.get("seed_sd") or {}).get(key)
+    fmt = (lambda v: f"{v:.0f}") if key == "mean_words" else _fmt
+    text = fmt(_seed_value(row, key))
+    return text if sd is None or row.get("seeds", 0) < 2 else f"{text} ± {fmt(sd)}"
+
+
+def seeds_lower(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[int, int] | None:
+    """In how many seeds ``a``'s figure is below ``b``'s (the same seed's students), of how many."""
+    xa, xb = (a.get("per_seed") or {}).get(key), (b.get("per_seed") or {}).get(key)
+    if not xa or not xb or len(xa) != len(xb) or len(xa) < 2:
+        return None
+    pairs = [(u, v) for u, v in zip(xa, xb, strict=True) if u == u and v == v]
+    return sum(u < v for u, v in pairs), len(pairs)
+
+
 def interpretation(rows: Sequence[dict[str, Any]]) -> list[str]:
-    """Sentences computed from the table: what the students inherited and what APO changed."""
+    """Sentences computed from the table: what the students inherited and what APO changed.
+
+    Students over several seeds carry ``seeds``, ``per_seed``, ``seed_mean`` and ``seed_sd`` (see
+    cxrmax.toy.demo.seed_summary) and intervals over every seed's answers pooled; comparisons are made on
+    the pooled intervals and also counted seed by seed."""
     by_name = {row["model"]: row for row in rows}
     teachers = [row for row in rows if row.get("kind") == "teacher"]
+    sft = by_name.get("student-sft")
     lines = []
+    seeds = max((row.get("seeds", 1) for row in rows if row.get("kind") == "student"), default=1)
+    if seeds > 1:
+        lines.append(
+            f"Students: {seeds} seeds of the student stage (teachers fixed); a figure is the mean over seeds ± "
+            "their sd, an interval is over every seed's answers pooled."
+        )
+    if sft is not None and teachers:
+        for key in ("precision", "recall"):
+            mean = float(np.nanmean([_num(t.get(key)) for t in teachers]))
+            gap = _seed_value(sft, key) - mean
+            verdict = "within 0.05 of" if abs(gap) <= 0.05 or gap > 0 else "more than 0.05 below"
+            lines.append(
+                f"SFT student's {key} {_seed_text(sft, key)}, {verdict} the teachers' mean {mean:.2f} "
+                f"(difference {gap:+.2f})."
+            )
+    faithful = by_name.get("faithful")
+    if sft is not None and faithful is not None:
+        for key in RATE_NAMES:
+            if key != "laterality_error_rate":
+                lines.append("Inherited from the teachers? " + compare(sft, faithful, key))
+        words, reference = _seed_value(sft, "mean_words"), _num(faithful.get("mean_words"))
+        lines.append(
+            f"Length: the SFT student writes {_seed_text(sft, 'mean_words')} words per answer, "
+            f"{'above' if words > reference else 'not above'} the faithful teacher's {reference:.0f}."
+        )
     for key in RATE_NAMES:
         worst = max(
             teachers,
             key=lambda r: _num(r.get(key)) if _num(r.get(key)) == _num(r.get(key)) else -1,
             default=None,
         )
-        if worst is not None and "student-sft" in by_name:
+        if worst is not None and sft is not None:
             lines.append(
-                f"The SFT student's {RATE_NAMES[key]} is {_fmt(_num(by_name['student-sft'].get(key)))}; the most "
+                f"The SFT student's {RATE_NAMES[key]} is {_seed_text(sft, key)}; the most "
                 f"drifting teacher on it ({worst['model']}) has {_fmt(_num(worst.get(key)))}."
             )
-    for student in ("student-apo", "student-dpo"):
-        if student in by_name and "student-sft" in by_name:
-            lines += [compare(by_name[student], by_name["student-sft"], key) for key in RATE_NAMES]
-    if "student-apo" in by_name and "student-dpo" in by_name:
-        lines += [compare(by_name["student-apo"], by_name["student-dpo"], key) for key in RATE_NAMES]
-    quality = {
-        row["model"]: np.nanmean([_num(row.get(k)) for k in ("precision", "recall", "similarity")])
-        for row in rows
-    }
-    if teachers and "student-apo" in quality:
-        best = max(teachers, key=lambda r: quality[r["model"]])
-        verdict = "at least" if quality["student-apo"] >= quality[best["model"]] else "below"
+    apart_below: dict[str, list[str]] = {}
+    for student, other in (
+        ("student-apo", "student-sft"),
+        ("student-dpo", "student-sft"),
+        ("student-apo", "student-dpo"),
+    ):
+        if student not in by_name or other not in by_name:
+            continue
+        for key in RATE_NAMES:
+            line = compare(by_name[student], by_name[other], key)
+            count = seeds_lower(by_name[student], by_name[other], key)
+            if count is not None:
+                line = line[:-1] + f"; lower in {count[0]} of {count[1]} seeds."
+            lines.append(line)
+            if f"{student} is lower, intervals apart" in line:
+                apart_below.setdefault(f"{student} vs {other}", []).append(RATE_NAMES[key])
+    if "student-apo" in by_name and sft is not None:
+        below = apart_below.get("student-apo vs student-sft", [])
         lines.append(
-            f"Mean of precision, recall and similarity: student-apo {quality['student-apo']:.2f}, {verdict} the "
-            f"best single teacher ({best['model']}, {quality[best['model']]:.2f})."
+            "Does APO lower the drift? "
+            + (
+                f"Yes on {', '.join(below)} (intervals apart); "
+                if below
+                else "Not measurably: on no rate is the APO student below the SFT student with intervals apart"
+            )
+            + (
+                ""
+                if len(below) in (0, len(RATE_NAMES))
+                else f"not on {', '.join(n for n in RATE_NAMES.values() if n not in below)}"
+            )
+            + "."
+        )
+    if teachers and "student-apo" in by_name:
+        best = max(teachers, key=_quality)
+        apo, sd = _quality(by_name["student-apo"]), _quality_sd(by_name["student-apo"])
+        verdict = "at least" if apo >= _quality(best) else "below"
+        spread = "" if sd is None else f" ± {sd:.2f} over seeds"
+        lines.append(
+            f"Mean of precision, recall and similarity: student-apo {apo:.2f}{spread}, {verdict} the "
+            f"best single teacher ({best['model']}, {_quality(best):.2f})."
         )
     return lines
 

@@ -45,6 +45,28 @@ def test_vlm_rows_share_the_image_and_expand_image_tokens(tiny_vlm_path, mini_mi
     assert not (batch["labels"] == image_token).any()
 
 
+def test_jpeg_quality_trains_on_the_pixels_generate_serves(tiny_vlm_path, mini_mimic, image_paths, tmp_path):
+    """With ``jpeg_quality`` the encoder's image is the preprocessed image after the JPEG round trip
+    generate's image cache makes (so a student trains on the pixels it is later asked about)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cxrmax.mimic.images import ImageCache, preprocess
+
+    processor = load_processor(tiny_vlm_path)
+    plain = ChatEncoder(processor, image_root=mini_mimic, max_edge=112)
+    served = ChatEncoder(processor, image_root=mini_mimic, max_edge=112, jpeg_quality=90)
+    path = image_paths[0]
+    cache = ImageCache(tmp_path / "images", max_edge=112)  # generate's
+    expected = np.asarray(Image.open(io.BytesIO(cache.jpeg(Path(mini_mimic) / path))).convert("RGB"))
+    assert np.array_equal(np.asarray(served.load_image(path)), expected)
+    decoded = np.asarray(preprocess(Path(mini_mimic) / path, max_edge=112).convert("RGB"))
+    assert np.array_equal(np.asarray(plain.load_image(path)), decoded)
+    assert not np.array_equal(decoded, expected)  # the round trip changes pixels: it matters
+
+
 def test_missing_image_is_an_input_error(tiny_vlm_path, mini_mimic, tmp_path):
     from cxrmax.core.errors import InputError
 

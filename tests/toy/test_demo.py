@@ -86,21 +86,64 @@ def test_preference_and_sft_shards_are_non_empty(demo):
 
 
 def test_teachers_and_students_are_scored_and_on_the_board(demo):
+    from cxrmax.toy.demo import SIZES, seed_model
+
+    seeds = SIZES["small"].student_seeds
     rows = {row["model"]: row for row in demo.rows}
     assert set(rows) == set(TEACHERS + STUDENTS)
-    for model, row in rows.items():
-        assert row["answers"] == len(_answers(demo.out, model)) > 0
+    for model in TEACHERS:
+        assert rows[model]["answers"] == len(_answers(demo.out, model)) > 0
+    for row in rows.values():
         assert row["precision"] is None or 0.0 <= row["precision"] <= 1.0
         assert 0.0 <= row["refusal_rate"] <= 1.0
+    per_seed = {row["model"]: row for row in demo.seed_rows}
+    assert set(per_seed) == {seed_model(s, k) for s in STUDENTS for k in range(seeds)}
     for student in STUDENTS:
         assert rows[student]["kind"] == "student"
-        answers = _answers(demo.out, student)
+        counts = [len(_answers(demo.out, seed_model(student, k))) for k in range(seeds)]
+        assert all(counts) and rows[student]["answers"] == sum(counts)  # pooled over the seeds
+        assert rows[student]["answers"] == len(_answers(demo.out, student, "eval-pooled"))
+        answers = _answers(demo.out, seed_model(student, 0))
         assert {r["backend"] for r in answers} == {"transformers"}
     # the drift table agrees with what the answers say
     assert rows["refuses"]["refusal_rate"] > rows["faithful"]["refusal_rate"]
     with sqlite3.connect(demo.out / "leaderboard.sqlite") as db:
         names = {name for (name,) in db.execute("SELECT name FROM entries WHERE task = 'cxr-max-rationale'")}
-    assert names == set(TEACHERS + STUDENTS)
+    assert names == set(TEACHERS + STUDENTS) | set(per_seed)
+
+
+def test_the_student_stage_runs_over_seeds_and_the_table_shows_their_spread(demo):
+    """Every seed trains its own students (other weights), and a student's row carries each seed's
+    figures, their mean and sd, and the interval over the pooled answers."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from cxrmax.toy.demo import SIZES, results_markdown, seed_model
+
+    seeds = SIZES["small"].student_seeds
+    assert seeds >= 2
+    weights = [
+        load_file(str(demo.out / "students" / f"seed-{k}" / "student-sft" / "model.safetensors"))
+        for k in range(seeds)
+    ]
+    assert any(not (weights[0][key] == weights[1][key]).all() for key in weights[0])
+    per_seed = {row["model"]: row for row in demo.seed_rows}
+    for student in STUDENTS:
+        row = demo.row(student)
+        assert row["seeds"] == seeds
+        for key in ("precision", "hallucination_rate", "mean_words"):
+            values = [per_seed[seed_model(student, k)][key] for k in range(seeds)]
+            assert row["per_seed"][key] == pytest.approx(values, nan_ok=True)
+            assert row["seed_mean"][key] == pytest.approx(np.nanmean(values))
+            assert row["seed_sd"][key] == pytest.approx(np.nanstd(values, ddof=1))
+        low, high = row["ci"]["refusal_rate"]
+        assert low <= row["refusal_rate"] <= high
+    table = results_markdown(demo)
+    assert " ± " in table
+    md = (demo.out / "DEMO.md").read_text()
+    assert f"{seeds} seeds of the student stage" in md and "Every seed's students" in md
+    assert "floor" in md and demo.sft_floor["mixture"] > 0
+    assert set(demo.sft_floor["students"]) == set(range(seeds))
 
 
 def test_demo_cli_help_and_bad_size():
@@ -143,7 +186,7 @@ def test_the_student_stage_is_the_same_whatever_the_thread_count(demo, tmp_path)
     from cxrmax.toy.demo import SIZES, train_students
 
     size = dataclasses.replace(SIZES["small"], sft_steps=6, apo_steps=3)
-    base = demo.out / "students" / "base"
+    base = demo.out / "students" / "seed-0" / "base"
     weights = []
     for threads, folder in ((2, tmp_path / "two"), (1, tmp_path / "one")):
         torch.set_num_threads(threads)
