@@ -75,6 +75,7 @@ CONFIG_ONLY = {
     "dataset_split": "rarely changed (train)",
     "eval_split": "optional evaluation split",
     "max_pixels": "optional pixel cap",
+    "image_jpeg_quality": "optional JPEG round trip of the training pixels (the demo: 90, as generate serves)",
     "system_prompt": "optional system message",
     "min_completion_tokens": "data filter",
     "dataset_num_proc": "tokenization processes",
