@@ -677,21 +677,28 @@ _EXPLAINING = re.compile(
 _MODAL = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|question\w*|versus|vs|or)\b")
 
 
+_LINK_ENDS = (OTHER, STATEMENT, SEMI)
+
+
 def _explained_away(low: str, tokens: list, index: int, hi: int) -> tuple[str, str | None] | None:
     """A finding that its clause explains as a mimic (cues.MIMICS: "nipple shadows", "soft tissue
     overlay") asserts nothing (DROP), or is uncertain when the
     link is hedged ("... which could represent overlapping vessels"); None when no such link."""
     end = tokens[index][1]
-    ceiling = hi if hi < index + 12 else index + 12
+    # The link may be a terminator ("... secondary to soft tissue overlay"): the walk goes past the
+    # clause end, up to a conjunction, a semicolon or another finding.
+    ceiling = len(tokens) if len(tokens) < index + 12 else index + 12
     for j in range(index + 1, ceiling):
         tok = tokens[j]
         kind = tok[2]
-        if kind in _MENTION_KINDS or kind == OTHER or kind == STATEMENT or kind == TERM and tok[3]:
+        if kind in _MENTION_KINDS or kind in _LINK_ENDS or (kind == TERM and tok[3]):
             return None  # another finding or a conjunction comes first
         if kind == MIMIC:
             between = low[end : tok[0]]
-            if _gap(low, end, tok[0]) > 16 or _EXPLAINING.search(between) is None:
+            if _gap(low, end, tok[0]) > 16:
                 return None
+            if _EXPLAINING.search(between) is None:
+                continue  # a mimic word in a place phrase ("on the lateral projection"): not the link
             if _MODAL.search(between) is not None:
                 return "uncertain", "(explained) " + low[tok[0] : tok[1]]
             return DROP, "(explained) " + low[tok[0] : tok[1]]
@@ -709,6 +716,9 @@ def _new_item_after_comma(low: str, start: int, end: int) -> bool:
     that "or"/"nor" closes: "no consolidation, effusion or large pneumothorax" is one
     negated coordination whose items may carry size words."""
     comma = low.rfind(",", start, end)
+    joined = low.rfind(" with ", start, end)  # "no cardiomegaly with small bilateral effusions"
+    if joined > comma:
+        comma = joined + 5
     if comma < 0 or _NEW_ITEM.search(low, comma, end) is None:
         return False
     rest = _CLAUSE_REST.match(low, comma + 1)
@@ -723,12 +733,14 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
     while j >= floor:
         tok = tokens[j]
         kind = tok[2]
-        if kind == LAT or kind == IGNORE:
+        if kind == LAT:
             j -= 1
             continue
         if _gap(low, tok[1], edge) > _SCOPE_GAP:
             break
-        if kind in _MENTION_KINDS or kind == MIMIC or kind == OTHER:
+        if kind in _MENTION_KINDS or kind == MIMIC or kind == OTHER or kind == IGNORE:
+            # an ignored phrase is a list item too ("differential includes fat, pericardial mass,
+            # pleural mass or aneurysm")
             # "no pneumothorax, mild right basilar atelectasis": a new described finding after a
             # comma is not part of the negated list.
             if _new_item_after_comma(low, tok[1], tokens[index][0]):
@@ -983,7 +995,7 @@ def _read_step(
         for k, tok in enumerate(step_tokens):
             if tok[2] == MIMIC:
                 last_mimic = k
-    silent = _silent_clauses(step_tokens, los, refusal, hedging)
+    silent = _silent_clauses(low, step_tokens, los, refusal, hedging)
     found: list[Found] = []
     token_sides: dict[int, str | None] = {}
     recognised = False
@@ -1014,9 +1026,10 @@ def _read_step(
     return step_tokens, found, label_starts, recognised
 
 
-def _silent_clauses(step_tokens: list, los: list[int], refusal: list, hedging: list) -> set[int]:
-    """Clauses (by first token) that refuse ("As an AI, I cannot ...") or speak in general
-    ("typically"); records the step's refusal and hedging spans."""
+def _silent_clauses(low: str, step_tokens: list, los: list[int], refusal: list, hedging: list) -> set[int]:
+    """Clauses (by first token) that refuse ("As an AI, I cannot ..."), speak in general
+    ("typically") or narrate an earlier study ("On a prior CT, ..." when it opens the clause);
+    records the step's refusal and hedging spans."""
     silent: set[int] = set()
     for i, tok in enumerate(step_tokens):
         kind = tok[2]
@@ -1026,8 +1039,19 @@ def _silent_clauses(step_tokens: list, los: list[int], refusal: list, hedging: l
         elif kind == HEDGE:
             hedging.append((tok[0], tok[1]))
         elif kind == GENERIC:
+            if low.startswith("on ", tok[0]) and not _opens_clause(low, tok[0]):
+                continue  # "larger than on the prior study": a comparison, not history
             silent.add(los[i])
     return silent
+
+
+_CLAUSE_OPENING = re.compile(r"(?:^|[.;:\n(])[\s*_\-\d.)]*$")
+
+
+def _opens_clause(low: str, start: int) -> bool:
+    """True when nothing but punctuation, list markers or spaces stands between the last clause
+    boundary (or the text start) and `start`."""
+    return _CLAUSE_OPENING.search(low, max(0, start - 40), start) is not None
 
 
 def _read_mention(

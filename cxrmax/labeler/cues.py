@@ -360,6 +360,7 @@ UNC_PRE: tuple[str, ...] = (
     "evaluation for",
     "assess for",
     "question of",
+    "question",  # "cardiomegaly, question small effusions"
     "questionable",
     "equivocal",
     "borderline",
@@ -641,6 +642,13 @@ HYPOTHETICAL: tuple[str, ...] = (
     "known history of",
 )
 
+#: Openers of a clause about an earlier study (GENERIC when they open the clause, see core.py).
+HISTORY_OPENERS: tuple[str, ...] = tuple(
+    f"on {article}{when}"
+    for article in ("", "a ", "an ", "the ")
+    for when in ("prior", "previous", "old", "outside", "earlier", "remote")
+)
+
 #: Words that make a clause a general statement about a disease rather than a claim about this image
 #: ("atelectasis generally appears as a linear opacity"): mentions in that clause assert nothing.
 GENERIC: tuple[str, ...] = (
@@ -672,12 +680,22 @@ GENERIC: tuple[str, ...] = (
     "characteristic findings of",
     "hallmarks of",
     "hallmark of",
+    # a clause that opens on an earlier study narrates that study, not this film ("On a prior outside
+    # CT, the right upper lobe was consolidated"); core.py silences only a clause they open
+    *HISTORY_OPENERS,
+    # what a modality can show in general ("CT is more sensitive for small nodules")
+    "is more sensitive",
+    "more sensitive",
+    "is less sensitive",
+    "less sensitive",
 )
 
 #: Things a finding may turn out to be that are not disease ("may represent a nipple shadow"): an
 #: uncertainty link from a mention to one of these makes the mention uncertain.
 MIMICS: tuple[str, ...] = (
     "nipple shadow(s)",
+    "nipple(s)",
+    "nipple marker(s)",
     "overlapping vessels",
     "overlapping vascular structures",
     "overlapping structures",

@@ -513,6 +513,36 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
         # a finding explained as a mimic
         ("The nodule is consistent with a nipple shadow.", {"Lung Lesion": None}),
         ("The nodule could represent a nipple shadow.", {"Lung Lesion": -1}),
+        ("Round density in the left base, most consistent with the nipple.", {"Lung Lesion": None}),
+        # the link to a mimic may be a terminator, and a mimic word in a place phrase is not the link
+        ("Nodular density at the left base, secondary to soft tissue overlay.", {"Lung Lesion": None}),
+        (
+            "Nodular opacity on the lateral projection, felt to represent overlapping vessels.",
+            {"Lung Lesion": None},
+        ),
+        # CheXpert's "mass" inside a word; a pleural mass is Pleural Other
+        ("Mass-like consolidation in the right apex.", {"Lung Lesion": 1, "Consolidation": 1}),
+        ("Masslike opacity at the left base.", {"Lung Lesion": 1, "Lung Opacity": 1}),
+        ("Pleural mass along the right lateral chest wall.", {"Lung Lesion": None, "Pleural Other": 1}),
+        # an ignored phrase is a list item inside a cue's scope
+        (
+            "Differential includes prominent epicardial fat, pericardial mass, pulmonary mass or aneurysm.",
+            {"Lung Lesion": -1},
+        ),
+        # a finding introduced with "with" after a negated one is a new claim
+        (
+            "No cardiomegaly with small bilateral pleural effusions.",
+            {"Cardiomegaly": 0, "Pleural Effusion": 1},
+        ),
+        ("No focal consolidation with air bronchograms.", {"Consolidation": 0}),
+        ("Cardiomegaly, question small bilateral effusions.", {"Cardiomegaly": 1, "Pleural Effusion": -1}),
+        ("The heart XXXX is mildly large.", {"Cardiomegaly": 1}),
+        # history: an earlier study, an old or tuberculous pneumonia, a modality's general power
+        ("On a prior outside CT, the right lower lobe was consolidated.", {"Consolidation": None}),
+        ("The effusion is larger than on the prior study, with new atelectasis.", {"Atelectasis": 1}),
+        ("Scarring from an old tuberculous pneumonia.", {"Pneumonia": None}),
+        ("Changes of previous pneumonia in the left base.", {"Pneumonia": None}),
+        ("A CT is more sensitive for small nodules.", {"Lung Lesion": None}),
     ],
 )
 def test_real_report_scope_and_chexpert_definitions(text, expected):
