@@ -241,8 +241,7 @@ def _lowered(text: str) -> str:
 def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
     """All tokens of the text in order: (start, end, kind, payload)."""
     lexicon = mt.LEXICON
-    table = lexicon.table
-    flex_keys = lexicon.flex_keys
+    spelled = lexicon.spelled
     flex = lexicon.flex
     flex_by_char = lexicon.flex_by_char
     trigger = TRIGGER
@@ -253,14 +252,13 @@ def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
         start, end = match.span()
         if start < covered:
             continue
-        word = match.group()
-        entry = table.get(word)
-        if entry is None:
-            word = word.translate(_DROP_SPACES)
-            entry = table.get(word)
-            if entry is None:  # cannot happen: every trie word is in the table
+        known = spelled.get(match.group())
+        if known is None:
+            known = _spelling(lexicon, match.group())
+            if known is None:  # cannot happen: every trie word is in the table
                 continue
-        if word in flex_keys:
+        entry, flexible = known
+        if flexible:
             flex_pattern = flex_by_char.get(low[start])
             statement = None if flex_pattern is None else flex_pattern.match(low, start)
             if statement is not None:
@@ -272,6 +270,19 @@ def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
                 continue  # "L"/"R" are sides, "l"/"r" are not ("2 l", "r/o" is a cue anyway)
             append((start, end, entry[0], entry[1]))
     return tokens
+
+
+def _spelling(lexicon: mt.Lexicon, word: str) -> tuple[tuple[int, object], bool] | None:
+    """(entry, may start a flexible statement) of a matched text that is not spelled as in the
+    phrase lists ("pleural  effusion", "air-space"); remembered (up to 100,000 spellings)."""
+    key = word.translate(_DROP_SPACES)
+    entry = lexicon.table.get(key)
+    if entry is None:
+        return None
+    known = (entry, key in lexicon.flex_keys)
+    if len(lexicon.spelled) < 100_000:
+        lexicon.spelled[word] = known
+    return known
 
 
 def _gap(low: str, a: int, b: int) -> int:
