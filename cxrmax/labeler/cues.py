@@ -151,6 +151,13 @@ NEG_PRE: tuple[str, ...] = (
     "and not a true",
     "rather than a true",
     "rather than true",
+    # a negated general phrase is a negation, not a general statement (GENERIC would silence the clause)
+    *(
+        f"{negation} {typical} {what} of"
+        for negation in ("no", "without")
+        for typical in ("typical", "classic", "characteristic")
+        for what in ("findings", "signs", "features")
+    ),
 )
 
 NEG_POST: tuple[str, ...] = (

@@ -543,6 +543,11 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
         ("Scarring from an old tuberculous pneumonia.", {"Pneumonia": None}),
         ("Changes of previous pneumonia in the left base.", {"Pneumonia": None}),
         ("A CT is more sensitive for small nodules.", {"Lung Lesion": None}),
+        # a negated general phrase negates; it does not silence its clause
+        (
+            "Basilar opacity due in part to atelectasis, crowding without typical findings of edema.",
+            {"Atelectasis": 1, "Edema": 0},
+        ),
     ],
 )
 def test_real_report_scope_and_chexpert_definitions(text, expected):
