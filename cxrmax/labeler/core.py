@@ -647,7 +647,7 @@ def _mention_status(
     while j < ceiling:
         tok = tokens[j]
         kind = tok[2]
-        if kind == LAT or kind == IGNORE:
+        if kind == LAT or kind == IGNORE or kind == GENERIC:  # "seen on the prior study is not seen"
             j += 1
             continue
         if _gap(low, edge, tok[0]) > _POST_GAP:
@@ -744,7 +744,7 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
     while j >= floor:
         tok = tokens[j]
         kind = tok[2]
-        if kind == LAT:
+        if kind == LAT or kind == GENERIC:
             j -= 1
             continue
         if _gap(low, tok[1], edge) > _SCOPE_GAP:

@@ -540,6 +540,7 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
         # history: an earlier study, an old or tuberculous pneumonia, a modality's general power
         ("On a prior outside CT, the right lower lobe was consolidated.", {"Consolidation": None}),
         ("The effusion is larger than on the prior study, with new atelectasis.", {"Atelectasis": 1}),
+        ("The effusion on the prior study is no longer seen.", {"Pleural Effusion": 0}),
         ("Scarring from an old tuberculous pneumonia.", {"Pneumonia": None}),
         ("Changes of previous pneumonia in the left base.", {"Pneumonia": None}),
         ("A CT is more sensitive for small nodules.", {"Lung Lesion": None}),
