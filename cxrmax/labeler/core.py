@@ -721,24 +721,27 @@ _OR_WORD_AHEAD = re.compile(r"\b(?:or|nor)\b")
 _CLAUSE_REST = re.compile(r"[^.;:\n]*")
 
 
-def _new_item_after_comma(low: str, start: int, end: int) -> bool:
-    """True when the last comma in low[start:end] starts a new, described finding ("no pneumothorax,
-    mild right atelectasis"), so a cue before the comma does not reach past it. Not inside a list
-    that "or"/"nor" closes: "no consolidation, effusion or large pneumothorax" is one
-    negated coordination whose items may carry size words."""
+def _new_item_after_comma(low: str, start: int, end: int) -> int:
+    """1 when the last comma in low[start:end] starts a new, described finding ("no pneumothorax,
+    mild right atelectasis"), so a cue before the comma does not reach past it; 2 when a "with"
+    does ("no cardiomegaly with small bilateral effusions": only a negation stops there); else 0.
+    Not inside a list that "or"/"nor" closes: "no consolidation, effusion or large pneumothorax" is
+    one negated coordination whose items may carry size words."""
     comma = low.rfind(",", start, end)
-    joined = low.rfind(" with ", start, end)  # "no cardiomegaly with small bilateral effusions"
+    cut = 1
+    joined = low.rfind(" with ", start, end)
     if joined > comma:
-        comma = joined + 5
+        comma, cut = joined + 5, 2
     if comma < 0 or _NEW_ITEM.search(low, comma, end) is None:
-        return False
+        return 0
     rest = _CLAUSE_REST.match(low, comma + 1)
-    return _OR_WORD_AHEAD.search(low, comma, rest.end()) is None
+    return 0 if _OR_WORD_AHEAD.search(low, comma, rest.end()) is not None else cut
 
 
 def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tuple[str, str | None]:
     """Status from the nearest cue before the mention whose scope reaches it."""
     edge = tokens[index][0]
+    joined = False  # a described finding after "with" lies between the cue and the mention
     j = index - 1
     floor = lo if lo > index - _MAX_WALK else index - _MAX_WALK
     while j >= floor:
@@ -754,8 +757,10 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
             # pleural mass or aneurysm")
             # "no pneumothorax, mild right basilar atelectasis": a new described finding after a
             # comma is not part of the negated list.
-            if _new_item_after_comma(low, tok[1], tokens[index][0]):
+            cut = _new_item_after_comma(low, tok[1], tokens[index][0])
+            if cut == 1:
                 break
+            joined = joined or cut == 2
             edge = tok[0]
             j -= 1
             continue
@@ -767,8 +772,11 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
             return "negative", "clear of"
         if kind == CUE:
             bits, word = tok[3]
-            if _new_item_after_comma(low, tok[1], tokens[index][0]):
+            cut = _new_item_after_comma(low, tok[1], tokens[index][0])
+            if cut == 1:
                 break  # "possibly related to prior infection, and a small calcified granuloma"
+            if (joined or cut == 2) and bits & NEG_PRE and not bits & HYPO:
+                break
             if bits & HYPO:
                 return DROP, word
             for k in range(max(lo, j - _MAX_WALK), j):  # "if there is continued concern for rib fracture"

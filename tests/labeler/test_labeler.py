@@ -535,6 +535,7 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
             {"Cardiomegaly": 0, "Pleural Effusion": 1},
         ),
         ("No focal consolidation with air bronchograms.", {"Consolidation": 0}),
+        ("Possible infection associated with some chronic consolidation.", {"Consolidation": -1}),
         ("Cardiomegaly, question small bilateral effusions.", {"Cardiomegaly": 1, "Pleural Effusion": -1}),
         ("The heart XXXX is mildly large.", {"Cardiomegaly": 1}),
         # history: an earlier study, an old or tuberculous pneumonia, a modality's general power
