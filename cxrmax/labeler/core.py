@@ -983,14 +983,21 @@ def _read_step(
     recorded on the way."""
     content = False
     colon = False
+    cuts = False  # a terminator or separator: the step has more than one clause
+    special = False  # refusal, hedging or general-statement tokens (see _silent_clauses)
     for tok in step_tokens:
         kind = tok[2]
         if kind in _CONTENT_KINDS:
             content = True
         elif kind == SEMI:
             colon = colon or tok[3] != ";"
+            cuts = True
+        elif kind == TERM:
+            cuts = True
         elif kind == REFUSAL or kind == HEDGE:
-            content = True
+            content = special = True
+        elif kind == GENERIC:
+            special = True
     if not content:
         return None
     # Key-value verdicts ("X: no", "| X | No |", "X - absent", "X = 1") need a separator in the step.
@@ -1008,13 +1015,16 @@ def _read_step(
     heading = segment.heading
     if heading is not None:
         default = _HEADING_DEFAULTS.get(heading) or _heading_default(heading)
-    los, his = _clauses(step_tokens)
+    if cuts:
+        los, his = _clauses(step_tokens)
+    else:  # one clause: the whole step
+        los, his = [0] * len(step_tokens), [len(step_tokens)] * len(step_tokens)
     last_mimic = -1  # index of the step's last mimic token ("nipple shadow"), for _explained_away
     if has_mimic:
         for k, tok in enumerate(step_tokens):
             if tok[2] == MIMIC:
                 last_mimic = k
-    silent = _silent_clauses(low, step_tokens, los, refusal, hedging)
+    silent = _silent_clauses(low, step_tokens, los, refusal, hedging) if special else _NOT_SILENT
     found: list[Found] = []
     token_sides: dict[int, str | None] = {}
     recognised = False
@@ -1043,6 +1053,9 @@ def _read_step(
             if los[i] not in silent:
                 recognised = True
     return step_tokens, found, label_starts, recognised
+
+
+_NOT_SILENT: frozenset[int] = frozenset()
 
 
 def _silent_clauses(low: str, step_tokens: list, los: list[int], refusal: list, hedging: list) -> set[int]:
