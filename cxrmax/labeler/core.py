@@ -257,7 +257,7 @@ def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
             known = _spelling(lexicon, match.group())
             if known is None:  # cannot happen: every trie word is in the table
                 continue
-        entry, flexible = known
+        kind, payload, flexible = known
         if flexible:
             flex_pattern = flex_by_char.get(low[start])
             statement = None if flex_pattern is None else flex_pattern.match(low, start)
@@ -265,21 +265,21 @@ def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
                 covered = statement.end()
                 append((start, covered, STATEMENT, flex[int(statement.lastgroup[1:])]))
                 continue
-        if entry[0] != trigger:
-            if end - start == 1 and entry[0] == LAT and not text[start].isupper():
+        if kind != trigger:
+            if kind == LAT and end - start == 1 and not text[start].isupper():
                 continue  # "L"/"R" are sides, "l"/"r" are not ("2 l", "r/o" is a cue anyway)
-            append((start, end, entry[0], entry[1]))
+            append((start, end, kind, payload))
     return tokens
 
 
-def _spelling(lexicon: mt.Lexicon, word: str) -> tuple[tuple[int, object], bool] | None:
-    """(entry, may start a flexible statement) of a matched text that is not spelled as in the
-    phrase lists ("pleural  effusion", "air-space"); remembered (up to 100,000 spellings)."""
+def _spelling(lexicon: mt.Lexicon, word: str) -> tuple[int, object, bool] | None:
+    """(kind, payload, may start a flexible statement) of a matched text that is not spelled as in
+    the phrase lists ("pleural  effusion", "air-space"); remembered (up to 100,000 spellings)."""
     key = word.translate(_DROP_SPACES)
     entry = lexicon.table.get(key)
     if entry is None:
         return None
-    known = (entry, key in lexicon.flex_keys)
+    known = (entry[0], entry[1], key in lexicon.flex_keys)
     if len(lexicon.spelled) < 100_000:
         lexicon.spelled[word] = known
     return known
@@ -856,11 +856,13 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
     pending: list[int] = []
     question: list[tuple[int, int, int, str, str, str | None]] = []  # what a question step asked
     for step_index, segment in enumerate(segments):
-        t = _collect_spans(tokens, t, segment.start, refusal, hedging)  # tokens between steps (markers)
+        seg_start, seg_end, _kind, heading = segment
+        if t < n_tokens and tokens[t][0] < seg_start:  # tokens between steps (markers)
+            t = _collect_spans(tokens, t, seg_start, refusal, hedging)
         first = t
-        while t < n_tokens and tokens[t][0] < segment.end:
+        while t < n_tokens and tokens[t][0] < seg_end:
             t += 1
-        if segment.heading in CONTEXT_HEADINGS:  # filled by split_steps for the headings it gave
+        if heading in CONTEXT_HEADINGS:  # filled by split_steps for the headings it gave
             pending = []  # a request section (INDICATION, COMPARISON ...) says nothing about this film
             question = []
             continue
@@ -893,15 +895,15 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 for item in step_found
                 if step_tokens[item[0]][0] not in label_starts or item[1] not in said
             ]
-        last = low[segment.end - 1]  # a question asserts nothing by itself
-        asks = last == "?" or (last in _QUESTION_TAIL and _is_question(low, segment.start, segment.end))
+        last = low[seg_end - 1]  # a question asserts nothing by itself
+        asks = last == "?" or (last in _QUESTION_TAIL and _is_question(low, seg_start, seg_end))
         if _emit_step(step_index, step_tokens, step_found, asks, assertions, question):
             recognised = True
         if asks:
             continue
         if (
-            segment.end - segment.start < 300
-            and _gap(low, segment.start, segment.end) <= 4
+            seg_end - seg_start < 300
+            and _gap(low, seg_start, seg_end) <= 4
             and all(a[6] is None for a in assertions[len(assertions) - len(step_found) :])
         ):
             pending = list(range(len(assertions) - len(step_found), len(assertions)))
@@ -1001,18 +1003,18 @@ def _read_step(
     if not content:
         return None
     # Key-value verdicts ("X: no", "| X | No |", "X - absent", "X = 1") need a separator in the step.
+    seg_start, seg_end, _kind, heading = segment
     keyed = (
         colon
-        or low.find(" -", segment.start, segment.end) >= 0
-        or low.find("=", segment.start, segment.end) >= 0
-        or (not ascii_text and _KEYED.search(low, segment.start, segment.end) is not None)
+        or low.find(" -", seg_start, seg_end) >= 0
+        or low.find("=", seg_start, seg_end) >= 0
+        or (not ascii_text and _KEYED.search(low, seg_start, seg_end) is not None)
     )
     label_starts: set[int] = set()  # "Pneumothorax: there is no pneumothorax": a topic label
     verdicts: dict[int, str] = {}  # "Pneumothorax: no." -> the label's status
     if colon:
         step_tokens, label_starts, verdicts = _colon_labels(low, segment, step_tokens)
     default = "positive"
-    heading = segment.heading
     if heading is not None:
         default = _HEADING_DEFAULTS.get(heading) or _heading_default(heading)
     if cuts:

@@ -284,14 +284,15 @@ class Lexicon:
         #: Keys of the phrases at whose start a flexible statement may begin.
         starts = tuple({prefix.strip() for prefix in FLEX_PREFIXES})
         self.flex_keys = frozenset(key for key in table if key.startswith(starts))
-        #: Matched text -> (entry, may start a flexible statement), for the spellings as written in
-        #: the phrase lists; core._scan adds the other spellings it meets (extra spaces, hyphens).
-        self.spelled: dict[str, tuple[tuple[int, object], bool]] = {}
+        #: Matched text -> (kind, payload, may start a flexible statement), for the spellings as
+        #: written in the phrase lists; core._scan adds the other spellings it meets (extra spaces,
+        #: hyphens).
+        self.spelled: dict[str, tuple[int, object, bool]] = {}
         for spelling in spellings:
             key = phrase_key(spelling)
-            self.spelled[spelling] = (table[key], key in self.flex_keys)
+            self.spelled[spelling] = (*table[key], key in self.flex_keys)
         for key in (";", ":", "|"):
-            self.spelled[key] = (table[key], False)
+            self.spelled[key] = (*table[key], False)
         #: Tried (anchored) at trigger positions only; it wins over the trie tokens it covers.
         self.flex_pattern = re.compile(r"(?:" + "|".join(flex_parts) + r")\b")
         #: The same, split by the first character of the text at the trigger: only the statements
