@@ -51,6 +51,7 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 
@@ -239,7 +240,9 @@ def _lowered(text: str) -> str:
 
 
 def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
-    """All tokens of the text in order: (start, end, kind, payload)."""
+    """All tokens of the text in order: (start, end, kind, payload). The same tokens as
+    ``mt.LEXICON.pattern.finditer(low)`` gives (phrases at word starts, and ";", ":", "|"), found
+    with a faster phrase pattern plus a search for the three separators, merged in order."""
     lexicon = mt.LEXICON
     spelled = lexicon.spelled
     flex = lexicon.flex
@@ -248,13 +251,27 @@ def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
     tokens: list[tuple[int, int, int, object]] = []
     append = tokens.append
     covered = -1  # end of the last flexible statement: tokens inside it are dropped
-    for match in lexicon.pattern.finditer(low):
-        start, end = match.span()
+    semis = _separators(low)
+    n_semis = len(semis)
+    k = 0  # next separator to emit
+    first = lexicon.at_start.match(low)
+    if first is None:
+        matches = lexicon.after_break.finditer(low)
+    else:  # the next phrase starts after the first one (matches do not overlap)
+        matches = itertools.chain((first,), lexicon.after_break.finditer(low, first.end()))
+    for match in matches:
+        group = match.lastindex or 0
+        start, end = match.span(group)
+        while k < n_semis and semis[k] < start:
+            if semis[k] >= covered:
+                append((semis[k], semis[k] + 1, SEMI, low[semis[k]]))
+            k += 1
         if start < covered:
             continue
-        known = spelled.get(match.group())
+        word = match.group(group)
+        known = spelled.get(word)
         if known is None:
-            known = _spelling(lexicon, match.group())
+            known = _spelling(lexicon, word)
             if known is None:  # cannot happen: every trie word is in the table
                 continue
         kind, payload, flexible = known
@@ -269,7 +286,24 @@ def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
             if kind == LAT and end - start == 1 and not text[start].isupper():
                 continue  # "L"/"R" are sides, "l"/"r" are not ("2 l", "r/o" is a cue anyway)
             append((start, end, kind, payload))
+    while k < n_semis:
+        if semis[k] >= covered:
+            append((semis[k], semis[k] + 1, SEMI, low[semis[k]]))
+        k += 1
     return tokens
+
+
+def _separators(low: str) -> list[int]:
+    """Sorted positions of ";", ":" and "|" in the text."""
+    found: list[int] = []
+    for char in ";:|":
+        at = low.find(char)
+        while at >= 0:
+            found.append(at)
+            at = low.find(char, at + 1)
+    if len(found) > 1:
+        found.sort()
+    return found
 
 
 def _spelling(lexicon: mt.Lexicon, word: str) -> tuple[int, object, bool] | None:

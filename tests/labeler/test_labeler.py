@@ -555,3 +555,47 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
 def test_real_report_scope_and_chexpert_definitions(text, expected):
     labels = label_text(text).labels()
     assert {name: labels[name] for name in expected} == expected
+
+
+def _reference_scan(low: str, text: str) -> list:
+    """The scan as one finditer of LEXICON.pattern (what core._scan must equal)."""
+    from cxrmax.labeler import core
+
+    lexicon = core.mt.LEXICON
+    tokens, covered = [], -1
+    for match in lexicon.pattern.finditer(low):
+        start, end = match.span()
+        if start < covered:
+            continue
+        kind, payload, flexible = lexicon.spelled.get(match.group()) or core._spelling(lexicon, match.group())
+        if flexible:
+            flex_pattern = lexicon.flex_by_char.get(low[start])
+            statement = None if flex_pattern is None else flex_pattern.match(low, start)
+            if statement is not None:
+                covered = statement.end()
+                tokens.append((start, covered, core.STATEMENT, lexicon.flex[int(statement.lastgroup[1:])]))
+                continue
+        if kind != core.TRIGGER and not (kind == core.LAT and end - start == 1 and not text[start].isupper()):
+            tokens.append((start, end, kind, payload))
+    return tokens
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "There is no pneumothorax.",
+        "effusion;no pneumothorax:none|edema",
+        "Heart size: normal. Lungs: clear; no effusion.",
+        ";;: no",
+        "(left) R > L effusion, l and r lower lobes",
+        "patient's nipple shadow; pleural  effusion and air-space disease",
+        "Pneumonia",
+        "'no' pneumothorax",
+        "é no effusion é",
+    ],
+)
+def test_scan_finds_the_tokens_of_the_reference_pattern(text):
+    from cxrmax.labeler import core
+
+    low = core._lowered(text)
+    assert core._scan(low, text) == _reference_scan(low, text)
