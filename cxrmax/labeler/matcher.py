@@ -287,7 +287,9 @@ class Lexicon:
         self.after_break = re.compile(r"[^\w](" + trie + r")(?![\w'])")
         #: A phrase at the very start of the text.
         self.at_start = re.compile(r"(?:" + trie + r")(?![\w'])")
-        assert all(spelling[:1].isalpha() for spelling in spellings), "a phrase starts with a non-letter"
+        odd = [spelling for spelling in spellings if not spelling[:1].isalpha()]
+        if odd:  # after_break would miss them: the scan relies on every phrase starting with a letter
+            raise ValueError(f"phrases must start with a letter: {odd[:5]}")
         table[";"] = (SEMI, ";")
         table[":"] = (SEMI, ":")
         table["|"] = (SEMI, "|")  # markdown table cells
