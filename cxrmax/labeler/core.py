@@ -730,7 +730,7 @@ def _explained_away(low: str, tokens: list, index: int, hi: int) -> tuple[str, s
     overlay") asserts nothing (DROP), or is uncertain when the
     link is hedged ("... which could represent overlapping vessels"); None when no such link."""
     end = tokens[index][1]
-    # The link may be a terminator ("... secondary to soft tissue overlay"): the walk goes past the
+    # The link may be a terminator ("... due to overlying breast tissue"): the walk goes past the
     # clause end, up to a conjunction, a semicolon or another finding.
     ceiling = len(tokens) if len(tokens) < index + 12 else index + 12
     for j in range(index + 1, ceiling):
@@ -758,7 +758,7 @@ _CLAUSE_REST = re.compile(r"[^.;:\n]*")
 def _new_item_after_comma(low: str, start: int, end: int) -> int:
     """1 when the last comma in low[start:end] starts a new, described finding ("no pneumothorax,
     mild right atelectasis"), so a cue before the comma does not reach past it; 2 when a "with"
-    does ("no cardiomegaly with small bilateral effusions": only a negation stops there); else 0.
+    does ("no pneumothorax with a moderate right effusion": only a negation stops there); else 0.
     Not inside a list that "or"/"nor" closes: "no consolidation, effusion or large pneumothorax" is
     one negated coordination whose items may carry size words."""
     comma = low.rfind(",", start, end)

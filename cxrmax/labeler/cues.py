@@ -367,7 +367,7 @@ UNC_PRE: tuple[str, ...] = (
     "evaluation for",
     "assess for",
     "question of",
-    "question",  # "cardiomegaly, question small effusions"
+    "question",  # "mild atelectasis, question a trace effusion"
     "questionable",
     "equivocal",
     "borderline",
@@ -687,10 +687,10 @@ GENERIC: tuple[str, ...] = (
     "characteristic findings of",
     "hallmarks of",
     "hallmark of",
-    # a clause that opens on an earlier study narrates that study, not this film ("On a prior outside
-    # CT, the right upper lobe was consolidated"); core.py silences only a clause they open
+    # a clause that opens on an earlier study narrates that study, not this film ("On the prior
+    # radiograph, consolidation filled the lingula"); core.py silences only a clause they open
     *HISTORY_OPENERS,
-    # what a modality can show in general ("CT is more sensitive for small nodules")
+    # what a modality can show in general ("cross-sectional imaging is more sensitive for subtle masses")
     "is more sensitive",
     "more sensitive",
     "is less sensitive",

@@ -513,41 +513,41 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
         # a finding explained as a mimic
         ("The nodule is consistent with a nipple shadow.", {"Lung Lesion": None}),
         ("The nodule could represent a nipple shadow.", {"Lung Lesion": -1}),
-        ("Round density in the left base, most consistent with the nipple.", {"Lung Lesion": None}),
+        ("The small rounded nodule over the right breast represents the nipple.", {"Lung Lesion": None}),
         # the link to a mimic may be a terminator, and a mimic word in a place phrase is not the link
-        ("Nodular density at the left base, secondary to soft tissue overlay.", {"Lung Lesion": None}),
+        ("A right midlung nodule, secondary to overlying soft tissues.", {"Lung Lesion": None}),
         (
-            "Nodular opacity on the lateral projection, felt to represent overlapping vessels.",
+            "A nodular opacity seen only on the frontal projection is thought to represent overlapping vessels.",
             {"Lung Lesion": None},
         ),
         # CheXpert's "mass" inside a word; a pleural mass is Pleural Other
-        ("Mass-like consolidation in the right apex.", {"Lung Lesion": 1, "Consolidation": 1}),
-        ("Masslike opacity at the left base.", {"Lung Lesion": 1, "Lung Opacity": 1}),
-        ("Pleural mass along the right lateral chest wall.", {"Lung Lesion": None, "Pleural Other": 1}),
+        ("Mass-like consolidation in the left lower lobe.", {"Lung Lesion": 1, "Consolidation": 1}),
+        ("Masslike opacity in the right upper lobe.", {"Lung Lesion": 1, "Lung Opacity": 1}),
+        ("A pleural mass along the lateral chest wall.", {"Lung Lesion": None, "Pleural Other": 1}),
         # an ignored phrase is a list item inside a cue's scope
         (
-            "Differential includes prominent epicardial fat, pericardial mass, pulmonary mass or aneurysm.",
+            "The differential includes a thymic cyst, a pericardial mass, or a lung mass.",
             {"Lung Lesion": -1},
         ),
         # a finding introduced with "with" after a negated one is a new claim
         (
-            "No cardiomegaly with small bilateral pleural effusions.",
-            {"Cardiomegaly": 0, "Pleural Effusion": 1},
+            "No pneumothorax with a moderate right pleural effusion.",
+            {"Pneumothorax": 0, "Pleural Effusion": 1},
         ),
         ("No focal consolidation with air bronchograms.", {"Consolidation": 0}),
-        ("Possible infection associated with some chronic consolidation.", {"Consolidation": -1}),
-        ("Cardiomegaly, question small bilateral effusions.", {"Cardiomegaly": 1, "Pleural Effusion": -1}),
-        ("The heart XXXX is mildly large.", {"Cardiomegaly": 1}),
+        ("Possible pneumonia with a small left effusion.", {"Pleural Effusion": -1}),
+        ("Mild atelectasis, question a trace left effusion.", {"Atelectasis": 1, "Pleural Effusion": -1}),
+        ("Cardiac silhouette XXXX is large.", {"Cardiomegaly": 1}),
         # history: an earlier study, an old or tuberculous pneumonia, a modality's general power
-        ("On a prior outside CT, the right lower lobe was consolidated.", {"Consolidation": None}),
+        ("On the prior radiograph, consolidation filled the lingula.", {"Consolidation": None}),
         ("The effusion is larger than on the prior study, with new atelectasis.", {"Atelectasis": 1}),
         ("The effusion on the prior study is no longer seen.", {"Pleural Effusion": 0}),
         ("Scarring from an old tuberculous pneumonia.", {"Pneumonia": None}),
         ("Changes of previous pneumonia in the left base.", {"Pneumonia": None}),
-        ("A CT is more sensitive for small nodules.", {"Lung Lesion": None}),
+        ("Cross-sectional imaging is more sensitive for subtle masses.", {"Lung Lesion": None}),
         # a negated general phrase negates; it does not silence its clause
         (
-            "Basilar opacity due in part to atelectasis, crowding without typical findings of edema.",
+            "Streaky left base atelectasis and low volumes without typical signs of edema.",
             {"Atelectasis": 1, "Edema": 0},
         ),
     ],
