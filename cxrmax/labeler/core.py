@@ -51,6 +51,7 @@ Rules (documented in ARCHITECTURE.md, tested in tests/test_labeler*.py):
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 
@@ -239,39 +240,83 @@ def _lowered(text: str) -> str:
 
 
 def _scan(low: str, text: str) -> list[tuple[int, int, int, object]]:
-    """All tokens of the text in order: (start, end, kind, payload)."""
+    """All tokens of the text in order: (start, end, kind, payload). The same tokens as
+    ``mt.LEXICON.pattern.finditer(low)`` gives (phrases at word starts, and ";", ":", "|"), found
+    with a faster phrase pattern plus a search for the three separators, merged in order."""
     lexicon = mt.LEXICON
-    table = lexicon.table
-    flex_keys = lexicon.flex_keys
+    spelled = lexicon.spelled
     flex = lexicon.flex
     flex_by_char = lexicon.flex_by_char
     trigger = TRIGGER
     tokens: list[tuple[int, int, int, object]] = []
     append = tokens.append
     covered = -1  # end of the last flexible statement: tokens inside it are dropped
-    for match in lexicon.pattern.finditer(low):
-        start, end = match.span()
+    semis = _separators(low)
+    n_semis = len(semis)
+    k = 0  # next separator to emit
+    first = lexicon.at_start.match(low)
+    if first is None:
+        matches = lexicon.after_break.finditer(low)
+    else:  # the next phrase starts after the first one (matches do not overlap)
+        matches = itertools.chain((first,), lexicon.after_break.finditer(low, first.end()))
+    for match in matches:
+        group = match.lastindex or 0
+        start, end = match.span(group)
+        while k < n_semis and semis[k] < start:
+            if semis[k] >= covered:
+                append((semis[k], semis[k] + 1, SEMI, low[semis[k]]))
+            k += 1
         if start < covered:
             continue
-        word = match.group()
-        entry = table.get(word)
-        if entry is None:
-            word = word.translate(_DROP_SPACES)
-            entry = table.get(word)
-            if entry is None:  # cannot happen: every trie word is in the table
+        word = match.group(group)
+        known = spelled.get(word)
+        if known is None:
+            known = _spelling(lexicon, word)
+            if known is None:  # cannot happen: every trie word is in the table
                 continue
-        if word in flex_keys:
+        kind, payload, flexible = known
+        if flexible:
             flex_pattern = flex_by_char.get(low[start])
             statement = None if flex_pattern is None else flex_pattern.match(low, start)
             if statement is not None:
                 covered = statement.end()
                 append((start, covered, STATEMENT, flex[int(statement.lastgroup[1:])]))
                 continue
-        if entry[0] != trigger:
-            if end - start == 1 and entry[0] == LAT and not text[start].isupper():
+        if kind != trigger:
+            if kind == LAT and end - start == 1 and not text[start].isupper():
                 continue  # "L"/"R" are sides, "l"/"r" are not ("2 l", "r/o" is a cue anyway)
-            append((start, end, entry[0], entry[1]))
+            append((start, end, kind, payload))
+    while k < n_semis:
+        if semis[k] >= covered:
+            append((semis[k], semis[k] + 1, SEMI, low[semis[k]]))
+        k += 1
     return tokens
+
+
+def _separators(low: str) -> list[int]:
+    """Sorted positions of ";", ":" and "|" in the text."""
+    found: list[int] = []
+    for char in ";:|":
+        at = low.find(char)
+        while at >= 0:
+            found.append(at)
+            at = low.find(char, at + 1)
+    if len(found) > 1:
+        found.sort()
+    return found
+
+
+def _spelling(lexicon: mt.Lexicon, word: str) -> tuple[int, object, bool] | None:
+    """(kind, payload, may start a flexible statement) of a matched text that is not spelled as in
+    the phrase lists ("pleural  effusion", "air-space"); remembered (up to 100,000 spellings)."""
+    key = word.translate(_DROP_SPACES)
+    entry = lexicon.table.get(key)
+    if entry is None:
+        return None
+    known = (entry[0], entry[1], key in lexicon.flex_keys)
+    if len(lexicon.spelled) < 100_000:
+        lexicon.spelled[word] = known
+    return known
 
 
 def _gap(low: str, a: int, b: int) -> int:
@@ -636,7 +681,7 @@ def _mention_status(
     while j < ceiling:
         tok = tokens[j]
         kind = tok[2]
-        if kind == LAT or kind == IGNORE:
+        if kind == LAT or kind == IGNORE or kind == GENERIC:  # "seen on the prior study is not seen"
             j += 1
             continue
         if _gap(low, edge, tok[0]) > _POST_GAP:
@@ -677,21 +722,28 @@ _EXPLAINING = re.compile(
 _MODAL = re.compile(r"\b(?:may|might|could|possibl[ey]|probabl[ey]|question\w*|versus|vs|or)\b")
 
 
+_LINK_ENDS = (OTHER, STATEMENT, SEMI)
+
+
 def _explained_away(low: str, tokens: list, index: int, hi: int) -> tuple[str, str | None] | None:
     """A finding that its clause explains as a mimic (cues.MIMICS: "nipple shadows", "soft tissue
     overlay") asserts nothing (DROP), or is uncertain when the
     link is hedged ("... which could represent overlapping vessels"); None when no such link."""
     end = tokens[index][1]
-    ceiling = hi if hi < index + 12 else index + 12
+    # The link may be a terminator ("... due to overlying breast tissue"): the walk goes past the
+    # clause end, up to a conjunction, a semicolon or another finding.
+    ceiling = len(tokens) if len(tokens) < index + 12 else index + 12
     for j in range(index + 1, ceiling):
         tok = tokens[j]
         kind = tok[2]
-        if kind in _MENTION_KINDS or kind == OTHER or kind == STATEMENT or kind == TERM and tok[3]:
+        if kind in _MENTION_KINDS or kind in _LINK_ENDS or (kind == TERM and tok[3]):
             return None  # another finding or a conjunction comes first
         if kind == MIMIC:
             between = low[end : tok[0]]
-            if _gap(low, end, tok[0]) > 16 or _EXPLAINING.search(between) is None:
+            if _gap(low, end, tok[0]) > 16:
                 return None
+            if _EXPLAINING.search(between) is None:
+                continue  # a mimic word in a place phrase ("on the lateral projection"): not the link
             if _MODAL.search(between) is not None:
                 return "uncertain", "(explained) " + low[tok[0] : tok[1]]
             return DROP, "(explained) " + low[tok[0] : tok[1]]
@@ -703,36 +755,46 @@ _OR_WORD_AHEAD = re.compile(r"\b(?:or|nor)\b")
 _CLAUSE_REST = re.compile(r"[^.;:\n]*")
 
 
-def _new_item_after_comma(low: str, start: int, end: int) -> bool:
-    """True when the last comma in low[start:end] starts a new, described finding ("no pneumothorax,
-    mild right atelectasis"), so a cue before the comma does not reach past it. Not inside a list
-    that "or"/"nor" closes: "no consolidation, effusion or large pneumothorax" is one
-    negated coordination whose items may carry size words."""
+def _new_item_after_comma(low: str, start: int, end: int) -> int:
+    """1 when the last comma in low[start:end] starts a new, described finding ("no pneumothorax,
+    mild right atelectasis"), so a cue before the comma does not reach past it; 2 when a "with"
+    does ("no pneumothorax with a moderate right effusion": only a negation stops there); else 0.
+    Not inside a list that "or"/"nor" closes: "no consolidation, effusion or large pneumothorax" is
+    one negated coordination whose items may carry size words."""
     comma = low.rfind(",", start, end)
+    cut = 1
+    joined = low.rfind(" with ", start, end)
+    if joined > comma:
+        comma, cut = joined + 5, 2
     if comma < 0 or _NEW_ITEM.search(low, comma, end) is None:
-        return False
+        return 0
     rest = _CLAUSE_REST.match(low, comma + 1)
-    return _OR_WORD_AHEAD.search(low, comma, rest.end()) is None
+    return 0 if _OR_WORD_AHEAD.search(low, comma, rest.end()) is not None else cut
 
 
 def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tuple[str, str | None]:
     """Status from the nearest cue before the mention whose scope reaches it."""
     edge = tokens[index][0]
+    joined = False  # a described finding after "with" lies between the cue and the mention
     j = index - 1
     floor = lo if lo > index - _MAX_WALK else index - _MAX_WALK
     while j >= floor:
         tok = tokens[j]
         kind = tok[2]
-        if kind == LAT or kind == IGNORE:
+        if kind == LAT or kind == GENERIC:
             j -= 1
             continue
         if _gap(low, tok[1], edge) > _SCOPE_GAP:
             break
-        if kind in _MENTION_KINDS or kind == MIMIC or kind == OTHER:
+        if kind in _MENTION_KINDS or kind == MIMIC or kind == OTHER or kind == IGNORE:
+            # an ignored phrase is a list item too ("differential includes fat, pericardial mass,
+            # pleural mass or aneurysm")
             # "no pneumothorax, mild right basilar atelectasis": a new described finding after a
             # comma is not part of the negated list.
-            if _new_item_after_comma(low, tok[1], tokens[index][0]):
+            cut = _new_item_after_comma(low, tok[1], tokens[index][0])
+            if cut == 1:
                 break
+            joined = joined or cut == 2
             edge = tok[0]
             j -= 1
             continue
@@ -744,8 +806,11 @@ def _pre_status(low: str, tokens: list, index: int, lo: int, default: str) -> tu
             return "negative", "clear of"
         if kind == CUE:
             bits, word = tok[3]
-            if _new_item_after_comma(low, tok[1], tokens[index][0]):
+            cut = _new_item_after_comma(low, tok[1], tokens[index][0])
+            if cut == 1:
                 break  # "possibly related to prior infection, and a small calcified granuloma"
+            if (joined or cut == 2) and bits & NEG_PRE and not bits & HYPO:
+                break
             if bits & HYPO:
                 return DROP, word
             for k in range(max(lo, j - _MAX_WALK), j):  # "if there is continued concern for rib fracture"
@@ -825,11 +890,13 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
     pending: list[int] = []
     question: list[tuple[int, int, int, str, str, str | None]] = []  # what a question step asked
     for step_index, segment in enumerate(segments):
-        t = _collect_spans(tokens, t, segment.start, refusal, hedging)  # tokens between steps (markers)
+        seg_start, seg_end, _kind, heading = segment
+        if t < n_tokens and tokens[t][0] < seg_start:  # tokens between steps (markers)
+            t = _collect_spans(tokens, t, seg_start, refusal, hedging)
         first = t
-        while t < n_tokens and tokens[t][0] < segment.end:
+        while t < n_tokens and tokens[t][0] < seg_end:
             t += 1
-        if segment.heading in CONTEXT_HEADINGS:  # filled by split_steps for the headings it gave
+        if heading in CONTEXT_HEADINGS:  # filled by split_steps for the headings it gave
             pending = []  # a request section (INDICATION, COMPARISON ...) says nothing about this film
             question = []
             continue
@@ -862,15 +929,15 @@ def _assertions(text: str, low: str, segments: list, detail: bool):
                 for item in step_found
                 if step_tokens[item[0]][0] not in label_starts or item[1] not in said
             ]
-        last = low[segment.end - 1]  # a question asserts nothing by itself
-        asks = last == "?" or (last in _QUESTION_TAIL and _is_question(low, segment.start, segment.end))
+        last = low[seg_end - 1]  # a question asserts nothing by itself
+        asks = last == "?" or (last in _QUESTION_TAIL and _is_question(low, seg_start, seg_end))
         if _emit_step(step_index, step_tokens, step_found, asks, assertions, question):
             recognised = True
         if asks:
             continue
         if (
-            segment.end - segment.start < 300
-            and _gap(low, segment.start, segment.end) <= 4
+            seg_end - seg_start < 300
+            and _gap(low, seg_start, seg_end) <= 4
             and all(a[6] is None for a in assertions[len(assertions) - len(step_found) :])
         ):
             pending = list(range(len(assertions) - len(step_found), len(assertions)))
@@ -952,38 +1019,48 @@ def _read_step(
     recorded on the way."""
     content = False
     colon = False
+    cuts = False  # a terminator or separator: the step has more than one clause
+    special = False  # refusal, hedging or general-statement tokens (see _silent_clauses)
     for tok in step_tokens:
         kind = tok[2]
         if kind in _CONTENT_KINDS:
             content = True
         elif kind == SEMI:
             colon = colon or tok[3] != ";"
+            cuts = True
+        elif kind == TERM:
+            cuts = True
         elif kind == REFUSAL or kind == HEDGE:
-            content = True
+            content = special = True
+        elif kind == GENERIC:
+            special = True
     if not content:
         return None
     # Key-value verdicts ("X: no", "| X | No |", "X - absent", "X = 1") need a separator in the step.
+    seg_start, seg_end, _kind, heading = segment
     keyed = (
         colon
-        or low.find(" -", segment.start, segment.end) >= 0
-        or low.find("=", segment.start, segment.end) >= 0
-        or (not ascii_text and _KEYED.search(low, segment.start, segment.end) is not None)
+        or low.find(" -", seg_start, seg_end) >= 0
+        or low.find("=", seg_start, seg_end) >= 0
+        or (not ascii_text and _KEYED.search(low, seg_start, seg_end) is not None)
     )
     label_starts: set[int] = set()  # "Pneumothorax: there is no pneumothorax": a topic label
     verdicts: dict[int, str] = {}  # "Pneumothorax: no." -> the label's status
     if colon:
         step_tokens, label_starts, verdicts = _colon_labels(low, segment, step_tokens)
     default = "positive"
-    heading = segment.heading
     if heading is not None:
         default = _HEADING_DEFAULTS.get(heading) or _heading_default(heading)
-    los, his = _clauses(step_tokens)
+    if cuts:
+        los, his = _clauses(step_tokens)
+    else:  # one clause: the whole step
+        los, his = [0] * len(step_tokens), [len(step_tokens)] * len(step_tokens)
     last_mimic = -1  # index of the step's last mimic token ("nipple shadow"), for _explained_away
     if has_mimic:
         for k, tok in enumerate(step_tokens):
             if tok[2] == MIMIC:
                 last_mimic = k
-    silent = _silent_clauses(step_tokens, los, refusal, hedging)
+    silent = _silent_clauses(low, step_tokens, los, refusal, hedging) if special else _NOT_SILENT
     found: list[Found] = []
     token_sides: dict[int, str | None] = {}
     recognised = False
@@ -1014,9 +1091,13 @@ def _read_step(
     return step_tokens, found, label_starts, recognised
 
 
-def _silent_clauses(step_tokens: list, los: list[int], refusal: list, hedging: list) -> set[int]:
-    """Clauses (by first token) that refuse ("As an AI, I cannot ...") or speak in general
-    ("typically"); records the step's refusal and hedging spans."""
+_NOT_SILENT: frozenset[int] = frozenset()
+
+
+def _silent_clauses(low: str, step_tokens: list, los: list[int], refusal: list, hedging: list) -> set[int]:
+    """Clauses (by first token) that refuse ("As an AI, I cannot ..."), speak in general
+    ("typically") or narrate an earlier study ("On a prior CT, ..." when it opens the clause);
+    records the step's refusal and hedging spans."""
     silent: set[int] = set()
     for i, tok in enumerate(step_tokens):
         kind = tok[2]
@@ -1026,8 +1107,19 @@ def _silent_clauses(step_tokens: list, los: list[int], refusal: list, hedging: l
         elif kind == HEDGE:
             hedging.append((tok[0], tok[1]))
         elif kind == GENERIC:
+            if low.startswith("on ", tok[0]) and not _opens_clause(low, tok[0]):
+                continue  # "larger than on the prior study": a comparison, not history
             silent.add(los[i])
     return silent
+
+
+_CLAUSE_OPENING = re.compile(r"(?:^|[.;:\n(])[\s*_\-\d.)]*$")
+
+
+def _opens_clause(low: str, start: int) -> bool:
+    """True when nothing but punctuation, list markers or spaces stands between the last clause
+    boundary (or the text start) and `start`."""
+    return _CLAUSE_OPENING.search(low, max(0, start - 40), start) is not None
 
 
 def _read_mention(

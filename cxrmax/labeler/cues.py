@@ -151,6 +151,13 @@ NEG_PRE: tuple[str, ...] = (
     "and not a true",
     "rather than a true",
     "rather than true",
+    # a negated general phrase is a negation, not a general statement (GENERIC would silence the clause)
+    *(
+        f"{negation} {typical} {what} of"
+        for negation in ("no", "without")
+        for typical in ("typical", "classic", "characteristic")
+        for what in ("findings", "signs", "features")
+    ),
 )
 
 NEG_POST: tuple[str, ...] = (
@@ -360,6 +367,7 @@ UNC_PRE: tuple[str, ...] = (
     "evaluation for",
     "assess for",
     "question of",
+    "question",  # "mild atelectasis, question a trace effusion"
     "questionable",
     "equivocal",
     "borderline",
@@ -641,6 +649,13 @@ HYPOTHETICAL: tuple[str, ...] = (
     "known history of",
 )
 
+#: Openers of a clause about an earlier study (GENERIC when they open the clause, see core.py).
+HISTORY_OPENERS: tuple[str, ...] = tuple(
+    f"on {article}{when}"
+    for article in ("", "a ", "an ", "the ")
+    for when in ("prior", "previous", "old", "outside", "earlier", "remote")
+)
+
 #: Words that make a clause a general statement about a disease rather than a claim about this image
 #: ("atelectasis generally appears as a linear opacity"): mentions in that clause assert nothing.
 GENERIC: tuple[str, ...] = (
@@ -672,12 +687,22 @@ GENERIC: tuple[str, ...] = (
     "characteristic findings of",
     "hallmarks of",
     "hallmark of",
+    # a clause that opens on an earlier study narrates that study, not this film ("On the prior
+    # radiograph, consolidation filled the lingula"); core.py silences only a clause they open
+    *HISTORY_OPENERS,
+    # what a modality can show in general ("cross-sectional imaging is more sensitive for subtle masses")
+    "is more sensitive",
+    "more sensitive",
+    "is less sensitive",
+    "less sensitive",
 )
 
 #: Things a finding may turn out to be that are not disease ("may represent a nipple shadow"): an
 #: uncertainty link from a mention to one of these makes the mention uncertain.
 MIMICS: tuple[str, ...] = (
     "nipple shadow(s)",
+    "nipple(s)",
+    "nipple marker(s)",
     "overlapping vessels",
     "overlapping vascular structures",
     "overlapping structures",

@@ -277,13 +277,34 @@ class Lexicon:
             flex_parts.append(f"(?P<f{index}>{pattern})")
             self.flex.append(effects)
         trie = _trie_regex(sorted(set(spellings)))
+        #: Every phrase at a word start, and every ";", ":", "|" (the reference scan; core._scan
+        #: finds the same tokens with the three patterns below, which is faster).
         self.pattern = re.compile(r"\b(?:" + trie + r")(?![\w'])|[;:|]")
+        #: A phrase after a non-word character (consumed, group 1 is the phrase): a pattern that
+        #: starts with a character class lets the regex engine skip to the next non-word character
+        #: instead of trying every position. Every phrase starts with a letter, so "a non-word
+        #: character before it" is the word boundary of `pattern`.
+        self.after_break = re.compile(r"[^\w](" + trie + r")(?![\w'])")
+        #: A phrase at the very start of the text.
+        self.at_start = re.compile(r"(?:" + trie + r")(?![\w'])")
+        odd = [spelling for spelling in spellings if not spelling[:1].isalpha()]
+        if odd:  # after_break would miss them: the scan relies on every phrase starting with a letter
+            raise ValueError(f"phrases must start with a letter: {odd[:5]}")
         table[";"] = (SEMI, ";")
         table[":"] = (SEMI, ":")
         table["|"] = (SEMI, "|")  # markdown table cells
         #: Keys of the phrases at whose start a flexible statement may begin.
         starts = tuple({prefix.strip() for prefix in FLEX_PREFIXES})
         self.flex_keys = frozenset(key for key in table if key.startswith(starts))
+        #: Matched text -> (kind, payload, may start a flexible statement), for the spellings as
+        #: written in the phrase lists; core._scan adds the other spellings it meets (extra spaces,
+        #: hyphens).
+        self.spelled: dict[str, tuple[int, object, bool]] = {}
+        for spelling in spellings:
+            key = phrase_key(spelling)
+            self.spelled[spelling] = (*table[key], key in self.flex_keys)
+        for key in (";", ":", "|"):
+            self.spelled[key] = (*table[key], False)
         #: Tried (anchored) at trigger positions only; it wins over the trie tokens it covers.
         self.flex_pattern = re.compile(r"(?:" + "|".join(flex_parts) + r")\b")
         #: The same, split by the first character of the text at the trigger: only the statements

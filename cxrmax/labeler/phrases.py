@@ -91,6 +91,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "consolidated",
         "consolidative opacity",
         "consolidative opacities",
+        "mass-like consolidation",
         "air bronchogram(s)",
     ),
     "Edema": (
@@ -160,6 +161,15 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "tumour(s)",
         "carcinoma",
         "lump",
+        # CheXpert matches "mass" inside words: "masslike", "mass-like opacity"
+        "mass-like",
+        "mass-like opacity",
+        "mass-like opacities",
+        "mass-like opacification",
+        "mass-like density",
+        "mass-like densities",
+        "mass-like consolidation",
+        "mass-like lesion(s)",
     ),
     "Lung Opacity": (
         # CheXpert's "opaci" also makes these Lung Opacity (they are Lung Lesion too)
@@ -201,7 +211,9 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "mass-like opacity",
         "mass-like opacities",
         "masslike opacity",
-        "mass-like consolidation",
+        "mass-like opacification",
+        "mass-like density",
+        "mass-like densities",
         "nodular-like opacity",
         "patchy opacities",
         "shadowing",
@@ -252,6 +264,7 @@ MENTIONS: dict[str, tuple[str, ...]] = {
         "apical pleural thickening",
         "apical cap",
         "pleural based mass",
+        "pleural mass(es)",
         "mesothelioma",
         "pleural other",  # the CheXpert label name, as models echo it ("Pleural Other: absent")
     ),
@@ -468,12 +481,17 @@ IGNORED: tuple[str, ...] = (
     "old infection",
     "prior granulomatous infection",
     "prior granulomatous disease",
+    "prior pneumonia",
+    "previous pneumonia",
+    "old pneumonia",
     # healed granulomatous disease is neither a lesion nor a pneumonia (CheXpert: granuloma and
     # "calcified nodul..." are not Lung Lesion)
     "granulomatous infection",
     "tuberculous infection",
     "tuberculosis infection",
     "histoplasmosis infection",
+    "tuberculous pneumonia",
+    "tuberculosis pneumonia",
     "granulomatous disease",
     "granulomatous process",
     "calcified nodule(s)",
@@ -619,7 +637,7 @@ _SEP = r"(?:\s*:|\s+[\u2013\u2014-])?\s+"
 _MED = r"(?:mediastin(?:um|al\s+(?:silhouette|contours?|width))|hil(?:a|um|ar\s+contours?)|mediastinal\s+and\s+hilar\s+(?:contours?|silhouettes?)|hilar\s+and\s+mediastinal\s+(?:contours?|silhouettes?))"
 # "xxxx": the OpenI collection's de-identification mask, which often hides the verb ("the heart
 # XXXX enlarged").
-_BE = r"(?:(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|might\s+be|could\s+be|appears?\s+to\s+be|seems?\s+to\s+be|xxxx)(?:\s+also)?)"
+_BE = r"(?:(?:xxxx\s+)?(?:is|are|was|were|appears?|remains?|seems?|looks?|being|may\s+be|might\s+be|could\s+be|appears?\s+to\s+be|seems?\s+to\s+be|xxxx)(?:\s+also)?)"
 # Any "-ly" adverb ("markedly enlarged", "mildly enlarged") plus a few others.
 _ADV = r"(?:(?:[a-z]+ly|again|still|now|borderline|top|at\s+least|also|overall|xxxx)\s+)"
 _NORMAL = (

@@ -117,12 +117,14 @@ def _split_sentences(
     """Append the sentences of text[start:end] (first one keeps `kind`, later ones are sentences)."""
     first_kind = kind
     cursor = start
+    append = out.append
+    new = tuple.__new__  # a Segment without NamedTuple's Python-level __new__ (see _segment)
+    word_search = _WORD.search
     for match in _SENTENCE_END.finditer(text, start, end):
-        cut = match.end()
+        dot, cut = match.span()
         if cut >= end:
             break
         # "e.g. pneumonia", "Dr. X", "vs. atelectasis": not a sentence end.
-        dot = match.start()
         word_start = text.rfind(" ", cursor, dot) + 1
         if word_start < cursor:
             word_start = cursor
@@ -131,15 +133,15 @@ def _split_sentences(
             if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
                 continue
         piece_end = dot + 1
-        if piece_end > cursor and _WORD.search(text, cursor, piece_end):
-            out.append(_segment((cursor, piece_end, first_kind, heading)))
+        if piece_end > cursor and word_search(text, cursor, piece_end):
+            append(new(Segment, (cursor, piece_end, first_kind, heading)))
             first_kind = "sentence"
         cursor = cut
     stripped_end = end
     while stripped_end > cursor and text[stripped_end - 1].isspace():
         stripped_end -= 1
-    if stripped_end > cursor and _WORD.search(text, cursor, stripped_end):  # not a bare "|---|" row
-        out.append(_segment((cursor, stripped_end, first_kind, heading)))
+    if stripped_end > cursor and word_search(text, cursor, stripped_end):  # not a bare "|---|" row
+        append(new(Segment, (cursor, stripped_end, first_kind, heading)))
 
 
 #: Every context heading seen so far (a few spellings of a few section names): core.py tests

@@ -513,8 +513,89 @@ def test_pool_workers_die_on_sigterm_whatever_the_parent_handler(monkeypatch):
         # a finding explained as a mimic
         ("The nodule is consistent with a nipple shadow.", {"Lung Lesion": None}),
         ("The nodule could represent a nipple shadow.", {"Lung Lesion": -1}),
+        ("The small rounded nodule over the right breast represents the nipple.", {"Lung Lesion": None}),
+        # the link to a mimic may be a terminator, and a mimic word in a place phrase is not the link
+        ("A right midlung nodule, secondary to overlying soft tissues.", {"Lung Lesion": None}),
+        (
+            "A nodular opacity seen only on the frontal projection is thought to represent overlapping vessels.",
+            {"Lung Lesion": None},
+        ),
+        # CheXpert's "mass" inside a word; a pleural mass is Pleural Other
+        ("Mass-like consolidation in the left lower lobe.", {"Lung Lesion": 1, "Consolidation": 1}),
+        ("Masslike opacity in the right upper lobe.", {"Lung Lesion": 1, "Lung Opacity": 1}),
+        ("A pleural mass along the lateral chest wall.", {"Lung Lesion": None, "Pleural Other": 1}),
+        # an ignored phrase is a list item inside a cue's scope
+        (
+            "The differential includes a thymic cyst, a pericardial mass, or a lung mass.",
+            {"Lung Lesion": -1},
+        ),
+        # a finding introduced with "with" after a negated one is a new claim
+        (
+            "No pneumothorax with a moderate right pleural effusion.",
+            {"Pneumothorax": 0, "Pleural Effusion": 1},
+        ),
+        ("No focal consolidation with air bronchograms.", {"Consolidation": 0}),
+        ("Possible pneumonia with a small left effusion.", {"Pleural Effusion": -1}),
+        ("Mild atelectasis, question a trace left effusion.", {"Atelectasis": 1, "Pleural Effusion": -1}),
+        ("Cardiac silhouette XXXX is large.", {"Cardiomegaly": 1}),
+        # history: an earlier study, an old or tuberculous pneumonia, a modality's general power
+        ("On the prior radiograph, consolidation filled the lingula.", {"Consolidation": None}),
+        ("The effusion is larger than on the prior study, with new atelectasis.", {"Atelectasis": 1}),
+        ("The effusion on the prior study is no longer seen.", {"Pleural Effusion": 0}),
+        ("Scarring from an old tuberculous pneumonia.", {"Pneumonia": None}),
+        ("Changes of previous pneumonia in the left base.", {"Pneumonia": None}),
+        ("Cross-sectional imaging is more sensitive for subtle masses.", {"Lung Lesion": None}),
+        # a negated general phrase negates; it does not silence its clause
+        (
+            "Streaky left base atelectasis and low volumes without typical signs of edema.",
+            {"Atelectasis": 1, "Edema": 0},
+        ),
     ],
 )
 def test_real_report_scope_and_chexpert_definitions(text, expected):
     labels = label_text(text).labels()
     assert {name: labels[name] for name in expected} == expected
+
+
+def _reference_scan(low: str, text: str) -> list:
+    """The scan as one finditer of LEXICON.pattern (what core._scan must equal)."""
+    from cxrmax.labeler import core
+
+    lexicon = core.mt.LEXICON
+    tokens, covered = [], -1
+    for match in lexicon.pattern.finditer(low):
+        start, end = match.span()
+        if start < covered:
+            continue
+        kind, payload, flexible = lexicon.spelled.get(match.group()) or core._spelling(lexicon, match.group())
+        if flexible:
+            flex_pattern = lexicon.flex_by_char.get(low[start])
+            statement = None if flex_pattern is None else flex_pattern.match(low, start)
+            if statement is not None:
+                covered = statement.end()
+                tokens.append((start, covered, core.STATEMENT, lexicon.flex[int(statement.lastgroup[1:])]))
+                continue
+        if kind != core.TRIGGER and not (kind == core.LAT and end - start == 1 and not text[start].isupper()):
+            tokens.append((start, end, kind, payload))
+    return tokens
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "There is no pneumothorax.",
+        "effusion;no pneumothorax:none|edema",
+        "Heart size: normal. Lungs: clear; no effusion.",
+        ";;: no",
+        "(left) R > L effusion, l and r lower lobes",
+        "patient's nipple shadow; pleural  effusion and air-space disease",
+        "Pneumonia",
+        "'no' pneumothorax",
+        "é no effusion é",
+    ],
+)
+def test_scan_finds_the_tokens_of_the_reference_pattern(text):
+    from cxrmax.labeler import core
+
+    low = core._lowered(text)
+    assert core._scan(low, text) == _reference_scan(low, text)
