@@ -996,6 +996,13 @@ _COLUMNS = (
 )
 
 
+#: The console's two results tables: (title, columns).
+_CONSOLE_TABLES = (
+    ("Quality", ("precision", "recall", "similarity", "mean_words")),
+    ("Drift", ("refusal_rate", "hallucination_rate", "laterality_error_rate", "sides_compared")),
+)
+
+
 def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and value != value):
         return "n/a"
@@ -1170,14 +1177,16 @@ def _write_report(
 
 def print_result(result: DemoResult, console: Any) -> None:
     """Print the table, the drift report, timings and artifact paths."""
-    table = Table(title="Teachers and students on the test split (toy scale)", padding=(0, 1))
-    table.add_column("model", no_wrap=True)
-    shown = [(k, h) for k, h in _COLUMNS if k != "answers"]  # fits 80 columns
-    for _, header in shown:
-        table.add_column(header, justify="right", no_wrap=True, min_width=4)
-    for row in result.rows:
-        table.add_row(row["model"], *[_cell(row, k) for k, _ in shown])
-    console.print(table)
+    # Two tables of two-line cells (the figure, then its interval) fit 80 columns; one table of
+    # one-line cells collapsed the model column and cut every interval.
+    for title, keys in _CONSOLE_TABLES:
+        table = Table(title=f"{title} on the test split (toy scale)", padding=(0, 1))
+        table.add_column("model", no_wrap=True, min_width=12)
+        for key in keys:
+            table.add_column(dict(_COLUMNS)[key], justify="right", no_wrap=True)
+        for row in result.rows:
+            table.add_row(row["model"], *[_cell(row, k).replace(" [", "\n[", 1) for k in keys])
+        console.print(table, markup=False)
     answers = sorted({row.get("answers") for row in result.rows if row.get("answers")})
     console.print(f"  answers per model: {', '.join(map(str, answers))}", highlight=False)
     for row in result.rows:

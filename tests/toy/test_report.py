@@ -98,3 +98,26 @@ def test_interpretation_of_one_seed_reads_as_before():
     text = "\n".join(interpretation(rows))
     assert "seeds" not in text.split("Mean of")[0] or "lower in" not in text
     assert "Mean of precision, recall and similarity: student-apo" in text
+
+
+def test_the_console_tables_fit_80_columns_with_every_model_and_interval_whole():
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from cxrmax.toy.demo import DemoResult, print_result
+
+    rows = [_row("hallucinates"), _row("faithful")]
+    rows.append(
+        _student("student-apo", {"precision": [0.55, 0.6, 0.65], "hallucination_rate": [0.5, 0.6, 0.7]})
+    )
+    for row in rows:
+        row |= {"sides_compared": 40, "injected": "x", "answers": 88}
+        row["ci"] |= {"precision": (0.52, 0.68), "mean_words": (18.0, 23.0)}
+    console = Console(width=80, record=True)
+    print_result(DemoResult(out=Path("."), size="default", rows=rows), console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for row in rows:
+        assert f"│ {row['model']} " in text  # the model column is not collapsed
+    assert "0.60 ± 0.05" in text and "[0.52, 0.68]" in text and "[0.35, 0.45]" in text  # whole cells
