@@ -46,7 +46,16 @@ from cxrmax.labeler import label_text  # noqa: E402
 WHEEL_NAME = "torchxrayvision-1.5.7-py3-none-any.whl"
 WHEEL_REQUIREMENT = "torchxrayvision==1.5.7"
 REPORTS_MEMBER = "torchxrayvision/data/NLMCXR_reports.tgz"
-DEFAULT_GOLD = REPO.parent / "shared" / "data" / "openi" / "openi_gold_dev.csv"
+#: The shared data folder: beside the checkout (../shared), or inside it (shared/, as a copied checkout has it).
+SHARED_OPENI = next(
+    (
+        d
+        for d in (REPO.parent / "shared" / "data" / "openi", REPO / "shared" / "data" / "openi")
+        if d.is_dir()
+    ),
+    REPO.parent / "shared" / "data" / "openi",
+)
+DEFAULT_GOLD = SHARED_OPENI / "openi_gold_dev.csv"
 SECTIONS = ("FINDINGS", "IMPRESSION")
 #: The labeler's state at the start of issue 12 (the "before" table).
 BASELINE_REF = "5155f22"
@@ -105,6 +114,9 @@ def find_wheel(fetch: bool = True) -> tuple[Path | None, str]:
     if named:
         path = Path(named)
         return (path, f"$CXRMAX_OPENI_WHEEL={path}") if path.is_file() else (None, f"no file {path}")
+    shared = SHARED_OPENI / WHEEL_NAME
+    if shared.is_file():
+        return shared, f"shared at {shared}"
     path = cache_dir() / WHEEL_NAME
     if path.is_file():
         return path, f"cached at {path}"
