@@ -316,6 +316,9 @@ def drift_rates(
     agreement = drift.compare(states, sides, ref_states, ref_sides)
     answered = ~refusal
     hallucinating = agreement.hallucinated.any(axis=1) & answered
+    # The hallucinating teacher's own claim: a pneumothorax the labels lack (issue 14 asks whether the
+    # students inherit it, which the any-finding rate above dilutes).
+    claims_pneumothorax = agreement.hallucinated[:, OBSERVATIONS.index("Pneumothorax")] & answered
     side_errors = np.where(answered, agreement.side_errors.sum(axis=1), 0)
     side_compared = np.where(answered, agreement.side_compared, 0)
     words = np.array([len(text.split()) for text in texts], dtype=np.int64)
@@ -327,6 +330,7 @@ def drift_rates(
             refusal,
             answered,
             hallucinating,
+            claims_pneumothorax,
             side_errors,
             side_compared,
             words,
@@ -345,6 +349,9 @@ def drift_rates(
             "answers": answers,
             "refusal_rate": float(refusal[mine].mean()),
             "hallucination_rate": float(hallucinating[mine].sum() / kept) if kept else float("nan"),
+            "pneumothorax_claim_rate": float(claims_pneumothorax[mine].sum() / kept)
+            if kept
+            else float("nan"),
             "laterality_error_rate": float(side_errors[mine].sum() / compared) if compared else float("nan"),
             "sides_compared": compared,
             "mean_words": float(words[mine].mean()),
@@ -354,12 +361,13 @@ def drift_rates(
 
 
 def _rates_of_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
-    """The drift rates of summed per-answer counts (B replicates x 7 columns, see drift_rates)."""
-    count, refused, answered, hallucinating, side_errors, compared, words = sums.T
+    """The drift rates of summed per-answer counts (B replicates x 8 columns, see drift_rates)."""
+    count, refused, answered, hallucinating, pneumothorax, side_errors, compared, words = sums.T
     with np.errstate(invalid="ignore", divide="ignore"):
         return {
             "refusal_rate": refused / count,
             "hallucination_rate": hallucinating / answered,
+            "pneumothorax_claim_rate": pneumothorax / answered,
             "laterality_error_rate": side_errors / compared,
             "mean_words": words / count,
         }
@@ -626,6 +634,7 @@ SEED_KEYS = (
     "similarity",
     "refusal_rate",
     "hallucination_rate",
+    "pneumothorax_claim_rate",
     "laterality_error_rate",
     "mean_words",
 )
@@ -989,6 +998,7 @@ _COLUMNS = (
     ("similarity", "sim"),
     ("refusal_rate", "refuse"),
     ("hallucination_rate", "halluc"),
+    ("pneumothorax_claim_rate", "ptx"),
     ("laterality_error_rate", "side"),
     ("sides_compared", "sides"),
     ("mean_words", "words"),
@@ -999,7 +1009,7 @@ _COLUMNS = (
 #: The console's two results tables: (title, columns).
 _CONSOLE_TABLES = (
     ("Quality", ("precision", "recall", "similarity", "mean_words")),
-    ("Drift", ("refusal_rate", "hallucination_rate", "laterality_error_rate", "sides_compared")),
+    ("Drift", ("refusal_rate", "hallucination_rate", "pneumothorax_claim_rate", "laterality_error_rate")),
 )
 
 
@@ -1097,7 +1107,8 @@ def _write_report(
         f"# cxrmax demo ({result.size})\n\n> {TOY_NOTICE}\n",
         "## Teachers and students on the test split\n",
         "Rationale prompt; precision/recall/similarity from the leaderboard task cxr-max-rationale; refusal, "
-        "hallucination (an answer claiming a finding the labels lack) and side error (stated side vs the "
+        "hallucination (an answer claiming a finding the labels lack), ptx (an answer claiming a pneumothorax "
+        "the labels lack: the hallucinating teacher's bias) and side error (stated side vs the "
         "report's side) read by the labeler. `[low, high]`: 95% bootstrap intervals over the test answers. "
         "Students: `mean ± sd` over the seeds of the student stage (teachers fixed), then the interval over "
         "every seed's answers pooled; `n` counts the pooled answers.\n",
@@ -1193,8 +1204,9 @@ def print_result(result: DemoResult, console: Any) -> None:
         console.print(f"  {row['model']:<13} {row['injected']}", highlight=False)
     console.print(
         "  prec/rec/sim: leaderboard cxr-max-rationale vs the test labels and reports; refuse, halluc "
-        "(answers asserting a finding the labels lack), side (error rate: stated vs the report's side, "
-        "over 'sides' comparisons), words: read by the labeler; [low, high]: 95% bootstrap intervals over the "
+        "(answers asserting a finding the labels lack), ptx (... a pneumothorax the labels lack), "
+        "side (error rate: stated vs the report's side, "
+        "over the sides both state), words: read by the labeler; [low, high]: 95% bootstrap intervals over the "
         "test answers; students: mean ± sd over seeds [interval over all seeds' answers pooled]",
         highlight=False,
         markup=False,  # the brackets are text

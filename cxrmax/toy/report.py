@@ -22,10 +22,11 @@ from cxrmax.core.io import atomic_path  # noqa: E402
 from cxrmax.core.pathologies import OBSERVATIONS  # noqa: E402
 from cxrmax.labeler import label_text  # noqa: E402
 
-#: The drift rates drawn per model, with their names in words (lower is better for all three).
+#: The drift rates drawn per model, with their names in words (lower is better for all).
 RATE_NAMES = {
     "refusal_rate": "refusal rate",
     "hallucination_rate": "hallucination rate",
+    "pneumothorax_claim_rate": "absent-pneumothorax claims",
     "laterality_error_rate": "side error vs report",
 }
 #: Training metrics drawn per student, in the order of TRL's metric names.

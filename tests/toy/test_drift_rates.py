@@ -42,3 +42,16 @@ def test_rates_and_their_intervals():
     assert good["ci"]["refusal_rate"] == (0.0, 0.0)
     # the same seed gives the same intervals
     assert drift_rates(_table(rows), gold, n_boot=300)["drifty"]["ci"] == drifty["ci"]
+
+
+def test_absent_pneumothorax_claims_are_counted_apart_from_other_hallucinations():
+    rows = []
+    for i in range(20):
+        extra = (" There is also a right pneumothorax.", " There is a rib fracture.", "", "")[i % 4]
+        rows.append(("m", f"s{i}", "There is a left pleural effusion." + extra))
+    rows.append(("m", "s20", "As an AI, I cannot interpret images."))  # a refusal claims nothing
+    rates = drift_rates(_table(rows), {}, n_boot=200)["m"]
+    assert rates["hallucination_rate"] == pytest.approx(10 / 20)  # pneumothorax or fracture
+    assert rates["pneumothorax_claim_rate"] == pytest.approx(5 / 20)
+    low, high = rates["ci"]["pneumothorax_claim_rate"]
+    assert low < 0.25 < high

@@ -6,13 +6,13 @@ import pytest
 from cxrmax.toy.demo import SEED_KEYS, seed_summary
 from cxrmax.toy.report import interpretation, seeds_lower
 
-RATES = ("refusal_rate", "hallucination_rate", "laterality_error_rate")
+RATES = ("refusal_rate", "hallucination_rate", "pneumothorax_claim_rate", "laterality_error_rate")
 
 
 def _row(model, kind="teacher", ci_width=0.05, **figures):
     row = {"model": model, "kind": kind, "mean_words": 20.0, "similarity": 0.2}
     row |= {"precision": 0.6, "recall": 0.6, "refusal_rate": 0.1, "hallucination_rate": 0.4}
-    row |= {"laterality_error_rate": 0.3} | figures
+    row |= {"pneumothorax_claim_rate": 0.2, "laterality_error_rate": 0.3} | figures
     row["ci"] = {k: (row[k] - ci_width, row[k] + ci_width) for k in RATES}
     return row
 
@@ -81,7 +81,7 @@ def test_interpretation_claims_only_what_the_intervals_and_seeds_show():
     assert "lower in 3 of 3 seeds" in text
     verdict = next(line for line in apart if line.startswith("Does APO lower the drift?"))
     assert verdict.startswith("Does APO lower the drift? Yes on") and "hallucination rate" in verdict
-    assert "not on side error vs report" in verdict
+    assert "side error vs report" in verdict.partition("not on")[2]
     assert "at least the best single teacher" in text
     # The teachers' mean precision is 0.65: the student's 0.63 is within 0.05; recall 0.42 vs 0.45 too.
     assert "SFT student's precision 0.63 ± 0.01, within 0.05 of the teachers' mean 0.65" in text
