@@ -35,7 +35,7 @@ from cxrmax.core.io import atomic_path, atomic_write_text, iter_arrow_batches
 from cxrmax.generate.orchestrator import GenerateOptions, generate
 from cxrmax.generate.progress import ProgressReporter, RunStats
 from cxrmax.generate.prompts import load_prompt
-from cxrmax.generate.reader import model_dirs, read_trajectories
+from cxrmax.generate.reader import model_dirs, read_trajectories, trajectory_files
 from cxrmax.generate.roster import DEFAULT_SAMPLING, ModelSpec, resolve_model, safe_dir_name
 from cxrmax.leaderboard.references import ScoreResult, load_label_references
 from cxrmax.leaderboard.scoring import score
@@ -172,8 +172,8 @@ def recorded_sampling(
     models whose sampling differs from it. The most common sampling wins; None when none is recorded."""
     seen: dict[str, list[str]] = {}
     for folder in model_dirs(out_dir):
-        files = sorted(folder.glob("part-*.arrow"))
-        if folder.name == skip or not files:
+        files = trajectory_files(out_dir, folder.name) if folder.name != skip else []
+        if not files:
             continue
         first = next((b for b in iter_arrow_batches(files[0], ["sampling"]) if b.num_rows), None)
         try:

@@ -65,21 +65,14 @@ def train_variant(
     (path / "config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_pretrained(path)).save_pretrained(path)
-    demo_optimizer = sim._teacher_optimizer
-
-    def with_decay(model: torch.nn.Module, lr: float, steps: int) -> tuple:
-        optimizer, schedule = demo_optimizer(model, lr, steps)
-        for group in optimizer.param_groups:
-            group["weight_decay"] = weight_decay
-        return optimizer, schedule
-
-    sim._teacher_optimizer = with_decay
-    try:
-        stats = sim.train_teacher(
-            path, sim.assign_targets(examples, faithful, seed), steps=steps, seed=seed, max_edge=edge
-        )
-    finally:
-        sim._teacher_optimizer = demo_optimizer
+    stats = sim.train_teacher(
+        path,
+        sim.assign_targets(examples, faithful, seed),
+        steps=steps,
+        seed=seed,
+        max_edge=edge,
+        weight_decay=weight_decay,
+    )
     return stats.last_loss
 
 

@@ -670,10 +670,12 @@ class _TeacherTrainer(SFTStageTrainer):
         return self._stream
 
 
-def _teacher_optimizer(model: torch.nn.Module, lr: float, steps: int) -> tuple[Any, Any]:
-    """AdamW without weight decay, a linear warm-up over the first 5% of the steps (from lr/warm-up,
-    so the first step already learns) then cosine decay to zero."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+def _teacher_optimizer(
+    model: torch.nn.Module, lr: float, steps: int, weight_decay: float = 0.0
+) -> tuple[Any, Any]:
+    """AdamW (the demo: without weight decay), a linear warm-up over the first 5% of the steps (from
+    lr/warm-up, so the first step already learns) then cosine decay to zero."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
 
     def schedule(step: int) -> float:
@@ -699,6 +701,7 @@ def train_teacher(
     max_edge: int = 112,
     images: dict[str, Any] | None = None,
     progress: Callable[[int, float], None] | None = None,
+    weight_decay: float = 0.0,
 ) -> TrainStats:
     """Train the tiny model saved at ``model_dir`` on ``examples`` (targets set) and save it back.
 
@@ -706,7 +709,7 @@ def train_teacher(
     ``tokenize_sft`` with the model's chat template (loss on the answer and its end-of-turn tokens
     only), collated by ``SFTCollator`` and trained by ``SFTStageTrainer`` (:func:`teacher_sft_config`)
     for ``steps`` full batches of shuffled examples, with AdamW at ``lr`` under a short warm-up and a
-    cosine decay. ``images`` caches decoded images across teachers."""
+    cosine decay (AdamW ``weight_decay``, none by default). ``images`` caches decoded images across teachers."""
     if not examples:
         raise InputError(f"{model_dir}: no training examples for the teacher")
     started = time.perf_counter()
@@ -733,7 +736,7 @@ def train_teacher(
         train_dataset=train,
         data_collator=SFTCollator(encoder),
         callbacks=[log],
-        optimizers=_teacher_optimizer(model, lr, steps),
+        optimizers=_teacher_optimizer(model, lr, steps, weight_decay),
         sampler=_BatchStream(len(train), steps, batch_size, seed),
     )
     trainer.train()

@@ -12,7 +12,6 @@ import csv
 import gzip
 import json
 import os
-import random
 import shlex
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cxrmax.core.schemas import PREFERENCE_SCHEMA, SFT_SCHEMA
-from tests.helpers.training import POSITIVE, PROMPT, negative_answer, preference_rows, save_dataset
+from tests.helpers.training import preference_rows, save_dataset, sft_rows
 
 REPO = Path(__file__).resolve().parents[2]
 TEXTS = (
@@ -358,18 +357,7 @@ TRAIN = ["train-apo", "--stage", "sft", "--cpu", "--global-batch", "1", "--per-d
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
-    rows = [
-        {
-            "sample_id": f"s{i}",
-            "split": "train",
-            "image_path": None,
-            "prompt": PROMPT.format(label="effusion"),
-            "completion": POSITIVE if i % 2 else negative_answer(random.Random(i)),
-            "model": f"m{i % 3}",
-        }
-        for i in range(16)
-    ]
-    return save_dataset(rows, SFT_SCHEMA, tmp_path_factory.mktemp("sft") / "sft")
+    return save_dataset(sft_rows(16), SFT_SCHEMA, tmp_path_factory.mktemp("sft") / "sft")
 
 
 @pytest.mark.slow
