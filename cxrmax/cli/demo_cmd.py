@@ -27,7 +27,7 @@ def demo(
         "default",
         "--size",
         choices=Choice(DEMO_SIZES),
-        help="default (4 min 49 s on 2 CPU cores, 2026-12-01), small (the tests, about 4 minutes) or large "
+        help="default (about 8 minutes of stages on 2 idle CPU cores, 2026-12-01), small (the tests) or large "
         "(more studies and steps; longer).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
@@ -41,10 +41,10 @@ def demo(
     verbose: bool = verbose_option(),
 ) -> None:
     """Run the whole mission at toy scale on CPU: a mini MIMIC-CXR, tiny teachers with injected drift,
-    generation, preferences, an SFT -> APO student (and SFT-only and DPO for comparison), scores.
+    generation, preferences, SFT -> APO students (and SFT-only and DPO for comparison) over 3 seeds, scores.
 
     It is a simulation: tiny models trained for seconds, so the figures show the mechanics, not the
-    quality of real models. Every stage is timed; the table, the drift report and the artifact paths are
+    quality of real models. Every stage is timed; the tables, the drift report and the artifact paths are
     printed and written to OUT/DEMO.md and OUT/demo_report.json.
 
     Example: [bold]cxrmax demo --out demo-out[/]
