@@ -27,7 +27,7 @@ def demo(
         "default",
         "--size",
         choices=Choice(DEMO_SIZES),
-        help="default (about 8 minutes of stages on 2 idle CPU cores, 2026-12-01), small (the tests) or large "
+        help="default (about 9 minutes of stages on 2 idle CPU cores, 2026-12-01), small (the tests) or large "
         "(more studies and steps; longer).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
