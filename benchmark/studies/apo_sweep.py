@@ -56,7 +56,7 @@ def _train_one(job: dict[str, Any]) -> str:
     cfg = APOConfig(
         output_dir=str(out / "model"),
         model_name_or_path=str(job["sft"]),
-        dataset_path=str(demo / "data" / "preferences"),
+        dataset_path=str(job["preferences"]),
         loss_type=job["loss"],
         beta=job["beta"],
         learning_rate=job["lr"],
@@ -101,6 +101,13 @@ def _setting(name: str) -> str:
     return name.replace("apo-", "").replace("_", " ")
 
 
+def _named_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not Path(path).is_dir():
+        raise SystemExit(f"--preferences {text!r}: expected NAME=FOLDER (a save_to_disk folder)")
+    return name, str(Path(path).resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demo", type=Path, help="the OUT folder of a finished `cxrmax demo` run")
@@ -111,6 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss", default="plackett-luce", help="plackett-luce | pairwise | listwise")
     parser.add_argument("--seed", type=int, default=0, help="the seed of the demo's students to start from")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default DEMO/apo-sweep)")
+    parser.add_argument(
+        "--preferences",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="preference sets to train on, each a save_to_disk folder (default: the demo's own, as 'demo')",
+    )
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args(argv)
@@ -123,18 +137,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{sft}: no SFT student there (run `cxrmax demo --out {args.demo}` first)")
     work = (args.out or demo / "apo-sweep").resolve()
     shutil.rmtree(work, ignore_errors=True)
+    sets = dict(_named_path(text) for text in args.preferences or [f"demo={demo / 'data' / 'preferences'}"])
+
+    def prefix(set_name: str) -> str:
+        return "" if len(sets) == 1 else f"{set_name}_"
+
     jobs = [
         {
             "demo": str(demo),
-            "out": str(work / f"lr{lr:g}_beta{beta:g}"),
+            "preferences": path,
+            "out": str(work / f"{prefix(set_name)}lr{lr:g}_beta{beta:g}"),
             "sft": str(sft),
             "size": size,
             "lr": lr,
             "beta": beta,
             "loss": args.loss,
             "seed": args.seed,
-            "name": f"apo-lr{lr:g}_beta{beta:g}",
+            "name": f"apo-{prefix(set_name)}lr{lr:g}_beta{beta:g}",
         }
+        for set_name, path in sets.items()
         for lr in args.lr
         for beta in args.beta
     ]

@@ -39,6 +39,14 @@ def _build_preferences(
         choices=Choice(("vote", "model")),
         help="vote (offline, deterministic) or model (in-context, a served model).",
     ),
+    positive: str = choice_option(
+        "composed",
+        "--positive",
+        choices=Choice(("composed", "selected")),
+        help="composed: the consensus written as one answer from the sources' supported steps; selected: "
+        "the source answer closest to the consensus, in its own words (no refusal or cut answer; answers "
+        "as close as it are dropped from the negatives). Not with --consensus model.",
+    ),
     min_sources: int = typer.Option(2, "--min-sources", help="Skip (and report) samples with fewer sources."),
     drop_non_drifting: bool = typer.Option(
         False, "--drop-non-drifting", help="Drop negatives with zero drift."
@@ -111,6 +119,8 @@ def _build_preferences(
 
       cxrmax build-preferences a.parquet b.parquet --out prefs --max-negatives 4 --drop-non-drifting
 
+      cxrmax build-preferences runs/cxrmax --out prefs --positive selected
+
       cxrmax build-preferences runs/cxrmax --out runs/cxrmax --consensus model --consensus-model student \\
         --base-url http://127.0.0.1:8000/v1
     """
@@ -131,6 +141,7 @@ def _build_preferences(
         options = BuildOptions(
             min_sources=min_sources,
             consensus=consensus,
+            positive=positive,
             drop_non_drifting=drop_non_drifting,
             max_negatives=max_negatives,
             exclude_refusals_from_sft=exclude_refusals_from_sft,

@@ -86,7 +86,7 @@ PREFERENCE_SCHEMA = pa.schema(
         pa.field("prompt_id", pa.string()),
         pa.field("prompt", pa.string()),
         pa.field("chosen", pa.string()),
-        pa.field("chosen_source", pa.string()),  # consensus-vote | consensus-model
+        pa.field("chosen_source", pa.string()),  # consensus-vote | consensus-model | selected:<model>
         pa.field("rejected", pa.list_(pa.string())),
         pa.field("rejected_models", pa.list_(pa.string())),
         pa.field("rejected_drift", pa.list_(pa.float32())),

@@ -39,6 +39,9 @@ class ChunkOptions:
     step_bins: int = D.DEFAULT_STEP_BINS
     delta: int = 1
     consensus: str = "vote"
+    #: "composed": the vote's composed answer (supported source steps in the prompt's style);
+    #: "selected": the source answer closest to the consensus (see `_select_positive`)
+    positive: str = "composed"
 
 
 @dataclass
@@ -273,7 +276,8 @@ def _supported_steps(src: _Sources, cons: C.Vote) -> np.ndarray:
 class _Ranking:
     """The composed positive and the ranked negatives of each sample."""
 
-    chosen: list[str]  # (G,) composed positive texts
+    chosen: list[str | None]  # (G,) positive texts (None: no source answer may be the positive)
+    chosen_source: list[str]  # (G,) consensus-vote | consensus-model | selected:<model>
     negatives: list[np.ndarray]  # per sample: negative rows, most drifting first
     negative_rank: np.ndarray  # (n,) int32: rank among its sample's negatives, -1 if none
 
@@ -287,35 +291,65 @@ def _compose_and_rank(
     supported = _supported_steps(src, cons)
     bits = C.observation_bits(lab.step_states) if len(lab.step_states) else np.zeros(0, dtype=np.int64)
     prompts = chunk.column("prompt").to_pylist()
-    ranking = _Ranking([], [], np.full(chunk.num_rows, -1, dtype=np.int32))
+    ranking = _Ranking([], [], [], np.full(chunk.num_rows, -1, dtype=np.int32))
     for g in range(src.n_samples):
         lo, hi = int(src.offsets[g]), int(src.offsets[g + 1])
         rows = np.arange(lo, hi)
-        ascending = rows[np.lexsort((rows, drift[lo:hi]))]
-        candidates = []
-        for t in ascending:
-            if lab.refusal[t] or src.failed[t]:
-                continue
-            s0, s1 = int(lab.step_offsets[t]), int(lab.step_offsets[t + 1])
-            candidates.append(
-                [C.CandidateStep(lab.step_texts[s], bool(supported[s]), int(bits[s])) for s in range(s0, s1)]
-            )
-        text, _ = C.compose(candidates, cons.states[g], cons.sides[g], prompts[lo])
-        ranking.chosen.append(text)
         descending = rows[np.lexsort((rows, -drift[lo:hi]))]
+        if options.positive == "selected":
+            best = _select_positive(src, drift, rows)
+            ranking.chosen.append(None if best is None else src.texts[best])
+            ranking.chosen_source.append("" if best is None else f"selected:{src.names[best]}")
+            if best is None:
+                counts["samples_without_selectable_positive"] += 1
+                ranking.negatives.append(descending[:0])
+                continue
+            # A source as close to the consensus as the positive is not worse than it: no negative.
+            tied = drift[descending] <= drift[best]
+            counts["negatives_tied_with_selected_positive"] += int(tied.sum()) - 1
+            descending = descending[~tied]
+        else:
+            ascending = rows[np.lexsort((rows, drift[lo:hi]))]
+            candidates = []
+            for t in ascending:
+                if lab.refusal[t] or src.failed[t]:
+                    continue
+                s0, s1 = int(lab.step_offsets[t]), int(lab.step_offsets[t + 1])
+                candidates.append(
+                    [
+                        C.CandidateStep(lab.step_texts[s], bool(supported[s]), int(bits[s]))
+                        for s in range(s0, s1)
+                    ]
+                )
+            text, _ = C.compose(candidates, cons.states[g], cons.sides[g], prompts[lo])
+            ranking.chosen.append(text)
+            ranking.chosen_source.append(f"consensus-{options.consensus}")
         if options.drop_non_drifting:
             descending = descending[drift[descending] > 0]
         if options.max_negatives is not None:
             descending = descending[: options.max_negatives]
         # A negative equal to the positive (all sources agree and the positive is one of them) would
         # make the same text both preferred and rejected: not a negative.
-        same = np.array([_same_text(src.texts[t], text) for t in descending], dtype=bool)
+        chosen = ranking.chosen[-1] or ""
+        same = np.array([_same_text(src.texts[t], chosen) for t in descending], dtype=bool)
         if same.any():
             counts["negatives_identical_to_chosen"] += int(same.sum())
             descending = descending[~same]
         ranking.negative_rank[descending] = np.arange(len(descending))
         ranking.negatives.append(descending)
     return ranking
+
+
+def _select_positive(src: _Sources, drift: np.ndarray, rows: np.ndarray) -> int | None:
+    """The row of the sample's source answer that drifts least from the consensus, for
+    ``positive="selected"``: never a refusal, an answer the labeler failed on, or one cut at
+    max_tokens; among equally close answers the shortest (conciseness is not drift, but padding
+    is what a verbose source adds), then the first in (model, sample_index) order. None when no
+    answer qualifies."""
+    usable = [int(t) for t in rows if not (src.lab.refusal[t] or src.failed[t] or src.truncated[t])]
+    if not usable:
+        return None
+    return min(usable, key=lambda t: (float(drift[t]), len(src.texts[t] or ""), t))
 
 
 def _flag_positives(chosen: list[str], cons: C.Vote, label_text: Callable | None) -> np.ndarray:
@@ -331,7 +365,13 @@ def _flag_positives(chosen: list[str], cons: C.Vote, label_text: Callable | None
 
 def _kept_samples(ranking: _Ranking, cons: C.Vote, counts: Counter) -> np.ndarray:
     """Samples that get a preference row: at least one negative and a consensus to prefer."""
-    keep = np.array([len(neg) > 0 for neg in ranking.negatives], dtype=bool)
+    keep = np.array(
+        [
+            len(neg) > 0 and text is not None
+            for neg, text in zip(ranking.negatives, ranking.chosen, strict=True)
+        ],
+        dtype=bool,
+    )
     counts["samples_without_negatives"] += int((~keep).sum())
     # Every source refused (or failed to label): there is no consensus to prefer.
     no_voters = cons.voters == 0
@@ -376,7 +416,7 @@ def _preference_batch(
     columns.update(
         {
             "chosen": pa.array([ranking.chosen[g] for g in kept], type=pa.string()),
-            "chosen_source": pa.array([f"consensus-{options.consensus}"] * len(kept), type=pa.string()),
+            "chosen_source": pa.array([ranking.chosen_source[g] for g in kept], type=pa.string()),
             "rejected": pa.ListArray.from_arrays(neg_offsets, _col(chunk, "text").take(neg_rows)),
             "rejected_models": pa.ListArray.from_arrays(
                 neg_offsets, pa.array(src.names, type=pa.string()).take(neg_rows)
@@ -534,7 +574,7 @@ def annotate_chunk(chunk: pa.Table, options: ChunkOptions, label_text: Callable 
     votes = _vote(src, options)
     ranking = _compose_and_rank(chunk, src, votes, options, counts)
     # Re-label every composed positive and flag disagreement with the consensus it states.
-    flagged = _flag_positives(ranking.chosen, votes.cons, label_text)
+    flagged = _flag_positives([text or "" for text in ranking.chosen], votes.cons, label_text)
     counts["consensus_flagged"] += int(flagged.sum())
     kept = _kept_samples(ranking, votes.cons, counts)
     preferences = _preference_batch(chunk, src, votes, ranking, flagged, kept, options)

@@ -82,6 +82,8 @@ class BuildOptions:
 
     min_sources: int = 2
     consensus: str = "vote"  # vote | model
+    #: composed (the consensus written as one answer) | selected (the source answer closest to it)
+    positive: str = "composed"
     #: False: a build with 0 preference rows is an InputError saying why, and writes nothing (the
     #: CLI's default); True (the library's): the empty data sets and card are published
     allow_empty: bool = True
@@ -129,6 +131,7 @@ class BuildSummary:
     samples_without_image_examples: list[str] = field(default_factory=list)
     #: the --mimic-root the build read (where `cxrmax inspect` finds the films and reports)
     mimic_root: str | None = None
+    positive: str = "composed"  # BuildOptions.positive: what the preference rows' positive is
     seconds: float = 0.0
     phases: dict = field(default_factory=dict)  # wall seconds per phase
     #: texts the labeler failed on, by file and 1-based row (the first few; "labeler errors" counts all)
@@ -160,6 +163,12 @@ class BuildSummary:
             ],
             "rows with separate reasoning put before the answer": load["reasoning_joined"],
             "negatives identical to the positive (dropped)": counts.get("negatives_identical_to_chosen", 0),
+            "--positive selected: negatives as close to the consensus as the positive (dropped)": counts.get(
+                "negatives_tied_with_selected_positive", 0
+            ),
+            "--positive selected: samples whose every answer refused, failed or was cut": counts.get(
+                "samples_without_selectable_positive", 0
+            ),
             "--consensus model answers that failed (vote positive kept)": counts.get(
                 "consensus_model_failures", 0
             ),
@@ -473,6 +482,7 @@ def _chunk_options(options: BuildOptions) -> ChunkOptions:
         step_bins=options.step_bins,
         delta=options.delta,
         consensus=options.consensus,
+        positive=options.positive,
     )
 
 
@@ -592,6 +602,13 @@ def _publish(staged: Path, final: Path) -> None:
 def _check_options(options: BuildOptions) -> None:
     if options.consensus not in ("vote", "model"):
         raise InputError(f"--consensus must be 'vote' or 'model', not {options.consensus!r}")
+    if options.positive not in ("composed", "selected"):
+        raise InputError(f"--positive must be 'composed' or 'selected', not {options.positive!r}")
+    if options.positive == "selected" and options.consensus == "model":
+        raise InputError(
+            "--positive selected takes a source's own answer as the positive; --consensus model writes a "
+            "new one: use one of them"
+        )
     if options.min_sources < 1:
         raise InputError("--min-sources must be at least 1")
     if options.step_bins < 1 or not 1 <= options.delta <= options.step_bins:
@@ -622,8 +639,9 @@ def _summary(
     prepared: _Prepared,
     totals: Counter,
     writers: _StagedWriters,
-    mimic_root: Path | None,
+    options: BuildOptions,
 ) -> BuildSummary:
+    mimic_root = options.mimic_root
     check = prepared.mimic_check
     return BuildSummary(
         out=str(out),
@@ -642,6 +660,7 @@ def _summary(
         samples_without_image=len(prepared.without_image),
         samples_without_image_examples=prepared.without_image[:5],
         mimic_root=str(Path(mimic_root).resolve()) if mimic_root is not None else None,
+        positive=options.positive,
     )
 
 
@@ -698,7 +717,7 @@ def _build(
         # Everything is staged under the work folder and published with renames at the very end,
         # so a crash or Ctrl-C before that leaves the previous outputs whole.
         stage = _stage_datasets(work, options, phase)
-        summary = _summary(out, load_report, prepared, totals, writers, options.mimic_root)
+        summary = _summary(out, load_report, prepared, totals, writers, options)
         summary.labeler_error_examples = [
             f"{where(load_report.files[f] if f is not None else '?', row)} ({model}): {error}"
             for f, row, model, error in labeler_errors

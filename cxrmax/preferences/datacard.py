@@ -534,6 +534,15 @@ def split_claim(report: dict) -> str:
     return text + (f"; {unknown} rows without a split were put in train." if unknown else ".")
 
 
+def _positive_claim(positive: str) -> str:
+    if positive == "selected":
+        return (
+            "the source trajectory closest to the sources' consensus (`--positive selected`: the least drifting "
+            "answer that is not a refusal, kept in its source's words; `chosen_source` names it)"
+        )
+    return "one consensus trajectory"
+
+
 def render_card(out: str | Path, stats: DriftStatistics | None = None, template: Path | None = None) -> str:
     """The card text for OUT (README.md with a Hub YAML header listing the two configs)."""
     out = Path(out)
@@ -545,6 +554,7 @@ def render_card(out: str | Path, stats: DriftStatistics | None = None, template:
     values = {
         "n_samples": stats.samples,
         "n_trajectories": stats.trajectories,
+        "positive_claim": _positive_claim(report.get("positive", "composed")),
         "n_models": len(stats.models),
         "models": ", ".join(map(_cell, stats.models)) or "none",
         "reference": stats.reference,

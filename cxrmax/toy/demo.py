@@ -32,6 +32,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ from cxrmax.testing.mini_mimic import make_mini_mimic
 from cxrmax.testing.openai_server import serve_in_thread
 from cxrmax.toy import report
 from cxrmax.toy import teachers as sim
-from cxrmax.toy.pool import pool_map, spawn_pool
+from cxrmax.toy.pool import pool_map, spawn_pool, submit
 from cxrmax.toy.tinyvlm import build_tiny_vlm
 
 TOY_NOTICE = (
@@ -270,6 +271,27 @@ def generate_answers(
     return _stats_dict(stats)
 
 
+def _generate_job(args: tuple) -> dict[str, Any]:
+    _torch_threads()
+    return generate_answers(*args)
+
+
+def _parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int | None = None) -> list[Any]:
+    """``fn`` over ``items`` in single-threaded worker processes, one per core (in this process when
+    there is one core or one item); results in input order, the same whatever the number of workers."""
+    workers = max(1, min(workers if workers is not None else sim.default_workers(), len(items)))
+    if workers == 1:
+        return [fn(item) for item in items]
+    with spawn_pool(workers, initializer=_torch_threads) as pool:
+        return list(pool_map(pool, fn, items))
+
+
+def generate_all(jobs: Sequence[tuple]) -> list[dict[str, Any]]:
+    """:func:`generate_answers` for each tuple of its arguments, in parallel (each answer's sampling
+    is seeded by its request, so the answers do not depend on which process writes them)."""
+    return _parallel(_generate_job, jobs)
+
+
 def _stats_dict(stats: Any) -> dict[str, Any]:
     try:
         return asdict(stats)
@@ -461,21 +483,9 @@ def run_simulation(
 # --------------------------------------------------------------------------------------------
 
 
-def train_students(
-    out: Path, data: Path, mimic_root: Path, base: Path, size: DemoSize, seed: int, console: Any
-) -> dict[str, Path]:
-    """SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO from the SFT model.
-
-    Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``. The same
-    seed gives the same students whatever the machine's load or thread settings (see _torch_threads).
-
-    The SFT stage is the teachers' recipe (:func:`cxrmax.toy.teachers.train_teacher`): full fine-tuning
-    at ``sft_lr`` with a 5% warm-up then cosine decay, gradients clipped at 1, one optimizer step per
-    ``sft_batch`` rows (no accumulation to the paper's global batch of 32, which cut the number of
-    updates by four). APO and DPO start from the SFT model (also their reference) with the same
-    ``apo_lr``, ``apo_beta``, ``apo_batch`` and ``apo_steps``, so only the loss differs."""
-    _torch_threads()
-    common = {
+def _student_settings(mimic_root: Path, size: DemoSize, seed: int) -> dict[str, Any]:
+    """The settings every student stage shares (SFT, APO and DPO)."""
+    return {
         "image_root": str(mimic_root),
         "max_edge": size.image_max_edge,
         "use_lora": False,  # a 200k-parameter model: full fine-tuning is as cheap as LoRA
@@ -491,7 +501,21 @@ def train_students(
         "image_jpeg_quality": 90,  # the pixels generate serves the student (and served the teachers)
         "max_grad_norm": 1.0,
     }
-    sft_cfg = SFTStageConfig(
+
+
+#: The preference-trained students and their loss (apo_train's loss_type).
+PREFERENCE_STUDENTS = {"student-apo": "plackett-luce", "student-dpo": "pairwise"}
+
+
+def train_sft_student(out: Path, data: Path, mimic_root: Path, base: Path, size: DemoSize, seed: int) -> Path:
+    """Stage 1, SFT on all trajectories, into ``out/student-sft``.
+
+    The teachers' recipe (:func:`cxrmax.toy.teachers.train_teacher`): full fine-tuning at ``sft_lr``
+    with a 5% warm-up then cosine decay, gradients clipped at 1, one optimizer step per ``sft_batch``
+    rows (no accumulation to the paper's global batch of 32, which cut the number of updates by
+    four). The same seed gives the same student whatever the machine's load (see _torch_threads)."""
+    _torch_threads()
+    cfg = SFTStageConfig(
         output_dir=str(out / "student-sft"),
         model_name_or_path=str(base),
         dataset_path=str(data / "sft"),
@@ -500,25 +524,43 @@ def train_students(
         lr_scheduler_type="cosine",
         max_steps=size.sft_steps,
         per_device_train_batch_size=size.sft_batch,
-        **common,
+        **_student_settings(mimic_root, size, seed),
     )
-    run_sft(sft_cfg, console=None)
-    students = {"student-sft": out / "student-sft"}
-    for name, loss in (("student-apo", "plackett-luce"), ("student-dpo", "pairwise")):
-        cfg = APOConfig(
-            output_dir=str(out / name),
-            model_name_or_path=str(out / "student-sft"),
-            dataset_path=str(data / "preferences"),
-            loss_type=loss,
-            beta=size.apo_beta,
-            learning_rate=size.apo_lr,
-            warmup_steps=0.1,
-            max_steps=size.apo_steps,
-            per_device_train_batch_size=size.apo_batch,
-            **common,
-        )
-        run_apo(cfg, console=None)
-        students[name] = out / name
+    run_sft(cfg, console=None)
+    return out / "student-sft"
+
+
+def train_preference_student(
+    out: Path, data: Path, mimic_root: Path, size: DemoSize, seed: int, name: str
+) -> Path:
+    """Stage 2 from the SFT student under ``out`` (also the reference): APO (``student-apo``,
+    multi-negative Plackett-Luce) or pairwise DPO (``student-dpo``), both with ``apo_lr``,
+    ``apo_beta``, ``apo_batch`` and ``apo_steps``, so only the loss differs."""
+    _torch_threads()
+    cfg = APOConfig(
+        output_dir=str(out / name),
+        model_name_or_path=str(out / "student-sft"),
+        dataset_path=str(data / "preferences"),
+        loss_type=PREFERENCE_STUDENTS[name],
+        beta=size.apo_beta,
+        learning_rate=size.apo_lr,
+        warmup_steps=0.1,
+        max_steps=size.apo_steps,
+        per_device_train_batch_size=size.apo_batch,
+        **_student_settings(mimic_root, size, seed),
+    )
+    run_apo(cfg, console=None)
+    return out / name
+
+
+def train_students(
+    out: Path, data: Path, mimic_root: Path, base: Path, size: DemoSize, seed: int
+) -> dict[str, Path]:
+    """SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO from the SFT model, in this
+    process. Returns model name -> model folder for ``student-sft``, ``student-apo``, ``student-dpo``."""
+    students = {"student-sft": train_sft_student(out, data, mimic_root, base, size, seed)}
+    for name in PREFERENCE_STUDENTS:
+        students[name] = train_preference_student(out, data, mimic_root, size, seed, name)
     return students
 
 
@@ -544,29 +586,61 @@ class _StudentJob:
     prompt: Any
 
 
-def _student_job(job: _StudentJob) -> dict[str, Path]:
-    """One seed of the student stage: a fresh base model (weights drawn from the seed), SFT, APO and
-    DPO, then each student answers the test split into ``job.out/eval``. Runs in a worker process."""
+def _answer_test(job: _StudentJob, student: str, path: Path) -> tuple[str, Path]:
+    model = seed_model(student, job.index)
+    generate_answers(
+        model,
+        path,
+        job.selection,
+        job.mimic_root,
+        job.out / "eval",
+        job.size,
+        job.size.test_samples,
+        job.seed,
+        "transformers",
+        job.prompt,
+    )
+    return model, path
+
+
+def _sft_job(job: _StudentJob) -> tuple[str, Path]:
+    """One seed's Stage 1: a fresh base model (weights drawn from the seed), SFT, its answers to the
+    test split into ``job.out/eval``. Runs in a worker process."""
     _torch_threads()
     base = build_tiny_vlm(job.out / "base", corpus=job.corpus, seed=job.seed + 100)
-    students = train_students(job.out, job.data, job.mimic_root, base, job.size, job.seed, None)
-    named = {}
-    for name, path in students.items():
-        model = seed_model(name, job.index)
-        generate_answers(
-            model,
-            path,
-            job.selection,
-            job.mimic_root,
-            job.out / "eval",
-            job.size,
-            job.size.test_samples,
-            job.seed,
-            "transformers",
-            job.prompt,
-        )
-        named[model] = path
-    return named
+    path = train_sft_student(job.out, job.data, job.mimic_root, base, job.size, job.seed)
+    return _answer_test(job, "student-sft", path)
+
+
+def _preference_job(item: tuple[_StudentJob, str]) -> tuple[str, Path]:
+    """One seed's APO or DPO student from its SFT student, and its answers. Runs in a worker process."""
+    job, name = item
+    _torch_threads()
+    return _answer_test(
+        job, name, train_preference_student(job.out, job.data, job.mimic_root, job.size, job.seed, name)
+    )
+
+
+def _run_student_jobs(jobs: Sequence[_StudentJob], workers: int) -> list[tuple[_StudentJob, str, Path]]:
+    """Every seed's SFT job, and its APO and DPO jobs as soon as its SFT student exists, on
+    ``workers`` processes (in this one when 1): no core waits for a whole seed to finish."""
+    done: list[tuple[_StudentJob, str, Path]] = []
+    if workers == 1:
+        for job in jobs:
+            done.append((job, *_sft_job(job)))
+            done.extend((job, *_preference_job((job, name))) for name in PREFERENCE_STUDENTS)
+        return done
+    with spawn_pool(workers, initializer=_torch_threads) as pool:
+        pending = {submit(pool, _sft_job, job): (job, True) for job in jobs}
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job, is_sft = pending.pop(future)
+                done.append((job, *future.result()))
+                if is_sft:
+                    for name in PREFERENCE_STUDENTS:
+                        pending[submit(pool, _preference_job, (job, name))] = (job, False)
+    return done
 
 
 def train_student_seeds(
@@ -582,29 +656,23 @@ def train_student_seeds(
     workers: int | None = None,
 ) -> dict[str, Path]:
     """The student stage over ``size.student_seeds`` seeds (``seed``, ``seed + 1``, ...; the teachers
-    and their data fixed): per seed a base model, SFT, APO and DPO (:func:`train_students`) under
-    ``out/seed-<k>``, and their answers to ``selection`` moved into ``eval_out/trajectories`` as
-    ``student-*-seed<k>``. Seeds train in parallel, one single-threaded process each (at most one per
-    core); every seed's students are the same whatever the number of workers. Returns model -> folder."""
+    and their data fixed): per seed a base model, SFT, APO and DPO under ``out/seed-<k>``, and their
+    answers to ``selection`` moved into ``eval_out/trajectories`` as ``student-*-seed<k>``. The jobs
+    run in parallel, one single-threaded process each (at most one per core); every seed's students
+    are the same whatever the number of workers. Returns model -> folder."""
     jobs = [
         _StudentJob(out / f"seed-{k}", data, mimic_root, list(corpus), size, seed + k, k, selection, prompt)
         for k in range(size.student_seeds)
     ]
-    workers = max(1, min(workers if workers is not None else sim.default_workers(), len(jobs)))
-    if workers == 1:
-        results = [_student_job(job) for job in jobs]
-    else:
-        with spawn_pool(workers, initializer=_torch_threads) as pool:
-            results = list(pool_map(pool, _student_job, jobs))
+    workers = max(1, min(workers if workers is not None else sim.default_workers(), 3 * len(jobs)))
     models: dict[str, Path] = {}
     (eval_out / "trajectories").mkdir(parents=True, exist_ok=True)
-    for job, named in zip(jobs, results, strict=True):
-        for model, path in named.items():
-            target = eval_out / "trajectories" / model
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.move(str(job.out / "eval" / "trajectories" / model), str(target))
-            models[model] = path
+    for job, model, path in sorted(_run_student_jobs(jobs, workers), key=lambda done: done[1]):
+        target = eval_out / "trajectories" / model
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(job.out / "eval" / "trajectories" / model), str(target))
+        models[model] = path
     return models
 
 
@@ -690,21 +758,25 @@ def sft_row_logps(
     return np.concatenate(logps), np.concatenate(counts)
 
 
-def sft_loss_floor(teachers: dict[str, Path], data: Path, mimic_root: Path, size: DemoSize) -> dict[str, Any]:
-    """The loss the SFT student can reach on its rows, per completion token.
+def _row_logps_job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+    return sft_row_logps(*args)
+
+
+def sft_loss_floor(per_teacher: dict[str, tuple[np.ndarray, np.ndarray]], data: Path) -> dict[str, Any]:
+    """The loss the SFT student can reach on its rows, per completion token, from each teacher's
+    :func:`sft_row_logps` on them.
 
     The SFT rows are every teacher's answers, so a student that learnt all of them perfectly is the
     equal mixture of the teachers, p(y | x) = mean_k p_k(y | x); its per-token loss on the rows,
     -sum log p(y | x) / tokens, is the floor of the student's SFT loss (the answers' entropy at
     temperature 1), well above a teacher's own training loss on its own, nearly deterministic,
     targets. Also each teacher's loss on the rows it wrote (``own``)."""
-    per_teacher = {name: sft_row_logps(path, data, mimic_root, size) for name, path in teachers.items()}
     models = datasets.load_from_disk(str(data / "sft"))["train"]["model"]
-    logps = np.stack([per_teacher[name][0] for name in teachers])  # [K, rows]
+    logps = np.stack([lp for lp, _ in per_teacher.values()])  # [K, rows]
     counts = next(iter(per_teacher.values()))[1]
-    mixture = np.logaddexp.reduce(logps, axis=0) - np.log(len(teachers))
+    mixture = np.logaddexp.reduce(logps, axis=0) - np.log(len(per_teacher))
     own = {}
-    for index, name in enumerate(teachers):
+    for index, name in enumerate(per_teacher):
         mine = np.array([m == name for m in models])
         if mine.any():
             own[name] = float(-logps[index, mine].sum() / counts[mine].sum())
@@ -716,14 +788,16 @@ def sft_floor_report(
 ) -> dict[str, Any]:
     """The SFT students' loss against the floor it should be compared with (:func:`sft_loss_floor`):
     per seed the student's per-token loss on its SFT rows (eval mode) and the mean of its last logged
-    training losses, beside the teachers' mixture loss on the same rows."""
-    floor = sft_loss_floor(teachers, data, mimic_root, size)
+    training losses, beside the teachers' mixture loss on the same rows. Every model's log-probs are
+    computed in parallel."""
+    paths = list(teachers.values()) + list(students.values())
+    logps = _parallel(_row_logps_job, [(path, data, mimic_root, size) for path in paths])
+    floor = sft_loss_floor(dict(zip(teachers, logps[: len(teachers)], strict=True)), data)
     per_seed = {}
-    for k, path in students.items():
-        logps, counts = sft_row_logps(path, data, mimic_root, size)
+    for (k, path), (lp, counts) in zip(students.items(), logps[len(teachers) :], strict=True):
         losses = [r["loss"] for r in report.read_log(path / "log.jsonl") if "loss" in r]
         per_seed[k] = {
-            "rows_loss": float(-logps.sum() / counts.sum()),
+            "rows_loss": float(-lp.sum() / counts.sum()),
             "last_train_loss": float(np.mean(losses[-3:])) if losses else float("nan"),
         }
     return {**floor, "students": per_seed}
@@ -804,10 +878,18 @@ def train_demo_teachers(
 
 def build_demo_preferences(generated: Path, data: Path, root: Path) -> dict[str, Any]:
     """build-preferences over the teachers' train-split answers into ``data``; returns the data card's
-    drift statistics (``samples``, ``per_model``)."""
+    drift statistics (``samples``, ``per_model``).
+
+    The positive is the teachers' answer closest to their consensus, in its own words (``--positive
+    selected``), not the consensus composed in another layout: a 200k-parameter student cannot write
+    the paper's in-context consensus, and a composed positive in a layout no teacher writes taught
+    the APO student that layout instead of what to avoid (benchmark/studies/README.md: no drift rate
+    moved; with the selected positive refusals and hallucinations fell)."""
     # The committed Arrow shards themselves: generate's folder also holds run manifests (JSON)
     # that are not trajectories.
-    build_preferences(trajectory_files(generated), data, BuildOptions(mimic_root=root, processes=1))
+    build_preferences(
+        trajectory_files(generated), data, BuildOptions(mimic_root=root, processes=1, positive="selected")
+    )
     stats = drift_statistics(data)
     return {"samples": stats.samples, "per_model": stats.per_model}
 
@@ -851,9 +933,9 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
         f"teachers served on 127.0.0.1 ({teacher_backend} backend) answer {train_images} train images "
         f"and {test.num_rows} test images x {spec.test_samples}",
     ):
-        for t in simulation.teachers:
-            for selection, folder, samples in (("train", gen_out, 1), ("test", eval_out, spec.test_samples)):
-                generate_answers(
+        generate_all(
+            [
+                (
                     t.spec.name,
                     t.path,
                     out / f"selection-{selection}.parquet",
@@ -865,13 +947,21 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
                     teacher_backend,
                     prompt,
                 )
+                for t in simulation.teachers
+                for selection, folder, samples in (
+                    ("train", gen_out, 1),
+                    ("test", eval_out, spec.test_samples),
+                )
+            ]
+        )
     result.artifacts["teacher trajectories (train split)"] = str(gen_out / "trajectories")
     result.artifacts["test-split answers (teachers + students)"] = str(eval_out / "trajectories")
 
     # 4. preferences
     data = out / "data"
     with stages.stage(
-        "preferences", "build-preferences: vote consensus, drift annotations, ranked negatives"
+        "preferences",
+        "build-preferences: drift annotations, the answer closest to the vote consensus as the positive, ranked negatives",
     ):
         result.drift_report = build_demo_preferences(gen_out, data, root)
     result.artifacts["preferences / sft (datasets)"] = f"{data / 'preferences'} , {data / 'sft'}"

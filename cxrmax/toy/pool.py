@@ -11,7 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 #: Seconds stopped workers get to exit on SIGTERM before they are killed.
@@ -77,6 +77,13 @@ def spawn_pool(workers: int, initializer: Callable[[], None] | None = None) -> I
         pool.shutdown(wait=True)
         raise
     pool.shutdown(wait=True)
+
+
+def submit(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], item: Any) -> Future:
+    """``pool.submit(fn, item)`` with SIGINT blocked, for work submitted as earlier work finishes: a
+    submit may start a worker process, which must start with the block (see :func:`sigint_blocked`)."""
+    with sigint_blocked():
+        return pool.submit(fn, item)
 
 
 def pool_map(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:

@@ -673,3 +673,36 @@ def test_failed_build_leaves_previous_outputs_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     build_preferences([out], out, BuildOptions(processes=1, card=False, export_trl=False, export_swift=False))
     assert not (out / "exports").exists()
+
+
+def test_selected_positive_is_the_closest_source_answer_in_its_own_words(tmp_path):
+    """--positive selected: the least drifting answer (A and B tie at 0; B is the shorter) is the
+    positive as written; A, as close as it, is no negative; the drifting ones stay, most drifting first.
+    An answer cut at max_tokens is never the positive."""
+    import datasets
+
+    out = write_generate_shards(tmp_path / "run", known_drift_rows())
+    summary = build_preferences([out], tmp_path / "sel", BuildOptions(processes=1, positive="selected"))
+    row = datasets.load_from_disk(str(tmp_path / "sel" / "preferences"))["train"][0]
+    assert row["chosen"] == TEXTS["B"] and row["chosen_source"] == "selected:B"
+    assert row["rejected_models"] == ["D", "E", "C"]
+    assert summary.counts["negatives_tied_with_selected_positive"] == 1
+    assert summary.positive == "selected"
+    assert "closest to the sources' consensus" in (tmp_path / "sel" / "README.md").read_text()
+
+    rows = known_drift_rows()
+    for r in rows:
+        if r["model"] == "B":
+            r["finish_reason"] = "length"
+    out2 = write_generate_shards(tmp_path / "run2", rows)
+    build_preferences([out2], tmp_path / "cut", BuildOptions(processes=1, positive="selected", card=False))
+    row = datasets.load_from_disk(str(tmp_path / "cut" / "preferences"))["train"][0]
+    assert row["chosen_source"] == "selected:A" and row["rejected_models"][0] == "D"
+
+
+def test_selected_positive_with_a_model_consensus_is_refused(tmp_path):
+    out = write_generate_shards(tmp_path / "run", known_drift_rows())
+    with pytest.raises(InputError, match="--positive selected"):
+        build_preferences([out], tmp_path / "x", BuildOptions(positive="selected", consensus="model"))
+    with pytest.raises(InputError, match="--positive must be"):
+        build_preferences([out], tmp_path / "y", BuildOptions(positive="best"))

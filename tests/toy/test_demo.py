@@ -80,6 +80,12 @@ def test_preference_and_sft_shards_are_non_empty(demo):
     assert train.num_rows > 0
     assert all(len(row["rejected"]) >= 1 for row in train)
     assert set(m for row in train for m in row["rejected_models"]) <= set(TEACHERS)
+    # The positive is a teacher's own answer (the one closest to the consensus), never also a negative.
+    answers = {(r["sample_id"], r["model"]): r["text"] for r in _answers(demo.out, None, "generate")}
+    for row in train:
+        model = row["chosen_source"].removeprefix("selected:")
+        assert model in TEACHERS and answers[(row["sample_id"], model)] == row["chosen"]
+        assert model not in row["rejected_models"] and row["chosen"] not in row["rejected"]
     sft = load_from_disk(str(demo.out / "data" / "sft"))
     assert sft["train"].num_rows >= train.num_rows
     assert (demo.out / "data" / "README.md").is_file()
@@ -190,7 +196,7 @@ def test_the_student_stage_is_the_same_whatever_the_thread_count(demo, tmp_path)
     weights = []
     for threads, folder in ((2, tmp_path / "two"), (1, tmp_path / "one")):
         torch.set_num_threads(threads)
-        students = train_students(folder, demo.out / "data", demo.out / "mimic", base, size, 0, None)
+        students = train_students(folder, demo.out / "data", demo.out / "mimic", base, size, 0)
         weights.append(load_file(str(students["student-apo"] / "model.safetensors")))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
