@@ -56,6 +56,14 @@ class StageArguments:
             "send quality 90), so the model trains on the pixels it is served; None: as decoded."
         },
     )
+    image_cache_size: int = field(
+        default=0,
+        metadata={
+            "help": "Keep the vision tensors of this many images in memory (least recently used out), so "
+            "an image seen again is not decoded and processed again; 0: none. Each costs its pixel "
+            "tensor (about 0.3 MB at 112 pixels, 5 MB at 512), per data loader worker."
+        },
+    )
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     max_length: int = field(
         default=4096, metadata={"help": "Max tokens per row (prompt + image + completion)."}

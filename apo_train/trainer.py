@@ -411,7 +411,13 @@ def _encoder(
     """The chat encoder of a stage; a vision-language model given rows with images but no image root
     (``--mimic-root``) trains on text only, which it says rather than doing silently."""
     encoder = ChatEncoder(
-        processor, cfg.image_root, cfg.max_edge, cfg.max_pixels, cfg.system_prompt, cfg.image_jpeg_quality
+        processor,
+        cfg.image_root,
+        cfg.max_edge,
+        cfg.max_pixels,
+        cfg.system_prompt,
+        cfg.image_jpeg_quality,
+        cfg.image_cache_size,
     )
     if encoder.is_vlm and encoder.image_root is None and "image_path" in dataset.column_names:
         with_image = sum(path is not None for path in dataset["image_path"])

@@ -35,7 +35,7 @@ class _VisionMixin:
         """Vision tensors for ``copies`` rows sharing one image (processed once, repeated)."""
         if not self.encoder.uses_images or not image_path:
             return {}
-        vision = self.encoder.vision_inputs(self.encoder.load_image(image_path))
+        vision = self.encoder.image_inputs(image_path)
         return {k: torch.cat([v] * copies, dim=0) for k, v in vision.items()}
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,9 @@ class ChatEncoder:
     relative to; ``max_edge`` / ``max_pixels`` are handed to ``cxrmax.mimic.images.preprocess``.
     ``jpeg_quality``: re-encode the preprocessed image as JPEG at this quality and decode it again,
     which is what generate's backends deliver to a model (quality 90), so the model trains on the pixels
-    it is later asked about; None keeps the decoded image.
+    it is later asked about; None keeps the decoded image. ``image_cache_size``: the vision tensors of
+    that many images are kept (least recently used out) by :meth:`image_inputs`, so a collator does not
+    decode and process an image again at every step it appears in; 0 keeps none.
     """
 
     def __init__(
@@ -64,9 +67,14 @@ class ChatEncoder:
         max_pixels: int | None = None,
         system_prompt: str | None = None,
         jpeg_quality: int | None = None,
+        image_cache_size: int = 0,
     ) -> None:
         self.processor = processor
         self.jpeg_quality = jpeg_quality
+        if image_cache_size < 0:
+            raise InputError(f"image_cache_size must be 0 or more, not {image_cache_size}")
+        self.image_cache_size = image_cache_size
+        self._vision_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.is_vlm = hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")
         self.tokenizer = processor.tokenizer if self.is_vlm else processor
         self.image_root = Path(image_root) if image_root is not None else None
@@ -132,6 +140,19 @@ class ChatEncoder:
         """pixel_values / image_grid_thw (etc.) for one image, exactly as the processor makes them."""
         out = self.processor.image_processor(images=[image], return_tensors="pt")
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+    def image_inputs(self, image_path: str) -> dict[str, torch.Tensor]:
+        """:meth:`vision_inputs` of the image at ``image_path``, from the cache when it holds them."""
+        cached = self._vision_cache.get(image_path)
+        if cached is not None:
+            self._vision_cache.move_to_end(image_path)
+            return cached
+        inputs = self.vision_inputs(self.load_image(image_path))
+        if self.image_cache_size:
+            self._vision_cache[image_path] = inputs
+            if len(self._vision_cache) > self.image_cache_size:
+                self._vision_cache.popitem(last=False)
+        return inputs
 
     def encode_prompt(self, prompt: str, image: Any | None) -> list[int]:
         """Token ids of the chat-formatted user turn + assistant header (image tokens expanded)."""

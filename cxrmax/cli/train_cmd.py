@@ -76,6 +76,7 @@ CONFIG_ONLY = {
     "eval_split": "optional evaluation split",
     "max_pixels": "optional pixel cap",
     "image_jpeg_quality": "optional JPEG round trip of the training pixels (the demo: 90, as generate serves)",
+    "image_cache_size": "vision tensors kept in memory per data loader worker (the demo: every image)",
     "system_prompt": "optional system message",
     "min_completion_tokens": "data filter",
     "dataset_num_proc": "tokenization processes",

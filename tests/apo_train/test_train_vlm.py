@@ -11,6 +11,7 @@ from apo_train.config import SFTStageConfig
 from apo_train.data import APOCollator, ChatEncoder, load_split, tokenize_preferences
 from apo_train.modeling import load_processor
 from apo_train.trainer import run_apo, run_sft
+from cxrmax.core.errors import InputError
 from cxrmax.core.schemas import PREFERENCE_SCHEMA, SFT_SCHEMA
 from tests.helpers.training import POSITIVE, PROMPT, apo_config, preference_rows, save_dataset
 
@@ -65,6 +66,34 @@ def test_jpeg_quality_trains_on_the_pixels_generate_serves(tiny_vlm_path, mini_m
     decoded = np.asarray(preprocess(Path(mini_mimic) / path, max_edge=112).convert("RGB"))
     assert np.array_equal(np.asarray(plain.load_image(path)), decoded)
     assert not np.array_equal(decoded, expected)  # the round trip changes pixels: it matters
+
+
+def test_the_image_cache_gives_the_same_batches_and_stays_bounded(
+    tiny_vlm_path, mini_mimic, vlm_prefs, image_paths
+):
+    """``image_cache_size``: collated batches are exactly those of an encoder without a cache, the
+    images are processed once while they stay cached, and no more than the size are kept (LRU)."""
+    processor = load_processor(tiny_vlm_path)
+    plain = ChatEncoder(processor, image_root=mini_mimic, max_edge=112, jpeg_quality=90)
+    cached = ChatEncoder(processor, image_root=mini_mimic, max_edge=112, jpeg_quality=90, image_cache_size=2)
+    ds, _ = tokenize_preferences(load_split(vlm_prefs), plain, max_length=512)
+    for _ in range(2):
+        a, b = APOCollator(plain)([ds[0], ds[1]]), APOCollator(cached)([ds[0], ds[1]])
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert 0 < len(cached._vision_cache) <= 2
+    cached._vision_cache.clear()
+    processed = []
+    original = cached.vision_inputs
+    cached.vision_inputs = lambda image: processed.append(1) or original(image)
+    first = cached.image_inputs(image_paths[0])
+    assert cached.image_inputs(image_paths[0]) is first and len(processed) == 1
+    for path in image_paths[1:4]:
+        cached.image_inputs(path)
+    assert list(cached._vision_cache) == image_paths[2:4] and len(processed) == 4
+    cached.image_inputs(image_paths[0])  # evicted: processed again
+    assert len(processed) == 5
+    with pytest.raises(InputError, match="image_cache_size"):
+        ChatEncoder(processor, image_root=mini_mimic, image_cache_size=-1)
 
 
 def test_missing_image_is_an_input_error(tiny_vlm_path, mini_mimic, tmp_path):

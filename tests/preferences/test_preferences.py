@@ -700,6 +700,37 @@ def test_selected_positive_is_the_closest_source_answer_in_its_own_words(tmp_pat
     assert row["chosen_source"] == "selected:A" and row["rejected_models"][0] == "D"
 
 
+def test_cli_positive_selected(tmp_path):
+    import datasets
+    from typer.testing import CliRunner
+
+    from cxrmax.cli import app
+
+    out = write_generate_shards(tmp_path / "run", known_drift_rows())
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["build-preferences", str(out), "--out", str(tmp_path / "o"), "--positive", "selected"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 preference rows (3 negatives)" in " ".join(result.output.split())
+    row = datasets.load_from_disk(str(tmp_path / "o" / "preferences"))["train"][0]
+    assert row["chosen_source"] == "selected:B"
+    result = runner.invoke(
+        app,
+        [
+            "build-preferences",
+            str(out),
+            "--out",
+            str(tmp_path / "p"),
+            "--positive",
+            "selected",
+            "--consensus",
+            "model",
+        ],
+    )
+    assert result.exit_code != 0 and "--positive selected" in " ".join(result.output.split())
+
+
 def test_selected_positive_with_a_model_consensus_is_refused(tmp_path):
     out = write_generate_shards(tmp_path / "run", known_drift_rows())
     with pytest.raises(InputError, match="--positive selected"):
