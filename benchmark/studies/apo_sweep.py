@@ -12,6 +12,7 @@ single-threaded process each.
     cxrmax demo --out demo-out                                   # once, the artifacts
     python benchmark/studies/apo_sweep.py demo-out               # lr {1e-4, 3e-4, 1e-3} x beta {0.1, 0.5}
     python benchmark/studies/apo_sweep.py demo-out --lr 3e-4 --beta 0.1 0.5 --steps 60 --seed 1
+    python benchmark/studies/apo_sweep.py demo-out --lr 3e-4 --beta 0.1 --preferences mine=prefs/ other=prefs2/
 
 The table's figures are for one seed of the student stage; what one setting gains over another is
 only read where the intervals do not overlap.
