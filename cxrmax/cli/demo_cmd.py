@@ -27,8 +27,8 @@ def demo(
         "default",
         "--size",
         choices=Choice(DEMO_SIZES),
-        help="default (about 9 minutes of stages on 2 idle CPU cores, 2026-12-01), small (the tests) or large "
-        "(more studies and steps; longer).",
+        help="default (7 min 17 s of stages on 2 idle CPU cores, 2026-12-01), small (the tests) or large "
+        "(more studies and steps: 11 min 12 s).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
     teacher_backend: str = choice_option(
