@@ -64,19 +64,7 @@ def _train_one(job: dict[str, Any]) -> str:
         warmup_steps=0.1,
         max_steps=size.apo_steps,
         per_device_train_batch_size=size.apo_batch,
-        global_batch_size=None,
-        max_grad_norm=1.0,
-        image_root=str(demo / "mimic"),
-        max_edge=size.image_max_edge,
-        use_lora=False,
-        bf16=False,
-        use_cpu=True,
-        seed=job["seed"],
-        save_strategy="no",
-        logging_steps=5,
-        dataloader_num_workers=0,
-        max_length=1024,
-        jsonl_log=True,
+        **D._student_settings(demo / "mimic", size, job["seed"]),  # the demo's own APO settings
     )
     run_apo(cfg, console=None)
     _answer(job["name"], out / "model", demo, out, size, job["seed"])

@@ -28,7 +28,7 @@ def demo(
         "--size",
         choices=Choice(DEMO_SIZES),
         help="default (7 min 17 s of stages on 2 idle CPU cores, 2026-12-01), small (the tests) or large "
-        "(more studies and steps: 11 min 12 s).",
+        "(more studies and steps: 11 min 20 s of stages).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
     teacher_backend: str = choice_option(
