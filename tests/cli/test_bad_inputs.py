@@ -261,11 +261,6 @@ INTERRUPTIONS = [
         "children", signal.SIGINT, True, ["demo/DEMO.md", "demo/demo_report.json"],
     ),
     (
-        "demo Ctrl-C in the student stage (seed jobs on a process pool)",
-        ["demo", "--out", "{tmp}/demo", "--size", "small"],
-        "path:demo/students/seed-1/base", signal.SIGINT, True, ["demo/DEMO.md", "demo/demo_report.json"],
-    ),
-    (
         "build-preferences SIGINT",
         ["build-preferences", "{data}/many.jsonl", "--out", "{tmp}/o", "--processes", "2", "--no-card"],
         "children", signal.SIGINT, False, ["o"],
@@ -308,12 +303,7 @@ def test_interruption_is_one_line_and_leaves_nothing_running(
     name, argv, when, sig, group, absent, mini, data, tmp_path
 ):
     argv = _fill(argv, m=mini, tmp=tmp_path, data=data)
-    if when == "children":
-        ready = _has_children
-    elif when.startswith("path:"):  # a file the command makes once it is in the stage to interrupt
-        ready = lambda pid: (tmp_path / when.removeprefix("path:")).exists()  # noqa: E731
-    else:
-        ready = _after(float(when.rstrip("s")))
+    ready = _has_children if when == "children" else _after(float(when.rstrip("s")))
     code, out, err, seconds, children = interrupt(argv, tmp_path, ready, sig, group)
     assert code == 128 + sig, out + err
     assert "Traceback" not in err and "Exception" not in err, err
