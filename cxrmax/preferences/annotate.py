@@ -288,9 +288,10 @@ def _compose_and_rank(
     """Compose each positive from the supported steps of the least drifting sources first, and rank
     the negatives most drifting first (ties keep the stable (sample_id, model, sample_index) order)."""
     lab, drift, cons = src.lab, votes.drift, votes.cons
-    supported = _supported_steps(src, cons)
-    bits = C.observation_bits(lab.step_states) if len(lab.step_states) else np.zeros(0, dtype=np.int64)
-    prompts = chunk.column("prompt").to_pylist()
+    if options.positive != "selected":  # the step checks only serve a composed positive
+        supported = _supported_steps(src, cons)
+        bits = C.observation_bits(lab.step_states) if len(lab.step_states) else np.zeros(0, dtype=np.int64)
+        prompts = chunk.column("prompt").to_pylist()
     ranking = _Ranking([], [], [], np.full(chunk.num_rows, -1, dtype=np.int32))
     for g in range(src.n_samples):
         lo, hi = int(src.offsets[g]), int(src.offsets[g + 1])
