@@ -299,7 +299,7 @@ class _Scorer:
 
     def score(self, model_dir: Path, kind: str) -> ModelScores | None:
         """One model folder (OUT/trajectories/<model>) scored, or None when it answered no test image."""
-        table = read_trajectories(model_dir.parent.parent, model_dir.name, _COLUMNS)
+        table = read_trajectories(model_dir.parent.parent, model_dir.name, _COLUMNS, ordered=True)
         table = table.filter(pc.is_in(table.column("sample_id"), value_set=self.sample_ids))
         if table.num_rows == 0:
             return None

@@ -29,12 +29,23 @@ def trajectory_files(out_dir: str | Path, model: str | None = None) -> list[Path
     return [p for d in dirs for p in sorted(d.glob("part-*.arrow"))]
 
 
+#: The order ``read_trajectories(ordered=True)`` returns: the same for the same answers on every run.
+ANSWER_ORDER: tuple[str, ...] = ("model", "sample_id", "sample_index", "request_key")
+
+
 def read_trajectories(
-    out_dir: str | Path, model: str | None = None, columns: list[str] | None = None
+    out_dir: str | Path,
+    model: str | None = None,
+    columns: list[str] | None = None,
+    ordered: bool = False,
 ) -> pa.Table:
     """All committed trajectories under ``OUT/trajectories/`` (one model's with ``model``) as one table
     with shards.TRAJECTORY_SCHEMA (memory-mapped; ``columns`` to read fewer). Journals of a running or
-    killed run are not included until they are committed."""
+    killed run are not included until they are committed.
+
+    Shards hold answers in commit order, which concurrent requests make differ from run to run; with
+    ``ordered`` the rows are sorted by ANSWER_ORDER (copied out of the memory map: for test-split-sized
+    reads whose consumers resample rows, e.g. bootstrap intervals, and must not depend on that order)."""
     files = trajectory_files(out_dir, model)
     if not files and model is not None and not model_dirs(out_dir):
         raise InputError(f"{where(Path(out_dir) / 'trajectories')}: no trajectories found")
@@ -50,7 +61,11 @@ def read_trajectories(
             TRAJECTORY_SCHEMA if not columns else pa.schema([TRAJECTORY_SCHEMA.field(c) for c in columns])
         )
         return schema.empty_table()
-    return pa.concat_tables(tables)
+    table = pa.concat_tables(tables)
+    if ordered:
+        keys = [name for name in ANSWER_ORDER if name in table.column_names]
+        table = table.sort_by([(name, "ascending") for name in keys])
+    return table
 
 
 def _conform(table: pa.Table) -> pa.Table:

@@ -475,7 +475,7 @@ def run_simulation(
         )
     gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in answered.to_pylist()}
     run.answered_images, run.samples = answered.num_rows, samples
-    run.measured = drift_rates(read_trajectories(out), gold)
+    run.measured = drift_rates(read_trajectories(out, ordered=True), gold)
     run.trajectories = out / "trajectories"
     return run
 
@@ -685,7 +685,7 @@ def pool_seeds(eval_out: Path, pooled_out: Path, seeds: int) -> None:
     for student in STUDENTS:
         tables = []
         for k in range(seeds):
-            table = read_trajectories(eval_out, model=seed_model(student, k))
+            table = read_trajectories(eval_out, model=seed_model(student, k), ordered=True)
             column = table.schema.get_field_index("model")
             tables.append(
                 table.set_column(column, "model", pa.array([student] * table.num_rows, pa.string()))
@@ -1028,7 +1028,7 @@ def _report_text(row: dict[str, Any]) -> str:
 def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation: Any) -> list[dict[str, Any]]:
     """Score every model under ``eval_out/trajectories`` with the leaderboard and the drift rates."""
     gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in test.to_pylist()}
-    table = read_trajectories(eval_out)
+    table = read_trajectories(eval_out, ordered=True)
     rates = drift_rates(table, gold)
     drift_of = {t.spec.name: t.spec.describe() for t in simulation.teachers}
     short_of = {
@@ -1248,7 +1248,7 @@ def _write_report(
             parts += [
                 "## One test image, every model's answer\n",
                 report.sample_section(
-                    read_trajectories(eval_out), sample, gold[sample["sample_id"]], film
+                    read_trajectories(eval_out, ordered=True), sample, gold[sample["sample_id"]], film
                 ).replace("(sample_film.png)", "(figures/sample_film.png)"),
                 "",
                 "`cxrmax inspect OUT/data --sample ID --html page.html` shows a train sample whole: every "

@@ -89,6 +89,21 @@ def test_append_commit_and_reopen_sees_done_keys(tmp_path):
     assert table["labels"][0].as_py()["Edema"] == 1.0
 
 
+def test_ordered_read_is_the_same_whatever_order_the_answers_were_committed_in(tmp_path):
+    # Concurrent requests commit in completion order; resampling consumers must not see that order.
+    for run, order in (("a", [4, 0, 3, 1, 2]), ("b", [2, 1, 0, 4, 3])):
+        with TrajectoryStore(tmp_path / run / "trajectories" / "m", rows_per_shard=2) as store:
+            for i in order:
+                store.append(_row(i))
+    committed = [read_trajectories(tmp_path / run).column("sample_id").to_pylist() for run in "ab"]
+    assert committed[0] != committed[1]
+    a, b = (read_trajectories(tmp_path / run, ordered=True) for run in "ab")
+    assert a.column("sample_id").to_pylist() == [f"s{i}" for i in range(5)]
+    assert a.select(["sample_id", "text"]).equals(b.select(["sample_id", "text"]))
+    picked = read_trajectories(tmp_path / "a", model="m", columns=["sample_id", "text"], ordered=True)
+    assert picked.column("text").to_pylist() == [f"answer {i}" for i in range(5)]
+
+
 def test_killed_run_journal_is_recovered_and_torn_line_ignored(tmp_path):
     folder = tmp_path / "m"
     store = TrajectoryStore(folder, rows_per_shard=100).open()
