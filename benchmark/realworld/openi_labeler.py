@@ -70,7 +70,9 @@ LABEL_MAP: dict[str, tuple[str, ...]] = {
     "Consolidation": ("Consolidation",),
     "Lung Lesion": ("Mass", "Nodule"),
 }
-POLICIES = ("uncertain=positive", "uncertain=negative")
+#: How an uncertain label is counted: always positive (U-ones), always negative (U-zeros), or by the
+#: labeler's grade of the hedge (`ObservationLabel.certainty`): "probable" positive, "possible" negative.
+POLICIES = ("uncertain=positive", "uncertain=negative", "uncertain=graded")
 
 # Stems that show a report talks about a label at all (for the error causes below).
 _STEMS: dict[str, re.Pattern] = {
@@ -190,17 +192,29 @@ def report_text(sections: dict[str, str], read: Iterable[str] = SECTIONS) -> str
 
 
 def label_reports(reports: dict[str, dict[str, str]], ids: Iterable[str]) -> dict[str, dict[str, str]]:
-    """Report id -> observation -> status ("positive", "uncertain", "negative", "absent")."""
+    """Report id -> observation -> status ("positive", "negative", "absent", or "uncertain" with its
+    grade: "uncertain probable", "uncertain possible")."""
     out: dict[str, dict[str, str]] = {}
     for rid in ids:
         labeled = label_text(report_text(reports.get(rid, {})))
-        out[rid] = {name: labeled.observations[name].status for name in LABEL_MAP}
+        out[rid] = {name: _status(labeled.observations[name]) for name in LABEL_MAP}
     return out
+
+
+def _status(observation) -> str:
+    if observation.status != "uncertain":
+        return observation.status
+    # The before-labeler (see baseline_scores) did not grade its hedges.
+    return f"uncertain {getattr(observation, 'certainty', None) or 'possible'}"
 
 
 def predicted(status: str, policy: str) -> int:
     """1 when `status` counts as positive under `policy`."""
-    return int(status == "positive" or (status == "uncertain" and policy == "uncertain=positive"))
+    if status.startswith("uncertain"):
+        return int(
+            policy == "uncertain=positive" or (policy == "uncertain=graded" and status.endswith("probable"))
+        )
+    return int(status == "positive")
 
 
 def score(gold: dict[str, dict[str, int]], statuses: dict[str, dict[str, str]]) -> dict:
@@ -243,9 +257,11 @@ def evaluate(wheel: Path, gold_path: Path = DEFAULT_GOLD) -> tuple[dict, dict, d
 
 
 def format_table(scores: dict, title: str) -> str:
-    """The per-label P/R/F1 table for both uncertainty policies."""
+    """The per-label P/R/F1 table for every uncertainty policy."""
     lines = [title, f"{'label':<18}" + "".join(f"| {p:^29} " for p in POLICIES)]
-    lines.append(f"{'':<18}" + "| {:>6} {:>6} {:>6} {:>8} ".format("P", "R", "F1", "tp/fp/fn") * 2)
+    lines.append(
+        f"{'':<18}" + "| {:>6} {:>6} {:>6} {:>8} ".format("P", "R", "F1", "tp/fp/fn") * len(POLICIES)
+    )
     for name in [*LABEL_MAP, "micro"]:
         row = f"{name:<18}"
         for policy in POLICIES:
@@ -274,13 +290,15 @@ def error_cause(name: str, kind: str, status: str, sections: dict[str, str], evi
     """
     read = " ".join(sections.get(s, "") for s in SECTIONS).lower()
     if kind == "fn":
+        if status.startswith("uncertain"):
+            return "cue"  # a hedge graded "possible" that the coders call present
         if _STEMS[name].search(read):
             return "scope" if status == "negative" else "definition"
         if any(_STEMS[name].search(v.lower()) for k, v in sections.items() if k not in SECTIONS):
             return "section"
         return "openi-coding"
     text = " ".join(evidence).lower()
-    if status == "uncertain":
+    if status.startswith("uncertain"):
         return "cue"
     if name in _DEFINITION_TERMS and _DEFINITION_TERMS[name].search(text):
         return "definition"
@@ -293,15 +311,17 @@ def error_cause(name: str, kind: str, status: str, sections: dict[str, str], evi
     return "openi-coding"
 
 
-def error_listing(gold: dict, statuses: dict, reports: dict, examples: int) -> tuple[Counter, dict]:
-    """Counts of errors per (label, kind, cause) and example sentences per cause (stdout only)."""
+def error_listing(
+    gold: dict, statuses: dict, reports: dict, examples: int, policy: str = "uncertain=positive"
+) -> tuple[Counter, dict]:
+    """Counts of errors under `policy` per (label, kind, cause) and example sentences per cause (stdout only)."""
     counts: Counter = Counter()
     samples: dict[str, list[str]] = defaultdict(list)
     for rid, truth in gold.items():
         sections = reports.get(rid, {})
         for name in LABEL_MAP:
             status = statuses[rid][name]
-            guess = predicted(status, "uncertain=positive")
+            guess = predicted(status, policy)
             if guess == truth[name]:
                 continue
             kind = "fp" if guess else "fn"
@@ -318,10 +338,10 @@ def error_listing(gold: dict, statuses: dict, reports: dict, examples: int) -> t
     return counts, samples
 
 
-def format_errors(counts: Counter) -> str:
+def format_errors(counts: Counter, policy: str = "uncertain=positive") -> str:
     """Error counts: per cause, then per label x cause."""
     causes = ["scope", "cue", "definition", "section", "openi-coding"]
-    lines = ["errors under uncertain=positive, by cause (heuristic tags; see error_cause)"]
+    lines = [f"errors under {policy}, by cause (heuristic tags; see error_cause)"]
     lines.append(f"{'label':<18}" + "".join(f"{c + ' ' + k:>18}" for c in causes for k in ("fp", "fn")))
     for name in [*LABEL_MAP, "all"]:
         row = f"{name:<18}"
@@ -391,8 +411,10 @@ def main() -> int:
         else:
             print(format_table(before, f"BEFORE (labeler at {args.before_ref})") + "\n")
     print(format_table(scores, "AFTER (this checkout)") + "\n")
-    counts, samples = error_listing(gold, statuses, reports, args.errors)
+    counts, _ = error_listing(gold, statuses, reports, 0)
     print(format_errors(counts) + "\n")
+    counts, samples = error_listing(gold, statuses, reports, args.errors, "uncertain=graded")
+    print(format_errors(counts, "uncertain=graded") + "\n")
     for key in sorted(samples):
         print(f"-- examples: {key}")
         for line in samples[key]:

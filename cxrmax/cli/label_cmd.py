@@ -229,9 +229,8 @@ def _explain(index: int, result: Any) -> None:
             f"step {e.step} [{e.start}:{e.end}] {e.text!r}" + (f" cue {e.cue!r}" if e.cue else "")
             for e in label.evidence
         )
-        console.print(
-            f"  [{_STATUS_STYLE.get(label.status, 'bold')}]{label.status:9s}[/] {name}{side}  {spans}"
-        )
+        status = f"{label.status} ({label.certainty})" if label.certainty else label.status
+        console.print(f"  [{_STATUS_STYLE.get(label.status, 'bold')}]{status:9s}[/] {name}{side}  {spans}")
     flags = [f for f, on in (("refusal", result.is_refusal), ("hedging", bool(result.hedging))) if on]
     if flags or result.error:
         console.print(

@@ -173,6 +173,11 @@ class ObservationLabel:
     status: str = "absent"
     laterality: str | None = None
     evidence: list[Evidence] = field(default_factory=list)
+    #: For an uncertain observation, how the text hedges it: "probable" (the probable reading: "likely
+    #: atelectasis", "atelectasis versus scarring", "borderline cardiomegaly") or "possible" ("may represent
+    #: pneumonia", "cannot exclude a nodule"); None otherwise. The status (and the CSV value -1) is CheXpert's
+    #: either way; see cues.PROBABLE.
+    certainty: str | None = None
 
     @property
     def value(self) -> int | None:
@@ -1416,6 +1421,26 @@ def _no_finding(
     return "positive"
 
 
+_POSSIBILITY_WORD = re.compile(r"\b(?:may|might|could|possibl[ey]|question\w*|suspect\w*|concern\w*)\b")
+
+
+def _certainty(evidence: list[Evidence], steps: list[Step]) -> str:
+    """ "probable" when one uncertain mention states the finding as the probable reading, else "possible"."""
+    for item in evidence:
+        if item.cue is not None:
+            if " ".join(item.cue.replace("-", " ").split()) in cues.PROBABLE:
+                return "probable"
+            continue
+        # No cue word: one of two alternatives ("A or B") or a hedged statement ("borderline heart size");
+        # a modal inside the statement or a differential heading above it keeps it a possibility.
+        heading = steps[item.step].heading
+        if _POSSIBILITY_WORD.search(item.text.lower()) is None and (
+            heading is None or _heading_default(heading) != "uncertain"
+        ):
+            return "probable"
+    return "possible"
+
+
 def label_text(text: object) -> LabeledText:
     """Label one report or model answer: 14 observations (status, laterality, evidence), the steps
     with what each asserts, refusal and hedging spans. Never raises on bad input (see `error`).
@@ -1452,7 +1477,8 @@ def label_text(text: object) -> LabeledText:
             for it in by_observation[name]
             if it[4] == status
         ]
-        observations[name] = ObservationLabel(status, side, evidence)
+        certainty = _certainty(evidence, steps) if status == "uncertain" else None
+        observations[name] = ObservationLabel(status, side, evidence, certainty)
     if not recognised and len(usable) < 80 and _NORMAL_ANSWER.match(low):
         recognised = True  # "Normal.", "Answer: none", "Findings: none."
     if not recognised and _not_english(usable):

@@ -600,6 +600,43 @@ UNC_POST: tuple[str, ...] = (
     *_QUALIFIED_POST,
 )
 
+#: Uncertainty cues that state the finding as the probable reading (graded "probable"); every other
+#: uncertainty cue ("may represent", "cannot be excluded", "possible", "concerning for") leaves it a
+#: possibility (graded "possible"). CheXpert codes both -1; the grade is what lets a reader that counts
+#: only probable findings (as OpenI's coders did: "atelectasis versus scarring" coded atelectasis, "may
+#: represent pneumonia" not) do so. A hedge without a cue word (one of two alternatives, "A or B"; a
+#: borderline statement) is graded probable too, unless a modal word or a differential heading says more.
+PROBABLE: frozenset[str] = frozenset(
+    {
+        "probable",
+        "probably",
+        "likely",
+        "most likely",
+        "is likely",
+        "are likely",
+        "is probably",
+        "is probable",
+        "likely represents",
+        "likely represent",
+        "likely reflects",
+        "most likely represents",
+        "is favored",
+        "is presumed",
+        "presumed",
+        "borderline",
+        "versus",
+        "vs",
+        "likely due to",
+        "probably due to",
+        "most likely due to",
+        "is likely due to",
+        "likely related to",
+        "probably related to",
+        "most likely related to",
+        "likely secondary to",
+    }
+)
+
 # Uncertainty words that a negation in the same scope dominates ("no opacity to suggest pneumonia").
 WEAK_UNCERTAIN: frozenset[str] = frozenset(
     {

@@ -45,6 +45,30 @@ def test_label_text_api_shape():
     assert not result.is_refusal and result.error is None
 
 
+@pytest.mark.parametrize(
+    ("text", "name", "certainty"),
+    [
+        ("Bibasilar atelectasis versus scarring.", "Atelectasis", "probable"),
+        ("Minimal left basilar atelectasis or scarring.", "Atelectasis", "probable"),
+        ("Findings likely represent atelectasis.", "Atelectasis", "probable"),
+        ("Probable small right pleural effusion.", "Pleural Effusion", "probable"),
+        ("Borderline cardiomegaly.", "Cardiomegaly", "probable"),
+        ("This may represent early pneumonia.", "Pneumonia", "possible"),
+        ("A small effusion cannot be excluded.", "Pleural Effusion", "possible"),
+        ("Opacity concerning for pneumonia.", "Pneumonia", "possible"),
+        ("Possible left lower lobe nodule.", "Lung Lesion", "possible"),
+        ("Differential diagnosis: pneumonia or atelectasis.", "Pneumonia", "possible"),
+        ("Small left pleural effusion.", "Pleural Effusion", None),
+        ("No pneumothorax.", "Pneumothorax", None),
+    ],
+)
+def test_uncertain_observations_are_graded_probable_or_possible(text, name, certainty):
+    observation = label_text(text).observations[name]
+    assert observation.certainty == certainty, (text, observation)
+    # The grade never changes CheXpert's status: every graded observation stays uncertain (-1).
+    assert (observation.value == -1) == (certainty is not None)
+
+
 def test_steps_offsets_cover_the_text_exactly():
     text = (
         "**Basis for the diagnosis:**\n\n1. **Cardiomegaly**: the heart is enlarged. The CTR is 0.6.\n"

@@ -4,8 +4,10 @@ Runs the scoring of benchmark/realworld/openi_labeler.py (FINDINGS + IMPRESSION,
 CheXpert observations) when the torchxrayvision 1.5.7 wheel that carries the report texts is cached or
 can be fetched with `pip download`, and skips with the reason otherwise. The floors are the figures
 reached when this test was written (issue 12), rounded down: a later change cannot silently undo
-them. They are below the issue's goal (micro-F1 >= 0.92, every label >= 0.85); the benchmark's README
-explains why (most remaining errors are disagreements with OpenI's coding of hedged findings).
+them. Graded (probable hedges positive, possible ones negative, the way OpenI's coders counted them) the
+labeler reaches the issue's goal of micro-F1 >= 0.92 and every label >= 0.85 except Lung Lesion, whose
+remaining errors are CheXpert's definitions ("nodular opacity" is a lesion, "calcified nodule" is not)
+against OpenI's coding; the benchmark's README lists them.
 """
 
 from __future__ import annotations
@@ -42,6 +44,16 @@ FLOORS: dict[str, dict[str, float]] = {
         "Lung Lesion": 0.74,
         "micro": 0.855,
     },
+    "uncertain=graded": {
+        "Atelectasis": 0.97,
+        "Cardiomegaly": 0.95,
+        "Pleural Effusion": 0.93,
+        "Pneumonia": 0.88,
+        "Pneumothorax": 0.88,
+        "Consolidation": 0.93,
+        "Lung Lesion": 0.73,
+        "micro": 0.925,
+    },
 }
 # The figures at the start of issue 12, for the report below (uncertain=positive, uncertain=negative).
 BEFORE_MICRO = (0.680, 0.694)
@@ -64,15 +76,19 @@ def test_scoring_counts_uncertain_per_policy():
         "b": dict.fromkeys(openi.LABEL_MAP, 0),
     }
     statuses = {
-        "a": dict.fromkeys(openi.LABEL_MAP, "absent") | {"Pneumonia": "uncertain"},
+        "a": dict.fromkeys(openi.LABEL_MAP, "absent")
+        | {"Pneumonia": "uncertain probable", "Atelectasis": "uncertain possible"},
         "b": dict.fromkeys(openi.LABEL_MAP, "negative") | {"Pleural Effusion": "positive"},
     }
     scores = openi.score(gold, statuses)
     positive, negative = scores["uncertain=positive"], scores["uncertain=negative"]
+    graded = scores["uncertain=graded"]
     assert (positive["Pneumonia"]["tp"], positive["Pneumonia"]["fn"]) == (1, 0)
     assert (negative["Pneumonia"]["tp"], negative["Pneumonia"]["fn"]) == (0, 1)
+    assert (graded["Pneumonia"]["tp"], graded["Atelectasis"]["fp"]) == (1, 0)
+    assert positive["Atelectasis"]["fp"] == 1 and negative["Atelectasis"]["fp"] == 0
     assert positive["Pleural Effusion"]["fp"] == negative["Pleural Effusion"]["fp"] == 1
-    assert positive["micro"]["precision"] == pytest.approx(0.5)
+    assert positive["micro"]["precision"] == pytest.approx(1 / 3)
     assert negative["micro"]["f1"] == 0.0
     # Lung Lesion is Mass OR Nodule
     assert openi.LABEL_MAP["Lung Lesion"] == ("Mass", "Nodule")
