@@ -12,6 +12,15 @@ estimate). Held-out = the test and validate images, which no teacher saw; 0.5 is
     python benchmark/studies/side_reading.py                        # the default variants, ~10 min
     python benchmark/studies/side_reading.py --steps 300 --variant base --variant theta=10+mrope=[1,1,6]
     python benchmark/studies/side_reading.py --studies 240 --weight-decay 0.1 --variant base
+    python benchmark/studies/side_reading.py --probe-lr 3e-3 --probe-lr 1e-3 --probe-lr 3e-4   # direct question
+    python benchmark/studies/side_reading.py --studies 240 --pretrain-steps 1000 --freeze-vision --teacher-lr 1e-3
+
+``--probe-lr``: no teacher; the tiny VLM is trained at that rate to answer "Which side is the <finding>
+on?" about fresh films (16 new films a step, drawn like the mini MIMIC-CXR's: portrait, 112 px, JPEG,
+0-2 other sided findings as distractors), and scored on 300 films it never saw: can it read a side
+from pixels at all? ``--pretrain-steps``: the same question first (at ``--pretrain-lr``), then the
+faithful teacher as above, optionally with the vision tower frozen (``--freeze-vision``) and at
+``--teacher-lr`` (the demo's 8e-3 by default).
 
 A variant is ``base`` or ``+``-joined config overrides of the tiny Qwen2-VL: ``theta=V`` (the language
 model's rope theta), ``mrope=[t,h,w]`` (its multimodal rope sections), ``v.KEY=V`` (vision config),
@@ -21,15 +30,20 @@ model's rope theta), ``mrope=[t,h,w]`` (its multimodal rope sections), ``v.KEY=V
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
+import random
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+from cxrmax.mimic.images import RESAMPLE, encode_jpeg, target_size
 from cxrmax.mimic.reader import MimicCXR
+from cxrmax.testing.films import SIDED, synthetic_chest
 from cxrmax.testing.mini_mimic import make_mini_mimic
 from cxrmax.toy import teachers as sim
 from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
@@ -52,28 +66,172 @@ def _override(config: dict, variant: str) -> dict:
     return config
 
 
+#: The findings the side question asks about (those the films draw on one side).
+QUESTION_FINDINGS = ("Pleural Effusion", "Pneumothorax", "Consolidation", "Atelectasis", "Lung Lesion")
+
+
+def question_corpus() -> list[str]:
+    """The side question's words, for the tokenizer."""
+    return [
+        f"Which side is the {n.lower()} on? The {n.lower()} is on the left right." for n in QUESTION_FINDINGS
+    ]
+
+
+def question_film(seed: int, edge: int) -> tuple[Image.Image, str, str]:
+    """(image, finding, side) of one fresh film for the side question, made the way the mini
+    MIMIC-CXR's films reach a teacher: portrait, downscaled to ``edge``, JPEG round trip, RGB."""
+    rng = random.Random(seed)
+    name, side = rng.choice(QUESTION_FINDINGS), rng.choice(["left", "right"])
+    labels: dict[str, int | None] = {name: 1}
+    sides: dict[str, str | None] = {name: side}
+    for other in rng.sample([f for f in SIDED if f != name], rng.randint(0, 2)):
+        labels[other], sides[other] = 1, rng.choice(["left", "right", None])
+    if rng.random() < 0.3:
+        labels["Cardiomegaly"] = 1
+    width = rng.randrange(300, 500)
+    height = int(width * rng.uniform(1.05, 1.3))
+    pixels = synthetic_chest(width, height, seed, view=rng.choice(["PA", "AP"]), labels=labels, sides=sides)
+    image = Image.fromarray(pixels).resize(target_size(width, height, edge, None), RESAMPLE)
+    return Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB"), name, side
+
+
+class SideQuestion:
+    """Train and score a tiny VLM on "Which side is the <finding> on?" over fresh films; the loss is
+    the cross-entropy of the side word of the answer ("The <finding> is on the <side>.") only."""
+
+    def __init__(self, model, processor, edge: int) -> None:
+        self.model, self.processor, self.edge = model, processor, edge
+        tokenizer = processor.tokenizer
+        self.left, self.right = tokenizer.encode(" left")[-1], tokenizer.encode(" right")[-1]
+
+    def _batch(self, seeds) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        texts, images, targets = [], [], []
+        for seed in seeds:
+            image, name, side = question_film(seed, self.edge)
+            chat = sim.chat_messages(
+                f"Which side is the {name.lower()} on?", f"The {name.lower()} is on the {side}."
+            )
+            texts.append(self.processor.apply_chat_template(chat, tokenize=False))
+            images.append(image)
+            targets.append(self.left if side == "left" else self.right)
+        inputs = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        sides = (self.left, self.right)
+        at = [max(i for i, t in enumerate(row) if t in sides) for row in inputs["input_ids"].tolist()]
+        return inputs, torch.tensor(at), torch.tensor(targets)
+
+    def _side_logits(self, seeds) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, at, targets = self._batch(seeds)
+        logits = self.model(**inputs).logits[torch.arange(len(at)), at - 1]
+        return logits, targets
+
+    def train(self, steps: int, lr: float, first_seed: int = 0, batch: int = 16, report=None) -> float:
+        """``steps`` AdamW steps (no decay, clip 1) of ``batch`` new films each; returns the last loss."""
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.0)
+        self.model.train()
+        loss = torch.tensor(float("nan"))
+        for step in range(1, steps + 1):
+            logits, targets = self._side_logits(
+                range(first_seed + (step - 1) * batch, first_seed + step * batch)
+            )
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            optimizer.step()
+            if report is not None and step % 200 == 0:
+                report(step, loss.item(), self.accuracy())
+        self.model.eval()
+        return float(loss.item())
+
+    def accuracy(self, n: int = 300) -> float:
+        """Share of ``n`` films never trained on whose side word is the more likely one."""
+        was_training = self.model.training
+        self.model.eval()
+        correct = 0
+        seeds = range(10**6, 10**6 + n)  # training draws seeds from 0 up
+        with torch.no_grad():
+            for i in range(0, n, 50):
+                logits, targets = self._side_logits(seeds[i : i + 50])
+                picked = torch.where(logits[:, self.left] > logits[:, self.right], self.left, self.right)
+                correct += int((picked == targets).sum())
+        self.model.train(was_training)
+        return correct / n
+
+
 def train_variant(
-    path: Path, variant: str, examples: list, steps: int, edge: int, seed: int, weight_decay: float = 0.0
+    path: Path,
+    variant: str,
+    examples: list,
+    steps: int,
+    edge: int,
+    seed: int,
+    weight_decay: float = 0.0,
+    pretrain: tuple[int, float] | None = None,
+    freeze_vision: bool = False,
+    teacher_lr: float = 8e-3,
 ) -> float:
-    """Build the tiny VLM with ``variant``'s overrides and train it as the faithful teacher (AdamW with
-    ``weight_decay``; the demo's teachers use none); returns its last training loss."""
+    """Build the tiny VLM with ``variant``'s overrides, optionally pretrain it on the side question
+    (``pretrain`` = (steps, lr)), and train it as the faithful teacher (AdamW with ``weight_decay``, the
+    demo's teachers use none; ``freeze_vision``: the vision tower is not trained); returns its last
+    training loss."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     faithful = sim.TeacherSpec("faithful")
-    build_tiny_vlm(path, corpus=sim.teacher_corpus(examples, [faithful], seed), seed=seed)
+    build_tiny_vlm(path, corpus=sim.teacher_corpus(examples, [faithful], seed) + question_corpus(), seed=seed)
     config = _override(json.loads((path / "config.json").read_text()), variant)
     (path / "config.json").write_text(json.dumps(config))
     torch.manual_seed(seed)
     Qwen2VLForConditionalGeneration(Qwen2VLConfig.from_pretrained(path)).save_pretrained(path)
-    stats = sim.train_teacher(
-        path,
-        sim.assign_targets(examples, faithful, seed),
-        steps=steps,
-        seed=seed,
-        max_edge=edge,
-        weight_decay=weight_decay,
-    )
+    if pretrain is not None:
+        model, processor = load_tiny_vlm(path)
+        question = SideQuestion(model, processor, edge)
+        question.train(*pretrain)
+        print(
+            f"  pretrained {pretrain[0]} steps at {pretrain[1]:g}: side question on unseen films "
+            f"{question.accuracy():.2f}",
+            flush=True,
+        )
+        model.save_pretrained(path)
+    loader = sim.load_tiny_vlm
+    if freeze_vision:
+
+        def frozen(*args, **kwargs):
+            model, processor = loader(*args, **kwargs)
+            model.model.visual.requires_grad_(False)
+            return model, processor
+
+        sim.load_tiny_vlm = frozen
+    try:
+        stats = sim.train_teacher(
+            path,
+            sim.assign_targets(examples, faithful, seed),
+            steps=steps,
+            lr=teacher_lr,
+            seed=seed,
+            max_edge=edge,
+            weight_decay=weight_decay,
+        )
+    finally:
+        sim.load_tiny_vlm = loader
     return stats.last_loss
+
+
+def probe(path: Path, lr: float, steps: int, edge: int, seed: int) -> None:
+    """The side question alone, at ``lr``: prints its accuracy on unseen films every 200 steps."""
+    build_tiny_vlm(path, corpus=question_corpus(), seed=seed)
+    model, processor = load_tiny_vlm(path)
+    started = time.perf_counter()
+
+    def report(step: int, loss: float, accuracy: float) -> None:
+        print(
+            f"| {lr:g} | {step} | {loss:.3f} | {accuracy:.2f} | {time.perf_counter() - started:.0f} |",
+            flush=True,
+        )
+
+    print(
+        f"| lr | step | loss | unseen films | s |  (start: {SideQuestion(model, processor, edge).accuracy():.2f})"
+    )
+    SideQuestion(model, processor, edge).train(steps, lr, report=report)
 
 
 def first_mention_accuracy(path: Path, examples: list, edge: int) -> tuple[int, int]:
@@ -125,12 +283,25 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (demo: 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--probe-lr", type=float, action="append", help="side question alone at this rate")
+    parser.add_argument("--probe-steps", type=int, default=800, help="side question steps (default 800)")
+    parser.add_argument("--pretrain-steps", type=int, default=0, help="side question before the teacher")
+    parser.add_argument("--pretrain-lr", type=float, default=3e-4, help="its learning rate (default 3e-4)")
+    parser.add_argument(
+        "--freeze-vision", action="store_true", help="do not train the vision tower as teacher"
+    )
+    parser.add_argument("--teacher-lr", type=float, default=8e-3, help="teacher learning rate (demo: 8e-3)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     variants = args.variant or ["base", "theta=10+mrope=[1,1,6]"]
     steps_list = args.steps or [300]
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
+        if args.probe_lr:
+            for lr in args.probe_lr:
+                probe(work / f"probe-{lr:g}", lr, args.probe_steps, args.edge, args.seed)
+            return
         root = work / f"mimic-{args.studies}"
         if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
             make_mini_mimic(root, studies=args.studies, seed=args.seed)
@@ -142,7 +313,13 @@ def main() -> None:
         print(
             f"mini MIMIC-CXR {args.studies} studies: {len(train_examples)} train and {len(held_examples)} "
             f"held-out frontal images; paper's prompt (no sides); images {args.edge} px; "
-            f"weight decay {args.weight_decay}"
+            f"weight decay {args.weight_decay}; teacher lr {args.teacher_lr:g}"
+            + ("; vision tower frozen as teacher" if args.freeze_vision else "")
+            + (
+                f"; pretrained on the side question {args.pretrain_steps} steps at {args.pretrain_lr:g}"
+                if args.pretrain_steps
+                else ""
+            )
         )
         print("| variant | steps | last loss | train first-mention acc. | held-out acc. [95% CI] | seconds |")
         print("|---|---|---|---|---|---|")
@@ -151,7 +328,16 @@ def main() -> None:
                 started = time.perf_counter()
                 path = work / f"model-{len(list(work.glob('model-*')))}"
                 loss = train_variant(
-                    path, variant, train_examples, steps, args.edge, args.seed, args.weight_decay
+                    path,
+                    variant,
+                    train_examples,
+                    steps,
+                    args.edge,
+                    args.seed,
+                    args.weight_decay,
+                    pretrain=(args.pretrain_steps, args.pretrain_lr) if args.pretrain_steps else None,
+                    freeze_vision=args.freeze_vision,
+                    teacher_lr=args.teacher_lr,
                 )
                 tc, tn = first_mention_accuracy(path, train_examples[:120], args.edge)
                 hc, hn = first_mention_accuracy(path, held_examples, args.edge)
