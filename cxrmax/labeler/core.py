@@ -1425,7 +1425,8 @@ _POSSIBILITY_WORD = re.compile(r"\b(?:may|might|could|possibl[ey]|question\w*|su
 
 
 def _certainty(evidence: list[Evidence], steps: list[Step]) -> str:
-    """ "probable" when one uncertain mention states the finding as the probable reading, else "possible"."""
+    """The grade of an uncertain observation: "probable" when one of its uncertain mentions states the
+    finding as the probable reading, else "possible"."""
     for item in evidence:
         if item.cue is not None:
             if " ".join(item.cue.replace("-", " ").split()) in cues.PROBABLE:
