@@ -13,7 +13,7 @@ from typing import Any
 import typer
 
 from cxrmax.cli.common import console, interruptible, user_errors
-from cxrmax.cli.options import LABEL_INPUT_FORMATS, Choice, choice_option, out_option
+from cxrmax.cli.options import LABEL_INPUT_FORMATS, LABEL_UNCERTAIN, Choice, choice_option, out_option
 from cxrmax.core.errors import InputError
 
 _STATUS_STYLE = {"positive": "bold green", "negative": "bold red", "uncertain": "bold yellow"}
@@ -72,6 +72,14 @@ def label(
         False, "--explain", help="Print each text with its evidence spans highlighted."
     ),
     processes: int = typer.Option(None, "--processes", "-j", help="Worker processes (default: all cores)."),
+    uncertain: str = choice_option(
+        "keep",
+        "--uncertain",
+        choices=Choice(LABEL_UNCERTAIN),
+        help="How an uncertain observation is written: keep (-1, CheXpert's coding), positive (1), negative "
+        "(0), or graded: 1 when the text names it as the probable reading (likely, probable, X versus Y, "
+        "borderline), 0 for a possibility (may represent, cannot exclude, concerning for).",
+    ),
     lenient: bool = typer.Option(
         False, "--lenient", help="Skip malformed JSONL rows (counted) instead of failing."
     ),
@@ -96,6 +104,8 @@ def label(
       cxrmax label answers.jsonl --field answer --out labels.arrow
 
       cxrmax label trajectories.arrow --column text --keep sample_id --keep model --out labels.parquet
+
+      cxrmax label reports.csv --column report --uncertain graded --out labels.arrow
     """
     with user_errors(), interruptible("no file was written or changed; run the same command again"):
         from cxrmax.labeler.files import check_output, input_kind, iter_text_chunks
@@ -117,17 +127,22 @@ def label(
         chunks = itertools.chain([first] if first is not None else [], chunks)
         totals = _Totals()
         if out is not None:
-            _label_to_file(chunks, out, keep, processes, totals)
+            _label_to_file(chunks, out, keep, processes, totals, uncertain)
             console.print(f"[green]wrote[/] {out} ({totals.rows} rows)")
         elif explain:
             _explain_chunks(chunks, totals)
         else:
-            _show_table(chunks, processes, show, totals)
+            _show_table(chunks, processes, show, totals, uncertain)
         console.print(totals.summary(skipped))
 
 
 def _label_to_file(
-    chunks: Iterable[Any], out: Path, keep: list[str], processes: int | None, totals: _Totals
+    chunks: Iterable[Any],
+    out: Path,
+    keep: list[str],
+    processes: int | None,
+    totals: _Totals,
+    uncertain: str = "keep",
 ) -> None:
     """Label every chunk into ``out`` with a progress bar."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -145,7 +160,7 @@ def _label_to_file(
         task = progress.add_task("label", total=None)
 
         def tables() -> Iterable[Any]:
-            for chunk, labels in label_chunks(chunks, processes=processes):
+            for chunk, labels in label_chunks(chunks, processes=processes, uncertain=uncertain):
                 table = output_table(chunk, labels, totals.rows + 1)
                 totals.add_table(labels)
                 progress.update(task, advance=labels.num_rows)
@@ -165,7 +180,9 @@ def _explain_chunks(chunks: Iterable[Any], totals: _Totals) -> None:
             totals.add_result(result)
 
 
-def _show_table(chunks: Iterable[Any], processes: int | None, show: int, totals: _Totals) -> None:
+def _show_table(
+    chunks: Iterable[Any], processes: int | None, show: int, totals: _Totals, uncertain: str = "keep"
+) -> None:
     """Label every chunk and print the first ``show`` rows as a table."""
     from rich.table import Table
 
@@ -173,7 +190,7 @@ def _show_table(chunks: Iterable[Any], processes: int | None, show: int, totals:
     from cxrmax.labeler.files import label_chunks
 
     shown: list[tuple[int, object, dict]] = []
-    for chunk, labels in label_chunks(chunks, processes=processes):
+    for chunk, labels in label_chunks(chunks, processes=processes, uncertain=uncertain):
         start = totals.rows
         totals.add_table(labels)
         if len(shown) < show:

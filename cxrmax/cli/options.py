@@ -154,6 +154,8 @@ BIAS_KINDS = ("laterality", "hallucination", "refusal", "verbosity")
 LABEL_SOURCES = ("chexpert", "negbio", "test-set-labeled")
 #: cxrmax.labeler.files.INPUT_FORMATS
 LABEL_INPUT_FORMATS = ("lines", "jsonl", "csv", "tsv", "arrow", "parquet")
+#: cxrmax.labeler.core.UNCERTAIN_POLICIES
+LABEL_UNCERTAIN = ("keep", "positive", "negative", "graded")
 UNCERTAIN_POLICIES = ("positive", "negative", "ignore")
 GENERATE_BACKENDS = ("openai", "transformers", "vllm")
 REPORT_TO = ("none", "tensorboard", "wandb")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import multiprocessing.pool
 import os
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import pyarrow as pa
 
 from cxrmax.core.pathologies import OBSERVATIONS
-from cxrmax.labeler.core import label_codes
+from cxrmax.labeler.core import UNCERTAIN_POLICIES, label_codes
 
 #: Batches smaller than this are labelled in-process (starting workers costs more than it saves).
 PARALLEL_THRESHOLD = 2000
@@ -39,11 +40,11 @@ LABEL_TABLE_SCHEMA = pa.schema(
 )
 
 
-def _label_chunk(texts: Sequence[object]) -> list[tuple]:
+def _label_chunk(texts: Sequence[object], uncertain: str = "keep") -> list[tuple]:
     out = []
     for text in texts:
         try:
-            out.append(label_codes(text))
+            out.append(label_codes(text, uncertain))
         except Exception as exc:  # never lose a batch to one text; the row says what went wrong
             n = len(OBSERVATIONS)
             out.append(
@@ -89,12 +90,12 @@ def terminate_pool(pool: multiprocessing.pool.Pool, timeout: float = TERMINATE_S
         stopper.join(0.05)
 
 
-def _label_part(texts: object) -> pa.Table:
+def _label_part(texts: object, uncertain: str = "keep") -> pa.Table:
     """Worker task: label a list (or a compact Arrow array) of texts into a table. Returning Arrow
     keeps the parent's share of the work small: it only concatenates buffers."""
     if isinstance(texts, (pa.Array, pa.ChunkedArray)):
         texts = texts.to_pylist()
-    return _rows_to_table(_label_chunk(texts))  # type: ignore[arg-type]
+    return _rows_to_table(_label_chunk(texts, uncertain))  # type: ignore[arg-type]
 
 
 def default_processes() -> int:
@@ -137,20 +138,26 @@ def _as_sequence(texts: Iterable[object]) -> Sequence[object]:
     return texts
 
 
-def label_texts(texts: Iterable[object], processes: int | None = None) -> pa.Table:
+def label_texts(texts: Iterable[object], processes: int | None = None, uncertain: str = "keep") -> pa.Table:
     """Label every text; one row per text, in input order, with LABEL_TABLE_SCHEMA columns:
     int8 per observation (1/0/-1/null), "<observation> laterality" strings, `refusal`, `hedging`,
     `n_steps`, `error` (null when fine). None, bytes or junk rows get nulls and an error, never
     an exception. Deterministic regardless of `processes` (None = all usable cores; batches under
-    PARALLEL_THRESHOLD texts run in-process).
+    PARALLEL_THRESHOLD texts run in-process). ``uncertain``: how an uncertain observation is written
+    (UNCERTAIN_POLICIES: "keep" -1, "positive" 1, "negative" 0, "graded" 1 when probable else 0).
     """
-    return next(iter_label_tables([texts], processes=processes))
+    return next(iter_label_tables([texts], processes=processes, uncertain=uncertain))
 
 
-def iter_label_tables(chunks: Iterable[Iterable[object]], processes: int | None = None) -> Iterator[pa.Table]:
+def iter_label_tables(
+    chunks: Iterable[Iterable[object]], processes: int | None = None, uncertain: str = "keep"
+) -> Iterator[pa.Table]:
     """Label a stream of text chunks (lists, Arrow arrays, record-batch columns), yielding one
     LABEL_TABLE_SCHEMA table per chunk, in order. One worker pool serves the whole stream, so memory
-    stays flat in the number of chunks and workers start once."""
+    stays flat in the number of chunks and workers start once. ``uncertain``: see label_texts."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ValueError(f"uncertain={uncertain!r}: expected one of {', '.join(UNCERTAIN_POLICIES)}")
+    part = functools.partial(_label_part, uncertain=uncertain)
     workers = default_processes() if processes is None else max(1, int(processes))
     pool = None
     try:
@@ -161,7 +168,7 @@ def iter_label_tables(chunks: Iterable[Iterable[object]], processes: int | None 
                 chunk = _as_sequence(chunk)
                 size = len(chunk)
             if workers == 1 or size < PARALLEL_THRESHOLD:
-                yield _label_part(chunk if arrow else _as_sequence(chunk))
+                yield part(chunk if arrow else _as_sequence(chunk))
                 continue
             if pool is None:
                 methods = multiprocessing.get_all_start_methods()
@@ -174,7 +181,7 @@ def iter_label_tables(chunks: Iterable[Iterable[object]], processes: int | None 
             else:
                 texts = _as_sequence(chunk)
                 parts = [texts[i : i + _CHUNK] for i in range(0, size, _CHUNK)]
-            yield pa.concat_tables(pool.imap(_label_part, parts))
+            yield pa.concat_tables(pool.imap(part, parts))
     finally:
         if pool is not None:
             terminate_pool(pool)

@@ -1383,8 +1383,11 @@ def _not_english(text: str) -> bool:
     return foreign > 0 and english == 0 or foreign >= 2 and foreign > english
 
 
-def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool, bool, int, str | None]:
-    """Fast path for batches: (14 values, 14 lateralities, refusal, hedging, n_steps, error)."""
+def label_codes(
+    text: object, uncertain: str = "keep"
+) -> tuple[list[int | None], list[str | None], bool, bool, int, str | None]:
+    """Fast path for batches: (14 values, 14 lateralities, refusal, hedging, n_steps, error); an
+    uncertain observation's value follows ``uncertain`` (UNCERTAIN_POLICIES; "keep": -1)."""
     usable, error = _input_problem(text)
     if usable is None:
         return [None] * len(OBSERVATIONS), [None] * len(OBSERVATIONS), False, False, 0, error
@@ -1401,11 +1404,26 @@ def label_codes(text: object) -> tuple[list[int | None], list[str | None], bool,
         error = "no English text recognised"
     statuses["No Finding"] = _no_finding(statuses, recognised, bool(refusal), error, usable)
     values = [STATUS_VALUE[statuses.get(name, "absent")] for name in OBSERVATIONS]
+    if uncertain != "keep":
+        values = [
+            value if value != -1 else _uncertain_value(uncertain, by_observation[name], usable, segments)
+            for name, value in zip(OBSERVATIONS, values, strict=True)
+        ]
     lats = [
         sides.get(name) if name in statuses and statuses[name] != "absent" else None for name in OBSERVATIONS
     ]
     n_steps = sum(1 for s in segments if s.kind != "heading")
     return values, lats, bool(refusal), bool(hedging), n_steps, error
+
+
+def _uncertain_value(policy: str, items: list, text: str, segments: list) -> int:
+    if policy == "positive":
+        return 1
+    if policy == "negative":
+        return 0
+    if policy == "graded":
+        return int(_certainty([it for it in items if it[4] == "uncertain"], text, segments) == "probable")
+    raise ValueError(f"uncertain policy {policy!r}: expected one of {', '.join(UNCERTAIN_POLICIES)}")
 
 
 def _no_finding(
@@ -1424,22 +1442,29 @@ def _no_finding(
 _POSSIBILITY_WORD = re.compile(r"\b(?:may|might|could|possibl[ey]|question\w*|suspect\w*|concern\w*)\b")
 
 
-def _certainty(evidence: list[Evidence], steps: list[Step]) -> str:
-    """The grade of an uncertain observation: "probable" when one of its uncertain mentions states the
-    finding as the probable reading, else "possible"."""
-    for item in evidence:
-        if item.cue is not None:
-            if " ".join(item.cue.replace("-", " ").split()) in cues.PROBABLE:
+def _certainty(items: list, text: str, segments: list) -> str:
+    """The grade of an uncertain observation from its uncertain assertions (step, start, end, name,
+    status, side, cue): "probable" when one of them states the finding as the probable reading, else
+    "possible"."""
+    for item in items:
+        cue = item[6]
+        if cue is not None:
+            if " ".join(cue.replace("-", " ").split()) in cues.PROBABLE:
                 return "probable"
             continue
         # No cue word: one of two alternatives ("A or B") or a hedged statement ("borderline heart size");
         # a modal inside the statement or a differential heading above it keeps it a possibility.
-        heading = steps[item.step].heading
-        if _POSSIBILITY_WORD.search(item.text.lower()) is None and (
+        heading = segments[item[0]][3]
+        if _POSSIBILITY_WORD.search(text[item[1] : item[2]].lower()) is None and (
             heading is None or _heading_default(heading) != "uncertain"
         ):
             return "probable"
     return "possible"
+
+
+#: How ``label_codes`` writes an uncertain observation: -1 (CheXpert's coding), 1, 0, or by its grade
+#: (1 when probable, 0 when possible; see ObservationLabel.certainty).
+UNCERTAIN_POLICIES = ("keep", "positive", "negative", "graded")
 
 
 def label_text(text: object) -> LabeledText:
@@ -1478,7 +1503,9 @@ def label_text(text: object) -> LabeledText:
             for it in by_observation[name]
             if it[4] == status
         ]
-        certainty = _certainty(evidence, steps) if status == "uncertain" else None
+        certainty = None
+        if status == "uncertain":
+            certainty = _certainty([it for it in by_observation[name] if it[4] == status], usable, segments)
         observations[name] = ObservationLabel(status, side, evidence, certainty)
     if not recognised and len(usable) < 80 and _NORMAL_ANSWER.match(low):
         recognised = True  # "Normal.", "Answer: none", "Findings: none."

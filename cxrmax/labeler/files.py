@@ -260,10 +260,11 @@ def _strings(array: pa.Array, path: Path, column: str) -> list[object]:
 
 
 def label_chunks(
-    chunks: Iterable[TextChunk], processes: int | None = None
+    chunks: Iterable[TextChunk], processes: int | None = None, uncertain: str = "keep"
 ) -> Iterator[tuple[TextChunk, pa.Table]]:
     """Label a stream of chunks with one worker pool: yields each chunk with its LABEL_TABLE_SCHEMA
-    table, in order (the pool may read ahead, so chunks wait in a queue until their labels come)."""
+    table, in order (the pool may read ahead, so chunks wait in a queue until their labels come);
+    ``uncertain`` as in label_texts."""
     pending: deque[TextChunk] = deque()
 
     def texts() -> Iterator[list[object]]:
@@ -271,7 +272,7 @@ def label_chunks(
             pending.append(chunk)
             yield chunk.texts
 
-    for table in iter_label_tables(texts(), processes=processes):
+    for table in iter_label_tables(texts(), processes=processes, uncertain=uncertain):
         yield pending.popleft(), table
 
 

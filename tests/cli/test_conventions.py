@@ -152,6 +152,7 @@ def test_task_lists_come_from_the_registry():
 
 
 def test_value_sets_match_their_owners():
+    from cxrmax.labeler.core import UNCERTAIN_POLICIES
     from cxrmax.labeler.files import INPUT_FORMATS
     from cxrmax.mimic.layout import LABEL_SOURCES
     from cxrmax.toy.demo import SIZES
@@ -161,6 +162,7 @@ def test_value_sets_match_their_owners():
     assert options.BIAS_KINDS == tuple(BIAS_KINDS)
     assert options.LABEL_SOURCES == tuple(LABEL_SOURCES)
     assert options.LABEL_INPUT_FORMATS == tuple(INPUT_FORMATS)
+    assert options.LABEL_UNCERTAIN == UNCERTAIN_POLICIES
 
 
 def test_model_loading_commands_take_verbose():

@@ -80,3 +80,27 @@ def test_write_labels_is_atomic_and_refuses_a_bad_suffix(tmp_path):
     assert _read(out).column_names[:2] == ["row", "id"]
     with pytest.raises(InputError, match="use a .arrow or .parquet"):
         write_labels([], tmp_path / "labels.csv")
+
+
+def test_uncertain_policy_writes_the_graded_value(tmp_path):
+    source = tmp_path / "reports.csv"
+    source.write_text(
+        "id,report\n"
+        'a,"Bibasilar atelectasis versus scarring. This may represent early pneumonia."\n'
+        'b,"No pneumothorax. Possible small left effusion."\n'
+    )
+    columns = {}
+    for policy in ("keep", "graded", "negative"):
+        out = tmp_path / f"{policy}.arrow"
+        args = ["label", str(source), "--column", "report", "--uncertain", policy, "--out", str(out)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        table = _read(out)
+        columns[policy] = [
+            table.column(n).to_pylist() for n in ("Atelectasis", "Pneumonia", "Pleural Effusion")
+        ]
+    assert columns["keep"] == [[-1, None], [-1, None], [None, -1]]
+    assert columns["graded"] == [[1, None], [0, None], [None, 0]]  # versus: probable; may / possible: not
+    assert columns["negative"] == [[0, None], [0, None], [None, 0]]
+    bad = runner.invoke(app, ["label", str(source), "--column", "report", "--uncertain", "maybe"])
+    assert bad.exit_code != 0 and "graded" in bad.output

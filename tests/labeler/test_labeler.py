@@ -10,6 +10,7 @@ import pytest
 
 from cxrmax.core.pathologies import OBSERVATIONS
 from cxrmax.labeler import LABEL_TABLE_SCHEMA, iter_label_tables, label_text, label_texts, laterality_column
+from cxrmax.labeler.core import UNCERTAIN_POLICIES
 
 
 def status(text: str, name: str) -> tuple[str, str | None]:
@@ -45,28 +46,54 @@ def test_label_text_api_shape():
     assert not result.is_refusal and result.error is None
 
 
-@pytest.mark.parametrize(
-    ("text", "name", "certainty"),
-    [
-        ("Bibasilar atelectasis versus scarring.", "Atelectasis", "probable"),
-        ("Minimal left basilar atelectasis or scarring.", "Atelectasis", "probable"),
-        ("Findings likely represent atelectasis.", "Atelectasis", "probable"),
-        ("Probable small right pleural effusion.", "Pleural Effusion", "probable"),
-        ("Borderline cardiomegaly.", "Cardiomegaly", "probable"),
-        ("This may represent early pneumonia.", "Pneumonia", "possible"),
-        ("A small effusion cannot be excluded.", "Pleural Effusion", "possible"),
-        ("Opacity concerning for pneumonia.", "Pneumonia", "possible"),
-        ("Possible left lower lobe nodule.", "Lung Lesion", "possible"),
-        ("Differential diagnosis: pneumonia or atelectasis.", "Pneumonia", "possible"),
-        ("Small left pleural effusion.", "Pleural Effusion", None),
-        ("No pneumothorax.", "Pneumothorax", None),
-    ],
-)
+GRADED = [
+    ("Bibasilar atelectasis versus scarring.", "Atelectasis", "probable"),
+    ("Minimal left basilar atelectasis or scarring.", "Atelectasis", "probable"),
+    ("Findings likely represent atelectasis.", "Atelectasis", "probable"),
+    ("Probable small right pleural effusion.", "Pleural Effusion", "probable"),
+    ("Borderline cardiomegaly.", "Cardiomegaly", "probable"),
+    ("This may represent early pneumonia.", "Pneumonia", "possible"),
+    ("A small effusion cannot be excluded.", "Pleural Effusion", "possible"),
+    ("Opacity concerning for pneumonia.", "Pneumonia", "possible"),
+    ("Possible left lower lobe nodule.", "Lung Lesion", "possible"),
+    ("Differential diagnosis: pneumonia or atelectasis.", "Pneumonia", "possible"),
+    ("Small left pleural effusion.", "Pleural Effusion", None),
+    ("No pneumothorax.", "Pneumothorax", None),
+]
+
+
+@pytest.mark.parametrize(("text", "name", "certainty"), GRADED)
 def test_uncertain_observations_are_graded_probable_or_possible(text, name, certainty):
     observation = label_text(text).observations[name]
     assert observation.certainty == certainty, (text, observation)
     # The grade never changes CheXpert's status: every graded observation stays uncertain (-1).
     assert (observation.value == -1) == (certainty is not None)
+
+
+def test_uncertain_policies_of_the_batch_path_follow_the_grade():
+    texts = [text for text, _, _ in GRADED] + [" ".join(text for text, _, _ in GRADED)]
+    expected = {"keep": -1, "positive": 1, "negative": 0}
+    tables = {policy: label_texts(texts, processes=1, uncertain=policy) for policy in UNCERTAIN_POLICIES}
+    for row, text in enumerate(texts):
+        for name, label in label_text(text).observations.items():
+            for policy, table in tables.items():
+                value = table.column(name)[row].as_py()
+                if label.status != "uncertain":
+                    assert value == label.value, (policy, text, name)
+                elif policy == "graded":
+                    assert value == int(label.certainty == "probable"), (text, name)
+                else:
+                    assert value == expected[policy], (policy, text, name)
+    # The same through the worker pool, and the last text mixes both grades.
+    many = texts * 160  # above PARALLEL_THRESHOLD: the pool runs
+    pooled = label_texts(many, processes=2, uncertain="graded")
+    assert pooled.equals(label_texts(many, processes=1, uncertain="graded"))
+    assert {tables["graded"].column(n)[len(texts) - 1].as_py() for n in ("Atelectasis", "Pneumonia")} == {
+        0,
+        1,
+    }
+    with pytest.raises(ValueError, match="graded"):
+        label_texts(texts, uncertain="sometimes")
 
 
 def test_steps_offsets_cover_the_text_exactly():

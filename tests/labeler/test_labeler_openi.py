@@ -123,6 +123,19 @@ def test_openi_development_reports_keep_their_floors():
     assert not low, low
     assert scores["uncertain=positive"]["micro"]["f1"] > BEFORE_MICRO[0] + 0.15
     assert scores["uncertain=negative"]["micro"]["f1"] > BEFORE_MICRO[1] + 0.15
+    # The batch path's graded values (cxrmax label --uncertain graded) are the benchmark's graded policy.
+    from cxrmax.labeler import label_texts
+
+    ids = sorted(gold)
+    table = label_texts([openi.report_text(reports[rid]) for rid in ids], uncertain="graded")
+    for name in openi.LABEL_MAP:
+        column = table.column(name).to_pylist()
+        mismatched = [
+            rid
+            for rid, value in zip(ids, column, strict=True)
+            if int(value == 1) != openi.predicted(statuses[rid][name], "uncertain=graded")
+        ]
+        assert not mismatched, (name, mismatched[:5])
     # The labeler reads every report without an error and finds something in almost all of them.
     seen = Counter(status for row in statuses.values() for status in row.values())
     assert seen["negative"] > seen["positive"] > 0
