@@ -3,7 +3,18 @@ tiny models) so the suite stays fast."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The interruption tests send Ctrl-C (SIGINT) to the commands they start, as a terminal would to a
+    foreground command. A shell starts a background job with SIGINT ignored and every child inherits
+    that, so under `bash .ci/run &` those commands would never see it: give this process Python's own
+    handler back, and the commands it starts begin with the default disposition again."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
