@@ -33,6 +33,7 @@ __all__ = [
     "load_config",
     "load_model",
     "load_processor",
+    "linear_patch_embeds",
     "qwen2_vl_processor_class",
 ]
 
@@ -180,4 +181,39 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     cls = AutoModelForImageTextToText if is_vlm_config(config) else AutoModelForCausalLM
-    return cls.from_pretrained(path, config=config, **kwargs)
+    return linear_patch_embeds(cls.from_pretrained(path, config=config, **kwargs))
+
+
+def _patch_embed_as_linear(self: Any, hidden_states: Any) -> Any:
+    """PatchEmbed.forward as one matrix product: the same weights, the same sums (to rounding)."""
+    import torch.nn.functional as F
+
+    weight = self.proj.weight
+    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return F.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+
+def linear_patch_embeds(model: Any) -> Any:
+    """Run every patch embedding whose Conv3d kernel equals its stride (the Qwen2-VL family's) as a
+    linear layer over the flattened patches, in place; returns ``model``.
+
+    Such a convolution is a matrix product over patches already cut by the image processor, but
+    PyTorch's CPU Conv3d runs it several times slower, forward and backward, than the product itself
+    (and some CUDA releases do too): on the demo's tiny VLM it was about 15% of a training step. The
+    weights keep their Conv3d shape, so checkpoints and state dicts are unchanged."""
+    import types
+
+    import torch
+
+    for module in model.modules():
+        proj = getattr(module, "proj", None)
+        if (
+            isinstance(proj, torch.nn.Conv3d)
+            and tuple(proj.kernel_size) == tuple(proj.stride)
+            and tuple(proj.padding) == (0, 0, 0)
+            and tuple(proj.dilation) == (1, 1, 1)
+            and proj.groups == 1
+            and type(module).__name__.endswith("PatchEmbed")
+        ):
+            module.forward = types.MethodType(_patch_embed_as_linear, module)
+    return model

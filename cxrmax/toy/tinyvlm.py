@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from cxrmax.core.hf import load_processor, qwen2_vl_processor_class
+from cxrmax.core.hf import load_model, load_processor, qwen2_vl_processor_class
 from cxrmax.core.pathologies import OBSERVATIONS
 
 #: Special tokens of Qwen2-VL, in the order they get ids (right after the trained vocabulary).
@@ -273,15 +273,10 @@ def is_text_only(path: str | Path) -> bool:
 def load_tiny_vlm(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """Load ``(model, processor)`` saved by :func:`build_tiny_vlm` (also works for real Qwen2-VL dirs).
 
-    For a text-only model the second element is the tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    path = Path(path)
+    For a text-only model the second element is the tokenizer. The model is loaded by
+    :func:`cxrmax.core.hf.load_model`, as for generation and training."""
     processor = load_processor(path)
-    if is_text_only(path):
-        model = AutoModelForCausalLM.from_pretrained(path)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(path)
+    model = load_model(path)
     model.to(device)
     model.eval()
     return model, processor

@@ -78,3 +78,28 @@ def test_a_model_that_is_nowhere_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="not a model folder"):
         load_model(tmp_path / "empty")
+
+
+def test_patch_embeddings_run_as_a_linear_layer_give_the_convolutions_output(tiny_vlm_path: Path) -> None:
+    """load_model runs the Qwen2-VL patch embedding as a matrix product: the same output and weight
+    gradient as the stock Conv3d, and the same state dict."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from cxrmax.core.hf import load_model
+
+    fast = load_model(tiny_vlm_path).model.visual.patch_embed
+    stock = AutoModelForImageTextToText.from_pretrained(tiny_vlm_path).model.visual.patch_embed
+    assert "forward" in vars(fast) and "forward" not in vars(stock)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(fast.state_dict().values(), stock.state_dict().values(), strict=True)
+    )
+    flat = stock.in_channels * stock.temporal_patch_size * stock.patch_size**2
+    pixels = torch.randn(37, flat, generator=torch.Generator().manual_seed(0))
+    out_fast, out_stock = fast(pixels), stock(pixels)
+    assert out_fast.shape == out_stock.shape == (37, stock.embed_dim)
+    assert torch.allclose(out_fast, out_stock, atol=1e-5)
+    out_fast.square().sum().backward()
+    out_stock.square().sum().backward()
+    assert torch.allclose(fast.proj.weight.grad, stock.proj.weight.grad, atol=1e-4)
