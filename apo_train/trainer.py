@@ -124,13 +124,65 @@ def _use_rich_progress(trainer: Trainer) -> None:
 
 # ------------------------------------------------------------------------------------------ trainers
 class SFTStageTrainer(Trainer):
-    """Stage 1: next-token loss on completion tokens (the model's own loss over labels != -100)."""
+    """Stage 1: next-token loss on completion tokens (labels != -100), as the model's own loss computes
+    it, but with the LM head run only from the batch's first completion position on (see
+    :func:`sft_loss`)."""
 
     def __init__(self, *args: Any, console: Any | None = None, **kwargs: Any) -> None:
         cfg = kwargs.get("args")
         kwargs.setdefault("callbacks", _callbacks(cfg, console, "SFT"))
         super().__init__(*args, **kwargs)
         _use_rich_progress(self)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        if "labels" not in inputs or self.label_smoother is not None or not supports_logits_to_keep(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = sft_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # As Trainer.compute_loss: num_items_in_batch counts every process's tokens, and DDP
+            # averages the gradients over processes.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+
+def sft_loss(
+    model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+) -> tuple[torch.Tensor, Any]:
+    """The causal LM loss over ``inputs["labels"]`` (!= -100, shifted by one), summed over tokens and
+    divided by ``num_items_in_batch`` (the Trainer's count over all accumulated batches and
+    processes) or, without it, by this batch's label tokens: what the model's own loss gives.
+
+    Only positions from the batch's earliest label on go through the LM head (``logits_to_keep``):
+    on a VLM the image and prompt tokens are a large part of every row, and the head's matrix product
+    and log-softmax over the vocabulary were about a fifth of a tiny model's training step."""
+    labels = inputs["labels"]
+    length = labels.shape[1]
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    first = int(labelled[0]) + 1 if len(labelled) else length - 1  # position of the first label
+    keep = length - first + 1  # logits from position first - 1, which predicts it
+    model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    outputs = model(**model_inputs, logits_to_keep=keep, use_cache=False)
+    logits = outputs.logits[:, :-1]
+    targets = labels[:, length - keep + 1 :].to(logits.device)
+    total = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    if num_items_in_batch is None:
+        count: Any = (targets != IGNORE_INDEX).sum().clamp(min=1)
+    else:
+        count = (
+            num_items_in_batch.to(total.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        )
+    return total / count, outputs
 
 
 class APOTrainer(Trainer):

@@ -8,9 +8,16 @@ import pytest
 import torch
 
 from apo_train.config import SFTStageConfig
-from apo_train.data import APOCollator, ChatEncoder, load_split, tokenize_preferences
-from apo_train.modeling import load_processor
-from apo_train.trainer import run_apo, run_sft
+from apo_train.data import (
+    APOCollator,
+    ChatEncoder,
+    SFTCollator,
+    load_split,
+    tokenize_preferences,
+    tokenize_sft,
+)
+from apo_train.modeling import load_model, load_processor
+from apo_train.trainer import run_apo, run_sft, sft_loss
 from cxrmax.core.errors import InputError
 from cxrmax.core.schemas import PREFERENCE_SCHEMA, SFT_SCHEMA
 from tests.helpers.training import POSITIVE, PROMPT, apo_config, preference_rows, save_dataset
@@ -94,6 +101,47 @@ def test_the_image_cache_gives_the_same_batches_and_stays_bounded(
     assert len(processed) == 5
     with pytest.raises(InputError, match="image_cache_size"):
         ChatEncoder(processor, image_root=mini_mimic, image_cache_size=-1)
+
+
+def test_sft_loss_through_the_kept_logits_is_the_models_own_loss(
+    tiny_vlm_path, mini_mimic, image_paths, tmp_path
+):
+    """``sft_loss`` (the LM head from the batch's first label on) gives the loss and the gradients of
+    the model's own loss over all positions, with and without the Trainer's token count, on rows
+    whose prompts differ in length (images, text) and a padded batch."""
+    rows = [
+        {
+            "sample_id": f"s{i}",
+            "split": "train",
+            "image_path": image_paths[i % len(image_paths)],
+            "prompt": PROMPT.format(label="edema" + " and pleural effusion" * i),
+            "completion": POSITIVE + " heart size normal" * (2 - i),
+            "model": "m0",
+        }
+        for i in range(3)
+    ]
+    encoder = ChatEncoder(load_processor(tiny_vlm_path), image_root=mini_mimic, max_edge=112)
+    ds, _ = tokenize_sft(
+        load_split(save_dataset(rows, SFT_SCHEMA, tmp_path / "sft")), encoder, max_length=512
+    )
+    batch = SFTCollator(encoder)([ds[i] for i in range(3)])
+    assert len({len(r) for r in ds["prompt_input_ids"]}) == 3
+    model = load_model(tiny_vlm_path).train()
+
+    def gradients(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    own = model(**batch).loss
+    own_grads = gradients(own)
+    mine, outputs = sft_loss(model, batch)
+    assert outputs.logits.shape[1] < batch["input_ids"].shape[1]  # the head skipped prompt positions
+    assert torch.allclose(mine, own, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gradients(mine), own_grads, strict=True))
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    scaled, _ = sft_loss(model, batch, num_items_in_batch=torch.tensor(2 * tokens))
+    assert torch.allclose(scaled, own / 2, atol=1e-5)
 
 
 def test_missing_image_is_an_input_error(tiny_vlm_path, mini_mimic, tmp_path):
