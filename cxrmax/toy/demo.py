@@ -32,7 +32,6 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ from cxrmax.testing.mini_mimic import make_mini_mimic
 from cxrmax.testing.openai_server import serve_in_thread
 from cxrmax.toy import report
 from cxrmax.toy import teachers as sim
-from cxrmax.toy.pool import pool_map, spawn_pool, submit
+from cxrmax.toy.pool import Job, run_jobs
 from cxrmax.toy.tinyvlm import build_tiny_vlm
 
 TOY_NOTICE = (
@@ -276,22 +275,6 @@ def generate_answers(
 def _generate_job(args: tuple) -> dict[str, Any]:
     _torch_threads()
     return generate_answers(*args)
-
-
-def _parallel(fn: Callable[[Any], Any], items: Sequence[Any], workers: int | None = None) -> list[Any]:
-    """``fn`` over ``items`` in single-threaded worker processes, one per core (in this process when
-    there is one core or one item); results in input order, the same whatever the number of workers."""
-    workers = max(1, min(workers if workers is not None else sim.default_workers(), len(items)))
-    if workers == 1:
-        return [fn(item) for item in items]
-    with spawn_pool(workers, initializer=_torch_threads) as pool:
-        return list(pool_map(pool, fn, items))
-
-
-def generate_all(jobs: Sequence[tuple]) -> list[dict[str, Any]]:
-    """:func:`generate_answers` for each tuple of its arguments, in parallel (each answer's sampling
-    is seeded by its request, so the answers do not depend on which process writes them)."""
-    return _parallel(_generate_job, jobs)
 
 
 def _stats_dict(stats: Any) -> dict[str, Any]:
@@ -624,26 +607,12 @@ def _preference_job(item: tuple[_StudentJob, str]) -> tuple[str, Path]:
     )
 
 
-def _run_student_jobs(jobs: Sequence[_StudentJob], workers: int) -> list[tuple[_StudentJob, str, Path]]:
-    """Every seed's SFT job, and its APO and DPO jobs as soon as its SFT student exists, on
-    ``workers`` processes (in this one when 1): no core waits for a whole seed to finish."""
-    done: list[tuple[_StudentJob, str, Path]] = []
-    if workers == 1:
-        for job in jobs:
-            done.append((job, *_sft_job(job)))
-            done.extend((job, *_preference_job((job, name))) for name in PREFERENCE_STUDENTS)
-        return done
-    with spawn_pool(workers, initializer=_torch_threads) as pool:
-        pending = {submit(pool, _sft_job, job): (job, True) for job in jobs}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job, is_sft = pending.pop(future)
-                done.append((job, *future.result()))
-                if is_sft:
-                    for name in PREFERENCE_STUDENTS:
-                        pending[submit(pool, _preference_job, (job, name))] = (job, False)
-    return done
+@dataclass
+class StudentStage:
+    """What :func:`train_student_seeds` made: model -> folder, and the SFT loss floor."""
+
+    models: dict[str, Path]
+    sft_floor: dict[str, Any] | None = None  # see sft_floor_report; None without teachers
 
 
 def train_student_seeds(
@@ -657,26 +626,55 @@ def train_student_seeds(
     eval_out: Path,
     prompt: Any = None,
     workers: int | None = None,
-) -> dict[str, Path]:
+    teachers: dict[str, Path] | None = None,
+) -> StudentStage:
     """The student stage over ``size.student_seeds`` seeds (``seed``, ``seed + 1``, ...; the teachers
     and their data fixed): per seed a base model, SFT, APO and DPO under ``out/seed-<k>``, and their
-    answers to ``selection`` moved into ``eval_out/trajectories`` as ``student-*-seed<k>``. The jobs
-    run in parallel, one single-threaded process each (at most one per core); every seed's students
-    are the same whatever the number of workers. Returns model -> folder."""
+    answers to ``selection`` moved into ``eval_out/trajectories`` as ``student-*-seed<k>``. With
+    ``teachers`` (name -> model folder) also the SFT loss floor (:func:`sft_floor_report`).
+
+    The jobs run on ``workers`` single-threaded processes (default one per core): every seed's SFT
+    job first, its APO and DPO jobs as soon as its SFT student exists, and the floor's log-probs
+    whenever no training job waits, so no core idles while a seed finishes. Every seed's students
+    are the same whatever the number of workers."""
     jobs = [
         _StudentJob(out / f"seed-{k}", data, mimic_root, list(corpus), size, seed + k, k, selection, prompt)
         for k in range(size.student_seeds)
     ]
-    workers = max(1, min(workers if workers is not None else sim.default_workers(), 3 * len(jobs)))
+    floor_args = (data, mimic_root, size)
+
+    def follow(key: Any, done: Any) -> list[Job]:
+        if key[0] != "sft":
+            return []
+        job = jobs[key[1]]
+        return [Job(_preference_job, (job, name), (name, job.index)) for name in PREFERENCE_STUDENTS] + (
+            [Job(_row_logps_job, ([done[1]], *floor_args), ("logps", key[1]), priority=1)] if teachers else []
+        )
+
+    first = [Job(_sft_job, job, ("sft", job.index)) for job in jobs]
+    if teachers:
+        first.append(
+            Job(_row_logps_job, (list(teachers.values()), *floor_args), ("logps", "teachers"), priority=1)
+        )
+    workers = max(1, workers if workers is not None else sim.default_workers())
+    finished = run_jobs(first, follow, workers, initializer=_torch_threads)
     models: dict[str, Path] = {}
     (eval_out / "trajectories").mkdir(parents=True, exist_ok=True)
-    for job, model, path in sorted(_run_student_jobs(jobs, workers), key=lambda done: done[1]):
+    trained = [(value, jobs[key[1]]) for key, value in finished.items() if key[0] != "logps"]
+    for (model, path), job in sorted(trained, key=lambda item: item[0][0]):
         target = eval_out / "trajectories" / model
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(job.out / "eval" / "trajectories" / model), str(target))
         models[model] = path
-    return models
+    floor = None
+    if teachers:
+        floor = sft_floor_report(
+            dict(zip(teachers, finished[("logps", "teachers")], strict=True)),
+            {job.index: (job.out / "student-sft", finished[("logps", job.index)][0]) for job in jobs},
+            data,
+        )
+    return StudentStage(models, floor)
 
 
 def pool_seeds(eval_out: Path, pooled_out: Path, seeds: int) -> None:
@@ -733,35 +731,48 @@ def _float(value: Any) -> float:
 
 
 def sft_row_logps(
-    model_dir: Path, data: Path, mimic_root: Path, size: DemoSize
-) -> tuple[np.ndarray, np.ndarray]:
-    """Summed log-probability of every SFT row's completion under the model at ``model_dir`` (eval
-    mode, the rows as the SFT stage tokenizes them) and each row's number of completion tokens."""
+    model_dirs: Sequence[Path], data: Path, mimic_root: Path, size: DemoSize
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each model in ``model_dirs``: the summed log-probability of every SFT row's completion (eval
+    mode, the rows as the SFT stage tokenizes them) and each row's number of completion tokens.
+
+    The rows are tokenized once for all the models that share a tokenizer (the demo's teachers and
+    students all do): tokenizing them took longer than scoring them."""
+    import hashlib
+
     from apo_train.data import ChatEncoder, SFTCollator, load_split, tokenize_sft
     from apo_train.modeling import load_model, load_processor
     from apo_train.trainer import completion_logps
 
     _torch_threads()
     raw = load_split(str(data / "sft"), "train", ("prompt", "completion"))
-    processor = load_processor(str(model_dir))
-    model = load_model(str(model_dir), "auto", None).eval()
-    encoder = ChatEncoder(processor, mimic_root, size.image_max_edge, jpeg_quality=90)
-    rows, _ = tokenize_sft(raw, encoder, max_length=1024, source=data / "sft")
-    collate = SFTCollator(encoder)
-    logps, counts = [], []
-    with torch.no_grad():
-        for start in range(0, rows.num_rows, 16):
-            batch = collate([rows[i] for i in range(start, min(start + 16, rows.num_rows))])
-            batch["prompt_lengths"] = torch.tensor(
-                [len(r) for r in rows[start : start + 16]["prompt_input_ids"]]
+    tokenized: dict[str, tuple[Any, Any]] = {}
+    results = []
+    for model_dir in model_dirs:
+        vocabulary = hashlib.sha256(Path(model_dir, "tokenizer.json").read_bytes()).hexdigest()
+        if vocabulary not in tokenized:
+            encoder = ChatEncoder(
+                load_processor(str(model_dir)), mimic_root, size.image_max_edge, jpeg_quality=90
             )
-            lp, n = completion_logps(model, batch, logits_to_keep=False)
-            logps.append(lp.numpy())
-            counts.append(n.numpy())
-    return np.concatenate(logps), np.concatenate(counts)
+            rows, _ = tokenize_sft(raw, encoder, max_length=1024, source=data / "sft")
+            tokenized[vocabulary] = (rows, SFTCollator(encoder))
+        rows, collate = tokenized[vocabulary]
+        model = load_model(str(model_dir), "auto", None).eval()
+        logps, counts = [], []
+        with torch.no_grad():
+            for start in range(0, rows.num_rows, 16):
+                batch = collate([rows[i] for i in range(start, min(start + 16, rows.num_rows))])
+                batch["prompt_lengths"] = torch.tensor(
+                    [len(r) for r in rows[start : start + 16]["prompt_input_ids"]]
+                )
+                lp, n = completion_logps(model, batch)
+                logps.append(lp.numpy())
+                counts.append(n.numpy())
+        results.append((np.concatenate(logps), np.concatenate(counts)))
+    return results
 
 
-def _row_logps_job(args: tuple) -> tuple[np.ndarray, np.ndarray]:
+def _row_logps_job(args: tuple) -> list[tuple[np.ndarray, np.ndarray]]:
     return sft_row_logps(*args)
 
 
@@ -787,17 +798,17 @@ def sft_loss_floor(per_teacher: dict[str, tuple[np.ndarray, np.ndarray]], data: 
 
 
 def sft_floor_report(
-    teachers: dict[str, Path], students: dict[int, Path], data: Path, mimic_root: Path, size: DemoSize
+    teachers: dict[str, tuple[np.ndarray, np.ndarray]],
+    students: dict[int, tuple[Path, tuple[np.ndarray, np.ndarray]]],
+    data: Path,
 ) -> dict[str, Any]:
-    """The SFT students' loss against the floor it should be compared with (:func:`sft_loss_floor`):
-    per seed the student's per-token loss on its SFT rows (eval mode) and the mean of its last logged
-    training losses, beside the teachers' mixture loss on the same rows. Every model's log-probs are
-    computed in parallel."""
-    paths = list(teachers.values()) + list(students.values())
-    logps = _parallel(_row_logps_job, [(path, data, mimic_root, size) for path in paths])
-    floor = sft_loss_floor(dict(zip(teachers, logps[: len(teachers)], strict=True)), data)
+    """The SFT students' loss against the floor it should be compared with (:func:`sft_loss_floor`),
+    from :func:`sft_row_logps` of every teacher (name -> log-probs) and of every seed's SFT student
+    (seed -> (folder, log-probs)): per seed the student's per-token loss on its SFT rows (eval mode)
+    and the mean of its last logged training losses, beside the teachers' mixture loss on the rows."""
+    floor = sft_loss_floor(teachers, data)
     per_seed = {}
-    for (k, path), (lp, counts) in zip(students.items(), logps[len(teachers) :], strict=True):
+    for k, (path, (lp, counts)) in students.items():
         losses = [r["loss"] for r in report.read_log(path / "log.jsonl") if "loss" in r]
         per_seed[k] = {
             "rows_loss": float(-lp.sum() / counts.sum()),
@@ -858,14 +869,45 @@ def train_demo_teachers(
     test: Any,
     size: DemoSize,
     seed: int,
+    backend: str = "openai",
 ) -> tuple[sim.Simulation, list[sim.Example], Any]:
-    """The demo's teachers trained under OUT/teachers: (simulation, training examples, prompt).
+    """The demo's teachers trained under OUT/teachers, each answering the train split (into
+    OUT/generate) and the test split (``size.test_samples`` answers per image, into OUT/eval) as soon
+    as it is trained, in the processes that train the others (on ``backend``: ``openai``, served on
+    127.0.0.1; or ``transformers``). Returns (simulation, training examples, prompt).
 
     The diagnosis list carries each finding's report side (see :func:`cxrmax.toy.teachers.sided_prompt`),
     for the train and the test images alike; teachers and students are all asked with this prompt."""
     sides = sim.selection_sides(train_all) | sim.selection_sides(test)
     prompt = sim.sided_prompt(sides, "rationale")
     examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
+
+    def answer(teacher: sim.SimulatedTeacher) -> list[Job]:
+        # Each answer's sampling is seeded by its request: the answers do not depend on the process.
+        return [
+            Job(
+                _generate_job,
+                (
+                    teacher.spec.name,
+                    teacher.path,
+                    out / f"selection-{split}.parquet",
+                    root,
+                    folder,
+                    size,
+                    samples,
+                    seed,
+                    backend,
+                    prompt,
+                ),
+                ("answers", teacher.spec.name, split),
+                priority=1,
+            )
+            for split, folder, samples in (
+                ("train", out / "generate", 1),
+                ("test", out / "eval", size.test_samples),
+            )
+        ]
+
     simulation = sim.simulate(
         out / "teachers",
         examples,
@@ -875,6 +917,7 @@ def train_demo_teachers(
         lr=size.teacher_lr,
         seed=seed,
         max_edge=size.image_max_edge,
+        then=answer,
     )
     return simulation, examples, prompt
 
@@ -918,45 +961,24 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     )
     result.artifacts["mini MIMIC-CXR"] = str(root)
 
-    # 2. teachers
+    # 2. teachers, and their answers
     teachers = sim.default_teachers()
-    with stages.stage("teachers", f"train {len(teachers)} tiny VLM teachers with injected drift"):
-        simulation, examples, prompt = train_demo_teachers(out, teachers, root, train_all, test, spec, seed)
+    gen_out, eval_out = out / "generate", out / "eval"
+    with stages.stage(
+        "teachers",
+        f"train {len(teachers)} tiny VLM teachers with injected drift; as each is trained it answers "
+        f"{train_images} train images and {test.num_rows} test images x {spec.test_samples} "
+        f"(served on 127.0.0.1, {teacher_backend} backend)",
+    ):
+        simulation, examples, prompt = train_demo_teachers(
+            out, teachers, root, train_all, test, spec, seed, teacher_backend
+        )
     result.artifacts["teachers + drift spec"] = str(simulation.spec_path)
     if console is not None:
         for t in simulation.teachers:
             console.print(
                 f"  {t.spec.name:<13} {t.spec.describe():<45} loss {t.stats.first_loss:.2f} -> {t.stats.last_loss:.2f}"
             )
-
-    # 3. generate
-    gen_out, eval_out = out / "generate", out / "eval"
-    with stages.stage(
-        "generate",
-        f"teachers served on 127.0.0.1 ({teacher_backend} backend) answer {train_images} train images "
-        f"and {test.num_rows} test images x {spec.test_samples}",
-    ):
-        generate_all(
-            [
-                (
-                    t.spec.name,
-                    t.path,
-                    out / f"selection-{selection}.parquet",
-                    root,
-                    folder,
-                    spec,
-                    samples,
-                    seed,
-                    teacher_backend,
-                    prompt,
-                )
-                for t in simulation.teachers
-                for selection, folder, samples in (
-                    ("train", gen_out, 1),
-                    ("test", eval_out, spec.test_samples),
-                )
-            ]
-        )
     result.artifacts["teacher trajectories (train split)"] = str(gen_out / "trajectories")
     result.artifacts["test-split answers (teachers + students)"] = str(eval_out / "trajectories")
 
@@ -975,9 +997,9 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     with stages.stage(
         "students",
         f"{seeds} seed(s): SFT on all trajectories, then APO (Plackett-Luce) and pairwise DPO; "
-        "each student answers the test split (transformers backend)",
+        "each student answers the test split (transformers backend); the SFT loss floor",
     ):
-        train_student_seeds(
+        students = train_student_seeds(
             out / "students",
             data,
             root,
@@ -987,16 +1009,10 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
             out / "selection-test.parquet",
             eval_out,
             prompt,
+            teachers=simulation.paths(),
         )
+        result.sft_floor = students.sft_floor
     result.artifacts["students (one folder per seed)"] = str(out / "students")
-    with stages.stage("loss floor", "the teachers' mixture loss on the SFT rows, the SFT students' own"):
-        result.sft_floor = sft_floor_report(
-            simulation.paths(),
-            {k: out / "students" / f"seed-{k}" / "student-sft" for k in range(seeds)},
-            data,
-            root,
-            spec,
-        )
 
     # 6. score
     with stages.stage("score", "leaderboard cxr-max-rationale + labeler drift rates on the test split"):

@@ -5,13 +5,16 @@ does not wait on a worker still training (the hang of issue 16)."""
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import multiprocessing
 import multiprocessing.util
 import os
 import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 #: Seconds stopped workers get to exit on SIGTERM before they are killed.
@@ -95,3 +98,60 @@ def pool_map(pool: ProcessPoolExecutor, fn: Callable[[Any], Any], items: Iterabl
         futures = [pool.submit(fn, item) for item in items]
     for future in futures:
         yield future.result()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One piece of work for :func:`run_jobs`: ``fn(arg)`` in a worker (both picklable), its result
+    filed under ``key``. Lower ``priority`` starts first; among equals, the order given."""
+
+    fn: Callable[[Any], Any]
+    arg: Any
+    key: Hashable
+    priority: int = 0
+
+
+def run_jobs(
+    jobs: Sequence[Job],
+    follow: Callable[[Hashable, Any], Sequence[Job]] | None = None,
+    workers: int = 1,
+    initializer: Callable[[], None] | None = None,
+) -> dict[Hashable, Any]:
+    """Run ``jobs``, and the jobs ``follow(key, result)`` returns as each one finishes, on ``workers``
+    :func:`spawn_pool` processes (in this process when 1); returns key -> result.
+
+    At most ``workers`` jobs are in flight, so the next to start is always the most urgent one waiting:
+    work that depends on a job waits for it, the rest fills a core that would otherwise idle, and a
+    long job given a low priority number is not left to run alone at the end. Each job must be
+    deterministic on its own (seeded by its arguments): results never depend on the schedule."""
+    counter = itertools.count()
+    waiting: list[tuple[int, int, Job]] = []
+
+    def push(more: Iterable[Job]) -> None:
+        for job in more:
+            heapq.heappush(waiting, (job.priority, next(counter), job))
+
+    def finished(job: Job, result: Any) -> None:
+        if job.key in results:
+            raise ValueError(f"two jobs share the key {job.key!r}")
+        results[job.key] = result
+        if follow is not None:
+            push(follow(job.key, result))
+
+    results: dict[Hashable, Any] = {}
+    push(jobs)
+    if workers <= 1:
+        while waiting:
+            job = heapq.heappop(waiting)[2]
+            finished(job, job.fn(job.arg))
+        return results
+    with spawn_pool(workers, initializer=initializer) as pool:
+        running: dict[Future, Job] = {}
+        while waiting or running:
+            while waiting and len(running) < workers:
+                job = heapq.heappop(waiting)[2]
+                running[submit(pool, job.fn, job.arg)] = job
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                finished(running.pop(future), future.result())
+    return results

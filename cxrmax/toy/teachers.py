@@ -71,7 +71,7 @@ from cxrmax.generate.prompts import PromptTemplate, join_labels, load_prompt
 from cxrmax.labeler import label_text
 from cxrmax.mimic.images import encode_jpeg, preprocess
 from cxrmax.testing.films import SIDED
-from cxrmax.toy.pool import pool_map, spawn_pool
+from cxrmax.toy.pool import Job, run_jobs
 from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
 
 #: The kinds of bias a teacher can carry.
@@ -768,6 +768,7 @@ class Simulation:
     teachers: list[SimulatedTeacher]
     spec_path: Path
     seconds: float
+    followed: dict[Any, Any] = field(default_factory=dict)  # key -> result of simulate(then=...)'s jobs
 
     def paths(self) -> dict[str, Path]:
         """Teacher name -> model directory."""
@@ -787,6 +788,15 @@ class _TeacherJob:
     index: int
     max_edge: int
     text_only: bool
+
+
+#: The first item of a teacher's key in simulate's jobs (the caller's own keys cannot equal it).
+_TEACHER = "cxrmax.toy.teachers:teacher"
+
+
+def _target_chars(job: _TeacherJob) -> int:
+    """A teacher's training cost, roughly: the length of all its targets."""
+    return sum(len(ex.target) for ex in assign_targets(job.examples, job.spec, job.seed))
 
 
 def default_workers() -> int:
@@ -847,13 +857,17 @@ def simulate(
     text_only: bool = False,
     progress: Callable[[str, int, float], None] | None = None,
     workers: int | None = None,
+    then: Callable[[SimulatedTeacher], Sequence[Job]] | None = None,
 ) -> Simulation:
     """Train one tiny teacher per spec on ``examples`` under ``out/<name>/`` and write
     ``out/drift_spec.json`` (each teacher's biases, rates asked and rates actually applied to its
     training targets, training losses). Deterministic for a seed.
 
     ``workers``: teachers trained at once, each in its own single-threaded process (default: one per
-    core, at most 4); 1 trains them one after the other in this process (with per-step progress)."""
+    core, at most 4), the one with the longest targets first; 1 trains them one after the other in
+    this process (with per-step progress). ``then(teacher)``: jobs to run on a teacher as soon as it
+    is trained (generation, say), in the same processes, started whenever no teacher is waiting
+    (teachers have priority 0, so give them 1 or more); their results are ``Simulation.followed``."""
     started = time.perf_counter()
     teachers = list(teachers) if teachers is not None else default_teachers()
     names = [t.name for t in teachers]
@@ -882,18 +896,31 @@ def simulate(
     ]
     workers = max(1, min(workers if workers is not None else default_workers(), len(jobs)))
     result: list[SimulatedTeacher] = []
+    followed: dict[Any, Any] = {}
     if workers == 1:
         images: dict[str, Any] = {}
         for job in jobs:
             result.append(_train_job(job, images, progress))
+            if then is not None:
+                followed |= run_jobs(then(result[-1]))
     else:
         # One single-threaded process per teacher at a time: tiny models gain little from intra-op
-        # threads, while whole teachers train independently (2 cores -> about 2x).
-        with spawn_pool(workers, initializer=_single_thread) as pool:
-            for teacher in pool_map(pool, _train_job, jobs):
-                result.append(teacher)
-                if progress is not None:
-                    progress(teacher.spec.name, teacher.stats.steps, teacher.stats.last_loss)
+        # threads, while whole teachers train independently (2 cores -> about 2x). The teacher with
+        # the longest targets (the slowest) starts first: started last, it trained alone at the end.
+        def follow(key: Any, done: Any) -> Sequence[Job]:
+            if not (isinstance(key, tuple) and key[:1] == (_TEACHER,)):
+                return []
+            if progress is not None:
+                progress(done.spec.name, done.stats.steps, done.stats.last_loss)
+            return then(done) if then is not None else []
+
+        teacher_jobs = [
+            Job(_train_job, job, (_TEACHER, index), priority=0)
+            for index, job in sorted(enumerate(jobs), key=lambda item: -_target_chars(item[1]))
+        ]
+        finished = run_jobs(teacher_jobs, follow, workers, initializer=_single_thread)
+        result = [finished.pop((_TEACHER, index)) for index in range(len(jobs))]
+        followed = finished
     spec_path = out / "drift_spec.json"
     atomic_write_json(
         spec_path,
@@ -915,7 +942,7 @@ def simulate(
             ],
         },
     )
-    return Simulation(result, spec_path, time.perf_counter() - started)
+    return Simulation(result, spec_path, time.perf_counter() - started, followed)
 
 
 def json_ready(value: Any) -> Any:
