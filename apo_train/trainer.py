@@ -159,8 +159,9 @@ def sft_loss(
     processes) or, without it, by this batch's label tokens: what the model's own loss gives.
 
     Only positions from the batch's earliest label on go through the LM head (``logits_to_keep``):
-    on a VLM the image and prompt tokens are a large part of every row, and the head's matrix product
-    and log-softmax over the vocabulary were about a fifth of a tiny model's training step."""
+    on a VLM the image and prompt tokens are a large part of every row (about half on the demo's), and
+    the head's matrix product and log-softmax over the vocabulary need not run there (5% of the demo
+    teacher's step: benchmark/perf/bench_train_step.py)."""
     labels = inputs["labels"]
     length = labels.shape[1]
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()

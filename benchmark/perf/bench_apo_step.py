@@ -67,7 +67,19 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
     demo = args.demo_out
-    start = demo / "students" / "student-sft"
+    # The first seed's SFT student (a demo from before the student stage ran over seeds: students/).
+    start = next(
+        (
+            d
+            for d in (demo / "students" / "seed-0" / "student-sft", demo / "students" / "student-sft")
+            if d.is_dir()
+        ),
+        None,
+    )
+    if start is None:
+        parser.error(
+            f"{demo}: no SFT student (students/seed-0/student-sft); run `cxrmax demo --out {demo}` first"
+        )
     negatives = [len(r) for r in load_from_disk(str(demo / "data" / "preferences"))["train"]["rejected"]]
     n = statistics.mean(negatives)
     sft_batch, apo_batch = 8, 2

@@ -198,9 +198,11 @@ def linear_patch_embeds(model: Any) -> Any:
     linear layer over the flattened patches, in place; returns ``model``.
 
     Such a convolution is a matrix product over patches already cut by the image processor, but
-    PyTorch's CPU Conv3d runs it several times slower, forward and backward, than the product itself
-    (and some CUDA releases do too): on the demo's tiny VLM it was about 15% of a training step. The
-    weights keep their Conv3d shape, so checkpoints and state dicts are unchanged."""
+    PyTorch's CPU Conv3d runs it a few times slower, forward and backward, than the product itself,
+    and builds a new kernel for every new number of patches (every batch of differently sized films).
+    On the demo's tiny VLM it saves about 2% of a warmed-up training step (benchmark/perf/
+    bench_train_step.py), more while batch shapes are new. The weights keep their Conv3d shape, so
+    checkpoints and state dicts are unchanged."""
     import types
 
     import torch
