@@ -45,6 +45,10 @@ from apo_train.data.load import check_column_types
 from cxrmax.core.errors import InputError, where
 from cxrmax.mimic.images import encode_jpeg, preprocess
 
+#: (prompt, image path) encodings a ChatEncoder remembers while tokenizing (ids of a few hundred
+#: tokens each: a few MB at most).
+PROMPT_MEMO_SIZE = 4096
+
 
 class ChatEncoder:
     """Encodes a user turn (optional image + prompt text) and assistant completions for one model.
@@ -57,6 +61,11 @@ class ChatEncoder:
     it is later asked about; None keeps the decoded image. ``image_cache_size``: the vision tensors of
     that many images are kept (least recently used out) by :meth:`image_inputs`, so a collator does not
     decode and process an image again at every step it appears in; 0 keeps none.
+
+    Tokenizing remembers the last :data:`PROMPT_MEMO_SIZE` encoded (prompt, image path) pairs: an SFT
+    split holds every source model's answer to the same image and prompt (seven rows per image in
+    CXR-MAX), and the prompt's encoding (decoding and resizing the film to count its image tokens,
+    then the processor) is the same for all of them.
     """
 
     def __init__(
@@ -75,6 +84,7 @@ class ChatEncoder:
             raise InputError(f"image_cache_size must be 0 or more, not {image_cache_size}")
         self.image_cache_size = image_cache_size
         self._vision_cache: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._prompt_memo: OrderedDict[tuple[str, str | None], tuple[list[int], list[int]]] = OrderedDict()
         self.is_vlm = hasattr(processor, "image_processor") and hasattr(processor, "tokenizer")
         self.tokenizer = processor.tokenizer if self.is_vlm else processor
         self.image_root = Path(image_root) if image_root is not None else None
@@ -170,6 +180,22 @@ class ChatEncoder:
             types = out.get("mm_token_type_ids")
             return out["input_ids"][0].tolist(), ([] if types is None else types[0].tolist())
         return self.tokenizer(text, add_special_tokens=False)["input_ids"], []
+
+    def remembered_prompt(self, prompt: str, image_path: str | None) -> tuple[list[int], list[int]] | None:
+        """The ids and token types :meth:`encode_prompt_with_types` gave for this prompt and image
+        path earlier in this process, or None (see the class docstring)."""
+        found = self._prompt_memo.get((prompt, image_path))
+        if found is not None:
+            self._prompt_memo.move_to_end((prompt, image_path))
+        return found
+
+    def remember_prompt(
+        self, prompt: str, image_path: str | None, encoded: tuple[list[int], list[int]]
+    ) -> None:
+        """Keep ``encoded`` for :meth:`remembered_prompt` (the oldest of PROMPT_MEMO_SIZE out)."""
+        self._prompt_memo[(prompt, image_path)] = encoded
+        if len(self._prompt_memo) > PROMPT_MEMO_SIZE:
+            self._prompt_memo.popitem(last=False)
 
     def completion_parts(self, prompt: str, completion: str) -> tuple[str, str, str]:
         """The assistant turn the chat template appends for ``completion``, as (lead, body, trail).
@@ -297,7 +323,7 @@ def _encode_prompt(
                 raise InputError(f"{where(source, index + 1, name)}: {what}")
             result["drop_reason"] = "invalid"
             return None
-    image = None
+    image_path = None
     if encoder.uses_images:
         image_path = row.get("image_path")
         if not image_path:
@@ -305,14 +331,20 @@ def _encode_prompt(
                 raise InputError(f"{where(source, index + 1, 'image_path')}: missing")
             result["drop_reason"] = "invalid"
             return None
-        try:
-            image = encoder.load_image(image_path, index + 1)
-        except InputError as exc:  # missing file, or ImageError: truncated / corrupt / undecodable
-            if not lenient:
-                raise InputError(f"{where(source, index + 1, 'image_path')}: {exc}") from exc
-            result["drop_reason"] = "bad_image"
-            return None
-    prompt_ids, prompt_types = encoder.encode_prompt_with_types(row["prompt"], image)
+    encoded = encoder.remembered_prompt(row["prompt"], image_path)
+    if encoded is None:
+        image = None
+        if image_path is not None:
+            try:
+                image = encoder.load_image(image_path, index + 1)
+            except InputError as exc:  # missing file, or ImageError: truncated / corrupt / undecodable
+                if not lenient:
+                    raise InputError(f"{where(source, index + 1, 'image_path')}: {exc}") from exc
+                result["drop_reason"] = "bad_image"
+                return None
+        encoded = encoder.encode_prompt_with_types(row["prompt"], image)
+        encoder.remember_prompt(row["prompt"], image_path, encoded)
+    prompt_ids, prompt_types = encoded
     result["prompt_input_ids"] = prompt_ids
     result["prompt_mm_token_type_ids"] = prompt_types
     result["n_prompt_tokens"] = len(prompt_ids)

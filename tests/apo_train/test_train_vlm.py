@@ -144,6 +144,39 @@ def test_sft_loss_through_the_kept_logits_is_the_models_own_loss(
     assert torch.allclose(scaled, own / 2, atol=1e-5)
 
 
+def test_rows_sharing_an_image_and_prompt_decode_the_film_once_and_tokenize_alike(
+    tiny_vlm_path, mini_mimic, image_paths, tmp_path
+):
+    """An SFT split holds every model's answer to one image and prompt: tokenizing decodes each film
+    once per (prompt, image) and gives each row exactly what a fresh encoder gives it alone."""
+    rows = [
+        {
+            "sample_id": f"s{i}",
+            "split": "train",
+            "image_path": image_paths[i % 2],
+            "prompt": PROMPT.format(label="edema" if i < 4 else "atelectasis"),
+            "completion": f"{POSITIVE} {i}",
+            "model": f"m{i}",
+        }
+        for i in range(6)
+    ]
+    processor = load_processor(tiny_vlm_path)
+    encoder = ChatEncoder(processor, image_root=mini_mimic, max_edge=112)
+    loads = []
+    original = encoder.load_image
+    encoder.load_image = lambda path, row=None: loads.append(path) or original(path, row)
+    split = load_split(save_dataset(rows, SFT_SCHEMA, tmp_path / "sft"))
+    ds, stats = tokenize_sft(split, encoder, max_length=512)
+    assert stats.samples_kept == 6
+    assert len(loads) == 4  # (edema, image 0), (edema, image 1), (atelectasis, image 0), (... image 1)
+    for i in range(6):
+        alone, _ = tokenize_sft(
+            split.select([i]), ChatEncoder(processor, image_root=mini_mimic, max_edge=112)
+        )
+        assert alone[0]["prompt_input_ids"] == ds[i]["prompt_input_ids"]
+        assert alone[0]["completion_input_ids"] == ds[i]["completion_input_ids"]
+
+
 def test_missing_image_is_an_input_error(tiny_vlm_path, mini_mimic, tmp_path):
     from cxrmax.core.errors import InputError
 
