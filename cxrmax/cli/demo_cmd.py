@@ -27,9 +27,9 @@ def demo(
         "default",
         "--size",
         choices=Choice(DEMO_SIZES),
-        help="default (6 to 7 min of stages on 2 idle CPU cores: 5 min 53 s and 7 min 17 s in two fresh-clone "
-        "runs, 2026-12-01), small (the tests) or large "
-        "(more studies and steps: 11 min 20 s of stages).",
+        help="default (6 to 7 min of stages on 2 idle CPU cores: 6 min 22 s from a fresh clone of 71df486 on "
+        "2026-12-01, on a machine where the code before took 7 min 46 s), small (the tests) or large "
+        "(more studies and steps: 11 min 20 s of stages on a faster machine).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
     teacher_backend: str = choice_option(
