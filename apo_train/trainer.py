@@ -143,6 +143,10 @@ class SFTStageTrainer(Trainer):
     ) -> Any:
         if "labels" not in inputs or self.label_smoother is not None or not supports_logits_to_keep(model):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # As Trainer: the token count normalises the loss only for a model that takes loss kwargs;
+        # for any other the Trainer divides a per-batch mean by the accumulation steps itself.
+        if not self.model_accepts_loss_kwargs:
+            num_items_in_batch = None
         loss, outputs = sft_loss(model, inputs, num_items_in_batch)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # As Trainer.compute_loss: num_items_in_batch counts every process's tokens, and DDP

@@ -345,11 +345,16 @@ def _collect_stats(
 def _per_model_table(
     per_model: dict[str, list[np.ndarray]], n_boot: int, seed: int
 ) -> tuple[dict[str, dict[str, Any]], np.ndarray]:
-    """Each model's figures with bootstrap CIs, and every model's statistics stacked."""
+    """Each model's figures with bootstrap CIs, and every model's statistics stacked.
+
+    A model's rows are put in one canonical order (sorted by their statistics) before resampling, so
+    the intervals depend on the answers, not on the order a submission or concurrent generation
+    wrote them in."""
     table: dict[str, dict[str, Any]] = {}
     all_stats = []
     for k, (model, parts) in enumerate(sorted(per_model.items())):
         stats = np.concatenate(parts)
+        stats = stats[np.lexsort(stats.T[::-1])] if len(stats) else stats
         all_stats.append(stats)
         summary = {name: float(v) for name, v in rationale_summary(stats.sum(0)).items()}
         ci = metrics.bootstrap_ci(stats, rationale_summary, n_boot=n_boot, seed=seed + k)

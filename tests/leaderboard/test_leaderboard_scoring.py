@@ -454,6 +454,28 @@ def test_rationale_file_submission_and_shards_without_references(tmp_path, mini_
         score(tmp_path / "nomodel.csv", "cxr-max-rationale", mini_mimic, n_boot=0)
 
 
+def test_rationale_intervals_do_not_depend_on_the_submissions_row_order(tmp_path, mini_mimic, mimic):
+    """The same answers in another order (as concurrent generation commits them) give the same
+    figures and the same bootstrap intervals."""
+    import random
+
+    labels = mimic.study_labels().to_pylist()[:12]
+    rows = []
+    for i, row in enumerate(labels):
+        found = [o.lower() for o in OBSERVATIONS if row[o] == 1]
+        rows.append([row["study_id"], "m", " ".join(f"There is {o}." for o in found[: i % 3 + 1])])
+        rows.append([row["study_id"], "m", "There is pneumothorax." if i % 2 else "No acute findings."])
+    results = []
+    for order in range(2):
+        random.Random(order).shuffle(rows)
+        path = tmp_path / f"rationales-{order}.csv"
+        with open(path, "w", newline="") as fh:
+            csv.writer(fh).writerows([["study_id", "model", "rationale"], *rows])
+        results.append(score(path, "cxr-max-rationale", mini_mimic, n_boot=200).per_model["m"])
+    assert results[0] == results[1]
+    assert results[0]["ci"]["recall"][0] < results[0]["recall"] < results[0]["ci"]["recall"][1]
+
+
 def test_radiologist_label_task_on_a_2_1_0_mini_mimic(tmp_path):
     from cxrmax.mimic.reader import MimicCXR
     from cxrmax.testing.mini_mimic import make_mini_mimic
