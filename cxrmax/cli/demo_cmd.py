@@ -27,7 +27,7 @@ def demo(
         "default",
         "--size",
         choices=Choice(DEMO_SIZES),
-        help="default (6 to 7 min of stages on 2 idle CPU cores: 6 min 22 s from a fresh clone of 71df486 on "
+        help="default (5 to 6 min of stages on 2 idle CPU cores: 5 min 27 s from a fresh clone of d80924c on "
         "2026-12-01, on a machine where the code before took 7 min 46 s), small (the tests) or large "
         "(more studies and steps: 11 min 20 s of stages on a faster machine).",
     ),
