@@ -151,6 +151,15 @@ class SFTStageConfig(StageArguments, TrainingArguments):
     remove_unused_columns: bool = False
     report_to: None | str | list[str] = "none"
     lr_scheduler_type: str = "cosine"
+    sort_accumulated_by_length: bool = field(
+        default=False,
+        metadata={
+            "help": "Sort each optimizer step's randomly drawn rows by length before cutting them into "
+            "the gradient-accumulation micro-batches, so short rows are not padded to the step's "
+            "longest (apo_train.data.sampling). The step's rows and gradient stay the same; only "
+            "padding is saved. Useful with gradient_accumulation_steps > 1."
+        },
+    )
 
     def __post_init__(self) -> None:
         _check_data_settings(self)

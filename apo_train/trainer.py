@@ -45,6 +45,7 @@ from apo_train.data import (
     IGNORE_INDEX,
     APOCollator,
     ChatEncoder,
+    LengthSortedSteps,
     SFTCollator,
     TruncationStats,
     load_split,
@@ -133,6 +134,21 @@ class SFTStageTrainer(Trainer):
         kwargs.setdefault("callbacks", _callbacks(cfg, console, "SFT"))
         super().__init__(*args, **kwargs)
         _use_rich_progress(self)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not getattr(self.args, "sort_accumulated_by_length", False) or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        if "length" not in dataset.column_names:
+            raise InputError(
+                "sort_accumulated_by_length needs the tokenized rows' `length` column (tokenize_sft writes it)"
+            )
+        step_rows = (
+            self.args.per_device_train_batch_size
+            * self.args.gradient_accumulation_steps
+            * self.args.world_size
+        )
+        return LengthSortedSteps(dataset["length"], step_rows, self.args.seed)
 
     def compute_loss(
         self,

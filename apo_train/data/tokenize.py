@@ -384,6 +384,7 @@ def tokenize_preferences(
             "n_identical_rejected": 0,
             "n_rejected_kept": 0,
             "n_prompt_tokens": 0,
+            "length": 0,
         }
         budget = _encode_prompt(
             row, index, "chosen", result, encoder, max_length, min_completion_tokens, lenient, source
@@ -422,6 +423,7 @@ def tokenize_preferences(
             return result
         result["rejected_input_ids"] = rejected_ids
         result["n_rejected_kept"] = len(rejected_ids)
+        result["length"] = result["n_prompt_tokens"] + max(len(chosen_ids), *map(len, rejected_ids))
         return result
 
     check_column_types(dataset, ("prompt", "chosen", "image_path"), ("rejected",), source)
@@ -446,6 +448,7 @@ def tokenize_sft(
             "drop_reason": None,
             "n_truncated_chosen": 0,
             "n_prompt_tokens": 0,
+            "length": 0,
         }
         budget = _encode_prompt(
             row, index, "completion", result, encoder, max_length, min_completion_tokens, lenient, source
@@ -456,6 +459,7 @@ def tokenize_sft(
         ids, cut = _truncate(encoder.encode_completion(prompt, completion), budget)
         result["completion_input_ids"] = ids
         result["n_truncated_chosen"] = int(cut)
+        result["length"] = result["n_prompt_tokens"] + len(ids)
         return result
 
     check_column_types(dataset, ("prompt", "completion", "image_path"), (), source)

@@ -1,16 +1,21 @@
-"""Benchmark: a training step of the demo's tiny VLM, stock transformers against cxrmax's two changes.
+"""Benchmark: a training step of the demo's tiny VLM, stock transformers against cxrmax's changes.
 
 The demo spends most of its time in SFT steps of a ~200k-parameter Qwen2-VL (teachers and students).
-Two changes in the loading and SFT code cut that time without changing the loss (both are tested):
+Three changes in the loading and SFT code cut that time without changing the loss (all are tested):
   - ``cxrmax.core.hf.linear_patch_embeds``: the vision patch embedding (a Conv3d whose kernel equals
     its stride) run as one matrix product over the already cut patches;
   - ``apo_train.trainer.sft_loss``: the LM head and its log-softmax only from the batch's first label
-    on (``logits_to_keep``), where the model's own loss runs them over image and prompt tokens too.
+    on (``logits_to_keep``), where the model's own loss runs them over image and prompt tokens too;
+  - ``apo_train.data.sampling``: each step's rows sorted by length and cut into accumulated
+    micro-batches (``cxrmax.toy.teachers.MICRO_BATCHES``), so short rows are not padded to the
+    step's longest; the loss is normalised by the step's token count, so the gradient is the same.
 This script trains the demo's faithful teacher (``cxrmax.toy.teachers.train_teacher``: apo_train's SFT
 stage on transformers' Trainer, its shuffled batches of 16, so batch shapes vary as in the demo) for
-``--steps`` steps from the same initial weights in the four combinations, round-robin so the machine's
-load hits all alike, one thread; per combination the median seconds per step over ``--rounds`` rounds
-(after one warm-up round), and the last logged loss (equal across columns to float rounding).
+``--steps`` steps from the same initial weights in each combination (and, for the last two, on the
+SFT student's kind of rows: every teacher's targets mixed, from 23-word answers to 86-word ones),
+round-robin so the machine's load hits all alike, one thread; per combination the median seconds per
+step over ``--rounds`` rounds (after one warm-up round), and the last logged loss (equal across
+columns to float rounding).
 
     python benchmark/perf/bench_train_step.py                 # 240-study mini MIMIC-CXR, 100 steps x 3
     python benchmark/perf/bench_train_step.py --rounds 2 --steps 50
@@ -57,49 +62,65 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     torch.set_num_threads(1)
-    linear, kept = hf.linear_patch_embeds, SFTStageTrainer.compute_loss
+    linear, kept, micro = hf.linear_patch_embeds, SFTStageTrainer.compute_loss, sim.MICRO_BATCHES
     combos = {
-        "stock (Conv3d, LM head on every position)": (lambda model: model, Trainer.compute_loss),
-        "patch embedding as a linear layer": (linear, Trainer.compute_loss),
-        "LM head from the first label on": (lambda model: model, kept),
-        "both (what cxrmax runs)": (linear, kept),
+        "stock (Conv3d, LM head on every position)": (lambda model: model, Trainer.compute_loss, 1),
+        "patch embedding as a linear layer": (linear, Trainer.compute_loss, 1),
+        "LM head from the first label on": (lambda model: model, kept, 1),
+        "both": (linear, kept, 1),
+        f"both + rows by length in {micro} micro-batches (cxrmax)": (linear, kept, micro),
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "mimic"
         make_mini_mimic(root, studies=args.studies, seed=0)
         selection = MimicCXR(root).select(splits=["train"], views=["PA", "AP"])
         examples, _ = sim.examples_from_selection(selection, root)
-        spec = sim.default_teachers()[0]  # the faithful teacher
-        targets = sim.assign_targets(examples, spec, 0)
+        teachers = sim.default_teachers()
+        spec = teachers[0]  # the faithful teacher
+        # The SFT student's kind of rows: every teacher's targets of every image, mixed.
+        mixed = [t for teacher in teachers for t in sim.assign_targets(examples, teacher, 0, copies=1)]
+        runs = {
+            ("faithful teacher", name): (sim.assign_targets(examples, spec, 0), combo)
+            for name, combo in combos.items()
+        }
+        for name in list(combos)[-2:]:
+            runs[("five teachers' rows mixed", name)] = (mixed, combos[name])
         initial = build_tiny_vlm(
-            Path(tmp) / "initial", corpus=sim.teacher_corpus(examples, [spec], 0), seed=0
+            Path(tmp) / "initial", corpus=sim.teacher_corpus(examples, teachers, 0), seed=0
         )
         images: dict = {}  # decoded once, shared by every run (the demo caches them the same way)
-        times: dict[str, list[float]] = {name: [] for name in combos}
-        last_loss: dict[str, float] = {}
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in runs}
+        last_loss: dict[tuple[str, str], float] = {}
         for round_ in range(args.rounds + 1):  # round 0 warms up (allocator, primitives) and is not kept
-            for name, (patches, compute_loss) in combos.items():
+            for key, (targets, (patches, compute_loss, micro_batches)) in runs.items():
                 model_dir = Path(tmp) / "run"
                 shutil.rmtree(model_dir, ignore_errors=True)
                 shutil.copytree(initial, model_dir)
                 hf.linear_patch_embeds, SFTStageTrainer.compute_loss = patches, compute_loss
+                sim.MICRO_BATCHES = micro_batches
                 try:
                     stats = sim.train_teacher(model_dir, targets, steps=args.steps, seed=0, images=images)
                 finally:
                     hf.linear_patch_embeds, SFTStageTrainer.compute_loss = linear, kept
+                    sim.MICRO_BATCHES = micro
                 if round_:
-                    times[name].append(stats.seconds / stats.steps)
-                last_loss[name] = stats.last_loss
+                    times[key].append(stats.seconds / stats.steps)
+                last_loss[key] = stats.last_loss
         print(
-            f"{args.studies}-study mini MIMIC-CXR ({len(targets)} targets), the faithful teacher's recipe "
-            f"(batch 16, lr 8e-3), {args.steps} steps x {args.rounds} rounds, 1 thread; seconds per step "
-            "include tokenizing and saving, the same in every column"
+            f"{args.studies}-study mini MIMIC-CXR ({len(examples)} images), the teachers' recipe (batch 16, "
+            f"lr 8e-3), {args.steps} steps x {args.rounds} rounds, 1 thread; seconds per step include "
+            "tokenizing and saving, the same in every column"
         )
-        stock = statistics.median(times[next(iter(combos))])
-        print(f"{'setting':<44} {'s/step':>8} {'vs stock':>9} {'last loss':>10}")
-        for name in combos:
-            median = statistics.median(times[name])
-            print(f"{name:<44} {median:>8.4f} {median / stock:>8.2f}x {last_loss[name]:>10.5f}")
+        print(f"{'rows':<26} {'setting':<52} {'s/step':>8} {'vs stock':>9} {'last loss':>10}")
+        baseline: dict[str, float] = {}
+        for (rows, name), values in times.items():
+            median = statistics.median(values)
+            baseline.setdefault(rows, median)
+            print(
+                f"{rows:<26} {name:<52} {median:>8.4f} {median / baseline[rows]:>8.2f}x "
+                f"{last_loss[(rows, name)]:>10.5f}"
+            )
+        print("(vs stock: against the first row of the same rows; the mixed rows start at 'both')")
 
 
 if __name__ == "__main__":

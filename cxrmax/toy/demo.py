@@ -482,7 +482,7 @@ def _student_settings(mimic_root: Path, size: DemoSize, seed: int) -> dict[str, 
         "dataloader_num_workers": 0,
         "max_length": 1024,
         "jsonl_log": True,
-        "global_batch_size": None,  # one optimizer step per per-device batch
+        "global_batch_size": None,  # gradient_accumulation_steps as each stage sets it
         "image_jpeg_quality": 90,  # the pixels generate serves the student (and served the teachers)
         "image_cache_size": 4096,  # every image of the demo, processed once (0.3 MB each at 112 pixels)
         "max_grad_norm": 1.0,
@@ -499,8 +499,10 @@ def train_sft_student(out: Path, data: Path, mimic_root: Path, base: Path, size:
     The teachers' recipe (:func:`cxrmax.toy.teachers.train_teacher`): full fine-tuning at ``sft_lr``
     with a 5% warm-up then cosine decay, gradients clipped at 1, one optimizer step per ``sft_batch``
     rows (no accumulation to the paper's global batch of 32, which cut the number of updates by
-    four). The same seed gives the same student whatever the machine's load (see _torch_threads)."""
+    four; the step's rows are sorted by length into two accumulated micro-batches, which saves
+    padding and leaves the gradient as it is). The same seed gives the same student whatever the machine's load (see _torch_threads)."""
     _torch_threads()
+    micro = sim.MICRO_BATCHES if size.sft_batch % sim.MICRO_BATCHES == 0 else 1
     cfg = SFTStageConfig(
         output_dir=str(out / "student-sft"),
         model_name_or_path=str(base),
@@ -509,7 +511,10 @@ def train_sft_student(out: Path, data: Path, mimic_root: Path, base: Path, size:
         warmup_steps=0.05,
         lr_scheduler_type="cosine",
         max_steps=size.sft_steps,
-        per_device_train_batch_size=size.sft_batch,
+        # As the teachers: each step's rows sorted by length into micro-batches (the same gradient).
+        per_device_train_batch_size=size.sft_batch // micro,
+        gradient_accumulation_steps=micro,
+        sort_accumulated_by_length=True,
         **_student_settings(mimic_root, size, seed),
     )
     run_sft(cfg, console=None)

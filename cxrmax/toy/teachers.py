@@ -62,7 +62,7 @@ from PIL import Image
 from transformers import TrainerCallback
 
 from apo_train.config import SFTStageConfig
-from apo_train.data import ChatEncoder, SFTCollator, tokenize_sft
+from apo_train.data import ChatEncoder, SFTCollator, sort_by_length, tokenize_sft
 from apo_train.trainer import SFTStageTrainer
 from cxrmax.core.errors import InputError
 from cxrmax.core.io import atomic_write_json
@@ -611,17 +611,26 @@ def _datasets_bars_off() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+#: Micro-batches per optimizer step: a step's examples sorted by length and cut in two, so the short
+#: half is not padded to the step's longest (apo_train.data.sampling; the same gradient, about a fifth
+#: less time per step on the demo: benchmark/perf/bench_train_step.py).
+MICRO_BATCHES = 2
+
+
 def teacher_sft_config(model_dir: str | Path, steps: int, batch_size: int, seed: int) -> SFTStageConfig:
     """The SFT stage settings of a teacher: full fine-tuning of the tiny model on CPU for ``steps``
-    steps of ``batch_size`` examples, gradients clipped at 1, the loss logged at every step, nothing
-    saved by the trainer itself (the optimizer and the example order: :func:`train_teacher`)."""
+    steps of ``batch_size`` examples (in :data:`MICRO_BATCHES` accumulated micro-batches when it
+    divides them), gradients clipped at 1, the loss logged at every step, nothing saved by the
+    trainer itself (the optimizer and the example order: :func:`train_teacher`)."""
+    micro = MICRO_BATCHES if batch_size % MICRO_BATCHES == 0 else 1
     return SFTStageConfig(
         output_dir=str(model_dir),
         model_name_or_path=str(model_dir),
         use_lora=False,  # a 200k-parameter model learns its bias by full fine-tuning
         max_grad_norm=1.0,
         max_steps=steps,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=batch_size // micro,
+        gradient_accumulation_steps=micro,
         global_batch_size=None,  # one optimizer step per batch of examples
         max_length=_MAX_TOKENS,
         logging_steps=1,
@@ -638,11 +647,14 @@ def teacher_sft_config(model_dir: str | Path, steps: int, batch_size: int, seed:
 
 class _BatchStream(torch.utils.data.Sampler[int]):
     """Example indices for ``steps`` full batches: shuffled passes over the examples laid end to end,
-    drawn from ``random.Random(seed)``. A teacher trains for a number of steps on a few dozen examples,
-    so a batch may straddle two passes, where an epoch-based sampler would end each pass short."""
+    drawn from ``random.Random(seed)``, each batch longest example first (``lengths``: tokens per
+    example) so that its accumulation micro-batches pad less. A teacher trains for a number of steps on
+    a few dozen examples, so a batch may straddle two passes, where an epoch-based sampler would end
+    each pass short."""
 
-    def __init__(self, examples: int, steps: int, batch_size: int, seed: int) -> None:
-        self.examples, self.steps, self.batch_size, self.seed = examples, steps, batch_size, seed
+    def __init__(self, lengths: Sequence[int], steps: int, batch_size: int, seed: int) -> None:
+        self.lengths, self.steps, self.batch_size, self.seed = list(lengths), steps, batch_size, seed
+        self.examples = len(self.lengths)
 
     def __len__(self) -> int:
         return self.steps * self.batch_size
@@ -656,7 +668,7 @@ class _BatchStream(torch.utils.data.Sampler[int]):
                 rng.shuffle(more)
                 order += more
             batch, order = order[: self.batch_size], order[self.batch_size :]
-            yield from batch
+            yield from sort_by_length(batch, self.lengths)
 
 
 class _TeacherTrainer(SFTStageTrainer):
@@ -737,7 +749,7 @@ def train_teacher(
         data_collator=SFTCollator(encoder),
         callbacks=[log],
         optimizers=_teacher_optimizer(model, lr, steps, weight_decay),
-        sampler=_BatchStream(len(train), steps, batch_size, seed),
+        sampler=_BatchStream(train["length"], steps, batch_size, seed),
     )
     trainer.train()
     model.eval()
