@@ -89,6 +89,7 @@ CONFIG_ONLY = {
     "remove_unused_columns": "must stay False for the collators",
     "pairwise_reduction": "pairwise loss only",
     "reference_cache_dir": "default OUTPUT/reference_logps",
+    "sort_accumulated_by_length": "Stage-1 padding saver with gradient accumulation (the demo's SFT students use it)",
 }
 
 
