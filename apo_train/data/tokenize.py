@@ -369,7 +369,8 @@ def tokenize_preferences(
 
     ``max_negatives`` keeps the K most drifting negatives of each sample. Returns the tokenized dataset
     (rows dropped by the policy removed; columns ``sample_id``, ``image_path``, ``prompt_input_ids``,
-    ``chosen_input_ids``, ``rejected_input_ids``) and the counts."""
+    ``chosen_input_ids``, ``rejected_input_ids`` and ``length``, the tokens of the sample's longest
+    row) and the counts."""
 
     def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
         result = {
@@ -439,7 +440,8 @@ def tokenize_sft(
     num_proc: int | None = None,
     source: str | os.PathLike = "sft",
 ) -> tuple[Any, TruncationStats]:
-    """Tokenize SFT_SCHEMA rows into ``prompt_input_ids`` + ``completion_input_ids`` (same policy)."""
+    """Tokenize SFT_SCHEMA rows into ``prompt_input_ids`` + ``completion_input_ids`` (same policy) and
+    ``length`` (the row's tokens, for apo_train.data.sampling)."""
 
     def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
         result = {

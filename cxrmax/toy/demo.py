@@ -500,7 +500,8 @@ def train_sft_student(out: Path, data: Path, mimic_root: Path, base: Path, size:
     with a 5% warm-up then cosine decay, gradients clipped at 1, one optimizer step per ``sft_batch``
     rows (no accumulation to the paper's global batch of 32, which cut the number of updates by
     four; the step's rows are sorted by length into two accumulated micro-batches, which saves
-    padding and leaves the gradient as it is). The same seed gives the same student whatever the machine's load (see _torch_threads)."""
+    padding and leaves the gradient as it is). The same seed gives the same student whatever the
+    machine's load (see _torch_threads)."""
     _torch_threads()
     micro = sim.MICRO_BATCHES if size.sft_batch % sim.MICRO_BATCHES == 0 else 1
     cfg = SFTStageConfig(
