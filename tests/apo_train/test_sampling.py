@@ -121,3 +121,23 @@ def test_sorted_micro_batches_train_as_the_whole_step(tiny_vlm_path, mini_mimic,
     assert whole.keys() == micro.keys()
     for key in whole:
         torch.testing.assert_close(micro[key], whole[key], rtol=1e-4, atol=1e-5)
+
+
+def test_the_teachers_batch_stream_sorts_each_batch_and_keeps_its_rows():
+    from cxrmax.toy.teachers import _BatchStream
+
+    rng = random.Random(1)
+    lengths = [rng.randint(40, 250) for _ in range(37)]  # 37 rows: batches straddle two passes
+    stream = list(_BatchStream(lengths, steps=9, batch_size=8, seed=4))
+    assert len(stream) == 9 * 8
+    # The rows a step trains on are the unsorted stream's (the same draws), only reordered.
+    unsorted: list[int] = []
+    draw = random.Random(4)
+    while len(unsorted) < 9 * 8:
+        more = list(range(37))
+        draw.shuffle(more)
+        unsorted += more
+    for step in range(9):
+        batch = stream[step * 8 : (step + 1) * 8]
+        assert sorted(batch) == sorted(unsorted[step * 8 : (step + 1) * 8])
+        assert [lengths[i] for i in batch] == sorted((lengths[i] for i in batch), reverse=True)
