@@ -6,7 +6,9 @@ Sorting the rows of one optimizer step by length before they are cut into gradie
 micro-batches pads each short row only to its own micro-batch's longest. The step still trains on
 the same random rows with the same gradient, because the SFT loss divides the summed token losses by
 the whole step's token count (transformers' ``num_items_in_batch``), not by each micro-batch's; only
-the padding goes. Grouping rows by length *across* steps (transformers' ``group_by_length``) saves
+the padding goes. (That holds for a model whose forward takes loss kwargs, as transformers' VLMs and
+LMs do; for any other the Trainer averages per micro-batch, and sorting then also changes the weights
+of the rows, as accumulation without sorting already does.) Grouping rows by length *across* steps (transformers' ``group_by_length``) saves
 more padding but changes what a step averages over: on the demo it made the SFT student fit its rows
 worse (loss 0.28 against 0.14 in the same steps).
 """

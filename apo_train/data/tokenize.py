@@ -369,8 +369,7 @@ def tokenize_preferences(
 
     ``max_negatives`` keeps the K most drifting negatives of each sample. Returns the tokenized dataset
     (rows dropped by the policy removed; columns ``sample_id``, ``image_path``, ``prompt_input_ids``,
-    ``chosen_input_ids``, ``rejected_input_ids`` and ``length``, the tokens of the sample's longest
-    row) and the counts."""
+    ``chosen_input_ids``, ``rejected_input_ids``) and the counts."""
 
     def encode(row: dict[str, Any], index: int) -> dict[str, Any]:
         result = {
@@ -385,7 +384,6 @@ def tokenize_preferences(
             "n_identical_rejected": 0,
             "n_rejected_kept": 0,
             "n_prompt_tokens": 0,
-            "length": 0,
         }
         budget = _encode_prompt(
             row, index, "chosen", result, encoder, max_length, min_completion_tokens, lenient, source
@@ -424,7 +422,6 @@ def tokenize_preferences(
             return result
         result["rejected_input_ids"] = rejected_ids
         result["n_rejected_kept"] = len(rejected_ids)
-        result["length"] = result["n_prompt_tokens"] + max(len(chosen_ids), *map(len, rejected_ids))
         return result
 
     check_column_types(dataset, ("prompt", "chosen", "image_path"), ("rejected",), source)

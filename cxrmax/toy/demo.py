@@ -503,7 +503,7 @@ def train_sft_student(out: Path, data: Path, mimic_root: Path, base: Path, size:
     padding and leaves the gradient as it is). The same seed gives the same student whatever the
     machine's load (see _torch_threads)."""
     _torch_threads()
-    micro = sim.MICRO_BATCHES if size.sft_batch % sim.MICRO_BATCHES == 0 else 1
+    micro = sim.micro_batches(size.sft_batch)
     cfg = SFTStageConfig(
         output_dir=str(out / "student-sft"),
         model_name_or_path=str(base),

@@ -617,12 +617,18 @@ def _datasets_bars_off() -> Iterator[None]:
 MICRO_BATCHES = 2
 
 
+def micro_batches(batch_size: int) -> int:
+    """How many accumulated micro-batches a step of ``batch_size`` rows is cut into (MICRO_BATCHES
+    when it divides the batch, else 1)."""
+    return MICRO_BATCHES if batch_size % MICRO_BATCHES == 0 else 1
+
+
 def teacher_sft_config(model_dir: str | Path, steps: int, batch_size: int, seed: int) -> SFTStageConfig:
     """The SFT stage settings of a teacher: full fine-tuning of the tiny model on CPU for ``steps``
     steps of ``batch_size`` examples (in :data:`MICRO_BATCHES` accumulated micro-batches when it
     divides them), gradients clipped at 1, the loss logged at every step, nothing saved by the
     trainer itself (the optimizer and the example order: :func:`train_teacher`)."""
-    micro = MICRO_BATCHES if batch_size % MICRO_BATCHES == 0 else 1
+    micro = micro_batches(batch_size)
     return SFTStageConfig(
         output_dir=str(model_dir),
         model_name_or_path=str(model_dir),

@@ -10,12 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apo_train.config import SFTStageConfig
 from apo_train.data import ChatEncoder, LengthSortedSteps, load_split, sort_by_length, tokenize_sft
 from apo_train.modeling import load_processor
 from apo_train.trainer import run_sft
 from cxrmax.core.schemas import SFT_SCHEMA
-from tests.helpers.training import PROMPT, save_dataset
+from tests.helpers.training import PROMPT, save_dataset, sft_config
 
 
 def _padded_tokens(order: list[int], lengths: list[int], micro: int) -> int:
@@ -92,22 +91,18 @@ def test_sorted_micro_batches_train_as_the_whole_step(tiny_vlm_path, mini_mimic,
 
     def train(name: str, batch: int, accumulation: int) -> tuple[list[float], dict[str, torch.Tensor]]:
         result = run_sft(
-            SFTStageConfig(
-                output_dir=str(tmp_path / name),
-                model_name_or_path=str(tiny_vlm_path),
-                dataset_path=str(data),
+            sft_config(
+                tmp_path / name,
+                tiny_vlm_path,
+                data,
                 image_root=str(mini_mimic),
                 max_edge=112,
                 max_steps=4,
                 learning_rate=1e-2,
                 per_device_train_batch_size=batch,
                 gradient_accumulation_steps=accumulation,
-                global_batch_size=None,
                 sort_accumulated_by_length=True,
                 use_lora=False,
-                logging_steps=1,
-                save_strategy="no",
-                use_cpu=True,
                 seed=5,
             )
         )

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from apo_train.config import SFTStageConfig
 from apo_train.data import (
     APOCollator,
     ChatEncoder,
@@ -20,7 +19,7 @@ from apo_train.modeling import load_model, load_processor
 from apo_train.trainer import run_apo, run_sft, sft_loss
 from cxrmax.core.errors import InputError
 from cxrmax.core.schemas import PREFERENCE_SCHEMA, SFT_SCHEMA
-from tests.helpers.training import POSITIVE, PROMPT, apo_config, preference_rows, save_dataset
+from tests.helpers.training import POSITIVE, PROMPT, apo_config, preference_rows, save_dataset, sft_config
 
 
 @pytest.fixture(scope="module")
@@ -221,19 +220,15 @@ def test_apo_and_sft_train_on_tiny_qwen2_vl_with_images(
     ]
     sft_path = save_dataset(rows, SFT_SCHEMA, tmp_path / "sft")
     sft = run_sft(
-        SFTStageConfig(
-            output_dir=str(tmp_path / "sft_out"),
-            model_name_or_path=str(tiny_vlm_path),
-            dataset_path=str(sft_path),
+        sft_config(
+            tmp_path / "sft_out",
+            tiny_vlm_path,
+            sft_path,
             image_root=str(mini_mimic),
             max_edge=112,
             max_steps=3,
             learning_rate=2e-2,
             per_device_train_batch_size=2,
-            global_batch_size=None,
-            logging_steps=1,
-            save_strategy="no",
-            use_cpu=True,
             lora_dropout=0.0,
         )
     )

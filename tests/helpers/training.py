@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 
-from apo_train.config import APOConfig
+from apo_train.config import APOConfig, SFTStageConfig
 
 PROMPT = "This is a patient's chest DR image. Please explain the basis for the diagnosis of {label}."
 POSITIVE = "bilateral pleural effusion with mild edema and no pneumothorax"
@@ -101,3 +101,18 @@ def apo_config(tmp_path: Path, model: Path, data: Path, **overrides) -> APOConfi
     )
     settings.update(overrides)
     return APOConfig(**settings)
+
+
+def sft_config(output_dir: Path, model: Path, data: Path, **overrides) -> SFTStageConfig:
+    """A Stage-1 config for a few logged CPU steps, one optimizer step per batch; ``overrides`` set the rest."""
+    settings = dict(
+        output_dir=str(output_dir),
+        model_name_or_path=str(model),
+        dataset_path=str(data),
+        global_batch_size=None,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+    )
+    settings.update(overrides)
+    return SFTStageConfig(**settings)
