@@ -92,6 +92,13 @@ def generate(
     concurrency: int = typer.Option(
         64, "--concurrency", min=1, help="Requests in flight at once (all servers together)."
     ),
+    batch_size: int = typer.Option(
+        8,
+        "--batch-size",
+        min=1,
+        help="transformers backend: requests generated together as one batch (consecutive in the "
+        "selection's order, so a rerun batches them alike). Servers (openai, vllm) batch on their own.",
+    ),
     rpm: float = typer.Option(None, "--rpm", min=0.001, help="Requests-per-minute limit."),
     tpm: float = typer.Option(None, "--tpm", min=1.0, help="Tokens-per-minute limit (prompt + answer)."),
     timeout: float = typer.Option(
@@ -190,6 +197,7 @@ def generate(
             top_p=top_p,
             max_tokens=max_tokens,
             concurrency=concurrency,
+            batch_size=batch_size,
             rpm=rpm,
             tpm=tpm,
             timeout=timeout,

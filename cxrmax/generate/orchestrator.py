@@ -6,9 +6,11 @@ Data flow::
     selection (Parquet/Arrow, read in record batches)
       -> plan: one request per (row, sample index) in this --shard, key = store.request_key(...)
       -> skip keys already in committed shards (and permanent failures unless --retry-failed)
-      -> bounded asyncio.Queue (2 x concurrency) <- one producer task
+      -> bounded asyncio.Queue (2 x concurrency x batch size) <- one producer task
       -> `concurrency` worker tasks: image (ImageCache, thread pool) -> rate limiter -> backend
          -> retry with exponential backoff and full jitter on 429 / 5xx / timeouts / connection errors
+         (a backend with batch_size > 1, the in-process transformers engine, gets consecutive requests
+         of the plan together instead; a batch that fails is retried one request at a time)
       -> TrajectoryStore.append (journal line now, Arrow shard every rows_per_shard answers)
 
 Memory stays flat in the number of requests: the queue and the shard buffer are bounded, rows are read
@@ -134,6 +136,7 @@ class GenerateOptions:
     top_p: float | None = None
     max_tokens: int | None = None
     concurrency: int = 64
+    batch_size: int = 8  # transformers backend: requests generated together
     rpm: float | None = None
     tpm: float | None = None
     timeout: float = 600.0
@@ -259,6 +262,7 @@ class Orchestrator:
         #: requests in a row that used up their attempts on transient errors (reset by any success)
         self._failure_streak: list[BackendError] = []
         self._image_tokens = (options.image_max_edge // 28) ** 2
+        self._take_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ entry point
     async def run(self) -> RunStats:
@@ -366,9 +370,16 @@ class Orchestrator:
         concurrency = max(1, self.options.concurrency)
         if self.backend.kind in ("transformers", "vllm"):
             concurrency = min(concurrency, 4)  # in-process engines serialise; more tasks only queue
-        queue: asyncio.Queue[PlannedRequest | None] = asyncio.Queue(maxsize=2 * concurrency)
+        batch = self.backend.batch_size
+        if batch > 1:
+            # Two batch workers: one prepares its batch's images while the engine runs the other's.
+            concurrency = 2
+        queue: asyncio.Queue[PlannedRequest | None] = asyncio.Queue(maxsize=2 * concurrency * batch)
         producer = asyncio.create_task(self._produce(queue, concurrency))
-        workers = [asyncio.create_task(self._worker(queue)) for _ in range(concurrency)]
+        workers = [
+            asyncio.create_task(self._batch_worker(queue, batch) if batch > 1 else self._worker(queue))
+            for _ in range(concurrency)
+        ]
         ticker = asyncio.create_task(self._tick())
         tasks = [producer, *workers]
         try:
@@ -406,6 +417,24 @@ class Orchestrator:
                 return
             await self._process(planned)
 
+    async def _batch_worker(self, queue: asyncio.Queue, size: int) -> None:
+        while True:
+            # One worker at a time takes ``size`` consecutive requests of the plan: the batches, and so
+            # the float rounding of each answer, are the same on every run, whatever the timing.
+            async with self._take_lock:
+                chunk: list[PlannedRequest] = []
+                ended = False
+                while len(chunk) < size:
+                    planned = await queue.get()
+                    if planned is None:
+                        ended = True
+                        break
+                    chunk.append(planned)
+            if chunk:
+                await self._process_batch(chunk)
+            if ended:
+                return
+
     # ------------------------------------------------------------------ one request
     async def _image(self, relative: str) -> bytes:
         cached = self._image_lru.get(relative)
@@ -438,14 +467,38 @@ class Orchestrator:
             delay = max(delay, min(retry_after, options.backoff_max))
         return delay
 
+    def _sampling(self, planned: PlannedRequest) -> Sampling:
+        key = self.sampling_key
+        return Sampling(key["temperature"], key["top_p"], key["max_tokens"], planned.seed)
+
+    async def _process_batch(self, chunk: list[PlannedRequest]) -> None:
+        ready: list[tuple[PlannedRequest, bytes]] = []
+        for planned in chunk:
+            try:
+                ready.append((planned, await self._image(planned.row["image_path"])))
+            except (CxrmaxError, OSError, ValueError) as exc:
+                self._failed(planned, BackendError("image", str(exc)), 0)
+        if not ready:
+            return
+        started = time.perf_counter()
+        try:
+            completions = await self.backend.complete_batch(
+                [(planned.prompt, image, self._sampling(planned)) for planned, image in ready]
+            )
+        except BackendError:
+            # Each request on its own, with its retries and its own failure record.
+            for planned, _ in ready:
+                await self._process(planned)
+            return
+        latency = time.perf_counter() - started  # the batch's: every answer in it waited for all of it
+        self._succeeded_once()
+        self._failure_streak.clear()
+        for (planned, _), completion in zip(ready, completions, strict=True):
+            self._store(planned, completion, latency, 1)
+
     async def _process(self, planned: PlannedRequest) -> None:
         options = self.options
-        sampling = Sampling(
-            self.sampling_key["temperature"],
-            self.sampling_key["top_p"],
-            self.sampling_key["max_tokens"],
-            planned.seed,
-        )
+        sampling = self._sampling(planned)
         try:
             image = await self._image(planned.row["image_path"])
         except (CxrmaxError, OSError, ValueError) as exc:
@@ -670,7 +723,12 @@ def build_backend(options: GenerateOptions) -> Backend:
             candidates=[spec.name],
         )
     if options.backend == "transformers":
-        return make_backend("transformers", spec.name, model_path=options.model_path or spec.hf_id)
+        return make_backend(
+            "transformers",
+            spec.name,
+            model_path=options.model_path or spec.hf_id,
+            batch_size=options.batch_size,
+        )
     if options.backend == "vllm":
         return make_backend("vllm", spec.hf_id, engine_args=vllm_engine_args(spec.serve))
     raise CxrmaxError(f"unknown backend {options.backend!r}: use openai, transformers or vllm")

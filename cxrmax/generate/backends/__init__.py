@@ -43,13 +43,16 @@ def make_backend(
     candidates: list[str] | None = None,
     engine_args: dict[str, Any] | None = None,
     device: str | None = None,
+    batch_size: int = 1,
 ) -> Backend:
     """Build a backend: ``openai`` (needs ``base_urls``), ``transformers`` (``model_path`` or ``model``
-    as a folder / cached Hub id) or ``vllm``. Call ``await backend.start()`` before use."""
+    as a folder / cached Hub id; ``batch_size`` requests generated together) or ``vllm``. Call ``await backend.start()`` before use."""
     if kind == "openai":
         return OpenAIBackend(model, base_urls or [], api_key, timeout, max_connections, candidates)
     if kind == "transformers":
-        return TransformersBackend(model_path or model, served_model=model, device=device)
+        return TransformersBackend(
+            model_path or model, served_model=model, device=device, batch_size=batch_size
+        )
     if kind == "vllm":
         return VLLMBackend(str(model_path or model), engine_args)
     raise CxrmaxError(f"unknown backend {kind!r}: use openai, transformers or vllm")

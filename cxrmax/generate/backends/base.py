@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +43,8 @@ class Backend(ABC):
     kind: str = ""
     #: the id the server/engine knows the model by (recorded as served_model)
     served_model: str = ""
+    #: requests the orchestrator hands over together (complete_batch); 1: one at a time (complete)
+    batch_size: int = 1
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Check that the backend can serve the model (reachable, right model); raise CxrmaxError if not."""
@@ -49,6 +52,13 @@ class Backend(ABC):
     @abstractmethod
     async def complete(self, prompt: str, image_jpeg: bytes | None, sampling: Sampling) -> Completion:
         """One answer to ``prompt`` about the image; raises BackendError."""
+
+    async def complete_batch(
+        self, requests: Sequence[tuple[str, bytes | None, Sampling]]
+    ) -> list[Completion]:
+        """One answer per (prompt, image_jpeg, sampling), in order; raises BackendError for the batch.
+        Backends that batch (``batch_size`` > 1) override it; the default completes them in turn."""
+        return [await self.complete(prompt, image, sampling) for prompt, image, sampling in requests]
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections, threads, models."""
