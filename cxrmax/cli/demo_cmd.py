@@ -33,11 +33,12 @@ def demo(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
     teacher_backend: str = choice_option(
-        "openai",
+        "transformers",
         "--teacher-backend",
-        choices=Choice(("openai", "transformers")),
-        help="How teachers are served: openai (a local OpenAI-compatible server on 127.0.0.1, reached by "
-        "generate's openai backend) or transformers (in-process).",
+        choices=Choice(("transformers", "openai")),
+        help="How teachers answer: transformers (in-process, requests batched in a fixed order: the "
+        "fastest) or openai (each teacher served by a local OpenAI-compatible server on 127.0.0.1 and "
+        "reached by generate's openai backend, one request at a time, as a vLLM server would be).",
     ),
     verbose: bool = verbose_option(),
 ) -> None:

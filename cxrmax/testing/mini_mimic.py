@@ -451,25 +451,35 @@ def make_mini_mimic(
     large_images: int = 2,
     small_edge: tuple[int, int] = (256, 512),
     overwrite: bool = False,
+    split_weights: tuple[float, float, float] = (70, 15, 15),
 ) -> Path:
     """Write a mini MIMIC-CXR at `out` (see the module docstring) and return its path.
 
     Deterministic for a seed. `dicom=True` writes the DICOM layout (.dcm images, record and study
     lists; a third of the films MONOCHROME1) instead of JPGs. `version="2.1.0"` adds the radiologist
     test-set labels; `gz=False` writes plain CSVs. Needs at least 3 studies (one subject per split).
+    `split_weights`: the odds of train, validate and test for every subject after the first three
+    (one per split); one draw per subject whatever the weights, so moving weight between validate and
+    test leaves the train split and every film as they are.
     Built in a temporary sibling folder and renamed into place, so an interrupted run leaves no half
     data set; an existing non-empty `out` is an error unless `overwrite`."""
     if studies < 3:
         raise ValueError("make_mini_mimic needs at least 3 studies (one per split)")
     if version not in ("2.0.0", "2.1.0"):
         raise ValueError(f"unknown MIMIC-CXR version {version!r}; expected 2.0.0 or 2.1.0")
+    if len(split_weights) != 3 or min(split_weights) < 0 or sum(split_weights) <= 0:
+        raise ValueError(
+            f"split_weights: three non-negative odds (train, validate, test), not {split_weights!r}"
+        )
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (--overwrite replaces it)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write_mini_mimic(tmp, studies, seed, dicom, version, gz, large_images, small_edge)
+        _write_mini_mimic(
+            tmp, studies, seed, dicom, version, gz, large_images, small_edge, tuple(split_weights)
+        )
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -486,16 +496,19 @@ def _write_mini_mimic(
     gz: bool,
     large_images: int,
     small_edge: tuple[int, int],
+    split_weights: tuple[float, float, float] = (70, 15, 15),
 ) -> None:
     rng = random.Random(seed)  # one stream, drawn in this order: studies, images, pixels, MS-CXR-T
-    plan = _plan_studies(rng, studies)
+    plan = _plan_studies(rng, studies, split_weights)
     _plan_images(rng, plan, dicom, large_images, small_edge)
     _write_reports_and_images(out, rng, plan, dicom)
     _write_release_csvs(out, plan, version, gz, dicom)
     _write_ms_cxr_t(out / MS_CXR_T_FILENAME, plan, rng)
 
 
-def _plan_studies(rng: random.Random, studies: int) -> list[_Study]:
+def _plan_studies(
+    rng: random.Random, studies: int, split_weights: tuple[float, float, float] = (70, 15, 15)
+) -> list[_Study]:
     """Subjects with 1-3 studies each; the first three subjects cover the three splits."""
     used_subjects: set[int] = set()
     used_studies: set[int] = set()
@@ -509,7 +522,7 @@ def _plan_studies(rng: random.Random, studies: int) -> list[_Study]:
         split = (
             ("test", "validate", "train")[subject_index]
             if subject_index < 3
-            else rng.choices(("train", "validate", "test"), weights=(70, 15, 15))[0]
+            else rng.choices(("train", "validate", "test"), weights=split_weights)[0]
         )
         n = 1 if subject_index < 3 else rng.choice((1, 1, 2, 2, 3))
         if subject_index == 3:

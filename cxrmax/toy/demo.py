@@ -6,9 +6,10 @@ Stages (each timed and printed):
 2. **teachers**: tiny VLMs trained with injected, known biases (:mod:`cxrmax.toy.teachers`): a faithful
    reference, one that swaps left and right, one that asserts an absent finding, one that often
    refuses, one that rambles.
-3. **generate**: every teacher is served on loopback by the OpenAI-compatible test server and answers
-   the paper's rationale prompt through ``cxrmax generate``'s openai backend: train-split images feed
-   the preferences, test-split images (several samples each) measure the drift.
+3. **generate**: every teacher answers the paper's rationale prompt through ``cxrmax generate`` (its
+   transformers backend, in-process, batches of consecutive requests; ``--teacher-backend openai``
+   serves each teacher on loopback with the OpenAI-compatible test server instead): train-split
+   images feed the preferences, test-split images (several samples each) measure the drift.
 4. **preferences**: ``build-preferences`` (vote consensus, drift annotations, ranked negatives, SFT
    rows, data card).
 5. **students**: a tiny student trained with SFT on all teachers' trajectories, then APO (multi-negative
@@ -86,6 +87,9 @@ class DemoSize:
     sft_steps: int
     apo_steps: int
     max_tokens: int = 160
+    # Requests answered together by the in-process transformers backend: 4.0x (16) and 4.6x (32) the
+    # answers per second of one at a time (benchmark/perf/bench_batched_generation.py).
+    generate_batch: int = 32
     teacher_batch: int = 16
     teacher_lr: float = 8e-3
     image_max_edge: int = 112
@@ -98,6 +102,10 @@ class DemoSize:
     apo_lr: float = 3e-4
     apo_beta: float = 0.1
     student_seeds: int = 3  # the student stage is repeated over this many seeds (teachers fixed)
+    # The mini MIMIC-CXR's train / validate / test odds. The demo has no use for a validate split, so its
+    # share goes to test: twice the test films to measure drift on, and the same train split and films
+    # as MIMIC's 70/15/15 (make_mini_mimic draws one number per subject whatever the odds).
+    split_weights: tuple[float, float, float] = (70, 0, 30)
 
 
 SIZES: dict[str, DemoSize] = {
@@ -115,7 +123,7 @@ SIZES: dict[str, DemoSize] = {
     # train image's answers, 500 steps (the SFT student's precision: 0.58 at 300, 0.61 at 500, the
     # teachers' mean 0.65), APO / DPO at the setting of benchmark/studies/apo_sweep.py, 3 seeds.
     "default": DemoSize(
-        studies=240, teacher_steps=300, train_images=None, test_samples=2, sft_steps=500, apo_steps=60
+        studies=240, teacher_steps=300, train_images=None, test_samples=3, sft_steps=500, apo_steps=60
     ),
     # More data and steps: tighter intervals (longer; see README). 90 APO steps (1.4 passes over its 255
     # preferences): at 120 one seed's APO student fell below its SFT student (benchmark/studies/README.md).
@@ -204,7 +212,7 @@ def make_data(out: Path, size: DemoSize, seed: int) -> tuple[Path, Any, Any]:
     (every frontal train image when None)."""
     root = out / "mimic"
     if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
-        make_mini_mimic(root, studies=size.studies, seed=seed)
+        make_mini_mimic(root, studies=size.studies, seed=seed, split_weights=size.split_weights)
     mimic = MimicCXR(root)
     train_all = mimic.select(splits=["train"], views=["PA", "AP"])
     train_gen = mimic.select(splits=["train"], views=["PA", "AP"], k=size.train_images, seed=seed)
@@ -260,6 +268,7 @@ def generate_answers(
         samples=samples,
         seed=seed,
         concurrency=2,
+        batch_size=size.generate_batch,
         image_max_edge=size.image_max_edge,
         timeout=120.0,
     )
@@ -833,7 +842,7 @@ def run_demo(
     size: str = "default",
     seed: int = 0,
     console: Any = None,
-    teacher_backend: str = "openai",
+    teacher_backend: str = "transformers",
 ) -> DemoResult:
     """Run the whole toy pipeline under ``out`` (see the module docstring). Returns a DemoResult;
     writes ``out/demo_report.json`` and ``out/DEMO.md``. A stage that cannot run (a missing
@@ -875,12 +884,13 @@ def train_demo_teachers(
     test: Any,
     size: DemoSize,
     seed: int,
-    backend: str = "openai",
+    backend: str = "transformers",
 ) -> tuple[sim.Simulation, list[sim.Example], Any]:
     """The demo's teachers trained under OUT/teachers, each answering the train split (into
     OUT/generate) and the test split (``size.test_samples`` answers per image, into OUT/eval) as soon
-    as it is trained, in the processes that train the others (on ``backend``: ``openai``, served on
-    127.0.0.1; or ``transformers``). Returns (simulation, training examples, prompt).
+    as it is trained, in the processes that train the others (on ``backend``: ``transformers``,
+    in-process in batches of ``size.generate_batch``; or ``openai``, served on 127.0.0.1 and asked one
+    request at a time). Returns (simulation, training examples, prompt).
 
     The diagnosis list carries each finding's report side (see :func:`cxrmax.toy.teachers.sided_prompt`),
     for the train and the test images alike; teachers and students are all asked with this prompt."""
@@ -974,7 +984,11 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
         "teachers",
         f"train {len(teachers)} tiny VLM teachers with injected drift; as each is trained it answers "
         f"{train_images} train images and {test.num_rows} test images x {spec.test_samples} "
-        f"(served on 127.0.0.1, {teacher_backend} backend)",
+        + (
+            "(served on 127.0.0.1, openai backend)"
+            if teacher_backend == "openai"
+            else f"(in-process transformers backend, batches of {spec.generate_batch})"
+        ),
     ):
         simulation, examples, prompt = train_demo_teachers(
             out, teachers, root, train_all, test, spec, seed, teacher_backend

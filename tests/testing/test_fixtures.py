@@ -158,6 +158,29 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     ).read_bytes()
 
 
+def test_split_weights_move_validate_to_test_and_leave_train_alone(tmp_path: Path) -> None:
+    from cxrmax.mimic import MimicCXR
+
+    usual = MimicCXR(make_mini_mimic(tmp_path / "usual", studies=60, seed=2, large_images=0))
+    folded = MimicCXR(
+        make_mini_mimic(tmp_path / "folded", studies=60, seed=2, large_images=0, split_weights=(70, 0, 30))
+    )
+
+    def ids(mimic, split):
+        return mimic.select(splits=[split])["sample_id"].to_pylist()
+
+    assert ids(folded, "train") == ids(usual, "train")
+    for row in folded.select(splits=["train"]).to_pylist():
+        assert (folded.root / row["image_path"]).read_bytes() == (usual.root / row["image_path"]).read_bytes()
+    # Only the first subject's study stays in validate (one subject per split is always made).
+    assert len(set(ids(folded, "validate"))) < len(set(ids(usual, "validate")))
+    assert set(ids(folded, "test")) == set(ids(usual, "test")) | (
+        set(ids(usual, "validate")) - set(ids(folded, "validate"))
+    )
+    with pytest.raises(ValueError, match="split_weights"):
+        make_mini_mimic(tmp_path / "bad", studies=6, split_weights=(70, -1, 30))
+
+
 def test_needs_three_studies(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="at least 3"):
         make_mini_mimic(tmp_path, studies=2)
