@@ -72,7 +72,7 @@ class SeededSampler:
         for row, (generator, temperature, top_p) in enumerate(
             zip(self.generators, self.temperatures, self.top_ps, strict=True)
         ):
-            logits = scores[row].float()
+            logits = scores[row].float().cpu()  # the generators are CPU ones, whatever the model's device
             if temperature <= 0:
                 chosen[row] = int(torch.argmax(logits))
                 continue
