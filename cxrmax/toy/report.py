@@ -216,20 +216,14 @@ def interpretation(rows: Sequence[dict[str, Any]]) -> list[str]:
                 apart_below.setdefault(f"{student} vs {other}", []).append(RATE_NAMES[key])
     if "student-apo" in by_name and sft is not None:
         below = apart_below.get("student-apo vs student-sft", [])
-        lines.append(
-            "Does APO lower the drift? "
-            + (
-                f"Yes on {', '.join(below)} (intervals apart); "
-                if below
-                else "Not measurably: on no rate is the APO student below the SFT student with intervals apart"
-            )
-            + (
-                ""
-                if len(below) in (0, len(RATE_NAMES))
-                else f"not on {', '.join(n for n in RATE_NAMES.values() if n not in below)}"
-            )
-            + "."
-        )
+        if below:
+            answer = f"Yes on {', '.join(below)} (intervals apart)"
+            rest = [name for name in RATE_NAMES.values() if name not in below]
+            if rest:
+                answer += f"; not on {', '.join(rest)}"
+        else:
+            answer = "Not measurably: on no rate is the APO student below the SFT student with intervals apart"
+        lines.append(f"Does APO lower the drift? {answer}.")
     if teachers and "student-apo" in by_name:
         best = max(teachers, key=_quality)
         apo, sd = _quality(by_name["student-apo"]), _quality_sd(by_name["student-apo"])

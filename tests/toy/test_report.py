@@ -121,3 +121,14 @@ def test_the_console_tables_fit_80_columns_with_every_model_and_interval_whole()
     for row in rows:
         assert f"│ {row['model']} " in text  # the model column is not collapsed
     assert "0.60 ± 0.05" in text and "[0.52, 0.68]" in text and "[0.35, 0.45]" in text  # whole cells
+
+
+def test_verdict_when_apo_is_below_on_every_rate():
+    teachers = [_row("faithful"), _row("refuses", refusal_rate=0.6)]
+    sft = _student("student-sft", {key: [0.6, 0.6, 0.6] for key in RATES}, 0.02)
+    apo = _student("student-apo", {key: [0.1, 0.1, 0.1] for key in RATES}, 0.02)
+    verdict = next(line for line in interpretation([*teachers, sft, apo]) if line.startswith("Does APO"))
+    assert verdict == (
+        "Does APO lower the drift? Yes on refusal rate, hallucination rate, absent-pneumothorax claims, "
+        "side error vs report (intervals apart)."
+    )
