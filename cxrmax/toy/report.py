@@ -222,7 +222,9 @@ def interpretation(rows: Sequence[dict[str, Any]]) -> list[str]:
             if rest:
                 answer += f"; not on {', '.join(rest)}"
         else:
-            answer = "Not measurably: on no rate is the APO student below the SFT student with intervals apart"
+            answer = (
+                "Not measurably: on no rate is the APO student below the SFT student with intervals apart"
+            )
         lines.append(f"Does APO lower the drift? {answer}.")
     if teachers and "student-apo" in by_name:
         best = max(teachers, key=_quality)
