@@ -87,7 +87,7 @@ class DemoSize:
     sft_steps: int
     apo_steps: int
     max_tokens: int = 160
-    # Requests answered together by the in-process transformers backend: 4.0x (16) and 4.6x (32) the
+    # Requests answered together by the in-process transformers backend: 4.2x (16) and 4.5x (32) the
     # answers per second of one at a time (benchmark/perf/bench_batched_generation.py).
     generate_batch: int = 32
     teacher_batch: int = 16
