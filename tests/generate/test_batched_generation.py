@@ -209,3 +209,65 @@ def test_a_missing_film_fails_its_request_not_its_batch(tiny_vlm_path, ten_rows,
     )
     assert stats.done == 9 and stats.failed == 1
     assert sorted(len(b) for b in backend.batches) == [2, 3, 4]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_batched_run_keeps_every_answer_and_a_rerun_finishes_exactly_once(
+    tiny_vlm_path, mini_mimic, tmp_path
+):
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from cxrmax.generate.store import read_shard
+    from cxrmax.mimic import MimicCXR, write_selection
+
+    selection = write_selection(MimicCXR(mini_mimic).select(), tmp_path / "selection.parquet")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "cxrmax", "generate", "--model", str(tiny_vlm_path), "--backend", "transformers",
+        "--selection", str(selection), "--mimic-root", str(mini_mimic), "--out", str(out), "--samples", "6",
+        "--max-tokens", "64", "--temperature", "1", "--image-max-edge", "64", "--batch-size", "4", "--quiet",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def received() -> dict[str, str]:
+        answers = {}
+        folders = list((out / "trajectories").glob("*")) if (out / "trajectories").is_dir() else []
+        if not folders:
+            return answers
+        [folder] = folders
+        for shard in folder.glob("part-*.arrow"):
+            rows = read_shard(shard, ["request_key", "text"]).to_pylist()
+            answers |= {row["request_key"]: row["text"] for row in rows}
+        for journal in folder.glob("wal-*.jsonl"):
+            for line in journal.read_text().splitlines(keepends=True):
+                if line.endswith("\n"):
+                    row = json.loads(line)
+                    answers[row["request_key"]] = row["text"]
+        return answers
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(received()) < 8:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.05)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert time.monotonic() - sent < 30  # the batch in flight finishes; nothing waits for the rest
+    assert "Traceback" not in err
+    before = received()
+    total = 6 * pq.read_table(selection).num_rows
+    assert 8 <= len(before) < total
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    table = read_trajectories(out)
+    keys = table["request_key"].to_pylist()
+    assert len(keys) == len(set(keys)) == total
+    final = dict(zip(keys, table["text"].to_pylist(), strict=True))
+    assert all(final[key] == text for key, text in before.items())  # kept, not asked again
+    assert f"{total - len(before)} requests to do, {len(before)} already done" in rerun.stderr
