@@ -467,6 +467,10 @@ class Orchestrator:
             delay = max(delay, min(retry_after, options.backoff_max))
         return delay
 
+    def _estimate(self, planned: PlannedRequest) -> int:
+        """Tokens a request is expected to cost (prompt, image and answer), for the TPM bucket."""
+        return len(planned.prompt) // 4 + self._image_tokens + self.sampling_key["max_tokens"]
+
     def _sampling(self, planned: PlannedRequest) -> Sampling:
         key = self.sampling_key
         return Sampling(key["temperature"], key["top_p"], key["max_tokens"], planned.seed)
@@ -480,6 +484,10 @@ class Orchestrator:
                 self._failed(planned, BackendError("image", str(exc)), 0)
         if not ready:
             return
+        estimates = [self._estimate(planned) for planned, _ in ready]
+        if self.limiter.active:
+            for estimate in estimates:
+                await self.limiter.acquire(estimate)
         started = time.perf_counter()
         try:
             completions = await self.backend.complete_batch(
@@ -493,8 +501,12 @@ class Orchestrator:
         latency = time.perf_counter() - started  # the batch's: every answer in it waited for all of it
         self._succeeded_once()
         self._failure_streak.clear()
-        for (planned, _), completion in zip(ready, completions, strict=True):
+        for (planned, _), completion, estimate in zip(ready, completions, estimates, strict=True):
             self._store(planned, completion, latency, 1)
+            if self.limiter.active:
+                self.limiter.settle(
+                    estimate, (completion.prompt_tokens or 0) + (completion.completion_tokens or 0)
+                )
 
     async def _process(self, planned: PlannedRequest) -> None:
         options = self.options
@@ -504,7 +516,7 @@ class Orchestrator:
         except (CxrmaxError, OSError, ValueError) as exc:
             self._failed(planned, BackendError("image", str(exc)), 0)
             return
-        estimate = len(planned.prompt) // 4 + self._image_tokens + sampling.max_tokens
+        estimate = self._estimate(planned)
         attempt = 0
         while True:
             attempt += 1

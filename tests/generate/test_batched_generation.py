@@ -195,6 +195,17 @@ def test_a_failing_batch_is_retried_one_request_at_a_time(tiny_vlm_path, ten_row
     assert len(_answers(tmp_path)) == 10
 
 
+def test_an_rpm_limit_holds_for_batched_requests_too(tiny_vlm_path, ten_rows, mini_mimic, tmp_path):
+    import time
+
+    backend = RecordingBackend(str(tiny_vlm_path), batch_size=10)
+    started = time.monotonic()
+    stats = generate(_options(ten_rows, mini_mimic, tmp_path, tiny_vlm_path, rpm=600), backend=backend)
+    assert stats.done == 20
+    # 10 per second with a burst of one second's worth: the second batch of 10 waits about a second.
+    assert time.monotonic() - started >= 0.9
+
+
 def test_a_missing_film_fails_its_request_not_its_batch(tiny_vlm_path, ten_rows, mini_mimic, tmp_path):
     table = pq.read_table(ten_rows)
     paths = table["image_path"].to_pylist()
