@@ -460,7 +460,7 @@ def make_mini_mimic(
     test-set labels; `gz=False` writes plain CSVs. Needs at least 3 studies (one subject per split).
     `split_weights`: the odds of train, validate and test for every subject after the first three
     (one per split); one draw per subject whatever the weights, so moving weight between validate and
-    test leaves the train split and every film as they are.
+    test (train's share unchanged) leaves the train split and every film as they are.
     Built in a temporary sibling folder and renamed into place, so an interrupted run leaves no half
     data set; an existing non-empty `out` is an error unless `overwrite`."""
     if studies < 3:
