@@ -299,18 +299,33 @@ def _stats_dict(stats: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def drift_rates(
-    trajectories: Any, reference_sides: dict[str, dict[str, str]], n_boot: int = 1000, seed: int = 0
-) -> dict[str, dict[str, Any]]:
-    """Per model: refusal rate, hallucination rate, laterality error rate, mean words and answers, and
-    under ``ci`` each rate's 95% percentile-bootstrap interval over the model's answers.
+@dataclass(frozen=True)
+class DriftCounts:
+    """Per answer: its model, its film (sample_id) and its drift counts, one row each, the columns
+    answers (1), refused, answered, hallucinating, pneumothorax claim, side errors, sides compared and
+    words. Every drift rate is a ratio of these counts summed over answers (:func:`_rates_of_sums`)."""
 
-    The drift is the data card's (:func:`cxrmax.preferences.drift.compare` against the study's labels,
-    with the report's sides as the reference sides): an answer hallucinates when it claims (positive
-    or uncertain) an observation the labels do not claim; a side error is an observation both claim
-    with different specific sides, over the sides compared. Refusals count for the refusal rate only.
+    models: np.ndarray
+    films: np.ndarray
+    counts: np.ndarray
 
-    ``trajectories``: a TRAJECTORY_SCHEMA table; ``reference_sides``: sample_id -> report sides."""
+    def of(self, model: str) -> DriftCounts:
+        """The answers of one model."""
+        mine = self.models == model
+        return DriftCounts(self.models[mine], self.films[mine], self.counts[mine])
+
+    def by_film(self) -> tuple[np.ndarray, np.ndarray]:
+        """(films in sorted order, their counts summed over each film's answers)."""
+        films, inverse = np.unique(self.films.astype(str), return_inverse=True)
+        summed = np.zeros((len(films), self.counts.shape[1]))
+        np.add.at(summed, inverse, self.counts)
+        return films, summed
+
+
+def drift_counts(trajectories: Any, reference_sides: dict[str, dict[str, str]]) -> DriftCounts:
+    """The drift of every answer in ``trajectories`` (a TRAJECTORY_SCHEMA table) read by the labeler,
+    against the study's labels and ``reference_sides`` (sample_id -> report sides); see
+    :func:`drift_rates` for the definitions."""
     models = trajectories.column("model").to_pylist()
     texts = [text or "" for text in trajectories.column("text").to_pylist()]
     samples = trajectories.column("sample_id").to_pylist()
@@ -339,9 +354,7 @@ def drift_rates(
     side_errors = np.where(answered, agreement.side_errors.sum(axis=1), 0)
     side_compared = np.where(answered, agreement.side_compared, 0)
     words = np.array([len(text.split()) for text in texts], dtype=np.int64)
-    model_of = np.array(models, dtype=object)
-    # One row of counts per answer: the bootstrap resamples answers and recomputes each ratio.
-    per_answer = np.stack(
+    counts = np.stack(
         [
             np.ones(n),
             refusal,
@@ -354,27 +367,79 @@ def drift_rates(
         ],
         axis=1,
     ).astype(np.float64)
+    return DriftCounts(np.array(models, dtype=object), np.array(samples, dtype=object), counts)
+
+
+def drift_rates(
+    trajectories: Any,
+    reference_sides: dict[str, dict[str, str]],
+    n_boot: int = 1000,
+    seed: int = 0,
+    by_film: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Per model: refusal rate, hallucination rate, laterality error rate, mean words and answers, and
+    under ``ci`` each rate's 95% percentile-bootstrap interval over the model's answers (``by_film``:
+    over its films, each resampled with all its answers: the several answers to one film are not
+    independent, so these intervals are the wider, honest ones for a per-film effect).
+
+    The drift is the data card's (:func:`cxrmax.preferences.drift.compare` against the study's labels,
+    with the report's sides as the reference sides): an answer hallucinates when it claims (positive
+    or uncertain) an observation the labels do not claim; a side error is an observation both claim
+    with different specific sides, over the sides compared. Refusals count for the refusal rate only.
+
+    ``trajectories``: a TRAJECTORY_SCHEMA table; ``reference_sides``: sample_id -> report sides."""
+    return rates_of_counts(drift_counts(trajectories, reference_sides), n_boot, seed, by_film)
+
+
+def rates_of_counts(
+    everything: DriftCounts, n_boot: int = 1000, seed: int = 0, by_film: bool = False
+) -> dict[str, dict[str, Any]]:
+    """:func:`drift_rates` of answers already read (:func:`drift_counts`)."""
     rates = {}
-    for index, model in enumerate(dict.fromkeys(models)):  # first-seen order
-        mine = model_of == model
-        answers, kept, compared = (
-            int(mine.sum()),
-            int((mine & answered).sum()),
-            int(side_compared[mine].sum()),
-        )
+    for index, model in enumerate(dict.fromkeys(everything.models.tolist())):  # first-seen order
+        mine = everything.of(model)
+        totals = mine.counts.sum(axis=0)
+        point = {key: float(value[0]) for key, value in _rates_of_sums(totals[None, :]).items()}
         rates[model] = {
-            "answers": answers,
-            "refusal_rate": float(refusal[mine].mean()),
-            "hallucination_rate": float(hallucinating[mine].sum() / kept) if kept else float("nan"),
-            "pneumothorax_claim_rate": float(claims_pneumothorax[mine].sum() / kept)
-            if kept
-            else float("nan"),
-            "laterality_error_rate": float(side_errors[mine].sum() / compared) if compared else float("nan"),
-            "sides_compared": compared,
-            "mean_words": float(words[mine].mean()),
-            "ci": bootstrap_ci(per_answer[mine], _rates_of_sums, n_boot=n_boot, seed=seed + index),
+            "answers": int(totals[0]),
+            "refusal_rate": point["refusal_rate"],
+            "hallucination_rate": point["hallucination_rate"],
+            "pneumothorax_claim_rate": point["pneumothorax_claim_rate"],
+            "laterality_error_rate": point["laterality_error_rate"],
+            "sides_compared": int(totals[6]),
+            "mean_words": point["mean_words"],
+            "ci": bootstrap_ci(
+                mine.by_film()[1] if by_film else mine.counts,
+                _rates_of_sums,
+                n_boot=n_boot,
+                seed=seed + index,
+            ),
         }
     return rates
+
+
+def paired_film_difference(
+    counts: DriftCounts, model: str, baseline: str, n_boot: int = 1000, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
+    """``model``'s drift rates minus ``baseline``'s on the films both answered: per rate (difference,
+    low, high), the 95% interval of a bootstrap that resamples films and keeps each film's answers of
+    both models together. Pairing by film takes what makes a film easy or hard out of the comparison,
+    which unpaired intervals over films leave in."""
+    films_a, summed_a = counts.of(model).by_film()
+    films_b, summed_b = counts.of(baseline).by_film()
+    common, in_a, in_b = np.intersect1d(films_a, films_b, return_indices=True)
+    if not len(common):
+        return {}
+    paired = np.concatenate([summed_a[in_a], summed_b[in_b]], axis=1)
+    width = summed_a.shape[1]
+
+    def difference(sums: np.ndarray) -> dict[str, np.ndarray]:
+        mine, theirs = _rates_of_sums(sums[:, :width]), _rates_of_sums(sums[:, width:])
+        return {key: mine[key] - theirs[key] for key in mine}
+
+    point = {key: float(value[0]) for key, value in difference(paired.sum(axis=0)[None, :]).items()}
+    intervals = bootstrap_ci(paired, difference, n_boot=n_boot, seed=seed)
+    return {key: (point[key], *intervals[key]) for key in point if key in intervals}
 
 
 def _rates_of_sums(sums: np.ndarray) -> dict[str, np.ndarray]:
@@ -568,6 +633,12 @@ def train_students(
 
 #: The students, in the table's order.
 STUDENTS = ("student-sft", "student-dpo", "student-apo")
+#: (student, baseline) pairs whose drift rates the report compares film by film
+STUDENT_PAIRS = (
+    ("student-apo", "student-sft"),
+    ("student-dpo", "student-sft"),
+    ("student-apo", "student-dpo"),
+)
 
 
 def seed_model(student: str, index: int) -> str:
@@ -1065,8 +1136,8 @@ def _report_text(row: dict[str, Any]) -> str:
 def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation: Any) -> list[dict[str, Any]]:
     """Score every model under ``eval_out/trajectories`` with the leaderboard and the drift rates."""
     gold = {row["sample_id"]: sim.report_sides(_report_text(row)) for row in test.to_pylist()}
-    table = read_trajectories(eval_out, ordered=True)
-    rates = drift_rates(table, gold)
+    counts = drift_counts(read_trajectories(eval_out, ordered=True), gold)
+    rates = rates_of_counts(counts)
     drift_of = {t.spec.name: t.spec.describe() for t in simulation.teachers}
     short_of = {
         t.spec.name: ", ".join(f"{b.kind} {b.rate:.0%}" for b in t.spec.biases) or "none"
@@ -1091,6 +1162,12 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
                 row["ci"] = {
                     **{k: tuple(v) for k, v in (scores.get("ci") or {}).items()},
                     **rates.get(model, {}).get("ci", {}),
+                }
+                # Students compared on the same films (the pooled folder): APO/DPO vs SFT, APO vs DPO.
+                row["paired"] = {
+                    baseline: paired_film_difference(counts, model, baseline)
+                    for first, baseline in STUDENT_PAIRS
+                    if first == model and baseline in rates
                 }
                 rows.append(row)
             if board.find(result.task, result.sha256) is None:

@@ -152,6 +152,27 @@ def seeds_lower(a: dict[str, Any], b: dict[str, Any], key: str) -> tuple[int, in
     return sum(u < v for u, v in pairs), len(pairs)
 
 
+def _paired_verdict(paired: dict[str, Sequence[float]]) -> str:
+    """The APO - SFT differences paired by film (see cxrmax.toy.demo.paired_film_difference) as one line."""
+    parts, below = [], []
+    for key, name in RATE_NAMES.items():
+        if key not in paired:
+            continue
+        difference, low, high = paired[key]
+        parts.append(f"{name} {difference:+.2f} [{low:+.2f}, {high:+.2f}]")
+        if high < 0:
+            below.append(name)
+    verdict = (
+        f"lower on {', '.join(below)} (interval of the difference below 0)"
+        if below
+        else "not measurably lower"
+    )
+    return (
+        "Paired by film (each test film's answers of both students resampled together, so how hard a film "
+        f"is drops out): APO - SFT {'; '.join(parts)}: APO is {verdict}."
+    )
+
+
 def interpretation(rows: Sequence[dict[str, Any]]) -> list[str]:
     """Sentences computed from the table: what the students inherited and what APO changed.
 
@@ -226,6 +247,9 @@ def interpretation(rows: Sequence[dict[str, Any]]) -> list[str]:
                 "Not measurably: on no rate is the APO student below the SFT student with intervals apart"
             )
         lines.append(f"Does APO lower the drift? {answer}.")
+        paired = (by_name["student-apo"].get("paired") or {}).get("student-sft") or {}
+        if paired:
+            lines.append(_paired_verdict(paired))
     if teachers and "student-apo" in by_name:
         best = max(teachers, key=_quality)
         apo, sd = _quality(by_name["student-apo"]), _quality_sd(by_name["student-apo"])

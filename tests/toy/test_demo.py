@@ -145,6 +145,13 @@ def test_teachers_and_students_are_scored_and_on_the_board(demo):
         assert {r["backend"] for r in answers} == {"transformers"}
     # the drift table agrees with what the answers say
     assert rows["refuses"]["refusal_rate"] > rows["faithful"]["refusal_rate"]
+    # APO and DPO are compared with SFT film by film (their answers to the same test films, paired)
+    for student, baseline in (("student-apo", "student-sft"), ("student-dpo", "student-sft")):
+        paired = rows[student]["paired"][baseline]
+        difference, low, high = paired["refusal_rate"]
+        assert low <= difference <= high
+        assert difference == pytest.approx(rows[student]["refusal_rate"] - rows[baseline]["refusal_rate"])
+    assert rows["student-sft"]["paired"] == {} and rows["faithful"]["paired"] == {}
     with sqlite3.connect(demo.out / "leaderboard.sqlite") as db:
         names = {name for (name,) in db.execute("SELECT name FROM entries WHERE task = 'cxr-max-rationale'")}
     assert names == set(TEACHERS + STUDENTS) | set(per_seed)

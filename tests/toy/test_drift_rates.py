@@ -55,3 +55,43 @@ def test_absent_pneumothorax_claims_are_counted_apart_from_other_hallucinations(
     assert rates["pneumothorax_claim_rate"] == pytest.approx(5 / 20)
     low, high = rates["ci"]["pneumothorax_claim_rate"]
     assert low < 0.25 < high
+
+
+def test_intervals_by_film_resample_films_not_answers():
+    # 20 films, 5 answers each, all alike within a film: 5 answers carry one film's worth of evidence.
+    rows = []
+    for i in range(20):
+        side = "right" if i % 2 else "left"
+        rows += [("m", f"s{i}", f"There is a {side} pleural effusion.")] * 5
+    gold = {f"s{i}": {"Pleural Effusion": "left"} for i in range(20)}
+    answers = drift_rates(_table(rows), gold, n_boot=400)["m"]
+    films = drift_rates(_table(rows), gold, n_boot=400, by_film=True)["m"]
+    assert films["laterality_error_rate"] == answers["laterality_error_rate"] == pytest.approx(0.5)
+    width = {k: r["ci"]["laterality_error_rate"][1] - r["ci"]["laterality_error_rate"][0] for k, r in
+             (("answers", answers), ("films", films))}  # fmt: skip
+    # The film interval is about sqrt(5) times the answer one (binomial over 20 films vs 100 answers).
+    assert 1.6 < width["films"] / width["answers"] < 3.0, width
+
+
+def test_a_paired_film_difference_sees_a_steady_gain_that_unpaired_intervals_miss():
+    from cxrmax.toy.demo import drift_counts, paired_film_difference
+
+    # Hard films (odd) and easy films (even): B errs on 5 / 1 of a film's 5 sides, A on 4 / 0, so A is
+    # 0.2 better on every film while the films themselves differ far more than that.
+    rows = []
+    for i in range(40):
+        for model, errors in (("A", 4 if i % 2 else 0), ("B", 5 if i % 2 else 1)):
+            for k in range(5):
+                side = "right" if k < errors else "left"
+                rows.append((model, f"s{i}", f"There is a {side} pleural effusion."))
+    gold = {f"s{i}": {"Pleural Effusion": "left"} for i in range(40)}
+    films = drift_rates(_table(rows), gold, n_boot=400, by_film=True)
+    a, b = films["A"]["ci"]["laterality_error_rate"], films["B"]["ci"]["laterality_error_rate"]
+    assert films["A"]["laterality_error_rate"] == pytest.approx(0.4)
+    assert films["B"]["laterality_error_rate"] == pytest.approx(0.6)
+    assert a[1] > b[0]  # unpaired, the intervals overlap
+    difference, low, high = paired_film_difference(drift_counts(_table(rows), gold), "A", "B", n_boot=400)[
+        "laterality_error_rate"
+    ]
+    assert difference == pytest.approx(-0.2) and high < 0 and low == pytest.approx(-0.2)
+    assert paired_film_difference(drift_counts(_table(rows), gold), "A", "nobody") == {}

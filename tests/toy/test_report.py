@@ -132,3 +132,27 @@ def test_verdict_when_apo_is_below_on_every_rate():
         "Does APO lower the drift? Yes on refusal rate, hallucination rate, absent-pneumothorax claims, "
         "side error vs report (intervals apart)."
     )
+
+
+def test_the_paired_film_verdict_names_the_rates_whose_difference_is_below_zero():
+    teachers = [_row("faithful"), _row("refuses", refusal_rate=0.6)]
+    sft = _student("student-sft", {key: [0.5, 0.5, 0.5] for key in RATES}, 0.1)
+    apo = _student("student-apo", {key: [0.45, 0.45, 0.45] for key in RATES}, 0.1)
+    apo["paired"] = {
+        "student-sft": {
+            "refusal_rate": (-0.10, -0.12, -0.08),
+            "hallucination_rate": (-0.05, -0.09, -0.01),
+            "pneumothorax_claim_rate": (0.0, -0.02, 0.02),
+            "laterality_error_rate": (-0.08, -0.15, 0.01),
+            "mean_words": (-9.0, -10.0, -8.0),  # not a drift rate: not reported
+        }
+    }
+    lines = interpretation([*teachers, sft, apo])
+    assert any(line.startswith("Does APO lower the drift? Not measurably") for line in lines)  # unpaired
+    [paired] = [line for line in lines if line.startswith("Paired by film")]
+    assert "refusal rate -0.10 [-0.12, -0.08]" in paired and "words" not in paired
+    assert paired.endswith(
+        "APO is lower on refusal rate, hallucination rate (interval of the difference below 0)."
+    )
+    del apo["paired"]
+    assert not [line for line in interpretation([*teachers, sft, apo]) if line.startswith("Paired by film")]
