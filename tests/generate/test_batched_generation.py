@@ -104,9 +104,9 @@ def test_engine_rows_stop_at_their_own_token_limit(engine, films):
             _request([films[2]], "Findings?", 5, max_tokens=9),
         ]
     )
-    assert short.completion_tokens <= 3 and long.completion_tokens <= 9
-    if short.finish_reason == "length":
-        assert long.completion_tokens >= 3
+    # The untrained tiny model does not stop early: each row is cut at its own limit, not the batch's.
+    assert (short.finish_reason, short.completion_tokens) == ("length", 3)
+    assert 3 < long.completion_tokens <= 9
 
 
 def test_generate_n_answers_differ_by_their_derived_seeds(engine, films):
