@@ -56,7 +56,7 @@ def main() -> None:
     from cxrmax.generate.orchestrator import GenerateOptions, generate
     from cxrmax.generate.roster import ModelSpec
     from cxrmax.mimic import MimicCXR
-    from cxrmax.toy import teachers as sim
+    from cxrmax.toy.demo import demo_prompt
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-batched-"))
     out = args.demo_out
@@ -70,8 +70,9 @@ def main() -> None:
     spec = json.loads((out / "teachers" / "drift_spec.json").read_text())
     names = args.teachers or [t["name"] for t in spec["teachers"]]
     # The demo's own prompt: the diagnosis list with each finding's report side.
-    test = MimicCXR(out / "mimic").select(splits=["test"], views=["PA", "AP"])
-    prompt = sim.sided_prompt(sim.selection_sides(test), "rationale")
+    mimic = MimicCXR(out / "mimic")
+    train, test = (mimic.select(splits=[split], views=["PA", "AP"]) for split in ("train", "test"))
+    prompt = demo_prompt(train, test)
 
     seconds: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
     tokens: dict[int, int] = {}

@@ -633,12 +633,6 @@ def train_students(
 
 #: The students, in the table's order.
 STUDENTS = ("student-sft", "student-dpo", "student-apo")
-#: (student, baseline) pairs whose drift rates the report compares film by film
-STUDENT_PAIRS = (
-    ("student-apo", "student-sft"),
-    ("student-dpo", "student-sft"),
-    ("student-apo", "student-dpo"),
-)
 
 
 def seed_model(student: str, index: int) -> str:
@@ -948,6 +942,12 @@ def _third_party_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def demo_prompt(train_all: Any, test: Any) -> Any:
+    """The prompt teachers and students are asked with: the rationale prompt whose diagnosis list
+    carries each finding's report side (:func:`cxrmax.toy.teachers.sided_prompt`), train and test alike."""
+    return sim.sided_prompt(sim.selection_sides(train_all) | sim.selection_sides(test), "rationale")
+
+
 def train_demo_teachers(
     out: Path,
     teachers: Sequence[sim.TeacherSpec],
@@ -966,8 +966,7 @@ def train_demo_teachers(
 
     The diagnosis list carries each finding's report side (see :func:`cxrmax.toy.teachers.sided_prompt`),
     for the train and the test images alike; teachers and students are all asked with this prompt."""
-    sides = sim.selection_sides(train_all) | sim.selection_sides(test)
-    prompt = sim.sided_prompt(sides, "rationale")
+    prompt = demo_prompt(train_all, test)
     examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
 
     def answer(teacher: sim.SimulatedTeacher) -> list[Job]:
@@ -1166,7 +1165,7 @@ def score_models(eval_out: Path, root: Path, test: Any, store: Path, simulation:
                 # Students compared on the same films (the pooled folder): APO/DPO vs SFT, APO vs DPO.
                 row["paired"] = {
                     baseline: paired_film_difference(counts, model, baseline)
-                    for first, baseline in STUDENT_PAIRS
+                    for first, baseline in report.STUDENT_PAIRS
                     if first == model and baseline in rates
                 }
                 rows.append(row)

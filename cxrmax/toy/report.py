@@ -29,6 +29,12 @@ RATE_NAMES = {
     "pneumothorax_claim_rate": "absent-pneumothorax claims",
     "laterality_error_rate": "side error vs report",
 }
+#: (student, baseline) pairs the report compares, by their intervals and film by film
+STUDENT_PAIRS = (
+    ("student-apo", "student-sft"),
+    ("student-dpo", "student-sft"),
+    ("student-apo", "student-dpo"),
+)
 #: Training metrics drawn per student, in the order of TRL's metric names.
 CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
 
@@ -220,11 +226,7 @@ def interpretation(rows: Sequence[dict[str, Any]]) -> list[str]:
                 f"drifting teacher on it ({worst['model']}) has {_fmt(_num(worst.get(key)))}."
             )
     apart_below: dict[str, list[str]] = {}
-    for student, other in (
-        ("student-apo", "student-sft"),
-        ("student-dpo", "student-sft"),
-        ("student-apo", "student-dpo"),
-    ):
+    for student, other in STUDENT_PAIRS:
         if student not in by_name or other not in by_name:
             continue
         for key in RATE_NAMES:

@@ -77,14 +77,11 @@ def test_a_teacher_served_over_http_answers_as_it_does_in_process(demo, tmp_path
     # at a time. Each answer is sampled from its request's own seed in both paths, so the answers are
     # the batched in-process ones except where float rounding of a batch moves a sampled token (rare).
     from cxrmax.mimic import MimicCXR
-    from cxrmax.toy import teachers as sim
-    from cxrmax.toy.demo import SIZES, generate_answers
+    from cxrmax.toy.demo import SIZES, demo_prompt, generate_answers
 
     rows = _answers(demo.out, "faithful")
     mimic = MimicCXR(demo.out / "mimic")
-    sides = {}
-    for split in ("train", "test"):
-        sides |= sim.selection_sides(mimic.select(splits=[split], views=["PA", "AP"]))
+    train, test = (mimic.select(splits=[split], views=["PA", "AP"]) for split in ("train", "test"))
     stats = generate_answers(
         "faithful",
         demo.out / "teachers" / "faithful",
@@ -95,7 +92,7 @@ def test_a_teacher_served_over_http_answers_as_it_does_in_process(demo, tmp_path
         SIZES["small"].test_samples,
         0,
         "openai",
-        sim.sided_prompt(sides, "rationale"),  # the demo's prompt, so the request keys match
+        demo_prompt(train, test),  # the demo's prompt, so the request keys match
     )
     assert stats["done"] == len(rows)
     served = {r["request_key"]: r for r in _answers(tmp_path, "faithful")}

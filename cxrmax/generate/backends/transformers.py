@@ -51,6 +51,19 @@ def _choice_seed(seed: int | None, choice: int) -> int:
     return int(np.random.SeedSequence([int(seed) % 2**63, choice]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def _text_only(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat messages with their image parts dropped, for a text-only model."""
+    return [
+        {
+            "role": m["role"],
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text"),
+        }
+        for m in messages
+    ]
+
+
 class SeededSampler:
     """A transformers logits processor that samples each row with its own ``torch.Generator``.
 
@@ -133,17 +146,6 @@ class TransformersEngine:
             ]
         )
 
-    def _text_only(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [
-            {
-                "role": m["role"],
-                "content": m["content"]
-                if isinstance(m["content"], str)
-                else "".join(p.get("text", "") for p in m["content"] if p.get("type") == "text"),
-            }
-            for m in messages
-        ]
-
     def generate_batch(self, requests: Sequence[EngineRequest]) -> list[Completion]:
         """One answer per request, generated together as one left-padded batch (in request order)."""
         import torch
@@ -153,7 +155,7 @@ class TransformersEngine:
             return []
         texts, images = [], []
         for request in requests:
-            messages = request.messages if self.is_vlm else self._text_only(request.messages)
+            messages = request.messages if self.is_vlm else _text_only(request.messages)
             texts.append(
                 self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             )
