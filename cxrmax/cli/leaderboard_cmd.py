@@ -219,11 +219,12 @@ def submit_cmd(
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
     with user_errors(), interruptible("nothing was stored on the board; run the same command again"):
-        from cxrmax.leaderboard.render import render_score
+        from cxrmax.leaderboard.render import markup_safe, render_score
         from cxrmax.leaderboard.scoring import dumps, file_sha256
-        from cxrmax.leaderboard.store import Board, DuplicateSubmission
+        from cxrmax.leaderboard.store import Board, DuplicateSubmission, check_entry_name
         from cxrmax.leaderboard.tasks import get_task
 
+        check_entry_name(name)  # before scoring: a bad name should not cost a scoring run
         info = _parse_model_info(model_info)
         with Board(store) as board:
             digest = file_sha256(submission) if submission.is_file() else None
@@ -255,7 +256,8 @@ def submit_cmd(
         if emit_json(dumps(result), json_out):
             return
         console.print(
-            f"[green]stored[/] entry {entry_id} {name!r} on {result.task} v{result.task_version} in {board.path}"
+            f"[green]stored[/] entry {entry_id} {markup_safe(repr(name))} on {markup_safe(result.task)} "
+            f"v{markup_safe(result.task_version)} in {markup_safe(board.path)}"
         )
 
 
@@ -272,11 +274,15 @@ def show_cmd(
     Example: cxrmax leaderboard show --task ms-cxr-t
     """
     with user_errors():
-        from cxrmax.leaderboard.render import render_board
+        from cxrmax.leaderboard.render import markup_safe, render_board
         from cxrmax.leaderboard.store import Board
         from cxrmax.leaderboard.tasks import list_tasks
 
-        with Board(store) as board:
+        with Board(store, create=False) as board:
+            if not board.exists:
+                console.print(
+                    f"[dim]no leaderboard store at {markup_safe(board.path)} yet (submit creates it)[/]"
+                )
             for name in task or sorted(list_tasks()):
                 render_board(board, name, console)
 
@@ -321,7 +327,7 @@ def export_cmd(
         from cxrmax.leaderboard.render import export_board
         from cxrmax.leaderboard.store import Board
 
-        with Board(store) as board:
+        with Board(store, create=False) as board:
             text = export_board(board, format, task or None)
             if output:
                 atomic_write_text(output, text)
@@ -357,7 +363,7 @@ def export_predictions_cmd(
         from cxrmax.core.io import atomic_write_json
         from cxrmax.leaderboard.store import Board
 
-        with Board(store) as board:
+        with Board(store, create=False) as board:
             payload = board.predictions(entry).to_rexrank(model)
         if str(output) == "-":
             print(json.dumps(payload, indent=2, allow_nan=False))

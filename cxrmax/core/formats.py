@@ -2,7 +2,7 @@
 
 Content wins over the name (gzip data is decompressed whatever the suffix, Parquet is Parquet whatever
 the suffix); the suffix decides only between text formats. Text is UTF-8 (a byte-order mark dropped) or
-UTF-16 with its byte-order mark; other encodings are never guessed, and the error says where the first
+UTF-16 or UTF-32 with its byte-order mark; other encodings are never guessed, and the error says where the first
 bad byte is."""
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def open_binary(path: Path, compression: str | None) -> IO[bytes]:
 def sniff(path: Path) -> FileKind:
     """Decide the format from the content first: gzip data is decompressed whatever the suffix,
     Parquet is Parquet whatever the suffix; otherwise the suffix (``.gz`` stripped) decides. Text
-    is UTF-8 (a byte-order mark dropped) or UTF-16 with its byte-order mark (Excel's "Unicode text")."""
+    is UTF-8 (a byte-order mark dropped), or UTF-16 (Excel's "Unicode text") or UTF-32 with its
+    byte-order mark."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(4096)
@@ -101,6 +102,9 @@ def sniff(path: Path) -> FileKind:
     fmt = detect_format(path)
     if fmt == "parquet":
         return FileKind(fmt, compression)
+    # UTF-32's little-endian mark begins with UTF-16's: test it first.
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return FileKind(fmt, compression, "utf-32")
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return FileKind(fmt, compression, "utf-16")
     if b"\x00" in head:

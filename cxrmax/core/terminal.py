@@ -8,9 +8,27 @@ to the console width either way."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
+
+#: Characters a terminal obeys rather than shows (newlines, ESC sequences, bells, line separators).
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def visible(text: Any) -> str:
+    """User text (a file name, an entry or model name, a note quoting a cell) as it is shown: each
+    control character written as its escape (``\\n``, ``\\x1b``), so that it can neither break a
+    table row nor drive the terminal."""
+    return CONTROL_CHARACTERS.sub(lambda m: repr(m.group())[1:-1], str(text))
+
+
+def markup_safe(text: Any) -> str:
+    """User text for a rich console: :func:`visible`, with markup escaped (``preds[v2].csv`` or an
+    entry named ``[bold]x`` is printed as written, not styled)."""
+    return escape(visible(text))
 
 
 class CxrmaxConsole(Console):

@@ -37,7 +37,8 @@ def _column_bytes(values: Any) -> bytes:
     their lengths (None has length -1, so None and "" differ)."""
     if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
         if values.dtype.kind == "f":
-            values = np.where(np.isnan(values), _NAN_SENTINEL, values).astype("<f8")
+            # + 0.0: negative zero hashes as zero (NaN is replaced by the sentinel first).
+            values = np.where(np.isnan(values), _NAN_SENTINEL, values).astype("<f8") + 0.0
         else:
             values = values.astype("<i8")
         return np.ascontiguousarray(values).tobytes()

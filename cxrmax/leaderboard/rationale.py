@@ -32,6 +32,7 @@ from cxrmax.core.errors import InputError, where
 from cxrmax.core.formats import detect_format
 from cxrmax.core.io import iter_arrow_batches
 from cxrmax.core.pathologies import OBSERVATIONS
+from cxrmax.core.terminal import CONTROL_CHARACTERS
 from cxrmax.generate import trajectory_files
 from cxrmax.leaderboard import fingerprint, metrics, submissions
 from cxrmax.leaderboard.predictions import Predictions, content_sha256
@@ -161,9 +162,18 @@ def _iter_rows(
             if name is None:
                 raise InputError(f"{where(path, field=role)}: {submissions.expected_columns('rationale')}")
         models = submissions.text_values(batch.columns[plan.model], batch.rows, path, plan.model)
+        # Model names are trimmed ("m1 " is m1, as build-preferences reads them); blank ones and
+        # ones holding control characters (a newline would split the per-model table) are errors.
+        models = [m.strip() if m is not None else m for m in models]
         for i, model in enumerate(models):
             if not model:
                 raise InputError(f"{where(path, row=int(batch.rows[i]), field=plan.model)}: blank model name")
+            bad = CONTROL_CHARACTERS.search(model)
+            if bad is not None:
+                raise InputError(
+                    f"{where(path, row=int(batch.rows[i]), field=plan.model)}: model name {model!r} holds the "
+                    f"control character {bad.group()!r}"
+                )
         yield (
             path,
             batch.rows,

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from cxrmax.core.terminal import markup_safe, visible
 from cxrmax.leaderboard import fingerprint
 from cxrmax.leaderboard.fingerprint import short
 from cxrmax.leaderboard.tasks import Task, get_task, list_tasks, published_rows
@@ -42,7 +43,8 @@ def policy_line(policy: str) -> str:
 def render_score(result: Any, console: Console) -> None:
     """Print a ScoreResult: provenance, policy, coverage, headline with CIs, breakdowns and notes."""
     console.print(
-        f"[bold]{result.task}[/] v{result.task_version}  submission {result.submission} ({result.format}, sha256 {result.sha256[:12]})"
+        f"[bold]{markup_safe(result.task)}[/] v{markup_safe(result.task_version)}  submission {markup_safe(result.submission)} "
+        f"({result.format}, sha256 {result.sha256[:12]})"
     )
     console.print(policy_line(result.uncertain))
     coverage = (
@@ -102,13 +104,13 @@ def render_score(result: Any, console: Console) -> None:
             models.add_column(column, justify="left" if column == "model" else "right")
         for model, row in result.per_model.items():
             models.add_row(
-                model,
+                markup_safe(model),
                 str(row["n"]),
                 *(fmt(row.get(c)) for c in ("precision", "recall", "similarity", "label_jaccard")),
             )
         console.print(models)
     for note in result.notes:
-        console.print(f"[dim]note:[/] {note}")
+        console.print(f"[dim]note:[/] {markup_safe(note)}")
 
 
 #: Row groups of a board table, in display order: ranked entries; entries scored against the
@@ -286,10 +288,12 @@ def render_board(board: Any, task: str | Task, console: Console) -> None:
     task = get_task(task)
     columns, rows = board_table(board, task)
     cited = citations(rows)
-    caption = "; ".join(f"* published, not re-scored: {s}" for s in cited) or None
+    caption = markup_safe("; ".join(f"* published, not re-scored: {s}" for s in cited)) or None
     _, origin = board.official_references(task)
     table = Table(
-        title=f"{task.name} v{task.version}, ranked by {task.primary_metric} (official references: {origin})",
+        title=markup_safe(
+            f"{task.name} v{task.version}, ranked by {task.primary_metric} (official references: {origin})"
+        ),
         caption=caption,
     )
     shown = [c for c in columns if c not in ("task_version", "submitted")]
@@ -314,7 +318,7 @@ def render_board(board: Any, task: str | Task, console: Console) -> None:
             value = row[column]
             if column == "name" and published:
                 value = f"{value} *"
-            cells.append(fmt(value, 3))
+            cells.append(markup_safe(fmt(value, 3)))
         table.add_row(*cells, style="dim italic" if published else None)
     _print_wide(console, table)
     if not any(r["group"] != "published" for r in rows):
@@ -372,7 +376,9 @@ def to_markdown(sections: Sequence[tuple[str, list[str], list[dict[str, Any]]]])
             out += [f"**{GROUP_TITLES[group]}**", ""]
             out += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             for row in group_rows:
-                out.append("| " + " | ".join(fmt(row[c]).replace("|", "\\|") for c in columns) + " |")
+                out.append(
+                    "| " + " | ".join(visible(fmt(row[c])).replace("|", "\\|") for c in columns) + " |"
+                )
             out.append("")
             for source in citations(group_rows):
                 out += [f"Published rows (not re-scored) from: {source}", ""]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrmax.core.errors import CxrmaxError
+from cxrmax.core.terminal import CONTROL_CHARACTERS
 from cxrmax.leaderboard import fingerprint
 from cxrmax.leaderboard.predictions import Predictions
 from cxrmax.leaderboard.tasks import get_task
@@ -108,6 +109,29 @@ class DuplicateSubmission(CxrmaxError):
     """The same predictions (canonical sha256) under the same policy are already on the board."""
 
 
+#: The longest entry name: one table cell, not a description (that is what --model-info is for).
+MAX_NAME_CHARS = 200
+
+
+def check_entry_name(name: str) -> None:
+    """An entry name is one line of printable text, non-empty and at most `MAX_NAME_CHARS` long: a
+    newline would split its row in every table, an escape sequence would drive the terminals that
+    show the board. Raises CxrmaxError saying which rule the name breaks."""
+    if not name.strip():
+        raise CxrmaxError("an entry needs a non-empty --name")
+    bad = CONTROL_CHARACTERS.search(name)
+    if bad is not None:
+        raise CxrmaxError(
+            f"--name {name!r}: holds the control character {bad.group()!r} at character {bad.start() + 1}; "
+            "an entry name is one line of printable text"
+        )
+    if len(name) > MAX_NAME_CHARS:
+        raise CxrmaxError(
+            f"--name: {len(name)} characters, over the {MAX_NAME_CHARS} an entry name may have "
+            "(put details in --model-info)"
+        )
+
+
 def default_store_path() -> Path:
     """`CXRMAX_LEADERBOARD` or ~/.cxrmax/leaderboard.sqlite."""
     return Path(os.environ.get("CXRMAX_LEADERBOARD", "~/.cxrmax/leaderboard.sqlite")).expanduser()
@@ -160,10 +184,20 @@ def _finite(value: Any) -> Any:
 
 
 class Board:
-    """A leaderboard store at ``path`` (created on first use)."""
+    """A leaderboard store at ``path`` (created on first use).
 
-    def __init__(self, path: str | Path | None = None):
+    With ``create=False`` (the commands that only read: show, export, export-predictions) a store
+    that does not exist is not created: the board is empty, held in memory, and ``exists`` is False,
+    so a mistyped ``--store`` never leaves a new file (or folders) behind."""
+
+    def __init__(self, path: str | Path | None = None, *, create: bool = True):
         self.path = Path(path) if path is not None else default_store_path()
+        self.exists = self.path.exists()
+        if not create and not self.exists:
+            self._conn = sqlite3.connect(":memory:", isolation_level=None)
+            self._conn.execute("PRAGMA foreign_keys = ON")
+            self._init_schema()
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -324,8 +358,7 @@ class Board:
 
         Raises DuplicateSubmission when the same predictions under the same policy are already on the
         board for the task; refuses a result that scored nothing."""
-        if not name.strip():
-            raise CxrmaxError("an entry needs a non-empty --name")
+        check_entry_name(name)
         if not result.n_scored:
             raise CxrmaxError("this result scored no study (no overlap with the references): not stored")
         data = result.to_dict()

@@ -158,6 +158,8 @@ READ_AS = [
     ("tab-delimiter-named-csv", "tab.csv", to_csv(label_rows(), delimiter="\t"), CANONICAL),
     ("excel-sep-line", "sep.csv", b"sep=;\r\n" + to_csv(label_rows(), "\r\n", ";"), CANONICAL),
     ("utf16-excel-unicode-text", "u16.csv", to_csv(label_rows(), "\r\n", "\t", "utf-16"), CANONICAL),
+    ("utf32-with-bom", "u32.csv", to_csv(label_rows(), "\r\n", ",", "utf-32"), CANONICAL),
+    ("utf32-big-endian-jsonl", "u32be.jsonl", b"\x00\x00\xfe\xff" + jsonl(label_records()).decode().encode("utf-32-be"), CANONICAL),
     ("utf16-jsonl-gzipped", "u16.jsonl.gz", gzip.compress(jsonl(label_records()).decode().encode("utf-16")), CANONICAL),
     ("classic-mac-cr-lines", "cr.csv", to_csv(label_rows(), "\r"), CANONICAL),
     ("quoted-header-names", "qh.csv", b",".join(b'"%s"' % h for h in CANONICAL.splitlines()[0].split(b",")) + b"\n" + b"\n".join(CANONICAL.splitlines()[1:]) + b"\n", CANONICAL),
@@ -711,3 +713,217 @@ def test_rows_with_text_only_among_label_rows(tmp_path, refs):
     kept = tmp_path / "kept.jsonl"
     kept.write_bytes(jsonl([r for i, r in enumerate(label_records()) if i != 4]))
     assert got.headline == score(kept, "mimic-cxr-labels", refs["labels"], n_boot=0).headline
+
+
+# ---------------------------------------------------------------------------------------------------
+# Found by throwing unusual input at the real CLI (each test failed before its fix).
+
+
+def test_negative_zero_is_zero_for_the_duplicate_rule(tmp_path, refs):
+    """``-0`` is the label 0: the same predictions with "-0" cells are the same canonical
+    predictions, so the board refuses them as a duplicate (they used to be a second entry)."""
+    from cxrmax.leaderboard.store import Board, DuplicateSubmission
+
+    def minus_zero(i, row):
+        return [row[0], *("-0" if cell == "0" else cell for cell in row[1:])]
+
+    (tmp_path / "plain.csv").write_bytes(CANONICAL)
+    (tmp_path / "minus.csv").write_bytes(to_csv(label_rows(edit=minus_zero)))
+    (tmp_path / "minus.jsonl").write_bytes(
+        jsonl(
+            [{k: (-0.0 if v == 0 and k != "study_id" else v) for k, v in r.items()} for r in label_records()]
+        )
+    )
+    assert (
+        b",-0," in (tmp_path / "minus.csv").read_bytes()
+        and b"-0.0" in (tmp_path / "minus.jsonl").read_bytes()
+    )
+    plain = score(tmp_path / "plain.csv", "mimic-cxr-labels", refs["labels"], n_boot=0)
+    with Board(tmp_path / "board.sqlite") as board:
+        board.submit(plain, "plain")
+        for name in ("minus.csv", "minus.jsonl"):
+            got = score(tmp_path / name, "mimic-cxr-labels", refs["labels"], n_boot=0)
+            assert got.headline == plain.headline
+            assert got.predictions_sha256 == plain.predictions_sha256
+            with pytest.raises(DuplicateSubmission, match="entry 1 'plain'"):
+                board.submit(got, name)
+        assert board.count() == 1
+
+
+def _surrogate_reports() -> bytes:
+    lines = _report_jsonl(FINDINGS).decode().splitlines()
+    lines[1] = json.dumps({"study_id": IDS[1], "report": "left effusion "}).replace('"}', '\\ud800"}')
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_a_lone_surrogate_escape_in_a_text_is_named_not_a_traceback(tmp_path, refs):
+    """JSON may spell a lone surrogate (``"\\ud800"``), which is no character and cannot be hashed as
+    UTF-8: an InputError naming the file, row and field (it used to be a UnicodeEncodeError
+    traceback); with --lenient the row is skipped and counted."""
+    path = tmp_path / "sur.jsonl"
+    path.write_bytes(_surrogate_reports())
+    pattern = re.escape(str(path)) + r" row 2 field 'report': a lone UTF-16 surrogate \(a \\ud800 escape\)"
+    with pytest.raises(InputError, match=pattern):
+        score(path, "mimic-cxr-report", refs["reports"], n_boot=0, processes=1)
+    got = score(path, "mimic-cxr-report", refs["reports"], n_boot=0, processes=1, lenient=True)
+    assert got.extra["skipped_unreadable"] == 1 and got.n_scored == N - 1
+    # Through the CLI, for a rationale's model name too: exit code 2, one line, no traceback.
+    from cxrmax.cli import app
+
+    rationale = tmp_path / "rationale.jsonl"
+    rationale.write_bytes(
+        jsonl([{"study_id": IDS[0], "model": "m", "text": "ok"}])
+        + b'{"study_id": %d, "model": "m\\udc80", "text": "ok"}\n' % IDS[1]
+    )
+    result = runner.invoke(
+        app, ["leaderboard", "score", str(rationale), "-t", "cxr-max-rationale", "-r", str(refs["labels"])]
+    )
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert "row 2 field 'model': a lone UTF-16 surrogate" in " ".join(output.split())
+
+
+def test_rationale_model_names_are_trimmed_and_blank_ones_refused(tmp_path, refs):
+    rows = [
+        {"study_id": s, "model": "m1" if i % 2 else " m1 ", "text": "Small left effusion."}
+        for i, s in enumerate(IDS)
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(jsonl(rows))
+    got = score(path, "cxr-max-rationale", refs["labels"], n_boot=0)
+    assert list(got.per_model) == ["m1"] and got.per_model["m1"]["n"] == N
+    for model, message in (("   ", "blank model name"), ("m\x1b[31m", "holds the control character '\\x1b'")):
+        path.write_bytes(jsonl([dict(rows[0], model=model)]))
+        with pytest.raises(
+            InputError, match=re.escape(f"{path} row 1 field 'model': ") + ".*" + re.escape(message)
+        ):
+            score(path, "cxr-max-rationale", refs["labels"], n_boot=0)
+
+
+def _cli(*args):
+    from cxrmax.cli import app
+
+    result = runner.invoke(app, ["leaderboard", *map(str, args)])
+    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def test_user_text_is_printed_as_written_not_as_rich_markup(tmp_path, refs):
+    """File names, cells quoted in notes, entry and model names are the user's text: ``[v2]`` or
+    ``[bold red]`` in them used to be taken as rich markup and vanish from the output."""
+    path = tmp_path / "preds[v2] [bold red]x.csv"
+    path.write_bytes(_bad_edema("[red]pos[/red]"))
+    result, output = _cli(
+        "score", path, "-t", "mimic-cxr-labels", "-r", refs["labels"], "--bootstrap", "0", "--lenient"
+    )
+    flat = " ".join(output.split())
+    assert result.exit_code == 0, output
+    assert "preds[v2] [bold red]x.csv" in flat
+    assert "field 'Edema': '[red]pos[/red]' is not a label" in flat
+    store = tmp_path / "board.sqlite"
+    (tmp_path / "ok.csv").write_bytes(CANONICAL)
+    name = "[bold red]model[/] v[2]"
+    args = ("-t", "mimic-cxr-labels", "-r", refs["labels"], "--bootstrap", "0", "--store", store)
+    result, output = _cli("submit", tmp_path / "ok.csv", "-n", name, *args)
+    assert result.exit_code == 0 and f"stored entry 1 {name!r}" in output, output
+    result, output = _cli("show", "-t", "mimic-cxr-labels", "--store", store)
+    assert result.exit_code == 0 and name in output, output
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("line1\nline2", r"--name 'line1\\nline2': holds the control character '\\n' at character 6"),
+        ("red\x1b[31m", r"holds the control character '\\x1b' at character 4"),
+        ("bell\x07", r"holds the control character '\\x07'"),
+        ("L" * 201, r"--name: 201 characters, over the 200"),
+        ("  ", r"an entry needs a non-empty --name"),
+    ],
+    ids=["newline", "escape-sequence", "bell", "too-long", "blank"],
+)
+def test_entry_names_that_would_break_the_board_are_refused(tmp_path, refs, name, message):
+    """A newline split the entry's row in show and Markdown, an escape sequence drove the terminal:
+    such names are refused before scoring (exit code 2, one line), and nothing is written."""
+    (tmp_path / "ok.csv").write_bytes(CANONICAL)
+    store = tmp_path / "board.sqlite"
+    result, output = _cli("submit", tmp_path / "ok.csv", "-n", name, "-t", "mimic-cxr-labels", "-r", refs["labels"], "--bootstrap", "0", "--store", store)  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in output, output
+    assert re.search(message, output), output
+    assert not store.exists()
+
+
+def test_names_stored_before_the_rule_are_shown_escaped(tmp_path, refs):
+    """An entry whose name holds control characters (a board written before names were checked) is
+    shown with them escaped: one row in show and in Markdown, no raw escape sequence."""
+    from cxrmax.leaderboard.render import export_board
+    from cxrmax.leaderboard.store import Board
+
+    (tmp_path / "ok.csv").write_bytes(CANONICAL)
+    store = tmp_path / "board.sqlite"
+    with Board(store) as board:
+        board.submit(score(tmp_path / "ok.csv", "mimic-cxr-labels", refs["labels"], n_boot=0), "old")
+        board._conn.execute("UPDATE entries SET name = ?", ("two\nlines\x1b[31m",))
+        board._conn.commit()
+        markdown = export_board(board, "md", ["mimic-cxr-labels"])
+    assert "| two\\nlines\\x1b[31m |" in markdown and "\x1b" not in markdown
+    result, output = _cli("show", "-t", "mimic-cxr-labels", "--store", store)
+    assert result.exit_code == 0 and "two\\nlines\\x1b[31m" in output and "\x1b[31m" not in output, output
+
+
+def test_reading_commands_never_create_a_store(tmp_path):
+    """show, export and export-predictions on a store that does not exist (a mistyped --store) used to
+    create it, folders included; now they read an empty board and leave nothing behind."""
+    store = tmp_path / "typo" / "board.sqlite"
+    result, output = _cli("show", "-t", "mimic-cxr-labels", "--store", store)
+    assert result.exit_code == 0 and "no leaderboard store at" in output, output
+    result, output = _cli("export", "-f", "csv", "--store", store)
+    assert result.exit_code == 0 and "published" in output, output
+    result, output = _cli("export-predictions", "1", "-o", "-", "--store", store)
+    assert result.exit_code == 2 and "no entry 1 on the board" in output, output
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_scoring_a_large_submission_leaves_the_board_as_it_was(tmp_path, refs):
+    """SIGINT to a real `cxrmax leaderboard submit` in the middle of scoring 20,000 reports: exit code
+    130, one line, no traceback; the board holds exactly its earlier entry, passes SQLite's integrity
+    check, has no orphan rows, and takes the same submission afterwards."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    n = 20_000
+    ids = np.arange(50_000_000, 50_000_000 + n)
+    phrases = [
+        "Heart size is normal.",
+        "Small left pleural effusion.",
+        "Mild pulmonary edema.",
+        "Bibasilar atelectasis.",
+    ]
+    texts = [" ".join(phrases[(i + k) % 4] for k in range(3)) for i in range(n)]
+    pq.write_table(pa.table({"study_id": ids, "findings": texts}), tmp_path / "refs.parquet")
+    (tmp_path / "big.jsonl").write_bytes(
+        jsonl([{"study_id": int(s), "report": t[::-1]} for s, t in zip(ids, texts, strict=True)])
+    )
+    store = tmp_path / "board.sqlite"
+    (tmp_path / "ok.csv").write_bytes(CANONICAL)
+    first, output = _cli("submit", tmp_path / "ok.csv", "-n", "before", "-t", "mimic-cxr-labels", "-r", refs["labels"], "--bootstrap", "0", "--store", store)  # fmt: skip
+    assert first.exit_code == 0, output
+    command = [sys.executable, "-m", "cxrmax", "leaderboard", "submit", str(tmp_path / "big.jsonl"), "-t", "mimic-cxr-report", "-r", str(tmp_path / "refs.parquet"), "-n", "big", "--store", str(store), "-j", "1"]  # fmt: skip
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(2.0)  # imports done, inside scoring (the whole run takes ~5 s on 2 idle cores)
+    child.send_signal(signal.SIGINT)
+    output = child.communicate(timeout=120)[0]
+    assert child.returncode == 130, output
+    assert "Traceback" not in output
+    assert output.strip().splitlines()[-1].startswith("interrupted: nothing was stored on the board")
+    with sqlite3.connect(store) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert [r[0] for r in conn.execute("SELECT name FROM entries")] == ["before"]
+        assert conn.execute("SELECT COUNT(*) FROM entry_metrics WHERE entry_id NOT IN (SELECT id FROM entries)").fetchone()[0] == 0  # fmt: skip
+        assert conn.execute("SELECT COUNT(*) FROM predictions").fetchone()[0] == 1
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    with sqlite3.connect(store) as conn:
+        assert [r[0] for r in conn.execute("SELECT name FROM entries ORDER BY id")] == ["before", "big"]

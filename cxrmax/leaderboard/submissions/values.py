@@ -190,14 +190,31 @@ def _check_range(values: np.ndarray, rows: np.ndarray, path: Path, field_name: s
         raise InputError(
             f"{where(path, row=int(rows[i]), field=field_name)}: {float(values[i]):.12g} is out of range (labels are 1, 0, -1 or blank; probabilities lie in [0, 1])"
         )
-    return values.astype(np.float32)
+    # ``-0`` is 0: adding 0.0 turns negative zero into positive zero (NaN stays NaN), so the
+    # canonical predictions of "-0" and "0" are the same bytes (the board's duplicate rule).
+    return (values + 0.0).astype(np.float32)
+
+
+#: A lone surrogate code point: what a JSON ``\\ud800`` escape without its pair decodes to.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def text_values(values: Any, rows: np.ndarray, path: Path, field_name: str) -> list[str | None]:
-    """A text column as a list of str/None; non-string values are an error naming the row."""
+    """A text column as a list of str/None; non-string values, and strings holding a lone UTF-16
+    surrogate (a JSON ``"\\ud800"`` escape: not a character, and not writable as UTF-8), are an
+    error naming the row."""
     items = _as_list(values)
     for i, value in enumerate(items):
-        if value is not None and not isinstance(value, str):
+        if isinstance(value, str):
+            lone = None if value.isascii() else _SURROGATE.search(value)
+            if lone is not None:
+                raise InputError(
+                    f"{where(path, row=int(rows[i]), field=field_name)}: a lone UTF-16 surrogate "
+                    f"(a \\u{ord(lone.group()):04x} escape) is not a character; "
+                    "write the text as valid Unicode"
+                )
+            continue
+        if value is not None:
             if isinstance(value, float) and math.isnan(value):
                 raise InputError(
                     f"{where(path, row=int(rows[i]), field=field_name)}: NaN where text is expected"
