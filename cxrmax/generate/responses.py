@@ -7,7 +7,8 @@ Errors are raised as :class:`BackendError` with a ``kind``, an HTTP ``status`` w
 - retryable: ``rate_limit`` (429; Retry-After in seconds or as an HTTP date is honoured), ``server``
   (5xx, a 200 whose body is an error object, finish_reason ``abort``/``error``), ``timeout`` (no answer
   within the timeout, 408), ``connection`` (refused, reset, closed mid-body), ``malformed`` (not JSON,
-  HTML from a proxy, no choices, a stream cut before its end);
+  HTML from a proxy, no choices, a stream cut before its end, a body over
+  ``backends.openai.MAX_RESPONSE_BYTES`` (32 MiB), which is not read further);
 - permanent for that request (kept in the failure ledger, redone with --retry-failed):
   ``context_length`` (prompt + max_tokens over the server's context), ``image_rejected`` (the server
   cannot load or accept the image), ``too_large`` (413), ``client`` (other 400/422), ``empty`` (no

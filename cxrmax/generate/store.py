@@ -7,6 +7,7 @@ Layout of one model's folder ``OUT/trajectories/<model>/``::
     wal-<tag>-<run>-<seq>.jsonl    journal of answers not yet in a shard (one JSON line per answer)
     failures.sqlite                ledger of failed requests (kind, status, message, attempts)
     .lock-<tag>                    held (flock) by the process writing shards with this tag
+    .lock-recovery                 held while a run recovers the journals of another (killed) tag
 
 ``<tag>`` is ``all`` or ``<i>of<N>`` for ``--shard i/N``; ``<run>`` is unique per process.
 
@@ -18,6 +19,11 @@ journal deleted. A shard is therefore either absent or complete. On start, journ
 left by a killed process are turned into shards; a journal whose shard already exists (killed between
 the replace and the delete) is dropped, so nothing is counted twice.
 
+Writers: one per tag, and none beside a live writer whose requests overlap (an unsharded run overlaps
+every --shard run; --shard i/N and j/M overlap unless N == M and i != j): the later one is refused.
+A run also recovers the journals of any other tag no live writer holds (a killed unsharded run's
+answers count as done for a --shard rerun instead of being asked again).
+
 Exactly once: a request is done when its key is in a committed shard; the set of done keys is read from
 the ``request_key`` column of all shards (any tag) when the store opens and kept as a sorted array of
 16-byte digests (16 bytes per answer, no Python object per key).
@@ -25,6 +31,7 @@ the ``request_key`` column of all shards (any tag) when the store opens and kept
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import hashlib
@@ -248,29 +255,99 @@ class TrajectoryStore:
 
     # ----------------------------------------------------------------- lifecycle
     def open(self) -> TrajectoryStore:
-        """Lock this tag, recover journals of killed runs, load done keys and the failure ledger."""
+        """Lock this tag (refusing while a writer whose requests overlap this one's is live), recover
+        journals of killed runs, load done keys and the failure ledger."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._lock_own_tag()
+        probes: dict[str, int] = {}
+        try:
+            journal_tags = {p.name[len("wal-") :].split("-", 1)[0] for p in self.dir.glob("wal-*.jsonl")}
+            probes = self._check_other_writers(journal_tags - {self.tag})
+            self.ledger = FailureLedger(self.dir / "failures.sqlite")
+            self._remove_stale_tmp(self.tag)
+            self.done = KeySet(self._load_done_digests())
+            self._recover_journals(self.tag)
+            # Journals a killed run of another tag left: answers received, not yet in a shard. No live
+            # writer holds that tag (probed above), so they are turned into shards here rather than
+            # asked again. One process at a time (a mutex) so that two starting runs do not both.
+            others = sorted(probes)
+            if others:
+                with _flocked(self.dir / ".lock-recovery"):
+                    for tag in others:
+                        self._remove_stale_tmp(tag)
+                        self._recover_journals(tag)
+            self._failed_all = set(self.ledger.keys())
+            self.failed_permanent = KeySet(key_digest(k) for k in self.ledger.keys(retryable=False))
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            for fd in probes.values():
+                os.close(fd)  # closing the descriptor drops its shared lock
+        return self
+
+    def _lock_own_tag(self) -> int:
+        """flock this tag's lock file (exclusive) and write who holds it. Another starting run may hold
+        it for a moment (a shared lock while it checks for overlapping writers): retried briefly."""
         lock_path = self.dir / f".lock-{self.tag}"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            holder = lock_path.read_text().strip() or "another process"
-            raise StoreLockedError(
-                f"{self.dir} is being written by {holder} (shard tag {self.tag!r}); wait for it to finish "
-                "or stop it first (two writers would duplicate requests)"
-            ) from None
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                os.close(fd)
+                raise StoreLockedError(
+                    f"{self.dir} is being written by {_holder(lock_path)} ({_describe_tag(self.tag)}); "
+                    "wait for it to finish or stop it first (two writers would duplicate requests)"
+                ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}\n".encode())
-        self._lock_fd = fd
-        self.ledger = FailureLedger(self.dir / "failures.sqlite")
-        self._remove_stale_tmp()
-        self.done = KeySet(self._load_done_digests())
-        self._recover_journals()
-        self._failed_all = set(self.ledger.keys())
-        self.failed_permanent = KeySet(key_digest(k) for k in self.ledger.keys(retryable=False))
-        return self
+        return fd
+
+    def _check_other_writers(self, keep: set[str]) -> dict[str, int]:
+        """Refuse to run beside a live writer of another tag whose requests overlap this run's (an
+        unsharded run overlaps every --shard run; --shard i/N and j/M overlap unless N == M and i != j).
+        Returns the tags of ``keep`` (those with journals) found free, each with a shared lock held on
+        its file (the caller closes them): no writer can start on those tags while this run recovers
+        their journals. Other free tags' locks are let go at once.
+
+        Each run takes its own lock before it probes the others', so of two runs that start together
+        the later one always sees the earlier."""
+        probes: dict[str, int] = {}
+        try:
+            for path in sorted(self.dir.glob(".lock-*")):
+                tag = path.name[len(".lock-") :]
+                if tag in (self.tag, "recovery"):
+                    continue
+                try:
+                    fd = os.open(path, os.O_RDWR)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    if _tags_overlap(self.tag, tag):
+                        raise StoreLockedError(
+                            f"{self.dir} is being written by {_holder(path)} ({_describe_tag(tag)}), whose "
+                            f"requests overlap this run's ({_describe_tag(self.tag)}); wait for it to finish "
+                            "or stop it first (two writers would duplicate requests)"
+                        ) from None
+                    continue
+                if tag in keep:
+                    probes[tag] = fd
+                else:
+                    os.close(fd)
+        except BaseException:
+            for fd in probes.values():
+                os.close(fd)
+            raise
+        return probes
 
     def __enter__(self) -> TrajectoryStore:
         return self.open()
@@ -348,14 +425,14 @@ class TrajectoryStore:
         self._failed_all.add(failure.request_key)
 
     # ----------------------------------------------------------------- recovery
-    def _remove_stale_tmp(self) -> None:
-        for tmp in self.dir.glob(f".part-{self.tag}-*.tmp"):
+    def _remove_stale_tmp(self, tag: str) -> None:
+        for tmp in self.dir.glob(f".part-{tag}-*.tmp"):
             tmp.unlink(missing_ok=True)
 
-    def _recover_journals(self) -> None:
-        """Turn journals left by killed runs of this tag into shards (skipping keys already committed)."""
+    def _recover_journals(self, tag: str) -> None:
+        """Turn journals left by killed runs of ``tag`` into shards (skipping keys already committed)."""
         new_digests = []
-        for journal in sorted(self.dir.glob(f"wal-{self.tag}-*.jsonl")):
+        for journal in sorted(self.dir.glob(f"wal-{tag}-*.jsonl")):
             shard = _shard_for(journal)
             if shard.exists():  # killed between the shard's os.replace and the journal's unlink
                 journal.unlink()
@@ -407,6 +484,53 @@ class TrajectoryStore:
         if removed:
             self.done = KeySet(self._load_done_digests())
         return removed
+
+
+#: How long a starting run waits for its tag's lock when another process holds it (a starting run
+#: probing it for a moment); a live writer holds it for its whole run, so the wait then ends in an error.
+_LOCK_WAIT_S = 2.0
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        return lock_path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+
+def _parse_tag(tag: str) -> tuple[int, int] | None:
+    index, sep, count = tag.partition("of")
+    if sep and index.isdigit() and count.isdigit():
+        return int(index), int(count)
+    return None
+
+
+def _describe_tag(tag: str) -> str:
+    shard = _parse_tag(tag)
+    return (
+        f"--shard {shard[0]}/{shard[1]}"
+        if shard
+        else ("no --shard" if tag == "all" else f"shard tag {tag!r}")
+    )
+
+
+def _tags_overlap(a: str, b: str) -> bool:
+    """Whether runs with shard tags ``a`` and ``b`` can plan the same request."""
+    first, second = _parse_tag(a), _parse_tag(b)
+    if first is None or second is None:  # "all" (or a tag this version does not know)
+        return True
+    return first[1] != second[1] or first[0] == second[0]
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` (blocking) for the block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 _CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError)

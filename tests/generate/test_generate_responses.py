@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import re
 import time
 from pathlib import Path
 
@@ -1062,3 +1063,184 @@ def test_a_mix_of_every_kind_of_answer_with_concurrency_stays_exactly_once(
     assert generate(options).done == 3
     [status] = generation_status(tmp_path)
     assert (status.distinct_keys, status.rows, status.failed, status.missing) == (12, 12, 0, 0)
+
+
+class _HugeBodyServer:
+    """A standard-library HTTP server on loopback: GET /v1/models lists MODEL; the first two POSTs answer
+    a chat completion padded to over ``size`` bytes (with a Content-Length, then chunked without one),
+    later ones a normal chat completion."""
+
+    def __init__(self, size: int):
+        import http.server
+        import threading
+
+        posts: list[int] = []
+        answer = json.dumps(_answer({"content": "A normal answer."})).encode()
+        padded = json.dumps(_answer({"content": "An answer buried in a huge body."})).encode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _reply(self, data: bytes, chunked: bool = False) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    if not chunked:
+                        self.wfile.write(data)
+                        return
+                    for start in range(0, len(data), 1 << 20):
+                        piece = data[start : start + (1 << 20)]
+                        self.wfile.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                    self.wfile.write(b"0\r\n\r\n")
+                except OSError:  # the client stopped reading: what it should do
+                    self.close_connection = True
+
+            def do_GET(self):
+                self._reply(json.dumps({"object": "list", "data": [{"id": MODEL}]}).encode())
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                posts.append(1)
+                if len(posts) <= 2:
+                    # a valid chat completion, padded: read whole, it would be stored as an answer
+                    self._reply(padded + b" " * size, chunked=len(posts) == 2)
+                else:
+                    self._reply(answer)
+
+        self.posts = posts
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_huge_body_is_refused_without_reading_it_whole_and_retried(rows, mini_mimic, image_cache, tmp_path):
+    """A body far larger than any chat completion (a proxy serving a download, a broken server) was read
+    whole into memory, at --concurrency 64 up to 64 such bodies at once; now reading stops past
+    MAX_RESPONSE_BYTES, declared in Content-Length or not, and the request is retried."""
+    from cxrmax.generate.backends.openai import MAX_RESPONSE_BYTES
+
+    huge = _HugeBodyServer(MAX_RESPONSE_BYTES + (1 << 20))
+    try:
+        stats = generate(_options(rows[2], mini_mimic, tmp_path, [huge.base_url], image_cache))
+    finally:
+        huge.stop()
+    assert (stats.done, stats.failed) == (2, 0)
+    assert stats.errors == {"malformed": 2} and len(huge.posts) == 4
+    table = read_trajectories(tmp_path)
+    assert table["text"].to_pylist() == ["A normal answer."] * 2
+    assert sorted(table["attempts"].to_pylist()) == [1, 3]
+
+
+def test_a_huge_body_on_every_attempt_is_one_clear_failure(rows, mini_mimic, image_cache, tmp_path):
+    from cxrmax.generate.backends.openai import MAX_RESPONSE_BYTES
+
+    huge = _HugeBodyServer(MAX_RESPONSE_BYTES + 1)
+    try:
+        options = _options(rows[2], mini_mimic, tmp_path, [huge.base_url], image_cache, max_attempts=2)
+        stats = generate(options)
+    finally:
+        huge.stop()
+    [failure] = _ledger(tmp_path)
+    assert stats.failed == 1 and failure["kind"] == "malformed" and failure["attempts"] == 2
+    assert re.search(r"more than 32 MiB \(HTTP 200\).*is --base-url the model server", failure["message"])
+
+
+def _cli_command(selection, mimic_root, out, base_url, *extra) -> list[str]:
+    import sys
+
+    return [
+        sys.executable, "-m", "cxrmax", "generate", "--model", MODEL, "--selection", str(selection),
+        "--mimic-root", str(mimic_root), "--out", str(out), "--base-url", base_url, "--quiet", *extra,
+    ]  # fmt: skip
+
+
+def _wait_for_answers(folder: Path, n: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = sum(p.read_bytes().count(b"\n") for p in folder.glob("wal-*.jsonl")) if folder.exists() else 0
+        if lines >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {n} answers journalled in {timeout} s")
+
+
+def test_a_shard_run_beside_an_unsharded_run_on_the_same_folder_is_refused(
+    server, rows, mini_mimic, tmp_path
+):
+    """Two `generate` processes on one --out: an unsharded run and a --shard 0/2 run plan the same
+    requests. Before, only runs with the same shard tag were kept apart, so both ran and the shard's
+    requests were asked and stored twice."""
+    import subprocess
+
+    server.set_faults(delay_s=0.15)
+    out = tmp_path / "out"
+    first = subprocess.Popen(
+        _cli_command(rows[6], mini_mimic, out, server.base_url, "--samples", "2", "--concurrency", "1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_answers(out / "trajectories" / MODEL, 1)
+        second = subprocess.run(
+            _cli_command(rows[6], mini_mimic, out, server.base_url, "--shard", "0/2", "--samples", "2"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        _, first_err = first.communicate(timeout=60)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 2, second.stderr
+    assert "whose requests overlap this run's (--shard 0/2)" in second.stderr
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    assert server.stats["requests"] == 12
+    [status] = generation_status(out)
+    assert (status.distinct_keys, status.rows, status.duplicates, status.missing) == (12, 12, 0, 0)
+
+
+def test_ctrl_c_keeps_every_answer_received_and_the_rerun_asks_each_missing_one_once(
+    server, rows, mini_mimic, tmp_path
+):
+    """A real SIGINT to a `generate` process over HTTP; then the same command again."""
+    import signal
+    import subprocess
+
+    server.set_faults(delay_s=0.2)
+    out = tmp_path / "out"
+    command = _cli_command(rows[6], mini_mimic, out, server.base_url, "--samples", "3", "--concurrency", "3")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_answers(out / "trajectories" / MODEL, 4)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    folder = out / "trajectories" / MODEL
+    assert not list(folder.glob("wal-*.jsonl"))  # committed to a shard on the way out
+    [status] = generation_status(out)
+    kept = status.distinct_keys
+    assert 4 <= kept < 18 and status.duplicates == 0
+    answered_before = server.stats["completed"]
+    assert kept <= answered_before <= kept + 3  # at most the 3 in flight were answered but not received
+
+    server.reset_stats()
+    server.set_faults()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{18 - kept} requests to do, {kept} already done" in rerun.stderr
+    assert server.stats["requests"] == 18 - kept  # each missing one asked once, nothing asked again
+    [status] = generation_status(out)
+    assert (status.distinct_keys, status.rows, status.duplicates, status.missing) == (18, 18, 0, 0)

@@ -21,6 +21,7 @@ from cxrmax.generate.roster import load_roster, resolve_model
 from cxrmax.generate.store import (
     FailureRecord,
     KeySet,
+    StoreLockedError,
     TrajectoryStore,
     key_digest,
     read_shard,
@@ -168,6 +169,59 @@ def test_second_writer_on_same_folder_is_refused(tmp_path):
         pass
 
 
+def test_writers_whose_requests_overlap_are_refused_whatever_their_shard_tags(tmp_path):
+    """An unsharded run plans every request, so it must not write beside any --shard run (and --shard
+    0/2 beside 0/3 overlap too): before, only writers of the same tag were kept apart, and an unsharded
+    run next to a --shard 0/2 run asked (and stored) that shard's requests twice."""
+    folder = tmp_path / "m"
+    with TrajectoryStore(folder, shard=(0, 2)):
+        with pytest.raises(
+            StoreLockedError,
+            match=r"pid \d+ \(--shard 0/2\), whose requests overlap this run's \(no --shard\)",
+        ):
+            TrajectoryStore(folder).open()
+        with pytest.raises(StoreLockedError, match=r"overlap this run's \(--shard 0/3\)"):
+            TrajectoryStore(folder, shard=(0, 3)).open()
+        with TrajectoryStore(folder, shard=(1, 2)):  # the other half: no overlap
+            pass
+    with TrajectoryStore(folder):
+        with pytest.raises(
+            StoreLockedError, match=r"\(no --shard\), whose requests overlap this run's \(--shard 1/2\)"
+        ):
+            TrajectoryStore(folder, shard=(1, 2)).open()
+    with TrajectoryStore(folder), TrajectoryStore(folder.parent / "other", shard=(0, 2)):
+        pass  # other folders are not concerned
+    # A refused store released its own lock: the tag can be written once the other writer is gone.
+    with TrajectoryStore(folder, shard=(0, 3)):
+        pass
+
+
+def test_a_killed_runs_journal_is_recovered_by_a_run_of_another_tag(tmp_path):
+    """Answers an unsharded run received before kill -9 are in its journal: a --shard rerun must count
+    them done (it turns them into a shard) instead of asking them again."""
+    folder = tmp_path / "m"
+    store = TrajectoryStore(folder, rows_per_shard=100).open()
+    for i in range(4):
+        store.append(_row(i))
+    os.close(store._lock_fd)  # killed: the kernel releases its lock, the journal stays
+    store._lock_fd = None
+    with TrajectoryStore(folder, shard=(1, 2)) as again:
+        assert again.recovered_rows == 4
+        assert all(again.is_done(key_digest(_row(i)["request_key"])) for i in range(4))
+    assert not list(folder.glob("wal-*"))
+    # A live writer's journal is left alone by a run of a tag that does not overlap it.
+    live = TrajectoryStore(folder, shard=(0, 2), rows_per_shard=100).open()
+    live.append(_row(7))
+    with TrajectoryStore(folder, shard=(1, 2)) as beside:
+        assert beside.recovered_rows == 0 and not beside.is_done(key_digest(_row(7)["request_key"]))
+    assert len(list(folder.glob("wal-0of2-*"))) == 1
+    live.close()
+    with TrajectoryStore(folder) as last:
+        assert len(last.done) == 5
+    keys = pa.concat_tables(read_shard(p) for p in folder.glob("part-*.arrow"))["request_key"].to_pylist()
+    assert len(keys) == len(set(keys)) == 5
+
+
 def test_failure_ledger_records_and_success_clears(tmp_path):
     folder = tmp_path / "m"
     row = _row(1)
@@ -263,6 +317,50 @@ def test_governance_refuses_external_endpoints_with_the_dua_explained():
     message = str(info.value)
     assert "8.8.4.4" in message and "data use agreement" in message and "--allow-external-endpoint" in message
     check_endpoints(["https://8.8.4.4/v1"], allow_external=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "pattern"),
+    [
+        ("localhost:8000/v1", r"has no scheme: write http://localhost:8000/v1"),
+        ("ftp://127.0.0.1/v1", r"must start with http:// or https://"),
+        ("http:///v1", r"has no host"),
+        ("http://127.0.0.1:99999/v1", r"invalid port"),
+        # urlsplit reads the host 127.0.0.1 in these; the HTTP client does not: refused as malformed,
+        # never judged local by one parser and sent by the other
+        ("http://127.0.0.1:8000.evil.com/v1", r"invalid port"),
+        ("http://8.8.8.8\\@127.0.0.1/v1", r"not a valid URL"),
+        ("http://[::1].evil.com/v1", r"not a valid URL"),
+    ],
+)
+def test_governance_refuses_base_urls_that_are_not_plain_http_urls(url, pattern):
+    with pytest.raises(InputError, match=pattern):
+        check_endpoints([url])
+    with pytest.raises(InputError, match=pattern):
+        check_endpoints([url], allow_external=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://0.0.0.0:8000/v1", "0.0.0.0 is the unspecified address"),
+        ("http://[::]:8000/v1", ":: is the unspecified address"),
+        ("http://[::ffff:8.8.8.8]:8000/v1", "public address"),
+    ],
+)
+def test_governance_refuses_addresses_that_only_look_local(url, why):
+    with pytest.raises(ExternalEndpointError, match=why):
+        check_endpoints([url])
+    check_endpoints([url], allow_external=True)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://localhost.evil.com:8000/v1", "http://127.0.0.1.nip.io:8000/v1", "http://127.0.0.1.evil.com/v1"],
+)
+def test_governance_judges_names_that_start_like_local_ones_by_their_addresses(url):
+    """Not local by name; with DNS they count as local only if every address they resolve to is."""
+    assert endpoint_is_local(url, resolve=False)[0] is False
 
 
 def test_token_bucket_spaces_requests():

@@ -24,7 +24,7 @@ from cxrmax.generate.responses import (
     parse_chat_response,
 )
 
-__all__ = ["OpenAIBackend"]
+__all__ = ["MAX_RESPONSE_BYTES", "OpenAIBackend"]
 
 
 class _Endpoint:
@@ -68,6 +68,35 @@ class _Response:
 
     def json(self) -> Any:
         return json.loads(self.content)
+
+
+#: The most of one answer's body that is read. A chat completion is a few kB (a long answer with its
+#: reasoning, well under 1 MiB); a body past this is not one (a misrouted download, a broken proxy), and
+#: reading it whole at --concurrency 64 would hold gigabytes.
+MAX_RESPONSE_BYTES = 32 * 1024 * 1024
+
+
+async def _read_limited(response: Any, endpoint: str, limit: int | None = None) -> bytes:
+    """The body, or BackendError(malformed) as soon as it is known to be longer than ``limit``."""
+    limit = MAX_RESPONSE_BYTES if limit is None else limit
+    too_big = BackendError(
+        "malformed",
+        f"the server sent a body of more than {limit // (1024 * 1024)} MiB (HTTP {response.status}); a chat "
+        "completion is a few kB: is --base-url the model server?",
+        response.status,
+        endpoint=endpoint,
+    )
+    declared = response.content_length
+    if declared is not None and declared > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class OpenAIBackend(Backend):
@@ -138,7 +167,7 @@ class OpenAIBackend(Backend):
             kwargs["timeout"] = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
         try:
             async with session.request(method, endpoint.base_url + path, data=body, **kwargs) as response:
-                content = await response.read()
+                content = await _read_limited(response, endpoint.base_url)
                 return _Response(response.status, response.headers, content, response.reason or "")
         except asyncio.TimeoutError:
             raise BackendError(
