@@ -277,7 +277,8 @@ def _print_skipped(skipped: dict) -> None:
         return
     from rich.table import Table
 
-    table = Table(title="Skipped (--lenient)")
+    # Not only --lenient's skipped rows: missing reports and label files are left null either way.
+    table = Table(title="Skipped or left null")
     table.add_column("reason")
     table.add_column("rows", justify="right")
     for reason, count in sorted(skipped.items()):

@@ -23,12 +23,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from cxrmax.core.errors import InputError, where
+from cxrmax.core.formats import PARQUET_MAGIC, ZIP_MAGIC, ZSTD_MAGIC
 
 __all__ = ["Validator", "check_columns", "read_csv", "read_header", "read_subject_ids"]
 
 _LABEL_PATTERN = r"^\s*-?[01](\.0*)?\s*$"
 _BLANK_LABEL_PATTERN = r"^\s*((?i:nan|none|null))?\s*$"  # how pandas & co. write a blank cell
-_INT_PATTERN = r"^\s*\d+(\.0*)?\s*$"  # "3056.0": pandas writes an int column with a gap as floats
+# "3056.0": pandas writes an int column with a gap as floats. At most 18 digits: longer ones do not
+# fit an int64 (no real id is near that; a pasted checksum or a cell run together with another is).
+_INT_PATTERN = r"^\s*\d{1,18}(\.0*)?\s*$"
 _LABEL_VALUES = pa.array([1.0, 0.0, -1.0], pa.float32())
 _FLOAT_PATTERN = r"^\s*-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 _DOWNLOAD_HINT = " (a truncated or corrupt file? compare it with the release's SHA256SUMS.txt)"
@@ -39,12 +42,67 @@ def _is_gzip(path: Path) -> bool:
         return handle.read(2) == b"\x1f\x8b"
 
 
-def _read_raw_header(path: Path) -> list[str]:
-    """The header's column names as written (BOM dropped, surrounding spaces kept)."""
+_MAX_HEADER_BYTES = 1 << 20
+# Containers a CSV is sometimes saved in under a .csv(.gz) name (by magic bytes): named, not guessed.
+_OTHER_CONTAINERS = {
+    ZIP_MAGIC: "a ZIP archive (an Excel .xlsx workbook is one too)",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    ZSTD_MAGIC: "zstd-compressed",
+    PARQUET_MAGIC: "a Parquet file",
+}
+
+
+def _refuse_other_containers(path: Path) -> None:
+    """An InputError for a file that is an archive or another compression, not a (gzip) CSV."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return  # the reader names the problem
+    for magic, what in _OTHER_CONTAINERS.items():
+        if head.startswith(magic):
+            raise InputError(
+                f"{where(path)}: {what}, not a CSV or a gzip-compressed CSV: extract the CSV "
+                "(and gzip it or not) under this name"
+            )
+
+
+def _locate_non_utf8(path: Path, raw_columns: Sequence[str]) -> tuple[int, str, bytes] | None:
+    """(1-based data row, column, the bad bytes) of the first cell of `raw_columns` that is not
+    UTF-8; only called once pyarrow has refused the file, to name the row."""
     opener = gzip.open if _is_gzip(path) else open
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:  # type: ignore[operator]
-            first = handle.readline()
+        with opener(path, "rt", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:  # type: ignore[operator]
+            reader = csv.reader(handle)
+            header = next(reader)
+            wanted = [(index, name) for index, name in enumerate(header) if name in raw_columns]
+            for number, row in enumerate(reader, start=1):
+                for index, name in wanted:
+                    cell = row[index] if index < len(row) else ""
+                    if cell.isascii():
+                        continue
+                    try:
+                        cell.encode("utf-8")
+                    except UnicodeEncodeError as exc:
+                        bad = cell[exc.start : exc.end].encode("utf-8", "surrogateescape")
+                        return number, name.strip(), bad
+    except (OSError, EOFError, csv.Error, zlib.error, StopIteration):
+        return None
+    return None
+
+
+def _read_raw_header(path: Path) -> list[str]:
+    """The header's column names as written (BOM dropped, surrounding spaces kept)."""
+    _refuse_other_containers(path)
+    opener = gzip.open if _is_gzip(path) else open
+    try:
+        # The first line only, as bytes: a text reader would decode a whole 8 KB chunk and blame
+        # the header for a non-UTF-8 byte in a data row (those are named by row in `read_csv`).
+        with opener(path, "rb") as handle:  # type: ignore[operator]
+            first_bytes = handle.readline(_MAX_HEADER_BYTES)
+        # A line ends at CR too (old Mac files, a stray CR), as in a text reader with newline="".
+        first = re.split(rb"\r\n?|\n", first_bytes, maxsplit=1)[0].decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InputError(
             f"{where(path)}: cannot read the CSV header: not UTF-8 text ({exc}); save it as UTF-8"
@@ -129,6 +187,14 @@ def read_csv(
         except (pa.ArrowInvalid, pa.ArrowKeyError, OSError, EOFError) as exc:
             if attempt is not None and "conversion error" in str(exc):
                 continue  # a cell that is not of its type: the string pass finds and names it
+            if "invalid UTF8" in str(exc):
+                located_cell = _locate_non_utf8(path, raw_columns)
+                if located_cell is not None:
+                    row, name, bad = located_cell
+                    raise InputError(
+                        f"{where(path, row=row, field=name)}: not UTF-8 text (bytes {bad!r}; "
+                        "Latin-1 or Windows-1252?): save the file as UTF-8"
+                    ) from None
             if "Expected" in str(exc) and "columns, got" in str(exc):
                 located = _locate_ragged_row(path)
                 if located is not None:
@@ -311,13 +377,20 @@ def read_subject_ids(path: str | os.PathLike) -> set[int]:
         return set(pc.cast(digits, pa.int64()).to_pylist())
     ids: set[int] = set()
     opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rt") as handle:  # type: ignore[operator]
-        for number, line in enumerate(handle, start=1):
-            value = line.strip()
-            if not value or value.startswith("#"):
-                continue
-            value = value.lstrip("p")  # accept folder names like p10000032
-            if not value.isdigit():
-                raise InputError(f"{where(path, row=number)}: not a subject id ({line.strip()!r})")
-            ids.add(int(value))
+    number = 0
+    try:
+        with opener(path, "rb") as handle:  # type: ignore[operator]
+            for number, raw in enumerate(handle, start=1):
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                value = line.strip()
+                if not value or value.startswith("#"):
+                    continue
+                value = value.lstrip("p")  # accept folder names like p10000032
+                if not (value.isascii() and value.isdigit()) or len(value) > 18:
+                    raise InputError(f"{where(path, row=number)}: not a subject id ({line.strip()!r})")
+                ids.add(int(value))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where(path, row=number)}: not UTF-8 text ({exc}); save it as UTF-8") from None
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(f"{where(path)}: cannot read the subject list: {exc}{_DOWNLOAD_HINT}") from None
     return ids

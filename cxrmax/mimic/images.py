@@ -121,9 +121,9 @@ def _looks_like_bare_dicom(head: bytes) -> bool:
 
 def _kind(path: Path) -> str:
     """ "dicom" or "raster", from the file's first bytes (its name only breaks a tie)."""
-    if path.is_dir():
-        raise ImageError(f"{where(path)}: is a directory, not an image file")
     try:
+        if path.is_dir():
+            raise ImageError(f"{where(path)}: is a directory, not an image file")
         with open(path, "rb") as handle:
             head = handle.read(132)
     except FileNotFoundError:
@@ -333,11 +333,16 @@ class ImageCache:
         path = Path(path)
         try:
             stat = path.stat()
+            resolved = path.resolve()
         except FileNotFoundError:
             raise ImageError(f"{where(path)}: image file not found") from None
+        except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long, no permission
+            raise ImageError(
+                f"{where(path)}: cannot read image: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         parts = [
             _CACHE_VERSION,
-            str(path.resolve()),
+            str(resolved),
             str(stat.st_size),
             str(stat.st_mtime_ns),
             str(self.max_edge),

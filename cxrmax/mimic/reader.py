@@ -84,6 +84,8 @@ __all__ = [
 
 FRONTAL_VIEWS: tuple[str, ...] = ("PA", "AP")
 LATERAL_VIEWS: tuple[str, ...] = ("LATERAL", "LL", "XTABLE LATERAL")  # cross-table lateral too
+#: `MimicCXR._report_or_skip`'s answer for a report file that could not be read (lenient).
+_UNREADABLE = object()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,6 +130,9 @@ class MimicCXR:
         self.root = Path(root)
         self.lenient = lenient
         self.reports_root = Path(reports_root) if reports_root is not None else self.root
+        if reports_root is not None and not self.reports_root.exists():
+            # Given on purpose: every report would silently be missing.
+            raise InputError(f"{where(self.reports_root)}: reports root not found")
         if self.reports_root.name == "files" and not (self.reports_root / "files").is_dir():
             self.reports_root = self.reports_root.parent  # "--reports-root .../files": the folder above
         self.layout = layout or detect_layout(self.root)
@@ -161,11 +166,19 @@ class MimicCXR:
     def _require_csv(self, name: str) -> Path:
         path = find_csv(self.root, name)
         if path is None:
+            self._refuse_csv_directory(name)
             hint = ""
             if self.layout == "dicom" and name in (METADATA_CSV, SPLIT_CSV):
                 hint = "; the DICOM release has no view/split CSVs: copy MIMIC-CXR-JPG's CSVs next to files/"
             raise InputError(f"{where(self.root / name)}: missing (looked for {name}.gz and {name}){hint}")
         return path
+
+    def _refuse_csv_directory(self, name: str) -> None:
+        """An InputError when a folder sits where the CSV `name` (or its .gz) should be (an archive
+        extracted in place, say): clearer than calling the file missing."""
+        for candidate in (self.root / f"{name}.gz", self.root / name):
+            if candidate.is_dir():
+                raise InputError(f"{where(candidate)}: is a directory, not the CSV file")
 
     # ---- images ------------------------------------------------------------------------------
 
@@ -267,6 +280,16 @@ class MimicCXR:
             raise InputError(f"{where(meta_path)}: no data rows")
         check = Validator(meta_path, raw, self.lenient, self.skipped)
         dicom_id = check.text("dicom_id", trim=True)
+        # The dicom_id is the image's file name: a separator or a dot folder would point elsewhere.
+        check.flag(
+            pc.or_(
+                pc.match_substring_regex(dicom_id, r"[/\\\x00-\x1f]"),
+                pc.is_in(dicom_id, pa.array([".", ".."])),
+            ),
+            "dicom_id",
+            "not a file name (a path separator, a control character or a dot folder)",
+            "bad dicom_id",
+        )
         subject_id = check.integer("subject_id")
         study_id = check.integer("study_id")
         view = pc.utf8_upper(pc.utf8_trim_whitespace(raw.column("ViewPosition")))
@@ -592,7 +615,7 @@ class MimicCXR:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise InputError(f"{where(path)}: cannot read report: {exc}") from None
+                raise InputError(f"{where(path)}: cannot read report: {exc.strerror or exc}") from None
         index = self._report_archive_index()
         if not index:
             return None
@@ -625,6 +648,17 @@ class MimicCXR:
         """The parsed report of a study, or None when it has no report file."""
         text = self.report_text(subject_id, study_id)
         return None if text is None else parse_report(text)
+
+    def _report_or_skip(self, subject_id: int, study_id: int) -> ReportSections | object | None:
+        """`report`; lenient, a report file that cannot be read (a folder in its place, an I/O
+        error) is counted and gives `_UNREADABLE` instead of stopping the run."""
+        try:
+            return self.report(subject_id, study_id)
+        except InputError:
+            if not self.lenient:
+                raise
+            self.skipped["reports: unreadable (sections left null)"] += 1
+            return _UNREADABLE
 
     # ---- selection ---------------------------------------------------------------------------
 
@@ -710,9 +744,10 @@ class MimicCXR:
             return table
         first = int(np.flatnonzero(~present)[0])
         if not self.lenient:
+            found = "a directory" if (self.root / paths[first]).is_dir() else "absent"
             raise InputError(
                 f"{where(self.root / paths[first])}: image listed in {METADATA_CSV} (dicom_id "
-                f"{table.column('dicom_id')[first].as_py()}) but absent"
+                f"{table.column('dicom_id')[first].as_py()}) but {found}"
             )
         self.skipped["images: listed but absent"] += int((~present).sum())
         return table.filter(pa.array(present))
@@ -734,7 +769,7 @@ class MimicCXR:
 
     def _attach(self, table: pa.Table, source: str, with_reports: bool) -> pa.Table:
         """Add the labels struct and report sections; cast to SELECTION_SCHEMA."""
-        labels = self._labels_if_present(source)
+        labels = self._labels_if_present(source, table.num_rows)
         if labels is not None and table.num_rows:
             label_part = labels.select(["study_id", *OBSERVATIONS])
             order_column = pa.array(np.arange(table.num_rows))
@@ -760,8 +795,10 @@ class MimicCXR:
                 table.column("subject_id").to_pylist(), table.column("study_id").to_pylist(), strict=True
             ):
                 if study_id not in cache:
-                    cache[study_id] = self.report(subject_id, study_id)
-                    missing += cache[study_id] is None
+                    cache[study_id] = sections = self._report_or_skip(subject_id, study_id)
+                    missing += sections is None
+                    if sections is _UNREADABLE:
+                        cache[study_id] = None
                 sections = cache[study_id]
                 findings.append(sections.findings if sections else None)
                 impressions.append(sections.impression if sections else None)
@@ -820,7 +857,7 @@ class MimicCXR:
         result["views"] = {
             (row["split"], row["view"] or ""): row["dicom_id_count"] for row in views.to_pylist()
         }
-        labels = self._labels_if_present(source)
+        labels = self._labels_if_present(source, studies.num_rows)
         if labels is not None:
             result["labels"] = _label_summary(labels, source, studies.num_rows)
         if reports:
@@ -828,13 +865,18 @@ class MimicCXR:
         result["skipped"] = dict(self.skipped)
         return result
 
-    def _labels_if_present(self, source: str) -> pa.Table | None:
-        """`study_labels(source)`, or None for a release without that label file (a bad one raises)."""
+    def _labels_if_present(self, source: str, rows: int) -> pa.Table | None:
+        """`study_labels(source)`, or None for a release without that label file (a bad one raises;
+        an absent one is counted against the `rows` whose labels are left null)."""
         try:
             return self.study_labels(source=source)
         except InputError:
             if find_csv(self.root, LABEL_SOURCES[source]) is not None:
                 raise
+            self._refuse_csv_directory(LABEL_SOURCES[source])
+            # Said, not silent: every label of the selection (or summary) is null.
+            if rows:
+                self.skipped[f"labels: no {LABEL_SOURCES[source]}(.gz) (labels left null)"] = rows
             return None
 
     def _report_coverage(self, studies: pa.Table, progress: Callable[[int, int], None] | None) -> dict:
@@ -845,8 +887,8 @@ class MimicCXR:
         ):
             if progress is not None and done % 1000 == 0:
                 progress(done, studies.num_rows)
-            sections = self.report(subject_id, study_id)
-            if sections is None:
+            sections = self._report_or_skip(subject_id, study_id)
+            if sections is None or sections is _UNREADABLE:
                 coverage["missing"] += 1
                 continue
             coverage["reports"] += 1
