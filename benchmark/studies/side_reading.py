@@ -14,6 +14,7 @@ estimate). Held-out = the test and validate images, which no teacher saw; 0.5 is
     python benchmark/studies/side_reading.py --studies 240 --weight-decay 0.1 --variant base
     python benchmark/studies/side_reading.py --probe-lr 3e-3 --probe-lr 1e-3 --probe-lr 3e-4   # direct question
     python benchmark/studies/side_reading.py --studies 240 --pretrain-steps 1000 --freeze-vision --teacher-lr 1e-3
+    python benchmark/studies/side_reading.py --fresh studies --steps 1200 --teacher-lr 1e-3 --side-weight 5
 
 ``--probe-lr``: no teacher; the tiny VLM is trained at that rate to answer "Which side is the <finding>
 on?" about fresh films (16 new films a step, drawn like the mini MIMIC-CXR's: portrait, 112 px, JPEG,
@@ -21,6 +22,14 @@ on?" about fresh films (16 new films a step, drawn like the mini MIMIC-CXR's: po
 from pixels at all? ``--pretrain-steps``: the same question first (at ``--pretrain-lr``), then the
 faithful teacher as above, optionally with the vision tower frozen (``--freeze-vision``) and at
 ``--teacher-lr`` (the demo's 8e-3 by default).
+
+``--fresh``: the faithful teacher is trained by this script's own loop (AdamW, 20 warm-up steps,
+linear decay, clip 1) on films drawn anew every step instead of the mini MIMIC-CXR's train images:
+``renders`` draws a new film of a train study (same labels and sides, new anatomy and noise),
+``studies`` a new study altogether (labels, sides and view drawn with the mini MIMIC-CXR's odds, the
+faithful answer written from them), so that a side can be neither memorised from the image nor from
+the prompt that names the study. ``--side-weight W`` adds W times the mean loss of the answer's side
+words to the mean token loss. The scores stay those of the mini MIMIC-CXR's images.
 
 A variant is ``base`` or ``+``-joined config overrides of the tiny Qwen2-VL: ``theta=V`` (the language
 model's rope theta), ``mrope=[t,h,w]`` (its multimodal rope sections), ``v.KEY=V`` (vision config),
@@ -44,7 +53,7 @@ from PIL import Image
 from cxrmax.mimic.images import RESAMPLE, encode_jpeg, target_size
 from cxrmax.mimic.reader import MimicCXR
 from cxrmax.testing.films import SIDED, synthetic_chest
-from cxrmax.testing.mini_mimic import make_mini_mimic
+from cxrmax.testing.mini_mimic import draw_labels, make_mini_mimic
 from cxrmax.toy import teachers as sim
 from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
 
@@ -216,6 +225,96 @@ def train_variant(
     return stats.last_loss
 
 
+def fresh_example(
+    kind: str, examples: list, render, rng: random.Random, edge: int
+) -> tuple[str, str, Image.Image]:
+    """(prompt, faithful answer, image) of one training film drawn anew (see ``--fresh``)."""
+    if kind == "renders":
+        example = rng.choice(examples)
+        labels = {f.observation: 1 for f in example.findings}
+        sides = {f.observation: f.side for f in example.findings}
+        prompt, findings, view = example.prompt, example.findings, rng.choice(["PA", "AP"])
+    else:
+        labels, sides, _ = draw_labels(rng, rng.random() < 0.2, rng.random() < 0.3)
+        findings = sim.positive_findings(labels, sim.visible_sides(sides))
+        view = rng.choice(["PA", "AP"])
+        prompt = render({"labels": labels, "view": view, "sample_id": "fresh"}, findings)
+    width = rng.randrange(300, 500)
+    height = int(width * rng.uniform(1.05, 1.3))
+    pixels = synthetic_chest(width, height, rng.getrandbits(32), view=view, labels=labels, sides=sides)
+    image = Image.fromarray(pixels).resize(target_size(width, height, edge, None), RESAMPLE)
+    image = Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB")
+    return prompt, sim.faithful_answer(findings), image
+
+
+def train_fresh_teacher(
+    path: Path,
+    kind: str,
+    examples: list,
+    prompt_template,
+    steps: int,
+    lr: float,
+    side_weight: float,
+    edge: int,
+    seed: int,
+    batch: int = 16,
+) -> float:
+    """The faithful teacher trained on ``batch`` films drawn anew each step (``kind``: renders or
+    studies); the loss is the answer's mean token cross-entropy plus ``side_weight`` times that of its
+    side words. Returns the last step's token loss."""
+    faithful = sim.TeacherSpec("faithful")
+    build_tiny_vlm(path, corpus=sim.teacher_corpus(examples, [faithful], seed), seed=seed)
+    model, processor = load_tiny_vlm(path)
+    tokenizer = processor.tokenizer
+    sides = torch.tensor(
+        [tokenizer.convert_tokens_to_ids("Ġleft"), tokenizer.convert_tokens_to_ids("Ġright")]
+    )
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    render = sim.prompt_renderer(prompt_template)
+    rng = random.Random(f"fresh:{kind}:{seed}")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.0, 1 - step / steps)
+    )
+    model.train()
+    token_loss = float("nan")
+    for step in range(1, steps + 1):
+        drawn = [fresh_example(kind, examples, render, rng, edge) for _ in range(batch)]
+        texts = [
+            processor.apply_chat_template(sim.chat_messages(prompt, answer), tokenize=False)
+            for prompt, answer, _ in drawn
+        ]
+        inputs = processor(
+            text=texts, images=[image for *_, image in drawn], return_tensors="pt", padding=True
+        )
+        ids = inputs["input_ids"]
+        labels = ids.clone()
+        for row, tokens in enumerate(ids.tolist()):
+            labels[row, : len(tokens) - tokens[::-1].index(start) + 2] = -100  # prompt and "assistant\n"
+        labels[inputs["attention_mask"] == 0] = -100
+        logits = model(**inputs).logits[:, :-1]
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(targets.shape)
+        answer, side = targets != -100, torch.isin(targets, sides)
+        loss = losses[answer].mean()
+        token_loss = loss.item()
+        if side_weight and side.any():
+            loss = loss + side_weight * losses[side].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 200 == 0:
+            print(f"  step {step}: token loss {token_loss:.3f}", flush=True)
+    model.eval()
+    model.save_pretrained(path)
+    return token_loss
+
+
 def probe(path: Path, lr: float, steps: int, edge: int, seed: int) -> None:
     """The side question alone, at ``lr``: prints its accuracy on unseen films every 200 steps."""
     build_tiny_vlm(path, corpus=question_corpus(), seed=seed)
@@ -291,6 +390,12 @@ def main() -> None:
         "--freeze-vision", action="store_true", help="do not train the vision tower as teacher"
     )
     parser.add_argument("--teacher-lr", type=float, default=8e-3, help="teacher learning rate (demo: 8e-3)")
+    parser.add_argument(
+        "--fresh", choices=("renders", "studies"), help="train on films drawn anew every step (see above)"
+    )
+    parser.add_argument(
+        "--side-weight", type=float, default=0.0, help="with --fresh: weight of the side words' loss"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     variants = args.variant or ["base", "theta=10+mrope=[1,1,6]"]
@@ -327,18 +432,31 @@ def main() -> None:
             for steps in steps_list:
                 started = time.perf_counter()
                 path = work / f"model-{len(list(work.glob('model-*')))}"
-                loss = train_variant(
-                    path,
-                    variant,
-                    train_examples,
-                    steps,
-                    args.edge,
-                    args.seed,
-                    args.weight_decay,
-                    pretrain=(args.pretrain_steps, args.pretrain_lr) if args.pretrain_steps else None,
-                    freeze_vision=args.freeze_vision,
-                    teacher_lr=args.teacher_lr,
-                )
+                if args.fresh:
+                    loss = train_fresh_teacher(
+                        path,
+                        args.fresh,
+                        train_examples,
+                        prompt,
+                        steps,
+                        args.teacher_lr,
+                        args.side_weight,
+                        args.edge,
+                        args.seed,
+                    )
+                else:
+                    loss = train_variant(
+                        path,
+                        variant,
+                        train_examples,
+                        steps,
+                        args.edge,
+                        args.seed,
+                        args.weight_decay,
+                        pretrain=(args.pretrain_steps, args.pretrain_lr) if args.pretrain_steps else None,
+                        freeze_vision=args.freeze_vision,
+                        teacher_lr=args.teacher_lr,
+                    )
                 tc, tn = first_mention_accuracy(path, train_examples[:120], args.edge)
                 hc, hn = first_mention_accuracy(path, held_examples, args.edge)
                 low, high = wilson(hc, hn)

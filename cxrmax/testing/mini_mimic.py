@@ -250,7 +250,8 @@ class _Study:
     report: str = ""
 
 
-def _draw_labels(rng: random.Random, normal: bool, portable: bool) -> tuple[dict, dict, dict]:
+def draw_labels(rng: random.Random, normal: bool, portable: bool) -> tuple[dict, dict, dict]:
+    """One study's (labels, sides, phrasing variants), drawn with the mini MIMIC-CXR's odds."""
     labels: dict[str, int | None] = {}
     sides: dict[str, str | None] = {}
     variants: dict[str, int] = {}
@@ -544,7 +545,7 @@ def _plan_studies(
             )
             portable = rng.random() < 0.35
             normal = rng.random() < 0.25
-            labels, sides, variants = _draw_labels(rng, normal, portable)
+            labels, sides, variants = draw_labels(rng, normal, portable)
             time = (
                 rng.randrange(0, 24) * 10000
                 + rng.randrange(0, 60) * 100
