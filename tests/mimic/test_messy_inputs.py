@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -25,22 +24,10 @@ SPLIT = "mimic-cxr-2.0.0-split.csv.gz"
 CHEXPERT = "mimic-cxr-2.0.0-chexpert.csv.gz"
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    if source.endswith((".jpg", ".dcm")):
-        try:
-            Path(target).hardlink_to(source)
-            return
-        except OSError:
-            pass
-    shutil.copy2(source, target)
-
-
 @pytest.fixture()
-def root(mini_mimic: Path, tmp_path: Path) -> Path:
+def root(mimic_copy: Path) -> Path:
     """A private copy of the session mini MIMIC-CXR (images hard-linked: replace, never write through)."""
-    target = tmp_path / "mimic"
-    shutil.copytree(mini_mimic, target, copy_function=_link_or_copy)
-    return target
+    return mimic_copy
 
 
 def _edit_gz(path: Path, edit) -> None:  # noqa: ANN001 - bytes -> bytes
