@@ -804,7 +804,7 @@ STOP_CASES = [
                 },
             }
         ],
-        r"does not exist.*GET /models lists 'stub-vlm'",
+        r"does not exist.*GET /models lists 'stub-vlm' itself.*--base-url",
     ),
     (
         "ollama-404-model-not-pulled",
@@ -819,7 +819,7 @@ STOP_CASES = [
                 },
             }
         ],
-        r"not found, try pulling.*lists 'stub-vlm'",
+        r"not found, try pulling.*lists 'stub-vlm' itself",
     ),
     (
         "vllm-401-api-key",

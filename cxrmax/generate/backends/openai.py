@@ -290,6 +290,12 @@ class OpenAIBackend(Backend):
                     "ends in /v1)"
                 )
             endpoint.served = [entry["id"] for entry in listing]
+        if self.served_model in endpoint.served:  # listed, yet not found: not "pass another --model"
+            return (
+                f" (GET /models lists {self.served_model!r} itself, at {endpoint.base_url}: the server may be "
+                "reloading its models, or the chat completions path is wrong: is --base-url right (it usually "
+                "ends in /v1), or does a proxy in between rewrite paths?)"
+            )
         served = ", ".join(map(repr, endpoint.served)) or "nothing"
         return (
             f" (model {self.served_model!r} is not served at {endpoint.base_url}; GET /models lists {served}: "
