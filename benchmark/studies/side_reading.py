@@ -362,6 +362,42 @@ def first_mention_accuracy(path: Path, examples: list, edge: int) -> tuple[int, 
     return correct, scored
 
 
+def generated_side_error(
+    path: Path, examples: list, gold: dict, edge: int, temperature: float = 1.0
+) -> tuple[int, int]:
+    """(errors, compared) of the sides the teacher states in its own answers, one per example (120 new
+    tokens, sampled at ``temperature``, seed 0), against the report's sides, read by the labeler as
+    the demo's side error is."""
+    from cxrmax.labeler import label_text
+
+    model, processor = load_tiny_vlm(path)
+    processor.tokenizer.padding_side = "left"
+    torch.manual_seed(0)
+    errors = compared = 0
+    for i in range(0, len(examples), 16):
+        batch = examples[i : i + 16]
+        texts = [
+            processor.apply_chat_template(
+                sim.chat_messages(e.prompt), tokenize=False, add_generation_prompt=True
+            )
+            for e in batch
+        ]
+        images = [sim.load_image(e.image_path, edge) for e in batch]
+        inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = model.generate(
+                **inputs, max_new_tokens=120, do_sample=temperature > 0, temperature=temperature or None
+            )
+        for example, tokens in zip(batch, out[:, inputs["input_ids"].shape[1] :], strict=True):
+            stated = label_text(processor.tokenizer.decode(tokens, skip_special_tokens=True))
+            reference = gold.get(example.sample_id, {})
+            for name, observation in stated.observations.items():
+                if observation.laterality in ("left", "right") and reference.get(name) in ("left", "right"):
+                    compared += 1
+                    errors += observation.laterality != reference[name]
+    return errors, compared
+
+
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson interval of a proportion."""
     if n == 0:
@@ -426,8 +462,17 @@ def main() -> None:
                 else ""
             )
         )
-        print("| variant | steps | last loss | train first-mention acc. | held-out acc. [95% CI] | seconds |")
-        print("|---|---|---|---|---|---|")
+        print(
+            "| variant | steps | last loss | train first-mention acc. | held-out acc. [95% CI] | seconds "
+            "| held-out side error of its answers |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        gold = {  # the report's sides, as the demo reads them
+            row["sample_id"]: sim.report_sides(
+                " ".join(filter(None, (row.get("findings"), row.get("impression"))))
+            )
+            for row in held_out.to_pylist()
+        }
         for variant in variants:
             for steps in steps_list:
                 started = time.perf_counter()
@@ -460,10 +505,11 @@ def main() -> None:
                 tc, tn = first_mention_accuracy(path, train_examples[:120], args.edge)
                 hc, hn = first_mention_accuracy(path, held_examples, args.edge)
                 low, high = wilson(hc, hn)
+                errors, compared = generated_side_error(path, held_examples, gold, args.edge)
                 print(
                     f"| {variant} | {steps} | {loss:.3f} | {tc}/{tn} = {tc / max(tn, 1):.2f} | "
                     f"{hc}/{hn} = {hc / max(hn, 1):.2f} [{low:.2f}, {high:.2f}] | "
-                    f"{time.perf_counter() - started:.0f} |",
+                    f"{time.perf_counter() - started:.0f} | {errors}/{compared} = {errors / max(compared, 1):.2f} |",
                     flush=True,
                 )
 
