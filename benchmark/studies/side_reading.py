@@ -28,7 +28,8 @@ linear decay, clip 1) on films drawn anew every step instead of the mini MIMIC-C
 ``renders`` draws a new film of a train study (same labels and sides, new anatomy and noise),
 ``studies`` a new study altogether (labels, sides and view drawn with the mini MIMIC-CXR's odds, the
 faithful answer written from them), so that a side can be neither memorised from the image nor from
-the prompt that names the study. ``--side-weight W`` adds W times the mean loss of the answer's side
+the prompt that names the study; ``--teacher NAME`` trains another of the demo's teachers (its biases
+in its answers: swaps-sides, ...). ``--side-weight W`` adds W times the mean loss of the answer's side
 words to the mean token loss. The scores stay those of the mini MIMIC-CXR's images.
 
 A variant is ``base`` or ``+``-joined config overrides of the tiny Qwen2-VL: ``theta=V`` (the language
@@ -226,9 +227,9 @@ def train_variant(
 
 
 def fresh_example(
-    kind: str, examples: list, render, rng: random.Random, edge: int
+    kind: str, examples: list, render, rng: random.Random, edge: int, teacher: sim.TeacherSpec
 ) -> tuple[str, str, Image.Image]:
-    """(prompt, faithful answer, image) of one training film drawn anew (see ``--fresh``)."""
+    """(prompt, ``teacher``'s answer, image) of one training film drawn anew (see ``--fresh``)."""
     if kind == "renders":
         example = rng.choice(examples)
         labels = {f.observation: 1 for f in example.findings}
@@ -244,7 +245,7 @@ def fresh_example(
     pixels = synthetic_chest(width, height, rng.getrandbits(32), view=view, labels=labels, sides=sides)
     image = Image.fromarray(pixels).resize(target_size(width, height, edge, None), RESAMPLE)
     image = Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB")
-    return prompt, sim.faithful_answer(findings), image
+    return prompt, sim.biased_answer(findings, teacher, rng)[0], image
 
 
 def train_fresh_teacher(
@@ -258,12 +259,13 @@ def train_fresh_teacher(
     edge: int,
     seed: int,
     batch: int = 16,
+    teacher: str = "faithful",
 ) -> float:
-    """The faithful teacher trained on ``batch`` films drawn anew each step (``kind``: renders or
+    """The teacher named ``teacher`` (one of the demo's five) trained on ``batch`` films drawn anew each step (``kind``: renders or
     studies); the loss is the answer's mean token cross-entropy plus ``side_weight`` times that of its
     side words. Returns the last step's token loss."""
-    faithful = sim.TeacherSpec("faithful")
-    build_tiny_vlm(path, corpus=sim.teacher_corpus(examples, [faithful], seed), seed=seed)
+    spec = {t.name: t for t in sim.default_teachers()}[teacher]
+    build_tiny_vlm(path, corpus=sim.teacher_corpus(examples, [spec], seed), seed=seed)
     model, processor = load_tiny_vlm(path)
     tokenizer = processor.tokenizer
     sides = torch.tensor(
@@ -280,7 +282,7 @@ def train_fresh_teacher(
     model.train()
     token_loss = float("nan")
     for step in range(1, steps + 1):
-        drawn = [fresh_example(kind, examples, render, rng, edge) for _ in range(batch)]
+        drawn = [fresh_example(kind, examples, render, rng, edge, spec) for _ in range(batch)]
         texts = [
             processor.apply_chat_template(sim.chat_messages(prompt, answer), tokenize=False)
             for prompt, answer, _ in drawn
@@ -432,6 +434,12 @@ def main() -> None:
     parser.add_argument(
         "--side-weight", type=float, default=0.0, help="with --fresh: weight of the side words' loss"
     )
+    parser.add_argument(
+        "--teacher",
+        default="faithful",
+        choices=[t.name for t in sim.default_teachers()],
+        help="with --fresh: which of the demo's teachers (its biases in its answers; default faithful)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     variants = args.variant or ["base", "theta=10+mrope=[1,1,6]"]
@@ -488,6 +496,7 @@ def main() -> None:
                         args.side_weight,
                         args.edge,
                         args.seed,
+                        teacher=args.teacher,
                     )
                 else:
                     loss = train_variant(
