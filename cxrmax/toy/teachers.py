@@ -32,8 +32,9 @@ random-weight model writes noise, so this module *makes* source models whose dri
 The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends them. By default
 it is the paper's rationale prompt whose diagnosis list carries each finding's side as the report
 states it ("The patient is diagnosed with left Pleural Effusion and Atelectasis", :func:`sided_prompt`,
-prompt id ``rationale-v1-sided``): a 200k-parameter model cannot learn to read sides off synthetic
-films in seconds (the mini MIMIC-CXR draws only pleural effusions on their side), but it learns to
+prompt id ``rationale-v1-sided``): a 200k-parameter model trained in seconds on the train images
+does not learn to read sides off the synthetic films (every lateralised finding is drawn on its side;
+benchmark/studies/README.md: it takes thousands of steps on films drawn anew), but it learns to
 repeat a side from its prompt, so the faithful teacher states sides correctly and the
 laterality-swapped teacher mirrors them, which makes the swap measurable against the report. With
 ``side_hint=False`` the prompt is the paper's, untouched, and only sides the film shows
