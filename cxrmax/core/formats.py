@@ -42,6 +42,15 @@ COMPRESSIONS = {GZIP_MAGIC: "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 PARQUET_MAGIC = b"PAR1"
 ZIP_MAGIC = b"PK\x03\x04"
+#: What a file is, by its magic bytes, when it is an archive or a compression other than gzip: for
+#: errors that name it (a CSV reader that takes plain or gzip text only).
+NOT_GZIP_TEXT = {
+    ZIP_MAGIC: "a ZIP archive (an Excel .xlsx workbook is one too)",
+    b"BZh": "bzip2-compressed",
+    b"\xfd7zXZ\x00": "xz-compressed",
+    ZSTD_MAGIC: "zstd-compressed",
+    PARQUET_MAGIC: "a Parquet file",
+}
 #: Largest single CSV field / JSON entry accepted (a longer one is almost always an unbalanced quote).
 MAX_FIELD_CHARS = 64 << 20
 

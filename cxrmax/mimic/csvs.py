@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from cxrmax.core.errors import InputError, where
-from cxrmax.core.formats import PARQUET_MAGIC, ZIP_MAGIC, ZSTD_MAGIC
+from cxrmax.core.formats import NOT_GZIP_TEXT
 
 __all__ = ["Validator", "check_columns", "read_csv", "read_header", "read_subject_ids"]
 
@@ -43,14 +43,6 @@ def _is_gzip(path: Path) -> bool:
 
 
 _MAX_HEADER_BYTES = 1 << 20
-# Containers a CSV is sometimes saved in under a .csv(.gz) name (by magic bytes): named, not guessed.
-_OTHER_CONTAINERS = {
-    ZIP_MAGIC: "a ZIP archive (an Excel .xlsx workbook is one too)",
-    b"BZh": "bzip2-compressed",
-    b"\xfd7zXZ\x00": "xz-compressed",
-    ZSTD_MAGIC: "zstd-compressed",
-    PARQUET_MAGIC: "a Parquet file",
-}
 
 
 def _refuse_other_containers(path: Path) -> None:
@@ -60,7 +52,7 @@ def _refuse_other_containers(path: Path) -> None:
             head = handle.read(8)
     except OSError:
         return  # the reader names the problem
-    for magic, what in _OTHER_CONTAINERS.items():
+    for magic, what in NOT_GZIP_TEXT.items():
         if head.startswith(magic):
             raise InputError(
                 f"{where(path)}: {what}, not a CSV or a gzip-compressed CSV: extract the CSV "
