@@ -185,7 +185,12 @@ def score_cmd(
 def submit_cmd(
     submission: Path = typer.Argument(..., help="Submission file or trajectories folder."),
     task: str = _task_option("The task: a name, NAME@VERSION or a task TOML file."),
-    name: str = typer.Option(..., "--name", "-n", help="Entry name shown on the board."),
+    name: str = typer.Option(
+        ...,
+        "--name",
+        "-n",
+        help="Entry name shown on the board: one line of printable text, at most 200 characters.",
+    ),
     references: Path = typer.Option(
         None, "--references", "-r", help="MIMIC-CXR root folder, or a prepared reference file."
     ),
@@ -219,7 +224,8 @@ def submit_cmd(
     Example: cxrmax leaderboard submit preds.csv -t mimic-cxr-labels -r /data/mimic-cxr-jpg -n my-model --model-info params=7B
     """
     with user_errors(), interruptible("nothing was stored on the board; run the same command again"):
-        from cxrmax.leaderboard.render import markup_safe, render_score
+        from cxrmax.core.terminal import markup_safe
+        from cxrmax.leaderboard.render import render_score
         from cxrmax.leaderboard.scoring import dumps, file_sha256
         from cxrmax.leaderboard.store import Board, DuplicateSubmission, check_entry_name
         from cxrmax.leaderboard.tasks import get_task
@@ -274,7 +280,8 @@ def show_cmd(
     Example: cxrmax leaderboard show --task ms-cxr-t
     """
     with user_errors():
-        from cxrmax.leaderboard.render import markup_safe, render_board
+        from cxrmax.core.terminal import markup_safe
+        from cxrmax.leaderboard.render import render_board
         from cxrmax.leaderboard.store import Board
         from cxrmax.leaderboard.tasks import list_tasks
 
