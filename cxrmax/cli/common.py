@@ -37,7 +37,8 @@ class Terminated(KeyboardInterrupt):
     signum = signal.SIGTERM
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
+def raise_terminated(signum: int, frame: object) -> None:
+    """SIGTERM handler: raise :class:`Terminated` (exit 143 where the command reports it)."""
     raise Terminated
 
 
@@ -52,7 +53,7 @@ def interruptible(kept: str) -> Iterator[None]:
     code under the block tears its worker pools down and removes its staging in ``finally`` blocks;
     a second signal while this line is printed is ignored, so cleanup is not interrupted twice."""
     try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not in the main thread (tests calling the app in a thread): no handler
         previous = None
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.markup import escape
 
-from cxrmax.cli.common import console, err_console, user_errors
+from cxrmax.cli.common import console, err_console, raise_terminated, user_errors
 from cxrmax.cli.options import (
     GENERATE_BACKENDS,
     Choice,
@@ -37,11 +37,8 @@ models_app = typer.Typer(
 
 def _sigterm_as_interrupt() -> None:
     # SIGTERM (e.g. from a job scheduler) ends the run like Ctrl-C: buffered answers are committed.
-    def handler(signum, frame):  # noqa: ANN001
-        raise KeyboardInterrupt
-
     try:
-        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGTERM, raise_terminated)
     except ValueError:  # not in the main thread (e.g. tests calling the app in a thread)
         pass
 
@@ -235,7 +232,7 @@ def _model_spec(model: str, name: str | None):  # noqa: ANN202 - ModelSpec is im
 
 def _run(options, quiet: bool):  # noqa: ANN001, ANN202 - generate's types are imported lazily
     """Build the backend and run the generation with a live display (plain lines when ``quiet`` or
-    not on a terminal); Ctrl-C exits 130 after saying that nothing received is lost."""
+    not on a terminal); Ctrl-C exits 130 (SIGTERM 143) after saying that nothing received is lost."""
     import asyncio
 
     from cxrmax.generate.orchestrator import build_backend, generate_async
@@ -245,11 +242,11 @@ def _run(options, quiet: bool):  # noqa: ANN001, ANN202 - generate's types are i
     progress = PlainProgress() if quiet or not sys.stderr.isatty() else RichProgress()
     try:
         return asyncio.run(generate_async(options, backend, progress)), backend
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         err_console.print(
             "[yellow]interrupted[/]: every answer received so far is stored; run the same command again to continue."
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + int(getattr(exc, "signum", signal.SIGINT))) from None
 
 
 def _print_summary(options, stats, backend) -> None:  # noqa: ANN001
