@@ -54,8 +54,9 @@ from PIL import Image
 from cxrmax.mimic.images import RESAMPLE, encode_jpeg, target_size
 from cxrmax.mimic.reader import MimicCXR
 from cxrmax.testing.films import SIDED, synthetic_chest
-from cxrmax.testing.mini_mimic import draw_labels, make_mini_mimic
+from cxrmax.testing.mini_mimic import make_mini_mimic
 from cxrmax.toy import teachers as sim
+from cxrmax.toy.reader import draw_film, fresh_study, pretrain_reader
 from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
 
 
@@ -230,22 +231,13 @@ def fresh_example(
     kind: str, examples: list, render, rng: random.Random, edge: int, teacher: sim.TeacherSpec
 ) -> tuple[str, str, Image.Image]:
     """(prompt, ``teacher``'s answer, image) of one training film drawn anew (see ``--fresh``)."""
-    if kind == "renders":
-        example = rng.choice(examples)
-        labels = {f.observation: 1 for f in example.findings}
-        sides = {f.observation: f.side for f in example.findings}
-        prompt, findings, view = example.prompt, example.findings, rng.choice(["PA", "AP"])
-    else:
-        labels, sides, _ = draw_labels(rng, rng.random() < 0.2, rng.random() < 0.3)
-        findings = sim.positive_findings(labels, sim.visible_sides(sides))
-        view = rng.choice(["PA", "AP"])
-        prompt = render({"labels": labels, "view": view, "sample_id": "fresh"}, findings)
-    width = rng.randrange(300, 500)
-    height = int(width * rng.uniform(1.05, 1.3))
-    pixels = synthetic_chest(width, height, rng.getrandbits(32), view=view, labels=labels, sides=sides)
-    image = Image.fromarray(pixels).resize(target_size(width, height, edge, None), RESAMPLE)
-    image = Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB")
-    return prompt, sim.biased_answer(findings, teacher, rng)[0], image
+    if kind == "studies":
+        return fresh_study(rng, teacher, render, edge)
+    example = rng.choice(examples)
+    labels = {f.observation: 1 for f in example.findings}
+    sides = {f.observation: f.side for f in example.findings}
+    image = draw_film(rng, labels, sides, rng.choice(["PA", "AP"]), edge)
+    return example.prompt, sim.biased_answer(example.findings, teacher, rng)[0], image
 
 
 def train_fresh_teacher(
@@ -261,60 +253,31 @@ def train_fresh_teacher(
     batch: int = 16,
     teacher: str = "faithful",
 ) -> float:
-    """The teacher named ``teacher`` (one of the demo's five) trained on ``batch`` films drawn anew each step (``kind``: renders or
-    studies); the loss is the answer's mean token cross-entropy plus ``side_weight`` times that of its
-    side words. Returns the last step's token loss."""
+    """The teacher named ``teacher`` (one of the demo's five) trained on ``batch`` films drawn anew each
+    step (``kind``: renders or studies) by the base reader's loop (``cxrmax.toy.reader.pretrain_reader``:
+    the answer's mean token loss plus ``side_weight`` times that of its side words), with a tokenizer
+    trained on the study's own examples. Returns the last step's token loss."""
     spec = {t.name: t for t in sim.default_teachers()}[teacher]
-    build_tiny_vlm(path, corpus=sim.teacher_corpus(examples, [spec], seed), seed=seed)
-    model, processor = load_tiny_vlm(path)
-    tokenizer = processor.tokenizer
-    sides = torch.tensor(
-        [tokenizer.convert_tokens_to_ids("Ġleft"), tokenizer.convert_tokens_to_ids("Ġright")]
-    )
-    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     render = sim.prompt_renderer(prompt_template)
-    rng = random.Random(f"fresh:{kind}:{seed}")
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.0, 1 - step / steps)
-    )
-    model.train()
-    token_loss = float("nan")
-    for step in range(1, steps + 1):
-        drawn = [fresh_example(kind, examples, render, rng, edge, spec) for _ in range(batch)]
-        texts = [
-            processor.apply_chat_template(sim.chat_messages(prompt, answer), tokenize=False)
-            for prompt, answer, _ in drawn
-        ]
-        inputs = processor(
-            text=texts, images=[image for *_, image in drawn], return_tensors="pt", padding=True
-        )
-        ids = inputs["input_ids"]
-        labels = ids.clone()
-        for row, tokens in enumerate(ids.tolist()):
-            labels[row, : len(tokens) - tokens[::-1].index(start) + 2] = -100  # prompt and "assistant\n"
-        labels[inputs["attention_mask"] == 0] = -100
-        logits = model(**inputs).logits[:, :-1]
-        targets = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
-        ).view(targets.shape)
-        answer, side = targets != -100, torch.isin(targets, sides)
-        loss = losses[answer].mean()
-        token_loss = loss.item()
-        if side_weight and side.any():
-            loss = loss + side_weight * losses[side].mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+
+    def report(step: int, loss: float) -> None:
         if step % 200 == 0:
-            print(f"  step {step}: token loss {token_loss:.3f}", flush=True)
-    model.eval()
-    model.save_pretrained(path)
-    return token_loss
+            print(f"  step {step}: token loss {loss:.3f}", flush=True)
+
+    pretrain_reader(
+        path,
+        steps,
+        lr,
+        side_weight,
+        batch=batch,
+        seed=seed,
+        edge=edge,
+        progress=report,
+        draw=lambda rng: fresh_example(kind, examples, render, rng, edge, spec),
+        corpus=sim.teacher_corpus(examples, [spec], seed),
+        rng=random.Random(f"fresh:{kind}:{seed}"),
+    )
+    return json.loads((path / "reader.json").read_text())["last_token_loss"]
 
 
 def probe(path: Path, lr: float, steps: int, edge: int, seed: int) -> None:

@@ -1,0 +1,115 @@
+"""Do the demo's teachers keep reading sides when fine-tuned from the pretrained base reader?
+
+``cxrmax.toy.reader`` pretrains the tiny VLM on thousands of new studies until it states, with the
+paper's prompt, the side it reads from the film (benchmark/studies/README.md, "Films drawn anew every
+step"). Real teachers are pretrained VLMs with biases of their own; this study starts each named
+teacher from a reader checkpoint and fine-tunes it with the demo's teacher recipe (apo_train's SFT
+stage on the mini MIMIC-CXR's frontal train films, the teacher's biased targets, the paper's prompt)
+at each learning rate, then measures on held-out films, as side_reading.py does: first-mention side
+accuracy by teacher forcing and the side error of the teacher's own sampled answers against the report.
+
+    python benchmark/studies/reader_finetune.py --reader /tmp/reader --lr 1e-3 --lr 8e-3
+    python benchmark/studies/reader_finetune.py --reader /tmp/reader --teacher faithful --teacher swaps-sides
+
+Results go to stdout; nothing is written outside --work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from side_reading import first_mention_accuracy, generated_side_error, wilson  # noqa: E402
+
+from cxrmax.mimic.reader import MimicCXR  # noqa: E402
+from cxrmax.testing.mini_mimic import make_mini_mimic  # noqa: E402
+from cxrmax.toy import teachers as sim  # noqa: E402
+
+
+def copy_model(source: Path, target: Path) -> Path:
+    """The model files of ``source`` (not its step-N checkpoints' folders) copied to ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.is_file():
+            shutil.copy2(file, target / file.name)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--reader", type=Path, action="append", required=True, help="reader folder (repeatable)"
+    )
+    parser.add_argument("--teacher", action="append", help="teacher name (default faithful and swaps-sides)")
+    parser.add_argument("--lr", type=float, action="append", help="fine-tuning rate (default 1e-3)")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps (the demo's 300)")
+    parser.add_argument("--studies", type=int, default=800, help="mini MIMIC-CXR size (default 800)")
+    parser.add_argument("--train-films", type=int, default=148, help="train films used (the demo's 148)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.teacher or ["faithful", "swaps-sides"]
+    specs = {t.name: t for t in sim.default_teachers()}
+    with tempfile.TemporaryDirectory() as scratch:
+        work = args.work or Path(scratch)
+        root = work / f"mimic-{args.studies}"
+        if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
+            make_mini_mimic(root, studies=args.studies, seed=args.seed)
+        mimic = MimicCXR(root)
+        train = mimic.select(splits=["train"], views=["PA", "AP"])
+        held_out = mimic.select(splits=["test", "validate"], views=["PA", "AP"])
+        train_examples, prompt = sim.examples_from_selection(train, root, side_hint=False)
+        train_examples = train_examples[: args.train_films]
+        held_examples, _ = sim.examples_from_selection(held_out, root, side_hint=False, prompt=prompt)
+        gold = {
+            row["sample_id"]: sim.report_sides(
+                " ".join(filter(None, (row.get("findings"), row.get("impression"))))
+            )
+            for row in held_out.to_pylist()
+        }
+        print(
+            f"mini MIMIC-CXR {args.studies} studies: {len(train_examples)} train films, {len(held_examples)} "
+            f"held out; paper's prompt; {args.steps} fine-tuning steps of 16"
+        )
+        print(
+            "| reader | teacher | lr | last loss | held-out first-mention acc. [95%] | side error of its answers [95%] | s |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for reader in args.reader:
+            for lr in [None] + (args.lr or [1e-3]):
+                for name in names if lr is not None else ["(reader itself)"]:
+                    started = time.perf_counter()
+                    path = copy_model(reader, work / f"model-{len(list(work.glob('model-*')))}")
+                    loss = float("nan")
+                    if lr is not None:
+                        targets = sim.assign_targets(train_examples, specs[name], args.seed)
+                        loss = sim.train_teacher(
+                            path, targets, steps=args.steps, lr=lr, seed=args.seed
+                        ).last_loss
+                    hc, hn = first_mention_accuracy(path, held_examples, 112)
+                    errors, compared = generated_side_error(path, held_examples, gold, 112)
+                    a_low, a_high = wilson(hc, hn)
+                    e_low, e_high = wilson(errors, compared)
+                    print(
+                        f"| {reader.name} | {name} | {lr if lr is not None else '-'} | {loss:.3f} | "
+                        f"{hc}/{hn} = {hc / max(hn, 1):.2f} [{a_low:.2f}, {a_high:.2f}] | "
+                        f"{errors}/{compared} = {errors / max(compared, 1):.2f} [{e_low:.2f}, {e_high:.2f}] | "
+                        f"{time.perf_counter() - started:.0f} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The demo's base reader: the tiny VLM pretrained once to state the sides it reads from the film.
+
+Real teachers and students start from a pretrained VLM that can already see which side a finding is
+on; a tiny VLM trained from scratch for the demo's few hundred steps cannot (benchmark/studies/
+side_reading.py: with the paper's prompt, which names the diagnoses but no sides, every teacher
+trained on the mini MIMIC-CXR's fixed train films stated sides at chance on new films). What it takes
+is many films it has not seen before, each a new study (so that the side can be memorised neither
+from the image nor from the prompt naming the study), and a heavier loss on the side words (one token
+in about thirty of an answer whose rest restates the prompt). :func:`pretrain_reader` trains that;
+it costs about 45 minutes of one CPU core, so the project ships the result (``READER_DIR``, about
+1 MB) and the demo fine-tunes its teachers and students from it, the way the real pipeline
+fine-tunes a pretrained checkpoint.
+
+    python -m cxrmax.toy.reader --out reader --steps 8000      # rebuild the shipped reader
+
+The reader's tokenizer is trained on :func:`reader_corpus` (prompts and every default teacher's
+answers about studies drawn with the mini MIMIC-CXR's odds), which holds every word the demo's
+teachers write, so a demo of any size can share it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from cxrmax.mimic.images import RESAMPLE, encode_jpeg, target_size
+from cxrmax.testing.films import synthetic_chest
+from cxrmax.testing.mini_mimic import draw_labels
+from cxrmax.toy import teachers as sim
+from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
+
+#: The shipped reader (built by ``python -m cxrmax.toy.reader``; its recipe in ``reader.json``).
+READER_DIR = Path(__file__).with_name("reader")
+
+#: Film edge the reader is trained at: the demo's images.
+EDGE = 112
+
+
+def reader_corpus(seed: int = 0, studies: int = 2000) -> list[str]:
+    """Texts the reader's tokenizer is trained on: the paper's prompt and every default teacher's
+    answer about ``studies`` studies drawn with the mini MIMIC-CXR's odds, plus the refusal."""
+    rng = random.Random(f"reader-corpus:{seed}")
+    render = sim.prompt_renderer("rationale")
+    texts = {sim.REFUSAL_TEXT}
+    for _ in range(studies):
+        labels, sides, _ = draw_labels(rng, rng.random() < 0.2, rng.random() < 0.3)
+        findings = sim.positive_findings(labels, sim.visible_sides(sides))
+        texts.add(render({"labels": labels, "view": rng.choice(["PA", "AP"]), "sample_id": "x"}, findings))
+        for teacher in sim.default_teachers():
+            texts.add(sim.biased_answer(findings, teacher, rng)[0])
+    return sorted(texts)
+
+
+def draw_film(
+    rng: random.Random, labels: dict[str, Any], sides: dict[str, Any], view: str, edge: int = EDGE
+) -> Image.Image:
+    """A new film of a study with these labels and sides (anatomy, exposure and noise drawn from
+    ``rng``), resized and JPEG-compressed as the mini MIMIC-CXR's images are."""
+    width = rng.randrange(300, 500)
+    height = int(width * rng.uniform(1.05, 1.3))
+    pixels = synthetic_chest(width, height, rng.getrandbits(32), view=view, labels=labels, sides=sides)
+    image = Image.fromarray(pixels).resize(target_size(width, height, edge, None), RESAMPLE)
+    return Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB")
+
+
+def fresh_study(
+    rng: random.Random,
+    teacher: sim.TeacherSpec,
+    render: Callable[[dict[str, Any], list[sim.Finding]], str] | None = None,
+    edge: int = EDGE,
+) -> tuple[str, str, Image.Image]:
+    """(prompt, ``teacher``'s answer, film) of one study drawn anew: labels, sides and view with the
+    mini MIMIC-CXR's odds, the film drawn by :func:`draw_film`."""
+    render = render or sim.prompt_renderer("rationale")
+    labels, sides, _ = draw_labels(rng, rng.random() < 0.2, rng.random() < 0.3)
+    findings = sim.positive_findings(labels, sim.visible_sides(sides))
+    view = rng.choice(["PA", "AP"])
+    prompt = render({"labels": labels, "view": view, "sample_id": "fresh"}, findings)
+    image = draw_film(rng, labels, sides, view, edge)
+    return prompt, sim.biased_answer(findings, teacher, rng)[0], image
+
+
+def side_token_ids(tokenizer: Any) -> torch.Tensor:
+    """Ids of the answer's side words (" left", " right")."""
+    return torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("Ġleft", "Ġright")])
+
+
+def pretrain_reader(
+    out: str | Path,
+    steps: int = 8000,
+    lr: float = 1e-3,
+    side_weight: float = 5.0,
+    batch: int = 16,
+    seed: int = 0,
+    edge: int = EDGE,
+    checkpoint_every: int = 0,
+    progress: Callable[[int, float], None] | None = None,
+    draw: Callable[[random.Random], tuple[str, str, Image.Image]] | None = None,
+    corpus: list[str] | None = None,
+    rng: random.Random | None = None,
+) -> Path:
+    """Build the tiny VLM with the reader's tokenizer and train it to write the faithful teacher's
+    answer, with the paper's prompt, about ``batch`` new studies every step (AdamW, 20 warm-up steps,
+    linear decay, gradients clipped at 1). The loss is the answer's mean token cross-entropy plus
+    ``side_weight`` times that of its side words. ``checkpoint_every``: also save ``out/step-N``.
+
+    Studies (benchmark/studies/side_reading.py): ``draw(rng)`` makes each training example instead of
+    :func:`fresh_study` with the faithful teacher, ``corpus`` trains the tokenizer instead of
+    :func:`reader_corpus`, ``rng`` replaces the reader's own random stream."""
+    out = Path(out)
+    build_tiny_vlm(out, corpus=reader_corpus(seed) if corpus is None else corpus, seed=seed)
+    model, processor = load_tiny_vlm(out)
+    tokenizer = processor.tokenizer
+    sides = side_token_ids(tokenizer)
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    if draw is None:
+        faithful, render = sim.TeacherSpec("faithful"), sim.prompt_renderer("rationale")
+
+        def draw(rng: random.Random) -> tuple[str, str, Image.Image]:
+            return fresh_study(rng, faithful, render, edge)
+
+    rng = rng or random.Random(f"reader:{seed}")
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * max(0.0, 1 - step / steps)
+    )
+    model.train()
+    started = time.perf_counter()
+    for step in range(1, steps + 1):
+        drawn = [draw(rng) for _ in range(batch)]
+        texts = [
+            processor.apply_chat_template(sim.chat_messages(prompt, answer), tokenize=False)
+            for prompt, answer, _ in drawn
+        ]
+        inputs = processor(
+            text=texts, images=[image for *_, image in drawn], return_tensors="pt", padding=True
+        )
+        ids = inputs["input_ids"]
+        labels = ids.clone()
+        for row, tokens in enumerate(ids.tolist()):
+            labels[row, : len(tokens) - tokens[::-1].index(start) + 2] = -100  # prompt and "assistant\n"
+        labels[inputs["attention_mask"] == 0] = -100
+        logits = model(**inputs).logits[:, :-1]
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="none"
+        ).view(targets.shape)
+        side = torch.isin(targets, sides)
+        loss = losses[targets != -100].mean()
+        token_loss = loss.item()
+        if side_weight and side.any():
+            loss = loss + side_weight * losses[side].mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if progress is not None:
+            progress(step, token_loss)
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            model.save_pretrained(out / f"step-{step}")
+    model.eval()
+    model.save_pretrained(out)
+    recipe = {
+        "steps": steps,
+        "lr": lr,
+        "side_weight": side_weight,
+        "batch": batch,
+        "seed": seed,
+        "edge": edge,
+        "prompt": "rationale",
+        "last_token_loss": round(token_loss, 4),
+        "seconds": round(time.perf_counter() - started),
+        "torch": torch.__version__,
+    }
+    (out / "reader.json").write_text(json.dumps(recipe, indent=1) + "\n")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=8000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--side-weight", type=float, default=5.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--checkpoint-every", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    def report(step: int, loss: float) -> None:
+        if step % 200 == 0:
+            print(f"step {step}: token loss {loss:.3f}", flush=True)
+
+    pretrain_reader(
+        args.out,
+        args.steps,
+        args.lr,
+        args.side_weight,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        progress=report,
+    )
+
+
+if __name__ == "__main__":
+    main()
