@@ -99,7 +99,8 @@ class LoadReport:
 def _read_file(path: Path) -> pa.Table:
     """One input file as a table: Arrow IPC (file or stream) and Parquet through `core.io.read_table`
     (chosen by content, truncated streams refused), JSON lines by pyarrow."""
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    suffixes = [s.lower() for s in path.suffixes]  # a copy made on Windows may say .ARROW
+    suffix = "".join(suffixes[-2:]) if suffixes[-1:] == [".gz"] else "".join(suffixes[-1:])
     if suffix in (".arrow", ".feather", ".ipc", ".parquet"):
         return read_table(path)
     if suffix in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):
@@ -135,7 +136,7 @@ def find_input_files(spec: str | Path, journals: list[str] | None = None) -> lis
             if journals is not None and candidate.name.startswith("wal-") and candidate.stat().st_size:
                 journals.append(str(candidate))
             continue
-        if candidate.is_file() and candidate.name.endswith(_DATA_SUFFIXES):
+        if candidate.is_file() and candidate.name.lower().endswith(_DATA_SUFFIXES):
             if candidate.name in ("dataset_info.json", "state.json", "dataset_dict.json"):
                 continue
             files.append(candidate)

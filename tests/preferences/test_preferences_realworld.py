@@ -610,3 +610,25 @@ def test_model_consensus_answers_cut_at_max_tokens_keep_the_vote_positive(tmp_pa
         rows = load(tmp_path, "preferences")
         assert {row["chosen_source"] for row in rows} == {"consensus-model"}
         assert all(row["chosen"] == whole for row in rows)
+
+
+def test_upper_case_suffixes_are_read_named_and_found_in_a_folder(tmp_path):
+    """A copy made on a case-insensitive file system may name its files SHARD.ARROW / ANSWERS.JSONL."""
+    import json
+
+    import pyarrow.feather as feather
+
+    from cxrmax.preferences.load import load_trajectories
+
+    rows = [
+        {"sample_id": "s1", "model": "a", "text": "Edema."},
+        {"sample_id": "s1", "model": "b", "text": "No edema."},
+    ]
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    feather.write_feather(pa.Table.from_pylist(rows[:1]), folder / "SHARD-A.ARROW")
+    (folder / "ANSWERS-B.JSONL").write_text(json.dumps(rows[1]) + "\n")
+    table, _ = load_trajectories([folder])
+    assert sorted(table.column("model").to_pylist()) == ["a", "b"]
+    table, _ = load_trajectories([folder / "SHARD-A.ARROW", folder / "ANSWERS-B.JSONL"])
+    assert table.num_rows == 2
