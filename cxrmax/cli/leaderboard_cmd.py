@@ -232,7 +232,8 @@ def submit_cmd(
 
         check_entry_name(name)  # before scoring: a bad name should not cost a scoring run
         info = _parse_model_info(model_info)
-        with Board(store) as board:
+        # Only read until the submission is scored, so that a failing one leaves no new store behind.
+        with Board(store, create=False) as board:
             digest = file_sha256(submission) if submission.is_file() else None
             if digest is not None and section is None:
                 # The same bytes under the same policy are the same predictions: refuse before scoring.
@@ -243,21 +244,22 @@ def submit_cmd(
                         f"this submission (uncertain={uncertain}) is already on the {existing.task} board as "
                         f"entry {existing.id} {existing.name!r} ({existing.created_at})"
                     )
-            result = _run_score(
-                submission,
-                task,
-                references,
-                uncertain,
-                require_complete,
-                lenient,
-                bootstrap,
-                seed,
-                section,
-                processes,
-                sha256=digest,
-            )
-            if str(json_out) != "-":
-                render_score(result, console)
+        result = _run_score(
+            submission,
+            task,
+            references,
+            uncertain,
+            require_complete,
+            lenient,
+            bootstrap,
+            seed,
+            section,
+            processes,
+            sha256=digest,
+        )
+        if str(json_out) != "-":
+            render_score(result, console)
+        with Board(store) as board:
             entry_id = board.submit(result, name, info)
         if emit_json(dumps(result), json_out):
             return

@@ -927,3 +927,20 @@ def test_ctrl_c_while_scoring_a_large_submission_leaves_the_board_as_it_was(tmp_
     assert again.returncode == 0, again.stdout + again.stderr
     with sqlite3.connect(store) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM entries ORDER BY id")] == ["before", "big"]
+
+
+def test_a_failing_submission_leaves_no_new_store_behind(tmp_path, refs):
+    """Scoring comes before the board is created: a submission that fails to score (a bad cell, no
+    --lenient) leaves neither the store nor its folder; a good one then creates both."""
+    store = tmp_path / "boards" / "board.sqlite"
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(_bad_edema("maybe"))
+    args = ("-t", "mimic-cxr-labels", "-r", refs["labels"], "--bootstrap", "0", "--store", store)
+    result, output = _cli("submit", bad, "-n", "bad", *args)
+    assert result.exit_code == 2 and "'maybe' is not a label" in " ".join(output.split()), output
+    assert not store.parent.exists()
+    (tmp_path / "ok.csv").write_bytes(CANONICAL)
+    result, output = _cli("submit", tmp_path / "ok.csv", "-n", "good", *args)
+    assert result.exit_code == 0 and store.is_file(), output
+    result, output = _cli("submit", tmp_path / "ok.csv", "-n", "again", *args)
+    assert result.exit_code == 2 and "already on the" in output, output
