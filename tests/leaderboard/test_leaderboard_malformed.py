@@ -944,3 +944,21 @@ def test_a_failing_submission_leaves_no_new_store_behind(tmp_path, refs):
     assert result.exit_code == 0 and store.is_file(), output
     result, output = _cli("submit", tmp_path / "ok.csv", "-n", "again", *args)
     assert result.exit_code == 2 and "already on the" in output, output
+
+
+def test_a_key_written_twice_in_one_object_is_named_not_silently_dropped(tmp_path, refs):
+    """json keeps the last of two equal keys; a submission whose row says Edema 1 and then Edema 0
+    is ambiguous, so it is an error naming the row and field (skipped and counted with --lenient)."""
+    lines = list(_JSONL_LINES)
+    lines[3] = lines[3][:-1] + ', "Edema": 0}'  # the row's Edema a second time
+    path = tmp_path / "twice.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError) as info:
+        score(path, "mimic-cxr-labels", refs["labels"], n_boot=0)
+    assert str(info.value).startswith(f"{path} row 4 field 'Edema': the key 'Edema' appears twice")
+    result = score(path, "mimic-cxr-labels", refs["labels"], n_boot=0, lenient=True)
+    assert result.extra["skipped_unreadable"] == 1 and result.n_scored == N - 1
+    array = tmp_path / "twice.json"
+    array.write_text("[\n" + ",\n".join(lines) + "\n]\n")
+    with pytest.raises(InputError, match=r"twice.json row 4 field 'Edema': the key 'Edema' appears twice"):
+        score(array, "mimic-cxr-labels", refs["labels"], n_boot=0)

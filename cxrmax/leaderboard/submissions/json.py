@@ -16,6 +16,30 @@ from cxrmax.leaderboard.submissions.columns import KEY_COLUMNS, TEXT_COLUMNS
 from cxrmax.leaderboard.submissions.values import study_id_from_text
 
 
+class RepeatedKey(ValueError):
+    """One JSON object names the same key twice (json keeps the last silently; a submission must not)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses a repeated key at any depth."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise RepeatedKey(key)
+        obj[key] = value
+    return obj
+
+
+def _repeated(location: str, key: str) -> str:
+    return (
+        f"{location}: the key {key!r} appears twice in one object (JSON would keep only the last): keep one"
+    )
+
+
 def _bounded_lines(fh: IO[str], path: Path, lenient: bool, log: ReadLog) -> Iterator[tuple[int, str]]:
     """Lines with their 1-based numbers, never holding more than MAX_FIELD_CHARS of one line: a
     gigantic line (a whole JSON array on one line, a binary blob) is an error naming it, or with
@@ -49,7 +73,9 @@ def jsonl_batches(
                 continue
             problem = None
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_unique_keys)
+            except RepeatedKey as exc:
+                problem = _repeated(where(path, row=row_number, field=exc.key), exc.key)
             except json.JSONDecodeError as exc:
                 hint = ""
                 if not line.endswith("\n"):
@@ -87,7 +113,7 @@ class _JsonStream:
         self.fh, self.path, self.chunk, self.max_value_chars = fh, path, chunk, max_value_chars
         self.buf, self.pos, self.eof = "", 0, False
         self.lines_before = 0  # newlines in text already dropped from the buffer
-        self.decoder = json.JSONDecoder()
+        self.decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
 
     def _more(self) -> None:
         data = self.fh.read(self.chunk)
@@ -125,6 +151,8 @@ class _JsonStream:
                     raise json.JSONDecodeError("value may continue", self.buf, end)
                 self.pos = end
                 return value
+            except RepeatedKey as exc:
+                raise InputError(_repeated(where(self.path, row=entry, field=exc.key), exc.key)) from None
             except json.JSONDecodeError as exc:
                 if self.eof:
                     hint = ""
