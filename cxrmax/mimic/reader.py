@@ -62,7 +62,7 @@ from cxrmax.mimic.layout import (
     report_relpath,
 )
 from cxrmax.mimic.ms_cxr_t import read_ms_cxr_t
-from cxrmax.mimic.reports import ReportSections, decode_report, parse_report
+from cxrmax.mimic.reports import ReportSections, binary_report, decode_report, parse_report
 from cxrmax.mimic.selection import read_selection, write_selection
 
 # The names below were all defined here before the reader was split; callers keep importing them
@@ -611,7 +611,7 @@ class MimicCXR:
         path = self.report_path(subject_id, study_id)
         if not self._reports_in_zip:
             try:
-                return decode_report(path.read_bytes())
+                return self._report_from(path.read_bytes(), where(path))
             except FileNotFoundError:
                 pass
             except OSError as exc:
@@ -624,9 +624,19 @@ class MimicCXR:
             return None
         assert self._reports_zip is not None
         try:
-            return decode_report(self._reports_zip.read(member))
+            data = self._reports_zip.read(member)
         except (OSError, zipfile.BadZipFile, zlib.error) as exc:
             raise InputError(f"{where(self._reports_zip.filename)}: cannot read {member}: {exc}") from None
+        return self._report_from(data, f"{where(self._reports_zip.filename)}: {member}")
+
+    @staticmethod
+    def _report_from(data: bytes, source: str) -> str:
+        """A report file's text; bytes that are not text are an error naming the file (which
+        ``lenient`` selections count and go without, as for any unreadable report)."""
+        problem = binary_report(data)
+        if problem is not None:
+            raise InputError(f"{source}: not a text report: {problem}; replace it with the release's .txt")
+        return decode_report(data)
 
     def _report_archive_index(self) -> dict[str, str]:
         """ "pSUBJECT/sSTUDY.txt" -> member name of the reports zip (empty when there is none)."""

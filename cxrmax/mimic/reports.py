@@ -17,6 +17,8 @@ import functools
 import re
 from dataclasses import dataclass, field
 
+from cxrmax.core.formats import GZIP_MAGIC, NOT_GZIP_TEXT
+
 __all__ = ["ReportSections", "decode_report", "parse_report"]
 
 
@@ -346,10 +348,47 @@ def _cp1252_fallback(error: UnicodeError) -> tuple[str, int]:
 codecs.register_error("cxrmax-cp1252-fallback", _cp1252_fallback)
 
 
+#: Control characters a text report may hold (tab, newlines, form feed, vertical tab).
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\v")
+
+
+def binary_report(data: bytes) -> str | None:
+    """Why ``data`` is not a report's text (an archive, an image, binary bytes), or None when it is
+    text. Judged on the first 4 KiB: a known file signature, a NUL byte outside UTF-16, or more than
+    1 in 20 bytes a control character no text file holds. cp1252 would decode any such bytes into
+    nonsense text that the labeler then reads."""
+    head = data[:4096]
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return None
+    for magic, what in NOT_GZIP_TEXT.items():
+        if head.startswith(magic):
+            return what
+    signatures = {
+        GZIP_MAGIC: "gzip-compressed",
+        b"%PDF": "a PDF",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"\x89PNG": "a PNG image",
+    }
+    for magic, what in signatures.items():
+        if head.startswith(magic):
+            return what
+    if head[128:132] == b"DICM":
+        return "a DICOM file"
+    if b"\x00" in head:
+        return "binary data (NUL bytes)"
+    controls = sum(1 for byte in head if byte < 32 and byte not in _TEXT_CONTROLS) + head.count(127)
+    if controls * 20 > len(head):
+        return f"binary data ({controls} control bytes in the first {len(head)})"
+    return None
+
+
 def decode_report(data: bytes) -> str:
-    """Decode a report file: UTF-8 (a BOM dropped); any byte that is not UTF-8 is read as
+    """Decode a report file: UTF-8 (a BOM dropped) or UTF-16 with its BOM; any byte that is not UTF-8 is read as
     Windows-1252 (the release is ASCII, but copies edited on Windows carry cp1252 degree signs and
-    curly quotes, sometimes beside UTF-8 text), else Latin-1. Never yields a replacement mark."""
+    curly quotes, sometimes beside UTF-8 text), else Latin-1. Never yields a replacement mark.
+    Check :func:`binary_report` first: bytes that are not text decode into nonsense."""
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16", errors="replace")
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
     return data.decode("utf-8", errors="cxrmax-cp1252-fallback")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import random
 import zipfile
 from pathlib import Path
 
@@ -218,3 +219,39 @@ def test_image_cache_names_a_symlink_loop(tmp_path: Path) -> None:
     ):
         with pytest.raises(ImageError, match=r"cannot read image"):
             call()
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        (random.Random(7).randbytes(3000), "binary data"),
+        (gzip.compress(b"FINDINGS: No effusion."), "gzip-compressed"),
+        (b"PK\x03\x04" + b"\x00" * 40, "a ZIP archive"),
+        (b"\x00" * 128 + b"DICM" + b"\x00" * 64, "a DICOM file"),
+    ],
+)
+def test_a_report_that_is_not_text_is_named_not_read_as_cp1252(
+    root: Path, content: bytes, named: str
+) -> None:
+    """Any bytes decode as Windows-1252; a report file of random bytes or an archive used to become
+    nonsense text that the labeler then read. It is an error naming the file, and lenient runs go
+    without that report."""
+    mimic = MimicCXR(root)
+    first = mimic.select(with_reports=False).to_pylist()[0]
+    report = mimic.report_path(first["subject_id"], first["study_id"])
+    report.write_bytes(content)
+    with pytest.raises(InputError, match=rf"{report.name}: not a text report: {named}"):
+        MimicCXR(root).report_text(first["subject_id"], first["study_id"])
+    lenient = MimicCXR(root, lenient=True)
+    rows = {row["study_id"]: row for row in lenient.select().to_pylist()}
+    assert rows[first["study_id"]]["findings"] is None and rows[first["study_id"]]["impression"] is None
+    assert lenient.skipped == {"reports: unreadable (sections left null)": 1}
+
+
+def test_a_utf16_report_with_its_bom_is_read(root: Path) -> None:
+    mimic = MimicCXR(root)
+    first = mimic.select(with_reports=False).to_pylist()[0]
+    report = mimic.report_path(first["subject_id"], first["study_id"])
+    text = report.read_text()
+    report.write_bytes(text.encode("utf-16"))  # Notepad's "Unicode": UTF-16 LE with a BOM
+    assert MimicCXR(root).report_text(first["subject_id"], first["study_id"]) == text
