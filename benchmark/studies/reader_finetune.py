@@ -27,19 +27,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from side_reading import first_mention_accuracy, generated_side_error, wilson  # noqa: E402
+from side_reading import first_mention_accuracy, generated_side_error, study_films, wilson  # noqa: E402
 
-from cxrmax.mimic.reader import MimicCXR  # noqa: E402
-from cxrmax.testing.mini_mimic import make_mini_mimic  # noqa: E402
 from cxrmax.toy import teachers as sim  # noqa: E402
 
 
 def copy_model(source: Path, target: Path) -> Path:
-    """The model files of ``source`` (not its step-N checkpoints' folders) copied to ``target``."""
+    """The model files of ``source`` (not its step-N checkpoints' folders) copied to ``target``; a
+    ``step-N`` checkpoint holds the weights only, so the processor comes from the reader above it."""
     target.mkdir(parents=True, exist_ok=True)
-    for file in source.iterdir():
-        if file.is_file():
-            shutil.copy2(file, target / file.name)
+    folders = [source.parent, source] if source.name.startswith("step-") else [source]
+    for folder in folders:
+        for file in folder.iterdir():
+            if file.is_file() and file.name != "reader.json":
+                shutil.copy2(file, target / file.name)
     return target
 
 
@@ -64,21 +65,8 @@ def main() -> None:
     specs = {t.name: t for t in sim.default_teachers()}
     with tempfile.TemporaryDirectory() as scratch:
         work = args.work or Path(scratch)
-        root = work / f"mimic-{args.studies}"
-        if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
-            make_mini_mimic(root, studies=args.studies, seed=args.seed)
-        mimic = MimicCXR(root)
-        train = mimic.select(splits=["train"], views=["PA", "AP"])
-        held_out = mimic.select(splits=["test", "validate"], views=["PA", "AP"])
-        train_examples, prompt = sim.examples_from_selection(train, root, side_hint=False)
+        train_examples, held_examples, gold = study_films(work, args.studies, args.seed)
         train_examples = train_examples[: args.train_films]
-        held_examples, _ = sim.examples_from_selection(held_out, root, side_hint=False, prompt=prompt)
-        gold = {
-            row["sample_id"]: sim.report_sides(
-                " ".join(filter(None, (row.get("findings"), row.get("impression"))))
-            )
-            for row in held_out.to_pylist()
-        }
         print(
             f"mini MIMIC-CXR {args.studies} studies: {len(train_examples)} train films, {len(held_examples)} "
             f"held out; paper's prompt; {args.steps} fine-tuning steps of 16"

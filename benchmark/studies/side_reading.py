@@ -363,6 +363,27 @@ def generated_side_error(
     return errors, compared
 
 
+def study_films(work: Path, studies: int, seed: int) -> tuple[list, list, dict]:
+    """The frontal train and held-out (test + validate) examples of a mini MIMIC-CXR of ``studies``
+    made under ``work`` (once), with the paper's prompt, and the held-out reports' sides as the demo
+    reads them (sample_id -> observation -> side)."""
+    root = work / f"mimic-{studies}"
+    if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
+        make_mini_mimic(root, studies=studies, seed=seed)
+    mimic = MimicCXR(root)
+    train = mimic.select(splits=["train"], views=["PA", "AP"])
+    held_out = mimic.select(splits=["test", "validate"], views=["PA", "AP"])
+    train_examples, prompt = sim.examples_from_selection(train, root, side_hint=False)
+    held_examples, _ = sim.examples_from_selection(held_out, root, side_hint=False, prompt=prompt)
+    gold = {
+        row["sample_id"]: sim.report_sides(
+            " ".join(filter(None, (row.get("findings"), row.get("impression"))))
+        )
+        for row in held_out.to_pylist()
+    }
+    return train_examples, held_examples, gold
+
+
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """95% Wilson interval of a proportion."""
     if n == 0:
@@ -414,14 +435,7 @@ def main() -> None:
             for lr in args.probe_lr:
                 probe(work / f"probe-{lr:g}", lr, args.probe_steps, args.edge, args.seed)
             return
-        root = work / f"mimic-{args.studies}"
-        if not (root / "mimic-cxr-2.0.0-split.csv.gz").exists():
-            make_mini_mimic(root, studies=args.studies, seed=args.seed)
-        mimic = MimicCXR(root)
-        train = mimic.select(splits=["train"], views=["PA", "AP"])
-        held_out = mimic.select(splits=["test", "validate"], views=["PA", "AP"])
-        train_examples, prompt = sim.examples_from_selection(train, root, side_hint=False)
-        held_examples, _ = sim.examples_from_selection(held_out, root, side_hint=False, prompt=prompt)
+        train_examples, held_examples, gold = study_films(work, args.studies, args.seed)
         print(
             f"mini MIMIC-CXR {args.studies} studies: {len(train_examples)} train and {len(held_examples)} "
             f"held-out frontal images; paper's prompt (no sides); images {args.edge} px; "
@@ -438,12 +452,6 @@ def main() -> None:
             "| held-out side error of its answers |"
         )
         print("|---|---|---|---|---|---|---|")
-        gold = {  # the report's sides, as the demo reads them
-            row["sample_id"]: sim.report_sides(
-                " ".join(filter(None, (row.get("findings"), row.get("impression"))))
-            )
-            for row in held_out.to_pylist()
-        }
         for variant in variants:
             for steps in steps_list:
                 started = time.perf_counter()
@@ -453,7 +461,7 @@ def main() -> None:
                         path,
                         args.fresh,
                         train_examples,
-                        prompt,
+                        "rationale",  # the paper's prompt
                         steps,
                         args.teacher_lr,
                         args.side_weight,
