@@ -331,14 +331,18 @@ def generated_side_error(
     path: Path, examples: list, gold: dict, edge: int, temperature: float = 1.0
 ) -> tuple[int, int]:
     """(errors, compared) of the sides the teacher states in its own answers, one per example (120 new
-    tokens, sampled at ``temperature``, seed 0), against the report's sides, read by the labeler as
-    the demo's side error is."""
-    from cxrmax.labeler import label_text
+    tokens, sampled at ``temperature``, seed 0), against the report's sides: the demo's own count
+    (``cxrmax.toy.demo.drift_counts``: a side compared where the answer and the study both have the
+    finding and both give it a side)."""
+    import pyarrow as pa
+
+    from cxrmax.core.schemas import LABELS_TYPE
+    from cxrmax.toy.demo import drift_counts
 
     model, processor = load_tiny_vlm(path)
     processor.tokenizer.padding_side = "left"
     torch.manual_seed(0)
-    errors = compared = 0
+    answers = []
     for i in range(0, len(examples), 16):
         batch = examples[i : i + 16]
         texts = [
@@ -353,14 +357,19 @@ def generated_side_error(
             out = model.generate(
                 **inputs, max_new_tokens=120, do_sample=temperature > 0, temperature=temperature or None
             )
-        for example, tokens in zip(batch, out[:, inputs["input_ids"].shape[1] :], strict=True):
-            stated = label_text(processor.tokenizer.decode(tokens, skip_special_tokens=True))
-            reference = gold.get(example.sample_id, {})
-            for name, observation in stated.observations.items():
-                if observation.laterality in ("left", "right") and reference.get(name) in ("left", "right"):
-                    compared += 1
-                    errors += observation.laterality != reference[name]
-    return errors, compared
+        answers += processor.tokenizer.batch_decode(
+            out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+    table = pa.table(
+        {
+            "model": ["teacher"] * len(examples),
+            "sample_id": [e.sample_id for e in examples],
+            "text": answers,
+            "labels": pa.array([{f.observation: 1.0 for f in e.findings} for e in examples], LABELS_TYPE),
+        }
+    )
+    _, _, _, _, _, errors, compared, _ = drift_counts(table, gold).counts.sum(axis=0)
+    return int(errors), int(compared)
 
 
 def study_films(work: Path, studies: int, seed: int) -> tuple[list, list, dict]:
