@@ -7,11 +7,12 @@ trained on the mini MIMIC-CXR's fixed train films stated sides at chance on new 
 is many films it has not seen before, each a new study (so that the side can be memorised neither
 from the image nor from the prompt naming the study), and a heavier loss on the side words (one token
 in about thirty of an answer whose rest restates the prompt). :func:`pretrain_reader` trains that;
-it costs about 45 minutes of one CPU core, so the project ships the result (``READER_DIR``, about
-1 MB) and the demo fine-tunes its teachers and students from it, the way the real pipeline
-fine-tunes a pretrained checkpoint.
+it costs about 45 minutes of one CPU core for 5,000 steps. The demo does not use it yet: the plan is
+to ship one pretrained reader with the project and fine-tune the demo's teachers and students from
+it, as the real pipeline fine-tunes a pretrained checkpoint (benchmark/studies/README.md, "A base
+reader", measures how far that gets).
 
-    python -m cxrmax.toy.reader --out reader --steps 8000      # rebuild the shipped reader
+    python -m cxrmax.toy.reader --out reader --steps 5000 --checkpoint-every 500
 
 The reader's tokenizer is trained on :func:`reader_corpus` (prompts and every default teacher's
 answers about studies drawn with the mini MIMIC-CXR's odds), which holds every word the demo's
@@ -37,9 +38,6 @@ from cxrmax.testing.films import synthetic_chest
 from cxrmax.testing.mini_mimic import draw_labels
 from cxrmax.toy import teachers as sim
 from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
-
-#: The shipped reader (built by ``python -m cxrmax.toy.reader``; its recipe in ``reader.json``).
-READER_DIR = Path(__file__).with_name("reader")
 
 #: Film edge the reader is trained at: the demo's images.
 EDGE = 112
@@ -89,9 +87,15 @@ def fresh_study(
     return prompt, sim.biased_answer(findings, teacher, rng)[0], image
 
 
+#: The answer's side words. "bilateral" is one of them: the demo's side error compares it like the
+#: others, and a reader whose extra loss covers left and right only never learns to tell a finding on
+#: both sides from one on one side (benchmark/studies/README.md, "A base reader").
+SIDE_WORDS = ("Ġleft", "Ġright", "Ġbilateral")
+
+
 def side_token_ids(tokenizer: Any) -> torch.Tensor:
-    """Ids of the answer's side words (" left", " right")."""
-    return torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in ("Ġleft", "Ġright")])
+    """Ids of the answer's side words (:data:`SIDE_WORDS`)."""
+    return torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in SIDE_WORDS])
 
 
 def pretrain_reader(
