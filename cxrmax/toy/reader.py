@@ -7,7 +7,7 @@ trained on the mini MIMIC-CXR's fixed train films stated sides at chance on new 
 is many films it has not seen before, each a new study (so that the side can be memorised neither
 from the image nor from the prompt naming the study), and a heavier loss on the side words (one token
 in about thirty of an answer whose rest restates the prompt). :func:`pretrain_reader` trains that;
-it costs about 45 minutes of one CPU core for 5,000 steps. The demo does not use it yet: the plan is
+it costs about an hour of one CPU core for 5,000 steps. The demo does not use it yet: the plan is
 to ship one pretrained reader with the project and fine-tune the demo's teachers and students from
 it, as the real pipeline fine-tunes a pretrained checkpoint (benchmark/studies/README.md, "A base
 reader", measures how far that gets).
