@@ -51,6 +51,29 @@ NOT_GZIP_TEXT = {
     ZSTD_MAGIC: "zstd-compressed",
     PARQUET_MAGIC: "a Parquet file",
 }
+# Leading bytes of the raster formats Pillow reads: a file that starts with one of them is decoded
+# as a raster image whatever its name says (a PNG saved as .dcm, a JPEG saved as .png).
+RASTER_MAGIC = {
+    b"\xff\xd8\xff": "JPEG",
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"GIF87a": "GIF",
+    b"GIF89a": "GIF",
+    b"II*\x00": "TIFF",  # little-endian
+    b"MM\x00*": "TIFF",  # big-endian
+    b"BM": "BMP",
+    b"\x00\x00\x00\x0cjP  \r\n": "JPEG 2000",  # JP2
+    b"\xffO\xffQ": "JPEG 2000",  # codestream
+}
+
+
+def raster_format(head: bytes) -> str | None:
+    """The raster image format a file's first bytes announce, or None."""
+    for magic, name in RASTER_MAGIC.items():
+        if head.startswith(magic):
+            return name
+    return "WebP" if head.startswith(b"RIFF") and head[8:12] == b"WEBP" else None
+
+
 #: Largest single CSV field / JSON entry accepted (a longer one is almost always an unbalanced quote).
 MAX_FIELD_CHARS = 64 << 20
 

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cxrmax.core.errors import ImageError, where
+from cxrmax.core.formats import raster_format
 from cxrmax.core.io import atomic_write_bytes
 from cxrmax.mimic.dicom import decode_dicom, scale_to_uint8
 
@@ -87,29 +88,6 @@ def target_size(
     return new_w, new_h
 
 
-# Leading bytes of the raster formats Pillow reads: a file that starts with one of them is decoded
-# as a raster image whatever its name says (a PNG saved as .dcm, a JPEG saved as .png).
-_RASTER_MAGIC = {
-    b"\xff\xd8\xff": "JPEG",
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"GIF87a": "GIF",
-    b"GIF89a": "GIF",
-    b"II*\x00": "TIFF",  # little-endian
-    b"MM\x00*": "TIFF",  # big-endian
-    b"BM": "BMP",
-    b"\x00\x00\x00\x0cjP  \r\n": "JPEG 2000",  # JP2
-    b"\xffO\xffQ": "JPEG 2000",  # codestream
-}
-
-
-def _raster_format(head: bytes) -> str | None:
-    """The raster format a file's first bytes announce, or None."""
-    for magic, name in _RASTER_MAGIC.items():
-        if head.startswith(magic):
-            return name
-    return "WebP" if head.startswith(b"RIFF") and head[8:12] == b"WEBP" else None
-
-
 def _looks_like_bare_dicom(head: bytes) -> bool:
     """A DICOM data set written without the 128-byte preamble and 'DICM' marker (older or
     hand-made files): it starts with an element of group 0x0002 or 0x0008."""
@@ -134,7 +112,7 @@ def _kind(path: Path) -> str:
         raise ImageError(f"{where(path)}: image file is empty (0 bytes)")
     if head[128:132] == b"DICM":
         return "dicom"
-    if _raster_format(head):
+    if raster_format(head):
         return "raster"
     if path.suffix.lower() in (".dcm", ".dicom", ".dic") or _looks_like_bare_dicom(head):
         return "dicom"
@@ -205,7 +183,7 @@ def preprocess(
         ) from None
     except UnidentifiedImageError:
         with open(path, "rb") as handle:
-            announced = _raster_format(handle.read(16))
+            announced = raster_format(handle.read(16))
         if announced == "JPEG":  # Pillow reads 8-bit baseline and progressive JPEG only
             raise ImageError(
                 f"{where(path)}: a JPEG that Pillow cannot decode: a 12-bit, lossless or arithmetic-"

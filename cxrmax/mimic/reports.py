@@ -17,7 +17,7 @@ import functools
 import re
 from dataclasses import dataclass, field
 
-from cxrmax.core.formats import GZIP_MAGIC, NOT_GZIP_TEXT
+from cxrmax.core.formats import GZIP_MAGIC, NOT_GZIP_TEXT, raster_format
 
 __all__ = ["ReportSections", "decode_report", "parse_report"]
 
@@ -363,15 +363,13 @@ def binary_report(data: bytes) -> str | None:
     for magic, what in NOT_GZIP_TEXT.items():
         if head.startswith(magic):
             return what
-    signatures = {
-        GZIP_MAGIC: "gzip-compressed",
-        b"%PDF": "a PDF",
-        b"\xff\xd8\xff": "a JPEG image",
-        b"\x89PNG": "a PNG image",
-    }
-    for magic, what in signatures.items():
-        if head.startswith(magic):
-            return what
+    if head.startswith(GZIP_MAGIC):
+        return "gzip-compressed"
+    if head.startswith(b"%PDF"):
+        return "a PDF"
+    image = raster_format(head)
+    if image is not None:
+        return f"a {image} image"
     if head[128:132] == b"DICM":
         return "a DICOM file"
     if b"\x00" in head:
