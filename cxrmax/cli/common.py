@@ -42,6 +42,26 @@ def raise_terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+#: Signals that arrived inside the current :func:`interruptible` block.
+_received: list[int] = []
+
+
+def _record_and_raise(signum: int, frame: object) -> None:
+    _received.append(signum)
+    if signum == signal.SIGTERM:
+        raise Terminated
+    raise KeyboardInterrupt
+
+
+def raise_if_interrupted() -> None:
+    """Raise the interruption again if a signal arrived inside the :func:`interruptible` block but
+    its exception never surfaced: CPython drops an exception raised while a finalizer (``__del__``,
+    a weakref callback) runs, so a Ctrl-C that lands in one is lost. Call it before a step that
+    cannot be taken back (storing an entry), so that a command told to stop does not commit."""
+    if _received:
+        raise Terminated if _received[-1] == signal.SIGTERM else KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def interruptible(kept: str) -> Iterator[None]:
     """Turn Ctrl-C (SIGINT) and SIGTERM inside the block into ONE line, ``interrupted: <kept>``, and
@@ -52,10 +72,12 @@ def interruptible(kept: str) -> Iterator[None]:
     checkpoint) raises a KeyboardInterrupt carrying its own ``kept`` text and ``signum``. The library
     code under the block tears its worker pools down and removes its staging in ``finally`` blocks;
     a second signal while this line is printed is ignored, so cleanup is not interrupted twice."""
+    _received.clear()
     try:
-        previous = signal.signal(signal.SIGTERM, raise_terminated)
+        previous = signal.signal(signal.SIGTERM, _record_and_raise)
+        previous_int = signal.signal(signal.SIGINT, _record_and_raise)
     except ValueError:  # not in the main thread (tests calling the app in a thread): no handler
-        previous = None
+        previous = previous_int = None
     try:
         yield
     except KeyboardInterrupt as exc:
@@ -70,3 +92,4 @@ def interruptible(kept: str) -> Iterator[None]:
         if previous is not None:
             with contextlib.suppress(ValueError):
                 signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGINT, previous_int)

@@ -9,7 +9,7 @@ from typing import Any
 
 import typer
 
-from cxrmax.cli.common import console, interruptible, user_errors
+from cxrmax.cli.common import console, interruptible, raise_if_interrupted, user_errors
 from cxrmax.cli.options import (
     UNCERTAIN_POLICIES,
     Choice,
@@ -259,6 +259,7 @@ def submit_cmd(
         )
         if str(json_out) != "-":
             render_score(result, console)
+        raise_if_interrupted()  # a Ctrl-C lost in a finalizer during scoring still stops the submit
         with Board(store) as board:
             entry_id = board.submit(result, name, info)
         if emit_json(dumps(result), json_out):

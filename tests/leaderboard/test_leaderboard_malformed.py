@@ -16,6 +16,7 @@ import json
 import lzma
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -883,6 +884,15 @@ def test_reading_commands_never_create_a_store(tmp_path):
 
 
 @pytest.mark.slow
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_ctrl_c_while_scoring_a_large_submission_leaves_the_board_as_it_was(tmp_path, refs):
     """SIGINT to a real `cxrmax leaderboard submit` in the middle of scoring 50,000 reports: exit code
     130, one line, no traceback; the board holds exactly its earlier entry, passes SQLite's integrity
@@ -912,7 +922,11 @@ def test_ctrl_c_while_scoring_a_large_submission_leaves_the_board_as_it_was(tmp_
     assert first.exit_code == 0, output
     command = [sys.executable, "-m", "cxrmax", "leaderboard", "submit", str(tmp_path / "big.jsonl"), "-t", "mimic-cxr-report", "-r", str(tmp_path / "refs.parquet"), "-n", "big", "--store", str(store), "-j", "1"]  # fmt: skip
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    time.sleep(2.0)  # imports done, inside scoring
+    # Imports cost ~0.6 s of CPU, scoring ~12 s: count the child's CPU time, not the wall clock, so
+    # that a busy machine cannot make the signal land before scoring has started.
+    deadline = time.monotonic() + 120
+    while _cpu_seconds(child.pid) < 3.0 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     child.send_signal(signal.SIGINT)
     output = child.communicate(timeout=120)[0]
     assert child.returncode == 130, output
