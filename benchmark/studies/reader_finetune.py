@@ -17,7 +17,6 @@ Results go to stdout; nothing is written outside --work.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 import time
@@ -30,18 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from side_reading import first_mention_accuracy, generated_side_error, study_films, wilson  # noqa: E402
 
 from cxrmax.toy import teachers as sim  # noqa: E402
-
-
-def copy_model(source: Path, target: Path) -> Path:
-    """The model files of ``source`` (not its step-N checkpoints' folders) copied to ``target``; a
-    ``step-N`` checkpoint holds the weights only, so the processor comes from the reader above it."""
-    target.mkdir(parents=True, exist_ok=True)
-    folders = [source.parent, source] if source.name.startswith("step-") else [source]
-    for folder in folders:
-        for file in folder.iterdir():
-            if file.is_file() and file.name != "reader.json":
-                shutil.copy2(file, target / file.name)
-    return target
+from cxrmax.toy.tinyvlm import copy_tiny_vlm  # noqa: E402
 
 
 def main() -> None:
@@ -79,7 +67,7 @@ def main() -> None:
             for lr in [None] + (args.lr or [1e-3]):
                 for name in names if lr is not None else ["(reader itself)"]:
                     started = time.perf_counter()
-                    path = copy_model(reader, work / f"model-{len(list(work.glob('model-*')))}")
+                    path = copy_tiny_vlm(reader, work / f"model-{len(list(work.glob('model-*')))}")
                     loss = float("nan")
                     if lr is not None:
                         targets = sim.assign_targets(train_examples, specs[name], args.seed)

@@ -3,7 +3,8 @@
 Stages (each timed and printed):
 
 1. **data**: a mini MIMIC-CXR (:func:`cxrmax.testing.mini_mimic.make_mini_mimic`), frontal images, one per study.
-2. **teachers**: tiny VLMs trained with injected, known biases (:mod:`cxrmax.toy.teachers`): a faithful
+2. **teachers**: tiny VLMs fine-tuned from the shipped base reader (:mod:`cxrmax.toy.reader`, which reads
+   sides from the film) with injected, known biases (:mod:`cxrmax.toy.teachers`): a faithful
    reference, one that swaps left and right, one that asserts an absent finding, one that often
    refuses, one that rambles.
 3. **generate**: every teacher answers the paper's rationale prompt through ``cxrmax generate`` (its
@@ -12,7 +13,7 @@ Stages (each timed and printed):
    images feed the preferences, test-split images (several samples each) measure the drift.
 4. **preferences**: ``build-preferences`` (vote consensus, drift annotations, ranked negatives, SFT
    rows, data card).
-5. **students**: a tiny student trained with SFT on all teachers' trajectories, then APO (multi-negative
+5. **students**: the base reader trained with SFT on all teachers' trajectories, then APO (multi-negative
    Plackett-Luce) from the SFT model; for comparison the SFT model alone and pairwise DPO from it.
    Students answer the test split through generate's transformers backend.
 6. **score**: teachers and students on the leaderboard's ``cxr-max-rationale`` task (precision, recall,
@@ -67,7 +68,7 @@ from cxrmax.testing.openai_server import serve_in_thread
 from cxrmax.toy import report
 from cxrmax.toy import teachers as sim
 from cxrmax.toy.pool import Job, run_jobs
-from cxrmax.toy.tinyvlm import build_tiny_vlm
+from cxrmax.toy.reader import shipped_reader
 
 TOY_NOTICE = (
     "TOY-SCALE SIMULATION: synthetic mini MIMIC-CXR, tiny models (~200k parameters) trained for seconds "
@@ -91,16 +92,16 @@ class DemoSize:
     # answers per second of one at a time (benchmark/perf/bench_batched_generation.py).
     generate_batch: int = 32
     teacher_batch: int = 16
-    teacher_lr: float = 8e-3
+    teacher_lr: float = 1e-3
     image_max_edge: int = 112
     # Students (see train_students): SFT as the teachers are trained, then APO / DPO from the SFT model.
     sft_batch: int = 16
-    sft_lr: float = 8e-3
+    sft_lr: float = 1e-3
     apo_batch: int = 4  # samples per step, each 1 positive + its negatives
-    # Chosen by benchmark/studies/apo_sweep.py (README there): of lr {1e-4, 3e-4, 1e-3} x beta {0.1, 0.5},
-    # the lowest summed drift rates among the settings whose quality stays at the SFT student's.
-    apo_lr: float = 3e-4
-    apo_beta: float = 0.1
+    # Chosen by benchmark/studies/apo_sweep.py (README there): of lr {3e-5, 5e-5, 1e-4} x beta {0.1, 0.5,
+    # 1}, the lowest drift rates with the highest quality; 1e-4 already cut the answers short.
+    apo_lr: float = 3e-5
+    apo_beta: float = 0.5
     student_seeds: int = 3  # the student stage is repeated over this many seeds (teachers fixed)
     # The mini MIMIC-CXR's train / validate / test odds. The demo has no use for a validate split, so its
     # share goes to test: twice the test films to measure drift on, and the same train split and films
@@ -118,6 +119,9 @@ SIZES: dict[str, DemoSize] = {
         sft_steps=100,
         apo_steps=16,
         student_seeds=2,
+        # 100 steps at the default 1e-3 leave the reader's answers as they were (no refusals learnt).
+        teacher_lr=4e-3,
+        sft_lr=4e-3,
     ),
     # Every teacher's drift visible; students trained with the teachers' recipe (steps of 16) on every
     # train image's answers, 500 steps (the SFT student's precision: 0.58 at 300, 0.61 at 500, the
@@ -645,7 +649,7 @@ class _StudentJob:
     out: Path  # OUT/students/seed-<index>
     data: Path
     mimic_root: Path
-    corpus: list[str]
+    base: Path  # the model every seed's SFT starts from (the shipped base reader)
     size: DemoSize
     seed: int
     index: int
@@ -671,11 +675,10 @@ def _answer_test(job: _StudentJob, student: str, path: Path) -> tuple[str, Path]
 
 
 def _sft_job(job: _StudentJob) -> tuple[str, Path]:
-    """One seed's Stage 1: a fresh base model (weights drawn from the seed), SFT, its answers to the
+    """One seed's Stage 1: SFT from the base model (the seed orders the rows), its answers to the
     test split into ``job.out/eval``. Runs in a worker process."""
     _torch_threads()
-    base = build_tiny_vlm(job.out / "base", corpus=job.corpus, seed=job.seed + 100)
-    path = train_sft_student(job.out, job.data, job.mimic_root, base, job.size, job.seed)
+    path = train_sft_student(job.out, job.data, job.mimic_root, job.base, job.size, job.seed)
     return _answer_test(job, "student-sft", path)
 
 
@@ -700,7 +703,7 @@ def train_student_seeds(
     out: Path,
     data: Path,
     mimic_root: Path,
-    corpus: Sequence[str],
+    base: Path,
     size: DemoSize,
     seed: int,
     selection: Path,
@@ -710,7 +713,7 @@ def train_student_seeds(
     teachers: dict[str, Path] | None = None,
 ) -> StudentStage:
     """The student stage over ``size.student_seeds`` seeds (``seed``, ``seed + 1``, ...; the teachers
-    and their data fixed): per seed a base model, SFT, APO and DPO under ``out/seed-<k>``, and their
+    and their data fixed): per seed SFT from ``base``, APO and DPO under ``out/seed-<k>``, and their
     answers to ``selection`` moved into ``eval_out/trajectories`` as ``student-*-seed<k>``. With
     ``teachers`` (name -> model folder) also the SFT loss floor (:func:`sft_floor_report`).
 
@@ -719,7 +722,7 @@ def train_student_seeds(
     whenever no training job waits, so no core idles while a seed finishes. Every seed's students
     are the same whatever the number of workers."""
     jobs = [
-        _StudentJob(out / f"seed-{k}", data, mimic_root, list(corpus), size, seed + k, k, selection, prompt)
+        _StudentJob(out / f"seed-{k}", data, mimic_root, Path(base), size, seed + k, k, selection, prompt)
         for k in range(size.student_seeds)
     ]
     floor_args = (data, mimic_root, size)
@@ -942,10 +945,11 @@ def _third_party_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def demo_prompt(train_all: Any, test: Any) -> Any:
-    """The prompt teachers and students are asked with: the rationale prompt whose diagnosis list
-    carries each finding's report side (:func:`cxrmax.toy.teachers.sided_prompt`), train and test alike."""
-    return sim.sided_prompt(sim.selection_sides(train_all) | sim.selection_sides(test), "rationale")
+def demo_prompt(train_all: Any = None, test: Any = None) -> Any:
+    """The prompt teachers and students are asked with: the paper's rationale prompt, which names the
+    diagnoses and no sides (the side of a finding is for the model to read from the film). The
+    selections are not needed; they stay in the signature for callers that pass them."""
+    return load_prompt("rationale")
 
 
 def train_demo_teachers(
@@ -964,10 +968,12 @@ def train_demo_teachers(
     in-process in batches of ``size.generate_batch``; or ``openai``, served on 127.0.0.1 and asked one
     request at a time). Returns (simulation, training examples, prompt).
 
-    The diagnosis list carries each finding's report side (see :func:`cxrmax.toy.teachers.sided_prompt`),
-    for the train and the test images alike; teachers and students are all asked with this prompt."""
+    Every teacher is fine-tuned from the shipped base reader (:func:`cxrmax.toy.reader.shipped_reader`),
+    which reads from the film the sides the paper's prompt does not name; teachers and students are
+    all asked with that prompt (:func:`demo_prompt`), and the targets state each lateralised finding's
+    side as the report does."""
     prompt = demo_prompt(train_all, test)
-    examples, _ = sim.examples_from_selection(train_all, root, prompt=prompt)
+    examples, _ = sim.examples_from_selection(train_all, root, side_hint=False, prompt=prompt)
 
     def answer(teacher: sim.SimulatedTeacher) -> list[Job]:
         # Each answer's sampling is seeded by its request: the answers do not depend on the process.
@@ -1005,6 +1011,7 @@ def train_demo_teachers(
         seed=seed,
         max_edge=size.image_max_edge,
         then=answer,
+        base=shipped_reader(),
     )
     return simulation, examples, prompt
 
@@ -1094,7 +1101,7 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
             out / "students",
             data,
             root,
-            sim.teacher_corpus(examples, teachers, seed),
+            shipped_reader(),
             spec,
             seed,
             out / "selection-test.parquet",

@@ -7,10 +7,10 @@ trained on the mini MIMIC-CXR's fixed train films stated sides at chance on new 
 is many films it has not seen before, each a new study (so that the side can be memorised neither
 from the image nor from the prompt naming the study), and a heavier loss on the side words (one token
 in about thirty of an answer whose rest restates the prompt). :func:`pretrain_reader` trains that;
-it costs about an hour of one CPU core for 5,000 steps. The demo does not use it yet: the plan is
-to ship one pretrained reader with the project and fine-tune the demo's teachers and students from
-it, as the real pipeline fine-tunes a pretrained checkpoint (benchmark/studies/README.md, "A base
-reader", measures how far that gets).
+it costs about an hour of one CPU core for 5,000 steps. One reader so trained ships with cxrmax
+(:data:`SHIPPED_READER`, its recipe in ``reader.json``): the demo fine-tunes its teachers and students
+from it, as the real pipeline fine-tunes a pretrained checkpoint (benchmark/studies/README.md, "A base
+reader", measures how far that gets). To make another:
 
     python -m cxrmax.toy.reader --out reader --steps 5000 --checkpoint-every 500
 
@@ -33,14 +33,29 @@ from typing import Any
 import torch
 from PIL import Image
 
+from cxrmax.core.errors import InputError
 from cxrmax.mimic.images import RESAMPLE, encode_jpeg, target_size
 from cxrmax.testing.films import synthetic_chest
 from cxrmax.testing.mini_mimic import draw_labels
 from cxrmax.toy import teachers as sim
-from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
+from cxrmax.toy.tinyvlm import build_tiny_vlm, copy_tiny_vlm, load_tiny_vlm
 
 #: Film edge the reader is trained at: the demo's images.
 EDGE = 112
+
+#: The base reader shipped with cxrmax (:func:`pretrain_reader`'s output; reader.json holds its
+#: recipe): the model the demo's teachers and students are fine-tuned from.
+SHIPPED_READER = Path(__file__).parent / "base_reader"
+
+
+def shipped_reader() -> Path:
+    """The folder of the shipped base reader (an InputError naming it when the install lacks it)."""
+    if not (SHIPPED_READER / "model.safetensors").is_file():
+        raise InputError(
+            f"{SHIPPED_READER}: the base reader's weights are missing from this install; reinstall "
+            "cxrmax or make them with python -m cxrmax.toy.reader --out DIR --steps 5000"
+        )
+    return SHIPPED_READER
 
 
 def reader_corpus(seed: int = 0, studies: int = 2000) -> list[str]:
@@ -111,6 +126,7 @@ def pretrain_reader(
     draw: Callable[[random.Random], tuple[str, str, Image.Image]] | None = None,
     corpus: list[str] | None = None,
     rng: random.Random | None = None,
+    init: str | Path | None = None,
 ) -> Path:
     """Build the tiny VLM with the reader's tokenizer and train it to write the faithful teacher's
     answer, with the paper's prompt, about ``batch`` new studies every step (AdamW, 20 warm-up steps,
@@ -119,9 +135,19 @@ def pretrain_reader(
 
     Studies (benchmark/studies/side_reading.py): ``draw(rng)`` makes each training example instead of
     :func:`fresh_study` with the faithful teacher, ``corpus`` trains the tokenizer instead of
-    :func:`reader_corpus`, ``rng`` replaces the reader's own random stream."""
+    :func:`reader_corpus`, ``rng`` replaces the reader's own random stream.
+
+    ``init``: go on training a saved reader (its weights and tokenizer) instead of a new model; give
+    another ``seed`` so that the studies drawn are new ones. Its recipe is kept under ``init`` in
+    the new ``reader.json``."""
     out = Path(out)
-    build_tiny_vlm(out, corpus=reader_corpus(seed) if corpus is None else corpus, seed=seed)
+    previous = None
+    if init is not None:
+        copy_tiny_vlm(init, out)
+        recipe_file = Path(init) / "reader.json"
+        previous = json.loads(recipe_file.read_text()) if recipe_file.is_file() else {"path": str(init)}
+    else:
+        build_tiny_vlm(out, corpus=reader_corpus(seed) if corpus is None else corpus, seed=seed)
     model, processor = load_tiny_vlm(out)
     tokenizer = processor.tokenizer
     sides = side_token_ids(tokenizer)
@@ -187,6 +213,8 @@ def pretrain_reader(
         "seconds": round(time.perf_counter() - started),
         "torch": torch.__version__,
     }
+    if previous is not None:
+        recipe["init"] = previous
     (out / "reader.json").write_text(json.dumps(recipe, indent=1) + "\n")
     return out
 
@@ -202,6 +230,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--checkpoint-every", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None, help="go on training this saved reader")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -217,6 +246,7 @@ def main() -> None:
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
         progress=report,
+        init=args.init,
     )
 
 

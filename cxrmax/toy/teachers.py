@@ -24,21 +24,25 @@ random-weight model writes noise, so this module *makes* source models whose dri
    ============== =========================================================================
 
    A teacher with no bias is the reference ("faithful") source.
-4. Each teacher is a tiny Qwen2-VL built in code (:func:`cxrmax.toy.tinyvlm.build_tiny_vlm`, about 200k
-   parameters) trained on the image, the prompt and its targets by apo_train's SFT stage, the one the
+4. Each teacher is a tiny Qwen2-VL (:mod:`cxrmax.toy.tinyvlm`, about 200k parameters: built in code,
+   or the shipped base reader, see below) trained on the image, the prompt and its targets by apo_train's SFT stage, the one the
    students' Stage 1 runs (loss on the answer tokens only). The biases are therefore *learnt*: what
    the teachers later generate shows them at roughly the trained rates when sampled at temperature 1.
 
-The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends them. By default
-it is the paper's rationale prompt whose diagnosis list carries each finding's side as the report
-states it ("The patient is diagnosed with left Pleural Effusion and Atelectasis", :func:`sided_prompt`,
-prompt id ``rationale-v1-sided``): a 200k-parameter model trained in seconds on the train images
-does not learn to read sides off the synthetic films (every lateralised finding is drawn on its side;
-benchmark/studies/README.md: it takes thousands of steps on films drawn anew), but it learns to
-repeat a side from its prompt, so the faithful teacher states sides correctly and the
-laterality-swapped teacher mirrors them, which makes the swap measurable against the report. With
-``side_hint=False`` the prompt is the paper's, untouched, and only sides the film shows
-(``FILM_SIDED``) are stated.
+The prompt the teachers are trained on is exactly the one ``cxrmax generate`` sends them. Two
+set-ups, by what the teacher starts from:
+
+- ``simulate(..., base=shipped_reader())``, the demo's: every teacher is fine-tuned from the base
+  reader shipped with cxrmax (:mod:`cxrmax.toy.reader`, the tiny VLM pretrained on thousands of
+  synthetic studies drawn anew until it states the sides it reads from the film) with the paper's
+  prompt untouched (``examples_from_selection(..., side_hint=False)``: the diagnosis list names no
+  side), as real teachers are pretrained VLMs that read the film themselves.
+- from random weights (the default): a 200k-parameter model trained in seconds on the train images
+  does not learn to read sides off the synthetic films (benchmark/studies/README.md: it takes
+  thousands of steps on films drawn anew), so the default prompt's diagnosis list carries each
+  finding's side as the report states it ("The patient is diagnosed with left Pleural Effusion and
+  Atelectasis", :func:`sided_prompt`, prompt id ``rationale-v1-sided``); the teachers learn to repeat
+  a side from the prompt, which makes the laterality swap measurable against the report.
 
 This is a toy-scale simulation of drift, meant as a controlled test bed, not a model of any real VLM.
 """
@@ -73,7 +77,7 @@ from cxrmax.labeler import label_text
 from cxrmax.mimic.images import encode_jpeg, preprocess
 from cxrmax.testing.films import SIDED
 from cxrmax.toy.pool import Job, run_jobs
-from cxrmax.toy.tinyvlm import build_tiny_vlm, load_tiny_vlm
+from cxrmax.toy.tinyvlm import build_tiny_vlm, copy_tiny_vlm, load_tiny_vlm
 
 #: The kinds of bias a teacher can carry.
 BIAS_KINDS: tuple[str, ...] = ("laterality", "hallucination", "refusal", "verbosity")
@@ -807,6 +811,7 @@ class _TeacherJob:
     index: int
     max_edge: int
     text_only: bool
+    base: Path | None = None
 
 
 #: The first item of a teacher's key in simulate's jobs (the caller's own keys cannot equal it).
@@ -834,7 +839,10 @@ def _train_job(
 ) -> SimulatedTeacher:
     """Build and train one teacher (runs in a worker process or in-process)."""
     spec = job.spec
-    build_tiny_vlm(job.path, corpus=job.corpus, seed=job.seed + job.index, text_only=job.text_only)
+    if job.base is not None:
+        copy_tiny_vlm(job.base, job.path)
+    else:
+        build_tiny_vlm(job.path, corpus=job.corpus, seed=job.seed + job.index, text_only=job.text_only)
     targets = assign_targets(job.examples, spec, job.seed)
     stats = train_teacher(
         job.path,
@@ -877,6 +885,7 @@ def simulate(
     progress: Callable[[str, int, float], None] | None = None,
     workers: int | None = None,
     then: Callable[[SimulatedTeacher], Sequence[Job]] | None = None,
+    base: str | Path | None = None,
 ) -> Simulation:
     """Train one tiny teacher per spec on ``examples`` under ``out/<name>/`` and write
     ``out/drift_spec.json`` (each teacher's biases, rates asked and rates actually applied to its
@@ -886,7 +895,12 @@ def simulate(
     core, at most 4), the one with the longest targets first; 1 trains them one after the other in
     this process (with per-step progress). ``then(teacher)``: jobs to run on a teacher as soon as it
     is trained (generation, say), in the same processes, started whenever no teacher is waiting
-    (teachers have priority 0, so give them 1 or more); their results are ``Simulation.followed``."""
+    (teachers have priority 0, so give them 1 or more); their results are ``Simulation.followed``.
+
+    ``base``: a saved tiny model (the shipped base reader, :func:`cxrmax.toy.reader.shipped_reader`)
+    every teacher is fine-tuned from, with its tokenizer, as real teachers are pretrained VLMs; by
+    default each teacher is built with random weights (seeded by its index) and a tokenizer trained
+    on ``examples``' prompts and every teacher's targets."""
     started = time.perf_counter()
     teachers = list(teachers) if teachers is not None else default_teachers()
     names = [t.name for t in teachers]
@@ -896,7 +910,7 @@ def simulate(
         raise InputError("no teachers to simulate")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    corpus = teacher_corpus(examples, teachers, seed)
+    corpus = teacher_corpus(examples, teachers, seed) if base is None else []
     jobs = [
         _TeacherJob(
             out / spec.name,
@@ -910,6 +924,7 @@ def simulate(
             index,
             max_edge,
             text_only,
+            Path(base) if base is not None else None,
         )
         for index, spec in enumerate(teachers)
     ]

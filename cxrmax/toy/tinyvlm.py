@@ -18,6 +18,7 @@ those of the real thing, so anything that works here works on Qwen2-VL checkpoin
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,23 @@ def build_tiny_vlm(
         + "\n"
     )
     return out
+
+
+def copy_tiny_vlm(source: str | Path, target: str | Path) -> Path:
+    """The model saved at ``source`` (weights, config, tokenizer, processor) copied to ``target``, to
+    be trained there from its weights. ``source`` may be a ``step-N`` checkpoint folder, which holds
+    the weights only: the tokenizer and processor then come from the folder above it. Sub-folders
+    (checkpoints) are not copied."""
+    source, target = Path(source), Path(target)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source}: no saved model (config.json) here")
+    target.mkdir(parents=True, exist_ok=True)
+    folders = [source.parent, source] if source.name.startswith("step-") else [source]
+    for folder in folders:
+        for file in folder.iterdir():
+            if file.is_file():
+                shutil.copy2(file, target / file.name)
+    return target
 
 
 def is_text_only(path: str | Path) -> bool:

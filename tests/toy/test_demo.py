@@ -226,9 +226,10 @@ def test_the_student_stage_is_the_same_whatever_the_thread_count(demo, tmp_path)
     from safetensors.torch import load_file
 
     from cxrmax.toy.demo import SIZES, train_students
+    from cxrmax.toy.reader import shipped_reader
 
     size = dataclasses.replace(SIZES["small"], sft_steps=6, apo_steps=3)
-    base = demo.out / "students" / "seed-0" / "base"
+    base = shipped_reader()
     weights = []
     for threads, folder in ((2, tmp_path / "two"), (1, tmp_path / "one")):
         torch.set_num_threads(threads)

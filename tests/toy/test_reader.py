@@ -8,7 +8,13 @@ import random
 import torch
 
 from cxrmax.toy import teachers as sim
-from cxrmax.toy.reader import fresh_study, pretrain_reader, reader_corpus, side_token_ids
+from cxrmax.toy.reader import (
+    fresh_study,
+    pretrain_reader,
+    reader_corpus,
+    shipped_reader,
+    side_token_ids,
+)
 from cxrmax.toy.tinyvlm import load_tiny_vlm
 
 
@@ -50,3 +56,56 @@ def test_pretraining_lowers_the_loss_and_saves_a_loadable_reader(tmp_path):
     inputs = processor(text=[text], images=[image], return_tensors="pt")
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]  # the saved reader loads and answers
+
+
+def test_the_shipped_reader_reads_sides_from_films_it_never_saw():
+    """The weights shipped in cxrmax/toy/base_reader are a trained reader, not a fresh model: with the
+    paper's prompt (no sides) and the faithful answer teacher-forced, it puts the first side word of
+    new studies' findings (drawn from a stream its training never used) on the film's side far above
+    chance (left vs right: 0.5)."""
+    torch.set_num_threads(1)
+    path = shipped_reader()
+    recipe = json.loads((path / "reader.json").read_text())
+    assert recipe["prompt"] == "rationale" and recipe["steps"] >= 1000
+    model, processor = load_tiny_vlm(path)
+    tokenizer = processor.tokenizer
+    left, right = (tokenizer.convert_tokens_to_ids(t) for t in ("Ġleft", "Ġright"))
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    rng = random.Random("test-shipped-reader")
+    correct = scored = 0
+    while scored < 150:
+        prompt, answer, image = fresh_study(rng, sim.TeacherSpec("faithful"))
+        text = processor.apply_chat_template(sim.chat_messages(prompt, answer), tokenize=False)
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        ids = inputs["input_ids"][0].tolist()
+        answer_start = len(ids) - 1 - ids[::-1].index(start)
+        first = next((p for p in range(answer_start, len(ids)) if ids[p] in (left, right)), None)
+        if first is None:
+            continue
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, first - 1]
+        other = right if ids[first] == left else left
+        correct += int(logits[ids[first]] > logits[other])
+        scored += 1
+    assert correct / scored >= 0.65, (correct, scored)  # 115 of 150 (0.77) for the shipped one
+
+
+def test_teachers_fine_tuned_from_the_reader_keep_its_tokenizer(tmp_path, mini_mimic):
+    """simulate(base=...) starts every teacher from the reader's weights and tokenizer (one vocabulary
+    for teachers and students) and trains them away from it."""
+    from safetensors.torch import load_file
+
+    from cxrmax.mimic.reader import MimicCXR
+
+    torch.set_num_threads(1)
+    selection = MimicCXR(mini_mimic).select(splits=["train"], views=["PA", "AP"])
+    examples = sim.examples_from_selection(selection, mini_mimic, side_hint=False)[0][:8]
+    base = shipped_reader()
+    teachers = [sim.TeacherSpec("faithful"), sim.TeacherSpec("refuses", (sim.Bias("refusal", 1.0),))]
+    result = sim.simulate(tmp_path, examples, teachers, steps=3, batch_size=4, lr=1e-3, workers=1, base=base)
+    reader_weights = load_file(base / "model.safetensors")
+    for teacher in result.teachers:
+        assert (teacher.path / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+        weights = load_file(teacher.path / "model.safetensors")
+        assert weights.keys() == reader_weights.keys()
+        assert any(not torch.equal(weights[k], reader_weights[k]) for k in weights)
