@@ -109,3 +109,17 @@ def test_teachers_fine_tuned_from_the_reader_keep_its_tokenizer(tmp_path, mini_m
         weights = load_file(teacher.path / "model.safetensors")
         assert weights.keys() == reader_weights.keys()
         assert any(not torch.equal(weights[k], reader_weights[k]) for k in weights)
+
+
+def test_pretraining_goes_on_from_a_saved_reader(tmp_path):
+    """init=: the weights and tokenizer of a saved reader are trained further, and its recipe is kept."""
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(1)
+    first = pretrain_reader(tmp_path / "first", steps=2, batch=2)
+    second = pretrain_reader(tmp_path / "second", steps=2, batch=2, seed=1, init=first)
+    assert (second / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
+    recipe = json.loads((second / "reader.json").read_text())
+    assert recipe["seed"] == 1 and recipe["init"]["seed"] == 0 and recipe["init"]["steps"] == 2
+    before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
