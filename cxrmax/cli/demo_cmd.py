@@ -27,9 +27,9 @@ def demo(
         "default",
         "--size",
         choices=Choice(DEMO_SIZES),
-        help="default (3.5 to 5 min of stages on 2 idle CPU cores, as fast as the machine is that day: 3 min 48 s "
-        "from a fresh clone of c7800fa on 2026-12-02, 4 min 52 s for the same demo an hour earlier), "
-        "small (the tests) or large (more studies, steps and test answers: 6 min 6 s of stages on 2026-12-02).",
+        help="default (about 5 min of stages on 2 idle CPU cores, as fast as the machine is that day: 5 min 15 s "
+        "from a fresh clone of 81b1c6c on 2026-12-02), "
+        "small (the tests) or large (more studies, steps and test answers: 6 min 6 s of stages on 2026-12-02, before the base reader).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
     teacher_backend: str = choice_option(
