@@ -55,7 +55,6 @@ def main() -> None:
     from cxrmax.generate import read_trajectories
     from cxrmax.generate.orchestrator import GenerateOptions, generate
     from cxrmax.generate.roster import ModelSpec
-    from cxrmax.mimic import MimicCXR
     from cxrmax.toy.demo import demo_prompt
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-batched-"))
@@ -69,10 +68,7 @@ def main() -> None:
     torch.set_num_threads(1)
     spec = json.loads((out / "teachers" / "drift_spec.json").read_text())
     names = args.teachers or [t["name"] for t in spec["teachers"]]
-    # The demo's own prompt: the diagnosis list with each finding's report side.
-    mimic = MimicCXR(out / "mimic")
-    train, test = (mimic.select(splits=[split], views=["PA", "AP"]) for split in ("train", "test"))
-    prompt = demo_prompt(train, test)
+    prompt = demo_prompt()  # the demo's own prompt
 
     seconds: dict[int, list[float]] = {b: [] for b in args.batch_sizes}
     tokens: dict[int, int] = {}

@@ -98,8 +98,9 @@ class DemoSize:
     sft_batch: int = 16
     sft_lr: float = 1e-3
     apo_batch: int = 4  # samples per step, each 1 positive + its negatives
-    # Chosen by benchmark/studies/apo_sweep.py (README there): of lr {3e-5, 5e-5, 1e-4} x beta {0.1, 0.5,
-    # 1}, the lowest drift rates with the highest quality; 1e-4 already cut the answers short.
+    # Chosen by benchmark/studies/apo_sweep.py (README there) on the base-reader demo: of lr {3e-5, 1e-4,
+    # 3e-4} x beta {0.1, 0.5}, the highest quality, its drift rates below the SFT student's; 1e-4 and
+    # above cut the answers short.
     apo_lr: float = 3e-5
     apo_beta: float = 0.5
     student_seeds: int = 3  # the student stage is repeated over this many seeds (teachers fixed)
@@ -124,8 +125,8 @@ SIZES: dict[str, DemoSize] = {
         sft_lr=4e-3,
     ),
     # Every teacher's drift visible; students trained with the teachers' recipe (steps of 16) on every
-    # train image's answers, 500 steps (the SFT student's precision: 0.58 at 300, 0.61 at 500, the
-    # teachers' mean 0.65), APO / DPO at the setting of benchmark/studies/apo_sweep.py, 3 seeds.
+    # train image's answers, 500 steps (the SFT student's loss then at its rows' floor), APO / DPO at
+    # the setting of benchmark/studies/apo_sweep.py, 3 seeds.
     "default": DemoSize(
         studies=240, teacher_steps=300, train_images=None, test_samples=3, sft_steps=500, apo_steps=60
     ),
@@ -945,10 +946,9 @@ def _third_party_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def demo_prompt(train_all: Any = None, test: Any = None) -> Any:
+def demo_prompt() -> Any:
     """The prompt teachers and students are asked with: the paper's rationale prompt, which names the
-    diagnoses and no sides (the side of a finding is for the model to read from the film). The
-    selections are not needed; they stay in the signature for callers that pass them."""
+    diagnoses and no sides (the side of a finding is for the model to read from the film)."""
     return load_prompt("rationale")
 
 
@@ -957,7 +957,6 @@ def train_demo_teachers(
     teachers: Sequence[sim.TeacherSpec],
     root: Path,
     train_all: Any,
-    test: Any,
     size: DemoSize,
     seed: int,
     backend: str = "transformers",
@@ -972,7 +971,7 @@ def train_demo_teachers(
     which reads from the film the sides the paper's prompt does not name; teachers and students are
     all asked with that prompt (:func:`demo_prompt`), and the targets state each lateralised finding's
     side as the report does."""
-    prompt = demo_prompt(train_all, test)
+    prompt = demo_prompt()
     examples, _ = sim.examples_from_selection(train_all, root, side_hint=False, prompt=prompt)
 
     def answer(teacher: sim.SimulatedTeacher) -> list[Job]:
@@ -1069,7 +1068,7 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
         ),
     ):
         simulation, examples, prompt = train_demo_teachers(
-            out, teachers, root, train_all, test, spec, seed, teacher_backend
+            out, teachers, root, train_all, spec, seed, teacher_backend
         )
     result.artifacts["teachers + drift spec"] = str(simulation.spec_path)
     if console is not None:

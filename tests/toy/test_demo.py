@@ -76,12 +76,9 @@ def test_a_teacher_served_over_http_answers_as_it_does_in_process(demo, tmp_path
     # --teacher-backend openai: the teacher behind the OpenAI-compatible server on 127.0.0.1, one request
     # at a time. Each answer is sampled from its request's own seed in both paths, so the answers are
     # the batched in-process ones except where float rounding of a batch moves a sampled token (rare).
-    from cxrmax.mimic import MimicCXR
     from cxrmax.toy.demo import SIZES, demo_prompt, generate_answers
 
     rows = _answers(demo.out, "faithful")
-    mimic = MimicCXR(demo.out / "mimic")
-    train, test = (mimic.select(splits=[split], views=["PA", "AP"]) for split in ("train", "test"))
     stats = generate_answers(
         "faithful",
         demo.out / "teachers" / "faithful",
@@ -92,7 +89,7 @@ def test_a_teacher_served_over_http_answers_as_it_does_in_process(demo, tmp_path
         SIZES["small"].test_samples,
         0,
         "openai",
-        demo_prompt(train, test),  # the demo's prompt, so the request keys match
+        demo_prompt(),  # the demo's prompt, so the request keys match
     )
     assert stats["done"] == len(rows)
     served = {r["request_key"]: r for r in _answers(tmp_path, "faithful")}
