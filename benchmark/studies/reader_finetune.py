@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--freeze-vision", action="store_true", help="fine-tune the language model only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.teacher or ["faithful", "swaps-sides"]
@@ -72,7 +73,12 @@ def main() -> None:
                     if lr is not None:
                         targets = sim.assign_targets(train_examples, specs[name], args.seed)
                         loss = sim.train_teacher(
-                            path, targets, steps=args.steps, lr=lr, seed=args.seed
+                            path,
+                            targets,
+                            steps=args.steps,
+                            lr=lr,
+                            seed=args.seed,
+                            freeze_vision=args.freeze_vision,
                         ).last_loss
                     hc, hn = first_mention_accuracy(path, held_examples, 112)
                     errors, compared = generated_side_error(path, held_examples, gold, 112)

@@ -725,6 +725,7 @@ def train_teacher(
     images: dict[str, Any] | None = None,
     progress: Callable[[int, float], None] | None = None,
     weight_decay: float = 0.0,
+    freeze_vision: bool = False,
 ) -> TrainStats:
     """Train the tiny model saved at ``model_dir`` on ``examples`` (targets set) and save it back.
 
@@ -732,11 +733,15 @@ def train_teacher(
     ``tokenize_sft`` with the model's chat template (loss on the answer and its end-of-turn tokens
     only), collated by ``SFTCollator`` and trained by ``SFTStageTrainer`` (:func:`teacher_sft_config`)
     for ``steps`` full batches of shuffled examples, with AdamW at ``lr`` under a short warm-up and a
-    cosine decay (AdamW ``weight_decay``, none by default). ``images`` caches decoded images across teachers."""
+    cosine decay (AdamW ``weight_decay``, none by default). ``images`` caches decoded images across teachers.
+    ``freeze_vision``: train the language model only, the vision tower kept as loaded (a pretrained
+    reader's)."""
     if not examples:
         raise InputError(f"{model_dir}: no training examples for the teacher")
     started = time.perf_counter()
     model, processor = load_tiny_vlm(model_dir)
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
     encoder = _TeacherEncoder(processor, max_edge, images if images is not None else {})
     rows = datasets.Dataset.from_list(
         [

@@ -123,3 +123,21 @@ def test_pretraining_goes_on_from_a_saved_reader(tmp_path):
     assert recipe["seed"] == 1 and recipe["init"]["seed"] == 0 and recipe["init"]["steps"] == 2
     before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_teacher_fine_tuned_with_the_vision_tower_frozen_keeps_the_readers_vision(tmp_path, mini_mimic):
+    from safetensors.torch import load_file
+
+    from cxrmax.mimic.reader import MimicCXR
+    from cxrmax.toy.tinyvlm import copy_tiny_vlm
+
+    torch.set_num_threads(1)
+    selection = MimicCXR(mini_mimic).select(splits=["train"], views=["PA", "AP"])
+    examples = sim.examples_from_selection(selection, mini_mimic, side_hint=False)[0][:4]
+    targets = sim.assign_targets(examples, sim.TeacherSpec("faithful"), 0, copies=1)
+    path = copy_tiny_vlm(shipped_reader(), tmp_path / "teacher")
+    sim.train_teacher(path, targets, steps=2, batch_size=4, lr=1e-3, freeze_vision=True)
+    before, after = load_file(shipped_reader() / "model.safetensors"), load_file(path / "model.safetensors")
+    vision = [k for k in before if ".visual." in k or k.startswith("visual.")]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in vision)
