@@ -32,6 +32,8 @@ __all__ = [
     "image_relpath",
     "find_csv",
     "detect_layout",
+    "first_image",
+    "image_suffix",
 ]
 
 LABEL_SOURCES: dict[str, str] = {
@@ -100,31 +102,49 @@ def find_csv(root: Path, name: str) -> Path | None:
     return None
 
 
+IMAGE_SUFFIXES = {".dcm": "dicom", ".jpg": "jpg", ".jpeg": "jpg"}
+
+
+def first_image(root: str | os.PathLike) -> Path | None:
+    """The first image file under ``root/files`` in name order (``.dcm``, ``.jpg`` or ``.jpeg``, in
+    any letter case: copies made on some file systems upper-case them), or None. Stops there, so it
+    is cheap on the full release."""
+    stack = [Path(root) / "files"]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.is_dir():
+                stack.append(Path(entry.path))
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                return Path(entry.path)
+    return None
+
+
+def image_suffix(root: str | os.PathLike, layout: str) -> str:
+    """The images' file suffix as this copy spells it (``.jpg``, ``.JPG``, ``.jpeg``, ``.dcm``, ...):
+    that of the first image when it is of ``layout``, else the release's own (``.jpg`` / ``.dcm``)."""
+    found = first_image(root)
+    if found is not None and IMAGE_SUFFIXES[found.suffix.lower()] == layout:
+        return found.suffix
+    return ".dcm" if layout == "dicom" else ".jpg"
+
+
 def detect_layout(root: str | os.PathLike) -> str:
     """ "jpg" (MIMIC-CXR-JPG) or "dicom" (MIMIC-CXR): the first image file found under files/
-    decides (stops there: cheap on the full release); without images, the DICOM release's
-    cxr-record-list.csv(.gz) means DICOM. Images come first because a common copy is
-    MIMIC-CXR-JPG's images with the DICOM release's record lists and reports dropped beside them.
-    Raises InputError for a root with neither CSVs nor images."""
+    decides (:func:`first_image`); without images, the DICOM release's cxr-record-list.csv(.gz)
+    means DICOM. Images come first because a common copy is MIMIC-CXR-JPG's images with the DICOM
+    release's record lists and reports dropped beside them. Raises InputError for a root with
+    neither CSVs nor images."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"{where(root)}: MIMIC-CXR root is not a directory")
-    files = root / "files"
-    if files.is_dir():
-        stack = [files]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.is_dir():
-                    stack.append(Path(entry.path))
-                elif entry.name.endswith(".dcm"):
-                    return "dicom"
-                elif entry.name.endswith((".jpg", ".jpeg")):
-                    return "jpg"
+    found = first_image(root)
+    if found is not None:
+        return IMAGE_SUFFIXES[found.suffix.lower()]
     if find_csv(root, RECORD_LIST_CSV) is not None:
         return "dicom"
     if find_csv(root, METADATA_CSV) is not None:

@@ -59,6 +59,7 @@ from cxrmax.mimic.layout import (
     detect_layout,
     find_csv,
     image_relpath,
+    image_suffix,
     report_relpath,
 )
 from cxrmax.mimic.ms_cxr_t import read_ms_cxr_t
@@ -138,7 +139,7 @@ class MimicCXR:
         self.layout = layout or detect_layout(self.root)
         if self.layout not in ("jpg", "dicom"):
             raise InputError(f"unknown layout {self.layout!r}; expected jpg or dicom")
-        self.image_extension = ".dcm" if self.layout == "dicom" else ".jpg"
+        self.image_extension = image_suffix(self.root, self.layout)
         self.version = "2.1.0" if find_csv(self.root, LABEL_SOURCES["test-set-labeled"]) else "2.0.0"
         #: Lenient-mode skips: "<file>: <reason>" -> rows skipped.
         self.skipped: Counter = Counter()

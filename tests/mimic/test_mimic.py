@@ -78,6 +78,27 @@ def test_layout_and_version_detection(mini_mimic: Path, mini_mimic_dicom: Path, 
     assert MimicCXR(v21).version == "2.1.0"
 
 
+@pytest.mark.parametrize(("layout", "suffix"), [("jpg", ".JPG"), ("jpg", ".jpeg"), ("dicom", ".DCM")])
+def test_images_named_in_another_letter_case_or_spelling_are_found(
+    mini_mimic: Path, mini_mimic_dicom: Path, tmp_path: Path, layout: str, suffix: str
+) -> None:
+    """A copy whose images were renamed (upper-cased by a file system, or .jpeg): the layout is still
+    detected and every selected image path names a file that exists."""
+    source = mini_mimic if layout == "jpg" else mini_mimic_dicom
+    root = tmp_path / "copy"
+    shutil.copytree(source, root)
+    renamed = 0
+    for image in list((root / "files").rglob(f"*.{'jpg' if layout == 'jpg' else 'dcm'}")):
+        image.rename(image.with_suffix(suffix))
+        renamed += 1
+    assert renamed > 0
+    assert detect_layout(root) == layout
+    mimic = MimicCXR(root)
+    assert mimic.image_extension == suffix
+    paths = mimic.select(views=["frontal"]).column("image_path").to_pylist()
+    assert paths and all(p.endswith(suffix) and (root / p).is_file() for p in paths)
+
+
 def test_images_join_matches_metadata(mini_mimic: Path) -> None:
     mimic = MimicCXR(mini_mimic)
     images = mimic.images()
