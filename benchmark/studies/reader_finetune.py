@@ -10,6 +10,7 @@ accuracy by teacher forcing and the side error of the teacher's own sampled answ
 
     python benchmark/studies/reader_finetune.py --reader /tmp/reader --lr 1e-3 --lr 8e-3
     python benchmark/studies/reader_finetune.py --reader /tmp/reader --teacher faithful --teacher swaps-sides
+    python benchmark/studies/reader_finetune.py --reader /tmp/reader --fresh-studies 1200  # the demo's teachers
 
 Results go to stdout; nothing is written outside --work.
 """
@@ -28,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from side_reading import first_mention_accuracy, generated_side_error, study_films, wilson  # noqa: E402
 
+from cxrmax.generate.prompts import load_prompt  # noqa: E402
 from cxrmax.toy import teachers as sim  # noqa: E402
+from cxrmax.toy.reader import fresh_studies  # noqa: E402
 from cxrmax.toy.tinyvlm import copy_tiny_vlm  # noqa: E402
 
 
@@ -48,6 +51,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--freeze-vision", action="store_true", help="fine-tune the language model only")
+    parser.add_argument(
+        "--fresh-studies",
+        type=int,
+        default=0,
+        help="fine-tune on this many new studies (the demo's toy.reader.fresh_studies) instead of the train films",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = args.teacher or ["faithful", "swaps-sides"]
@@ -56,9 +65,15 @@ def main() -> None:
         work = args.work or Path(scratch)
         train_examples, held_examples, gold = study_films(work, args.studies, args.seed)
         train_examples = train_examples[: args.train_films]
+        learnt_from = f"{len(train_examples)} train films"
+        if args.fresh_studies:
+            train_examples = fresh_studies(
+                work / "fresh", args.fresh_studies, args.seed, load_prompt("rationale")
+            )
+            learnt_from = f"{args.fresh_studies} new studies (fresh_studies), not the train films"
         print(
-            f"mini MIMIC-CXR {args.studies} studies: {len(train_examples)} train films, {len(held_examples)} "
-            f"held out; paper's prompt; {args.steps} fine-tuning steps of 16"
+            f"mini MIMIC-CXR {args.studies} studies, {len(held_examples)} held out; teachers learn from "
+            f"{learnt_from}; paper's prompt; {args.steps} fine-tuning steps of 16"
         )
         print(
             "| reader | teacher | lr | last loss | held-out first-mention acc. [95%] | side error of its answers [95%] | s |"

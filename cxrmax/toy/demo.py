@@ -6,7 +6,8 @@ Stages (each timed and printed):
 2. **teachers**: tiny VLMs fine-tuned from the shipped base reader (:mod:`cxrmax.toy.reader`, which reads
    sides from the film) with injected, known biases (:mod:`cxrmax.toy.teachers`): a faithful
    reference, one that swaps left and right, one that asserts an absent finding, one that often
-   refuses, one that rambles.
+   refuses, one that rambles. They learn from new studies (:func:`cxrmax.toy.reader.fresh_studies`),
+   not from the films they then answer.
 3. **generate**: every teacher answers the paper's rationale prompt through ``cxrmax generate`` (its
    transformers backend, in-process, batches of consecutive requests; ``--teacher-backend openai``
    serves each teacher on loopback with the OpenAI-compatible test server instead): train-split
@@ -68,7 +69,7 @@ from cxrmax.testing.openai_server import serve_in_thread
 from cxrmax.toy import report
 from cxrmax.toy import teachers as sim
 from cxrmax.toy.pool import Job, run_jobs
-from cxrmax.toy.reader import shipped_reader
+from cxrmax.toy.reader import fresh_studies, shipped_reader
 
 TOY_NOTICE = (
     "TOY-SCALE SIMULATION: synthetic mini MIMIC-CXR, tiny models (~200k parameters) trained for seconds "
@@ -83,6 +84,8 @@ class DemoSize:
 
     studies: int
     teacher_steps: int
+    # New studies the teachers learn from (toy.reader.fresh_studies), not the mini MIMIC-CXR's films.
+    teacher_studies: int
     train_images: int | None  # train-split images the teachers answer (preference data); None: all
     test_samples: int  # answers per test image (drift is measured over them)
     sft_steps: int
@@ -115,6 +118,7 @@ SIZES: dict[str, DemoSize] = {
     "small": DemoSize(
         studies=60,
         teacher_steps=100,
+        teacher_studies=200,
         train_images=None,
         test_samples=2,
         sft_steps=100,
@@ -128,13 +132,25 @@ SIZES: dict[str, DemoSize] = {
     # train image's answers, 500 steps (the SFT student's loss then at its rows' floor), APO / DPO at
     # the setting of benchmark/studies/apo_sweep.py, 3 seeds.
     "default": DemoSize(
-        studies=240, teacher_steps=300, train_images=None, test_samples=3, sft_steps=500, apo_steps=60
+        studies=240,
+        teacher_steps=300,
+        teacher_studies=1200,
+        train_images=None,
+        test_samples=3,
+        sft_steps=500,
+        apo_steps=60,
     ),
     # More data and steps: tighter intervals (longer; see README). 90 APO steps (1.4 passes over its 255
     # preferences): at 120 one seed's APO student fell below its SFT student (benchmark/studies/README.md).
     # 5 answers per test film: with 3 the side-error intervals of SFT and APO still touched.
     "large": DemoSize(
-        studies=400, teacher_steps=360, train_images=None, test_samples=5, sft_steps=700, apo_steps=90
+        studies=400,
+        teacher_steps=360,
+        teacher_studies=2000,
+        train_images=None,
+        test_samples=5,
+        sft_steps=700,
+        apo_steps=90,
     ),
 }
 
@@ -529,7 +545,13 @@ def run_simulation(
     selection = out / f"selection-{split}.parquet"
     write_selection(answered, selection)
     size = DemoSize(
-        studies=0, teacher_steps=steps, train_images=0, test_samples=samples, sft_steps=0, apo_steps=0
+        studies=0,
+        teacher_steps=steps,
+        teacher_studies=0,
+        train_images=0,
+        test_samples=samples,
+        sft_steps=0,
+        apo_steps=0,
     )
     for t in simulation.teachers:
         say(f"{t.spec.name} answers {answered.num_rows} {split} images x {samples}")
@@ -956,23 +978,31 @@ def train_demo_teachers(
     out: Path,
     teachers: Sequence[sim.TeacherSpec],
     root: Path,
-    train_all: Any,
     size: DemoSize,
     seed: int,
     backend: str = "transformers",
-) -> tuple[sim.Simulation, list[sim.Example], Any]:
+) -> tuple[sim.Simulation, Any]:
     """The demo's teachers trained under OUT/teachers, each answering the train split (into
     OUT/generate) and the test split (``size.test_samples`` answers per image, into OUT/eval) as soon
     as it is trained, in the processes that train the others (on ``backend``: ``transformers``,
     in-process in batches of ``size.generate_batch``; or ``openai``, served on 127.0.0.1 and asked one
-    request at a time). Returns (simulation, training examples, prompt).
+    request at a time). Returns (simulation, prompt).
 
     Every teacher is fine-tuned from the shipped base reader (:func:`cxrmax.toy.reader.shipped_reader`),
-    which reads from the film the sides the paper's prompt does not name; teachers and students are
-    all asked with that prompt (:func:`demo_prompt`), and the targets state each lateralised finding's
-    side as the report does."""
+    which reads from the film the sides the paper's prompt does not name, on ``size.teacher_studies``
+    new studies (:func:`cxrmax.toy.reader.fresh_studies`, under OUT/teachers/studies) with its biased
+    targets: the teachers learn their habits on other films than those they answer, as real teachers
+    do. Teachers and students are all asked with the paper's prompt (:func:`demo_prompt`), and the
+    targets state each lateralised finding's side as the film shows it."""
     prompt = demo_prompt()
-    examples, _ = sim.examples_from_selection(train_all, root, side_hint=False, prompt=prompt)
+    examples = fresh_studies(
+        out / "teachers" / "studies",
+        size.teacher_studies,
+        seed,
+        prompt,
+        size.image_max_edge,
+        sim.default_workers(),
+    )
 
     def answer(teacher: sim.SimulatedTeacher) -> list[Job]:
         # Each answer's sampling is seeded by its request: the answers do not depend on the process.
@@ -1012,7 +1042,7 @@ def train_demo_teachers(
         then=answer,
         base=shipped_reader(),
     )
-    return simulation, examples, prompt
+    return simulation, prompt
 
 
 def build_demo_preferences(generated: Path, data: Path, root: Path) -> dict[str, Any]:
@@ -1059,7 +1089,8 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
     gen_out, eval_out = out / "generate", out / "eval"
     with stages.stage(
         "teachers",
-        f"train {len(teachers)} tiny VLM teachers with injected drift; as each is trained it answers "
+        f"fine-tune {len(teachers)} teachers from the base reader on {spec.teacher_studies} new studies, each "
+        "with its injected drift; as each is trained it answers "
         f"{train_images} train images and {test.num_rows} test images x {spec.test_samples} "
         + (
             "(served on 127.0.0.1, openai backend)"
@@ -1067,9 +1098,7 @@ def _run_demo(out: str | Path, size: str, seed: int, console: Any, teacher_backe
             else f"(in-process transformers backend, batches of {spec.generate_batch})"
         ),
     ):
-        simulation, examples, prompt = train_demo_teachers(
-            out, teachers, root, train_all, spec, seed, teacher_backend
-        )
+        simulation, prompt = train_demo_teachers(out, teachers, root, spec, seed, teacher_backend)
     result.artifacts["teachers + drift spec"] = str(simulation.spec_path)
     if console is not None:
         for t in simulation.teachers:

@@ -28,6 +28,7 @@ import json
 import random
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,11 +81,18 @@ def draw_film(
 ) -> Image.Image:
     """A new film of a study with these labels and sides (anatomy, exposure and noise drawn from
     ``rng``), resized and JPEG-compressed as the mini MIMIC-CXR's images are."""
+    image = _resized_film(rng, labels, sides, view, edge)
+    return Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB")
+
+
+def _resized_film(
+    rng: random.Random, labels: dict[str, Any], sides: dict[str, Any], view: str, edge: int
+) -> Image.Image:
+    """:func:`draw_film` before its JPEG round trip (grayscale, ``edge`` on its long side)."""
     width = rng.randrange(300, 500)
     height = int(width * rng.uniform(1.05, 1.3))
     pixels = synthetic_chest(width, height, rng.getrandbits(32), view=view, labels=labels, sides=sides)
-    image = Image.fromarray(pixels).resize(target_size(width, height, edge, None), RESAMPLE)
-    return Image.open(io.BytesIO(encode_jpeg(image))).convert("RGB")
+    return Image.fromarray(pixels).resize(target_size(width, height, edge, None), RESAMPLE)
 
 
 def fresh_study(
@@ -102,6 +110,61 @@ def fresh_study(
     prompt = render({"labels": labels, "view": view, "sample_id": "fresh"}, findings)
     image = draw_film(rng, labels, sides, view, edge)
     return prompt, sim.biased_answer(findings, teacher, rng)[0], image
+
+
+#: Studies drawn per job of :func:`fresh_studies`: the draws do not depend on the number of workers.
+_CHUNK = 100
+
+
+def _fresh_chunk(arg: tuple[Path, int, int, int, int]) -> list[tuple[str, str, dict, dict, str]]:
+    """Studies ``start .. start + count`` of :func:`fresh_studies`: their films saved (PNG: lossless,
+    so that the one JPEG round trip is the one every image gets when loaded) and what they show."""
+    folder, seed, start, count, edge = arg
+    rng = random.Random(f"fresh-studies:{seed}:{start}")
+    drawn = []
+    for number in range(start, start + count):
+        labels, sides, _ = draw_labels(rng, rng.random() < 0.2, rng.random() < 0.3)
+        view = rng.choice(["PA", "AP"])
+        sample_id = f"fresh-{number:05d}"
+        path = folder / f"{sample_id}.png"
+        _resized_film(rng, labels, sides, view, edge).save(path)
+        drawn.append((sample_id, str(path), labels, sides, view))
+    return drawn
+
+
+def fresh_studies(
+    folder: str | Path,
+    count: int,
+    seed: int = 0,
+    prompt: Any = "rationale",
+    edge: int = EDGE,
+    workers: int = 1,
+) -> list[sim.Example]:
+    """``count`` studies drawn anew with the mini MIMIC-CXR's odds (labels, sides, view), their films
+    saved under ``folder``, as teacher examples asked ``prompt`` (targets not set yet).
+
+    The demo's teachers learn from these, not from the mini MIMIC-CXR's train films: real teachers
+    were trained on other data than the study set they answer, and a tiny teacher fine-tuned on the
+    148 train films a few dozen times each learns the answer of each film instead of its own rule
+    (the side-swapping teacher then mirrors sides on new films 0.59 of the time, not 0.9:
+    benchmark/studies/README.md, "Teachers that learn elsewhere"). The same ``seed`` gives the same
+    studies whatever ``workers`` (processes drawing them)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    starts = range(0, count, _CHUNK)
+    jobs = [(folder, seed, start, min(_CHUNK, count - start), edge) for start in starts]
+    # Threads, not processes: drawing is numpy and Pillow work that releases the GIL, and a spawned
+    # process would first spend seconds importing torch.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        drawn = dict(zip(starts, pool.map(_fresh_chunk, jobs), strict=True))
+    render = sim.prompt_renderer(prompt)
+    examples = []
+    for start in sorted(drawn):
+        for sample_id, path, labels, sides, view in drawn[start]:
+            findings = sim.positive_findings(labels, sim.visible_sides(sides))
+            prompt_text = render({"labels": labels, "view": view, "sample_id": sample_id}, findings)
+            examples.append(sim.Example(sample_id, path, prompt_text, findings))
+    return examples
 
 
 #: The answer's side words. "bilateral" is one of them: the demo's side error compares it like the

@@ -9,6 +9,7 @@ import torch
 
 from cxrmax.toy import teachers as sim
 from cxrmax.toy.reader import (
+    fresh_studies,
     fresh_study,
     pretrain_reader,
     reader_corpus,
@@ -28,6 +29,23 @@ def test_fresh_studies_are_new_each_draw_and_state_the_sides_the_prompt_does_not
     assert any(" left " in answer or " right " in answer for _, answer, _ in drawn)
     # The same seed draws the same studies.
     assert fresh_study(random.Random(0), sim.TeacherSpec("faithful"))[:2] == drawn[0][:2]
+
+
+def test_fresh_studies_on_disk_are_the_same_whatever_the_threads_and_ask_the_papers_prompt(tmp_path):
+    one = fresh_studies(tmp_path / "one", 130, seed=3, workers=1)  # crosses a chunk of 100
+    two = fresh_studies(tmp_path / "two", 130, seed=3, workers=2)
+    assert [e.sample_id for e in one] == [f"fresh-{i:05d}" for i in range(130)]
+    assert [(e.prompt, e.findings) for e in one] == [(e.prompt, e.findings) for e in two]
+    films = [open(e.image_path, "rb").read() for e in one]
+    assert films == [open(e.image_path, "rb").read() for e in two]
+    assert len(set(films)) == 130  # every study has its own film
+    assert not any(" left " in e.prompt or " right " in e.prompt for e in one)  # no sides asked
+    assert {f.side for e in one for f in e.findings} >= {"left", "right", "bilateral", None}
+    image = sim.load_image(one[0].image_path, 112)  # as a teacher loads it
+    assert max(image.size) == 112 and image.mode == "RGB"
+    other_seed = fresh_studies(tmp_path / "other", 5, seed=4)
+    assert [e.prompt for e in other_seed] != [e.prompt for e in one[:5]]
+    assert not any(e.target for e in one)  # targets are the teacher's to draw
 
 
 def test_reader_corpus_holds_every_default_teachers_words():
