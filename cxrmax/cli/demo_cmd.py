@@ -27,9 +27,10 @@ def demo(
         "default",
         "--size",
         choices=Choice(DEMO_SIZES),
-        help="default (about 5 min of stages on 2 idle CPU cores, as fast as the machine is that day: 5 min 15 s "
-        "from a fresh clone of 81b1c6c on 2026-12-02), "
-        "small (the tests) or large (more studies, steps and test answers: 8 min 1 s of stages on 2026-12-02).",
+        help="default (about 5 min of stages on 2 idle CPU cores, as fast as the machine is that day: 5 min 6 s "
+        "on 2026-12-02 with the teachers learning from 1,200 new studies), "
+        "small (the tests) or large (more studies, steps and test answers: 8 min 1 s of stages on 2026-12-02, "
+        "before the teachers learnt from new studies).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the data, the teachers and the students."),
     teacher_backend: str = choice_option(
